@@ -26,7 +26,7 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
-    args, _ = parser.parse_known_args(argv) if chosen is None else (parser.parse_args(argv), None)
+    args = parser.parse_args(argv)
     try:
         return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
     except (ValueError, OSError) as e:
