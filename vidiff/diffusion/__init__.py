@@ -1,0 +1,25 @@
+"""Rectified flow (``flow``) and its samplers with classifier-free guidance (``samplers``)."""
+from vidiff.diffusion.flow import (
+    flow_loss,
+    noise_latents,
+    predict_x0,
+    sample_timesteps,
+    shift_for_tokens,
+    shift_timesteps,
+    velocity_target,
+)
+from vidiff.diffusion.samplers import SAMPLERS, classifier_free_guidance, sample, timestep_schedule
+
+__all__ = [
+    "SAMPLERS",
+    "classifier_free_guidance",
+    "flow_loss",
+    "noise_latents",
+    "predict_x0",
+    "sample",
+    "sample_timesteps",
+    "shift_for_tokens",
+    "shift_timesteps",
+    "timestep_schedule",
+    "velocity_target",
+]
