@@ -1,0 +1,104 @@
+"""Checkpoints: orbax ``CheckpointManager`` holding the train state, the Grain
+iterator state and the config, saved asynchronously, restorable onto any mesh.
+
+Layout of ``<workdir>/checkpoints/<step>/``: ``state`` (orbax arrays, sharded
+as saved; restored with the shardings of the caller's abstract state, so a
+different mesh shape works), ``data`` (the Grain iterator's JSON state, one
+file per process) and ``config`` (JSON). No pickle anywhere.
+Retention: the last ``keep`` checkpoints plus the ``keep_best`` with the
+lowest value of the chosen metric.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+
+class Checkpointer:
+    """Thin policy layer over ``ocp.CheckpointManager`` for vidiff's train state."""
+
+    def __init__(self, directory, *, keep: int = 3, keep_best: int = 1, best_metric: str = "loss",
+                 async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        policies = [checkpoint_managers.LatestN(n=max(1, keep))]
+        if keep_best > 0:
+            policies.append(checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[best_metric], reverse=True, n=keep_best))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, *, data_iterator=None, config: dict | None = None,
+             metrics: dict | None = None) -> None:
+        """Start saving ``state`` (and the data iterator / config) at ``step``; returns before it is on disk."""
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        scalars = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=scalars, force=True)
+
+    def restore(self, abstract_state, step: int | None = None, *, data_iterator=None):
+        """Restore the state at ``step`` (default latest) into the shapes/shardings of ``abstract_state``.
+
+        ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding``
+        set (e.g. from ``jax.eval_shape`` + the mesh's shardings). The data
+        iterator, if given, is moved to the saved position in place.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def read_config(checkpoint_dir, step: int | None = None) -> dict:
+    """The JSON config saved with a checkpoint (latest step by default), without touching arrays."""
+    root = Path(checkpoint_dir)
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"{root} holds no vidiff checkpoint (no numbered step folders)")
+    step = steps[-1] if step is None else step
+    path = root / str(step) / "config" / "metadata"
+    if not path.exists():
+        candidates = list((root / str(step) / "config").glob("*"))
+        if not candidates:
+            raise FileNotFoundError(f"{root / str(step)} has no saved config")
+        path = candidates[0]
+    return json.loads(path.read_text())
+
+
+def abstract_with_shardings(tree, shardings):
+    """``jax.ShapeDtypeStruct`` tree carrying ``shardings`` (the restore target for another mesh)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

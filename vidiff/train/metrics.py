@@ -1,0 +1,79 @@
+"""Training metrics: PSNR / SSIM for reconstructions, and the writer that logs them.
+
+``MetricsWriter`` appends one JSON object per logged step to
+``<workdir>/metrics.jsonl`` and writes the same scalars as TensorBoard event
+files (tensorboardX, no TensorFlow) under ``<workdir>/tb``. Only process 0
+writes, so multi-host runs produce one log.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+
+def psnr(x, y, max_value: float = 2.0):
+    """Peak signal-to-noise ratio per sample, for videos in [-1, 1] (range 2); shape (B,)."""
+    mse = jnp.mean(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
+    return 10.0 * jnp.log10(max_value**2 / jnp.maximum(mse, 1e-10))
+
+
+def ssim(x, y, max_value: float = 2.0, window: int = 7):
+    """Mean structural similarity per sample over frames and channels (uniform window), shape (B,).
+
+    ``x``, ``y``: ``(B, T, H, W, C)`` (or ``(B, H, W, C)``) in [-1, 1].
+    """
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    if x.ndim == 4:
+        x, y = x[:, None], y[:, None]
+    b, t, h, w, c = x.shape
+    window = min(window, h, w)
+    flat = lambda a: a.reshape(b * t, h, w, c)
+
+    def local_mean(a):
+        return jax.lax.reduce_window(a, 0.0, jax.lax.add, (1, window, window, 1), (1, 1, 1, 1), "VALID") / window**2
+
+    x, y = flat(x), flat(y)
+    mx, my = local_mean(x), local_mean(y)
+    vx, vy = local_mean(x * x) - mx**2, local_mean(y * y) - my**2
+    cov = local_mean(x * y) - mx * my
+    c1, c2 = (0.01 * max_value) ** 2, (0.03 * max_value) ** 2
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.reshape(b, -1).mean(axis=1)
+
+
+class MetricsWriter:
+    """JSONL + TensorBoard scalars in ``workdir``, written by process 0 only."""
+
+    def __init__(self, workdir, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(workdir) / "tb"))
+
+    def write(self, step: int, scalars: dict) -> None:
+        """Log ``scalars`` (numbers or 0-d arrays) at ``step``."""
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in scalars.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": int(step), "time": time.time(), **values}) + "\n")
+        for name, value in values.items():
+            self._tb.add_scalar(name, value, int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir) -> list[dict]:
+    """All logged rows of a run, in order (a resumed run appends after its checkpoint step)."""
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
