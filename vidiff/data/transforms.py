@@ -1,0 +1,221 @@
+"""Per-record transforms (grain ``MapTransform`` / ``RandomMapTransform``) and bucket maths.
+
+Every transform passes a ``Skip`` through untouched, so a bad item flows to
+the one filter that counts it. Randomness comes from the ``np.random.Generator``
+grain derives from the pipeline seed and the element index, so every choice
+(window start, crop offset, caption dropout) is reproducible per seed/index.
+
+Buckets: a list of ``(frames, height, width)``. A clip goes to the bucket
+nearest in aspect ratio (``|log(w/h) - log(W/H)|``), among those whose
+duration fits it, preferring the longest such bucket; it is then cut to the
+bucket's frames and resized (shorter side) + cropped to its height and width.
+Without buckets there is one: ``(num_frames, height, width)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from vidiff.data.skips import BAD_ARRAY, TOO_SHORT, Skip
+
+WINDOWS = ("random", "first", "center")
+CROPS = ("random", "center")
+
+Bucket = tuple[int, int, int]  # (frames, height, width)
+
+
+def parse_buckets(buckets: Sequence | None, default: Bucket, field: str = "data.buckets") -> list[Bucket]:
+    """Normalise a bucket list: ``(frames, height, width)`` tuples or ``"FxHxW"`` strings."""
+    if buckets is None or (isinstance(buckets, (list, tuple)) and len(buckets) == 0):
+        return [tuple(int(v) for v in default)]
+    if isinstance(buckets, str):
+        buckets = [b for b in re.split(r"[,\s]+", buckets) if b]
+    parsed = []
+    for bucket in buckets:
+        if isinstance(bucket, str):
+            match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", bucket.strip())
+            if not match:
+                raise ValueError(f"{field}: unknown bucket {bucket!r}; write buckets as 'FRAMESxHEIGHTxWIDTH', e.g. '17x32x48'")
+            bucket = tuple(int(g) for g in match.groups())
+        try:
+            frames, height, width = (int(v) for v in bucket)
+        except (TypeError, ValueError):
+            raise ValueError(f"{field}: unknown bucket {bucket!r}; give (frames, height, width) of positive ints") from None
+        if min(frames, height, width) < 1:
+            raise ValueError(f"{field}: bucket {bucket!r} has a non-positive size; give (frames, height, width) >= 1")
+        parsed.append((frames, height, width))
+    if len(set(parsed)) != len(parsed):
+        raise ValueError(f"{field}: bucket list {parsed} repeats a bucket; list each (frames, height, width) once")
+    return parsed
+
+
+def frames_needed(frames: int, stride: int) -> int:
+    """Source frames a window of ``frames`` output frames at ``stride`` spans."""
+    return (frames - 1) * stride + 1
+
+
+def nearest_bucket(buckets: Sequence[Bucket], height: int, width: int, available: int, stride: int) -> int | None:
+    """Index of the bucket for a ``height x width`` clip of ``available`` frames; None if none fits its duration."""
+    aspect = math.log(width / height)
+    best, best_key = None, None
+    for index, (frames, h, w) in enumerate(buckets):
+        if frames_needed(frames, stride) > available:
+            continue
+        key = (round(abs(math.log(w / h) - aspect), 9), -frames, index)
+        if best_key is None or key < best_key:
+            best, best_key = index, key
+    return best
+
+
+def window_offset(slack: int, window: str, rng: np.random.Generator) -> int:
+    """Start of a window given ``slack`` spare frames (available - needed)."""
+    if window == "first" or slack <= 0:
+        return 0
+    if window == "center":
+        return slack // 2
+    return int(rng.integers(0, slack + 1))
+
+
+def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """Size a ``height x width`` frame scales to (aspect kept) so it just covers ``target_h x target_w``."""
+    scale = max(target_h / height, target_w / width)
+    return max(target_h, round(height * scale)), max(target_w, round(width * scale))
+
+
+def resize_frames(video: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize every frame of ``uint8 (T, H, W, 3)`` to ``(height, width)`` (bicubic, Pillow)."""
+    from PIL import Image
+
+    if video.shape[1:3] == tuple(size):
+        return video
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(f, "RGB").resize((w, h), Image.Resampling.BICUBIC)) for f in video])
+
+
+def resize_crop(video: np.ndarray, target_h: int, target_w: int, crop: str, rng: np.random.Generator | None) -> np.ndarray:
+    """Resize the shorter side (aspect kept) then crop ``(target_h, target_w)``, centred or at random."""
+    height, width = video.shape[1:3]
+    video = resize_frames(video, cover_size(height, width, target_h, target_w))
+    spare_h, spare_w = video.shape[1] - target_h, video.shape[2] - target_w
+    if crop == "random" and rng is not None:
+        top, left = int(rng.integers(0, spare_h + 1)), int(rng.integers(0, spare_w + 1))
+    else:
+        top, left = spare_h // 2, spare_w // 2
+    return video[:, top : top + target_h, left : left + target_w]
+
+
+def resample_indices(num_frames: int, source_fps: float, target_fps: float | None) -> np.ndarray:
+    """Indices of the frames of a ``num_frames`` clip at ``source_fps`` nearest to each ``target_fps`` instant."""
+    if target_fps is None or abs(target_fps - source_fps) < 1e-6:
+        return np.arange(num_frames)
+    count = int(math.floor(num_frames * target_fps / source_fps + 1e-6))
+    return np.minimum(np.floor(np.arange(count) * source_fps / target_fps + 0.5).astype(int), num_frames - 1)
+
+
+def as_rgb_video(video: Any) -> np.ndarray | None:
+    """``uint8 (T, H, W, 3)`` from a dataset's array (grey is repeated to RGB); None if it is not a video."""
+    video = np.asarray(video)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] not in (1, 3) or 0 in video.shape:
+        return None
+    return np.repeat(video, 3, axis=-1) if video.shape[-1] == 1 else video
+
+
+@dataclasses.dataclass
+class BucketWindow(grain.transforms.RandomMap):
+    """In-memory clip -> bucket + temporal window (``fps`` resampling, ``stride``, random/first/center)."""
+
+    buckets: Sequence[Bucket]
+    stride: int = 1
+    fps: float | None = None
+    window: str = "random"
+
+    def random_map(self, record, rng: np.random.Generator):
+        if isinstance(record, Skip):
+            return record
+        video = as_rgb_video(record["video"])
+        if video is None:
+            shape = np.shape(record["video"])
+            return Skip(BAD_ARRAY, record["id"], f"video is {np.asarray(record['video']).dtype} {shape}, not uint8 (T, H, W, 3)")
+        source_fps = float(record["fps"])
+        indices = resample_indices(len(video), source_fps, self.fps)
+        bucket = nearest_bucket(self.buckets, video.shape[1], video.shape[2], len(indices), self.stride)
+        if bucket is None:
+            shortest = min(frames_needed(b[0], self.stride) for b in self.buckets)
+            return Skip(TOO_SHORT, record["id"], f"{len(indices)} frames, the shortest bucket needs {shortest}")
+        need = frames_needed(self.buckets[bucket][0], self.stride)
+        start = window_offset(len(indices) - need, self.window, rng)
+        out = dict(record)
+        out["video"] = video[indices[start : start + need : self.stride]]
+        out["fps"] = np.float32((self.fps or source_fps) / self.stride)
+        out["bucket"] = np.int32(bucket)
+        return out
+
+
+@dataclasses.dataclass
+class ResizeCrop(grain.transforms.RandomMap):
+    """Resize the shorter side and crop each clip to its bucket's ``(height, width)``."""
+
+    buckets: Sequence[Bucket]
+    crop: str = "center"
+
+    def random_map(self, record, rng: np.random.Generator):
+        if isinstance(record, Skip):
+            return record
+        _, height, width = self.buckets[int(record["bucket"])]
+        out = dict(record)
+        out["video"] = np.ascontiguousarray(resize_crop(record["video"], height, width, self.crop, rng))
+        return out
+
+
+@dataclasses.dataclass
+class CaptionDropout(grain.transforms.RandomMap):
+    """Replace the caption with "" with probability ``rate`` (for classifier-free guidance)."""
+
+    rate: float
+
+    def random_map(self, record, rng: np.random.Generator):
+        if isinstance(record, Skip):
+            return record
+        drop = bool(self.rate > 0 and rng.random() < self.rate)
+        out = dict(record)
+        out["caption_dropped"] = np.bool_(drop)
+        if drop:
+            out["caption"] = ""
+        return out
+
+
+@dataclasses.dataclass
+class Tokenize(grain.transforms.Map):
+    """Apply a tokeniser hook ``caption -> ids`` / ``(ids, mask)`` / ``{"input_ids", "attention_mask"}``.
+
+    Adds ``token_ids`` (int32) and ``token_mask`` (bool; all True when the hook
+    returns ids only). The hook must pad to a fixed length for batching.
+    """
+
+    tokenize: Callable[[str], Any]
+
+    def map(self, record):
+        if isinstance(record, Skip):
+            return record
+        ids, mask = _split_tokens(self.tokenize(record["caption"]))
+        out = dict(record)
+        out["token_ids"] = np.asarray(ids, np.int32)
+        out["token_mask"] = np.ones(out["token_ids"].shape, bool) if mask is None else np.asarray(mask, bool)
+        return out
+
+
+def _split_tokens(tokens):
+    if isinstance(tokens, Mapping):
+        ids = tokens.get("input_ids", tokens.get("ids"))
+        mask = tokens.get("attention_mask", tokens.get("mask"))
+        if ids is None:
+            raise ValueError(f"tokenize hook returned keys {sorted(tokens)}; return 'input_ids' (and 'attention_mask')")
+        return ids, mask
+    if isinstance(tokens, tuple) and len(tokens) == 2:
+        return tokens
+    return tokens, None
