@@ -9,7 +9,9 @@ layout means changing this table (or passing another one), never the models.
 Logical names
   parameters:  embed (model width), mlp (MLP hidden), heads, head_dim, vocab,
                mod (adaLN modulation outputs), patch (patch features in/out),
-               conv_in / conv_out (conv channels), kernel (conv window),
+               conv_in / conv_out (conv channels), io_channels (pixel/latent-facing
+               channels, never sharded), kernel_t / kernel_h / kernel_w
+               (conv window; distinct names because flax refuses repeats),
                layers (a scanned stack of blocks), freq (sinusoid features)
   activations: batch, length (spacetime tokens), text_length, act_embed,
                act_heads, act_mlp, time, height, width, channels
@@ -39,7 +41,10 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch", None),
     ("conv_in", "fsdp"),
     ("conv_out", "tensor"),
-    ("kernel", None),
+    ("io_channels", None),
+    ("kernel_t", None),
+    ("kernel_h", None),
+    ("kernel_w", None),
     ("layers", None),
     ("freq", None),
     # activations

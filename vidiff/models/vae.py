@@ -1,0 +1,416 @@
+"""Causal 3D video VAE: config presets, posterior, causal layers, Encoder, Decoder, VideoVAE.
+
+A clip ``(B, T, H, W, 3)`` in [-1, 1] becomes a diagonal Gaussian over latents
+``(B, t, h, w, c)`` with ``t = 1 + (T - 1) / time_factor`` and ``h, w = H, W /
+spatial_factor`` (default 4 x 8 x 8). Time is causal: frame 0 is encoded alone,
+then every group of ``time_factor`` frames gives one latent frame, so an image is
+a 1-frame video and no latent frame depends on later frames.
+
+Public API::
+
+    vae = VideoVAE(vae_preset("tiny"))                 # or VideoVAE(VAEConfig(...))
+    variables = vae.init(key, video)                   # {"params", "latent_stats"}; any valid
+                                                       # shape, (1, 1, sf, sf, 3) traces fastest
+    post = vae.apply(variables, video, method=vae.encode)     # DiagonalGaussian
+    z = post.sample(key)                               # or post.mode()
+    video = vae.apply(variables, z, method=vae.decode)
+    z_dit = vae.apply(variables, z, method=vae.normalize)     # unit-variance latents
+    z = vae.apply(variables, z_dit, method=vae.denormalize)
+
+    encode_chunked(vae, variables, video, chunk_frames)   # long clips, flat memory
+    decode_chunked(vae, variables, latents, chunk_latent_frames)
+    encode_tiled(vae, variables, video, tile_latent=32, overlap_latent=8)  # big frames
+    decode_tiled(vae, variables, latents, tile_latent=32, overlap_latent=8)
+    shift, scale = compute_latent_stats(vae, variables, video_batches)
+    variables = set_latent_stats(variables, shift, scale)
+
+(the last six live in ``vae_codec.py`` and are re-exported here.)
+
+Chunking: every causal conv keeps the last ``kernel_t - stride_t`` frames it saw
+in a ``cache`` variable collection. Applying with ``mutable=["cache"]`` turns
+that on; feeding the returned cache to the next chunk makes chunked results
+equal the one-shot ones. Norms (per-position channel RMSNorm) and the mid-block
+attention (per frame) never mix frames, which is what makes this exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+
+# Drivers for long clips, big frames and latent statistics (vae_codec.py), re-exported here.
+from vidiff.models.vae_codec import (  # noqa: F401
+    compute_latent_stats, decode_chunked, decode_tiled, encode_chunked, encode_tiled, set_latent_stats,
+)
+
+VIDEO_AXES = ("batch", "time", "height", "width", "channels")
+# Conv axes that face pixels (3) or latents (4-16) are too narrow to shard; their own
+# logical name keeps them replicated whatever the rules do with conv_in / conv_out.
+IO_AXIS = "io_channels"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Architecture of the causal video VAE.
+
+    ``temporal_down`` / ``spatial_down`` have one flag per transition between
+    levels (``len(channel_mults) - 1``); each True halves that axis, so the
+    time factor is ``2 ** sum(temporal_down)`` (1, 2 or 4) and the spatial
+    factor ``2 ** sum(spatial_down)`` (4, 8 or 16). ``dtype`` is the compute
+    dtype ("bfloat16" on accelerators); parameters are always float32.
+    """
+
+    base_channels: int = 128
+    channel_mults: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    latent_channels: int = 16
+    temporal_down: tuple[bool, ...] = (False, True, True)
+    spatial_down: tuple[bool, ...] = (True, True, True)
+    mid_attention: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        transitions = len(self.channel_mults) - 1
+        for name in ("temporal_down", "spatial_down"):
+            if len(getattr(self, name)) != transitions:
+                raise ValueError(f"VAEConfig.{name} needs {transitions} flags (one per level transition), "
+                                 f"got {getattr(self, name)}")
+        if self.time_factor not in (1, 2, 4):
+            raise ValueError(f"VAEConfig.temporal_down gives time factor {self.time_factor}; it must be 1, 2 or 4")
+        if self.spatial_factor not in (4, 8, 16):
+            raise ValueError(f"VAEConfig.spatial_down gives spatial factor {self.spatial_factor}; "
+                             "it must be 4, 8 or 16")
+        if min(self.base_channels, self.num_res_blocks, self.latent_channels, *self.channel_mults) < 1:
+            raise ValueError("VAEConfig: base_channels, channel_mults, num_res_blocks and latent_channels must be >= 1")
+        jnp.dtype(self.dtype)  # fails early on a misspelt dtype
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(self.base_channels * m for m in self.channel_mults)
+
+    @property
+    def time_factor(self) -> int:
+        return 2 ** sum(map(bool, self.temporal_down))
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** sum(map(bool, self.spatial_down))
+
+    def check_video_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise a one-line ValueError unless ``shape`` is ``(B, 1 + k*tf, H, W, 3)`` with H, W divisible."""
+        if len(shape) != 5 or shape[-1] != 3:
+            raise ValueError(f"video shape {tuple(shape)} must be (batch, frames, height, width, 3)")
+        frames, tf, sf = shape[1], self.time_factor, self.spatial_factor
+        if (frames - 1) % tf:
+            good = 1 + max(round((frames - 1) / tf), 0) * tf
+            raise ValueError(f"num_frames={frames} must be 1 + k*{tf} (e.g. {good}); trim or pad the clip")
+        for name, size in (("height", shape[2]), ("width", shape[3])):
+            if size % sf or size == 0:
+                good = max(round(size / sf), 1) * sf
+                raise ValueError(f"{name}={size} must be divisible by the spatial factor {sf} (e.g. {good}); "
+                                 "resize or crop")
+
+    def latent_shape(self, video_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The latent shape a video of ``video_shape`` encodes to (validating it first)."""
+        self.check_video_shape(video_shape)
+        b, t, h, w, _ = video_shape
+        sf = self.spatial_factor
+        return (b, 1 + (t - 1) // self.time_factor, h // sf, w // sf, self.latent_channels)
+
+
+# tiny: CPU tests and the tiny end-to-end model. Three levels and 4x4x4
+# compression, so a (17, 32, 32) clip gives (5, 8, 8) latents (enough tokens for
+# a tiny DiT) and compiles in seconds; small and base use the default 4x8x8.
+PRESETS = {
+    "tiny": VAEConfig(base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1, latent_channels=4,
+                      temporal_down=(True, True), spatial_down=(True, True)),
+    "small": VAEConfig(base_channels=64, channel_mults=(1, 2, 4, 4), num_res_blocks=1, latent_channels=16),
+    "base": VAEConfig(base_channels=128, channel_mults=(1, 2, 4, 4), num_res_blocks=2, latent_channels=16),
+}
+
+
+def vae_preset(name: str, **overrides) -> VAEConfig:
+    """A named ``VAEConfig`` ("tiny", "small", "base") with any fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown VAE preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(VAEConfig)}
+    if unknown := sorted(set(overrides) - fields):
+        raise ValueError(f"unknown VAEConfig field(s) {unknown}; valid fields: {', '.join(sorted(fields))}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# ------------------------------------------------------------------------ posterior
+
+
+@struct.dataclass
+class DiagonalGaussian:
+    """The encoder's posterior q(z | video): per-element mean and log-variance (a pytree)."""
+
+    mean: jax.Array
+    logvar: jax.Array
+
+    def sample(self, key: jax.Array) -> jax.Array:
+        return self.mean + jnp.exp(0.5 * self.logvar) * jax.random.normal(key, self.mean.shape, self.mean.dtype)
+
+    def mode(self) -> jax.Array:
+        return self.mean
+
+    def kl(self) -> jax.Array:
+        """KL(q || N(0, I)) per example, summed over latent elements: shape (B,)."""
+        per_element = 0.5 * (jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar)
+        return per_element.reshape(per_element.shape[0], -1).sum(-1)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _constrain(x):
+    return nn.with_logical_constraint(x, VIDEO_AXES)
+
+
+def _caching(module: nn.Module) -> bool:
+    """Chunked mode: the caller made ``cache`` mutable (init never creates caches)."""
+    return module.is_mutable_collection("cache") and not module.is_initializing()
+
+
+class CausalConv3d(nn.Module):
+    """3D conv that pads time on the past side only, with zeros, so output frame i sees frames <= i.
+
+    Zeros rather than a replicated first frame: a zero past is exactly what a
+    zero-initialised cache gives, so a clip's first chunk and its one-shot
+    encoding take the same path, and no made-up still history is invented.
+    With ``stride_t = s`` the first chunk gets ``kernel_t - 1`` zero frames, which
+    leaves frame 0 in a group of its own (WAN / CogVideoX style); later chunks
+    start from the cached last ``kernel_t - s`` input frames.
+    """
+
+    features: int
+    kernel: tuple[int, int, int] = (3, 3, 3)
+    strides: tuple[int, int, int] = (1, 1, 1)
+    dtype: Any = jnp.float32
+    in_axis: str = "conv_in"  # logical names of the channel axes (IO_AXIS at the model's edges)
+    out_axis: str = "conv_out"
+
+    @nn.compact
+    def __call__(self, x):
+        kt, kh, kw = self.kernel
+        keep = kt - self.strides[0]  # frames of this chunk the next chunk's first window needs
+        if kt > 1:
+            if _caching(self) and self.has_variable("cache", "past"):
+                past = self.get_variable("cache", "past").astype(x.dtype)
+            else:
+                past = jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype)
+            x = jnp.concatenate([past, x], axis=1)
+            if _caching(self) and keep > 0:
+                self.put_variable("cache", "past", x[:, x.shape[1] - keep:])
+        return nn.Conv(
+            self.features, self.kernel, strides=self.strides,
+            padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
+            dtype=self.dtype, param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("kernel_t", "kernel_h", "kernel_w", self.in_axis, self.out_axis)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.out_axis,)),
+            name="conv",
+        )(x)
+
+
+class ChannelRMSNorm(nn.Module):
+    """RMS norm over channels at each (frame, pixel): no statistics across time or space.
+
+    GroupNorm pools over the frame (breaks tiling) or the clip (breaks causality
+    and chunking); normalising each position alone keeps both exact.
+    """
+
+    dtype: Any = jnp.float32
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",)),
+                           (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * scale).astype(self.dtype)
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block of two causal 3x3x3 convs (1x1x1 shortcut if the width changes)."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.silu(ChannelRMSNorm(self.dtype, name="norm1")(x))
+        h = CausalConv3d(self.features, dtype=self.dtype, name="conv1")(h)
+        h = nn.silu(ChannelRMSNorm(self.dtype, name="norm2")(h))
+        h = CausalConv3d(self.features, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.features:
+            x = CausalConv3d(self.features, (1, 1, 1), dtype=self.dtype, name="shortcut")(x)
+        return _constrain(x + h)
+
+
+def _dense(features, dtype, name):
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_in", "conv_out")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+
+
+class SpatialAttention(nn.Module):
+    """Single-head self-attention within each frame (never across frames, to stay causal)."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, h, w, c = x.shape
+        qkv = _dense(3 * c, self.dtype, "qkv")(ChannelRMSNorm(self.dtype, name="norm")(x))
+        q, k, v = jnp.split(qkv.reshape(b * t, h * w, 1, 3 * c), 3, axis=-1)
+        out = jax.nn.dot_product_attention(q, k, v).reshape(b, t, h, w, c)
+        return _constrain(x + _dense(c, self.dtype, "proj")(out))
+
+
+class MidBlock(nn.Module):
+    """ResBlock, per-frame attention (optional), ResBlock: the widest, lowest-resolution stage."""
+
+    features: int
+    attention: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = ResBlock(self.features, self.dtype, name="res1")(x)
+        if self.attention:
+            x = SpatialAttention(self.dtype, name="attn")(x)
+        return ResBlock(self.features, self.dtype, name="res2")(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling then a causal conv; in time latent frame 0 stays one frame.
+
+    Each frame is repeated twice and the very first output frame dropped, so
+    ``1 + k`` frames become ``1 + 2k``. Later chunks keep both copies; the
+    ``cache/started`` flag tells a later chunk from the first.
+    """
+
+    features: int
+    time: bool
+    space: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.time:
+            first = not (_caching(self) and self.has_variable("cache", "started"))
+            if _caching(self):
+                self.put_variable("cache", "started", jnp.ones((), jnp.bool_))
+            x = jnp.repeat(x, 2, axis=1)[:, 1:] if first else jnp.repeat(x, 2, axis=1)
+        if self.space:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+        return _constrain(CausalConv3d(self.features, dtype=self.dtype, name="conv")(x))
+
+
+# ---------------------------------------------------------------------- the networks
+
+
+class Encoder(nn.Module):
+    """Video -> (mean, logvar) of the latents, both float32 ``(B, t, h, w, c)``."""
+
+    config: VAEConfig
+
+    @nn.compact
+    def __call__(self, video):
+        cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+        widths = cfg.widths
+        x = CausalConv3d(widths[0], dtype=dtype, in_axis=IO_AXIS, name="conv_in")(_constrain(video.astype(dtype)))
+        for level, width in enumerate(widths):
+            for i in range(cfg.num_res_blocks):
+                x = ResBlock(width, dtype, name=f"down{level}_res{i}")(x)
+            if level < len(widths) - 1 and (cfg.temporal_down[level] or cfg.spatial_down[level]):
+                st, ss = 2 if cfg.temporal_down[level] else 1, 2 if cfg.spatial_down[level] else 1
+                x = _constrain(CausalConv3d(width, strides=(st, ss, ss), dtype=dtype, name=f"down{level}_sample")(x))
+        x = MidBlock(widths[-1], cfg.mid_attention, dtype, name="mid")(x)
+        x = nn.silu(ChannelRMSNorm(dtype, name="norm_out")(x))
+        moments = CausalConv3d(2 * cfg.latent_channels, dtype=dtype, out_axis=IO_AXIS, name="conv_out")(x)
+        moments = moments.astype(jnp.float32)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return _constrain(mean), _constrain(logvar)
+
+
+class Decoder(nn.Module):
+    """Latents ``(B, t, h, w, c)`` -> video ``(B, 1 + (t-1)*tf, h*sf, w*sf, 3)`` float32."""
+
+    config: VAEConfig
+
+    @nn.compact
+    def __call__(self, z):
+        cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+        widths = cfg.widths
+        x = CausalConv3d(widths[-1], dtype=dtype, in_axis=IO_AXIS, name="conv_in")(_constrain(z.astype(dtype)))
+        x = MidBlock(widths[-1], cfg.mid_attention, dtype, name="mid")(x)
+        for level in reversed(range(len(widths))):
+            for i in range(cfg.num_res_blocks + 1):
+                x = ResBlock(widths[level], dtype, name=f"up{level}_res{i}")(x)
+            if level > 0 and (cfg.temporal_down[level - 1] or cfg.spatial_down[level - 1]):
+                x = Upsample(widths[level - 1], cfg.temporal_down[level - 1], cfg.spatial_down[level - 1],
+                             dtype, name=f"up{level}_sample")(x)
+        x = nn.silu(ChannelRMSNorm(dtype, name="norm_out")(x))
+        return _constrain(CausalConv3d(3, dtype=dtype, out_axis=IO_AXIS, name="conv_out")(x).astype(jnp.float32))
+
+
+class VideoVAE(nn.Module):
+    """Causal video VAE with ``encode``, ``decode``, ``normalize`` / ``denormalize``.
+
+    ``__call__(video, key=None)`` returns ``(reconstruction, posterior)``,
+    decoding a posterior sample when ``key`` is given and its mean otherwise.
+    Per-channel latent ``shift`` / ``scale`` live in the non-trainable
+    ``latent_stats`` collection (0 and 1 until ``set_latent_stats``).
+    """
+
+    config: VAEConfig
+
+    def setup(self):
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+        if self.has_variable("latent_stats", "shift") or self.is_mutable_collection("latent_stats"):
+            c = self.config.latent_channels
+            stat = lambda fill: nn.with_logical_partitioning(lambda: jnp.full((c,), fill, jnp.float32), (IO_AXIS,))
+            self.shift = self.variable("latent_stats", "shift", stat(0.0))
+            self.scale = self.variable("latent_stats", "scale", stat(1.0))
+
+    def __call__(self, video, key: jax.Array | None = None):
+        posterior = self.encode(video)
+        z = posterior.mode() if key is None else posterior.sample(key)
+        return self.decode(z), posterior
+
+    def encode(self, video) -> DiagonalGaussian:
+        if not _caching(self):  # chunk shapes are checked by encode_chunked
+            self.config.check_video_shape(video.shape)
+        mean, logvar = self.encoder(video)
+        return DiagonalGaussian(mean, jnp.clip(logvar, -30.0, 20.0))
+
+    def decode(self, latents) -> jax.Array:
+        if latents.ndim != 5 or latents.shape[-1] != self.config.latent_channels:
+            raise ValueError(f"latents shape {latents.shape} must be (batch, t, h, w, {self.config.latent_channels})")
+        return self.decoder(latents)
+
+    def _stats(self):
+        if not hasattr(self, "shift"):
+            raise ValueError("variables have no 'latent_stats' collection; pass the full variables from vae.init")
+        return self.shift.value, self.scale.value
+
+    def normalize(self, latents):
+        """Raw latents -> roughly zero-mean unit-variance latents (what the DiT sees)."""
+        shift, scale = self._stats()
+        return (latents - shift) / scale
+
+    def denormalize(self, latents):
+        shift, scale = self._stats()
+        return latents * scale + shift

@@ -1,0 +1,205 @@
+"""Running a ``VideoVAE`` on long clips and large frames, and measuring its latent statistics.
+
+Everything here drives a model from outside, as ``f(vae, variables, ...)``;
+``vidiff.models.vae`` re-exports it all.
+
+    encode_chunked(vae, variables, video, chunk_frames)        # == encode, flat memory in T
+    decode_chunked(vae, variables, latents, chunk_latent_frames)
+    encode_tiled(vae, variables, video, tile_latent=32, overlap_latent=8)   # ~ encode, big frames
+    decode_tiled(vae, variables, latents, tile_latent=32, overlap_latent=8)
+    shift, scale = compute_latent_stats(vae, variables, video_batches)
+    variables = set_latent_stats(variables, shift, scale)
+
+Chunks are exact: each causal conv in the model keeps its last input frames in
+the ``cache`` collection when applied with ``mutable=["cache"]``, and the next
+chunk starts from them (to ~1e-6 in float32 on CPU; a GPU's default TF32 convs
+pick per-shape algorithms, so expect ~1e-3 there unless
+``jax_default_matmul_precision="highest"``). Tiles are approximate: a tile's
+edge sees zero padding instead of its neighbours, so overlapping tiles are
+blended with linear ramps.
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+if TYPE_CHECKING:
+    from vidiff.models.vae import DiagonalGaussian, VideoVAE
+
+# ------------------------------------------------------------------ chunks and tiles
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(vae: VideoVAE, method: str, with_cache: bool):
+    """One compiled ``vae.apply`` per (module, method, mode); jit re-traces per chunk shape."""
+    if not with_cache:
+        return jax.jit(lambda variables, x: vae.apply(variables, x, method=method))
+
+    def step(variables, cache, x):
+        out, mutated = vae.apply({**variables, "cache": cache}, x, method=method, mutable=["cache"])
+        return out, mutated.get("cache", {})
+
+    return jax.jit(step)
+
+
+def _chunks(total: int, first: int, size: int):
+    bounds, start = [(0, min(first, total))], min(first, total)
+    while start < total:
+        bounds.append((start, min(start + size, total)))
+        start += size
+    return bounds
+
+
+def encode_chunked(vae: VideoVAE, variables, video, chunk_frames: int, *,
+                   first_chunk_frames: int = 1) -> DiagonalGaussian:
+    """Encode ``video`` in temporal chunks, carrying each causal conv's past frames; equals ``encode``.
+
+    The first chunk has ``first_chunk_frames = 1 + m*tf`` frames (frame 0 alone
+    by default), the others ``chunk_frames`` (a multiple of the time factor).
+    """
+    cfg, tf = vae.config, vae.config.time_factor
+    cfg.check_video_shape(video.shape)
+    if (first_chunk_frames - 1) % tf or first_chunk_frames < 1:
+        raise ValueError(f"first_chunk_frames={first_chunk_frames} must be 1 + m*{tf} (frame 0 is encoded alone)")
+    if chunk_frames % tf or chunk_frames < 1:
+        raise ValueError(f"chunk_frames={chunk_frames} must be a positive multiple of the time factor {tf}")
+    step, cache, parts = _jitted(vae, "encode", True), {}, []
+    for start, stop in _chunks(video.shape[1], first_chunk_frames, chunk_frames):
+        posterior, cache = step(variables, cache, video[:, start:stop])
+        parts.append(posterior)
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
+
+
+def decode_chunked(vae: VideoVAE, variables, latents, chunk_latent_frames: int, *,
+                   first_chunk_frames: int = 1) -> jax.Array:
+    """Decode ``latents`` a few latent frames at a time (first chunk ``first_chunk_frames``); equals ``decode``."""
+    if chunk_latent_frames < 1 or first_chunk_frames < 1:
+        raise ValueError(f"chunk sizes must be >= 1, got chunk_latent_frames={chunk_latent_frames}, "
+                         f"first_chunk_frames={first_chunk_frames}")
+    step, cache, parts = _jitted(vae, "decode", True), {}, []
+    for start, stop in _chunks(latents.shape[1], first_chunk_frames, chunk_latent_frames):
+        frames, cache = step(variables, cache, latents[:, start:stop])
+        parts.append(frames)
+    return jnp.concatenate(parts, axis=1)
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, tile - overlap))
+    return starts + [size - tile]  # last tile flush with the edge: every tile has the same shape
+
+
+def _ramp(n: int, overlap: int) -> np.ndarray:
+    """Blend weights along one tile axis: linear over ``overlap`` at both ends, 1 inside, never 0."""
+    i = np.arange(n, dtype=np.float32)
+    return np.minimum(1.0, np.minimum(i + 1, n - i) / (overlap + 1))
+
+
+def _blend_tiles(fn, x, tile: int, overlap: int, up: int = 1, down: int = 1):
+    """Run ``fn`` on overlapping spatial tiles of ``x`` (axes 2, 3) and blend its outputs linearly.
+
+    ``tile`` / ``overlap`` are in input pixels; an input position p maps to
+    output position ``p * up // down`` (decode: up = sf; encode: down = sf).
+    ``fn`` returns a tuple of arrays; the blended tuple comes back as a list.
+    """
+    H, W = x.shape[2], x.shape[3]
+    th, tw = min(tile, H), min(tile, W)
+    to_out = lambda p: p * up // down
+    totals = weight = None
+    for y0 in _tile_starts(H, th, overlap):
+        for x0 in _tile_starts(W, tw, overlap):
+            outs = [np.asarray(o, np.float32) for o in fn(x[:, :, y0:y0 + th, x0:x0 + tw])]
+            oh, ow = outs[0].shape[2:4]
+            w = _ramp(oh, to_out(overlap))[:, None] * _ramp(ow, to_out(overlap))[None, :]
+            w = w[None, None, :, :, None]
+            if totals is None:  # accumulate on the host: tiles of big frames need not fit at once
+                totals = [np.zeros((*o.shape[:2], to_out(H), to_out(W), o.shape[4]), np.float32) for o in outs]
+                weight = np.zeros((*outs[0].shape[:2], to_out(H), to_out(W), 1), np.float32)
+            region = np.s_[:, :, to_out(y0):to_out(y0) + oh, to_out(x0):to_out(x0) + ow]
+            for total, o in zip(totals, outs):
+                total[region] += o * w
+            weight[region] += w
+    return [jnp.asarray(total / weight) for total in totals]
+
+
+def encode_tiled(vae: VideoVAE, variables, video, tile_latent: int = 32, overlap_latent: int = 8,
+                 chunk_frames: int | None = None) -> DiagonalGaussian:
+    """Encode large frames as overlapping spatial tiles (sizes in latent pixels), blended linearly.
+
+    Close to, not equal to, ``encode``: a tile's edge sees zero padding instead
+    of its neighbours. ``chunk_frames`` also chunks each tile in time.
+    """
+    sf = vae.config.spatial_factor
+    _check_tiles(tile_latent, overlap_latent)
+    vae.config.check_video_shape(video.shape)
+
+    from vidiff.models.vae import DiagonalGaussian  # here: vae.py imports this module
+
+    def encode(tile):
+        if chunk_frames:
+            p = encode_chunked(vae, variables, tile, chunk_frames)
+        else:
+            p = _jitted(vae, "encode", False)(variables, tile)
+        return p.mean, p.logvar
+
+    mean, logvar = _blend_tiles(encode, video, tile_latent * sf, overlap_latent * sf, down=sf)
+    return DiagonalGaussian(mean, logvar)
+
+
+def decode_tiled(vae: VideoVAE, variables, latents, tile_latent: int = 32, overlap_latent: int = 8,
+                 chunk_latent_frames: int | None = None) -> jax.Array:
+    """Decode large latents as overlapping spatial tiles, blending pixels linearly across the overlap."""
+    sf = vae.config.spatial_factor
+    _check_tiles(tile_latent, overlap_latent)
+
+    def decode(tile):
+        if chunk_latent_frames:
+            return (decode_chunked(vae, variables, tile, chunk_latent_frames),)
+        return (_jitted(vae, "decode", False)(variables, tile),)
+
+    return _blend_tiles(decode, latents, tile_latent, overlap_latent, up=sf)[0]
+
+
+def _check_tiles(tile: int, overlap: int):
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap_latent={overlap} must be >= 0 and smaller than tile_latent={tile}")
+
+
+# -------------------------------------------------------------------- latent stats
+
+
+def compute_latent_stats(vae: VideoVAE, variables, videos: Iterable, *, key: jax.Array | None = None):
+    """Per-channel (shift, scale) = mean and std of the latents of ``videos`` (an iterable of batches).
+
+    Uses the posterior mean, or samples when ``key`` is given (what training sees).
+    Accumulates in float64 on the host, so any number of batches fits.
+    """
+    encode = _jitted(vae, "encode", False)
+    c = vae.config.latent_channels
+    total, total_sq, count = np.zeros(c), np.zeros(c), 0
+    for i, video in enumerate(videos):
+        posterior = encode(variables, video)
+        z = posterior.mode() if key is None else posterior.sample(jax.random.fold_in(key, i))
+        z = np.asarray(z, np.float64).reshape(-1, c)
+        total, total_sq, count = total + z.sum(0), total_sq + np.square(z).sum(0), count + z.shape[0]
+    if count == 0:
+        raise ValueError("compute_latent_stats: videos yielded no batches")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    return jnp.asarray(mean, jnp.float32), jnp.asarray(np.maximum(std, 1e-6), jnp.float32)
+
+
+def set_latent_stats(variables, shift, scale) -> dict:
+    """A copy of ``variables`` whose ``latent_stats`` hold ``shift`` / ``scale`` (boxed or not)."""
+    def put(old, new):
+        new = jnp.asarray(new, jnp.float32)
+        return old.replace_boxed(new) if isinstance(old, nn.meta.AxisMetadata) else new
+
+    stats = variables["latent_stats"]
+    return {**variables, "latent_stats": {"shift": put(stats["shift"], shift), "scale": put(stats["scale"], scale)}}
