@@ -1,0 +1,270 @@
+"""Tests for vidiff.models.dit: shapes, zero/identity init, packing, masks, logical names, scan, remat, dtypes."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from vidiff import parallel
+from vidiff.models import dit
+
+CFG = dit.dit_preset("tiny", text_dim=32, pooled_dim=24)
+# Shapes reused across tests so each compiled program is shared (compiles dominate test time on CPU).
+SHAPES = [(1, 1, 4, 4), (2, 3, 4, 8), (1, 5, 8, 4)]
+
+
+@functools.lru_cache(maxsize=None)
+def _variables(cfg=CFG):
+    # The rbg PRNG compiles much faster on CPU than threefry; the values do not matter here.
+    return nn.unbox(jax.jit(dit.VideoDiT(cfg).init)(jax.random.key(0, impl="rbg"), *dit.dummy_inputs(cfg)))
+
+
+def _perturb(tree, seed=1):
+    """Training-like weights: every parameter moved off its (often zero) init (host-side, no compile)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(np.float32), tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(cfg=CFG):
+    return _perturb(_variables(cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(cfg=CFG):
+    return jax.jit(dit.VideoDiT(cfg).apply)
+
+
+def _inputs(seed, shape, text_len=6, cfg=CFG):
+    """Random (x_t, t, text, text_lengths, pooled) in numpy (no per-shape device RNG compiles)."""
+    rng, b = np.random.default_rng(seed), shape[0]
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    return (f32(*shape, cfg.latent_channels), rng.uniform(size=b).astype(np.float32), f32(b, text_len, cfg.text_dim),
+            np.full((b,), text_len, np.int32), f32(b, cfg.pooled_dim))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shapes_and_zero_output_at_init(shape):
+    args = _inputs(0, shape)
+    out = _apply()(_variables(), *args)
+    assert out.shape == args[0].shape
+    assert float(jnp.abs(out).max()) == 0.0  # zero-initialised output layer and gates
+    trained = _apply()(_trained(), *args)
+    assert trained.shape == args[0].shape and bool(jnp.all(jnp.isfinite(trained)))
+    assert float(jnp.abs(trained).max()) > 0
+
+
+@pytest.mark.parametrize("text_mode", ["cross", "joint"])
+def test_every_block_is_identity_at_init(text_mode):
+    cfg = dataclasses.replace(CFG, text_mode=text_mode)
+    fresh = _variables(cfg)["params"]
+    # Trained-like embeddings (so block inputs are rich), blocks exactly at init.
+    params = {k: (v if k.startswith("blocks") else _trained(cfg)["params"][k]) for k, v in fresh.items()}
+    capture = jax.jit(functools.partial(dit.VideoDiT(cfg).apply, capture_intermediates=True))
+    _, state = capture({"params": params}, *_inputs(1, SHAPES[0]))
+    inter = state["intermediates"]
+    x0 = inter["patch_embed"]["__call__"][0]
+    (x1, t1), _ = inter["blocks_0"]["__call__"][0]
+    (x2, t2), _ = inter["blocks_1"]["__call__"][0]
+    assert float(jnp.abs(x0).max()) > 0
+    np.testing.assert_array_equal(x1, x0.astype(jnp.float32))
+    np.testing.assert_array_equal(x2, x1)
+    np.testing.assert_array_equal(t2, t1)
+
+
+@pytest.fixture(scope="module")
+def packed_case():
+    """Two clips of different shapes, captions and times, run separately and packed into one row."""
+    clips = [_inputs(2, SHAPES[2]), _inputs(3, SHAPES[0])]
+    valid = [4, 6]  # clip 0's caption has 2 padding tokens
+    clips[0] = clips[0][:3] + (np.array([valid[0]], np.int32),) + clips[0][4:]
+    separate = [_apply()(_trained(), *c) for c in clips]
+    forward = jax.jit(functools.partial(dit.VideoDiT(CFG).apply, method=dit.VideoDiT.forward_tokens))
+
+    def run_packed(clips):
+        model_in = [np.asarray(dit.concat_conditioning(c[0]))[0] for c in clips]
+        row = dit.pack_clips(model_in, CFG.patch, length=48)
+        text, text_ids = dit.pack_texts([c[2][0, :n] for c, n in zip(clips, valid)], length=12)
+        out = forward(_trained(), row.tokens[None], np.stack([c[1][0] for c in clips])[None], text[None], None,
+                      np.stack([c[4][0] for c in clips])[None], positions=row.positions[None],
+                      segment_ids=row.segment_ids[None], text_segment_ids=text_ids[None])
+        return dit.unpack_clips(np.asarray(out[0]), row.shapes, CFG.patch)
+
+    return clips, separate, run_packed
+
+
+def test_packed_equals_separate(packed_case):
+    clips, separate, run_packed = packed_case
+    for got, want in zip(run_packed(clips), separate):
+        assert float(jnp.abs(want).max()) > 1e-3
+        np.testing.assert_allclose(got, want[0], atol=2e-5, rtol=1e-4)
+
+
+def test_packed_segments_are_isolated(packed_case):
+    clips, _, run_packed = packed_case
+    before = run_packed(clips)
+    x, t, text, lengths, pooled = clips[1]
+    after = run_packed([clips[0], (x * 3 + 1, t * 0.5, text - 2, lengths, pooled + 1)])
+    np.testing.assert_array_equal(after[0], before[0])
+    assert float(np.abs(after[1] - before[1]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("text_mode", ["cross", "joint"])
+def test_padded_text_tokens_change_nothing(text_mode):
+    cfg = dataclasses.replace(CFG, text_mode=text_mode)
+    x, t, text, _, pooled = _inputs(4, SHAPES[1])
+    lengths = np.array([2, 6], np.int32)
+    noisy = text.copy()
+    noisy[0, 2:] = np.random.default_rng(5).standard_normal((4, cfg.text_dim)) * 5
+    apply, variables = _apply(cfg), _trained(cfg)
+    base = apply(variables, x, t, text, lengths, pooled)
+    np.testing.assert_allclose(apply(variables, x, t, noisy, lengths, pooled), base, atol=1e-5)
+    mask = np.arange(6)[None] < lengths[:, None]
+    np.testing.assert_allclose(apply(variables, x, t, noisy, mask, pooled), base, atol=1e-5)
+    # ...whereas a valid text token does matter.
+    changed = text.copy()
+    changed[0, 0] += 1.0
+    assert float(jnp.abs(apply(variables, x, t, changed, lengths, pooled) - base)[0].max()) > 1e-4
+
+
+def _boxes(variables):
+    return jax.tree_util.tree_leaves(variables, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"scan_blocks": True}, {"text_mode": "joint", "scan_blocks": True}])
+def test_every_parameter_has_logical_axis_names(overrides):
+    cfg = dataclasses.replace(CFG, **overrides)
+    shapes = jax.eval_shape(dit.VideoDiT(cfg).init, jax.random.key(0), *dit.dummy_inputs(cfg))
+    known = {name for name, _ in parallel.LOGICAL_RULES}
+    boxes = _boxes(shapes)
+    assert boxes and all(isinstance(b, nn.LogicallyPartitioned) for b in boxes)
+    for box in boxes:
+        assert len(box.names) == box.value.ndim and set(box.names) <= known, box
+    if cfg.scan_blocks:
+        assert all(b.names[0] == "layers" and b.value.shape[0] == cfg.depth for b in _boxes(shapes["params"]["blocks"]))
+
+
+def _stack_blocks(params, depth):
+    """Unscanned params (blocks_0..) -> scanned layout (blocks with a leading layers axis)."""
+    params = dict(params)
+    blocks = [params.pop(f"blocks_{i}") for i in range(depth)]
+    return {**params, "blocks": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+@pytest.mark.parametrize("text_mode", ["cross", "joint"])
+def test_scanned_blocks_match_unscanned(text_mode):
+    cfg = dataclasses.replace(CFG, text_mode=text_mode)
+    args = _inputs(5, SHAPES[1])
+    want = _apply(cfg)(_trained(cfg), *args)
+    scanned = {"params": _stack_blocks(_trained(cfg)["params"], cfg.depth)}
+    got = _apply(dataclasses.replace(cfg, scan_blocks=True))(scanned, *args)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_remat_policies_give_identical_values_and_gradients():
+    args = _inputs(6, SHAPES[0])
+    results = {}
+    for policy, scan in (("none", False), ("block", False), ("dots", False), ("dots", True)):
+        model = dit.VideoDiT(dataclasses.replace(CFG, remat_policy=policy, scan_blocks=scan))
+        params = {"params": _stack_blocks(_trained()["params"], CFG.depth)} if scan else _trained()
+        loss = lambda p: jnp.mean(jnp.square(model.apply(p, *args)))  # noqa: E731
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+        if scan:  # back to the unscanned layout to compare
+            stacked = grads["params"].pop("blocks")
+            grads["params"].update({f"blocks_{i}": jax.tree_util.tree_map(lambda g: g[i], stacked)
+                                    for i in range(CFG.depth)})
+        results[policy, scan] = (value, grads)
+    for key in (("block", False), ("dots", False), ("dots", True)):
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                               results[key], results["none", False])
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    args = _inputs(8, SHAPES[2])
+    want = _apply()(_trained(), *args)
+    got = _apply(dataclasses.replace(CFG, dtype="bfloat16"))(_trained(), *args)
+    assert got.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert rel < 0.05, rel
+
+
+def test_conditioning_frames_reach_the_model():
+    x, t, text, lengths, pooled = _inputs(9, SHAPES[2])
+    cond = np.random.default_rng(10).standard_normal(x.shape).astype(np.float32)
+    frame_mask = np.array([[1.0, 0.0, 0.0, 0.0, 1.0]], np.float32)
+    # Input path: (B, t) and (B, t, 1, 1, 1) masks agree; masked-out frames are zeroed.
+    model_in = np.asarray(dit.concat_conditioning(x, cond, frame_mask))
+    np.testing.assert_array_equal(model_in, dit.concat_conditioning(x, cond, frame_mask.reshape(1, 5, 1, 1, 1)))
+    assert model_in.shape[-1] == CFG.in_channels
+    np.testing.assert_array_equal(model_in[0, 1:4, ..., 4:], 0.0)
+    np.testing.assert_array_equal(model_in[0, 0, ..., 4:8], cond[0, 0])
+    np.testing.assert_array_equal(model_in[0, 4, ..., 8], 1.0)
+    # At init the output is zero either way; with trained-like weights the conditioning matters.
+    run = lambda v, m: _apply()(v, x, t, text, lengths, pooled, cond_latents=cond, cond_mask=m)  # noqa: E731
+    assert float(jnp.abs(run(_variables(), frame_mask)).max()) == 0.0
+    plain = _apply()(_trained(), x, t, text, lengths, pooled)
+    assert float(jnp.abs(run(_trained(), frame_mask) - plain).max()) > 1e-3
+    np.testing.assert_allclose(run(_trained(), np.zeros_like(frame_mask)), plain, atol=1e-6)
+
+
+def test_patchify_pack_roundtrip_and_errors():
+    x = np.random.default_rng(11).standard_normal((2, 3, 4, 6, 5)).astype(np.float32)
+    tokens = dit.patchify(x, (1, 2, 2))
+    assert tokens.shape == (2, 3 * 2 * 3, 20)
+    np.testing.assert_array_equal(dit.unpatchify(tokens, (1, 2, 2), (3, 4, 6)), x)
+    with pytest.raises(ValueError, match="patch: latent height 4"):
+        dit.patchify(x, (1, 3, 2))
+    row = dit.pack_clips([x[0], x[1, :1]], (1, 2, 2), length=30)
+    assert row.tokens.shape == (30, 20) and int((row.segment_ids == -1).sum()) == 30 - 18 - 6
+    np.testing.assert_array_equal(row.positions[18:24], dit.patch_positions((1, 2, 3)))
+    back = dit.unpack_clips(row.tokens, row.shapes, (1, 2, 2))
+    np.testing.assert_array_equal(back[0], x[0])
+    np.testing.assert_array_equal(back[1], x[1, :1])
+    with pytest.raises(ValueError, match="length"):
+        dit.pack_clips([x[0]], (1, 2, 2), length=4)
+
+
+def test_presets_and_config_errors():
+    assert dit.dit_preset("XL").depth == 28 and dit.dit_preset("XL", depth=3).depth == 3
+    with pytest.raises(ValueError, match="valid: .*tiny"):
+        dit.dit_preset("huge")
+    with pytest.raises(ValueError, match="heads"):
+        dit.DiTConfig(width=64, heads=5)
+    with pytest.raises(ValueError, match="remat_policy"):
+        dit.DiTConfig(remat_policy="sometimes")
+    with pytest.raises(ValueError, match="attention_impl"):
+        dit.DiTConfig(attention_impl="flash")
+    with pytest.raises(ValueError, match="latent_channels"):
+        _apply()(_variables(), np.zeros((1, 1, 2, 2, 3), np.float32), *_inputs(0, (1, 1, 2, 2))[1:])
+    n = sum(x.size for x in jax.tree_util.tree_leaves(_variables()))
+    assert dit.param_count(CFG) == n
+    # FLOPs counted like the PyTorch peer's model_flops(batch=4, tokens=4096, text=128, dim=1152, layers=28).
+    assert dit.dit_flops(dit.dit_preset("XL"), 4096, 128, batch=4) == 2 * 3 * 4 * 28 * (
+        4096 * (4 + 8 + 2) * 1152**2 + 128 * 2 * 1152**2 + 2 * 4096**2 * 1152 + 2 * 4096 * 128 * 1152)
+
+
+def test_preset_parameter_counts():
+    counts = {name: dit.param_count(dit.dit_preset(name)) for name in dit.DIT_PRESETS}
+    # DiT-XL is 675M; our blocks add cross-attention (4 d^2 per block) and text/pooled projections.
+    assert 800e6 < counts["XL"] < 850e6 and 1.5e9 < counts["1.5B"] < 1.65e9
+    assert counts["tiny"] < counts["small"] < counts["B"] < counts["L"] < counts["XL"] < counts["1.5B"]
+
+
+@pytest.mark.slow
+def test_sharded_forward_matches_single_device():
+    """The logical names map onto a (data, fsdp, tensor) mesh of the 8 CPU devices without changing results."""
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2, context=1)
+    args = _inputs(12, (4, 1, 4, 4))
+    want = _apply()(_trained(), *args)
+    abstract = jax.eval_shape(dit.VideoDiT(CFG).init, jax.random.key(0), *dit.dummy_inputs(CFG))
+    shardings = parallel.param_shardings(abstract, mesh)
+    params = jax.device_put(_trained(), shardings)
+    assert any(not s.is_fully_replicated for s in jax.tree_util.tree_leaves(shardings))
+    with jax.set_mesh(mesh), parallel.axis_rules(parallel.LOGICAL_RULES):
+        batch = [jax.device_put(a, parallel.batch_sharding(mesh, a.ndim)) for a in args]
+        got = jax.jit(dit.VideoDiT(CFG).apply)(params, *batch)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,435 @@
+"""Spacetime diffusion transformer: patchify/unpatchify, packing, DiT blocks, VideoDiT, presets.
+
+Latents ``(B, t, h, w, c)`` (plus optional conditioning-frame channels) are cut into
+spacetime patches ``(pt, ph, pw)`` and embedded as tokens; a stack of adaLN-Zero
+blocks (self-attention with 3D RoPE and RMS qk-norm, cross- or joint attention to
+text, GELU MLP) predicts the rectified-flow velocity ``v = eps - x0`` per patch.
+Output layers, modulation gates and cross-attention outputs are zero-initialised,
+so a fresh model outputs exactly zero and every block starts as the identity.
+
+Two entry points share one network:
+  * ``VideoDiT(cfg).apply(variables, x_t, t, text, text_mask_or_lengths, pooled_text)``
+    for a padded batch of same-shape latents; returns the velocity, shaped like ``x_t``.
+  * ``VideoDiT(cfg).apply(variables, tokens, t, text, ..., positions=..., segment_ids=...,
+    method=VideoDiT.forward_tokens)`` for NaViT-style packed rows: several clips of
+    different shapes in one sequence (build rows with :func:`pack_clips` /
+    :func:`pack_texts`, split outputs with :func:`unpack_clips`). Per-clip ``t`` and
+    pooled text are indexed by segment id; attention never crosses clips.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from flax import linen as nn
+
+from vidiff.models.layers import (Attention, JointAttention, Mlp, Modulation, ProjectionMLP, TimestepEmbedder,
+                                  dense, layer_norm, modulate, resolve_attention_impl, rope_3d, rope_axis_dims)
+
+VIDEO_AXES = ("batch", "length", "act_embed")
+TEXT_AXES = ("batch", "text_length", "act_embed")
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in backward
+    # Keep projection/MLP matmul outputs and attention outputs; recompute norms, modulation, GELU.
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("attention")),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Hyper-parameters of :class:`VideoDiT` (frozen, so it can be a module attribute)."""
+
+    depth: int = 2
+    width: int = 64
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    patch: tuple[int, int, int] = (1, 2, 2)  # (time, height, width) latent cells per token
+    latent_channels: int = 4  # c of the VAE latents; the output has the same channels
+    conditioning_frames: bool = True  # extra inputs: clean cond latents (c) + mask (1)
+    text_dim: int = 384  # per-token text-encoder features (MiniLM-L6: 384, T5-XXL: 4096)
+    pooled_dim: int = 384  # pooled text features for adaLN
+    text_mode: str = "cross"  # "cross": cross-attention | "joint": MM-DiT joint attention
+    rope_fractions: tuple[float, float, float] = (0.25, 0.375, 0.375)  # head_dim split (t, h, w)
+    rope_theta: float = 10000.0
+    attention_impl: str | None = None  # None: cuDNN flash on GPU (bf16), XLA otherwise; see layers.attention
+    remat_policy: str = "none"  # "none" | "block" | "dots"
+    # nn.scan over blocks: one compiled block (XL: ~3x faster compile), params get a leading 'layers' axis.
+    # Scanned blocks keep every residual, so pair scan with remat for big models.
+    scan_blocks: bool = False
+    dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); residuals stay float32
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("depth", "width", "heads", "latent_channels", "text_dim", "pooled_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be a positive int, got {getattr(self, name)!r}")
+        object.__setattr__(self, "patch", tuple(int(p) for p in self.patch))
+        object.__setattr__(self, "rope_fractions", tuple(float(f) for f in self.rope_fractions))
+        if len(self.patch) != 3 or min(self.patch) < 1:
+            raise ValueError(f"patch: need three positive ints (pt, ph, pw), got {self.patch}")
+        if self.width % self.heads:
+            raise ValueError(f"heads: width {self.width} is not divisible by heads {self.heads}")
+        rope_axis_dims(self.head_dim, self.rope_fractions)
+        choices = dict(text_mode=("cross", "joint"), remat_policy=tuple(REMAT_POLICIES),
+                       dtype=("float32", "bfloat16", "float16"), param_dtype=("float32", "bfloat16"))
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {valid}")
+        resolve_attention_impl(self.attention_impl, jnp.float32, self.head_dim)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def in_channels(self) -> int:
+        return 2 * self.latent_channels + 1 if self.conditioning_frames else self.latent_channels
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+# Geometry of the DiT paper (S/B/L/XL) plus a 1.3B-class video model. Parameter counts with the
+# defaults (text/pooled dim 384, c=4, cross mode; `python -m vidiff.models.dit` prints them):
+# tiny 0.27M, small 40.2M, B 159.7M, L 560.5M, XL 826.0M, 1.5B 1571.5M. They exceed DiT's
+# (XL 675M) by the cross-attention (4 d^2 per block) and the text/pooled projections.
+DIT_PRESETS: dict[str, dict] = {
+    "tiny": dict(depth=2, width=64, heads=4),  # CPU tests and the tiny end-to-end demo
+    "small": dict(depth=12, width=384, heads=6),  # DiT-S
+    "B": dict(depth=12, width=768, heads=12),  # DiT-B
+    "L": dict(depth=24, width=1024, heads=16),  # DiT-L
+    "XL": dict(depth=28, width=1152, heads=16),  # DiT-XL, the PyTorch peer's default
+    # Wan2.1-1.3B geometry (30 x 1536, 12 heads of 128, cuDNN's best head size). Per-block adaLN
+    # (6 d^2, Wan shares one) and MLP ratio 4 (Wan: 5.8) make it 1.57B here, hence the name.
+    "1.5B": dict(depth=30, width=1536, heads=12),
+}
+
+
+def dit_preset(name: str, **overrides) -> DiTConfig:
+    """Config of a named preset (``tiny``, ``small``, ``B``, ``L``, ``XL``, ``1.5B``) with field overrides."""
+    if name not in DIT_PRESETS:
+        raise ValueError(f"dit preset: unknown {name!r}; valid: {sorted(DIT_PRESETS)}")
+    return DiTConfig(**{**DIT_PRESETS[name], **overrides})
+
+
+def dit_flops(config: DiTConfig, tokens: int, text_tokens: int, batch: int = 1, training: bool = True) -> int:
+    """Model FLOPs counted like the PyTorch peer (per-layer matmuls + attention, x3 for training, no remat)."""
+    d, r, T, L = config.width, config.mlp_ratio, tokens, text_tokens
+    if config.text_mode == "cross":
+        per_layer = T * (4 * d * d + 2 * r * d * d + 2 * d * d) + L * 2 * d * d + 2 * T * T * d + 2 * T * L * d
+    else:  # both streams get qkv/o and an MLP; attention over T + L tokens
+        per_layer = (T + L) * (4 * d * d + 2 * r * d * d) + 2 * (T + L) ** 2 * d
+    return int(2 * per_layer * config.depth * batch * (3 if training else 1))
+
+
+# --------------------------------------------------------------------------- patches and packing
+
+
+def _check_divisible(shape: Sequence[int], patch: Sequence[int]) -> None:
+    for axis, size, p in zip(("time", "height", "width"), shape, patch):
+        if size % p:
+            raise ValueError(f"patch: latent {axis} {size} is not divisible by patch {tuple(patch)}; crop/pad latents")
+
+
+def patchify(x, patch: Sequence[int]):
+    """Latents ``(B, t, h, w, c)`` -> tokens ``(B, N, pt*ph*pw*c)`` in (time, height, width) raster order."""
+    _check_divisible(x.shape[1:4], patch)
+    pt, ph, pw = patch
+    return rearrange(x, "b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
+
+
+def unpatchify(tokens, patch: Sequence[int], latent_shape: Sequence[int]):
+    """Tokens ``(B, N, pt*ph*pw*c)`` -> latents ``(B, t, h, w, c)`` for ``latent_shape = (t, h, w)``."""
+    _check_divisible(latent_shape, patch)
+    pt, ph, pw = patch
+    t, h, w = (s // p for s, p in zip(latent_shape, patch))
+    return rearrange(tokens, "b (t h w) (pt ph pw c) -> b (t pt) (h ph) (w pw) c", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
+
+
+def patch_positions(grid: Sequence[int], offset: Sequence[float] = (0, 0, 0)) -> np.ndarray:
+    """Integer (time, height, width) positions ``(N, 3)`` of a ``grid = (nt, nh, nw)`` of patches (numpy float32)."""
+    axes = [np.arange(n, dtype=np.float32) + o for n, o in zip(grid, offset)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+
+
+def concat_conditioning(x_t, cond_latents=None, cond_mask=None):
+    """Model input ``(B, t, h, w, 2c + 1)``: noisy latents, known clean latents (where mask = 1), mask.
+
+    ``cond_mask`` is per frame ``(B, t)`` / ``(B, t, 1, 1, 1)`` or per cell ``(B, t, h, w, 1)``;
+    zeros (no conditioning) when omitted. Latents under mask 0 are zeroed, so callers may pass
+    whole clips.
+    """
+    b, t, h, w, _ = x_t.shape
+    mask = jnp.zeros((b, t), x_t.dtype) if cond_mask is None else jnp.asarray(cond_mask, x_t.dtype)
+    mask = mask.reshape(b, t, 1, 1, 1) if mask.ndim == 2 else mask
+    mask = jnp.broadcast_to(mask, (b, t, h, w, 1))
+    cond = jnp.zeros_like(x_t) if cond_latents is None else jnp.asarray(cond_latents, x_t.dtype)
+    return jnp.concatenate([x_t, cond * mask, mask], axis=-1)
+
+
+class PackedClips(NamedTuple):
+    """One packed row: ``tokens (N, D)``, ``positions (N, 3)``, ``segment_ids (N,)`` (clip index, -1 = padding),
+    and the clips' ``(t, h, w)`` latent shapes for :func:`unpack_clips`."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+    shapes: tuple[tuple[int, int, int], ...]
+
+
+def pack_clips(clips: Sequence[np.ndarray], patch: Sequence[int], length: int | None = None) -> PackedClips:
+    """Pack clips ``(t_i, h_i, w_i, C)`` (model inputs, e.g. from :func:`concat_conditioning`) into one row.
+
+    Host-side numpy, so it can run in data-loader workers. Each clip keeps its own RoPE grid
+    starting at 0; ``length`` pads the row (segment id -1). Stack rows on a leading batch axis
+    to feed ``VideoDiT.forward_tokens``.
+    """
+    clips = [np.asarray(c, np.float32) for c in clips]
+    tokens = [patchify(c[None], patch)[0] for c in clips]
+    grids = [[s // p for s, p in zip(c.shape[:3], patch)] for c in clips]
+    n = sum(len(t) for t in tokens)
+    pad = (length or n) - n
+    if pad < 0:
+        raise ValueError(f"length: {length} is shorter than the {n} tokens of the packed clips")
+    return PackedClips(
+        tokens=np.concatenate(tokens + [np.zeros((pad, tokens[0].shape[1]), np.float32)]),
+        positions=np.concatenate([patch_positions(g) for g in grids] + [np.zeros((pad, 3), np.float32)]),
+        segment_ids=np.concatenate([np.full(len(t), i, np.int32) for i, t in enumerate(tokens)]
+                                   + [np.full(pad, -1, np.int32)]),
+        shapes=tuple(tuple(int(s) for s in c.shape[:3]) for c in clips),
+    )
+
+
+def pack_texts(texts: Sequence[np.ndarray], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate per-clip valid text tokens ``(L_i, D)`` into ``(text (L, D), text_segment_ids (L,))``, pad id -1."""
+    texts = [np.asarray(t, np.float32) for t in texts]
+    n = sum(len(t) for t in texts)
+    pad = (length or n) - n
+    if pad < 0:
+        raise ValueError(f"length: {length} is shorter than the {n} packed text tokens")
+    ids = [np.full(len(t), i, np.int32) for i, t in enumerate(texts)] + [np.full(pad, -1, np.int32)]
+    return np.concatenate(texts + [np.zeros((pad, texts[0].shape[-1]), np.float32)]), np.concatenate(ids)
+
+
+def unpack_clips(tokens, shapes: Sequence[Sequence[int]], patch: Sequence[int]) -> list:
+    """Inverse of :func:`pack_clips` for one row of outputs ``(N, D)``: a list of ``(t, h, w, c)`` latents."""
+    out, start = [], 0
+    for shape in shapes:
+        n = math.prod(s // p for s, p in zip(shape, patch))
+        out.append(unpatchify(tokens[None, start:start + n], patch, shape)[0])
+        start += n
+    return out
+
+
+# --------------------------------------------------------------------------- network
+
+
+def _per_token(mod, clip_index, count: int):
+    """Split modulation ``(B, S, count*D)`` into ``count`` vectors, gathered per token for packed rows."""
+    # Tiny per-clip vectors: keep them whole per batch shard. Left to propagation they inherit the
+    # kernel's 'mod' sharding, and under jax.set_mesh on a (data, fsdp, tensor) mesh that gave
+    # wrong results (jax 0.10.2); the constraint also avoids resharding the residual stream.
+    mod = nn.with_logical_constraint(mod, ("batch", None, None))
+    if clip_index is not None:
+        mod = jnp.take_along_axis(mod, clip_index[..., None], axis=1)
+    return jnp.split(mod, count, axis=-1)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: self-attention (RoPE, qk-norm) + text attention + MLP, gated by 6 modulation vectors.
+
+    ``carry = (video (B, N, D), text (B, L, D))``; ``ctx`` holds the per-forward conditioning,
+    RoPE tables and masks (broadcast across blocks). Returns ``(carry, None)`` so it can be scanned.
+    """
+
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, carry, ctx):
+        cfg = self.config
+        x, txt = carry
+        x = nn.with_logical_constraint(x, VIDEO_AXES)
+        dt = cfg.compute_dtype
+        kw = dict(dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype))
+        attn_kw = dict(heads=cfg.heads, head_dim=cfg.head_dim, implementation=cfg.attention_impl, **kw)
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        norm = functools.partial(layer_norm, dtype=dt)
+        mod = Modulation(6, cfg.width, name="modulation", **kw)(ctx["cond"])
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = _per_token(mod, ctx["clip_index"], 6)
+
+        if cfg.text_mode == "cross":
+            y = modulate(norm(x), shift_a, scale_a)
+            x = x + gate_a * Attention(name="self_attn", **attn_kw)(y, rope=ctx["rope"], segment_ids=ctx["segment_ids"])
+            # Ungated, as in the peer (PixArt-style); its zero output projection keeps the block an identity at init.
+            x = x + Attention(zero_out=True, name="cross_attn", **attn_kw)(
+                norm(x), txt, mask=ctx["text_mask"], kv_lengths=ctx["text_lengths"],
+                segment_ids=ctx["cross_segment_ids"], kv_segment_ids=ctx["text_segment_ids"])
+        else:
+            txt = nn.with_logical_constraint(txt, TEXT_AXES)
+            tmod = Modulation(6, cfg.width, name="text_modulation", **kw)(ctx["cond"])
+            t_shift_a, t_scale_a, t_gate_a, t_shift_m, t_scale_m, t_gate_m = _per_token(tmod, ctx["text_clip_index"], 6)
+            out_x, out_t = JointAttention(name="joint_attn", **attn_kw)(
+                modulate(norm(x), shift_a, scale_a), modulate(norm(txt), t_shift_a, t_scale_a),
+                rope=ctx["rope"], text_mask=ctx["text_mask"], text_lengths=ctx["text_lengths"],
+                segment_ids=ctx["segment_ids"], text_segment_ids=ctx["text_segment_ids"])
+            x = x + gate_a * out_x
+            txt = txt + t_gate_a * out_t
+            text_mlp = Mlp(hidden, act_names=("batch", "text_length", "act_mlp"), name="text_mlp", **kw)
+            txt = txt + t_gate_m * text_mlp(modulate(norm(txt), t_shift_m, t_scale_m))
+            txt = nn.with_logical_constraint(txt, TEXT_AXES)
+
+        x = x + gate_m * Mlp(hidden, name="mlp", **kw)(modulate(norm(x), shift_m, scale_m))
+        return (nn.with_logical_constraint(x, VIDEO_AXES), txt), None
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + zero-initialised projection to patch values."""
+
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, x, cond, clip_index):
+        cfg = self.config
+        dt = cfg.compute_dtype
+        kw = dict(dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype))
+        shift, scale = _per_token(Modulation(2, cfg.width, name="modulation", **kw)(cond), clip_index, 2)
+        y = modulate(layer_norm(x, dtype=dt), shift, scale)
+        out_features = math.prod(cfg.patch) * cfg.latent_channels
+        return dense(out_features, ("embed", "patch"), zero_init=True, name="proj", **kw)(y)
+
+
+def _text_mask_and_lengths(text_mask_or_lengths):
+    """``None`` | bool/0-1 mask ``(B, L)`` | int lengths ``(B,)`` -> ``(mask or None, lengths or None)``."""
+    if text_mask_or_lengths is None:
+        return None, None
+    m = jnp.asarray(text_mask_or_lengths)
+    if m.ndim == 1:
+        return None, m.astype(jnp.int32)
+    return m.astype(bool), None
+
+
+class VideoDiT(nn.Module):
+    """Text-conditioned spacetime DiT predicting the rectified-flow velocity (see the module docstring)."""
+
+    config: DiTConfig
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+        self.patch_embed = dense(cfg.width, ("patch", "embed"), **kw)
+        self.time_embed = TimestepEmbedder(cfg.width, **kw)
+        self.pooled_embed = ProjectionMLP(cfg.width, **kw)
+        self.text_embed = ProjectionMLP(cfg.width, **kw)
+        block = DiTBlock
+        if cfg.remat_policy != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_blocks)
+        if cfg.scan_blocks:
+            self.blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(nn.broadcast,), length=cfg.depth,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        else:
+            self.blocks = [block(cfg) for _ in range(cfg.depth)]
+        self.final_layer = FinalLayer(cfg)
+
+    def __call__(self, x_t, t, text_emb, text_mask_or_lengths, pooled_text, *, cond_latents=None, cond_mask=None,
+                 positions=None, segment_ids=None, text_segment_ids=None):
+        """Velocity ``(B, t, h, w, c)`` for noisy latents ``x_t (B, t, h, w, c)`` at flow times ``t (B,)`` in [0, 1].
+
+        Args:
+          text_emb: text-encoder tokens ``(B, L, text_dim)``.
+          text_mask_or_lengths: valid text tokens as int lengths ``(B,)`` (right padding; keeps
+            cuDNN flash attention), a bool mask ``(B, L)``, or None (all valid).
+          pooled_text: ``(B, pooled_dim)`` pooled caption embedding for adaLN.
+          cond_latents, cond_mask: known clean latents and their per-frame mask (see
+            :func:`concat_conditioning`); zeros when omitted.
+          positions: optional RoPE positions ``(B, N, 3)`` (default: the patch grid from 0).
+          segment_ids, text_segment_ids: optional, as in :meth:`forward_tokens`.
+        """
+        cfg = self.config
+        if x_t.ndim != 5 or x_t.shape[-1] != cfg.latent_channels:
+            raise ValueError(f"latent_channels: x_t must be (B, t, h, w, {cfg.latent_channels}), got {x_t.shape}")
+        if not cfg.conditioning_frames and (cond_latents is not None or cond_mask is not None):
+            raise ValueError("conditioning_frames: cond_latents/cond_mask given but conditioning_frames=False")
+        x = concat_conditioning(x_t, cond_latents, cond_mask) if cfg.conditioning_frames else x_t
+        tokens = patchify(x, cfg.patch)
+        if positions is None:
+            grid = [s // p for s, p in zip(x_t.shape[1:4], cfg.patch)]
+            positions = jnp.broadcast_to(patch_positions(grid), (x_t.shape[0], tokens.shape[1], 3))
+        out = self.forward_tokens(tokens, t, text_emb, text_mask_or_lengths, pooled_text, positions=positions,
+                                  segment_ids=segment_ids, text_segment_ids=text_segment_ids)
+        return unpatchify(out, cfg.patch, x_t.shape[1:4]).astype(x_t.dtype)
+
+    def forward_tokens(self, tokens, t, text_emb, text_mask_or_lengths, pooled_text, *, positions,
+                       segment_ids=None, text_segment_ids=None):
+        """Token-level (packed) forward: patch tokens ``(B, N, pt*ph*pw*in_channels)`` -> ``(B, N, pt*ph*pw*c)``.
+
+        Args:
+          t: flow times ``(B,)``, or ``(B, S)`` for ``S`` clips per row (indexed by segment id).
+          pooled_text: ``(B, pooled_dim)`` or per clip ``(B, S, pooled_dim)``.
+          positions: per-token (time, height, width) RoPE positions ``(B, N, 3)``.
+          segment_ids: ``(B, N)`` clip index of each token (``0..S-1``, -1 = padding); tokens
+            attend only within their clip. Required when ``S > 1``.
+          text_segment_ids: ``(B, L)`` clip index of each text token (-1 = padding), so each
+            clip sees only its own caption; None = every token sees all valid text.
+        """
+        cfg = self.config
+        b, n, _ = tokens.shape
+        t = jnp.asarray(t, jnp.float32).reshape(b, -1)
+        clips = t.shape[1]
+        pooled = pooled_text if pooled_text.ndim == 3 else pooled_text[:, None]
+        if clips > 1 and segment_ids is None:
+            raise ValueError(f"segment_ids: required when t has {clips} clips per row")
+        if cfg.text_mode == "joint" and (segment_ids is None) != (text_segment_ids is None):
+            raise ValueError("text_segment_ids: joint text mode needs both segment_ids and text_segment_ids or neither")
+        if positions is None or positions.shape != (b, n, 3):
+            raise ValueError(f"positions: need per-token RoPE positions of shape {(b, n, 3)}")
+
+        cond = self.time_embed(t) + self.pooled_embed(pooled)  # (B, S, D): one conditioning vector per clip
+        clip_index = None if clips == 1 else jnp.clip(segment_ids, 0, clips - 1)
+        text_clip = None if clips == 1 or text_segment_ids is None else jnp.clip(text_segment_ids, 0, clips - 1)
+        text_mask, text_lengths = _text_mask_and_lengths(text_mask_or_lengths)
+        ctx = dict(cond=cond, clip_index=clip_index, text_clip_index=text_clip,
+                   rope=rope_3d(positions, cfg.head_dim, cfg.rope_fractions, cfg.rope_theta),
+                   segment_ids=segment_ids, text_segment_ids=text_segment_ids,
+                   cross_segment_ids=segment_ids if text_segment_ids is not None else None,
+                   text_mask=text_mask, text_lengths=text_lengths)
+
+        x = nn.with_logical_constraint(self.patch_embed(tokens).astype(jnp.float32), VIDEO_AXES)
+        txt = nn.with_logical_constraint(self.text_embed(text_emb).astype(jnp.float32), TEXT_AXES)
+        carry = (x, txt)
+        if cfg.scan_blocks:
+            carry, _ = self.blocks(carry, ctx)
+        else:
+            for block in self.blocks:
+                carry, _ = block(carry, ctx)
+        return self.final_layer(carry[0], cond, clip_index).astype(jnp.float32)
+
+
+def dummy_inputs(config: DiTConfig, batch: int = 1, latent_shape: Sequence[int] | None = None, text_len: int = 4):
+    """Zero ``(x_t, t, text_emb, text_lengths, pooled_text)`` for ``init`` / shape checks."""
+    shape = tuple(latent_shape or config.patch)
+    return (jnp.zeros((batch, *shape, config.latent_channels)), jnp.zeros((batch,)),
+            jnp.zeros((batch, text_len, config.text_dim)), jnp.full((batch,), text_len, jnp.int32),
+            jnp.zeros((batch, config.pooled_dim)))
+
+
+def param_count(config: DiTConfig) -> int:
+    """Number of parameters, from ``jax.eval_shape`` (nothing is allocated; traced scanned, for speed)."""
+    config = dataclasses.replace(config, scan_blocks=True)
+    shapes = jax.eval_shape(lambda: VideoDiT(config).init(jax.random.key(0), *dummy_inputs(config)))
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+
+
+if __name__ == "__main__":
+    for preset in DIT_PRESETS:
+        print(f"{preset:>5}: {param_count(dit_preset(preset)) / 1e6:9.2f} M parameters")
