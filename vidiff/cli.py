@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "world": ("vidiff.data.world", "render clips of the built-in captioned world to mp4 + gif"),
     "prepare": ("vidiff.data.prepare", "write ArrayRecord shards from a video folder + manifest"),
+    "train": ("vidiff.train.command", "train the VAE or the DiT from an experiment config"),
 }
 
 
@@ -26,9 +27,14 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    # Config overrides (--config.a.b=value) pass through to modules that take them.
+    if extra and not (getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False) and all(e.startswith("--config.") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
-        return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
+        return int(module.run(args) or 0)
     except (ValueError, OSError) as e:
         print(f"vidiff {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,431 @@
+"""Throughput of vidiff's DiT training step and sampling forward, counted like the PyTorch peer.
+
+    PYTHONPATH=. python experiments/bench_dit.py --preset XL --batch 4 --tokens 4096 --text 128 --mode both
+    PYTHONPATH=. python experiments/bench_dit.py --preset XL --batch 1 --tokens 16384 --remat block --mode train
+    PYTHONPATH=. python experiments/bench_dit.py --max-tokens-search          # longest XL sequence at batch 1
+    PYTHONPATH=. python experiments/bench_dit.py --tiny                       # CPU smoke run (tiny preset, float32)
+
+Training times the step ``vidiff train`` runs: ``make_train_step`` over a loss
+that wraps ``vidiff.train.tasks.dit_flow_loss`` (rectified flow, logit-normal
+timesteps, token-count shift), AdamW with clipping and the EMA, built with
+``create_state`` and ``jit_train_step`` on a ``vidiff.parallel.make_mesh``
+mesh, state donated. Inputs are random normalised latents and random text
+embeddings (every text token valid, passed as lengths as the trainer does).
+The forward times one jitted ``VideoDiT.apply`` (no gradient) at the same
+shapes, float32 parameters and the compute ``--dtype``, as sampling runs it.
+
+Token count -> latent shape: ``tokens = (t/pt) * (h/ph) * (w/pw)``. The patch
+grid is ``(nt, s, s)`` with ``nt`` dividing ``tokens``, ``tokens/nt`` a square
+and ``nt`` as close as possible to the cube root; e.g. with patch (1, 2, 2):
+256 -> latents 4x16x16 (grid 4x8x8), 4096 -> 16x32x32 (grid 16x16x16),
+16384 -> 16x64x64 (grid 16x32x32). ``--latent-shape t,h,w`` sets it directly.
+
+Timing: ``--warmup`` untimed steps after AOT compilation, then ``--steps``
+steps each closed by ``jax.block_until_ready``; the median is reported.
+Model FLOPs per step are the peer's (``vidiff.models.dit.dit_flops``): per
+layer ``T(4d^2 + 2rd^2 + 2d^2) + 2Ld^2 + 2T^2 d + 2TLd`` multiply-adds, x2
+FLOPs, x layers x batch, x3 for training (x1 for the forward); recomputation
+under remat is not counted. MFU is against ``--peak-tflops`` per device
+(default 989: H100 SXM dense bf16; a measured bf16 matmul ceiling on the same
+GPU is ~656, see experiments/PERF.md).
+
+Prints one JSON line per mode run (``--mode both`` runs the forward first, so
+its peak memory is not the training step's): impl="vidiff", mode, status
+("ok" | "oom"), the shapes, params_M, compile_s, step_s, tokens_per_s,
+model_tflops, mfu, peak_mem_GiB (``memory_stats()["peak_bytes_in_use"]``,
+the process's peak so far; null where the backend has no stats, e.g. CPU),
+compiled_mem_GiB (XLA's static estimate) and cudnn_attention (the compiled
+HLO calls cuDNN fused attention, ``__cudnn$fmha``). ``--max-tokens-search``
+runs one subprocess per length (16k, 32k, ... until OOM) and prints one line
+with the largest length that trained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+# JAX preallocates 75% of GPU memory by default; PyTorch may use all of it. Let vidiff have the same
+# room (set before jax initialises a backend; an explicit setting in the environment wins).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from vidiff import parallel  # noqa: E402
+from vidiff.diffusion import shift_for_tokens  # noqa: E402
+from vidiff.models.dit import DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
+from vidiff.train.optimizer import make_optimizer  # noqa: E402
+from vidiff.train.state import create_state, jit_train_step, make_train_step  # noqa: E402
+from vidiff.train.tasks import dit_flow_loss  # noqa: E402
+
+H100_BF16_DENSE_TFLOPS = 989.0
+CUDNN_ATTENTION_MARKER = "__cudnn$fmha"
+# Defaults of the full run and of --tiny (a CPU smoke test); explicit flags win.
+DEFAULTS = dict(preset="XL", batch=4, tokens=4096, text=128, text_dim=4096, latent_channels=16, dtype="bfloat16",
+                remat="none", steps=8, warmup=3)
+TINY_DEFAULTS = dict(preset="tiny", batch=2, tokens=32, text=8, text_dim=32, latent_channels=4, dtype="float32",
+                     remat="none", steps=2, warmup=1)
+# --max-tokens-search: long sequences need remat, take seconds per step, and the question is whether they fit.
+SEARCH_DEFAULTS = dict(remat="block", steps=2, warmup=1)
+# Optimizer as the experiment configs set it (AdamW, clipping); constant LR so every timed step is alike.
+OPTIM = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, end_lr_fraction=1.0, b1=0.9, b2=0.999,
+                              eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1)
+FLOW = types.SimpleNamespace(timestep_sampler="logit_normal", weighting="none")
+EMA_DECAY = 0.9999
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def latent_grid(tokens: int) -> tuple[int, int, int]:
+    """Patch grid ``(nt, s, s)`` with ``nt * s * s == tokens``, ``nt`` nearest the cube root (ties: fewer frames)."""
+    if tokens < 1:
+        raise ValueError(f"--tokens: must be positive, got {tokens}")
+    best = None
+    for nt in range(1, tokens + 1):
+        if tokens % nt:
+            continue
+        s = math.isqrt(tokens // nt)
+        if s * s != tokens // nt:
+            continue
+        distance = abs(math.log(nt) - math.log(tokens) / 3)
+        if best is None or distance < best[0] - 1e-9:
+            best = (distance, nt, s)
+    return best[1], best[2], best[2]
+
+
+def latent_shape_for(tokens: int, patch) -> tuple[int, int, int]:
+    """Latent ``(t, h, w)`` whose patchified sequence is ``tokens`` long (see the module docstring)."""
+    return tuple(g * p for g, p in zip(latent_grid(tokens), patch))
+
+
+def tokens_of(latent_shape, patch) -> int:
+    for axis, size, p in zip(("t", "h", "w"), latent_shape, patch):
+        if size % p:
+            raise ValueError(f"--latent-shape: {axis}={size} is not divisible by the patch {tuple(patch)}")
+    return math.prod(s // p for s, p in zip(latent_shape, patch))
+
+
+def parse_ints(text: str, count: int, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise ValueError(f"{flag}: need {count} comma-separated integers, got {text!r}")
+    return values
+
+
+def build_config(args) -> DiTConfig:
+    overrides = dict(text_dim=args.text_dim, pooled_dim=args.text_dim, latent_channels=args.latent_channels,
+                     dtype=args.dtype, remat_policy=args.remat, scan_blocks=args.scan,
+                     attention_impl=None if args.attention == "auto" else args.attention)
+    for flag, field in (("dim", "width"), ("heads", "heads"), ("layers", "depth")):
+        if getattr(args, flag) is not None:
+            overrides[field] = getattr(args, flag)
+    return dit_preset(args.preset, **overrides)
+
+
+def random_batch(cfg: DiTConfig, batch: int, latent_shape, text_len: int, seed: int = 0) -> dict:
+    """Host arrays: normalised latents, text-encoder tokens (all valid, as lengths) and pooled text."""
+    rng = np.random.default_rng(seed)
+    return {
+        "latents": rng.standard_normal((batch, *latent_shape, cfg.latent_channels), np.float32),
+        "text_tokens": rng.standard_normal((batch, text_len, cfg.text_dim), np.float32),
+        "text_lengths": np.full((batch,), text_len, np.int32),
+        "pooled": rng.standard_normal((batch, cfg.pooled_dim), np.float32),
+    }
+
+
+def put_batch(host: dict, mesh) -> tuple[dict, dict]:
+    shardings = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in host.items()}
+    return {k: jax.device_put(v, shardings[k]) for k, v in host.items()}, shardings
+
+
+# --------------------------------------------------------------------------- measurement helpers
+
+
+def peak_memory_gib() -> float | None:
+    """Largest ``peak_bytes_in_use`` over local devices (GiB), or None where the backend keeps no stats."""
+    peaks = []
+    for device in jax.local_devices():
+        stats = device.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    return max(peaks) / 2**30 if peaks else None
+
+
+def compiled_memory_gib(compiled) -> float | None:
+    """XLA's static per-device estimate: arguments + outputs + temporaries - donated aliases."""
+    try:
+        m = compiled.memory_analysis()
+        return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                - m.alias_size_in_bytes) / 2**30
+    except Exception:  # not every backend/version implements it; the number is informative only
+        return None
+
+
+def uses_cudnn_attention(compiled) -> bool:
+    return CUDNN_ATTENTION_MARKER in compiled.as_text()
+
+
+def is_oom(error: BaseException) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def timed_runs(run, warmup: int, steps: int) -> list[float]:
+    """Call ``run()`` (which must block until its results are ready) ``warmup`` then ``steps`` times."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: int, times: list[float],
+            compile_s: float, compiled) -> dict:
+    step_s = statistics.median(times)
+    flops = dit_flops(cfg, tokens, args.text, batch=args.batch, training=mode == "train")
+    devices = jax.device_count()
+    return dict(
+        base_record(args, cfg, mode, latent_shape, tokens), status="ok",
+        params_M=params / 1e6, compile_s=compile_s, step_s=step_s, step_s_min=min(times), step_s_max=max(times),
+        tokens_per_s=args.batch * tokens / step_s, model_tflops=flops / step_s / 1e12,
+        peak_tflops=args.peak_tflops, mfu=flops / step_s / 1e12 / (args.peak_tflops * devices),
+        peak_mem_GiB=peak_memory_gib(), compiled_mem_GiB=compiled_memory_gib(compiled),
+        cudnn_attention=uses_cudnn_attention(compiled),
+    )
+
+
+def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> dict:
+    return dict(
+        impl="vidiff", mode=mode, preset=args.preset, batch=args.batch, tokens=tokens, text=args.text,
+        dim=cfg.width, heads=cfg.heads, layers=cfg.depth, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim,
+        latent_shape=list(latent_shape), latent_channels=cfg.latent_channels, patch=list(cfg.patch),
+        remat=cfg.remat_policy, scan=cfg.scan_blocks, dtype=cfg.dtype, attention=args.attention,
+        mesh=list(args.mesh_sizes), steps=args.steps, warmup=args.warmup,
+        backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
+        jax_version=jax.__version__,
+    )
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+# --------------------------------------------------------------------------- the two benchmarks
+
+
+def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict:
+    dit = VideoDiT(cfg)
+    shift = shift_for_tokens(tokens)
+
+    def loss_fn(params, batch, rng, frozen, step):
+        return dit_flow_loss(dit, params, batch["latents"], batch, rng, FLOW, shift)
+
+    def init_params(key):  # parameter shapes do not depend on the sequence length: trace the smallest input
+        return dit.init(key, *dummy_inputs(cfg))["params"]
+
+    tx, _ = make_optimizer(OPTIM, total_steps=args.warmup + args.steps)
+    state, state_shardings = create_state(init_params, tx, args.seed, mesh)
+    params = count_params(state.params)
+    batch, batch_shardings = put_batch(random_batch(cfg, args.batch, latent_shape, args.text, args.seed), mesh)
+    frozen = {}
+    step_fn = jit_train_step(make_train_step(loss_fn, tx, ema_decay=EMA_DECAY), state_shardings, batch_shardings,
+                             {}, mesh)
+    with mesh, parallel.axis_rules():
+        start = time.perf_counter()
+        compiled = step_fn.lower(state, batch, frozen).compile()
+        compile_s = time.perf_counter() - start
+        holder = {"state": state}
+        del state  # donated on every call: only the holder may keep the live state
+
+        def run():
+            holder["state"], metrics = compiled(holder["state"], batch, frozen)
+            jax.block_until_ready((holder["state"], metrics))
+            holder["metrics"] = metrics
+
+        times = timed_runs(run, args.warmup, args.steps)
+    loss = float(holder["metrics"]["loss"])
+    if not math.isfinite(loss):
+        raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
+    return summary(args, cfg, "train", latent_shape, tokens, params, times, compile_s, compiled)
+
+
+def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict:
+    dit = VideoDiT(cfg)
+    init = lambda key: dit.init(key, *dummy_inputs(cfg))["params"]
+    key = jax.random.key(args.seed)
+    shardings = parallel.param_shardings(jax.eval_shape(init, key), mesh)
+    with mesh:
+        params = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
+    host = random_batch(cfg, args.batch, latent_shape, args.text, args.seed)
+    host["t"] = np.random.default_rng(args.seed + 1).uniform(size=(args.batch,)).astype(np.float32)
+    batch, batch_shardings = put_batch(host, mesh)
+
+    def velocity(params, batch):
+        return dit.apply({"params": params}, batch["latents"], batch["t"], batch["text_tokens"],
+                         batch["text_lengths"], batch["pooled"])
+
+    forward = jax.jit(velocity, in_shardings=(shardings, batch_shardings),
+                      out_shardings=parallel.batch_sharding(mesh, 5))
+    with mesh, parallel.axis_rules():
+        start = time.perf_counter()
+        compiled = forward.lower(params, batch).compile()
+        compile_s = time.perf_counter() - start
+        times = timed_runs(lambda: jax.block_until_ready(compiled(params, batch)), args.warmup, args.steps)
+    # Returning drops the last references to the parameters, so --mode both trains with the memory free.
+    return summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, compile_s, compiled)
+
+
+def run_modes(args) -> list[dict]:
+    cfg = build_config(args)
+    if args.latent_shape:
+        latent_shape = parse_ints(args.latent_shape, 3, "--latent-shape")
+        tokens = tokens_of(latent_shape, cfg.patch)
+    else:
+        tokens = args.tokens
+        latent_shape = latent_shape_for(tokens, cfg.patch)
+    mesh = parallel.make_mesh(**dict(zip(parallel.MESH_AXES, args.mesh_sizes)))
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if args.batch % dp:
+        raise ValueError(f"--batch: {args.batch} is not divisible by the data-parallel size data*fsdp={dp}")
+    benches = {"forward": bench_forward, "train": bench_train}
+    modes = ["forward", "train"] if args.mode == "both" else [args.mode]
+    records = []
+    for mode in modes:
+        try:
+            record = benches[mode](args, cfg, mesh, latent_shape, tokens)
+        except Exception as error:  # an OOM is a result (the shape does not fit), anything else a bug
+            if not is_oom(error):
+                raise
+            record = dict(base_record(args, cfg, mode, latent_shape, tokens), status="oom",
+                          error=str(error).strip().splitlines()[0][:300], peak_mem_GiB=peak_memory_gib())
+        print(json.dumps(record), flush=True)
+        records.append(record)
+    return records
+
+
+# --------------------------------------------------------------------------- longest trainable sequence
+
+
+def max_tokens_search(args, argv: list[str]) -> dict:
+    """Train at batch 1 for 16k, 32k, ... tokens, each in a fresh process, until one does not fit.
+
+    A fresh process per length keeps a failed allocation from fragmenting the next try, and makes
+    each ``peak_bytes_in_use`` that length's own. This parent process never touches the GPU.
+    """
+    passthrough = strip_flags(argv, {"--max-tokens-search": 0, "--tokens": 1, "--latent-shape": 1, "--batch": 1,
+                                     "--mode": 1, "--remat": 1, "--steps": 1, "--warmup": 1})
+    tried, largest = [], None
+    tokens = args.search_start
+    while tokens <= args.search_max:
+        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--mode", "train", "--batch", "1",
+               "--tokens", str(tokens), "--remat", args.remat,
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.search_timeout)
+            lines = [json.loads(l) for l in done.stdout.splitlines() if l.startswith("{")]
+            if done.returncode == 0 and lines:
+                result = lines[-1]
+            else:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                result = dict(status="oom" if is_oom(done.stderr) else "error", error=tail[:300])
+        except subprocess.TimeoutExpired:
+            result = dict(status="timeout")
+        tried.append(dict(tokens=tokens, **{k: result.get(k) for k in ("status", "step_s", "tokens_per_s", "mfu",
+                                                                        "peak_mem_GiB", "error")}))
+        print(json.dumps(dict(search_progress=tried[-1])), file=sys.stderr, flush=True)
+        if result.get("status") != "ok":
+            break
+        largest = tokens
+        tokens *= 2
+    record = dict(impl="vidiff", mode="max_tokens_search", preset=args.preset, batch=1,
+                  remat=args.remat, scan=args.scan, dtype=args.dtype, max_tokens=largest,
+                  tried=tried)
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def strip_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
+    """``argv`` without the given flags (name -> number of values; ``--flag=value`` forms too)."""
+    out, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in flags:
+            i += 1 + (flags[name] if "=" not in argv[i] else 0)
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny preset and shapes, float32 (CPU smoke run)")
+    p.add_argument("--mode", choices=("train", "forward", "both"), default="train")
+    p.add_argument("--preset", help="DiT preset (tiny, small, B, L, XL, 1.5B); default XL")
+    p.add_argument("--dim", type=int, help="model width override")
+    p.add_argument("--heads", type=int, help="attention heads override")
+    p.add_argument("--layers", type=int, help="depth override")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--tokens", type=int, help="video tokens per sample (latent shape chosen from it)")
+    p.add_argument("--latent-shape", help="latent t,h,w (overrides --tokens)")
+    p.add_argument("--text", type=int, help="text tokens per sample (default 128)")
+    p.add_argument("--text-dim", type=int, help="text-encoder feature size (default 4096, T5-XXL)")
+    p.add_argument("--latent-channels", type=int, help="latent channels (default 16, the base VAE's)")
+    p.add_argument("--remat", choices=("none", "block", "dots"), help="default none (block for the search)")
+    p.add_argument("--scan", action="store_true", help="nn.scan over the blocks")
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+                   help="auto: cuDNN flash attention on GPU for bf16/fp16, XLA otherwise")
+    p.add_argument("--mesh", default="-1,1,1,1", help="mesh sizes data,fsdp,tensor,context (one may be -1)")
+    p.add_argument("--steps", type=int, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, help="untimed steps after compilation")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                   help="per-device peak for MFU (H100 SXM bf16 dense: 989)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens-search", action="store_true",
+                   help="find the longest sequence trainable at batch 1 (remat block by default)")
+    p.add_argument("--search-start", type=int, default=16384)
+    p.add_argument("--search-max", type=int, default=1 << 20)
+    p.add_argument("--search-timeout", type=float, default=300.0, help="seconds per length tried")
+    args = p.parse_args(argv)
+    defaults = dict(TINY_DEFAULTS if args.tiny else DEFAULTS)
+    if args.max_tokens_search:
+        defaults.update(SEARCH_DEFAULTS)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.mesh_sizes = parse_ints(args.mesh, 4, "--mesh")
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.max_tokens_search:
+        max_tokens_search(args, argv)
+    else:
+        run_modes(args)
+
+
+if __name__ == "__main__":
+    main()

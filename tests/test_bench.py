@@ -1,0 +1,243 @@
+"""Smoke tests of the benchmark scripts (experiments/bench_dit.py, bench_vae.py, bench_compare.py).
+
+Each script runs in a subprocess at tiny CPU settings, as it would be run on the
+GPU machine, and its JSON lines are checked for the keys the performance notes
+rely on and for positive numbers. The FLOP count is checked against a hand
+computation of the peer's formula; the compare wrapper runs against fake peer
+and vidiff commands (torch is not installed here).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = REPO / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+TRAIN_KEYS = {"impl", "mode", "status", "batch", "tokens", "latent_shape", "text", "dim", "heads", "layers",
+              "params_M", "compile_s", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_tflops",
+              "peak_mem_GiB", "compiled_mem_GiB", "cudnn_attention", "remat", "scan", "dtype", "mesh"}
+
+
+def run_script(name: str, *args: str, timeout: float = 240) -> list[dict]:
+    """Run ``experiments/<name>`` on one CPU device; its stdout JSON lines."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+           # One device: the conftest's 8 virtual devices would only slow these single-device runs.
+           "XLA_FLAGS": "", "JAX_DEFAULT_PRNG_IMPL": "rbg"}  # rbg compiles faster on CPU than threefry
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / name), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def assert_positive(record: dict, *keys: str):
+    for key in keys:
+        assert isinstance(record[key], (int, float)) and record[key] > 0 and math.isfinite(record[key]), (key, record)
+
+
+# --------------------------------------------------------------------------- FLOPs and shapes
+
+
+def test_dit_flops_match_the_peer_formula_by_hand():
+    from vidiff.models.dit import dit_flops, dit_preset
+
+    # XL at 4 x 4096 tokens, 128 text tokens: d = 1152, r = 4, 28 layers.
+    d, T, L = 1152, 4096, 128
+    per_layer = (T * (4 * d**2 + 8 * d**2 + 2 * d**2)  # qkv+o, MLP (2 r d^2), cross q+o
+                 + L * 2 * d**2  # cross k, v of the text
+                 + 2 * T**2 * d + 2 * T * L * d)  # scores and values, self and cross
+    # 76_101_451_776 + 339_738_624 + 38_654_705_664 + 1_207_959_552 multiply-adds per layer and sample
+    assert per_layer == 116_303_855_616
+    train = 2 * per_layer * 28 * 4 * 3
+    assert train == 78_156_190_973_952  # ~78.2 PFLOP per training step
+    cfg = dit_preset("XL")
+    assert dit_flops(cfg, T, L, batch=4, training=True) == train
+    assert dit_flops(cfg, T, L, batch=4, training=False) * 3 == train
+
+
+def test_token_count_maps_to_a_latent_shape():
+    import bench_dit
+
+    assert bench_dit.latent_shape_for(4096, (1, 2, 2)) == (16, 32, 32)
+    assert bench_dit.latent_shape_for(256, (1, 2, 2)) == (4, 16, 16)
+    assert bench_dit.latent_shape_for(16384, (1, 2, 2)) == (16, 64, 64)
+    for tokens in (1, 7, 32, 1000, 8192, 65536):
+        assert bench_dit.tokens_of(bench_dit.latent_shape_for(tokens, (1, 2, 2)), (1, 2, 2)) == tokens
+    with pytest.raises(ValueError, match="latent-shape"):
+        bench_dit.tokens_of((3, 32, 32), (2, 2, 2))
+
+
+def test_strip_flags_removes_flags_with_their_values():
+    import bench_dit
+
+    argv = ["--preset", "XL", "--tokens", "4096", "--max-tokens-search", "--batch=2", "--scan"]
+    kept = bench_dit.strip_flags(argv, {"--tokens": 1, "--max-tokens-search": 0, "--batch": 1})
+    assert kept == ["--preset", "XL", "--scan"]
+
+
+def test_benchmarks_import_without_data_or_torch_packages():
+    """The GPU image has no grain, ml_collections or av: the scripts must not import them (nor torch)."""
+    blocked = ["grain", "ml_collections", "av", "torch", "tensorflow", "tensorflow_datasets", "array_record",
+               "orbax", "transformers", "tokenizers", "safetensors", "tqdm", "tensorboardX", "mediapy"]
+    code = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, {str(EXPERIMENTS)!r})
+import bench_dit, bench_vae, bench_compare
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- bench_dit
+
+
+def test_bench_dit_forward_tiny():
+    (record,) = run_script("bench_dit.py", "--tiny", "--mode", "forward", "--steps", "2", "--warmup", "1")
+    assert TRAIN_KEYS <= set(record)
+    assert record["impl"] == "vidiff" and record["mode"] == "forward" and record["status"] == "ok"
+    assert record["latent_shape"] == [2, 8, 8] and record["tokens"] == 32
+    assert_positive(record, "params_M", "step_s", "tokens_per_s", "model_tflops", "mfu")
+    assert record["cudnn_attention"] is False  # CPU: XLA attention
+    assert record["peak_mem_GiB"] is None  # the CPU backend keeps no memory stats
+
+
+def test_out_of_memory_is_reported_as_a_result(monkeypatch, capsys):
+    import bench_dit
+
+    def exhausted(*args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB.\nmore detail")
+
+    monkeypatch.setattr(bench_dit, "bench_forward", exhausted)
+    # 8 virtual CPU devices in this process (conftest): batch 8 fills the data axis.
+    (record,) = bench_dit.run_modes(bench_dit.parse_args(["--tiny", "--mode", "forward", "--batch", "8"]))
+    assert record["status"] == "oom" and record["error"].startswith("RESOURCE_EXHAUSTED")
+    assert json.loads(capsys.readouterr().out)["status"] == "oom"
+    monkeypatch.setattr(bench_dit, "bench_forward", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # anything else is a bug, not a measurement
+        bench_dit.run_modes(bench_dit.parse_args(["--tiny", "--mode", "forward", "--batch", "8"]))
+
+
+@pytest.mark.slow
+def test_bench_dit_train_tiny_with_remat_and_scan():
+    (record,) = run_script("bench_dit.py", "--tiny", "--mode", "train", "--remat", "block", "--scan",
+                           "--latent-shape", "1,8,8", "--steps", "1", "--warmup", "1")
+    assert TRAIN_KEYS <= set(record)
+    assert record["mode"] == "train" and record["status"] == "ok"
+    assert record["remat"] == "block" and record["scan"] is True and record["tokens"] == 16
+    assert_positive(record, "params_M", "step_s", "tokens_per_s", "model_tflops", "mfu", "compile_s")
+    from vidiff.models.dit import dit_flops, dit_preset
+
+    flops = dit_flops(dit_preset("tiny"), 16, record["text"], batch=record["batch"], training=True)
+    assert record["model_tflops"] == pytest.approx(flops / record["step_s"] / 1e12)
+
+
+@pytest.mark.slow
+def test_max_tokens_search_reports_the_largest_length_that_ran():
+    lines = run_script("bench_dit.py", "--tiny", "--max-tokens-search", "--search-start", "16", "--search-max",
+                       "16", "--steps", "1", "--warmup", "0")
+    (record,) = lines
+    assert record["mode"] == "max_tokens_search" and record["max_tokens"] == 16
+    assert record["tried"][0]["status"] == "ok" and record["tried"][0]["step_s"] > 0
+
+
+# --------------------------------------------------------------------------- bench_vae
+
+
+def test_vae_summary_ratio_and_goal():
+    import bench_vae
+
+    rows = [dict(op="decode", way="chunked", size=256, frames=f, status="ok", peak_mem_GiB=p)
+            for f, p in ((17, 2.0), (65, 2.1), (257, 2.2))]
+    rows.append(dict(op="decode", way="oneshot", size=256, frames=17, status="ok", peak_mem_GiB=3.0))
+    rows.append(dict(op="decode", way="oneshot", size=256, frames=257, status="oom", peak_mem_GiB=70.0))
+    by_way = {s["way"]: s for s in bench_vae.summaries(rows)}
+    assert by_way["chunked"]["peak_ratio"] == pytest.approx(1.1) and by_way["chunked"]["met"] is True
+    assert by_way["oneshot"]["peak_ratio"] is None  # the long one-shot clip did not fit
+
+
+@pytest.mark.slow
+def test_bench_vae_tiny_decode_oneshot_and_chunked():
+    lines = run_script("bench_vae.py", "--tiny", "--in-process", "--ops", "decode")
+    cases = [r for r in lines if r.get("kind") != "summary"]
+    summaries = [r for r in lines if r.get("kind") == "summary"]
+    assert {(r["way"], r["frames"]) for r in cases} == {(w, f) for w in ("oneshot", "chunked") for f in (5, 9)}
+    for record in cases:
+        assert record["status"] == "ok" and record["isolated"] is False
+        assert_positive(record, "time_s", "frames_per_s")
+    chunked = next(s for s in summaries if s["way"] == "chunked")
+    assert chunked["frames"] == [5, 9] and "peak_ratio" in chunked and "met" in chunked
+
+
+@pytest.mark.slow
+def test_bench_vae_isolated_case_runs_in_a_subprocess():
+    (record,) = run_script("bench_vae.py", "--tiny", "--ops", "encode", "--ways", "chunked", "--frames", "5")
+    assert record["status"] == "ok" and record["isolated"] is True and record["op"] == "encode"
+    assert record["chunk"] == 4 and record["latent_shape"] == [2, 8, 8]
+    assert_positive(record, "time_s", "frames_per_s")
+
+
+# --------------------------------------------------------------------------- bench_compare
+
+FAKE = """
+import argparse, json, sys
+p = argparse.ArgumentParser()
+p.add_argument("--batch", type=int); p.add_argument("--tokens", type=int); p.add_argument("--mode")
+a, _ = p.parse_known_args()
+impl, speed = sys.argv[1], float(sys.argv[2])
+modes = {"both": ["forward", "train"], None: [None]}.get(a.mode, [a.mode])
+for mode in modes:
+    rec = dict(impl=impl, batch=a.batch, tokens=a.tokens, step_s=1.0, tokens_per_s=speed * a.batch * a.tokens,
+               model_tflops=1.0, peak_mem_GiB=2.0)
+    if mode:
+        rec.update(mode=mode, status="ok", mfu=0.5, cudnn_attention=False)
+    print(json.dumps(rec))
+"""
+
+
+def test_bench_compare_with_fake_runs(tmp_path):
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    out = tmp_path / "compare.json"
+    prefix = f"{sys.executable} {fake}"
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "bench_compare.py"), "--tiny", "--steps", "1", "--warmup", "1",
+         "--vidiff-cmd", f"{prefix} vidiff 3", "--peer-cmd", f"{prefix} torch 2",
+         "--peer-forward-cmd", f"{prefix} torch 4", "--out", str(out)],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "vidiff/peer" in done.stdout
+    report = json.loads(out.read_text())
+    got = {(r["config"], r["mode"]): r for r in report["results"]}
+    assert set(got) == {(c, m) for c in ("2x32", "1x64") for m in ("train", "forward")}
+    assert got["2x32", "train"]["ratio_tokens_per_s"] == pytest.approx(1.5)
+    assert got["2x32", "forward"]["ratio_tokens_per_s"] == pytest.approx(0.75)
+    assert got["2x32", "train"]["peer"]["mfu"] == pytest.approx(1.0 / report["peak_tflops"])
+    remat = got["1x64", "train"]["commands"]
+    assert "--remat block" in remat["vidiff"] and remat["peer_train"].endswith("--remat")
+    assert "--remat" not in got["2x32", "train"]["commands"]["peer_train"]
+
+
+def test_bench_compare_records_a_failing_peer(tmp_path):
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    out = tmp_path / "compare.json"
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "bench_compare.py"), "--tiny", "--configs", "2x32", "--modes", "train",
+         "--vidiff-cmd", f"{sys.executable} {fake} vidiff 3", "--peer-cmd", f"{sys.executable} -c 'raise SystemExit(3)'",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["peer"]["status"] == "error" and result["peer"]["returncode"] == 3
+    assert result["ratio_tokens_per_s"] is None and result["vidiff"]["status"] == "ok"

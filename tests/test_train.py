@@ -1,0 +1,189 @@
+"""Training: optimizer, config checks, exact resume after SIGKILL, SIGTERM, non-finite steps, export."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vidiff.train import config as config_lib
+from vidiff.train.metrics import psnr, read_metrics, ssim
+from vidiff.train.optimizer import ema_update, learning_rate_schedule, make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD_TINY = REPO / "experiments" / "configs" / "world_tiny.py"
+# Small and quick: 5-frame 16x16 clips, 8 per batch (one per virtual device), logged every step.
+FAST = [
+    "--config.data.num_frames=5", "--config.data.size=16", "--config.data.batch_size=8",
+    "--config.vae_train.log_every=1", "--config.vae_train.stats_batches=1", "--config.eval.num_clips=2",
+    "--config.dit_train.log_every=1", "--config.sample.steps=2", "--config.text.max_length=8",
+]
+
+
+def optim(**kw):
+    base = dict(lr=1e-3, schedule="cosine", warmup_steps=10, end_lr_fraction=0.1, b1=0.9, b2=0.99, eps=1e-8,
+                weight_decay=0.01, grad_clip=1.0, accumulate=1)
+    return ml_collections.ConfigDict({**base, **kw})
+
+
+def test_schedule_warms_up_then_decays():
+    schedule = learning_rate_schedule(optim(), total_steps=100)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(100)) == pytest.approx(1e-4)
+    constant = learning_rate_schedule(optim(schedule="constant"), 100)
+    assert float(constant(50)) == pytest.approx(1e-3) and float(constant(5)) == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="optim.schedule='linear' is unknown"):
+        learning_rate_schedule(optim(schedule="linear"), 100)
+
+
+def test_accumulation_applies_every_k_steps():
+    tx, _ = make_optimizer(optim(accumulate=2, warmup_steps=0, schedule="constant"), 10)
+    params = {"w": jnp.ones((2, 2))}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
+    assert float(jnp.abs(updates["w"]).max()) == 0.0  # first micro-step only accumulates
+    updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
+    assert float(jnp.abs(updates["w"]).max()) > 0.0
+
+
+def test_ema_and_image_metrics():
+    ema = ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, decay=0.9)
+    np.testing.assert_allclose(ema["w"], 0.1)
+    x = jax.random.uniform(jax.random.key(0), (2, 3, 16, 16, 3), minval=-1, maxval=1)
+    assert float(ssim(x, x).min()) == pytest.approx(1.0, abs=1e-5)
+    noisy = x + 0.02 * jax.random.normal(jax.random.key(1), x.shape)
+    # PSNR of Gaussian noise with std 0.02 on range 2: 10 log10(4 / 4e-4) = 40 dB.
+    np.testing.assert_allclose(psnr(noisy, x), 40.0, atol=0.3)
+    assert float(ssim(noisy, x).mean()) < 1.0
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.data.num_frames=18", "data.num_frames=18 must be 1 \\+ k\\*4"),
+        ("--config.data.size=30", "data.size height=30 must be divisible by"),
+        ("--config.data.batch_size=3", "data.batch_size=3 is not divisible by the data-parallel devices"),
+        ("--config.mesh.data=3", "does not fit 8 devices"),
+    ],
+)
+def test_bad_configs_fail_before_compiling(override, message):
+    config = config_lib.load_config(WORLD_TINY, [override])
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(config, "dit", device_count=8)
+
+
+def test_overrides_refuse_unknown_fields_and_wrong_types():
+    with pytest.raises(ValueError, match="config has no field 'dit.depth'"):
+        config_lib.load_config(WORLD_TINY, ["--config.dit.depth=4"])
+    with pytest.raises(ValueError, match="data.batch_size is a int, got str"):
+        config_lib.load_config(WORLD_TINY, ["--config.data.batch_size=many"])
+    assert config_lib.load_config(WORLD_TINY, ["--config.dit.preset=small"]).dit.preset == "small"
+
+
+def _command(workdir, *extra, model="vae", steps=8):
+    return [sys.executable, "-m", "vidiff.cli", "train", "--config", str(WORLD_TINY), "--model", model,
+            f"--config.workdir={workdir}", f"--config.{model}_train.steps={steps}", *FAST, *extra]
+
+
+# Training subprocesses use one CPU device: compiles are 2x faster, and the
+# parallel layouts have their own equivalence tests.
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def _run(cmd):
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=ENV)
+
+
+def _start(cmd):
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def _losses(workdir, model="vae"):
+    """Loss per step; a resumed run's rows override the killed run's rows for the same step."""
+    return {row["step"]: row["loss"] for row in read_metrics(Path(workdir) / model)}
+
+
+def _wait_for_step(workdir, step, proc, model="vae", timeout=300, checkpoint=None):
+    """Wait until ``step`` is logged (and the checkpoint of step ``checkpoint`` is committed)."""
+    deadline = time.time() + timeout
+    committed = Path(workdir) / model / "checkpoints" / str(checkpoint) / "commit_success.txt"
+    while time.time() < deadline:
+        if max(_losses(workdir, model), default=0) >= step and (checkpoint is None or committed.exists()):
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    raise TimeoutError(f"training never reached step {step}")
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_bit_identically(tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    extra = ("--config.vae_train.ckpt_every=3",)
+    done = _run(_command(reference, *extra))
+    assert done.returncode == 0, done.stderr
+    proc = _start(_command(killed, *extra))
+    _wait_for_step(killed, 5, proc, checkpoint=3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _run(_command(killed, *extra))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed vae from {killed / 'vae' / 'checkpoints'}" in resumed.stdout
+    expected, got = _losses(reference), _losses(killed)
+    assert sorted(got) == list(range(1, 9))
+    assert got == expected  # bit-identical floats for every step, before and after the kill
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = _start(_command(tmp_path, steps=200))
+    _wait_for_step(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    line = [l for l in out.splitlines() if l.startswith("SIGTERM: saved checkpoint")][0]
+    step_dir = Path(line.split("saved checkpoint ")[1].split(";")[0])
+    assert step_dir.is_dir() and int(step_dir.name) >= 2
+
+
+@pytest.mark.slow
+def test_nonfinite_stops_naming_the_step_or_is_skipped(tmp_path):
+    blow_up = ("--config.vae_train.optim.lr=1e30", "--config.vae_train.optim.warmup_steps=0",
+               "--config.vae_train.optim.grad_clip=0.0")
+    stopped = _run(_command(tmp_path / "stop", *blow_up, steps=6))
+    assert stopped.returncode != 0
+    assert "non-finite loss or gradient at step" in stopped.stderr
+    skipped = _run(_command(tmp_path / "skip", *blow_up, "--config.vae_train.on_nonfinite=skip", steps=6))
+    assert skipped.returncode == 0, skipped.stderr
+    summary = json.loads(skipped.stdout.strip().splitlines()[-1])
+    assert summary["skipped"] >= 1 and summary["final_step"] == 6
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path):
+    result = _run(_command(tmp_path, "--config.data.num_frames=6"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "vidiff train: error: data.num_frames=6 must be 1 + k*4 (the VAE's time factor), e.g. 5"]
+
+
+@pytest.mark.slow
+def test_vae_then_dit_train_export_and_sample(tmp_path):
+    vae = _run(_command(tmp_path, "--config.vae_train.eval_every=4", steps=4))
+    assert vae.returncode == 0, vae.stderr
+    assert (tmp_path / "export" / "vae.safetensors").is_file()
+    assert list((tmp_path / "vae" / "samples").glob("recon_*.gif"))
+    rows = read_metrics(tmp_path / "vae")
+    assert {"loss", "grad_norm", "lr", "steps_per_s", "tokens_per_s", "psnr"} <= set(rows[0])
+    assert any("val_psnr" in r for r in rows) and (tmp_path / "vae" / "tb").is_dir()
+    dit = _run(_command(tmp_path, "--config.dit_train.eval_every=3", model="dit", steps=3))
+    assert dit.returncode == 0, dit.stderr
+    assert (tmp_path / "export" / "dit.safetensors").is_file()
+    assert list((tmp_path / "dit" / "samples").glob("samples_*.gif"))
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "dit") if "loss" in r)

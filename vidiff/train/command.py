@@ -1,0 +1,22 @@
+"""``vidiff train --config FILE --model vae|dit [--config.field=value ...]``."""
+from __future__ import annotations
+
+import json
+
+ACCEPTS_CONFIG_OVERRIDES = True
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="experiment config file (experiments/configs/*.py)")
+    parser.add_argument("--model", required=True, choices=("vae", "dit"), help="which network to train")
+    parser.epilog = "Override any config field with --config.<path>=<value>, e.g. --config.vae_train.steps=100."
+
+
+def run(args) -> int:
+    from vidiff.train.config import load_config
+    from vidiff.train.loop import train
+
+    config = load_config(args.config, args.overrides)
+    summary = train(config, args.model)
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,120 @@
+"""Experiment configs: load a ``get_config()`` file, apply command-line overrides, validate.
+
+Config files live in ``experiments/configs/`` and return an
+``ml_collections.ConfigDict``. Overrides look like ``--config.dit.depth=4``
+(values parsed as Python literals, else taken as strings); a path that does not
+exist in the config is an error, not a silent new field. ``validate`` checks
+everything that can be checked without compiling and fails with one line that
+names the field and the fix.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+from pathlib import Path
+from typing import Sequence
+
+import ml_collections
+
+MODELS = ("vae", "dit")
+
+
+def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Import ``path``, call its ``get_config()`` and apply ``overrides`` (``--config.a.b=v`` or ``a.b=v``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist; pass a file from experiments/configs/")
+    spec = importlib.util.spec_from_file_location(f"vidiff_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config() function")
+    config = module.get_config()
+    apply_overrides(config, overrides)
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Set ``a.b.c=value`` entries in place, refusing unknown paths and wrong types."""
+    for item in overrides:
+        text = item[len("--config."):] if item.startswith("--config.") else item.lstrip("-")
+        if "=" not in text:
+            raise ValueError(f"override {item!r} needs the form --config.field=value")
+        dotted, raw = text.split("=", 1)
+        parent, _, leaf = dotted.rpartition(".")
+        node = config
+        for part in filter(None, parent.split(".")):
+            if part not in node:
+                raise ValueError(f"override {item!r}: config has no field {dotted!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"override {item!r}: config has no field {dotted!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        old = node[leaf]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old is not None and value is not None and not isinstance(value, type(old)) and not (
+            isinstance(old, (list, tuple)) and isinstance(value, (list, tuple))
+        ):
+            raise ValueError(f"override {item!r}: {dotted} is a {type(old).__name__}, got {type(value).__name__}")
+        with node.ignore_type():
+            node[leaf] = value
+    return config
+
+
+def validate(config, model: str, device_count: int) -> None:
+    """Fail early, one line per problem, for configs that cannot work (before anything compiles)."""
+    from vidiff.models.dit import dit_preset
+    from vidiff.models.vae import vae_preset
+
+    if model not in MODELS:
+        raise ValueError(f"model={model!r} is unknown; train one of {MODELS}")
+    vae_cfg = vae_preset(config.vae.preset, **dict(config.vae.overrides))
+    frames = int(config.data.num_frames)
+    if (frames - 1) % vae_cfg.time_factor:
+        good = 1 + round((frames - 1) / vae_cfg.time_factor) * vae_cfg.time_factor
+        raise ValueError(
+            f"data.num_frames={frames} must be 1 + k*{vae_cfg.time_factor} (the VAE's time factor), e.g. {good}"
+        )
+    size = config.data.size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    divisor = vae_cfg.spatial_factor
+    if model == "dit":
+        dit_cfg = dit_preset(config.dit.preset, **dict(config.dit.overrides))
+        divisor *= dit_cfg.patch[1]
+        latent_frames = 1 + (frames - 1) // vae_cfg.time_factor
+        if latent_frames % dit_cfg.patch[0]:
+            raise ValueError(
+                f"data.num_frames={frames} gives {latent_frames} latent frames, not divisible by dit patch time "
+                f"{dit_cfg.patch[0]}; change data.num_frames or dit.overrides.patch"
+            )
+    for name, value in (("height", height), ("width", width)):
+        if value % divisor:
+            raise ValueError(
+                f"data.size {name}={value} must be divisible by {divisor} (VAE spatial factor x DiT patch); "
+                f"use e.g. {max(1, round(value / divisor)) * divisor}"
+            )
+    mesh = dict(config.mesh)
+    fixed = math.prod(v for v in mesh.values() if v != -1)
+    if (-1 in mesh.values() and device_count % fixed) or (-1 not in mesh.values() and fixed != device_count):
+        raise ValueError(
+            f"mesh {mesh} does not fit {device_count} devices; set one axis to -1 or make the product {device_count}"
+        )
+    data_parallel = _axis_size(mesh, "data", device_count) * _axis_size(mesh, "fsdp", device_count)
+    batch = int(config.data.batch_size)
+    if batch % data_parallel:
+        raise ValueError(
+            f"data.batch_size={batch} is not divisible by the data-parallel devices mesh.data x mesh.fsdp = "
+            f"{data_parallel}; use a multiple of {data_parallel}"
+        )
+
+
+def _axis_size(mesh: dict, axis: str, device_count: int) -> int:
+    size = mesh.get(axis, 1)
+    if size != -1:
+        return size
+    return device_count // math.prod(v for k, v in mesh.items() if v != -1)

@@ -1,0 +1,86 @@
+"""Exported models: plain safetensors + JSON, the format generation loads (no orbax, no pickle).
+
+A model directory holds ``vae.safetensors`` (VAE parameters and its
+``latent_stats``), optionally ``dit.safetensors``, and ``vidiff.json`` with the
+experiment config and anything else needed to rebuild the modules. Nested
+parameter dicts are flattened with ``/`` between keys.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+MANIFEST = "vidiff.json"
+
+
+def save_tree(path, tree) -> Path:
+    """Write a nested dict of arrays as safetensors (keys joined with '/')."""
+    from safetensors.numpy import save_file
+
+    flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}, str(path))
+    return path
+
+
+def load_tree(path) -> dict:
+    """Read a safetensors file written by ``save_tree`` back into a nested dict of numpy arrays."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; is {path.parent} a vidiff model directory?")
+    return traverse_util.unflatten_dict(load_file(str(path)), sep="/")
+
+
+def save_manifest(directory, manifest: dict) -> Path:
+    path = Path(directory) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return path
+
+
+def read_manifest(directory) -> dict:
+    """The ``vidiff.json`` of a model directory, with a one-line error when it is not one."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a vidiff model directory (no {MANIFEST}); export one with vidiff train")
+    return json.loads(path.read_text())
+
+
+def export_vae(directory, config_json: dict, variables: dict) -> Path:
+    """Write the VAE's ``params`` + ``latent_stats`` and the config into ``directory``."""
+    save_tree(Path(directory) / "vae.safetensors", {k: variables[k] for k in ("params", "latent_stats")})
+    manifest = read_manifest(directory) if (Path(directory) / MANIFEST).exists() else {}
+    manifest.update(config=config_json, vae=True)
+    save_manifest(directory, manifest)
+    return Path(directory)
+
+
+def export_dit(directory, config_json: dict, params) -> Path:
+    """Write the DiT's (EMA) params into ``directory`` next to its VAE."""
+    save_tree(Path(directory) / "dit.safetensors", {"params": params})
+    manifest = read_manifest(directory) if (Path(directory) / MANIFEST).exists() else {}
+    manifest.update(config=config_json, dit=True)
+    save_manifest(directory, manifest)
+    return Path(directory)
+
+
+def load_vae(directory) -> dict:
+    """``{"params", "latent_stats"}`` of an exported VAE, as jax arrays."""
+    read_manifest(directory)
+    return jax.tree.map(jax.numpy.asarray, load_tree(Path(directory) / "vae.safetensors"))
+
+
+def load_dit(directory) -> dict:
+    """The DiT params of an exported model, as jax arrays."""
+    read_manifest(directory)
+    return jax.tree.map(jax.numpy.asarray, load_tree(Path(directory) / "dit.safetensors")["params"])

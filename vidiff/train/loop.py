@@ -1,0 +1,142 @@
+"""The one training loop: ``train(config, model)`` for the VAE or the DiT.
+
+It validates the config, builds the mesh, the task (model + loss, see
+``vidiff.train.tasks``), the sharded state and the Grain pipeline, resumes from
+the latest checkpoint in ``<workdir>/<model>/checkpoints`` if there is one, and
+then runs the jitted step. Every ``log_every`` steps it writes metrics (JSONL +
+TensorBoard) and checks for non-finite steps; every ``ckpt_every`` steps it
+saves asynchronously (state + data iterator + config). SIGTERM / SIGINT save a
+checkpoint and exit cleanly with a message naming it. Running the same command
+again after any kill resumes exactly: same data order, same per-step RNG.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from vidiff import parallel
+from vidiff.train import tasks
+from vidiff.train.checkpoint import Checkpointer, abstract_with_shardings
+from vidiff.train.config import validate
+from vidiff.train.metrics import MetricsWriter
+from vidiff.train.optimizer import make_optimizer
+from vidiff.train.state import create_state, jit_train_step, make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Training hit a non-finite loss or gradient with ``train.on_nonfinite = "stop"``."""
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def stage_config(config, model: str):
+    """The ``<model>_train`` section: steps, optim, logging, checkpoint and EMA settings."""
+    return config[f"{model}_train"]
+
+
+def train(config, model: str, *, log=print) -> dict:
+    """Train ``model`` ("vae" or "dit") as ``config`` says; returns a summary dict."""
+    validate(config, model, jax.device_count())
+    stage = stage_config(config, model)
+    workdir = Path(config.workdir) / model
+    mesh = parallel.make_mesh(**dict(config.mesh))
+    task = tasks.build(config, model, mesh)
+    tx, schedule = make_optimizer(stage.optim, stage.steps)
+    state, state_shardings = create_state(task.init_params, tx, config.seed, mesh)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=stage.keep, keep_best=stage.keep_best)
+    pipeline = task.pipeline(config)
+    iterator = iter(pipeline)
+
+    start = checkpointer.latest_step() or 0
+    if start:
+        target = abstract_with_shardings(state, state_shardings)
+        state = checkpointer.restore(target, start, data_iterator=iterator)
+        log(f"resumed {model} from {checkpointer.directory / str(start)}")
+    step_fn = jit_train_step(
+        make_train_step(task.loss_fn, tx, ema_decay=stage.ema_decay),
+        state_shardings, task.batch_shardings, task.frozen_shardings, mesh,
+    )
+    writer = MetricsWriter(workdir)
+    config_json = json.loads(config.to_json())
+    tokens_per_step = task.tokens_per_batch(config)
+    summary = {"model": model, "workdir": str(workdir), "start_step": start}
+    bar = tqdm(total=stage.steps, initial=start, desc=f"train {model}", disable=jax.process_index() != 0,
+               dynamic_ncols=True, leave=False)
+    last_log_time, last_log_step, last_loss = time.perf_counter(), start, float("nan")
+
+    saved = {start}
+
+    def save(step, loss):
+        if step in saved:
+            return
+        saved.add(step)
+        checkpointer.save(step, state, data_iterator=iterator, config=config_json,
+                          metrics=None if not np.isfinite(loss) else {"loss": loss})
+
+    with _StopRequest() as stop, mesh, parallel.axis_rules():
+        step = start
+        while step < stage.steps:
+            batch = task.device_batch(next(iterator), mesh)
+            state, metrics = step_fn(state, batch, task.frozen)
+            step += 1
+            bar.update(1)
+            if step % stage.log_every == 0 or step == stage.steps:
+                fetched = jax.device_get(metrics)
+                bad = int(state.first_bad_step)
+                if bad >= 0 and stage.on_nonfinite == "stop":
+                    checkpointer.close()
+                    raise NonFiniteError(
+                        f"non-finite loss or gradient at step {bad + 1}; stopped. The last good checkpoint "
+                        f"({checkpointer.latest_step()}) is intact; set {model}_train.on_nonfinite='skip' to skip such steps"
+                    )
+                now = time.perf_counter()
+                rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_step, last_loss = now, step, float(fetched["loss"])
+                scalars = {k: float(np.mean(v)) for k, v in fetched.items()}
+                scalars.update(lr=float(schedule(step - 1)), steps_per_s=rate, tokens_per_s=rate * tokens_per_step,
+                               skipped=int(state.skipped))
+                writer.write(step, scalars)
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+            if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
+                writer.write(step, task.evaluate(state, workdir, step))
+            if step % stage.ckpt_every == 0 or step == stage.steps:
+                save(step, last_loss)
+            if stop.signal_name:
+                save(step, last_loss)
+                checkpointer.close()
+                bar.close()
+                log(f"{stop.signal_name}: saved checkpoint {checkpointer.directory / str(step)}; exiting")
+                writer.close()
+                sys.exit(0)
+    bar.close()
+    checkpointer.close()
+    summary.update(task.finalize(state, config_json, tasks.export_dir(config)))
+    writer.close()
+    summary.update(final_step=step, final_loss=last_loss, skipped=int(state.skipped),
+                   checkpoint=str(checkpointer.directory / str(step)))
+    return summary

@@ -1,0 +1,274 @@
+"""What the training loop trains: the VAE task and the DiT task.
+
+A task owns a model's parameter init (boxed with logical axis names), its
+loss ``loss_fn(params, batch, rng, frozen, step)``, the frozen inputs the loss
+needs (the trained VAE for the DiT), how a host batch from the Grain pipeline
+becomes sharded device arrays, and its periodic evaluation (VAE: PSNR / SSIM
+on fixed held-out clips and a reconstruction grid; DiT: sample clips for fixed
+prompts). Both train from ``config`` sections ``vae`` / ``dit`` (preset +
+overrides), ``vae_loss``, ``flow``, ``text``, ``data`` and ``sample``.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vidiff import io, parallel
+from vidiff.diffusion import flow_loss, shift_for_tokens
+from vidiff.diffusion.generate import sample_latents, text_context
+from vidiff.models.dit import VideoDiT, dit_preset
+from vidiff.models.vae import VideoVAE, compute_latent_stats, set_latent_stats, vae_preset
+from vidiff.models.vae_losses import (PatchDiscriminator3D, VAELossConfig, adversarial_factor, discriminator_loss,
+                                      make_perceptual_fn, vae_loss)
+from vidiff.train.export import export_dit, export_vae, load_vae
+from vidiff.train.metrics import psnr, ssim
+
+
+def build(config, model: str, mesh):
+    """The task for ``model`` ("vae" | "dit")."""
+    return {"vae": VAETask, "dit": DiTTask}[model](config, mesh)
+
+
+def vae_from_config(config) -> VideoVAE:
+    return VideoVAE(vae_preset(config.vae.preset, **dict(config.vae.overrides)))
+
+
+def video_shape(config, batch: int | None = None) -> tuple[int, ...]:
+    size = config.data.size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return (batch or config.data.batch_size, config.data.num_frames, height, width, 3)
+
+
+class Task:
+    """Shared plumbing: data pipeline, host -> device batches, frozen inputs."""
+
+    batch_keys: tuple[str, ...] = ("video",)
+
+    def __init__(self, config, mesh):
+        self.config, self.mesh = config, mesh
+        self.frozen, self.frozen_shardings = {}, {}
+
+    def pipeline(self, config):
+        from vidiff.data import make_pipeline
+
+        return make_pipeline(config.data)
+
+    def host_arrays(self, raw: dict) -> dict:
+        return {k: np.asarray(raw[k]) for k in self.batch_keys}
+
+    def device_batch(self, raw: dict, mesh) -> dict:
+        """Numeric batch entries as global arrays sharded over the data axes (multi-host safe)."""
+        arrays = self.host_arrays(raw)
+        return {k: jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, v.ndim), v)
+                for k, v in arrays.items()}
+
+    @property
+    def batch_shardings(self):
+        ndims = {"video": 5, "latents": 5, "text_tokens": 3, "text_lengths": 1, "pooled": 2}
+        return {k: parallel.batch_sharding(self.mesh, ndims[k]) for k in self.batch_keys}
+
+
+class VAETask(Task):
+    """Reconstruction + KL (+ optional perceptual and 3D-patch adversarial terms)."""
+
+    def __init__(self, config, mesh):
+        super().__init__(config, mesh)
+        self.vae = vae_from_config(config)
+        self.loss_config = VAELossConfig(**dict(config.vae_loss))
+        self.perceptual_fn = (make_perceptual_fn(self.loss_config.perceptual_weights_path)
+                              if self.loss_config.perceptual_weight > 0 else None)
+        self.disc = PatchDiscriminator3D() if self.loss_config.adversarial_weight > 0 else None
+        self._val = None
+
+    def init_params(self, key):
+        # Parameters do not depend on the clip size: a 1-frame, one-latent-cell video
+        # initialises them with far less to compile.
+        sf = self.vae.config.spatial_factor
+        video = jnp.zeros((1, 1, sf, sf, 3), jnp.float32)
+        params = {"vae": self.vae.init(key, video)["params"]}
+        if self.disc is not None:
+            params["disc"] = self.disc.init(jax.random.fold_in(key, 7), video)["params"]
+        return params
+
+    def loss_fn(self, params, batch, rng, frozen, step):
+        video = batch["video"].astype(jnp.float32) / 127.5 - 1.0
+        recon, posterior = self.vae.apply({"params": params["vae"]}, video, rng)
+        disc_logits = None
+        if self.disc is not None:
+            fixed_disc = jax.lax.stop_gradient(params["disc"])
+            disc_logits = lambda v: self.disc.apply({"params": fixed_disc}, v)
+        loss, metrics = vae_loss(video, recon, posterior, self.loss_config, step=step,
+                                 perceptual_fn=self.perceptual_fn, disc_logits_fn=disc_logits)
+        if self.disc is not None:
+            # The discriminator learns from the same step; its loss touches only its own params.
+            d = lambda v: self.disc.apply({"params": params["disc"]}, v)
+            d_loss = discriminator_loss(d(video), d(jax.lax.stop_gradient(recon)))
+            loss = loss + adversarial_factor(step, self.loss_config.adversarial_start_step) * d_loss
+            metrics["discriminator"] = d_loss
+        metrics["psnr"] = jnp.mean(psnr(jax.lax.stop_gradient(recon), video))
+        return loss, metrics
+
+    def tokens_per_batch(self, config) -> int:
+        return int(np.prod(video_shape(config)[:2]))  # frames per step
+
+    def validation_videos(self) -> np.ndarray:
+        """Fixed clips the model never trains on: held-out world combos, or the eval split."""
+        if self._val is None:
+            self._val = validation_clips(self.config)
+        return self._val
+
+    def evaluate(self, state, workdir: Path, step: int) -> dict:
+        video = jnp.asarray(self.validation_videos(), jnp.float32) / 127.5 - 1.0
+        recon = _reconstruct(self.vae, state.ema_params["vae"], video)
+        grid = np.concatenate([io.to_uint8(video[:4]), io.to_uint8(recon[:4])], axis=2)  # originals | recons
+        io.write_video(Path(workdir) / "samples" / f"recon_{step:06d}.gif", _tile(grid), self.config.data.get("fps") or 8)
+        return {"val_psnr": float(jnp.mean(psnr(recon, video))), "val_ssim": float(jnp.mean(ssim(recon, video)))}
+
+    def finalize(self, state, config_json: dict, export_dir: Path) -> dict:
+        """Latent statistics of the EMA VAE over training batches, then export VAE + stats."""
+        c = self.vae.config.latent_channels
+        variables = {"params": jax.device_get(state.ema_params["vae"]),
+                     "latent_stats": {"shift": np.zeros(c, np.float32), "scale": np.ones(c, np.float32)}}
+        batches = iter(self.pipeline(self.config))
+        videos = (jnp.asarray(next(batches)["video"], jnp.float32) / 127.5 - 1.0
+                  for _ in range(int(self.config.vae_train.stats_batches)))
+        shift, scale = compute_latent_stats(self.vae, variables, videos)
+        variables = set_latent_stats(variables, shift, scale)
+        export_vae(export_dir, config_json, variables)
+        return {"latent_shift": np.asarray(shift).tolist(), "latent_scale": np.asarray(scale).tolist()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruct(vae, params, video):
+    return vae.apply({"params": params}, video)[0]
+
+
+def _tile(videos: np.ndarray) -> np.ndarray:
+    """(N, T, H, W, 3) -> (T, H, N*W, 3): clips side by side."""
+    return np.concatenate(list(videos), axis=2)
+
+
+def validation_clips(config) -> np.ndarray:
+    """``config.eval.num_clips`` fixed clips: the world's held-out combinations, or the data's eval split."""
+    n = int(config.eval.num_clips)
+    if config.data.source == "world":
+        from vidiff.data.world import CaptionedWorld, WorldConfig
+
+        world_fields = {k: v for k, v in dict(config.data.get("world", {})).items() if k != "held_out"}
+        world = CaptionedWorld(WorldConfig(num_frames=config.data.num_frames, size=config.data.size,
+                                           **{**world_fields, "held_out": "only", "seed": 12345}))
+        return np.stack([world[i]["video"] for i in range(n)])
+    from vidiff.data import record_stream
+
+    records = record_stream({**config.data.to_dict(), "shuffle": False, "num_epochs": 1, "caption_dropout": 0.0},
+                            split=config.eval.split)
+    clips = [r["video"] for _, r in zip(range(n), records)]
+    if not clips:
+        raise ValueError(f"eval.split={config.eval.split!r} yielded no clips; point data at an eval split")
+    return np.stack(clips)
+
+
+class DiTTask(Task):
+    """Rectified-flow velocity regression on VAE latents, text from a frozen encoder."""
+
+    batch_keys = ("video", "text_tokens", "text_lengths", "pooled")
+
+    def __init__(self, config, mesh):
+        super().__init__(config, mesh)
+        from vidiff.models.text import text_encoder
+
+        self.text = text_encoder(config.text.encoder, max_length=config.text.max_length)
+        self.vae = vae_from_config(config)
+        self.dit = VideoDiT(dit_preset(config.dit.preset, **{
+            "text_dim": self.text.dim, "pooled_dim": self.text.pooled_dim,
+            "latent_channels": self.vae.config.latent_channels, **dict(config.dit.overrides)}))
+        self.latent_shape = self.vae.config.latent_shape(video_shape(config, 1))[1:]
+        tokens = int(np.prod([s // p for s, p in zip(self.latent_shape[:3], self.dit.config.patch)]))
+        self.num_tokens = tokens
+        shift = config.flow.shift
+        self.shift = shift_for_tokens(tokens) if shift == "auto" else float(shift)
+        variables = load_vae_variables(config)
+        replicated = parallel.replicated(mesh)
+        self.frozen = {"vae": jax.device_put(variables, replicated)}
+        self.frozen_shardings = jax.tree.map(lambda _: replicated, self.frozen)
+
+    def init_params(self, key):
+        x = jnp.zeros((1, *self.dit.config.patch, self.vae.config.latent_channels), jnp.float32)  # size-free params
+        text = jnp.zeros((1, 1, self.text.dim), jnp.float32)
+        lengths, pooled = jnp.ones((1,), jnp.int32), jnp.zeros((1, self.text.pooled_dim), jnp.float32)
+        return self.dit.init(key, x, jnp.zeros((1,)), text, lengths, pooled)["params"]
+
+    def host_arrays(self, raw: dict) -> dict:
+        emb = self.text.encode([str(c) for c in raw["caption"]])
+        return {"video": np.asarray(raw["video"]), "text_tokens": emb.tokens,
+                "text_lengths": emb.mask.sum(-1).astype(np.int32), "pooled": emb.pooled}
+
+    def latents(self, frozen, video, rng):
+        video = video.astype(jnp.float32) / 127.5 - 1.0
+        posterior = self.vae.apply(frozen["vae"], video, method=self.vae.encode)
+        z = self.vae.apply(frozen["vae"], posterior.sample(rng), method=self.vae.normalize)
+        return jax.lax.stop_gradient(z)
+
+    def loss_fn(self, params, batch, rng, frozen, step):
+        key_vae, key_flow = jax.random.split(rng)
+        x0 = batch["latents"] if "latents" in batch else self.latents(frozen, batch["video"], key_vae)
+        return dit_flow_loss(self.dit, params, x0, batch, key_flow, self.config.flow, self.shift)
+
+    def tokens_per_batch(self, config) -> int:
+        return self.num_tokens * int(config.data.batch_size)
+
+    def evaluate(self, state, workdir: Path, step: int) -> dict:
+        prompts = list(self.config.sample.prompts)
+        clips = generate(self, state.ema_params, prompts, seed=0)
+        io.write_video(Path(workdir) / "samples" / f"samples_{step:06d}.gif", _tile(clips), 8)
+        return {}
+
+    def finalize(self, state, config_json: dict, export_dir: Path) -> dict:
+        """Export the EMA DiT next to the VAE it was trained on."""
+        export_dit(export_dir, config_json, jax.device_get(state.ema_params))
+        return {}
+
+
+def dit_flow_loss(dit: VideoDiT, params, x0, text: dict, rng, flow, shift: float):
+    """The DiT's training loss on clean normalised latents ``x0`` (the step ``vidiff train`` and the benchmarks run).
+
+    ``text`` holds ``text_tokens (B, L, D)``, ``text_lengths (B,)`` and ``pooled (B, D')``.
+    """
+
+    def velocity(x, t):
+        return dit.apply({"params": params}, x, t, text["text_tokens"], text["text_lengths"], text["pooled"])
+
+    loss, _ = flow_loss(velocity, x0, rng, timestep_sampler=flow.timestep_sampler, shift=shift,
+                        weighting=flow.weighting)
+    return loss, {}
+
+
+def generate(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
+    """Sample uint8 clips ``(N, T, H, W, 3)`` for ``prompts`` with the task's models (config.sample settings)."""
+    s = task.config.sample
+    context = text_context(task.text.encode(prompts))
+    uncond = text_context(task.text.encode([""] * len(prompts)))
+    noise = jax.random.normal(jax.random.key(seed), (len(prompts), *task.latent_shape))
+    z = sample_latents(task.dit, params, context, uncond, noise, steps=int(s.steps), sampler=s.sampler,
+                       guidance=float(s.guidance), shift=task.shift)
+    vae_vars = task.frozen["vae"]
+    video = _decode(task.vae, vae_vars, z)
+    return io.to_uint8(video)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(vae, variables, z):
+    return vae.apply(variables, vae.apply(variables, z, method=vae.denormalize), method=vae.decode)
+
+
+def load_vae_variables(config) -> dict:
+    """The trained VAE (EMA params + latent stats) exported into ``<workdir>/export`` by VAE training."""
+    return load_vae(export_dir(config))
+
+
+def export_dir(config) -> Path:
+    return Path(config.workdir) / "export"
