@@ -357,3 +357,20 @@ def test_latent_stats_normalize_to_unit_variance(tiny, clip):
     assert isinstance(variables["latent_stats"]["shift"], nn.LogicallyPartitioned)  # still boxed
     with pytest.raises(ValueError, match="no 'latent_stats' collection"):
         vae.apply({"params": variables["params"]}, z, method=vae.normalize)
+
+
+def test_patch_size_folds_pixels_and_keeps_causality_and_chunking():
+    vae = VideoVAE(vae_preset("tiny", patch_size=2, spatial_down=(True, False)))
+    assert vae.config.spatial_factor == 4
+    variables = jax.jit(vae.init)(jax.random.key(0, impl="rbg"), jnp.zeros((1, 1, 4, 4, 3)))
+    assert nn.unbox(variables)["params"]["encoder"]["conv_in"]["conv"]["kernel"].shape[-2] == 12  # 2x2 px x RGB
+    video = smooth_video(jax.random.key(3), (1, 9, 16, 16, 3))
+    encode = jitted(vae, "encode")
+    z = encode(variables, video).mean
+    assert z.shape == (1, 3, 4, 4, 4)
+    assert jitted(vae, "decode")(variables, z).shape == video.shape
+    later = encode(variables, video.at[:, 5].set(-video[:, 5])).mean
+    np.testing.assert_allclose(later[:, :2], z[:, :2], atol=1e-6)
+    np.testing.assert_allclose(encode_chunked(vae, variables, video, 4).mean, z, atol=1e-5)
+    with pytest.raises(ValueError, match="patch_size=3 must be 1, 2 or 4"):
+        vae_preset("tiny", patch_size=3)

@@ -13,7 +13,7 @@ import sys
 
 SUBCOMMANDS = {
     "world": ("vidiff.data.world", "render clips of the built-in captioned world to mp4 + gif"),
-    "prepare": ("vidiff.data.prepare", "write ArrayRecord shards from a video folder + manifest"),
+    "prepare": ("vidiff.train.precompute", "write ArrayRecord shards from a video folder + manifest (--latents adds VAE latents)"),
     "train": ("vidiff.train.command", "train the VAE or the DiT from an experiment config"),
 }
 

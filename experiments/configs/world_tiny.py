@@ -10,7 +10,11 @@ Outputs land in ``workdir/world_tiny/{vae,dit}`` (checkpoints, metrics.jsonl,
 TensorBoard, sample gifs) and the exported model in ``workdir/world_tiny/export``.
 Override any field: ``--config.vae_train.steps=100``.
 """
+import dataclasses
+
 import ml_collections
+
+from vidiff.data.config import DataConfig
 
 PROMPTS = (
     "a red circle moving right",
@@ -34,15 +38,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.workdir = "workdir/world_tiny"
     c.seed = 0
     c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)
-    c.data = dict(source="world", num_frames=17, size=32, batch_size=16, caption_dropout=0.1, num_workers=0,
-                  world=dict(held_out="exclude"))
+    # Every data field is present (defaults from DataConfig), so any can be overridden.
+    c.data = dataclasses.asdict(DataConfig(source="world", num_frames=17, size=32, batch_size=16, caption_dropout=0.1,
+                                           num_workers=0, world=dict(held_out="exclude")))
     c.text = dict(encoder="minilm", max_length=24)
     c.vae = dict(preset="tiny", overrides=dict())  # 4x4x4 compression: 17x32x32x3 -> 5x8x8x4
     c.vae_loss = dict(reconstruction="l1", kl_weight=1e-6, perceptual_weight=0.0, adversarial_weight=0.0)
     c.dit = dict(preset="tiny", overrides=dict())
     c.flow = dict(timestep_sampler="logit_normal", shift="auto", weighting="none")
     c.vae_train = train_stage(1500, 2e-3, stats_batches=8)
-    c.dit_train = train_stage(3000, 1e-3)
-    c.eval = dict(num_clips=16, split="eval")
+    c.dit_train = train_stage(3000, 1e-3, latents="on_the_fly")  # or "prepared" (vidiff prepare --latents)
+    c.eval = dict(num_clips=16, split="eval", num_frames=17)
     c.sample = dict(prompts=PROMPTS, steps=20, sampler="euler", guidance=4.0)
     return c

@@ -40,6 +40,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import linen as nn
 from flax import struct
 
@@ -64,8 +65,11 @@ class VAEConfig:
     ``temporal_down`` / ``spatial_down`` have one flag per transition between
     levels (``len(channel_mults) - 1``); each True halves that axis, so the
     time factor is ``2 ** sum(temporal_down)`` (1, 2 or 4) and the spatial
-    factor ``2 ** sum(spatial_down)`` (4, 8 or 16). ``dtype`` is the compute
-    dtype ("bfloat16" on accelerators); parameters are always float32.
+    factor ``patch_size * 2 ** sum(spatial_down)`` (4, 8 or 16). ``patch_size``
+    folds p x p pixel blocks into channels before the first conv (and unfolds
+    them after the last, as LTX-Video's VAE does): the full-resolution layers,
+    the costliest ones, then run at 1/p^2 of the positions. ``dtype`` is the
+    compute dtype ("bfloat16" on accelerators); parameters are always float32.
     """
 
     base_channels: int = 128
@@ -75,9 +79,12 @@ class VAEConfig:
     temporal_down: tuple[bool, ...] = (False, True, True)
     spatial_down: tuple[bool, ...] = (True, True, True)
     mid_attention: bool = True
+    patch_size: int = 1
     dtype: str = "float32"
 
     def __post_init__(self):
+        if self.patch_size not in (1, 2, 4):
+            raise ValueError(f"VAEConfig.patch_size={self.patch_size} must be 1, 2 or 4")
         transitions = len(self.channel_mults) - 1
         for name in ("temporal_down", "spatial_down"):
             if len(getattr(self, name)) != transitions:
@@ -102,7 +109,7 @@ class VAEConfig:
 
     @property
     def spatial_factor(self) -> int:
-        return 2 ** sum(map(bool, self.spatial_down))
+        return self.patch_size * 2 ** sum(map(bool, self.spatial_down))
 
     def check_video_shape(self, shape: tuple[int, ...]) -> None:
         """Raise a one-line ValueError unless ``shape`` is ``(B, 1 + k*tf, H, W, 3)`` with H, W divisible."""
@@ -335,7 +342,9 @@ class Encoder(nn.Module):
     def __call__(self, video):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         widths = cfg.widths
-        x = CausalConv3d(widths[0], dtype=dtype, in_axis=IO_AXIS, name="conv_in")(_constrain(video.astype(dtype)))
+        p = cfg.patch_size
+        x = rearrange(video.astype(dtype), "b t (h p) (w q) c -> b t h w (p q c)", p=p, q=p)
+        x = CausalConv3d(widths[0], dtype=dtype, in_axis=IO_AXIS, name="conv_in")(_constrain(x))
         for level, width in enumerate(widths):
             for i in range(cfg.num_res_blocks):
                 x = ResBlock(width, dtype, name=f"down{level}_res{i}")(x)
@@ -368,7 +377,9 @@ class Decoder(nn.Module):
                 x = Upsample(widths[level - 1], cfg.temporal_down[level - 1], cfg.spatial_down[level - 1],
                              dtype, name=f"up{level}_sample")(x)
         x = nn.silu(ChannelRMSNorm(dtype, name="norm_out")(x))
-        return _constrain(CausalConv3d(3, dtype=dtype, out_axis=IO_AXIS, name="conv_out")(x).astype(jnp.float32))
+        p = cfg.patch_size
+        x = CausalConv3d(3 * p * p, dtype=dtype, out_axis=IO_AXIS, name="conv_out")(x).astype(jnp.float32)
+        return _constrain(rearrange(x, "b t h w (p q c) -> b t (h p) (w q) c", p=p, q=p))
 
 
 class VideoVAE(nn.Module):

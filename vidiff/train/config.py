@@ -66,14 +66,32 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     return config
 
 
+def for_stage(config, model: str) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose ``data`` carries the stage's own overrides (``<model>_train.data``).
+
+    The VAE, being convolutional and causal, can train on shorter clips than
+    the DiT generates; each stage says so without a second config file.
+    """
+    config = config.copy_and_resolve_references()
+    overrides = config[f"{model}_train"].get("data")
+    if overrides:
+        unknown = sorted(set(overrides) - set(config.data))
+        if unknown:
+            raise ValueError(f"{model}_train.data has fields {unknown} that data does not; valid: {sorted(config.data)}")
+        with config.data.ignore_type():
+            config.data.update(dict(overrides))
+    return config
+
+
 def validate(config, model: str, device_count: int) -> None:
     """Fail early, one line per problem, for configs that cannot work (before anything compiles)."""
     from vidiff.models.dit import dit_preset
-    from vidiff.models.vae import vae_preset
 
     if model not in MODELS:
         raise ValueError(f"model={model!r} is unknown; train one of {MODELS}")
-    vae_cfg = vae_preset(config.vae.preset, **dict(config.vae.overrides))
+    from vidiff.train.tasks import dit_overrides, vae_from_config
+
+    vae_cfg = vae_from_config(config).config
     frames = int(config.data.num_frames)
     if (frames - 1) % vae_cfg.time_factor:
         good = 1 + round((frames - 1) / vae_cfg.time_factor) * vae_cfg.time_factor
@@ -84,7 +102,12 @@ def validate(config, model: str, device_count: int) -> None:
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     divisor = vae_cfg.spatial_factor
     if model == "dit":
-        dit_cfg = dit_preset(config.dit.preset, **dict(config.dit.overrides))
+        if config.dit_train.get("latents") == "prepared" and config.data.source != "array_record":
+            raise ValueError(
+                f"dit_train.latents='prepared' needs data.source='array_record' (shards from `vidiff prepare "
+                f"--latents`), got data.source={config.data.source!r}"
+            )
+        dit_cfg = dit_preset(config.dit.preset, **dit_overrides(config))
         divisor *= dit_cfg.patch[1]
         latent_frames = 1 + (frames - 1) // vae_cfg.time_factor
         if latent_frames % dit_cfg.patch[0]:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from vidiff import parallel
 from vidiff.train import tasks
 from vidiff.train.checkpoint import Checkpointer, abstract_with_shardings
-from vidiff.train.config import validate
+from vidiff.train.config import for_stage, validate
 from vidiff.train.metrics import MetricsWriter
 from vidiff.train.optimizer import make_optimizer
 from vidiff.train.state import create_state, jit_train_step, make_train_step
@@ -61,6 +61,7 @@ def stage_config(config, model: str):
 
 def train(config, model: str, *, log=print) -> dict:
     """Train ``model`` ("vae" or "dit") as ``config`` says; returns a summary dict."""
+    config = for_stage(config, model)
     validate(config, model, jax.device_count())
     stage = stage_config(config, model)
     workdir = Path(config.workdir) / model

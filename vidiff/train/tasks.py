@@ -34,7 +34,16 @@ def build(config, model: str, mesh):
 
 
 def vae_from_config(config) -> VideoVAE:
-    return VideoVAE(vae_preset(config.vae.preset, **dict(config.vae.overrides)))
+    return VideoVAE(vae_preset(config.vae.preset, **_tuples(config.vae.overrides)))
+
+
+def dit_overrides(config) -> dict:
+    return _tuples(config.dit.overrides)
+
+
+def _tuples(overrides) -> dict:
+    """Config overrides with JSON lists turned back into the tuples the frozen model configs hold."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(overrides).items()}
 
 
 def video_shape(config, batch: int | None = None) -> tuple[int, ...]:
@@ -153,13 +162,15 @@ def _tile(videos: np.ndarray) -> np.ndarray:
 
 
 def validation_clips(config) -> np.ndarray:
-    """``config.eval.num_clips`` fixed clips: the world's held-out combinations, or the data's eval split."""
+    """``config.eval.num_clips`` fixed clips: the world's held-out combinations (``eval.num_frames``
+    long, default the training length), or the data's eval split."""
     n = int(config.eval.num_clips)
     if config.data.source == "world":
         from vidiff.data.world import CaptionedWorld, WorldConfig
 
         world_fields = {k: v for k, v in dict(config.data.get("world", {})).items() if k != "held_out"}
-        world = CaptionedWorld(WorldConfig(num_frames=config.data.num_frames, size=config.data.size,
+        world = CaptionedWorld(WorldConfig(num_frames=config.eval.get("num_frames") or config.data.num_frames,
+                                           size=config.data.size,
                                            **{**world_fields, "held_out": "only", "seed": 12345}))
         return np.stack([world[i]["video"] for i in range(n)])
     from vidiff.data import record_stream
@@ -173,19 +184,27 @@ def validation_clips(config) -> np.ndarray:
 
 
 class DiTTask(Task):
-    """Rectified-flow velocity regression on VAE latents, text from a frozen encoder."""
+    """Rectified-flow velocity regression on VAE latents, text from a frozen encoder.
 
-    batch_keys = ("video", "text_tokens", "text_lengths", "pooled")
+    ``dit_train.latents = "on_the_fly"`` encodes each batch with the frozen VAE
+    and text encoder; ``"prepared"`` reads ``latents`` / ``text_embedding`` /
+    ``text_mask`` / ``text_pooled`` stored by ``vidiff prepare --latents``.
+    """
 
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
+        mode = config.dit_train.get("latents", "on_the_fly")
+        if mode not in ("on_the_fly", "prepared"):
+            raise ValueError(f"dit_train.latents={mode!r} must be 'on_the_fly' or 'prepared'")
+        self.prepared = mode == "prepared"
+        self.batch_keys = ("latents" if self.prepared else "video", "text_tokens", "text_lengths", "pooled")
         from vidiff.models.text import text_encoder
 
         self.text = text_encoder(config.text.encoder, max_length=config.text.max_length)
         self.vae = vae_from_config(config)
         self.dit = VideoDiT(dit_preset(config.dit.preset, **{
             "text_dim": self.text.dim, "pooled_dim": self.text.pooled_dim,
-            "latent_channels": self.vae.config.latent_channels, **dict(config.dit.overrides)}))
+            "latent_channels": self.vae.config.latent_channels, **dit_overrides(config)}))
         self.latent_shape = self.vae.config.latent_shape(video_shape(config, 1))[1:]
         tokens = int(np.prod([s // p for s, p in zip(self.latent_shape[:3], self.dit.config.patch)]))
         self.num_tokens = tokens
@@ -203,9 +222,20 @@ class DiTTask(Task):
         return self.dit.init(key, x, jnp.zeros((1,)), text, lengths, pooled)["params"]
 
     def host_arrays(self, raw: dict) -> dict:
-        emb = self.text.encode([str(c) for c in raw["caption"]])
-        return {"video": np.asarray(raw["video"]), "text_tokens": emb.tokens,
-                "text_lengths": emb.mask.sum(-1).astype(np.int32), "pooled": emb.pooled}
+        captions = [str(c) for c in raw["caption"]]
+        if not self.prepared:
+            emb = self.text.encode(captions)
+            return {"video": np.asarray(raw["video"]), "text_tokens": emb.tokens,
+                    "text_lengths": emb.mask.sum(-1).astype(np.int32), "pooled": emb.pooled}
+        tokens, mask = np.array(raw["text_embedding"], np.float32), np.array(raw["text_mask"], bool)
+        pooled = np.array(raw["text_pooled"], np.float32)
+        # Caption dropout blanks the caption after the embedding was stored: use the empty prompt's.
+        dropped = np.array([c == "" for c in captions])
+        if dropped.any():
+            empty = self.text.encode([""])
+            tokens[dropped], mask[dropped], pooled[dropped] = empty.tokens[0], empty.mask[0], empty.pooled[0]
+        return {"latents": np.asarray(raw["latents"], np.float32), "text_tokens": tokens,
+                "text_lengths": mask.sum(-1).astype(np.int32), "pooled": pooled}
 
     def latents(self, frozen, video, rng):
         video = video.astype(jnp.float32) / 127.5 - 1.0
