@@ -208,3 +208,23 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
     from_shards = _run(_command(workdir, "--config.data.source=array_record", f"--config.data.array_record_path={shards}",
                                 "--config.dit_train.latents=prepared", model="dit", steps=3))
     assert from_shards.returncode == 0, from_shards.stderr
+
+
+def test_train_step_ema_warms_up_and_bad_steps_keep_the_last_good_state():
+    import optax
+
+    from vidiff import parallel
+    from vidiff.train.state import create_state, make_train_step
+
+    mesh = parallel.make_mesh(data=1, devices=jax.devices()[:1])
+    init = lambda key: {"w": jnp.zeros((2,))}
+    tx = optax.sgd(1.0)
+    state, _ = create_state(init, tx, seed=0, mesh=mesh)
+    loss_fn = lambda p, batch, rng, frozen, step: (jnp.sum((p["w"] - batch["target"]) ** 2) / 2, {})
+    step = jax.jit(make_train_step(loss_fn, tx, ema_decay=0.999))
+    state, metrics = step(state, {"target": jnp.ones(2)}, {})
+    np.testing.assert_allclose(state.params["w"], 1.0)  # one SGD step onto the target
+    np.testing.assert_allclose(state.ema_params["w"], 0.9)  # decay min(0.999, 1/10) at step 0
+    state, metrics = step(state, {"target": jnp.array([jnp.nan, 0.0])}, {})
+    assert int(state.skipped) == 1 and int(state.first_bad_step) == 1 and int(state.step) == 2
+    np.testing.assert_allclose(state.params["w"], 1.0)  # the bad step changed nothing

@@ -9,6 +9,11 @@ and used for evaluation. Commands (CPU, from the repo root):
 Outputs land in ``workdir/world_tiny/{vae,dit}`` (checkpoints, metrics.jsonl,
 TensorBoard, sample gifs) and the exported model in ``workdir/world_tiny/export``.
 Override any field: ``--config.vae_train.steps=100``.
+
+Measured so far (2-core CPU, one device): the VAE stage runs at ~0.6 s per
+step (5-frame clips, batch 8), so 500 steps take ~5.5 min; at step 240 the
+training PSNR was ~19 dB, short of the 30 dB goal, so the VAE recipe (steps,
+learning rate, loss) is still being tuned and no end-to-end time is claimed yet.
 """
 import dataclasses
 
@@ -42,11 +47,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = dataclasses.asdict(DataConfig(source="world", num_frames=17, size=32, batch_size=16, caption_dropout=0.1,
                                            num_workers=0, world=dict(held_out="exclude")))
     c.text = dict(encoder="minilm", max_length=24)
-    c.vae = dict(preset="tiny", overrides=dict())  # 4x4x4 compression: 17x32x32x3 -> 5x8x8x4
+    # 4x4x4 compression (17x32x32x3 -> 5x8x8x4); 2x2 pixel folding keeps the full-resolution convs cheap on a CPU.
+    c.vae = dict(preset="tiny", overrides=dict(patch_size=2, spatial_down=(True, False)))
     c.vae_loss = dict(reconstruction="l1", kl_weight=1e-6, perceptual_weight=0.0, adversarial_weight=0.0)
     c.dit = dict(preset="tiny", overrides=dict())
     c.flow = dict(timestep_sampler="logit_normal", shift="auto", weighting="none")
-    c.vae_train = train_stage(1500, 2e-3, stats_batches=8)
+    # The causal, convolutional VAE trains on 5-frame clips (3.4x cheaper) and is evaluated on 17-frame ones.
+    c.vae_train = train_stage(500, 2e-3, stats_batches=8, data=dict(num_frames=5, batch_size=8))
     c.dit_train = train_stage(3000, 1e-3, latents="on_the_fly")  # or "prepared" (vidiff prepare --latents)
     c.eval = dict(num_clips=16, split="eval", num_frames=17)
     c.sample = dict(prompts=PROMPTS, steps=20, sampler="euler", guidance=4.0)

@@ -83,13 +83,19 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
-            ema_params=keep(ema_update(state.ema_params, params, ema_decay), state.ema_params),
+            ema_params=keep(ema_update(state.ema_params, params, _ema_decay(ema_decay, state.step)), state.ema_params),
             skipped=state.skipped + (~finite).astype(jnp.int32),
             first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step),
         )
         return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm}
 
     return step
+
+
+def _ema_decay(decay: float, step):
+    """EMA warm-up ``min(decay, (1 + step) / (10 + step))``: early on the average follows the
+    parameters closely instead of staying near the random init for ~1/(1 - decay) steps."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def jit_train_step(step: Callable, state_shardings, batch_shardings, frozen_shardings, mesh):
