@@ -168,10 +168,14 @@ def test_nonfinite_stops_naming_the_step_or_is_skipped(tmp_path):
 
 
 def test_cli_reports_config_errors_in_one_line(tmp_path):
-    result = _run(_command(tmp_path, "--config.data.num_frames=6"))
+    result = _run(_command(tmp_path, "--config.data.size=30"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "vidiff train: error: data.num_frames=6 must be 1 + k*4 (the VAE's time factor), e.g. 5"]
+        "vidiff train: error: data.size height=30 must be divisible by 4 (the VAE's spatial factor); use e.g. 32"]
+    # The VAE stage trains on its own clip length (vae_train.data), checked the same way.
+    result = _run(_command(tmp_path, "--config.vae_train.data.num_frames=6"))
+    assert result.returncode == 2
+    assert "data.num_frames=6 must be 1 + k*4 (the VAE's time factor), e.g. 5" in result.stderr
 
 
 @pytest.mark.slow

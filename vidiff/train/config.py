@@ -100,7 +100,7 @@ def validate(config, model: str, device_count: int) -> None:
         )
     size = config.data.size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
-    divisor = vae_cfg.spatial_factor
+    divisor, why = vae_cfg.spatial_factor, "the VAE's spatial factor"
     if model == "dit":
         if config.dit_train.get("latents") == "prepared" and config.data.source != "array_record":
             raise ValueError(
@@ -108,7 +108,7 @@ def validate(config, model: str, device_count: int) -> None:
                 f"--latents`), got data.source={config.data.source!r}"
             )
         dit_cfg = dit_preset(config.dit.preset, **dit_overrides(config))
-        divisor *= dit_cfg.patch[1]
+        divisor, why = divisor * dit_cfg.patch[1], "VAE spatial factor x DiT patch"
         latent_frames = 1 + (frames - 1) // vae_cfg.time_factor
         if latent_frames % dit_cfg.patch[0]:
             raise ValueError(
@@ -118,7 +118,7 @@ def validate(config, model: str, device_count: int) -> None:
     for name, value in (("height", height), ("width", width)):
         if value % divisor:
             raise ValueError(
-                f"data.size {name}={value} must be divisible by {divisor} (VAE spatial factor x DiT patch); "
+                f"data.size {name}={value} must be divisible by {divisor} ({why}); "
                 f"use e.g. {max(1, round(value / divisor)) * divisor}"
             )
     mesh = dict(config.mesh)
