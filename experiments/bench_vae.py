@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench_dit import strip_flags  # noqa: E402  (experiments/ is the script's own folder)
 from vidiff.models.vae import VideoVAE, decode_chunked, encode_chunked, vae_preset  # noqa: E402
 
 PEAK_RATIO_GOAL = 1.2
@@ -135,18 +136,6 @@ def run_isolated(argv: list[str], case: tuple, timeout: float) -> dict:
         return json.loads(lines[-1])
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
     return dict(base, status="oom" if is_oom(done.stderr) else "error", error=tail[:300])
-
-
-def strip_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
-    out, i = [], 0
-    while i < len(argv):
-        name = argv[i].split("=", 1)[0]
-        if name in flags:
-            i += 1 + (flags[name] if "=" not in argv[i] else 0)
-            continue
-        out.append(argv[i])
-        i += 1
-    return out
 
 
 def summaries(records: list[dict]) -> list[dict]:

@@ -160,13 +160,14 @@ def to_float(video) -> np.ndarray:
     return np.asarray(video, dtype=np.float32) / 127.5 - 1.0
 
 
-def _check_frames(frames) -> np.ndarray:
+def check_frames(frames, user: str = "vidiff.io") -> np.ndarray:
+    """``frames`` as ``uint8 (T, H, W, 3)`` (one ``(H, W, 3)`` image becomes T = 1), else a one-line error."""
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(
-            f"expected uint8 frames of shape (T, H, W, 3), got {frames.dtype} {frames.shape}; "
+            f"{user} expects uint8 frames of shape (T, H, W, 3), got {frames.dtype} {frames.shape}; "
             "convert model output with vidiff.io.to_uint8"
         )
     return frames
@@ -179,7 +180,7 @@ def write_video(path, frames, fps: float = 8.0, *, crf: int = 18) -> Path:
     ``.webm`` is VP9, ``.gif`` loops forever, ``.png`` takes a single frame.
     """
     path = Path(path)
-    frames = _check_frames(frames)
+    frames = check_frames(frames)
     suffix = path.suffix.lower()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +232,7 @@ def _write_av(path, frames, fps, crf, codec):
 
 def frame_grid(frames, columns: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
     """Tile ``(T, H, W, 3)`` frames into one ``(rows*H, cols*W, 3)`` image."""
-    frames = _check_frames(frames)
+    frames = check_frames(frames)
     t, h, w, _ = frames.shape
     columns = columns or min(t, 8)
     rows = math.ceil(t / columns)

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from vidiff.io import check_frames
 from vidiff.data.world import (
     BACKGROUND, COLORS, DIGITS, SHAPES, digit_images, rasterize_digits, sprite_mask,
 )
@@ -161,18 +162,6 @@ def readable_glyphs(side: int) -> dict[int, np.ndarray]:
     return readable
 
 
-def _check_frames(frames) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.ndim == 3:
-        frames = frames[None]
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(
-            f"score expects uint8 frames (T, H, W, 3), got {frames.dtype} {frames.shape}; "
-            "convert model output with vidiff.io.to_uint8"
-        )
-    return frames
-
-
 def _analyse(mask: np.ndarray, shapes: Sequence[str]) -> dict:
     """Shape, fill, direction and displacement of one object's ``bool (T, H, W)`` mask."""
     num_frames, height, width = mask.shape
@@ -250,7 +239,7 @@ def score(frames: np.ndarray, labels: dict, shapes: Sequence[str] | None = None)
       ``pixels`` for confusion tables. Multi-object results add ``objects``
       (the per-object results) and report the first object's ``predicted``.
     """
-    frames = _check_frames(frames)
+    frames = check_frames(frames, "score")
     objects = labels.get("objects")
     if objects is not None and len(objects) > 1:
         results = score_objects(frames, objects, shapes)
@@ -272,7 +261,7 @@ def score_objects(frames: np.ndarray, objects: Sequence[dict], shapes: Sequence[
     whose colour is among them is measured on it; the others take the largest
     colours left, so a wrong colour is reported as such with its shape and motion.
     """
-    frames = _check_frames(frames)
+    frames = check_frames(frames, "score")
     index = palette_index(frames)
     counts = np.bincount(index.ravel(), minlength=len(COLORS) + 1)[1:]
     present = [k for k in np.argsort(-counts, kind="stable") if counts[k] > 0 and counts[k] >= 0.1 * counts.max()]
