@@ -297,6 +297,10 @@ def _decode(vae, variables, z):
 
 def load_vae_variables(config) -> dict:
     """The trained VAE (EMA params + latent stats) exported into ``<workdir>/export`` by VAE training."""
+    if not (export_dir(config) / "vae.safetensors").is_file():
+        raise FileNotFoundError(
+            f"no trained VAE in {export_dir(config)}; train it first with the same config and --model vae"
+        )
     return load_vae(export_dir(config))
 
 
