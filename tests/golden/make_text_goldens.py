@@ -32,21 +32,9 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-CAPTIONS = [
-    "",
-    "a red ball bouncing on a wooden floor",
-    "A timelapse of clouds over snowy mountains at sunset.",
-    "two dogs play fetch",
-    "Drone shot: waves crash against black rocks; the camera pans right, revealing a lighthouse.",
-]
-TINY_CAPTIONS = [
-    "",
-    "a red ball bouncing on a wooden floor",
-    "timelapse of clouds over snowy mountains at sunset.",
-    "two dogs play fetch",
-    "a camera pans slowly over a city street at night , then zooms close up on a small red car "
-    "and a woman walking with two dogs in the snow",
-]
+# Shared with tests/test_text.py, so the tests feed the models exactly what the goldens saw.
+_CAPTION_SETS = json.loads((HERE / "captions.json").read_text())
+CAPTIONS, TINY_CAPTIONS = _CAPTION_SETS["minilm"], _CAPTION_SETS["tiny"]
 TINY_MAX_LENGTH = 24
 WORDS = (
     "a an the of on in at over under with and to is are then red blue green yellow white black ball dog dogs "
