@@ -374,3 +374,16 @@ def test_patch_size_folds_pixels_and_keeps_causality_and_chunking():
     np.testing.assert_allclose(encode_chunked(vae, variables, video, 4).mean, z, atol=1e-5)
     with pytest.raises(ValueError, match="patch_size=3 must be 1, 2 or 4"):
         vae_preset("tiny", patch_size=3)
+
+
+@pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2), (2, 1, 1), (1, 2, 2)])
+def test_conv3d_as_2d_matches_native_conv3d(strides):
+    from vidiff.models.vae import conv3d_as_2d
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 8, 5))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 5, 6))
+    padding = ((0, 0), (1, 1), (1, 1))
+    native = jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NTHWC", "THWIO", "NTHWC"))
+    folded = conv3d_as_2d(x, kernel, strides, padding)
+    assert folded.shape == native.shape
+    np.testing.assert_allclose(folded, native, atol=1e-4)

@@ -227,11 +227,38 @@ class CausalConv3d(nn.Module):
             self.features, self.kernel, strides=self.strides,
             padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
             dtype=self.dtype, param_dtype=jnp.float32,
+            conv_general_dilated=conv3d_as_2d if jax.default_backend() == "cpu" else None,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(), ("kernel_t", "kernel_h", "kernel_w", self.in_axis, self.out_axis)),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.out_axis,)),
             name="conv",
         )(x)
+
+
+def conv3d_as_2d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, precision=None):
+    """``lax.conv_general_dilated`` for a channels-last 3D conv with no time padding, done as one 2D conv.
+
+    The ``kt`` time taps of each output frame are stacked into channels, so the
+    kernel ``(kt, kh, kw, C, O)`` becomes ``(kh, kw, kt*C, O)``: the same sums,
+    but XLA:CPU runs 2D convolutions ~3x faster than 3D ones (forward and
+    backward). Accelerators keep the native 3D conv, which needs no stacked copy.
+    """
+    if feature_group_count != 1 or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+        raise ValueError("conv3d_as_2d supports plain convolutions only (no groups or dilation)")
+    (pad_t, *pad_hw) = padding
+    if tuple(pad_t) != (0, 0):
+        raise ValueError("conv3d_as_2d expects time padded by the caller (causal padding)")
+    kt, kh, kw, cin, cout = rhs.shape
+    st, sh, sw = window_strides
+    b, t = lhs.shape[:2]
+    out_t = (t - kt) // st + 1
+    taps = [lhs[:, i: i + st * (out_t - 1) + 1: st] for i in range(kt)]
+    x = jnp.concatenate(taps, axis=-1) if kt > 1 else taps[0]
+    kernel = rhs.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * cin, cout)  # channel i*C + c is tap i, channel c
+    y = jax.lax.conv_general_dilated(x.reshape(b * out_t, *x.shape[2:]), kernel, (sh, sw), pad_hw,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    return y.reshape(b, out_t, *y.shape[1:])
 
 
 class ChannelRMSNorm(nn.Module):
