@@ -4,7 +4,8 @@ Every parameter in vidiff is created with ``nn.with_logical_partitioning`` and
 every block-boundary activation passes ``nn.with_logical_constraint``, both
 using the logical names below. ``LOGICAL_RULES`` maps those names to the mesh
 axes ``data``, ``fsdp``, ``tensor`` and ``context``; changing the parallel
-layout means changing this table (or passing another one), never the models.
+layout means changing the mesh sizes (a config's ``mesh`` section or a preset
+in ``MESH_PRESETS``), never the models.
 
 Logical names
   parameters:  embed (model width), mlp (MLP hidden), heads, head_dim, vocab,
@@ -15,6 +16,12 @@ Logical names
                layers (a scanned stack of blocks), freq (sinusoid features)
   activations: batch, length (spacetime tokens), text_length, act_embed,
                act_heads, act_mlp, time, height, width, channels
+
+Across hosts (``jax.process_count() > 1``) the mesh is hybrid: each process's
+devices form the fast (ICI / NVLink) part and processes are laid out along the
+slow (DCN) axis, by default ``data`` (gradient all-reduce is the only traffic
+that crosses hosts), so ``fsdp`` / ``tensor`` / ``context`` collectives stay
+inside a host.
 """
 from __future__ import annotations
 
@@ -24,9 +31,18 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
+
+# Named layouts; any size can still be overridden (e.g. fsdp_tensor with tensor=4).
+MESH_PRESETS: dict[str, dict[str, int]] = {
+    "dp": dict(data=-1, fsdp=1, tensor=1, context=1),  # replicated params, batch split
+    "fsdp": dict(data=1, fsdp=-1, tensor=1, context=1),  # ZeRO-3: params, grads, optimizer state sharded
+    "fsdp_tensor": dict(data=1, fsdp=-1, tensor=2, context=1),  # + Megatron-style heads / MLP split
+    "fsdp_context": dict(data=1, fsdp=-1, tensor=1, context=2),  # + spacetime tokens split (long clips)
+}
 
 # Logical name -> mesh axis (or axes, or None = replicated). A name whose mesh
 # axis has size 1 costs nothing, so one table serves every layout.
@@ -61,39 +77,117 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def mesh_sizes(spec: str | Mapping | None = None, **overrides) -> dict[str, int]:
+    """Axis sizes from a preset name, ``"d,f,t,c"``, ``"fsdp=4,tensor=2"`` or a mapping (``preset`` key allowed).
+
+    Sizes not given are 1 (``data`` is -1, the rest, when nothing else is); ``overrides`` win.
+    """
+    if spec is None:
+        given = {}
+    elif isinstance(spec, str):
+        given = _parse_mesh_text(spec.strip())
+    else:
+        given = {k: v for k, v in dict(spec).items() if k != "dcn"}
+    preset = given.pop("preset", None)
+    if preset is not None:
+        if preset not in MESH_PRESETS:
+            raise ValueError(f"mesh.preset: unknown {preset!r}; valid: {sorted(MESH_PRESETS)}")
+        given = {**MESH_PRESETS[preset], **given}
+    given.update(overrides)
+    unknown = sorted(set(given) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh: unknown axes {unknown}; valid: {list(MESH_AXES)} (and preset, dcn)")
+    if not given:
+        return dict(MESH_PRESETS["dp"])
+    return {a: int(given.get(a, 1)) for a in MESH_AXES}
+
+
+def _parse_mesh_text(text: str) -> dict:
+    if text in MESH_PRESETS:
+        return {"preset": text}
+    try:
+        if "=" in text:
+            pairs = (item.split("=") for item in text.split(","))
+            return {k.strip(): (v.strip() if k.strip() == "preset" else int(v)) for k, v in pairs}
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(MESH_AXES):
+        raise ValueError(f"mesh: {text!r} is not a preset {sorted(MESH_PRESETS)}, 'data,fsdp,tensor,context' sizes "
+                         "or 'axis=size,...'; e.g. --mesh fsdp or --mesh 1,4,2,1")
+    return dict(zip(MESH_AXES, values))
+
+
+def resolve_sizes(sizes: Mapping[str, int], device_count: int) -> dict[str, int]:
+    """Replace the one -1 by the rest of ``device_count``; one-line ``ValueError`` naming ``mesh.*`` otherwise."""
+    sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: only one axis may be -1, got {['mesh.' + k for k in free]}; give the others sizes")
+    if any(v == 0 or v < -1 for v in sizes.values()):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {sizes}; fix the mesh.* sizes")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if device_count % known:
+            raise ValueError(
+                f"mesh: {device_count} devices are not divisible by the fixed axes {sizes} (product {known}); "
+                "change the mesh.* sizes so their product divides the device count"
+            )
+        sizes[free[0]] = device_count // known
+    if math.prod(sizes.values()) != device_count:
+        raise ValueError(
+            f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())} but there are {device_count} devices; "
+            f"set one of mesh.data/fsdp/tensor/context to -1 or make the product {device_count}"
+        )
+    return sizes
+
+
+def default_dcn(sizes: Mapping[str, int], processes: int) -> dict[str, int]:
+    """Processes along ``data`` if it divides, else ``fsdp``: the axes whose traffic tolerates slow links."""
+    for axis in ("data", "fsdp"):
+        if sizes[axis] % processes == 0:
+            return {axis: processes}
+    raise ValueError(
+        f"mesh: {processes} processes must split mesh.data ({sizes['data']}) or mesh.fsdp ({sizes['fsdp']}); "
+        "make one a multiple of the process count, or give mesh.dcn explicitly"
+    )
+
+
 def make_mesh(
     data: int = -1,
     fsdp: int = 1,
     tensor: int = 1,
     context: int = 1,
     devices: Sequence[jax.Device] | None = None,
+    dcn: Mapping[str, int] | None = None,
 ) -> Mesh:
-    """A ``Mesh`` with axes (data, fsdp, tensor, context); one size may be -1 (the rest).
+    """A ``Mesh`` with axes (data, fsdp, tensor, context) and Auto axis types; one size may be -1 (the rest).
 
-    Raises a one-line ``ValueError`` naming the sizes when they do not fit the devices.
+    With devices of several processes the device order is hybrid ICI x DCN
+    (``dcn``: per-axis process counts, default :func:`default_dcn`). Raises a
+    one-line ``ValueError`` naming the ``mesh.*`` sizes when they do not fit.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = dict(data=data, fsdp=fsdp, tensor=tensor, context=context)
-    free = [k for k, v in sizes.items() if v == -1]
-    if len(free) > 1:
-        raise ValueError(f"mesh: only one axis may be -1, got {free}; give explicit sizes for the others")
-    known = math.prod(v for v in sizes.values() if v != -1)
-    if any(v == 0 or v < -1 for v in sizes.values()):
-        raise ValueError(f"mesh: axis sizes must be positive or -1, got {sizes}")
-    if free:
-        if len(devices) % known:
-            raise ValueError(
-                f"mesh: {len(devices)} devices are not divisible by the fixed axes {sizes} (product {known}); "
-                "change mesh sizes so their product divides the device count"
-            )
-        sizes[free[0]] = len(devices) // known
-    if math.prod(sizes.values()) != len(devices):
-        raise ValueError(
-            f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())} but there are {len(devices)} devices; "
-            "set one axis to -1 or make the product equal the device count"
-        )
+    sizes = resolve_sizes(dict(data=data, fsdp=fsdp, tensor=tensor, context=context), len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    processes = len({d.process_index for d in devices})
+    if processes > 1:
+        dcn = {a: int(v) for a, v in (dcn or default_dcn(sizes, processes)).items()}
+        dcn_shape = tuple(dcn.get(a, 1) for a in MESH_AXES)
+        if math.prod(dcn_shape) != processes or any(s % d for s, d in zip(shape, dcn_shape)):
+            raise ValueError(f"mesh.dcn: {dcn} must multiply to the {processes} processes and divide the sizes {sizes}")
+        ici_shape = tuple(s // d for s, d in zip(shape, dcn_shape))
+        array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, process_is_granule=True)
+    else:
+        array = np.asarray(devices).reshape(shape)
+    # Auto axes: GSPMD propagates shardings from the logical constraints (Explicit would not).
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_from_config(mesh_config: Mapping | str | None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh a config's ``mesh`` section asks for: sizes, an optional ``preset`` and optional ``dcn``."""
+    dcn = None if isinstance(mesh_config, (str, type(None))) else dict(mesh_config).get("dcn")
+    return make_mesh(**mesh_sizes(mesh_config), devices=devices, dcn=dict(dcn) if dcn else None)
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
@@ -113,6 +207,25 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def device_batch(local: Mapping, mesh: Mesh) -> dict:
+    """This process's rows of a batch (host arrays) -> global arrays sharded over the data axes.
+
+    The global batch is the concatenation of every process's rows, in process order.
+    """
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in local.items()}
+
+
+def gather(tree):
+    """Every leaf as a full numpy array on every process (a collective: call it on all processes),
+    e.g. parameters for export or samples to save on process 0."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def axis_rules(rules: Mapping | Sequence = LOGICAL_RULES):

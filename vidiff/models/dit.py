@@ -29,8 +29,10 @@ import numpy as np
 from einops import rearrange
 from flax import linen as nn
 
+from vidiff.models import context_attention  # noqa: F401  (registers the "ulysses" and "ring" attention_impl)
 from vidiff.models.layers import (Attention, JointAttention, Mlp, Modulation, ProjectionMLP, TimestepEmbedder,
-                                  dense, layer_norm, modulate, resolve_attention_impl, rope_3d, rope_axis_dims)
+                                  dense, layer_norm, local_attention_impl, modulate, resolve_attention_impl, rope_3d,
+                                  rope_axis_dims)
 
 VIDEO_AXES = ("batch", "length", "act_embed")
 TEXT_AXES = ("batch", "text_length", "act_embed")
@@ -60,7 +62,9 @@ class DiTConfig:
     text_mode: str = "cross"  # "cross": cross-attention | "joint": MM-DiT joint attention
     rope_fractions: tuple[float, float, float] = (0.25, 0.375, 0.375)  # head_dim split (t, h, w)
     rope_theta: float = 10000.0
-    attention_impl: str | None = None  # None: cuDNN flash on GPU (bf16), XLA otherwise; see layers.attention
+    # None: cuDNN flash on GPU (bf16), XLA otherwise; "ulysses" | "ring": self-attention split over the mesh's
+    # context axis (vidiff.models.context_attention); cross-attention to text then stays local.
+    attention_impl: str | None = None
     remat_policy: str = "none"  # "none" | "block" | "dots"
     # nn.scan over blocks: one compiled block (XL: ~3x faster compile), params get a leading 'layers' axis.
     # Scanned blocks keep every residual, so pair scan with remat for big models.
@@ -271,7 +275,8 @@ class DiTBlock(nn.Module):
             y = modulate(norm(x), shift_a, scale_a)
             x = x + gate_a * Attention(name="self_attn", **attn_kw)(y, rope=ctx["rope"], segment_ids=ctx["segment_ids"])
             # Ungated, as in the peer (PixArt-style); its zero output projection keeps the block an identity at init.
-            x = x + Attention(zero_out=True, name="cross_attn", **attn_kw)(
+            cross_kw = {**attn_kw, "implementation": local_attention_impl(cfg.attention_impl)}
+            x = x + Attention(zero_out=True, name="cross_attn", **cross_kw)(
                 norm(x), txt, mask=ctx["text_mask"], kv_lengths=ctx["text_lengths"],
                 segment_ids=ctx["cross_segment_ids"], kv_segment_ids=ctx["text_segment_ids"])
         else:

@@ -28,15 +28,29 @@ Dtype = Any
 # --------------------------------------------------------------------------- attention core
 
 # name -> fn(q, k, v, *, mask, kv_lengths, segment_ids, kv_segment_ids) -> out. Context-parallel
-# attention registers itself here so models only ever pass a string.
+# attention (vidiff.models.context_attention: "ulysses", "ring") registers itself here so models
+# only ever pass a string.
 _ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {}
+# name -> the implementation to use for attention between two different sequences (cross-attention
+# to text), which context parallelism leaves local.
+_LOCAL_IMPLS: dict[str, str | None] = {}
 
 
-def register_attention_impl(name: str, fn: Callable[..., jax.Array]) -> None:
-    """Make ``attention(..., implementation=name)`` call ``fn`` (same keyword arguments as :func:`attention`)."""
+def register_attention_impl(name: str, fn: Callable[..., jax.Array], *, local: str | None = "self") -> None:
+    """Make ``attention(..., implementation=name)`` call ``fn`` (same keyword arguments as :func:`attention`).
+
+    ``local``: what :func:`local_attention_impl` maps ``name`` to: ``"self"`` (``fn`` is fine for
+    cross-attention too), or another implementation name / None (auto) for sequence-parallel ``fn``.
+    """
     if name in ("xla", "cudnn"):
         raise ValueError(f"attention implementation name {name!r} is reserved for jax.nn.dot_product_attention")
     _ATTENTION_IMPLS[name] = fn
+    _LOCAL_IMPLS[name] = name if local == "self" else local
+
+
+def local_attention_impl(implementation: str | None) -> str | None:
+    """The implementation cross-attention uses when self-attention uses ``implementation``."""
+    return _LOCAL_IMPLS.get(implementation, implementation)
 
 
 def resolve_attention_impl(implementation: str | None, dtype: Dtype, head_dim: int) -> str:
