@@ -12,11 +12,13 @@ the whole loop jits to a single program. A velocity function has the signature
   second step on by reusing the previous data prediction.
 
 Known frames (image-to-video, extension, connection) are held at their clean
-latents throughout: the model was trained to see them clean.
+latents throughout: the model was trained to see them clean. A ``tie`` holds
+target frames at the current clean estimate of source frames instead (loops:
+the frame after the last is the second one, see ``vidiff.pipeline``).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,10 +76,19 @@ def sample(
     t_start: float = 1.0,
     known_latents=None,
     known_mask=None,
+    tie: tuple[Sequence[int], Sequence[int]] | None = None,
+    progress: Callable[[jax.Array], None] | None = None,
 ):
     """Integrate from ``x_start`` (noise, or noised input at ``t_start``) to ``t = 0``.
 
     ``known_mask (B, t)`` marks latent frames fixed to ``known_latents``.
+    ``tie = (targets, sources)``: after every step latent frame ``targets[i]``
+    is set to the current clean estimate ``x0 = x - t v`` of frame
+    ``sources[i]`` (both generated, so the constraint moves with the sample);
+    targets hold 0, the mean of normalised latents, until the first estimate,
+    and equal their sources exactly at the end. Put targets in the model's
+    conditioning mask too, so it treats them as given.
+    ``progress(step)`` runs on the host after each step (``jax.debug.callback``).
     Deterministic: all randomness is in ``x_start``.
     """
     if sampler not in SAMPLERS:
@@ -89,22 +100,36 @@ def sample(
         clamp = lambda x: x
     else:
         keep = known_mask.astype(bool)[:, :, None, None, None]
-        clamp = lambda x: jnp.where(keep, known_latents.astype(x.dtype), x)
+        known = jnp.zeros_like(x_start) if known_latents is None else known_latents.astype(x_start.dtype)
+        clamp = lambda x: jnp.where(keep, known, x)
+    targets, sources = (list(tie[0]), list(tie[1])) if tie else ([], [])
+
+    def constrain(x, x0):
+        """Known frames and ties, given the step's clean estimate ``x0``."""
+        x = clamp(x)
+        return x.at[:, targets].set(x0[:, sources]) if targets else x
+
+    def report(i, x):
+        if progress is not None:
+            jax.debug.callback(progress, i)
+        return x
 
     def velocity(x, t):
         return velocity_fn(x, jnp.full((batch,), t, x.dtype)).astype(x.dtype)
 
     def euler_step(i, x):
         t, t_next = ts[i], ts[i + 1]
-        return clamp(x + (t_next - t) * velocity(x, t))
+        v = velocity(x, t)
+        return report(i, constrain(x + (t_next - t) * v, predict_x0(x, v, t)))
 
     def heun_step(i, x):
         t, t_next = ts[i], ts[i + 1]
         v = velocity(x, t)
-        x_euler = clamp(x + (t_next - t) * v)
+        x0 = predict_x0(x, v, t)
+        x_euler = constrain(x + (t_next - t) * v, x0)
         # The last step ends at t = 0, where a second evaluation adds nothing.
         v_next = jax.lax.cond(t_next > 0, lambda: velocity(x_euler, t_next), lambda: v)
-        return clamp(x + (t_next - t) * 0.5 * (v + v_next))
+        return report(i, constrain(x + (t_next - t) * 0.5 * (v + v_next), x0))
 
     def dpmpp_2m_step(i, carry):
         x, x0_prev, h_prev = carry
@@ -116,15 +141,20 @@ def sample(
         d = jnp.where(second_order, (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev, x0)
         # x_{next} = (sigma_next / sigma) x - alpha_next (exp(-h) - 1) D; at t_next = 0 this is D.
         x_next = jnp.where(t_next > 0, (t_next / t) * x - (1 - t_next) * jnp.expm1(-h) * d, d)
-        return clamp(x_next), x0, h
+        return report(i, constrain(x_next, x0)), x0, h
 
     x = clamp(x_start)
+    if targets:
+        x = x.at[:, targets].set(0.0)
     if sampler == "euler":
-        return jax.lax.fori_loop(0, steps, euler_step, x)
-    if sampler == "heun":
-        return jax.lax.fori_loop(0, steps, heun_step, x)
-    init = (x, jnp.zeros_like(x), jnp.ones((), x.dtype))
-    return jax.lax.fori_loop(0, steps, dpmpp_2m_step, init)[0]
+        x = jax.lax.fori_loop(0, steps, euler_step, x)
+    elif sampler == "heun":
+        x = jax.lax.fori_loop(0, steps, heun_step, x)
+    else:
+        init = (x, jnp.zeros_like(x), jnp.ones((), x.dtype))
+        x = jax.lax.fori_loop(0, steps, dpmpp_2m_step, init)[0]
+    # The last estimate of a source can differ from where the solver ended (DPM++ extrapolates).
+    return x.at[:, targets].set(x[:, sources]) if targets else x
 
 
 def _log_snr(t):
