@@ -152,3 +152,15 @@ def test_world_source_through_the_pipeline():
     assert batch["video"].shape == (2, 5, 16, 16, 3) and all(isinstance(c, str) and c for c in batch["caption"])
     eval_batch = next(iter(make_pipeline(cfg, split="eval")))
     assert not np.array_equal(batch["video"], eval_batch["video"])
+
+
+def test_image_fraction_cuts_clips_to_single_frames_in_the_image_bucket():
+    cfg = config(buckets=["4x8x8", "1x8x8"], image_fraction=0.5, num_epochs=4, drop_remainder=False)
+    shapes = [b["video"].shape for b in make_pipeline(cfg, source=TinyClips(shapes=((12, 16, 16),)))]
+    images = [s for s in shapes if s[1] == 1]
+    assert {s[1:] for s in shapes} == {(4, 8, 8, 3), (1, 8, 8, 3)}
+    assert 0.3 < len(images) / len(shapes) < 0.7  # 96 clips, each an image with probability 1/2
+    frames = [b["labels"]["index"] for b in make_pipeline(cfg, source=TinyClips(shapes=((12, 16, 16),)))]
+    assert sum(len(f) for f in frames) == 96, "no clip is lost by becoming an image"
+    with pytest.raises(ValueError, match=r"data.image_fraction=0.5 is invalid; add a 1-frame image bucket"):
+        config(image_fraction=0.5)

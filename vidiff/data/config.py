@@ -35,6 +35,7 @@ class DataConfig:
     seed: int = 0
     num_epochs: int | None = None  # None repeats forever
     caption_dropout: float = 0.0  # probability of replacing the caption by "" (classifier-free guidance)
+    image_fraction: float = 0.0  # joint image + video: share of clips cut to one frame (needs a 1-frame bucket)
     # Parallelism: mp_prefetch worker processes, and reader threads per process.
     num_workers: int = 0
     worker_buffer_size: int = 2
@@ -116,6 +117,9 @@ class DataConfig:
         need(_int(self.batch_size) and self.batch_size >= 1, "batch_size", "use an int >= 1")
         need(self.num_epochs is None or (_int(self.num_epochs) and self.num_epochs >= 1), "num_epochs", "use an int >= 1, or None to repeat forever")
         need(_num(self.caption_dropout) and 0 <= self.caption_dropout <= 1, "caption_dropout", "use a probability in [0, 1]")
+        need(_num(self.image_fraction) and 0 <= self.image_fraction <= 1, "image_fraction", "use a fraction in [0, 1]")
+        need(self.image_fraction == 0 or any(b[0] == 1 for b in self.bucket_list()), "image_fraction",
+             "add a 1-frame image bucket, e.g. data.buckets=['17x32x32', '1x32x32']")
         need(_int(self.num_workers) and self.num_workers >= 0, "num_workers", "use an int >= 0 (0 = no worker processes)")
         need(_int(self.worker_buffer_size) and self.worker_buffer_size >= 1, "worker_buffer_size", "use an int >= 1")
         need(_int(self.read_threads) and self.read_threads >= 0, "read_threads", "use an int >= 0")

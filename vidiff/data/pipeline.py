@@ -29,7 +29,7 @@ from vidiff.data import sources
 from vidiff.data.batching import BucketBatch, batch_records
 from vidiff.data.config import DataConfig
 from vidiff.data.skips import CountSkips, EndOfStream, SkipLedger
-from vidiff.data.transforms import BucketWindow, CaptionDropout, ResizeCrop, Tokenize
+from vidiff.data.transforms import BucketWindow, CaptionDropout, ResizeCrop, SampleImages, Tokenize
 
 log = logging.getLogger("vidiff.data")
 
@@ -146,6 +146,8 @@ def record_stream(config: Any, *, split: str = "train", process_index: int | Non
         ds = ds.shuffle()
     ds = ds.repeat(config.num_epochs)
     ds = ds.random_map(first_stage)
+    if config.image_fraction > 0:
+        ds = ds.random_map(SampleImages(buckets, config.image_fraction))
     ds = ds.random_map(ResizeCrop(buckets, config.crop))
     ds = ds.random_map(CaptionDropout(config.caption_dropout))
     if tokenize is not None:

@@ -156,6 +156,33 @@ class BucketWindow(grain.transforms.RandomMap):
         return out
 
 
+def image_buckets(buckets: Sequence[Bucket]) -> list[int]:
+    """Indices of the 1-frame (image) buckets."""
+    return [i for i, (frames, _, _) in enumerate(buckets) if frames == 1]
+
+
+@dataclasses.dataclass
+class SampleImages(grain.transforms.RandomMap):
+    """Joint image + video training: with probability ``fraction`` a clip becomes one random frame.
+
+    The frame goes to the 1-frame bucket nearest its clip's aspect ratio, so
+    images batch with images and the causal VAE encodes them like frame 0.
+    """
+
+    buckets: Sequence[Bucket]
+    fraction: float
+
+    def random_map(self, record, rng: np.random.Generator):
+        if isinstance(record, Skip) or not (self.fraction > 0 and rng.random() < self.fraction):
+            return record
+        video = record["video"]
+        candidates = [self.buckets[i] for i in image_buckets(self.buckets)]
+        out = dict(record)
+        out["video"] = video[int(rng.integers(0, len(video)))][None]
+        out["bucket"] = np.int32(self.buckets.index(candidates[nearest_bucket(candidates, *video.shape[1:3], 1, 1)]))
+        return out
+
+
 @dataclasses.dataclass
 class ResizeCrop(grain.transforms.RandomMap):
     """Resize the shorter side and crop each clip to its bucket's ``(height, width)``."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from vidiff import io, parallel
 from vidiff.diffusion import flow_loss, shift_for_tokens
+from vidiff.diffusion.conditioning import mode_probabilities, sample_condition_masks
 from vidiff.diffusion.generate import sample_latents, text_context
 from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.vae import VideoVAE, compute_latent_stats, set_latent_stats, vae_preset
@@ -197,6 +198,9 @@ class DiTTask(Task):
         if mode not in ("on_the_fly", "prepared"):
             raise ValueError(f"dit_train.latents={mode!r} must be 'on_the_fly' or 'prepared'")
         self.prepared = mode == "prepared"
+        condition = config.dit_train.get("condition")
+        self.condition = dict(condition) if condition else None
+        mode_probabilities(self.condition)  # a bad mode name fails here, before anything compiles
         self.batch_keys = ("latents" if self.prepared else "video", "text_tokens", "text_lengths", "pooled")
         from vidiff.models.text import text_encoder
 
@@ -246,7 +250,8 @@ class DiTTask(Task):
     def loss_fn(self, params, batch, rng, frozen, step):
         key_vae, key_flow = jax.random.split(rng)
         x0 = batch["latents"] if "latents" in batch else self.latents(frozen, batch["video"], key_vae)
-        return dit_flow_loss(self.dit, params, x0, batch, key_flow, self.config.flow, self.shift)
+        return dit_flow_loss(self.dit, params, x0, batch, key_flow, self.config.flow, self.shift,
+                             condition=self.condition)
 
     def tokens_per_batch(self, config) -> int:
         return self.num_tokens * int(config.data.batch_size)
@@ -263,18 +268,26 @@ class DiTTask(Task):
         return {}
 
 
-def dit_flow_loss(dit: VideoDiT, params, x0, text: dict, rng, flow, shift: float):
+def dit_flow_loss(dit: VideoDiT, params, x0, text: dict, rng, flow, shift: float, condition=None):
     """The DiT's training loss on clean normalised latents ``x0`` (the step ``vidiff train`` and the benchmarks run).
 
     ``text`` holds ``text_tokens (B, L, D)``, ``text_lengths (B,)`` and ``pooled (B, D')``.
+    ``condition``: probabilities of the prompting modes (``vidiff.diffusion.conditioning``);
+    the drawn known frames are given clean and left out of the loss.
     """
+    key_mask, key_flow = jax.random.split(rng)
+    known = None
+    if condition is not None and dit.config.conditioning_frames:
+        known = sample_condition_masks(key_mask, x0.shape[0], x0.shape[1], condition)
 
     def velocity(x, t):
-        return dit.apply({"params": params}, x, t, text["text_tokens"], text["text_lengths"], text["pooled"])
+        return dit.apply({"params": params}, x, t, text["text_tokens"], text["text_lengths"], text["pooled"],
+                         cond_latents=None if known is None else x0, cond_mask=known)
 
-    loss, _ = flow_loss(velocity, x0, rng, timestep_sampler=flow.timestep_sampler, shift=shift,
-                        weighting=flow.weighting)
-    return loss, {}
+    loss, _ = flow_loss(velocity, x0, key_flow, timestep_sampler=flow.timestep_sampler, shift=shift,
+                        weighting=flow.weighting, known_frames=known)
+    metrics = {} if known is None else {"known_frames": jnp.mean(known)}
+    return loss, metrics
 
 
 def generate(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:

@@ -1,0 +1,44 @@
+"""Random conditioning masks for the prompting modes (vidiff.diffusion.conditioning)."""
+import jax
+import numpy as np
+import pytest
+
+from vidiff.diffusion.conditioning import MODES, mode_probabilities, sample_condition_masks
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_draws_its_pattern(mode):
+    masks = np.asarray(sample_condition_masks(jax.random.key(0), 256, 5, {mode: 1.0}))
+    assert masks.shape == (256, 5)
+    assert masks.sum(1).max() <= 4, "every clip keeps a frame to predict"
+    known = masks.astype(bool)
+    if mode == "none":
+        assert not known.any()
+    elif mode == "first_frame":
+        assert (known == np.array([1, 0, 0, 0, 0], bool)).all()
+    elif mode == "first_k":
+        k = known.sum(1)
+        assert set(k) == {1, 2, 3, 4}
+        assert all(row[:n].all() and not row[n:].any() for row, n in zip(known, k))
+    elif mode == "last_k":
+        k = known.sum(1)
+        assert set(k) == {1, 2, 3, 4}
+        assert all(row[5 - n:].all() and not row[:5 - n].any() for row, n in zip(known, k))
+    elif mode == "first_last":
+        assert (known == np.array([1, 0, 0, 0, 1], bool)).all()
+    else:
+        assert 0.35 < masks.mean() < 0.55 and len({tuple(r) for r in known}) > 10
+
+
+def test_mode_mixture_follows_probabilities_and_images_are_never_conditioned():
+    masks = np.asarray(sample_condition_masks(jax.random.key(1), 4000, 5, {"none": 0.5, "first_frame": 0.5}))
+    assert abs(masks[:, 0].mean() - 0.5) < 0.03 and masks[:, 1:].sum() == 0
+    assert np.asarray(sample_condition_masks(jax.random.key(1), 8, 1, {"first_frame": 1.0})).sum() == 0
+    assert np.allclose(mode_probabilities(None), [1, 0, 0, 0, 0, 0])
+
+
+def test_bad_modes_fail_with_the_field_name():
+    with pytest.raises(ValueError, match="dit_train.condition has unknown mode.*'first'"):
+        mode_probabilities({"first": 1.0})
+    with pytest.raises(ValueError, match="positive sum"):
+        mode_probabilities({"none": 0.0})
