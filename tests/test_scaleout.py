@@ -1,0 +1,203 @@
+"""Scale-out equivalence on the 8 virtual CPU devices: every parallel layout gives one device's numbers.
+
+For a tiny DiT (the rectified-flow training loss of ``vidiff train``) and a tiny VAE
+(reconstruction + KL), the loss and every parameter gradient under data parallel, FSDP,
+FSDP + tensor and FSDP + context (Ulysses and ring attention) match a single device.
+Tolerances achieved (float32, XLA:CPU, jax 0.10.2): loss relative error <= ~1e-6, gradient
+error <= ~1e-6 of the largest gradient entry; asserted at 1e-5 (``LOSS_RTOL`` / ``GRAD_TOL``).
+"""
+import dataclasses
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from vidiff import parallel
+from vidiff.models import context_attention  # noqa: F401  (registers "ulysses" and "ring")
+from vidiff.models import layers
+from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+from vidiff.models.vae import VideoVAE, vae_preset
+from vidiff.models.vae_losses import VAELossConfig, vae_loss
+from vidiff.train.tasks import dit_flow_loss
+
+LOSS_RTOL = 1e-5
+GRAD_TOL = 1e-5  # max |g - g_ref| relative to max |g_ref|, per parameter tensor
+DIT = dit_preset("tiny", depth=1, text_dim=32, pooled_dim=32)  # width 64, 4 heads
+# LLVM -O0: halves XLA:CPU compile time, which is nearly all of these tests' time.
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+FLOW = types.SimpleNamespace(timestep_sampler="logit_normal", weighting="none")
+# layout name -> (mesh sizes, attention_impl)
+DIT_LAYOUTS = {
+    "dp": (dict(data=8), None),
+    "fsdp": (dict(data=1, fsdp=8), None),
+    "fsdp_tensor": (dict(data=1, fsdp=4, tensor=2), None),
+    "fsdp_context_ulysses": (dict(data=1, fsdp=4, context=2), "ulysses"),
+    "fsdp_context_ring": (dict(data=2, fsdp=1, context=4), "ring"),
+}
+# What each context-parallel implementation must put in the compiled program.
+COLLECTIVE = {"ulysses": "all-to-all", "ring": "collective-permute"}
+
+
+def _host_params(abstract, seed):
+    """Random training-like parameters drawn on the host (no init to compile): kernels ~ 1/sqrt(fan-in),
+    norm scales near 1, every bias and zero-initialised output layer off zero. Returns values + logical specs."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        shape, name = leaf.value.shape, jax.tree_util.keystr(path)
+        noise = rng.standard_normal(shape).astype(np.float32)
+        if "scale" in name:
+            return 1.0 + 0.1 * noise
+        fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 100
+        return noise / np.sqrt(fan_in)
+
+    boxed = abstract["params"]
+    values = jax.tree_util.tree_map_with_path(draw, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return {"values": values, "specs": nn.get_partition_spec(abstract)["params"]}
+
+
+def _value_and_grad(loss, params, batch, sizes, devices=None):
+    """Loss and gradients with params and batch sharded as the logical rules say on a mesh of ``sizes``.
+
+    Returns ``(loss, grads, compiled HLO text, param shardings)``.
+    """
+    mesh = parallel.make_mesh(**sizes, devices=devices)
+    shardings = parallel.logical_to_sharding(params["specs"], mesh)
+    batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+    with jax.set_mesh(mesh), parallel.axis_rules():
+        fn = jax.jit(jax.value_and_grad(loss), in_shardings=(shardings, batch_shardings),
+                     out_shardings=(parallel.replicated(mesh), shardings))
+        p = jax.device_put(params["values"], shardings)
+        b = {k: jax.device_put(v, batch_shardings[k]) for k, v in batch.items()}
+        compiled = fn.lower(p, b).compile(COMPILER_OPTIONS)
+        value, grads = compiled(p, b)
+    return float(value), jax.device_get(grads), compiled.as_text(), shardings
+
+
+def _assert_same(got, want, name):
+    loss, grads = got
+    ref_loss, ref_grads = want
+    assert loss == pytest.approx(ref_loss, rel=LOSS_RTOL), (name, loss, ref_loss)
+    worst = 0.0
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        r = _leaf(ref_grads, path)
+        err = float(np.max(np.abs(g - r)) / max(np.max(np.abs(r)), 1e-12))
+        worst = max(worst, err)
+        assert err <= GRAD_TOL, (name, jax.tree_util.keystr(path), err)
+    return worst
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+# --------------------------------------------------------------------------- DiT
+
+
+@functools.lru_cache(maxsize=None)
+def _dit_setup(text_mode="cross"):
+    cfg = dataclasses.replace(DIT, text_mode=text_mode)
+    params = _host_params(jax.eval_shape(VideoDiT(cfg).init, jax.random.key(0), *dummy_inputs(cfg)), seed=1)
+    rng = np.random.default_rng(0)
+    batch = {  # 8 clips of 3x4x4 latents = 12 tokens each; captions of 2..6 valid tokens out of 6
+        "latents": rng.standard_normal((8, 3, 4, 4, cfg.latent_channels)).astype(np.float32),
+        "text_tokens": rng.standard_normal((8, 6, cfg.text_dim)).astype(np.float32),
+        "text_lengths": rng.integers(2, 7, size=8).astype(np.int32),
+        "pooled": rng.standard_normal((8, cfg.pooled_dim)).astype(np.float32),
+    }
+    return cfg, params, batch
+
+
+def _dit_loss(cfg):
+    dit = VideoDiT(cfg)
+
+    def loss(params, batch):
+        return dit_flow_loss(dit, params, batch["latents"], batch, jax.random.key(3), FLOW, shift=1.0)[0]
+
+    return loss
+
+
+@functools.lru_cache(maxsize=None)
+def _dit_reference(text_mode="cross"):
+    cfg, params, batch = _dit_setup(text_mode)
+    value, grads, _, _ = _value_and_grad(_dit_loss(cfg), params, batch, dict(data=1), devices=jax.devices()[:1])
+    return value, grads
+
+
+@pytest.mark.parametrize("layout", list(DIT_LAYOUTS))
+def test_dit_layout_matches_one_device(layout):
+    sizes, impl = DIT_LAYOUTS[layout]
+    cfg, params, batch = _dit_setup()
+    loss = _dit_loss(dataclasses.replace(cfg, attention_impl=impl))
+    value, grads, hlo, shardings = _value_and_grad(loss, params, batch, sizes)
+    worst = _assert_same((value, grads), _dit_reference(), layout)
+    print(f"{layout}: loss {value:.7f} vs {_dit_reference()[0]:.7f}, worst grad error {worst:.1e}")
+    if impl:
+        assert COLLECTIVE[impl] in hlo  # the tokens really are split over the context axis
+    if sizes.get("fsdp", 1) > 1:
+        assert any(not s.is_fully_replicated for s in jax.tree.leaves(shardings))
+
+
+@pytest.mark.parametrize("impl", ["ring", "ulysses"])
+def test_dit_joint_attention_padded_context_matches_one_device(impl):
+    """MM-DiT joint attention over 12 video + 6 text tokens: 18 is padded to 20 for context 4,
+    and the padded text keys and queries must change nothing."""
+    cfg, params, batch = _dit_setup("joint")
+    loss = _dit_loss(dataclasses.replace(cfg, attention_impl=impl))
+    value, grads, hlo, _ = _value_and_grad(loss, params, batch, dict(data=2, context=4))
+    _assert_same((value, grads), _dit_reference("joint"), f"joint_{impl}")
+    assert COLLECTIVE[impl] in hlo
+
+
+def test_context_attention_without_context_axis_is_local_and_errors_are_one_line():
+    q = np.random.default_rng(0).standard_normal((2, 6, 3, 8)).astype(np.float32)
+    want = layers.attention(q, q, q)
+    np.testing.assert_allclose(layers.attention(q, q, q, implementation="ring"), want, atol=1e-6)
+    assert layers.local_attention_impl("ring") is None and layers.local_attention_impl("xla") == "xla"
+    mesh = parallel.make_mesh(data=1, context=-1)
+    with jax.set_mesh(mesh), parallel.axis_rules(), pytest.raises(ValueError, match="use attention_impl='ring'"):
+        jax.jit(lambda q: layers.attention(q, q, q, implementation="ulysses"))(q)  # 3 heads over context 8
+
+
+# --------------------------------------------------------------------------- VAE
+
+# The VAE has no attention over spacetime tokens to split, so context changes nothing for it; the
+# mixed layout shards its batch over data x fsdp and its convolution channels over fsdp and tensor.
+VAE_LAYOUTS = {"dp": dict(data=8), "fsdp_tensor": dict(data=2, fsdp=2, tensor=2)}
+
+
+@functools.lru_cache(maxsize=None)
+def _vae_setup():
+    # Two levels of 8 and 16 channels with the mid attention: every kind of VAE layer, little to compile.
+    vae = VideoVAE(vae_preset("tiny", base_channels=8, channel_mults=(1, 2), temporal_down=(True,),
+                              spatial_down=(True,), patch_size=2))
+    video = jnp.zeros((1, 1, 4, 4, 3))
+    params = _host_params(jax.eval_shape(vae.init, jax.random.key(0), video), seed=2)
+    batch = {"video": np.random.default_rng(1).uniform(-1, 1, (8, 3, 8, 8, 3)).astype(np.float32)}
+    config = VAELossConfig(reconstruction="l1", kl_weight=1e-3, perceptual_weight=0.0, adversarial_weight=0.0)
+
+    def loss(params, batch):
+        recon, posterior = vae.apply({"params": params}, batch["video"], jax.random.key(4))
+        return vae_loss(batch["video"], recon, posterior, config)[0]
+
+    return loss, params, batch
+
+
+@functools.lru_cache(maxsize=None)
+def _vae_reference():
+    loss, params, batch = _vae_setup()
+    return _value_and_grad(loss, params, batch, dict(data=1), devices=jax.devices()[:1])[:2]
+
+
+@pytest.mark.parametrize("layout", list(VAE_LAYOUTS))
+def test_vae_layout_matches_one_device(layout):
+    loss, params, batch = _vae_setup()
+    value, grads, _, _ = _value_and_grad(loss, params, batch, VAE_LAYOUTS[layout])
+    worst = _assert_same((value, grads), _vae_reference(), layout)
+    print(f"vae {layout}: loss {value:.7f} vs {_vae_reference()[0]:.7f}, worst grad error {worst:.1e}")
