@@ -8,9 +8,18 @@ TensorBoard) and checks for non-finite steps; every ``ckpt_every`` steps it
 saves asynchronously (state + data iterator + config). SIGTERM / SIGINT save a
 checkpoint and exit cleanly with a message naming it. Running the same command
 again after any kill resumes exactly: same data order, same per-step RNG.
+
+Multi-host: the loop starts ``jax.distributed`` first (``vidiff.distributed``, from
+the config's ``distributed`` section or the environment), builds a hybrid mesh,
+loads ``data.batch_size / process_count`` rows per process (the pipeline slices
+the data per process), saves and restores checkpoints collectively, and leaves
+metrics, samples and exports to process 0, which evaluates on gathered (host)
+parameters. A preemption notice (SIGTERM) is agreed on by all processes at the
+same step (jax's preemption sync point) before they save and exit.
 """
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import sys
@@ -21,7 +30,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from vidiff import parallel
+from vidiff import distributed, parallel
 from vidiff.train import tasks
 from vidiff.train.checkpoint import Checkpointer, abstract_with_shardings
 from vidiff.train.config import for_stage, validate
@@ -35,19 +44,33 @@ class NonFiniteError(RuntimeError):
 
 
 class _StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps.
+
+    With several processes a signal seen by one alone would leave the others waiting in a
+    collective, so there the flag comes from jax's preemption sync point instead, which
+    every process reaches at the same step.
+    """
 
     def __init__(self):
         self.signal_name = None
         self._previous = {}
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in () if self._multi else (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
+
+    def requested(self, step: int) -> bool:
+        if self._multi and self.signal_name is None:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal_name = "SIGTERM"
+        return self.signal_name is not None
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -61,16 +84,19 @@ def stage_config(config, model: str):
 
 def train(config, model: str, *, log=print) -> dict:
     """Train ``model`` ("vae" or "dit") as ``config`` says; returns a summary dict."""
+    distributed.initialize(config)  # before anything touches a jax backend
+    main = distributed.is_main()
+    log = log if main else (lambda *a, **k: None)
     config = for_stage(config, model)
     validate(config, model, jax.device_count())
     stage = stage_config(config, model)
     workdir = Path(config.workdir) / model
-    mesh = parallel.make_mesh(**dict(config.mesh))
+    mesh = parallel.mesh_from_config(config.mesh)
     task = tasks.build(config, model, mesh)
     tx, schedule = make_optimizer(stage.optim, stage.steps)
     state, state_shardings = create_state(task.init_params, tx, config.seed, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=stage.keep, keep_best=stage.keep_best)
-    pipeline = task.pipeline(config)
+    pipeline = task.pipeline(_process_config(config))
     iterator = iter(pipeline)
 
     start = checkpointer.latest_step() or 0
@@ -86,7 +112,7 @@ def train(config, model: str, *, log=print) -> dict:
     config_json = json.loads(config.to_json())
     tokens_per_step = task.tokens_per_batch(config)
     summary = {"model": model, "workdir": str(workdir), "start_step": start}
-    bar = tqdm(total=stage.steps, initial=start, desc=f"train {model}", disable=jax.process_index() != 0,
+    bar = tqdm(total=stage.steps, initial=start, desc=f"train {model}", disable=not main,
                dynamic_ncols=True, leave=False)
     last_log_time, last_log_step, last_loss = time.perf_counter(), start, float("nan")
 
@@ -99,7 +125,7 @@ def train(config, model: str, *, log=print) -> dict:
         checkpointer.save(step, state, data_iterator=iterator, config=config_json,
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
 
-    with _StopRequest() as stop, mesh, parallel.axis_rules():
+    with _StopRequest() as stop, jax.set_mesh(mesh), parallel.axis_rules():
         step = start
         while step < stage.steps:
             batch = task.device_batch(next(iterator), mesh)
@@ -124,10 +150,10 @@ def train(config, model: str, *, log=print) -> dict:
                 writer.write(step, scalars)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
             if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
-                writer.write(step, task.evaluate(state, workdir, step))
+                writer.write(step, _evaluate(task, state, workdir, step))
             if step % stage.ckpt_every == 0 or step == stage.steps:
                 save(step, last_loss)
-            if stop.signal_name:
+            if stop.requested(step):
                 save(step, last_loss)
                 checkpointer.close()
                 bar.close()
@@ -136,8 +162,39 @@ def train(config, model: str, *, log=print) -> dict:
                 sys.exit(0)
     bar.close()
     checkpointer.close()
-    summary.update(task.finalize(state, config_json, tasks.export_dir(config)))
+    summary.update(_finalize(task, state, config_json, tasks.export_dir(config)))
     writer.close()
     summary.update(final_step=step, final_loss=last_loss, skipped=int(state.skipped),
                    checkpoint=str(checkpointer.directory / str(step)))
     return summary
+
+
+def _process_config(config):
+    """The config this process's data pipeline is built from: its share of the global batch."""
+    if jax.process_count() == 1:
+        return config
+    local = config.copy_and_resolve_references()
+    local.data.batch_size = distributed.local_batch_size(int(config.data.batch_size))
+    return local
+
+
+def _host_view(task, state):
+    """(task, state) with the EMA parameters and frozen inputs as host arrays gathered from every
+    process (a collective), so process 0 alone can evaluate or export on its own devices."""
+    local_task = copy.copy(task)
+    local_task.frozen = parallel.gather(task.frozen)
+    return local_task, state.replace(ema_params=parallel.gather(state.ema_params))
+
+
+def _evaluate(task, state, workdir: Path, step: int) -> dict:
+    if jax.process_count() == 1:
+        return task.evaluate(state, workdir, step)
+    local_task, local_state = _host_view(task, state)
+    return local_task.evaluate(local_state, workdir, step) if distributed.is_main() else {}
+
+
+def _finalize(task, state, config_json: dict, export_dir: Path) -> dict:
+    if jax.process_count() == 1:
+        return task.finalize(state, config_json, export_dir)
+    local_task, local_state = _host_view(task, state)
+    return local_task.finalize(local_state, config_json, export_dir) if distributed.is_main() else {}

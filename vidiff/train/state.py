@@ -37,14 +37,7 @@ class TrainState:
     first_bad_step: jax.Array  # int32: the first such step, -1 if none
 
 
-def create_state(init_params: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules=parallel.LOGICAL_RULES):
-    """Build a sharded ``TrainState`` and return ``(state, state_shardings)``.
-
-    ``init_params(key)`` returns parameters boxed with logical axis names
-    (``model.init(...)["params"]``); it is traced once abstractly to derive the
-    shardings, then run under ``jit`` with those ``out_shardings``.
-    """
-
+def _init_fn(init_params: Callable, tx: optax.GradientTransformation) -> Callable:
     def init(key):
         params = init_params(key)
         return TrainState(
@@ -57,12 +50,36 @@ def create_state(init_params: Callable, tx: optax.GradientTransformation, seed: 
             first_bad_step=jnp.full((), -1, jnp.int32),
         )
 
-    key = jax.random.key(seed)
-    abstract = jax.eval_shape(init, key)
+    return init
+
+
+def abstract_state(init_params: Callable, tx: optax.GradientTransformation, mesh, rules=parallel.LOGICAL_RULES):
+    """``(state of jax.ShapeDtypeStruct carrying shardings, state_shardings)``: nothing is allocated.
+
+    What ``vidiff plan`` compiles the step against, and the target for restoring a checkpoint.
+    """
+    abstract = jax.eval_shape(_init_fn(init_params, tx), jax.random.key(0))
     shardings = parallel.logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    # No sharding constraint on unboxing: these are shapes, and a mesh may be active.
+    unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                           abstract, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
+    return shapes, shardings
+
+
+def create_state(init_params: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules=parallel.LOGICAL_RULES):
+    """Build a sharded ``TrainState`` and return ``(state, state_shardings)``.
+
+    ``init_params(key)`` returns parameters boxed with logical axis names
+    (``model.init(...)["params"]``); it is traced once abstractly to derive the
+    shardings, then run under ``jit`` with those ``out_shardings``.
+    """
+    init = _init_fn(init_params, tx)
+    _, shardings = abstract_state(init_params, tx, mesh, rules)
+    key = jax.random.key(seed)
     # Partitionable threefry lets accelerators generate each shard locally, but XLA:CPU
     # compiles it ~5x slower (15 s for the tiny VAE); the CPU gains nothing from it.
-    with mesh, jax.threefry_partitionable(jax.default_backend() != "cpu"):
+    with jax.set_mesh(mesh), jax.threefry_partitionable(jax.default_backend() != "cpu"):
         state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
     return state, shardings
 

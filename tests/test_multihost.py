@@ -1,0 +1,136 @@
+"""Multi-host training on one machine: two CPU processes of 4 devices each, joined by jax.distributed.
+
+Both processes (and a reference process with 8 devices) run this file as a script: a
+tiny DiT trained with the library's sharded state, step and checkpointer on a
+(data 2, fsdp 2, context 2) mesh with ring attention; processes sit on the ``data``
+axis (hybrid mesh) and each loads only its half of every batch. After 2 steps the
+state is saved (orbax, collectively), 2 more steps run, then the checkpoint is
+restored and the same 2 steps are repeated. The test checks that the restored run
+repeats the continued one exactly and that the 2-process losses equal the
+1-process, 8-device losses.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, SAVE_AT, BATCH = 4, 2, 8
+
+
+def _env(devices: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIDIFF_", "JAX_COORDINATOR"))}
+    # LLVM -O0 halves XLA:CPU compile time, nearly all of this test's time.
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONPATH": str(REPO), **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_save_restore_like_one(tmp_path):
+    start = time.perf_counter()
+    port = _free_port()
+    script = [sys.executable, __file__]
+    procs = [subprocess.Popen([*script, str(tmp_path / f"multi{i}.json"), str(tmp_path / "ckpt_multi")],
+                              env=_env(4, VIDIFF_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", VIDIFF_NUM_PROCESSES="2",
+                                       VIDIFF_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    reference = subprocess.Popen([*script, str(tmp_path / "single.json"), str(tmp_path / "ckpt_single")],
+                                 env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for proc in [*procs, reference]:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    multi = [json.loads((tmp_path / f"multi{i}.json").read_text()) for i in range(2)]
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert [m["processes"] for m in multi] == [2, 2] and single["processes"] == 1
+    assert multi[0]["devices"] == multi[1]["devices"] == single["devices"] == 8
+    assert multi[0]["local_rows"] == multi[1]["local_rows"] == BATCH // 2 and single["local_rows"] == BATCH
+    for run in (*multi, single):
+        assert run["restored"] == run["continued"]  # bit-identical after restore
+        assert run["restored_params_equal"]
+    assert multi[0]["losses"] == multi[1]["losses"]  # every process sees the same global loss
+    # Same global computation; only the device order (hybrid mesh) and reduction order may differ.
+    np.testing.assert_allclose(multi[0]["losses"], single["losses"], rtol=1e-6)
+    assert (tmp_path / "ckpt_multi" / str(SAVE_AT)).is_dir()
+    print(f"multi-host losses {multi[0]['losses']} vs one process {single['losses']}; "
+          f"{time.perf_counter() - start:.1f} s")
+
+
+# --------------------------------------------------------------------------- the worker (one process)
+
+
+def worker(out_path: str, ckpt_dir: str) -> None:
+    from vidiff import distributed
+
+    distributed.initialize()  # from VIDIFF_* in the environment; nothing for the reference run
+    import jax
+    import optax
+
+    from vidiff import parallel
+    from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+    from vidiff.train.checkpoint import Checkpointer
+    from vidiff.train.state import abstract_state, create_state, jit_train_step, make_train_step
+    from vidiff.train.tasks import dit_flow_loss
+
+    cfg = dit_preset("tiny", depth=1, text_dim=32, pooled_dim=32, attention_impl="ring")
+    dit = VideoDiT(cfg)
+    flow = types.SimpleNamespace(timestep_sampler="logit_normal", weighting="none")
+
+    def loss_fn(params, batch, rng, frozen, step):
+        return dit_flow_loss(dit, params, batch["latents"], batch, rng, flow, 1.0)
+
+    init_params = lambda key: dit.init(key, *dummy_inputs(cfg))["params"]  # noqa: E731
+    mesh = parallel.make_mesh(data=2, fsdp=2, context=2)
+    tx = optax.adamw(1e-2)
+    state, shardings = create_state(init_params, tx, seed=0, mesh=mesh)
+    rows = distributed.local_batch_size(BATCH)
+    index = jax.process_index()
+
+    def batch(step):  # the same global batch everywhere; this process loads only its rows
+        rng = np.random.default_rng(step)
+        full = {"latents": rng.standard_normal((BATCH, 3, 4, 4, cfg.latent_channels), np.float32),
+                "text_tokens": rng.standard_normal((BATCH, 6, cfg.text_dim), np.float32),
+                "text_lengths": rng.integers(2, 7, size=BATCH).astype(np.int32),
+                "pooled": rng.standard_normal((BATCH, cfg.pooled_dim), np.float32)}
+        return parallel.device_batch({k: v[index * rows:(index + 1) * rows] for k, v in full.items()}, mesh)
+
+    batch_shardings = {k: v.sharding for k, v in batch(0).items()}
+    step_fn = jit_train_step(make_train_step(loss_fn, tx, ema_decay=0.9), shardings, batch_shardings, {}, mesh)
+
+    def run(state, steps):
+        losses = []
+        for step in steps:
+            state, metrics = step_fn(state, batch(step), {})
+            losses.append(float(metrics["loss"]))
+        return state, losses
+
+    checkpointer = Checkpointer(ckpt_dir, keep=2, keep_best=0)
+    with jax.set_mesh(mesh), parallel.axis_rules():
+        state, losses = run(state, range(SAVE_AT))
+        checkpointer.save(SAVE_AT, state)
+        checkpointer.wait()
+        saved_params = parallel.gather(state.params)
+        state, continued = run(state, range(SAVE_AT, STEPS))
+        restored = checkpointer.restore(abstract_state(init_params, tx, mesh)[0], SAVE_AT)
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(parallel.gather(restored.params)),
+                                                          jax.tree.leaves(saved_params)))
+        _, again = run(restored, range(SAVE_AT, STEPS))
+    checkpointer.close()
+    Path(out_path).write_text(json.dumps(dict(
+        processes=jax.process_count(), devices=jax.device_count(), local_rows=rows, losses=losses + continued,
+        continued=continued, restored=again, restored_params_equal=bool(same))))
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:3])

@@ -1,0 +1,100 @@
+"""Multi-host start-up: ``jax.distributed.initialize`` from a config section or the environment.
+
+One process runs per host (or per GPU); every process runs the same program and
+``initialize`` must come before anything touches a jax backend. The settings come from,
+in order:
+
+1. the config's optional ``distributed`` section: ``coordinator_address`` ("host:port"
+   of process 0), ``num_processes``, ``process_id`` (and optionally ``local_device_ids``),
+   or ``auto=True`` to let jax detect them (SLURM, Open MPI, Cloud TPU);
+2. the environment: ``VIDIFF_COORDINATOR_ADDRESS``, ``VIDIFF_NUM_PROCESSES``,
+   ``VIDIFF_PROCESS_ID`` (or jax's own ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES``
+   / ``JAX_PROCESS_ID``), or ``VIDIFF_DISTRIBUTED=auto``.
+
+Nothing set means a single process, and :func:`initialize` does nothing. On CPU the
+processes exchange data through gloo, so the multi-host paths run on one machine
+(``tests/test_multihost.py``). After start-up: data is sliced per process by the
+Grain pipeline, metrics and samples are written by process 0 (:func:`is_main`), and
+orbax saves and restores checkpoints collectively.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+
+_FIELDS = ("coordinator_address", "num_processes", "process_id")
+
+
+def settings(config: Any = None, environ: Mapping[str, str] | None = None) -> dict | None:
+    """The ``jax.distributed.initialize`` keyword arguments asked for, ``{}`` for auto-detection, or None."""
+    environ = os.environ if environ is None else environ
+    section = config.get("distributed") if config is not None and hasattr(config, "get") else None
+    if section:
+        section = dict(section)
+        if section.get("auto"):
+            return {}
+        given = {k: section.get(k) for k in (*_FIELDS, "local_device_ids") if section.get(k) is not None}
+        if given:
+            return _checked(given, "distributed.")
+    if environ.get("VIDIFF_DISTRIBUTED", "").lower() == "auto":
+        return {}
+    for prefix in ("VIDIFF_", "JAX_"):
+        given = {k: environ[prefix + k.upper()] for k in _FIELDS if environ.get(prefix + k.upper())}
+        if given:
+            return _checked(given, prefix, upper=True)
+    return None
+
+
+def _checked(given: dict, prefix: str, upper: bool = False) -> dict:
+    name = lambda k: prefix + (k.upper() if upper else k)  # noqa: E731
+    missing = [name(k) for k in _FIELDS if k not in given]
+    if missing:
+        raise ValueError(f"distributed: {', '.join(missing)} not set; give all of {[name(k) for k in _FIELDS]}")
+    out = dict(given)
+    for key in ("num_processes", "process_id"):
+        try:
+            out[key] = int(given[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"{name(key)}={given[key]!r} must be an integer") from None
+    if not 0 <= out["process_id"] < out["num_processes"]:
+        raise ValueError(f"{name('process_id')}={out['process_id']} must be in [0, {name('num_processes')}="
+                         f"{out['num_processes']})")
+    if ":" not in str(out["coordinator_address"]):
+        raise ValueError(f"{name('coordinator_address')}={out['coordinator_address']!r} must be host:port of process 0")
+    return out
+
+
+def initialize(config: Any = None) -> bool:
+    """Start the multi-process runtime if config or environment ask for it; True when running multi-process.
+
+    Safe to call more than once. Must run before any jax computation or ``jax.devices()``.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    kwargs = settings(config)
+    if kwargs is None:
+        return False
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as e:
+        if "before any JAX" in str(e) or "backend" in str(e):
+            raise ValueError("distributed: jax was already used in this process; call "
+                             "vidiff.distributed.initialize() first thing (vidiff train does)") from None
+        raise
+    return True
+
+
+def is_main() -> bool:
+    """True on the process that writes logs, metrics, samples and exports (process 0)."""
+    return jax.process_index() == 0
+
+
+def local_batch_size(global_batch: int) -> int:
+    """Rows of a global batch each process loads; one-line error when they do not split evenly."""
+    count = jax.process_count()
+    if global_batch % count:
+        raise ValueError(f"data.batch_size={global_batch} must be divisible by the {count} processes; "
+                         f"use a multiple of {count}")
+    return global_batch // count
