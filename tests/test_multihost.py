@@ -67,6 +67,29 @@ def test_two_processes_train_save_restore_like_one(tmp_path):
           f"{time.perf_counter() - start:.1f} s")
 
 
+def test_distributed_settings_from_config_or_environment():
+    import ml_collections
+    import pytest
+
+    from vidiff import distributed
+
+    assert distributed.settings(None, environ={}) is None  # one process: nothing to start
+    env = {"VIDIFF_COORDINATOR_ADDRESS": "10.0.0.1:1234", "VIDIFF_NUM_PROCESSES": "4", "VIDIFF_PROCESS_ID": "3"}
+    assert distributed.settings(None, environ=env) == dict(coordinator_address="10.0.0.1:1234", num_processes=4,
+                                                           process_id=3)
+    assert distributed.settings(None, environ={"VIDIFF_DISTRIBUTED": "auto"}) == {}  # SLURM / MPI / TPU detection
+    config = ml_collections.ConfigDict(dict(distributed=dict(coordinator_address="h:1", num_processes=2,
+                                                             process_id=0)))
+    assert distributed.settings(config, environ=env)["num_processes"] == 2  # the config wins
+    with pytest.raises(ValueError, match="VIDIFF_PROCESS_ID=4 must be in \\[0, VIDIFF_NUM_PROCESSES=4\\)"):
+        distributed.settings(None, environ={**env, "VIDIFF_PROCESS_ID": "4"})
+    with pytest.raises(ValueError, match="distributed: distributed.process_id not set"):
+        distributed.settings(ml_collections.ConfigDict(dict(distributed=dict(coordinator_address="h:1",
+                                                                             num_processes=2))), environ={})
+    with pytest.raises(ValueError, match="must be host:port"):
+        distributed.settings(None, environ={**env, "VIDIFF_COORDINATOR_ADDRESS": "localhost"})
+
+
 # --------------------------------------------------------------------------- the worker (one process)
 
 

@@ -64,3 +64,53 @@ def test_every_rule_names_known_mesh_axes():
             assert axis in parallel.MESH_AXES, (name, axis)
     names = [name for name, _ in parallel.LOGICAL_RULES]
     assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize(
+    "spec,sizes",
+    [
+        ("dp", (8, 1, 1, 1)),
+        ("fsdp", (1, 8, 1, 1)),
+        ("fsdp_tensor", (1, 4, 2, 1)),
+        ("fsdp_context", (1, 4, 1, 2)),
+        ("1,2,2,2", (1, 2, 2, 2)),
+        ("fsdp=-1,context=4", (1, 2, 1, 4)),
+        (dict(preset="fsdp_tensor", tensor=4), (1, 2, 4, 1)),
+        (dict(data=-1, fsdp=1, tensor=1, context=1), (8, 1, 1, 1)),  # a config's mesh section
+        (None, (8, 1, 1, 1)),
+    ],
+)
+def test_mesh_presets_and_specs(spec, sizes):
+    mesh = parallel.mesh_from_config(spec)
+    assert tuple(mesh.devices.shape) == sizes
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)  # GSPMD-style propagation
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("fsdp_tensr", "not a preset"),
+        ("1,2,2", "not a preset"),
+        (dict(preset="zero3"), "mesh.preset: unknown 'zero3'"),
+        (dict(pipeline=2), "mesh: unknown axes \\['pipeline'\\]"),
+        ("data=3,fsdp=1,tensor=1,context=1", "set one of mesh.data/fsdp/tensor/context to -1"),
+    ],
+)
+def test_mesh_spec_errors_are_one_line(spec, message):
+    with pytest.raises(ValueError, match=message) as info:
+        parallel.mesh_from_config(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_processes_go_on_the_data_axis_when_it_divides():
+    assert parallel.default_dcn(dict(data=2, fsdp=2, tensor=2, context=1), 2) == {"data": 2}
+    assert parallel.default_dcn(dict(data=1, fsdp=8, tensor=1, context=1), 4) == {"fsdp": 4}
+    with pytest.raises(ValueError, match="3 processes must split mesh.data"):
+        parallel.default_dcn(dict(data=2, fsdp=2, tensor=2, context=1), 3)
+
+
+def test_device_batch_and_gather_roundtrip():
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    batch = parallel.device_batch({"x": np.arange(16.0).reshape(8, 2)}, mesh)
+    assert batch["x"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    np.testing.assert_array_equal(parallel.gather(batch)["x"], np.arange(16.0).reshape(8, 2))
