@@ -10,16 +10,24 @@ Progress: ``sample_latents(..., progress=True)`` reports every finished step
 to the callbacks registered with :func:`on_sampler_step` (a host callback
 inside the compiled loop; the flag, not the callback, is part of the compiled
 program, so a new progress bar does not recompile).
+
+Also here: a prompting mode's :class:`Plan` (which latent frames are known,
+tied or noised from an input), the causal VAE's pixel <-> latent frame
+arithmetic (:func:`latent_count`, :func:`pixel_count`, :func:`pixel_frames_of`)
+and per-sample seeded noise.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from vidiff.diffusion.flow import standard_normal
 from vidiff.diffusion.samplers import classifier_free_guidance, sample
 
 _step_listeners: list[Callable[[int], None]] = []
@@ -89,3 +97,69 @@ def sample_latents(dit, params, context, uncond_context, x_start, *, steps: int,
     return sample(velocity, x_start, steps=steps, sampler=sampler, shift=shift, t_start=t_start,
                   known_latents=context.get("cond_latents"), known_mask=context.get("cond_mask"), tie=tie,
                   progress=_report_step if progress else None)
+
+
+def latent_count(num_frames: int, time_factor: int = 4) -> int:
+    """Latent frames of a ``1 + tf k`` frame clip: ``1 + k``."""
+    return 1 + (num_frames - 1) // time_factor
+
+
+def pixel_count(latent_frames: int, time_factor: int = 4) -> int:
+    """Pixel frames ``L`` latents decode to: ``1 + tf (L - 1)``."""
+    return 1 + time_factor * (latent_frames - 1)
+
+
+def pixel_frames_of(latent: int, time_factor: int = 4) -> range:
+    """The pixel frames latent ``j`` encodes: ``[0]`` for ``j = 0``, else ``1 + tf (j - 1) .. tf j``."""
+    return range(0, 1) if latent == 0 else range(1 + time_factor * (latent - 1), time_factor * latent + 1)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a mode fixes before sampling (normalised latents, batch 1, broadcast over prompts and seeds)."""
+
+    latent_frames: int
+    known: np.ndarray | None = None  # (1, L, h, w, c) clean latents where ``mask`` is 1
+    mask: np.ndarray | None = None  # (L,) 1 = known (or tied) latent frame
+    tie: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    clean: np.ndarray | None = None  # (1, L, h, w, c) latents to noise to ``t_start`` (SDEdit)
+    t_start: float = 1.0
+    keep_frames: int | None = None  # decoded frames to return (a loop drops its wrap-around)
+
+
+def known_plan(latent_frames: int, frames: dict) -> Plan:
+    """A plan whose latent frames ``frames`` (index -> (1, h, w, c) latents) are known."""
+    some = next(iter(frames.values()))
+    known = np.zeros((1, latent_frames, *some.shape[1:]), np.float32)
+    mask = np.zeros(latent_frames, np.float32)
+    for j, z in frames.items():
+        known[:, j], mask[j] = np.asarray(z), 1.0
+    return Plan(latent_frames, known=known, mask=mask)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def seeded_noise(seeds, shape):
+    """Per-sample noise from each sample's own seed, so a clip does not depend on its batch."""
+    return jax.vmap(lambda s: standard_normal(jax.random.key(s), shape))(seeds)
+
+
+class ProgressBar:
+    """A tqdm bar (stderr) counting sampler steps, or a no-op; usable as the step callback."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="sampling", unit="step", leave=False)
+
+    def __call__(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()

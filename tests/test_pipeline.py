@@ -1,0 +1,159 @@
+"""TextToVideo on a tiny random model: shapes, seeds, sizes, and what every prompting mode keeps from its inputs."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from tiny_model import tiny_model_dir, tiny_pipeline
+from vidiff import io
+from vidiff.pipeline import TextToVideo, latent_count, pixel_count, pixel_frames_of
+
+PROMPT = "a red circle moving left"
+FAST = dict(steps=2)  # every test samples with the same settings, so compiled programs are shared
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """A 9-frame 16x16 input video with structure (a moving bright square)."""
+    video = np.full((9, 16, 16, 3), 40, np.uint8)
+    for t in range(9):
+        video[t, 4:10, t:t + 6] = (230, 60, 40)
+    return video
+
+
+def roundtrip(pipe, frames):
+    return pipe.decode(pipe.encode(frames))[0]
+
+
+def test_frame_arithmetic_follows_the_causal_vae():
+    assert [latent_count(n) for n in (1, 5, 9, 17)] == [1, 2, 3, 5]
+    assert [pixel_count(L) for L in (1, 2, 3, 5)] == [1, 5, 9, 17]
+    assert list(pixel_frames_of(0)) == [0] and list(pixel_frames_of(1)) == [1, 2, 3, 4]
+    assert list(pixel_frames_of(4)) == [13, 14, 15, 16]
+
+
+def test_text_to_video_batches_prompts_and_seeds_deterministically(pipe):
+    clips = pipe(PROMPT, seed=0, **FAST)
+    assert clips.shape == (1, 9, 16, 16, 3) and clips.dtype == np.uint8
+    z = pipe([PROMPT, "a blue square moving up"], seed=[0], return_latents=True, **FAST)
+    assert z.shape == (2, 3, 4, 4, 4)
+    # A (prompt, seed) pair gives the same clip alone or in a batch; other seeds and prompts differ.
+    np.testing.assert_allclose(pipe(PROMPT, seed=0, return_latents=True, **FAST)[0], z[0], atol=1e-4)
+    assert np.abs(pipe(PROMPT, seed=1, return_latents=True, **FAST)[0] - z[0]).mean() > 0.1
+    assert np.abs(z[1] - z[0]).mean() > 0.01
+    np.testing.assert_array_equal(pipe(PROMPT, seed=0, **FAST), clips)  # deterministic
+
+
+def test_images_and_other_sizes(pipe, capsys):
+    image = pipe(PROMPT, num_frames=1, height=16, width=32, progress=True, **FAST)
+    assert image.shape == (1, 1, 16, 32, 3)
+    assert "sampling" in capsys.readouterr().err  # the tqdm bar counted the steps
+    assert "frames 1 + 4k" in pipe.supported_sizes() and "multiples of 8" in pipe.supported_sizes()
+    for size, bad in [(dict(num_frames=6), "num_frames=6"), (dict(height=20), "height=20"),
+                      (dict(width=12, height=0), "height=0, width=12")]:
+        with pytest.raises(ValueError, match=f"this model cannot make {bad}: it makes frames 1 \\+ 4k"):
+            pipe(PROMPT, **size)
+
+
+def test_prompts_are_checked(pipe):
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        pipe("   ")
+    with pytest.raises(ValueError, match="prompt 2 is empty"):
+        pipe([PROMPT, ""])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        long = pipe(" ".join(["a red circle moving left"] * 4), **FAST)
+    assert long.shape == (1, 9, 16, 16, 3)
+    assert [str(w.message) for w in caught] == [
+        "the prompt is longer than the text encoder's 8 tokens; the model reads only 'a red circle moving left a'"]
+
+
+def test_image_to_video_starts_with_the_image(pipe, clip, tmp_path):
+    out = pipe.image_to_video(PROMPT, clip[0], **FAST)
+    assert out.shape == (1, 9, 16, 16, 3)
+    # Latent 0 is the image's own latent and the decoder is causal: frame 0 is the VAE round trip.
+    assert np.abs(out[0, 0].astype(int) - roundtrip(pipe, clip[:1])[0]).max() <= 1
+    # Files are read and resized by vidiff.io.
+    path = io.write_image(tmp_path / "first.png", np.repeat(np.repeat(clip[0], 2, 0), 2, 1))
+    from_file = pipe.image_to_video(PROMPT, str(path), **FAST)
+    assert from_file.shape == out.shape
+
+
+def test_extend_keeps_the_context_latents(pipe, clip):
+    z = pipe.extend(PROMPT, clip, direction="forward", context_frames=5, return_latents=True, **FAST)
+    # The video's last 5 frames are the first 2 latents, exactly as the VAE encodes them.
+    np.testing.assert_allclose(z[0, :2], np.asarray(pipe.encode(clip[4:]))[0], atol=1e-6)
+    # Backward: the video's frames 1..4 are the last latent; frame 0 was only their context.
+    z = pipe.extend(PROMPT, clip, direction="backward", context_frames=4, return_latents=True, **FAST)
+    np.testing.assert_allclose(z[0, 2], np.asarray(pipe.encode(clip[:5]))[0, 1], atol=1e-6)
+    assert not np.allclose(z[0, 0], np.asarray(pipe.encode(clip[:1]))[0, 0])
+    assert pipe.extend(PROMPT, clip, **FAST).shape == (1, 9, 16, 16, 3)  # default context: 1 latent
+    with pytest.raises(ValueError, match=r"context_frames=4 does not fit extending forward here; use one of \[1, 5\]"):
+        pipe.extend(PROMPT, clip, context_frames=4)
+    with pytest.raises(ValueError, match="direction='sideways'"):
+        pipe.extend(PROMPT, clip, direction="sideways")
+
+
+def test_connect_pins_both_ends(pipe, clip):
+    a, b = clip[:3], clip[4:]
+    z = pipe.connect(PROMPT, a, b, return_latents=True, **FAST)
+    np.testing.assert_allclose(z[0, 0], np.asarray(pipe.encode(a[-1:]))[0, 0], atol=1e-6)  # A's last frame
+    np.testing.assert_allclose(z[0, -1], np.asarray(pipe.encode(b))[0, 1], atol=1e-6)  # B's frames 1..4
+    out = pipe.connect(PROMPT, a, b, **FAST)
+    assert np.abs(out[0, 0].astype(int) - roundtrip(pipe, a[-1:])[0]).max() <= 1
+    with pytest.raises(ValueError, match="the second video has 3 frame"):
+        pipe.connect(PROMPT, a, a)
+
+
+def test_edit_strength_moves_from_the_input_to_pure_generation(pipe, clip):
+    source = np.asarray(pipe.encode(clip))[0]
+    distance = {s: float(np.abs(pipe.edit(PROMPT, clip, strength=s, return_latents=True, **FAST)[0] - source).mean())
+                for s in (0.3, 1.0)}
+    assert distance[0.3] < 0.5 * distance[1.0]
+    # Strength 1 starts from pure noise at t = 1: exactly text-to-video with the same seed.
+    np.testing.assert_array_equal(pipe.edit(PROMPT, clip, strength=1.0, seed=3, return_latents=True, **FAST),
+                                  pipe(PROMPT, seed=3, return_latents=True, **FAST))
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match=f"strength={bad} must be in \\(0, 1\\]"):
+            pipe.edit(PROMPT, clip, strength=bad)
+
+
+def test_loop_ties_the_wrap_around_to_the_start(pipe):
+    z = pipe.loop(PROMPT, num_frames=8, return_latents=True, **FAST)
+    assert z.shape[1] == 4  # frames 0..12; latent 3 (frames 9..12) plays again as latent 1 (frames 1..4)
+    np.testing.assert_array_equal(z[0, 3], z[0, 1])
+    assert pipe.loop(PROMPT, **FAST).shape == (1, 8, 16, 16, 3)  # default: training length - 1
+    with pytest.raises(ValueError, match="loop lengths are multiples of 4 .* e.g. 8"):
+        pipe.loop(PROMPT, num_frames=9)
+
+
+def test_long_clips_go_through_the_chunked_codec(pipe, clip, monkeypatch):
+    from vidiff.pipeline import _decode  # the one-shot program, already compiled for this shape
+
+    calls = []
+    monkeypatch.setattr("vidiff.pipeline.decode_chunked",
+                        lambda vae, variables, z, chunk: calls.append((z.shape[1], chunk)) or _decode(vae, variables, z))
+    z = pipe(PROMPT, return_latents=True, **FAST)
+    assert pipe.decode(z, chunk_latent_frames=2).shape == (1, 9, 16, 16, 3) and calls == [(3, 2)]
+
+
+def test_checkpoint_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="model directory .*missing does not exist"):
+        TextToVideo.from_checkpoint(tmp_path / "missing")
+    with pytest.raises(ValueError, match="is not a vidiff model directory"):
+        TextToVideo.from_checkpoint(tmp_path)
+    vae_only = tmp_path / "vae_only"
+    vae_only.mkdir()
+    (vae_only / "vidiff.json").write_text(json.dumps({"vae": True, "config": {}}))
+    with pytest.raises(ValueError, match="holds no trained DiT"):
+        TextToVideo.from_checkpoint(vae_only)
+    monkeypatch.setattr("vidiff.pipeline.BUNDLED", tmp_path / "assets" / "world_tiny")
+    with pytest.raises(FileNotFoundError, match="the bundled model is not installed"):
+        TextToVideo.from_checkpoint()
+    assert (tiny_model_dir() / "vidiff.json").is_file()

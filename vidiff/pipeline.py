@@ -1,0 +1,399 @@
+"""TextToVideo: prompts in, ``uint8`` clips out, from one exported model directory, in every prompting mode.
+
+    from vidiff.pipeline import TextToVideo
+    pipe = TextToVideo.from_checkpoint()          # the bundled world_tiny model, or a `vidiff train` export dir
+    clips = pipe(["a red circle moving left"], num_frames=17, height=32, width=32, steps=20, guidance=4.0, seed=0)
+    clips.shape, clips.dtype                      # (1, 17, 32, 32, 3) uint8
+
+Every other mode is the same sampler with some latent frames known: held at
+clean latents of an input and flagged in the DiT's conditioning mask, the way
+training's conditioning masks present them (``vidiff.diffusion.conditioning``):
+
+    pipe.image_to_video(prompts, image)                  # latent 0 <- the image
+    pipe.extend(prompts, video, direction="forward")     # first k latents <- the end of the video
+    pipe.extend(prompts, video, direction="backward")    # last k latents <- the start of the video
+    pipe.connect(prompts, video_a, video_b)              # first latent <- end of A, last <- start of B
+    pipe.edit(prompts, video, strength=0.6)              # SDEdit: the video's latents noised to t = 0.6
+    pipe.loop(prompts, num_frames=16)                    # the frame after the last is the first
+    pipe(prompts, num_frames=1)                          # a single image
+
+Pixel frames and latent frames. The VAE is causal with time factor ``tf`` (4):
+latent 0 encodes pixel frame 0 alone, latent ``j > 0`` encodes pixel frames
+``1 + tf (j - 1) .. tf j`` with all earlier frames as context. So ``L``
+latents decode to ``1 + tf (L - 1)`` frames, and the first ``k`` latents of a
+clip are exactly those of its first ``1 + tf (k - 1)`` frames (see
+:func:`latent_count`, :func:`pixel_count`, :func:`pixel_frames_of`).
+Known frames at the *end* of a clip must be group latents, not the image
+latent that frame 0 gets: the input's first ``1 + tf k`` frames are encoded
+and their latents ``1 .. k`` (frames ``1 .. tf k``) become the last ``k``
+latents; the input's frame 0 is only their causal context, a role the
+generated frame just before them takes over.
+
+Inputs (images, videos) are paths read by ``vidiff.io`` or ``uint8`` arrays,
+resized to the requested ``height`` x ``width``. One input serves every
+prompt and seed of a call.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from vidiff import io
+from vidiff.diffusion.flow import noise_latents, shift_for_tokens
+from vidiff.diffusion.generate import (Plan, known_plan, latent_count, on_sampler_step, pixel_count,  # noqa: F401
+                                       pixel_frames_of, ProgressBar, sample_latents, seeded_noise, text_context)
+from vidiff.diffusion.samplers import SAMPLERS
+from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+from vidiff.models.vae import VideoVAE, decode_chunked, encode_chunked, vae_preset
+from vidiff.train.export import load_dit, load_vae, read_manifest
+
+BUNDLED = Path(__file__).resolve().parent / "assets" / "world_tiny"
+DIRECTIONS = ("forward", "backward")
+REQUIRED_FIELDS = (("text", "encoder"), ("text", "max_length"), ("vae", "preset"), ("dit", "preset"), ("data", "size"),
+                   ("data", "num_frames"))
+
+
+class TextToVideo:
+    """A trained VAE + DiT + text encoder; call it with prompts to get ``uint8 (N, T, H, W, 3)`` clips."""
+
+    def __init__(self, vae: VideoVAE, vae_variables, dit: VideoDiT, dit_params, text, config: dict,
+                 directory: Path | None = None):
+        self.vae, self.vae_variables, self.dit, self.dit_params = vae, vae_variables, dit, dit_params
+        self.text, self.config, self.directory = text, config, directory
+        size = config["data"]["size"]
+        self.train_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.train_frames = int(config["data"]["num_frames"])
+        self.defaults = {"steps": 20, "sampler": "euler", "guidance": 4.0, **dict(config.get("sample", {}))}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path | None = None) -> "TextToVideo":
+        """Load an exported model directory (``vidiff train`` writes ``<workdir>/export``); None = the bundled one."""
+        if directory is None:
+            if not (BUNDLED / "vidiff.json").is_file():
+                raise FileNotFoundError(f"the bundled model is not installed at {BUNDLED}; pass a model directory "
+                                        "exported by `vidiff train` (--checkpoint DIR)")
+            directory = BUNDLED
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        if not manifest.get("dit") or not (directory / "dit.safetensors").is_file():
+            raise ValueError(f"{directory} holds no trained DiT (dit.safetensors); train one with "
+                             "`vidiff train --config ... --model dit`")
+        config = manifest.get("config") or {}
+        if missing := [f for f in REQUIRED_FIELDS if f[1] not in (config.get(f[0]) or {})]:
+            raise ValueError(f"{directory}/vidiff.json lacks config field(s) {', '.join('.'.join(f) for f in missing)}; "
+                             "re-export the model with vidiff train")
+        text = _text_encoder(config["text"]["encoder"], config["text"]["max_length"])
+        vae = VideoVAE(vae_preset(config["vae"]["preset"], **_tuples(config["vae"].get("overrides", {}))))
+        dit = VideoDiT(dit_preset(config["dit"]["preset"], **{
+            "text_dim": text.dim, "pooled_dim": text.pooled_dim, "latent_channels": vae.config.latent_channels,
+            **_tuples(config["dit"].get("overrides", {}))}))
+        params = load_dit(directory)
+        expected = jax.eval_shape(dit.init, jax.random.key(0), *dummy_inputs(dit.config))["params"]
+        if jax.tree.map(np.shape, params) != jax.tree.map(lambda a: a.shape, nn.unbox(expected)):
+            raise ValueError(f"{directory}/dit.safetensors does not fit the DiT its vidiff.json describes "
+                             f"(preset {config['dit']['preset']!r}, text encoder {config['text']['encoder']!r})")
+        return cls(vae, load_vae(directory), dit, params, text, config, directory)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def time_factor(self) -> int:
+        return self.vae.config.time_factor
+
+    @property
+    def size_step(self) -> int:
+        """Height and width must be multiples of this (VAE spatial factor x DiT patch)."""
+        return math.lcm(self.vae.config.spatial_factor * self.dit.config.patch[1],
+                        self.vae.config.spatial_factor * self.dit.config.patch[2])
+
+    def supported_sizes(self) -> str:
+        """One line saying which clip sizes this model can make."""
+        tf, pt = self.time_factor, self.dit.config.patch[0]
+        frames = ", ".join(str(pixel_count(L, tf)) for L in range(pt, 6 * pt, pt))
+        rule = f"1 + {tf}k" + (f" with k + 1 divisible by {pt}" if pt > 1 else "")
+        return (f"frames {rule} ({frames}, ...), height and width multiples of {self.size_step} (trained on "
+                f"{self.train_frames} frames of {self.train_size[0]}x{self.train_size[1]})")
+
+    def check_size(self, num_frames: int, height: int, width: int) -> None:
+        """A one-line ``ValueError`` naming the sizes that work, unless the model can make this clip."""
+        tf, pt = self.time_factor, self.dit.config.patch[0]
+        bad = []
+        if num_frames < 1 or (num_frames - 1) % tf or latent_count(num_frames, tf) % pt:
+            bad.append(f"num_frames={num_frames}")
+        bad += [f"{n}={v}" for n, v in (("height", height), ("width", width)) if v < 1 or v % self.size_step]
+        if bad:
+            raise ValueError(f"this model cannot make {', '.join(bad)}: it makes {self.supported_sizes()}")
+
+    def _sizes(self, num_frames, height, width) -> tuple[int, int, int]:
+        num_frames = self.train_frames if num_frames is None else int(num_frames)
+        height = self.train_size[0] if height is None else int(height)
+        width = self.train_size[1] if width is None else int(width)
+        self.check_size(num_frames, height, width)
+        return num_frames, height, width
+
+    # ------------------------------------------------------------------ modes
+    def __call__(self, prompts: str | Sequence[str], *, num_frames: int | None = None, height: int | None = None,
+                 width: int | None = None, **sampling) -> np.ndarray:
+        """Text-to-video (``num_frames=1``: images). ``sampling`` as :meth:`generate`."""
+        num_frames, height, width = self._sizes(num_frames, height, width)
+        return self.generate(prompts, Plan(latent_count(num_frames, self.time_factor)), height, width, **sampling)
+
+    def image_to_video(self, prompts, image, *, num_frames=None, height=None, width=None, **sampling) -> np.ndarray:
+        """Animate ``image`` (path or ``uint8 (H, W, 3)``): it is latent frame 0, encoded alone as the VAE does."""
+        num_frames, height, width = self._sizes(num_frames, height, width)
+        latents = self.encode(self.load_frames(image, height, width, "image")[:1])
+        L = latent_count(num_frames, self.time_factor)
+        return self.generate(prompts, known_plan(L, {0: latents[:, 0]}), height, width, **sampling)
+
+    def extend(self, prompts, video, *, direction: str = "forward", context_frames: int | None = None,
+               num_frames=None, height=None, width=None, **sampling) -> np.ndarray:
+        """A ``num_frames`` clip continuing ``video`` (forward) or leading into it (backward).
+
+        forward: the video's last ``context_frames = 1 + tf (k - 1)`` frames
+        open the clip (its first k latents). backward: its frames
+        ``1 .. context_frames = tf k`` close the clip (the last k latents; frame
+        0 is their causal context). Default k: half the clip's latents, at
+        least one, as many as the video has. The output includes the context.
+        """
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction={direction!r}; use one of {', '.join(DIRECTIONS)}")
+        num_frames, height, width = self._sizes(num_frames, height, width)
+        frames, tf = self.load_frames(video, height, width, "video"), self.time_factor
+        L = latent_count(num_frames, tf)
+        if L < 2:
+            raise ValueError(f"num_frames={num_frames} leaves no room to extend; use at least {pixel_count(2, tf)}")
+        available = latent_count(len(frames), tf) - (direction == "backward")  # backward needs frame 0 as context
+        if available < 1:
+            raise ValueError(f"the video has {len(frames)} frame(s); extending backward needs at least {1 + tf}")
+        k = (min(max(1, L // 2), available) if context_frames is None
+             else _context_latents(int(context_frames), direction, tf, min(available, L - 1)))
+        if direction == "forward":
+            latents = self.encode(frames[len(frames) - pixel_count(k, tf):])
+            known = {j: latents[:, j] for j in range(k)}
+        else:
+            latents = self.encode(frames[:pixel_count(k + 1, tf)])
+            known = {L - k + j: latents[:, 1 + j] for j in range(k)}
+        return self.generate(prompts, known_plan(L, known), height, width, **sampling)
+
+    def connect(self, prompts, video_a, video_b, *, num_frames=None, height=None, width=None,
+                **sampling) -> np.ndarray:
+        """A ``num_frames`` transition: A's last frame opens it, B's frames ``1 .. tf`` close it.
+
+        The frame before B's part takes the place of B's frame 0, so the clip
+        runs from the end of A to the start of B (known first and last latents,
+        as in training's first-and-last masks).
+        """
+        num_frames, height, width = self._sizes(num_frames, height, width)
+        tf, L = self.time_factor, latent_count(num_frames, self.time_factor)
+        if L < 3:
+            raise ValueError(f"num_frames={num_frames} is too short to connect two clips; use at least "
+                             f"{pixel_count(3, tf)}")
+        a, b = (self.load_frames(v, height, width, "video") for v in (video_a, video_b))
+        if len(b) < 1 + tf:
+            raise ValueError(f"the second video has {len(b)} frame(s); connecting needs at least {1 + tf}")
+        end_of_a, start_of_b = self.encode(a[-1:]), self.encode(b[:1 + tf])
+        return self.generate(prompts, known_plan(L, {0: end_of_a[:, 0], L - 1: start_of_b[:, 1]}), height, width,
+                             **sampling)
+
+    def edit(self, prompts, video, *, strength: float = 0.6, num_frames=None, height=None, width=None,
+             **sampling) -> np.ndarray:
+        """SDEdit: noise the video's latents to time ``strength`` in (0, 1] and denoise under ``prompts``.
+
+        ``strength`` near 0 keeps the video, 1 ignores it. The clip is the
+        video's longest ``1 + tf k`` prefix, at most the training length, unless
+        ``num_frames`` says otherwise.
+        """
+        strength = float(strength)
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength={strength} must be in (0, 1]: 0 keeps the video, 1 ignores it")
+        frames = self.load_frames(video, height or self.train_size[0], width or self.train_size[1], "video")
+        longest = pixel_count(latent_count(len(frames), self.time_factor), self.time_factor)
+        if num_frames is not None and num_frames > longest:
+            raise ValueError(f"num_frames={num_frames} is longer than the video ({len(frames)} frames); use at most "
+                             f"{longest}")
+        num_frames, height, width = self._sizes(num_frames or min(longest, self.train_frames), height, width)
+        clean = self.encode(frames[:num_frames])
+        plan = Plan(clean.shape[1], clean=clean, t_start=strength)
+        return self.generate(prompts, plan, height, width, **sampling)
+
+    def loop(self, prompts, *, num_frames: int | None = None, height=None, width=None, **sampling) -> np.ndarray:
+        """A clip of ``num_frames = tf m`` frames that plays seamlessly on repeat (frame ``tf m`` would be frame 0).
+
+        Sampled as ``m + 2`` latents covering frames ``0 .. tf (m + 1)``: latent
+        ``m + 1`` holds frames ``tf m + 1 .. tf m + tf``, which on a loop are
+        frames ``1 .. tf``, i.e. latent 1. So latent ``m + 1`` is tied to the
+        current clean estimate of latent 1 at every step and flagged as known:
+        the model, trained to continue into known last frames, must make the
+        clip's end lead into its own beginning. Both are group latents of the
+        same frames (their causal context differs only before the loop's
+        start), so the tie is within what the VAE can express. The last
+        ``tf + 1`` decoded frames, the wrap-around, are dropped.
+        """
+        tf = self.time_factor
+        num_frames = self.train_frames - 1 if num_frames is None else int(num_frames)
+        if num_frames < tf or num_frames % tf:
+            raise ValueError(f"a loop of num_frames={num_frames} cannot be made: loop lengths are multiples of {tf} "
+                             f"(the frame after the last is the first), e.g. {max(tf, num_frames // tf * tf)}")
+        _, height, width = self._sizes(num_frames + tf + 1, height, width)
+        L = num_frames // tf + 2
+        mask = (np.arange(L) == L - 1).astype(np.float32)
+        plan = Plan(L, mask=mask, tie=((L - 1,), (1,)), keep_frames=num_frames)
+        return self.generate(prompts, plan, height, width, **sampling)
+
+    # ------------------------------------------------------------------ shared machinery
+    def load_frames(self, source, height: int, width: int, what: str) -> np.ndarray:
+        """``uint8 (T, height, width, 3)`` from a path (video or image, by suffix) or an array, resized."""
+        if isinstance(source, (str, Path)):
+            if io.is_video_path(source):
+                frames, _ = io.read_video(source, size=(height, width))
+            else:
+                frames = io.read_image(source, size=(height, width))[None]
+        else:
+            frames = io.check_frames(source, f"TextToVideo ({what})")
+        if frames.shape[1:3] != (height, width):
+            frames = _resize(frames, height, width)
+        return frames
+
+    def encode(self, frames: np.ndarray) -> jax.Array:
+        """``uint8 (T, H, W, 3)`` with ``T = 1 + tf k`` -> normalised posterior-mean latents ``(1, 1 + k, h, w, c)``."""
+        video = jnp.asarray(io.to_float(frames))[None]
+        if len(frames) > 4 * self.time_factor + 1:  # long inputs: chunks keep memory flat in time
+            z = encode_chunked(self.vae, self.vae_variables, video, 4 * self.time_factor).mode()
+            return _normalize(self.vae, self.vae_variables, z)
+        return _encode(self.vae, self.vae_variables, video)
+
+    def decode(self, latents, chunk_latent_frames: int = 8) -> np.ndarray:
+        """Normalised latents ``(B, L, h, w, c)`` -> ``uint8 (B, 1 + tf (L - 1), H, W, 3)``; chunked for long clips."""
+        z = _denormalize(self.vae, self.vae_variables, latents)
+        if z.shape[1] > chunk_latent_frames:
+            return io.to_uint8(decode_chunked(self.vae, self.vae_variables, z, chunk_latent_frames))
+        return io.to_uint8(_decode(self.vae, self.vae_variables, z))
+
+    def encode_prompts(self, prompts: Sequence[str]):
+        """Text embeddings for ``prompts``; empty prompts are errors, over-long ones are truncated with a warning."""
+        which = lambda i: "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"{which(i)} is empty; describe the video, e.g. 'a red circle moving left'")
+        emb = self.text.encode(list(prompts))
+        for i in np.nonzero(emb.truncated)[0]:
+            kept = self.text.tokenizer.hf.decode(self.text.tokenize([prompts[i]]).ids[0], skip_special_tokens=True)
+            warnings.warn(f"{which(i)} is longer than the text encoder's {self.text.max_length} tokens; the model "
+                          f"reads only {kept!r}", stacklevel=3)
+        return emb
+
+    def generate(self, prompts, plan: Plan, height: int, width: int, *, steps: int | None = None,
+                 guidance: float | None = None, sampler: str | None = None, seed: int | Sequence[int] = 0,
+                 num_per_prompt: int = 1, guidance_interval: tuple[float, float] = (0.0, 1.0),
+                 batch_size: int | None = None, progress: bool = False, return_latents: bool = False) -> np.ndarray:
+        """Sample ``plan`` for every prompt and seed: ``uint8 (len(prompts) * seeds, T, height, width, 3)``.
+
+        ``seed``: an int (sample ``j`` of each prompt uses ``seed + j``, ``j < num_per_prompt``)
+        or a list of seeds used for every prompt. Outputs are prompt-major; a
+        (prompt, seed) pair gives the same clip whatever else is in the batch.
+        ``batch_size`` caps clips per compiled call; ``progress`` shows a tqdm bar;
+        ``return_latents`` returns the normalised latents ``(N, L, h, w, c)`` undecoded.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts) or [""]  # none: one empty prompt (error)
+        seeds = [int(seed) + j for j in range(num_per_prompt)] if np.ndim(seed) == 0 else [int(s) for s in seed]
+        steps = int(self.defaults["steps"] if steps is None else steps)
+        guidance = float(self.defaults["guidance"] if guidance is None else guidance)
+        sampler = self.defaults["sampler"] if sampler is None else sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be at least 1")
+        emb = self.encode_prompts(prompts)
+        sf = self.vae.config.spatial_factor
+        shape = (plan.latent_frames, height // sf, width // sf, self.vae.config.latent_channels)
+        shift = self._shift(shape)
+        cases = [(p, s) for p in range(len(prompts)) for s in seeds]
+        batch = min(batch_size or len(cases), len(cases))
+        uncond = text_context(self.text.encode([""] * batch))
+        out = []
+        with ProgressBar(progress, steps * math.ceil(len(cases) / batch)) as bar, on_sampler_step(bar):
+            for start in range(0, len(cases), batch):
+                chunk = cases[start:start + batch]
+                chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # pad: one compiled shape for all chunks
+                rows = np.array([p for p, _ in chunk])
+                context = text_context(type(emb)(*(np.asarray(a)[rows] for a in emb)))
+                x_start = seeded_noise(jnp.asarray([s for _, s in chunk], jnp.uint32), shape)
+                if plan.clean is not None:
+                    x_start = noise_latents(jnp.broadcast_to(plan.clean, x_start.shape), x_start, plan.t_start)
+                if plan.mask is not None:
+                    known = plan.known if plan.known is not None else np.zeros((1, *shape), np.float32)
+                    context["cond_latents"] = jnp.broadcast_to(jnp.asarray(known), x_start.shape)
+                    context["cond_mask"] = jnp.broadcast_to(jnp.asarray(plan.mask), x_start.shape[:2])
+                z = sample_latents(self.dit, self.dit_params, context, uncond, x_start, steps=steps,
+                                   sampler=sampler, guidance=guidance, interval=tuple(guidance_interval), shift=shift,
+                                   t_start=plan.t_start, tie=plan.tie, progress=progress)
+                z = z[:len(cases) - start]
+                out.append(np.asarray(z) if return_latents else self.decode(z))
+        clips = np.concatenate(out)
+        return clips[:, :plan.keep_frames] if plan.keep_frames and not return_latents else clips
+
+    def _shift(self, latent_shape) -> float:
+        """The timestep shift training used, for this clip's token count when it is ``"auto"``."""
+        shift = self.config.get("flow", {}).get("shift", "auto")
+        if shift != "auto":
+            return float(shift)
+        return shift_for_tokens(math.prod(s // p for s, p in zip(latent_shape[:3], self.dit.config.patch)))
+
+
+@functools.lru_cache(maxsize=4)
+def _text_encoder(name: str, max_length: int):
+    """Frozen encoders are shared between pipelines (reloading a checkpoint does not reload MiniLM)."""
+    from vidiff.models.text import text_encoder
+
+    return text_encoder(name, max_length=max_length)
+
+
+def _tuples(overrides) -> dict:
+    """JSON lists in config overrides back to the tuples the frozen model configs hold."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(overrides).items()}
+
+
+def _context_latents(frames: int, direction: str, tf: int, most: int) -> int:
+    """Known latents ``k`` for ``frames`` context frames (forward ``1 + tf (k - 1)``, backward ``tf k``), k <= most."""
+    frames_of = (lambda k: pixel_count(k, tf)) if direction == "forward" else (lambda k: tf * k)
+    k = latent_count(frames, tf) if direction == "forward" else frames // tf
+    if frames_of(k) == frames and 1 <= k <= most:
+        return k
+    options = [frames_of(j) for j in range(1, most + 1)] or "none"
+    raise ValueError(f"context_frames={frames} does not fit extending {direction} here; use one of {options} "
+                     "(the video's length and num_frames bound it)")
+
+
+def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BICUBIC))
+                     for f in frames])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(vae, variables, video):
+    return vae.apply(variables, vae.apply(variables, video, method=vae.encode).mode(), method=vae.normalize)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _normalize(vae, variables, z):
+    return vae.apply(variables, z, method=vae.normalize)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _denormalize(vae, variables, z):
+    return vae.apply(variables, z, method=vae.denormalize)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(vae, variables, z):
+    return vae.apply(variables, z, method=vae.decode)
