@@ -1,0 +1,117 @@
+"""``vidiff generate``: files for every mode and format, and one-line errors for everything a user can get wrong."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tiny_model import REPO, tiny_model_dir
+from vidiff import io
+from vidiff.cli import main
+from vidiff.data.world import CaptionedWorld, WorldConfig
+
+PROMPT = "a red circle moving left"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return str(tiny_model_dir())
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A 9-frame 16px world clip as mp4, its first frame as png, and files that are not media."""
+    root = tmp_path_factory.mktemp("inputs")
+    video = CaptionedWorld(WorldConfig(num_frames=9, size=16))[0]["video"]
+    (root / "notes.mp4").write_text("not a video")
+    return {"video": str(io.write_video(root / "clip.mp4", video)), "image": str(io.write_image(root / "first.png",
+            video[0])), "fake": str(root / "notes.mp4"), "root": root}
+
+
+def generate(capsys, *argv):
+    code = main(["generate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_writes_videos_gifs_grids_and_images(model, tmp_path, capsys, monkeypatch):
+    code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--steps", 2, "--num", 2,
+                              "--out", tmp_path / "demo.mp4", "--grid", tmp_path / "grid.png")
+    assert code == 0, err
+    for k in (0, 1):
+        frames, _ = io.read_video(tmp_path / f"demo_{k}.mp4")
+        assert frames.shape == (9, 16, 16, 3)
+        assert f"wrote {tmp_path / f'demo_{k}.mp4'}  (9 frames, 16x16, seed {k}, {PROMPT!r})" in out
+    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (2 * 18 + 2, 9 * 18 + 2, 3)  # a row per clip
+    assert "sampling" in err  # the progress bar
+    code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--steps", 2, "--out", tmp_path / "demo.gif")
+    assert code == 0 and Image.open(tmp_path / "demo.gif").n_frames == 9
+    monkeypatch.chdir(tmp_path)  # --frames 1 writes vidiff.png by default; any supported aspect ratio
+    code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--steps", 2, "--frames", 1, "--width", 32,
+                              "--quiet")
+    assert code == 0 and "wrote vidiff.png" in out and "sampling" not in err
+    assert np.asarray(Image.open(tmp_path / "vidiff.png")).shape == (16, 32, 3)
+
+
+def test_every_mode_from_files(model, inputs, tmp_path, capsys):
+    modes = {
+        "image": (["--image", inputs["image"]], 9),
+        "extend": (["--extend", inputs["video"], "--direction", "backward", "--context-frames", 4], 9),
+        "connect": (["--connect", inputs["video"], inputs["video"]], 9),
+        "edit": (["--edit", inputs["video"], "--strength", 0.3], 9),
+        "loop": (["--loop"], 8),
+    }
+    for name, (flags, frames) in modes.items():
+        code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--steps", 2, "--quiet",
+                                  "--out", tmp_path / f"{name}.gif", *flags)
+        assert code == 0, (name, err)
+        assert Image.open(tmp_path / f"{name}.gif").n_frames == frames, name
+
+
+def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
+    code, out, err = generate(capsys, " ".join([PROMPT] * 4), "--checkpoint", model, "--steps", 2, "--quiet",
+                              "--out", tmp_path / "long.gif")
+    assert code == 0
+    assert err.strip().splitlines() == [
+        "vidiff generate: warning: the prompt is longer than the text encoder's 8 tokens; the model reads only "
+        "'a red circle moving left a'"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["   "], 'the prompt is empty; describe the video, e.g. "a red circle moving left"'),
+    ([PROMPT, ""], "prompt 2 is empty"),
+    ([PROMPT, "--edit", "{video}", "--strength", "1.5"], "--strength=1.5 must be in (0, 1]"),
+    ([PROMPT, "--edit", "{video}", "--strength", "0"], "--strength=0.0 must be in (0, 1]"),
+    ([PROMPT, "--strength", "0.5"], "--strength applies only to --edit VIDEO"),
+    ([PROMPT, "--direction", "backward"], "--direction and --context-frames apply only to --extend VIDEO"),
+    ([PROMPT, "--num", "0"], "--num=0 must be at least 1"),
+    ([PROMPT, "--out", "{root}/notes.mp4/demo.mp4"], "cannot write {root}/notes.mp4/demo.mp4: "),
+    ([PROMPT, "--out", "{root}"], "cannot write {root}: it is a directory"),
+    ([PROMPT, "--out", "demo.avi"], "--out demo.avi: unknown suffix '.avi'; use .mp4, .webm, .gif or .png"),
+    ([PROMPT, "--out", "demo.png"], "--out demo.png: a png holds one frame; use .mp4 or .gif, or --frames 1"),
+    ([PROMPT, "--image", "{root}/missing.png"], "{root}/missing.png: missing_file: no such file"),
+    ([PROMPT, "--extend", "{fake}"], "{fake}: not_video: FFmpeg cannot open it"),
+    ([PROMPT, "--checkpoint", "{root}/nowhere"], "model directory {root}/nowhere does not exist"),
+    ([PROMPT, "--checkpoint", "{root}"], "{root} is not a vidiff model directory (no vidiff.json)"),
+    ([PROMPT, "--checkpoint", "{model}", "--height", "20"], "this model cannot make height=20: it makes frames 1 + 4k "
+     "(1, 5, 9, 13, 17, ...), height and width multiples of 8 (trained on 9 frames of 16x16)"),
+    ([PROMPT, "--checkpoint", "{model}", "--loop", "--frames", "9"], "a loop of num_frames=9 cannot be made"),
+    ([PROMPT, "--checkpoint", "{model}", "--extend", "{video}", "--context-frames", "3"],
+     "context_frames=3 does not fit extending forward here; use one of [1, 5]"),
+])
+def test_bad_input_is_one_line(argv, message, model, inputs, capsys):
+    fill = {**inputs, "model": model}
+    code, out, err = generate(capsys, *[a.format(**fill) for a in argv])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vidiff generate: error: "), err
+    assert message.format(**fill) in lines[0]
+
+
+def test_the_command_line_entry_point_never_shows_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "vidiff.cli", "generate", " "], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ('vidiff generate: error: the prompt is empty; describe the video, '
+                                     'e.g. "a red circle moving left"')

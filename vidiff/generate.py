@@ -1,0 +1,175 @@
+"""``vidiff generate``: prompts in, video (or image) files out, in every prompting mode of ``TextToVideo``.
+
+    vidiff generate "a red circle moving left" --out demo.mp4       # the bundled model
+    vidiff generate "a red circle moving left" --frames 1           # an image: vidiff.png
+    vidiff generate "..." --image first.png | --extend clip.mp4 --direction backward
+                          | --connect a.mp4 b.mp4 | --edit clip.mp4 --strength 0.6 | --loop
+
+Everything a user can get wrong (empty prompt, bad strength, unwritable
+output, unreadable input, sizes the model cannot make, a directory that is
+not a model) is checked before the model compiles and reported in one line.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from vidiff import io
+from vidiff.diffusion.samplers import SAMPLERS
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``vidiff generate``."""
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="what the clip shows (several: one clip each)")
+    parser.add_argument("--out", help="output file: .mp4, .webm, .gif or .png (default vidiff.mp4, vidiff.png "
+                        "for --frames 1); several clips get _0, _1, ... before the suffix")
+    parser.add_argument("--checkpoint", help="model directory exported by `vidiff train` (default: the bundled model)")
+    parser.add_argument("--frames", type=int, help="frames per clip, 1 + 4k (default: the training length; 1 = image)")
+    parser.add_argument("--height", type=int, help="frame height (default: the training size)")
+    parser.add_argument("--width", type=int, help="frame width (default: the training size)")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the model's sample.steps)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first clip; clip j of a prompt uses seed + j")
+    parser.add_argument("--num", type=int, default=1, help="clips per prompt")
+    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video")
+    parser.add_argument("--grid", help="also write one image with every frame (a row per clip)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--image", metavar="IMG", help="animate this image (it becomes the first frame)")
+    mode.add_argument("--extend", metavar="VIDEO", help="continue this video (see --direction)")
+    mode.add_argument("--connect", nargs=2, metavar=("A", "B"), help="a transition from the end of A to the start of B")
+    mode.add_argument("--edit", metavar="VIDEO", help="re-imagine this video under the prompt (SDEdit, see --strength)")
+    mode.add_argument("--loop", action="store_true", help="a clip whose last frame leads back into the first "
+                      "(--frames a multiple of 4)")
+    parser.add_argument("--direction", choices=("forward", "backward"), help="with --extend: add frames after "
+                        "(forward, default) or before (backward) the video")
+    parser.add_argument("--context-frames", type=int, help="with --extend: input frames kept (forward 1 + 4k, "
+                        "backward 4k; default about half the clip)")
+    parser.add_argument("--strength", type=float, help="with --edit: in (0, 1]; 0 keeps the video, 1 ignores it "
+                        "(default 0.6)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the request, load the model, generate, write every file and say where."""
+    prompts = _check_prompts(args.prompts)
+    _check_mode_flags(args)
+    if args.num < 1:
+        raise ValueError(f"--num={args.num} must be at least 1")
+    total = len(prompts) * args.num
+    single = args.frames == 1
+    outputs = _output_paths(args.out or ("vidiff.png" if single else "vidiff.mp4"), total)
+    for path in outputs:
+        _check_writable(path, frames=args.frames)
+    if args.grid:
+        _check_writable(Path(args.grid), frames=1)
+    for source in _inputs(args):
+        _check_readable(source)
+
+    from vidiff.pipeline import TextToVideo
+
+    pipe = TextToVideo.from_checkpoint(args.checkpoint)
+    sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
+                    num_per_prompt=args.num, progress=not args.quiet)
+    size = dict(num_frames=args.frames, height=args.height, width=args.width)
+    with one_line_warnings("vidiff generate"):
+        clips = _generate(pipe, args, prompts, size, sampling)
+
+    for k, (path, clip) in enumerate(zip(outputs, clips)):
+        prompt, seed = prompts[k // args.num], args.seed + k % args.num
+        if len(clip) == 1 and path.suffix.lower() == ".png":
+            io.write_image(path, clip[0])
+        else:
+            io.write_video(path, clip, args.fps)
+        print(f"wrote {path}  ({len(clip)} frames, {clip.shape[1]}x{clip.shape[2]}, seed {seed}, {prompt!r})")
+    if args.grid:
+        grid = io.frame_grid(np.concatenate(list(clips)), columns=clips.shape[1])
+        print(f"wrote {io.write_image(args.grid, grid)}  (grid: {len(clips)} clip(s) x {clips.shape[1]} frames)")
+    return 0
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str):
+    """Within the block, warnings print as ``<command>: warning: <message>`` (no file, no source line)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: print(f"{command}: warning: {message}", file=sys.stderr)
+        yield
+
+
+def _generate(pipe, args, prompts, size, sampling) -> np.ndarray:
+    if args.image:
+        return pipe.image_to_video(prompts, args.image, **size, **sampling)
+    if args.extend:
+        return pipe.extend(prompts, args.extend, direction=args.direction or "forward",
+                           context_frames=args.context_frames, **size, **sampling)
+    if args.connect:
+        return pipe.connect(prompts, *args.connect, **size, **sampling)
+    if args.edit:
+        strength = 0.6 if args.strength is None else args.strength
+        return pipe.edit(prompts, args.edit, strength=strength, **size, **sampling)
+    if args.loop:
+        return pipe.loop(prompts, **size, **sampling)
+    return pipe(prompts, **size, **sampling)
+
+
+def _check_prompts(prompts) -> list[str]:
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+            raise ValueError(f"{which} is empty; describe the video, e.g. \"a red circle moving left\"")
+    return list(prompts)
+
+
+def _check_mode_flags(args) -> None:
+    if args.strength is not None:
+        if not args.edit:
+            raise ValueError("--strength applies only to --edit VIDEO")
+        if not 0.0 < args.strength <= 1.0:
+            raise ValueError(f"--strength={args.strength} must be in (0, 1]: 0 keeps the video, 1 ignores it")
+    if (args.direction or args.context_frames is not None) and not args.extend:
+        raise ValueError("--direction and --context-frames apply only to --extend VIDEO")
+
+
+def _inputs(args) -> list[str]:
+    return [p for p in (args.image, args.extend, args.edit, *(args.connect or ())) if p]
+
+
+def _output_paths(out: str, total: int) -> list[Path]:
+    out = Path(out)
+    if total == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(total)]
+
+
+def _check_writable(path: Path, frames: int | None) -> None:
+    """Fail now, not after sampling, when ``path`` cannot be written."""
+    if path.is_dir():
+        raise OSError(f"cannot write {path}: it is a directory; give a file name such as {path / 'demo.mp4'}")
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES + (".png",):
+        raise ValueError(f"--out {path}: unknown suffix {suffix!r}; use .mp4, .webm, .gif or .png")
+    if suffix == ".png" and frames != 1:
+        raise ValueError(f"--out {path}: a png holds one frame; use .mp4 or .gif, or --frames 1 for an image")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".vidiff-write-test-"):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}; choose a writable output path") from None
+
+
+def _check_readable(source: str) -> None:
+    """A missing or undecodable input is one line now (``VideoReadError`` names the file and the reason)."""
+    if io.is_video_path(source):
+        io.probe(source)
+    else:
+        io.read_image(source)
