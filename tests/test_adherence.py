@@ -1,0 +1,97 @@
+"""Prompt-adherence and mode evaluation: prompt sets, the scoring path on real world clips, the CLI's JSON."""
+import json
+
+import numpy as np
+import pytest
+
+from tiny_model import tiny_model_dir
+from vidiff.cli import main
+from vidiff.data import world
+from vidiff.eval import adherence
+
+
+def world_clip_of(combo, size=32, frames=17):
+    """A rendered world clip showing ``combo`` (the first record of the held-out world that does)."""
+    source = world.CaptionedWorld(world.WorldConfig(num_frames=frames, size=size, held_out="only", seed=3))
+    for i in range(500):
+        labels = source[i]["labels"]
+        if (labels["color"], labels["shape"], labels["direction"]) == tuple(combo):
+            return source[i]["video"]
+    raise AssertionError(f"no clip of {combo}")
+
+
+def test_paraphrases_are_wordings_no_template_produces():
+    every = world.allowed_combos(world.WorldConfig(held_out="include"))
+    seen = {world._phrase(t, {"color": c, "shape": s, "direction": d, "size": size})
+            for c, s, d in every for size in world.SIZES
+            for t in world.TRAIN_TEMPLATES + world.PARAPHRASE_TEMPLATES}
+    mine = {adherence.paraphrase(combo, k) for combo in every for k in range(len(adherence.PARAPHRASES))}
+    assert len(mine) == len(every) * len(adherence.PARAPHRASES) and not mine & seen
+    assert adherence.paraphrase(("red", "triangle", "left"), 1) == "an animation of a red triangle heading in the left direction"
+
+
+def test_cases_cover_every_held_out_combination_and_seed():
+    cases = adherence.cases("heldout", seeds=3)
+    assert len(cases) == 3 * len(world.HELD_OUT)
+    assert {(c.color, c.shape, c.direction) for c in cases} == set(world.HELD_OUT)
+    assert cases[0].prompt == "a red triangle moving left" and [c.seed for c in cases[:3]] == [0, 1, 2]
+    paraphrased = adherence.cases("paraphrase", seeds=[7])
+    assert {c.prompt for c in paraphrased} == {adherence.paraphrase(combo, i) for i, combo in enumerate(world.HELD_OUT)}
+    with pytest.raises(ValueError, match="prompt set 'typos' is unknown"):
+        adherence.cases("typos")
+
+
+def test_ground_truth_clips_score_perfectly_and_wrong_ones_do_not(tmp_path):
+    cases = adherence.cases("heldout", seeds=[0, 1])
+    truth = {c.prompt: world_clip_of((c.color, c.shape, c.direction)) for c in cases}
+    calls = []
+
+    def render(prompts, seed):
+        calls.append((len(prompts), seed))
+        return np.stack([truth[p] for p in prompts])
+
+    summary = adherence.evaluate(render, cases)
+    assert calls == [(6, 0), (6, 1)]  # one batched call per seed
+    assert summary["num_clips"] == 12
+    assert summary["accuracy"] == {"color": 1.0, "shape": 1.0, "direction": 1.0, "all": 1.0}
+    assert set(summary["per_combination"]) == {" ".join(c) for c in world.HELD_OUT}
+    first = summary["clips"][0]
+    assert first["prompt"] == "a red triangle moving left" and first["seed"] == 0
+    assert first["predicted"] == first["labels"] == {"color": "red", "shape": "triangle", "direction": "left"}
+    assert first["correct"] == {"color": True, "shape": True, "direction": True, "all": True}
+    table = adherence.format_table(summary).splitlines()
+    assert len(table) == 2 + 6 + 2 and table[-1].split() == ["all", "12", "100.0%", "100.0%", "100.0%", "100.0%"]
+    # Mirrored clips keep colour and shape but reverse the motion: the scorer notices.
+    flipped = adherence.evaluate(lambda prompts, seed: render(prompts, seed)[:, ::-1], cases)
+    assert flipped["accuracy"] == {"color": 1.0, "shape": 1.0, "direction": 0.0, "all": 0.0}
+    path = adherence.write_json(summary, tmp_path / "out" / "adherence.json")
+    assert json.loads(path.read_text())["accuracy"]["all"] == 1.0
+
+
+def test_eval_commands_print_and_write_json(tmp_path, capsys):
+    model = str(tiny_model_dir())
+    code = main(["eval", "adherence", "--checkpoint", model, "--seeds", "1", "--steps", "2", "--batch-size", "1",
+                 "--prompts", "paraphrase", "--out", str(tmp_path / "adherence.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    written = json.loads((tmp_path / "adherence.json").read_text())
+    assert written["num_clips"] == 6 and written["prompts"] == "paraphrase" and len(written["clips"]) == 6
+    assert set(written["accuracy"]) == {"color", "shape", "direction", "all"}
+    assert all(0.0 <= v <= 1.0 for v in written["accuracy"].values())
+    assert written["sampling"] == {"steps": 2, "guidance": 4.0, "sampler": "euler"}
+    assert out.splitlines()[0].startswith("combination") and '"accuracy"' in out
+
+    code = main(["eval", "modes", "--checkpoint", model, "--clips", "1", "--steps", "2", "--strength", "0.3",
+                 "--out", str(tmp_path / "modes.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    means = json.loads((tmp_path / "modes.json").read_text())["means"]
+    assert set(means) == {"image_to_video", "extend_forward", "extend_backward", "connect", "edit", "loop"}
+    i2v = means["image_to_video"]
+    # The first frame is the VAE's round trip of the input (decoder causal, latent 0 known).
+    assert abs(i2v["first_frame_psnr"] - i2v["vae_ceiling_psnr"]) < 0.5
+    assert abs(means["connect"]["first_frame_psnr"] - i2v["vae_ceiling_psnr"]) < 0.5
+    assert set(means["edit"]) == {"colour_changed", "shape_kept", "direction_kept"} and means["loop"]["seam_ratio"] > 0
+
+    assert main(["eval", "modes", "--checkpoint", model, "--strength", "1.5"]) == 2
+    assert "--strength=1.5 in (0, 1]" in capsys.readouterr().err
