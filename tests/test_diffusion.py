@@ -106,3 +106,27 @@ def test_timestep_sampling_and_shift():
         diffusion.sample_timesteps(jax.random.key(0), 2, "beta")
     with pytest.raises(ValueError, match="sampler 'ddim' is unknown"):
         diffusion.sample(point_mass_velocity(0.0), jnp.zeros(SHAPE), steps=2, sampler="ddim")
+
+
+@pytest.mark.parametrize("sampler", diffusion.SAMPLERS)
+def test_tied_frames_end_equal_to_their_source(sampler):
+    noise = jax.random.normal(jax.random.key(6), SHAPE)
+    free = diffusion.sample(gaussian_velocity(0.5), noise, steps=4, sampler=sampler)
+    tied = diffusion.sample(gaussian_velocity(0.5), noise, steps=4, sampler=sampler, tie=((2,), (0,)),
+                            known_mask=jnp.array([[0, 0, 1], [0, 0, 1]]))
+    np.testing.assert_array_equal(tied[:, 2], tied[:, 0])
+    # This velocity acts per element, so the untied frames are exactly what they would be without the tie.
+    np.testing.assert_allclose(tied[:, :2], free[:, :2], atol=1e-6)
+    assert not np.allclose(free[:, 2], free[:, 0])
+
+
+def test_progress_reports_every_step():
+    from vidiff.diffusion.generate import _report_step, on_sampler_step
+
+    seen = []
+    noise = jax.random.normal(jax.random.key(7), SHAPE)
+    with on_sampler_step(seen.append):
+        out = diffusion.sample(gaussian_velocity(0.5), noise, steps=5, sampler="heun", progress=_report_step)
+        jax.block_until_ready(out)
+        jax.effects_barrier()
+    assert sorted(seen) == [0, 1, 2, 3, 4]
