@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "world": ("vidiff.data.world", "render clips of the built-in captioned world to mp4 + gif"),
     "prepare": ("vidiff.train.precompute", "write ArrayRecord shards from a video folder + manifest (--latents adds VAE latents)"),
     "train": ("vidiff.train.command", "train the VAE or the DiT from an experiment config"),
+    "plan": ("vidiff.plan", "compile a train step ahead of time: memory per device, does it fit, on how many devices"),
     "generate": ("vidiff.generate", "prompt in, video out: text-to-video, image-to-video, extend, connect, edit, loop"),
     "eval": ("vidiff.eval.command", "evaluate a model: prompt adherence on the captioned world, prompting modes"),
 }
