@@ -21,6 +21,12 @@ dense kernels average all values instead; the DiT never produces such a query).
 Attention between two different sequences (the DiT's cross-attention to text) stays local:
 ``layers.local_attention_impl`` maps these names to the auto local kernel.
 Without a mesh, or with a ``context`` axis of size 1, both fall back to local attention.
+
+A third, local implementation shares the ring's online-softmax block: ``"chunked"``
+(memory-efficient attention, Rabe & Staats) loops over query chunks and, inside, over
+key/value chunks, rematerialising both in the backward pass, so activation memory grows
+linearly with the tokens on any backend. cuDNN flash attention does this natively on GPU;
+``vidiff plan`` uses ``chunked`` to estimate that memory from a CPU compile.
 """
 from __future__ import annotations
 
@@ -212,5 +218,48 @@ def ring_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_
                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
 
+# --------------------------------------------------------------------------- chunked (local, linear memory)
+
+CHUNK = 1024  # tokens per query / key chunk: logits of one chunk pair are CHUNK^2 per head
+
+
+def chunked_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
+    """Memory-efficient local attention (query chunks x key chunks, online softmax); same arguments
+    as :func:`layers.attention`. A query with no valid key gets zeros."""
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    cq, ck = min(CHUNK, t), min(CHUNK, s)
+    tp, sp = -(-t // cq) * cq, -(-s // ck) * ck
+    lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+    valid = jnp.arange(sp)[None, :] < lengths[:, None]
+    key_mask = _key_mask(mask, b, s)
+    if key_mask is not None:
+        valid &= _pad(key_mask, sp, value=False)
+    q_ids, kv_ids = _padded_ids(segment_ids, kv_segment_ids, tp, sp)
+    if q_ids is None:
+        q_ids, kv_ids = jnp.zeros((b, tp), jnp.int32), jnp.zeros((b, sp), jnp.int32)
+    chunks = lambda x, c: jnp.moveaxis(x.reshape(b, -1, c, *x.shape[2:]), 1, 0)  # (n, b, c, ...)  # noqa: E731
+    keys = (chunks(_pad(k, sp), ck), chunks(_pad(v, sp), ck), chunks(valid, ck), chunks(kv_ids, ck))
+
+    @jax.checkpoint  # backward keeps only each query chunk's inputs and recomputes its key loop
+    def one_query_chunk(args):
+        q_c, ids_c = args
+
+        @jax.checkpoint
+        def step(acc, key):
+            k_c, v_c, valid_c, kv_ids_c = key
+            allowed = valid_c[:, None, :] & (ids_c[:, :, None] == kv_ids_c[:, None, :])
+            return _online_block(acc, q_c, k_c, v_c, allowed), None
+
+        stats = jnp.zeros((b, q_c.shape[2], q_c.shape[1]), jnp.float32)
+        (out, _, l), _ = jax.lax.scan(step, (jnp.zeros(q_c.shape, jnp.float32), stats + _NEG, stats), keys)
+        l = jnp.swapaxes(l, 1, 2)[..., None]
+        return jnp.where(l > 0, out / jnp.where(l > 0, l, 1.0), 0.0).astype(q.dtype)
+
+    out = jax.lax.map(one_query_chunk, (chunks(_pad(q, tp), cq), chunks(q_ids, cq)))
+    out = jnp.moveaxis(out, 0, 1).reshape(b, tp, *q.shape[2:])[:, :t]
+    return checkpoint_name(out, "attention")
+
+
+layers.register_attention_impl("chunked", chunked_attention)
 layers.register_attention_impl("ulysses", ulysses_attention, local=None)
 layers.register_attention_impl("ring", ring_attention, local=None)

@@ -1,0 +1,234 @@
+"""``vidiff plan``: will this training config fit, on how many devices, at which clip length?
+
+Compiles the real train step (``make_train_step`` + ``jit_train_step``: loss, gradients,
+AdamW, EMA, donated state) ahead of time against abstract inputs (``jax.ShapeDtypeStruct``
+with shardings: nothing is allocated) and prints, per device: parameters, optimizer state,
+EMA, the batch, activations (XLA's temporaries) and the peak, and whether the peak fits
+``--device-memory``. One row per ``--tokens`` x ``--remat`` combination::
+
+    vidiff plan --config experiments/configs/world_tiny.py --preset XL --mesh fsdp --devices 8 \\
+        --tokens 4096,16384 --remat none,block --device-memory 80
+
+Devices: the first ``--devices`` real devices when the machine has them (the real compiler),
+otherwise the plan re-runs itself on that many virtual CPU devices (a fake topology; the CPU
+compiler's fusion and buffer choices differ from a GPU's, so read the numbers as estimates).
+On CPU, ``--attention chunked`` (the default there) stands in for cuDNN flash attention's
+linear memory; ``xla`` materialises the full attention logits.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+
+ACCEPTS_CONFIG_OVERRIDES = True
+_CHILD = "VIDIFF_PLAN_VIRTUAL_DEVICES"
+GiB = 2**30
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="experiment config file (experiments/configs/*.py)")
+    parser.add_argument("--model", default="dit", choices=("dit", "vae"), help="which network's train step")
+    parser.add_argument("--mesh", default=None, help="preset (dp, fsdp, fsdp_tensor, fsdp_context), 'd,f,t,c' "
+                        "sizes or 'fsdp=4,context=2' (default: the config's mesh section)")
+    parser.add_argument("--devices", type=int, default=None, help="devices to plan for (default: this machine's)")
+    parser.add_argument("--device-memory", type=float, default=None, help="GiB per device; adds a 'fits' column")
+    parser.add_argument("--batch", type=int, default=None, help="global batch (default data.batch_size)")
+    parser.add_argument("--tokens", default=None, help="comma-separated DiT sequence lengths (spacetime tokens); "
+                        "default: the config's clip")
+    parser.add_argument("--remat", default=None, help="comma-separated DiT remat policies (none, block, dots)")
+    parser.add_argument("--preset", default=None, help="DiT preset instead of the config's (tiny ... XL, 1.5B)")
+    parser.add_argument("--attention", default=None, help="DiT attention_impl: xla, cudnn, chunked, ring, ulysses "
+                        "(default: the config's; 'chunked' when compiling on CPU)")
+    parser.add_argument("--dtype", default=None, help="DiT compute dtype (float32, bfloat16)")
+    parser.add_argument("--scan", action="store_true", help="scan the DiT blocks (much faster compiles)")
+    parser.add_argument("--text-dim", type=int, default=384, help="text-encoder width (MiniLM 384, T5-XXL 4096)")
+    parser.epilog = "Override any config field with --config.<path>=<value>."
+
+
+def run(args) -> int:
+    import jax
+
+    wanted = args.devices or jax.device_count()
+    if wanted > jax.device_count():
+        return _rerun_on_virtual_cpus(args, wanted)
+    rows = plan(args, jax.devices()[:wanted])
+    print(format_table(rows, args.device_memory))
+    return 0
+
+
+def _rerun_on_virtual_cpus(args, devices: int) -> int:
+    if os.environ.get(_CHILD):
+        raise ValueError(f"--devices {devices}: only {os.environ[_CHILD]} virtual CPU devices came up")
+    argv = [sys.executable, "-m", "vidiff.cli", "plan", "--config", args.config, "--model", args.model,
+            "--devices", str(devices)]
+    for flag in ("mesh", "device_memory", "batch", "tokens", "remat", "preset", "attention", "dtype", "text_dim"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    argv += ["--scan"] * bool(args.scan) + list(args.overrides)
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, _CHILD: str(devices)}
+    print(f"planning on {devices} virtual CPU devices (this machine has fewer)", flush=True)
+    return subprocess.call(argv, env=env)
+
+
+def plan(args, devices) -> list[dict]:
+    """Compile the train step for each (tokens, remat) asked for; one dict of per-device bytes per row."""
+    import jax
+
+    from vidiff import parallel
+    from vidiff.train.config import for_stage, load_config
+
+    config = for_stage(load_config(args.config, args.overrides), args.model)
+    mesh = parallel.mesh_from_config(args.mesh or config.mesh, devices=devices)
+    batch = args.batch or int(config.data.batch_size)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % dp:
+        raise ValueError(f"--batch {batch} is not divisible by mesh data x fsdp = {dp}; use a multiple of {dp}")
+    rows = []
+    if args.model == "vae":
+        rows.append(_compile_row(config, mesh, *_vae_step(config, mesh, batch), dict(model="vae")))
+        return rows
+    on_cpu = jax.default_backend() == "cpu"
+    for tokens in _ints(args.tokens) or [None]:
+        for remat in (args.remat or "").split(",") if args.remat else [None]:
+            cfg, latent = _dit_config(config, args, tokens, remat, on_cpu)
+            label = dict(model=f"dit {args.preset or config.dit.preset}", tokens=_tokens(latent, cfg.patch),
+                         latent="x".join(map(str, latent)), remat=cfg.remat_policy, attention=cfg.attention_impl)
+            rows.append(_compile_row(config, mesh, *_dit_step(config, cfg, mesh, batch, latent, args.text_dim),
+                                     label))
+    return rows
+
+
+def _ints(text):
+    return [int(v) for v in text.split(",")] if text else []
+
+
+def _tokens(latent, patch) -> int:
+    return math.prod(s // p for s, p in zip(latent, patch))
+
+
+def latent_grid(tokens: int, patch) -> tuple[int, int, int]:
+    """A (t, h, w) latent of ``tokens`` patches: 16 (or fewer) latent frames, square frames."""
+    for frames in (16, 8, 4, 2, 1):
+        side = math.isqrt(tokens // frames) if tokens % frames == 0 else 0
+        if side and frames * side * side == tokens:
+            return frames * patch[0], side * patch[1], side * patch[2]
+    raise ValueError(f"--tokens {tokens}: not 16, 8, 4, 2 or 1 frames of square patch grids; use e.g. 4096 or 16384")
+
+
+def _dit_config(config, args, tokens, remat, on_cpu):
+    from vidiff.models.dit import dit_preset
+    from vidiff.train.tasks import dit_overrides, vae_from_config, video_shape
+
+    vae = vae_from_config(config).config
+    fields = {**dit_overrides(config), "latent_channels": vae.latent_channels, "text_dim": args.text_dim,
+              "pooled_dim": args.text_dim}
+    for key, value in (("remat_policy", remat), ("dtype", args.dtype), ("attention_impl", args.attention)):
+        if value is not None:
+            fields[key] = None if value == "auto" else value
+    if args.scan:
+        fields["scan_blocks"] = True
+    if on_cpu and fields.get("attention_impl") is None:
+        fields["attention_impl"] = "chunked"  # linear memory, as cuDNN flash attention on GPU
+    cfg = dit_preset(args.preset or config.dit.preset, **fields)
+    latent = latent_grid(tokens, cfg.patch) if tokens else vae.latent_shape(video_shape(config, 1))[1:4]
+    return cfg, tuple(latent)
+
+
+def _abstract_batch(shapes: dict, mesh):
+    import jax
+
+    from vidiff import parallel
+
+    shardings = {k: parallel.batch_sharding(mesh, len(s)) for k, (s, _) in shapes.items()}
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}, shardings
+
+
+def _dit_step(config, cfg, mesh, batch, latent, text_dim):
+    import numpy as np
+
+    from vidiff.diffusion import shift_for_tokens
+    from vidiff.models.dit import VideoDiT, dummy_inputs
+    from vidiff.train.tasks import dit_flow_loss
+
+    dit = VideoDiT(cfg)
+    shift = shift_for_tokens(_tokens(latent, cfg.patch)) if config.flow.shift == "auto" else float(config.flow.shift)
+
+    def loss_fn(params, b, rng, frozen, step):
+        return dit_flow_loss(dit, params, b["latents"], b, rng, config.flow, shift)
+
+    text_len = int(config.text.max_length)
+    shapes = {"latents": ((batch, *latent, cfg.latent_channels), np.float32),
+              "text_tokens": ((batch, text_len, text_dim), np.float32),
+              "text_lengths": ((batch,), np.int32), "pooled": ((batch, text_dim), np.float32)}
+    return (lambda key: dit.init(key, *dummy_inputs(cfg))["params"]), loss_fn, _abstract_batch(shapes, mesh)
+
+
+def _vae_step(config, mesh, batch):
+    import numpy as np
+
+    from vidiff.train.tasks import VAETask, video_shape
+
+    task = VAETask(config, mesh)
+    return task.init_params, task.loss_fn, _abstract_batch({"video": (video_shape(config, batch), np.uint8)}, mesh)
+
+
+def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, label: dict) -> dict:
+    import jax
+
+    from vidiff import parallel
+    from vidiff.train.optimizer import make_optimizer
+    from vidiff.train.state import abstract_state, jit_train_step, make_train_step
+
+    stage = config[f"{label['model'].split()[0]}_train"]
+    tx, _ = make_optimizer(stage.optim, stage.steps)
+    batch, batch_shardings = batch_and_shardings
+    with jax.set_mesh(mesh), parallel.axis_rules():
+        state, shardings = abstract_state(init_params, tx, mesh)
+        step = jit_train_step(make_train_step(loss_fn, tx, ema_decay=stage.ema_decay), shardings, batch_shardings,
+                              {}, mesh)
+        start = time.perf_counter()
+        # Buffer assignment (what is measured) precedes code generation, whose LLVM -O0 halves CPU compiles.
+        options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+        compiled = step.lower(state, batch, {}).compile(options)
+        seconds = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    if os.environ.get("VIDIFF_PLAN_DEBUG"):
+        print(m, file=sys.stderr)
+    # Live at once: inputs (state donated into the outputs, so counted once), outputs, temporaries.
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return dict(label, mesh=",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device",
+                params=_per_device(state.params), optimizer=_per_device(state.opt_state),
+                ema=_per_device(state.ema_params), batch=_per_device(batch), activations=m.temp_size_in_bytes,
+                peak=peak, compile_s=seconds)
+
+
+def _per_device(tree) -> int:
+    """Bytes one device holds of ``tree`` (ShapeDtypeStructs with shardings)."""
+    import jax
+
+    return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def _gib(n: int) -> str:
+    x = n / GiB
+    return f"{x:.2f}" if x >= 0.1 or x == 0 else f"{x:.2g}"
+
+
+def format_table(rows: list[dict], device_memory: float | None) -> str:
+    """A markdown table, GiB per device."""
+    heads = ["model", "mesh", "tokens", "latent", "remat", "attention", "params", "optimizer", "EMA", "batch",
+             "activations", "peak"] + (["fits"] if device_memory else []) + ["compile s"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:
+        cells = [r["model"], r["mesh"], r.get("tokens", ""), r.get("latent", ""), r.get("remat", ""),
+                 r.get("attention") or "auto"]
+        cells += [_gib(r[k]) for k in ("params", "optimizer", "ema", "batch", "activations", "peak")]
+        if device_memory:
+            cells.append("yes" if r["peak"] <= device_memory * GiB else "no")
+        cells.append(f"{r['compile_s']:.0f}")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
