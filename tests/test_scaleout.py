@@ -201,3 +201,48 @@ def test_vae_layout_matches_one_device(layout):
     value, grads, _, _ = _value_and_grad(loss, params, batch, VAE_LAYOUTS[layout])
     worst = _assert_same((value, grads), _vae_reference(), layout)
     print(f"vae {layout}: loss {value:.7f} vs {_vae_reference()[0]:.7f}, worst grad error {worst:.1e}")
+
+
+# --------------------------------------------------------------------------- chunked attention, vidiff plan
+
+
+def test_chunked_attention_matches_dense_with_masks(monkeypatch):
+    monkeypatch.setattr(context_attention, "CHUNK", 4)  # 3 x 3 chunks of an 11-token sequence (padded to 12)
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 11, 2, 8)).astype(np.float32) for _ in range(3))
+    mask = rng.uniform(size=(2, 11)) > 0.2
+    mask[:, 0] = mask[:, 5] = mask[:, 9] = True  # every query keeps a key in its segment
+    kw = dict(kv_lengths=np.array([11, 10], np.int32), mask=mask,
+              segment_ids=np.array([[0] * 5 + [1] * 4 + [-1] * 2] * 2, np.int32))
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def value_and_grads(q, k, v, impl):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(layers.attention(q, k, v, implementation=impl, **kw)))  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    want, want_grads = value_and_grads(q, k, v, "xla")
+    got, grads = value_and_grads(q, k, v, "chunked")
+    assert float(got) == pytest.approx(float(want), abs=1e-4)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_plan_reports_per_device_memory_of_the_compiled_step():
+    from pathlib import Path
+
+    from vidiff import plan
+    from vidiff.models.dit import param_count
+
+    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "world_tiny.py"
+    args = types.SimpleNamespace(config=str(config), model="dit", mesh="fsdp", devices=4, device_memory=1.0, batch=4,
+                                 tokens="64", remat="block", preset="tiny", attention=None, dtype=None, scan=True,
+                                 text_dim=32, overrides=["--config.text.max_length=8"])
+    (row,) = plan.plan(args, jax.devices()[:4])
+    assert (row["tokens"], row["latent"], row["mesh"], row["attention"]) == (64, "16x4x4", "fsdp=4", "chunked")
+    total = 4 * param_count(dit_preset("tiny", text_dim=32, pooled_dim=32))  # float32 bytes
+    assert total / 4 <= row["params"] < total / 2  # sharded 4 ways, small vectors replicated
+    assert row["ema"] == row["params"] and row["optimizer"] == pytest.approx(2 * row["params"], rel=0.01)
+    assert row["peak"] > row["params"] + row["optimizer"] + row["ema"] and row["activations"] > 0
+    assert "| fsdp=4 | 64 | 16x4x4 | block | chunked |" in plan.format_table([row], 1.0)
+    with pytest.raises(ValueError, match="--tokens 3: not 16, 8, 4, 2 or 1 frames"):
+        plan.latent_grid(3, (1, 2, 2))
