@@ -90,6 +90,7 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     ([PROMPT, "--out", "{root}"], "cannot write {root}: it is a directory"),
     ([PROMPT, "--out", "demo.avi"], "--out demo.avi: unknown suffix '.avi'; use .mp4, .webm, .gif or .png"),
     ([PROMPT, "--out", "demo.png"], "--out demo.png: a png holds one frame; use .mp4 or .gif, or --frames 1"),
+    ([PROMPT, "--grid", "grid.gif"], "--grid grid.gif: the grid is one image; use .png or .jpg"),
     ([PROMPT, "--image", "{root}/missing.png"], "{root}/missing.png: missing_file: no such file"),
     ([PROMPT, "--extend", "{fake}"], "{fake}: not_video: FFmpeg cannot open it"),
     ([PROMPT, "--checkpoint", "{root}/nowhere"], "model directory {root}/nowhere does not exist"),
@@ -97,6 +98,7 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     ([PROMPT, "--checkpoint", "{model}", "--height", "20"], "this model cannot make height=20: it makes frames 1 + 4k "
      "(1, 5, 9, 13, 17, ...), height and width multiples of 8 (trained on 9 frames of 16x16)"),
     ([PROMPT, "--checkpoint", "{model}", "--loop", "--frames", "9"], "a loop of num_frames=9 cannot be made"),
+    ([PROMPT, "--checkpoint", "{model}", "--steps", "0"], "steps=0 must be at least 1"),
     ([PROMPT, "--checkpoint", "{model}", "--extend", "{video}", "--context-frames", "3"],
      "context_frames=3 does not fit extending forward here; use one of [1, 5]"),
 ])

@@ -134,11 +134,11 @@ def test_loop_ties_the_wrap_around_to_the_start(pipe):
 
 
 def test_long_clips_go_through_the_chunked_codec(pipe, clip, monkeypatch):
-    from vidiff.pipeline import _decode  # the one-shot program, already compiled for this shape
+    from vidiff.pipeline import _apply  # the one-shot program, already compiled for this shape
 
     calls = []
-    monkeypatch.setattr("vidiff.pipeline.decode_chunked",
-                        lambda vae, variables, z, chunk: calls.append((z.shape[1], chunk)) or _decode(vae, variables, z))
+    monkeypatch.setattr("vidiff.pipeline.decode_chunked", lambda vae, variables, z, chunk:
+                        calls.append((z.shape[1], chunk)) or _apply(vae, variables, z, "decode"))
     z = pipe(PROMPT, return_latents=True, **FAST)
     assert pipe.decode(z, chunk_latent_frames=2).shape == (1, 9, 16, 16, 3) and calls == [(3, 2)]
 
@@ -157,3 +157,15 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="the bundled model is not installed"):
         TextToVideo.from_checkpoint()
     assert (tiny_model_dir() / "vidiff.json").is_file()
+
+
+def test_a_mesh_splits_the_batch_and_changes_nothing(pipe):
+    import jax
+
+    from vidiff import parallel
+
+    mesh = parallel.make_mesh(data=2, devices=jax.devices()[:2])
+    sharded = TextToVideo(pipe.vae, pipe.vae_variables, pipe.dit, pipe.dit_params, pipe.text, pipe.config, mesh=mesh)
+    prompts = [PROMPT, "a blue square moving up"]
+    z = sharded(prompts, seed=[0], return_latents=True, **FAST)
+    np.testing.assert_allclose(z, pipe(prompts, seed=[0], return_latents=True, **FAST), atol=1e-4)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import warnings
@@ -70,10 +71,13 @@ def run(args: argparse.Namespace) -> int:
     for path in outputs:
         _check_writable(path, frames=args.frames)
     if args.grid:
-        _check_writable(Path(args.grid), frames=1)
+        if Path(args.grid).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            raise ValueError(f"--grid {args.grid}: the grid is one image; use .png or .jpg")
+        _check_writable(Path(args.grid).with_suffix(".png"), frames=1)
     for source in _inputs(args):
         _check_readable(source)
 
+    quiet_transformers()
     from vidiff.pipeline import TextToVideo
 
     pipe = TextToVideo.from_checkpoint(args.checkpoint)
@@ -94,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
         grid = io.frame_grid(np.concatenate(list(clips)), columns=clips.shape[1])
         print(f"wrote {io.write_image(args.grid, grid)}  (grid: {len(clips)} clip(s) x {clips.shape[1]} frames)")
     return 0
+
+
+def quiet_transformers() -> None:
+    """No "PyTorch was not found" advice on stderr: vidiff uses transformers for tokenizers only."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 @contextlib.contextmanager

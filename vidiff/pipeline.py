@@ -17,27 +17,22 @@ training's conditioning masks present them (``vidiff.diffusion.conditioning``):
     pipe.loop(prompts, num_frames=16)                    # the frame after the last is the first
     pipe(prompts, num_frames=1)                          # a single image
 
-Pixel frames and latent frames. The VAE is causal with time factor ``tf`` (4):
-latent 0 encodes pixel frame 0 alone, latent ``j > 0`` encodes pixel frames
-``1 + tf (j - 1) .. tf j`` with all earlier frames as context. So ``L``
-latents decode to ``1 + tf (L - 1)`` frames, and the first ``k`` latents of a
-clip are exactly those of its first ``1 + tf (k - 1)`` frames (see
-:func:`latent_count`, :func:`pixel_count`, :func:`pixel_frames_of`).
-Known frames at the *end* of a clip must be group latents, not the image
-latent that frame 0 gets: the input's first ``1 + tf k`` frames are encoded
-and their latents ``1 .. k`` (frames ``1 .. tf k``) become the last ``k``
-latents; the input's frame 0 is only their causal context, a role the
-generated frame just before them takes over.
+Pixel frames map to latent frames through the causal VAE (latent 0 is frame
+0 alone, latent ``j > 0`` is frames ``1 + tf (j - 1) .. tf j``; see
+``vidiff.diffusion.generate``), so known frames at the *end* of a clip are
+group latents: the input's first ``1 + tf k`` frames are encoded and latents
+``1 .. k`` become the clip's last ``k``; the input's frame 0 is only their
+causal context, a role the generated frame before them takes over.
 
 Inputs (images, videos) are paths read by ``vidiff.io`` or ``uint8`` arrays,
-resized to the requested ``height`` x ``width``. One input serves every
-prompt and seed of a call.
+resized to the requested ``height`` x ``width``; one input serves every prompt
+and seed of a call. With a ``mesh``, weights are replicated and each batch is
+split over its data axes (``vidiff.parallel``), as in training.
 """
 from __future__ import annotations
 
 import functools
 import math
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -46,11 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from vidiff import io
+from vidiff import io, parallel
 from vidiff.diffusion.flow import noise_latents, shift_for_tokens
-from vidiff.diffusion.generate import (Plan, known_plan, latent_count, on_sampler_step, pixel_count,  # noqa: F401
+from vidiff.diffusion.generate import (Plan, encode_prompts, known_plan, latent_count, on_sampler_step, pixel_count,  # noqa: F401
                                        pixel_frames_of, ProgressBar, sample_latents, seeded_noise, text_context)
-from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
 from vidiff.models.vae import VideoVAE, decode_chunked, encode_chunked, vae_preset
 from vidiff.train.export import load_dit, load_vae, read_manifest
@@ -65,9 +59,11 @@ class TextToVideo:
     """A trained VAE + DiT + text encoder; call it with prompts to get ``uint8 (N, T, H, W, 3)`` clips."""
 
     def __init__(self, vae: VideoVAE, vae_variables, dit: VideoDiT, dit_params, text, config: dict,
-                 directory: Path | None = None):
+                 directory: Path | None = None, mesh=None):
         self.vae, self.vae_variables, self.dit, self.dit_params = vae, vae_variables, dit, dit_params
-        self.text, self.config, self.directory = text, config, directory
+        self.text, self.config, self.directory, self.mesh = text, config, directory, mesh
+        if mesh is not None:
+            self.vae_variables, self.dit_params = jax.device_put((vae_variables, dit_params), parallel.replicated(mesh))
         size = config["data"]["size"]
         self.train_size = (size, size) if isinstance(size, int) else tuple(size)
         self.train_frames = int(config["data"]["num_frames"])
@@ -75,8 +71,11 @@ class TextToVideo:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(cls, directory: str | Path | None = None) -> "TextToVideo":
-        """Load an exported model directory (``vidiff train`` writes ``<workdir>/export``); None = the bundled one."""
+    def from_checkpoint(cls, directory: str | Path | None = None, mesh=None) -> "TextToVideo":
+        """Load an exported model directory (``vidiff train`` writes ``<workdir>/export``); None = the bundled one.
+
+        ``mesh`` (``vidiff.parallel.make_mesh``): sample data-parallel over its devices.
+        """
         if directory is None:
             if not (BUNDLED / "vidiff.json").is_file():
                 raise FileNotFoundError(f"the bundled model is not installed at {BUNDLED}; pass a model directory "
@@ -96,12 +95,9 @@ class TextToVideo:
         dit = VideoDiT(dit_preset(config["dit"]["preset"], **{
             "text_dim": text.dim, "pooled_dim": text.pooled_dim, "latent_channels": vae.config.latent_channels,
             **_tuples(config["dit"].get("overrides", {}))}))
-        params = load_dit(directory)
-        expected = jax.eval_shape(dit.init, jax.random.key(0), *dummy_inputs(dit.config))["params"]
-        if jax.tree.map(np.shape, params) != jax.tree.map(lambda a: a.shape, nn.unbox(expected)):
-            raise ValueError(f"{directory}/dit.safetensors does not fit the DiT its vidiff.json describes "
-                             f"(preset {config['dit']['preset']!r}, text encoder {config['text']['encoder']!r})")
-        return cls(vae, load_vae(directory), dit, params, text, config, directory)
+        vae_variables = _fitting(load_vae(directory), vae, directory / "vae.safetensors")
+        dit_params = _fitting({"params": load_dit(directory)}, dit, directory / "dit.safetensors")["params"]
+        return cls(vae, vae_variables, dit, dit_params, text, config, directory, mesh)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -267,28 +263,15 @@ class TextToVideo:
         video = jnp.asarray(io.to_float(frames))[None]
         if len(frames) > 4 * self.time_factor + 1:  # long inputs: chunks keep memory flat in time
             z = encode_chunked(self.vae, self.vae_variables, video, 4 * self.time_factor).mode()
-            return _normalize(self.vae, self.vae_variables, z)
+            return _apply(self.vae, self.vae_variables, z, "normalize")
         return _encode(self.vae, self.vae_variables, video)
 
     def decode(self, latents, chunk_latent_frames: int = 8) -> np.ndarray:
         """Normalised latents ``(B, L, h, w, c)`` -> ``uint8 (B, 1 + tf (L - 1), H, W, 3)``; chunked for long clips."""
-        z = _denormalize(self.vae, self.vae_variables, latents)
+        z = _apply(self.vae, self.vae_variables, latents, "denormalize")
         if z.shape[1] > chunk_latent_frames:
             return io.to_uint8(decode_chunked(self.vae, self.vae_variables, z, chunk_latent_frames))
-        return io.to_uint8(_decode(self.vae, self.vae_variables, z))
-
-    def encode_prompts(self, prompts: Sequence[str]):
-        """Text embeddings for ``prompts``; empty prompts are errors, over-long ones are truncated with a warning."""
-        which = lambda i: "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"{which(i)} is empty; describe the video, e.g. 'a red circle moving left'")
-        emb = self.text.encode(list(prompts))
-        for i in np.nonzero(emb.truncated)[0]:
-            kept = self.text.tokenizer.hf.decode(self.text.tokenize([prompts[i]]).ids[0], skip_special_tokens=True)
-            warnings.warn(f"{which(i)} is longer than the text encoder's {self.text.max_length} tokens; the model "
-                          f"reads only {kept!r}", stacklevel=3)
-        return emb
+        return io.to_uint8(_apply(self.vae, self.vae_variables, z, "decode"))
 
     def generate(self, prompts, plan: Plan, height: int, width: int, *, steps: int | None = None,
                  guidance: float | None = None, sampler: str | None = None, seed: int | Sequence[int] = 0,
@@ -306,12 +289,10 @@ class TextToVideo:
         seeds = [int(seed) + j for j in range(num_per_prompt)] if np.ndim(seed) == 0 else [int(s) for s in seed]
         steps = int(self.defaults["steps"] if steps is None else steps)
         guidance = float(self.defaults["guidance"] if guidance is None else guidance)
-        sampler = self.defaults["sampler"] if sampler is None else sampler
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+        sampler = self.defaults["sampler"] if sampler is None else sampler  # sample() checks the name
         if steps < 1:
             raise ValueError(f"steps={steps} must be at least 1")
-        emb = self.encode_prompts(prompts)
+        emb = encode_prompts(self.text, prompts)
         sf = self.vae.config.spatial_factor
         shape = (plan.latent_frames, height // sf, width // sf, self.vae.config.latent_channels)
         shift = self._shift(shape)
@@ -332,13 +313,20 @@ class TextToVideo:
                     known = plan.known if plan.known is not None else np.zeros((1, *shape), np.float32)
                     context["cond_latents"] = jnp.broadcast_to(jnp.asarray(known), x_start.shape)
                     context["cond_mask"] = jnp.broadcast_to(jnp.asarray(plan.mask), x_start.shape[:2])
+                if self.mesh is not None:
+                    context, uncond, x_start = self._shard((context, uncond, x_start))
                 z = sample_latents(self.dit, self.dit_params, context, uncond, x_start, steps=steps,
                                    sampler=sampler, guidance=guidance, interval=tuple(guidance_interval), shift=shift,
                                    t_start=plan.t_start, tie=plan.tie, progress=progress)
-                z = z[:len(cases) - start]
-                out.append(np.asarray(z) if return_latents else self.decode(z))
+                out.append((np.asarray(z) if return_latents else self.decode(z))[:len(cases) - start])
         clips = np.concatenate(out)
         return clips[:, :plan.keep_frames] if plan.keep_frames and not return_latents else clips
+
+    def _shard(self, tree):
+        """Batch split over the mesh's data axes when it divides evenly, else replicated."""
+        ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return jax.tree.map(lambda a: jax.device_put(a, parallel.batch_sharding(self.mesh, a.ndim) if a.shape[0] % ways
+                                                     == 0 else parallel.replicated(self.mesh)), tree)
 
     def _shift(self, latent_shape) -> float:
         """The timestep shift training used, for this clip's token count when it is ``"auto"``."""
@@ -354,6 +342,24 @@ def _text_encoder(name: str, max_length: int):
     from vidiff.models.text import text_encoder
 
     return text_encoder(name, max_length=max_length)
+
+
+def _fitting(loaded: dict, module, path: Path) -> dict:
+    """``loaded`` if it has the shapes ``module`` initialises, else a one-line error (e.g. an older export)."""
+    if jax.tree.map(np.shape, loaded) != _variable_shapes(module):
+        raise ValueError(f"{path} does not fit the model its vidiff.json describes (exported by another vidiff "
+                         "version?); re-export it with `vidiff train`")
+    return loaded
+
+
+@functools.lru_cache(maxsize=8)
+def _variable_shapes(module) -> dict:
+    """Shapes of every variable ``module.init`` creates (traced once per architecture: ~2 s for a VAE)."""
+    if isinstance(module, VideoVAE):  # one latent cell is the smallest clip it takes
+        example = [jnp.zeros((1, 1, module.config.spatial_factor, module.config.spatial_factor, 3))]
+    else:
+        example = dummy_inputs(module.config)
+    return jax.tree.map(np.shape, nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *example)))
 
 
 def _tuples(overrides) -> dict:
@@ -384,16 +390,7 @@ def _encode(vae, variables, video):
     return vae.apply(variables, vae.apply(variables, video, method=vae.encode).mode(), method=vae.normalize)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _normalize(vae, variables, z):
-    return vae.apply(variables, z, method=vae.normalize)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _denormalize(vae, variables, z):
-    return vae.apply(variables, z, method=vae.denormalize)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode(vae, variables, z):
-    return vae.apply(variables, z, method=vae.decode)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _apply(vae, variables, x, method: str):
+    """One compiled VAE method ("normalize", "denormalize", "decode") per shape."""
+    return vae.apply(variables, x, method=method)

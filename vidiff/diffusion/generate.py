@@ -12,16 +12,21 @@ inside the compiled loop; the flag, not the callback, is part of the compiled
 program, so a new progress bar does not recompile).
 
 Also here: a prompting mode's :class:`Plan` (which latent frames are known,
-tied or noised from an input), the causal VAE's pixel <-> latent frame
-arithmetic (:func:`latent_count`, :func:`pixel_count`, :func:`pixel_frames_of`)
-and per-sample seeded noise.
+tied or noised from an input), per-sample seeded noise, and the causal VAE's
+pixel <-> latent frame arithmetic. With time factor ``tf`` (4), latent 0
+encodes pixel frame 0 alone and latent ``j > 0`` encodes pixel frames
+``1 + tf (j - 1) .. tf j`` with every earlier frame as context; so ``L``
+latents decode to ``1 + tf (L - 1)`` frames, and the first ``k`` latents of a
+clip are exactly the latents of its first ``1 + tf (k - 1)`` frames
+(:func:`latent_count`, :func:`pixel_count`, :func:`pixel_frames_of`).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-from typing import Callable
+import warnings
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +45,21 @@ def text_context(embeddings) -> dict:
         "lengths": jnp.asarray(embeddings.mask.sum(-1), jnp.int32),
         "pooled": jnp.asarray(embeddings.pooled),
     }
+
+
+def encode_prompts(text, prompts: Sequence[str]):
+    """``TextEmbeddings`` of ``prompts`` from encoder ``text``: empty prompts are errors, over-long ones are
+    truncated with a warning saying what the model reads."""
+    which = lambda i: "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{which(i)} is empty; describe the video, e.g. 'a red circle moving left'")
+    emb = text.encode(list(prompts))
+    for i in np.nonzero(emb.truncated)[0]:
+        kept = text.tokenizer.hf.decode(text.tokenize([prompts[i]]).ids[0], skip_special_tokens=True)
+        warnings.warn(f"{which(i)} is longer than the text encoder's {text.max_length} tokens; the model "
+                      f"reads only {kept!r}", stacklevel=3)
+    return emb
 
 
 def dit_velocity_fn(dit, params, *, cond_from_x: bool = False):
