@@ -43,8 +43,9 @@ from flax import linen as nn
 
 from vidiff import io, parallel
 from vidiff.diffusion.flow import noise_latents, shift_for_tokens
-from vidiff.diffusion.generate import (Plan, encode_prompts, known_plan, latent_count, on_sampler_step, pixel_count,  # noqa: F401
-                                       pixel_frames_of, ProgressBar, sample_latents, seeded_noise, text_context)
+from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_plan, latent_count, on_sampler_step,
+                                       pixel_count, sample_latents, seeded_noise, text_context)
+from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
 from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
 from vidiff.models.vae import VideoVAE, decode_chunked, encode_chunked, vae_preset
 from vidiff.train.export import load_dit, load_vae, read_manifest
