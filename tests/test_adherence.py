@@ -95,3 +95,6 @@ def test_eval_commands_print_and_write_json(tmp_path, capsys):
 
     assert main(["eval", "modes", "--checkpoint", model, "--strength", "1.5"]) == 2
     assert "--strength=1.5 in (0, 1]" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["eval", "adherence", "--checkpoint", model, "--out", str(tmp_path / "file" / "a.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"vidiff eval: error: cannot write {tmp_path / 'file' / 'a.json'}: ")

@@ -160,7 +160,7 @@ def _output_paths(out: str, total: int) -> list[Path]:
 
 
 def _check_writable(path: Path, frames: int | None) -> None:
-    """Fail now, not after sampling, when ``path`` cannot be written."""
+    """Fail now, not after sampling, when ``path`` cannot be written or has no usable suffix."""
     if path.is_dir():
         raise OSError(f"cannot write {path}: it is a directory; give a file name such as {path / 'demo.mp4'}")
     suffix = path.suffix.lower()
@@ -168,6 +168,14 @@ def _check_writable(path: Path, frames: int | None) -> None:
         raise ValueError(f"--out {path}: unknown suffix {suffix!r}; use .mp4, .webm, .gif or .png")
     if suffix == ".png" and frames != 1:
         raise ValueError(f"--out {path}: a png holds one frame; use .mp4 or .gif, or --frames 1 for an image")
+    check_writable(path)
+
+
+def check_writable(path) -> None:
+    """A one-line ``OSError`` now, not after minutes of sampling, when no file can be created at ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(f"cannot write {path}: it is a directory; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".vidiff-write-test-"):

@@ -12,7 +12,7 @@ import sys
 
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.eval import adherence
-from vidiff.generate import one_line_warnings, quiet_transformers
+from vidiff.generate import check_writable, one_line_warnings, quiet_transformers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluation == "modes" and (args.clips < 1 or not 0.0 < args.strength <= 1.0):
         raise ValueError(f"--clips={args.clips} must be >= 1 and --strength={args.strength} in (0, 1]")
     if args.out:
-        adherence.write_json({}, args.out)  # an unwritable --out fails now, not after generating
+        check_writable(args.out)
     quiet_transformers()
     from vidiff.pipeline import TextToVideo
 
