@@ -145,9 +145,10 @@ def test_dit_layout_matches_one_device(layout):
 
 
 @pytest.mark.parametrize("impl", ["ring", "ulysses"])
-def test_dit_joint_attention_padded_context_matches_one_device(impl):
-    """MM-DiT joint attention over 12 video + 6 text tokens: 18 is padded to 20 for context 4,
-    and the padded text keys and queries must change nothing."""
+def test_dit_joint_attention_padded_context_matches_one_device(impl, monkeypatch):
+    """MM-DiT joint attention over 12 video + 6 text tokens on context 4: padded to 20 (Ulysses) or,
+    with 4-token chunks, to 4 x 8 so each ring step folds 2 x 2 chunks; padding must change nothing."""
+    monkeypatch.setattr(context_attention, "CHUNK", 4)
     cfg, params, batch = _dit_setup("joint")
     loss = _dit_loss(dataclasses.replace(cfg, attention_impl=impl))
     value, grads, hlo, _ = _value_and_grad(loss, params, batch, dict(data=2, context=4))

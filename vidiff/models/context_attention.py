@@ -100,7 +100,7 @@ def _padded_ids(segment_ids, kv_segment_ids, tp: int, sp: int):
 
 
 def _context_call(name, body, q, k, v, *, mask, kv_lengths, segment_ids, kv_segment_ids):
-    """Shared driver: find the mesh and axes, pad to multiples of ``context``, ``shard_map`` ``body``, unpad.
+    """Shared driver: find the mesh and axes, pad (``body.padded``), ``shard_map`` ``body``, unpad.
 
     ``body(q, k, v, aux, *, axis, context, local)`` gets sequence-sharded q/k/v and ``aux``:
     ``valid (B, S')`` (every key mask folded in, padding included), ``kv_lengths (B,)``,
@@ -116,7 +116,7 @@ def _context_call(name, body, q, k, v, *, mask, kv_lengths, segment_ids, kv_segm
     axis = ctx[0]
     context = mesh.shape[axis]
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
-    tp, sp = -(-t // context) * context, -(-s // context) * context
+    tp, sp = body.padded(t, context), body.padded(s, context)
     lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
     key_mask = _key_mask(mask, b, s)
     key_mask = None if key_mask is None else _pad(key_mask, sp, value=False)
@@ -154,6 +154,7 @@ def _ulysses_body(q, k, v, aux, *, axis, context, local):
 
 
 _ulysses_body.aux_sharded = False
+_ulysses_body.padded = lambda n, context: -(-n // context) * context
 
 
 def ulysses_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
@@ -162,11 +163,18 @@ def ulysses_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, 
                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
 
-# --------------------------------------------------------------------------- ring (ppermute + online softmax)
+# --------------------------------------------------------------------------- online softmax in chunks
+
+CHUNK = 1024  # tokens per query / key chunk: one chunk pair's logits are CHUNK^2 per head
+
+
+def _chunk_padded(n: int) -> int:
+    """``n`` rounded up so it splits into equal chunks of at most CHUNK tokens."""
+    return n if n <= CHUNK else -(-n // CHUNK) * CHUNK
 
 
 def _online_block(carry, q, k, v, allowed):
-    """Fold one key/value block into the running (output, max, denominator), all float32.
+    """Fold one key/value chunk into the running (output, max, denominator), all float32.
 
     ``q (b, t, h, d)``, ``k, v (b, s, h, d)``, ``allowed (b, t, s)``.
     """
@@ -184,32 +192,76 @@ def _online_block(carry, q, k, v, allowed):
     return out, m_new, l
 
 
+def _fold(acc, q, k, v, valid, q_ids, kv_ids):
+    """Fold keys/values ``(b, s, h, d)`` into the accumulators of queries ``(b, t, h, d)``, CHUNK x CHUNK
+    at a time, each chunk rematerialised in backward: memory O(t + CHUNK^2) per head, not O(t * s).
+
+    ``acc = (out (b, t, h, d), max (b, h, t), denominator (b, h, t))``; ``valid (b, s)`` key mask,
+    ``q_ids (b, t)`` / ``kv_ids (b, s)`` segment ids. ``t`` and ``s`` split into equal chunks.
+    """
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    cq, ck = min(CHUNK, t), min(CHUNK, s)
+    split = lambda x, c: jnp.moveaxis(x.reshape(b, x.shape[1] // c, c, *x.shape[2:]), 1, 0)  # noqa: E731
+    split_stats = lambda x: jnp.moveaxis(x.reshape(*x.shape[:2], t // cq, cq), 2, 0)  # noqa: E731
+    keys = (split(k, ck), split(v, ck), split(valid, ck), split(kv_ids, ck))
+
+    @jax.checkpoint  # backward keeps each query chunk's inputs only and recomputes its key loop
+    def one_query_chunk(args):
+        acc_c, q_c, ids_c = args
+
+        @jax.checkpoint
+        def step(acc, key):
+            k_c, v_c, valid_c, kv_ids_c = key
+            allowed = valid_c[:, None, :] & (ids_c[:, :, None] == kv_ids_c[:, None, :])
+            return _online_block(acc, q_c, k_c, v_c, allowed), None
+
+        return jax.lax.scan(step, acc_c, keys)[0]
+
+    out, m, l = acc
+    out, m, l = jax.lax.map(one_query_chunk, ((split(out, cq), split_stats(m), split_stats(l)), split(q, cq),
+                                              split(q_ids, cq)))
+    merge_stats = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, -1, t)  # noqa: E731
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, *out.shape[3:]), merge_stats(m), merge_stats(l)
+
+
+def _empty_acc(q):
+    """Zero output, -inf max, zero denominator for queries ``q``; made *like* ``q`` so that under
+    ``shard_map`` they vary over the same mesh axes (scan carries must)."""
+    stats = jnp.zeros_like(jnp.swapaxes(q[..., 0], 1, 2), jnp.float32)  # (b, h, t)
+    return jnp.zeros_like(q, jnp.float32), stats + _NEG, stats
+
+
+def _normalize(acc, dtype):
+    """Output of the accumulators; a query with no valid key gets zeros."""
+    out, _, l = acc
+    l = jnp.swapaxes(l, 1, 2)[..., None]
+    return jnp.where(l > 0, out / jnp.where(l > 0, l, 1.0), 0.0).astype(dtype)
+
+
+# --------------------------------------------------------------------------- ring (ppermute + online softmax)
+
+
 def _ring_body(q, k, v, aux, *, axis, context, local):
     del local
-    b, t = q.shape[:2]
     perm = [(i, (i + 1) % context) for i in range(context)]
     q_ids = aux.get("q_ids")
+    q_ids = jnp.zeros_like(q[..., 0, 0], jnp.int32) if q_ids is None else q_ids
+    kv_ids = aux["kv_ids"] if "kv_ids" in aux else jnp.zeros_like(aux["valid"], jnp.int32)
 
-    @jax.checkpoint  # keep only the carry per ring step; the block's logits are recomputed in backward
+    @jax.checkpoint  # keep only the carry per ring step; its chunks are recomputed in backward
     def step(carry, _):
         acc, k, v, valid, kv_ids = carry
-        allowed = jnp.broadcast_to(valid[:, None, :], (b, t, valid.shape[1]))
-        if q_ids is not None:
-            allowed = allowed & (q_ids[:, :, None] == kv_ids[:, None, :])
-        acc = _online_block(acc, q, k, v, allowed)
+        acc = _fold(acc, q, k, v, valid, q_ids, kv_ids)
         k, v, valid, kv_ids = jax.lax.ppermute((k, v, valid, kv_ids), axis, perm)
         return (acc, k, v, valid, kv_ids), None
 
-    # Carries made *like* the blocks vary over the same mesh axes as them (shard_map checks scan carries).
-    stats = jnp.zeros_like(jnp.swapaxes(q[..., 0], 1, 2), jnp.float32)  # (b, h, t)
-    init = (jnp.zeros_like(q, jnp.float32), stats + _NEG, stats)
-    kv_ids = aux["kv_ids"] if q_ids is not None else jnp.zeros_like(aux["valid"], jnp.int32)
-    ((out, _, l), *_), _ = jax.lax.scan(step, (init, k, v, aux["valid"], kv_ids), None, length=context)
-    l = jnp.swapaxes(l, 1, 2)[..., None]
-    return jnp.where(l > 0, out / jnp.where(l > 0, l, 1.0), 0.0).astype(q.dtype)
+    (acc, *_), _ = jax.lax.scan(step, (_empty_acc(q), k, v, aux["valid"], kv_ids), None, length=context)
+    return _normalize(acc, q.dtype)
 
 
 _ring_body.aux_sharded = True
+# Every device's block splits into equal chunks.
+_ring_body.padded = lambda n, context: _chunk_padded(-(-n // context)) * context
 
 
 def ring_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
@@ -220,15 +272,12 @@ def ring_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_
 
 # --------------------------------------------------------------------------- chunked (local, linear memory)
 
-CHUNK = 1024  # tokens per query / key chunk: logits of one chunk pair are CHUNK^2 per head
-
 
 def chunked_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
     """Memory-efficient local attention (query chunks x key chunks, online softmax); same arguments
     as :func:`layers.attention`. A query with no valid key gets zeros."""
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
-    cq, ck = min(CHUNK, t), min(CHUNK, s)
-    tp, sp = -(-t // cq) * cq, -(-s // ck) * ck
+    tp, sp = _chunk_padded(t), _chunk_padded(s)
     lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
     valid = jnp.arange(sp)[None, :] < lengths[:, None]
     key_mask = _key_mask(mask, b, s)
@@ -237,27 +286,9 @@ def chunked_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, 
     q_ids, kv_ids = _padded_ids(segment_ids, kv_segment_ids, tp, sp)
     if q_ids is None:
         q_ids, kv_ids = jnp.zeros((b, tp), jnp.int32), jnp.zeros((b, sp), jnp.int32)
-    chunks = lambda x, c: jnp.moveaxis(x.reshape(b, -1, c, *x.shape[2:]), 1, 0)  # (n, b, c, ...)  # noqa: E731
-    keys = (chunks(_pad(k, sp), ck), chunks(_pad(v, sp), ck), chunks(valid, ck), chunks(kv_ids, ck))
-
-    @jax.checkpoint  # backward keeps only each query chunk's inputs and recomputes its key loop
-    def one_query_chunk(args):
-        q_c, ids_c = args
-
-        @jax.checkpoint
-        def step(acc, key):
-            k_c, v_c, valid_c, kv_ids_c = key
-            allowed = valid_c[:, None, :] & (ids_c[:, :, None] == kv_ids_c[:, None, :])
-            return _online_block(acc, q_c, k_c, v_c, allowed), None
-
-        stats = jnp.zeros((b, q_c.shape[2], q_c.shape[1]), jnp.float32)
-        (out, _, l), _ = jax.lax.scan(step, (jnp.zeros(q_c.shape, jnp.float32), stats + _NEG, stats), keys)
-        l = jnp.swapaxes(l, 1, 2)[..., None]
-        return jnp.where(l > 0, out / jnp.where(l > 0, l, 1.0), 0.0).astype(q.dtype)
-
-    out = jax.lax.map(one_query_chunk, (chunks(_pad(q, tp), cq), chunks(q_ids, cq)))
-    out = jnp.moveaxis(out, 0, 1).reshape(b, tp, *q.shape[2:])[:, :t]
-    return checkpoint_name(out, "attention")
+    q = _pad(q, tp)
+    acc = _fold(_empty_acc(q), q, _pad(k, sp), _pad(v, sp), valid, q_ids, kv_ids)
+    return checkpoint_name(_normalize(acc, q.dtype)[:, :t], "attention")
 
 
 layers.register_attention_impl("chunked", chunked_attention)
