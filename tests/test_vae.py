@@ -387,3 +387,15 @@ def test_conv3d_as_2d_matches_native_conv3d(strides):
     folded = conv3d_as_2d(x, kernel, strides, padding)
     assert folded.shape == native.shape
     np.testing.assert_allclose(folded, native, atol=1e-4)
+
+
+def test_time_kernels_one_make_a_per_frame_vae():
+    cfg = vae_preset("tiny", temporal_down=(False, False), time_kernels=(1, 1, 1))
+    vae = VideoVAE(cfg)
+    video = jax.random.uniform(jax.random.key(0), (1, 3, 16, 16, 3), minval=-1, maxval=1)
+    variables = vae.init(jax.random.key(1), video[:, :1])
+    whole = vae.apply(variables, video)[0]
+    frames = jnp.concatenate([vae.apply(variables, video[:, i:i + 1])[0] for i in range(3)], axis=1)
+    np.testing.assert_allclose(whole, frames, atol=1e-5)
+    with pytest.raises(ValueError, match=r"time_kernels=\(1, 2, 1\) needs one 1 or 3 per level"):
+        vae_preset("tiny", time_kernels=(1, 2, 1))

@@ -34,7 +34,7 @@ def train_stage(steps: int, lr: float, **extra) -> ml_collections.ConfigDict:
         steps=steps,
         optim=dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10), end_lr_fraction=0.1, b1=0.9,
                    b2=0.99, eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1),
-        ema_decay=0.999, log_every=10, ckpt_every=200, keep=2, keep_best=1, eval_every=0,
+        ema_decay=0.999, log_every=10, ckpt_every=200, keep=2, keep_best=1, eval_every=500,
         on_nonfinite="stop", **extra))
 
 
@@ -47,14 +47,25 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = dataclasses.asdict(DataConfig(source="world", num_frames=17, size=32, batch_size=16, caption_dropout=0.1,
                                            num_workers=0, world=dict(held_out="exclude")))
     c.text = dict(encoder="minilm", max_length=24)
-    # 4x4x4 compression (17x32x32x3 -> 5x8x8x4); 2x2 pixel folding keeps the full-resolution convs cheap on a CPU.
-    c.vae = dict(preset="tiny", overrides=dict(patch_size=2, spatial_down=(True, False)))
-    c.vae_loss = dict(reconstruction="l1", kl_weight=1e-6, perceptual_weight=0.0, adversarial_weight=0.0)
-    c.dit = dict(preset="tiny", overrides=dict())
+    # A per-frame VAE: 4x4 spatial compression, no temporal compression, 2x2 pixel folding, all convs 2D
+    # (time_kernels=1). At this size, learning temporal compression was the slow part (5-frame clips at
+    # 4x4x4 stayed near 20 dB after 400 steps), while the per-frame model trains on single frames at a
+    # fraction of the cost; the DiT does all the temporal modelling.
+    c.vae = dict(preset="tiny", overrides=dict(base_channels=32, patch_size=2, spatial_down=(True, False),
+                                               temporal_down=(False, False), time_kernels=(1, 1, 1)))
+    c.vae_loss = dict(reconstruction="l2", kl_weight=1e-6, perceptual_weight=0.0, adversarial_weight=0.0)
+    # 17 x 8 x 8 latents in (1, 2, 2) patches: 272 spacetime tokens.
+    c.dit = dict(preset="tiny", overrides=dict(depth=4, width=128, heads=4))
     c.flow = dict(timestep_sampler="logit_normal", shift="auto", weighting="none")
-    # The causal, convolutional VAE trains on 5-frame clips (3.4x cheaper) and is evaluated on 17-frame ones.
-    c.vae_train = train_stage(500, 2e-3, stats_batches=8, data=dict(num_frames=5, batch_size=8))
-    c.dit_train = train_stage(3000, 1e-3, latents="on_the_fly")  # or "prepared" (vidiff prepare --latents)
+    # The per-frame VAE trains on single frames cut at random from 17-frame world clips.
+    c.vae_train = train_stage(1500, 2e-3, stats_batches=8,
+                              data=dict(num_frames=1, batch_size=16, world=dict(held_out="exclude", num_frames=17)))
+    # One checkpoint for every prompting mode: known-frame masks per clip (vidiff.diffusion.conditioning),
+    # and a tenth of the clips trained as single images (joint image + video).
+    c.dit_train = train_stage(1500, 1e-3, latents="on_the_fly",  # or "prepared" (vidiff prepare --latents)
+                              condition=dict(none=0.6, first_frame=0.1, first_k=0.1, last_k=0.05, first_last=0.1,
+                                             random=0.05),
+                              data=dict(buckets=["17x32x32", "1x32x32"], image_fraction=0.1))
     c.eval = dict(num_clips=16, split="eval", num_frames=17)
     c.sample = dict(prompts=PROMPTS, steps=20, sampler="euler", guidance=4.0)
     return c

@@ -80,6 +80,9 @@ class VAEConfig:
     spatial_down: tuple[bool, ...] = (True, True, True)
     mid_attention: bool = True
     patch_size: int = 1
+    # Time taps of each level's convs: 3 mixes neighbouring frames; 1 makes the level per-frame 2D
+    # (a third of the cost at full resolution, where it matters most). None = 3 everywhere.
+    time_kernels: tuple[int, ...] | None = None
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -95,6 +98,10 @@ class VAEConfig:
         if self.spatial_factor not in (4, 8, 16):
             raise ValueError(f"VAEConfig.spatial_down gives spatial factor {self.spatial_factor}; "
                              "it must be 4, 8 or 16")
+        if self.time_kernels is not None and (len(self.time_kernels) != transitions + 1
+                                              or any(k not in (1, 3) for k in self.time_kernels)):
+            raise ValueError(f"VAEConfig.time_kernels={self.time_kernels} needs one 1 or 3 per level "
+                             f"({transitions + 1} levels)")
         if min(self.base_channels, self.num_res_blocks, self.latent_channels, *self.channel_mults) < 1:
             raise ValueError("VAEConfig: base_channels, channel_mults, num_res_blocks and latent_channels must be >= 1")
         jnp.dtype(self.dtype)  # fails early on a misspelt dtype
@@ -102,6 +109,9 @@ class VAEConfig:
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(self.base_channels * m for m in self.channel_mults)
+
+    def time_kernel(self, level: int) -> int:
+        return 3 if self.time_kernels is None else int(self.time_kernels[level])
 
     @property
     def time_factor(self) -> int:
@@ -285,13 +295,15 @@ class ResBlock(nn.Module):
 
     features: int
     dtype: Any = jnp.float32
+    time_kernel: int = 3
 
     @nn.compact
     def __call__(self, x):
+        kernel = (self.time_kernel, 3, 3)
         h = nn.silu(ChannelRMSNorm(self.dtype, name="norm1")(x))
-        h = CausalConv3d(self.features, dtype=self.dtype, name="conv1")(h)
+        h = CausalConv3d(self.features, kernel, dtype=self.dtype, name="conv1")(h)
         h = nn.silu(ChannelRMSNorm(self.dtype, name="norm2")(h))
-        h = CausalConv3d(self.features, dtype=self.dtype, name="conv2")(h)
+        h = CausalConv3d(self.features, kernel, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.features:
             x = CausalConv3d(self.features, (1, 1, 1), dtype=self.dtype, name="shortcut")(x)
         return _constrain(x + h)
@@ -323,13 +335,14 @@ class MidBlock(nn.Module):
     features: int
     attention: bool
     dtype: Any = jnp.float32
+    time_kernel: int = 3
 
     @nn.compact
     def __call__(self, x):
-        x = ResBlock(self.features, self.dtype, name="res1")(x)
+        x = ResBlock(self.features, self.dtype, self.time_kernel, name="res1")(x)
         if self.attention:
             x = SpatialAttention(self.dtype, name="attn")(x)
-        return ResBlock(self.features, self.dtype, name="res2")(x)
+        return ResBlock(self.features, self.dtype, self.time_kernel, name="res2")(x)
 
 
 class Upsample(nn.Module):
@@ -344,6 +357,7 @@ class Upsample(nn.Module):
     time: bool
     space: bool
     dtype: Any = jnp.float32
+    time_kernel: int = 3
 
     @nn.compact
     def __call__(self, x):
@@ -354,7 +368,7 @@ class Upsample(nn.Module):
             x = jnp.repeat(x, 2, axis=1)[:, 1:] if first else jnp.repeat(x, 2, axis=1)
         if self.space:
             x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-        return _constrain(CausalConv3d(self.features, dtype=self.dtype, name="conv")(x))
+        return _constrain(CausalConv3d(self.features, (self.time_kernel, 3, 3), dtype=self.dtype, name="conv")(x))
 
 
 # ---------------------------------------------------------------------- the networks
@@ -371,16 +385,20 @@ class Encoder(nn.Module):
         widths = cfg.widths
         p = cfg.patch_size
         x = rearrange(video.astype(dtype), "b t (h p) (w q) c -> b t h w (p q c)", p=p, q=p)
-        x = CausalConv3d(widths[0], dtype=dtype, in_axis=IO_AXIS, name="conv_in")(_constrain(x))
+        x = CausalConv3d(widths[0], (cfg.time_kernel(0), 3, 3), dtype=dtype, in_axis=IO_AXIS,
+                         name="conv_in")(_constrain(x))
         for level, width in enumerate(widths):
             for i in range(cfg.num_res_blocks):
-                x = ResBlock(width, dtype, name=f"down{level}_res{i}")(x)
+                x = ResBlock(width, dtype, cfg.time_kernel(level), name=f"down{level}_res{i}")(x)
             if level < len(widths) - 1 and (cfg.temporal_down[level] or cfg.spatial_down[level]):
                 st, ss = 2 if cfg.temporal_down[level] else 1, 2 if cfg.spatial_down[level] else 1
-                x = _constrain(CausalConv3d(width, strides=(st, ss, ss), dtype=dtype, name=f"down{level}_sample")(x))
-        x = MidBlock(widths[-1], cfg.mid_attention, dtype, name="mid")(x)
+                kt = 3 if cfg.temporal_down[level] else cfg.time_kernel(level)
+                x = _constrain(CausalConv3d(width, (kt, 3, 3), strides=(st, ss, ss), dtype=dtype,
+                                            name=f"down{level}_sample")(x))
+        x = MidBlock(widths[-1], cfg.mid_attention, dtype, cfg.time_kernel(-1), name="mid")(x)
         x = nn.silu(ChannelRMSNorm(dtype, name="norm_out")(x))
-        moments = CausalConv3d(2 * cfg.latent_channels, dtype=dtype, out_axis=IO_AXIS, name="conv_out")(x)
+        moments = CausalConv3d(2 * cfg.latent_channels, (cfg.time_kernel(-1), 3, 3), dtype=dtype, out_axis=IO_AXIS,
+                               name="conv_out")(x)
         moments = moments.astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return _constrain(mean), _constrain(logvar)
@@ -395,17 +413,21 @@ class Decoder(nn.Module):
     def __call__(self, z):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         widths = cfg.widths
-        x = CausalConv3d(widths[-1], dtype=dtype, in_axis=IO_AXIS, name="conv_in")(_constrain(z.astype(dtype)))
-        x = MidBlock(widths[-1], cfg.mid_attention, dtype, name="mid")(x)
+        x = CausalConv3d(widths[-1], (cfg.time_kernel(-1), 3, 3), dtype=dtype, in_axis=IO_AXIS,
+                         name="conv_in")(_constrain(z.astype(dtype)))
+        x = MidBlock(widths[-1], cfg.mid_attention, dtype, cfg.time_kernel(-1), name="mid")(x)
         for level in reversed(range(len(widths))):
             for i in range(cfg.num_res_blocks + 1):
-                x = ResBlock(widths[level], dtype, name=f"up{level}_res{i}")(x)
+                x = ResBlock(widths[level], dtype, cfg.time_kernel(level), name=f"up{level}_res{i}")(x)
             if level > 0 and (cfg.temporal_down[level - 1] or cfg.spatial_down[level - 1]):
+                # A time upsample needs taps to tell the repeated frames apart, whatever the level's kernel.
+                kt = 3 if cfg.temporal_down[level - 1] else cfg.time_kernel(level - 1)
                 x = Upsample(widths[level - 1], cfg.temporal_down[level - 1], cfg.spatial_down[level - 1],
-                             dtype, name=f"up{level}_sample")(x)
+                             dtype, kt, name=f"up{level}_sample")(x)
         x = nn.silu(ChannelRMSNorm(dtype, name="norm_out")(x))
         p = cfg.patch_size
-        x = CausalConv3d(3 * p * p, dtype=dtype, out_axis=IO_AXIS, name="conv_out")(x).astype(jnp.float32)
+        x = CausalConv3d(3 * p * p, (cfg.time_kernel(0), 3, 3), dtype=dtype, out_axis=IO_AXIS,
+                         name="conv_out")(x).astype(jnp.float32)
         return _constrain(rearrange(x, "b t h w (p q c) -> b t (h p) (w q) c", p=p, q=p))
 
 
