@@ -39,7 +39,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokens", default=None, help="comma-separated DiT sequence lengths (spacetime tokens); "
                         "default: the config's clip")
     parser.add_argument("--remat", default=None, help="comma-separated DiT remat policies (none, block, dots)")
-    parser.add_argument("--preset", default=None, help="DiT preset instead of the config's (tiny ... XL, 1.5B)")
+    parser.add_argument("--preset", default=None, help="DiT preset (tiny ... XL, 1.5B) instead of the config's "
+                        "preset and overrides")
     parser.add_argument("--attention", default=None, help="DiT attention_impl: xla, cudnn, chunked, ring, ulysses "
                         "(default: the config's; 'chunked' when compiling on CPU)")
     parser.add_argument("--dtype", default=None, help="DiT compute dtype (float32, bfloat16)")
@@ -124,7 +125,9 @@ def _dit_config(config, args, tokens, remat, on_cpu):
     from vidiff.train.tasks import dit_overrides, vae_from_config, video_shape
 
     vae = vae_from_config(config).config
-    fields = {**dit_overrides(config), "latent_channels": vae.latent_channels, "text_dim": args.text_dim,
+    # --preset means that architecture as published: the config's overrides belong to its own preset.
+    overrides = {} if args.preset else dit_overrides(config)
+    fields = {**overrides, "latent_channels": vae.latent_channels, "text_dim": args.text_dim,
               "pooled_dim": args.text_dim}
     for key, value in (("remat_policy", remat), ("dtype", args.dtype), ("attention_impl", args.attention)):
         if value is not None:

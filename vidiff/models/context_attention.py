@@ -1,16 +1,16 @@
 """Context-parallel self-attention: spacetime tokens split over the mesh's ``context`` axis.
 
 Two implementations, registered with :func:`vidiff.models.layers.register_attention_impl`
-and chosen by name (``DiTConfig.attention_impl``, e.g. ``--config.dit.overrides.attention_impl=ring``):
+and chosen by name (``DiTConfig.attention_impl``; in a config ``dit.overrides.attention_impl="ring"``):
 
 * ``"ulysses"`` (DeepSpeed-Ulysses): an all-to-all turns sequence-sharded q/k/v into
   head-sharded ones, each device attends over the *whole* sequence for ``heads / context``
   heads with the ordinary local kernel (cuDNN flash attention on GPU), and a second
   all-to-all turns the output back. Needs ``heads / tensor`` divisible by ``context``.
 * ``"ring"`` (ring attention): each device keeps its query block and the key/value blocks
-  travel around the ring (``ppermute``); a blockwise online softmax accumulates the output,
-  so no device ever holds the full sequence. Works for any head count; each step is
-  rematerialised in the backward pass, so memory is O(tokens / context).
+  travel around the ring (``ppermute``); an online softmax folds each block in, CHUNK x CHUNK
+  tokens at a time, so no device holds the full sequence or a full block of logits. Works
+  for any head count; each step is rematerialised in backward: memory O(tokens / context).
 
 Both run under ``jax.shard_map`` over the mesh in context (``jax.set_mesh``, or the legacy
 ``with mesh:``), with batch on the data axes and heads on ``tensor`` as the logical rules
@@ -22,7 +22,7 @@ Attention between two different sequences (the DiT's cross-attention to text) st
 ``layers.local_attention_impl`` maps these names to the auto local kernel.
 Without a mesh, or with a ``context`` axis of size 1, both fall back to local attention.
 
-A third, local implementation shares the ring's online-softmax block: ``"chunked"``
+A third, local implementation shares the ring's chunked online softmax: ``"chunked"``
 (memory-efficient attention, Rabe & Staats) loops over query chunks and, inside, over
 key/value chunks, rematerialising both in the backward pass, so activation memory grows
 linearly with the tokens on any backend. cuDNN flash attention does this natively on GPU;

@@ -68,8 +68,11 @@ class _StopRequest:
         if self._multi and self.signal_name is None:
             from jax.experimental import multihost_utils
 
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.signal_name = "SIGTERM"
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.signal_name = "SIGTERM"
+            except RuntimeError:  # no preemption service (processes not started by jax.distributed)
+                self._multi = False
         return self.signal_name is not None
 
     def __exit__(self, *exc):
@@ -125,11 +128,12 @@ def train(config, model: str, *, log=print) -> dict:
         checkpointer.save(step, state, data_iterator=iterator, config=config_json,
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
 
-    with _StopRequest() as stop, jax.set_mesh(mesh), parallel.axis_rules():
+    with _StopRequest() as stop:
         step = start
         while step < stage.steps:
-            batch = task.device_batch(next(iterator), mesh)
-            state, metrics = step_fn(state, batch, task.frozen)
+            batch = task.device_batch(next(iterator), mesh)  # host work (captions -> text encoder) stays off the mesh
+            with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
+                state, metrics = step_fn(state, batch, task.frozen)
             step += 1
             bar.update(1)
             if step % stage.log_every == 0 or step == stage.steps:
