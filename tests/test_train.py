@@ -25,7 +25,10 @@ FAST = [
     "--config.data.num_frames=5", "--config.data.size=16", "--config.data.batch_size=8",
     "--config.vae_train.log_every=1", "--config.vae_train.stats_batches=1", "--config.eval.num_clips=2",
     "--config.dit_train.log_every=1", "--config.sample.steps=2", "--config.text.max_length=8",
+    "--config.vae_train.data.batch_size=8", "--config.dit_train.data.buckets=['5x16x16','1x16x16']",
 ]
+# world_tiny's VAE is per-frame (time factor 1); these make it 4x in time to exercise the frame-count checks.
+TIME_4X = ("--config.vae.overrides.temporal_down=(True,True)", "--config.vae.overrides.time_kernels=(3,3,3)")
 
 
 def optim(**kw):
@@ -69,14 +72,14 @@ def test_ema_and_image_metrics():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("--config.data.num_frames=18", "data.num_frames=18 must be 1 \\+ k\\*4"),
+        (("--config.data.num_frames=18", *TIME_4X), "data.num_frames=18 must be 1 \\+ k\\*4"),
         ("--config.data.size=30", "data.size height=30 must be divisible by"),
         ("--config.data.batch_size=3", "data.batch_size=3 is not divisible by the data-parallel devices"),
         ("--config.mesh.data=3", "does not fit 8 devices"),
     ],
 )
 def test_bad_configs_fail_before_compiling(override, message):
-    config = config_lib.load_config(WORLD_TINY, [override])
+    config = config_lib.load_config(WORLD_TINY, list(override) if isinstance(override, tuple) else [override])
     with pytest.raises(ValueError, match=message):
         config_lib.validate(config, "dit", device_count=8)
 
@@ -175,7 +178,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     no_vae = _run(_command(tmp_path / "fresh", model="dit"))
     assert no_vae.returncode == 2 and "no trained VAE in" in no_vae.stderr and "--model vae" in no_vae.stderr
     # The VAE stage trains on its own clip length (vae_train.data), checked the same way.
-    result = _run(_command(tmp_path, "--config.vae_train.data.num_frames=6"))
+    result = _run(_command(tmp_path, "--config.vae_train.data.num_frames=6", *TIME_4X))
     assert result.returncode == 2
     assert "data.num_frames=6 must be 1 + k*4 (the VAE's time factor), e.g. 5" in result.stderr
 
