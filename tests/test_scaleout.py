@@ -3,8 +3,9 @@
 For a tiny DiT (the rectified-flow training loss of ``vidiff train``) and a tiny VAE
 (reconstruction + KL), the loss and every parameter gradient under data parallel, FSDP,
 FSDP + tensor and FSDP + context (Ulysses and ring attention) match a single device.
-Tolerances achieved (float32, XLA:CPU, jax 0.10.2): loss relative error <= ~1e-6, gradient
-error <= ~1e-6 of the largest gradient entry; asserted at 1e-5 (``LOSS_RTOL`` / ``GRAD_TOL``).
+Tolerances achieved (float32, XLA:CPU, jax 0.10.2): loss relative error <= 2e-7; per gradient
+tensor, max error <= 2e-6 (DiT) / 6e-6 (VAE) of its largest entry; asserted at 1e-5
+(``LOSS_RTOL`` / ``GRAD_TOL``). Run with ``-s`` to print the errors of each layout.
 """
 import dataclasses
 import functools
@@ -236,14 +237,14 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
 
     config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "world_tiny.py"
     args = types.SimpleNamespace(config=str(config), model="dit", mesh="fsdp", devices=4, device_memory=1.0, batch=4,
-                                 tokens="64", remat="block", preset="tiny", attention=None, dtype=None, scan=True,
+                                 tokens="64", remat="block", preset="tiny", attention="xla", dtype=None, scan=True,
                                  text_dim=32, overrides=["--config.text.max_length=8"])
     (row,) = plan.plan(args, jax.devices()[:4])
-    assert (row["tokens"], row["latent"], row["mesh"], row["attention"]) == (64, "16x4x4", "fsdp=4", "chunked")
+    assert (row["tokens"], row["latent"], row["mesh"], row["attention"]) == (64, "16x4x4", "fsdp=4", "xla")
     total = 4 * param_count(dit_preset("tiny", text_dim=32, pooled_dim=32))  # float32 bytes
     assert total / 4 <= row["params"] < total / 2  # sharded 4 ways, small vectors replicated
     assert row["ema"] == row["params"] and row["optimizer"] == pytest.approx(2 * row["params"], rel=0.01)
     assert row["peak"] > row["params"] + row["optimizer"] + row["ema"] and row["activations"] > 0
-    assert "| fsdp=4 | 64 | 16x4x4 | block | chunked |" in plan.format_table([row], 1.0)
+    assert "| fsdp=4 | 64 | 16x4x4 | block | xla |" in plan.format_table([row], 1.0)
     with pytest.raises(ValueError, match="--tokens 3: not 16, 8, 4, 2 or 1 frames"):
         plan.latent_grid(3, (1, 2, 2))
