@@ -75,7 +75,7 @@ def test_ema_and_image_metrics():
         (("--config.data.num_frames=18", *TIME_4X), "data.num_frames=18 must be 1 \\+ k\\*4"),
         ("--config.data.size=30", "data.size height=30 must be divisible by"),
         ("--config.data.batch_size=3", "data.batch_size=3 is not divisible by the data-parallel devices"),
-        ("--config.mesh.data=3", "does not fit 8 devices"),
+        ("--config.mesh.data=3", "mesh: axis sizes .* multiply to 3 but there are 8 devices"),
     ],
 )
 def test_bad_configs_fail_before_compiling(override, message):

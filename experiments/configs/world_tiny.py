@@ -58,7 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
                                                temporal_down=(False, False), time_kernels=(1, 1, 1)))
     c.vae_loss = dict(reconstruction="l2", kl_weight=1e-6, perceptual_weight=0.0, adversarial_weight=0.0)
     # 17 x 8 x 8 latents in (1, 2, 2) patches: 272 spacetime tokens.
-    c.dit = dict(preset="tiny", overrides=dict(depth=4, width=128, heads=4))
+    # attention_impl "ring" / "ulysses" splits attention over mesh.context; remat_policy "block" / "dots".
+    c.dit = dict(preset="tiny", overrides=dict(depth=4, width=128, heads=4, attention_impl=None, remat_policy="none"))
     c.flow = dict(timestep_sampler="logit_normal", shift="auto", weighting="none")
     # The per-frame VAE trains on single frames cut at random from 17-frame world clips.
     c.vae_train = train_stage(1500, 2e-3, stats_batches=8,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -121,23 +120,13 @@ def validate(config, model: str, device_count: int) -> None:
                 f"data.size {name}={value} must be divisible by {divisor} ({why}); "
                 f"use e.g. {max(1, round(value / divisor)) * divisor}"
             )
-    mesh = dict(config.mesh)
-    fixed = math.prod(v for v in mesh.values() if v != -1)
-    if (-1 in mesh.values() and device_count % fixed) or (-1 not in mesh.values() and fixed != device_count):
-        raise ValueError(
-            f"mesh {mesh} does not fit {device_count} devices; set one axis to -1 or make the product {device_count}"
-        )
-    data_parallel = _axis_size(mesh, "data", device_count) * _axis_size(mesh, "fsdp", device_count)
+    from vidiff import parallel
+
+    sizes = parallel.resolve_sizes(parallel.mesh_sizes(config.mesh.to_dict()), device_count)  # presets, dcn, -1
+    data_parallel = sizes["data"] * sizes["fsdp"]
     batch = int(config.data.batch_size)
     if batch % data_parallel:
         raise ValueError(
             f"data.batch_size={batch} is not divisible by the data-parallel devices mesh.data x mesh.fsdp = "
             f"{data_parallel}; use a multiple of {data_parallel}"
         )
-
-
-def _axis_size(mesh: dict, axis: str, device_count: int) -> int:
-    size = mesh.get(axis, 1)
-    if size != -1:
-        return size
-    return device_count // math.prod(v for k, v in mesh.items() if v != -1)
