@@ -19,8 +19,12 @@ from flax import linen as nn
 
 REPO = Path(__file__).resolve().parents[1]
 # 9-frame 16x16 clips: 3 x 4 x 4 latents, 12 DiT tokens (room for every mode); 8-token captions.
+# The VAE is pinned to 4x time compression and the DiT to the tiny preset's size, whatever
+# world_tiny's current recipe is, so the frame arithmetic under test stays the causal 1 + 4k.
 OVERRIDES = ["--config.data.num_frames=9", "--config.data.size=16", "--config.text.max_length=8",
-             "--config.sample.steps=2"]
+             "--config.sample.steps=2", "--config.vae.overrides.base_channels=16",
+             "--config.vae.overrides.temporal_down=(True,True)", "--config.vae.overrides.time_kernels=(3,3,3)",
+             "--config.dit.overrides.depth=2", "--config.dit.overrides.width=64"]
 
 
 def _fill(tree, seed: int):
