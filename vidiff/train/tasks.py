@@ -169,7 +169,9 @@ def validation_clips(config) -> np.ndarray:
     if config.data.source == "world":
         from vidiff.data.world import CaptionedWorld, WorldConfig
 
-        world_fields = {k: v for k, v in dict(config.data.get("world", {})).items() if k != "held_out"}
+        # The eval clips' length, size, split and seed are fixed here, whatever the training stage's world says.
+        fixed = ("held_out", "num_frames", "size", "seed")
+        world_fields = {k: v for k, v in dict(config.data.get("world") or {}).items() if k not in fixed}
         world = CaptionedWorld(WorldConfig(num_frames=config.eval.get("num_frames") or config.data.num_frames,
                                            size=config.data.size,
                                            **{**world_fields, "held_out": "only", "seed": 12345}))
