@@ -113,6 +113,11 @@ class VAEConfig:
     def time_kernel(self, level: int) -> int:
         return 3 if self.time_kernels is None else int(self.time_kernels[level])
 
+    def resample_time_kernel(self, level: int) -> int:
+        """Time taps of the down/upsampling conv between ``level`` and ``level + 1``: a change of
+        frame rate needs neighbouring frames, whatever the level's own kernel."""
+        return 3 if self.temporal_down[level] else self.time_kernel(level)
+
     @property
     def time_factor(self) -> int:
         return 2 ** sum(map(bool, self.temporal_down))
@@ -392,7 +397,7 @@ class Encoder(nn.Module):
                 x = ResBlock(width, dtype, cfg.time_kernel(level), name=f"down{level}_res{i}")(x)
             if level < len(widths) - 1 and (cfg.temporal_down[level] or cfg.spatial_down[level]):
                 st, ss = 2 if cfg.temporal_down[level] else 1, 2 if cfg.spatial_down[level] else 1
-                kt = 3 if cfg.temporal_down[level] else cfg.time_kernel(level)
+                kt = cfg.resample_time_kernel(level)
                 x = _constrain(CausalConv3d(width, (kt, 3, 3), strides=(st, ss, ss), dtype=dtype,
                                             name=f"down{level}_sample")(x))
         x = MidBlock(widths[-1], cfg.mid_attention, dtype, cfg.time_kernel(-1), name="mid")(x)
@@ -420,8 +425,7 @@ class Decoder(nn.Module):
             for i in range(cfg.num_res_blocks + 1):
                 x = ResBlock(widths[level], dtype, cfg.time_kernel(level), name=f"up{level}_res{i}")(x)
             if level > 0 and (cfg.temporal_down[level - 1] or cfg.spatial_down[level - 1]):
-                # A time upsample needs taps to tell the repeated frames apart, whatever the level's kernel.
-                kt = 3 if cfg.temporal_down[level - 1] else cfg.time_kernel(level - 1)
+                kt = cfg.resample_time_kernel(level - 1)
                 x = Upsample(widths[level - 1], cfg.temporal_down[level - 1], cfg.spatial_down[level - 1],
                              dtype, kt, name=f"up{level}_sample")(x)
         x = nn.silu(ChannelRMSNorm(dtype, name="norm_out")(x))
