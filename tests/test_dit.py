@@ -268,3 +268,16 @@ def test_sharded_forward_matches_single_device():
         batch = [jax.device_put(a, parallel.batch_sharding(mesh, a.ndim)) for a in args]
         got = jax.jit(dit.VideoDiT(CFG).apply)(params, *batch)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_absolute_positions_tell_frames_apart_rope_alone_does_not():
+    # RoPE sees only offsets: moving every position by the same amount changes nothing. The absolute
+    # sinusoids (abs_pos_embed) make the output depend on where in the clip a token is.
+    x, t, text, lengths, pooled = _inputs(3, (1, 3, 4, 4))
+    grid = dit.patch_positions([3, 2, 2])[None]
+    for abs_pos, changes in ((False, False), (True, True)):
+        cfg = dataclasses.replace(CFG, abs_pos_embed=abs_pos)
+        outs = [_apply(cfg)(_trained(cfg), x, t, text, lengths, pooled, positions=grid + shift)
+                for shift in (np.zeros(3, np.float32), np.array([5.0, 2.0, 1.0], np.float32))]
+        gap = float(jnp.abs(outs[0] - outs[1]).max())
+        assert (gap > 1e-2) if changes else (gap < 1e-4), (abs_pos, gap)

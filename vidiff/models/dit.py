@@ -32,7 +32,7 @@ from flax import linen as nn
 from vidiff.models import context_attention  # noqa: F401  (registers the "ulysses" and "ring" attention_impl)
 from vidiff.models.layers import (Attention, JointAttention, Mlp, Modulation, ProjectionMLP, TimestepEmbedder,
                                   dense, layer_norm, local_attention_impl, modulate, resolve_attention_impl, rope_3d,
-                                  rope_axis_dims)
+                                  rope_axis_dims, sincos_3d)
 
 VIDEO_AXES = ("batch", "length", "act_embed")
 TEXT_AXES = ("batch", "text_length", "act_embed")
@@ -62,6 +62,9 @@ class DiTConfig:
     text_mode: str = "cross"  # "cross": cross-attention | "joint": MM-DiT joint attention
     rope_fractions: tuple[float, float, float] = (0.25, 0.375, 0.375)  # head_dim split (t, h, w)
     rope_theta: float = 10000.0
+    # Also add absolute (t, h, w) sinusoids to the patch embeddings: tokens then know their frame index,
+    # which makes motion (a position that changes with the frame) far quicker to learn at small scale.
+    abs_pos_embed: bool = False
     # None: cuDNN flash on GPU (bf16), XLA otherwise; "ulysses" | "ring": self-attention split over the mesh's
     # context axis (vidiff.models.context_attention); cross-attention to text then stays local.
     attention_impl: str | None = None
@@ -409,7 +412,10 @@ class VideoDiT(nn.Module):
                    cross_segment_ids=segment_ids if text_segment_ids is not None else None,
                    text_mask=text_mask, text_lengths=text_lengths)
 
-        x = nn.with_logical_constraint(self.patch_embed(tokens).astype(jnp.float32), VIDEO_AXES)
+        x = self.patch_embed(tokens).astype(jnp.float32)
+        if cfg.abs_pos_embed:
+            x = x + sincos_3d(positions, cfg.width, cfg.rope_fractions)
+        x = nn.with_logical_constraint(x, VIDEO_AXES)
         txt = nn.with_logical_constraint(self.text_embed(text_emb).astype(jnp.float32), TEXT_AXES)
         carry = (x, txt)
         if cfg.scan_blocks:

@@ -303,6 +303,16 @@ def rope_3d(positions, head_dim: int, fractions=(0.25, 0.375, 0.375), theta: flo
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def sincos_3d(positions, width: int, fractions=(0.25, 0.375, 0.375)):
+    """Absolute (time, height, width) sinusoids ``(B, N, width)`` of ``positions (B, N, 3)``, split like RoPE.
+
+    Added to patch embeddings (as in DiT / Latte) so a token knows which frame it is in; RoPE
+    alone gives attention only relative offsets, and a trajectory ``p0 + k v`` needs ``k``.
+    """
+    return jnp.concatenate([sinusoidal_embedding(positions[..., axis], dim)
+                            for axis, dim in enumerate(rope_axis_dims(width, fractions))], axis=-1)
+
+
 def apply_rope(x, cos, sin):
     """Rotate pairs ``(x[i], x[i + D/2])`` of ``x (B, N, H, D)`` by the angles of :func:`rope_3d`."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

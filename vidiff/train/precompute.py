@@ -11,14 +11,11 @@ clips are prepared as usual, then every record gains
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vidiff.data import prepare as data_prepare
@@ -34,22 +31,17 @@ def latent_fields(model_dir):
     """``record -> {latents, text_embedding, text_mask, text_pooled}`` using the model in ``model_dir``."""
     from vidiff.models.text import text_encoder
     from vidiff.train.export import load_vae, read_manifest
-    from vidiff.train.tasks import vae_from_config
+    from vidiff.train.tasks import encode_latents, vae_from_config
 
     config = read_manifest(model_dir)["config"]
     vae = vae_from_config(_Attr(config))
     variables = load_vae(model_dir)
     text = text_encoder(config["text"]["encoder"], max_length=config["text"]["max_length"])
 
-    @functools.partial(jax.jit)
-    def encode(video):
-        posterior = vae.apply(variables, video, method=vae.encode)
-        return vae.apply(variables, posterior.mode(), method=vae.normalize)
-
     def add(record: dict) -> dict:
-        video = jnp.asarray(record["video"][None], jnp.float32) / 127.5 - 1.0
         emb = text.encode([record["caption"]])
-        return {"latents": np.asarray(encode(video)[0], np.float32), "text_embedding": emb.tokens[0],
+        latents = encode_latents(vae, variables, np.asarray(record["video"])[None])[0]
+        return {"latents": np.asarray(latents, np.float32), "text_embedding": emb.tokens[0],
                 "text_mask": emb.mask[0], "text_pooled": emb.pooled[0]}
 
     return add

@@ -11,6 +11,7 @@ overrides), ``vae_loss``, ``flow``, ``text``, ``data`` and ``sample``.
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 import jax
@@ -186,24 +187,58 @@ def validation_clips(config) -> np.ndarray:
     return np.stack(clips)
 
 
+LATENT_SOURCES = ("on_the_fly", "cached", "prepared")
+
+
+class LatentCache:
+    """Normalised VAE latents (posterior mode) of every clip seen, keyed by the clip's pixels.
+
+    For finite data (a world of ``length`` clips, a video folder) every epoch after
+    the first skips the VAE: encoding costs as much as the tiny DiT's step on a CPU.
+    Keys hash the uint8 pixels, so random crops or frames cut as images are simply
+    new entries. A batch with any new clip is encoded whole (one compiled shape per
+    bucket); at most ``capacity`` clips are kept.
+    """
+
+    def __init__(self, encode, capacity: int):
+        self.encode, self.capacity = encode, int(capacity)
+        self.entries: dict[bytes, np.ndarray] = {}
+        self.hits = self.misses = 0
+
+    def __call__(self, videos: np.ndarray) -> np.ndarray:
+        keys = [hashlib.blake2b(repr(v.shape).encode() + v.tobytes(), digest_size=16).digest() for v in videos]
+        if all(k in self.entries for k in keys):
+            self.hits += len(keys)
+            return np.stack([self.entries[k] for k in keys])
+        self.misses += sum(k not in self.entries for k in keys)
+        latents = np.asarray(self.encode(videos), np.float32)
+        for key, z in zip(keys, latents):
+            if len(self.entries) < self.capacity:
+                self.entries[key] = z
+        return latents
+
+
 class DiTTask(Task):
     """Rectified-flow velocity regression on VAE latents, text from a frozen encoder.
 
-    ``dit_train.latents = "on_the_fly"`` encodes each batch with the frozen VAE
-    and text encoder; ``"prepared"`` reads ``latents`` / ``text_embedding`` /
-    ``text_mask`` / ``text_pooled`` stored by ``vidiff prepare --latents``.
+    ``dit_train.latents`` says where the latents come from: ``"on_the_fly"``
+    encodes each batch inside the step (a posterior sample); ``"cached"`` encodes
+    each distinct clip once on the host (posterior mode, :class:`LatentCache`, up
+    to ``dit_train.cache_clips`` clips) and reuses it in later epochs; ``"prepared"``
+    reads ``latents`` / ``text_embedding`` / ``text_mask`` / ``text_pooled`` stored
+    by ``vidiff prepare --latents``. Text embeddings are cached per caption by the encoder.
     """
 
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         mode = config.dit_train.get("latents", "on_the_fly")
-        if mode not in ("on_the_fly", "prepared"):
-            raise ValueError(f"dit_train.latents={mode!r} must be 'on_the_fly' or 'prepared'")
+        if mode not in LATENT_SOURCES:
+            raise ValueError(f"dit_train.latents={mode!r} must be one of {', '.join(map(repr, LATENT_SOURCES))}")
         self.prepared = mode == "prepared"
         condition = config.dit_train.get("condition")
         self.condition = dict(condition) if condition else None
         mode_probabilities(self.condition)  # a bad mode name fails here, before anything compiles
-        self.batch_keys = ("latents" if self.prepared else "video", "text_tokens", "text_lengths", "pooled")
+        self.batch_keys = ("video" if mode == "on_the_fly" else "latents", "text_tokens", "text_lengths", "pooled")
         from vidiff.models.text import text_encoder
 
         self.text = text_encoder(config.text.encoder, max_length=config.text.max_length)
@@ -220,6 +255,10 @@ class DiTTask(Task):
         replicated = parallel.replicated(mesh)
         self.frozen = {"vae": jax.device_put(variables, replicated)}
         self.frozen_shardings = jax.tree.map(lambda _: replicated, self.frozen)
+        self.latent_cache = None
+        if mode == "cached":
+            encode = functools.partial(encode_latents, self.vae, self.frozen["vae"])
+            self.latent_cache = LatentCache(encode, config.dit_train.get("cache_clips", 100_000))
 
     def init_params(self, key):
         x = jnp.zeros((1, *self.dit.config.patch, self.vae.config.latent_channels), jnp.float32)  # size-free params
@@ -231,8 +270,10 @@ class DiTTask(Task):
         captions = [str(c) for c in raw["caption"]]
         if not self.prepared:
             emb = self.text.encode(captions)
-            return {"video": np.asarray(raw["video"]), "text_tokens": emb.tokens,
-                    "text_lengths": emb.mask.sum(-1).astype(np.int32), "pooled": emb.pooled}
+            video = np.asarray(raw["video"])
+            pixels = {"video": video} if self.latent_cache is None else {"latents": self.latent_cache(video)}
+            return {**pixels, "text_tokens": emb.tokens, "text_lengths": emb.mask.sum(-1).astype(np.int32),
+                    "pooled": emb.pooled}
         tokens, mask = np.array(raw["text_embedding"], np.float32), np.array(raw["text_mask"], bool)
         pooled = np.array(raw["text_pooled"], np.float32)
         # Caption dropout blanks the caption after the embedding was stored: use the empty prompt's.
@@ -303,6 +344,13 @@ def generate(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
     vae_vars = task.frozen["vae"]
     video = _decode(task.vae, vae_vars, z)
     return io.to_uint8(video)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def encode_latents(vae, variables, video):
+    """uint8 clips -> normalised latents of the posterior mode (what ``vidiff prepare --latents`` stores)."""
+    posterior = vae.apply(variables, video.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode)
+    return vae.apply(variables, posterior.mode(), method=vae.normalize)
 
 
 @functools.partial(jax.jit, static_argnums=0)
