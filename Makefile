@@ -19,9 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Main job: write a few clips of the built-in captioned world as mp4 + gif.
+# Main job: text to video with the model bundled in the package (mp4 + gif per prompt, one frame grid).
+DEMO_PROMPTS := "a red circle moving right" "a green triangle moving up" "a blue square moving left" \
+	"a yellow circle moving down"
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/vidiff world --out outputs/world --num 4
+	HF_HUB_OFFLINE=1 $(BIN)/vidiff generate $(DEMO_PROMPTS) --out outputs/demo/clip.mp4 --grid outputs/demo/grid.png --quiet
+	HF_HUB_OFFLINE=1 $(BIN)/vidiff generate $(DEMO_PROMPTS) --out outputs/demo/clip.gif --quiet
 
 # Whole test suite (slow tests included), 8 virtual CPU devices, offline.
 test: $(STAMP)

@@ -1,0 +1,51 @@
+"""The model shipped inside the package: small, documented, the default of `vidiff generate`, and it works."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vidiff import io
+from vidiff.data import world
+from vidiff.pipeline import BUNDLED
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (BUNDLED / "vidiff.json").is_file(), reason="no bundled model installed")
+
+
+def test_bundle_is_small_and_records_how_it_was_made():
+    files = {p.name: p.stat().st_size for p in BUNDLED.iterdir()}
+    assert {"vae.safetensors", "dit.safetensors", "vidiff.json", "metrics.json"} <= set(files)
+    assert sum(files.values()) <= 20 * 2**20
+    metrics = json.loads((BUNDLED / "metrics.json").read_text())
+    assert all(c.startswith("vidiff train --config experiments/configs/world_tiny.py") for c in metrics["commands"])
+    assert metrics["vae"]["val_psnr"] >= 30.0
+    for prompts in ("heldout", "paraphrase"):
+        accuracy = metrics["adherence"][prompts]["accuracy"]
+        assert set(accuracy) == {"color", "shape", "direction", "all"}
+        assert all(0.0 <= v <= 1.0 for v in accuracy.values())
+
+
+def test_generate_uses_the_bundled_model_by_default(tmp_path):
+    out = tmp_path / "demo.mp4"
+    done = subprocess.run([sys.executable, "-m", "vidiff.cli", "generate", "a red circle moving left", "--out",
+                           str(out), "--quiet", "--steps", "8"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert str(out) in done.stdout
+    frames, _ = io.read_video(out)
+    assert frames.shape == (17, 32, 32, 3)
+
+
+def test_bundled_model_draws_the_prompted_colours():
+    from vidiff.pipeline import TextToVideo
+
+    pipe = TextToVideo.from_checkpoint()
+    combos = [("red", "circle", "right"), ("blue", "square", "left"), ("yellow", "triangle", "up")]
+    clips = pipe(world.prompts_for(combos), seed=0, steps=12)
+    assert clips.shape == (3, 17, 32, 32, 3) and clips.dtype == np.uint8
+    colours = [world.score(clip, dict(zip(("color", "shape", "direction"), combo)))["predicted"]["color"]
+               for clip, combo in zip(clips, combos)]
+    assert colours == ["red", "blue", "yellow"]
