@@ -24,6 +24,9 @@ NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 IDS = [p.stem for p in NOTEBOOKS]
 # Per-notebook limit for the FAST run on a 2-core CPU (the notebooks aim for about a minute).
 TIME_LIMIT_S = 300
+# Notebooks that sample the model bundled with vidiff; they run once it is installed there.
+BUNDLED_MODEL = REPO / "vidiff" / "assets" / "world_tiny" / "vidiff.json"
+NEEDS_BUNDLED_MODEL = {"01_quickstart"}
 
 
 def strip_outputs(nb) -> bool:
@@ -66,7 +69,17 @@ def _kernel_env() -> dict:
 
 def test_there_are_notebooks():
     names = [p.name for p in NOTEBOOKS]
-    assert "03_bring_your_own_videos.ipynb" in names and "04_modules_in_your_research.ipynb" in names, names
+    for name in ("01_quickstart", "02_train_on_the_captioned_world", "03_bring_your_own_videos",
+                 "04_modules_in_your_research"):
+        assert f"{name}.ipynb" in names, names
+
+
+def test_quickstart_samples_the_bundled_model():
+    """Committed, notebook 01 loads the bundled model (no stand-in, no fallback); CHECKPOINT is for users' own."""
+    nb = _read(REPO / "colab" / "01_quickstart.ipynb")
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert re.search(r"^CHECKPOINT = None\b", params.source, re.M)
+    assert any("TextToVideo.from_checkpoint(CHECKPOINT)" in c.source for c in nb.cells if c.cell_type == "code")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
@@ -115,6 +128,8 @@ def test_strip_outputs_removes_everything_an_execution_adds():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     """Execute every cell in a fresh kernel; any exception fails the test with the cell's traceback."""
+    if path.stem in NEEDS_BUNDLED_MODEL and not BUNDLED_MODEL.is_file():
+        pytest.skip(f"{path.name} samples the bundled model, which is not installed yet ({BUNDLED_MODEL} is missing)")
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 

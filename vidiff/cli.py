@@ -22,6 +22,7 @@ SUBCOMMANDS = {
 
 
 def main(argv=None) -> int:
+    """The ``vidiff`` command: parse, run the subcommand, turn user errors into one line and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="vidiff", description="Text-to-video diffusion in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -206,6 +206,7 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of ``mesh``."""
     return NamedSharding(mesh, PartitionSpec())
 
 

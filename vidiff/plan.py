@@ -29,6 +29,7 @@ GiB = 2**30
 
 
 def add_arguments(parser) -> None:
+    """Flags of ``vidiff plan``."""
     parser.add_argument("--config", required=True, help="experiment config file (experiments/configs/*.py)")
     parser.add_argument("--model", default="dit", choices=("dit", "vae"), help="which network's train step")
     parser.add_argument("--mesh", default=None, help="preset (dp, fsdp, fsdp_tensor, fsdp_context), 'd,f,t,c' "
@@ -50,6 +51,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """Print the per-device memory table; more devices than this machine has re-runs on virtual CPU devices."""
     import jax
 
     wanted = args.devices or jax.device_count()

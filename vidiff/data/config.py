@@ -87,6 +87,7 @@ class DataConfig:
 
     @property
     def height_width(self) -> tuple[int, int]:
+        """``(height, width)`` from ``size`` (a side or a pair), with a one-line error otherwise."""
         size = self.size
         if isinstance(size, (int, float)) and not isinstance(size, bool):
             return int(size), int(size)

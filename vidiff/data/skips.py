@@ -138,6 +138,7 @@ class SkipLedger:
 
     @property
     def bad(self) -> int:
+        """Bad records counted by this process, all reasons together."""
         return sum(self._skipped.values())
 
     def ok(self) -> None:
@@ -243,6 +244,7 @@ class CountSkips(grain.transforms.Filter):
     field: str = "data.max_bad_fraction"
 
     def filter(self, element) -> bool:
+        """Count ``element``; keep it unless it is a ``Skip``; stop the stream past the bad fraction."""
         keep = self.ledger.count(element)
         self.ledger.check(self.max_bad_fraction, field=self.field, min_records=self.min_records)
         return keep

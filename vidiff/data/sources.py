@@ -149,6 +149,7 @@ class DecodeFolderClip(grain.transforms.RandomMap):
     max_pixels: int | None = None
 
     def random_map(self, row, rng: np.random.Generator):
+        """Decode one manifest row's window, or pass on a ``Skip`` (and turn read errors into one)."""
         if isinstance(row, sk.Skip):
             return row
         try:

@@ -135,6 +135,7 @@ class BucketWindow(grain.transforms.RandomMap):
     window: str = "random"
 
     def random_map(self, record, rng: np.random.Generator):
+        """Choose the record's bucket and cut its temporal window; ``Skip``s pass through."""
         if isinstance(record, Skip):
             return record
         video = as_rgb_video(record["video"])
@@ -173,6 +174,7 @@ class SampleImages(grain.transforms.RandomMap):
     fraction: float
 
     def random_map(self, record, rng: np.random.Generator):
+        """With probability ``fraction``, one random frame of the clip in the nearest image bucket."""
         if isinstance(record, Skip) or not (self.fraction > 0 and rng.random() < self.fraction):
             return record
         video = record["video"]
@@ -191,6 +193,7 @@ class ResizeCrop(grain.transforms.RandomMap):
     crop: str = "center"
 
     def random_map(self, record, rng: np.random.Generator):
+        """Resize + crop the record's video to its bucket's size; ``Skip``s pass through."""
         if isinstance(record, Skip):
             return record
         _, height, width = self.buckets[int(record["bucket"])]
@@ -206,6 +209,7 @@ class CaptionDropout(grain.transforms.RandomMap):
     rate: float
 
     def random_map(self, record, rng: np.random.Generator):
+        """Blank the caption with probability ``rate`` and record whether it was."""
         if isinstance(record, Skip):
             return record
         drop = bool(self.rate > 0 and rng.random() < self.rate)
@@ -227,6 +231,7 @@ class Tokenize(grain.transforms.Map):
     tokenize: Callable[[str], Any]
 
     def map(self, record):
+        """Add ``token_ids`` / ``token_mask`` for the record's caption; ``Skip``s pass through."""
         if isinstance(record, Skip):
             return record
         ids, mask = _split_tokens(self.tokenize(record["caption"]))

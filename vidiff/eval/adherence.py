@@ -55,6 +55,7 @@ class Case:
 
     @property
     def labels(self) -> dict:
+        """The world labels the scorer checks: colour, shape, direction."""
         return {"color": self.color, "shape": self.shape, "direction": self.direction}
 
 

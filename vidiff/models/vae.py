@@ -108,9 +108,11 @@ class VAEConfig:
 
     @property
     def widths(self) -> tuple[int, ...]:
+        """Channels of each level: ``base_channels * channel_mults``."""
         return tuple(self.base_channels * m for m in self.channel_mults)
 
     def time_kernel(self, level: int) -> int:
+        """Time taps of ``level``'s convs: 3 (causal, two past frames) or 1 (per frame)."""
         return 3 if self.time_kernels is None else int(self.time_kernels[level])
 
     def resample_time_kernel(self, level: int) -> int:
@@ -120,10 +122,12 @@ class VAEConfig:
 
     @property
     def time_factor(self) -> int:
+        """Temporal compression: ``1 + tf k`` frames -> ``1 + k`` latent frames."""
         return 2 ** sum(map(bool, self.temporal_down))
 
     @property
     def spatial_factor(self) -> int:
+        """Spatial compression per side (pixel folding x downsampling levels)."""
         return self.patch_size * 2 ** sum(map(bool, self.spatial_down))
 
     def check_video_shape(self, shape: tuple[int, ...]) -> None:
@@ -185,9 +189,11 @@ class DiagonalGaussian:
     logvar: jax.Array
 
     def sample(self, key: jax.Array) -> jax.Array:
+        """A reparameterised sample ``mean + std * eps``."""
         return self.mean + jnp.exp(0.5 * self.logvar) * _standard_normal(key, self.mean.shape, self.mean.dtype)
 
     def mode(self) -> jax.Array:
+        """The posterior mean (what generation and ``vidiff prepare --latents`` use)."""
         return self.mean
 
     def kl(self) -> jax.Array:
@@ -447,6 +453,7 @@ class VideoVAE(nn.Module):
     config: VAEConfig
 
     def setup(self):
+        """Encoder, decoder, and the ``latent_stats`` variables when they exist or may be created."""
         self.encoder = Encoder(self.config)
         self.decoder = Decoder(self.config)
         if self.has_variable("latent_stats", "shift") or self.is_mutable_collection("latent_stats"):
@@ -461,12 +468,14 @@ class VideoVAE(nn.Module):
         return self.decode(z), posterior
 
     def encode(self, video) -> DiagonalGaussian:
+        """Video ``(B, 1 + tf k, H, W, 3)`` in [-1, 1] -> posterior over raw latents ``(B, 1 + k, h, w, c)``."""
         if not _caching(self):  # chunk shapes are checked by encode_chunked
             self.config.check_video_shape(video.shape)
         mean, logvar = self.encoder(video)
         return DiagonalGaussian(mean, jnp.clip(logvar, -30.0, 20.0))
 
     def decode(self, latents) -> jax.Array:
+        """Raw (not normalised) latents ``(B, t, h, w, c)`` -> video in roughly [-1, 1]."""
         if latents.ndim != 5 or latents.shape[-1] != self.config.latent_channels:
             raise ValueError(f"latents shape {latents.shape} must be (batch, t, h, w, {self.config.latent_channels})")
         return self.decoder(latents)
@@ -482,5 +491,6 @@ class VideoVAE(nn.Module):
         return (latents - shift) / scale
 
     def denormalize(self, latents):
+        """Inverse of :meth:`normalize`: DiT-space latents -> raw latents for :meth:`decode`."""
         shift, scale = self._stats()
         return latents * scale + shift

@@ -6,7 +6,9 @@ as saved; restored with the shardings of the caller's abstract state, so a
 different mesh shape works), ``data`` (the Grain iterator's JSON state, one
 file per process) and ``config`` (JSON). No pickle anywhere.
 Retention: the last ``keep`` checkpoints plus the ``keep_best`` with the
-lowest value of the chosen metric.
+lowest value of the chosen metric (stored with each step as JSON, so a resumed
+run ranks the earlier checkpoints too; a step saved without metrics counts only
+towards the last ``keep``).
 """
 from __future__ import annotations
 
@@ -26,12 +28,18 @@ class Checkpointer:
                  async_save: bool = True):
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
+        metric = lambda metrics: metrics[best_metric]  # noqa: E731
         policies = [checkpoint_managers.LatestN(n=max(1, keep))]
         if keep_best > 0:
-            policies.append(checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics[best_metric], reverse=True, n=keep_best))
+            # A checkpoint saved without metrics (no finite loss logged yet) is kept only while it is recent.
+            policies.append(checkpoint_managers.BestN(get_metric_fn=metric, reverse=True, n=keep_best,
+                                                      keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            # best_fn makes orbax write each step's metrics to disk and read them back when a resumed run
+            # reopens the directory; without it older checkpoints have no metrics and BestN keeps them all.
+            best_fn=metric if keep_best > 0 else None,
+            best_mode="min",
             enable_async_checkpointing=async_save,
             create=True,
         )

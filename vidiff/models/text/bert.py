@@ -60,6 +60,7 @@ class BertConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head."""
         return self.hidden_size // self.num_heads
 
 

@@ -55,6 +55,7 @@ class CLIPTextConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head."""
         return self.hidden_size // self.num_heads
 
 

@@ -150,6 +150,7 @@ class StateDict:
         self.prefixes = tuple(prefixes) + ("",)
 
     def has(self, name: str) -> bool:
+        """Whether the checkpoint holds ``name`` under any of the prefixes."""
         return any(p + name in self.tensors for p in self.prefixes)
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -159,6 +160,7 @@ class StateDict:
         raise ValueError(f"{self.source}: checkpoint has no tensor '{name}' (is this the right kind of text encoder?)")
 
     def linear(self, name: str, bias: bool = True) -> dict:
+        """torch ``nn.Linear`` ``name`` -> Flax ``Dense`` params (kernel transposed to (in, out))."""
         out = {"kernel": self[name + ".weight"].T}
         if bias:
             out["bias"] = self[name + ".bias"]
@@ -181,10 +183,12 @@ class StateDict:
         return out
 
     def norm(self, name: str, bias: bool = True) -> dict:
+        """A torch norm's weight (and bias) -> Flax ``LayerNorm`` params."""
         out = {"scale": self[name + ".weight"]}
         if bias:
             out["bias"] = self[name + ".bias"]
         return out
 
     def embedding(self, name: str) -> dict:
+        """A torch embedding table -> Flax ``Embed`` params."""
         return {"embedding": self[name]}

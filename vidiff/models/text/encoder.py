@@ -85,10 +85,12 @@ class TextEncoder:
     # -- properties ---------------------------------------------------------------------
     @property
     def config(self):
+        """The encoder module's config (``BertConfig``, ``T5Config`` or ``CLIPTextConfig``)."""
         return self.module.config
 
     @property
     def max_length(self) -> int:
+        """Tokens per caption after padding / truncation."""
         return self.tokenizer.max_length
 
     @property
@@ -191,6 +193,7 @@ class TextEncoder:
             os.replace(tmp, self.cache_dir / f"{key}.npz")
 
     def clear_memory_cache(self) -> None:
+        """Forget the in-memory per-caption cache (the on-disk cache, if any, stays)."""
         self._memory.clear()
 
 
