@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["--config.data.num_frames=9", "--config.data.size=16", "--config.text.max_length=8",
              "--config.sample.steps=2", "--config.vae.overrides.base_channels=16",
              "--config.vae.overrides.temporal_down=(True,True)", "--config.vae.overrides.time_kernels=(3,3,3)",
-             "--config.dit.overrides.depth=2", "--config.dit.overrides.width=64"]
+             "--config.dit.overrides.depth=2", "--config.dit.overrides.width=64",
+             "--config.dit.overrides.patch=(1,2,2)"]
 
 
 def _fill(tree, seed: int):
