@@ -281,3 +281,16 @@ def test_absolute_positions_tell_frames_apart_rope_alone_does_not():
                 for shift in (np.zeros(3, np.float32), np.array([5.0, 2.0, 1.0], np.float32))]
         gap = float(jnp.abs(outs[0] - outs[1]).max())
         assert (gap > 1e-2) if changes else (gap < 1e-4), (abs_pos, gap)
+
+
+def test_normalize_text_makes_the_encoder_output_scale_irrelevant():
+    # MiniLM's pooled vector is unit-norm (per-dim RMS ~0.05), T5's tokens are not: with normalize_text
+    # the DiT sees both at unit RMS, so scaling an encoder's output changes nothing.
+    x, t, text, lengths, pooled = _inputs(2, (1, 2, 4, 4))
+    for normalize, same in ((True, True), (False, False)):
+        cfg = dataclasses.replace(CFG, normalize_text=normalize)
+        params = _trained(cfg)
+        a = _apply(cfg)(params, x, t, text, lengths, pooled)
+        b = _apply(cfg)(params, x, t, 4.0 * text, lengths, 0.25 * pooled)
+        gap = float(jnp.abs(a - b).max() / jnp.abs(a).max())
+        assert (gap < 1e-4) if same else (gap > 1e-2), (normalize, gap)

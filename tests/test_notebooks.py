@@ -22,8 +22,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 IDS = [p.stem for p in NOTEBOOKS]
-# Per-notebook limit for the FAST run on a 2-core CPU (the notebooks aim for about a minute).
-TIME_LIMIT_S = 300
+# A hang guard per cell, not a speed test (speed is measured by scripts, never asserted): the FAST
+# notebooks take about a minute each on a quiet 2-core CPU, many times that on a loaded one.
+CELL_TIMEOUT_S = 900
 # Notebooks that sample the model bundled with vidiff; they run once it is installed there.
 BUNDLED_MODEL = REPO / "vidiff" / "assets" / "world_tiny" / "vidiff.json"
 NEEDS_BUNDLED_MODEL = {"01_quickstart"}
@@ -143,7 +144,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     workdir = tmp_path / "run"
     workdir.mkdir()
-    client = NotebookClient(nb, kernel_name="vidiff-test", timeout=TIME_LIMIT_S, allow_errors=False,
+    client = NotebookClient(nb, kernel_name="vidiff-test", timeout=CELL_TIMEOUT_S, allow_errors=False,
                             resources={"metadata": {"path": str(workdir)}})
     started = time.perf_counter()
     try:
@@ -155,7 +156,6 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     assert all(c.execution_count is not None for c in code), "not every code cell ran"
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
-    assert seconds < TIME_LIMIT_S, f"{path.name} took {seconds:.0f} s in FAST mode"
     print(f"{path.name}: {seconds:.1f} s")
 
 

@@ -355,6 +355,12 @@ def test_latent_stats_normalize_to_unit_variance(tiny, clip):
     np.testing.assert_allclose(normalized.reshape(-1, 4).std(0), 1.0, atol=1e-3)
     np.testing.assert_allclose(vae.apply(variables, normalized, method=vae.denormalize), z, atol=1e-5)
     assert isinstance(variables["latent_stats"]["shift"], nn.LogicallyPartitioned)  # still boxed
+    # The DiT-space shortcuts are exactly encode -> mode -> normalize and denormalize -> decode.
+    np.testing.assert_allclose(jitted(vae, "encode_normalized")(variables, batches[0]), normalized[:1], atol=1e-5)
+    np.testing.assert_allclose(jitted(vae, "decode_normalized")(variables, normalized[:1]),
+                               jitted(vae, "decode")(variables, z[:1]), atol=1e-5)
+    sampled = vae.apply(variables, batches[0], jax.random.key(3), method=vae.encode_normalized)
+    assert sampled.shape == normalized[:1].shape and not np.allclose(sampled, normalized[:1])
     with pytest.raises(ValueError, match="no 'latent_stats' collection"):
         vae.apply({"params": variables["params"]}, z, method=vae.normalize)
 

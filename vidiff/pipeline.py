@@ -388,7 +388,7 @@ def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(vae, variables, video):
-    return vae.apply(variables, vae.apply(variables, video, method=vae.encode).mode(), method=vae.normalize)
+    return vae.apply(variables, video, method=vae.encode_normalized)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

@@ -65,6 +65,10 @@ class DiTConfig:
     # Also add absolute (t, h, w) sinusoids to the patch embeddings: tokens then know their frame index,
     # which makes motion (a position that changes with the frame) far quicker to learn at small scale.
     abs_pos_embed: bool = False
+    # RMS-normalise text tokens and the pooled vector before their projections. Encoders differ in
+    # output scale (MiniLM's pooled vector is unit-norm: per-dim RMS 0.05), and with Adam a tiny input
+    # means a slowly learned projection: caption differences ("left" vs "right") then barely steer.
+    normalize_text: bool = False
     # None: cuDNN flash on GPU (bf16), XLA otherwise; "ulysses" | "ring": self-attention split over the mesh's
     # context axis (vidiff.models.context_attention); cross-attention to text then stays local.
     attention_impl: str | None = None
@@ -316,6 +320,11 @@ class FinalLayer(nn.Module):
         return dense(out_features, ("embed", "patch"), zero_init=True, name="proj", **kw)(y)
 
 
+def _rms_normalize(x, eps: float = 1e-6):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
 def _text_mask_and_lengths(text_mask_or_lengths):
     """``None`` | bool/0-1 mask ``(B, L)`` | int lengths ``(B,)`` -> ``(mask or None, lengths or None)``."""
     if text_mask_or_lengths is None:
@@ -402,6 +411,8 @@ class VideoDiT(nn.Module):
         if positions is None or positions.shape != (b, n, 3):
             raise ValueError(f"positions: need per-token RoPE positions of shape {(b, n, 3)}")
 
+        if cfg.normalize_text:
+            pooled, text_emb = _rms_normalize(pooled), _rms_normalize(text_emb)
         cond = self.time_embed(t) + self.pooled_embed(pooled)  # (B, S, D): one conditioning vector per clip
         clip_index = None if clips == 1 else jnp.clip(segment_ids, 0, clips - 1)
         text_clip = None if clips == 1 or text_segment_ids is None else jnp.clip(text_segment_ids, 0, clips - 1)

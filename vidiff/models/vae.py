@@ -442,7 +442,8 @@ class Decoder(nn.Module):
 
 
 class VideoVAE(nn.Module):
-    """Causal video VAE with ``encode``, ``decode``, ``normalize`` / ``denormalize``.
+    """Causal video VAE with ``encode``, ``decode``, ``normalize`` / ``denormalize`` and the DiT-space
+    shortcuts ``encode_normalized`` / ``decode_normalized``.
 
     ``__call__(video, key=None)`` returns ``(reconstruction, posterior)``,
     decoding a posterior sample when ``key`` is given and its mean otherwise.
@@ -479,6 +480,15 @@ class VideoVAE(nn.Module):
         if latents.ndim != 5 or latents.shape[-1] != self.config.latent_channels:
             raise ValueError(f"latents shape {latents.shape} must be (batch, t, h, w, {self.config.latent_channels})")
         return self.decoder(latents)
+
+    def encode_normalized(self, video, key: jax.Array | None = None):
+        """Video in [-1, 1] -> DiT-space latents: the posterior mode (a sample with ``key``), normalised."""
+        posterior = self.encode(video)
+        return self.normalize(posterior.mode() if key is None else posterior.sample(key))
+
+    def decode_normalized(self, latents):
+        """DiT-space latents -> video in roughly [-1, 1] (inverse of :meth:`encode_normalized`)."""
+        return self.decode(self.denormalize(latents))
 
     def _stats(self):
         if not hasattr(self, "shift"):

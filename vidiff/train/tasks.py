@@ -286,9 +286,7 @@ class DiTTask(Task):
 
     def latents(self, frozen, video, rng):
         video = video.astype(jnp.float32) / 127.5 - 1.0
-        posterior = self.vae.apply(frozen["vae"], video, method=self.vae.encode)
-        z = self.vae.apply(frozen["vae"], posterior.sample(rng), method=self.vae.normalize)
-        return jax.lax.stop_gradient(z)
+        return jax.lax.stop_gradient(self.vae.apply(frozen["vae"], video, rng, method=self.vae.encode_normalized))
 
     def loss_fn(self, params, batch, rng, frozen, step):
         key_vae, key_flow = jax.random.split(rng)
@@ -349,13 +347,12 @@ def generate(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
 @functools.partial(jax.jit, static_argnums=0)
 def encode_latents(vae, variables, video):
     """uint8 clips -> normalised latents of the posterior mode (what ``vidiff prepare --latents`` stores)."""
-    posterior = vae.apply(variables, video.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode)
-    return vae.apply(variables, posterior.mode(), method=vae.normalize)
+    return vae.apply(variables, video.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode_normalized)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(vae, variables, z):
-    return vae.apply(variables, vae.apply(variables, z, method=vae.denormalize), method=vae.decode)
+    return vae.apply(variables, z, method=vae.decode_normalized)
 
 
 def load_vae_variables(config) -> dict:
