@@ -49,3 +49,17 @@ def test_bundled_model_draws_the_prompted_colours():
     colours = [world.score(clip, dict(zip(("color", "shape", "direction"), combo)))["predicted"]["color"]
                for clip, combo in zip(clips, combos)]
     assert colours == ["red", "blue", "yellow"]
+
+
+def test_bundled_model_moves_objects_the_way_the_prompt_says():
+    # Opposite direction words must give opposite motion: the (1, 4, 4)-patch model this replaced drew
+    # the same clip for "moving left" and "moving right".
+    from vidiff.pipeline import TextToVideo
+
+    pipe = TextToVideo.from_checkpoint()
+    combos = [("red", "circle", "right"), ("red", "circle", "left"), ("blue", "triangle", "up"),
+              ("blue", "triangle", "down")]
+    clips = pipe(world.prompts_for(combos), seed=0, steps=12)
+    directions = [world.score(clip, dict(zip(("color", "shape", "direction"), combo)))["predicted"]["direction"]
+                  for clip, combo in zip(clips, combos)]
+    assert directions == ["right", "left", "up", "down"]
