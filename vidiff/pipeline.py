@@ -265,14 +265,14 @@ class TextToVideo:
         if len(frames) > 4 * self.time_factor + 1:  # long inputs: chunks keep memory flat in time
             z = encode_chunked(self.vae, self.vae_variables, video, 4 * self.time_factor).mode()
             return _apply(self.vae, self.vae_variables, z, "normalize")
-        return _encode(self.vae, self.vae_variables, video)
+        return _apply(self.vae, self.vae_variables, video, "encode_normalized")
 
     def decode(self, latents, chunk_latent_frames: int = 8) -> np.ndarray:
         """Normalised latents ``(B, L, h, w, c)`` -> ``uint8 (B, 1 + tf (L - 1), H, W, 3)``; chunked for long clips."""
-        z = _apply(self.vae, self.vae_variables, latents, "denormalize")
-        if z.shape[1] > chunk_latent_frames:
+        if latents.shape[1] > chunk_latent_frames:
+            z = _apply(self.vae, self.vae_variables, latents, "denormalize")
             return io.to_uint8(decode_chunked(self.vae, self.vae_variables, z, chunk_latent_frames))
-        return io.to_uint8(_apply(self.vae, self.vae_variables, z, "decode"))
+        return io.to_uint8(_apply(self.vae, self.vae_variables, latents, "decode_normalized"))
 
     def generate(self, prompts, plan: Plan, height: int, width: int, *, steps: int | None = None,
                  guidance: float | None = None, sampler: str | None = None, seed: int | Sequence[int] = 0,
@@ -386,12 +386,7 @@ def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
                      for f in frames])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(vae, variables, video):
-    return vae.apply(variables, video, method=vae.encode_normalized)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _apply(vae, variables, x, method: str):
-    """One compiled VAE method ("normalize", "denormalize", "decode") per shape."""
+    """One compiled VAE method ("encode_normalized", "decode_normalized", "normalize", "denormalize") per shape."""
     return vae.apply(variables, x, method=method)

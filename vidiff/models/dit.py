@@ -31,8 +31,8 @@ from flax import linen as nn
 
 from vidiff.models import context_attention  # noqa: F401  (registers the "ulysses" and "ring" attention_impl)
 from vidiff.models.layers import (Attention, JointAttention, Mlp, Modulation, ProjectionMLP, TimestepEmbedder,
-                                  dense, layer_norm, local_attention_impl, modulate, resolve_attention_impl, rope_3d,
-                                  rope_axis_dims, sincos_3d)
+                                  dense, layer_norm, local_attention_impl, modulate, resolve_attention_impl, rms_normalize,
+                                  rope_3d, rope_axis_dims, sincos_3d)
 
 VIDEO_AXES = ("batch", "length", "act_embed")
 TEXT_AXES = ("batch", "text_length", "act_embed")
@@ -320,11 +320,6 @@ class FinalLayer(nn.Module):
         return dense(out_features, ("embed", "patch"), zero_init=True, name="proj", **kw)(y)
 
 
-def _rms_normalize(x, eps: float = 1e-6):
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-
-
 def _text_mask_and_lengths(text_mask_or_lengths):
     """``None`` | bool/0-1 mask ``(B, L)`` | int lengths ``(B,)`` -> ``(mask or None, lengths or None)``."""
     if text_mask_or_lengths is None:
@@ -412,7 +407,7 @@ class VideoDiT(nn.Module):
             raise ValueError(f"positions: need per-token RoPE positions of shape {(b, n, 3)}")
 
         if cfg.normalize_text:
-            pooled, text_emb = _rms_normalize(pooled), _rms_normalize(text_emb)
+            pooled, text_emb = rms_normalize(pooled), rms_normalize(text_emb)
         cond = self.time_embed(t) + self.pooled_embed(pooled)  # (B, S, D): one conditioning vector per clip
         clip_index = None if clips == 1 else jnp.clip(segment_ids, 0, clips - 1)
         text_clip = None if clips == 1 or text_segment_ids is None else jnp.clip(text_segment_ids, 0, clips - 1)

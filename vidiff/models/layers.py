@@ -181,9 +181,13 @@ class RMSNorm(nn.Module):
             "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), self.names),
             (x.shape[-1],), self.param_dtype,
         )
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+        return (rms_normalize(x, self.eps) * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_normalize(x, eps: float = 1e-6):
+    """RMS normalisation over the last axis without parameters, in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 def layer_norm(x, eps: float = 1e-6, dtype=None):

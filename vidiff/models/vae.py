@@ -45,6 +45,7 @@ from flax import linen as nn
 from flax import struct
 
 # Drivers for long clips, big frames and latent statistics (vae_codec.py), re-exported here.
+from vidiff.models.layers import rms_normalize
 from vidiff.models.vae_codec import (  # noqa: F401
     compute_latent_stats, decode_chunked, decode_tiled, encode_chunked, encode_tiled, set_latent_stats,
 )
@@ -296,9 +297,7 @@ class ChannelRMSNorm(nn.Module):
     def __call__(self, x):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",)),
                            (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (y * scale).astype(self.dtype)
+        return (rms_normalize(x, self.eps) * scale).astype(self.dtype)
 
 
 class ResBlock(nn.Module):
