@@ -134,11 +134,11 @@ def test_loop_ties_the_wrap_around_to_the_start(pipe):
 
 
 def test_long_clips_go_through_the_chunked_codec(pipe, clip, monkeypatch):
-    from vidiff.pipeline import _apply  # the one-shot program, already compiled for this shape
+    from vidiff.models.vae import compiled  # the one-shot program, already compiled for this shape
 
     calls = []
     monkeypatch.setattr("vidiff.pipeline.decode_chunked", lambda vae, variables, z, chunk:
-                        calls.append((z.shape[1], chunk)) or _apply(vae, variables, z, "decode"))
+                        calls.append((z.shape[1], chunk)) or compiled(vae, "decode")(variables, z))
     z = pipe(PROMPT, return_latents=True, **FAST)
     assert pipe.decode(z, chunk_latent_frames=2).shape == (1, 9, 16, 16, 3) and calls == [(3, 2)]
 

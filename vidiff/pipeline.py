@@ -47,7 +47,7 @@ from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_
                                        pixel_count, sample_latents, seeded_noise, text_context)
 from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
 from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
-from vidiff.models.vae import VideoVAE, decode_chunked, encode_chunked, vae_preset
+from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, vae_preset
 from vidiff.train.export import load_dit, load_vae, read_manifest
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "world_tiny"
@@ -264,15 +264,15 @@ class TextToVideo:
         video = jnp.asarray(io.to_float(frames))[None]
         if len(frames) > 4 * self.time_factor + 1:  # long inputs: chunks keep memory flat in time
             z = encode_chunked(self.vae, self.vae_variables, video, 4 * self.time_factor).mode()
-            return _apply(self.vae, self.vae_variables, z, "normalize")
-        return _apply(self.vae, self.vae_variables, video, "encode_normalized")
+            return compiled(self.vae, "normalize")(self.vae_variables, z)
+        return compiled(self.vae, "encode_normalized")(self.vae_variables, video)
 
     def decode(self, latents, chunk_latent_frames: int = 8) -> np.ndarray:
         """Normalised latents ``(B, L, h, w, c)`` -> ``uint8 (B, 1 + tf (L - 1), H, W, 3)``; chunked for long clips."""
         if latents.shape[1] > chunk_latent_frames:
-            z = _apply(self.vae, self.vae_variables, latents, "denormalize")
+            z = compiled(self.vae, "denormalize")(self.vae_variables, latents)
             return io.to_uint8(decode_chunked(self.vae, self.vae_variables, z, chunk_latent_frames))
-        return io.to_uint8(_apply(self.vae, self.vae_variables, latents, "decode_normalized"))
+        return io.to_uint8(compiled(self.vae, "decode_normalized")(self.vae_variables, latents))
 
     def generate(self, prompts, plan: Plan, height: int, width: int, *, steps: int | None = None,
                  guidance: float | None = None, sampler: str | None = None, seed: int | Sequence[int] = 0,
@@ -386,7 +386,3 @@ def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
                      for f in frames])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _apply(vae, variables, x, method: str):
-    """One compiled VAE method ("encode_normalized", "decode_normalized", "normalize", "denormalize") per shape."""
-    return vae.apply(variables, x, method=method)

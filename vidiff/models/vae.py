@@ -47,7 +47,7 @@ from flax import struct
 # Drivers for long clips, big frames and latent statistics (vae_codec.py), re-exported here.
 from vidiff.models.layers import rms_normalize
 from vidiff.models.vae_codec import (  # noqa: F401
-    compute_latent_stats, decode_chunked, decode_tiled, encode_chunked, encode_tiled, set_latent_stats,
+    compiled, compute_latent_stats, decode_chunked, decode_tiled, encode_chunked, encode_tiled, set_latent_stats,
 )
 
 VIDEO_AXES = ("batch", "time", "height", "width", "channels")

@@ -7,6 +7,7 @@ Everything here drives a model from outside, as ``f(vae, variables, ...)``;
     decode_chunked(vae, variables, latents, chunk_latent_frames)
     encode_tiled(vae, variables, video, tile_latent=32, overlap_latent=8)   # ~ encode, big frames
     decode_tiled(vae, variables, latents, tile_latent=32, overlap_latent=8)
+    compiled(vae, "decode_normalized")(variables, latents)   # one jitted method, shared
     shift, scale = compute_latent_stats(vae, variables, video_batches)
     variables = set_latent_stats(variables, shift, scale)
 
@@ -35,8 +36,14 @@ if TYPE_CHECKING:
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted(vae: VideoVAE, method: str, with_cache: bool):
-    """One compiled ``vae.apply`` per (module, method, mode); jit re-traces per chunk shape."""
+def compiled(vae: VideoVAE, method: str, with_cache: bool = False):
+    """``jax.jit`` of ``vae.apply(variables, x, method=method)``, one per (module, method, mode).
+
+    Cached, so every caller (training's samples, latent precompute, the
+    pipeline, the chunked codecs) shares one traced function, which re-traces
+    per input shape. ``with_cache`` gives ``step(variables, cache, x) -> (out,
+    cache)`` for chunked causal convs.
+    """
     if not with_cache:
         return jax.jit(lambda variables, x: vae.apply(variables, x, method=method))
 
@@ -68,7 +75,7 @@ def encode_chunked(vae: VideoVAE, variables, video, chunk_frames: int, *,
         raise ValueError(f"first_chunk_frames={first_chunk_frames} must be 1 + m*{tf} (frame 0 is encoded alone)")
     if chunk_frames % tf or chunk_frames < 1:
         raise ValueError(f"chunk_frames={chunk_frames} must be a positive multiple of the time factor {tf}")
-    step, cache, parts = _jitted(vae, "encode", True), {}, []
+    step, cache, parts = compiled(vae, "encode", True), {}, []
     for start, stop in _chunks(video.shape[1], first_chunk_frames, chunk_frames):
         posterior, cache = step(variables, cache, video[:, start:stop])
         parts.append(posterior)
@@ -81,7 +88,7 @@ def decode_chunked(vae: VideoVAE, variables, latents, chunk_latent_frames: int, 
     if chunk_latent_frames < 1 or first_chunk_frames < 1:
         raise ValueError(f"chunk sizes must be >= 1, got chunk_latent_frames={chunk_latent_frames}, "
                          f"first_chunk_frames={first_chunk_frames}")
-    step, cache, parts = _jitted(vae, "decode", True), {}, []
+    step, cache, parts = compiled(vae, "decode", True), {}, []
     for start, stop in _chunks(latents.shape[1], first_chunk_frames, chunk_latent_frames):
         frames, cache = step(variables, cache, latents[:, start:stop])
         parts.append(frames)
@@ -145,7 +152,7 @@ def encode_tiled(vae: VideoVAE, variables, video, tile_latent: int = 32, overlap
         if chunk_frames:
             p = encode_chunked(vae, variables, tile, chunk_frames)
         else:
-            p = _jitted(vae, "encode", False)(variables, tile)
+            p = compiled(vae, "encode")(variables, tile)
         return p.mean, p.logvar
 
     mean, logvar = _blend_tiles(encode, video, tile_latent * sf, overlap_latent * sf, down=sf)
@@ -161,7 +168,7 @@ def decode_tiled(vae: VideoVAE, variables, latents, tile_latent: int = 32, overl
     def decode(tile):
         if chunk_latent_frames:
             return (decode_chunked(vae, variables, tile, chunk_latent_frames),)
-        return (_jitted(vae, "decode", False)(variables, tile),)
+        return (compiled(vae, "decode")(variables, tile),)
 
     return _blend_tiles(decode, latents, tile_latent, overlap_latent, up=sf)[0]
 
@@ -180,7 +187,7 @@ def compute_latent_stats(vae: VideoVAE, variables, videos: Iterable, *, key: jax
     Uses the posterior mean, or samples when ``key`` is given (what training sees).
     Accumulates in float64 on the host, so any number of batches fits.
     """
-    encode = _jitted(vae, "encode", False)
+    encode = compiled(vae, "encode")
     c = vae.config.latent_channels
     total, total_sq, count = np.zeros(c), np.zeros(c), 0
     for i, video in enumerate(videos):

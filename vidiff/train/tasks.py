@@ -23,7 +23,7 @@ from vidiff.diffusion import flow_loss, shift_for_tokens
 from vidiff.diffusion.conditioning import mode_probabilities, sample_condition_masks
 from vidiff.diffusion.generate import sample_latents, text_context
 from vidiff.models.dit import VideoDiT, dit_preset
-from vidiff.models.vae import VideoVAE, compute_latent_stats, set_latent_stats, vae_preset
+from vidiff.models.vae import VideoVAE, compiled, compute_latent_stats, set_latent_stats, vae_preset
 from vidiff.models.vae_losses import (PatchDiscriminator3D, VAELossConfig, adversarial_factor, discriminator_loss,
                                       make_perceptual_fn, vae_loss)
 from vidiff.train.export import export_dit, export_vae, load_vae
@@ -340,7 +340,7 @@ def generate(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
     z = sample_latents(task.dit, params, context, uncond, noise, steps=int(s.steps), sampler=s.sampler,
                        guidance=float(s.guidance), shift=task.shift)
     vae_vars = task.frozen["vae"]
-    video = _decode(task.vae, vae_vars, z)
+    video = compiled(task.vae, "decode_normalized")(vae_vars, z)
     return io.to_uint8(video)
 
 
@@ -348,11 +348,6 @@ def generate(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
 def encode_latents(vae, variables, video):
     """uint8 clips -> normalised latents of the posterior mode (what ``vidiff prepare --latents`` stores)."""
     return vae.apply(variables, video.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode_normalized)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode(vae, variables, z):
-    return vae.apply(variables, z, method=vae.decode_normalized)
 
 
 def load_vae_variables(config) -> dict:
