@@ -68,6 +68,7 @@ def test_ground_truth_clips_score_perfectly_and_wrong_ones_do_not(tmp_path):
     assert json.loads(path.read_text())["accuracy"]["all"] == 1.0
 
 
+@pytest.mark.slow
 def test_eval_commands_print_and_write_json(tmp_path, capsys):
     model = str(tiny_model_dir())
     code = main(["eval", "adherence", "--checkpoint", model, "--seeds", "1", "--steps", "2", "--batch-size", "1",

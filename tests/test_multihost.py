@@ -19,6 +19,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_AT, BATCH = 4, 2, 8
@@ -37,6 +38,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_save_restore_like_one(tmp_path):
     start = time.perf_counter()
     port = _free_port()
