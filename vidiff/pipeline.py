@@ -384,5 +384,3 @@ def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
     return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BICUBIC))
                      for f in frames])
-
-
