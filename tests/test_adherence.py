@@ -1,5 +1,6 @@
 """Prompt-adherence and mode evaluation: prompt sets, the scoring path on real world clips, the CLI's JSON."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -24,9 +25,26 @@ def test_paraphrases_are_wordings_no_template_produces():
     every = world.allowed_combos(world.WorldConfig(held_out="include"))
     seen = {world._phrase(t, {"color": c, "shape": s, "direction": d, "size": size})
             for c, s, d in every for size in world.SIZES
-            for t in world.TRAIN_TEMPLATES + world.PARAPHRASE_TEMPLATES}
+            for t in world.VARIED_TEMPLATES + world.PARAPHRASE_TEMPLATES}
     mine = {adherence.paraphrase(combo, k) for combo in every for k in range(len(adherence.PARAPHRASES))}
     assert len(mine) == len(every) * len(adherence.PARAPHRASES) and not mine & seen
+
+
+def test_varied_training_captions_use_none_of_the_paraphrases_own_words():
+    every = world.allowed_combos(world.WorldConfig(held_out="include"))
+
+    def words(templates):
+        return {w for c, s, d in every for size in world.SIZES for t in templates
+                for w in re.findall(r"[a-z]+", world._phrase(t, {"color": c, "shape": s, "direction": d, "size": size}))}
+
+    evaluation = {w for combo in every for k in range(len(adherence.PARAPHRASES))
+                  for w in re.findall(r"[a-z]+", adherence.paraphrase(combo, k))}
+    own = evaluation - words(world.TRAIN_TEMPLATES)
+    assert {"top", "bottom", "edge", "direction", "towards", "heading"} <= own
+    assert not own & words(world.VARIED_TEMPLATES)
+    assert len(world.VARIED_TEMPLATES) == 58 and set(world.TRAIN_TEMPLATES) < set(world.VARIED_TEMPLATES)
+    assert world.caption({"color": "red", "shape": "circle", "size": "small", "direction": "up"}, 10, "varied") \
+        == "a red circle rising"
     assert adherence.paraphrase(("red", "triangle", "left"), 1) == "an animation of a red triangle heading in the left direction"
 
 

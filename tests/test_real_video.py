@@ -81,7 +81,9 @@ def test_eval_clips_come_from_the_held_out_ranges_and_training_never_reads_them(
     config = _config()
     held_out = _rows(config, "eval")
     clips = validation_clips(config)  # what VAETask.evaluate scores
-    assert clips.shape == (6, 3, SIZE, SIZE, 3) and clips.dtype == np.uint8
+    # eval.num_frames (9 in real_tiny), not the training clips' 3 frames.
+    assert clips.shape == (6, config.eval.num_frames, SIZE, SIZE, 3) == (6, 9, SIZE, SIZE, 3)
+    assert clips.dtype == np.uint8
     video_dir = Path(config.data.video_dir)
     train_end = {r["path"]: r["end"] for r in _rows(config, "train")}
     for clip, row in zip(clips, held_out):  # unshuffled: one clip per eval row, in manifest order

@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
                               condition=dict(none=0.6, first_frame=0.1, first_k=0.1, last_k=0.05, first_last=0.1,
                                              random=0.05),
                               data=dict(buckets=["17x32x32", "1x32x32"], image_fraction=0.1,
-                                        world=dict(held_out="exclude", length=1600)))
+                                        world=dict(held_out="exclude", length=1600, templates="train")))
     c.eval = dict(num_clips=16, split="eval", num_frames=17)
     c.sample = dict(prompts=PROMPTS, steps=20, sampler="euler", guidance=4.0)
     return c

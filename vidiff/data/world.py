@@ -81,7 +81,26 @@ PARAPHRASE_TEMPLATES = (
     "a {size} {shape} in {color} drifting {drift}",
     "{drift} floats a {size} {color} {shape}",
 )
-TEMPLATE_SETS = {"train": TRAIN_TEMPLATES, "paraphrase": PARAPHRASE_TEMPLATES}
+# "varied": the training templates plus every subject x motion phrase below, 58
+# wordings with synonyms for each direction ("rising", "to the left side"), so a
+# model learns direction from the encoder's meaning rather than from two words.
+# It never uses the words of ``vidiff.eval.adherence.PARAPHRASES`` ("top",
+# "bottom", "edge", "direction", "towards", "heading", ...): those stay unseen.
+_SUBJECTS = ("a {color} {shape}", "the {color} {shape}", "a {size} {color} {shape}", "{color} {shape}",
+             "a {color} {shape} is", "the {size} {color} {shape} keeps")
+_MOTIONS = {
+    "left": ("moving leftwards", "going off to the left", "moving to the left side", "sliding left",
+             "shifting left", "going left across the screen", "sweeping to the left", "moving further left"),
+    "right": ("moving rightwards", "going off to the right", "moving to the right side", "sliding right",
+              "shifting right", "going right across the screen", "sweeping to the right", "moving further right"),
+    "up": ("rising", "climbing", "ascending", "moving higher", "going up the screen", "sliding up",
+           "shifting up", "sweeping upwards"),
+    "down": ("falling", "sinking", "descending", "moving lower", "going down the screen", "sliding down",
+             "shifting down", "sweeping downwards"),
+}
+VARIED_TEMPLATES = TRAIN_TEMPLATES + tuple(
+    f"{subject} {{motion{i}}}" for subject in _SUBJECTS for i in range(len(_MOTIONS["left"])))
+TEMPLATE_SETS = {"train": TRAIN_TEMPLATES, "paraphrase": PARAPHRASE_TEMPLATES, "varied": VARIED_TEMPLATES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +120,8 @@ class WorldConfig:
       held_out_combos: the held-out combinations (default :data:`HELD_OUT`).
       length: number of records (``len(CaptionedWorld)``).
       seed: changes every record.
-      templates: caption template set, ``"train"`` or ``"paraphrase"``.
+      templates: caption template set, ``"train"``, ``"paraphrase"`` or
+        ``"varied"`` (train plus direction synonyms).
     """
 
     num_frames: int = 17
@@ -343,8 +363,8 @@ def caption(labels: dict, choice: int | np.random.Generator = 0, template_set: s
     """Caption of ``labels`` (both objects when ``labels["objects"]`` holds two).
 
     ``choice`` picks the template: an int (modulo the number of templates) or
-    a ``numpy`` Generator to draw from; ``template_set`` is ``"train"`` or
-    ``"paraphrase"``.
+    a ``numpy`` Generator to draw from; ``template_set`` is ``"train"``,
+    ``"paraphrase"`` or ``"varied"``.
     """
     if template_set not in TEMPLATE_SETS:
         raise ValueError(f"template_set={template_set!r}; use one of {', '.join(TEMPLATE_SETS)}")
@@ -357,7 +377,7 @@ def _phrase(template: str, obj: dict) -> str:
     d = obj["direction"]
     return template.format(
         color=obj["color"], shape=obj["shape"], size=obj.get("size"),
-        move=_MOVE[d], toward=_TOWARD[d], drift=_DRIFT[d],
+        move=_MOVE[d], toward=_TOWARD[d], drift=_DRIFT[d], **{f"motion{i}": m for i, m in enumerate(_MOTIONS[d])},
     )
 
 

@@ -39,9 +39,9 @@ if TYPE_CHECKING:
 def compiled(vae: VideoVAE, method: str, with_cache: bool = False):
     """``jax.jit`` of ``vae.apply(variables, x, method=method)``, one per (module, method, mode).
 
-    Cached, so every caller (training's sample decode, the pipeline, the
-    chunked and tiled codecs) shares one traced function, which re-traces per
-    input shape. ``with_cache`` gives ``step(variables, cache, x) -> (out,
+    Cached, so every caller (training's latent cache and sample decode, latent
+    precompute, the pipeline, the chunked and tiled codecs) shares one traced
+    function, which re-traces per input shape. ``with_cache`` gives ``step(variables, cache, x) -> (out,
     cache)`` for chunked causal convs.
     """
     if not with_cache:

@@ -164,23 +164,23 @@ def _tile(videos: np.ndarray) -> np.ndarray:
 
 
 def validation_clips(config) -> np.ndarray:
-    """``config.eval.num_clips`` fixed clips: the world's held-out combinations (``eval.num_frames``
-    long, default the training length), or the data's eval split."""
+    """``config.eval.num_clips`` fixed clips, ``eval.num_frames`` long (default the training length):
+    the world's held-out combinations, or the data's eval split."""
     n = int(config.eval.num_clips)
+    num_frames = config.eval.get("num_frames") or config.data.num_frames
     if config.data.source == "world":
         from vidiff.data.world import CaptionedWorld, WorldConfig
 
         # The eval clips' length, size, split and seed are fixed here, whatever the training stage's world says.
         fixed = ("held_out", "num_frames", "size", "seed")
         world_fields = {k: v for k, v in dict(config.data.get("world") or {}).items() if k not in fixed}
-        world = CaptionedWorld(WorldConfig(num_frames=config.eval.get("num_frames") or config.data.num_frames,
-                                           size=config.data.size,
+        world = CaptionedWorld(WorldConfig(num_frames=num_frames, size=config.data.size,
                                            **{**world_fields, "held_out": "only", "seed": 12345}))
         return np.stack([world[i]["video"] for i in range(n)])
     from vidiff.data import record_stream
 
-    records = record_stream({**config.data.to_dict(), "shuffle": False, "num_epochs": 1, "caption_dropout": 0.0},
-                            split=config.eval.split)
+    records = record_stream({**config.data.to_dict(), "num_frames": num_frames, "shuffle": False, "num_epochs": 1,
+                             "caption_dropout": 0.0}, split=config.eval.split)
     clips = [r["video"] for _, r in zip(range(n), records)]
     if not clips:
         raise ValueError(f"eval.split={config.eval.split!r} yielded no clips; point data at an eval split")
@@ -344,10 +344,10 @@ def generate(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
     return io.to_uint8(video)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def encode_latents(vae, variables, video):
-    """uint8 clips -> normalised latents of the posterior mode (what ``vidiff prepare --latents`` stores)."""
-    return vae.apply(variables, video.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode_normalized)
+    """uint8 clips -> normalised latents of the posterior mode (what ``vidiff prepare --latents`` stores),
+    through the same compiled encoder the pipeline conditions on."""
+    return compiled(vae, "encode_normalized")(variables, io.to_float(video))
 
 
 def load_vae_variables(config) -> dict:
