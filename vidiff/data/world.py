@@ -98,6 +98,7 @@ _MOTIONS = {
     "down": ("falling", "sinking", "descending", "moving lower", "going down the screen", "sliding down",
              "shifting down", "sweeping downwards"),
 }
+_MOTION_FIELDS = {d: {f"motion{i}": phrase for i, phrase in enumerate(phrases)} for d, phrases in _MOTIONS.items()}
 VARIED_TEMPLATES = TRAIN_TEMPLATES + tuple(
     f"{subject} {{motion{i}}}" for subject in _SUBJECTS for i in range(len(_MOTIONS["left"])))
 TEMPLATE_SETS = {"train": TRAIN_TEMPLATES, "paraphrase": PARAPHRASE_TEMPLATES, "varied": VARIED_TEMPLATES}
@@ -377,7 +378,7 @@ def _phrase(template: str, obj: dict) -> str:
     d = obj["direction"]
     return template.format(
         color=obj["color"], shape=obj["shape"], size=obj.get("size"),
-        move=_MOVE[d], toward=_TOWARD[d], drift=_DRIFT[d], **{f"motion{i}": m for i, m in enumerate(_MOTIONS[d])},
+        move=_MOVE[d], toward=_TOWARD[d], drift=_DRIFT[d], **_MOTION_FIELDS[d],
     )
 
 

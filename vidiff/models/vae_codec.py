@@ -41,8 +41,8 @@ def compiled(vae: VideoVAE, method: str, with_cache: bool = False):
 
     Cached, so every caller (training's latent cache and sample decode, latent
     precompute, the pipeline, the chunked and tiled codecs) shares one traced
-    function, which re-traces per input shape. ``with_cache`` gives ``step(variables, cache, x) -> (out,
-    cache)`` for chunked causal convs.
+    function, which re-traces per input shape. ``with_cache`` gives
+    ``step(variables, cache, x) -> (out, cache)`` for chunked causal convs.
     """
     if not with_cache:
         return jax.jit(lambda variables, x: vae.apply(variables, x, method=method))
