@@ -23,7 +23,7 @@ def world_clip_of(combo, size=32, frames=17):
 
 def test_paraphrases_are_wordings_no_template_produces():
     every = world.allowed_combos(world.WorldConfig(held_out="include"))
-    seen = {world._phrase(t, {"color": c, "shape": s, "direction": d, "size": size})
+    seen = {world.phrase(t, {"color": c, "shape": s, "direction": d, "size": size})
             for c, s, d in every for size in world.SIZES
             for t in world.VARIED_TEMPLATES + world.PARAPHRASE_TEMPLATES}
     mine = {adherence.paraphrase(combo, k) for combo in every for k in range(len(adherence.PARAPHRASES))}
@@ -36,7 +36,7 @@ def test_varied_training_captions_use_none_of_the_paraphrases_own_words():
 
     def words(templates):
         return {w for c, s, d in every for size in world.SIZES for t in templates
-                for w in re.findall(r"[a-z]+", world._phrase(t, {"color": c, "shape": s, "direction": d, "size": size}))}
+                for w in re.findall(r"[a-z]+", world.phrase(t, {"color": c, "shape": s, "direction": d, "size": size}))}
 
     evaluation = {w for combo in every for k in range(len(adherence.PARAPHRASES))
                   for w in re.findall(r"[a-z]+", adherence.paraphrase(combo, k))}

@@ -9,10 +9,11 @@ one of several paraphrase templates says what it is and where it goes.
 
 This module holds the vocabulary (colours, shapes, sizes, directions, the
 held-out combinations for compositional evaluation), label sampling,
-rendering, captions, the random-access source ``CaptionedWorld`` (usable by
+rendering, the random-access source ``CaptionedWorld`` (usable by
 ``grain.MapDataset.source``), sample writing and the ``vidiff world`` command.
-The pixel-level scorer lives in :mod:`vidiff.data.world_score` and is
-re-exported here as :func:`score` / :func:`score_objects`.
+Caption templates live in :mod:`vidiff.data.world_captions` and the
+pixel-level scorer in :mod:`vidiff.data.world_score`; both are re-exported
+here (:func:`caption`, :func:`prompts_for`, :func:`score`, :func:`score_objects`).
 
 Shape names are ``"circle"``, ``"square"``, ``"triangle"`` and, with
 ``digits=True``, ``"digit 0"`` ... ``"digit 9"`` (captions use these names
@@ -28,6 +29,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from vidiff.data.world_captions import (  # re-exported: captions are part of the world's API
+    PARAPHRASE_TEMPLATES, TEMPLATE_SETS, TRAIN_TEMPLATES, VARIED_TEMPLATES, caption, phrase,
+)
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -53,56 +58,6 @@ HELD_OUT: tuple[tuple[str, str, str], ...] = (
     ("cyan", "square", "up"),
 )
 HELD_OUT_MODES = ("exclude", "only", "include")
-
-# Caption templates. Fields: {color} {shape} {size}, and one direction phrase:
-# {move} "left" / "up", {toward} "to the left" / "upwards", {drift} "leftward".
-_MOVE = {d: d for d in DIRECTIONS}
-_TOWARD = {"left": "to the left", "right": "to the right", "up": "upwards", "down": "downwards"}
-_DRIFT = {"left": "leftward", "right": "rightward", "up": "upward", "down": "downward"}
-TRAIN_TEMPLATES = (
-    "a {color} {shape} moving {move}",
-    "a {size} {color} {shape} moving {move}",
-    "{color} {shape} going {move}",
-    "a {size} {color} {shape} slides {toward}",
-    "a {color} {shape} slides {toward}",
-    "the {color} {shape} moves {move}",
-    "a {size} {color} {shape} travelling {move}",
-    "{size} {color} {shape} moving {toward}",
-    "a {size} {color} {shape} going {toward}",
-    "a {color} {shape} that moves {toward}",
-)
-# Verbs and word orders the training templates never use, to test whether a
-# text encoder generalises beyond the phrasings seen in training.
-PARAPHRASE_TEMPLATES = (
-    "watch the {color} {shape} drift {drift}",
-    "there is a {color} {shape} and it glides {drift}",
-    "one {color} {shape}, heading {toward}",
-    "the {shape} is {color} and crosses the frame {drift}",
-    "a {size} {shape} in {color} drifting {drift}",
-    "{drift} floats a {size} {color} {shape}",
-)
-# "varied": the training templates plus every subject x motion phrase below, 58
-# wordings with synonyms for each direction ("rising", "to the left side"), so a
-# model learns direction from the encoder's meaning rather than from two words.
-# It never uses the words of ``vidiff.eval.adherence.PARAPHRASES`` ("top",
-# "bottom", "edge", "direction", "towards", "heading", ...): those stay unseen.
-_SUBJECTS = ("a {color} {shape}", "the {color} {shape}", "a {size} {color} {shape}", "{color} {shape}",
-             "a {color} {shape} is", "the {size} {color} {shape} keeps")
-_MOTIONS = {
-    "left": ("moving leftwards", "going off to the left", "moving to the left side", "sliding left",
-             "shifting left", "going left across the screen", "sweeping to the left", "moving further left"),
-    "right": ("moving rightwards", "going off to the right", "moving to the right side", "sliding right",
-              "shifting right", "going right across the screen", "sweeping to the right", "moving further right"),
-    "up": ("rising", "climbing", "ascending", "moving higher", "going up the screen", "sliding up",
-           "shifting up", "sweeping upwards"),
-    "down": ("falling", "sinking", "descending", "moving lower", "going down the screen", "sliding down",
-             "shifting down", "sweeping downwards"),
-}
-_MOTION_FIELDS = {d: {f"motion{i}": phrase for i, phrase in enumerate(phrases)} for d, phrases in _MOTIONS.items()}
-VARIED_TEMPLATES = TRAIN_TEMPLATES + tuple(
-    f"{subject} {{motion{i}}}" for subject in _SUBJECTS for i in range(len(_MOTIONS["left"])))
-TEMPLATE_SETS = {"train": TRAIN_TEMPLATES, "paraphrase": PARAPHRASE_TEMPLATES, "varied": VARIED_TEMPLATES}
-
 
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
@@ -360,28 +315,6 @@ def _background_frame(size: int) -> np.ndarray:
     return frame
 
 
-def caption(labels: dict, choice: int | np.random.Generator = 0, template_set: str = "train") -> str:
-    """Caption of ``labels`` (both objects when ``labels["objects"]`` holds two).
-
-    ``choice`` picks the template: an int (modulo the number of templates) or
-    a ``numpy`` Generator to draw from; ``template_set`` is ``"train"``,
-    ``"paraphrase"`` or ``"varied"``.
-    """
-    if template_set not in TEMPLATE_SETS:
-        raise ValueError(f"template_set={template_set!r}; use one of {', '.join(TEMPLATE_SETS)}")
-    templates = TEMPLATE_SETS[template_set]
-    k = int(choice.integers(len(templates))) if isinstance(choice, np.random.Generator) else int(choice) % len(templates)
-    return " and ".join(_phrase(templates[k], obj) for obj in labels.get("objects", [labels]))
-
-
-def _phrase(template: str, obj: dict) -> str:
-    d = obj["direction"]
-    return template.format(
-        color=obj["color"], shape=obj["shape"], size=obj.get("size"),
-        move=_MOVE[d], toward=_TOWARD[d], drift=_DRIFT[d], **_MOTION_FIELDS[d],
-    )
-
-
 def prompts_for(
     combos: Iterable[Sequence[str]], template_set: str = "train", template: int = 0
 ) -> list[str]:
@@ -399,7 +332,7 @@ def prompts_for(
     for combo in combos:
         _check_combo(tuple(combo), "prompts_for")
         colour, shape, direction = combo
-        prompts.append(_phrase(chosen, {"color": colour, "shape": shape, "direction": direction}))
+        prompts.append(phrase(chosen, {"color": colour, "shape": shape, "direction": direction}))
     return prompts
 
 
