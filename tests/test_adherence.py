@@ -117,3 +117,10 @@ def test_eval_commands_print_and_write_json(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["eval", "adherence", "--checkpoint", model, "--out", str(tmp_path / "file" / "a.json")]) == 2
     assert capsys.readouterr().err.startswith(f"vidiff eval: error: cannot write {tmp_path / 'file' / 'a.json'}: ")
+
+
+def test_unknown_template_sets_fail_in_one_line_naming_the_sets():
+    labels = {"color": "red", "shape": "circle", "size": "small", "direction": "up"}
+    for call in (lambda: world.caption(labels, 0, "fancy"), lambda: world.prompts_for([("red", "circle", "up")], "fancy")):
+        with pytest.raises(ValueError, match=r"^template_set='fancy'; use one of train, paraphrase, varied$"):
+            call()

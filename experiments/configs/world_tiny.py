@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     # and a tenth of the clips trained as single images (joint image + video).
     # Latents are "cached": a world of 1,600 clips is encoded once (first epoch) and reused, which saves
     # the encoder's time on a CPU ("on_the_fly" encodes every batch; "prepared" reads `vidiff prepare --latents` shards).
-    # world.templates="varied" adds direction synonyms to the captions (the bundled model's last 5,500 steps).
+    # world.templates="varied" adds direction synonyms to the captions (the bundled model's last 10,000 steps).
     c.dit_train = train_stage(700, 2e-3, latents="cached", cache_clips=100_000, eval_every=700, ckpt_every=350,
                               condition=dict(none=0.6, first_frame=0.1, first_k=0.1, last_k=0.05, first_last=0.1,
                                              random=0.05),

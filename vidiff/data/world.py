@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from vidiff.data.world_captions import (  # re-exported: captions are part of the world's API
-    PARAPHRASE_TEMPLATES, TEMPLATE_SETS, TRAIN_TEMPLATES, VARIED_TEMPLATES, caption, phrase,
+    PARAPHRASE_TEMPLATES, TEMPLATE_SETS, TRAIN_TEMPLATES, VARIED_TEMPLATES, caption, phrase, templates_of,
 )
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -324,9 +324,7 @@ def prompts_for(
     (the combination does not fix one): ``"a red triangle moving left"`` for
     ``"train"``, ``"watch the red triangle drift leftward"`` for ``"paraphrase"``.
     """
-    if template_set not in TEMPLATE_SETS:
-        raise ValueError(f"template_set={template_set!r}; use one of {', '.join(TEMPLATE_SETS)}")
-    sizeless = [t for t in TEMPLATE_SETS[template_set] if "{size}" not in t]
+    sizeless = [t for t in templates_of(template_set) if "{size}" not in t]
     chosen = sizeless[template % len(sizeless)]
     prompts = []
     for combo in combos:

@@ -66,16 +66,20 @@ VARIED_TEMPLATES = TRAIN_TEMPLATES + tuple(
 TEMPLATE_SETS = {"train": TRAIN_TEMPLATES, "paraphrase": PARAPHRASE_TEMPLATES, "varied": VARIED_TEMPLATES}
 
 
+def templates_of(template_set: str) -> tuple[str, ...]:
+    """The templates of ``template_set`` (``"train"``, ``"paraphrase"`` or ``"varied"``)."""
+    if template_set not in TEMPLATE_SETS:
+        raise ValueError(f"template_set={template_set!r}; use one of {', '.join(TEMPLATE_SETS)}")
+    return TEMPLATE_SETS[template_set]
+
+
 def caption(labels: dict, choice: int | np.random.Generator = 0, template_set: str = "train") -> str:
     """Caption of ``labels`` (both objects when ``labels["objects"]`` holds two).
 
     ``choice`` picks the template: an int (modulo the number of templates) or
-    a ``numpy`` Generator to draw from; ``template_set`` is ``"train"``,
-    ``"paraphrase"`` or ``"varied"``.
+    a ``numpy`` Generator to draw from; ``template_set`` as :func:`templates_of`.
     """
-    if template_set not in TEMPLATE_SETS:
-        raise ValueError(f"template_set={template_set!r}; use one of {', '.join(TEMPLATE_SETS)}")
-    templates = TEMPLATE_SETS[template_set]
+    templates = templates_of(template_set)
     k = int(choice.integers(len(templates))) if isinstance(choice, np.random.Generator) else int(choice) % len(templates)
     return " and ".join(phrase(templates[k], obj) for obj in labels.get("objects", [labels]))
 
