@@ -25,13 +25,13 @@ def test_paraphrases_are_wordings_no_template_produces():
     every = world.allowed_combos(world.WorldConfig(held_out="include"))
     seen = {world.phrase(t, {"color": c, "shape": s, "direction": d, "size": size})
             for c, s, d in every for size in world.SIZES
-            for t in world.VARIED_TEMPLATES + world.PARAPHRASE_TEMPLATES}
+            for t in world.DIVERSE_TEMPLATES + world.PARAPHRASE_TEMPLATES}
     mine = {adherence.paraphrase(combo, k) for combo in every for k in range(len(adherence.PARAPHRASES))}
     assert len(mine) == len(every) * len(adherence.PARAPHRASES) and not mine & seen
     assert adherence.paraphrase(("red", "triangle", "left"), 1) == "an animation of a red triangle heading in the left direction"
 
 
-def test_varied_training_captions_use_none_of_the_paraphrases_own_words():
+def test_varied_and_diverse_training_captions_use_none_of_the_paraphrases_own_words():
     every = world.allowed_combos(world.WorldConfig(held_out="include"))
 
     def words(templates):
@@ -42,10 +42,15 @@ def test_varied_training_captions_use_none_of_the_paraphrases_own_words():
                   for w in re.findall(r"[a-z]+", adherence.paraphrase(combo, k))}
     own = evaluation - words(world.TRAIN_TEMPLATES)
     assert {"top", "bottom", "edge", "direction", "towards", "heading"} <= own
-    assert not own & words(world.VARIED_TEMPLATES)
+    assert not own & words(world.VARIED_TEMPLATES) and not own & words(world.DIVERSE_TEMPLATES)
     assert len(world.VARIED_TEMPLATES) == 58 and set(world.TRAIN_TEMPLATES) < set(world.VARIED_TEMPLATES)
+    assert len(set(world.DIVERSE_TEMPLATES)) == 234 and world.DIVERSE_TEMPLATES[:58] == world.VARIED_TEMPLATES
     assert world.caption({"color": "red", "shape": "circle", "size": "small", "direction": "up"}, 10, "varied") \
         == "a red circle rising"
+    # Shape before colour and motion first, both absent from "varied".
+    diverse = {world.caption({"color": "red", "shape": "circle", "size": "small", "direction": "up"}, k, "diverse")
+               for k in range(234)}
+    assert {"a circle that is red, soaring", "floating up: a red circle"} <= diverse
 
 
 def test_cases_cover_every_held_out_combination_and_seed():
@@ -122,5 +127,5 @@ def test_eval_commands_print_and_write_json(tmp_path, capsys):
 def test_unknown_template_sets_fail_in_one_line_naming_the_sets():
     labels = {"color": "red", "shape": "circle", "size": "small", "direction": "up"}
     for call in (lambda: world.caption(labels, 0, "fancy"), lambda: world.prompts_for([("red", "circle", "up")], "fancy")):
-        with pytest.raises(ValueError, match=r"^template_set='fancy'; use one of train, paraphrase, varied$"):
+        with pytest.raises(ValueError, match=r"^template_set='fancy'; use one of train, paraphrase, varied, diverse$"):
             call()

@@ -31,7 +31,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from vidiff.data.world_captions import (  # re-exported: captions are part of the world's API
-    PARAPHRASE_TEMPLATES, TEMPLATE_SETS, TRAIN_TEMPLATES, VARIED_TEMPLATES, caption, phrase, templates_of,
+    DIVERSE_TEMPLATES, PARAPHRASE_TEMPLATES, TEMPLATE_SETS, TRAIN_TEMPLATES, VARIED_TEMPLATES, caption, phrase,
+    templates_of,
 )
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -76,8 +77,9 @@ class WorldConfig:
       held_out_combos: the held-out combinations (default :data:`HELD_OUT`).
       length: number of records (``len(CaptionedWorld)``).
       seed: changes every record.
-      templates: caption template set, ``"train"``, ``"paraphrase"`` or
-        ``"varied"`` (train plus direction synonyms).
+      templates: caption template set, ``"train"``, ``"paraphrase"``,
+        ``"varied"`` (train plus direction synonyms) or ``"diverse"`` (varied
+        plus more synonyms and word orders); see :mod:`vidiff.data.world_captions`.
     """
 
     num_frames: int = 17

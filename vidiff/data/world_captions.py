@@ -1,6 +1,6 @@
 """Captions of the captioned world: the template sets and the functions that fill them in.
 
-Three template sets, picked by ``WorldConfig.templates``:
+Four template sets, picked by ``WorldConfig.templates``:
 
 - ``"train"``: ten short wordings ("a red circle moving left").
 - ``"paraphrase"``: verbs and word orders ``"train"`` never uses, to test
@@ -8,6 +8,8 @@ Three template sets, picked by ``WorldConfig.templates``:
 - ``"varied"``: ``"train"`` plus six subjects x eight direction synonyms
   ("rising", "going off to the left"), so a model learns direction from the
   encoder's meaning rather than from two words.
+- ``"diverse"``: ``"varied"`` plus more direction synonyms, shape-before-colour
+  and motion-first orders, and a few neutral openings ("we see a ...").
 
 The prompt-adherence paraphrases of :mod:`vidiff.eval.adherence` are a fourth,
 held-apart list that no set here produces (a test checks it word by word).
@@ -60,14 +62,39 @@ _MOTIONS = {
     "down": ("falling", "sinking", "descending", "moving lower", "going down the screen", "sliding down",
              "shifting down", "sweeping downwards"),
 }
-_MOTION_FIELDS = {d: {f"motion{i}": phrase for i, phrase in enumerate(phrases)} for d, phrases in _MOTIONS.items()}
 VARIED_TEMPLATES = TRAIN_TEMPLATES + tuple(
     f"{subject} {{motion{i}}}" for subject in _SUBJECTS for i in range(len(_MOTIONS["left"])))
-TEMPLATE_SETS = {"train": TRAIN_TEMPLATES, "paraphrase": PARAPHRASE_TEMPLATES, "varied": VARIED_TEMPLATES}
+# "diverse" = "varied" + eight more motion phrases per direction, subjects that put the shape before
+# the colour or open with a few neutral words, and motion-first orders (234 wordings). The aim is a
+# model that reads colour, shape and direction wherever they sit among words it does not know; the
+# same test keeps the paraphrases' own words out of it.
+_MORE_MOTIONS = {
+    "left": ("drifting left", "sailing to the left", "travelling leftwards", "moving left slowly",
+             "passing to the left", "rolling left", "shooting off to the left", "flying left"),
+    "right": ("drifting right", "sailing to the right", "travelling rightwards", "moving right slowly",
+              "passing to the right", "rolling right", "shooting off to the right", "flying right"),
+    "up": ("soaring", "lifting", "floating up", "moving to the upper side", "going up high",
+           "flying upwards", "rising up the screen", "shooting up"),
+    "down": ("dropping", "plunging", "floating down", "moving to the lower side", "going down low",
+             "tumbling downwards", "falling down the screen", "sliding downwards"),
+}
+_MORE_SUBJECTS = ("we see a {color} {shape}", "here a {color} {shape} is", "a video with a {color} {shape}",
+                  "a {shape} that is {color},", "a {size} {shape}, {color},", "look, a {size} {color} {shape}")
+_MOTION_FIRST = ("{motion}: a {color} {shape}", "{motion}, the {size} {color} {shape}")
+_ALL_MOTIONS = {d: _MOTIONS[d] + _MORE_MOTIONS[d] for d in _MOTIONS}
+_MOTION_FIELDS = {d: {f"motion{i}": phrase for i, phrase in enumerate(phrases)} for d, phrases in _ALL_MOTIONS.items()}
+_ALL = range(len(_ALL_MOTIONS["left"]))
+_NEW = _ALL[len(_MOTIONS["left"]):]  # the motion fields "varied" does not use
+DIVERSE_TEMPLATES = VARIED_TEMPLATES + tuple(
+    [f"{subject} {{motion{i}}}" for subject in _SUBJECTS for i in _NEW]
+    + [f"{subject} {{motion{i}}}" for subject in _MORE_SUBJECTS for i in _ALL]
+    + [order.replace("{motion}", f"{{motion{i}}}") for order in _MOTION_FIRST for i in _ALL])
+TEMPLATE_SETS = {"train": TRAIN_TEMPLATES, "paraphrase": PARAPHRASE_TEMPLATES, "varied": VARIED_TEMPLATES,
+                 "diverse": DIVERSE_TEMPLATES}
 
 
 def templates_of(template_set: str) -> tuple[str, ...]:
-    """The templates of ``template_set`` (``"train"``, ``"paraphrase"`` or ``"varied"``)."""
+    """The templates of ``template_set`` (one of :data:`TEMPLATE_SETS`)."""
     if template_set not in TEMPLATE_SETS:
         raise ValueError(f"template_set={template_set!r}; use one of {', '.join(TEMPLATE_SETS)}")
     return TEMPLATE_SETS[template_set]
