@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts (experiments/bench_dit.py, bench_vae.py, bench_compare.py).
+"""Smoke tests of the benchmark scripts (experiments/bench_dit.py, bench_vae.py, bench_compare.py, bench_goals.py).
 
 Each script runs in a subprocess at tiny CPU settings, as it would be run on the
 GPU machine, and its JSON lines are checked for the keys the performance notes
@@ -92,6 +92,8 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError('blocked ' + name)
 sys.meta_path.insert(0, Block())
 sys.path.insert(0, {str(EXPERIMENTS)!r})
+import bench_goals
+assert 'jax' not in sys.modules and 'torch' not in sys.modules  # the goals runner stays off the device
 import bench_dit, bench_vae, bench_compare
 """
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
@@ -241,3 +243,69 @@ def test_bench_compare_records_a_failing_peer(tmp_path):
     (result,) = json.loads(out.read_text())["results"]
     assert result["peer"]["status"] == "error" and result["peer"]["returncode"] == 3
     assert result["ratio_tokens_per_s"] is None and result["vidiff"]["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- bench_goals
+
+
+def run_goals(tmp_path, *args: str) -> tuple[list[dict], str]:
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    prefix = f"{sys.executable} {fake}"
+    out = tmp_path / "goals"
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "bench_goals.py"), "--tiny", "--out-dir", str(out),
+         "--vidiff-cmd", f"{prefix} vidiff 3", "--peer-cmd", f"{prefix} torch 2",
+         "--peer-forward-cmd", f"{prefix} torch 4", *args],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["goals.jsonl", "goals.log", "goals.md"]
+    lines = [json.loads(line) for line in (out / "goals.jsonl").read_text().splitlines()]
+    assert (out / "goals.md").read_text().strip() == done.stdout.strip()
+    return lines, done.stdout
+
+
+def test_bench_goals_runs_what_fits_the_budget_and_names_the_rest(tmp_path):
+    # Estimates x 0.4: compare_4x4096 (96 s) does not fit in 90 s, the next two (76 s, 68 s) do.
+    lines, table = run_goals(tmp_path, "--only", "compare_4x4096,compare_1x16384,compare_64x256",
+                             "--budget", "90", "--estimate-scale", "0.4")
+    environment, *jobs = lines
+    assert environment["job"] == "environment" and environment["budget_s"] == 90 and environment["tiny"] is True
+    by_job = {j["job"]: j for j in jobs}
+    assert [j["job"] for j in jobs] == ["compare_4x4096", "compare_1x16384", "compare_64x256"]
+    assert by_job["compare_4x4096"]["status"] == "skipped" and "96 s" in by_job["compare_4x4096"]["reason"]
+    (goal,) = by_job["compare_1x16384"]["goals"]
+    assert goal["measured"] == pytest.approx(1.5) and goal["met"] is True and goal["target"] == ">= 1.0"
+    assert "--remat block" in by_job["compare_1x16384"]["records"][0]["commands"]["vidiff"]
+    assert by_job["compare_64x256"]["goals"][0]["met"] is True
+    assert "| compare_1x16384 | train 1x64 vidiff/peer tokens/s | >= 1.0 | 1.500 | yes |" in table
+    assert table.rstrip().endswith("run again with --only compare_4x4096")
+
+
+def test_bench_goals_checks_forward_goal_and_rejects_unknown_jobs(tmp_path):
+    lines, table = run_goals(tmp_path, "--only", "compare_4x4096", "--estimate-scale", "0")
+    goals = {g["goal"]: g for g in lines[1]["goals"]}
+    assert goals["forward 2x32 vidiff/peer tokens/s"]["met"] is False  # the fake peer forward is faster: 0.75
+    assert goals["train 2x32 vidiff/peer tokens/s"]["measured"] == pytest.approx(1.5)
+    assert "not measured" not in table
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_goals.py"), "--out-dir", str(tmp_path),
+                           "--only", "compare_4x4096,fastest"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("--only: unknown jobs ['fastest']; choose from [")
+
+
+def test_bench_goals_timeout_stops_the_benchmark_and_its_children(tmp_path, monkeypatch):
+    import bench_goals
+
+    pid_file = tmp_path / "grandchild.pid"
+    spawn = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    monkeypatch.setattr(bench_goals, "job_command", lambda *a: [sys.executable, "-c", spawn])
+    args = bench_goals.parse_args(["--out-dir", str(tmp_path), "--tiny"])
+    with open(tmp_path / "log", "w") as log:
+        record = bench_goals.run_job(bench_goals.JOBS[2], args, 3.0, tmp_path, log)
+    assert record["status"] == "timeout" and 3.0 <= record["elapsed_s"] < 30
+    assert record["goals"][0]["met"] is None  # no figure, neither met nor missed
+    grandchild = Path(f"/proc/{pid_file.read_text()}/status")
+    # Killed: gone, or a zombie waiting for its new parent to reap it.
+    assert not grandchild.exists() or "State:\tZ" in grandchild.read_text()
