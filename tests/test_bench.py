@@ -309,3 +309,13 @@ def test_bench_goals_timeout_stops_the_benchmark_and_its_children(tmp_path, monk
     grandchild = Path(f"/proc/{pid_file.read_text()}/status")
     # Killed: gone, or a zombie waiting for its new parent to reap it.
     assert not grandchild.exists() or "State:\tZ" in grandchild.read_text()
+
+
+def test_bench_goals_caps_memory_at_an_h100s_on_a_larger_gpu():
+    import bench_goals
+
+    assert bench_goals.gpu_memory_mib(["NVIDIA H200, 143771 MiB, 580.159.03"]) == 143771
+    assert bench_goals.gpu_memory_mib([]) is None and bench_goals.gpu_memory_mib(["cpu"]) is None
+    assert bench_goals.memory_fraction(143771, 81559) == "0.5389"  # 0.95 x 81559 / 143771
+    assert bench_goals.memory_fraction(81559, 81559) is None  # an H100 itself: JAX's own default applies
+    assert bench_goals.memory_fraction(None, 81559) is None
