@@ -35,7 +35,9 @@ its peak memory is not the training step's): impl="vidiff", mode, status
 model_tflops, mfu, peak_mem_GiB (``memory_stats()["peak_bytes_in_use"]``,
 the process's peak so far; null where the backend has no stats, e.g. CPU),
 compiled_mem_GiB (XLA's static estimate) and cudnn_attention (the compiled
-HLO calls cuDNN fused attention, ``__cudnn$fmha``). ``--max-tokens-search``
+HLO calls cuDNN fused attention, ``__cudnn$fmha``) and profile (the trace files
+``--profile DIR`` wrote: ``--profile-steps`` more steps after the timed ones,
+as ``<mode>_<batch>x<tokens>.trace.json.gz`` / ``.xplane.pb``). ``--max-tokens-search``
 runs one subprocess per length (16k, 32k, ... until OOM) and prints one line
 with the largest length that trained.
 """
@@ -45,11 +47,14 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
+from pathlib import Path
 
 # JAX preallocates 75% of GPU memory by default; PyTorch may use all of it. Let vidiff have the same
 # room (set before jax initialises a backend; an explicit setting in the environment wins).
@@ -194,6 +199,30 @@ def timed_runs(run, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def profiled_runs(run, steps: int, out_dir: str | None, name: str) -> list[str]:
+    """``steps`` more (untimed) calls under ``jax.profiler``; the trace files, copied flat into ``out_dir``.
+
+    Flat names (``<name>.trace.json.gz`` for Perfetto, ``<name>.xplane.pb`` for TensorBoard /
+    XProf) because the profiler nests its own folders deeper than a device call returns.
+    """
+    if not out_dir or steps < 1:
+        return []
+    with tempfile.TemporaryDirectory(prefix="vidiff-profile-") as raw:
+        jax.profiler.start_trace(raw)
+        for number in range(steps):
+            with jax.profiler.StepTraceAnnotation(name, step_num=number):
+                run()
+        jax.profiler.stop_trace()
+        os.makedirs(out_dir, exist_ok=True)
+        copied = []
+        for path in sorted(Path(raw).glob("plugins/profile/*/*")):
+            for ending in (".trace.json.gz", ".xplane.pb"):  # after the host name, which may hold dots
+                if path.name.endswith(ending):
+                    copied.append(os.path.join(out_dir, name + ending))
+                    shutil.copyfile(path, copied[-1])
+    return copied
+
+
 def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: int, times: list[float],
             compile_s: float, compiled) -> dict:
     step_s = statistics.median(times)
@@ -245,7 +274,7 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict:
     frozen = {}
     step_fn = jit_train_step(make_train_step(loss_fn, tx, ema_decay=EMA_DECAY), state_shardings, batch_shardings,
                              {}, mesh)
-    with mesh, parallel.axis_rules():
+    with jax.set_mesh(mesh), parallel.axis_rules():  # as the trainer's loop traces its step
         start = time.perf_counter()
         compiled = step_fn.lower(state, batch, frozen).compile()
         compile_s = time.perf_counter() - start
@@ -258,10 +287,11 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict:
             holder["metrics"] = metrics
 
         times = timed_runs(run, args.warmup, args.steps)
+        traces = profiled_runs(run, args.profile_steps, args.profile, f"train_{args.batch}x{tokens}")
     loss = float(holder["metrics"]["loss"])
     if not math.isfinite(loss):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
-    return summary(args, cfg, "train", latent_shape, tokens, params, times, compile_s, compiled)
+    return dict(summary(args, cfg, "train", latent_shape, tokens, params, times, compile_s, compiled), profile=traces)
 
 
 def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict:
@@ -269,7 +299,7 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict
     init = lambda key: dit.init(key, *dummy_inputs(cfg))["params"]
     key = jax.random.key(args.seed)
     shardings = parallel.param_shardings(jax.eval_shape(init, key), mesh)
-    with mesh:
+    with jax.set_mesh(mesh):
         params = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
     host = random_batch(cfg, args.batch, latent_shape, args.text, args.seed)
     host["t"] = np.random.default_rng(args.seed + 1).uniform(size=(args.batch,)).astype(np.float32)
@@ -281,13 +311,16 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict
 
     forward = jax.jit(velocity, in_shardings=(shardings, batch_shardings),
                       out_shardings=parallel.batch_sharding(mesh, 5))
-    with mesh, parallel.axis_rules():
+    with jax.set_mesh(mesh), parallel.axis_rules():
         start = time.perf_counter()
         compiled = forward.lower(params, batch).compile()
         compile_s = time.perf_counter() - start
-        times = timed_runs(lambda: jax.block_until_ready(compiled(params, batch)), args.warmup, args.steps)
+        run = lambda: jax.block_until_ready(compiled(params, batch))
+        times = timed_runs(run, args.warmup, args.steps)
+        traces = profiled_runs(run, args.profile_steps, args.profile, f"forward_{args.batch}x{tokens}")
     # Returning drops the last references to the parameters, so --mode both trains with the memory free.
-    return summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, compile_s, compiled)
+    return dict(summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, compile_s, compiled),
+                profile=traces)
 
 
 def run_modes(args) -> list[dict]:
@@ -400,6 +433,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="per-device peak for MFU (H100 SXM bf16 dense: 989)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", metavar="DIR", help="after timing, trace --profile-steps more steps into DIR")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--max-tokens-search", action="store_true",
                    help="find the longest sequence trainable at batch 1 (remat block by default)")
     p.add_argument("--search-start", type=int, default=16384)

@@ -35,6 +35,8 @@ Writes to ``--out-dir`` (three files, within the device tool's limits):
 ``goals.jsonl`` (one line per job as it ends: status, elapsed, every record
 its benchmark printed, its goal rows), ``goals.log`` (the benchmarks' own
 output, for diagnosis) and ``goals.md`` (the goal table, also printed last).
+``--profile`` adds four: a trace of vidiff's forward and training steps in the
+first job (``bench_dit.py --profile``), for Perfetto and TensorBoard.
 The parent never imports jax or torch: every benchmark runs in its own
 process and owns the whole GPU.
 """
@@ -97,9 +99,14 @@ def job_command(job: Job, args, results_path: Path, timeout: float) -> list[str]
         cmd = [*python, str(HERE / "bench_compare.py"), "--configs", job.tiny_config if args.tiny else job.config,
                "--modes", ",".join(job.modes), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--peak-tflops", str(args.peak_tflops), "--out", str(results_path), "--timeout", inner]
-        for flag in ("peer", "peer_cmd", "peer_forward_cmd", "vidiff_cmd", "vidiff_extra"):
+        for flag in ("peer", "peer_cmd", "peer_forward_cmd", "vidiff_cmd"):
             if getattr(args, flag):
                 cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+        extra = args.vidiff_extra or ""
+        if args.profile and job is JOBS[0]:  # a trace of the first job's steps, after they are timed
+            extra += f" --profile {shlex.quote(str(results_path.parent))}"
+        if extra.strip():
+            cmd += ["--vidiff-extra", extra.strip()]
         return cmd + (["--tiny"] if args.tiny else [])
     if job.kind == "max_tokens":
         tokens = 16 if args.tiny else LONG_SEQUENCE_GOAL
@@ -277,6 +284,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak for MFU (H100 SXM bf16 dense)")
     p.add_argument("--memory-cap-mib", type=int, default=H100_MEMORY_MIB,
                    help="GPU memory the long-sequence job may use (default: an H100 80GB's)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write a profile of vidiff's steps in the first job (4 files: trace.json.gz, xplane.pb)")
     p.add_argument("--tiny", action="store_true", help="tiny models and shapes (CPU smoke run; fake the peer)")
     p.add_argument("--peer", help="path of torch_dit_reference.py (default: bench_compare.py's)")
     for flag in ("--peer-cmd", "--peer-forward-cmd", "--vidiff-cmd", "--vidiff-extra"):

@@ -6,6 +6,7 @@ rely on and for positive numbers. The FLOP count is checked against a hand
 computation of the peer's formula; the compare wrapper runs against fake peer
 and vidiff commands (torch is not installed here).
 """
+import gzip
 import json
 import math
 import os
@@ -131,10 +132,15 @@ def test_out_of_memory_is_reported_as_a_result(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_bench_dit_train_tiny_with_remat_and_scan():
+def test_bench_dit_train_tiny_with_remat_and_scan(tmp_path):
     (record,) = run_script("bench_dit.py", "--tiny", "--mode", "train", "--remat", "block", "--scan",
-                           "--latent-shape", "1,8,8", "--steps", "1", "--warmup", "1")
+                           "--latent-shape", "1,8,8", "--steps", "1", "--warmup", "1", "--profile", str(tmp_path),
+                           "--profile-steps", "2")
     assert TRAIN_KEYS <= set(record)
+    # Two more steps traced after timing, the files copied flat (a device call returns no deeper).
+    assert sorted(Path(p).name for p in record["profile"]) == ["train_2x16.trace.json.gz", "train_2x16.xplane.pb"]
+    events = json.loads(gzip.decompress((tmp_path / "train_2x16.trace.json.gz").read_bytes()))["traceEvents"]
+    assert sorted({int(e["args"]["step_num"]) for e in events if e.get("name") == "train_2x16"}) == [0, 1]
     assert record["mode"] == "train" and record["status"] == "ok"
     assert record["remat"] == "block" and record["scan"] is True and record["tokens"] == 16
     assert_positive(record, "params_M", "step_s", "tokens_per_s", "model_tflops", "mfu", "compile_s")
@@ -283,7 +289,8 @@ def test_bench_goals_runs_what_fits_the_budget_and_names_the_rest(tmp_path):
 
 
 def test_bench_goals_checks_forward_goal_and_rejects_unknown_jobs(tmp_path):
-    lines, table = run_goals(tmp_path, "--only", "compare_4x4096", "--estimate-scale", "0")
+    lines, table = run_goals(tmp_path, "--only", "compare_4x4096", "--estimate-scale", "0", "--profile")
+    assert f"--vidiff-extra '--profile {tmp_path / 'goals'}'" in lines[1]["cmd"]  # the fake vidiff writes none
     goals = {g["goal"]: g for g in lines[1]["goals"]}
     assert goals["forward 2x32 vidiff/peer tokens/s"]["met"] is False  # the fake peer forward is faster: 0.75
     assert goals["train 2x32 vidiff/peer tokens/s"]["measured"] == pytest.approx(1.5)

@@ -1,4 +1,5 @@
 """Training: optimizer, config checks, exact resume after SIGKILL, SIGTERM, non-finite steps, export."""
+import gzip
 import json
 import os
 import shutil
@@ -76,6 +77,9 @@ def test_ema_and_image_metrics():
         ("--config.data.size=30", "data.size height=30 must be divisible by"),
         ("--config.data.batch_size=3", "data.batch_size=3 is not divisible by the data-parallel devices"),
         ("--config.mesh.data=3", "mesh: axis sizes .* multiply to 3 but there are 8 devices"),
+        (("--config.dit_train.profile.steps=2", "--config.dit_train.profile.start=700"),
+         "dit_train.profile.start=700 is not before dit_train.steps=700: nothing would be traced"),
+        ("--config.dit_train.profile.steps=-1", "dit_train.profile: start=10 and steps=-1 must be >= 0"),
     ],
 )
 def test_bad_configs_fail_before_compiling(override, message):
@@ -185,8 +189,15 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_vae_then_dit_train_export_and_sample(tmp_path):
-    vae = _run(_command(tmp_path, "--config.vae_train.eval_every=4", steps=4))
+    vae = _run(_command(tmp_path, "--config.vae_train.eval_every=4", "--config.vae_train.profile.start=1",
+                        "--config.vae_train.profile.steps=2", steps=4))
     assert vae.returncode == 0, vae.stderr
+    # The profile: steps 2 and 3, each marked, in a Perfetto trace and an xplane file.
+    (trace,) = (tmp_path / "vae" / "profile").glob("plugins/profile/*/*.trace.json.gz")
+    assert list(trace.parent.glob("*.xplane.pb"))
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert sorted({int(e["args"]["step_num"]) for e in events if e.get("name") == "train"}) == [2, 3]
+    assert f"profile of steps 2-3: {tmp_path / 'vae' / 'profile'}" in vae.stdout + vae.stderr
     assert (tmp_path / "export" / "vae.safetensors").is_file()
     assert list((tmp_path / "vae" / "samples").glob("recon_*.gif"))
     rows = read_metrics(tmp_path / "vae")

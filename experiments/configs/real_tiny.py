@@ -96,7 +96,7 @@ def train_stage(steps: int, lr: float, **extra) -> ml_collections.ConfigDict:
         optim=dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10), end_lr_fraction=0.1, b1=0.9,
                    b2=0.99, eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1),
         ema_decay=0.999, log_every=10, ckpt_every=200, keep=2, keep_best=1, eval_every=200,
-        on_nonfinite="stop", **extra))
+        on_nonfinite="stop", profile=dict(start=10, steps=0), **extra))  # profile.steps > 0: a trace
 
 
 def get_config() -> ml_collections.ConfigDict:

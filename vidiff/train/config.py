@@ -88,6 +88,9 @@ def validate(config, model: str, device_count: int) -> None:
 
     if model not in MODELS:
         raise ValueError(f"model={model!r} is unknown; train one of {MODELS}")
+    from vidiff.train.profile import check_profile
+
+    check_profile(config[f"{model}_train"], model)
     from vidiff.train.tasks import dit_overrides, vae_from_config
 
     vae_cfg = vae_from_config(config).config

@@ -36,6 +36,7 @@ from vidiff.train.checkpoint import Checkpointer, abstract_with_shardings
 from vidiff.train.config import for_stage, validate
 from vidiff.train.metrics import MetricsWriter
 from vidiff.train.optimizer import make_optimizer
+from vidiff.train.profile import StepProfiler
 from vidiff.train.state import create_state, jit_train_step, make_train_step
 
 
@@ -120,6 +121,7 @@ def train(config, model: str, *, log=print) -> dict:
     last_log_time, last_log_step, last_loss = time.perf_counter(), start, float("nan")
 
     saved = {start}
+    profiler = StepProfiler(stage, workdir / "profile", log)
 
     def save(step, loss):
         if step in saved:
@@ -128,13 +130,15 @@ def train(config, model: str, *, log=print) -> dict:
         checkpointer.save(step, state, data_iterator=iterator, config=config_json,
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
 
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
         step = start
         while step < stage.steps:
-            batch = task.device_batch(next(iterator), mesh)  # host work (captions -> text encoder) stays off the mesh
-            with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
-                state, metrics = step_fn(state, batch, task.frozen)
+            with profiler.step(step + 1):
+                batch = task.device_batch(next(iterator), mesh)  # host work (text encoder) stays off the mesh
+                with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
+                    state, metrics = step_fn(state, batch, task.frozen)
             step += 1
+            profiler.after(step, state)
             bar.update(1)
             if step % stage.log_every == 0 or step == stage.steps:
                 fetched = jax.device_get(metrics)
@@ -164,10 +168,13 @@ def train(config, model: str, *, log=print) -> dict:
                 log(f"{stop.signal_name}: saved checkpoint {checkpointer.directory / str(step)}; exiting")
                 writer.close()
                 sys.exit(0)
+        profiler.stop(state)  # a window reaching past the last step ends here
     bar.close()
     checkpointer.close()
     summary.update(_finalize(task, state, config_json, tasks.export_dir(config)))
     writer.close()
+    if profiler.traced:
+        summary["profile"] = str(profiler.directory)
     summary.update(final_step=step, final_loss=last_loss, skipped=int(state.skipped),
                    checkpoint=str(checkpointer.directory / str(step)))
     return summary

@@ -90,7 +90,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_
     def step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, frozen, state.step)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
