@@ -1,7 +1,7 @@
-"""``dit_train.latents = "cached"``: each distinct clip is encoded once, later epochs reuse the latents."""
+"""``dit_train.latents = "cached"``: each distinct clip is encoded once, later epochs and resumed runs reuse it."""
 import numpy as np
 
-from vidiff.train.tasks import LatentCache
+from vidiff.train.latent_cache import LatentCache, vae_fingerprint
 
 
 class CountingEncoder:
@@ -57,3 +57,43 @@ def test_capacity_bounds_the_entries():
     cache(_clips(0))  # fully cached
     cache(_clips(2))  # never stored: over capacity
     assert encoder.calls == 4
+
+
+def test_saved_cache_serves_a_resumed_run_without_encoding(tmp_path):
+    cache = LatentCache(CountingEncoder(), capacity=100, fingerprint="vae-a")
+    clips, images = _clips(0), _clips(1, shape=(1, 8, 8, 3))  # two latent shapes, saved as two groups
+    first, first_images = cache(clips), cache(images)
+    path = tmp_path / "latent_cache" / "process_0.npz"
+    assert cache.save(path) is True and cache.save(path) is False  # unchanged: not written again
+    assert sorted(p.name for p in path.parent.iterdir()) == ["process_0.npz"]  # no partial file left
+
+    encoder = CountingEncoder()
+    resumed = LatentCache(encoder, capacity=100, fingerprint="vae-a")
+    assert resumed.load(path) == f"latent cache: 8 clips' latents loaded from {path}"
+    np.testing.assert_array_equal(resumed(clips[::-1]), first[::-1])
+    np.testing.assert_array_equal(resumed(images), first_images)
+    assert encoder.calls == 0 and resumed.stats() == {"clips": 8, "hits": 8, "misses": 0, "loaded": 8}
+    assert resumed.save(path) is False  # nothing new since the load
+
+
+def test_a_cache_from_another_vae_is_ignored_and_capacity_holds_on_load(tmp_path):
+    cache = LatentCache(CountingEncoder(), capacity=100, fingerprint="vae-a")
+    cache(_clips(0))
+    path = tmp_path / "process_0.npz"
+    cache.save(path)
+    other = LatentCache(CountingEncoder(), capacity=100, fingerprint="vae-b")
+    assert other.load(path) == f"latent cache {path} was made with another VAE: ignored, clips are encoded again"
+    assert other.entries == {} and other.loaded == 0
+    small = LatentCache(CountingEncoder(), capacity=3, fingerprint="vae-a")
+    small.load(path)
+    assert len(small.entries) == 3 and small.loaded == 3
+    assert LatentCache(CountingEncoder(), 10).load(tmp_path / "missing.npz") is None
+
+
+def test_vae_fingerprint_follows_every_variable_and_the_config():
+    variables = {"params": {"w": np.ones((2, 2), np.float32)}, "latent_stats": {"shift": np.zeros(2, np.float32)}}
+    base = vae_fingerprint(variables, "config")
+    assert vae_fingerprint({k: dict(v) for k, v in variables.items()}, "config") == base
+    nudged = {**variables, "latent_stats": {"shift": np.array([0.0, 1e-7], np.float32)}}
+    assert vae_fingerprint(nudged, "config") != base
+    assert vae_fingerprint(variables, "another config") != base

@@ -203,11 +203,23 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
     rows = read_metrics(tmp_path / "vae")
     assert {"loss", "grad_norm", "lr", "steps_per_s", "tokens_per_s", "psnr"} <= set(rows[0])
     assert any("val_psnr" in r for r in rows) and (tmp_path / "vae" / "tb").is_dir()
-    dit = _run(_command(tmp_path, "--config.dit_train.eval_every=3", model="dit", steps=3))
+    # A world of 8 clips, all in every batch: the latent cache fills at step 1 and serves steps 2 and 3.
+    eight_clips = ("--config.dit_train.data.world.length=8", "--config.dit_train.data.buckets=None",
+                   "--config.dit_train.data.image_fraction=0.0")
+    dit = _run(_command(tmp_path, "--config.dit_train.eval_every=3", *eight_clips, model="dit", steps=3))
     assert dit.returncode == 0, dit.stderr
     assert (tmp_path / "export" / "dit.safetensors").is_file()
     assert list((tmp_path / "dit" / "samples").glob("samples_*.gif"))
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "dit") if "loss" in r)
+    assert json.loads(dit.stdout.strip().splitlines()[-1])["latent_cache"] == {"clips": 8, "hits": 16, "misses": 8,
+                                                                              "loaded": 0}
+    # Resumed, the run reads the latents its checkpoint saved instead of encoding the clips again.
+    more = _run(_command(tmp_path, "--config.dit_train.eval_every=0", *eight_clips, model="dit", steps=4))
+    assert more.returncode == 0, more.stderr
+    cache_file = tmp_path / "dit" / "latent_cache" / "process_0.npz"
+    assert f"latent cache: 8 clips' latents loaded from {cache_file}" in more.stdout
+    assert json.loads(more.stdout.strip().splitlines()[-1])["latent_cache"] == {"clips": 8, "hits": 8, "misses": 0,
+                                                                               "loaded": 8}
 
     # Precomputed latents: world clips as mp4 + manifest -> shards with latents -> DiT training reads them.
     clips, shards = tmp_path / "clips", tmp_path / "shards"

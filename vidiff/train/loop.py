@@ -108,6 +108,9 @@ def train(config, model: str, *, log=print) -> dict:
         target = abstract_with_shardings(state, state_shardings)
         state = checkpointer.restore(target, start, data_iterator=iterator)
         log(f"resumed {model} from {checkpointer.directory / str(start)}")
+    cache_message = task.load_cache(workdir)  # host-side caches a checkpoint left (the DiT's latents)
+    if cache_message:
+        log(cache_message)
     step_fn = jit_train_step(
         make_train_step(task.loss_fn, tx, ema_decay=stage.ema_decay),
         state_shardings, task.batch_shardings, task.frozen_shardings, mesh,
@@ -129,6 +132,7 @@ def train(config, model: str, *, log=print) -> dict:
         saved.add(step)
         checkpointer.save(step, state, data_iterator=iterator, config=config_json,
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
+        task.save_cache(workdir)
 
     with _StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
         step = start

@@ -11,7 +11,6 @@ overrides), ``vae_loss``, ``flow``, ``text``, ``data`` and ``sample``.
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 
 import jax
@@ -27,6 +26,7 @@ from vidiff.models.vae import VideoVAE, compiled, compute_latent_stats, set_late
 from vidiff.models.vae_losses import (PatchDiscriminator3D, VAELossConfig, adversarial_factor, discriminator_loss,
                                       make_perceptual_fn, vae_loss)
 from vidiff.train.export import export_dit, export_vae, load_vae
+from vidiff.train.latent_cache import LatentCache, vae_fingerprint
 from vidiff.train.metrics import psnr, ssim
 
 
@@ -81,6 +81,13 @@ class Task:
     def batch_shardings(self):
         ndims = {"video": 5, "latents": 5, "text_tokens": 3, "text_lengths": 1, "pooled": 2}
         return {k: parallel.batch_sharding(self.mesh, ndims[k]) for k in self.batch_keys}
+
+    def save_cache(self, workdir: Path) -> None:
+        """Persist host-side caches beside a checkpoint (the DiT's latent cache); none by default."""
+
+    def load_cache(self, workdir: Path) -> str | None:
+        """Reload what :meth:`save_cache` wrote; a line for the log, or None."""
+        return None
 
 
 class VAETask(Task):
@@ -190,41 +197,14 @@ def validation_clips(config) -> np.ndarray:
 LATENT_SOURCES = ("on_the_fly", "cached", "prepared")
 
 
-class LatentCache:
-    """Normalised VAE latents (posterior mode) of every clip seen, keyed by the clip's pixels.
-
-    For finite data (a world of ``length`` clips, a video folder) every epoch after
-    the first skips the VAE: encoding costs as much as the tiny DiT's step on a CPU.
-    Keys hash the uint8 pixels, so random crops or frames cut as images are simply
-    new entries. A batch with any new clip is encoded whole (one compiled shape per
-    bucket); at most ``capacity`` clips are kept.
-    """
-
-    def __init__(self, encode, capacity: int):
-        self.encode, self.capacity = encode, int(capacity)
-        self.entries: dict[bytes, np.ndarray] = {}
-        self.hits = self.misses = 0
-
-    def __call__(self, videos: np.ndarray) -> np.ndarray:
-        keys = [hashlib.blake2b(repr(v.shape).encode() + v.tobytes(), digest_size=16).digest() for v in videos]
-        if all(k in self.entries for k in keys):
-            self.hits += len(keys)
-            return np.stack([self.entries[k] for k in keys])
-        self.misses += sum(k not in self.entries for k in keys)
-        latents = np.asarray(self.encode(videos), np.float32)
-        for key, z in zip(keys, latents):
-            if len(self.entries) < self.capacity:
-                self.entries[key] = z
-        return latents
-
-
 class DiTTask(Task):
     """Rectified-flow velocity regression on VAE latents, text from a frozen encoder.
 
     ``dit_train.latents`` says where the latents come from: ``"on_the_fly"``
     encodes each batch inside the step (a posterior sample); ``"cached"`` encodes
-    each distinct clip once on the host (posterior mode, :class:`LatentCache`, up
-    to ``dit_train.cache_clips`` clips) and reuses it in later epochs; ``"prepared"``
+    each distinct clip once on the host (posterior mode, up to ``dit_train.cache_clips``
+    clips, :mod:`vidiff.train.latent_cache`) and reuses it in later epochs and, saved
+    with each checkpoint, after a resume; ``"prepared"``
     reads ``latents`` / ``text_embedding`` / ``text_mask`` / ``text_pooled`` stored
     by ``vidiff prepare --latents``. Text embeddings are cached per caption by the encoder.
     """
@@ -258,7 +238,8 @@ class DiTTask(Task):
         self.latent_cache = None
         if mode == "cached":
             encode = functools.partial(encode_latents, self.vae, self.frozen["vae"])
-            self.latent_cache = LatentCache(encode, config.dit_train.get("cache_clips", 100_000))
+            self.latent_cache = LatentCache(encode, config.dit_train.get("cache_clips", 100_000),
+                                            fingerprint=vae_fingerprint(variables, self.vae.config))
 
     def init_params(self, key):
         x = jnp.zeros((1, *self.dit.config.patch, self.vae.config.latent_channels), jnp.float32)  # size-free params
@@ -306,7 +287,17 @@ class DiTTask(Task):
     def finalize(self, state, config_json: dict, export_dir: Path) -> dict:
         """Export the EMA DiT next to the VAE it was trained on."""
         export_dit(export_dir, config_json, jax.device_get(state.ema_params))
-        return {}
+        return {} if self.latent_cache is None else {"latent_cache": self.latent_cache.stats()}
+
+    def _cache_path(self, workdir: Path) -> Path:
+        return Path(workdir) / "latent_cache" / f"process_{jax.process_index()}.npz"
+
+    def save_cache(self, workdir: Path) -> None:
+        if self.latent_cache is not None:
+            self.latent_cache.save(self._cache_path(workdir))
+
+    def load_cache(self, workdir: Path) -> str | None:
+        return None if self.latent_cache is None else self.latent_cache.load(self._cache_path(workdir))
 
 
 def dit_flow_loss(dit: VideoDiT, params, x0, text: dict, rng, flow, shift: float, condition=None):

@@ -1,0 +1,104 @@
+"""``dit_train.latents = "cached"``: each distinct clip's VAE latents, encoded once, kept across epochs and resumes.
+
+For finite data (a world of ``length`` clips, a video folder) every epoch after
+the first skips the VAE: on a CPU, encoding costs as much as a tiny DiT step.
+Every checkpoint also writes the cache to
+``<workdir>/dit/latent_cache/process_<i>.npz`` (one file per process, each of
+which sees its own share of the data), tagged with a fingerprint of the VAE's
+variables and config. A resumed run loads it, so it does not spend its first
+epoch re-encoding what the killed run had encoded; a cache from another VAE is
+ignored, and the log says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+KEY_BYTES = 16
+
+
+def clip_key(video: np.ndarray) -> bytes:
+    """A clip's identity: a hash of its uint8 pixels and shape (crops and image cuts are new clips)."""
+    return hashlib.blake2b(repr(video.shape).encode() + video.tobytes(), digest_size=KEY_BYTES).digest()
+
+
+def vae_fingerprint(variables, config) -> str:
+    """Hash of the VAE's variables (parameters and latent statistics) and config: latents are only
+    reusable from the same VAE."""
+    digest = hashlib.blake2b(repr(config).encode(), digest_size=16)
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(variables))
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        leaf = np.asarray(leaf)
+        digest.update(jax.tree_util.keystr(path).encode() + str(leaf.dtype).encode() + leaf.tobytes())
+    return digest.hexdigest()
+
+
+class LatentCache:
+    """Normalised VAE latents (posterior mode) of every clip seen, keyed by :func:`clip_key`.
+
+    A batch with any new clip is encoded whole (one compiled shape per bucket); at most
+    ``capacity`` clips are kept.
+    """
+
+    def __init__(self, encode, capacity: int, fingerprint: str = ""):
+        self.encode, self.capacity, self.fingerprint = encode, int(capacity), fingerprint
+        self.entries: dict[bytes, np.ndarray] = {}
+        self.hits = self.misses = self.loaded = 0
+        self._saved = 0  # entries already on disk: an unchanged cache is not written again
+
+    def __call__(self, videos: np.ndarray) -> np.ndarray:
+        keys = [clip_key(v) for v in videos]
+        if all(k in self.entries for k in keys):
+            self.hits += len(keys)
+            return np.stack([self.entries[k] for k in keys])
+        self.misses += sum(k not in self.entries for k in keys)
+        latents = np.asarray(self.encode(videos), np.float32)
+        for key, z in zip(keys, latents):
+            if len(self.entries) < self.capacity:
+                self.entries[key] = z
+        return latents
+
+    def save(self, path) -> bool:
+        """Write the entries (grouped by latent shape) atomically; False when nothing changed."""
+        if len(self.entries) == self._saved:
+            return False
+        groups: dict[tuple, list] = {}
+        for key, z in self.entries.items():
+            groups.setdefault(z.shape, []).append((key, z))
+        arrays = {"fingerprint": np.array(self.fingerprint)}
+        for i, items in enumerate(groups.values()):
+            arrays[f"keys_{i}"] = np.frombuffer(b"".join(k for k, _ in items), np.uint8).reshape(-1, KEY_BYTES)
+            arrays[f"latents_{i}"] = np.stack([z for _, z in items])
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial.npz")  # a kill mid-write leaves the old file whole
+        np.savez(partial, **arrays)
+        os.replace(partial, path)
+        self._saved = len(self.entries)
+        return True
+
+    def load(self, path) -> str | None:
+        """Add the entries saved at ``path`` (up to ``capacity``); a line for the log, or None if no file."""
+        path = Path(path)
+        if not path.is_file():
+            return None
+        with np.load(path) as saved:
+            if str(saved["fingerprint"]) != self.fingerprint:
+                return f"latent cache {path} was made with another VAE: ignored, clips are encoded again"
+            groups = sorted(name[len("keys_"):] for name in saved.files if name.startswith("keys_"))
+            before = len(self.entries)
+            for group in groups:
+                for key, z in zip(saved[f"keys_{group}"], saved[f"latents_{group}"]):
+                    if len(self.entries) >= self.capacity:
+                        break
+                    self.entries.setdefault(key.tobytes(), z)
+        self.loaded += len(self.entries) - before
+        self._saved = len(self.entries)
+        return f"latent cache: {self.loaded} clips' latents loaded from {path}"
+
+    def stats(self) -> dict:
+        return {"clips": len(self.entries), "hits": self.hits, "misses": self.misses, "loaded": self.loaded}
