@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark scripts (experiments/bench_dit.py, bench_vae.py, bench_compare.py, bench_goals.py).
+"""Smoke tests of the benchmark scripts (experiments/bench_dit.py, bench_vae.py, bench_compare.py, bench_goals.py,
+bench_update.py).
 
 Each script runs in a subprocess at tiny CPU settings, as it would be run on the
 GPU machine, and its JSON lines are checked for the keys the performance notes
@@ -95,7 +96,7 @@ sys.meta_path.insert(0, Block())
 sys.path.insert(0, {str(EXPERIMENTS)!r})
 import bench_goals
 assert 'jax' not in sys.modules and 'torch' not in sys.modules  # the goals runner stays off the device
-import bench_dit, bench_vae, bench_compare
+import bench_dit, bench_vae, bench_compare, bench_update
 """
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -326,3 +327,15 @@ def test_bench_goals_caps_memory_at_an_h100s_on_a_larger_gpu():
     assert bench_goals.memory_fraction(143771, 81559) == "0.5389"  # 0.95 x 81559 / 143771
     assert bench_goals.memory_fraction(81559, 81559) is None  # an H100 itself: JAX's own default applies
     assert bench_goals.memory_fraction(None, 81559) is None
+
+
+# --------------------------------------------------------------------------- bench_update
+
+
+def test_bench_update_times_every_guard_variant():
+    lines = run_script("bench_update.py", "--params", "2e5", "--leaves", "4", "--steps", "1")
+    assert [r["variant"] for r in lines] == ["where", "cond", "no_guard", "no_ema"]
+    for record in lines:
+        assert record["params"] == 4 * 48 * 1024  # 2e5 // 4 // 1024 = 48 rows of 1024 per leaf
+        assert_positive(record, "step_ms", "grad_ms", "copy_GBps", "fusions")
+        assert record["update_ms"] == pytest.approx(record["step_ms"] - record["grad_ms"])
