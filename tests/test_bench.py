@@ -151,13 +151,33 @@ def test_bench_dit_train_tiny_with_remat_and_scan(tmp_path):
     assert record["model_tflops"] == pytest.approx(flops / record["step_s"] / 1e12)
 
 
-@pytest.mark.slow
-def test_max_tokens_search_reports_the_largest_length_that_ran():
-    lines = run_script("bench_dit.py", "--tiny", "--max-tokens-search", "--search-start", "16", "--search-max",
-                       "16", "--steps", "1", "--warmup", "0")
-    (record,) = lines
-    assert record["mode"] == "max_tokens_search" and record["max_tokens"] == 16
-    assert record["tried"][0]["status"] == "ok" and record["tried"][0]["step_s"] > 0
+def test_max_tokens_search_doubles_until_a_length_does_not_fit(monkeypatch):
+    """The search's logic, with each length's child run faked (a real child is a plain bench_dit.py train run,
+    tested above): 16 and 32 tokens train, 64 runs out of memory, so 32 is the answer."""
+    import bench_dit
+
+    children = []
+
+    def fake_run(cmd, capture_output, text, timeout):
+        children.append(cmd)
+        tokens = int(cmd[cmd.index("--tokens") + 1])
+        if tokens <= 32:
+            line = json.dumps(dict(mode="train", status="ok", step_s=0.01 * tokens, tokens_per_s=100.0, mfu=0.5,
+                                   peak_mem_GiB=tokens / 16))
+            return subprocess.CompletedProcess(cmd, 0, stdout=line + "\n", stderr="")
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory")
+
+    monkeypatch.setattr(bench_dit.subprocess, "run", fake_run)
+    argv = ["--tiny", "--max-tokens-search", "--search-start", "16", "--scan", "--tokens", "999", "--steps", "3"]
+    record = bench_dit.max_tokens_search(bench_dit.parse_args(argv), argv)
+    assert record["max_tokens"] == 32 and record["mode"] == "max_tokens_search"
+    assert [(t["tokens"], t["status"], t["peak_mem_GiB"]) for t in record["tried"]] == [
+        (16, "ok", 1.0), (32, "ok", 2.0), (64, "oom", None)]
+    assert "RESOURCE_EXHAUSTED" in record["tried"][2]["error"]
+    # Each child is a valid bench_dit.py command: one length, batch 1, the search's remat, other flags kept.
+    child = bench_dit.parse_args(children[0][2:])
+    assert (child.tokens, child.batch, child.mode, child.remat, child.steps) == (16, 1, "train", "block", 3)
+    assert child.scan and child.tiny and not child.max_tokens_search
 
 
 # --------------------------------------------------------------------------- bench_vae
