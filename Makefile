@@ -26,9 +26,10 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/vidiff generate $(DEMO_PROMPTS) --out outputs/demo/clip.mp4 --grid outputs/demo/grid.png --quiet
 	HF_HUB_OFFLINE=1 $(BIN)/vidiff generate $(DEMO_PROMPTS) --out outputs/demo/clip.gif --quiet
 
-# Whole test suite (slow tests included), 8 virtual CPU devices, offline; ends with the 15 slowest tests.
+# Whole test suite (slow tests included, scheduled first; an idle worker steals queued tests), 8 virtual CPU
+# devices, offline; ends with the 15 slowest tests.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs
