@@ -178,9 +178,7 @@ def compare(args) -> dict:
     for name in args.configs:
         cmds = commands(args, model, configs[name])
         vidiff = run_json(cmds["vidiff"], args.timeout, vidiff_env())
-        peer = {"train": run_json(cmds["peer_train"], args.timeout)}
-        if "forward" in args.modes:
-            peer["forward"] = run_json(cmds["peer_forward"], args.timeout)
+        peer = {mode: run_json(cmds[f"peer_{mode}"], args.timeout) for mode in args.modes}  # only what is compared
         for mode in args.modes:
             ours = pick(vidiff, mode)
             theirs = with_mfu(pick(peer[mode], mode), args.peak_tflops)

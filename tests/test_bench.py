@@ -359,3 +359,24 @@ def test_bench_update_times_every_guard_variant():
         assert record["params"] == 4 * 48 * 1024  # 2e5 // 4 // 1024 = 48 rows of 1024 per leaf
         assert_positive(record, "step_ms", "grad_ms", "copy_GBps", "fusions")
         assert record["update_ms"] == pytest.approx(record["step_ms"] - record["grad_ms"])
+
+
+def test_bench_compare_runs_only_the_peer_modes_it_compares(tmp_path):
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    out = tmp_path / "compare.json"
+    # A peer training run would leave a marker file: a forward-only comparison must not start one (device time
+    # is scarce).
+    marker = tmp_path / "peer_trained"
+    peer_train = tmp_path / "peer_train.py"
+    peer_train.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "bench_compare.py"), "--tiny", "--configs", "2x32", "--modes", "forward",
+         "--vidiff-cmd", f"{sys.executable} {fake} vidiff 3", "--peer-cmd", f"{sys.executable} {peer_train}",
+         "--peer-forward-cmd", f"{sys.executable} {fake} torch 4", "--out", str(out)],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not marker.exists()
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["mode"] == "forward" and result["ratio_tokens_per_s"] == pytest.approx(0.75)
+    assert "peer_train" not in result["commands"]
