@@ -126,19 +126,25 @@ def commands(args, model: dict, config: dict) -> dict[str, list[str]]:
     return {"vidiff": vidiff, "peer_train": peer_train, "peer_forward": peer_forward}
 
 
+def json_lines(text: str) -> list[dict]:
+    """The JSON records a benchmark printed: its stdout lines that start with '{' and parse."""
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
+
+
 def run_json(cmd: list[str], timeout: float, env: dict | None = None) -> list[dict] | dict:
     """Run ``cmd``; its JSON lines (stdout lines starting with '{'), or a failure record."""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return dict(status="timeout", cmd=shlex.join(cmd))
-    records = []
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+    records = json_lines(done.stdout)
     if done.returncode != 0 or not records:
         return dict(status="error", returncode=done.returncode, cmd=shlex.join(cmd),
                     stderr_tail=done.stderr.strip().splitlines()[-15:])

@@ -57,7 +57,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from bench_compare import fmt, vidiff_env  # noqa: E402  (imports neither jax nor torch)
+from bench_compare import fmt, json_lines, vidiff_env  # noqa: E402  (imports neither jax nor torch)
 
 LONG_SEQUENCE_GOAL = 131_072
 H100_MEMORY_MIB = 81_559  # what nvidia-smi reports for an H100 80GB: the long-sequence goal's memory
@@ -116,17 +116,6 @@ def job_command(job: Job, args, results_path: Path, timeout: float) -> list[str]
     size, frames = ("32", "5,9") if args.tiny else ("256", "17,257")
     return [*python, str(HERE / "bench_vae.py"), *(["--tiny"] if args.tiny else []), "--ops", "decode",
             "--ways", "chunked", "--sizes", size, "--frames", frames, "--case-timeout", inner]
-
-
-def json_lines(text: str) -> list[dict]:
-    records = []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return records
 
 
 def goal_rows(job: Job, records: list[dict], tiny: bool) -> list[dict]:

@@ -234,19 +234,24 @@ for mode in modes:
 """
 
 
-def test_bench_compare_with_fake_runs(tmp_path):
+def run_compare(tmp_path, *args: str, peer_train: str | None = None) -> tuple[dict, str]:
+    """``bench_compare.py --tiny`` against fake vidiff / peer commands (speeds 3, 2, 4); its report and stdout."""
     fake = tmp_path / "fake.py"
     fake.write_text(FAKE)
     out = tmp_path / "compare.json"
     prefix = f"{sys.executable} {fake}"
     done = subprocess.run(
-        [sys.executable, str(EXPERIMENTS / "bench_compare.py"), "--tiny", "--steps", "1", "--warmup", "1",
-         "--vidiff-cmd", f"{prefix} vidiff 3", "--peer-cmd", f"{prefix} torch 2",
+        [sys.executable, str(EXPERIMENTS / "bench_compare.py"), "--tiny", *args,
+         "--vidiff-cmd", f"{prefix} vidiff 3", "--peer-cmd", peer_train or f"{prefix} torch 2",
          "--peer-forward-cmd", f"{prefix} torch 4", "--out", str(out)],
         capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "vidiff/peer" in done.stdout
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_bench_compare_with_fake_runs(tmp_path):
+    report, stdout = run_compare(tmp_path, "--steps", "1", "--warmup", "1")
+    assert "vidiff/peer" in stdout
     got = {(r["config"], r["mode"]): r for r in report["results"]}
     assert set(got) == {(c, m) for c in ("2x32", "1x64") for m in ("train", "forward")}
     assert got["2x32", "train"]["ratio_tokens_per_s"] == pytest.approx(1.5)
@@ -258,16 +263,9 @@ def test_bench_compare_with_fake_runs(tmp_path):
 
 
 def test_bench_compare_records_a_failing_peer(tmp_path):
-    fake = tmp_path / "fake.py"
-    fake.write_text(FAKE)
-    out = tmp_path / "compare.json"
-    done = subprocess.run(
-        [sys.executable, str(EXPERIMENTS / "bench_compare.py"), "--tiny", "--configs", "2x32", "--modes", "train",
-         "--vidiff-cmd", f"{sys.executable} {fake} vidiff 3", "--peer-cmd", f"{sys.executable} -c 'raise SystemExit(3)'",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (result,) = json.loads(out.read_text())["results"]
+    report, _ = run_compare(tmp_path, "--configs", "2x32", "--modes", "train",
+                            peer_train=f"{sys.executable} -c 'raise SystemExit(3)'")
+    (result,) = report["results"]
     assert result["peer"]["status"] == "error" and result["peer"]["returncode"] == 3
     assert result["ratio_tokens_per_s"] is None and result["vidiff"]["status"] == "ok"
 
@@ -362,21 +360,14 @@ def test_bench_update_times_every_guard_variant():
 
 
 def test_bench_compare_runs_only_the_peer_modes_it_compares(tmp_path):
-    fake = tmp_path / "fake.py"
-    fake.write_text(FAKE)
-    out = tmp_path / "compare.json"
     # A peer training run would leave a marker file: a forward-only comparison must not start one (device time
     # is scarce).
     marker = tmp_path / "peer_trained"
     peer_train = tmp_path / "peer_train.py"
     peer_train.write_text(f"open({str(marker)!r}, 'w').close()\n")
-    done = subprocess.run(
-        [sys.executable, str(EXPERIMENTS / "bench_compare.py"), "--tiny", "--configs", "2x32", "--modes", "forward",
-         "--vidiff-cmd", f"{sys.executable} {fake} vidiff 3", "--peer-cmd", f"{sys.executable} {peer_train}",
-         "--peer-forward-cmd", f"{sys.executable} {fake} torch 4", "--out", str(out)],
-        capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
+    report, _ = run_compare(tmp_path, "--configs", "2x32", "--modes", "forward",
+                            peer_train=f"{sys.executable} {peer_train}")
     assert not marker.exists()
-    (result,) = json.loads(out.read_text())["results"]
+    (result,) = report["results"]
     assert result["mode"] == "forward" and result["ratio_tokens_per_s"] == pytest.approx(0.75)
     assert "peer_train" not in result["commands"]
