@@ -384,7 +384,7 @@ def test_patch_size_folds_pixels_and_keeps_causality_and_chunking():
 
 @pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2), (2, 1, 1), (1, 2, 2)])
 def test_conv3d_as_2d_matches_native_conv3d(strides):
-    from vidiff.models.vae import conv3d_as_2d
+    from vidiff.models.vae_layers import conv3d_as_2d
 
     x = jax.random.normal(jax.random.key(0), (2, 9, 8, 8, 5))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 5, 6))

@@ -1,5 +1,4 @@
 """The built-in captioned world: exact pixels, determinism, held-out splits, captions, the scorer, the CLI."""
-import collections
 import json
 import re
 

@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from vidiff.data.world_captions import (  # re-exported: captions are part of the world's API
+from vidiff.data.world_captions import (  # noqa: F401  (re-exported: captions are part of the world's API)
     DIVERSE_TEMPLATES, PARAPHRASE_TEMPLATES, TEMPLATE_SETS, TRAIN_TEMPLATES, VARIED_TEMPLATES, caption, phrase,
     templates_of,
 )

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from vidiff.models.vae import IO_AXIS, DiagonalGaussian
+from vidiff.models.vae import DiagonalGaussian
+from vidiff.models.vae_layers import IO_AXIS
 
 # ------------------------------------------------------------------------- config
 
