@@ -4,7 +4,7 @@ Everything here drives a model from outside, as ``f(vae, variables, ...)``;
 ``vidiff.models.vae`` re-exports it all.
 
     encode_chunked(vae, variables, video, chunk_frames)        # == encode, flat memory in T
-    decode_chunked(vae, variables, latents, chunk_latent_frames)
+    decode_chunked(vae, variables, latents, chunk_latent_frames)   # == decode, to host, flat device memory
     encode_tiled(vae, variables, video, tile_latent=32, overlap_latent=8)   # ~ encode, big frames
     decode_tiled(vae, variables, latents, tile_latent=32, overlap_latent=8)
     compiled(vae, "decode_normalized")(variables, latents)   # one jitted method, shared
@@ -83,16 +83,25 @@ def encode_chunked(vae: VideoVAE, variables, video, chunk_frames: int, *,
 
 
 def decode_chunked(vae: VideoVAE, variables, latents, chunk_latent_frames: int, *,
-                   first_chunk_frames: int = 1) -> jax.Array:
-    """Decode ``latents`` a few latent frames at a time (first chunk ``first_chunk_frames``); equals ``decode``."""
+                   first_chunk_frames: int = 1) -> np.ndarray:
+    """Decode ``latents`` a few latent frames at a time (first chunk ``first_chunk_frames``); equals ``decode``.
+
+    Returns host memory (NumPy float32): each chunk's frames are copied out while
+    the next chunk decodes, so the device holds at most two chunks of frames and
+    its peak stays flat however long the clip (every caller ends on the host anyway).
+    """
     if chunk_latent_frames < 1 or first_chunk_frames < 1:
         raise ValueError(f"chunk sizes must be >= 1, got chunk_latent_frames={chunk_latent_frames}, "
                          f"first_chunk_frames={first_chunk_frames}")
-    step, cache, parts = compiled(vae, "decode", True), {}, []
+    step, cache, parts, pending = compiled(vae, "decode", True), {}, [], None
     for start, stop in _chunks(latents.shape[1], first_chunk_frames, chunk_latent_frames):
         frames, cache = step(variables, cache, latents[:, start:stop])
-        parts.append(frames)
-    return jnp.concatenate(parts, axis=1)
+        frames.copy_to_host_async()
+        if pending is not None:
+            parts.append(np.asarray(pending))  # waits for the previous chunk only; this one is queued
+        pending = frames
+    parts.append(np.asarray(pending))
+    return np.concatenate(parts, axis=1)
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -113,7 +122,7 @@ def _blend_tiles(fn, x, tile: int, overlap: int, up: int = 1, down: int = 1):
 
     ``tile`` / ``overlap`` are in input pixels; an input position p maps to
     output position ``p * up // down`` (decode: up = sf; encode: down = sf).
-    ``fn`` returns a tuple of arrays; the blended tuple comes back as a list.
+    ``fn`` returns a tuple of arrays; the blended tuple comes back as a list of host (NumPy) arrays.
     """
     H, W = x.shape[2], x.shape[3]
     th, tw = min(tile, H), min(tile, W)
@@ -132,7 +141,7 @@ def _blend_tiles(fn, x, tile: int, overlap: int, up: int = 1, down: int = 1):
             for total, o in zip(totals, outs):
                 total[region] += o * w
             weight[region] += w
-    return [jnp.asarray(total / weight) for total in totals]
+    return [total / weight for total in totals]
 
 
 def encode_tiled(vae: VideoVAE, variables, video, tile_latent: int = 32, overlap_latent: int = 8,
@@ -156,12 +165,12 @@ def encode_tiled(vae: VideoVAE, variables, video, tile_latent: int = 32, overlap
         return p.mean, p.logvar
 
     mean, logvar = _blend_tiles(encode, video, tile_latent * sf, overlap_latent * sf, down=sf)
-    return DiagonalGaussian(mean, logvar)
+    return DiagonalGaussian(jnp.asarray(mean), jnp.asarray(logvar))  # latents go on to device models
 
 
 def decode_tiled(vae: VideoVAE, variables, latents, tile_latent: int = 32, overlap_latent: int = 8,
-                 chunk_latent_frames: int | None = None) -> jax.Array:
-    """Decode large latents as overlapping spatial tiles, blending pixels linearly across the overlap."""
+                 chunk_latent_frames: int | None = None) -> np.ndarray:
+    """Decode large latents as overlapping spatial tiles, blending pixels linearly across the overlap (on the host)."""
     sf = vae.config.spatial_factor
     _check_tiles(tile_latent, overlap_latent)
 
