@@ -143,6 +143,24 @@ def test_long_clips_go_through_the_chunked_codec(pipe, clip, monkeypatch):
     assert pipe.decode(z, chunk_latent_frames=2).shape == (1, 9, 16, 16, 3) and calls == [(3, 2)]
 
 
+def test_long_inputs_are_encoded_chunk_by_chunk_from_the_host(pipe, monkeypatch):
+    from vidiff.models.vae import compiled, encode_chunked
+
+    video = np.random.default_rng(0).integers(0, 256, (21, 16, 16, 3), np.uint8)  # > 1 + 4 tf frames: chunked
+    seen = []
+
+    def spy(vae, variables, x, chunk):
+        seen.append((type(x), x.shape[1], chunk))
+        return encode_chunked(vae, variables, x, chunk)
+
+    monkeypatch.setattr("vidiff.pipeline.encode_chunked", spy)
+    z = np.asarray(pipe.encode(video))
+    # The clip stays in host memory; only chunks of it are sent to the device.
+    assert seen == [(np.ndarray, 21, 4 * pipe.time_factor)]
+    one_shot = compiled(pipe.vae, "encode_normalized")(pipe.vae_variables, io.to_float(video)[None])
+    np.testing.assert_allclose(z, np.asarray(one_shot), atol=1e-5)
+
+
 def test_checkpoint_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="model directory .*missing does not exist"):
         TextToVideo.from_checkpoint(tmp_path / "missing")

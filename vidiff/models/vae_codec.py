@@ -68,6 +68,8 @@ def encode_chunked(vae: VideoVAE, variables, video, chunk_frames: int, *,
 
     The first chunk has ``first_chunk_frames = 1 + m*tf`` frames (frame 0 alone
     by default), the others ``chunk_frames`` (a multiple of the time factor).
+    A host (NumPy) ``video`` goes to the device one chunk at a time, so device
+    memory stays flat in clip length on the way in too.
     """
     cfg, tf = vae.config, vae.config.time_factor
     cfg.check_video_shape(video.shape)
