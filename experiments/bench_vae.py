@@ -45,7 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_dit import strip_flags  # noqa: E402  (experiments/ is the script's own folder)
+from bench_dit import is_oom, peak_memory_gib, strip_flags  # noqa: E402  (experiments/ is the script's own folder)
 from vidiff.models.vae import VideoVAE, decode_chunked, encode_chunked, vae_preset  # noqa: E402
 
 PEAK_RATIO_GOAL = 1.2
@@ -56,12 +56,6 @@ TINY_DEFAULTS = dict(preset="tiny", sizes="32", frames="5,9", dtype="float32", r
                      chunk_frames=4, chunk_latent_frames=1)
 OPS = ("encode", "decode")
 WAYS = ("oneshot", "chunked")
-
-
-def peak_memory_gib() -> float | None:
-    peaks = [s["peak_bytes_in_use"] for d in jax.local_devices() if (s := d.memory_stats() or {})
-             and "peak_bytes_in_use" in s]
-    return max(peaks) / 2**30 if peaks else None
 
 
 def _proc_status_gib(field: str) -> float | None:
@@ -93,11 +87,6 @@ def reset_host_peak() -> float | None:
     except OSError:
         return None
     return _proc_status_gib("VmRSS")
-
-
-def is_oom(error) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
 _VARIABLES: dict = {}
