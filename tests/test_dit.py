@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 from vidiff import parallel
-from vidiff.models import dit
+from vidiff.models import dit, patches
 
 CFG = dit.dit_preset("tiny", text_dim=32, pooled_dim=24)
 # Shapes reused across tests so each compiled program is shared (compiles dominate test time on CPU).
@@ -86,12 +86,12 @@ def packed_case():
 
     def run_packed(clips):
         model_in = [np.asarray(dit.concat_conditioning(c[0]))[0] for c in clips]
-        row = dit.pack_clips(model_in, CFG.patch, length=48)
-        text, text_ids = dit.pack_texts([c[2][0, :n] for c, n in zip(clips, valid)], length=12)
+        row = patches.pack_clips(model_in, CFG.patch, length=48)
+        text, text_ids = patches.pack_texts([c[2][0, :n] for c, n in zip(clips, valid)], length=12)
         out = forward(_trained(), row.tokens[None], np.stack([c[1][0] for c in clips])[None], text[None], None,
                       np.stack([c[4][0] for c in clips])[None], positions=row.positions[None],
                       segment_ids=row.segment_ids[None], text_segment_ids=text_ids[None])
-        return dit.unpack_clips(np.asarray(out[0]), row.shapes, CFG.patch)
+        return patches.unpack_clips(np.asarray(out[0]), row.shapes, CFG.patch)
 
     return clips, separate, run_packed
 
@@ -213,19 +213,19 @@ def test_conditioning_frames_reach_the_model():
 
 def test_patchify_pack_roundtrip_and_errors():
     x = np.random.default_rng(11).standard_normal((2, 3, 4, 6, 5)).astype(np.float32)
-    tokens = dit.patchify(x, (1, 2, 2))
+    tokens = patches.patchify(x, (1, 2, 2))
     assert tokens.shape == (2, 3 * 2 * 3, 20)
-    np.testing.assert_array_equal(dit.unpatchify(tokens, (1, 2, 2), (3, 4, 6)), x)
+    np.testing.assert_array_equal(patches.unpatchify(tokens, (1, 2, 2), (3, 4, 6)), x)
     with pytest.raises(ValueError, match="patch: latent height 4"):
-        dit.patchify(x, (1, 3, 2))
-    row = dit.pack_clips([x[0], x[1, :1]], (1, 2, 2), length=30)
+        patches.patchify(x, (1, 3, 2))
+    row = patches.pack_clips([x[0], x[1, :1]], (1, 2, 2), length=30)
     assert row.tokens.shape == (30, 20) and int((row.segment_ids == -1).sum()) == 30 - 18 - 6
-    np.testing.assert_array_equal(row.positions[18:24], dit.patch_positions((1, 2, 3)))
-    back = dit.unpack_clips(row.tokens, row.shapes, (1, 2, 2))
+    np.testing.assert_array_equal(row.positions[18:24], patches.patch_positions((1, 2, 3)))
+    back = patches.unpack_clips(row.tokens, row.shapes, (1, 2, 2))
     np.testing.assert_array_equal(back[0], x[0])
     np.testing.assert_array_equal(back[1], x[1, :1])
     with pytest.raises(ValueError, match="length"):
-        dit.pack_clips([x[0]], (1, 2, 2), length=4)
+        patches.pack_clips([x[0]], (1, 2, 2), length=4)
 
 
 def test_presets_and_config_errors():
@@ -274,7 +274,7 @@ def test_absolute_positions_tell_frames_apart_rope_alone_does_not():
     # RoPE sees only offsets: moving every position by the same amount changes nothing. The absolute
     # sinusoids (abs_pos_embed) make the output depend on where in the clip a token is.
     x, t, text, lengths, pooled = _inputs(3, (1, 3, 4, 4))
-    grid = dit.patch_positions([3, 2, 2])[None]
+    grid = patches.patch_positions([3, 2, 2])[None]
     for abs_pos, changes in ((False, False), (True, True)):
         cfg = dataclasses.replace(CFG, abs_pos_embed=abs_pos)
         outs = [_apply(cfg)(_trained(cfg), x, t, text, lengths, pooled, positions=grid + shift)

@@ -18,8 +18,8 @@ import pytest
 from flax import linen as nn
 
 from vidiff import parallel
+from vidiff.models import attention
 from vidiff.models import context_attention  # noqa: F401  (registers "ulysses" and "ring")
-from vidiff.models import layers
 from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
 from vidiff.models.vae import VideoVAE, vae_preset
 from vidiff.models.vae_losses import VAELossConfig, vae_loss
@@ -159,12 +159,12 @@ def test_dit_joint_attention_padded_context_matches_one_device(impl, monkeypatch
 
 def test_context_attention_without_context_axis_is_local_and_errors_are_one_line():
     q = np.random.default_rng(0).standard_normal((2, 6, 3, 8)).astype(np.float32)
-    want = layers.attention(q, q, q)
-    np.testing.assert_allclose(layers.attention(q, q, q, implementation="ring"), want, atol=1e-6)
-    assert layers.local_attention_impl("ring") is None and layers.local_attention_impl("xla") == "xla"
+    want = attention.attention(q, q, q)
+    np.testing.assert_allclose(attention.attention(q, q, q, implementation="ring"), want, atol=1e-6)
+    assert attention.local_attention_impl("ring") is None and attention.local_attention_impl("xla") == "xla"
     mesh = parallel.make_mesh(data=1, context=-1)
     with jax.set_mesh(mesh), parallel.axis_rules(), pytest.raises(ValueError, match="use attention_impl='ring'"):
-        jax.jit(lambda q: layers.attention(q, q, q, implementation="ulysses"))(q)  # 3 heads over context 8
+        jax.jit(lambda q: attention.attention(q, q, q, implementation="ulysses"))(q)  # 3 heads over context 8
 
 
 # --------------------------------------------------------------------------- VAE
@@ -219,7 +219,7 @@ def test_chunked_attention_matches_dense_with_masks(monkeypatch):
 
     @functools.partial(jax.jit, static_argnums=3)
     def value_and_grads(q, k, v, impl):
-        loss = lambda q, k, v: jnp.sum(jnp.sin(layers.attention(q, k, v, implementation=impl, **kw)))  # noqa: E731
+        loss = lambda q, k, v: jnp.sum(jnp.sin(attention.attention(q, k, v, implementation=impl, **kw)))  # noqa: E731
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     want, want_grads = value_and_grads(q, k, v, "xla")

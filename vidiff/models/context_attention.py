@@ -1,6 +1,6 @@
 """Context-parallel self-attention: spacetime tokens split over the mesh's ``context`` axis.
 
-Two implementations, registered with :func:`vidiff.models.layers.register_attention_impl`
+Two implementations, registered with :func:`vidiff.models.attention.register_attention_impl`
 and chosen by name (``DiTConfig.attention_impl``; in a config ``dit.overrides.attention_impl="ring"``):
 
 * ``"ulysses"`` (DeepSpeed-Ulysses): an all-to-all turns sequence-sharded q/k/v into
@@ -19,7 +19,7 @@ masked, padded queries dropped). Masks may be key masks ``(B, S)`` / ``(B, 1, 1,
 ``kv_lengths`` and segment ids; a query with no valid key gets zeros from ``ring`` (the
 dense kernels average all values instead; the DiT never produces such a query).
 Attention between two different sequences (the DiT's cross-attention to text) stays local:
-``layers.local_attention_impl`` maps these names to the auto local kernel.
+``attention.local_attention_impl`` maps these names to the auto local kernel.
 Without a mesh, or with a ``context`` axis of size 1, both fall back to local attention.
 
 A third, local implementation shares the ring's chunked online softmax: ``"chunked"``
@@ -39,7 +39,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from vidiff import parallel
-from vidiff.models import layers
+from vidiff.models import attention
 
 _NEG = -1e30  # finite "minus infinity": keeps exp() and max() of fully masked blocks free of NaNs
 
@@ -109,9 +109,9 @@ def _context_call(name, body, q, k, v, *, mask, kv_lengths, segment_ids, kv_segm
     """
     mesh = _current_mesh()
     ctx = _mesh_axes("length", mesh) if mesh is not None else ()
-    local = layers.local_attention_impl(name)
+    local = attention.local_attention_impl(name)
     if len(ctx) != 1:  # no context parallelism in this layout: nothing to gain from the collectives
-        return layers.attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids,
+        return attention.attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids,
                                 kv_segment_ids=kv_segment_ids, implementation=local)
     axis = ctx[0]
     context = mesh.shape[axis]
@@ -147,7 +147,7 @@ def _ulysses_body(q, k, v, aux, *, axis, context, local):
     # sequence-sharded (b, n/c, h, d) -> head-sharded (b, n, h/c, d), and back afterwards
     to_heads = lambda x: jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
     # Lengths (not a dense mask) keep cuDNN flash attention usable; padding is beyond every length.
-    out = layers.attention(to_heads(q), to_heads(k), to_heads(v), mask=aux.get("key_mask"),
+    out = attention.attention(to_heads(q), to_heads(k), to_heads(v), mask=aux.get("key_mask"),
                            kv_lengths=aux["kv_lengths"], segment_ids=aux.get("q_ids"), kv_segment_ids=aux.get("kv_ids"),
                            implementation=local)
     return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
@@ -158,7 +158,7 @@ _ulysses_body.padded = lambda n, context: -(-n // context) * context
 
 
 def ulysses_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
-    """All-to-all (Ulysses) context-parallel attention; same arguments as :func:`layers.attention`."""
+    """All-to-all (Ulysses) context-parallel attention; same arguments as :func:`attention.attention`."""
     return _context_call("ulysses", _ulysses_body, q, k, v, mask=mask, kv_lengths=kv_lengths,
                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
@@ -265,7 +265,7 @@ _ring_body.padded = lambda n, context: _chunk_padded(-(-n // context)) * context
 
 
 def ring_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
-    """Ring context-parallel attention; same arguments as :func:`layers.attention`."""
+    """Ring context-parallel attention; same arguments as :func:`attention.attention`."""
     return _context_call("ring", _ring_body, q, k, v, mask=mask, kv_lengths=kv_lengths,
                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
@@ -275,7 +275,7 @@ def ring_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_
 
 def chunked_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
     """Memory-efficient local attention (query chunks x key chunks, online softmax); same arguments
-    as :func:`layers.attention`. A query with no valid key gets zeros."""
+    as :func:`attention.attention`. A query with no valid key gets zeros."""
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
     tp, sp = _chunk_padded(t), _chunk_padded(s)
     lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
@@ -291,6 +291,6 @@ def chunked_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, 
     return checkpoint_name(_normalize(acc, q.dtype)[:, :t], "attention")
 
 
-layers.register_attention_impl("chunked", chunked_attention)
-layers.register_attention_impl("ulysses", ulysses_attention, local=None)
-layers.register_attention_impl("ring", ring_attention, local=None)
+attention.register_attention_impl("chunked", chunked_attention)
+attention.register_attention_impl("ulysses", ulysses_attention, local=None)
+attention.register_attention_impl("ring", ring_attention, local=None)

@@ -1,109 +1,21 @@
-"""Building blocks shared by the DiT: attention, norms, MLP, adaLN modulation, 3D RoPE, timestep embedding.
-
-All attention math goes through :func:`attention`, a thin wrapper over
-``jax.nn.dot_product_attention`` that turns padding lengths, key masks and
-packed-sequence segment ids into the masks that function understands. Context
-parallelism (ring / Ulysses attention under ``shard_map``) plugs in here with
-:func:`register_attention_impl`; the modules never call an attention kernel
-themselves.
+"""Building blocks of the DiT: dense layers with logical axis names, norms, adaLN modulation, MLPs, timestep embedding.
 
 Every parameter is created with ``nn.with_logical_partitioning`` using the
 logical names of :mod:`vidiff.parallel` (``embed``, ``mlp``, ``heads``,
 ``head_dim``, ``mod``, ``freq`` ...). Residual streams are float32; matmuls run
-in the module's compute ``dtype``.
+in the module's compute ``dtype``. Attention lives in
+:mod:`vidiff.models.attention`, positional encodings in :mod:`vidiff.models.rope`.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.linen.dtypes import promote_dtype
-from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
-
-# --------------------------------------------------------------------------- attention core
-
-# name -> fn(q, k, v, *, mask, kv_lengths, segment_ids, kv_segment_ids) -> out. Context-parallel
-# attention (vidiff.models.context_attention: "ulysses", "ring") registers itself here so models
-# only ever pass a string.
-_ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {}
-# name -> the implementation to use for attention between two different sequences (cross-attention
-# to text), which context parallelism leaves local.
-_LOCAL_IMPLS: dict[str, str | None] = {}
-
-
-def register_attention_impl(name: str, fn: Callable[..., jax.Array], *, local: str | None = "self") -> None:
-    """Make ``attention(..., implementation=name)`` call ``fn`` (same keyword arguments as :func:`attention`).
-
-    ``local``: what :func:`local_attention_impl` maps ``name`` to: ``"self"`` (``fn`` is fine for
-    cross-attention too), or another implementation name / None (auto) for sequence-parallel ``fn``.
-    """
-    if name in ("xla", "cudnn"):
-        raise ValueError(f"attention implementation name {name!r} is reserved for jax.nn.dot_product_attention")
-    _ATTENTION_IMPLS[name] = fn
-    _LOCAL_IMPLS[name] = name if local == "self" else local
-
-
-def local_attention_impl(implementation: str | None) -> str | None:
-    """The implementation cross-attention uses when self-attention uses ``implementation``."""
-    return _LOCAL_IMPLS.get(implementation, implementation)
-
-
-def resolve_attention_impl(implementation: str | None, dtype: Dtype, head_dim: int) -> str:
-    """``None`` -> 'cudnn' (flash attention) on GPU for bf16/fp16 heads of <=128 dims, else 'xla'.
-
-    ``jax.nn.dot_product_attention(implementation=None)`` currently always means XLA, so the
-    choice of cuDNN on GPU is made here.
-    """
-    if implementation is not None:
-        if implementation not in ("xla", "cudnn") and implementation not in _ATTENTION_IMPLS:
-            valid = ["xla", "cudnn", *_ATTENTION_IMPLS]
-            raise ValueError(f"attention_impl: unknown {implementation!r}; valid: None (auto), {valid}")
-        return implementation
-    fast_dtype = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if jax.default_backend() == "gpu" and fast_dtype and head_dim <= 128 and head_dim % 8 == 0:
-        return "cudnn"
-    return "xla"
-
-
-def attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None, implementation=None):
-    """Scaled dot-product attention, ``q (B, T, H, D)``, ``k, v (B, S, H, D)`` -> ``(B, T, H, D)``.
-
-    Args:
-      mask: optional bool, True = attend; a key mask ``(B, S)`` or anything broadcastable
-        to ``(B, H, T, S)``. Prefer ``kv_lengths`` for right-padded keys.
-      kv_lengths: optional int ``(B,)``: only keys ``[0, length)`` are attended (cuDNN flash
-        attention handles this natively, without a dense mask). Lengths must be >= 1.
-      segment_ids: optional int ``(B, T)`` for packed sequences: query i attends key j only if
-        their ids are equal. ``kv_segment_ids (B, S)`` gives the keys' ids (default: the same
-        ids, i.e. self-attention).
-      implementation: None (auto, see :func:`resolve_attention_impl`), 'xla', 'cudnn', or a
-        name registered with :func:`register_attention_impl`.
-    """
-    impl = resolve_attention_impl(implementation, q.dtype, q.shape[-1])
-    if impl in _ATTENTION_IMPLS:
-        return _ATTENTION_IMPLS[impl](
-            q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
-        )
-    if mask is not None:
-        mask = mask[:, None, None, :] if mask.ndim == 2 else mask
-        mask = mask.astype(bool)
-    if segment_ids is not None:
-        kv_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
-        same = segment_ids[:, None, :, None] == kv_ids[:, None, None, :]
-        mask = same if mask is None else jnp.logical_and(mask, same)
-    if mask is not None and impl == "cudnn":  # cuDNN wants the full (query, key) extent of a mask
-        mask = jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))
-    if kv_lengths is not None:
-        kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl)
-    # Named so remat policies can keep attention outputs (see vidiff.models.dit.REMAT_POLICIES).
-    return checkpoint_name(out, "attention")
-
 
 # --------------------------------------------------------------------------- parameters
 
@@ -118,52 +30,6 @@ def dense(features: int, names: tuple[str, str], *, zero_init=False, dtype=jnp.f
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]),
         dtype=dtype, param_dtype=param_dtype, name=name,
     )
-
-
-def _einsum_dense(module, x, equation, kernel_shape, kernel_names, bias_names, init):
-    """Kernel/bias created at their true (multi-axis) shapes with logical names, then an einsum.
-
-    ``nn.DenseGeneral`` initialises a flattened 2D kernel, which a rank-3 logical-name box cannot
-    constrain under ``jax.set_mesh``; creating the 3D kernel directly avoids that.
-    """
-    kernel = module.param("kernel", nn.with_logical_partitioning(init, kernel_names), kernel_shape, module.param_dtype)
-    bias_shape = kernel_shape[-len(bias_names):]
-    bias = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_names), bias_shape,
-                        module.param_dtype)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
-    return jnp.einsum(equation, x, kernel) + bias
-
-
-class ToHeads(nn.Module):
-    """Projection ``(..., embed) -> (..., heads, head_dim)``."""
-
-    heads: int
-    head_dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        return _einsum_dense(self, x, "...d,dhk->...hk", (x.shape[-1], self.heads, self.head_dim),
-                             ("embed", "heads", "head_dim"), ("heads", "head_dim"),
-                             nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)))
-
-
-class FromHeads(nn.Module):
-    """Projection ``(..., heads, head_dim) -> (..., features)``; ``zero_init`` for branches that start at zero."""
-
-    features: int
-    zero_init: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.xavier_uniform(in_axis=(0, 1),
-                                                                                                   out_axis=2)
-        return _einsum_dense(self, x, "...hk,hkd->...d", (*x.shape[-2:], self.features),
-                             ("heads", "head_dim", "embed"), ("embed",), init)
-
 
 # --------------------------------------------------------------------------- norms, modulation, MLP
 
@@ -251,7 +117,6 @@ class ProjectionMLP(nn.Module):
         h = nn.gelu(dense(self.width, ("embed", "mlp"), name="fc1", **kw)(x), approximate=True)
         return dense(self.width, ("mlp", "embed"), name="fc2", **kw)(h)
 
-
 # --------------------------------------------------------------------------- timestep embedding
 
 
@@ -277,126 +142,3 @@ class TimestepEmbedder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init=nn.initializers.normal(0.02))
         h = dense(self.width, ("freq", "mlp"), name="fc1", **kw)(sinusoidal_embedding(t * self.scale, self.freq_dim))
         return dense(self.width, ("mlp", "embed"), name="fc2", **kw)(nn.silu(h))
-
-
-# --------------------------------------------------------------------------- 3D rotary embedding
-
-
-def rope_axis_dims(head_dim: int, fractions: Sequence[float] = (0.25, 0.375, 0.375)) -> tuple[int, int, int]:
-    """Split ``head_dim`` into even (time, height, width) parts; height/width are rounded, time gets the rest."""
-    if head_dim % 2 or len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"rope_fractions: need 3 fractions summing to 1, even head_dim; got {fractions}, {head_dim}")
-    dh, dw = (2 * round(f * head_dim / 2) for f in fractions[1:])
-    dims = (head_dim - dh - dw, dh, dw)
-    if min(dims) < 2:
-        raise ValueError(f"rope_fractions: {fractions} of head_dim {head_dim} gives parts {dims}; each needs >= 2 dims")
-    return dims
-
-
-def rope_3d(positions, head_dim: int, fractions=(0.25, 0.375, 0.375), theta: float = 10000.0):
-    """Rotary angles of (time, height, width) ``positions (B, N, 3)`` -> ``(cos, sin)``, each ``(B, N, 1, head_dim/2)``.
-
-    Positions may be fractional, so any duration, resolution or aspect ratio uses the same
-    (parameter-free) table; packed clips simply carry their own positions.
-    """
-    angles = []
-    for axis, dim in enumerate(rope_axis_dims(head_dim, fractions)):
-        freqs = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-        angles.append(positions[..., axis:axis + 1].astype(jnp.float32) * freqs)
-    angles = jnp.concatenate(angles, axis=-1)[..., None, :]
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def sincos_3d(positions, width: int, fractions=(0.25, 0.375, 0.375)):
-    """Absolute (time, height, width) sinusoids ``(B, N, width)`` of ``positions (B, N, 3)``, split like RoPE.
-
-    Added to patch embeddings (as in DiT / Latte) so a token knows which frame it is in; RoPE
-    alone gives attention only relative offsets, and a trajectory ``p0 + k v`` needs ``k``.
-    """
-    return jnp.concatenate([sinusoidal_embedding(positions[..., axis], dim)
-                            for axis, dim in enumerate(rope_axis_dims(width, fractions))], axis=-1)
-
-
-def apply_rope(x, cos, sin):
-    """Rotate pairs ``(x[i], x[i + D/2])`` of ``x (B, N, H, D)`` by the angles of :func:`rope_3d`."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
-
-
-# --------------------------------------------------------------------------- attention modules
-
-
-class Attention(nn.Module):
-    """Multi-head attention with RMS qk-norm: self-attention, or cross-attention when ``context`` is given.
-
-    ``zero_out`` zero-initialises the output projection (an ungated residual branch that
-    starts as the identity, e.g. cross-attention).
-    """
-
-    heads: int
-    head_dim: int
-    zero_out: bool = False
-    implementation: str | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, context=None, *, rope=None, mask=None, kv_lengths=None, segment_ids=None,
-                 kv_segment_ids=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        source = x if context is None else context
-        q = ToHeads(self.heads, self.head_dim, name="query", **kw)(x)
-        k = ToHeads(self.heads, self.head_dim, name="key", **kw)(source)
-        v = ToHeads(self.heads, self.head_dim, name="value", **kw)(source)
-        q = RMSNorm(param_dtype=self.param_dtype, name="query_norm")(q)
-        k = RMSNorm(param_dtype=self.param_dtype, name="key_norm")(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids,
-                        kv_segment_ids=kv_segment_ids, implementation=self.implementation)
-        return FromHeads(x.shape[-1], zero_init=self.zero_out, name="out", **kw)(out)
-
-
-class JointAttention(nn.Module):
-    """MM-DiT (SD3-style) attention: video and text streams have their own projections and qk-norms
-    and attend jointly over the concatenation ``[video; text]``.
-
-    Text follows video so right-padded text is still a key *length* (``N + text_length``) and
-    cuDNN flash attention stays usable. RoPE rotates video tokens only (text is unpositioned).
-    Returns the (video, text) outputs.
-    """
-
-    heads: int
-    head_dim: int
-    implementation: str | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, txt, *, rope=None, text_mask=None, text_lengths=None, segment_ids=None,
-                 text_segment_ids=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-
-        def project(y, prefix):
-            q, k, v = (ToHeads(self.heads, self.head_dim, name=f"{prefix}_{n}", **kw)(y)
-                       for n in ("query", "key", "value"))
-            q = RMSNorm(param_dtype=self.param_dtype, name=f"{prefix}_query_norm")(q)
-            k = RMSNorm(param_dtype=self.param_dtype, name=f"{prefix}_key_norm")(k)
-            return q, k, v
-
-        (qx, kx, vx), (qt, kt, vt) = project(x, "video"), project(txt, "text")
-        if rope is not None:
-            qx, kx = apply_rope(qx, *rope), apply_rope(kx, *rope)
-        n, (b, l) = x.shape[1], txt.shape[:2]
-        q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((qx, qt), (kx, kt), (vx, vt)))
-        mask = None if text_mask is None else jnp.concatenate([jnp.ones((b, n), bool), text_mask.astype(bool)], 1)
-        ids = None
-        if segment_ids is not None or text_segment_ids is not None:
-            seg = jnp.zeros((b, n), jnp.int32) if segment_ids is None else segment_ids
-            tseg = jnp.zeros((b, l), jnp.int32) if text_segment_ids is None else text_segment_ids
-            ids = jnp.concatenate([seg, tseg], axis=1)
-        kv_lengths = None if text_lengths is None else n + text_lengths
-        out = attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=ids, implementation=self.implementation)
-        out_x = FromHeads(x.shape[-1], name="video_out", **kw)(out[:, :n])
-        out_t = FromHeads(txt.shape[-1], name="text_out", **kw)(out[:, n:])
-        return out_x, out_t
