@@ -17,7 +17,8 @@ from flax import linen as nn
 
 Dtype = Any
 
-# --------------------------------------------------------------------------- parameters
+
+# --------------------------------------------------------------------------- dense layers with logical names
 
 
 def dense(features: int, names: tuple[str, str], *, zero_init=False, dtype=jnp.float32,
@@ -30,6 +31,7 @@ def dense(features: int, names: tuple[str, str], *, zero_init=False, dtype=jnp.f
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]),
         dtype=dtype, param_dtype=param_dtype, name=name,
     )
+
 
 # --------------------------------------------------------------------------- norms, modulation, MLP
 
