@@ -6,8 +6,10 @@
 
 Configs (DiT-XL width: d=1152, 16 heads, 28 layers, 128 text tokens, bf16):
 ``4x4096`` (batch 4 x 4096 tokens), ``64x256`` and ``1x16384``; the last
-trains with remat (vidiff ``--remat block``, the peer ``--remat``; forwards
-need none). For each config, one after another in fresh subprocesses (so
+trains with remat (the peer ``--remat``: whole blocks recomputed; vidiff
+``--remat attention`` by default, which recomputes the block but keeps the
+flash attention kernel's outputs, ``--vidiff-remat block`` for the peer's
+policy; forwards need none). For each config, one after another in fresh subprocesses (so
 each owns the whole GPU): ``experiments/bench_dit.py --mode both`` (vidiff
 forward, then train), the peer's training script (``--peer``; default
 ``../shared/bench/torch_dit_reference.py`` from the repo root, else
@@ -116,7 +118,8 @@ def commands(args, model: dict, config: dict) -> dict[str, list[str]]:
     vidiff_prefix = shlex.split(args.vidiff_cmd) if args.vidiff_cmd else [
         sys.executable, str(REPO_ROOT / "experiments" / "bench_dit.py")]
     vidiff = [*vidiff_prefix, *(["--tiny"] if args.tiny else []), "--preset", model["preset"], *shapes, *timing,
-              "--mode", "both" if len(args.modes) == 2 else args.modes[0], "--remat", "block" if config["remat"] else "none",
+              "--mode", "both" if len(args.modes) == 2 else args.modes[0],
+              "--remat", args.vidiff_remat if config["remat"] else "none",
               "--peak-tflops", str(args.peak_tflops), *shlex.split(args.vidiff_extra)]
     peer_prefix = shlex.split(args.peer_cmd) if args.peer_cmd else [sys.executable, str(args.peer)]
     peer_train = [*peer_prefix, *shapes, *timing, *(["--remat"] if config["remat"] else [])]
@@ -239,6 +242,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peer-forward-cmd", help="command prefix for the peer forward (default: this file's helper)")
     p.add_argument("--vidiff-cmd", help="command prefix for vidiff's run (default: python experiments/bench_dit.py)")
     p.add_argument("--vidiff-extra", default="", help="extra bench_dit.py flags, e.g. '--scan'")
+    # vidiff.models.dit.REMAT_POLICIES, less "none" (this file imports no jax).
+    p.add_argument("--vidiff-remat", default="attention", choices=("block", "attention", "dots"),
+                   help="vidiff's remat policy where a config trains with remat (default attention)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
     p.add_argument("--out", help="write all results to this JSON file")
     # Internal: the peer-forward helper subprocess.

@@ -66,7 +66,7 @@ from flax import linen as nn  # noqa: E402
 
 from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
-from vidiff.models.dit import DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
+from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
 from vidiff.train.optimizer import make_optimizer  # noqa: E402
 from vidiff.train.state import create_state, jit_train_step, make_train_step  # noqa: E402
 from vidiff.train.tasks import dit_flow_loss  # noqa: E402
@@ -422,7 +422,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--text", type=int, help="text tokens per sample (default 128)")
     p.add_argument("--text-dim", type=int, help="text-encoder feature size (default 4096, T5-XXL)")
     p.add_argument("--latent-channels", type=int, help="latent channels (default 16, the base VAE's)")
-    p.add_argument("--remat", choices=("none", "block", "dots"), help="default none (block for the search)")
+    p.add_argument("--remat", choices=tuple(REMAT_POLICIES), help="default none (block for the search)")
     p.add_argument("--scan", action="store_true", help="nn.scan over the blocks")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",

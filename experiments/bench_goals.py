@@ -16,7 +16,7 @@ still running at the deadline is stopped and recorded as "timeout".
 | job | runs | goal |
 |---|---|---|
 | compare_4x4096 | bench_compare.py 4x4096, train + forward | vidiff/peer tokens/s >= 1.2 (train and forward) |
-| compare_1x16384 | bench_compare.py 1x16384, train (remat) | vidiff/peer tokens/s >= 1.0 |
+| compare_1x16384 | bench_compare.py 1x16384, train (remat: the peer whole blocks, vidiff `attention`) | vidiff/peer tokens/s >= 1.0 |
 | max_tokens | bench_dit.py: one XL step at batch 1, 131,072 tokens | it runs in 80 GB (remat block, scanned, bf16) |
 | vae_decode | bench_vae.py: chunked decode, 256 px, 17 and 257 frames | peak memory ratio <= 1.2 |
 | compare_64x256 | bench_compare.py 64x256, train | vidiff/peer tokens/s >= 1.2 |

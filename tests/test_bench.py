@@ -286,7 +286,7 @@ def test_bench_compare_with_fake_runs(tmp_path):
     assert got["2x32", "forward"]["ratio_tokens_per_s"] == pytest.approx(0.75)
     assert got["2x32", "train"]["peer"]["mfu"] == pytest.approx(1.0 / report["peak_tflops"])
     remat = got["1x64", "train"]["commands"]
-    assert "--remat block" in remat["vidiff"] and remat["peer_train"].endswith("--remat")
+    assert "--remat attention" in remat["vidiff"] and remat["peer_train"].endswith("--remat")
     assert "--remat" not in got["2x32", "train"]["commands"]["peer_train"]
 
 
@@ -329,7 +329,7 @@ def test_bench_goals_runs_what_fits_the_budget_and_names_the_rest(tmp_path):
     assert by_job["compare_4x4096"]["status"] == "skipped" and "96 s" in by_job["compare_4x4096"]["reason"]
     (goal,) = by_job["compare_1x16384"]["goals"]
     assert goal["measured"] == pytest.approx(1.5) and goal["met"] is True and goal["target"] == ">= 1.0"
-    assert "--remat block" in by_job["compare_1x16384"]["records"][0]["commands"]["vidiff"]
+    assert "--remat attention" in by_job["compare_1x16384"]["records"][0]["commands"]["vidiff"]
     assert by_job["compare_64x256"]["goals"][0]["met"] is True
     assert "| compare_1x16384 | train 1x64 vidiff/peer tokens/s | >= 1.0 | 1.500 | yes |" in table
     assert table.rstrip().endswith("run again with --only compare_4x4096")

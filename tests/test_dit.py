@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 from vidiff import parallel
-from vidiff.models import dit, patches
+from vidiff.models import attention, dit, patches
 
 CFG = dit.dit_preset("tiny", text_dim=32, pooled_dim=24)
 # Shapes reused across tests so each compiled program is shared (compiles dominate test time on CPU).
@@ -168,7 +168,7 @@ def test_scanned_blocks_match_unscanned(text_mode):
 def test_remat_policies_give_identical_values_and_gradients():
     args = _inputs(6, SHAPES[0])
     results = {}
-    for policy, scan in (("none", False), ("block", False), ("dots", False), ("dots", True)):
+    for policy, scan in (("none", False), ("block", False), ("attention", False), ("dots", False), ("dots", True)):
         model = dit.VideoDiT(dataclasses.replace(CFG, remat_policy=policy, scan_blocks=scan))
         params = {"params": _stack_blocks(_trained()["params"], CFG.depth)} if scan else _trained()
         loss = lambda p: jnp.mean(jnp.square(model.apply(p, *args)))  # noqa: E731
@@ -178,9 +178,46 @@ def test_remat_policies_give_identical_values_and_gradients():
             grads["params"].update({f"blocks_{i}": jax.tree_util.tree_map(lambda g: g[i], stacked)
                                     for i in range(CFG.depth)})
         results[policy, scan] = (value, grads)
-    for key in (("block", False), ("dots", False), ("dots", True)):
+    for key in (("block", False), ("attention", False), ("dots", False), ("dots", True)):
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                                results[key], results["none", False])
+
+
+def _count_equations(jaxpr, predicate) -> int:
+    """Equations of ``jaxpr`` and of every jaxpr nested in it (scan bodies, remat, pjit) whose primitive passes."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += bool(predicate(eqn.primitive))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+                if hasattr(sub, "eqns"):
+                    count += _count_equations(sub, predicate)
+    return count
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_policies_keep_the_flash_attention_kernels_outputs(monkeypatch, scan):
+    """On a GPU, ``attention`` and ``dots`` remat must not run cuDNN's T^2 forward kernel again in the backward pass.
+
+    Checked without a GPU: with cuDNN's version checks stubbed, ``jax.nn.dot_product_attention`` traces its
+    cuDNN path, and the gradient's jaxpr counts the forward kernels (nothing is compiled or run).
+    """
+    fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not all(hasattr(fused, hook) for hook in ("check_cudnn_version", "check_compute_capability")):
+        pytest.skip("this jax has no cuDNN version checks to stub")
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    args = _inputs(6, SHAPES[0])
+    counts = {}
+    for policy in ("none", "block", "attention", "dots"):
+        model = dit.VideoDiT(dataclasses.replace(CFG, remat_policy=policy, scan_blocks=scan, dtype="bfloat16",
+                                                 attention_impl="cudnn"))
+        params = jax.eval_shape(model.init, jax.random.key(0), *args)
+        jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply(p, *args))))(params)  # noqa: B023
+        counts[policy] = _count_equations(jaxpr.jaxpr, attention.flash_attention_saveable)
+    kernels = 2 if scan else 2 * CFG.depth  # self- and cross-attention per block; a scanned body holds one block
+    assert counts == {"none": kernels, "block": 2 * kernels, "attention": kernels, "dots": kernels}
 
 
 def test_bfloat16_compute_is_close_to_float32():

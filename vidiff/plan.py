@@ -39,7 +39,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="global batch (default data.batch_size)")
     parser.add_argument("--tokens", default=None, help="comma-separated DiT sequence lengths (spacetime tokens); "
                         "default: the config's clip")
-    parser.add_argument("--remat", default=None, help="comma-separated DiT remat policies (none, block, dots)")
+    parser.add_argument("--remat", default=None,
+                        help="comma-separated DiT remat policies (none, block, attention, dots)")
     parser.add_argument("--preset", default=None, help="DiT preset (tiny ... XL, 1.5B) instead of the config's "
                         "preset and overrides")
     parser.add_argument("--attention", default=None, help="DiT attention_impl: xla, cudnn, chunked, ring, ulysses "

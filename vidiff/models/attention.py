@@ -100,8 +100,21 @@ def attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segme
     if kv_lengths is not None:
         kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl)
+    if impl == "cudnn":  # remat policies keep the kernel's own outputs (flash_attention_saveable); a named copy
+        return out  # would be a second residual, stacked separately in scanned blocks
     # Named so remat policies can keep attention outputs (see vidiff.models.dit.REMAT_POLICIES).
     return checkpoint_name(out, "attention")
+
+
+def flash_attention_saveable(prim, *_, **__) -> bool:
+    """Remat policy: keep what cuDNN flash attention's forward kernel returns.
+
+    Its outputs (the attention output and the softmax statistics, both linear in the sequence
+    length) are all its backward needs besides q, k and v. Keeping the ``"attention"``-named
+    output alone is not enough: the backward reads the kernel's own residuals, so under such a
+    policy the T^2 forward kernel runs again in the backward pass.
+    """
+    return prim.name.startswith("dot_product_attention_fwd")
 
 
 # --------------------------------------------------------------------------- head projections

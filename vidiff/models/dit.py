@@ -30,7 +30,8 @@ import numpy as np
 from flax import linen as nn
 
 from vidiff.models import context_attention  # noqa: F401  (registers the "ulysses" and "ring" attention_impl)
-from vidiff.models.attention import Attention, JointAttention, local_attention_impl, resolve_attention_impl
+from vidiff.models.attention import (Attention, JointAttention, flash_attention_saveable, local_attention_impl,
+                                     resolve_attention_impl)
 from vidiff.models.layers import (Mlp, Modulation, ProjectionMLP, TimestepEmbedder, dense, layer_norm, modulate,
                                   rms_normalize)
 from vidiff.models.patches import patch_positions, patchify, unpatchify
@@ -38,13 +39,18 @@ from vidiff.models.rope import rope_3d, rope_axis_dims, sincos_3d
 
 VIDEO_AXES = ("batch", "length", "act_embed")
 TEXT_AXES = ("batch", "text_length", "act_embed")
+_KEEP_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.save_only_these_names("attention"), flash_attention_saveable)
 REMAT_POLICIES = {
     "none": None,
-    "block": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in backward
-    # Keep projection/MLP matmul outputs and attention outputs; recompute norms, modulation, GELU.
+    "block": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in backward, as the peer does
+    # Recompute the block but not attention: the flash kernel's output and softmax statistics are kept (linear in
+    # the tokens), so backward reruns projections, norms and MLP but not the T^2 forward kernel (XLA attention,
+    # which has no statistics to keep, still recomputes its probabilities).
+    "attention": _KEEP_ATTENTION,
+    # Also keep projection/MLP matmul outputs; recompute only norms, modulation, GELU.
     "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("attention")),
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION),
 }
 
 
@@ -74,7 +80,7 @@ class DiTConfig:
     # None: cuDNN flash on GPU (bf16), XLA otherwise; "ulysses" | "ring": self-attention split over the mesh's
     # context axis (vidiff.models.context_attention); cross-attention to text then stays local.
     attention_impl: str | None = None
-    remat_policy: str = "none"  # "none" | "block" | "dots"
+    remat_policy: str = "none"  # "none" | "block" | "attention" | "dots" (REMAT_POLICIES)
     # nn.scan over blocks: one compiled block (XL: ~3x faster compile), params get a leading 'layers' axis.
     # Scanned blocks keep every residual, so pair scan with remat for big models.
     scan_blocks: bool = False
