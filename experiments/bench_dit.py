@@ -34,8 +34,10 @@ its peak memory is not the training step's): impl="vidiff", mode, status
 ("ok" | "oom"), the shapes, params_M, compile_s, step_s, tokens_per_s,
 model_tflops, mfu, peak_mem_GiB (``memory_stats()["peak_bytes_in_use"]``,
 the process's peak so far; null where the backend has no stats, e.g. CPU),
-compiled_mem_GiB (XLA's static estimate) and cudnn_attention (the compiled
-HLO calls cuDNN fused attention, ``__cudnn$fmha``) and profile (the trace files
+compiled_mem_GiB (XLA's static estimate), cudnn_attention (the compiled
+HLO calls cuDNN fused attention, ``__cudnn$fmha``), cudnn_attention_kernels
+(how many forward and backward calls: remat must not add forward ones
+except under ``block``) and profile (the trace files
 ``--profile DIR`` wrote: ``--profile-steps`` more steps after the timed ones,
 as ``<mode>_<batch>x<tokens>.trace.json.gz`` / ``.xplane.pb``). ``--max-tokens-search``
 runs one subprocess per length (16k, 32k, ... until OOM) and prints one line
@@ -47,6 +49,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -178,8 +181,14 @@ def compiled_memory_gib(compiled) -> float | None:
         return None
 
 
-def uses_cudnn_attention(compiled) -> bool:
-    return CUDNN_ATTENTION_MARKER in compiled.as_text()
+def cudnn_attention_kernels(hlo_text: str) -> dict[str, int]:
+    """cuDNN fused-attention calls in compiled HLO, forward and backward (a scanned body counts once).
+
+    A training step under remat ``block`` runs twice as many forward kernels as under ``none``;
+    ``attention`` and ``dots`` must run as many as ``none`` (REMAT_POLICIES)."""
+    targets = re.findall(r'custom_call_target="(' + re.escape(CUDNN_ATTENTION_MARKER) + r'[^"]*)"', hlo_text)
+    backward = sum("Backward" in target for target in targets)
+    return {"forward": len(targets) - backward, "backward": backward}
 
 
 def is_oom(error: BaseException) -> bool:
@@ -227,6 +236,7 @@ def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: 
             compile_s: float, compiled) -> dict:
     step_s = statistics.median(times)
     flops = dit_flops(cfg, tokens, args.text, batch=args.batch, training=mode == "train")
+    hlo = compiled.as_text()
     devices = jax.device_count()
     return dict(
         base_record(args, cfg, mode, latent_shape, tokens), status="ok",
@@ -234,7 +244,7 @@ def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: 
         tokens_per_s=args.batch * tokens / step_s, model_tflops=flops / step_s / 1e12,
         peak_tflops=args.peak_tflops, mfu=flops / step_s / 1e12 / (args.peak_tflops * devices),
         peak_mem_GiB=peak_memory_gib(), compiled_mem_GiB=compiled_memory_gib(compiled),
-        cudnn_attention=uses_cudnn_attention(compiled),
+        cudnn_attention=CUDNN_ATTENTION_MARKER in hlo, cudnn_attention_kernels=cudnn_attention_kernels(hlo),
     )
 
 

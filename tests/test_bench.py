@@ -23,7 +23,8 @@ sys.path.insert(0, str(EXPERIMENTS))
 
 TRAIN_KEYS = {"impl", "mode", "status", "batch", "tokens", "latent_shape", "text", "dim", "heads", "layers",
               "params_M", "compile_s", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_tflops",
-              "peak_mem_GiB", "compiled_mem_GiB", "cudnn_attention", "remat", "scan", "dtype", "mesh"}
+              "peak_mem_GiB", "compiled_mem_GiB", "cudnn_attention", "cudnn_attention_kernels", "remat", "scan",
+              "dtype", "mesh"}
 
 
 def run_script(name: str, *args: str, timeout: float = 240) -> list[dict]:
@@ -132,6 +133,24 @@ def test_out_of_memory_is_reported_as_a_result(monkeypatch, capsys):
         bench_dit.run_modes(bench_dit.parse_args(["--tiny", "--mode", "forward", "--batch", "8"]))
 
 
+def test_cudnn_attention_kernels_are_counted_forward_and_backward():
+    import bench_dit
+
+    # The shape of XLA:GPU's compiled HLO: a forward and a backward fused-attention custom call, and the
+    # forward again (what remat "block" does), among other custom calls.
+    hlo = "\n".join([
+        '%fmha.1 = (bf16[1,8,4,16]{3,2,1,0}, f32[1,4,8]{2,1,0}) custom-call(%q, %k, %v), '
+        'custom_call_target="__cudnn$fmhaSoftmax", backend_config={}',
+        '%gemm.2 = bf16[8,64]{1,0} custom-call(%a, %b), custom_call_target="__cublas$lt$matmul"',
+        '%fmha.3 = (bf16[1,8,4,16]{3,2,1,0}, f32[1,4,8]{2,1,0}) custom-call(%q, %k, %v), '
+        'custom_call_target="__cudnn$fmhaSoftmax"',
+        '%fmha.4 = (bf16[1,8,4,16]{3,2,1,0}, bf16[1,8,4,16]{3,2,1,0}) custom-call(%q, %k, %v, %o, %s, %g), '
+        'custom_call_target="__cudnn$fmhaSoftmaxBackward"',
+    ])
+    assert bench_dit.cudnn_attention_kernels(hlo) == {"forward": 2, "backward": 1}
+    assert bench_dit.cudnn_attention_kernels('custom_call_target="__cublas$gemm"') == {"forward": 0, "backward": 0}
+
+
 @pytest.mark.slow
 def test_bench_dit_train_tiny_with_remat_and_scan(tmp_path):
     (record,) = run_script("bench_dit.py", "--tiny", "--mode", "train", "--remat", "block", "--scan",
@@ -144,6 +163,7 @@ def test_bench_dit_train_tiny_with_remat_and_scan(tmp_path):
     assert sorted({int(e["args"]["step_num"]) for e in events if e.get("name") == "train_2x16"}) == [0, 1]
     assert record["mode"] == "train" and record["status"] == "ok"
     assert record["remat"] == "block" and record["scan"] is True and record["tokens"] == 16
+    assert record["cudnn_attention"] is False and record["cudnn_attention_kernels"] == {"forward": 0, "backward": 0}
     assert_positive(record, "params_M", "step_s", "tokens_per_s", "model_tflops", "mfu", "compile_s")
     from vidiff.models.dit import dit_flops, dit_preset
 
