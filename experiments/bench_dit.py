@@ -236,7 +236,7 @@ def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: 
             compile_s: float, compiled) -> dict:
     step_s = statistics.median(times)
     flops = dit_flops(cfg, tokens, args.text, batch=args.batch, training=mode == "train")
-    hlo = compiled.as_text()
+    kernels = cudnn_attention_kernels(compiled.as_text())
     devices = jax.device_count()
     return dict(
         base_record(args, cfg, mode, latent_shape, tokens), status="ok",
@@ -244,7 +244,7 @@ def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: 
         tokens_per_s=args.batch * tokens / step_s, model_tflops=flops / step_s / 1e12,
         peak_tflops=args.peak_tflops, mfu=flops / step_s / 1e12 / (args.peak_tflops * devices),
         peak_mem_GiB=peak_memory_gib(), compiled_mem_GiB=compiled_memory_gib(compiled),
-        cudnn_attention=CUDNN_ATTENTION_MARKER in hlo, cudnn_attention_kernels=cudnn_attention_kernels(hlo),
+        cudnn_attention=kernels["forward"] > 0, cudnn_attention_kernels=kernels,
     )
 
 
