@@ -9,9 +9,9 @@ Configs (DiT-XL width: d=1152, 16 heads, 28 layers, 128 text tokens, bf16):
 trains with remat (the peer ``--remat``: whole blocks recomputed; vidiff
 ``--remat attention`` by default, which recomputes the block but keeps the
 flash attention kernel's outputs, ``--vidiff-remat block`` for the peer's
-policy; forwards need none). For each config, one after another in fresh subprocesses (so
-each owns the whole GPU): ``experiments/bench_dit.py --mode both`` (vidiff
-forward, then train), the peer's training script (``--peer``; default
+policy; forwards need none). For each config, one after another in fresh
+subprocesses (so each owns the whole GPU): ``experiments/bench_dit.py --mode
+both`` (vidiff forward, then train), the peer's training script (``--peer``; default
 ``../shared/bench/torch_dit_reference.py`` from the repo root, else
 ``shared/bench/`` inside it), and a forward of the peer's own ``Net``
 (imported from that file at run time, ``torch.compile``d, run under
