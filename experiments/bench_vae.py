@@ -68,7 +68,7 @@ def _proc_status_gib(field: str) -> float | None:
 
 
 def reset_host_peak() -> float | None:
-    """Restart the process's resident-memory high-water mark (Linux ``clear_refs``); returns the RSS now.
+    """Restart the process's resident-memory high-water mark (Linux ``clear_refs``); returns the restarted mark.
 
     On the CPU backend device buffers are host memory, so the mark reached after
     this call is what the measured calls take on top of what was already resident
@@ -86,7 +86,9 @@ def reset_host_peak() -> float | None:
             refs.write("5")
     except OSError:
         return None
-    return _proc_status_gib("VmRSS")
+    # The mark itself, not VmRSS: the kernel syncs the two counters lazily (VmRSS could read a few pages above the
+    # restarted mark), and the peak read later is the same mark, so the difference can never be negative.
+    return _proc_status_gib("VmHWM")
 
 
 _VARIABLES: dict = {}
