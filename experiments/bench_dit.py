@@ -50,14 +50,10 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import types
-from pathlib import Path
 
 # JAX preallocates 75% of GPU memory by default; PyTorch may use all of it. Let vidiff have the same
 # room (set before jax initialises a backend; an explicit setting in the environment wins).
@@ -67,6 +63,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
+from measure import (compiled_memory_gib, is_oom, peak_memory_gib, profiled_runs, run_isolated,  # noqa: E402
+                     strip_flags, timed_runs)  # (experiments/ is the script's own folder)
 from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
 from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
@@ -158,27 +156,7 @@ def put_batch(host: dict, mesh) -> tuple[dict, dict]:
     return {k: jax.device_put(v, shardings[k]) for k, v in host.items()}, shardings
 
 
-# --------------------------------------------------------------------------- measurement helpers
-
-
-def peak_memory_gib() -> float | None:
-    """Largest ``peak_bytes_in_use`` over local devices (GiB), or None where the backend keeps no stats."""
-    peaks = []
-    for device in jax.local_devices():
-        stats = device.memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            peaks.append(stats["peak_bytes_in_use"])
-    return max(peaks) / 2**30 if peaks else None
-
-
-def compiled_memory_gib(compiled) -> float | None:
-    """XLA's static per-device estimate: arguments + outputs + temporaries - donated aliases."""
-    try:
-        m = compiled.memory_analysis()
-        return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                - m.alias_size_in_bytes) / 2**30
-    except Exception:  # not every backend/version implements it; the number is informative only
-        return None
+# --------------------------------------------------------------------------- records
 
 
 def cudnn_attention_kernels(hlo_text: str) -> dict[str, int]:
@@ -189,47 +167,6 @@ def cudnn_attention_kernels(hlo_text: str) -> dict[str, int]:
     targets = re.findall(r'custom_call_target="(' + re.escape(CUDNN_ATTENTION_MARKER) + r'[^"]*)"', hlo_text)
     backward = sum("Backward" in target for target in targets)
     return {"forward": len(targets) - backward, "backward": backward}
-
-
-def is_oom(error: BaseException) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
-def timed_runs(run, warmup: int, steps: int) -> list[float]:
-    """Call ``run()`` (which must block until its results are ready) ``warmup`` then ``steps`` times."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def profiled_runs(run, steps: int, out_dir: str | None, name: str) -> list[str]:
-    """``steps`` more (untimed) calls under ``jax.profiler``; the trace files, copied flat into ``out_dir``.
-
-    Flat names (``<name>.trace.json.gz`` for Perfetto, ``<name>.xplane.pb`` for TensorBoard /
-    XProf) because the profiler nests its own folders deeper than a device call returns.
-    """
-    if not out_dir or steps < 1:
-        return []
-    with tempfile.TemporaryDirectory(prefix="vidiff-profile-") as raw:
-        jax.profiler.start_trace(raw)
-        for number in range(steps):
-            with jax.profiler.StepTraceAnnotation(name, step_num=number):
-                run()
-        jax.profiler.stop_trace()
-        os.makedirs(out_dir, exist_ok=True)
-        copied = []
-        for path in sorted(Path(raw).glob("plugins/profile/*/*")):
-            for ending in (".trace.json.gz", ".xplane.pb"):  # after the host name, which may hold dots
-                if path.name.endswith(ending):
-                    copied.append(os.path.join(out_dir, name + ending))
-                    shutil.copyfile(path, copied[-1])
-    return copied
 
 
 def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: int, times: list[float],
@@ -378,16 +315,7 @@ def max_tokens_search(args, argv: list[str]) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--mode", "train", "--batch", "1",
                "--tokens", str(tokens), "--remat", args.remat,
                "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.search_timeout)
-            lines = [json.loads(l) for l in done.stdout.splitlines() if l.startswith("{")]
-            if done.returncode == 0 and lines:
-                result = lines[-1]
-            else:
-                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                result = dict(status="oom" if is_oom(done.stderr) else "error", error=tail[:300])
-        except subprocess.TimeoutExpired:
-            result = dict(status="timeout")
+        result = run_isolated(cmd, args.search_timeout)
         tried.append(dict(tokens=tokens, **{k: result.get(k) for k in ("status", "step_s", "tokens_per_s", "mfu",
                                                                         "peak_mem_GiB", "error")}))
         print(json.dumps(dict(search_progress=tried[-1])), file=sys.stderr, flush=True)
@@ -400,19 +328,6 @@ def max_tokens_search(args, argv: list[str]) -> dict:
                   tried=tried)
     print(json.dumps(record), flush=True)
     return record
-
-
-def strip_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
-    """``argv`` without the given flags (name -> number of values; ``--flag=value`` forms too)."""
-    out, i = [], 0
-    while i < len(argv):
-        name = argv[i].split("=", 1)[0]
-        if name in flags:
-            i += 1 + (flags[name] if "=" not in argv[i] else 0)
-            continue
-        out.append(argv[i])
-        i += 1
-    return out
 
 
 # --------------------------------------------------------------------------- command line

@@ -30,11 +30,9 @@ compiled code (Linux: the high-water mark is reset after the warm-up).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -45,7 +43,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_dit import is_oom, peak_memory_gib, strip_flags  # noqa: E402  (experiments/ is the script's own folder)
+from measure import (is_oom, peak_memory_gib, proc_status_gib, reset_host_peak, run_isolated,  # noqa: E402
+                     strip_flags, timed_runs)  # (experiments/ is the script's own folder)
 from vidiff.models.vae import VideoVAE, decode_chunked, encode_chunked, vae_preset  # noqa: E402
 
 PEAK_RATIO_GOAL = 1.2
@@ -56,39 +55,6 @@ TINY_DEFAULTS = dict(preset="tiny", sizes="32", frames="5,9", dtype="float32", r
                      chunk_frames=4, chunk_latent_frames=1)
 OPS = ("encode", "decode")
 WAYS = ("oneshot", "chunked")
-
-
-def _proc_status_gib(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as status:
-            kib = next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return None
-    return kib / 2**20
-
-
-def reset_host_peak() -> float | None:
-    """Restart the process's resident-memory high-water mark (Linux ``clear_refs``); returns the restarted mark.
-
-    On the CPU backend device buffers are host memory, so the mark reached after
-    this call is what the measured calls take on top of what was already resident
-    (parameters, inputs, compiled code). ``ru_maxrss`` cannot be reset, and
-    compiling often peaks higher than running. Free heap pages go back to the
-    system first (glibc ``malloc_trim``): pages a warm-up freed but kept would
-    otherwise be reused unseen.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the mark may then read low
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        return None
-    # The mark itself, not VmRSS: the kernel syncs the two counters lazily (VmRSS could read a few pages above the
-    # restarted mark), and the peak read later is the same mark, so the difference can never be negative.
-    return _proc_status_gib("VmHWM")
 
 
 _VARIABLES: dict = {}
@@ -103,7 +69,7 @@ def init_variables(vae: VideoVAE):
     return _VARIABLES[vae.config]
 
 
-def measure(args, op: str, way: str, size: int, frames: int) -> dict:
+def measure_case(args, op: str, way: str, size: int, frames: int) -> dict:
     """Time one case in this process; returns its JSON record."""
     cfg = vae_preset(args.preset, dtype=args.dtype)
     vae = VideoVAE(cfg)
@@ -129,16 +95,11 @@ def measure(args, op: str, way: str, size: int, frames: int) -> dict:
             run = lambda: jax.block_until_ready(encode_chunked(vae, variables, x, args.chunk_frames))
         else:
             run = lambda: jax.block_until_ready(decode_chunked(vae, variables, x, args.chunk_latent_frames))
-        for _ in range(args.warmup):  # the first call compiles (every chunk shape, when chunked)
-            run()
+        timed_runs(run, args.warmup, 0)  # the first call compiles (every chunk shape, when chunked)
         setup_s = time.perf_counter() - start
         host_base = reset_host_peak()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        host_peak = _proc_status_gib("VmHWM") if host_base is not None else None
+        times = timed_runs(run, 0, args.repeats)
+        host_peak = proc_status_gib("VmHWM") if host_base is not None else None
     except Exception as error:  # out of memory is a result for one-shot cases; anything else is a bug
         if not is_oom(error):
             raise
@@ -150,21 +111,14 @@ def measure(args, op: str, way: str, size: int, frames: int) -> dict:
                 host_run_GiB=None if host_peak is None else host_peak - host_base)
 
 
-def run_isolated(argv: list[str], case: tuple, timeout: float) -> dict:
+def run_case_isolated(argv: list[str], case: tuple, timeout: float) -> dict:
     """Run one case in a fresh interpreter (own device memory, own peak) and parse its JSON line."""
     op, way, size, frames = case
     passthrough = strip_flags(argv, {"--sizes": 1, "--frames": 1, "--ops": 1, "--ways": 1, "--case": 1})
     cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--case", f"{op},{way},{size},{frames}"]
     base = dict(impl="vidiff", bench="vae", op=op, way=way, size=size, frames=frames, isolated=True)
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(base, status="timeout")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return dict(base, status="oom" if is_oom(done.stderr) else "error", error=tail[:300])
+    record = run_isolated(cmd, timeout)
+    return record if "bench" in record else dict(base, **record)  # else the child printed no record
 
 
 def summaries(records: list[dict]) -> list[dict]:
@@ -242,7 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.case:  # child of an isolated run: one case, one line
         op, way, size, frames = args.case.split(",")
-        print(json.dumps(measure(args, op, way, int(size), int(frames))), flush=True)
+        print(json.dumps(measure_case(args, op, way, int(size), int(frames))), flush=True)
         return []
     records = []
     for size in args.size_list:
@@ -250,7 +204,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for op in args.op_list:
                 for way in args.way_list:
                     case = (op, way, size, frames)
-                    record = measure(args, *case) if args.in_process else run_isolated(argv, case, args.case_timeout)
+                    if args.in_process:
+                        record = measure_case(args, *case)
+                    else:
+                        record = run_case_isolated(argv, case, args.case_timeout)
                     print(json.dumps(record), flush=True)
                     records.append(record)
     for record in summaries(records):

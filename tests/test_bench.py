@@ -76,11 +76,24 @@ def test_token_count_maps_to_a_latent_shape():
 
 
 def test_strip_flags_removes_flags_with_their_values():
-    import bench_dit
+    import measure
 
     argv = ["--preset", "XL", "--tokens", "4096", "--max-tokens-search", "--batch=2", "--scan"]
-    kept = bench_dit.strip_flags(argv, {"--tokens": 1, "--max-tokens-search": 0, "--batch": 1})
+    kept = measure.strip_flags(argv, {"--tokens": 1, "--max-tokens-search": 0, "--batch": 1})
     assert kept == ["--preset", "XL", "--scan"]
+
+
+def test_run_isolated_returns_the_childs_last_record_or_why_there_is_none():
+    import measure
+
+    child = lambda code: [sys.executable, "-c", code]
+    assert measure.run_isolated(child('print("log"); print(\'{"n": 1}\'); print(\'{"n": 2}\')'), 30) == {"n": 2}
+    oom = measure.run_isolated(child('import sys; sys.exit("XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory")'), 30)
+    assert oom == {"status": "oom", "error": "XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory"}
+    # A record printed before a crash is not a result: the case failed.
+    failed = measure.run_isolated(child('print(\'{"n": 1}\'); raise ValueError("bad shape")'), 30)
+    assert failed == {"status": "error", "error": "ValueError: bad shape"}
+    assert measure.run_isolated(child("import time; time.sleep(30)"), 0.5) == {"status": "timeout"}
 
 
 def test_benchmarks_import_without_data_or_torch_packages():
@@ -175,6 +188,7 @@ def test_max_tokens_search_doubles_until_a_length_does_not_fit(monkeypatch):
     """The search's logic, with each length's child run faked (a real child is a plain bench_dit.py train run,
     tested above): 16 and 32 tokens train, 64 runs out of memory, so 32 is the answer."""
     import bench_dit
+    import measure
 
     children = []
 
@@ -187,7 +201,7 @@ def test_max_tokens_search_doubles_until_a_length_does_not_fit(monkeypatch):
             return subprocess.CompletedProcess(cmd, 0, stdout=line + "\n", stderr="")
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory")
 
-    monkeypatch.setattr(bench_dit.subprocess, "run", fake_run)
+    monkeypatch.setattr(measure.subprocess, "run", fake_run)
     argv = ["--tiny", "--max-tokens-search", "--search-start", "16", "--scan", "--tokens", "999", "--steps", "3"]
     record = bench_dit.max_tokens_search(bench_dit.parse_args(argv), argv)
     assert record["max_tokens"] == 32 and record["mode"] == "max_tokens_search"
@@ -229,16 +243,16 @@ def test_vae_summary_uses_host_memory_without_device_stats():
 def test_host_peak_resets_and_sees_a_later_allocation():
     import numpy as np
 
-    import bench_vae
+    import measure
 
     held = np.ones(2**27, np.uint8)  # 128 MiB touched, then freed: a peak from before the reset
     del held
-    base = bench_vae.reset_host_peak()
+    base = measure.reset_host_peak()
     if base is None:
         pytest.skip("no /proc/self/clear_refs on this system")
-    assert bench_vae._proc_status_gib("VmHWM") < base + 0.05  # the old peak is gone
+    assert measure.proc_status_gib("VmHWM") < base + 0.05  # the old peak is gone
     held = np.ones(2**26, np.uint8)  # 64 MiB
-    assert bench_vae._proc_status_gib("VmHWM") - base == pytest.approx(64 / 1024, abs=0.02)
+    assert measure.proc_status_gib("VmHWM") - base == pytest.approx(64 / 1024, abs=0.02)
 
 
 @pytest.mark.slow

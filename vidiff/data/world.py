@@ -7,13 +7,16 @@ It stands in for scraped video. Every record is a pure function of
 left, right, up or down over a uniform dark background, and a caption from
 one of several paraphrase templates says what it is and where it goes.
 
-This module holds the vocabulary (colours, shapes, sizes, directions, the
-held-out combinations for compositional evaluation), label sampling,
-rendering, the random-access source ``CaptionedWorld`` (usable by
-``grain.MapDataset.source``), sample writing and the ``vidiff world`` command.
-Caption templates live in :mod:`vidiff.data.world_captions` and the
-pixel-level scorer in :mod:`vidiff.data.world_score`; both are re-exported
-here (:func:`caption`, :func:`prompts_for`, :func:`score`, :func:`score_objects`).
+This module holds the motion vocabulary (sizes, directions, the held-out
+combinations for compositional evaluation), label sampling, rendering, the
+random-access source ``CaptionedWorld`` (usable by ``grain.MapDataset.source``),
+prompts for given combinations, sample writing and the ``vidiff world``
+command. The palette and the shape masks live in
+:mod:`vidiff.data.world_sprites`, caption templates in
+:mod:`vidiff.data.world_captions` and the pixel-level scorer in
+:mod:`vidiff.data.world_score`; all three are re-exported here
+(:data:`COLORS`, :data:`SHAPES`, :func:`sprite_mask`, :func:`caption`,
+:func:`score`, :func:`score_objects`).
 
 Shape names are ``"circle"``, ``"square"``, ``"triangle"`` and, with
 ``digits=True``, ``"digit 0"`` ... ``"digit 9"`` (captions use these names
@@ -34,22 +37,15 @@ from vidiff.data.world_captions import (  # noqa: F401  (re-exported: captions a
     DIVERSE_TEMPLATES, PARAPHRASE_TEMPLATES, TEMPLATE_SETS, TRAIN_TEMPLATES, VARIED_TEMPLATES, caption, phrase,
     templates_of,
 )
+from vidiff.data.world_score import readable_glyphs, score, score_objects  # noqa: F401  (re-exported, as captions)
+from vidiff.data.world_sprites import (  # noqa: F401  (re-exported: the vocabulary of what is drawn)
+    BACKGROUND, COLORS, DIGITS, SHAPES, digit_images, rasterize_digits, sprite_mask,
+)
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40),
-    "green": (40, 200, 60),
-    "blue": (50, 90, 230),
-    "yellow": (240, 220, 40),
-    "magenta": (220, 60, 220),
-    "cyan": (40, 210, 220),
-}
-SHAPES = ("circle", "square", "triangle")
-DIGITS = tuple(f"digit {i}" for i in range(10))
 SIZES = ("small", "large")
 SIZE_FRACTIONS = {"small": 0.25, "large": 0.4}  # object diameter / frame width
 DIRECTIONS = ("left", "right", "up", "down")
 MOTION = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx); rows grow downward
-BACKGROUND = (32, 32, 32)
 HELD_OUT: tuple[tuple[str, str, str], ...] = (
     ("red", "triangle", "left"),
     ("blue", "circle", "up"),
@@ -158,52 +154,6 @@ def travel(frame_size: int) -> int:
     return frame_size // 2
 
 
-@functools.lru_cache(maxsize=1)
-def digit_images() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1797 handwritten digits: ``float32 (N, 8, 8)`` in [0, 16] and ``int (N,)`` classes."""
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
-
-    digits = load_digits()
-    return digits.images.astype(np.float32), digits.target.astype(np.int64)
-
-
-def rasterize_digits(images: np.ndarray, side: int) -> np.ndarray:
-    """Upscale ``(N, 8, 8)`` digit images bilinearly to ``side`` pixels and threshold to crisp ``bool`` masks."""
-    source = (np.arange(side) + 0.5) * 8.0 / side - 0.5
-    source = np.clip(source, 0.0, 7.0)
-    low = np.minimum(np.floor(source).astype(np.int64), 6)
-    frac = source - low
-    weights = np.zeros((side, 8), np.float32)
-    weights[np.arange(side), low] = 1.0 - frac
-    weights[np.arange(side), low + 1] += frac
-    upscaled = np.einsum("ia,nab,jb->nij", weights, images, weights)
-    return upscaled > 6.0  # ink is 0..16; 6 keeps strokes about as thick as in the 8x8 original
-
-
-@functools.lru_cache(maxsize=4096)  # every digit sample at a few sizes: a few MB at most
-def sprite_mask(shape: str, side: int, glyph: int = -1) -> np.ndarray:
-    """Crisp ``bool (side, side)`` mask of a shape; ``glyph`` indexes :func:`digit_images` for digits."""
-    centres = (np.arange(side) + 0.5) / side  # pixel centres in the unit square
-    y, x = centres[:, None], centres[None, :]
-    eps = 1e-9
-    if shape == "circle":
-        mask = (y - 0.5) ** 2 + (x - 0.5) ** 2 <= 0.25 + eps
-    elif shape == "square":
-        mask = np.ones((side, side), bool)
-    elif shape == "triangle":  # apex at the top centre, base along the bottom edge
-        mask = np.abs(x - 0.5) <= y / 2 + eps
-    elif shape in DIGITS:
-        images, targets = digit_images()
-        if not 0 <= glyph < len(images) or f"digit {targets[glyph]}" != shape:
-            raise ValueError(f"glyph={glyph} is not a sample of {shape!r} in sklearn's load_digits")
-        mask = rasterize_digits(images[glyph : glyph + 1], side)[0]
-    else:
-        raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES + DIGITS)}")
-    mask = np.array(mask, bool)
-    mask.flags.writeable = False  # cached and shared: nobody may draw into it
-    return mask
-
-
 def _labels_rng(config: WorldConfig, index: int, stream: int) -> np.random.Generator:
     # Independent streams per purpose, so captions never shift the labels.
     return np.random.default_rng([config.seed, int(index), stream])
@@ -230,7 +180,7 @@ def sample_labels(index: int, config: WorldConfig = WorldConfig()) -> dict:
         side = sprite_size(size, config.size)
         glyph = -1
         if shape in DIGITS:
-            pool = _readable_glyphs(side)[int(shape[-1])]
+            pool = readable_glyphs(side)[int(shape[-1])]
             glyph = int(pool[rng.integers(len(pool))])
         candidate = {
             "color": colour,
@@ -250,12 +200,6 @@ def sample_labels(index: int, config: WorldConfig = WorldConfig()) -> dict:
     if config.num_objects > 1:
         labels["objects"] = objects
     return labels
-
-
-def _readable_glyphs(side: int) -> dict[int, np.ndarray]:
-    from vidiff.data import world_score  # the scorer decides which handwritten digits are legible
-
-    return world_score.readable_glyphs(side)
 
 
 def _sample_start(rng, side: int, direction: str, config: WorldConfig) -> np.ndarray:
@@ -372,20 +316,6 @@ class CaptionedWorld:
 
     def __repr__(self) -> str:
         return f"CaptionedWorld({self.config})"
-
-
-def score(frames: np.ndarray, labels: dict, shapes: Sequence[str] | None = None) -> dict:
-    """Whether a clip shows ``labels``: see :func:`vidiff.data.world_score.score`."""
-    from vidiff.data import world_score
-
-    return world_score.score(frames, labels, shapes=shapes)
-
-
-def score_objects(frames: np.ndarray, objects: Sequence[dict], shapes: Sequence[str] | None = None) -> list[dict]:
-    """Score every object of a multi-object clip: see :func:`vidiff.data.world_score.score_objects`."""
-    from vidiff.data import world_score
-
-    return world_score.score_objects(frames, objects, shapes=shapes)
 
 
 def _jsonable(labels: dict) -> dict:

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from vidiff.io import check_frames
-from vidiff.data.world import (
+from vidiff.data.world_sprites import (
     BACKGROUND, COLORS, DIGITS, SHAPES, digit_images, rasterize_digits, sprite_mask,
 )
 

@@ -1,0 +1,155 @@
+"""How the benchmarks measure: timing, device and host memory, out-of-memory, traces, isolated runs.
+
+``bench_dit.py`` and ``bench_vae.py`` share these. A case whose peak memory
+must be its own, or that may run out of memory, runs in a fresh interpreter
+(``run_isolated``): ``peak_bytes_in_use`` only ever grows within a process, and
+a failed allocation may fragment the next try. Nothing here initialises a JAX
+backend at import, so a script may still set ``XLA_*`` variables after it.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+
+def timed_runs(run, warmup: int, steps: int) -> list[float]:
+    """Call ``run()`` (which must block until its results are ready) ``warmup`` then ``steps`` times."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def profiled_runs(run, steps: int, out_dir: str | None, name: str) -> list[str]:
+    """``steps`` more (untimed) calls under ``jax.profiler``; the trace files, copied flat into ``out_dir``.
+
+    Flat names (``<name>.trace.json.gz`` for Perfetto, ``<name>.xplane.pb`` for TensorBoard /
+    XProf) because the profiler nests its own folders deeper than a device call returns.
+    """
+    if not out_dir or steps < 1:
+        return []
+    with tempfile.TemporaryDirectory(prefix="vidiff-profile-") as raw:
+        jax.profiler.start_trace(raw)
+        for number in range(steps):
+            with jax.profiler.StepTraceAnnotation(name, step_num=number):
+                run()
+        jax.profiler.stop_trace()
+        os.makedirs(out_dir, exist_ok=True)
+        copied = []
+        for path in sorted(Path(raw).glob("plugins/profile/*/*")):
+            for ending in (".trace.json.gz", ".xplane.pb"):  # after the host name, which may hold dots
+                if path.name.endswith(ending):
+                    copied.append(os.path.join(out_dir, name + ending))
+                    shutil.copyfile(path, copied[-1])
+    return copied
+
+
+# --------------------------------------------------------------------------- device memory
+
+
+def peak_memory_gib() -> float | None:
+    """Largest ``peak_bytes_in_use`` over local devices (GiB), or None where the backend keeps no stats."""
+    peaks = []
+    for device in jax.local_devices():
+        stats = device.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    return max(peaks) / 2**30 if peaks else None
+
+
+def compiled_memory_gib(compiled) -> float | None:
+    """XLA's static per-device estimate: arguments + outputs + temporaries - donated aliases."""
+    try:
+        m = compiled.memory_analysis()
+        return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                - m.alias_size_in_bytes) / 2**30
+    except Exception:  # not every backend/version implements it; the number is informative only
+        return None
+
+
+def is_oom(error: BaseException | str) -> bool:
+    """Whether an exception (or a child's stderr) says the device ran out of memory."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+# --------------------------------------------------------------------------- host memory (the CPU backend's)
+
+
+def proc_status_gib(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``) in GiB; None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+    return kib / 2**20
+
+
+def reset_host_peak() -> float | None:
+    """Restart the process's resident-memory high-water mark (Linux ``clear_refs``); returns the restarted mark.
+
+    On the CPU backend device buffers are host memory, so the mark reached after
+    this call is what the measured calls take on top of what was already resident
+    (parameters, inputs, compiled code). ``ru_maxrss`` cannot be reset, and
+    compiling often peaks higher than running. Free heap pages go back to the
+    system first (glibc ``malloc_trim``): pages a warm-up freed but kept would
+    otherwise be reused unseen.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the mark may then read low
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return None
+    # The mark itself, not VmRSS: the kernel syncs the two counters lazily (VmRSS could read a few pages above the
+    # restarted mark), and the peak read later is the same mark, so the difference can never be negative.
+    return proc_status_gib("VmHWM")
+
+
+# --------------------------------------------------------------------------- isolated runs
+
+
+def strip_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
+    """``argv`` without the given flags (name -> number of values; ``--flag=value`` forms too)."""
+    out, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in flags:
+            i += 1 + (flags[name] if "=" not in argv[i] else 0)
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def run_isolated(cmd: list[str], timeout: float) -> dict:
+    """Run a benchmark command in a fresh process; its last JSON line, or why there is none.
+
+    A child that fails gives ``{"status": "oom" | "error", "error": <last stderr line>}``, one that
+    runs past ``timeout`` seconds ``{"status": "timeout"}``.
+    """
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(status="timeout")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return dict(status="oom" if is_oom(done.stderr) else "error", error=tail[:300])
