@@ -129,3 +129,16 @@ def test_unknown_template_sets_fail_in_one_line_naming_the_sets():
     for call in (lambda: world.caption(labels, 0, "fancy"), lambda: world.prompts_for([("red", "circle", "up")], "fancy")):
         with pytest.raises(ValueError, match=r"^template_set='fancy'; use one of train, paraphrase, varied, diverse$"):
             call()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["adherence", "--batch-size", "0"], "--batch-size=0 must be at least 1 (omit it for one batch per seed)"),
+    (["adherence", "--guidance", "nan"], "--guidance=nan must be a finite number (1 = off)"),
+    (["modes", "--steps", "-2"], "--steps=-2 must be at least 1"),
+])
+def test_eval_flags_are_checked_before_the_model_loads(argv, message, capsys, monkeypatch):
+    import vidiff.pipeline
+
+    monkeypatch.setattr(vidiff.pipeline.TextToVideo, "from_checkpoint", lambda *a: pytest.fail("the model loaded"))
+    assert main(["eval", *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"vidiff eval: error: {message}"

@@ -108,6 +108,32 @@ def test_timestep_sampling_and_shift():
         diffusion.sample(point_mass_velocity(0.0), jnp.zeros(SHAPE), steps=2, sampler="ddim")
 
 
+def test_schedule_guidance_and_known_frames_are_checked_before_sampling():
+    for shift in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=rf"shift={shift} must be a positive number \(1 = no shift\)"):
+            diffusion.timestep_schedule(4, shift=shift)
+    with pytest.raises(ValueError, match="steps=2.5 must be an int, at least 1"):
+        diffusion.timestep_schedule(2.5)
+    from vidiff.diffusion.samplers import check_guidance
+
+    with pytest.raises(ValueError, match="guidance=nan must be a finite number"):
+        check_guidance(float("nan"), (0.0, 1.0))
+    for interval in ((1.0, 0.0), (0.5,), (-0.1, 0.5), 0.5):
+        with pytest.raises(ValueError, match="must be \\(lo, hi\\) with 0 <= lo <= hi <= 1"):
+            diffusion.classifier_free_guidance(lambda x, t, c: x, {}, {}, 4.0, interval)
+    x = jnp.zeros(SHAPE)  # 3 latent frames
+    velocity = point_mass_velocity(0.0)
+    with pytest.raises(ValueError, match=r"known_mask: must be per latent frame \(2, 3\), got \(2, 4\)"):
+        diffusion.sample(velocity, x, steps=2, known_mask=jnp.ones((2, 4)), known_latents=x)
+    with pytest.raises(ValueError, match=r"known_latents: must have x_start's shape \(2, 3, 4, 4, 2\)"):
+        diffusion.sample(velocity, x, steps=2, known_mask=jnp.ones((2, 3)), known_latents=x[:, :2])
+    with pytest.raises(ValueError, match=r"tie=\(\(5,\), \(0,\)\): needs \(targets, sources\) of equal length, "
+                                         r"latent frames in \[0, 3\)"):
+        diffusion.sample(velocity, x, steps=2, tie=((5,), (0,)))
+    with pytest.raises(ValueError, match=r"x_start: known frames need latents \(B, t, h, w, c\)"):
+        diffusion.sample(velocity, jnp.zeros((2, 2, 4)), steps=2, known_mask=jnp.ones((2, 2)))
+
+
 @pytest.mark.parametrize("sampler", diffusion.SAMPLERS)
 def test_tied_frames_end_equal_to_their_source(sampler):
     noise = jax.random.normal(jax.random.key(6), SHAPE)

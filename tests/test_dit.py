@@ -252,6 +252,17 @@ def test_patchify_pack_roundtrip_and_errors():
     np.testing.assert_array_equal(back[1], x[1, :1])
     with pytest.raises(ValueError, match="length"):
         patches.pack_clips([x[0]], (1, 2, 2), length=4)
+    for call, match in [
+        (lambda: patches.patchify(x[0], (1, 2, 2)), r"patchify: latents must be \(B, t, h, w, c\), got shape \(3, 4"),
+        (lambda: patches.unpatchify(tokens[:, :7], (1, 2, 2), (3, 4, 6)), r"unpatchify: tokens must be \(B, 18, "),
+        (lambda: patches.pack_clips([], (1, 2, 2)), "pack_clips: no clips to pack"),
+        (lambda: patches.pack_clips([x[0], x[1, ..., :4]], (1, 2, 2)), "pack_clips: clips must be .* with one C"),
+        (lambda: patches.pack_texts([]), "pack_texts: no texts to pack"),
+        (lambda: patches.pack_texts([np.zeros(8)]), r"pack_texts: texts must be \(L_i, D\)"),
+        (lambda: patches.unpack_clips(row.tokens[:20], row.shapes, (1, 2, 2)), r"unpack_clips: .* N >= 24"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
 def test_presets_and_config_errors():
@@ -271,6 +282,59 @@ def test_presets_and_config_errors():
     # FLOPs counted like the PyTorch peer's model_flops(batch=4, tokens=4096, text=128, dim=1152, layers=28).
     assert dit.dit_flops(dit.dit_preset("XL"), 4096, 128, batch=4) == 2 * 3 * 4 * 28 * (
         4096 * (4 + 8 + 2) * 1152**2 + 128 * 2 * 1152**2 + 2 * 4096**2 * 1152 + 2 * 4096 * 128 * 1152)
+
+
+def test_config_rejects_values_that_would_fail_later_or_silently():
+    for overrides, match in [(dict(rope_theta=0.0), "rope_theta: must be a positive number"),
+                             (dict(mlp_ratio=0), "mlp_ratio: must be a positive number"),
+                             (dict(scan_blocks="no"), "scan_blocks: must be True or False, got 'no'"),
+                             (dict(conditioning_frames="no"), "conditioning_frames: must be True or False"),
+                             (dict(patch=2), r"patch: need three positive ints \(pt, ph, pw\), got 2"),
+                             (dict(widht=32), r"unknown DiTConfig field\(s\) \['widht'\]; valid fields: .*width")]:
+        with pytest.raises(ValueError, match=match):
+            dit.dit_preset("tiny", **overrides)
+
+
+def _bad_input(name):
+    """The tiny model's inputs at latents (2, 2, 4, 4) with one of them wrong, as keyword overrides."""
+    x, t, text, lengths, pooled = _inputs(0, (2, 2, 4, 4))
+    bad = {"t_scalar": dict(t=np.float32(0.5)), "t_batch": dict(t=np.zeros(4, np.float32)),
+           "text_dim": dict(text=text[..., :8]), "text_batch": dict(text=text[:1]),
+           "lengths": dict(lengths=np.array([6, 6, 6])), "pooled": dict(pooled=pooled[:, :8]),
+           "cond_mask": dict(cond_mask=np.ones((2, 3), np.float32)),
+           "cond_latents": dict(cond_latents=np.zeros((2, 2, 4, 4, 3), np.float32))}[name]
+    args = {**dict(x=x, t=t, text=text, lengths=lengths, pooled=pooled), **bad}
+    extra = {k: args.pop(k) for k in ("cond_mask", "cond_latents") if k in args}
+    return (args["x"], args["t"], args["text"], args["lengths"], args["pooled"]), extra
+
+
+@pytest.mark.parametrize("name, match", [
+    ("t_scalar", r"t: flow times must be \(2,\), one per sample .* got \(\)"),
+    ("t_batch", r"t: flow times must be \(2,\).* got \(4,\)"),
+    ("text_dim", r"text_emb: must be \(2, L, 32\) \(text_dim=32; .*got \(2, 6, 8\)"),
+    ("text_batch", r"text_emb: must be \(2, L, 32\).*got \(1, 6, 32\)"),
+    ("lengths", r"text_mask_or_lengths: must be lengths \(2,\) or a mask \(2, 6\), got \(3,\)"),
+    ("pooled", r"pooled_text: must be \(2, 24\) \(pooled_dim=24\), got \(2, 8\)"),
+    ("cond_mask", r"cond_mask: must be per frame \(2, 2\).*got \(2, 3\)"),
+    ("cond_latents", r"cond_latents: must have x_t's shape \(2, 2, 4, 4, 4\), got \(2, 2, 4, 4, 3\)"),
+])
+def test_wrong_inputs_fail_at_the_model_boundary_naming_themselves(name, match):
+    args, extra = _bad_input(name)
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(functools.partial(dit.VideoDiT(CFG).apply, **extra), _variables(), *args)
+
+
+def test_wrong_packed_inputs_fail_naming_themselves():
+    model = dit.VideoDiT(CFG)
+    x, t, text, lengths, pooled = _inputs(0, (1, 2, 4, 4))
+    tokens = patches.patchify(dit.concat_conditioning(x), CFG.patch)
+    positions = np.zeros((1, tokens.shape[1], 3), np.int32)
+    call = lambda tokens, **kw: jax.eval_shape(functools.partial(model.apply, method=model.forward_tokens, **kw),
+                                               _variables(), tokens, t, text, lengths, pooled)
+    with pytest.raises(ValueError, match=r"tokens: must be \(B, N, 36\) \(pt\*ph\*pw\*in_channels\)"):
+        call(tokens[..., :16], positions=positions)
+    with pytest.raises(ValueError, match=r"segment_ids: must be \(1, 8\), one clip index per token, got \(1, 4\)"):
+        call(tokens, positions=positions, segment_ids=np.zeros((1, 4), np.int32))
 
 
 def test_preset_parameter_counts():

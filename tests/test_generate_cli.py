@@ -98,7 +98,11 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     ([PROMPT, "--checkpoint", "{model}", "--height", "20"], "this model cannot make height=20: it makes frames 1 + 4k "
      "(1, 5, 9, 13, 17, ...), height and width multiples of 8 (trained on 9 frames of 16x16)"),
     ([PROMPT, "--checkpoint", "{model}", "--loop", "--frames", "9"], "a loop of num_frames=9 cannot be made"),
-    ([PROMPT, "--checkpoint", "{model}", "--steps", "0"], "steps=0 must be at least 1"),
+    ([PROMPT, "--steps", "0"], "--steps=0 must be at least 1"),
+    ([PROMPT, "--guidance", "nan"], "--guidance=nan must be a finite number (1 = off)"),
+    ([PROMPT, "--seed", "-1"], "--seed=-1 must be in [0, 2**32 - --num]"),
+    ([PROMPT, "--fps", "0"], "--fps=0.0 must be a positive frame rate"),
+    ([PROMPT, "--fps", "-8"], "--fps=-8.0 must be a positive frame rate"),
     ([PROMPT, "--checkpoint", "{model}", "--extend", "{video}", "--context-frames", "3"],
      "context_frames=3 does not fit extending forward here; use one of [1, 5]"),
 ])
@@ -109,6 +113,13 @@ def test_bad_input_is_one_line(argv, message, model, inputs, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vidiff generate: error: "), err
     assert message.format(**fill) in lines[0]
+
+
+def test_an_unquoted_prompt_is_pointed_out(capsys):
+    """The shell splits ``vidiff generate a red circle``: warn before sampling one clip per word."""
+    code, out, err = generate(capsys, "a", "red", "circle", "--out", "demo.avi")  # stops before the model loads
+    assert code == 2 and err.splitlines()[0] == ('vidiff generate: warning: 3 one-word prompts, one clip each; for '
+                                                 'one prompt, quote it: vidiff generate "a red circle"')
 
 
 def test_the_command_line_entry_point_never_shows_a_traceback():

@@ -34,6 +34,9 @@ def test_make_mesh_shapes(sizes, shape):
         (dict(data=-1, fsdp=3), "not divisible by the fixed axes"),
         (dict(data=-1, fsdp=-1), "only one axis may be -1"),
         (dict(data=0), "must be positive or -1"),
+        (dict(data=2.5), r"mesh.data=2.5 must be an int size \(or -1 for the rest of the devices\)"),
+        (dict(fsdp="x"), "mesh.fsdp='x' must be an int size"),
+        (dict(devices=[]), "mesh: no devices to lay out"),
     ],
 )
 def test_make_mesh_errors_name_the_problem(sizes, message):
@@ -56,6 +59,24 @@ def test_rules_map_logical_params_to_mesh():
     assert sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     batch = jax.device_put(np.zeros((8, 3)), parallel.batch_sharding(mesh, 2))
     assert batch.sharding.shard_shape(batch.shape) == (2, 3)
+
+
+def test_rules_that_do_not_fit_are_named_not_silently_replicated():
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_logical_partitioning(nn.initializers.ones, ("embed", "mlp"))
+            return x @ self.param("kernel", init, (x.shape[-1], 16))
+
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    abstract = jax.eval_shape(Tiny().init, jax.random.key(0), jnp.ones((4, 8)))
+    without_embed = [rule for rule in parallel.LOGICAL_RULES if rule[0] != "embed"]
+    with pytest.raises(ValueError, match=r"rules: logical axis name\(s\) \['embed'\] have no rule; add them"):
+        parallel.param_shardings(abstract, mesh, without_embed)
+    misspelt = [("embed", "dat"), *without_embed]
+    with pytest.raises(ValueError, match=r"rules: \('embed', 'dat'\) maps to mesh axis 'dat'; the mesh has "
+                                         r"\('data', 'fsdp', 'tensor', 'context'\)"):
+        parallel.param_shardings(abstract, mesh, misspelt)
 
 
 def test_every_rule_names_known_mesh_axes():
@@ -114,3 +135,5 @@ def test_device_batch_and_gather_roundtrip():
     batch = parallel.device_batch({"x": np.arange(16.0).reshape(8, 2)}, mesh)
     assert batch["x"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
     np.testing.assert_array_equal(parallel.gather(batch)["x"], np.arange(16.0).reshape(8, 2))
+    with pytest.raises(ValueError, match=r"batch: 'x' has 3 rows in all, not a multiple of the mesh's data x fsdp = 8"):
+        parallel.device_batch({"x": np.zeros((3, 2))}, mesh)

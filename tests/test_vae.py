@@ -71,6 +71,33 @@ def test_config_validation_messages():
     with pytest.raises(ValueError, match="num_frames=4"):  # raised at trace time, before any compile
         jax.eval_shape(VideoVAE(cfg).init, jax.random.key(0), jnp.zeros((1, 4, 8, 8, 3)))
     assert vae_preset("base").latent_shape((2, 17, 64, 96, 3)) == (2, 5, 8, 12, 16)
+    for overrides, match in [(dict(dtype="bf16"), "VAEConfig.dtype='bf16' must be one of float32, bfloat16"),
+                             (dict(mid_attention="no"), "VAEConfig.mid_attention='no' must be True or False"),
+                             (dict(channel_mults=()), "VAEConfig.channel_mults is empty")]:
+        with pytest.raises(ValueError, match=match):
+            vae_preset("tiny", **overrides)
+
+
+def test_wrong_frames_latents_and_stats_are_named_before_any_work():
+    vae = VideoVAE(vae_preset("tiny"))
+    variables = {"params": {}, "latent_stats": {"shift": np.zeros(4, np.float32), "scale": np.ones(4, np.float32)}}
+    uint8_clip = np.full((1, 5, 8, 8, 3), 255, np.uint8)
+    for encode in (lambda: jax.eval_shape(functools.partial(vae.apply, method=vae.encode), variables, uint8_clip),
+                   lambda: encode_chunked(vae, variables, uint8_clip, 4)):
+        with pytest.raises(ValueError, match="video dtype uint8: the VAE takes float frames in \\[-1, 1\\]; "
+                                             "convert uint8 frames with vidiff.io.to_float"):
+            encode()
+    # The whole clip's shape is named, not a chunk's or a tile's.
+    with pytest.raises(ValueError, match=r"latents shape \(3, 2, 2, 4\) must be \(batch, t, h, w, 4\)"):
+        decode_chunked(vae, variables, np.zeros((3, 2, 2, 4), np.float32), 2)
+    with pytest.raises(ValueError, match=r"latents shape \(1, 2, 2, 2, 3\) must be"):
+        decode_tiled(vae, variables, np.zeros((1, 2, 2, 2, 3), np.float32), 2, 0)
+    with pytest.raises(ValueError, match=r"set_latent_stats: scale needs shape \(4,\) .*got \(3,\)"):
+        set_latent_stats(variables, np.zeros(4), np.ones(3))
+    with pytest.raises(ValueError, match=r"set_latent_stats: shift needs shape \(4,\) .*got \(\)"):
+        set_latent_stats(variables, 0.0, np.ones(4))
+    with pytest.raises(ValueError, match="set_latent_stats: scale must be positive"):
+        set_latent_stats(variables, np.zeros(4), np.array([1.0, 0.0, 1.0, 1.0]))
 
 
 @pytest.mark.parametrize("frames", [1, 5, 9, 17])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -63,8 +64,13 @@ def run(args: argparse.Namespace) -> int:
     """Check the request, load the model, generate, write every file and say where."""
     prompts = _check_prompts(args.prompts)
     _check_mode_flags(args)
+    check_sampling_flags(args)
     if args.num < 1:
         raise ValueError(f"--num={args.num} must be at least 1")
+    if not 0 <= args.seed <= 2**32 - args.num:  # the noise is keyed by a uint32 per clip
+        raise ValueError(f"--seed={args.seed} must be in [0, 2**32 - --num]")
+    if not 0.0 < args.fps < math.inf:
+        raise ValueError(f"--fps={args.fps} must be a positive frame rate")
     total = len(prompts) * args.num
     single = args.frames == 1
     outputs = _output_paths(args.out or ("vidiff.png" if single else "vidiff.mp4"), total)
@@ -135,7 +141,18 @@ def _check_prompts(prompts) -> list[str]:
         if not prompt.strip():
             which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
             raise ValueError(f"{which} is empty; describe the video, e.g. \"a red circle moving left\"")
+    if len(prompts) > 2 and all(len(p.split()) == 1 for p in prompts):  # the shell split an unquoted prompt
+        print(f"vidiff generate: warning: {len(prompts)} one-word prompts, one clip each; for one prompt, quote "
+              f"it: vidiff generate \"{' '.join(prompts)}\"", file=sys.stderr)
     return list(prompts)
+
+
+def check_sampling_flags(args) -> None:
+    """The sampling flags ``generate`` and ``eval`` share, checked before a model loads."""
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps={args.steps} must be at least 1")
+    if args.guidance is not None and not math.isfinite(args.guidance):  # NaN would give black clips
+        raise ValueError(f"--guidance={args.guidance} must be a finite number (1 = off)")
 
 
 def _check_mode_flags(args) -> None:

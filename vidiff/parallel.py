@@ -99,7 +99,18 @@ def mesh_sizes(spec: str | Mapping | None = None, **overrides) -> dict[str, int]
         raise ValueError(f"mesh: unknown axes {unknown}; valid: {list(MESH_AXES)} (and preset, dcn)")
     if not given:
         return dict(MESH_PRESETS["dp"])
-    return {a: int(given.get(a, 1)) for a in MESH_AXES}
+    return {a: _axis_size(a, given.get(a, 1)) for a in MESH_AXES}
+
+
+def _axis_size(axis: str, value) -> int:
+    """``value`` as an int size; a one-line error naming ``mesh.<axis>`` for "x" or 2.5 (int() would truncate)."""
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = None
+    if size is None or size != value and str(size) != str(value).strip():
+        raise ValueError(f"mesh.{axis}={value!r} must be an int size (or -1 for the rest of the devices)")
+    return size
 
 
 def _parse_mesh_text(text: str) -> dict:
@@ -120,7 +131,9 @@ def _parse_mesh_text(text: str) -> dict:
 
 def resolve_sizes(sizes: Mapping[str, int], device_count: int) -> dict[str, int]:
     """Replace the one -1 by the rest of ``device_count``; one-line ``ValueError`` naming ``mesh.*`` otherwise."""
-    sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+    sizes = {a: _axis_size(a, sizes.get(a, 1)) for a in MESH_AXES}
+    if device_count < 1:
+        raise ValueError("mesh: no devices to lay out; pass devices=None for all of jax.devices()")
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
         raise ValueError(f"mesh: only one axis may be -1, got {['mesh.' + k for k in free]}; give the others sizes")
@@ -192,7 +205,25 @@ def mesh_from_config(mesh_config: Mapping | str | None, devices: Sequence[jax.De
 
 def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
     """Tree of logical ``PartitionSpec``s (e.g. from ``nn.get_partition_spec``) -> ``NamedSharding``s."""
+    check_rules(logical_specs, mesh, rules)
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def check_rules(logical_specs, mesh: Mesh, rules=LOGICAL_RULES) -> None:
+    """One-line errors for a rules table that does not fit: flax would replicate an unnamed logical axis
+    silently (FSDP that shards nothing), and a misspelt mesh axis fails in jax without naming the rule."""
+    rules = tuple(rules.items()) if isinstance(rules, Mapping) else tuple(rules)
+    for name, target in rules:
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        if missing := [a for a in axes if a not in mesh.axis_names]:
+            raise ValueError(f"rules: ({name!r}, {target!r}) maps to mesh axis {missing[0]!r}; the mesh has "
+                             f"{mesh.axis_names}")
+    specs = jax.tree.leaves(logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    used = {n for spec in specs if isinstance(spec, PartitionSpec) for entry in spec if entry is not None
+            for n in ((entry,) if isinstance(entry, str) else entry)}
+    if unruled := sorted(used - {name for name, _ in rules}):
+        raise ValueError(f"rules: logical axis name(s) {unruled} have no rule; add them to the rules table "
+                         "(None to replicate; see vidiff.parallel.LOGICAL_RULES)")
 
 
 def param_shardings(abstract_variables, mesh: Mesh, rules=LOGICAL_RULES):
@@ -215,6 +246,12 @@ def device_batch(local: Mapping, mesh: Mesh) -> dict:
 
     The global batch is the concatenation of every process's rows, in process order.
     """
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    for k, v in local.items():
+        rows = np.shape(v)[0] * jax.process_count() if np.ndim(v) else 0
+        if rows % ways or not rows:
+            raise ValueError(f"batch: {k!r} has {rows} rows in all, not a multiple of the mesh's data x fsdp = {ways}; "
+                             f"use a batch size that is")
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in local.items()}
 

@@ -43,6 +43,7 @@ from flax import linen as nn
 
 from vidiff import io, parallel
 from vidiff.diffusion.flow import noise_latents, shift_for_tokens
+from vidiff.diffusion.samplers import check_guidance
 from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_plan, latent_count, on_sampler_step,
                                        pixel_count, sample_latents, seeded_noise, text_context)
 from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
@@ -169,7 +170,8 @@ class TextToVideo:
             raise ValueError(f"num_frames={num_frames} leaves no room to extend; use at least {pixel_count(2, tf)}")
         available = latent_count(len(frames), tf) - (direction == "backward")  # backward needs frame 0 as context
         if available < 1:
-            raise ValueError(f"the video has {len(frames)} frame(s); extending backward needs at least {1 + tf}")
+            need = 1 + tf if direction == "backward" else 1
+            raise ValueError(f"the video has {len(frames)} frame(s); extending {direction} needs at least {need}")
         k = (min(max(1, L // 2), available) if context_frames is None
              else _context_latents(int(context_frames), direction, tf, min(available, L - 1)))
         if direction == "forward":
@@ -286,13 +288,18 @@ class TextToVideo:
         ``batch_size`` caps clips per compiled call; ``progress`` shows a tqdm bar;
         ``return_latents`` returns the normalised latents ``(N, L, h, w, c)`` undecoded.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts) or [""]  # none: one empty prompt (error)
-        seeds = [int(seed) + j for j in range(num_per_prompt)] if np.ndim(seed) == 0 else [int(s) for s in seed]
+        if not isinstance(prompts, (str, Sequence, np.ndarray)):
+            raise ValueError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = _seeds(seed, num_per_prompt)
         steps = int(self.defaults["steps"] if steps is None else steps)
         guidance = float(self.defaults["guidance"] if guidance is None else guidance)
         sampler = self.defaults["sampler"] if sampler is None else sampler  # sample() checks the name
         if steps < 1:
             raise ValueError(f"steps={steps} must be at least 1")
+        if batch_size is not None and not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+            raise ValueError(f"batch_size={batch_size!r} must be a positive int, or None for one batch")
+        check_guidance(guidance, guidance_interval)
         emb = encode_prompts(self.text, prompts)
         sf = self.vae.config.spatial_factor
         shape = (plan.latent_frames, height // sf, width // sf, self.vae.config.latent_channels)
@@ -335,6 +342,24 @@ class TextToVideo:
         if shift != "auto":
             return float(shift)
         return shift_for_tokens(math.prod(s // p for s, p in zip(latent_shape[:3], self.dit.config.patch)))
+
+
+def _seeds(seed, num_per_prompt) -> list[int]:
+    """The seeds every prompt is sampled with: ``seed, seed + 1, ...`` or an explicit list, each a uint32."""
+    if not isinstance(num_per_prompt, (int, np.integer)) or num_per_prompt < 1:
+        raise ValueError(f"num_per_prompt={num_per_prompt!r} must be a positive int")
+    if np.ndim(seed) == 0:
+        seeds = [int(seed) + j for j in range(num_per_prompt)]
+    elif num_per_prompt != 1:
+        raise ValueError(f"num_per_prompt={num_per_prompt} with a list of seeds: give one or the other (a list "
+                         "samples every prompt once per seed)")
+    else:
+        seeds = [int(s) for s in seed]
+    if not seeds:
+        raise ValueError("seed=[] gives no samples; pass an int or a non-empty list of seeds")
+    if not all(0 <= s < 2**32 for s in seeds):  # the noise is keyed by a uint32
+        raise ValueError(f"seeds {seeds} must be in [0, 2**32)")
+    return seeds
 
 
 @functools.lru_cache(maxsize=4)

@@ -53,6 +53,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """Print the per-device memory table; more devices than this machine has re-runs on virtual CPU devices."""
+    _check_flags(args)
     import jax
 
     wanted = args.devices or jax.device_count()
@@ -61,6 +62,16 @@ def run(args) -> int:
     rows = plan(args, jax.devices()[:wanted])
     print(format_table(rows, args.device_memory))
     return 0
+
+
+def _check_flags(args) -> None:
+    """Numbers that would otherwise mean "default" (0) or fail deep in a compile (negative), named up front."""
+    for flag in ("devices", "batch", "text_dim"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
+    if args.device_memory is not None and not args.device_memory > 0:
+        raise ValueError(f"--device-memory={args.device_memory} must be a positive number of GiB")
+    _ints(args.tokens)
 
 
 def _rerun_on_virtual_cpus(args, devices: int) -> int:
@@ -90,7 +101,8 @@ def plan(args, devices) -> list[dict]:
     batch = args.batch or int(config.data.batch_size)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch % dp:
-        raise ValueError(f"--batch {batch} is not divisible by mesh data x fsdp = {dp}; use a multiple of {dp}")
+        named = "--batch" if args.batch else "data.batch_size"
+        raise ValueError(f"{named} {batch} is not divisible by mesh data x fsdp = {dp}; use a multiple of {dp}")
     rows = []
     if args.model == "vae":
         rows.append(_compile_row(config, mesh, *_vae_step(config, mesh, batch), dict(model="vae")))
@@ -107,7 +119,14 @@ def plan(args, devices) -> list[dict]:
 
 
 def _ints(text):
-    return [int(v) for v in text.split(",")] if text else []
+    """``--tokens`` as positive ints; a one-line error naming the flag otherwise."""
+    try:
+        values = [int(v) for v in text.split(",")] if text else []
+    except ValueError:
+        values = [0]
+    if any(v < 1 for v in values):
+        raise ValueError(f"--tokens={text!r} must be comma-separated positive ints, e.g. 4096,16384")
+    return values
 
 
 def _tokens(latent, patch) -> int:

@@ -51,8 +51,12 @@ def encode_prompts(text, prompts: Sequence[str]):
     """``TextEmbeddings`` of ``prompts`` from encoder ``text``: empty prompts are errors, over-long ones are
     truncated with a warning saying what the model reads."""
     which = lambda i: "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+    if not prompts:
+        raise ValueError("no prompts given; pass at least one, e.g. 'a red circle moving left'")
     for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
+        if not isinstance(p, str):
+            raise ValueError(f"{which(i)} is a {type(p).__name__} ({p!r}); prompts are strings")
+        if not p.strip():
             raise ValueError(f"{which(i)} is empty; describe the video, e.g. 'a red circle moving left'")
     emb = text.encode(list(prompts))
     for i in np.nonzero(emb.truncated)[0]:
@@ -149,6 +153,9 @@ class Plan:
 
 def known_plan(latent_frames: int, frames: dict) -> Plan:
     """A plan whose latent frames ``frames`` (index -> (1, h, w, c) latents) are known."""
+    if not frames or not all(0 <= j < latent_frames for j in frames):
+        raise ValueError(f"known_plan: known latent frames {sorted(frames)} must be a non-empty subset of "
+                         f"0..{latent_frames - 1}")
     some = next(iter(frames.values()))
     known = np.zeros((1, latent_frames, *some.shape[1:]), np.float32)
     mask = np.zeros(latent_frames, np.float32)

@@ -18,10 +18,12 @@ the frame after the last is the second one, see ``vidiff.pipeline``).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vidiff.diffusion.flow import predict_x0, shift_timesteps
 
@@ -30,11 +32,22 @@ SAMPLERS = ("euler", "heun", "dpmpp_2m")
 
 def timestep_schedule(steps: int, shift: float = 1.0, t_start: float = 1.0):
     """``steps + 1`` times from ``t_start`` to 0, spaced by the same shift as training."""
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be at least 1")
+    if not isinstance(steps, (int, np.integer)) or steps < 1:  # a float would fail deep in fori_loop
+        raise ValueError(f"steps={steps!r} must be an int, at least 1")
+    if not 0.0 < shift < math.inf:  # also false for NaN
+        raise ValueError(f"shift={shift} must be a positive number (1 = no shift)")
     if not 0.0 < t_start <= 1.0:
         raise ValueError(f"t_start={t_start} must be in (0, 1]")
     return t_start * shift_timesteps(jnp.linspace(1.0, 0.0, steps + 1), shift)
+
+
+def check_guidance(scale: float, interval) -> None:
+    """Raise a one-line ValueError for a guidance scale or interval that would fail late or do nothing silently."""
+    if not math.isfinite(scale):  # NaN guidance gives an all-NaN clip, which decodes to black
+        raise ValueError(f"guidance={scale} must be a finite number (1 = no guidance)")
+    if (np.ndim(interval) != 1 or len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0):
+        raise ValueError(f"guidance_interval={interval!r} must be (lo, hi) with 0 <= lo <= hi <= 1: the flow times "
+                         "at which guidance applies")
 
 
 def classifier_free_guidance(
@@ -52,6 +65,7 @@ def classifier_free_guidance(
     (guiding the noisiest or cleanest steps hurts some models), the conditional
     prediction elsewhere. ``scale == 1`` skips the unconditional branch.
     """
+    check_guidance(scale, interval)
     if scale == 1.0:
         return lambda x, t: velocity_fn(x, t, cond)
     both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
@@ -94,6 +108,7 @@ def sample(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} is unknown; use one of {SAMPLERS}")
     ts = timestep_schedule(steps, shift, t_start).astype(x_start.dtype)
+    _check_known_frames(x_start.shape, known_latents, known_mask, tie)
     batch = x_start.shape[0]
 
     if known_mask is None:
@@ -160,3 +175,20 @@ def sample(
 def _log_snr(t):
     """``lambda = log(alpha / sigma)`` for ``alpha = 1 - t``, ``sigma = t`` (+inf at t = 0)."""
     return jnp.log1p(-t) - jnp.log(t)
+
+
+def _check_known_frames(shape, known_latents, known_mask, tie) -> None:
+    """Known frames and ties must fit ``x_start (B, t, h, w, c)``: a wrong one would broadcast or index silently."""
+    if known_mask is None and known_latents is None and not tie:
+        return
+    if len(shape) != 5:
+        raise ValueError(f"x_start: known frames need latents (B, t, h, w, c), got shape {tuple(shape)}")
+    if known_mask is not None and np.shape(known_mask) != tuple(shape[:2]):
+        raise ValueError(f"known_mask: must be per latent frame {tuple(shape[:2])}, got {np.shape(known_mask)}")
+    if known_latents is not None and np.shape(known_latents) != tuple(shape):
+        raise ValueError(f"known_latents: must have x_start's shape {tuple(shape)}, got {np.shape(known_latents)}")
+    if tie:
+        targets, sources = tie
+        frames = shape[1]
+        if len(targets) != len(sources) or not all(0 <= f < frames for f in (*targets, *sources)):
+            raise ValueError(f"tie={tie!r}: needs (targets, sources) of equal length, latent frames in [0, {frames})")

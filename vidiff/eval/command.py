@@ -12,7 +12,7 @@ import sys
 
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.eval import adherence
-from vidiff.generate import check_writable, one_line_warnings, quiet_transformers
+from vidiff.generate import check_sampling_flags, check_writable, one_line_warnings, quiet_transformers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen evaluation, print its table (adherence) and JSON summary, write ``--out``."""
+    check_sampling_flags(args)
     if args.evaluation == "adherence" and args.seeds < 1:
         raise ValueError(f"--seeds={args.seeds} must be at least 1")
+    if args.evaluation == "adherence" and args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size} must be at least 1 (omit it for one batch per seed)")
     if args.evaluation == "modes" and (args.clips < 1 or not 0.0 < args.strength <= 1.0):
         raise ValueError(f"--clips={args.clips} must be >= 1 and --strength={args.strength} in (0, 1]")
     if args.out:

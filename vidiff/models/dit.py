@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,9 @@ from flax import linen as nn
 from vidiff.models import context_attention  # noqa: F401  (registers the "ulysses" and "ring" attention_impl)
 from vidiff.models.attention import (Attention, JointAttention, flash_attention_saveable, local_attention_impl,
                                      resolve_attention_impl)
+from vidiff.models.dit_inputs import (  # noqa: F401  (concat_conditioning, dummy_inputs: part of the DiT's API)
+    check_token_inputs, concat_conditioning, dummy_inputs, text_mask_and_lengths,
+)
 from vidiff.models.layers import (Mlp, Modulation, ProjectionMLP, TimestepEmbedder, dense, layer_norm, modulate,
                                   rms_normalize)
 from vidiff.models.patches import patch_positions, patchify, unpatchify
@@ -91,9 +93,17 @@ class DiTConfig:
         for name in ("depth", "width", "heads", "latent_channels", "text_dim", "pooled_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive int, got {getattr(self, name)!r}")
+        for name in ("mlp_ratio", "rope_theta"):
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be a positive number, got {getattr(self, name)!r}")
+        for name in ("conditioning_frames", "abs_pos_embed", "normalize_text", "scan_blocks"):
+            if not isinstance(getattr(self, name), bool):  # a config string "no" would otherwise read as True
+                raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.patch, (int, str)) or len(self.patch) != 3:
+            raise ValueError(f"patch: need three positive ints (pt, ph, pw), got {self.patch!r}")
         object.__setattr__(self, "patch", tuple(int(p) for p in self.patch))
         object.__setattr__(self, "rope_fractions", tuple(float(f) for f in self.rope_fractions))
-        if len(self.patch) != 3 or min(self.patch) < 1:
+        if min(self.patch) < 1:
             raise ValueError(f"patch: need three positive ints (pt, ph, pw), got {self.patch}")
         if self.width % self.heads:
             raise ValueError(f"heads: width {self.width} is not divisible by heads {self.heads}")
@@ -138,6 +148,9 @@ def dit_preset(name: str, **overrides) -> DiTConfig:
     """Config of a named preset (``tiny``, ``small``, ``B``, ``L``, ``XL``, ``1.5B``) with field overrides."""
     if name not in DIT_PRESETS:
         raise ValueError(f"dit preset: unknown {name!r}; valid: {sorted(DIT_PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    if unknown := sorted(set(overrides) - fields):
+        raise ValueError(f"unknown DiTConfig field(s) {unknown}; valid fields: {', '.join(sorted(fields))}")
     return DiTConfig(**{**DIT_PRESETS[name], **overrides})
 
 
@@ -149,24 +162,6 @@ def dit_flops(config: DiTConfig, tokens: int, text_tokens: int, batch: int = 1, 
     else:  # both streams get qkv/o and an MLP; attention over T + L tokens
         per_layer = (T + L) * (4 * d * d + 2 * r * d * d) + 2 * (T + L) ** 2 * d
     return int(2 * per_layer * config.depth * batch * (3 if training else 1))
-
-
-# --------------------------------------------------------------------------- model input
-
-
-def concat_conditioning(x_t, cond_latents=None, cond_mask=None):
-    """Model input ``(B, t, h, w, 2c + 1)``: noisy latents, known clean latents (where mask = 1), mask.
-
-    ``cond_mask`` is per frame ``(B, t)`` / ``(B, t, 1, 1, 1)`` or per cell ``(B, t, h, w, 1)``;
-    zeros (no conditioning) when omitted. Latents under mask 0 are zeroed, so callers may pass
-    whole clips.
-    """
-    b, t, h, w, _ = x_t.shape
-    mask = jnp.zeros((b, t), x_t.dtype) if cond_mask is None else jnp.asarray(cond_mask, x_t.dtype)
-    mask = mask.reshape(b, t, 1, 1, 1) if mask.ndim == 2 else mask
-    mask = jnp.broadcast_to(mask, (b, t, h, w, 1))
-    cond = jnp.zeros_like(x_t) if cond_latents is None else jnp.asarray(cond_latents, x_t.dtype)
-    return jnp.concatenate([x_t, cond * mask, mask], axis=-1)
 
 
 # --------------------------------------------------------------------------- network
@@ -247,16 +242,6 @@ class FinalLayer(nn.Module):
         return dense(out_features, ("embed", "patch"), zero_init=True, name="proj", **kw)(y)
 
 
-def _text_mask_and_lengths(text_mask_or_lengths):
-    """``None`` | bool/0-1 mask ``(B, L)`` | int lengths ``(B,)`` -> ``(mask or None, lengths or None)``."""
-    if text_mask_or_lengths is None:
-        return None, None
-    m = jnp.asarray(text_mask_or_lengths)
-    if m.ndim == 1:
-        return None, m.astype(jnp.int32)
-    return m.astype(bool), None
-
-
 class VideoDiT(nn.Module):
     """Text-conditioned spacetime DiT predicting the rectified-flow velocity (see the module docstring)."""
 
@@ -322,6 +307,8 @@ class VideoDiT(nn.Module):
             clip sees only its own caption; None = every token sees all valid text.
         """
         cfg = self.config
+        check_token_inputs(cfg, tokens, t, text_emb, text_mask_or_lengths, pooled_text, segment_ids,
+                            text_segment_ids)
         b, n, _ = tokens.shape
         t = jnp.asarray(t, jnp.float32).reshape(b, -1)
         clips = t.shape[1]
@@ -338,7 +325,7 @@ class VideoDiT(nn.Module):
         cond = self.time_embed(t) + self.pooled_embed(pooled)  # (B, S, D): one conditioning vector per clip
         clip_index = None if clips == 1 else jnp.clip(segment_ids, 0, clips - 1)
         text_clip = None if clips == 1 or text_segment_ids is None else jnp.clip(text_segment_ids, 0, clips - 1)
-        text_mask, text_lengths = _text_mask_and_lengths(text_mask_or_lengths)
+        text_mask, text_lengths = text_mask_and_lengths(text_mask_or_lengths)
         ctx = dict(cond=cond, clip_index=clip_index, text_clip_index=text_clip,
                    rope=rope_3d(positions, cfg.head_dim, cfg.rope_fractions, cfg.rope_theta),
                    segment_ids=segment_ids, text_segment_ids=text_segment_ids,
@@ -357,14 +344,6 @@ class VideoDiT(nn.Module):
             for block in self.blocks:
                 carry, _ = block(carry, ctx)
         return self.final_layer(carry[0], cond, clip_index).astype(jnp.float32)
-
-
-def dummy_inputs(config: DiTConfig, batch: int = 1, latent_shape: Sequence[int] | None = None, text_len: int = 4):
-    """Zero ``(x_t, t, text_emb, text_lengths, pooled_text)`` for ``init`` / shape checks."""
-    shape = tuple(latent_shape or config.patch)
-    return (jnp.zeros((batch, *shape, config.latent_channels)), jnp.zeros((batch,)),
-            jnp.zeros((batch, text_len, config.text_dim)), jnp.full((batch,), text_len, jnp.int32),
-            jnp.zeros((batch, config.pooled_dim)))
 
 
 def param_count(config: DiTConfig) -> int:

@@ -23,6 +23,8 @@ def _check_divisible(shape: Sequence[int], patch: Sequence[int]) -> None:
 
 def patchify(x, patch: Sequence[int]):
     """Latents ``(B, t, h, w, c)`` -> tokens ``(B, N, pt*ph*pw*c)`` in (time, height, width) raster order."""
+    if np.ndim(x) != 5:
+        raise ValueError(f"patchify: latents must be (B, t, h, w, c), got shape {np.shape(x)}")
     _check_divisible(x.shape[1:4], patch)
     pt, ph, pw = patch
     return rearrange(x, "b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
@@ -33,6 +35,9 @@ def unpatchify(tokens, patch: Sequence[int], latent_shape: Sequence[int]):
     _check_divisible(latent_shape, patch)
     pt, ph, pw = patch
     t, h, w = (s // p for s, p in zip(latent_shape, patch))
+    if np.ndim(tokens) != 3 or tokens.shape[1] != t * h * w or tokens.shape[2] % (pt * ph * pw):
+        raise ValueError(f"unpatchify: tokens must be (B, {t * h * w}, pt*ph*pw*c) for latents {tuple(latent_shape)} "
+                         f"and patch {tuple(patch)}, got shape {np.shape(tokens)}")
     return rearrange(tokens, "b (t h w) (pt ph pw c) -> b (t pt) (h ph) (w pw) c", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
 
 
@@ -60,6 +65,10 @@ def pack_clips(clips: Sequence[np.ndarray], patch: Sequence[int], length: int | 
     to feed ``VideoDiT.forward_tokens``.
     """
     clips = [np.asarray(c, np.float32) for c in clips]
+    if not clips:
+        raise ValueError("pack_clips: no clips to pack")
+    if any(c.ndim != 4 or c.shape[-1] != clips[0].shape[-1] for c in clips):
+        raise ValueError(f"pack_clips: clips must be (t, h, w, C) with one C, got shapes {[c.shape for c in clips]}")
     tokens = [patchify(c[None], patch)[0] for c in clips]
     grids = [[s // p for s, p in zip(c.shape[:3], patch)] for c in clips]
     n = sum(len(t) for t in tokens)
@@ -78,6 +87,10 @@ def pack_clips(clips: Sequence[np.ndarray], patch: Sequence[int], length: int | 
 def pack_texts(texts: Sequence[np.ndarray], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate per-clip valid text tokens ``(L_i, D)`` into ``(text (L, D), text_segment_ids (L,))``, pad id -1."""
     texts = [np.asarray(t, np.float32) for t in texts]
+    if not texts:
+        raise ValueError("pack_texts: no texts to pack")
+    if any(t.ndim != 2 or t.shape[-1] != texts[0].shape[-1] for t in texts):
+        raise ValueError(f"pack_texts: texts must be (L_i, D) with one D, got shapes {[t.shape for t in texts]}")
     n = sum(len(t) for t in texts)
     pad = (length or n) - n
     if pad < 0:
@@ -88,9 +101,12 @@ def pack_texts(texts: Sequence[np.ndarray], length: int | None = None) -> tuple[
 
 def unpack_clips(tokens, shapes: Sequence[Sequence[int]], patch: Sequence[int]) -> list:
     """Inverse of :func:`pack_clips` for one row of outputs ``(N, D)``: a list of ``(t, h, w, c)`` latents."""
+    counts = [math.prod(s // p for s, p in zip(shape, patch)) for shape in shapes]
+    if np.ndim(tokens) != 2 or len(tokens) < sum(counts):
+        raise ValueError(f"unpack_clips: tokens must be one row (N, D) with N >= {sum(counts)} for clips {list(shapes)}, "
+                         f"got shape {np.shape(tokens)}")
     out, start = [], 0
-    for shape in shapes:
-        n = math.prod(s // p for s, p in zip(shape, patch))
+    for shape, n in zip(shapes, counts):
         out.append(unpatchify(tokens[None, start:start + n], patch, shape)[0])
         start += n
     return out

@@ -83,6 +83,10 @@ class VAEConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        if not isinstance(self.mid_attention, bool):  # a config string "no" would otherwise read as True
+            raise ValueError(f"VAEConfig.mid_attention={self.mid_attention!r} must be True or False")
+        if not self.channel_mults:
+            raise ValueError("VAEConfig.channel_mults is empty; give one multiplier per level, e.g. (1, 2, 4)")
         if self.patch_size not in (1, 2, 4):
             raise ValueError(f"VAEConfig.patch_size={self.patch_size} must be 1, 2 or 4")
         transitions = len(self.channel_mults) - 1
@@ -101,7 +105,8 @@ class VAEConfig:
                              f"({transitions + 1} levels)")
         if min(self.base_channels, self.num_res_blocks, self.latent_channels, *self.channel_mults) < 1:
             raise ValueError("VAEConfig: base_channels, channel_mults, num_res_blocks and latent_channels must be >= 1")
-        jnp.dtype(self.dtype)  # fails early on a misspelt dtype
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"VAEConfig.dtype={self.dtype!r} must be one of float32, bfloat16, float16")
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -140,6 +145,17 @@ class VAEConfig:
                 good = max(round(size / sf), 1) * sf
                 raise ValueError(f"{name}={size} must be divisible by the spatial factor {sf} (e.g. {good}); "
                                  "resize or crop")
+
+    def check_video_dtype(self, dtype) -> None:
+        """Raise unless frames are floating point: uint8 frames in [0, 255] would encode to garbage, silently."""
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"video dtype {jnp.dtype(dtype)}: the VAE takes float frames in [-1, 1]; "
+                             "convert uint8 frames with vidiff.io.to_float")
+
+    def check_latent_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise a one-line ValueError unless ``shape`` is ``(B, t, h, w, latent_channels)``."""
+        if len(shape) != 5 or shape[-1] != self.latent_channels:
+            raise ValueError(f"latents shape {tuple(shape)} must be (batch, t, h, w, {self.latent_channels})")
 
     def latent_shape(self, video_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The latent shape a video of ``video_shape`` encodes to (validating it first)."""
@@ -288,6 +304,7 @@ class VideoVAE(nn.Module):
 
     def encode(self, video) -> DiagonalGaussian:
         """Video ``(B, 1 + tf k, H, W, 3)`` in [-1, 1] -> posterior over raw latents ``(B, 1 + k, h, w, c)``."""
+        self.config.check_video_dtype(video.dtype)
         if not caching(self):  # chunk shapes are checked by encode_chunked
             self.config.check_video_shape(video.shape)
         mean, logvar = self.encoder(video)
@@ -295,8 +312,7 @@ class VideoVAE(nn.Module):
 
     def decode(self, latents) -> jax.Array:
         """Raw (not normalised) latents ``(B, t, h, w, c)`` -> video in roughly [-1, 1]."""
-        if latents.ndim != 5 or latents.shape[-1] != self.config.latent_channels:
-            raise ValueError(f"latents shape {latents.shape} must be (batch, t, h, w, {self.config.latent_channels})")
+        self.config.check_latent_shape(latents.shape)
         return self.decoder(latents)
 
     def encode_normalized(self, video, key: jax.Array | None = None):

