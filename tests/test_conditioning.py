@@ -42,3 +42,5 @@ def test_bad_modes_fail_with_the_field_name():
         mode_probabilities({"first": 1.0})
     with pytest.raises(ValueError, match="positive sum"):
         mode_probabilities({"none": 0.0})
+    with pytest.raises(ValueError, match=r"random_frame_rate=1.5 must be a probability in \[0, 1\]"):
+        sample_condition_masks(jax.random.key(0), 2, 5, {"random": 1.0}, random_frame_rate=1.5)

@@ -92,6 +92,7 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     ([PROMPT, "--out", "demo.png"], "--out demo.png: a png holds one frame; use .mp4 or .gif, or --frames 1"),
     ([PROMPT, "--grid", "grid.gif"], "--grid grid.gif: the grid is one image; use .png or .jpg"),
     ([PROMPT, "--image", "{root}/missing.png"], "{root}/missing.png: missing_file: no such file"),
+    ([PROMPT, "--image", "{root}"], "{root} is a directory; give a video or image file"),
     ([PROMPT, "--extend", "{fake}"], "{fake}: not_video: FFmpeg cannot open it"),
     ([PROMPT, "--checkpoint", "{root}/nowhere"], "model directory {root}/nowhere does not exist"),
     ([PROMPT, "--checkpoint", "{root}"], "{root} is not a vidiff model directory (no vidiff.json)"),

@@ -243,6 +243,9 @@ def test_cli_writes_readable_mp4_and_gif(tmp_path, capsys):
 
     assert main(["world", "--out", str(tmp_path / "bad"), "--size", "8"]) == 2
     assert "size" in capsys.readouterr().err
+    existing_file = tmp_path / "captions.jsonl"
+    assert main(["world", "--out", str(existing_file)]) == 2
+    assert capsys.readouterr().err.strip() == f"vidiff world: error: --out {existing_file} is a file; give a directory"
 
 
 def test_write_samples_two_objects_and_digits(tmp_path):

@@ -203,6 +203,8 @@ def check_writable(path) -> None:
 
 def _check_readable(source: str) -> None:
     """A missing or undecodable input is one line now (``VideoReadError`` names the file and the reason)."""
+    if Path(source).is_dir():
+        raise ValueError(f"{source} is a directory; give a video or image file")
     if io.is_video_path(source):
         io.probe(source)
     else:

@@ -350,6 +350,8 @@ def _write_samples(out_dir, num, config, formats) -> list[tuple[Path, str]]:
     if not formats:
         raise ValueError("formats is empty; pass e.g. ('mp4', 'gif')")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; give a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     world = CaptionedWorld(config)
     written, lines = [], []

@@ -43,6 +43,8 @@ def sample_condition_masks(key, batch: int, num_frames: int, probs: Mapping[str,
     with probability ``random_frame_rate``.
     """
     p = mode_probabilities(probs)
+    if not 0.0 <= random_frame_rate <= 1.0:  # bernoulli would clip it silently
+        raise ValueError(f"random_frame_rate={random_frame_rate} must be a probability in [0, 1]")
     key_mode, key_k, key_rand = jax.random.split(key, 3)
     mode = jax.random.choice(key_mode, len(MODES), (batch,), p=p)
     if num_frames < 2:
