@@ -129,3 +129,11 @@ def test_the_command_line_entry_point_never_shows_a_traceback():
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ('vidiff generate: error: the prompt is empty; describe the video, '
                                      'e.g. "a red circle moving left"')
+
+
+def test_unrecognized_arguments_name_only_the_bad_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--config", "c.py", "--configvae_train.steps=3", "--config.workdir=/tmp/w"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "vidiff: error: unrecognized arguments: --configvae_train.steps=3")

@@ -34,8 +34,9 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     # Config overrides (--config.a.b=value) pass through to modules that take them.
-    if extra and not (getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False) and all(e.startswith("--config.") for e in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    overrides_ok = getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False)
+    if unknown := [e for e in extra if not (overrides_ok and e.startswith("--config."))]:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # only these, not the good overrides beside them
     args.overrides = extra
     try:
         return int(module.run(args) or 0)
