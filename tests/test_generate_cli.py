@@ -137,3 +137,14 @@ def test_unrecognized_arguments_name_only_the_bad_ones(capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "vidiff: error: unrecognized arguments: --configvae_train.steps=3")
+
+
+def test_a_failed_run_leaves_no_output_folders_behind(tmp_path, capsys):
+    # --out passes its check (which creates and tests the folders), then the missing --image stops the run.
+    code, out, err = generate(capsys, PROMPT, "--out", tmp_path / "new" / "deeper" / "clip.mp4",
+                              "--image", tmp_path / "missing.png")
+    assert code == 2 and "missing_file" in err and not (tmp_path / "new").exists()
+    from vidiff.generate import check_writable
+
+    check_writable(tmp_path / "a" / "b" / "clip.mp4")  # writable, and still no folders until something is written
+    assert list(tmp_path.iterdir()) == []
