@@ -111,6 +111,9 @@ def test_image_to_video_starts_with_the_image(pipe, clip, tmp_path):
     path = io.write_image(tmp_path / "first.png", np.repeat(np.repeat(clip[0], 2, 0), 2, 1))
     from_file = pipe.image_to_video(PROMPT, str(path), **FAST)
     assert from_file.shape == out.shape
+    wide = io.write_image(tmp_path / "wide.png", np.repeat(clip[0], 3, 1))  # 16x48: stretched, and said so
+    with pytest.warns(UserWarning, match=r"the image is 16x48 \(height x width\) and is stretched to 16x16; crop"):
+        pipe.image_to_video(PROMPT, str(wide), **FAST)
 
 
 def test_extend_keeps_the_context_latents(pipe, clip):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -252,11 +253,18 @@ class TextToVideo:
         """``uint8 (T, height, width, 3)`` from a path (video or image, by suffix) or an array, resized."""
         if isinstance(source, (str, Path)):
             if io.is_video_path(source):
+                info = io.probe(source)
+                source_size = (info.height, info.width)
                 frames, _ = io.read_video(source, size=(height, width))
             else:
-                frames = io.read_image(source, size=(height, width))[None]
+                frames = io.read_image(source)[None]
+                source_size = frames.shape[1:3]
         else:
             frames = io.check_frames(source, f"TextToVideo ({what})")
+            source_size = frames.shape[1:3]
+        if abs(math.log(source_size[1] / source_size[0] * height / width)) > 0.01:
+            warnings.warn(f"the {what} is {source_size[0]}x{source_size[1]} (height x width) and is stretched to "
+                          f"{height}x{width}; crop it to that aspect ratio first for undistorted frames", stacklevel=3)
         if frames.shape[1:3] != (height, width):
             frames = _resize(frames, height, width)
         return frames
