@@ -1,5 +1,6 @@
 """TextToVideo on a tiny random model: shapes, seeds, sizes, and what every prompting mode keeps from its inputs."""
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -206,6 +207,15 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="the bundled model is not installed"):
         TextToVideo.from_checkpoint()
     assert (tiny_model_dir() / "vidiff.json").is_file()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir(), damaged)
+    weights = (damaged / "dit.safetensors").read_bytes()
+    (damaged / "dit.safetensors").write_bytes(weights[:7])  # a copy cut short
+    with pytest.raises(ValueError, match=r"dit.safetensors is not a readable safetensors file \(.*\); copy or export it"):
+        TextToVideo.from_checkpoint(damaged)
+    (damaged / "vidiff.json").write_text("{'vae': true}")
+    with pytest.raises(ValueError, match=r"vidiff.json is not valid JSON \(.*line 1 column 2.*\); restore it"):
+        TextToVideo.from_checkpoint(damaged)
 
 
 def test_a_mesh_splits_the_batch_and_changes_nothing(pipe):

@@ -94,6 +94,10 @@ def test_overrides_refuse_unknown_fields_and_wrong_types():
     with pytest.raises(ValueError, match="data.batch_size is a int, got str"):
         config_lib.load_config(WORLD_TINY, ["--config.data.batch_size=many"])
     assert config_lib.load_config(WORLD_TINY, ["--config.dit.preset=small"]).dit.preset == "small"
+    # data.size is an int or a (height, width) pair, as docs/configs.md says, whatever the file's default.
+    assert tuple(config_lib.load_config(WORLD_TINY, ["--config.data.size=(32,48)"]).data.size) == (32, 48)
+    with pytest.raises(ValueError, match="data.size is a int, got str"):
+        config_lib.load_config(WORLD_TINY, ["--config.data.size=big"])
 
 
 def _command(workdir, *extra, model="vae", steps=8):
@@ -169,9 +173,14 @@ def test_nonfinite_stops_naming_the_step_or_is_skipped(tmp_path):
     assert stopped.returncode != 0
     assert "non-finite loss or gradient at step" in stopped.stderr
     skipped = _run(_command(tmp_path / "skip", *blow_up, "--config.vae_train.on_nonfinite=skip", steps=6))
-    assert skipped.returncode == 0, skipped.stderr
-    summary = json.loads(skipped.stdout.strip().splitlines()[-1])
-    assert summary["skipped"] >= 1 and summary["final_step"] == 6
+    # Skipping carries on to the last step, but a model blown up this far is refused, not exported.
+    assert skipped.returncode == 2, skipped.stderr
+    last = skipped.stderr.strip().splitlines()[-1]
+    assert last.startswith("vidiff train: error: the vae's latents of training clips are not finite after step 6; ")
+    assert "non-finite steps were skipped" in last and "Lower vae_train.optim.lr" in last
+    assert not (tmp_path / "skip" / "export" / "vae.safetensors").exists()
+    rows = [r for r in read_metrics(tmp_path / "skip" / "vae") if "loss" in r]  # (not the evaluation rows)
+    assert rows[-1]["step"] == 6 and rows[-1]["skipped_steps"] >= 1 and any(r["loss"] is None for r in rows)  # NaN: null
 
 
 def test_cli_reports_config_errors_in_one_line(tmp_path):

@@ -8,11 +8,14 @@ file per process) and ``config`` (JSON). No pickle anywhere.
 Retention: the last ``keep`` checkpoints plus the ``keep_best`` with the
 lowest value of the chosen metric (stored with each step as JSON, so a resumed
 run ranks the earlier checkpoints too; a step saved without metrics counts only
-towards the last ``keep``).
+towards the last ``keep``). ``check_complete`` refuses, in one line, a step
+folder that lacks an item (a copy or save cut short) instead of orbax's
+``KeyError``; ``close`` waits for pending saves and may be called again.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,16 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Opening a directory with an incomplete step folder makes orbax log a warning about its missing
+        # metadata; check_complete names that folder and the fix instead, in one line.
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_logger.setLevel(level)
+        self._closed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -87,8 +99,31 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for pending saves, then release the manager; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def missing_items(self, step: int, items=("state", "data")) -> list[str]:
+        """The items of ``items`` that the folder of ``step`` lacks (none for a complete checkpoint)."""
+        folder = self.directory / str(step)
+        return [name for name in items if not (folder / name).is_dir()]
+
+    def check_complete(self, step: int, items=("state", "data")) -> None:
+        """Raise a one-line ``ValueError`` when the checkpoint of ``step`` lacks one of ``items``.
+
+        Not skipped over silently: the user should know the newest checkpoint is
+        unusable, and removing the folder is their call.
+        """
+        missing = self.missing_items(step, items)
+        if not missing:
+            return
+        earlier = [s for s in sorted(self.all_steps()) if s < step and not self.missing_items(s, items)]
+        then = f"resume from step {earlier[-1]}" if earlier else "start afresh"
+        raise ValueError(f"checkpoint {self.directory / str(step)} is incomplete (no {', '.join(missing)}: a save "
+                         f"or copy was cut short); delete that folder to {then}")
 
 
 def read_config(checkpoint_dir, step: int | None = None) -> dict:

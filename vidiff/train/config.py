@@ -3,35 +3,77 @@
 Config files live in ``experiments/configs/`` and return an
 ``ml_collections.ConfigDict``. Overrides look like ``--config.dit.depth=4``
 (values parsed as Python literals, else taken as strings); a path that does not
-exist in the config is an error, not a silent new field. ``validate`` checks
-everything that can be checked without compiling and fails with one line that
-names the field and the fix.
+exist in the config is an error, not a silent new field. A config file that
+cannot be loaded (not a ``.py`` file, a syntax error, an exception in
+``get_config()``) fails with one line naming the file (and line). ``validate``
+checks everything that can be checked without compiling (shapes, mesh, the
+``<model>_train`` numbers, the optimizer, ``flow.shift``) and fails with one
+line that names the field and the fix.
 """
 from __future__ import annotations
 
 import ast
 import importlib.util
+import math
+import traceback
 from pathlib import Path
 from typing import Sequence
 
 import ml_collections
 
 MODELS = ("vae", "dit")
+# Fields that take an int or a (height, width) pair, whatever the config file's default is.
+_INT_OR_PAIR = {"size"}
+ON_NONFINITE = ("stop", "skip")
 
 
 def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Import ``path``, call its ``get_config()`` and apply ``overrides`` (``--config.a.b=v`` or ``a.b=v``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config {path} is a directory; pass a config file such as experiments/configs/world_tiny.py")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist; pass a file from experiments/configs/")
+    if path.suffix != ".py":
+        # importlib finds no loader for other suffixes (spec is None); say what a config is instead.
+        raise ValueError(f"config file {path} is not a Python file; a vidiff config is a .py file with a "
+                         f"get_config() function (see experiments/configs/world_tiny.py)")
     spec = importlib.util.spec_from_file_location(f"vidiff_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with _config_errors(path):
+        spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} has no get_config() function")
-    config = module.get_config()
+    with _config_errors(path):
+        config = module.get_config()
     apply_overrides(config, overrides)
     return config
+
+
+class _config_errors:
+    """Turns an exception raised by the user's config file into one line naming ``file:line``.
+
+    The file is user input: a typo in it is the user's mistake, not a vidiff bug,
+    so no traceback into importlib.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or not isinstance(error, Exception):
+            return False
+        if isinstance(error, SyntaxError):
+            where = f"{error.filename or self.path}:{error.lineno}"
+            raise ValueError(f"{where}: syntax error in the config file: {error.msg}; fix that line") from None
+        # The innermost frame inside the config file is the line to fix.
+        frames = [f for f in traceback.extract_tb(tb) if Path(f.filename).resolve() == self.path.resolve()]
+        where = f"{self.path}:{frames[-1].lineno}" if frames else str(self.path)
+        raise ValueError(f"{where}: loading the config file raised {type(error).__name__}: {error}; "
+                         f"fix the config file") from None
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
@@ -56,9 +98,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         old = node[leaf]
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        sequences = (list, tuple)
         if old is not None and value is not None and not isinstance(value, type(old)) and not (
-            isinstance(old, (list, tuple)) and isinstance(value, (list, tuple))
-        ):
+            isinstance(old, sequences) and isinstance(value, sequences)
+        ) and not (leaf in _INT_OR_PAIR and isinstance(old, (int, *sequences)) and isinstance(value, (int, *sequences))):
             raise ValueError(f"override {item!r}: {dotted} is a {type(old).__name__}, got {type(value).__name__}")
         with node.ignore_type():
             node[leaf] = value
@@ -91,6 +134,7 @@ def validate(config, model: str, device_count: int) -> None:
     from vidiff.train.profile import check_profile
 
     check_profile(config[f"{model}_train"], model)
+    check_stage(config, model)
     from vidiff.train.tasks import dit_overrides, vae_from_config
 
     vae_cfg = vae_from_config(config).config
@@ -133,3 +177,75 @@ def validate(config, model: str, device_count: int) -> None:
             f"data.batch_size={batch} is not divisible by the data-parallel devices mesh.data x mesh.fsdp = "
             f"{data_parallel}; use a multiple of {data_parallel}"
         )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_stage(config, model: str) -> None:
+    """The ``<model>_train`` numbers, its optimizer and (DiT) ``flow.shift``: one line naming the field and the fix.
+
+    Each of these would otherwise fail late (``log_every=0``: a division after
+    compiling), or not at all (``steps=0`` exports an untrained model).
+    """
+    from vidiff.train.optimizer import check_optim
+
+    stage, name = config[f"{model}_train"], f"{model}_train"
+
+    def need(ok, field, fix):
+        if not ok:
+            raise ValueError(f"{name}.{field}={stage.get(field)!r} is invalid; {fix}")
+
+    need(_is_int(stage.steps) and stage.steps >= 1, "steps", "use an int >= 1 (optimizer steps in total)")
+    need(_is_int(stage.log_every) and stage.log_every >= 1, "log_every", "use an int >= 1 (log every n steps)")
+    need(_is_int(stage.ckpt_every) and stage.ckpt_every >= 1, "ckpt_every",
+         "use an int >= 1 (the last step is always saved: a value >= steps saves only there)")
+    need(_is_int(stage.get("eval_every", 0)) and stage.get("eval_every", 0) >= 0, "eval_every",
+         "use an int >= 0 (0 = never)")
+    need(_is_int(stage.get("keep", 1)) and stage.get("keep", 1) >= 1, "keep", "use an int >= 1")
+    need(_is_int(stage.get("keep_best", 0)) and stage.get("keep_best", 0) >= 0, "keep_best", "use an int >= 0")
+    # Anything but "stop" used to mean "skip": a typo must not switch the guard off.
+    need(stage.get("on_nonfinite", "stop") in ON_NONFINITE, "on_nonfinite", "use 'stop' or 'skip'")
+    need(_is_number(stage.ema_decay) and 0 <= stage.ema_decay < 1, "ema_decay",
+         "use a number in [0, 1), e.g. 0.999 (0 = no averaging)")
+    if model == "vae":
+        need(_is_int(stage.get("stats_batches", 1)) and stage.get("stats_batches", 1) >= 1, "stats_batches",
+             "use an int >= 1")
+    check_optim(stage.optim, f"{name}.optim")
+    if model == "dit":
+        shift = config.flow.shift
+        if shift != "auto" and not (_is_number(shift) and shift > 0):
+            raise ValueError(f"flow.shift={shift!r} is invalid; use a number > 0 (1 = no shift) or 'auto' "
+                             f"(with shift <= 0 the shifted timesteps leave [0, 1])")
+
+
+def warnings_for(config, model: str) -> list[str]:
+    """Settings that work but are likely not meant; the loop logs them (one line each)."""
+    stage, out = config[f"{model}_train"], []
+    if int(stage.optim.warmup_steps) >= int(stage.steps):
+        out.append(f"warning: {model}_train.optim.warmup_steps={stage.optim.warmup_steps} >= {model}_train.steps="
+                   f"{stage.steps}: the learning rate never reaches optim.lr={stage.optim.lr:g}")
+    return out
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_changes(saved: dict, current: dict, prefixes) -> list[str]:
+    """``"data.buckets=None (config now [...])"`` for each JSON config field under ``prefixes`` that differs."""
+    old, new, missing = _flatten(saved), _flatten(current), object()
+    show = lambda v: "not set" if v is missing else repr(v)  # noqa: E731
+    return [f"{key}={show(old.get(key, missing))} (config now {show(new.get(key, missing))})"
+            for key in sorted(set(old) | set(new))
+            if any(key == p or key.startswith(p + ".") for p in prefixes) and old.get(key, missing) != new.get(key, missing)]

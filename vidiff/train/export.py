@@ -32,10 +32,15 @@ def load_tree(path) -> dict:
     """Read a safetensors file written by ``save_tree`` back into a nested dict of numpy arrays."""
     from safetensors.numpy import load_file
 
+    from safetensors import SafetensorError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; is {path.parent} a vidiff model directory?")
-    return traverse_util.unflatten_dict(load_file(str(path)), sep="/")
+    try:
+        return traverse_util.unflatten_dict(load_file(str(path)), sep="/")
+    except SafetensorError as error:  # a copy cut short or another file under this name
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); copy or export it again") from None
 
 
 def save_manifest(directory, manifest: dict) -> Path:
@@ -53,7 +58,10 @@ def read_manifest(directory) -> dict:
         raise FileNotFoundError(f"model directory {directory} does not exist")
     if not path.is_file():
         raise ValueError(f"{directory} is not a vidiff model directory (no {MANIFEST}); export one with vidiff train")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore it from the export or export again") from None
 
 
 def export_vae(directory, config_json: dict, variables: dict) -> Path:

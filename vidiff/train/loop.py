@@ -16,11 +16,23 @@ the data per process), saves and restores checkpoints collectively, and leaves
 metrics, samples and exports to process 0, which evaluates on gathered (host)
 parameters. A preemption notice (SIGTERM) is agreed on by all processes at the
 same step (jax's preemption sync point) before they save and exit.
+
+User mistakes fail in one line, before compiling where they can be known then
+(:mod:`vidiff.train.preflight`: a changed or incomplete checkpoint, a DiT's
+VAE or prepared shards that do not fit, finite data that cannot last
+``steps``). Data that runs out mid-run anyway (skipped records), an iterator
+that cannot be restored, and final parameters that are not finite (nothing is
+exported) end the run with one line too, after pending checkpoint saves have
+finished. The
+summary and every log row count skipped steps (``skipped_steps``, also
+``skipped``) apart from skipped data records (``skipped_records_total``, and
+by reason ``skipped_records``).
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import signal
 import sys
 import time
@@ -31,17 +43,14 @@ import numpy as np
 from tqdm import tqdm
 
 from vidiff import distributed, parallel
-from vidiff.train import tasks
-from vidiff.train.checkpoint import Checkpointer, abstract_with_shardings
-from vidiff.train.config import for_stage, validate
+from vidiff.train import preflight, tasks
+from vidiff.train.checkpoint import Checkpointer, abstract_with_shardings, read_config
+from vidiff.train.config import config_changes, for_stage, validate, warnings_for
 from vidiff.train.metrics import MetricsWriter
 from vidiff.train.optimizer import make_optimizer
+from vidiff.train.preflight import DataExhaustedError, NonFiniteError
 from vidiff.train.profile import StepProfiler
 from vidiff.train.state import create_state, jit_train_step, make_train_step
-
-
-class NonFiniteError(RuntimeError):
-    """Training hit a non-finite loss or gradient with ``train.on_nonfinite = "stop"``."""
 
 
 class _StopRequest:
@@ -93,21 +102,36 @@ def train(config, model: str, *, log=print) -> dict:
     log = log if main else (lambda *a, **k: None)
     config = for_stage(config, model)
     validate(config, model, jax.device_count())
+    for line in warnings_for(config, model):
+        log(line)
     stage = stage_config(config, model)
     workdir = Path(config.workdir) / model
-    mesh = parallel.mesh_from_config(config.mesh)
-    task = tasks.build(config, model, mesh)
-    tx, schedule = make_optimizer(stage.optim, stage.steps)
-    state, state_shardings = create_state(task.init_params, tx, config.seed, mesh)
+    config_json = json.loads(config.to_json())
     checkpointer = Checkpointer(workdir / "checkpoints", keep=stage.keep, keep_best=stage.keep_best)
-    pipeline = task.pipeline(_process_config(config))
-    iterator = iter(pipeline)
+    try:  # a setup error (a check, the restore) leaves no checkpoint manager running
+        start = checkpointer.latest_step() or 0
+        if start:
+            preflight.check_resume(checkpointer, start, config_json, model)
+        if model == "dit":
+            preflight.check_dit_inputs(config)
+        mesh = parallel.mesh_from_config(config.mesh)
+        task = tasks.build(config, model, mesh)
+        if model == "dit":
+            preflight.check_dit_task(config, task)
+        pipeline = task.pipeline(_process_config(config))
+        preflight.check_data_lasts(pipeline, _process_config(config), model)
+        tx, schedule = make_optimizer(stage.optim, stage.steps)
+        state, state_shardings = create_state(task.init_params, tx, config.seed, mesh)
+        iterator = iter(pipeline)
+        ledger = getattr(pipeline, "ledger", None)  # the data's skip counts (vidiff.data.skips)
 
-    start = checkpointer.latest_step() or 0
-    if start:
-        target = abstract_with_shardings(state, state_shardings)
-        state = checkpointer.restore(target, start, data_iterator=iterator)
-        log(f"resumed {model} from {checkpointer.directory / str(start)}")
+        if start:
+            target = abstract_with_shardings(state, state_shardings)
+            state = _restore(checkpointer, target, start, iterator, config_json, model)
+            log(f"resumed {model} from {checkpointer.directory / str(start)}")
+    except BaseException:
+        checkpointer.close()
+        raise
     cache_message = task.load_cache(workdir)  # host-side caches a checkpoint left (the DiT's latents)
     if cache_message:
         log(cache_message)
@@ -116,7 +140,6 @@ def train(config, model: str, *, log=print) -> dict:
         state_shardings, task.batch_shardings, task.frozen_shardings, mesh,
     )
     writer = MetricsWriter(workdir)
-    config_json = json.loads(config.to_json())
     tokens_per_step = task.tokens_per_batch(config)
     summary = {"model": model, "workdir": str(workdir), "start_step": start}
     bar = tqdm(total=stage.steps, initial=start, desc=f"train {model}", disable=not main,
@@ -134,54 +157,106 @@ def train(config, model: str, *, log=print) -> dict:
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
         task.save_cache(workdir)
 
-    with _StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
-        step = start
-        while step < stage.steps:
-            with profiler.step(step + 1):
-                batch = task.device_batch(next(iterator), mesh)  # host work (text encoder) stays off the mesh
-                with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
-                    state, metrics = step_fn(state, batch, task.frozen)
-            step += 1
-            profiler.after(step, state)
-            bar.update(1)
-            if step % stage.log_every == 0 or step == stage.steps:
-                fetched = jax.device_get(metrics)
-                bad = int(state.first_bad_step)
-                if bad >= 0 and stage.on_nonfinite == "stop":
+    try:  # whatever ends the loop, pending asynchronous saves finish before the process does
+        with _StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
+            step = start
+            while step < stage.steps:
+                with profiler.step(step + 1):
+                    raw = _next_batch(iterator, step, stage, model, checkpointer, ledger, config)
+                    batch = task.device_batch(raw, mesh)  # host work (text encoder) stays off the mesh
+                    with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
+                        state, metrics = step_fn(state, batch, task.frozen)
+                step += 1
+                profiler.after(step, state)
+                bar.update(1)
+                if step % stage.log_every == 0 or step == stage.steps:
+                    fetched = jax.device_get(metrics)
+                    bad = int(state.first_bad_step)
+                    if bad >= 0 and stage.on_nonfinite == "stop":
+                        checkpointer.close()
+                        raise NonFiniteError(
+                            f"non-finite loss or gradient at step {bad + 1}; stopped. The last good checkpoint "
+                            f"({checkpointer.latest_step()}) is intact; set {model}_train.on_nonfinite='skip' to skip such steps"
+                        )
+                    now = time.perf_counter()
+                    rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                    last_log_time, last_log_step, last_loss = now, step, float(fetched["loss"])
+                    scalars = {k: float(np.mean(v)) for k, v in fetched.items()}
+                    scalars.update(lr=float(schedule(step - 1)), steps_per_s=rate, tokens_per_s=rate * tokens_per_step,
+                                   skipped=int(state.skipped), skipped_steps=int(state.skipped),
+                                   skipped_records_total=_skip_totals(ledger)["bad"])
+                    writer.write(step, scalars)
+                    bar.set_postfix(loss=f"{last_loss:.4f}")
+                if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
+                    writer.write(step, _evaluate(task, state, workdir, step))
+                if step % stage.ckpt_every == 0 or step == stage.steps:
+                    save(step, last_loss)
+                if stop.requested(step):
+                    save(step, last_loss)
                     checkpointer.close()
-                    raise NonFiniteError(
-                        f"non-finite loss or gradient at step {bad + 1}; stopped. The last good checkpoint "
-                        f"({checkpointer.latest_step()}) is intact; set {model}_train.on_nonfinite='skip' to skip such steps"
-                    )
-                now = time.perf_counter()
-                rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_step, last_loss = now, step, float(fetched["loss"])
-                scalars = {k: float(np.mean(v)) for k, v in fetched.items()}
-                scalars.update(lr=float(schedule(step - 1)), steps_per_s=rate, tokens_per_s=rate * tokens_per_step,
-                               skipped=int(state.skipped))
-                writer.write(step, scalars)
-                bar.set_postfix(loss=f"{last_loss:.4f}")
-            if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
-                writer.write(step, _evaluate(task, state, workdir, step))
-            if step % stage.ckpt_every == 0 or step == stage.steps:
-                save(step, last_loss)
-            if stop.requested(step):
-                save(step, last_loss)
-                checkpointer.close()
-                bar.close()
-                log(f"{stop.signal_name}: saved checkpoint {checkpointer.directory / str(step)}; exiting")
-                writer.close()
-                sys.exit(0)
-        profiler.stop(state)  # a window reaching past the last step ends here
-    bar.close()
-    checkpointer.close()
+                    bar.close()
+                    log(f"{stop.signal_name}: saved checkpoint {checkpointer.directory / str(step)}; exiting")
+                    writer.close()
+                    sys.exit(0)
+            profiler.stop(state)  # a window reaching past the last step ends here
+    finally:
+        bar.close()
+        checkpointer.close()
+        writer.close()
+    preflight.check_finite_params(state, model, step, checkpointer.directory)
     summary.update(_finalize(task, state, config_json, tasks.export_dir(config)))
-    writer.close()
     if profiler.traced:
         summary["profile"] = str(profiler.directory)
-    summary.update(final_step=step, final_loss=last_loss, skipped=int(state.skipped),
+    skips = _skip_totals(ledger)
+    summary.update(final_step=step, final_loss=last_loss if math.isfinite(last_loss) else None,
+                   skipped=int(state.skipped), skipped_steps=int(state.skipped),
+                   skipped_records_total=skips["bad"], skipped_records=skips["skipped"],
                    checkpoint=str(checkpointer.directory / str(step)))
     return summary
+
+
+def _skip_totals(ledger) -> dict:
+    """The data's skip counts of every process (``SkipLedger.totals``); zeros without a ledger."""
+    return ledger.totals() if ledger is not None else {"seen": 0, "skipped": {}, "bad": 0}
+
+
+def _next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, config):
+    """The next host batch; a finite stream that ends before ``steps`` becomes one line naming the step."""
+    try:
+        return next(iterator)
+    except StopIteration:
+        checkpointer.close()  # pending saves land before the error ends the process
+        skips = _skip_totals(ledger)
+        skipped = (f", {skips['bad']} skipped: " + ", ".join(f"{k}={v}" for k, v in skips["skipped"].items())
+                   if skips["bad"] else "")
+        latest = checkpointer.latest_step()
+        kept = f"checkpoint {latest} is intact" if latest else "no checkpoint was saved"
+        raise DataExhaustedError(
+            f"data ran out after step {step} of {model}_train.steps={stage.steps} ({skips['seen']} records read"
+            f"{skipped}; data.num_epochs={config.data.num_epochs}); {kept}; set data.num_epochs=None or "
+            f"{model}_train.steps<={step}"
+        ) from None
+
+
+# Config sections that shape the restored items: a change there is the likely cause of a failed restore.
+_RESTORE_FIELDS = ("data", "vae", "dit", "text", "vae_loss")
+
+
+def _restore(checkpointer, target, step: int, iterator, config_json: dict, model: str):
+    """``checkpointer.restore``; a failure caused by a changed config names the changed fields in one line."""
+    try:
+        return checkpointer.restore(target, step, data_iterator=iterator)
+    except Exception as error:  # orbax and grain raise KeyError, ValueError, ... for a mismatched item
+        try:
+            saved = read_config(checkpointer.directory, step)
+        except (OSError, ValueError):
+            raise error from None
+        prefixes = (*_RESTORE_FIELDS, f"{model}_train.optim.accumulate")
+        changes = config_changes(saved, config_json, prefixes)
+        if not changes:
+            raise
+        raise ValueError(f"cannot restore {checkpointer.directory / str(step)}: it was written with "
+                         f"{', '.join(changes)}; use a new workdir or the original config") from None
 
 
 def _process_config(config):

@@ -3,11 +3,13 @@
 ``MetricsWriter`` appends one JSON object per logged step to
 ``<workdir>/metrics.jsonl`` and writes the same scalars as TensorBoard event
 files (tensorboardX, no TensorFlow) under ``<workdir>/tb``. Only process 0
-writes, so multi-host runs produce one log.
+writes, so multi-host runs produce one log. A non-finite value is written as
+JSON ``null`` (``json_safe``): ``NaN`` is not JSON, and readers choke on it.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -45,6 +47,17 @@ def ssim(x, y, max_value: float = 2.0, window: int = 7):
     return s.reshape(b, -1).mean(axis=1)
 
 
+def json_safe(value):
+    """``value`` with every non-finite float (NaN, inf) replaced by None, in nested dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class MetricsWriter:
     """JSONL + TensorBoard scalars in ``workdir``, written by process 0 only."""
 
@@ -64,13 +77,15 @@ class MetricsWriter:
             return
         values = {k: float(v) for k, v in scalars.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": int(step), "time": time.time(), **values}) + "\n")
-        for name, value in values.items():
-            self._tb.add_scalar(name, value, int(step))
+            f.write(json.dumps(json_safe({"step": int(step), "time": time.time(), **values}), allow_nan=False) + "\n")
+        for name, value in values.items() if self._tb is not None else ():
+            if math.isfinite(value):  # tensorboardX warns on every NaN; the JSONL row keeps the null
+                self._tb.add_scalar(name, value, int(step))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None  # closing twice (an error path, then the normal one) is harmless
 
 
 def read_metrics(workdir) -> list[dict]:

@@ -3,10 +3,13 @@
 The optimizer config (``config.optim`` in experiment files) has the fields
 ``lr``, ``schedule`` (``cosine`` | ``constant``), ``warmup_steps``,
 ``end_lr_fraction``, ``b1``, ``b2``, ``eps``, ``weight_decay``, ``grad_clip``
-(0 = off) and ``accumulate`` (gradient accumulation over that many micro-steps,
-through ``optax.MultiSteps``).
+(0 or None = off) and ``accumulate`` (gradient accumulation over that many
+micro-steps, through ``optax.MultiSteps``). ``check_optim`` refuses values that
+cannot train (a learning rate <= 0, moments outside [0, 1), ...) in one line.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +36,31 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
     raise ValueError(f"optim.schedule={optim.schedule!r} is unknown; use one of {SCHEDULES}")
 
 
+def check_optim(optim, name: str = "optim") -> None:
+    """Raise a one-line ``ValueError`` naming ``<name>.<field>`` and the fix for the first unusable value."""
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def need(ok, field, fix):
+        if not ok:
+            raise ValueError(f"{name}.{field}={optim.get(field)!r} is invalid; {fix}")
+
+    need(number(optim.lr) and optim.lr > 0, "lr", "use a finite learning rate > 0, e.g. 1e-4")
+    need(optim.schedule in SCHEDULES, "schedule", f"use one of {', '.join(map(repr, SCHEDULES))}")
+    need(isinstance(optim.warmup_steps, int) and optim.warmup_steps >= 0, "warmup_steps", "use an int >= 0")
+    need(number(optim.end_lr_fraction) and optim.end_lr_fraction >= 0, "end_lr_fraction",
+         "use a fraction >= 0 of optim.lr (e.g. 0.1)")
+    for field in ("b1", "b2"):
+        need(number(optim[field]) and 0 <= optim[field] < 1, field, "use a number in [0, 1), e.g. 0.9 / 0.99")
+    need(number(optim.eps) and optim.eps > 0, "eps", "use a small number > 0, e.g. 1e-8")
+    need(number(optim.weight_decay) and optim.weight_decay >= 0, "weight_decay", "use a number >= 0 (0 = off)")
+    need(optim.grad_clip is None or (number(optim.grad_clip) and optim.grad_clip >= 0), "grad_clip",
+         "use a global-norm limit > 0, or 0 / None to turn clipping off")
+    need(isinstance(optim.accumulate, int) and optim.accumulate >= 1, "accumulate",
+         "use an int >= 1 (1 = no accumulation)")
+
+
 def decay_mask(params):
     """Weight decay on matrices and conv kernels only: not on biases, norm scales or embeddings' 1-D stats."""
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
@@ -43,7 +71,7 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
     if optim.accumulate < 1:
         raise ValueError(f"optim.accumulate={optim.accumulate} must be >= 1 (1 = no accumulation)")
     schedule = learning_rate_schedule(optim, total_steps)
-    parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
+    parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []  # 0 / None: no clipping
     parts.append(
         optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask)
     )

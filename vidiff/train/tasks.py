@@ -36,14 +36,14 @@ def build(config, model: str, mesh):
 
 
 def vae_from_config(config) -> VideoVAE:
-    return VideoVAE(vae_preset(config.vae.preset, **_tuples(config.vae.overrides)))
+    return VideoVAE(vae_preset(config.vae.preset, **tuple_overrides(config.vae.overrides)))
 
 
 def dit_overrides(config) -> dict:
-    return _tuples(config.dit.overrides)
+    return tuple_overrides(config.dit.overrides)
 
 
-def _tuples(overrides) -> dict:
+def tuple_overrides(overrides) -> dict:
     """Config overrides with JSON lists turned back into the tuples the frozen model configs hold."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(overrides).items()}
 
@@ -155,6 +155,14 @@ class VAETask(Task):
         videos = (jnp.asarray(next(batches)["video"], jnp.float32) / 127.5 - 1.0
                   for _ in range(int(self.config.vae_train.stats_batches)))
         shift, scale = compute_latent_stats(self.vae, variables, videos)
+        if not (np.all(np.isfinite(shift)) and np.all(np.isfinite(scale))):
+            # Finite but huge parameters (a learning rate far too high) can still overflow on real clips.
+            skipped, first = int(state.skipped), int(state.first_bad_step)
+            where = f"; {skipped} non-finite steps were skipped, the first at step {first + 1}" if skipped else ""
+            raise ValueError(
+                f"the vae's latents of training clips are not finite after step {int(state.step)}{where}; nothing "
+                f"exported. Lower vae_train.optim.lr (or set optim.grad_clip) and train again from a new workdir"
+            )
         variables = set_latent_stats(variables, shift, scale)
         export_vae(export_dir, config_json, variables)
         return {"latent_shift": np.asarray(shift).tolist(), "latent_scale": np.asarray(scale).tolist()}

@@ -1,0 +1,444 @@
+"""A user's mistake in training is one line, raised early, and nothing is lost silently.
+
+Config files that do not load, numbers that cannot train, finite data that runs
+out, checkpoints written with other settings (or left incomplete), an exported
+VAE that does not fit, prepared shards without latents, non-finite parameters,
+and the skipped-data counts of the summary. Most tests call the checks directly;
+the CLI ones stop before anything compiles.
+"""
+import json
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vidiff.train import config as config_lib
+from vidiff.train import loop, preflight, tasks
+from vidiff.train.checkpoint import Checkpointer
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD_TINY = REPO / "experiments" / "configs" / "world_tiny.py"
+ENV_ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def _cli(*args):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "vidiff.cli", "train", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, timeout=300, env={**os.environ, **ENV_ONE_DEVICE})
+
+
+def _one_line_error(result) -> str:
+    """The single stderr line of a failed ``vidiff train`` (exit 2, no traceback)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vidiff train: error: "), result.stderr
+    return lines[0][len("vidiff train: error: "):]
+
+
+def _config(*overrides):
+    return config_lib.load_config(WORLD_TINY, list(overrides))
+
+
+def _small_world_config(tmp_path, length=8):
+    """A config file whose VAE stage reads a world of ``length`` clips (a stage's world is a dict: file only)."""
+    path = tmp_path / "small_world.py"
+    path.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('world_tiny', {str(WORLD_TINY)!r})\n"
+        "world_tiny = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(world_tiny)\n\n\n"
+        "def get_config():\n"
+        "    c = world_tiny.get_config()\n"
+        f"    c.vae_train.data.world.length = {length}\n"
+        "    return c\n")
+    return path
+
+
+# --------------------------------------------------------------------------- 7: config files
+
+
+def test_config_files_that_do_not_load_fail_in_one_line(tmp_path):
+    yaml = tmp_path / "cfg.yaml"
+    yaml.write_text("steps: 3\n")
+    with pytest.raises(ValueError, match=r"cfg.yaml is not a Python file; a vidiff config is a \.py file with a "
+                                         r"get_config\(\) function"):
+        config_lib.load_config(yaml)
+    with pytest.raises(ValueError, match=r"is a directory; pass a config file such as"):
+        config_lib.load_config(tmp_path)
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config():\n    return dict(\n        steps=3,,\n    )\n")
+    with pytest.raises(ValueError, match=r"broken.py:3: syntax error in the config file: .*; fix that line"):
+        config_lib.load_config(broken)
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config():\n    x = 1\n    return undefined_name\n")
+    with pytest.raises(ValueError, match=r"raising.py:3: loading the config file raised NameError: name "
+                                         r"'undefined_name' is not defined; fix the config file"):
+        config_lib.load_config(raising)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        config_lib.load_config(tmp_path / "missing.py")
+
+
+def test_cli_config_file_errors_have_no_traceback(tmp_path):
+    yaml = tmp_path / "cfg.yaml"
+    yaml.write_text("steps: 3\n")
+    assert "is not a Python file" in _one_line_error(_cli("--config", yaml, "--model", "vae"))
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n    pass\n")
+    assert _one_line_error(_cli("--config", broken, "--model", "vae")).startswith(f"{broken}:1: syntax error")
+
+
+# --------------------------------------------------------------------------- 2, 3: numbers that cannot train
+
+
+@pytest.mark.parametrize("model, override, message", [
+    ("vae", "vae_train.on_nonfinite='stopp'", "vae_train.on_nonfinite='stopp' is invalid; use 'stop' or 'skip'"),
+    ("vae", "vae_train.steps=0", "vae_train.steps=0 is invalid; use an int >= 1"),
+    ("vae", "vae_train.log_every=0", "vae_train.log_every=0 is invalid; use an int >= 1"),
+    ("dit", "dit_train.ckpt_every=-5", "dit_train.ckpt_every=-5 is invalid; use an int >= 1"),
+    ("vae", "vae_train.eval_every=-1", "vae_train.eval_every=-1 is invalid; use an int >= 0"),
+    ("vae", "vae_train.ema_decay=1.0", r"vae_train.ema_decay=1.0 is invalid; use a number in \[0, 1\)"),
+    ("vae", "vae_train.optim.lr=0.0", "vae_train.optim.lr=0.0 is invalid; use a finite learning rate > 0"),
+    ("dit", "dit_train.optim.lr=-0.001", "dit_train.optim.lr=-0.001 is invalid"),
+    ("vae", "vae_train.optim.warmup_steps=-1", "vae_train.optim.warmup_steps=-1 is invalid; use an int >= 0"),
+    ("vae", "vae_train.optim.b1=1.0", r"vae_train.optim.b1=1.0 is invalid; use a number in \[0, 1\)"),
+    ("vae", "vae_train.optim.b2=-0.5", r"vae_train.optim.b2=-0.5 is invalid; use a number in \[0, 1\)"),
+    ("vae", "vae_train.optim.grad_clip=-1.0", "vae_train.optim.grad_clip=-1.0 is invalid; use a global-norm limit"),
+    ("vae", "vae_train.optim.schedule='linear'", "vae_train.optim.schedule='linear' is invalid; use one of"),
+    ("dit", "flow.shift=0.0", r"flow.shift=0.0 is invalid; use a number > 0 \(1 = no shift\) or 'auto'"),
+    ("dit", "flow.shift=-2.0", "flow.shift=-2.0 is invalid"),
+])
+def test_stage_numbers_are_checked_before_compiling(model, override, message):
+    config = _config(f"--config.{override}")
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(config_lib.for_stage(config, model), model, device_count=8)
+
+
+def test_valid_edge_values_pass_and_long_warmups_warn():
+    config = _config("--config.vae_train.optim.grad_clip=None", "--config.vae_train.ema_decay=0.0",
+                     "--config.vae_train.on_nonfinite='skip'")
+    with config.flow.ignore_type():
+        config.flow.shift = "auto"
+    config_lib.validate(config_lib.for_stage(config, "vae"), "vae", device_count=8)
+    config_lib.validate(config_lib.for_stage(config, "dit"), "dit", device_count=8)
+    from vidiff.train.optimizer import make_optimizer
+
+    make_optimizer(config.vae_train.optim, 10)  # grad_clip=None: no clipping, not a TypeError
+    short = _config("--config.vae_train.steps=20")  # world_tiny's warmup (100) was computed for 1,000 steps
+    assert config_lib.warnings_for(short, "vae") == [
+        "warning: vae_train.optim.warmup_steps=100 >= vae_train.steps=20: the learning rate never reaches "
+        "optim.lr=0.002"]
+    assert config_lib.warnings_for(_config(), "vae") == []
+
+
+def test_cli_refuses_zero_steps_in_one_line(tmp_path):
+    message = _one_line_error(_cli("--config", WORLD_TINY, "--model", "vae", f"--config.workdir={tmp_path}",
+                                   "--config.vae_train.steps=0"))
+    assert message == "vae_train.steps=0 is invalid; use an int >= 1 (optimizer steps in total)"
+    assert not (tmp_path / "export").exists()
+
+
+def _state(params):
+    from vidiff.train.state import TrainState
+
+    return TrainState(step=jnp.asarray(5), params=params, opt_state=(), ema_params=params,
+                      rng=jnp.zeros(2, jnp.uint32), skipped=jnp.asarray(3), first_bad_step=jnp.asarray(1))
+
+
+def test_non_finite_final_parameters_are_not_exported(tmp_path):
+    preflight.check_finite_params(_state({"w": jnp.ones(3)}), "vae", 5, tmp_path)  # finite: no error
+    bad = _state({"w": jnp.array([1.0, jnp.nan, 2.0])})
+    with pytest.raises(ValueError) as info:  # a ValueError: `vidiff train` prints it in one line
+        preflight.check_finite_params(bad, "vae", 5, tmp_path)
+    assert isinstance(info.value, loop.NonFiniteError)
+    assert str(info.value) == (
+        f"vae parameters are not finite after step 5; 3 non-finite steps were skipped, the first at step 2; nothing "
+        f"exported. Lower vae_train.optim.lr (or set optim.grad_clip) and train again from a new workdir or an "
+        f"earlier checkpoint in {tmp_path}")
+
+
+def test_json_output_has_null_not_nan(tmp_path):
+    from vidiff.train.metrics import MetricsWriter, json_safe, read_metrics
+
+    summary = {"final_loss": float("nan"), "scale": [1.0, float("inf")], "nested": {"x": float("-inf")}, "n": 2}
+    assert json.dumps(json_safe(summary), allow_nan=False) == (
+        '{"final_loss": null, "scale": [1.0, null], "nested": {"x": null}, "n": 2}')
+    writer = MetricsWriter(tmp_path, enabled=True)
+    writer.write(3, {"loss": float("nan"), "lr": 0.5})
+    writer.close()
+    writer.close()  # twice is harmless (the loop's error path, then its normal one)
+    (row,) = read_metrics(tmp_path)
+    assert row["loss"] is None and row["lr"] == 0.5
+    assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
+
+
+# --------------------------------------------------------------------------- 1: finite data
+
+
+def test_finite_data_that_cannot_last_fails_before_compiling(tmp_path):
+    result = _cli("--config", _small_world_config(tmp_path), "--model", "vae", f"--config.workdir={tmp_path / 'w'}",
+                  "--config.vae_train.steps=20", "--config.data.num_epochs=1", "--config.vae_train.data.batch_size=2",
+                  "--config.data.size=16")
+    assert _one_line_error(result) == (
+        "data runs out after 4 steps (8 records, data.num_epochs=1, batch 2) but vae_train.steps=20; "
+        "set data.num_epochs=None or vae_train.steps<=4")
+    assert not list((tmp_path / "w" / "vae" / "checkpoints").iterdir())  # nothing saved, nothing half-saved
+
+
+def _shards(directory: Path, n: int, **arrays) -> Path:
+    """``n`` prepared records (5x16x16 clips) in one ArrayRecord shard, with extra ``arrays`` per record."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from vidiff.data.schema import encode_record, make_record
+
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = ArrayRecordWriter(str(directory / "train-00000-of-00001.array_record"), "group_size:1")
+    for i in range(n):
+        video = np.full((5, 16, 16, 3), 10 * i, np.uint8)
+        writer.write(encode_record(make_record(video, f"clip {i}", 8.0, f"clip-{i}", **arrays)))
+    writer.close()
+    return directory
+
+
+def test_data_without_records_fails_before_compiling():
+    """(Empty shards are refused by the data layer itself; any other empty source is caught here.)"""
+    from vidiff.data import make_pipeline
+
+    config = _config("--config.data.num_frames=1", "--config.data.size=16", "--config.data.batch_size=2")
+    for epochs in (None, 2):  # 0 records x 2 epochs: the same line, not "runs out after 0 steps"
+        config.data.num_epochs = epochs
+        with pytest.raises(loop.DataExhaustedError, match=r"the data has no records \(data.source='world' with "
+                                                          r"data.world.length=default\); point data at a non-empty"):
+            preflight.check_data_lasts(make_pipeline(config.data, source=[]), config, "vae")
+
+
+def test_data_counts_are_exact_or_an_upper_bound(tmp_path):
+    from vidiff.data import make_pipeline
+
+    config = _config("--config.data.num_epochs=3", "--config.data.batch_size=4", "--config.data.size=16",
+                     "--config.data.num_frames=1", "--config.vae_train.steps=5")
+    config.data.world = {"length": 7}
+    preflight.check_data_lasts(make_pipeline(config.data), config, "vae")  # 21 records: 5 batches of 4
+    config.vae_train.steps = 6
+    with pytest.raises(loop.DataExhaustedError, match=r"data runs out after 5 steps \(7 records, data.num_epochs=3, "
+                                                      r"batch 4\) but vae_train.steps=6"):
+        preflight.check_data_lasts(make_pipeline(config.data), config, "vae")
+    config.data.num_epochs = None  # repeats forever: never refused
+    preflight.check_data_lasts(make_pipeline(config.data), config, "vae")
+
+
+def test_data_running_out_mid_run_waits_for_saves_and_names_the_step(tmp_path):
+    import ml_collections
+
+    checkpointer = Checkpointer(tmp_path, keep=2, keep_best=0)
+    checkpointer.save(2, {"w": jnp.ones(1000)})  # asynchronous: still in flight when the data ends
+    stage = ml_collections.ConfigDict({"steps": 20})
+    config = _config("--config.data.num_epochs=1")
+    with pytest.raises(loop.DataExhaustedError) as info:
+        loop._next_batch(iter([]), 3, stage, "vae", checkpointer, None, config)
+    assert str(info.value) == ("data ran out after step 3 of vae_train.steps=20 (0 records read; data.num_epochs=1); "
+                               "checkpoint 2 is intact; set data.num_epochs=None or vae_train.steps<=3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2"]  # committed, no *.orbax-checkpoint-tmp left
+    assert (tmp_path / "2" / "state").is_dir()
+
+
+@pytest.mark.slow
+def test_a_run_whose_data_ends_early_stops_in_one_line(tmp_path, monkeypatch):
+    """The loop's own catch (data that the early check cannot foresee, e.g. skipped records): ~25 s."""
+    monkeypatch.setattr(preflight, "check_data_lasts", lambda *a: None)
+    config = config_lib.load_config(_small_world_config(tmp_path, length=16), [
+        f"--config.workdir={tmp_path / 'w'}", "--config.data.num_epochs=1", "--config.data.size=16",
+        "--config.vae_train.data.batch_size=8", "--config.vae_train.steps=4", "--config.vae_train.ckpt_every=1",
+        "--config.vae_train.log_every=1"])
+    with pytest.raises(loop.DataExhaustedError, match=r"data ran out after step 2 of vae_train.steps=4 \(16 records "
+                                                      r"read; data.num_epochs=1\); checkpoint 2 is intact"):
+        loop.train(config, "vae", log=lambda *a: None)
+    assert sorted(p.name for p in (tmp_path / "w" / "vae" / "checkpoints").iterdir()) == ["1", "2"]
+    assert not (tmp_path / "w" / "export").exists()
+
+
+# --------------------------------------------------------------------------- 4: resuming with another config
+
+
+def _saved_checkpoint(tmp_path, config, step=2, iterator=None):
+    directory = tmp_path / "vae" / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3, keep_best=0)
+    checkpointer.save(step, {"w": jnp.ones(4)}, data_iterator=iterator, config=json.loads(config.to_json()))
+    checkpointer.close()
+    return Checkpointer(directory, keep=3, keep_best=0)
+
+
+def test_resume_with_other_model_settings_names_the_fields(tmp_path):
+    checkpointer = _saved_checkpoint(tmp_path, _config(), iterator=iter(_world_pipeline()))
+    preflight.check_resume(checkpointer, 2, json.loads(_config().to_json()), "vae")  # same config: fine
+    free = _config("--config.vae_train.steps=50", "--config.vae_train.optim.lr=0.001")
+    free.vae.overrides.dtype = "bfloat16"  # compute dtype: the parameters stay float32
+    preflight.check_resume(checkpointer, 2, json.loads(free.to_json()), "vae")  # nothing that shapes parameters
+    changed = json.loads(_config("--config.vae.overrides.base_channels=16").to_json())
+    with pytest.raises(ValueError) as info:
+        preflight.check_resume(checkpointer, 2, changed, "vae")
+    assert str(info.value) == (f"{checkpointer.directory / '2'} was written with vae.overrides.base_channels=32 "
+                               f"(config now 16); use a new workdir or the original config")
+    preset = json.loads(_config("--config.dit.preset='small'").to_json())
+    with pytest.raises(ValueError, match=r"was written with dit.preset='tiny' \(config now 'small'\)"):
+        preflight.check_resume(checkpointer, 2, preset, "dit")
+    text = json.loads(_config("--config.text.encoder='t5:/models/t5'").to_json())
+    with pytest.raises(ValueError, match=r"text.encoder='minilm' \(config now 't5:/models/t5'\)"):
+        preflight.check_resume(checkpointer, 2, text, "dit")
+    checkpointer.close()
+
+
+def test_an_incomplete_step_folder_is_named_with_the_fix(tmp_path):
+    checkpointer = _saved_checkpoint(tmp_path, _config(), iterator=iter(_world_pipeline()))
+    checkpointer.close()
+    (checkpointer.directory / "10").mkdir()  # a copy or a save cut short
+    reopened = Checkpointer(checkpointer.directory, keep=3, keep_best=0)
+    assert reopened.latest_step() == 10
+    with pytest.raises(ValueError) as info:
+        preflight.check_resume(reopened, 10, json.loads(_config().to_json()), "vae")
+    assert str(info.value) == (f"checkpoint {reopened.directory / '10'} is incomplete (no state, data: a save or copy "
+                               f"was cut short); delete that folder to resume from step 2")
+    reopened.close()
+    # From the command line: that line alone (orbax's warning about the folder is not printed).
+    result = _cli("--config", WORLD_TINY, "--model", "vae", f"--config.workdir={tmp_path}")
+    assert _one_line_error(result) == str(info.value)
+
+
+def _world_pipeline(**overrides):
+    from vidiff.data import make_pipeline
+
+    return make_pipeline(dict(source="world", num_frames=1, size=16, batch_size=2, world=dict(length=16), **overrides))
+
+
+def test_an_iterator_that_cannot_be_restored_names_the_changed_data_fields(tmp_path):
+    iterator = iter(_world_pipeline())
+    next(iterator)
+    saved = _config()
+    checkpointer = _saved_checkpoint(tmp_path, saved, iterator=iterator)
+    now = _config("--config.data.buckets=['1x16x16','1x8x8']")  # one bucket -> two: another iterator graph
+    other = iter(_world_pipeline(buckets=["1x16x16", "1x8x8"]))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), {"w": jnp.ones(4)})
+    with pytest.raises(ValueError) as info:
+        loop._restore(checkpointer, target, 2, other, json.loads(now.to_json()), "vae")
+    assert str(info.value) == (f"cannot restore {checkpointer.directory / '2'}: it was written with data.buckets=None "
+                               f"(config now ['1x16x16', '1x8x8']); use a new workdir or the original config")
+    checkpointer.close()
+
+
+def _export_vae(directory: Path, config, **vae_overrides):
+    """An exported VAE of ``config``'s shape (zeros) whose manifest records ``config``."""
+    from flax import linen as nn
+
+    from vidiff.train.export import export_vae
+
+    vae = tasks.vae_from_config(config)
+    shapes = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), jnp.zeros((1, 1, 4, 4, 3))))["params"]
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+    c = vae.config.latent_channels
+    stats = {"shift": np.zeros(c, np.float32), "scale": np.ones(c, np.float32)}
+    export_vae(directory, json.loads(config.to_json()), {"params": params, "latent_stats": stats})
+
+
+def test_a_dit_on_a_vae_of_other_settings_names_the_field(tmp_path):
+    trained = _config(f"--config.workdir={tmp_path}")
+    _export_vae(tmp_path / "export", trained)
+    assert "params" in tasks.load_vae_variables(trained)  # the same settings load
+    preflight.check_dit_inputs(trained)
+    changed = _config(f"--config.workdir={tmp_path}", "--config.vae.overrides.base_channels=16")
+    with pytest.raises(ValueError) as info:
+        preflight.check_dit_inputs(changed)
+    assert str(info.value) == (f"the VAE in {tmp_path / 'export'} was trained with vae.overrides.base_channels=32 "
+                               f"(config now 16); use the VAE's config or train the VAE again with --model vae")
+    # An export whose manifest has no config to compare: the loaded shapes are compared instead.
+    manifest = tmp_path / "export" / "vidiff.json"
+    manifest.write_text(json.dumps({"vae": True}))
+    preflight.check_dit_inputs(changed)
+    task = types.SimpleNamespace(frozen={"vae": tasks.load_vae_variables(changed)}, prepared=False)
+    with pytest.raises(ValueError, match=r"does not fit this config's vae settings: parameter \S+ is \(.*\) there but "
+                                         r"\(.*\) here; use the VAE's config or train the VAE again"):
+        preflight.check_dit_task(changed, task)
+
+
+# --------------------------------------------------------------------------- 5: prepared latents
+
+
+def test_prepared_latents_on_shards_without_them_fail_early(tmp_path):
+    plain = _shards(tmp_path / "plain", 2)
+    config = _config("--config.data.source=array_record", f"--config.data.array_record_path={plain}",
+                     "--config.dit_train.latents=prepared")
+    with pytest.raises(ValueError) as info:
+        preflight.check_prepared_shards(config)
+    assert str(info.value) == (
+        f"dit_train.latents='prepared' but the shards in data.array_record_path='{plain}' have no latents, "
+        f"text_embedding, text_mask, text_pooled (written without --latents); run `vidiff prepare --latents "
+        f"MODEL_DIR` on the videos, or set dit_train.latents='cached'")
+    with_latents = _shards(tmp_path / "latents", 1, latents=np.zeros((5, 4, 4, 4), np.float32),
+                           text_embedding=np.zeros((8, 32), np.float32), text_mask=np.ones(8, bool),
+                           text_pooled=np.zeros(32, np.float32))
+    config.data.array_record_path = str(with_latents)
+    preflight.check_prepared_shards(config)
+    with pytest.raises(ValueError, match=r"hold 32-d text embeddings but text.encoder='minilm' gives 384-d"):
+        preflight.check_prepared_text(config, 384)
+    # Latents prepared with another VAE than the exported one (the fingerprint vidiff prepare records).
+    config.workdir = str(tmp_path)
+    _export_vae(tmp_path / "export", config)
+    variables = tasks.load_vae_variables(config)
+    preflight.check_prepared_vae(config, variables)  # no summary beside the shards: nothing to compare
+    summary = {"latents_from": "other/export", "vae_fingerprint": "0123abcd"}
+    (with_latents / "train-summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError) as info:
+        preflight.check_prepared_vae(config, variables)
+    assert str(info.value) == (
+        f"the latents in data.array_record_path='{with_latents}' come from another VAE (prepared with --latents "
+        f"other/export) than the one in {tmp_path / 'export'}; run `vidiff prepare --latents {tmp_path / 'export'}` "
+        f"again")
+    from vidiff.train.latent_cache import vae_fingerprint
+
+    summary["vae_fingerprint"] = vae_fingerprint(variables, tasks.vae_from_config(config).config)
+    (with_latents / "train-summary.json").write_text(json.dumps(summary))
+    preflight.check_prepared_vae(config, variables)
+
+
+# --------------------------------------------------------------------------- 6, 8: skipped data, quiet DiT start
+
+
+@pytest.mark.slow
+def test_summary_counts_skipped_records_apart_from_skipped_steps(tmp_path):
+    """A folder of 4 good clips and 2 manifest rows naming missing files; two steps. ~30 s."""
+    from vidiff.data.world import CaptionedWorld, WorldConfig
+    from vidiff.io import write_video
+
+    world = CaptionedWorld(WorldConfig(num_frames=5, size=16, length=4))
+    rows = []
+    for i in range(4):
+        write_video(tmp_path / f"clip{i}.mp4", world[i]["video"], 8)
+        rows.append({"path": f"clip{i}.mp4", "caption": str(world[i]["caption"])})
+    rows += [{"path": "gone1.mp4", "caption": "a lost clip"}, {"path": "gone2.mp4", "caption": "another"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = _cli("--config", WORLD_TINY, "--model", "vae", f"--config.workdir={tmp_path / 'w'}",
+                  "--config.data.source=folder", f"--config.data.manifest={tmp_path / 'train.jsonl'}",
+                  "--config.data.size=16", "--config.data.num_frames=5", "--config.vae_train.data.num_frames=5",
+                  "--config.vae_train.data.batch_size=2", "--config.vae_train.steps=2", "--config.vae_train.log_every=1",
+                  "--config.vae_train.eval_every=0", "--config.vae_train.stats_batches=1",
+                  "--config.data.max_bad_fraction=0.5")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["skipped_steps"] == summary["skipped"] == 0  # the old key: non-finite steps
+    assert summary["skipped_records_total"] >= 2 and set(summary["skipped_records"]) == {"missing_file"}
+    assert math.isfinite(summary["final_loss"])
+    from vidiff.train.metrics import read_metrics
+
+    rows = [r for r in read_metrics(tmp_path / "w" / "vae") if "loss" in r]
+    assert rows[-1]["skipped_records_total"] >= 2 and rows[-1]["skipped_steps"] == 0
+
+
+def test_dit_start_prints_no_transformers_advice(tmp_path):
+    message = _one_line_error(_cli("--config", WORLD_TINY, "--model", "dit", f"--config.workdir={tmp_path}",
+                                   "--config.text.max_length=8"))
+    assert message.startswith("no trained VAE in") and "PyTorch" not in message

@@ -1,0 +1,260 @@
+"""What is checked before a training run compiles (and before it exports), so a mistake costs one line.
+
+``vidiff.train.loop`` calls these at the points where each can first be known:
+
+- resuming: the step folder is complete and was written with the same model
+  settings (``check_resume``; ``model_changes`` names each differing field);
+- the DiT's inputs: the exported VAE fits this config, and prepared shards
+  carry latents from that VAE and text embeddings of this config's encoder
+  width (``check_dit_inputs`` before the task loads them, ``check_dit_task`` after);
+- the data: a finite dataset lasts ``<model>_train.steps`` (``check_data_lasts``);
+- the end: parameters about to be exported are finite (``check_finite_params``).
+
+Each raises a one-line ``ValueError`` naming the field or folder and the fix,
+instead of an orbax, Flax or ``KeyError`` traceback minutes later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from vidiff.models.dit import dit_preset
+from vidiff.models.vae import vae_preset
+from vidiff.train.checkpoint import read_config
+from vidiff.train.config import config_changes
+from vidiff.train.export import read_manifest
+from vidiff.train.latent_cache import vae_fingerprint
+from vidiff.train.tasks import export_dir, tuple_overrides, vae_from_config
+
+
+class NonFiniteError(RuntimeError, ValueError):
+    """Training hit a non-finite loss or gradient with ``train.on_nonfinite = "stop"``, or ended with
+    non-finite parameters. A ``ValueError`` too, so ``vidiff train`` reports it in one line."""
+
+
+class DataExhaustedError(ValueError):
+    """The data pipeline ended (finite ``data.num_epochs``, or no records) before ``<model>_train.steps``."""
+
+
+def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None:
+    """Before compiling: the checkpoint to resume is complete and was written for the same model shapes.
+
+    Parameter shapes come from the model sections (and, for the DiT, the text
+    encoder's width and the VAE's latent channels); a difference is named field
+    by field instead of surfacing as an orbax shape error. Other fields (steps,
+    learning rate, data.world.length, ...) may change on resume.
+    """
+    checkpointer.check_complete(step)
+    try:
+        saved = read_config(checkpointer.directory, step)
+    except (OSError, ValueError):  # a checkpoint without a readable config: the restore will tell
+        return
+    changes = model_changes(saved, config_json, model)
+    if model == "dit":
+        changes += model_changes(saved, config_json, "vae")
+        changes += config_changes(saved, config_json, ("text.encoder",))
+    if changes:
+        raise ValueError(f"{checkpointer.directory / str(step)} was written with {', '.join(changes)}; "
+                         f"use a new workdir or the original config")
+
+
+# Fields that leave a model's parameters as they are: changing them between runs is fine.
+_FREE_FIELDS = {"vae": {"dtype"}, "dit": {"dtype", "attention_impl", "remat_policy"}}
+
+
+def model_changes(saved: dict, current: dict, model: str) -> list[str]:
+    """``"vae.overrides.base_channels=32 (config now 16)"`` for each field of ``model``'s architecture
+    that differs between two JSON configs (``saved`` first); both are resolved through the preset, so
+    an override equal to the preset's value is no change."""
+    old, new = saved.get(model) or {}, current.get(model) or {}
+    if old.get("preset") != new.get("preset"):
+        return [f"{model}.preset={old.get('preset')!r} (config now {new.get('preset')!r})"]
+    make = vae_preset if model == "vae" else dit_preset
+    try:
+        before = dataclasses.asdict(make(old["preset"], **tuple_overrides(old.get("overrides") or {})))
+        after = dataclasses.asdict(make(new["preset"], **tuple_overrides(new.get("overrides") or {})))
+    except (KeyError, TypeError, ValueError):  # a config from another vidiff version: nothing to compare
+        return []
+    as_json = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return [f"{model}.overrides.{k}={as_json(before[k])!r} (config now {as_json(after.get(k))!r})"
+            for k in sorted(before) if k not in _FREE_FIELDS[model] and before[k] != after.get(k)]
+
+
+def check_dit_inputs(config) -> None:
+    """Before the DiT task loads anything: the exported VAE was trained with this config's VAE settings
+    (named field by field), and ``dit_train.latents='prepared'`` shards carry latents."""
+    directory = export_dir(config)
+    if (directory / "vae.safetensors").is_file():  # else tasks.load_vae_variables says how to train one
+        exported = read_manifest(directory).get("config") or {}
+        changes = model_changes(exported, json.loads(config.to_json()), "vae") if exported.get("vae") else []
+        if changes:
+            raise ValueError(f"the VAE in {directory} was trained with {', '.join(changes)}; use the VAE's config "
+                             f"or train the VAE again with --model vae")
+    if config.dit_train.get("latents") == "prepared":
+        check_prepared_shards(config)
+
+
+def check_dit_task(config, task) -> None:
+    """Once the DiT task is built, before compiling: its VAE's parameter shapes fit the config (a backstop
+    for exports without a readable config) and prepared shards were made with this VAE and text encoder."""
+    variables = jax.device_get(task.frozen["vae"])
+    _check_vae_shapes(config, variables, export_dir(config))
+    if task.prepared:
+        check_prepared_text(config, task.text.dim)
+        check_prepared_vae(config, variables)
+
+
+def _check_vae_shapes(config, variables: dict, directory: Path) -> None:
+    """The first parameter whose shape differs from what this config's VAE builds, named."""
+    vae = vae_from_config(config)
+    sf = vae.config.spatial_factor
+    expected = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), jnp.zeros((1, 1, sf, sf, 3))))["params"]
+    want = traverse_util.flatten_dict(expected, sep="/")
+    have = traverse_util.flatten_dict(variables["params"], sep="/")
+    for name in sorted(set(want) | set(have)):
+        old = tuple(have[name].shape) if name in have else None
+        new = tuple(want[name].shape) if name in want else None
+        if old != new:
+            raise ValueError(
+                f"the VAE in {directory} does not fit this config's vae settings: parameter {name} is "
+                f"{old or 'missing'} there but {new or 'absent'} here; use the VAE's config or train the VAE "
+                f"again with --model vae"
+            )
+
+
+PREPARED_KEYS = ("latents", "text_embedding", "text_mask", "text_pooled")
+
+
+def _first_prepared_record(config):
+    """The first decodable training record of the ``array_record`` shards, or None (no records: the loop says so)."""
+    from vidiff.data.sources import ArrayRecordSource, array_record_paths
+
+    source = ArrayRecordSource(array_record_paths(config.data.array_record_path, "train"))
+    for index in range(min(len(source), 8)):  # a corrupt first entry is a Skip: look a little further
+        record = source[index]
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+def check_prepared_shards(config) -> None:
+    """``dit_train.latents='prepared'`` needs shards written by ``vidiff prepare --latents``: say so before
+    anything compiles, not with a ``KeyError`` at the first step."""
+    record = _first_prepared_record(config)
+    missing = [k for k in PREPARED_KEYS if record is not None and k not in record]
+    if missing:
+        raise ValueError(
+            f"dit_train.latents='prepared' but the shards in data.array_record_path={config.data.array_record_path!r} "
+            f"have no {', '.join(missing)} (written without --latents); run `vidiff prepare --latents MODEL_DIR` "
+            f"on the videos, or set dit_train.latents='cached'"
+        )
+
+
+def check_prepared_text(config, text_dim: int) -> None:
+    """Prepared text embeddings must come from this config's text encoder (same width)."""
+    record = _first_prepared_record(config)
+    width = None if record is None else np.shape(record["text_embedding"])[-1]
+    if width is not None and width != text_dim:
+        raise ValueError(
+            f"the shards in data.array_record_path={config.data.array_record_path!r} hold {width}-d "
+            f"text embeddings but text.encoder={config.text.encoder!r} gives {text_dim}-d; use the encoder the shards "
+            f"were prepared with, or run `vidiff prepare --latents MODEL_DIR` again"
+        )
+
+
+def check_prepared_vae(config, vae_variables: dict) -> None:
+    """Prepared latents come from the exported VAE the DiT will be paired with.
+
+    ``vidiff prepare --latents`` records its VAE's fingerprint in ``train-summary.json``
+    beside the shards; a DiT trained on another VAE's latents would pair with a
+    decoder whose latent space it never saw.
+    """
+    summary_path = Path(config.data.array_record_path) / "train-summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):  # shards prepared before fingerprints were recorded: nothing to compare
+        return
+    vae = vae_from_config(config)
+    if summary.get("vae_fingerprint") not in (None, vae_fingerprint(vae_variables, vae.config)):
+        raise ValueError(
+            f"the latents in data.array_record_path={config.data.array_record_path!r} come from another VAE "
+            f"(prepared with --latents {summary.get('latents_from')}) than the one in {export_dir(config)}; "
+            f"run `vidiff prepare --latents {export_dir(config)}` again"
+        )
+
+
+def _source_of(config) -> str:
+    """Where the records come from, as the config fields that say so."""
+    data = config.data
+    where = {"array_record": f"data.array_record_path={data.get('array_record_path')!r}",
+             "folder": f"data.manifest={data.get('manifest')!r}",
+             "tfds": f"data.tfds_name={data.get('tfds_name')!r}"}
+    length = (data.get("world") or {}).get("length", "default")
+    return where.get(data.source, f"data.source='world' with data.world.length={length}")
+
+
+def _record_counts(pipeline) -> tuple[int, int] | None:
+    """``(records in the source, records the pipeline reads over all epochs in this process)``, from the
+    grain graph: the source and the first random-access stage above it know their lengths. None when the
+    graph is not the one ``vidiff.data.make_pipeline`` builds."""
+    node, lengths = pipeline, []
+    try:
+        while node is not None:
+            if isinstance(node, grain.MapDataset):
+                lengths.append(len(node))
+            parents = getattr(node, "parents", ())
+            node = parents[0] if parents else None
+    except (TypeError, AttributeError, IndexError):
+        return None
+    return (lengths[-1], lengths[0]) if lengths else None
+
+
+def check_data_lasts(pipeline, config, model: str) -> None:
+    """Fail before compiling when finite data cannot give ``<model>_train.steps`` batches (or has no records).
+
+    With one bucket and ``drop_remainder`` the count is exact (before skipped
+    records); with several buckets it is an upper bound, so this only refuses
+    what certainly runs out. The loop still catches a stream that ends early.
+    """
+    counts = _record_counts(pipeline)
+    if counts is None:
+        return
+    records, read = counts
+    if records == 0:
+        raise DataExhaustedError(f"the data has no records ({_source_of(config)}); point data at a non-empty "
+                                 f"dataset (for shards, check `vidiff prepare` wrote any)")
+    epochs = config.data.num_epochs
+    if epochs is None:
+        return
+    batch, steps = int(config.data.batch_size), int(config[f"{model}_train"].steps)
+    buckets = len(config.data.buckets) if config.data.get("buckets") else 1
+    available = read // batch if config.data.drop_remainder else -(-read // batch) + buckets - 1
+    if steps > available:
+        bound = "at most " if buckets > 1 or not config.data.drop_remainder else ""
+        raise DataExhaustedError(
+            f"data runs out after {bound}{available} steps ({records} records, data.num_epochs={epochs}, batch {batch}) "
+            f"but {model}_train.steps={steps}; set data.num_epochs=None or {model}_train.steps<={available}"
+        )
+
+
+def check_finite_params(state, model: str, step: int, checkpoints: Path) -> None:
+    """Refuse to export parameters (or their EMA) that are not finite: one line naming the step and the skips."""
+    finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)),
+                                                           (state.params, state.ema_params)), jnp.asarray(True))
+    if bool(finite):
+        return
+    skipped, first = int(state.skipped), int(state.first_bad_step)
+    where = f"; {skipped} non-finite steps were skipped, the first at step {first + 1}" if skipped else ""
+    raise NonFiniteError(
+        f"{model} parameters are not finite after step {step}{where}; nothing exported. Lower "
+        f"{model}_train.optim.lr (or set optim.grad_clip) and train again from a new workdir or an earlier "
+        f"checkpoint in {checkpoints}"
+    )
