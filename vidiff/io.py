@@ -307,6 +307,14 @@ def write_image(path, image) -> Path:
     return path
 
 
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``uint8 (T, H, W, 3)`` frames resized to ``height`` x ``width`` (Pillow, bicubic, as ``read_image``)."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BICUBIC))
+                     for f in frames])
+
+
 def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image file to ``uint8 (H, W, 3)``, optionally resized to ``(height, width)``."""
     from PIL import Image, UnidentifiedImageError

@@ -46,7 +46,7 @@ from vidiff import io, parallel
 from vidiff.diffusion.flow import noise_latents, shift_for_tokens
 from vidiff.diffusion.samplers import check_guidance
 from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_plan, latent_count, on_sampler_step,
-                                       pixel_count, sample_latents, seeded_noise, text_context)
+                                       pixel_count, sample_latents, sample_seeds, seeded_noise, text_context)
 from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
 from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, vae_preset
@@ -266,7 +266,7 @@ class TextToVideo:
             warnings.warn(f"the {what} is {source_size[0]}x{source_size[1]} (height x width) and is stretched to "
                           f"{height}x{width}; crop it to that aspect ratio first for undistorted frames", stacklevel=3)
         if frames.shape[1:3] != (height, width):
-            frames = _resize(frames, height, width)
+            frames = io.resize_frames(frames, height, width)
         return frames
 
     def encode(self, frames: np.ndarray) -> jax.Array:
@@ -299,7 +299,7 @@ class TextToVideo:
         if not isinstance(prompts, (str, Sequence, np.ndarray)):
             raise ValueError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        seeds = _seeds(seed, num_per_prompt)
+        seeds = sample_seeds(seed, num_per_prompt)
         steps = int(self.defaults["steps"] if steps is None else steps)
         guidance = float(self.defaults["guidance"] if guidance is None else guidance)
         sampler = self.defaults["sampler"] if sampler is None else sampler  # sample() checks the name
@@ -352,24 +352,6 @@ class TextToVideo:
         return shift_for_tokens(math.prod(s // p for s, p in zip(latent_shape[:3], self.dit.config.patch)))
 
 
-def _seeds(seed, num_per_prompt) -> list[int]:
-    """The seeds every prompt is sampled with: ``seed, seed + 1, ...`` or an explicit list, each a uint32."""
-    if not isinstance(num_per_prompt, (int, np.integer)) or num_per_prompt < 1:
-        raise ValueError(f"num_per_prompt={num_per_prompt!r} must be a positive int")
-    if np.ndim(seed) == 0:
-        seeds = [int(seed) + j for j in range(num_per_prompt)]
-    elif num_per_prompt != 1:
-        raise ValueError(f"num_per_prompt={num_per_prompt} with a list of seeds: give one or the other (a list "
-                         "samples every prompt once per seed)")
-    else:
-        seeds = [int(s) for s in seed]
-    if not seeds:
-        raise ValueError("seed=[] gives no samples; pass an int or a non-empty list of seeds")
-    if not all(0 <= s < 2**32 for s in seeds):  # the noise is keyed by a uint32
-        raise ValueError(f"seeds {seeds} must be in [0, 2**32)")
-    return seeds
-
-
 @functools.lru_cache(maxsize=4)
 def _text_encoder(name: str, max_length: int):
     """Frozen encoders are shared between pipelines (reloading a checkpoint does not reload MiniLM)."""
@@ -410,10 +392,3 @@ def _context_latents(frames: int, direction: str, tf: int, most: int) -> int:
     options = [frames_of(j) for j in range(1, most + 1)] or "none"
     raise ValueError(f"context_frames={frames} does not fit extending {direction} here; use one of {options} "
                      "(the video's length and num_frames bound it)")
-
-
-def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BICUBIC))
-                     for f in frames])

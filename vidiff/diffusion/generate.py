@@ -164,6 +164,24 @@ def known_plan(latent_frames: int, frames: dict) -> Plan:
     return Plan(latent_frames, known=known, mask=mask)
 
 
+def sample_seeds(seed, num_per_prompt: int = 1) -> list[int]:
+    """The seeds every prompt is sampled with: ``seed, seed + 1, ...`` or an explicit list, each a uint32."""
+    if not isinstance(num_per_prompt, (int, np.integer)) or num_per_prompt < 1:
+        raise ValueError(f"num_per_prompt={num_per_prompt!r} must be a positive int")
+    if np.ndim(seed) == 0:
+        seeds = [int(seed) + j for j in range(num_per_prompt)]
+    elif num_per_prompt != 1:
+        raise ValueError(f"num_per_prompt={num_per_prompt} with a list of seeds: give one or the other (a list "
+                         "samples every prompt once per seed)")
+    else:
+        seeds = [int(s) for s in seed]
+    if not seeds:
+        raise ValueError("seed=[] gives no samples; pass an int or a non-empty list of seeds")
+    if not all(0 <= s < 2**32 for s in seeds):  # the noise is keyed by a uint32
+        raise ValueError(f"seeds {seeds} must be in [0, 2**32)")
+    return seeds
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def seeded_noise(seeds, shape):
     """Per-sample noise from each sample's own seed, so a clip does not depend on its batch."""
