@@ -130,6 +130,8 @@ def test_schedule_guidance_and_known_frames_are_checked_before_sampling():
     with pytest.raises(ValueError, match=r"tie=\(\(5,\), \(0,\)\): needs \(targets, sources\) of equal length, "
                                          r"latent frames in \[0, 3\)"):
         diffusion.sample(velocity, x, steps=2, tie=((5,), (0,)))
+    with pytest.raises(ValueError, match=r"known_frames: must be per latent frame \(2, 3\), got \(1, 3\)"):
+        diffusion.flow_loss(lambda x, t: x, x, jax.random.key(0), known_frames=jnp.ones((1, 3)))
     with pytest.raises(ValueError, match=r"x_start: known frames need latents \(B, t, h, w, c\)"):
         diffusion.sample(velocity, jnp.zeros((2, 2, 4)), steps=2, known_mask=jnp.ones((2, 2)))
 

@@ -96,6 +96,8 @@ def flow_loss(
     learns to fill in only the unknown frames.
     Returns ``(loss, aux)`` with per-sample losses and the timesteps used.
     """
+    if known_frames is not None and jnp.shape(known_frames) != x0.shape[:2]:
+        raise ValueError(f"known_frames: must be per latent frame {x0.shape[:2]}, got {jnp.shape(known_frames)}")
     key_t, key_eps = jax.random.split(key)
     t = sample_timesteps(key_t, x0.shape[0], timestep_sampler, shift=shift)
     eps = standard_normal(key_eps, x0.shape, x0.dtype)
