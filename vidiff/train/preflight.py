@@ -228,6 +228,10 @@ def check_data_lasts(pipeline, config, model: str) -> None:
     if counts is None:
         return
     records, read = counts
+    if jax.process_count() > 1:  # decide on the same numbers everywhere: a process that raised alone would
+        from jax.experimental import multihost_utils  # leave the others waiting at the first collective
+
+        records, read = (int(v) for v in multihost_utils.process_allgather(np.array([records, read])).min(axis=0))
     if records == 0:
         raise DataExhaustedError(f"the data has no records ({_source_of(config)}); point data at a non-empty "
                                  f"dataset (for shards, check `vidiff prepare` wrote any)")
