@@ -193,8 +193,8 @@ def check_writable(path) -> None:
     path = Path(path)
     if path.is_dir():
         raise OSError(f"cannot write {path}: it is a directory; give a file name")
-    missing = [p for p in reversed(path.parent.absolute().parents[:-1]) if not p.exists()]
-    missing += [path.parent.absolute()] * (not path.parent.exists())
+    parent = path.parent.absolute()
+    missing = [folder for folder in (parent, *parent.parents) if not folder.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".vidiff-write-test-"):
@@ -202,7 +202,7 @@ def check_writable(path) -> None:
     except OSError as e:
         raise OSError(f"cannot write {path}: {e.strerror or e}; choose a writable output path") from None
     finally:  # a run that fails later leaves no empty folders behind; the writers create them again
-        for folder in reversed(missing):
+        for folder in missing:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
 

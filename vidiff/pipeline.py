@@ -40,7 +40,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from vidiff import io, parallel
 from vidiff.diffusion.flow import noise_latents, shift_for_tokens
@@ -48,9 +47,9 @@ from vidiff.diffusion.samplers import check_guidance
 from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_plan, latent_count, on_sampler_step,
                                        pixel_count, sample_latents, sample_seeds, seeded_noise, text_context)
 from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
-from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, vae_preset
-from vidiff.train.export import load_dit, load_vae, read_manifest
+from vidiff.train.export import load_dit, load_vae, read_manifest, variable_shapes
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "world_tiny"
 DIRECTIONS = ("forward", "backward")
@@ -362,20 +361,10 @@ def _text_encoder(name: str, max_length: int):
 
 def _fitting(loaded: dict, module, path: Path) -> dict:
     """``loaded`` if it has the shapes ``module`` initialises, else a one-line error (e.g. an older export)."""
-    if jax.tree.map(np.shape, loaded) != _variable_shapes(module):
+    if jax.tree.map(np.shape, loaded) != variable_shapes(module):
         raise ValueError(f"{path} does not fit the model its vidiff.json describes (exported by another vidiff "
                          "version?); re-export it with `vidiff train`")
     return loaded
-
-
-@functools.lru_cache(maxsize=8)
-def _variable_shapes(module) -> dict:
-    """Shapes of every variable ``module.init`` creates (traced once per architecture: ~2 s for a VAE)."""
-    if isinstance(module, VideoVAE):  # one latent cell is the smallest clip it takes
-        example = [jnp.zeros((1, 1, module.config.spatial_factor, module.config.spatial_factor, 3))]
-    else:
-        example = dummy_inputs(module.config)
-    return jax.tree.map(np.shape, nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *example)))
 
 
 def _tuples(overrides) -> dict:

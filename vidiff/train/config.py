@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import math
 import traceback
 from pathlib import Path
 from typing import Sequence
@@ -22,8 +21,9 @@ from typing import Sequence
 import ml_collections
 
 MODELS = ("vae", "dit")
-# Fields that take an int or a (height, width) pair, whatever the config file's default is.
-_INT_OR_PAIR = {"size"}
+# Fields that take an int or a (height, width) pair, whatever the config file's default is: data.size, also
+# as a stage's own override (vae_train.data.size). Matched by path, so another section's `size` keeps its type.
+_INT_OR_PAIR = (".data.size",)
 ON_NONFINITE = ("stop", "skip")
 
 
@@ -99,9 +99,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         sequences = (list, tuple)
+        int_or_pair = f".{dotted}".endswith(_INT_OR_PAIR) and all(isinstance(v, (int, *sequences)) for v in (old, value))
         if old is not None and value is not None and not isinstance(value, type(old)) and not (
             isinstance(old, sequences) and isinstance(value, sequences)
-        ) and not (leaf in _INT_OR_PAIR and isinstance(old, (int, *sequences)) and isinstance(value, (int, *sequences))):
+        ) and not int_or_pair:
             raise ValueError(f"override {item!r}: {dotted} is a {type(old).__name__}, got {type(value).__name__}")
         with node.ignore_type():
             node[leaf] = value
@@ -183,17 +184,13 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_stage(config, model: str) -> None:
     """The ``<model>_train`` numbers, its optimizer and (DiT) ``flow.shift``: one line naming the field and the fix.
 
     Each of these would otherwise fail late (``log_every=0``: a division after
     compiling), or not at all (``steps=0`` exports an untrained model).
     """
-    from vidiff.train.optimizer import check_optim
+    from vidiff.train.optimizer import check_optim, finite_number
 
     stage, name = config[f"{model}_train"], f"{model}_train"
 
@@ -211,7 +208,7 @@ def check_stage(config, model: str) -> None:
     need(_is_int(stage.get("keep_best", 0)) and stage.get("keep_best", 0) >= 0, "keep_best", "use an int >= 0")
     # Anything but "stop" used to mean "skip": a typo must not switch the guard off.
     need(stage.get("on_nonfinite", "stop") in ON_NONFINITE, "on_nonfinite", "use 'stop' or 'skip'")
-    need(_is_number(stage.ema_decay) and 0 <= stage.ema_decay < 1, "ema_decay",
+    need(finite_number(stage.ema_decay) and 0 <= stage.ema_decay < 1, "ema_decay",
          "use a number in [0, 1), e.g. 0.999 (0 = no averaging)")
     if model == "vae":
         need(_is_int(stage.get("stats_batches", 1)) and stage.get("stats_batches", 1) >= 1, "stats_batches",
@@ -219,7 +216,7 @@ def check_stage(config, model: str) -> None:
     check_optim(stage.optim, f"{name}.optim")
     if model == "dit":
         shift = config.flow.shift
-        if shift != "auto" and not (_is_number(shift) and shift > 0):
+        if shift != "auto" and not (finite_number(shift) and shift > 0):
             raise ValueError(f"flow.shift={shift!r} is invalid; use a number > 0 (1 = no shift) or 'auto' "
                              f"(with shift <= 0 the shifted timesteps leave [0, 1])")
 

@@ -7,12 +7,18 @@ parameter dicts are flattened with ``/`` between keys.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import traverse_util
+
+from vidiff.models.dit_inputs import dummy_inputs
+from vidiff.models.vae import VideoVAE
 
 MANIFEST = "vidiff.json"
 
@@ -92,3 +98,14 @@ def load_dit(directory) -> dict:
     """The DiT params of an exported model, as jax arrays."""
     read_manifest(directory)
     return jax.tree.map(jax.numpy.asarray, load_tree(Path(directory) / "dit.safetensors")["params"])
+
+
+@functools.lru_cache(maxsize=8)
+def variable_shapes(module) -> dict:
+    """Shapes of every variable ``module.init`` creates (a ``VideoVAE`` or ``VideoDiT``), what a loaded
+    export must match; traced once per architecture (~2 s for a VAE), nothing allocated."""
+    if isinstance(module, VideoVAE):  # one latent cell is the smallest clip it takes
+        example = [jnp.zeros((1, 1, module.config.spatial_factor, module.config.spatial_factor, 3))]
+    else:
+        example = dummy_inputs(module.config)
+    return jax.tree.map(np.shape, nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *example)))

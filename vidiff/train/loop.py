@@ -118,8 +118,9 @@ def train(config, model: str, *, log=print) -> dict:
         task = tasks.build(config, model, mesh)
         if model == "dit":
             preflight.check_dit_task(config, task)
-        pipeline = task.pipeline(_process_config(config))
-        preflight.check_data_lasts(pipeline, _process_config(config), model)
+        process_config = _process_config(config)
+        pipeline = task.pipeline(process_config)
+        preflight.check_data_lasts(pipeline, process_config, model)
         tx, schedule = make_optimizer(stage.optim, stage.steps)
         state, state_shardings = create_state(task.init_params, tx, config.seed, mesh)
         iterator = iter(pipeline)

@@ -36,26 +36,28 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
     raise ValueError(f"optim.schedule={optim.schedule!r} is unknown; use one of {SCHEDULES}")
 
 
+def finite_number(value) -> bool:
+    """An int or float (not a bool, which is an int to Python) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_optim(optim, name: str = "optim") -> None:
     """Raise a one-line ``ValueError`` naming ``<name>.<field>`` and the fix for the first unusable value."""
-
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     def need(ok, field, fix):
         if not ok:
             raise ValueError(f"{name}.{field}={optim.get(field)!r} is invalid; {fix}")
 
-    need(number(optim.lr) and optim.lr > 0, "lr", "use a finite learning rate > 0, e.g. 1e-4")
+    need(finite_number(optim.lr) and optim.lr > 0, "lr", "use a finite learning rate > 0, e.g. 1e-4")
     need(optim.schedule in SCHEDULES, "schedule", f"use one of {', '.join(map(repr, SCHEDULES))}")
     need(isinstance(optim.warmup_steps, int) and optim.warmup_steps >= 0, "warmup_steps", "use an int >= 0")
-    need(number(optim.end_lr_fraction) and optim.end_lr_fraction >= 0, "end_lr_fraction",
+    need(finite_number(optim.end_lr_fraction) and optim.end_lr_fraction >= 0, "end_lr_fraction",
          "use a fraction >= 0 of optim.lr (e.g. 0.1)")
     for field in ("b1", "b2"):
-        need(number(optim[field]) and 0 <= optim[field] < 1, field, "use a number in [0, 1), e.g. 0.9 / 0.99")
-    need(number(optim.eps) and optim.eps > 0, "eps", "use a small number > 0, e.g. 1e-8")
-    need(number(optim.weight_decay) and optim.weight_decay >= 0, "weight_decay", "use a number >= 0 (0 = off)")
-    need(optim.grad_clip is None or (number(optim.grad_clip) and optim.grad_clip >= 0), "grad_clip",
+        need(finite_number(optim[field]) and 0 <= optim[field] < 1, field, "use a number in [0, 1), e.g. 0.9 / 0.99")
+    need(finite_number(optim.eps) and optim.eps > 0, "eps", "use a small number > 0, e.g. 1e-8")
+    need(finite_number(optim.weight_decay) and optim.weight_decay >= 0, "weight_decay", "use a number >= 0 (0 = off)")
+    need(optim.grad_clip is None or (finite_number(optim.grad_clip) and optim.grad_clip >= 0), "grad_clip",
          "use a global-norm limit > 0, or 0 / None to turn clipping off")
     need(isinstance(optim.accumulate, int) and optim.accumulate >= 1, "accumulate",
          "use an int >= 1 (1 = no accumulation)")

@@ -23,15 +23,15 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from flax import traverse_util
 
 from vidiff.models.dit import dit_preset
 from vidiff.models.vae import vae_preset
 from vidiff.train.checkpoint import read_config
 from vidiff.train.config import config_changes
-from vidiff.train.export import read_manifest
+from vidiff.train.export import read_manifest, variable_shapes
 from vidiff.train.latent_cache import vae_fingerprint
+from vidiff.train.state import skipped_steps_clause
 from vidiff.train.tasks import export_dir, tuple_overrides, vae_from_config
 
 
@@ -105,23 +105,18 @@ def check_dit_inputs(config) -> None:
 def check_dit_task(config, task) -> None:
     """Once the DiT task is built, before compiling: its VAE's parameter shapes fit the config (a backstop
     for exports without a readable config) and prepared shards were made with this VAE and text encoder."""
-    variables = jax.device_get(task.frozen["vae"])
-    _check_vae_shapes(config, variables, export_dir(config))
+    _check_vae_shapes(config, task.frozen["vae"], export_dir(config))
     if task.prepared:
         check_prepared_text(config, task.text.dim)
-        check_prepared_vae(config, variables)
+        check_prepared_vae(config, jax.device_get(task.frozen["vae"]))  # the fingerprint hashes the values
 
 
 def _check_vae_shapes(config, variables: dict, directory: Path) -> None:
     """The first parameter whose shape differs from what this config's VAE builds, named."""
-    vae = vae_from_config(config)
-    sf = vae.config.spatial_factor
-    expected = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), jnp.zeros((1, 1, sf, sf, 3))))["params"]
-    want = traverse_util.flatten_dict(expected, sep="/")
-    have = traverse_util.flatten_dict(variables["params"], sep="/")
+    want = traverse_util.flatten_dict(variable_shapes(vae_from_config(config))["params"], sep="/")
+    have = traverse_util.flatten_dict(jax.tree.map(np.shape, variables["params"]), sep="/")
     for name in sorted(set(want) | set(have)):
-        old = tuple(have[name].shape) if name in have else None
-        new = tuple(want[name].shape) if name in want else None
+        old, new = have.get(name), want.get(name)
         if old != new:
             raise ValueError(
                 f"the VAE in {directory} does not fit this config's vae settings: parameter {name} is "
@@ -255,10 +250,8 @@ def check_finite_params(state, model: str, step: int, checkpoints: Path) -> None
                                                            (state.params, state.ema_params)), jnp.asarray(True))
     if bool(finite):
         return
-    skipped, first = int(state.skipped), int(state.first_bad_step)
-    where = f"; {skipped} non-finite steps were skipped, the first at step {first + 1}" if skipped else ""
     raise NonFiniteError(
-        f"{model} parameters are not finite after step {step}{where}; nothing exported. Lower "
+        f"{model} parameters are not finite after step {step}{skipped_steps_clause(state)}; nothing exported. Lower "
         f"{model}_train.optim.lr (or set optim.grad_clip) and train again from a new workdir or an earlier "
         f"checkpoint in {checkpoints}"
     )

@@ -109,6 +109,12 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_
     return step
 
 
+def skipped_steps_clause(state: TrainState) -> str:
+    """``"; 3 non-finite steps were skipped, the first at step 7"`` (empty when none were), for error lines."""
+    skipped, first = int(state.skipped), int(state.first_bad_step)
+    return f"; {skipped} non-finite steps were skipped, the first at step {first + 1}" if skipped else ""
+
+
 def _ema_decay(decay: float, step):
     """EMA warm-up ``min(decay, (1 + step) / (10 + step))``: early on the average follows the
     parameters closely instead of staying near the random init for ~1/(1 - decay) steps."""

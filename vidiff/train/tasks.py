@@ -28,6 +28,7 @@ from vidiff.models.vae_losses import (PatchDiscriminator3D, VAELossConfig, adver
 from vidiff.train.export import export_dit, export_vae, load_vae
 from vidiff.train.latent_cache import LatentCache, vae_fingerprint
 from vidiff.train.metrics import psnr, ssim
+from vidiff.train.state import skipped_steps_clause
 
 
 def build(config, model: str, mesh):
@@ -157,10 +158,9 @@ class VAETask(Task):
         shift, scale = compute_latent_stats(self.vae, variables, videos)
         if not (np.all(np.isfinite(shift)) and np.all(np.isfinite(scale))):
             # Finite but huge parameters (a learning rate far too high) can still overflow on real clips.
-            skipped, first = int(state.skipped), int(state.first_bad_step)
-            where = f"; {skipped} non-finite steps were skipped, the first at step {first + 1}" if skipped else ""
             raise ValueError(
-                f"the vae's latents of training clips are not finite after step {int(state.step)}{where}; nothing "
+                f"the vae's latents of training clips are not finite after step {int(state.step)}"
+                f"{skipped_steps_clause(state)}; nothing "
                 f"exported. Lower vae_train.optim.lr (or set optim.grad_clip) and train again from a new workdir"
             )
         variables = set_latent_stats(variables, shift, scale)
