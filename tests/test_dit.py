@@ -267,8 +267,11 @@ def test_patchify_pack_roundtrip_and_errors():
 
 def test_presets_and_config_errors():
     assert dit.dit_preset("XL").depth == 28 and dit.dit_preset("XL", depth=3).depth == 3
-    with pytest.raises(ValueError, match="valid: .*tiny"):
+    with pytest.raises(ValueError, match="unknown DiT preset 'huge'; valid presets: tiny, small, B, L, XL, 1.5B"):
         dit.dit_preset("huge")
+    # Overrides read back from JSON (vidiff.json, --config overrides) hold lists; the frozen config must hash.
+    from_json = dit.dit_preset("tiny", patch=[1, 2, 2])
+    assert from_json.patch == (1, 2, 2) and hash(from_json) == hash(dit.dit_preset("tiny", patch=(1, 2, 2)))
     with pytest.raises(ValueError, match="heads"):
         dit.DiTConfig(width=64, heads=5)
     with pytest.raises(ValueError, match="remat_policy"):

@@ -64,6 +64,7 @@ def test_config_validation_messages():
         vae_preset("huge")
     with pytest.raises(ValueError, match="unknown VAEConfig field"):
         vae_preset("tiny", latent_chanels=8)
+    assert vae_preset("tiny", channel_mults=[1, 2, 2]) == vae_preset("tiny")  # JSON lists become the tuples
     with pytest.raises(ValueError, match="temporal_down needs 2 flags"):
         vae_preset("tiny", temporal_down=(True,))
     with pytest.raises(ValueError, match="spatial factor 2"):

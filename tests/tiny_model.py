@@ -45,7 +45,7 @@ def make_tiny_model(directory, seed: int = 0) -> Path:
     from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
     from vidiff.train import config as config_lib
     from vidiff.train.export import export_dit, export_vae
-    from vidiff.train.tasks import dit_overrides, vae_from_config
+    from vidiff.train.tasks import vae_from_config
 
     config = config_lib.load_config(REPO / "experiments" / "configs" / "world_tiny.py", OVERRIDES)
     config_json = json.loads(config.to_json())
@@ -54,7 +54,7 @@ def make_tiny_model(directory, seed: int = 0) -> Path:
     export_vae(directory, config_json, _fill(vae_shapes, seed))
     # MiniLM's token and pooled widths: the pipeline builds its DiT from the loaded encoder's.
     dit = VideoDiT(dit_preset(config.dit.preset, text_dim=384, pooled_dim=384,
-                              latent_channels=vae.config.latent_channels, **dit_overrides(config)))
+                              latent_channels=vae.config.latent_channels, **config.dit.overrides))
     dit_shapes = nn.unbox(jax.eval_shape(dit.init, jax.random.key(0), *dummy_inputs(dit.config)))["params"]
     export_dit(directory, config_json, _fill(dit_shapes, seed + 1))
     return Path(directory)

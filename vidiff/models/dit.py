@@ -37,6 +37,7 @@ from vidiff.models.dit_inputs import (  # noqa: F401  (concat_conditioning, dumm
 from vidiff.models.layers import (Mlp, Modulation, ProjectionMLP, TimestepEmbedder, dense, layer_norm, modulate,
                                   rms_normalize)
 from vidiff.models.patches import patch_positions, patchify, unpatchify
+from vidiff.models.presets import from_preset
 from vidiff.models.rope import rope_3d, rope_axis_dims, sincos_3d
 
 VIDEO_AXES = ("batch", "length", "act_embed")
@@ -146,12 +147,7 @@ DIT_PRESETS: dict[str, dict] = {
 
 def dit_preset(name: str, **overrides) -> DiTConfig:
     """Config of a named preset (``tiny``, ``small``, ``B``, ``L``, ``XL``, ``1.5B``) with field overrides."""
-    if name not in DIT_PRESETS:
-        raise ValueError(f"dit preset: unknown {name!r}; valid: {sorted(DIT_PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(DiTConfig)}
-    if unknown := sorted(set(overrides) - fields):
-        raise ValueError(f"unknown DiTConfig field(s) {unknown}; valid fields: {', '.join(sorted(fields))}")
-    return DiTConfig(**{**DIT_PRESETS[name], **overrides})
+    return from_preset(DiTConfig, DIT_PRESETS, name, overrides, "DiT")
 
 
 def dit_flops(config: DiTConfig, tokens: int, text_tokens: int, batch: int = 1, training: bool = True) -> int:

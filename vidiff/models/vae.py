@@ -43,6 +43,7 @@ from einops import rearrange
 from flax import linen as nn
 from flax import struct
 
+from vidiff.models.presets import from_preset
 from vidiff.models.vae_layers import (
     IO_AXIS, CausalConv3d, ChannelRMSNorm, MidBlock, ResBlock, Upsample, caching, constrain_video,
 )
@@ -178,12 +179,7 @@ PRESETS = {
 
 def vae_preset(name: str, **overrides) -> VAEConfig:
     """A named ``VAEConfig`` ("tiny", "small", "base") with any fields replaced."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown VAE preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(VAEConfig)}
-    if unknown := sorted(set(overrides) - fields):
-        raise ValueError(f"unknown VAEConfig field(s) {unknown}; valid fields: {', '.join(sorted(fields))}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    return from_preset(VAEConfig, PRESETS, name, overrides, "VAE")
 
 
 # ------------------------------------------------------------------------ posterior

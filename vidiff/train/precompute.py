@@ -75,7 +75,8 @@ def latent_fields(model_dir, model=None):
     from vidiff.train.tasks import encode_latents
 
     vae, variables, config = load_vae_model(model_dir) if model is None else model
-    text = text_encoder(config["text"]["encoder"], max_length=config["text"]["max_length"])
+    text = text_encoder(config["text"]["encoder"], max_length=config["text"]["max_length"],
+                        batch_size=config["text"].get("batch_size", 1))
 
     def add(record: dict) -> dict:
         emb = text.encode([record["caption"]])
@@ -117,19 +118,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Staged next to the final shards (same file system: moving them in is a rename).
         with tempfile.TemporaryDirectory(prefix=f".{split}-latents-", dir=out) as staging:
-            clips, shards = Path(staging) / "clips", Path(staging) / "shards"
             summary = data_prepare.prepare_shards(
-                args.videos, args.manifest, clips, size=args.size, frames=args.frames, fps=args.fps or None,
-                stride=args.stride, window=args.window, shard_size=args.shard_size, frame_format="png",
-                max_pixels=args.max_pixels, max_bad_fraction=args.max_bad_fraction, split=split, threads=args.threads,
+                args.videos, args.manifest, staging, size=args.size, frames=args.frames, fps=args.fps or None,
+                stride=args.stride, window=args.window, shard_size=args.shard_size, frame_format=args.frame_format,
+                quality=args.quality, max_pixels=args.max_pixels, max_bad_fraction=args.max_bad_fraction,
+                split=split, threads=args.threads, add_fields=add,
             )
-            written = data_prepare.augment_shards(clips, shards, add, split=split,
-                                                  frame_format=args.frame_format, quality=args.quality)
+            written = summary["shards"]
             # Every record has its latents: only now do the old shards (--overwrite) make way.
             for old in out.glob(f"{split}-*.array_record"):
                 old.unlink()
             for name in written:
-                (shards / name).rename(out / name)
+                (Path(staging) / name).rename(out / name)
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()

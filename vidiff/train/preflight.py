@@ -32,7 +32,7 @@ from vidiff.train.config import config_changes
 from vidiff.train.export import read_manifest, variable_shapes
 from vidiff.train.latent_cache import vae_fingerprint
 from vidiff.train.state import skipped_steps_clause
-from vidiff.train.tasks import export_dir, tuple_overrides, vae_from_config
+from vidiff.train.tasks import export_dir, vae_from_config
 
 
 class NonFiniteError(RuntimeError, ValueError):
@@ -79,8 +79,8 @@ def model_changes(saved: dict, current: dict, model: str) -> list[str]:
         return [f"{model}.preset={old.get('preset')!r} (config now {new.get('preset')!r})"]
     make = vae_preset if model == "vae" else dit_preset
     try:
-        before = dataclasses.asdict(make(old["preset"], **tuple_overrides(old.get("overrides") or {})))
-        after = dataclasses.asdict(make(new["preset"], **tuple_overrides(new.get("overrides") or {})))
+        before = dataclasses.asdict(make(old["preset"], **(old.get("overrides") or {})))
+        after = dataclasses.asdict(make(new["preset"], **(new.get("overrides") or {})))
     except (KeyError, TypeError, ValueError):  # a config from another vidiff version: nothing to compare
         return []
     as_json = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
