@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from vidiff.models.text import TextEncoder, load_text_encoder, text_encoder
+from vidiff.models.text import TextEmbeddings, TextEncoder, Tokenizer, load_text_encoder, text_encoder
 from vidiff.models.text import encoder as encoder_lib
 from vidiff.models.text.clip import eos_positions
 from vidiff.models.text.t5 import relative_position_bucket
@@ -94,7 +94,7 @@ def test_relative_position_buckets_reference_values():
 @pytest.mark.parametrize("name", ["minilm", "tiny_t5", "tiny_clip"])
 def test_padding_does_not_change_real_tokens(get_encoder, name):
     enc = get_encoder(name)
-    # 8 captions: the batch shape the parity test already compiled (5 captions pad to 8).
+    # 8 captions, through `forward` directly (`encode` would run them one at a time).
     tok = enc.tokenize(["a red ball bouncing on a wooden floor", "two dogs"] * 4)
     out = enc.forward(enc.params, tok.ids, tok.mask)
     junk = np.where(tok.mask, tok.ids, np.random.default_rng(0).integers(3, 60, tok.ids.shape)).astype(np.int32)
@@ -123,9 +123,9 @@ def test_cache_hits_are_identical_and_skip_compute(tiny, tmp_path):
                                abstract_params=base.abstract_params, identity="tiny_t5", cache_dir=tmp_path)
     enc = make()
     first = enc.encode(["a red ball", "two dogs", "a red ball"])
-    assert (enc.forward_calls, enc.cache_misses, enc.cache_hits) == (1, 2, 0)
+    assert (enc.forward_calls, enc.cache_misses, enc.cache_hits) == (2, 2, 0)  # batch_size 1: one call per new caption
     again = enc.encode(["two dogs", "a red ball"])
-    assert enc.forward_calls == 1 and enc.cache_hits == 2
+    assert enc.forward_calls == 2 and enc.cache_hits == 2
     np.testing.assert_array_equal(again.tokens, first.tokens[[1, 0]])
     np.testing.assert_array_equal(again.pooled, first.pooled[[1, 0]])
     np.testing.assert_array_equal(first.tokens[0], first.tokens[2])
@@ -144,6 +144,48 @@ def test_cache_hits_are_identical_and_skip_compute(tiny, tmp_path):
     assert make().cache_key("x") != TextEncoder(
         kind=base.kind, module=base.module.clone(dtype=jnp.bfloat16), params=base.params, tokenizer=base.tokenizer,
         identity="tiny_t5").cache_key("x")
+    assert make().cache_key("x") != TextEncoder(  # results differ (slightly) between batch shapes
+        kind=base.kind, module=base.module, params=base.params, tokenizer=base.tokenizer,
+        abstract_params=base.abstract_params, identity="tiny_t5", cache_dir=tmp_path, batch_size=4).cache_key("x")
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=rf"text encoder batch_size={bad!r} must be an int >= 1"):
+            TextEncoder(kind=base.kind, module=base.module, params=base.params, tokenizer=base.tokenizer,
+                        abstract_params=base.abstract_params, batch_size=bad)
+
+
+@pytest.mark.parametrize("batch_size", [None, 4], ids=["default_batch", "batch4"])
+@pytest.mark.parametrize("name", ["minilm", "tiny_t5", "tiny_clip"])  # every kind: bert, t5, clip
+def test_an_embedding_does_not_depend_on_what_was_encoded_with_it(get_encoder, name, batch_size):
+    """Bitwise: a caption alone, among other new captions (any number, any position), or after others were
+    cached. XLA:CPU's matmuls round differently at different batch shapes (~1e-6; at max_length 64 MiniLM
+    happened to agree, hence 24 here), and a resumed run starts with an empty cache: if the batch a caption
+    was first encoded in mattered, a resumed DiT run would drift from the uninterrupted one."""
+    base = get_encoder(name)
+    shapes = []
+
+    def make():
+        enc = TextEncoder(kind=base.kind, module=base.module, params=base.params, tokenizer=Tokenizer(
+            base.tokenizer.hf, 24), abstract_params=base.abstract_params,
+            **({} if batch_size is None else {"batch_size": batch_size}))
+        enc.forward = lambda params, ids, mask: shapes.append(ids.shape) or base.forward(params, ids, mask)
+        return enc
+
+    target = "a red ball bouncing on a wooden floor"
+    others = ["two dogs", "snowy mountains at sunset", "", "a blue square moving left", "a green circle"]
+    enc = make()
+    rows = [(enc.encode([target]), 0),                                                # alone (then cached)
+            (enc.encode([target], use_cache=False), 0),
+            (enc.encode(others[:3] + [target] + others[3:], use_cache=False), 3),     # among 5 new ones
+            (enc.encode([target, others[0]], use_cache=False), 0)]
+    warm = make()
+    warm.encode(others[:3])  # cached first: only 2 captions are new below
+    rows.append((warm.encode(others[:3] + [others[3], target, others[1]]), 4))
+    assert warm.forward_calls < enc.forward_calls  # the cache was used
+    ref = rows[0][0]
+    for emb, i in rows[1:]:
+        for field in TextEmbeddings._fields:
+            np.testing.assert_array_equal(getattr(emb, field)[i], getattr(ref, field)[0], err_msg=field)
+    assert set(shapes) == {(warm.batch_size, 24)}  # one batch shape ever runs: one compiled program
 
 
 @pytest.mark.parametrize("name", ["minilm", "tiny_t5", "tiny_umt5", "tiny_t5_relu", "tiny_clip"])

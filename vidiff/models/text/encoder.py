@@ -9,9 +9,23 @@ so the encoder is frozen by construction.
 Captions repeat across epochs, so results are cached per caption: in memory
 (LRU) and, with ``cache_dir``, on disk as one ``<sha256>.npz`` per caption
 (keyed by the encoder's identity — kind, weights fingerprint, config, max
-length, dtype — and the caption). Only real tokens are stored; padded positions
-are zero by definition (see ``common.finish``), so a cache hit is bit-identical
-to a fresh computation.
+length, dtype, batch size — and the caption). Only real tokens are stored; padded
+positions are zero by definition (see ``common.finish``), so a cache hit is
+bit-identical to a fresh computation.
+
+A caption's embedding does not depend on which captions, or how many, were encoded
+with it: ``encode`` runs the model on one fixed batch shape, ``(batch_size,
+max_length)`` (the last chunk padded), and at a fixed shape a row's result depends
+only on its own tokens (bitwise, whatever its neighbours and position: checked on
+XLA:CPU for BERT, T5, umT5 and CLIP at batch 8 and 32; at batch 1 there are none).
+Different batch shapes pick different matmul kernels (on XLA:CPU the same caption
+differs by ~1e-6 between a batch of 1 and one of 8), so a resumed run, which starts
+with an empty cache and meets its captions in other groupings, would otherwise
+drift from the uninterrupted one. The default ``batch_size=1`` compiles one
+program, needs no padding rows (which cost as much as real ones: a lone new caption
+would pay for a whole larger batch, as every caption of ``vidiff prepare --latents``
+does) and on XLA:CPU costs MiniLM about what batching did (the same at max_length
+128, ~2x at 24); a larger one pays off on accelerators.
 """
 from __future__ import annotations
 
@@ -60,11 +74,16 @@ class TextEncoder:
     Build one with ``text_encoder`` / ``load_text_encoder``. ``encode(captions)`` is the
     host-side entry point (cached); ``apply(params, ids, mask)`` is the pure function
     for use inside your own ``jit`` and ``forward`` its jitted form.
+
+    ``batch_size`` is the one batch shape ``encode`` ever runs: captions go through the
+    model in chunks of exactly that many rows (the last chunk padded), so an embedding is
+    the same bits whatever was encoded with it (``forward`` on your own batches gives no
+    such promise). It is part of the cache identity.
     """
 
     def __init__(self, *, kind: str, module: nn.Module, params, tokenizer: loading.Tokenizer,
                  abstract_params=None, identity: str = "", cache_dir: str | Path | None = None,
-                 batch_size: int = 32, memory_cache_size: int = 10_000):
+                 batch_size: int = 1, memory_cache_size: int = 10_000):
         self.kind, self.module, self.params, self.tokenizer = kind, module, params, tokenizer
         if abstract_params is None:
             abstract_params = abstract_init(module, tokenizer.max_length)
@@ -72,12 +91,15 @@ class TextEncoder:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.batch_size = max(1, int(batch_size))
+        if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+            raise ValueError(f"text encoder batch_size={batch_size!r} must be an int >= 1 (captions per model call)")
+        self.batch_size = batch_size
         self.memory_cache_size = int(memory_cache_size)
         self._memory: collections.OrderedDict[str, TextEmbeddings] = collections.OrderedDict()
         dtype = jnp.dtype(module.dtype).name
         self.cache_id = hashlib.sha256(
-            f"{kind}|{identity}|{module.config!r}|{tokenizer.max_length}|{dtype}".encode()).hexdigest()[:16]
+            f"{kind}|{identity}|{module.config!r}|{tokenizer.max_length}|{dtype}|batch{self.batch_size}".encode()
+        ).hexdigest()[:16]
         self.forward = functools.partial(_forward, module)  # the jitted ``apply``
         out = jax.eval_shape(self.apply, params, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))
         self.dim = out.tokens.shape[-1]  # width D of the token embeddings (what cross-attention sees)
@@ -137,14 +159,16 @@ class TextEncoder:
     __call__ = encode
 
     def _compute(self, texts: list[str]) -> list[TextEmbeddings]:
-        """Run the model on ``texts`` in chunks, padding each chunk's batch to a power of two
-        (so a handful of shapes is ever compiled). Returns compact per-text entries."""
+        """Run the model on ``texts`` in chunks of exactly ``batch_size`` rows, the last one
+        padded with copies of its first row: one compiled shape, and each caption's result
+        independent of the others in its chunk, of their number and of its position (see
+        the module docstring). Returns compact per-text entries."""
         tok = self.tokenize(texts)
         out: list[TextEmbeddings] = []
-        for s in range(0, len(texts), self.batch_size):
-            ids, mask = tok.ids[s:s + self.batch_size], tok.mask[s:s + self.batch_size]
+        b = self.batch_size
+        for s in range(0, len(texts), b):
+            ids, mask = tok.ids[s:s + b], tok.mask[s:s + b]
             n = len(ids)
-            b = min(self.batch_size, 1 << (n - 1).bit_length())
             if b > n:
                 ids = np.concatenate([ids, np.repeat(ids[:1], b - n, 0)])
                 mask = np.concatenate([mask, np.repeat(mask[:1], b - n, 0)])
@@ -231,12 +255,13 @@ def _stack(entries: list[TextEmbeddings], length: int) -> TextEmbeddings:
 
 def load_text_encoder(kind: str, path: str | Path, *, max_length: int | None = None, dtype: Any = jnp.float32,
                       cache_dir: str | Path | None = None, online: bool = False, tokenizer: str | Path | None = None,
-                      batch_size: int = 32, memory_cache_size: int = 10_000, **config_overrides) -> TextEncoder:
+                      batch_size: int = 1, memory_cache_size: int = 10_000, **config_overrides) -> TextEncoder:
     """Load a ``kind`` ("bert", "t5" (also umT5), "clip") encoder from ``path``: a directory,
     an installed package or (cache / ``online``) a Hub repo id.
 
-    ``dtype`` is the compute dtype (params stay float32); ``config_overrides`` go to the
-    model config (e.g. ``normalize=False`` for BERT).
+    ``dtype`` is the compute dtype (params stay float32); ``batch_size`` the fixed number of
+    rows per model call (see ``TextEncoder``); ``config_overrides`` go to the model config
+    (e.g. ``normalize=False`` for BERT).
     """
     if kind not in KINDS:
         raise ValueError(f"text encoder kind '{kind}' is unknown; valid: {', '.join(KINDS)}")
