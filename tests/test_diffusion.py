@@ -102,6 +102,10 @@ def test_timestep_sampling_and_shift():
     assert diffusion.shift_for_tokens(4096) == pytest.approx(np.exp(1.15))
     schedule = diffusion.timestep_schedule(4, shift=1.0, t_start=0.5)
     np.testing.assert_allclose(schedule, [0.5, 0.375, 0.25, 0.125, 0.0])
+    # SDEdit from t_start = shift(0.5) = 0.75 walks the second half of the full shifted schedule, not a squeezed copy.
+    np.testing.assert_allclose(diffusion.timestep_schedule(4, shift=3.0, t_start=0.75),
+                               diffusion.timestep_schedule(8, shift=3.0)[4:], rtol=1e-6)
+    assert float(diffusion.timestep_schedule(3, shift=float(np.exp(1.15)))[0]) == 1.0
     with pytest.raises(ValueError, match="timestep sampler 'beta' is unknown"):
         diffusion.sample_timesteps(jax.random.key(0), 2, "beta")
     with pytest.raises(ValueError, match="sampler 'ddim' is unknown"):

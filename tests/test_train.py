@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from vidiff.train import config as config_lib
@@ -49,14 +51,72 @@ def test_schedule_warms_up_then_decays():
         learning_rate_schedule(optim(schedule="linear"), 100)
 
 
-def test_accumulation_applies_every_k_steps():
-    tx, _ = make_optimizer(optim(accumulate=2, warmup_steps=0, schedule="constant"), 10)
-    params = {"w": jnp.ones((2, 2))}
-    state = tx.init(params)
-    updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
-    assert float(jnp.abs(updates["w"]).max()) == 0.0  # first micro-step only accumulates
-    updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
-    assert float(jnp.abs(updates["w"]).max()) > 0.0
+def test_weight_decay_reaches_kernels_only_whatever_their_rank():
+    from flax import linen as nn
+
+    from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+    from vidiff.train.optimizer import decay_mask
+
+    for scan in (False, True):  # scanned blocks give every bias and norm scale a leading layer axis
+        dit = VideoDiT(dit_preset("tiny", scan_blocks=scan))
+        params = nn.unbox(jax.eval_shape(dit.init, jax.random.key(0), *dummy_inputs(dit.config)))["params"]
+        flat = jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]
+        decayed = {jax.tree_util.keystr(path) for path, on in flat if on}
+        assert decayed and all(path.endswith("['kernel']") for path in decayed)
+        assert len(decayed) == sum(jax.tree_util.keystr(path).endswith("['kernel']") for path, _ in flat)
+        assert "['blocks']['self_attn']['query']['bias']" not in decayed  # (layers, heads, head_dim)
+
+
+def test_tokens_per_second_count_each_batch_at_its_own_clip_size():
+    from types import SimpleNamespace
+
+    from vidiff.models.dit import dit_preset
+    from vidiff.models.vae import vae_preset
+    from vidiff.train.tasks import DiTTask, VAETask
+
+    # The tiny VAE is 4x4x4; (1, 2, 2) patches: a 17x32x32 clip is 5x8x8 latents, 80 tokens; an image 16.
+    task = SimpleNamespace(vae=SimpleNamespace(config=vae_preset("tiny")),
+                           dit=SimpleNamespace(config=dit_preset("tiny", patch=(1, 2, 2))))
+    video = lambda t: jax.ShapeDtypeStruct((2, t, 32, 32, 3), jnp.uint8)
+    assert DiTTask.tokens_in(task, {"video": video(17)}) == 160
+    assert DiTTask.tokens_in(task, {"video": video(1)}) == 32  # an image bucket's batch, not a clip's
+    assert DiTTask.tokens_in(task, {"latents": jax.ShapeDtypeStruct((3, 5, 8, 8, 4), jnp.float32)}) == 240
+    assert VAETask.tokens_in(task, {"video": video(17)}) == 34  # frames
+
+
+def test_accumulated_step_is_one_update_on_the_whole_batch():
+    """k micro-batches: the same loss, gradients, parameters, EMA and step count as one full-batch step
+    (their per-row losses average alike), and the schedule advances once."""
+    from vidiff import parallel
+    from vidiff.train.state import create_state, make_train_step, micro_batches
+
+    mesh = parallel.make_mesh(data=1, devices=jax.devices()[:1])
+    tx, schedule = make_optimizer(optim(warmup_steps=2, grad_clip=None), 10)
+    init = lambda key: {"w": jax.random.normal(key, (3, 2)), "b": jnp.zeros((2,))}
+    loss_fn = lambda p, batch, rng, frozen, step: (
+        jnp.mean((batch["x"] @ p["w"] + p["b"] - batch["y"]) ** 2), {"mean_y": jnp.mean(batch["y"])})
+    rows = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+    batch = {"x": rows[:, :3], "y": rows[:, 3:]}
+    results = []
+    for k in (1, 2, 4):
+        state, _ = create_state(init, tx, seed=0, mesh=mesh)
+        step = jax.jit(make_train_step(loss_fn, tx, ema_decay=0.9, accumulate=k))
+        for _ in range(3):
+            state, metrics = step(state, batch, {})
+        results.append((state, metrics))
+    for state, metrics in results[1:]:
+        counts = [int(c) for _, c in optax.tree.get_all_with_path(state.opt_state, "count")]
+        assert int(state.step) == 3 and counts and set(counts) == {3}  # Adam and the schedule: 3 updates, not 3k
+        for got, want in ((state.params, results[0][0].params), (state.ema_params, results[0][0].ema_params),
+                          (metrics, results[0][1])):
+            jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
+    assert float(schedule(2)) == pytest.approx(1e-3)  # warmup over optimizer updates
+    split = micro_batches({"i": jnp.arange(6)}, 3)["i"]
+    np.testing.assert_array_equal(split, [[0, 3], [1, 4], [2, 5]])  # interleaved: each device keeps its rows
+    with pytest.raises(ValueError, match="a batch of 6 rows does not split into accumulate=4 micro-batches"):
+        micro_batches({"i": jnp.arange(6)}, 4)
+    with pytest.raises(ValueError, match="accumulate=0 must be an int >= 1"):
+        make_train_step(loss_fn, tx, ema_decay=0.9, accumulate=0)
 
 
 def test_ema_and_image_metrics():
@@ -76,6 +136,10 @@ def test_ema_and_image_metrics():
         (("--config.data.num_frames=18", *TIME_4X), "data.num_frames=18 must be 1 \\+ k\\*4"),
         ("--config.data.size=30", "data.size height=30 must be divisible by"),
         ("--config.data.batch_size=3", "data.batch_size=3 is not divisible by the data-parallel devices"),
+        ("--config.dit_train.optim.accumulate=3", r"data.batch_size=\d+ does not split into dit_train.optim.accumulate=3 "
+         r"micro-batches over mesh.data x mesh.fsdp = 8 devices; use a multiple of 24 or a smaller accumulate"),
+        (("--config.dit.overrides.patch=(1,2,4)", "--config.data.size=(32,40)"),
+         r"data.size width=40 must be divisible by 16 \(VAE spatial factor x DiT patch\)"),
         ("--config.mesh.data=3", "mesh: axis sizes .* multiply to 3 but there are 8 devices"),
         (("--config.dit_train.profile.steps=2", "--config.dit_train.profile.start=700"),
          "dit_train.profile.start=700 is not before dit_train.steps=700: nothing would be traced"),
@@ -169,9 +233,13 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_nonfinite_stops_naming_the_step_or_is_skipped(tmp_path):
     blow_up = ("--config.vae_train.optim.lr=1e30", "--config.vae_train.optim.warmup_steps=0",
                "--config.vae_train.optim.grad_clip=0.0")
-    stopped = _run(_command(tmp_path / "stop", *blow_up, steps=6))
+    # Checkpoints every step, logs every 5: the bad step is caught before a checkpoint could carry it.
+    stopped = _run(_command(tmp_path / "stop", *blow_up, "--config.vae_train.log_every=5",
+                            "--config.vae_train.ckpt_every=1", steps=6))
     assert stopped.returncode != 0
-    assert "non-finite loss or gradient at step" in stopped.stderr
+    bad = int(re.search(r"non-finite loss or gradient at step (\d+); stopped", stopped.stderr).group(1))
+    saved = [int(p.name) for p in (tmp_path / "stop" / "vae" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert all(step < bad for step in saved)  # so a resume does not meet the old bad step again
     skipped = _run(_command(tmp_path / "skip", *blow_up, "--config.vae_train.on_nonfinite=skip", steps=6))
     # Skipping carries on to the last step, but a model blown up this far is refused, not exported.
     assert skipped.returncode == 2, skipped.stderr
@@ -254,8 +322,6 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
 
 
 def test_train_step_ema_warms_up_and_bad_steps_keep_the_last_good_state():
-    import optax
-
     from vidiff import parallel
     from vidiff.train.state import create_state, make_train_step
 
@@ -263,6 +329,8 @@ def test_train_step_ema_warms_up_and_bad_steps_keep_the_last_good_state():
     init = lambda key: {"w": jnp.zeros((2,))}
     tx = optax.sgd(1.0)
     state, _ = create_state(init, tx, seed=0, mesh=mesh)
+    bf16, _ = create_state(lambda key: {"w": jnp.zeros((2,), jnp.bfloat16)}, tx, seed=0, mesh=mesh)
+    assert bf16.params["w"].dtype == jnp.bfloat16 and bf16.ema_params["w"].dtype == jnp.float32
     loss_fn = lambda p, batch, rng, frozen, step: (jnp.sum((p["w"] - batch["target"]) ** 2) / 2, {})
     step = jax.jit(make_train_step(loss_fn, tx, ema_decay=0.999))
     state, metrics = step(state, {"target": jnp.ones(2)}, {})

@@ -144,11 +144,11 @@ def latent_grid(tokens: int, patch) -> tuple[int, int, int]:
 
 def _dit_config(config, args, tokens, remat, on_cpu):
     from vidiff.models.dit import dit_preset
-    from vidiff.train.tasks import dit_overrides, vae_from_config, video_shape
+    from vidiff.train.tasks import vae_from_config, video_shape
 
     vae = vae_from_config(config).config
     # --preset means that architecture as published: the config's overrides belong to its own preset.
-    overrides = {} if args.preset else dit_overrides(config)
+    overrides = {} if args.preset else dict(config.dit.overrides)
     fields = {**overrides, "latent_channels": vae.latent_channels, "text_dim": args.text_dim,
               "pooled_dim": args.text_dim}
     for key, value in (("remat_policy", remat), ("dtype", args.dtype), ("attention_impl", args.attention)):
@@ -175,12 +175,12 @@ def _abstract_batch(shapes: dict, mesh):
 def _dit_step(config, cfg, mesh, batch, latent, text_dim):
     import numpy as np
 
-    from vidiff.diffusion import shift_for_tokens
+    from vidiff.diffusion import resolve_shift
     from vidiff.models.dit import VideoDiT, dummy_inputs
     from vidiff.train.tasks import dit_flow_loss
 
     dit = VideoDiT(cfg)
-    shift = shift_for_tokens(_tokens(latent, cfg.patch)) if config.flow.shift == "auto" else float(config.flow.shift)
+    shift = resolve_shift(config.flow.shift, latent, cfg.patch)
 
     def loss_fn(params, b, rng, frozen, step):
         return dit_flow_loss(dit, params, b["latents"], b, rng, config.flow, shift)
@@ -213,7 +213,8 @@ def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, label:
     batch, batch_shardings = batch_and_shardings
     with jax.set_mesh(mesh), parallel.axis_rules():
         state, shardings = abstract_state(init_params, tx, mesh)
-        step = jit_train_step(make_train_step(loss_fn, tx, ema_decay=stage.ema_decay), shardings, batch_shardings,
+        step = jit_train_step(make_train_step(loss_fn, tx, ema_decay=stage.ema_decay,
+                                              accumulate=stage.optim.accumulate), shardings, batch_shardings,
                               {}, mesh)
         start = time.perf_counter()
         # Buffer assignment (what is measured) precedes code generation, whose LLVM -O0 halves CPU compiles.

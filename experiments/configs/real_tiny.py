@@ -109,7 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = dataclasses.asdict(DataConfig(
         source="folder", manifest=write_manifests(), video_dir=str(video_dir), num_frames=9, size=64,
         batch_size=2, crop="random", caption_dropout=0.1, num_workers=0))
-    c.text = dict(encoder="minilm", max_length=24)
+    c.text = dict(encoder="minilm", max_length=24, batch_size=1)  # batch_size: captions per encoder call
     # world_tiny's per-frame VAE: 4x4 spatial compression (2x2 pixel folding + one halving), 4 latent
     # channels, no temporal compression and only 2D convs, so a 9-frame clip is nine independent frames.
     c.vae = dict(preset="tiny", overrides=dict(base_channels=32, patch_size=2, spatial_down=(True, False),

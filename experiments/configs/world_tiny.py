@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Every data field is present (defaults from DataConfig), so any can be overridden.
     c.data = dataclasses.asdict(DataConfig(source="world", num_frames=17, size=32, batch_size=16, caption_dropout=0.1,
                                            num_workers=0, world=dict(held_out="exclude")))
-    c.text = dict(encoder="minilm", max_length=24)
+    c.text = dict(encoder="minilm", max_length=24, batch_size=1)  # batch_size: captions per encoder call
     # A per-frame VAE: 4x4 spatial compression, no temporal compression, 2x2 pixel folding, all convs 2D
     # (time_kernels=1). At this size, learning temporal compression was the slow part (5-frame clips at
     # 4x4x4 stayed near 20 dB after 400 steps), while the per-frame model trains on single frames at a

@@ -51,6 +51,15 @@ def shift_for_tokens(
     return math.exp(base_shift + slope * (num_tokens - base_tokens))
 
 
+def resolve_shift(shift, latent_shape, patch) -> float:
+    """A config's ``flow.shift``: a number as given, or for ``"auto"`` the shift of this clip's token count
+    (``latent_shape`` ``(t, h, w, ...)`` cut into ``patch`` ``(pt, ph, pw)``). Training resolves it per batch
+    and sampling per requested size, so images, short and long clips each keep the shift they trained with."""
+    if shift == "auto":
+        return shift_for_tokens(math.prod(s // p for s, p in zip(latent_shape[:3], patch)))
+    return float(shift)
+
+
 def sample_timesteps(
     key,
     batch: int,

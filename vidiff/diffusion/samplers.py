@@ -8,8 +8,10 @@ the whole loop jits to a single program. A velocity function has the signature
 - ``euler``: first order, one model call a step.
 - ``heun``: second order (trapezoid), two calls a step, Euler on the last step.
 - ``dpmpp_2m``: DPM-Solver++(2M) in the flow parametrisation
-  (``alpha_t = 1 - t``, ``sigma_t = t``), one call a step, second order from the
-  second step on by reusing the previous data prediction.
+  (``alpha_t = 1 - t``, ``sigma_t = t``), one call a step, second order by
+  reusing the previous data prediction once both lie below ``t = 1`` (from the
+  third step when starting from pure noise, where the log-SNR is -inf; from the
+  second when ``t_start < 1``).
 
 Known frames (image-to-video, extension, connection) are held at their clean
 latents throughout: the model was trained to see them clean. A ``tie`` holds
@@ -31,14 +33,19 @@ SAMPLERS = ("euler", "heun", "dpmpp_2m")
 
 
 def timestep_schedule(steps: int, shift: float = 1.0, t_start: float = 1.0):
-    """``steps + 1`` times from ``t_start`` to 0, spaced by the same shift as training."""
+    """``steps + 1`` times from ``t_start`` to 0, spaced by the same shift as training.
+
+    From ``t_start < 1`` (SDEdit) they are the tail of that spacing: even in unshifted time from the time
+    that shifts to ``t_start``, rather than the whole schedule squeezed into ``[0, t_start]``."""
     if not isinstance(steps, (int, np.integer)) or steps < 1:  # a float would fail deep in fori_loop
         raise ValueError(f"steps={steps!r} must be an int, at least 1")
     if not 0.0 < shift < math.inf:  # also false for NaN
         raise ValueError(f"shift={shift} must be a positive number (1 = no shift)")
     if not 0.0 < t_start <= 1.0:
         raise ValueError(f"t_start={t_start} must be in (0, 1]")
-    return t_start * shift_timesteps(jnp.linspace(1.0, 0.0, steps + 1), shift)
+    # t = s u / (1 + (s - 1) u) inverted; t_start = 1 is kept exact (the first step starts from pure noise)
+    u_start = 1.0 if t_start == 1.0 else t_start / (shift - (shift - 1.0) * t_start)
+    return shift_timesteps(jnp.linspace(u_start, 0.0, steps + 1), shift)
 
 
 def check_guidance(scale: float, interval) -> None:

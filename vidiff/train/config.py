@@ -136,7 +136,7 @@ def validate(config, model: str, device_count: int) -> None:
 
     check_profile(config[f"{model}_train"], model)
     check_stage(config, model)
-    from vidiff.train.tasks import dit_overrides, vae_from_config
+    from vidiff.train.tasks import vae_from_config
 
     vae_cfg = vae_from_config(config).config
     frames = int(config.data.num_frames)
@@ -147,22 +147,23 @@ def validate(config, model: str, device_count: int) -> None:
         )
     size = config.data.size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
-    divisor, why = vae_cfg.spatial_factor, "the VAE's spatial factor"
+    divisors, why = (vae_cfg.spatial_factor, vae_cfg.spatial_factor), "the VAE's spatial factor"
     if model == "dit":
         if config.dit_train.get("latents") == "prepared" and config.data.source != "array_record":
             raise ValueError(
                 f"dit_train.latents='prepared' needs data.source='array_record' (shards from `vidiff prepare "
                 f"--latents`), got data.source={config.data.source!r}"
             )
-        dit_cfg = dit_preset(config.dit.preset, **dit_overrides(config))
-        divisor, why = divisor * dit_cfg.patch[1], "VAE spatial factor x DiT patch"
+        dit_cfg = dit_preset(config.dit.preset, **config.dit.overrides)
+        divisors = (divisors[0] * dit_cfg.patch[1], divisors[1] * dit_cfg.patch[2])
+        why = "VAE spatial factor x DiT patch"
         latent_frames = 1 + (frames - 1) // vae_cfg.time_factor
         if latent_frames % dit_cfg.patch[0]:
             raise ValueError(
                 f"data.num_frames={frames} gives {latent_frames} latent frames, not divisible by dit patch time "
                 f"{dit_cfg.patch[0]}; change data.num_frames or dit.overrides.patch"
             )
-    for name, value in (("height", height), ("width", width)):
+    for name, value, divisor in (("height", height, divisors[0]), ("width", width, divisors[1])):
         if value % divisor:
             raise ValueError(
                 f"data.size {name}={value} must be divisible by {divisor} ({why}); "
@@ -177,6 +178,13 @@ def validate(config, model: str, device_count: int) -> None:
         raise ValueError(
             f"data.batch_size={batch} is not divisible by the data-parallel devices mesh.data x mesh.fsdp = "
             f"{data_parallel}; use a multiple of {data_parallel}"
+        )
+    accumulate = config[f"{model}_train"].optim.accumulate
+    if batch % (accumulate * data_parallel):  # every micro-batch spreads over all the data-parallel devices
+        raise ValueError(
+            f"data.batch_size={batch} does not split into {model}_train.optim.accumulate={accumulate} micro-batches "
+            f"over mesh.data x mesh.fsdp = {data_parallel} devices; use a multiple of {accumulate * data_parallel} "
+            f"or a smaller accumulate"
         )
 
 

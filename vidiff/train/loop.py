@@ -137,11 +137,11 @@ def train(config, model: str, *, log=print) -> dict:
     if cache_message:
         log(cache_message)
     step_fn = jit_train_step(
-        make_train_step(task.loss_fn, tx, ema_decay=stage.ema_decay),
+        make_train_step(task.loss_fn, tx, ema_decay=stage.ema_decay, accumulate=stage.optim.accumulate),
         state_shardings, task.batch_shardings, task.frozen_shardings, mesh,
     )
     writer = MetricsWriter(workdir)
-    tokens_per_step = task.tokens_per_batch(config)
+    tokens = 0  # since the last log line: each batch counted at its own bucket's clip size
     summary = {"model": model, "workdir": str(workdir), "start_step": start}
     bar = tqdm(total=stage.steps, initial=start, desc=f"train {model}", disable=not main,
                dynamic_ncols=True, leave=False)
@@ -153,6 +153,7 @@ def train(config, model: str, *, log=print) -> dict:
     def save(step, loss):
         if step in saved:
             return
+        _stop_if_nonfinite(state, stage, model, checkpointer)  # nothing after a bad step is kept as "good"
         saved.add(step)
         checkpointer.save(step, state, data_iterator=iterator, config=config_json,
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
@@ -165,6 +166,7 @@ def train(config, model: str, *, log=print) -> dict:
                 with profiler.step(step + 1):
                     raw = _next_batch(iterator, step, stage, model, checkpointer, ledger, config)
                     batch = task.device_batch(raw, mesh)  # host work (text encoder) stays off the mesh
+                    tokens += task.tokens_in(batch)
                     with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
                         state, metrics = step_fn(state, batch, task.frozen)
                 step += 1
@@ -172,20 +174,17 @@ def train(config, model: str, *, log=print) -> dict:
                 bar.update(1)
                 if step % stage.log_every == 0 or step == stage.steps:
                     fetched = jax.device_get(metrics)
-                    bad = int(state.first_bad_step)
-                    if bad >= 0 and stage.on_nonfinite == "stop":
-                        checkpointer.close()
-                        raise NonFiniteError(
-                            f"non-finite loss or gradient at step {bad + 1}; stopped. The last good checkpoint "
-                            f"({checkpointer.latest_step()}) is intact; set {model}_train.on_nonfinite='skip' to skip such steps"
-                        )
+                    _stop_if_nonfinite(state, stage, model, checkpointer)
                     now = time.perf_counter()
-                    rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                    elapsed = max(now - last_log_time, 1e-9)
+                    rate = (step - last_log_step) / elapsed
                     last_log_time, last_log_step, last_loss = now, step, float(fetched["loss"])
                     scalars = {k: float(np.mean(v)) for k, v in fetched.items()}
-                    scalars.update(lr=float(schedule(step - 1)), steps_per_s=rate, tokens_per_s=rate * tokens_per_step,
-                                   skipped=int(state.skipped), skipped_steps=int(state.skipped),
+                    skipped = int(state.skipped)  # skipped steps left the optimizer's (and schedule's) count behind
+                    scalars.update(lr=float(schedule(max(step - skipped - 1, 0))), steps_per_s=rate,
+                                   tokens_per_s=tokens / elapsed, skipped=skipped, skipped_steps=skipped,
                                    skipped_records_total=_skip_totals(ledger)["bad"])
+                    tokens = 0
                     writer.write(step, scalars)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                 if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
@@ -214,6 +213,17 @@ def train(config, model: str, *, log=print) -> dict:
                    skipped_records_total=skips["bad"], skipped_records=skips["skipped"],
                    checkpoint=str(checkpointer.directory / str(step)))
     return summary
+
+
+def _stop_if_nonfinite(state, stage, model: str, checkpointer) -> None:
+    """With ``on_nonfinite='stop'``, a non-finite step the state recorded ends the run in one line."""
+    bad = int(state.first_bad_step)
+    if bad >= 0 and stage.on_nonfinite == "stop":
+        checkpointer.close()
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {bad + 1}; stopped. The last good checkpoint "
+            f"({checkpointer.latest_step()}) is intact; set {model}_train.on_nonfinite='skip' to skip such steps"
+        )
 
 
 def _skip_totals(ledger) -> dict:
@@ -252,8 +262,7 @@ def _restore(checkpointer, target, step: int, iterator, config_json: dict, model
             saved = read_config(checkpointer.directory, step)
         except (OSError, ValueError):
             raise error from None
-        prefixes = (*_RESTORE_FIELDS, f"{model}_train.optim.accumulate")
-        changes = config_changes(saved, config_json, prefixes)
+        changes = config_changes(saved, config_json, _RESTORE_FIELDS)
         if not changes:
             raise
         raise ValueError(f"cannot restore {checkpointer.directory / str(step)}: it was written with "

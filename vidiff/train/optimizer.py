@@ -3,8 +3,9 @@
 The optimizer config (``config.optim`` in experiment files) has the fields
 ``lr``, ``schedule`` (``cosine`` | ``constant``), ``warmup_steps``,
 ``end_lr_fraction``, ``b1``, ``b2``, ``eps``, ``weight_decay``, ``grad_clip``
-(0 or None = off) and ``accumulate`` (gradient accumulation over that many
-micro-steps, through ``optax.MultiSteps``). ``check_optim`` refuses values that
+(0 or None = off) and ``accumulate`` (micro-batches per step, whose gradients
+``vidiff.train.state.make_train_step`` averages inside the step, so the schedule
+here counts optimizer updates). ``check_optim`` refuses values that
 cannot train (a learning rate <= 0, moments outside [0, 1), ...) in one line.
 """
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "constant")
@@ -63,24 +63,24 @@ def check_optim(optim, name: str = "optim") -> None:
          "use an int >= 1 (1 = no accumulation)")
 
 
+DECAYED = ("kernel", "embedding")
+
+
 def decay_mask(params):
-    """Weight decay on matrices and conv kernels only: not on biases, norm scales or embeddings' 1-D stats."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """Weight decay on dense and conv kernels and embeddings, told by the leaf's name: never on biases or
+    norm scales, whose rank says nothing (attention biases are ``(heads, head_dim)``, scanned blocks stack a
+    layer axis on every leaf)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) in DECAYED, params)
 
 
 def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping and optional accumulation; returns ``(tx, schedule)``."""
-    if optim.accumulate < 1:
-        raise ValueError(f"optim.accumulate={optim.accumulate} must be >= 1 (1 = no accumulation)")
+    """AdamW with global-norm clipping over ``total_steps`` optimizer updates; returns ``(tx, schedule)``."""
     schedule = learning_rate_schedule(optim, total_steps)
     parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []  # 0 / None: no clipping
     parts.append(
         optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask)
     )
-    tx = optax.chain(*parts)
-    if optim.accumulate > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=int(optim.accumulate))
-    return tx, schedule
+    return optax.chain(*parts), schedule
 
 
 def ema_update(ema_params, params, decay: float):

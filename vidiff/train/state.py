@@ -44,7 +44,9 @@ def _init_fn(init_params: Callable, tx: optax.GradientTransformation) -> Callabl
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
-            ema_params=params,
+            # float32 whatever the parameters' dtype: bf16 would round away the EMA's small increments
+            ema_params=jax.tree.map(lambda p: p.astype(jnp.float32) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                                    params),
             rng=jax.random.key_data(jax.random.fold_in(key, 1)),
             skipped=jnp.zeros((), jnp.int32),
             first_bad_step=jnp.full((), -1, jnp.int32),
@@ -84,12 +86,25 @@ def create_state(init_params: Callable, tx: optax.GradientTransformation, seed: 
     return state, shardings
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_decay: float) -> Callable:
-    """``step(state, batch, frozen) -> (state, metrics)``; jit it with shardings and donate ``state``."""
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_decay: float,
+                    accumulate: int = 1) -> Callable:
+    """``step(state, batch, frozen) -> (state, metrics)``; jit it with shardings and donate ``state``.
+
+    ``accumulate`` > 1 splits the batch into that many micro-batches, run one after another (``lax.scan``)
+    with their gradients averaged before the one optimizer update: activations take 1/k of the memory,
+    while the update, the learning-rate schedule, the EMA and the step count stay those of the whole batch.
+    """
+    if not (isinstance(accumulate, int) and accumulate >= 1):
+        raise ValueError(f"accumulate={accumulate!r} must be an int >= 1 (1 = no accumulation)")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, frozen, state.step)
+        if accumulate == 1:
+            (loss, metrics), grads = grad_fn(state.params, batch, rng, frozen, state.step)
+        else:
+            (loss, metrics), grads = _accumulated_grads(grad_fn, accumulate, state.params, batch, rng, frozen,
+                                                        state.step)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -107,6 +122,29 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_
         return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm}
 
     return step
+
+
+def micro_batches(batch, k: int):
+    """``(B, ...)`` leaves -> ``(k, B / k, ...)``. Micro-batch j takes rows j, j + k, ...: every device keeps
+    its own rows of a row-sharded batch (given B / k divides over the data devices), so nothing moves."""
+    rows = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if any(n % k for n in rows):
+        raise ValueError(f"a batch of {min(rows)} rows does not split into accumulate={k} micro-batches; "
+                         f"use a batch size divisible by {k}")
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
+
+
+def _accumulated_grads(grad_fn: Callable, k: int, params, batch, rng, frozen, step):
+    """``((loss, metrics), grads)`` averaged over ``k`` micro-batches, each with its own key."""
+    def one(total, xs):
+        index, micro = xs
+        (loss, metrics), grads = grad_fn(params, micro, jax.random.fold_in(rng, index), frozen, step)
+        return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    total, (losses, metrics) = jax.lax.scan(one, zeros, (jnp.arange(k), micro_batches(batch, k)))
+    mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
+    return (mean(losses), jax.tree.map(mean, metrics)), jax.tree.map(lambda g: g / k, total)
 
 
 def skipped_steps_clause(state: TrainState) -> str:

@@ -11,6 +11,7 @@ overrides), ``vae_loss``, ``flow``, ``text``, ``data`` and ``sample``.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import jax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidiff import io, parallel
-from vidiff.diffusion import flow_loss, shift_for_tokens
+from vidiff.diffusion import flow_loss, resolve_shift
 from vidiff.diffusion.conditioning import mode_probabilities, sample_condition_masks
 from vidiff.diffusion.generate import sample_latents, text_context
 from vidiff.models.dit import VideoDiT, dit_preset
@@ -37,16 +38,7 @@ def build(config, model: str, mesh):
 
 
 def vae_from_config(config) -> VideoVAE:
-    return VideoVAE(vae_preset(config.vae.preset, **tuple_overrides(config.vae.overrides)))
-
-
-def dit_overrides(config) -> dict:
-    return tuple_overrides(config.dit.overrides)
-
-
-def tuple_overrides(overrides) -> dict:
-    """Config overrides with JSON lists turned back into the tuples the frozen model configs hold."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(overrides).items()}
+    return VideoVAE(vae_preset(config.vae.preset, **config.vae.overrides))
 
 
 def video_shape(config, batch: int | None = None) -> tuple[int, ...]:
@@ -131,8 +123,8 @@ class VAETask(Task):
         metrics["psnr"] = jnp.mean(psnr(jax.lax.stop_gradient(recon), video))
         return loss, metrics
 
-    def tokens_per_batch(self, config) -> int:
-        return int(np.prod(video_shape(config)[:2]))  # frames per step
+    def tokens_in(self, batch: dict) -> int:
+        return math.prod(batch["video"].shape[:2])  # frames
 
     def validation_videos(self) -> np.ndarray:
         """Fixed clips the model never trains on: held-out world combos, or the eval split."""
@@ -229,16 +221,14 @@ class DiTTask(Task):
         self.batch_keys = ("video" if mode == "on_the_fly" else "latents", "text_tokens", "text_lengths", "pooled")
         from vidiff.models.text import text_encoder
 
-        self.text = text_encoder(config.text.encoder, max_length=config.text.max_length)
+        self.text = text_encoder(config.text.encoder, max_length=config.text.max_length,
+                                 batch_size=config.text.get("batch_size", 1))
         self.vae = vae_from_config(config)
         self.dit = VideoDiT(dit_preset(config.dit.preset, **{
             "text_dim": self.text.dim, "pooled_dim": self.text.pooled_dim,
-            "latent_channels": self.vae.config.latent_channels, **dit_overrides(config)}))
+            "latent_channels": self.vae.config.latent_channels, **config.dit.overrides}))
         self.latent_shape = self.vae.config.latent_shape(video_shape(config, 1))[1:]
-        tokens = int(np.prod([s // p for s, p in zip(self.latent_shape[:3], self.dit.config.patch)]))
-        self.num_tokens = tokens
-        shift = config.flow.shift
-        self.shift = shift_for_tokens(tokens) if shift == "auto" else float(shift)
+        self.shift = resolve_shift(config.flow.shift, self.latent_shape, self.dit.config.patch)  # the samples' clip
         variables = load_vae_variables(config)
         replicated = parallel.replicated(mesh)
         self.frozen = {"vae": jax.device_put(variables, replicated)}
@@ -280,11 +270,14 @@ class DiTTask(Task):
     def loss_fn(self, params, batch, rng, frozen, step):
         key_vae, key_flow = jax.random.split(rng)
         x0 = batch["latents"] if "latents" in batch else self.latents(frozen, batch["video"], key_vae)
-        return dit_flow_loss(self.dit, params, x0, batch, key_flow, self.config.flow, self.shift,
+        shift = resolve_shift(self.config.flow.shift, x0.shape[1:], self.dit.config.patch)  # this bucket's
+        return dit_flow_loss(self.dit, params, x0, batch, key_flow, self.config.flow, shift,
                              condition=self.condition)
 
-    def tokens_per_batch(self, config) -> int:
-        return self.num_tokens * int(config.data.batch_size)
+    def tokens_in(self, batch: dict) -> int:
+        """Spacetime patches in a device batch (its bucket's clip size; read from shapes, no device sync)."""
+        shape = batch["latents"].shape if "latents" in batch else self.vae.config.latent_shape(batch["video"].shape)
+        return shape[0] * math.prod(s // p for s, p in zip(shape[1:4], self.dit.config.patch))
 
     def evaluate(self, state, workdir: Path, step: int) -> dict:
         prompts = list(self.config.sample.prompts)
