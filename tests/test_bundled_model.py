@@ -63,3 +63,12 @@ def test_bundled_model_moves_objects_the_way_the_prompt_says():
     directions = [world.score(clip, dict(zip(("color", "shape", "direction"), combo)))["predicted"]["direction"]
                   for clip, combo in zip(clips, combos)]
     assert directions == ["right", "left", "up", "down"]
+
+
+def test_bundled_model_passes_the_dit_vae_check():
+    """Exported before vidiff recorded the DiT's VAE (or with the one it was trained with): it loads unchecked."""
+    from vidiff.train.export import DIT_VAE, check_dit_vae, file_sha256, read_manifest
+
+    manifest = read_manifest(BUNDLED)
+    assert manifest.get(DIT_VAE) in (None, file_sha256(BUNDLED / "vae.safetensors"))
+    check_dit_vae(BUNDLED, manifest)

@@ -218,6 +218,60 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
         TextToVideo.from_checkpoint(damaged)
 
 
+def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog):
+    """`vidiff train --model vae` into a workdir whose export holds a DiT keeps that DiT; loading it with the new
+    VAE (latents it never saw) fails with a one-line error until the DiT is trained again or the VAE restored."""
+    import hashlib
+    import logging
+
+    import jax
+
+    from vidiff.train.export import DIT_VAE, export_vae, load_vae, read_manifest
+
+    model = tmp_path / "export"
+    shutil.copytree(tiny_model_dir(), model)
+    trained_with = (model / "vae.safetensors").read_bytes()
+    manifest = read_manifest(model)
+    assert manifest["dit"] is True and manifest[DIT_VAE] == hashlib.sha256(trained_with).hexdigest()
+    assert TextToVideo.from_checkpoint(model).dit_params is not None  # the pair it was exported as loads
+    other_vae = jax.tree.map(lambda a: a * 1.5, load_vae(model))
+    refused = (f"{model}: its DiT (dit.safetensors) was trained with another VAE than its vae.safetensors; train the "
+               "DiT again with `vidiff train --config ... --model dit`, or restore the VAE it was trained with")
+    warned = (f"{model}: the new vae.safetensors replaces the VAE its DiT (dit.safetensors) was trained with; that "
+              "DiT will not load with it: train the DiT again with `vidiff train --config ... --model dit`")
+
+    with caplog.at_level(logging.WARNING, logger="vidiff.train"):
+        export_vae(model, manifest["config"], other_vae)
+    assert [r.getMessage() for r in caplog.records if r.name == "vidiff.train"] == [warned]
+    assert read_manifest(model)["dit"] is True and (model / "dit.safetensors").is_file()  # kept, but refused
+    with pytest.raises(ValueError) as error:
+        TextToVideo.from_checkpoint(model)
+    assert str(error.value) == refused
+
+    (model / "vae.safetensors").write_bytes(trained_with)  # restoring the VAE it was trained with
+    TextToVideo.from_checkpoint(model)
+
+    # An export without the field (written before vidiff recorded it) is not checked: it loads as before ...
+    legacy = {k: v for k, v in read_manifest(model).items() if k != DIT_VAE}
+    (model / "vidiff.json").write_text(json.dumps(legacy))
+    TextToVideo.from_checkpoint(model)
+    # ... until a VAE export replaces the VAE its DiT was trained with (the one there): then it is refused too.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vidiff.train"):
+        export_vae(model, manifest["config"], other_vae)
+    assert [r.getMessage() for r in caplog.records if r.name == "vidiff.train"] == [warned]
+    with pytest.raises(ValueError) as error:
+        TextToVideo.from_checkpoint(model)
+    assert str(error.value) == refused
+    # A VAE export that changes nothing (the same weights again) warns about nothing and still loads.
+    (model / "vae.safetensors").write_bytes(trained_with)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vidiff.train"):
+        export_vae(model, manifest["config"], load_vae(model))
+    assert not [r for r in caplog.records if r.name == "vidiff.train"]
+    TextToVideo.from_checkpoint(model)
+
+
 def test_a_mesh_splits_the_batch_and_changes_nothing(pipe):
     import jax
 

@@ -42,14 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidiff import io, parallel
-from vidiff.diffusion.flow import noise_latents, shift_for_tokens
+from vidiff.diffusion.flow import noise_latents, resolve_shift
 from vidiff.diffusion.samplers import check_guidance
 from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_plan, latent_count, on_sampler_step,
                                        pixel_count, sample_latents, sample_seeds, seeded_noise, text_context)
 from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
 from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, vae_preset
-from vidiff.train.export import load_dit, load_vae, read_manifest, variable_shapes
+from vidiff.train.export import check_dit_vae, load_dit, load_vae, read_manifest, variable_shapes
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "world_tiny"
 DIRECTIONS = ("forward", "backward")
@@ -93,11 +93,12 @@ class TextToVideo:
             raise ValueError(f"{directory}/vidiff.json lacks config field(s) {', '.join('.'.join(f) for f in missing)}; "
                              "re-export the model with vidiff train")
         text = _text_encoder(config["text"]["encoder"], config["text"]["max_length"])
-        vae = VideoVAE(vae_preset(config["vae"]["preset"], **_tuples(config["vae"].get("overrides", {}))))
+        vae = VideoVAE(vae_preset(config["vae"]["preset"], **config["vae"].get("overrides", {})))
         dit = VideoDiT(dit_preset(config["dit"]["preset"], **{
             "text_dim": text.dim, "pooled_dim": text.pooled_dim, "latent_channels": vae.config.latent_channels,
-            **_tuples(config["dit"].get("overrides", {}))}))
+            **config["dit"].get("overrides", {})}))
         vae_variables = _fitting(load_vae(directory), vae, directory / "vae.safetensors")
+        check_dit_vae(directory, manifest)  # a DiT trained on another VAE's latents makes noise
         dit_params = _fitting({"params": load_dit(directory)}, dit, directory / "dit.safetensors")["params"]
         return cls(vae, vae_variables, dit, dit_params, text, config, directory, mesh)
 
@@ -345,10 +346,7 @@ class TextToVideo:
 
     def _shift(self, latent_shape) -> float:
         """The timestep shift training used, for this clip's token count when it is ``"auto"``."""
-        shift = self.config.get("flow", {}).get("shift", "auto")
-        if shift != "auto":
-            return float(shift)
-        return shift_for_tokens(math.prod(s // p for s, p in zip(latent_shape[:3], self.dit.config.patch)))
+        return resolve_shift(self.config.get("flow", {}).get("shift", "auto"), latent_shape, self.dit.config.patch)
 
 
 @functools.lru_cache(maxsize=4)
@@ -365,11 +363,6 @@ def _fitting(loaded: dict, module, path: Path) -> dict:
         raise ValueError(f"{path} does not fit the model its vidiff.json describes (exported by another vidiff "
                          "version?); re-export it with `vidiff train`")
     return loaded
-
-
-def _tuples(overrides) -> dict:
-    """JSON lists in config overrides back to the tuples the frozen model configs hold."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(overrides).items()}
 
 
 def _context_latents(frames: int, direction: str, tf: int, most: int) -> int:

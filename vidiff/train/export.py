@@ -4,11 +4,19 @@ A model directory holds ``vae.safetensors`` (VAE parameters and its
 ``latent_stats``), optionally ``dit.safetensors``, and ``vidiff.json`` with the
 experiment config and anything else needed to rebuild the modules. Nested
 parameter dicts are flattened with ``/`` between keys.
+
+A DiT is trained on the latents of the VAE in its directory, so ``export_dit``
+records that VAE in ``vidiff.json`` (``dit_vae_sha256``: the sha256 of
+``vae.safetensors``) and :func:`check_dit_vae` refuses a DiT next to another
+VAE (e.g. after ``vidiff train --model vae`` again into the same workdir).
+Exports without the field (older ones) are not checked.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -21,6 +29,9 @@ from vidiff.models.dit_inputs import dummy_inputs
 from vidiff.models.vae import VideoVAE
 
 MANIFEST = "vidiff.json"
+DIT_VAE = "dit_vae_sha256"  # vidiff.json: the VAE (sha256 of vae.safetensors) the DiT there was trained with
+
+log = logging.getLogger("vidiff.train")
 
 
 def save_tree(path, tree) -> Path:
@@ -70,22 +81,58 @@ def read_manifest(directory) -> dict:
         raise ValueError(f"{path} is not valid JSON ({error}); restore it from the export or export again") from None
 
 
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def export_vae(directory, config_json: dict, variables: dict) -> Path:
-    """Write the VAE's ``params`` + ``latent_stats`` and the config into ``directory``."""
-    save_tree(Path(directory) / "vae.safetensors", {k: variables[k] for k in ("params", "latent_stats")})
-    manifest = read_manifest(directory) if (Path(directory) / MANIFEST).exists() else {}
+    """Write the VAE's ``params`` + ``latent_stats`` and the config into ``directory``.
+
+    A DiT already there is kept; if it was trained with another VAE, a warning
+    is logged and loading the directory fails until the DiT is trained again.
+    """
+    directory = Path(directory)
+    vae_path = directory / "vae.safetensors"
+    manifest = read_manifest(directory) if (directory / MANIFEST).exists() else {}
+    dit_there = bool(manifest.get("dit")) and (directory / "dit.safetensors").is_file()
+    if dit_there and DIT_VAE not in manifest and vae_path.is_file():
+        manifest[DIT_VAE] = file_sha256(vae_path)  # an older export's DiT: trained with the VAE there until now
+    save_tree(vae_path, {k: variables[k] for k in ("params", "latent_stats")})
+    if dit_there and manifest.get(DIT_VAE) not in (None, file_sha256(vae_path)):
+        log.warning(f"{directory}: the new vae.safetensors replaces the VAE its DiT (dit.safetensors) was trained "
+                    "with; that DiT will not load with it: train the DiT again with `vidiff train --config ... "
+                    "--model dit`")
     manifest.update(config=config_json, vae=True)
     save_manifest(directory, manifest)
-    return Path(directory)
+    return directory
 
 
 def export_dit(directory, config_json: dict, params) -> Path:
-    """Write the DiT's (EMA) params into ``directory`` next to its VAE."""
-    save_tree(Path(directory) / "dit.safetensors", {"params": params})
-    manifest = read_manifest(directory) if (Path(directory) / MANIFEST).exists() else {}
+    """Write the DiT's (EMA) params into ``directory`` next to its VAE, recording that VAE's sha256."""
+    directory = Path(directory)
+    save_tree(directory / "dit.safetensors", {"params": params})
+    manifest = read_manifest(directory) if (directory / MANIFEST).exists() else {}
     manifest.update(config=config_json, dit=True)
+    manifest.pop(DIT_VAE, None)
+    if (directory / "vae.safetensors").is_file():  # the VAE DiT training loads from this directory
+        manifest[DIT_VAE] = file_sha256(directory / "vae.safetensors")
     save_manifest(directory, manifest)
-    return Path(directory)
+    return directory
+
+
+def check_dit_vae(directory, manifest: dict) -> None:
+    """A one-line ``ValueError`` when the DiT in ``directory`` records a VAE other than its ``vae.safetensors``."""
+    directory = Path(directory)
+    recorded = manifest.get(DIT_VAE)
+    if recorded is not None and recorded != file_sha256(directory / "vae.safetensors"):
+        raise ValueError(f"{directory}: its DiT (dit.safetensors) was trained with another VAE than its "
+                         "vae.safetensors; train the DiT again with `vidiff train --config ... --model dit`, or "
+                         "restore the VAE it was trained with")
 
 
 def load_vae(directory) -> dict:
