@@ -84,6 +84,21 @@ def test_tokens_per_second_count_each_batch_at_its_own_clip_size():
     assert VAETask.tokens_in(task, {"video": video(17)}) == 34  # frames
 
 
+def test_log_rows_average_every_step_since_the_last_row():
+    from vidiff.train.metrics import LogWindow
+
+    window = LogWindow(10)
+    for loss in (1.0, 2.0, 6.0):
+        window.add({"loss": jnp.float32(loss), "psnr": jnp.array([20.0, 30.0])}, tokens=100)
+    window.pause(3600.0)  # an hour of evaluation does not count against the steps' rates
+    means = window.means(13)
+    assert means["loss"] == pytest.approx(3.0) and means["psnr"] == pytest.approx(25.0)
+    assert means["tokens_per_s"] == pytest.approx(100 * means["steps_per_s"]) and means["steps_per_s"] > 1.0
+    window.reset(13)
+    window.add({"loss": jnp.float32(np.nan), "psnr": jnp.array([1.0, 1.0])}, tokens=0)
+    assert np.isnan(window.means(14)["loss"])  # a skipped step's NaN shows in its window (logged as null)
+
+
 def test_accumulated_step_is_one_update_on_the_whole_batch():
     """k micro-batches: the same loss, gradients, parameters, EMA and step count as one full-batch step
     (their per-row losses average alike), and the schedule advances once."""

@@ -46,7 +46,7 @@ from vidiff import distributed, parallel
 from vidiff.train import preflight, tasks
 from vidiff.train.checkpoint import Checkpointer, abstract_with_shardings, read_config
 from vidiff.train.config import config_changes, for_stage, validate, warnings_for
-from vidiff.train.metrics import MetricsWriter
+from vidiff.train.metrics import LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
 from vidiff.train.preflight import DataExhaustedError, NonFiniteError
 from vidiff.train.profile import StepProfiler
@@ -141,11 +141,11 @@ def train(config, model: str, *, log=print) -> dict:
         state_shardings, task.batch_shardings, task.frozen_shardings, mesh,
     )
     writer = MetricsWriter(workdir)
-    tokens = 0  # since the last log line: each batch counted at its own bucket's clip size
+    window = LogWindow(start)
     summary = {"model": model, "workdir": str(workdir), "start_step": start}
     bar = tqdm(total=stage.steps, initial=start, desc=f"train {model}", disable=not main,
                dynamic_ncols=True, leave=False)
-    last_log_time, last_log_step, last_loss = time.perf_counter(), start, float("nan")
+    last_loss = float("nan")
 
     saved = {start}
     profiler = StepProfiler(stage, workdir / "profile", log)
@@ -155,9 +155,11 @@ def train(config, model: str, *, log=print) -> dict:
             return
         _stop_if_nonfinite(state, stage, model, checkpointer)  # nothing after a bad step is kept as "good"
         saved.add(step)
+        began = time.perf_counter()
         checkpointer.save(step, state, data_iterator=iterator, config=config_json,
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
         task.save_cache(workdir)
+        window.pause(time.perf_counter() - began)
 
     try:  # whatever ends the loop, pending asynchronous saves finish before the process does
         with _StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
@@ -166,29 +168,26 @@ def train(config, model: str, *, log=print) -> dict:
                 with profiler.step(step + 1):
                     raw = _next_batch(iterator, step, stage, model, checkpointer, ledger, config)
                     batch = task.device_batch(raw, mesh)  # host work (text encoder) stays off the mesh
-                    tokens += task.tokens_in(batch)
                     with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
                         state, metrics = step_fn(state, batch, task.frozen)
+                    window.add(metrics, task.tokens_in(batch))  # each batch counted at its own bucket's clip size
                 step += 1
                 profiler.after(step, state)
                 bar.update(1)
                 if step % stage.log_every == 0 or step == stage.steps:
-                    fetched = jax.device_get(metrics)
                     _stop_if_nonfinite(state, stage, model, checkpointer)
-                    now = time.perf_counter()
-                    elapsed = max(now - last_log_time, 1e-9)
-                    rate = (step - last_log_step) / elapsed
-                    last_log_time, last_log_step, last_loss = now, step, float(fetched["loss"])
-                    scalars = {k: float(np.mean(v)) for k, v in fetched.items()}
+                    scalars = window.means(step)
+                    window.reset(step)
+                    last_loss = scalars["loss"]
                     skipped = int(state.skipped)  # skipped steps left the optimizer's (and schedule's) count behind
-                    scalars.update(lr=float(schedule(max(step - skipped - 1, 0))), steps_per_s=rate,
-                                   tokens_per_s=tokens / elapsed, skipped=skipped, skipped_steps=skipped,
-                                   skipped_records_total=_skip_totals(ledger)["bad"])
-                    tokens = 0
+                    scalars.update(lr=float(schedule(max(step - skipped - 1, 0))), skipped=skipped,
+                                   skipped_steps=skipped, skipped_records_total=_skip_totals(ledger)["bad"])
                     writer.write(step, scalars)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                 if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
+                    began = time.perf_counter()
                     writer.write(step, _evaluate(task, state, workdir, step))
+                    window.pause(time.perf_counter() - began)
                 if step % stage.ckpt_every == 0 or step == stage.steps:
                     save(step, last_loss)
                 if stop.requested(step):

@@ -1,4 +1,8 @@
-"""Training metrics: PSNR / SSIM for reconstructions, and the writer that logs them.
+"""Training metrics: PSNR / SSIM for reconstructions, what a log line averages, and the writer that logs it.
+
+``LogWindow`` sums each step's metrics on the device (no host sync per step) and
+counts tokens and the steps' own wall time (evaluation and checkpoint saves left
+out), so a log row reports means over every step since the previous row.
 
 ``MetricsWriter`` appends one JSON object per logged step to
 ``<workdir>/metrics.jsonl`` and writes the same scalars as TensorBoard event
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def psnr(x, y, max_value: float = 2.0):
@@ -45,6 +50,36 @@ def ssim(x, y, max_value: float = 2.0, window: int = 7):
     c1, c2 = (0.01 * max_value) ** 2, (0.03 * max_value) ** 2
     s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return s.reshape(b, -1).mean(axis=1)
+
+
+_add = jax.jit(lambda total, new: jax.tree.map(jnp.add, total, new))
+
+
+class LogWindow:
+    """The steps since the last log line: summed metrics, tokens and their wall time."""
+
+    def __init__(self, step: int):
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.first_step, self.sums, self.tokens = step, None, 0
+        self.started, self.paused = time.perf_counter(), 0.0
+
+    def add(self, metrics: dict, tokens: int) -> None:
+        self.sums = metrics if self.sums is None else _add(self.sums, metrics)
+        self.tokens += tokens
+
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` of non-step work (an evaluation, a checkpoint save) out of the rates."""
+        self.paused += seconds
+
+    def means(self, step: int) -> dict:
+        """Per-step means of the metrics (a non-finite step makes its metric's mean null), steps/s and tokens/s."""
+        steps = step - self.first_step
+        seconds = max(time.perf_counter() - self.started - self.paused, 1e-9)
+        sums = jax.device_get(self.sums)
+        return {**{k: float(np.mean(v)) / steps for k, v in sums.items()},
+                "steps_per_s": steps / seconds, "tokens_per_s": self.tokens / seconds}
 
 
 def json_safe(value):
