@@ -226,7 +226,7 @@ def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog
 
     import jax
 
-    from vidiff.train.export import DIT_VAE, export_vae, load_vae, read_manifest
+    from vidiff.train.export import DIT_VAE, export_dit, export_vae, load_dit, load_vae, read_manifest
 
     model = tmp_path / "export"
     shutil.copytree(tiny_model_dir(), model)
@@ -270,6 +270,10 @@ def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog
         export_vae(model, manifest["config"], load_vae(model))
     assert not [r for r in caplog.records if r.name == "vidiff.train"]
     TextToVideo.from_checkpoint(model)
+    # Training passes the hash of the VAE it loaded: a VAE exported there mid-run does not become "its" VAE.
+    export_dit(model, manifest["config"], load_dit(model), vae_sha256="0" * 64)
+    with pytest.raises(ValueError, match="was trained with another VAE than its vae.safetensors"):
+        TextToVideo.from_checkpoint(model)
 
 
 def test_a_mesh_splits_the_batch_and_changes_nothing(pipe):

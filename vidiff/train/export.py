@@ -112,15 +112,21 @@ def export_vae(directory, config_json: dict, variables: dict) -> Path:
     return directory
 
 
-def export_dit(directory, config_json: dict, params) -> Path:
-    """Write the DiT's (EMA) params into ``directory`` next to its VAE, recording that VAE's sha256."""
+def export_dit(directory, config_json: dict, params, vae_sha256: str | None = None) -> Path:
+    """Write the DiT's (EMA) params into ``directory`` next to its VAE, recording that VAE's sha256.
+
+    ``vae_sha256``: the VAE file's hash when training loaded it (a VAE exported there since then is
+    not the one the DiT learned); by default the file there now.
+    """
     directory = Path(directory)
     save_tree(directory / "dit.safetensors", {"params": params})
     manifest = read_manifest(directory) if (directory / MANIFEST).exists() else {}
     manifest.update(config=config_json, dit=True)
     manifest.pop(DIT_VAE, None)
-    if (directory / "vae.safetensors").is_file():  # the VAE DiT training loads from this directory
-        manifest[DIT_VAE] = file_sha256(directory / "vae.safetensors")
+    if vae_sha256 is None and (directory / "vae.safetensors").is_file():  # the VAE DiT training loads from here
+        vae_sha256 = file_sha256(directory / "vae.safetensors")
+    if vae_sha256 is not None:
+        manifest[DIT_VAE] = vae_sha256
     save_manifest(directory, manifest)
     return directory
 

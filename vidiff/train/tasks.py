@@ -26,7 +26,7 @@ from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.vae import VideoVAE, compiled, compute_latent_stats, set_latent_stats, vae_preset
 from vidiff.models.vae_losses import (PatchDiscriminator3D, VAELossConfig, adversarial_factor, discriminator_loss,
                                       make_perceptual_fn, vae_loss)
-from vidiff.train.export import export_dit, export_vae, load_vae
+from vidiff.train.export import export_dit, export_vae, file_sha256, load_vae
 from vidiff.train.latent_cache import LatentCache, vae_fingerprint
 from vidiff.train.metrics import psnr, ssim
 from vidiff.train.state import skipped_steps_clause
@@ -230,6 +230,7 @@ class DiTTask(Task):
         self.latent_shape = self.vae.config.latent_shape(video_shape(config, 1))[1:]
         self.shift = resolve_shift(config.flow.shift, self.latent_shape, self.dit.config.patch)  # the samples' clip
         variables = load_vae_variables(config)
+        self.vae_sha256 = file_sha256(export_dir(config) / "vae.safetensors")  # the DiT's export records it
         replicated = parallel.replicated(mesh)
         self.frozen = {"vae": jax.device_put(variables, replicated)}
         self.frozen_shardings = jax.tree.map(lambda _: replicated, self.frozen)
@@ -287,7 +288,7 @@ class DiTTask(Task):
 
     def finalize(self, state, config_json: dict, export_dir: Path) -> dict:
         """Export the EMA DiT next to the VAE it was trained on."""
-        export_dit(export_dir, config_json, jax.device_get(state.ema_params))
+        export_dit(export_dir, config_json, jax.device_get(state.ema_params), vae_sha256=self.vae_sha256)
         return {} if self.latent_cache is None else {"latent_cache": self.latent_cache.stats()}
 
     def _cache_path(self, workdir: Path) -> Path:
