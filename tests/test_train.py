@@ -143,6 +143,10 @@ def test_ema_and_image_metrics():
     # PSNR of Gaussian noise with std 0.02 on range 2: 10 log10(4 / 4e-4) = 40 dB.
     np.testing.assert_allclose(psnr(noisy, x), 40.0, atol=0.3)
     assert float(ssim(noisy, x).mean()) < 1.0
+    # SSIM measures [0, L] intensities: a 2.5/255 brightness error on mid-grey leaves it near 1, as on uint8
+    # (in raw [-1, 1] it read 0.33), and the score does not depend on where the clips sit.
+    grey = jnp.full((1, 1, 8, 8, 3), 127.0 / 127.5 - 1.0)
+    assert float(ssim(grey + 2.5 / 127.5, grey)[0]) == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -263,6 +263,15 @@ def test_a_run_whose_data_ends_early_stops_in_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "w" / "export").exists()
 
 
+def test_latent_stats_use_the_batches_finite_data_has(tmp_path):
+    """stats_batches=8 over a one-epoch world of two batches: the export uses those two, not a crash after training."""
+    config = config_lib.load_config(_small_world_config(tmp_path, length=16), [
+        f"--config.workdir={tmp_path / 'w'}", "--config.data.num_epochs=1", "--config.data.size=16",
+        "--config.vae_train.data.batch_size=8", "--config.vae_train.steps=2", "--config.vae_train.stats_batches=8"])
+    summary = loop.train(config, "vae", log=lambda *a: None)
+    assert summary["latent_stats_batches"] == 2 and (tmp_path / "w" / "export" / "vae.safetensors").is_file()
+
+
 # --------------------------------------------------------------------------- 4: resuming with another config
 
 

@@ -33,8 +33,9 @@ one device; load average 4.3 at the start, 5.5-8 during, 5.5 at the end)::
 600 steps (2 clips x 9 frames of 64x64 a step) took 63 min wall, but the process got only 32% of one
 core (1,217 CPU-seconds in all, decoding included); an idle 2-core machine should need roughly 10-15 min
 (an estimate, not measured). Held-out eval split (six 9-frame clips): val_psnr 22.39 / 24.45 / 25.21 dB
-and val_ssim 0.606 / 0.737 / 0.776 at steps 200 / 400 / 600 (training-batch PSNR 26.7 dB at step 600, so
-no overfitting; still rising at the end, so more steps buy more).
+and val_ssim 0.606 / 0.737 / 0.776 at steps 200 / 400 / 600 (SSIM then computed on [-1, 1], ~0.01 low on
+real video; training-batch PSNR 26.7 dB at step 600, so no overfitting; still rising at the end, so more
+steps buy more).
 """
 import dataclasses
 import json

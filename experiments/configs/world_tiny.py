@@ -15,8 +15,8 @@ Measured on this project's 2-core CPU with nothing else running (one device,
 ``python experiments/bundle_world_tiny.py``): the VAE stage took 3.9 min and the
 DiT stage 12.8 min, 16.7 min in all (the goal is under 20; the DiT's first
 epoch encodes the 1,600 clips at ~1.4 s/step, later steps take ~0.95 s). The
-VAE reaches PSNR 31.70 dB / SSIM 0.901 on 16 held-out 17-frame clips after its
-1,000 steps (34.96 dB / 0.937 after 1,500). The DiT's mean loss over its last
+VAE reaches PSNR 31.70 dB / SSIM 0.903 on 16 held-out 17-frame clips after its
+1,000 steps (34.96 dB / 0.937 after 1,500, that SSIM computed on [-1, 1], ~0.002 low). The DiT's mean loss over its last
 100 steps is 0.272. 700 DiT steps learn colour (100% on held-out prompts) and
 shape (67%: squares come out rounded) but not yet the direction word (33%);
 the bundled model (``vidiff/assets/world_tiny``) is this config's DiT trained

@@ -22,7 +22,8 @@ def from_preset(config_class: type[Config], presets: Mapping[str, Any], name: st
         raise ValueError(f"unknown {model} preset {name!r}; valid presets: {', '.join(presets)}")
     fields = {f.name for f in dataclasses.fields(config_class)}
     if unknown := sorted(set(overrides) - fields):
-        raise ValueError(f"unknown {config_class.__name__} field(s) {unknown}; valid fields: {', '.join(sorted(fields))}")
+        raise ValueError(f"unknown {config_class.__name__} field(s) {unknown}; "
+                         f"valid fields: {', '.join(sorted(fields))}")
     base = presets[name]
     base = dataclasses.asdict(base) if dataclasses.is_dataclass(base) else dict(base)
     hashable = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}

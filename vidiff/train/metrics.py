@@ -31,9 +31,12 @@ def psnr(x, y, max_value: float = 2.0):
 def ssim(x, y, max_value: float = 2.0, window: int = 7):
     """Mean structural similarity per sample over frames and channels (uniform window), shape (B,).
 
-    ``x``, ``y``: ``(B, T, H, W, C)`` (or ``(B, H, W, C)``) in [-1, 1].
+    ``x``, ``y``: ``(B, T, H, W, C)`` (or ``(B, H, W, C)``) in [-1, 1]. SSIM's luminance term is not
+    shift-invariant and assumes intensities in [0, max_value], so the clips are shifted to [0, 2] first:
+    in [-1, 1], mid-grey means near 0 turned tiny brightness errors into large losses of similarity.
     """
-    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    offset = max_value / 2.0
+    x, y = x.astype(jnp.float32) + offset, y.astype(jnp.float32) + offset
     if x.ndim == 4:
         x, y = x[:, None], y[:, None]
     b, t, h, w, c = x.shape

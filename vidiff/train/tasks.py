@@ -11,6 +11,7 @@ overrides), ``vae_loss``, ``flow``, ``text``, ``data`` and ``sample``.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from pathlib import Path
 
@@ -144,10 +145,16 @@ class VAETask(Task):
         c = self.vae.config.latent_channels
         variables = {"params": jax.device_get(state.ema_params["vae"]),
                      "latent_stats": {"shift": np.zeros(c, np.float32), "scale": np.ones(c, np.float32)}}
-        batches = iter(self.pipeline(self.config))
-        videos = (jnp.asarray(next(batches)["video"], jnp.float32) / 127.5 - 1.0
-                  for _ in range(int(self.config.vae_train.stats_batches)))
-        shift, scale = compute_latent_stats(self.vae, variables, videos)
+        wanted = int(self.config.vae_train.stats_batches)
+        # Finite data (data.num_epochs) may hold fewer batches than asked for: the stats use those there are.
+        used = []  # one batch on the host at a time
+
+        def videos():
+            for batch in itertools.islice(iter(self.pipeline(self.config)), wanted):
+                used.append(1)
+                yield jnp.asarray(batch["video"], jnp.float32) / 127.5 - 1.0
+
+        shift, scale = compute_latent_stats(self.vae, variables, videos())
         if not (np.all(np.isfinite(shift)) and np.all(np.isfinite(scale))):
             # Finite but huge parameters (a learning rate far too high) can still overflow on real clips.
             raise ValueError(
@@ -157,7 +164,8 @@ class VAETask(Task):
             )
         variables = set_latent_stats(variables, shift, scale)
         export_vae(export_dir, config_json, variables)
-        return {"latent_shift": np.asarray(shift).tolist(), "latent_scale": np.asarray(scale).tolist()}
+        return {"latent_shift": np.asarray(shift).tolist(), "latent_scale": np.asarray(scale).tolist(),
+                "latent_stats_batches": len(used)}
 
 
 @functools.partial(jax.jit, static_argnums=0)
