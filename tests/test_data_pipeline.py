@@ -88,6 +88,66 @@ def test_hosts_get_disjoint_slices_covering_the_data():
         make_pipeline(config(), source=TinyClips(10), process_index=3, process_count=3)
 
 
+def draws(record):
+    """(first frame = window start, caption dropped) of an unbatched record."""
+    return int(record["video"][0, 0, 0, 1]), bool(record["caption_dropped"])
+
+
+def test_hosts_read_one_global_shuffle_with_independent_draws():
+    cfg = config(num_epochs=2, window="random", crop="random", caption_dropout=0.5)
+    single = list(record_stream(cfg, source=TinyClips(24), process_count=1, process_index=0))
+    procs = [list(record_stream(cfg, source=TinyClips(24), process_index=p, process_count=2)) for p in range(2)]
+    assert [len(p) for p in procs] == [24, 24]
+    # each process reads every other record of the single-process stream, draws and all
+    for p in range(2):
+        for a, b in zip(procs[p], single[p::2]):
+            assert a["id"] == b["id"] and np.array_equal(a["video"], b["video"]) and draws(a) == draws(b)
+    ids = [[r["labels"]["index"] for r in p] for p in procs]
+    for epoch in range(2):  # together disjoint and covering, per epoch
+        part = [i[12 * epoch : 12 * (epoch + 1)] for i in ids]
+        assert sorted(part[0] + part[1]) == list(range(24))
+    # one global shuffle: at a step the processes' records are not neighbours
+    assert sum(b == a + 1 for a, b in zip(*ids)) < 6
+    assert set(ids[0][:3]) | set(ids[1][:3]) != {x for a in ids[0][:3] for x in (a, a + 1)}
+    # and their window starts / caption dropout are drawn independently
+    same = sum(draws(a) == draws(b) for a, b in zip(*procs))
+    assert same < 12, f"{same} of 24 steps drew the same window and dropout on both processes"
+
+
+def test_hosts_stay_in_step_on_batch_shapes_with_image_fraction():
+    cfg = config(buckets=["4x8x8", "1x8x8"], image_fraction=0.3, num_epochs=None, window="random", crop="random",
+                 caption_dropout=0.5)
+    its = [iter(make_pipeline(cfg, source=TinyClips(), process_index=p, process_count=2)) for p in range(2)]
+    steps = [take(it, 30) for it in its]
+    shapes = [[b["video"].shape for b in s] for s in steps]
+    assert shapes[0] == shapes[1] and {s[1] for s in shapes[0]} == {1, 4}
+    # in step on shapes only: the records' other draws are their own
+    assert sum(a["caption_dropped"].tolist() != b["caption_dropped"].tolist() for a, b in zip(*steps)) > 10
+
+
+def test_hosts_resume_bitwise_and_in_step():
+    cfg = config(num_epochs=None, buckets=["4x8x8", "1x8x8"], image_fraction=0.3, window="random", crop="random",
+                 caption_dropout=0.5, batch_size=2)
+    expected, resumed = [], []
+    for p in range(2):
+        it = iter(make_pipeline(cfg, source=TinyClips(13), process_index=p, process_count=2))
+        take(it, 5)
+        state = json.loads(json.dumps(it.get_state()))
+        expected.append(take(it, 8))
+        again = iter(make_pipeline(cfg, source=TinyClips(13), process_index=p, process_count=2))
+        again.set_state(state)
+        resumed.append(take(again, 8))
+        assert_batches_equal(resumed[p], expected[p])
+    assert [b["video"].shape for b in resumed[0]] == [b["video"].shape for b in resumed[1]]
+    assert any(a["caption_dropped"].tolist() != b["caption_dropped"].tolist() for a, b in zip(*resumed))
+
+
+def test_hosts_with_content_picked_buckets_on_a_video_folder_are_refused():
+    cfg = config(source="folder", manifest="nowhere/m.jsonl", buckets=["4x8x8", "4x8x16"])
+    with pytest.raises(ValueError, match=r"data.buckets=\['4x8x8', '4x8x16'\] with data.source='folder' on 2 processes: .*use one bucket"):
+        make_pipeline(cfg, process_index=1, process_count=2)
+
+
 @pytest.mark.parametrize("buckets", [None, ["4x8x8", "4x6x12", "2x6x12"]], ids=["one_bucket", "buckets"])
 def test_checkpoint_resume_is_bitwise_exact(buckets):
     cfg = config(num_epochs=None, buckets=buckets, window="random", crop="random", caption_dropout=0.5, batch_size=2)

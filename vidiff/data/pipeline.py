@@ -4,14 +4,23 @@ Order of stages (the per-record work all sits in the ``MapDataset`` part, so
 grain parallelises it with reader threads and ``mp_prefetch`` workers)::
 
     source (records or manifest rows)
-      -> [process_index::process_count]      multi-host slice
-      -> shuffle(seed) -> repeat(num_epochs)  reshuffled every epoch
-      -> decode / bucket + temporal window   random, per seed and index
+      -> shuffle(seed) -> repeat(num_epochs)  one global order, reshuffled every epoch
+      -> decode / bucket + temporal window   random, per seed and global index
+      -> [image_fraction: clip -> one frame]  image-or-video draw per seed and step (see below)
       -> resize shorter side + crop          to the record's bucket
       -> caption dropout -> tokenise hook
       -> CountSkips filter                    bad items counted, dropped
+      -> [process_index::process_count]      multi-host slice (lazy: only this slice is read)
       -> to_iter_dataset -> end-of-stream bad-fraction check
       -> batch (BucketBatch with several buckets) -> mp_prefetch
+
+Several processes slice the one global stream late, so each reads distinct
+records with independent random draws (keyed by the global index), and every
+skipped record is counted by the one process that reads it. Draws that pick a
+record's bucket (image or video) are keyed by ``global index //
+process_count``, the record's position in its process's stream, so with
+several buckets all processes fill the same bucket at the same step and emit
+batches of one shape (``SampleImages``).
 
 ``iter(ds)`` gives an iterator with ``get_state()`` / ``set_state()``:
 restoring a saved state continues with bitwise identical batches. Close the
@@ -104,6 +113,20 @@ def _check_prepared_latents(source, config: DataConfig):
         )
 
 
+def _check_buckets_in_step(config: DataConfig, process_count: int, custom_source: bool):
+    # With several buckets every process must fill the same bucket at the same
+    # step. Random bucket picks are keyed alike on all processes; a bucket chosen
+    # from the clip itself (aspect, duration) is in step only when all clips share
+    # one shape. A video folder's clips differ (and are probed only when decoded).
+    if process_count > 1 and len(config.bucket_list()) > 1 and config.source == "folder" and not custom_source:
+        raise ValueError(
+            f"data.buckets={['x'.join(map(str, b)) for b in config.bucket_list()]} with data.source='folder' on {process_count} processes: each clip's "
+            "aspect and duration pick its bucket, so processes would emit batches of different shapes at the same step; "
+            "use one bucket (data.buckets=None), one process, or fixed-size shards from `vidiff prepare` "
+            "(data.source='array_record')"
+        )
+
+
 def record_stream(config: Any, *, split: str = "train", process_index: int | None = None,
                   process_count: int | None = None, skips: SkipLedger | None = None,
                   tokenize: Callable[[str], Any] | None = None, source: Any = None,
@@ -133,26 +156,29 @@ def record_stream(config: Any, *, split: str = "train", process_index: int | Non
     if config.num_workers > 0 and ledger.directory is None:
         raise ValueError("skips: worker processes cannot report into a SkipLedger without a directory; "
                          "pass SkipLedger.temporary() or SkipLedger(dir) when data.num_workers > 0")
+    _check_buckets_in_step(config, process_count, custom_source=source is not None)
     if source is None:
         source, first_stage = build_source(config, split, ledger)
     else:
         first_stage = BucketWindow(config.bucket_list(), config.frame_stride, config.fps, config.window)
     buckets = config.bucket_list()
 
+    # One global stream for all processes; each takes its slice at the very end
+    # (MapDataset is lazy: a process reads, decodes and counts only its slice).
     ds = grain.MapDataset.source(source).seed(config.seed)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
     if config.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(config.num_epochs)
     ds = ds.random_map(first_stage)
     if config.image_fraction > 0:
-        ds = ds.random_map(SampleImages(buckets, config.image_fraction))
+        ds = ds.map_with_index(SampleImages(buckets, config.image_fraction, config.seed, process_count))
     ds = ds.random_map(ResizeCrop(buckets, config.crop))
     ds = ds.random_map(CaptionDropout(config.caption_dropout))
     if tokenize is not None:
         ds = ds.map(Tokenize(tokenize))
     ds = ds.filter(CountSkips(ledger, config.max_bad_fraction, config.bad_fraction_min_records))
+    if process_count > 1:
+        ds = ds[process_index::process_count]
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size)
     records = EndOfStream(ds.to_iter_dataset(read), ledger, None)  # flushes this process's counts
     return _prefetch(records, config, ledger) if workers else records

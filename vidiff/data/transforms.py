@@ -157,26 +157,41 @@ class BucketWindow(grain.transforms.RandomMap):
         return out
 
 
+_IMAGE_OR_VIDEO, _IMAGE_FRAME = 1, 2  # SampleImages' two key streams
+
+
 def image_buckets(buckets: Sequence[Bucket]) -> list[int]:
     """Indices of the 1-frame (image) buckets."""
     return [i for i, (frames, _, _) in enumerate(buckets) if frames == 1]
 
 
 @dataclasses.dataclass
-class SampleImages(grain.transforms.RandomMap):
+class SampleImages(grain.transforms.MapWithIndex):
     """Joint image + video training: with probability ``fraction`` a clip becomes one random frame.
 
     The frame goes to the 1-frame bucket nearest its clip's aspect ratio, so
     images batch with images and the causal VAE encodes them like frame 0.
+
+    The image-or-video draw decides the record's bucket, so over several
+    processes (each reading every ``process_count``-th element of one global
+    stream) it must come out the same on all of them at the same step:
+    ``BucketBatch`` then fills the same bucket everywhere and every process
+    emits batches of one shape. So that draw is keyed by ``(seed, index //
+    process_count)``, the element's position in its process's stream, and the
+    frame by ``(seed, index)``.
     """
 
     buckets: Sequence[Bucket]
     fraction: float
+    seed: int = 0
+    process_count: int = 1
 
-    def random_map(self, record, rng: np.random.Generator):
+    def map_with_index(self, index: int, record):
         """With probability ``fraction``, one random frame of the clip in the nearest image bucket."""
-        if isinstance(record, Skip) or not (self.fraction > 0 and rng.random() < self.fraction):
+        in_step = np.random.default_rng([self.seed, _IMAGE_OR_VIDEO, index // self.process_count])
+        if isinstance(record, Skip) or not (self.fraction > 0 and in_step.random() < self.fraction):
             return record
+        rng = np.random.default_rng([self.seed, _IMAGE_FRAME, index])
         video = record["video"]
         candidates = [self.buckets[i] for i in image_buckets(self.buckets)]
         out = dict(record)
