@@ -67,6 +67,20 @@ def test_weight_decay_reaches_kernels_only_whatever_their_rank():
         assert "['blocks']['self_attn']['query']['bias']" not in decayed  # (layers, heads, head_dim)
 
 
+def test_side_by_side_networks_are_clipped_apart():
+    """A discriminator's huge gradient must not shrink the VAE's clipped update (one global norm would)."""
+    params = {"vae": {"kernel": jnp.ones((2, 2))}, "disc": {"kernel": jnp.ones((2, 2))}}
+    grads = {"vae": {"kernel": jnp.full((2, 2), 0.1)}, "disc": {"kernel": jnp.full((2, 2), 1e4)}}
+    clip = optim(grad_clip=1.0, warmup_steps=0, schedule="constant", weight_decay=0.0, b1=0.0, b2=0.0)
+    for networks, vae_grad_scale in (((), 1 / 2e4), (("vae", "disc"), 1.0)):  # global norm ~2e4; the VAE's 0.2
+        tx, _ = make_optimizer(clip, 10, networks=networks)
+        # b1 = 0: Adam's first moment is the clipped gradient itself.
+        state = tx.update(grads, tx.init(params), params)[1]
+        # (apart, each network's state holds the other's entries as empty MaskedNodes)
+        [vae_mu] = [leaf for _, mu in optax.tree.get_all_with_path(state, "mu") for leaf in jax.tree.leaves(mu["vae"])]
+        assert float(vae_mu[0, 0]) == pytest.approx(0.1 * vae_grad_scale, rel=1e-3)
+
+
 def test_tokens_per_second_count_each_batch_at_its_own_clip_size():
     from types import SimpleNamespace
 

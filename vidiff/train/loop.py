@@ -121,7 +121,7 @@ def train(config, model: str, *, log=print) -> dict:
         process_config = _process_config(config)
         pipeline = task.pipeline(process_config)
         preflight.check_data_lasts(pipeline, process_config, model)
-        tx, schedule = make_optimizer(stage.optim, stage.steps)
+        tx, schedule = make_optimizer(stage.optim, stage.steps, networks=task.networks)
         state, state_shardings = create_state(task.init_params, tx, config.seed, mesh)
         iterator = iter(pipeline)
         ledger = getattr(pipeline, "ledger", None)  # the data's skip counts (vidiff.data.skips)

@@ -73,14 +73,24 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) in DECAYED, params)
 
 
-def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping over ``total_steps`` optimizer updates; returns ``(tx, schedule)``."""
+def make_optimizer(optim, total_steps: int, *, networks: tuple[str, ...] = ()
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping over ``total_steps`` optimizer updates; returns ``(tx, schedule)``.
+
+    ``networks``: top-level parameter groups trained side by side (a VAE and its discriminator). Each gets its
+    own clipping and AdamW state, so one network's gradient norm never scales down the other's update.
+    """
     schedule = learning_rate_schedule(optim, total_steps)
-    parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []  # 0 / None: no clipping
-    parts.append(
-        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask)
-    )
-    return optax.chain(*parts), schedule
+
+    def adamw():
+        parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []  # 0 / None: no clipping
+        parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                                 mask=decay_mask))
+        return optax.chain(*parts)
+
+    if not networks:
+        return adamw(), schedule
+    return optax.multi_transform({name: adamw() for name in networks}, lambda params: {k: k for k in params}), schedule
 
 
 def ema_update(ema_params, params, decay: float):
