@@ -13,6 +13,7 @@ counted, never silently shortened).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -51,6 +52,10 @@ class VideoInfo:
     fps: float
     num_frames: int  # the container's count, or an estimate from the duration
     duration: float  # seconds
+    # Timestamp (s) of the stream's first frame: 0 for most files, not for
+    # MPEG-TS or files cut with an offset. ``read_video``'s ``start`` / ``end``
+    # count from it.
+    start: float = 0.0
 
 
 def _open(path):
@@ -85,7 +90,8 @@ def _info(container) -> VideoInfo:
     else:
         duration = 0.0
     frames = stream.frames or int(round(duration * fps))
-    return VideoInfo(stream.codec_context.width, stream.codec_context.height, fps, frames, duration)
+    start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
+    return VideoInfo(stream.codec_context.width, stream.codec_context.height, fps, frames, duration, start)
 
 
 def read_video(
@@ -103,8 +109,13 @@ def read_video(
 
     Args:
       fps: resample to this rate by nearest frame (repeating frames when it is
-        above the source rate); ``None`` keeps every frame.
-      start, end: time window in seconds (``end`` exclusive, ``None`` = to the end).
+        above the source rate; instants up to the end of the last frame's
+        span repeat it, as ``vidiff.data.transforms.resample_indices`` clamps;
+        an instant exactly between two frames takes the earlier one, where
+        ``resample_indices`` takes the later); ``None`` keeps every frame.
+      start, end: time window in seconds from the stream's first frame
+        (``end`` exclusive, ``None`` = to the end), whatever timestamp the
+        container gives that frame (``VideoInfo.start``).
       max_frames: stop after this many output frames.
       size: ``(height, width)`` to resize every frame to (FFmpeg's swscale, bicubic).
       max_pixels: refuse a file whose frames exceed this many pixels (reason
@@ -119,7 +130,8 @@ def read_video(
 
     if truncated not in ("warn", "error"):
         raise ValueError(f"truncated={truncated!r} is invalid; use 'warn' or 'error'")
-    with _open(path) as container:
+    with contextlib.ExitStack() as stack:
+        container = stack.enter_context(_open(path))
         info = _info(container)
         if max_pixels is not None and info.width * info.height > max_pixels:
             raise VideoReadError(
@@ -127,30 +139,40 @@ def read_video(
             )
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        if start > 0 and stream.time_base is not None:
-            container.seek(int(start / stream.time_base), stream=stream)  # lands on the keyframe before
+        # Frame times are the stream's timestamps; the window counts from its first frame.
+        origin = info.start
+        start_t = origin + start
+        end_t = None if end is None else origin + end
         reformat = {"format": "rgb24"}
         if size is not None:
             reformat.update(height=int(size[0]), width=int(size[1]), interpolation="BICUBIC")
-        half_period = 0.5 / info.fps
-        frames, next_t = [], start
-        last_t, decoded, complete, error = None, 0, False, None
+        period = 1.0 / info.fps
+        half_period = 0.5 * period
+        frames, next_t = [], start_t  # next_t: the next output instant when resampling
+        last_t, kept_t, decoded, complete, error = None, None, 0, False, None
+        array = None
+
+        def reopen():
+            again = stack.enter_context(_open(path)).streams.video[0]
+            again.thread_type = "AUTO"
+            return again
+
         try:
-            for frame in container.decode(stream):
-                t = float(frame.time) if frame.time is not None else len(frames) / info.fps
+            for frame in _decode_from(container, stream, start_t if start > 0 else None, half_period, origin, reopen):
+                t = float(frame.time) if frame.time is not None else origin + len(frames) / info.fps
                 last_t = t
-                if t < start - half_period:
+                if t < start_t - half_period:
                     continue
-                if end is not None and t >= end - 1e-9:
+                if end_t is not None and t >= end_t - 1e-9:
                     complete = True
                     break
                 decoded += 1
+                kept_t, array = t, None
                 if fps is None:
                     frames.append(frame.to_ndarray(**reformat))
                 else:
                     # A frame covers [t - half, t + half): emit it for every
                     # target instant that falls before its end.
-                    array = None
                     while next_t <= t + half_period and not _full(frames, max_frames):
                         array = frame.to_ndarray(**reformat) if array is None else array
                         frames.append(array)
@@ -162,9 +184,15 @@ def read_video(
             if not frames:
                 raise VideoReadError(path, CORRUPT, f"decoding failed ({e.__class__.__name__}: {e})") from None
             error = e
-        stream_start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
+        if fps is not None and frames and kept_t is not None:
+            # Instants after the last kept frame's middle, up to the end of its
+            # span (or of the window), repeat it, as resample_indices clamps.
+            limit = kept_t + period if end_t is None else min(end_t, kept_t + period)
+            while next_t < limit - 1e-9 and not _full(frames, max_frames):
+                frames.append(frames[-1])
+                next_t += 1.0 / fps
     if not complete:
-        short = _truncation(info, stream_start, start, end, last_t, decoded, error)
+        short = _truncation(info, origin, start_t, end_t, last_t, decoded, error)
         if short is not None and (truncated == "error" or not frames):
             raise VideoReadError(path, TRUNCATED, short)
         if short is not None:
@@ -172,6 +200,33 @@ def read_video(
     if not frames:
         raise VideoReadError(path, NO_FRAMES, "no frames decoded in the requested window")
     return np.stack(frames), float(fps or info.fps)
+
+
+def _decode_from(container, stream, target, half_period, origin, reopen):
+    """The stream's frames from the one at or before ``target`` seconds (stream time) on; ``None``: from the start.
+
+    A seek should land on the keyframe before ``target``; in some containers
+    (MPEG-TS) it lands on the one after, or past the last frame. When the first
+    frame after the seek starts more than half a frame after ``target`` (and
+    is not the stream's first frame), or nothing decodes, the seek is retried
+    1, 4, 16 and 64 s earlier, then the file is decoded from the start
+    (``reopen`` gives a fresh stream).
+    """
+    if target is None or stream.time_base is None:
+        yield from container.decode(stream)
+        return
+    for back in (0.0, 1.0, 4.0, 16.0, 64.0):
+        if back and target - back <= origin:
+            break
+        container.seek(int((target - back) / stream.time_base), stream=stream)  # lands on the keyframe before
+        frames = container.decode(stream)
+        first = next(frames, None)
+        if first is not None and (first.time is None or float(first.time) <= max(target, origin) + half_period):
+            yield first
+            yield from frames
+            return
+    again = reopen()
+    yield from again.container.decode(again)
 
 
 def _truncation(info: VideoInfo, stream_start, start, end, last_t, decoded, error) -> str | None:

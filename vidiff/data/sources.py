@@ -175,7 +175,8 @@ class DecodeFolderClip(grain.transforms.RandomMap):
             available = int(math.floor((clip_end - clip_start) * rate + 1e-6))
         else:
             # No duration in the container (a still image, a raw stream): decode
-            # from the start and let the frame count decide.
+            # from the start for the longest bucket; a shorter result picks
+            # the bucket again below.
             available = 1 << 30 if row.end is None else int(math.floor((row.end - clip_start) * rate + 1e-6))
         bucket = nearest_bucket(self.buckets, info.height, info.width, available, self.stride)
         if bucket is None:
@@ -190,6 +191,23 @@ class DecodeFolderClip(grain.transforms.RandomMap):
             row.path, fps=self.fps, start=start, end=row.end, max_frames=need,
             size=cover_size(info.height, info.width, height, width), max_pixels=self.max_pixels, truncated="error",
         )
+        if len(video) < need and info.duration <= 0 and len(video) >= 1:
+            # No duration to plan with: the longest bucket was tried; choose
+            # again with the frames there really are, and cut that window.
+            bucket = nearest_bucket(self.buckets, info.height, info.width, len(video), self.stride)
+            if bucket is None:
+                return self._too_short(row, len(video))
+            frames, new_height, new_width = self.buckets[bucket]
+            need = frames_needed(frames, self.stride)
+            offset = window_offset(len(video) - need, self.window, rng)
+            if (new_height, new_width) != (height, width):
+                # Scaled for the bucket first tried: decode the same frames again, scaled for this one.
+                video, _ = vio.read_video(
+                    row.path, fps=self.fps, start=start, end=row.end, max_frames=offset + need,
+                    size=cover_size(info.height, info.width, new_height, new_width), max_pixels=self.max_pixels,
+                    truncated="error",
+                )
+            video = video[offset : offset + need]
         if len(video) < need:  # the container's duration overstated the frames
             return self._too_short(row, len(video))
         return {
@@ -326,7 +344,8 @@ def world_source(world_kwargs: dict | None, split: str, buckets: Sequence[Bucket
     if "size" in fields:
         kwargs.setdefault("size", max(max(b[1], b[2]) for b in buckets))
     if split != "train" and "seed" in fields:
-        # A stable per-split offset, so eval clips never repeat train clips.
+        # A stable per-split offset: other draws, not other clips (most repeat
+        # training clips); held_out="only" gives clips training never sees.
         default_seed = next(f.default for f in dataclasses.fields(WorldConfig) if f.name == "seed")
         kwargs["seed"] = int(kwargs.get("seed", default_seed or 0)) + zlib.crc32(split.encode()) % 1_000_003
     return CaptionedWorld(WorldConfig(**kwargs))
