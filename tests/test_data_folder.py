@@ -267,3 +267,10 @@ def test_fps_upsampling_reads_the_full_window_like_the_in_memory_path(tmp_path):
     # a manifest range: its instants after the last frame's middle repeat that frame
     ranged = _decode(path, [(24, 64, 64)], fps=24.0, start=1.0, end=2.0)
     assert counters(ranged["video"]) == [8 + (k + 1) // 3 for k in range(23)] + [15]
+    # 30 -> 8 fps puts instants exactly between two frames (2/8 s lies between frames 7 and 8): both paths take
+    # the earlier one
+    path = str(vio.write_video(tmp_path / "c30.mp4", counter_frames(30), fps=30))
+    folder = _decode(path, [(8, 64, 64)], fps=8.0)
+    full, _ = vio.read_video(path)
+    memory = BucketWindow([(8, 64, 64)], 1, 8.0, "first").random_map(make_record(full, "c", 30.0, "x"), np.random.default_rng(0))
+    assert counters(folder["video"]) == counters(memory["video"]) == [0, 4, 7, 11, 15, 19, 22, 26]

@@ -111,8 +111,8 @@ def read_video(
       fps: resample to this rate by nearest frame (repeating frames when it is
         above the source rate; instants up to the end of the last frame's
         span repeat it, as ``vidiff.data.transforms.resample_indices`` clamps;
-        an instant exactly between two frames takes the earlier one, where
-        ``resample_indices`` takes the later); ``None`` keeps every frame.
+        an instant exactly between two frames takes the earlier one, there
+        too); ``None`` keeps every frame.
       start, end: time window in seconds from the stream's first frame
         (``end`` exclusive, ``None`` = to the end), whatever timestamp the
         container gives that frame (``VideoInfo.start``).

@@ -114,7 +114,8 @@ def resample_indices(num_frames: int, source_fps: float, target_fps: float | Non
     if target_fps is None or abs(target_fps - source_fps) < 1e-6:
         return np.arange(num_frames)
     count = int(math.floor(num_frames * target_fps / source_fps + 1e-6))
-    return np.minimum(np.floor(np.arange(count) * source_fps / target_fps + 0.5).astype(int), num_frames - 1)
+    # An instant exactly between two frames takes the earlier one, as decoding a file does (vidiff.io.read_video).
+    return np.minimum(np.ceil(np.arange(count) * source_fps / target_fps - 0.5).astype(int), num_frames - 1)
 
 
 def as_rgb_video(video: Any) -> np.ndarray | None:
