@@ -94,6 +94,7 @@ def plan(args, devices) -> list[dict]:
     import jax
 
     from vidiff import parallel
+    from vidiff.models.patches import token_count
     from vidiff.train.config import for_stage, load_config
 
     config = for_stage(load_config(args.config, args.overrides), args.model)
@@ -111,7 +112,7 @@ def plan(args, devices) -> list[dict]:
     for tokens in _ints(args.tokens) or [None]:
         for remat in (args.remat or "").split(",") if args.remat else [None]:
             cfg, latent = _dit_config(config, args, tokens, remat, on_cpu)
-            label = dict(model=f"dit {args.preset or config.dit.preset}", tokens=_tokens(latent, cfg.patch),
+            label = dict(model=f"dit {args.preset or config.dit.preset}", tokens=token_count(latent, cfg.patch),
                          latent="x".join(map(str, latent)), remat=cfg.remat_policy, attention=cfg.attention_impl)
             rows.append(_compile_row(config, mesh, *_dit_step(config, cfg, mesh, batch, latent, args.text_dim),
                                      label))
@@ -127,10 +128,6 @@ def _ints(text):
     if any(v < 1 for v in values):
         raise ValueError(f"--tokens={text!r} must be comma-separated positive ints, e.g. 4096,16384")
     return values
-
-
-def _tokens(latent, patch) -> int:
-    return math.prod(s // p for s, p in zip(latent, patch))
 
 
 def latent_grid(tokens: int, patch) -> tuple[int, int, int]:

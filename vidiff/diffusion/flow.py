@@ -14,6 +14,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from vidiff.models.patches import token_count
+
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal")
 LOSS_WEIGHTINGS = ("none", "cosmap")
 
@@ -56,7 +58,7 @@ def resolve_shift(shift, latent_shape, patch) -> float:
     (``latent_shape`` ``(t, h, w, ...)`` cut into ``patch`` ``(pt, ph, pw)``). Training resolves it per batch
     and sampling per requested size, so images, short and long clips each keep the shift they trained with."""
     if shift == "auto":
-        return shift_for_tokens(math.prod(s // p for s, p in zip(latent_shape[:3], patch)))
+        return shift_for_tokens(token_count(latent_shape, patch))
     return float(shift)
 
 

@@ -30,6 +30,11 @@ def patchify(x, patch: Sequence[int]):
     return rearrange(x, "b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
 
 
+def token_count(latent_shape: Sequence[int], patch: Sequence[int]) -> int:
+    """Spacetime patches in latents of ``latent_shape`` ``(t, h, w, ...)`` cut into ``patch`` ``(pt, ph, pw)``."""
+    return math.prod(s // p for s, p in zip(latent_shape[:3], patch))
+
+
 def unpatchify(tokens, patch: Sequence[int], latent_shape: Sequence[int]):
     """Tokens ``(B, N, pt*ph*pw*c)`` -> latents ``(B, t, h, w, c)`` for ``latent_shape = (t, h, w)``."""
     _check_divisible(latent_shape, patch)
@@ -101,7 +106,7 @@ def pack_texts(texts: Sequence[np.ndarray], length: int | None = None) -> tuple[
 
 def unpack_clips(tokens, shapes: Sequence[Sequence[int]], patch: Sequence[int]) -> list:
     """Inverse of :func:`pack_clips` for one row of outputs ``(N, D)``: a list of ``(t, h, w, c)`` latents."""
-    counts = [math.prod(s // p for s, p in zip(shape, patch)) for shape in shapes]
+    counts = [token_count(shape, patch) for shape in shapes]
     if np.ndim(tokens) != 2 or len(tokens) < sum(counts):
         raise ValueError(f"unpack_clips: tokens must be one row (N, D) with N >= {sum(counts)} for clips {list(shapes)}, "
                          f"got shape {np.shape(tokens)}")

@@ -24,6 +24,7 @@ from vidiff.diffusion import flow_loss, resolve_shift
 from vidiff.diffusion.conditioning import mode_probabilities, sample_condition_masks
 from vidiff.diffusion.generate import sample_latents, text_context
 from vidiff.models.dit import VideoDiT, dit_preset
+from vidiff.models.patches import token_count
 from vidiff.models.vae import VideoVAE, compiled, compute_latent_stats, set_latent_stats, vae_preset
 from vidiff.models.vae_losses import (PatchDiscriminator3D, VAELossConfig, adversarial_factor, discriminator_loss,
                                       make_perceptual_fn, vae_loss)
@@ -288,7 +289,7 @@ class DiTTask(Task):
     def tokens_in(self, batch: dict) -> int:
         """Spacetime patches in a device batch (its bucket's clip size; read from shapes, no device sync)."""
         shape = batch["latents"].shape if "latents" in batch else self.vae.config.latent_shape(batch["video"].shape)
-        return shape[0] * math.prod(s // p for s, p in zip(shape[1:4], self.dit.config.patch))
+        return shape[0] * token_count(shape[1:4], self.dit.config.patch)
 
     def evaluate(self, state, workdir: Path, step: int) -> dict:
         prompts = list(self.config.sample.prompts)
