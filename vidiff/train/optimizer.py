@@ -73,24 +73,33 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) in DECAYED, params)
 
 
-def make_optimizer(optim, total_steps: int, *, networks: tuple[str, ...] = ()
+def make_optimizer(optim, total_steps: int, *, networks: dict[str, int] | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping over ``total_steps`` optimizer updates; returns ``(tx, schedule)``.
 
-    ``networks``: top-level parameter groups trained side by side (a VAE and its discriminator). Each gets its
-    own clipping and AdamW state, so one network's gradient norm never scales down the other's update.
+    ``networks``: top-level parameter groups trained side by side (a VAE and its discriminator), each mapped
+    to the first update that trains it. Each gets its own clipping and AdamW state, so one network's gradient
+    norm never scales down the other's update. Before its first update a network is left exactly as it is:
+    no weight decay, and Adam's moments and bias correction start when its gradients do (counted through
+    zeros, a discriminator switched on at step 5,000 would take ~3x too large first steps). It then follows
+    the run's schedule from where the run is.
     """
     schedule = learning_rate_schedule(optim, total_steps)
 
-    def adamw():
+    def adamw(first_update: int = 0):
+        lr = schedule if not first_update else (lambda count: schedule(count + first_update))
         parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []  # 0 / None: no clipping
-        parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+        parts.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
                                  mask=decay_mask))
-        return optax.chain(*parts)
+        tx = optax.chain(*parts)
+        if first_update:
+            tx = optax.transforms.conditionally_mask(tx, lambda count: count >= first_update)
+        return tx
 
     if not networks:
         return adamw(), schedule
-    return optax.multi_transform({name: adamw() for name in networks}, lambda params: {k: k for k in params}), schedule
+    return optax.multi_transform({name: adamw(first) for name, first in networks.items()},
+                                 lambda params: {k: k for k in params}), schedule
 
 
 def ema_update(ema_params, params, decay: float):

@@ -53,7 +53,7 @@ class Task:
     """Shared plumbing: data pipeline, host -> device batches, frozen inputs."""
 
     batch_keys: tuple[str, ...] = ("video",)
-    networks: tuple[str, ...] = ()  # top-level parameter groups with their own optimizer (make_optimizer)
+    networks: dict[str, int] | None = None  # parameter group -> first update training it (make_optimizer)
 
     def __init__(self, config, mesh):
         self.config, self.mesh = config, mesh
@@ -96,7 +96,9 @@ class VAETask(Task):
         self.perceptual_fn = (make_perceptual_fn(self.loss_config.perceptual_weights_path)
                               if self.loss_config.perceptual_weight > 0 else None)
         self.disc = PatchDiscriminator3D() if self.loss_config.adversarial_weight > 0 else None
-        self.networks = ("vae", "disc") if self.disc is not None else ()  # clipped and stepped apart
+        # Clipped and stepped apart; the discriminator's optimizer starts with its loss.
+        self.networks = ({"vae": 0, "disc": self.loss_config.adversarial_start_step} if self.disc is not None
+                         else None)
         self._val = None
 
     def init_params(self, key):
