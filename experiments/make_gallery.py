@@ -102,10 +102,8 @@ def main(argv=None) -> int:
     if args.scale < 1:
         parser.error(f"--scale={args.scale} must be at least 1")
 
-    from vidiff.generate import quiet_transformers
     from vidiff.pipeline import TextToVideo
 
-    quiet_transformers()
     pipe = TextToVideo.from_checkpoint(args.checkpoint)
     sampling = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler).items()
                 if v is not None}

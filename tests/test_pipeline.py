@@ -1,6 +1,9 @@
 """TextToVideo on a tiny random model: shapes, seeds, sizes, and what every prompting mode keeps from its inputs."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -286,3 +289,28 @@ def test_a_mesh_splits_the_batch_and_changes_nothing(pipe):
     prompts = [PROMPT, "a blue square moving up"]
     z = sharded(prompts, seed=[0], return_latents=True, **FAST)
     np.testing.assert_allclose(z, pipe(prompts, seed=[0], return_latents=True, **FAST), atol=1e-4)
+
+
+def test_models_generation_and_training_import_without_the_data_packages():
+    """The GPU image has no grain, av, tfds or array_record (nor ml_collections): only vidiff.data and
+    vidiff.io may need them. The training loop may need ml_collections (configs), nothing else of those."""
+    code = """
+import importlib, importlib.abc, sys
+blocked = set(sys.argv[1].split(","))
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in blocked:
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+for module in sys.argv[2].split(","):
+    importlib.import_module(module)
+"""
+    data_only = "grain,av,tensorflow,tensorflow_datasets,array_record"
+    library = ("vidiff.models.vae,vidiff.models.dit,vidiff.models.text,vidiff.diffusion.samplers,"
+               "vidiff.diffusion.generate,vidiff.pipeline,vidiff.parallel,vidiff.plan,vidiff.train.state,"
+               "vidiff.train.export")
+    for blocked, modules in ((data_only + ",ml_collections", library),
+                             (data_only, "vidiff.train.loop,vidiff.train.tasks,vidiff.train.preflight")):
+        done = subprocess.run([sys.executable, "-c", code, blocked, modules], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert done.returncode == 0, done.stderr[-1500:]

@@ -218,6 +218,15 @@ def test_overrides_refuse_unknown_fields_and_wrong_types():
         config_lib.load_config(WORLD_TINY, ["--config.data.size=big"])
 
 
+def test_the_example_command_of_docs_configs_md_is_a_valid_config():
+    docs = (REPO / "docs" / "configs.md").read_text()
+    command = re.search(r"```bash\n(vidiff train .*?)\n```", docs, re.S).group(1).replace("\\\n", " ").split()
+    overrides = [arg for arg in command if arg.startswith("--config.")]
+    assert len(overrides) == 3
+    config = config_lib.load_config(REPO / command[command.index("--config") + 1], overrides)
+    config_lib.validate(config, command[command.index("--model") + 1], device_count=1)
+
+
 def _command(workdir, *extra, model="vae", steps=8):
     return [sys.executable, "-m", "vidiff.cli", "train", "--config", str(WORLD_TINY), "--model", model,
             f"--config.workdir={workdir}", f"--config.{model}_train.steps={steps}", *FAST, *extra]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import sys
 import tempfile
 import warnings
@@ -83,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     for source in _inputs(args):
         _check_readable(source)
 
-    quiet_transformers()
     from vidiff.pipeline import TextToVideo
 
     pipe = TextToVideo.from_checkpoint(args.checkpoint)
@@ -104,11 +102,6 @@ def run(args: argparse.Namespace) -> int:
         grid = io.frame_grid(np.concatenate(list(clips)), columns=clips.shape[1])
         print(f"wrote {io.write_image(args.grid, grid)}  (grid: {len(clips)} clip(s) x {clips.shape[1]} frames)")
     return 0
-
-
-def quiet_transformers() -> None:
-    """No "PyTorch was not found" advice on stderr: vidiff uses transformers for tokenizers only."""
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ Modules:
   skips       counting, logging and limiting bad input
   config      ``DataConfig`` (what experiments keep under ``config.data``)
   pipeline    ``make_pipeline`` / ``record_stream``: config -> grain IterDataset
-  prepare     ``vidiff prepare``: video folder -> ArrayRecord shards
+  prepare     video folder -> ArrayRecord shards (``prepare_shards``; the ``vidiff prepare`` command is
+              ``vidiff.train.precompute``, which can add VAE latents)
   world       the built-in procedural captioned world
 
 Names below are imported on first use, so ``import vidiff.data.world`` (and

@@ -12,7 +12,7 @@ import sys
 
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.eval import adherence
-from vidiff.generate import check_sampling_flags, check_writable, one_line_warnings, quiet_transformers
+from vidiff.generate import check_sampling_flags, check_writable, one_line_warnings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--clips={args.clips} must be >= 1 and --strength={args.strength} in (0, 1]")
     if args.out:
         check_writable(args.out)
-    quiet_transformers()
     from vidiff.pipeline import TextToVideo
 
     pipe = TextToVideo.from_checkpoint(args.checkpoint)

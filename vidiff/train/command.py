@@ -13,12 +13,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from vidiff.generate import quiet_transformers
     from vidiff.train.config import load_config
     from vidiff.train.loop import train
     from vidiff.train.metrics import json_safe
 
-    quiet_transformers()  # the DiT's text encoder imports transformers, which otherwise advises installing PyTorch
     config = load_config(args.config, args.overrides)
     summary = train(config, args.model)
     print(json.dumps(json_safe(summary), allow_nan=False))  # a NaN loss is null: the line stays valid JSON

@@ -19,7 +19,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,6 +199,8 @@ def _record_counts(pipeline) -> tuple[int, int] | None:
     """``(records in the source, records the pipeline reads over all epochs in this process)``, from the
     grain graph: the source and the first random-access stage above it know their lengths. None when the
     graph is not the one ``vidiff.data.make_pipeline`` builds."""
+    import grain  # the data layer's package: imported only when a pipeline is checked
+
     node, lengths = pipeline, []
     try:
         while node is not None:

@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -174,6 +175,8 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path, max_length: int) -> "Tokenizer":
         """Load with ``AutoTokenizer`` from local files only (never the network)."""
+        # vidiff uses transformers for tokenizers only: no "PyTorch was not found" advice on import.
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         from transformers import AutoTokenizer
 
         return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True), max_length)
