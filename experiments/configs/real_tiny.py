@@ -25,7 +25,7 @@ mirror world_tiny's (with a caption per manifest row) so the config is
 complete, but four videos are far too few for a text-to-video model: the DiT
 stage on this config has not been run.
 
-Measured (2-core CPU shared with the lead engineer's timed training jobs, run under ``nice -n 19``,
+Measured (2-core CPU shared with other timed training jobs, run under ``nice -n 19``,
 one device; load average 4.3 at the start, 5.5-8 during, 5.5 at the end)::
 
     vidiff train --config experiments/configs/real_tiny.py --model vae --config.workdir=/tmp/real_tiny

@@ -26,9 +26,9 @@ Dtype = Any
 
 # --------------------------------------------------------------------------- attention core
 
-# name -> fn(q, k, v, *, mask, kv_lengths, segment_ids, kv_segment_ids) -> out. Context-parallel
-# attention (vidiff.models.context_attention: "ulysses", "ring") registers itself here so models
-# only ever pass a string.
+# name -> fn(q, k, v, *, mask, kv_lengths, segment_ids, kv_segment_ids) -> out. vidiff.models.context_attention
+# registers its kinds here ("ulysses" and "ring" split over mesh.context, "chunked" local linear-memory
+# attention) so models only ever pass a string.
 _ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {}
 # name -> the implementation to use for attention between two different sequences (cross-attention
 # to text), which context parallelism leaves local.

@@ -1,6 +1,6 @@
 """Context-parallel self-attention: spacetime tokens split over the mesh's ``context`` axis.
 
-Two implementations, registered with :func:`vidiff.models.attention.register_attention_impl`
+Two context-parallel implementations, registered with :func:`vidiff.models.attention.register_attention_impl`
 and chosen by name (``DiTConfig.attention_impl``; in a config ``dit.overrides.attention_impl="ring"``):
 
 * ``"ulysses"`` (DeepSpeed-Ulysses): an all-to-all turns sequence-sharded q/k/v into

@@ -46,7 +46,6 @@ from flax import linen as nn
 
 from vidiff.models.text import bert, clip, common, loading, t5
 
-# kind -> (model file, Flax module, default max_length)
 # kind -> (model file, module, its config (what config_overrides may set), default max_length)
 KINDS = {
     "bert": (bert, bert.Bert, bert.BertConfig, 128),
