@@ -67,7 +67,7 @@ def test_bundled_model_moves_objects_the_way_the_prompt_says():
 
 def test_bundled_model_passes_the_dit_vae_check():
     """Exported before vidiff recorded the DiT's VAE (or with the one it was trained with): it loads unchecked."""
-    from vidiff.train.export import DIT_VAE, check_dit_vae, file_sha256, read_manifest
+    from vidiff.models.export import DIT_VAE, check_dit_vae, file_sha256, read_manifest
 
     manifest = read_manifest(BUNDLED)
     assert manifest.get(DIT_VAE) in (None, file_sha256(BUNDLED / "vae.safetensors"))

@@ -229,7 +229,7 @@ def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog
 
     import jax
 
-    from vidiff.train.export import DIT_VAE, export_dit, export_vae, load_dit, load_vae, read_manifest
+    from vidiff.models.export import DIT_VAE, export_dit, export_vae, load_dit, load_vae, read_manifest
 
     model = tmp_path / "export"
     shutil.copytree(tiny_model_dir(), model)
@@ -243,9 +243,9 @@ def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog
     warned = (f"{model}: the new vae.safetensors replaces the VAE its DiT (dit.safetensors) was trained with; that "
               "DiT will not load with it: train the DiT again with `vidiff train --config ... --model dit`")
 
-    with caplog.at_level(logging.WARNING, logger="vidiff.train"):
+    with caplog.at_level(logging.WARNING, logger="vidiff.models"):
         export_vae(model, manifest["config"], other_vae)
-    assert [r.getMessage() for r in caplog.records if r.name == "vidiff.train"] == [warned]
+    assert [r.getMessage() for r in caplog.records if r.name == "vidiff.models"] == [warned]
     assert read_manifest(model)["dit"] is True and (model / "dit.safetensors").is_file()  # kept, but refused
     with pytest.raises(ValueError) as error:
         TextToVideo.from_checkpoint(model)
@@ -260,18 +260,18 @@ def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog
     TextToVideo.from_checkpoint(model)
     # ... until a VAE export replaces the VAE its DiT was trained with (the one there): then it is refused too.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vidiff.train"):
+    with caplog.at_level(logging.WARNING, logger="vidiff.models"):
         export_vae(model, manifest["config"], other_vae)
-    assert [r.getMessage() for r in caplog.records if r.name == "vidiff.train"] == [warned]
+    assert [r.getMessage() for r in caplog.records if r.name == "vidiff.models"] == [warned]
     with pytest.raises(ValueError) as error:
         TextToVideo.from_checkpoint(model)
     assert str(error.value) == refused
     # A VAE export that changes nothing (the same weights again) warns about nothing and still loads.
     (model / "vae.safetensors").write_bytes(trained_with)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vidiff.train"):
+    with caplog.at_level(logging.WARNING, logger="vidiff.models"):
         export_vae(model, manifest["config"], load_vae(model))
-    assert not [r for r in caplog.records if r.name == "vidiff.train"]
+    assert not [r for r in caplog.records if r.name == "vidiff.models"]
     TextToVideo.from_checkpoint(model)
     # Training passes the hash of the VAE it loaded: a VAE exported there mid-run does not become "its" VAE.
     export_dit(model, manifest["config"], load_dit(model), vae_sha256="0" * 64)
@@ -308,7 +308,7 @@ for module in sys.argv[2].split(","):
     data_only = "grain,av,tensorflow,tensorflow_datasets,array_record"
     library = ("vidiff.models.vae,vidiff.models.dit,vidiff.models.text,vidiff.diffusion.samplers,"
                "vidiff.diffusion.generate,vidiff.pipeline,vidiff.parallel,vidiff.plan,vidiff.train.state,"
-               "vidiff.train.export")
+               "vidiff.models.export")
     for blocked, modules in ((data_only + ",ml_collections", library),
                              (data_only, "vidiff.train.loop,vidiff.train.tasks,vidiff.train.preflight")):
         done = subprocess.run([sys.executable, "-c", code, blocked, modules], capture_output=True, text=True,

@@ -172,7 +172,7 @@ def test_no_pickle_in_checkpoints_or_exports(saved, tmp_path, monkeypatch):
 
     from vidiff.data import make_pipeline
     from vidiff.models.vae import VideoVAE, vae_preset
-    from vidiff.train.export import export_dit, export_vae, load_tree, load_vae, read_manifest
+    from vidiff.models.export import export_dit, export_vae, load_tree, load_vae, read_manifest
     from vidiff.train.state import abstract_state
 
     # Export a VAE + DiT as `vidiff train` does.

@@ -344,7 +344,7 @@ def _export_vae(directory: Path, config, **vae_overrides):
     """An exported VAE of ``config``'s shape (zeros) whose manifest records ``config``."""
     from flax import linen as nn
 
-    from vidiff.train.export import export_vae
+    from vidiff.models.export import export_vae
 
     vae = tasks.vae_from_config(config)
     shapes = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), jnp.zeros((1, 1, 4, 4, 3))))["params"]

@@ -44,7 +44,7 @@ def make_tiny_model(directory, seed: int = 0) -> Path:
     """Write a tiny random world_tiny-shaped model to ``directory`` and return it."""
     from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
     from vidiff.train import config as config_lib
-    from vidiff.train.export import export_dit, export_vae
+    from vidiff.models.export import export_dit, export_vae
     from vidiff.train.tasks import vae_from_config
 
     config = config_lib.load_config(REPO / "experiments" / "configs" / "world_tiny.py", OVERRIDES)

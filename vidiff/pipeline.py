@@ -49,7 +49,7 @@ from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_
 from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
 from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, vae_preset
-from vidiff.train.export import check_dit_vae, load_dit, load_vae, read_manifest, variable_shapes
+from vidiff.models.export import check_dit_vae, load_dit, load_vae, read_manifest, variable_shapes
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "world_tiny"
 DIRECTIONS = ("forward", "backward")

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_vae_model(model_dir):
     """``(vae, variables, config)`` of the exported VAE in ``model_dir``, with one-line errors naming ``--latents``."""
-    from vidiff.train.export import MANIFEST, load_vae, read_manifest
+    from vidiff.models.export import MANIFEST, load_vae, read_manifest
     from vidiff.train.tasks import vae_from_config
 
     directory = Path(model_dir)

@@ -28,7 +28,7 @@ from vidiff.models.dit import dit_preset
 from vidiff.models.vae import vae_preset
 from vidiff.train.checkpoint import read_config
 from vidiff.train.config import config_changes
-from vidiff.train.export import read_manifest, variable_shapes
+from vidiff.models.export import read_manifest, variable_shapes
 from vidiff.train.latent_cache import vae_fingerprint
 from vidiff.train.state import skipped_steps_clause
 from vidiff.train.tasks import export_dir, vae_from_config

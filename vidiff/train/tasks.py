@@ -28,7 +28,7 @@ from vidiff.models.patches import token_count
 from vidiff.models.vae import VideoVAE, compiled, compute_latent_stats, set_latent_stats, vae_preset
 from vidiff.models.vae_losses import (PatchDiscriminator3D, VAELossConfig, adversarial_factor, discriminator_loss,
                                       make_perceptual_fn, vae_loss)
-from vidiff.train.export import export_dit, export_vae, file_sha256, load_vae
+from vidiff.models.export import export_dit, export_vae, file_sha256, load_vae
 from vidiff.train.latent_cache import LatentCache, vae_fingerprint
 from vidiff.train.metrics import psnr, ssim
 from vidiff.train.state import skipped_steps_clause

@@ -31,7 +31,7 @@ from vidiff.models.vae import VideoVAE
 MANIFEST = "vidiff.json"
 DIT_VAE = "dit_vae_sha256"  # vidiff.json: the VAE (sha256 of vae.safetensors) the DiT there was trained with
 
-log = logging.getLogger("vidiff.train")
+log = logging.getLogger("vidiff.models")
 
 
 def save_tree(path, tree) -> Path:
