@@ -146,11 +146,9 @@ def read_video(
         reformat = {"format": "rgb24"}
         if size is not None:
             reformat.update(height=int(size[0]), width=int(size[1]), interpolation="BICUBIC")
-        period = 1.0 / info.fps
-        half_period = 0.5 * period
-        frames, next_t = [], start_t  # next_t: the next output instant when resampling
+        half_period = 0.5 / info.fps
+        out = _Resampler(fps, start_t, info.fps, max_frames, lambda frame: frame.to_ndarray(**reformat))
         last_t, kept_t, decoded, complete, error = None, None, 0, False, None
-        array = None
 
         def reopen():
             again = stack.enter_context(_open(path)).streams.video[0]
@@ -159,7 +157,7 @@ def read_video(
 
         try:
             for frame in _decode_from(container, stream, start_t if start > 0 else None, half_period, origin, reopen):
-                t = float(frame.time) if frame.time is not None else origin + len(frames) / info.fps
+                t = float(frame.time) if frame.time is not None else origin + len(out.frames) / info.fps
                 last_t = t
                 if t < start_t - half_period:
                     continue
@@ -167,30 +165,17 @@ def read_video(
                     complete = True
                     break
                 decoded += 1
-                kept_t, array = t, None
-                if fps is None:
-                    frames.append(frame.to_ndarray(**reformat))
-                else:
-                    # A frame covers [t - half, t + half): emit it for every
-                    # target instant that falls before its end.
-                    while next_t <= t + half_period and not _full(frames, max_frames):
-                        array = frame.to_ndarray(**reformat) if array is None else array
-                        frames.append(array)
-                        next_t += 1.0 / fps
-                if _full(frames, max_frames):
+                kept_t = t
+                out.add(frame, t)
+                if out.full():
                     complete = True
                     break
         except av.FFmpegError as e:
-            if not frames:
+            if not out.frames:
                 raise VideoReadError(path, CORRUPT, f"decoding failed ({e.__class__.__name__}: {e})") from None
             error = e
-        if fps is not None and frames and kept_t is not None:
-            # Instants after the last kept frame's middle, up to the end of its
-            # span (or of the window), repeat it, as resample_indices clamps.
-            limit = kept_t + period if end_t is None else min(end_t, kept_t + period)
-            while next_t < limit - 1e-9 and not _full(frames, max_frames):
-                frames.append(frames[-1])
-                next_t += 1.0 / fps
+        out.finish(kept_t, end_t)
+    frames = out.frames
     if not complete:
         short = _truncation(info, origin, start_t, end_t, last_t, decoded, error)
         if short is not None and (truncated == "error" or not frames):
@@ -250,8 +235,38 @@ def _truncation(info: VideoInfo, stream_start, start, end, last_t, decoded, erro
             f"{decoded} of {expected} frames decoded")
 
 
-def _full(frames, max_frames):
-    return max_frames is not None and len(frames) >= max_frames
+class _Resampler:
+    """The output frames of ``read_video``: every decoded frame (``fps=None``) or, by nearest frame, one per
+    ``1 / fps`` instant from ``start``. Frames are converted to arrays only when output."""
+
+    def __init__(self, fps, start, source_fps, max_frames, convert):
+        self.fps, self.next_t, self.max_frames, self.convert = fps, start, max_frames, convert
+        self.period = 1.0 / source_fps
+        self.frames = []
+
+    def full(self) -> bool:
+        return self.max_frames is not None and len(self.frames) >= self.max_frames
+
+    def add(self, frame, t: float):
+        if self.fps is None:
+            self.frames.append(self.convert(frame))
+            return
+        array = None
+        # A frame covers [t - half, t + half): it is output for every instant that falls before its end.
+        while self.next_t <= t + 0.5 * self.period and not self.full():
+            array = self.convert(frame) if array is None else array
+            self.frames.append(array)
+            self.next_t += 1.0 / self.fps
+
+    def finish(self, kept_t: float | None, end_t: float | None):
+        """Instants after the last kept frame's middle, up to the end of its span (or of the window), repeat
+        it, as ``resample_indices`` clamps."""
+        if self.fps is None or not self.frames or kept_t is None:
+            return
+        limit = kept_t + self.period if end_t is None else min(end_t, kept_t + self.period)
+        while self.next_t < limit - 1e-9 and not self.full():
+            self.frames.append(self.frames[-1])
+            self.next_t += 1.0 / self.fps
 
 
 def to_uint8(video) -> np.ndarray:
