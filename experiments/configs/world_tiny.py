@@ -35,6 +35,7 @@ import ml_collections
 
 from vidiff.data.config import DataConfig
 from vidiff.models.vae_losses import VAELossConfig
+from vidiff.train.config import train_stage
 
 PROMPTS = (
     "a red circle moving right",
@@ -44,16 +45,9 @@ PROMPTS = (
 )
 
 
-def train_stage(steps: int, lr: float, **extra) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        steps=steps,
-        optim=dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10), end_lr_fraction=0.1, b1=0.9,
-                   b2=0.99, eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1),
-        **{"ema_decay": 0.999, "log_every": 10, "ckpt_every": 200, "keep": 2, "keep_best": 1, "eval_every": 500,
-           "on_nonfinite": "stop", "profile": dict(start=10, steps=0), **extra}))  # profile.steps > 0: a trace
-
-
 def get_config() -> ml_collections.ConfigDict:
+    """``vidiff train --config experiments/configs/world_tiny.py --model vae`` (1,000 steps, 3.9 min measured on
+    2 CPU cores), then ``--model dit`` (700 steps, 12.8 min); the module docstring has the details."""
     c = ml_collections.ConfigDict()
     c.workdir = "workdir/world_tiny"
     c.seed = 0

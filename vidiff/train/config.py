@@ -109,6 +109,19 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     return config
 
 
+def train_stage(steps: int, lr: float, **fields) -> ml_collections.ConfigDict:
+    """A ``<model>_train`` section with every field the loop reads, so any can be overridden on the command
+    line: AdamW at peak ``lr`` with a cosine schedule over ``steps`` (warmup ``min(100, steps // 10)``), EMA,
+    logging, checkpoint and evaluation cadence; ``fields`` add or replace entries (``eval_every=200``, a
+    stage's ``data`` overrides, ``condition``, ...). docs/configs.md lists them all."""
+    return ml_collections.ConfigDict(dict(
+        steps=steps,
+        optim=dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10), end_lr_fraction=0.1, b1=0.9,
+                   b2=0.99, eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1),
+        **{"ema_decay": 0.999, "log_every": 10, "ckpt_every": 200, "keep": 2, "keep_best": 1, "eval_every": 500,
+           "on_nonfinite": "stop", "profile": dict(start=10, steps=0), **fields}))  # profile.steps > 0: a trace
+
+
 def for_stage(config, model: str) -> ml_collections.ConfigDict:
     """A copy of ``config`` whose ``data`` carries the stage's own overrides (``<model>_train.data``).
 
