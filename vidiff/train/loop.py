@@ -31,12 +31,14 @@ by reason ``skipped_records``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -95,15 +97,27 @@ def stage_config(config, model: str):
     return config[f"{model}_train"]
 
 
-def train(config, model: str, *, log=print) -> dict:
-    """Train ``model`` ("vae" or "dit") as ``config`` says; returns a summary dict."""
-    distributed.initialize(config)  # before anything touches a jax backend
-    main = distributed.is_main()
-    log = log if main else (lambda *a, **k: None)
-    config = for_stage(config, model)
-    validate(config, model, jax.device_count())
-    for line in warnings_for(config, model):
-        log(line)
+@dataclasses.dataclass
+class _Run:
+    """Everything a run builds before its first step."""
+
+    stage: Any
+    workdir: Path
+    config_json: dict
+    checkpointer: Checkpointer
+    start: int
+    mesh: Any
+    task: Any
+    tx: Any
+    schedule: Any
+    state: Any
+    state_shardings: Any
+    iterator: Any
+    ledger: Any  # the data's skip counts (vidiff.data.skips), or None
+
+
+def _set_up(config, model: str, log) -> _Run:
+    """Checks, mesh, task, optimizer, sharded state and data iterator, restored from the latest checkpoint."""
     stage = stage_config(config, model)
     workdir = Path(config.workdir) / model
     config_json = json.loads(config.to_json())
@@ -124,25 +138,39 @@ def train(config, model: str, *, log=print) -> dict:
         tx, schedule = make_optimizer(stage.optim, stage.steps, networks=task.networks)
         state, state_shardings = create_state(task.init_params, tx, config.seed, mesh)
         iterator = iter(pipeline)
-        ledger = getattr(pipeline, "ledger", None)  # the data's skip counts (vidiff.data.skips)
-
         if start:
             target = abstract_with_shardings(state, state_shardings)
-            state = _restore(checkpointer, target, start, iterator, config_json, model)
+            state = _restore(checkpointer, target, start, iterator, config_json)
             log(f"resumed {model} from {checkpointer.directory / str(start)}")
     except BaseException:
         checkpointer.close()
         raise
+    return _Run(stage, workdir, config_json, checkpointer, start, mesh, task, tx, schedule, state, state_shardings,
+                iterator, getattr(pipeline, "ledger", None))
+
+
+def train(config, model: str, *, log=print) -> dict:
+    """Train ``model`` ("vae" or "dit") as ``config`` says; returns a summary dict."""
+    distributed.initialize(config)  # before anything touches a jax backend
+    main = distributed.is_main()
+    log = log if main else (lambda *a, **k: None)
+    config = for_stage(config, model)
+    validate(config, model, jax.device_count())
+    for line in warnings_for(config, model):
+        log(line)
+    run = _set_up(config, model, log)
+    stage, workdir, checkpointer, task, mesh, iterator = (run.stage, run.workdir, run.checkpointer, run.task,
+                                                          run.mesh, run.iterator)
+    state, start = run.state, run.start
     cache_message = task.load_cache(workdir)  # host-side caches a checkpoint left (the DiT's latents)
     if cache_message:
         log(cache_message)
     step_fn = jit_train_step(
-        make_train_step(task.loss_fn, tx, ema_decay=stage.ema_decay, accumulate=stage.optim.accumulate),
-        state_shardings, task.batch_shardings, task.frozen_shardings, mesh,
+        make_train_step(task.loss_fn, run.tx, ema_decay=stage.ema_decay, accumulate=stage.optim.accumulate),
+        run.state_shardings, task.batch_shardings, task.frozen_shardings, mesh,
     )
     writer = MetricsWriter(workdir)
     window = LogWindow(start)
-    summary = {"model": model, "workdir": str(workdir), "start_step": start}
     bar = tqdm(total=stage.steps, initial=start, desc=f"train {model}", disable=not main,
                dynamic_ncols=True, leave=False)
     last_loss = float("nan")
@@ -156,7 +184,7 @@ def train(config, model: str, *, log=print) -> dict:
         _stop_if_nonfinite(state, stage, model, checkpointer)  # nothing after a bad step is kept as "good"
         saved.add(step)
         began = time.perf_counter()
-        checkpointer.save(step, state, data_iterator=iterator, config=config_json,
+        checkpointer.save(step, state, data_iterator=iterator, config=run.config_json,
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
         task.save_cache(workdir)
         window.pause(time.perf_counter() - began)
@@ -166,7 +194,7 @@ def train(config, model: str, *, log=print) -> dict:
             step = start
             while step < stage.steps:
                 with profiler.step(step + 1):
-                    raw = _next_batch(iterator, step, stage, model, checkpointer, ledger, config)
+                    raw = _next_batch(iterator, step, stage, model, checkpointer, run.ledger, config)
                     batch = task.device_batch(raw, mesh)  # host work (text encoder) stays off the mesh
                     with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
                         state, metrics = step_fn(state, batch, task.frozen)
@@ -176,13 +204,7 @@ def train(config, model: str, *, log=print) -> dict:
                 bar.update(1)
                 if step % stage.log_every == 0 or step == stage.steps:
                     _stop_if_nonfinite(state, stage, model, checkpointer)
-                    scalars = window.means(step)
-                    window.reset(step)
-                    last_loss = scalars["loss"]
-                    skipped = int(state.skipped)  # skipped steps left the optimizer's (and schedule's) count behind
-                    scalars.update(lr=float(schedule(max(step - skipped - 1, 0))), skipped=skipped,
-                                   skipped_steps=skipped, skipped_records_total=_skip_totals(ledger)["bad"])
-                    writer.write(step, scalars)
+                    last_loss = _log_row(writer, window, state, step, run)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                 if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
                     began = time.perf_counter()
@@ -203,15 +225,27 @@ def train(config, model: str, *, log=print) -> dict:
         checkpointer.close()
         writer.close()
     preflight.check_finite_params(state, model, step, checkpointer.directory)
-    summary.update(_finalize(task, state, config_json, tasks.export_dir(config)))
+    summary = {"model": model, "workdir": str(workdir), "start_step": start,
+               **_finalize(task, state, run.config_json, tasks.export_dir(config))}
     if profiler.traced:
         summary["profile"] = str(profiler.directory)
-    skips = _skip_totals(ledger)
+    skips = _skip_totals(run.ledger)
     summary.update(final_step=step, final_loss=last_loss if math.isfinite(last_loss) else None,
                    skipped=int(state.skipped), skipped_steps=int(state.skipped),
                    skipped_records_total=skips["bad"], skipped_records=skips["skipped"],
                    checkpoint=str(checkpointer.directory / str(step)))
     return summary
+
+
+def _log_row(writer, window, state, step: int, run: _Run) -> float:
+    """Write the means since the last row (plus lr and skip counts); returns the mean loss."""
+    scalars = window.means(step)
+    window.reset(step)
+    skipped = int(state.skipped)  # skipped steps left the optimizer's (and schedule's) count behind
+    scalars.update(lr=float(run.schedule(max(step - skipped - 1, 0))), skipped=skipped, skipped_steps=skipped,
+                   skipped_records_total=_skip_totals(run.ledger)["bad"])
+    writer.write(step, scalars)
+    return scalars["loss"]
 
 
 def _stop_if_nonfinite(state, stage, model: str, checkpointer) -> None:
@@ -252,7 +286,7 @@ def _next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, co
 _RESTORE_FIELDS = ("data", "vae", "dit", "text", "vae_loss")
 
 
-def _restore(checkpointer, target, step: int, iterator, config_json: dict, model: str):
+def _restore(checkpointer, target, step: int, iterator, config_json: dict):
     """``checkpointer.restore``; a failure caused by a changed config names the changed fields in one line."""
     try:
         return checkpointer.restore(target, step, data_iterator=iterator)
