@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
@@ -77,6 +78,20 @@ def test_rules_that_do_not_fit_are_named_not_silently_replicated():
     with pytest.raises(ValueError, match=r"rules: \('embed', 'dat'\) maps to mesh axis 'dat'; the mesh has "
                                          r"\('data', 'fsdp', 'tensor', 'context'\)"):
         parallel.param_shardings(abstract, mesh, misspelt)
+
+
+def test_a_mesh_size_that_does_not_divide_a_parameter_is_named_before_jax_tiles_it():
+    from vidiff.models.vae import VideoVAE, vae_preset
+    from vidiff.train.state import abstract_state
+
+    vae = VideoVAE(vae_preset("tiny"))  # 16-channel convs: fsdp=6 cannot split them
+    init = lambda key: vae.init(key, jnp.zeros((1, 1, 8, 8, 3)))["params"]  # noqa: E731
+    tx = optax.adam(1e-3)
+    with pytest.raises(ValueError, match=r"^mesh.fsdp=6 does not divide params/\S+/kernel \(.*\) along its "
+                                         r"'conv_in' axis \(16\); use a mesh.fsdp size that divides 16, or put the "
+                                         r"other devices on mesh.data$"):
+        abstract_state(init, tx, parallel.make_mesh(data=1, fsdp=6, devices=jax.devices()[:6]))
+    abstract_state(init, tx, parallel.make_mesh(data=2, fsdp=4))  # 4 divides every sharded dimension
 
 
 def test_every_rule_names_known_mesh_axes():

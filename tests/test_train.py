@@ -102,6 +102,15 @@ def test_a_network_switched_on_later_is_untouched_until_then_and_starts_adam_afr
         assert float(np.abs(p["vae"]["kernel"] - before["vae"]["kernel"]).min()) > 0  # the VAE trains throughout
 
 
+def test_optimizer_state_has_one_shape_whatever_a_resume_may_change():
+    """Turning clipping off or moving the discriminator's start step on resume must still restore the state."""
+    params = {"vae": {"kernel": jnp.ones((2, 2))}, "disc": {"kernel": jnp.ones((2, 2))}}
+    shape = lambda tx: jax.tree.structure(tx.init(params))  # noqa: E731
+    assert shape(make_optimizer(optim(grad_clip=1.0), 10)[0]) == shape(make_optimizer(optim(grad_clip=0.0), 10)[0])
+    on = make_optimizer(optim(grad_clip=1.0), 10, networks={"vae": 0, "disc": 0})[0]
+    assert shape(on) == shape(make_optimizer(optim(grad_clip=None), 10, networks={"vae": 0, "disc": 500})[0])
+
+
 def test_tokens_per_second_count_each_batch_at_its_own_clip_size():
     from types import SimpleNamespace
 
@@ -216,6 +225,16 @@ def test_overrides_refuse_unknown_fields_and_wrong_types():
     assert tuple(config_lib.load_config(WORLD_TINY, ["--config.data.size=(32,48)"]).data.size) == (32, 48)
     with pytest.raises(ValueError, match="data.size is a int, got str"):
         config_lib.load_config(WORLD_TINY, ["--config.data.size=big"])
+
+
+def test_train_mesh_flag_replaces_the_config_sizes_with_a_preset_or_sizes():
+    config = config_lib.set_mesh(config_lib.load_config(WORLD_TINY), "fsdp_tensor")
+    assert config.mesh.to_dict() == {"data": 1, "fsdp": -1, "tensor": 2, "context": 1}
+    config_lib.validate(config, "dit", device_count=8)
+    assert config_lib.set_mesh(config, "fsdp=4,context=2").mesh.to_dict() == {"data": 1, "fsdp": 4, "tensor": 1,
+                                                                                "context": 2}
+    with pytest.raises(ValueError, match=r"mesh: 'fsdp_tensors' is not a preset \['dp', 'fsdp', "):
+        config_lib.set_mesh(config, "fsdp_tensors")
 
 
 def test_the_example_command_of_docs_configs_md_is_a_valid_config():

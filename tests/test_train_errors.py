@@ -334,9 +334,20 @@ def test_an_iterator_that_cannot_be_restored_names_the_changed_data_fields(tmp_p
     other = iter(_world_pipeline(buckets=["1x16x16", "1x8x8"]))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), {"w": jnp.ones(4)})
     with pytest.raises(ValueError) as info:
-        loop._restore(checkpointer, target, 2, other, json.loads(now.to_json()), "vae")
+        loop._restore(checkpointer, target, 2, other, json.loads(now.to_json()))
     assert str(info.value) == (f"cannot restore {checkpointer.directory / '2'}: it was written with data.buckets=None "
                                f"(config now ['1x16x16', '1x8x8']); use a new workdir or the original config")
+    # A state that does not fit, with a config that only spells out a field the saved one lacked: that field
+    # is not blamed, and orbax's many-line message becomes one line.
+    spelled_out = json.loads(saved.to_json())
+    spelled_out["data"]["a_new_field"] = 0
+    wrong_shape = {"w": jax.ShapeDtypeStruct((5,), jnp.float32, sharding=target["w"].sharding)}
+    with pytest.raises(ValueError) as info:
+        loop._restore(checkpointer, wrong_shape, 2, iter(_world_pipeline()), spelled_out)
+    message = str(info.value)
+    assert message.startswith(f"cannot restore {checkpointer.directory / '2'}: the saved state does not fit this run (")
+    assert message.endswith("); use a new workdir, or the vidiff version and config that wrote it")
+    assert "\n" not in message and "a_new_field" not in message
     checkpointer.close()
 
 

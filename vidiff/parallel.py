@@ -226,6 +226,32 @@ def check_rules(logical_specs, mesh: Mesh, rules=LOGICAL_RULES) -> None:
                          "(None to replicate; see vidiff.parallel.LOGICAL_RULES)")
 
 
+def check_divisible(shapes, logical_specs, mesh: Mesh, rules=LOGICAL_RULES) -> None:
+    """One line for the first array whose dimension a mesh size does not divide (fsdp=6 and a 32-channel conv),
+    naming the array, its logical axis and the mesh field, before jax fails deep inside with tiling factors."""
+    rules = dict(rules.items() if isinstance(rules, Mapping) else rules)
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    flat_specs = jax.tree.leaves(logical_specs, is_leaf=is_spec)
+    flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    for (path, leaf), spec in zip(flat_shapes, flat_specs):
+        for dim, name in zip(getattr(leaf, "shape", ()), spec if is_spec(spec) else ()):
+            target = rules.get(name) if isinstance(name, str) else None
+            axes = (target,) if isinstance(target, str) else tuple(target or ())
+            split = math.prod(sizes[a] for a in axes)
+            if split > 1 and dim % split:
+                fields = " x ".join(f"mesh.{a}={sizes[a]}" for a in axes)
+                raise ValueError(
+                    f"{fields} does not divide {_path_name(path)} {tuple(leaf.shape)} along its "
+                    f"{name!r} axis ({dim}); use a mesh.{axes[-1]} size that divides {dim}, or put the other "
+                    f"devices on mesh.data")
+
+
+def _path_name(path) -> str:
+    """``params/vae/decoder/conv_out/kernel`` for a tree path (attribute, dict key or index entries)."""
+    return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
 def param_shardings(abstract_variables, mesh: Mesh, rules=LOGICAL_RULES):
     """Shardings for a (possibly abstract) variable tree built with logical partitioning."""
     return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)

@@ -122,6 +122,16 @@ def train_stage(steps: int, lr: float, **fields) -> ml_collections.ConfigDict:
            "on_nonfinite": "stop", "profile": dict(start=10, steps=0), **fields}))  # profile.steps > 0: a trace
 
 
+def set_mesh(config, spec: str) -> ml_collections.ConfigDict:
+    """Replace ``config.mesh``'s sizes with ``spec`` (a preset such as ``fsdp_tensor``, ``"d,f,t,c"`` or
+    ``"fsdp=4,context=2"``; ``vidiff train --mesh``), keeping its ``dcn``; returns ``config``."""
+    from vidiff import parallel
+
+    dcn = config.mesh.get("dcn")  # where processes go stays the config's (or the default)
+    config.mesh = {**parallel.mesh_sizes(spec), **({"dcn": dcn} if dcn else {})}
+    return config
+
+
 def for_stage(config, model: str) -> ml_collections.ConfigDict:
     """A copy of ``config`` whose ``data`` carries the stage's own overrides (``<model>_train.data``).
 

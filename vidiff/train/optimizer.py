@@ -86,19 +86,21 @@ def make_optimizer(optim, total_steps: int, *, networks: dict[str, int] | None =
     """
     schedule = learning_rate_schedule(optim, total_steps)
 
-    def adamw(first_update: int = 0):
+    # The optimizer state's tree must not depend on values a resumed run may change (grad_clip, the
+    # discriminator's start step): a placeholder stands in for clipping that is off, and side-by-side
+    # networks are always wrapped, so a checkpoint restores whatever those values are now.
+    def adamw(first_update: int | None = None):
         lr = schedule if not first_update else (lambda count: schedule(count + first_update))
-        parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []  # 0 / None: no clipping
-        parts.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                                 mask=decay_mask))
-        tx = optax.chain(*parts)
-        if first_update:
-            tx = optax.transforms.conditionally_mask(tx, lambda count: count >= first_update)
-        return tx
+        clip = optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip else optax.identity()  # 0 / None: off
+        tx = optax.chain(clip, optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                                           weight_decay=optim.weight_decay, mask=decay_mask))
+        if first_update is None:
+            return tx
+        return optax.transforms.conditionally_mask(tx, lambda count: count >= first_update)
 
     if not networks:
         return adamw(), schedule
-    return optax.multi_transform({name: adamw(first) for name, first in networks.items()},
+    return optax.multi_transform({name: adamw(int(first)) for name, first in networks.items()},
                                  lambda params: {k: k for k in params}), schedule
 
 

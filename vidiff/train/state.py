@@ -61,10 +61,12 @@ def abstract_state(init_params: Callable, tx: optax.GradientTransformation, mesh
     What ``vidiff plan`` compiles the step against, and the target for restoring a checkpoint.
     """
     abstract = jax.eval_shape(_init_fn(init_params, tx), jax.random.key(0))
-    shardings = parallel.logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    logical = nn.get_partition_spec(abstract)
+    shardings = parallel.logical_to_sharding(logical, mesh, rules)
     # No sharding constraint on unboxing: these are shapes, and a mesh may be active.
     unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
                            abstract, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    parallel.check_divisible(unboxed, logical, mesh, rules)
     shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
     return shapes, shardings
 
