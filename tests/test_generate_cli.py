@@ -85,6 +85,8 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     ([PROMPT, "--edit", "{video}", "--strength", "0"], "--strength=0.0 must be in (0, 1]"),
     ([PROMPT, "--strength", "0.5"], "--strength applies only to --edit VIDEO"),
     ([PROMPT, "--direction", "backward"], "--direction and --context-frames apply only to --extend VIDEO"),
+    ([PROMPT, "--image", "{image}", "--frames", "1"], "--image with --frames 1 leaves nothing to animate (the image "
+     "is the first frame); ask for more frames"),
     ([PROMPT, "--num", "0"], "--num=0 must be at least 1"),
     ([PROMPT, "--out", "{root}/notes.mp4/demo.mp4"], "cannot write {root}/notes.mp4/demo.mp4: "),
     ([PROMPT, "--out", "{root}"], "cannot write {root}: it is a directory"),
@@ -114,6 +116,17 @@ def test_bad_input_is_one_line(argv, message, model, inputs, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vidiff generate: error: "), err
     assert message.format(**fill) in lines[0]
+
+
+def test_help_gives_frame_counts_for_any_time_factor(capsys):
+    """The bundled model's VAE has time factor 1 (any count works); the help must not promise 1 + 4k only."""
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "4k" not in text and "multiple of 4" not in text
+    assert "frames per clip, 1 + k x the VAE's time factor tf (tf = 1 for the bundled model, 4 for the" in text
+    assert "(forward 1 + tf k, backward tf k, for the VAE's time factor tf as in" in text
+    assert "(--frames a multiple of the VAE's time factor: any count for the bundled model, 4, 8, ..." in text
 
 
 def test_an_unquoted_prompt_is_pointed_out(capsys):

@@ -106,6 +106,45 @@ def test_sampling_arguments_are_checked_before_any_work(pipe, sampling, match):
         pipe(PROMPT, **FAST | sampling)
 
 
+WHOLE = "; pass a whole number (an int)"
+
+
+@pytest.mark.parametrize("mode, kwargs, message", [
+    ("t2v", dict(num_frames=5.9), "num_frames=5.9 is a float" + WHOLE),
+    ("t2v", dict(num_frames="5"), "num_frames='5' is a str" + WHOLE),
+    ("t2v", dict(num_frames=True), "num_frames=True is a bool" + WHOLE),
+    ("t2v", dict(height=32.7), "height=32.7 is a float" + WHOLE),
+    ("t2v", dict(width=np.float64(16.0)), "width=np.float64(16.0) is a float64" + WHOLE),
+    ("t2v", dict(seed=0.9), "seed=0.9 is a float" + WHOLE),
+    ("t2v", dict(seed=[0, 1.5]), "seed=1.5 is a float" + WHOLE),
+    ("t2v", dict(steps=1.8), "steps=1.8 is a float" + WHOLE),
+    ("t2v", dict(num_per_prompt=True), "num_per_prompt=True must be a positive int"),
+    ("t2v", dict(batch_size=True), "batch_size=True must be a positive int, or None for one batch"),
+    ("loop", dict(num_frames=8.0), "num_frames=8.0 is a float" + WHOLE),
+    ("extend", dict(context_frames=5.0), "context_frames=5.0 is a float" + WHOLE),
+    ("edit", dict(num_frames=5.0), "num_frames=5.0 is a float" + WHOLE),
+    # 0 used to mean "the default length" (num_frames or ...): it is a size the model cannot make.
+    ("edit", dict(num_frames=0), "this model cannot make num_frames=0: it makes frames 1 + 4k"),
+    ("edit", dict(num_frames=-4), "this model cannot make num_frames=-4: it makes frames 1 + 4k"),
+    # One frame is the image's own latent: nothing would be sampled, as extending needs two.
+    ("i2v", dict(num_frames=1), "num_frames=1 leaves nothing to animate; use at least 5"),
+])
+def test_sizes_seeds_and_steps_are_whole_numbers_not_truncated(pipe, clip, mode, kwargs, message):
+    run = {"t2v": lambda **k: pipe(PROMPT, **k), "loop": lambda **k: pipe.loop(PROMPT, **k),
+           "extend": lambda **k: pipe.extend(PROMPT, clip, **k), "edit": lambda **k: pipe.edit(PROMPT, clip, **k),
+           "i2v": lambda **k: pipe.image_to_video(PROMPT, clip[0], **k)}[mode]
+    with pytest.raises(ValueError) as error:
+        run(**FAST | kwargs)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_numpy_integers_are_whole_numbers(pipe):
+    z = pipe(PROMPT, num_frames=np.int64(9), height=np.int32(16), seed=np.uint32(0), steps=np.int64(2),
+             return_latents=True)
+    np.testing.assert_array_equal(z, pipe(PROMPT, num_frames=9, height=16, seed=0, return_latents=True, **FAST))
+    np.testing.assert_array_equal(pipe(PROMPT, seed=np.array(0), return_latents=True, **FAST), z)
+
+
 def test_image_to_video_starts_with_the_image(pipe, clip, tmp_path):
     out = pipe.image_to_video(PROMPT, clip[0], **FAST)
     assert out.shape == (1, 9, 16, 16, 3)
@@ -289,6 +328,29 @@ def test_a_mesh_splits_the_batch_and_changes_nothing(pipe):
     prompts = [PROMPT, "a blue square moving up"]
     z = sharded(prompts, seed=[0], return_latents=True, **FAST)
     np.testing.assert_allclose(z, pipe(prompts, seed=[0], return_latents=True, **FAST), atol=1e-4)
+
+
+def test_an_uneven_batch_on_a_mesh_is_padded_and_split(pipe, monkeypatch):
+    """6 clips on 8 devices: padded to 8 and split one per device (not all 6 on every device), padding dropped."""
+    import jax
+
+    from vidiff import parallel
+    from vidiff.pipeline import sample_latents
+
+    mesh = parallel.make_mesh(data=8, devices=jax.devices()[:8])
+    sharded = TextToVideo(pipe.vae, pipe.vae_variables, pipe.dit, pipe.dit_params, pipe.text, pipe.config, mesh=mesh)
+    rows_per_device = []
+
+    def spy(*args, **kwargs):
+        z = sample_latents(*args, **kwargs)
+        rows_per_device.append(sorted(shard.data.shape[0] for shard in z.addressable_shards))
+        return z
+
+    monkeypatch.setattr("vidiff.pipeline.sample_latents", spy)
+    prompts = [PROMPT, "a blue square moving up", "a green triangle moving right"]
+    z = sharded(prompts, seed=3, num_per_prompt=2, return_latents=True, **FAST)
+    assert rows_per_device == [[1] * 8] and z.shape == (6, 3, 4, 4, 4)
+    np.testing.assert_allclose(z, pipe(prompts, seed=3, num_per_prompt=2, return_latents=True, **FAST), atol=1e-4)
 
 
 def test_models_generation_and_training_import_without_the_data_packages():

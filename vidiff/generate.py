@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output file: .mp4, .webm, .gif or .png (default vidiff.mp4, vidiff.png "
                         "for --frames 1); several clips get _0, _1, ... before the suffix")
     parser.add_argument("--checkpoint", help="model directory exported by `vidiff train` (default: the bundled model)")
-    parser.add_argument("--frames", type=int, help="frames per clip, 1 + 4k (default: the training length; 1 = image)")
+    parser.add_argument("--frames", type=int, help="frames per clip, 1 + k x the VAE's time factor tf (tf = 1 for "
+                        "the bundled model, 4 for the tiny/small/base VAE presets' defaults; a count it cannot make is an error that "
+                        "lists the ones it can); default: the training length; 1 = image")
     parser.add_argument("--height", type=int, help="frame height (default: the training size)")
     parser.add_argument("--width", type=int, help="frame width (default: the training size)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's sample.steps)")
@@ -50,11 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--connect", nargs=2, metavar=("A", "B"), help="a transition from the end of A to the start of B")
     mode.add_argument("--edit", metavar="VIDEO", help="re-imagine this video under the prompt (SDEdit, see --strength)")
     mode.add_argument("--loop", action="store_true", help="a clip whose last frame leads back into the first "
-                      "(--frames a multiple of 4)")
+                      "(--frames a multiple of the VAE's time factor: any count for the bundled model, 4, 8, ... "
+                      "for a 4x VAE)")
     parser.add_argument("--direction", choices=("forward", "backward"), help="with --extend: add frames after "
                         "(forward, default) or before (backward) the video")
-    parser.add_argument("--context-frames", type=int, help="with --extend: input frames kept (forward 1 + 4k, "
-                        "backward 4k; default about half the clip)")
+    parser.add_argument("--context-frames", type=int, help="with --extend: input frames kept (forward 1 + tf k, "
+                        "backward tf k, for the VAE's time factor tf as in --frames; default about half the clip)")
     parser.add_argument("--strength", type=float, help="with --edit: in (0, 1]; 0 keeps the video, 1 ignores it "
                         "(default 0.6)")
 
@@ -156,6 +159,9 @@ def _check_mode_flags(args) -> None:
             raise ValueError(f"--strength={args.strength} must be in (0, 1]: 0 keeps the video, 1 ignores it")
     if (args.direction or args.context_frames is not None) and not args.extend:
         raise ValueError("--direction and --context-frames apply only to --extend VIDEO")
+    if args.image and args.frames == 1:  # whatever the time factor, one frame is the image's own latent
+        raise ValueError("--image with --frames 1 leaves nothing to animate (the image is the first frame); "
+                         "ask for more frames")
 
 
 def _inputs(args) -> list[str]:

@@ -27,7 +27,8 @@ causal context, a role the generated frame before them takes over.
 Inputs (images, videos) are paths read by ``vidiff.io`` or ``uint8`` arrays,
 resized to the requested ``height`` x ``width``; one input serves every prompt
 and seed of a call. With a ``mesh``, weights are replicated and each batch is
-split over its data axes (``vidiff.parallel``), as in training.
+split over its data axes (``vidiff.parallel``), as in training; a batch that
+does not divide evenly is padded with repeats of its last clip, then cropped.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ from vidiff import io, parallel
 from vidiff.diffusion.flow import noise_latents, resolve_shift
 from vidiff.diffusion.samplers import check_guidance
 from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_plan, latent_count, on_sampler_step,
-                                       pixel_count, sample_latents, sample_seeds, seeded_noise, text_context)
+                                       pixel_count, sample_latents, sample_seeds, seeded_noise, text_context,
+                                       whole_number)
 from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
 from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, vae_preset
@@ -132,9 +134,10 @@ class TextToVideo:
             raise ValueError(f"this model cannot make {', '.join(bad)}: it makes {self.supported_sizes()}")
 
     def _sizes(self, num_frames, height, width) -> tuple[int, int, int]:
-        num_frames = self.train_frames if num_frames is None else int(num_frames)
-        height = self.train_size[0] if height is None else int(height)
-        width = self.train_size[1] if width is None else int(width)
+        """The clip size asked for (None = the training size), each a whole number the model can make."""
+        num_frames = self.train_frames if num_frames is None else whole_number(num_frames, "num_frames")
+        height = self.train_size[0] if height is None else whole_number(height, "height")
+        width = self.train_size[1] if width is None else whole_number(width, "width")
         self.check_size(num_frames, height, width)
         return num_frames, height, width
 
@@ -148,8 +151,11 @@ class TextToVideo:
     def image_to_video(self, prompts, image, *, num_frames=None, height=None, width=None, **sampling) -> np.ndarray:
         """Animate ``image`` (path or ``uint8 (H, W, 3)``): it is latent frame 0, encoded alone as the VAE does."""
         num_frames, height, width = self._sizes(num_frames, height, width)
-        latents = self.encode(self.load_frames(image, height, width, "image")[:1])
         L = latent_count(num_frames, self.time_factor)
+        if L < 2:  # the image is the only latent: sampling would return its VAE round trip
+            raise ValueError(f"num_frames={num_frames} leaves nothing to animate; use at least "
+                             f"{pixel_count(2, self.time_factor)}")
+        latents = self.encode(self.load_frames(image, height, width, "image")[:1])
         return self.generate(prompts, known_plan(L, {0: latents[:, 0]}), height, width, **sampling)
 
     def extend(self, prompts, video, *, direction: str = "forward", context_frames: int | None = None,
@@ -174,7 +180,8 @@ class TextToVideo:
             need = 1 + tf if direction == "backward" else 1
             raise ValueError(f"the video has {len(frames)} frame(s); extending {direction} needs at least {need}")
         k = (min(max(1, L // 2), available) if context_frames is None
-             else _context_latents(int(context_frames), direction, tf, min(available, L - 1)))
+             else _context_latents(whole_number(context_frames, "context_frames"), direction, tf,
+                                   min(available, L - 1)))
         if direction == "forward":
             latents = self.encode(frames[len(frames) - pixel_count(k, tf):])
             known = {j: latents[:, j] for j in range(k)}
@@ -214,12 +221,15 @@ class TextToVideo:
         strength = float(strength)
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength={strength} must be in (0, 1]: 0 keeps the video, 1 ignores it")
-        frames = self.load_frames(video, height or self.train_size[0], width or self.train_size[1], "video")
+        # Every size given is checked before the video is read (None frames: the training length, a valid one).
+        given, height, width = self._sizes(num_frames, height, width)
+        frames = self.load_frames(video, height, width, "video")
         longest = pixel_count(latent_count(len(frames), self.time_factor), self.time_factor)
-        if num_frames is not None and num_frames > longest:
-            raise ValueError(f"num_frames={num_frames} is longer than the video ({len(frames)} frames); use at most "
+        if num_frames is not None and given > longest:
+            raise ValueError(f"num_frames={given} is longer than the video ({len(frames)} frames); use at most "
                              f"{longest}")
-        num_frames, height, width = self._sizes(num_frames or min(longest, self.train_frames), height, width)
+        num_frames = given if num_frames is not None else min(longest, self.train_frames)
+        self.check_size(num_frames, height, width)
         clean = self.encode(frames[:num_frames])
         plan = Plan(clean.shape[1], clean=clean, t_start=strength)
         return self.generate(prompts, plan, height, width, **sampling)
@@ -238,7 +248,7 @@ class TextToVideo:
         ``tf + 1`` decoded frames, the wrap-around, are dropped.
         """
         tf = self.time_factor
-        num_frames = self.train_frames - 1 if num_frames is None else int(num_frames)
+        num_frames = self.train_frames - 1 if num_frames is None else whole_number(num_frames, "num_frames")
         if num_frames < tf or num_frames % tf:
             raise ValueError(f"a loop of num_frames={num_frames} cannot be made: loop lengths are multiples of {tf} "
                              f"(the frame after the last is the first), e.g. {max(tf, num_frames // tf * tf)}")
@@ -292,20 +302,23 @@ class TextToVideo:
 
         ``seed``: an int (sample ``j`` of each prompt uses ``seed + j``, ``j < num_per_prompt``)
         or a list of seeds used for every prompt. Outputs are prompt-major; a
-        (prompt, seed) pair gives the same clip whatever else is in the batch.
-        ``batch_size`` caps clips per compiled call; ``progress`` shows a tqdm bar;
+        (prompt, seed) pair gives the same clip whatever else is in the batch, up
+        to rounding (other batch shapes run other kernels: at most 1/255 in a few values).
+        ``batch_size`` caps clips per compiled call (with a mesh, rounded up to a
+        multiple of its data-parallel devices); ``progress`` shows a tqdm bar;
         ``return_latents`` returns the normalised latents ``(N, L, h, w, c)`` undecoded.
         """
         if not isinstance(prompts, (str, Sequence, np.ndarray)):
             raise ValueError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = sample_seeds(seed, num_per_prompt)
-        steps = int(self.defaults["steps"] if steps is None else steps)
+        steps = whole_number(self.defaults["steps"] if steps is None else steps, "steps")
         guidance = float(self.defaults["guidance"] if guidance is None else guidance)
         sampler = self.defaults["sampler"] if sampler is None else sampler  # sample() checks the name
         if steps < 1:
             raise ValueError(f"steps={steps} must be at least 1")
-        if batch_size is not None and not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        if batch_size is not None and (isinstance(batch_size, bool)
+                                       or not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1)):
             raise ValueError(f"batch_size={batch_size!r} must be a positive int, or None for one batch")
         check_guidance(guidance, guidance_interval)
         emb = encode_prompts(self.text, prompts)
@@ -314,12 +327,15 @@ class TextToVideo:
         shift = self._shift(shape)
         cases = [(p, s) for p in range(len(prompts)) for s in seeds]
         batch = min(batch_size or len(cases), len(cases))
+        if self.mesh is not None:  # padded to split evenly over the data-parallel devices (else all would run all)
+            ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            batch = -(-batch // ways) * ways
         uncond = text_context(self.text.encode([""] * batch))
         out = []
         with ProgressBar(progress, steps * math.ceil(len(cases) / batch)) as bar, on_sampler_step(bar):
             for start in range(0, len(cases), batch):
                 chunk = cases[start:start + batch]
-                chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # pad: one compiled shape for all chunks
+                chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # pad: one compiled shape, dropped below
                 rows = np.array([p for p, _ in chunk])
                 context = text_context(type(emb)(*(np.asarray(a)[rows] for a in emb)))
                 x_start = seeded_noise(jnp.asarray([s for _, s in chunk], jnp.uint32), shape)
@@ -339,10 +355,8 @@ class TextToVideo:
         return clips[:, :plan.keep_frames] if plan.keep_frames and not return_latents else clips
 
     def _shard(self, tree):
-        """Batch split over the mesh's data axes when it divides evenly, else replicated."""
-        ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        return jax.tree.map(lambda a: jax.device_put(a, parallel.batch_sharding(self.mesh, a.ndim) if a.shape[0] % ways
-                                                     == 0 else parallel.replicated(self.mesh)), tree)
+        """Batch split over the mesh's data axes (``generate`` pads it to a multiple of them)."""
+        return jax.tree.map(lambda a: jax.device_put(a, parallel.batch_sharding(self.mesh, a.ndim)), tree)
 
     def _shift(self, latent_shape) -> float:
         """The timestep shift training used, for this clip's token count when it is ``"auto"``."""

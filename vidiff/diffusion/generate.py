@@ -164,17 +164,30 @@ def known_plan(latent_frames: int, frames: dict) -> Plan:
     return Plan(latent_frames, known=known, mask=mask)
 
 
+def whole_number(value, name: str) -> int:
+    """``value`` as an int if it is one (a Python or numpy integer), else a one-line ``ValueError``.
+
+    Checked before any conversion: ``int()`` would silently truncate 5.9 to 5 and accept the string "5".
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}={value!r} is a {type(value).__name__}; pass a whole number (an int)")
+    return int(value)
+
+
 def sample_seeds(seed, num_per_prompt: int = 1) -> list[int]:
     """The seeds every prompt is sampled with: ``seed, seed + 1, ...`` or an explicit list, each a uint32."""
-    if not isinstance(num_per_prompt, (int, np.integer)) or num_per_prompt < 1:
+    if (isinstance(num_per_prompt, (bool, np.bool_)) or not isinstance(num_per_prompt, (int, np.integer))
+            or num_per_prompt < 1):
         raise ValueError(f"num_per_prompt={num_per_prompt!r} must be a positive int")
+    if isinstance(seed, np.ndarray) and seed.ndim == 0:
+        seed = seed[()]  # a 0-d array: its numpy scalar
     if np.ndim(seed) == 0:
-        seeds = [int(seed) + j for j in range(num_per_prompt)]
+        seeds = [whole_number(seed, "seed") + j for j in range(num_per_prompt)]
     elif num_per_prompt != 1:
         raise ValueError(f"num_per_prompt={num_per_prompt} with a list of seeds: give one or the other (a list "
                          "samples every prompt once per seed)")
     else:
-        seeds = [int(s) for s in seed]
+        seeds = [whole_number(s, "seed") for s in seed]
     if not seeds:
         raise ValueError("seed=[] gives no samples; pass an int or a non-empty list of seeds")
     if not all(0 <= s < 2**32 for s in seeds):  # the noise is keyed by a uint32

@@ -8,10 +8,18 @@ the whole loop jits to a single program. A velocity function has the signature
 - ``euler``: first order, one model call a step.
 - ``heun``: second order (trapezoid), two calls a step, Euler on the last step.
 - ``dpmpp_2m``: DPM-Solver++(2M) in the flow parametrisation
-  (``alpha_t = 1 - t``, ``sigma_t = t``), one call a step, second order by
-  reusing the previous data prediction once both lie below ``t = 1`` (from the
-  third step when starting from pure noise, where the log-SNR is -inf; from the
-  second when ``t_start < 1``).
+  (``alpha_t = 1 - t``, ``sigma_t = t``), one call a step. Its multistep
+  update is second order in the log-SNR for smooth data predictions; it reuses
+  the previous data prediction once both lie below ``t = 1`` (from the third
+  step when starting from pure noise, where the log-SNR is -inf; from the
+  second when ``t_start < 1``), and the first step and the last (to t = 0)
+  are first order. On these evenly spaced (then shifted) flow times the
+  log-SNR steps next to t = 1 and t = 0 do not shrink as steps grow, and the
+  order observed was lower: on a Gaussian flow with a known exact solution
+  (matching an independent implementation of Lu et al. 2022, Alg. 2, to 1e-15)
+  it was 0.75-1.6 per doubling from 8 to 64 steps with shift 1 (2.9 from 4 to
+  8), and with shift 3 the error at 48 steps was twice that at 32. ``heun``
+  measured 2.04-2.18 on the same problem: it is the reliable second-order choice.
 
 Known frames (image-to-video, extension, connection) are held at their clean
 latents throughout: the model was trained to see them clean. A ``tie`` holds
