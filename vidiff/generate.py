@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "for --frames 1); several clips get _0, _1, ... before the suffix")
     parser.add_argument("--checkpoint", help="model directory exported by `vidiff train` (default: the bundled model)")
     parser.add_argument("--frames", type=int, help="frames per clip, 1 + k x the VAE's time factor tf (tf = 1 for "
-                        "the bundled model, 4 for the tiny/small/base VAE presets' defaults; a count it cannot make is an error that "
-                        "lists the ones it can); default: the training length; 1 = image")
+                        "the bundled model, 4 for the tiny/small/base VAE presets' defaults; a count it cannot make "
+                        "is an error that lists the ones it can); default: the training length; 1 = image")
     parser.add_argument("--height", type=int, help="frame height (default: the training size)")
     parser.add_argument("--width", type=int, help="frame width (default: the training size)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's sample.steps)")
