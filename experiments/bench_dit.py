@@ -9,8 +9,12 @@ Training times the step ``vidiff train`` runs: ``make_train_step`` over a loss
 that wraps ``vidiff.train.tasks.dit_flow_loss`` (rectified flow, logit-normal
 timesteps, token-count shift), AdamW with clipping and the EMA, built with
 ``create_state`` and ``jit_train_step`` on a ``vidiff.parallel.make_mesh``
-mesh, state donated. Inputs are random normalised latents and random text
-embeddings (every text token valid, passed as lengths as the trainer does).
+mesh, state donated (``--update full``, the default). ``--update adamw``
+times the same step with the peer's optimizer work instead: AdamW alone (no
+clipping, no EMA update, no non-finite guard), as the peer's fused AdamW; the
+EMA copy still sits in memory, untouched. Inputs are random normalised
+latents and random text embeddings (every text token valid, passed as
+lengths as the trainer does).
 The forward times one jitted ``VideoDiT.apply`` (no gradient) at the same
 shapes, float32 parameters and the compute ``--dtype``, as sampling runs it.
 
@@ -26,8 +30,8 @@ Model FLOPs per step are the peer's (``vidiff.models.dit.dit_flops``): per
 layer ``T(4d^2 + 2rd^2 + 2d^2) + 2Ld^2 + 2T^2 d + 2TLd`` multiply-adds, x2
 FLOPs, x layers x batch, x3 for training (x1 for the forward); recomputation
 under remat is not counted. MFU is against ``--peak-tflops`` per device
-(default 989: H100 SXM dense bf16; a measured bf16 matmul ceiling on the same
-GPU is ~656, see experiments/PERF.md).
+(default 989: H100 SXM dense bf16; an 8192^3 bf16 matmul measured 769-798
+TFLOP/s on an H200 here, see experiments/PERF.md).
 
 Prints one JSON line per mode run (``--mode both`` runs the forward first, so
 its peak memory is not the training step's): impl="vidiff", mode, status
@@ -37,9 +41,13 @@ the process's peak so far; null where the backend has no stats, e.g. CPU),
 compiled_mem_GiB (XLA's static estimate), cudnn_attention (the compiled
 HLO calls cuDNN fused attention, ``__cudnn$fmha``), cudnn_attention_kernels
 (how many forward and backward calls: remat must not add forward ones
-except under ``block``) and profile (the trace files
-``--profile DIR`` wrote: ``--profile-steps`` more steps after the timed ones,
-as ``<mode>_<batch>x<tokens>.trace.json.gz`` / ``.xplane.pb``). ``--max-tokens-search``
+except under ``block``) and update (``full`` or ``adamw``, train only).
+``--profile DIR`` then traces ``--profile-steps`` more steps of that mode and
+prints a second line, mode="profile", of_mode, status ("ok" | "error"),
+files (``<mode>_<batch>x<tokens>.trace.json.gz`` / ``.xplane.pb``, copied
+flat into DIR), left_behind (files over the 15 MiB a device call can return)
+and error: the timing record is printed first, so a profiler failure costs
+no measurement. ``--max-tokens-search``
 runs one subprocess per length (16k, 32k, ... until OOM) and prints one line
 with the largest length that trained.
 """
@@ -61,6 +69,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from measure import (compiled_memory_gib, is_oom, peak_memory_gib, profiled_runs, run_isolated,  # noqa: E402
@@ -86,6 +95,7 @@ OPTIM = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, end_
                               eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1)
 FLOW = types.SimpleNamespace(timestep_sampler="logit_normal", weighting="none")
 EMA_DECAY = 0.9999
+UPDATES = ("full", "adamw")  # vidiff train's update; the peer's (AdamW only)
 
 
 # --------------------------------------------------------------------------- shapes
@@ -204,7 +214,30 @@ def count_params(tree) -> int:
 # --------------------------------------------------------------------------- the two benchmarks
 
 
-def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict:
+def adamw_only_step(loss_fn, tx):
+    """The step with the peer's optimizer work: gradients, then AdamW. No clipping (``tx`` is built with
+    ``grad_clip=0``), no EMA update, no non-finite guard, no gradient norm (``make_train_step`` has all four)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batch, frozen):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        (loss, metrics), grads = grad_fn(state.params, batch, rng, frozen, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {**metrics, "loss": loss}
+
+    return step
+
+
+def tracer(mesh, run, args, name: str):
+    """A call that traces ``run`` under the benchmark's mesh (run after the timing record is printed)."""
+    def trace():
+        with jax.set_mesh(mesh), parallel.axis_rules():
+            return profiled_runs(run, args.profile_steps, args.profile, name)
+    return trace
+
+
+def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     dit = VideoDiT(cfg)
     shift = shift_for_tokens(tokens)
 
@@ -214,13 +247,15 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict:
     def init_params(key):  # parameter shapes do not depend on the sequence length: trace the smallest input
         return dit.init(key, *dummy_inputs(cfg))["params"]
 
-    tx, _ = make_optimizer(OPTIM, total_steps=args.warmup + args.steps)
+    optim = OPTIM if args.update == "full" else types.SimpleNamespace(**{**vars(OPTIM), "grad_clip": 0.0})
+    tx, _ = make_optimizer(optim, total_steps=args.warmup + args.steps)
     state, state_shardings = create_state(init_params, tx, args.seed, mesh)
     params = count_params(state.params)
     batch, batch_shardings = put_batch(random_batch(cfg, args.batch, latent_shape, args.text, args.seed), mesh)
     frozen = {}
-    step_fn = jit_train_step(make_train_step(loss_fn, tx, ema_decay=EMA_DECAY), state_shardings, batch_shardings,
-                             {}, mesh)
+    step = make_train_step(loss_fn, tx, ema_decay=EMA_DECAY) if args.update == "full" else adamw_only_step(loss_fn,
+                                                                                                         tx)
+    step_fn = jit_train_step(step, state_shardings, batch_shardings, {}, mesh)
     with jax.set_mesh(mesh), parallel.axis_rules():  # as the trainer's loop traces its step
         start = time.perf_counter()
         compiled = step_fn.lower(state, batch, frozen).compile()
@@ -234,14 +269,15 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict:
             holder["metrics"] = metrics
 
         times = timed_runs(run, args.warmup, args.steps)
-        traces = profiled_runs(run, args.profile_steps, args.profile, f"train_{args.batch}x{tokens}")
     loss = float(holder["metrics"]["loss"])
     if not math.isfinite(loss):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
-    return dict(summary(args, cfg, "train", latent_shape, tokens, params, times, compile_s, compiled), profile=traces)
+    record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, compile_s, compiled),
+                  update=args.update)
+    return record, tracer(mesh, run, args, f"train_{args.batch}x{tokens}")
 
 
-def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict:
+def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     dit = VideoDiT(cfg)
     init = lambda key: dit.init(key, *dummy_inputs(cfg))["params"]
     key = jax.random.key(args.seed)
@@ -264,10 +300,9 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int) -> dict
         compile_s = time.perf_counter() - start
         run = lambda: jax.block_until_ready(compiled(params, batch))
         times = timed_runs(run, args.warmup, args.steps)
-        traces = profiled_runs(run, args.profile_steps, args.profile, f"forward_{args.batch}x{tokens}")
-    # Returning drops the last references to the parameters, so --mode both trains with the memory free.
-    return dict(summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, compile_s, compiled),
-                profile=traces)
+    # run_modes drops the tracer (the last reference to the parameters), so --mode both trains with the memory free.
+    return (summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, compile_s, compiled),
+            tracer(mesh, run, args, f"forward_{args.batch}x{tokens}"))
 
 
 def run_modes(args) -> list[dict]:
@@ -286,16 +321,34 @@ def run_modes(args) -> list[dict]:
     modes = ["forward", "train"] if args.mode == "both" else [args.mode]
     records = []
     for mode in modes:
+        trace = None
         try:
-            record = benches[mode](args, cfg, mesh, latent_shape, tokens)
+            record, trace = benches[mode](args, cfg, mesh, latent_shape, tokens)
         except Exception as error:  # an OOM is a result (the shape does not fit), anything else a bug
             if not is_oom(error):
                 raise
             record = dict(base_record(args, cfg, mode, latent_shape, tokens), status="oom",
                           error=str(error).strip().splitlines()[0][:300], peak_mem_GiB=peak_memory_gib())
-        print(json.dumps(record), flush=True)
+        print(json.dumps(record), flush=True)  # before any tracing: a profiler failure cannot lose it
         records.append(record)
+        if trace is not None and args.profile and args.profile_steps > 0:
+            records.append(profile_record(args, mode, tokens, trace))
+        del trace
     return records
+
+
+def profile_record(args, mode: str, tokens: int, trace) -> dict:
+    """Trace more steps of ``mode``; a line of its own, with the error if the profiler failed."""
+    record = dict(impl="vidiff", mode="profile", of_mode=mode, batch=args.batch, tokens=tokens,
+                  steps=args.profile_steps, dir=args.profile)
+    try:
+        files, left = trace()
+        record.update(status="ok", files=files, left_behind=left)
+    except Exception as error:  # a trace is a diagnosis, not a result: report it and carry on
+        lines = str(error).strip().splitlines() or [""]
+        record.update(status="error", files=[], error=f"{type(error).__name__}: {lines[0]}"[:300])
+    print(json.dumps(record), flush=True)
+    return record
 
 
 # --------------------------------------------------------------------------- longest trainable sequence
@@ -358,8 +411,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="per-device peak for MFU (H100 SXM bf16 dense: 989)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", metavar="DIR", help="after timing, trace --profile-steps more steps into DIR")
-    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--update", choices=UPDATES, default="full",
+                   help="train: full = vidiff train's (clip, AdamW, EMA, guard); adamw = the peer's (AdamW only)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="after the timing record, trace --profile-steps more steps into DIR (own JSON line)")
+    p.add_argument("--profile-steps", type=int, default=1)
     p.add_argument("--max-tokens-search", action="store_true",
                    help="find the longest sequence trainable at batch 1 (remat block by default)")
     p.add_argument("--search-start", type=int, default=16384)

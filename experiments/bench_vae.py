@@ -19,13 +19,22 @@ median of ``--repeats`` calls closed by ``jax.block_until_ready``.
 
 Prints one JSON line per case (impl="vidiff", bench="vae", op, way, size,
 frames, status "ok" | "oom" | "error", time_s, frames_per_s, peak_mem_GiB,
-host_run_GiB), then one summary line per (op, way, size) with ``peak_ratio``:
-the peak memory of the longest clip over that of the shortest. The goal for
-chunked decode is flat memory in clip length: ``peak_ratio <= 1.2`` for 257
-against 17 frames. ``peak_mem_GiB`` is the device's peak, null on backends
-without memory stats (CPU); there the ratio is of ``host_run_GiB``, the
-resident memory the timed calls added on top of parameters, inputs and
-compiled code (Linux: the high-water mark is reset after the warm-up).
+device_base_GiB, device_warmup_peak_GiB, device_added_GiB, host_run_GiB),
+then one summary line per (op, way, size) with ``peak_ratio``: the memory of
+the longest clip over that of the shortest. The goal for chunked decode is
+flat memory in clip length: ``peak_ratio <= 1.2`` for 257 against 17 frames.
+
+On a GPU the ratio is of ``device_added_GiB``: the device's peak
+(``peak_bytes_in_use``, the whole process's: ``peak_mem_GiB``) less
+``device_base_GiB``, what was in use before the warm-up (parameters, the
+input), so the fixed part both clips share does not pull the ratio towards 1.
+The warm-up compiles, and XLA's autotuning allocates through the same
+allocator; ``device_warmup_peak_GiB`` (the peak right after the warm-up) shows
+whether the peak came from there (equal to ``peak_mem_GiB``) or from the
+timed calls. On backends without memory stats (CPU) those are null and the
+ratio is of ``host_run_GiB``, the resident memory the timed calls added on
+top of parameters, inputs and compiled code (Linux: the high-water mark is
+reset after the warm-up).
 """
 from __future__ import annotations
 
@@ -43,7 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from measure import (is_oom, peak_memory_gib, proc_status_gib, reset_host_peak, run_isolated,  # noqa: E402
+from measure import (bytes_in_use_gib, is_oom, peak_memory_gib, proc_status_gib, reset_host_peak, run_isolated,  # noqa: E402
                      strip_flags, timed_runs)  # (experiments/ is the script's own folder)
 from vidiff.models.vae import VideoVAE, decode_chunked, encode_chunked, vae_preset  # noqa: E402
 
@@ -87,6 +96,7 @@ def measure_case(args, op: str, way: str, size: int, frames: int) -> dict:
             x = jnp.asarray(rng.uniform(-1.0, 1.0, video_shape).astype(np.float32))
         else:
             x = jnp.asarray(rng.standard_normal(latent_shape, np.float32))
+        device_base = bytes_in_use_gib()  # parameters and the input: what every clip length holds alike
         start = time.perf_counter()
         if way == "oneshot":
             compiled = jax.jit(lambda v, inp: vae.apply(v, inp, method=op)).lower(variables, x).compile()
@@ -97,6 +107,7 @@ def measure_case(args, op: str, way: str, size: int, frames: int) -> dict:
             run = lambda: jax.block_until_ready(decode_chunked(vae, variables, x, args.chunk_latent_frames))
         timed_runs(run, args.warmup, 0)  # the first call compiles (every chunk shape, when chunked)
         setup_s = time.perf_counter() - start
+        warmup_peak = peak_memory_gib()
         host_base = reset_host_peak()
         times = timed_runs(run, 0, args.repeats)
         host_peak = proc_status_gib("VmHWM") if host_base is not None else None
@@ -106,8 +117,11 @@ def measure_case(args, op: str, way: str, size: int, frames: int) -> dict:
         return dict(record, status="oom", error=str(error).strip().splitlines()[0][:300],
                     peak_mem_GiB=peak_memory_gib())
     time_s = statistics.median(times)
+    peak = peak_memory_gib()
     return dict(record, status="ok", setup_s=setup_s, time_s=time_s, frames_per_s=args.batch * frames / time_s,
-                peak_mem_GiB=peak_memory_gib(), host_base_GiB=host_base, host_peak_GiB=host_peak,
+                peak_mem_GiB=peak, device_base_GiB=device_base, device_warmup_peak_GiB=warmup_peak,
+                device_added_GiB=None if None in (peak, device_base) else peak - device_base,
+                host_base_GiB=host_base, host_peak_GiB=host_peak,
                 host_run_GiB=None if host_peak is None else host_peak - host_base)
 
 
@@ -124,9 +138,10 @@ def run_case_isolated(argv: list[str], case: tuple, timeout: float) -> dict:
 def summaries(records: list[dict]) -> list[dict]:
     """Peak memory of the longest clip over the shortest, per (op, way, size).
 
-    Device peaks where the backend keeps them; otherwise (CPU, where device
-    buffers are host memory) the resident memory the timed calls added
-    (``host_run_GiB``). ``memory`` says which one the ratio is of.
+    What the case added to the device's memory (peak less what was in use before the warm-up,
+    ``device_added_GiB``) where the backend keeps stats; the device's whole peak for records without
+    that figure; otherwise (CPU, where device buffers are host memory) the resident memory the timed
+    calls added (``host_run_GiB``). ``memory`` says which one the ratio is of.
     """
     out = []
     groups = sorted({(r["op"], r["way"], r["size"]) for r in records})
@@ -138,7 +153,8 @@ def summaries(records: list[dict]) -> list[dict]:
         short, long = rows[0], rows[-1]
         both_ok = short.get("status") == long.get("status") == "ok"
         memory, peaks = None, (short.get("peak_mem_GiB"), long.get("peak_mem_GiB"))
-        for key, name in (("peak_mem_GiB", "device"), ("host_run_GiB", "host_run")):
+        for key, name in (("device_added_GiB", "device_added"), ("peak_mem_GiB", "device"),
+                          ("host_run_GiB", "host_run")):
             if both_ok and None not in (short.get(key), long.get(key)) and short[key] > 0:
                 memory, peaks = name, (short[key], long[key])
                 break
@@ -146,6 +162,9 @@ def summaries(records: list[dict]) -> list[dict]:
         record = dict(impl="vidiff", bench="vae", kind="summary", op=op, way=way, size=size,
                       frames=[short["frames"], long["frames"]], memory=memory, peak_GiB=list(peaks),
                       peak_ratio=ratio)
+        if memory == "device_added":  # the process's whole peaks too, for comparison with earlier runs
+            record["whole_peak_ratio"] = long["peak_mem_GiB"] / short["peak_mem_GiB"] if short.get(
+                "peak_mem_GiB") and long.get("peak_mem_GiB") else None
         if op == "decode" and way == "chunked":
             record.update(goal=f"peak_ratio <= {PEAK_RATIO_GOAL}",
                           met=None if ratio is None else ratio <= PEAK_RATIO_GOAL)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -32,28 +33,41 @@ def timed_runs(run, warmup: int, steps: int) -> list[float]:
     return times
 
 
-def profiled_runs(run, steps: int, out_dir: str | None, name: str) -> list[str]:
-    """``steps`` more (untimed) calls under ``jax.profiler``; the trace files, copied flat into ``out_dir``.
+TRACE_FILE_LIMIT = 15 * 2**20  # a device call returns files up to 16 MiB: bigger traces are left behind, named
+
+
+def profiled_runs(run, steps: int, out_dir: str | None, name: str,
+                  max_bytes: int = TRACE_FILE_LIMIT) -> tuple[list[str], list[str]]:
+    """``steps`` more (untimed) calls under ``jax.profiler``; ``(copied, left)``: trace files copied flat into
+    ``out_dir``, and ``"<file> (<size> MiB > limit)"`` for each one over ``max_bytes``, not copied.
 
     Flat names (``<name>.trace.json.gz`` for Perfetto, ``<name>.xplane.pb`` for TensorBoard /
-    XProf) because the profiler nests its own folders deeper than a device call returns.
+    XProf) because the profiler nests its own folders deeper than a device call returns, and a
+    device call brings back no file over 16 MiB (an unscanned XL step's xplane, which carries the
+    program's HLO, can be that big).
     """
     if not out_dir or steps < 1:
-        return []
+        return [], []
     with tempfile.TemporaryDirectory(prefix="vidiff-profile-") as raw:
         jax.profiler.start_trace(raw)
-        for number in range(steps):
-            with jax.profiler.StepTraceAnnotation(name, step_num=number):
-                run()
-        jax.profiler.stop_trace()
+        try:
+            for number in range(steps):
+                with jax.profiler.StepTraceAnnotation(name, step_num=number):
+                    run()
+        finally:
+            jax.profiler.stop_trace()
         os.makedirs(out_dir, exist_ok=True)
-        copied = []
+        copied, left = [], []
         for path in sorted(Path(raw).glob("plugins/profile/*/*")):
             for ending in (".trace.json.gz", ".xplane.pb"):  # after the host name, which may hold dots
                 if path.name.endswith(ending):
+                    size = path.stat().st_size
+                    if size > max_bytes:
+                        left.append(f"{name + ending} ({size / 2**20:.1f} MiB > {max_bytes / 2**20:.0f} MiB)")
+                        continue
                     copied.append(os.path.join(out_dir, name + ending))
                     shutil.copyfile(path, copied[-1])
-    return copied
+    return copied, left
 
 
 # --------------------------------------------------------------------------- device memory
@@ -69,6 +83,13 @@ def peak_memory_gib() -> float | None:
     return max(peaks) / 2**30 if peaks else None
 
 
+def bytes_in_use_gib() -> float | None:
+    """Largest ``bytes_in_use`` over local devices (GiB) now, or None where the backend keeps no stats."""
+    used = [stats["bytes_in_use"] for stats in (d.memory_stats() or {} for d in jax.local_devices())
+            if "bytes_in_use" in stats]
+    return max(used) / 2**30 if used else None
+
+
 def compiled_memory_gib(compiled) -> float | None:
     """XLA's static per-device estimate: arguments + outputs + temporaries - donated aliases."""
     try:
@@ -79,10 +100,28 @@ def compiled_memory_gib(compiled) -> float | None:
         return None
 
 
+# What XLA (``RESOURCE_EXHAUSTED: Out of memory while trying to allocate ...``) and PyTorch
+# (``torch.OutOfMemoryError: CUDA out of memory``) raise when an allocation fails. Not the BFC
+# allocator's warnings ("ran out of memory trying to allocate ... not a failure"), which a child near
+# the memory cap may log before failing for another reason.
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory while trying to allocate", "OutOfMemoryError",
+               "CUDA out of memory")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")
+
+
+def last_exception_line(stderr: str) -> str:
+    """The last line of a traceback's own ``SomeError: message`` form in ``stderr`` (else its last line)."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1] if lines else "")
+
+
 def is_oom(error: BaseException | str) -> bool:
-    """Whether an exception (or a child's stderr) says the device ran out of memory."""
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+    """Whether an exception, or the exception a failed child's ``stderr`` ends with, is a device allocation failure."""
+    if isinstance(error, BaseException):
+        text = f"{type(error).__name__}: {error}"
+    else:
+        text = last_exception_line(error)
+    return any(marker in text for marker in OOM_MARKERS)
 
 
 # --------------------------------------------------------------------------- host memory (the CPU backend's)
@@ -141,7 +180,7 @@ def strip_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
 def run_isolated(cmd: list[str], timeout: float) -> dict:
     """Run a benchmark command in a fresh process; its last JSON line, or why there is none.
 
-    A child that fails gives ``{"status": "oom" | "error", "error": <last stderr line>}``, one that
+    A child that fails gives ``{"status": "oom" | "error", "error": <its exception line>}``, one that
     runs past ``timeout`` seconds ``{"status": "timeout"}``.
     """
     try:
@@ -151,5 +190,5 @@ def run_isolated(cmd: list[str], timeout: float) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode == 0 and lines:
         return json.loads(lines[-1])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    tail = last_exception_line(done.stderr) or "no output"
     return dict(status="oom" if is_oom(done.stderr) else "error", error=tail[:300])
