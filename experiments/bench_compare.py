@@ -22,10 +22,21 @@ peer's training step; FLOPs = the peer's ``model_flops / 3``).
 ``--peer-forward-cmd`` (and ``--vidiff-cmd``) pointing at stand-ins it tests
 the wrapper without torch or a GPU.
 
-Prints a table (config, mode, tokens/s of each, vidiff/peer ratio, MFU, peak
-memory, whether vidiff used cuDNN attention) and writes every JSON record the
-subprocesses printed, plus the ratios, to ``--out``. A subprocess that fails
-or times out is recorded with its status and stderr tail; the others still run.
+``--vidiff-update adamw`` times vidiff's step with the peer's optimizer work
+(AdamW only: ``bench_dit.py --update adamw``); the default ``full`` is the
+step ``vidiff train`` runs (clipping, AdamW, EMA, non-finite guard).
+
+Results are kept as they come: after each subprocess, ``--out`` is rewritten
+with every row so far (a row whose other side has not run yet has that side
+as ``{"status": "not_run"}``), and each finished (config, mode) row is printed
+to stdout as one JSON line. Each subprocess gets ``--timeout`` seconds, or
+less: what is left before ``--deadline`` (a ``time.time()`` value shared by
+the whole run), so a caller's deadline stops nothing that already finished.
+A subprocess that fails or times out is recorded with its status and stderr
+tail; the others still run, and one with no time left is recorded as
+"timeout" without being started. At the end: a table (config, mode, tokens/s
+of each, vidiff/peer ratio, MFU, peak memory, whether vidiff used cuDNN
+attention).
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +132,7 @@ def commands(args, model: dict, config: dict) -> dict[str, list[str]]:
     vidiff = [*vidiff_prefix, *(["--tiny"] if args.tiny else []), "--preset", model["preset"], *shapes, *timing,
               "--mode", "both" if len(args.modes) == 2 else args.modes[0],
               "--remat", args.vidiff_remat if config["remat"] else "none",
+              *(["--update", args.vidiff_update] if "train" in args.modes else []),
               "--peak-tflops", str(args.peak_tflops), *shlex.split(args.vidiff_extra)]
     peer_prefix = shlex.split(args.peer_cmd) if args.peer_cmd else [sys.executable, str(args.peer)]
     peer_train = [*peer_prefix, *shapes, *timing, *(["--remat"] if config["remat"] else [])]
@@ -141,8 +154,20 @@ def json_lines(text: str) -> list[dict]:
     return records
 
 
+MIN_RUN_S = 1.0  # a subprocess is not started with less time than this before the deadline
+
+
+def time_left(args) -> float:
+    """Seconds a subprocess may run: ``--timeout``, or less if the shared ``--deadline`` comes first."""
+    if args.deadline is None:
+        return args.timeout
+    return min(args.timeout, args.deadline - time.time())
+
+
 def run_json(cmd: list[str], timeout: float, env: dict | None = None) -> list[dict] | dict:
     """Run ``cmd``; its JSON lines (stdout lines starting with '{'), or a failure record."""
+    if timeout < MIN_RUN_S:
+        return dict(status="timeout", cmd=shlex.join(cmd), reason="no time left before the deadline")
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -183,26 +208,47 @@ def compare(args) -> dict:
     unknown = [c for c in args.configs if c not in configs]
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown}; valid: {list(configs)}")
-    results = []
-    for name in args.configs:
-        cmds = commands(args, model, configs[name])
-        vidiff = run_json(cmds["vidiff"], args.timeout, vidiff_env())
-        peer = {mode: run_json(cmds[f"peer_{mode}"], args.timeout) for mode in args.modes}  # only what is compared
+    done, report = [], None  # rows of finished configs; the report as last written
+
+    def rows(name: str, cmds: dict, vidiff, peer: dict) -> list[dict]:
+        out = []
         for mode in args.modes:
-            ours = pick(vidiff, mode)
-            theirs = with_mfu(pick(peer[mode], mode), args.peak_tflops)
+            ours = pick(vidiff, mode) if vidiff is not None else dict(status="not_run")
+            theirs = with_mfu(pick(peer[mode], mode), args.peak_tflops) if mode in peer else dict(status="not_run")
             ok = ours.get("status", "ok") == "ok" and theirs.get("status", "ok") == "ok"
             ratio = ours["tokens_per_s"] / theirs["tokens_per_s"] if ok and theirs.get("tokens_per_s") else None
-            results.append(dict(config=name, mode=mode, ratio_tokens_per_s=ratio, vidiff=ours, peer=theirs,
-                                commands={k: shlex.join(v) for k, v in cmds.items()
-                                          if k == "vidiff" or k == f"peer_{mode}"}))
-            print(f"[{name} {mode}] vidiff {fmt(ours.get('tokens_per_s'))} tok/s, peer "
-                  f"{fmt(theirs.get('tokens_per_s'))} tok/s, ratio {fmt(ratio, '.3f')}", file=sys.stderr, flush=True)
+            out.append(dict(config=name, mode=mode, ratio_tokens_per_s=ratio, vidiff=ours, peer=theirs,
+                            vidiff_remat=args.vidiff_remat if configs[name]["remat"] else "none",
+                            peer_remat="block" if configs[name]["remat"] else "none",
+                            vidiff_update=args.vidiff_update if mode == "train" else None,
+                            commands={k: shlex.join(v) for k, v in cmds.items()
+                                      if k == "vidiff" or k == f"peer_{mode}"}))
+        return out
+
+    def write(results: list[dict]) -> dict:
         report = dict(model=model, configs={n: configs[n] for n in args.configs}, modes=args.modes,
-                      peak_tflops=args.peak_tflops, steps=args.steps, warmup=args.warmup, results=results)
-        if args.out:  # after every config, so a run cut short still leaves what it measured
+                      peak_tflops=args.peak_tflops, steps=args.steps, warmup=args.warmup,
+                      vidiff_remat=args.vidiff_remat, vidiff_update=args.vidiff_update, results=results)
+        if args.out:  # after every subprocess, so a run cut short still leaves what it measured
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+    for name in args.configs:
+        cmds = commands(args, model, configs[name])
+        vidiff = run_json(cmds["vidiff"], time_left(args), vidiff_env())
+        peer = {}
+        report = write(done + rows(name, cmds, vidiff, peer))
+        for mode in args.modes:  # only the peer modes compared
+            peer[mode] = run_json(cmds[f"peer_{mode}"], time_left(args))
+            row = rows(name, cmds, vidiff, peer)[args.modes.index(mode)]
+            report = write(done + rows(name, cmds, vidiff, peer))
+            print(json.dumps(row), flush=True)  # the row, as soon as both sides ran: a caller may kill us later
+            print(f"[{name} {mode}] vidiff {fmt(row['vidiff'].get('tokens_per_s'))} tok/s, peer "
+                  f"{fmt(row['peer'].get('tokens_per_s'))} tok/s, ratio {fmt(row['ratio_tokens_per_s'], '.3f')}",
+                  file=sys.stderr, flush=True)
+        done += rows(name, cmds, vidiff, peer)
+    results = done
     print(table(results))
     if args.out:
         print(f"wrote {args.out}")
@@ -234,7 +280,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny model and shapes (CPU smoke test; fake the peer)")
     p.add_argument("--configs", help="comma-separated config names (default: all)")
     p.add_argument("--modes", default="train,forward", help="train and/or forward")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=7, help="timed steps (odd: the peer takes the upper median)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     p.add_argument("--peer", default=str(DEFAULT_PEER), help="path of torch_dit_reference.py")
@@ -245,7 +291,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # vidiff.models.dit.REMAT_POLICIES, less "none" (this file imports no jax).
     p.add_argument("--vidiff-remat", default="attention", choices=("block", "attention", "dots"),
                    help="vidiff's remat policy where a config trains with remat (default attention)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
+    p.add_argument("--vidiff-update", default="full", choices=("full", "adamw"),
+                   help="vidiff's training update: full (vidiff train's) or adamw (the peer's work: AdamW only)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess at most")
+    p.add_argument("--deadline", type=float,
+                   help="time.time() by which every subprocess must end (each gets what is left of it)")
     p.add_argument("--out", help="write all results to this JSON file")
     # Internal: the peer-forward helper subprocess.
     p.add_argument("--torch-forward", action="store_true", help=argparse.SUPPRESS)

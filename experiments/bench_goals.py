@@ -1,30 +1,57 @@
-"""Every GPU performance goal in one device call: the benchmarks, most important first, under one time budget.
+"""Every GPU performance goal in one or two device calls: the benchmarks, most important first, under one budget.
 
-    PYTHONPATH=. python3 experiments/bench_goals.py --budget 540 --profile --out-dir $OUT
-    PYTHONPATH=. python3 experiments/bench_goals.py --budget 300 --only max_tokens,vae_decode --out-dir $OUT
+    PYTHONPATH=. python3 experiments/bench_goals.py --budget 480 --out-dir $OUT                  # call 1
+    PYTHONPATH=. python3 experiments/bench_goals.py --budget 270 --only <jobs left> --out-dir $OUT  # call 2
     python experiments/bench_goals.py --tiny --peer-cmd "python fake.py torch 2" ...   # CPU smoke run
 
-A lent GPU comes with about 15 minutes of device time, its start included, and
-10 minutes per call, so the goals must be measured by one prepared command,
-not by the dozen separate ones in ``experiments/PERF.md``. This script runs
-the jobs below in order. A job starts only if its estimated duration fits in
-what is left of ``--budget``; one that does not fit is skipped (the next,
-smaller job may still fit) and named at the end with the ``--only`` flag that
-runs what was left, so a second call picks up where the first stopped. A job
-still running at the deadline is stopped and recorded as "timeout".
+A lent GPU comes with 15 minutes (900 s) of device time, the machine's start
+(a minute or more) and every idle second included, at most 10 minutes per
+call, and goes back 30 s after a call unless the next one comes. So the goals
+are measured by at most two prepared commands, not by the dozen separate ones
+in ``experiments/PERF.md``: call 1 with ``--budget 480``, then at once, while
+the machine is warm, call 2 with what is left (the command call 1 prints last,
+its ``--budget`` sized from ``--device-left``; ``status``'s
+``budget_left_s - 40`` is the exact figure).
 
-| job | runs | goal |
-|---|---|---|
-| compare_4x4096 | bench_compare.py 4x4096, train + forward | vidiff/peer tokens/s >= 1.2 (train and forward) |
-| compare_1x16384 | bench_compare.py 1x16384, train (remat: the peer whole blocks, vidiff `attention`) | vidiff/peer tokens/s >= 1.0 |
-| max_tokens | bench_dit.py: one XL step at batch 1, 131,072 tokens | it runs in 80 GB (remat block, scanned, bf16) |
-| vae_decode | bench_vae.py: chunked decode, 256 px, 17 and 257 frames | peak memory ratio <= 1.2 |
-| compare_64x256 | bench_compare.py 64x256, train | vidiff/peer tokens/s >= 1.2 |
-| forward_64x256, forward_1x16384 | bench_compare.py, forward only | vidiff/peer tokens/s >= 1.2 |
+This script runs the jobs below in order. A job starts only if its estimated
+duration fits in what is left of ``--budget``; one that does not fit is
+skipped (a later, smaller job may still fit) and named at the end with the
+``--only`` flag that runs what was left. A job gets all the time left before
+the budget's deadline, not only its estimate; one still running at the
+deadline is stopped with its child processes and recorded as "timeout", with
+whatever its benchmark had already finished (``bench_compare.py`` keeps each
+subprocess's records as it goes, and every subprocess ends by the same
+deadline). ``goals.md`` and ``goals.jsonl`` are rewritten after every job.
+
+| job | est. s | runs | goal |
+|---|---:|---|---|
+| compare_4x4096 | 240 | bench_compare.py 4x4096, train + forward | vidiff/peer tokens/s >= 1.2 (train and forward) |
+| compare_1x16384 | 260 | bench_compare.py 1x16384, train (remat: the peer whole blocks, vidiff ``--vidiff-remat``, default ``attention``) + forward | train >= 1.0, forward >= 1.2 |
+| max_tokens | 110 | bench_dit.py: one XL step at batch 1, 131,072 tokens | it runs in 80 GB (remat block, scanned, bf16) |
+| vae_decode | 90 | bench_vae.py: chunked decode, 256 px, 17 and 257 frames | memory added, 257 / 17 frames <= 1.2 |
+| compare_64x256 | 240 | bench_compare.py 64x256, train + forward | vidiff/peer tokens/s >= 1.2 (train and forward) |
+| compare_1x16384_block | 190 | bench_compare.py 1x16384, train, vidiff remat ``block`` (the peer's policy) | train >= 1.0 |
+
+The forwards run in the compare jobs (``bench_dit.py --mode both``: one
+process, one parameter initialisation, one more compile), not in jobs of
+their own. By the estimates, call 1 (480 s) runs compare_4x4096, then skips
+compare_1x16384 (260 s > ~235 s left) and runs max_tokens and vae_decode
+(440 s in all); call 2 (~270 s) runs compare_1x16384; compare_64x256 and
+compare_1x16384_block are left for another session. A faster first job lets
+compare_1x16384 into call 1 and the rest into call 2.
+
+Like for like: the goal rows time vidiff's training step with the peer's
+optimizer work, AdamW only (``--vidiff-update adamw``, passed on as
+``bench_dit.py --update adamw``: no clipping, EMA update or non-finite guard,
+which the peer does not do); ``--vidiff-update full`` times the step ``vidiff
+train`` runs (``experiments/bench_update.py`` times those extras alone). Each
+goal row names the remat policy of each side and vidiff's update.
 
 On a GPU with more memory than an H100 80GB (an H200), ``max_tokens`` runs
 with JAX's allocator capped at ``--memory-cap-mib`` (the H100's 81,559 MiB),
-so the goal is measured in an H100's memory, not extrapolated to it.
+so the goal is measured in an H100's memory, not extrapolated to it; the goal
+row says which memory it ran in, and is not marked met or missed when
+nvidia-smi's total could not be read (no cap could be set).
 
 The estimates (``est_s``) are guesses from the preliminary H100 figures in
 PERF.md (XL compile ~69 s unscanned, ~23 s scanned; the peer's
@@ -35,10 +62,13 @@ Writes to ``--out-dir`` (three files, within the device tool's limits):
 ``goals.jsonl`` (one line per job as it ends: status, elapsed, every record
 its benchmark printed, its goal rows), ``goals.log`` (the benchmarks' own
 output, for diagnosis) and ``goals.md`` (the goal table, also printed last).
-``--profile`` adds four: a trace of vidiff's forward and training steps in the
-first job (``bench_dit.py --profile``), for Perfetto and TensorBoard.
+``--profile`` (not in call 1: it is not in the estimates' plan) adds up to
+four: a trace of one step of vidiff's forward and training in the first
+compare job run (``bench_dit.py --profile``, printed after the timing
+records, so a profiler failure costs no measurement).
 The parent never imports jax or torch: every benchmark runs in its own
-process and owns the whole GPU.
+process and owns the whole GPU. It checks that the peer's file is there
+before anything runs.
 """
 from __future__ import annotations
 
@@ -57,12 +87,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from bench_compare import fmt, json_lines, vidiff_env  # noqa: E402  (imports neither jax nor torch)
+from bench_compare import DEFAULT_PEER, fmt, json_lines, vidiff_env  # noqa: E402  (imports neither jax nor torch)
 
 LONG_SEQUENCE_GOAL = 131_072
 H100_MEMORY_MIB = 81_559  # what nvidia-smi reports for an H100 80GB: the long-sequence goal's memory
 BENCH_MEM_FRACTION = 0.95  # the share of a GPU bench_dit.py gives JAX (its XLA_PYTHON_CLIENT_MEM_FRACTION)
 STOP_MARGIN_S = 5.0  # kept back from each job's timeout to write its results
+# The device session (experiments/PERF.md, "Commands (GPU)"): 900 s in all, a machine start included.
+SESSION_DEVICE_S = 900.0
+MACHINE_START_S = 90.0  # "a minute or more"
+CALL_OVERHEAD_S = 40.0  # per call: the tree's transfer, this script's start and end, the way back of the files
+CALL_MAX_BUDGET_S = 560.0  # a call runs at most 600 s
+PROFILE_EST_S = 30.0  # --profile: one more traced step of each mode, and writing the traces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,16 +110,16 @@ class Job:
     tiny_config: str = ""  # compare: the --tiny stand-in
     modes: tuple[str, ...] = ()
     min_ratio: dict = dataclasses.field(default_factory=dict)  # mode -> vidiff/peer tokens/s goal
+    vidiff_remat: str | None = None  # compare with remat: this policy for vidiff (None: --vidiff-remat)
 
 
 JOBS = (
     Job("compare_4x4096", 240, "compare", "4x4096", "2x32", ("train", "forward"), {"train": 1.2, "forward": 1.2}),
-    Job("compare_1x16384", 190, "compare", "1x16384", "1x64", ("train",), {"train": 1.0}),
+    Job("compare_1x16384", 260, "compare", "1x16384", "1x64", ("train", "forward"), {"train": 1.0, "forward": 1.2}),
     Job("max_tokens", 110, "max_tokens"),
     Job("vae_decode", 90, "vae"),
-    Job("compare_64x256", 170, "compare", "64x256", "2x32", ("train",), {"train": 1.2}),
-    Job("forward_64x256", 110, "compare", "64x256", "2x32", ("forward",), {"forward": 1.2}),
-    Job("forward_1x16384", 110, "compare", "1x16384", "1x64", ("forward",), {"forward": 1.2}),
+    Job("compare_64x256", 240, "compare", "64x256", "2x32", ("train", "forward"), {"train": 1.2, "forward": 1.2}),
+    Job("compare_1x16384_block", 190, "compare", "1x16384", "1x64", ("train",), {"train": 1.0}, "block"),
 )
 JOB_NAMES = [job.name for job in JOBS]
 
@@ -91,20 +127,22 @@ JOB_NAMES = [job.name for job in JOBS]
 # --------------------------------------------------------------------------- each job's command and goals
 
 
-def job_command(job: Job, args, results_path: Path, timeout: float) -> list[str]:
-    """The job's benchmark command line; ``timeout`` bounds each of its own subprocesses."""
+def job_command(job: Job, args, results_path: Path, timeout: float, profile: bool = False) -> list[str]:
+    """The job's benchmark command line; every subprocess of it ends ``timeout`` - a margin from now."""
     python = [sys.executable]
-    inner = str(round(max(1.0, timeout - STOP_MARGIN_S)))  # so the benchmark still prints what it measured
+    inner = max(1.0, timeout - STOP_MARGIN_S)  # so the benchmark still prints what it measured
     if job.kind == "compare":
         cmd = [*python, str(HERE / "bench_compare.py"), "--configs", job.tiny_config if args.tiny else job.config,
                "--modes", ",".join(job.modes), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--peak-tflops", str(args.peak_tflops), "--out", str(results_path), "--timeout", inner]
+               "--peak-tflops", str(args.peak_tflops), "--out", str(results_path), "--timeout", str(round(inner)),
+               "--deadline", f"{time.time() + inner:.1f}",  # one deadline for all its subprocesses together
+               "--vidiff-remat", job.vidiff_remat or args.vidiff_remat, "--vidiff-update", args.vidiff_update]
         for flag in ("peer", "peer_cmd", "peer_forward_cmd", "vidiff_cmd"):
             if getattr(args, flag):
                 cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
         extra = args.vidiff_extra or ""
-        if args.profile and job is JOBS[0]:  # a trace of the first job's steps, after they are timed
-            extra += f" --profile {shlex.quote(str(results_path.parent))}"
+        if profile:  # a trace of one more step of each mode, after the timing records are printed
+            extra += f" --profile {shlex.quote(str(results_path.parent))} --profile-steps 1"
         if extra.strip():
             cmd += ["--vidiff-extra", extra.strip()]
         return cmd + (["--tiny"] if args.tiny else [])
@@ -112,32 +150,48 @@ def job_command(job: Job, args, results_path: Path, timeout: float) -> list[str]
         tokens = 16 if args.tiny else LONG_SEQUENCE_GOAL
         return [*python, str(HERE / "bench_dit.py"), *(["--tiny"] if args.tiny else []), "--max-tokens-search",
                 "--scan", "--search-start", str(tokens), "--search-max", str(tokens), "--steps", "1", "--warmup", "0",
-                "--peak-tflops", str(args.peak_tflops), "--search-timeout", inner]
+                "--peak-tflops", str(args.peak_tflops), "--search-timeout", str(round(inner))]
     size, frames = ("32", "5,9") if args.tiny else ("256", "17,257")
     return [*python, str(HERE / "bench_vae.py"), *(["--tiny"] if args.tiny else []), "--ops", "decode",
-            "--ways", "chunked", "--sizes", size, "--frames", frames, "--case-timeout", inner]
+            "--ways", "chunked", "--sizes", size, "--frames", frames, "--case-timeout", str(round(inner))]
 
 
-def goal_rows(job: Job, records: list[dict], tiny: bool) -> list[dict]:
+def policies(job: Job, mode: str, args) -> str:
+    """What each side ran, for a goal row: remat where the config has it, and vidiff's update when training."""
+    parts = []
+    if job.kind == "compare" and job.config == "1x16384" and mode == "train":
+        parts.append(f"remat: vidiff {job.vidiff_remat or args.vidiff_remat}, peer block")
+    if mode == "train":
+        parts.append("vidiff update: AdamW only, as the peer" if args.vidiff_update == "adamw" else
+                     "vidiff update: clip + AdamW + EMA + guard, the peer AdamW only")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def goal_rows(job: Job, records: list[dict], args, memory_cap: str | None = None) -> list[dict]:
     """The goals a job measures: what was asked, what came out, and whether it was met (None: no figure)."""
     if job.kind == "compare":
         rows = []
+        config = job.tiny_config if args.tiny else job.config
         for mode, target in job.min_ratio.items():
             result = next((r for r in records if r.get("mode") == mode and "ratio_tokens_per_s" in r), None)
             ratio = result and result["ratio_tokens_per_s"]
-            rows.append(dict(goal=f"{mode} {result['config'] if result else job.config} vidiff/peer tokens/s",
+            rows.append(dict(goal=f"{mode} {config} vidiff/peer tokens/s{policies(job, mode, args)}",
                              target=f">= {target}", measured=ratio, met=None if ratio is None else ratio >= target))
         return rows
     if job.kind == "max_tokens":
         search = next((r for r in records if r.get("mode") == "max_tokens_search"), {})
-        tokens = 16 if tiny else LONG_SEQUENCE_GOAL
+        tokens = 16 if args.tiny else LONG_SEQUENCE_GOAL
         tried = search.get("tried") or [{}]
         status = tried[0].get("status")
         met = None if status in (None, "timeout", "error") else search.get("max_tokens") == tokens
-        return [dict(goal="longest trainable sequence, batch 1, remat, H100 memory", target=f">= {tokens} tokens",
-                     measured=search.get("max_tokens") or status, met=met)]
+        if memory_cap and memory_cap.startswith("unknown") and not args.tiny:
+            met = None  # the whole of a GPU of unknown size: not an H100's memory
+        return [dict(goal=f"longest trainable sequence, batch 1, remat block, memory: {memory_cap or '-'}",
+                     target=f">= {tokens} tokens", measured=search.get("max_tokens") or status, met=met)]
     summary = next((r for r in records if r.get("kind") == "summary"), {})
-    memory = {"device": "device", "host_run": "host memory, no device stats"}.get(summary.get("memory"), "device")
+    memory = {"device_added": "device, added over the memory in use before the warm-up",
+              "device": "device, whole process", "host_run": "host memory, no device stats"}.get(
+        summary.get("memory"), "device")
     return [dict(goal=f"chunked decode peak memory ({memory}), longest / shortest clip", target="<= 1.2",
                  measured=summary.get("peak_ratio"), met=summary.get("met"))]
 
@@ -153,15 +207,27 @@ def memory_fraction(gpu_mib: int | None, cap_mib: int) -> str | None:
     return f"{BENCH_MEM_FRACTION * cap_mib / gpu_mib:.4f}"
 
 
-def run_job(job: Job, args, timeout: float, out_dir: Path, log) -> dict:
+def memory_cap_note(args, cap: str | None) -> str:
+    """Which memory the long-sequence job ran in, for its goal row (``unknown``: nvidia-smi gave no total)."""
+    if cap:
+        return f"{args.memory_cap_mib} MiB of the GPU's {args.gpu_mib} (JAX fraction {cap})"
+    if args.gpu_mib:
+        return f"the whole GPU, {args.gpu_mib} MiB (<= {args.memory_cap_mib}: no cap needed)"
+    if args.gpus:
+        return f"unknown: nvidia-smi's total did not parse ({args.gpus[0][:60]!r}); no cap was set"
+    return "unknown: no nvidia-smi output; no cap was set"
+
+
+def run_job(job: Job, args, timeout: float, out_dir: Path, log, profile: bool = False) -> dict:
     """Run one job in a subprocess with a hard timeout; its record (status, elapsed, records, goals)."""
-    env, cap = vidiff_env(), None
+    env, cap, note = vidiff_env(), None, None
     if job.kind == "max_tokens":
         cap = memory_fraction(args.gpu_mib, args.memory_cap_mib)
+        note = memory_cap_note(args, cap)
         if cap:
             env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = cap
     results_path = out_dir / f".{job.name}.json"  # bench_compare's own report (hidden: not one of the 3 outputs)
-    cmd = job_command(job, args, results_path, timeout)
+    cmd = job_command(job, args, results_path, timeout, profile)
     log.write(f"\n===== {job.name}: {shlex.join(cmd)}\n")
     log.flush()
     start = time.perf_counter()
@@ -179,13 +245,18 @@ def run_job(job: Job, args, timeout: float, out_dir: Path, log) -> dict:
     elapsed = time.perf_counter() - start
     log.write(stdout + stderr)
     log.flush()
-    if job.kind == "compare" and results_path.exists():
-        records = json.loads(results_path.read_text())["results"]
+    records = None
+    if job.kind == "compare" and results_path.exists():  # rewritten after each of its subprocesses
+        try:
+            records = json.loads(results_path.read_text())["results"]
+        except (json.JSONDecodeError, KeyError):  # killed while writing it: the rows it printed stand in
+            pass
         results_path.unlink()
-    else:
+    if records is None:
         records = json_lines(stdout)
     return dict(job=job.name, status=status, elapsed_s=round(elapsed, 1), est_s=job.est_s, cmd=shlex.join(cmd),
-                **({"mem_fraction": cap} if cap else {}), records=records, goals=goal_rows(job, records, args.tiny),
+                **({"mem_fraction": cap} if cap else {}), **({"memory_cap": note} if note else {}),
+                records=records, goals=goal_rows(job, records, args, note),
                 **({"stderr_tail": stderr.strip().splitlines()[-10:]} if status != "ok" else {}))
 
 
@@ -216,36 +287,81 @@ def gpu_memory_mib(gpus: list[str]) -> int | None:
         return None
 
 
+def check_peer(args, jobs: list[Job]) -> None:
+    """Stop, in one line and before any device time is spent, if a compare job would run without the peer."""
+    modes = {mode for job in jobs if job.kind == "compare" for mode in job.modes}
+    needs_file = ("train" in modes and not args.peer_cmd) or ("forward" in modes and not args.peer_forward_cmd)
+    peer = Path(args.peer or DEFAULT_PEER)
+    if needs_file and not peer.exists():
+        raise SystemExit(f"bench_goals: the peer {peer} is missing; copy ../shared/bench/torch_dit_reference.py "
+                         f"into shared/bench/ of the checkout (or pass --peer PATH)")
+
+
+def next_call(left_over: list[str], done: list[dict], args, elapsed: float) -> str:
+    """The follow-up command for what was not measured, its --budget sized from the device time left."""
+    if not left_over:
+        return ""
+    lines = [f"not measured: run again with --only {','.join(left_over)}"]
+    left = args.device_left - elapsed - CALL_OVERHEAD_S  # device time after this call and the next one's overhead
+    budget = min(CALL_MAX_BUDGET_S, left)
+    smallest = min(job.est_s * args.estimate_scale for job in JOBS if job.name in left_over)
+    if budget < smallest:
+        lines.append(f"next call: ~{max(0, left):.0f} s of device time left by --device-left {args.device_left:.0f} "
+                     f"(this call ran {elapsed:.0f} s), less than the smallest job left ({smallest:.0f} s): "
+                     f"run them in another session")
+    else:
+        lines.append(f"next call, at once while the machine is warm (--budget: status's budget_left_s - "
+                     f"{CALL_OVERHEAD_S:.0f}; here from --device-left {args.device_left:.0f} less this call's "
+                     f"{elapsed:.0f} s), timeout_s {budget + 30:.0f}:")
+        lines.append(f"PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/bench_goals.py --budget {budget:.0f} "
+                     f"--only {','.join(left_over)} --out-dir $OUT")
+    return "\n".join(lines)
+
+
+def report(done: list[dict], args, elapsed: float) -> str:
+    text = goal_table(done)
+    left_over = [r["job"] for r in done if r["status"] in ("skipped", "timeout")]
+    if left_over:
+        text += "\n\n" + next_call(left_over, done, args, elapsed)
+    return text
+
+
 def run_goals(args) -> list[dict]:
-    deadline = time.perf_counter() + args.budget
+    started = time.perf_counter()
+    deadline = started + args.budget
+    jobs = [job for job in JOBS if job.name in args.only and job.name not in args.skip]
+    check_peer(args, jobs)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [job for job in JOBS if job.name in args.only and job.name not in args.skip]
-    done = []
+    done, profile = [], args.profile
     with open(out_dir / "goals.jsonl", "a") as results, open(out_dir / "goals.log", "a") as log:
         machine = environment()
+        args.gpus = machine["gpus"]
         args.gpu_mib = gpu_memory_mib(machine["gpus"])
-        results.write(json.dumps(dict(job="environment", **machine, budget_s=args.budget,
-                                      tiny=args.tiny, steps=args.steps, warmup=args.warmup)) + "\n")
+        results.write(json.dumps(dict(job="environment", **machine, budget_s=args.budget, device_left_s=args.device_left,
+                                      tiny=args.tiny, steps=args.steps, warmup=args.warmup,
+                                      vidiff_remat=args.vidiff_remat, vidiff_update=args.vidiff_update)) + "\n")
         for job in jobs:
-            left, estimate = deadline - time.perf_counter(), job.est_s * args.estimate_scale
+            left = deadline - time.perf_counter()
+            traced = profile and job.kind == "compare"  # --profile: the first compare job this call runs
+            estimate = (job.est_s + (PROFILE_EST_S if traced else 0)) * args.estimate_scale
             if estimate > left:
                 record = dict(job=job.name, status="skipped", reason=f"estimated {estimate:.0f} s, {left:.0f} s left",
                               goals=[dict(goal=job.name, target="-", measured="skipped", met=None)])
             else:
                 print(f"[{job.name}] starting, {left:.0f} s left, estimated {estimate:.0f} s", file=sys.stderr,
                       flush=True)
-                record = run_job(job, args, max(1.0, left - STOP_MARGIN_S), out_dir, log)
+                record = run_job(job, args, max(1.0, left - STOP_MARGIN_S), out_dir, log, traced)
+                profile = profile and not traced
                 print(f"[{job.name}] {record['status']} after {record['elapsed_s']} s", file=sys.stderr, flush=True)
             results.write(json.dumps(record) + "\n")
             results.flush()
             done.append(record)
-    report = goal_table(done)
-    left_over = [r["job"] for r in done if r["status"] in ("skipped", "timeout")]
-    if left_over:
-        report += f"\n\nnot measured: run again with --only {','.join(left_over)}"
-    (out_dir / "goals.md").write_text(report + "\n")
-    print(report)
+            # After every job: a call cut at its limit still returns the table of what finished.
+            (out_dir / "goals.md").write_text(report(done, args, time.perf_counter() - started) + "\n")
+    text = report(done, args, time.perf_counter() - started)
+    (out_dir / "goals.md").write_text(text + "\n")
+    print(text)
     return done
 
 
@@ -264,7 +380,11 @@ def goal_table(done: list[dict]) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", type=float, default=540.0, help="seconds for all jobs together (a call may run 600)")
+    p.add_argument("--budget", type=float, default=480.0,
+                   help="seconds for all jobs together (call 1: 480; call 2: status's budget_left_s - 40)")
+    p.add_argument("--device-left", type=float, default=SESSION_DEVICE_S - MACHINE_START_S,
+                   help="device seconds left as this call's command starts (default 810: 900 less a machine "
+                        "start): sizes the next call's --budget")
     p.add_argument("--out-dir", required=True, help="where goals.jsonl, goals.log and goals.md go")
     p.add_argument("--only", help=f"comma-separated jobs to run, in this file's order (default all: {JOB_NAMES})")
     p.add_argument("--skip", default="", help="comma-separated jobs not to run")
@@ -275,7 +395,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--memory-cap-mib", type=int, default=H100_MEMORY_MIB,
                    help="GPU memory the long-sequence job may use (default: an H100 80GB's)")
     p.add_argument("--profile", action="store_true",
-                   help="also write a profile of vidiff's steps in the first job (4 files: trace.json.gz, xplane.pb)")
+                   help="trace one step of vidiff's forward and training in the first compare job run "
+                        f"(+{PROFILE_EST_S:.0f} s to its estimate; up to 4 files: trace.json.gz, xplane.pb)")
+    p.add_argument("--vidiff-remat", default="attention", choices=("block", "attention", "dots"),
+                   help="vidiff's remat at 1x16384 in compare_1x16384 (default attention; the peer recomputes "
+                        "whole blocks, as block; compare_1x16384_block always runs block)")
+    p.add_argument("--vidiff-update", default="adamw", choices=("adamw", "full"),
+                   help="vidiff's training update in the goal rows: adamw = the peer's work (AdamW only, "
+                        "default), full = vidiff train's (clip, AdamW, EMA, guard)")
     p.add_argument("--tiny", action="store_true", help="tiny models and shapes (CPU smoke run; fake the peer)")
     p.add_argument("--peer", help="path of torch_dit_reference.py (default: bench_compare.py's)")
     for flag in ("--peer-cmd", "--peer-forward-cmd", "--vidiff-cmd", "--vidiff-extra"):
@@ -288,7 +415,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if unknown:
             raise SystemExit(f"{flag}: unknown jobs {unknown}; choose from {JOB_NAMES}")
     args.only, args.skip = names["--only"], names["--skip"]
-    args.gpu_mib = None  # read from nvidia-smi when the session starts
+    args.gpu_mib, args.gpus = None, []  # read from nvidia-smi when the session starts
     if args.budget <= 0:
         raise SystemExit(f"--budget must be positive seconds, got {args.budget}")
     return args

@@ -167,12 +167,15 @@ def test_cudnn_attention_kernels_are_counted_forward_and_backward():
 
 @pytest.mark.slow
 def test_bench_dit_train_tiny_with_remat_and_scan(tmp_path):
-    (record,) = run_script("bench_dit.py", "--tiny", "--mode", "train", "--remat", "block", "--scan",
-                           "--latent-shape", "1,8,8", "--steps", "1", "--warmup", "1", "--profile", str(tmp_path),
-                           "--profile-steps", "2")
-    assert TRAIN_KEYS <= set(record)
-    # Two more steps traced after timing, the files copied flat (a device call returns no deeper).
-    assert sorted(Path(p).name for p in record["profile"]) == ["train_2x16.trace.json.gz", "train_2x16.xplane.pb"]
+    record, profile = run_script("bench_dit.py", "--tiny", "--mode", "train", "--remat", "block", "--scan",
+                                 "--latent-shape", "1,8,8", "--steps", "1", "--warmup", "1", "--profile",
+                                 str(tmp_path), "--profile-steps", "2")
+    assert TRAIN_KEYS <= set(record) and record["update"] == "full"
+    # Two more steps traced after the timing record, on a line of their own, the files copied flat (a device call
+    # returns no deeper).
+    assert (profile["mode"], profile["of_mode"], profile["status"], profile["left_behind"]) == (
+        "profile", "train", "ok", [])
+    assert sorted(Path(p).name for p in profile["files"]) == ["train_2x16.trace.json.gz", "train_2x16.xplane.pb"]
     events = json.loads(gzip.decompress((tmp_path / "train_2x16.trace.json.gz").read_bytes()))["traceEvents"]
     assert sorted({int(e["args"]["step_num"]) for e in events if e.get("name") == "train_2x16"}) == [0, 1]
     assert record["mode"] == "train" and record["status"] == "ok"
@@ -254,6 +257,7 @@ def test_host_peak_resets_and_sees_a_later_allocation():
     assert measure.proc_status_gib("VmHWM") < base + 0.05  # the old peak is gone
     held = np.ones(2**26, np.uint8)  # 64 MiB
     assert measure.proc_status_gib("VmHWM") - base == pytest.approx(64 / 1024, abs=0.02)
+    assert held.sum() == 2**26  # still held when the mark was read
 
 
 @pytest.mark.slow
@@ -354,28 +358,40 @@ def run_goals(tmp_path, *args: str) -> tuple[list[dict], str]:
 
 
 def test_bench_goals_runs_what_fits_the_budget_and_names_the_rest(tmp_path):
-    # Estimates x 0.4: compare_4x4096 (96 s) does not fit in 90 s, the next two (76 s, 68 s) do.
-    lines, table = run_goals(tmp_path, "--only", "compare_4x4096,compare_1x16384,compare_64x256",
-                             "--budget", "90", "--estimate-scale", "0.4")
+    # Estimates x 0.4: compare_1x16384 (104 s) does not fit in 100 s, the next two (96 s, 76 s) do.
+    lines, table = run_goals(tmp_path, "--only", "compare_1x16384,compare_64x256,compare_1x16384_block",
+                             "--budget", "100", "--estimate-scale", "0.4")
     environment, *jobs = lines
-    assert environment["job"] == "environment" and environment["budget_s"] == 90 and environment["tiny"] is True
+    assert environment["job"] == "environment" and environment["budget_s"] == 100 and environment["tiny"] is True
+    assert (environment["vidiff_remat"], environment["vidiff_update"]) == ("attention", "adamw")
     by_job = {j["job"]: j for j in jobs}
-    assert [j["job"] for j in jobs] == ["compare_4x4096", "compare_1x16384", "compare_64x256"]
-    assert by_job["compare_4x4096"]["status"] == "skipped" and "96 s" in by_job["compare_4x4096"]["reason"]
-    (goal,) = by_job["compare_1x16384"]["goals"]
-    assert goal["measured"] == pytest.approx(1.5) and goal["met"] is True and goal["target"] == ">= 1.0"
-    assert "--remat attention" in by_job["compare_1x16384"]["records"][0]["commands"]["vidiff"]
-    assert by_job["compare_64x256"]["goals"][0]["met"] is True
-    assert "| compare_1x16384 | train 1x64 vidiff/peer tokens/s | >= 1.0 | 1.500 | yes |" in table
-    assert table.rstrip().endswith("run again with --only compare_4x4096")
+    assert [j["job"] for j in jobs] == ["compare_1x16384", "compare_64x256", "compare_1x16384_block"]
+    assert by_job["compare_1x16384"]["status"] == "skipped" and "104 s" in by_job["compare_1x16384"]["reason"]
+    train, forward = by_job["compare_64x256"]["goals"]  # the forward runs in the same job, as vidiff --mode both
+    assert train["measured"] == pytest.approx(1.5) and train["met"] is True and train["target"] == ">= 1.2"
+    assert forward["measured"] == pytest.approx(0.75) and forward["met"] is False
+    (block,) = by_job["compare_1x16384_block"]["goals"]
+    assert block["measured"] == pytest.approx(1.5) and block["met"] is True and block["target"] == ">= 1.0"
+    vidiff_cmd = by_job["compare_1x16384_block"]["records"][0]["commands"]["vidiff"]
+    assert "--remat block" in vidiff_cmd and "--update adamw" in vidiff_cmd
+    assert ("| compare_1x16384_block | train 1x64 vidiff/peer tokens/s (remat: vidiff block, peer block; "
+            "vidiff update: AdamW only, as the peer) | >= 1.0 | 1.500 | yes |") in table
+    assert "| compare_64x256 | forward 2x32 vidiff/peer tokens/s | >= 1.2 | 0.750 | NO |" in table
+    assert "not measured: run again with --only compare_1x16384\n" in table
+    # The next call's budget from the device time left: 810 s by default, less this call and 40 s, at most 560.
+    assert table.rstrip().endswith("--budget 560 --only compare_1x16384 --out-dir $OUT")
 
 
 def test_bench_goals_checks_forward_goal_and_rejects_unknown_jobs(tmp_path):
-    lines, table = run_goals(tmp_path, "--only", "compare_4x4096", "--estimate-scale", "0", "--profile")
-    assert f"--vidiff-extra '--profile {tmp_path / 'goals'}'" in lines[1]["cmd"]  # the fake vidiff writes none
+    lines, table = run_goals(tmp_path, "--only", "max_tokens,compare_4x4096", "--estimate-scale", "0", "--profile",
+                             "--vidiff-update", "full", "--skip", "max_tokens")
+    # --profile traces the first compare job run (the fake vidiff writes no trace).
+    assert f"--vidiff-extra '--profile {tmp_path / 'goals'} --profile-steps 1'" in lines[1]["cmd"]
+    assert "--vidiff-update full" in lines[1]["cmd"]
     goals = {g["goal"]: g for g in lines[1]["goals"]}
     assert goals["forward 2x32 vidiff/peer tokens/s"]["met"] is False  # the fake peer forward is faster: 0.75
-    assert goals["train 2x32 vidiff/peer tokens/s"]["measured"] == pytest.approx(1.5)
+    train = goals["train 2x32 vidiff/peer tokens/s (vidiff update: clip + AdamW + EMA + guard, the peer AdamW only)"]
+    assert train["measured"] == pytest.approx(1.5)
     assert "not measured" not in table
     done = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_goals.py"), "--out-dir", str(tmp_path),
                            "--only", "compare_4x4096,fastest"], capture_output=True, text=True, cwd=REPO)
@@ -393,6 +409,7 @@ def test_bench_goals_timeout_stops_the_benchmark_and_its_children(tmp_path, monk
     args = bench_goals.parse_args(["--out-dir", str(tmp_path), "--tiny"])
     with open(tmp_path / "log", "w") as log:
         record = bench_goals.run_job(bench_goals.JOBS[2], args, 3.0, tmp_path, log)
+    assert record["memory_cap"] == "unknown: no nvidia-smi output; no cap was set"
     assert record["status"] == "timeout" and 3.0 <= record["elapsed_s"] < 30
     assert record["goals"][0]["met"] is None  # no figure, neither met nor missed
     grandchild = Path(f"/proc/{pid_file.read_text()}/status")
