@@ -301,7 +301,8 @@ for mode in modes:
 """
 
 
-def run_compare(tmp_path, *args: str, peer_train: str | None = None) -> tuple[dict, str]:
+def run_compare(tmp_path, *args: str, peer_train: str | None = None, peer_forward: str | None = None
+                ) -> tuple[dict, str]:
     """``bench_compare.py --tiny`` against fake vidiff / peer commands (speeds 3, 2, 4); its report and stdout."""
     fake = tmp_path / "fake.py"
     fake.write_text(FAKE)
@@ -310,7 +311,7 @@ def run_compare(tmp_path, *args: str, peer_train: str | None = None) -> tuple[di
     done = subprocess.run(
         [sys.executable, str(EXPERIMENTS / "bench_compare.py"), "--tiny", *args,
          "--vidiff-cmd", f"{prefix} vidiff 3", "--peer-cmd", peer_train or f"{prefix} torch 2",
-         "--peer-forward-cmd", f"{prefix} torch 4", "--out", str(out)],
+         "--peer-forward-cmd", peer_forward or f"{prefix} torch 4", "--out", str(out)],
         capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(out.read_text()), done.stdout
@@ -348,7 +349,7 @@ def run_goals(tmp_path, *args: str) -> tuple[list[dict], str]:
     done = subprocess.run(
         [sys.executable, str(EXPERIMENTS / "bench_goals.py"), "--tiny", "--out-dir", str(out),
          "--vidiff-cmd", f"{prefix} vidiff 3", "--peer-cmd", f"{prefix} torch 2",
-         "--peer-forward-cmd", f"{prefix} torch 4", *args],
+         *([] if "--peer-forward-cmd" in args else ["--peer-forward-cmd", f"{prefix} torch 4"]), *args],
         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["goals.jsonl", "goals.log", "goals.md"]
@@ -456,3 +457,204 @@ def test_bench_compare_runs_only_the_peer_modes_it_compares(tmp_path):
     (result,) = report["results"]
     assert result["mode"] == "forward" and result["ratio_tokens_per_s"] == pytest.approx(0.75)
     assert "peer_train" not in result["commands"]
+
+
+# --------------------------------------------------------------------------- review fixes: results kept, time plan
+
+
+SLEEPER = "import time; time.sleep(60)"
+
+
+def test_bench_compare_writes_each_run_as_it_ends(tmp_path):
+    """A caller that kills bench_compare while the peer forward hangs still finds the finished runs in --out."""
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    out = tmp_path / "compare.json"
+    prefix = f"{sys.executable} {fake}"
+    child = subprocess.Popen(
+        [sys.executable, str(EXPERIMENTS / "bench_compare.py"), "--tiny", "--configs", "2x32", "--timeout", "60",
+         "--vidiff-cmd", f"{prefix} vidiff 3", "--peer-cmd", f"{prefix} torch 2",
+         "--peer-forward-cmd", f"{sys.executable} -c '{SLEEPER}'", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, start_new_session=True)
+    try:
+        train_line = child.stdout.readline()  # printed once the peer's training run ended
+        results = json.loads(out.read_text())["results"]
+    finally:
+        os.killpg(child.pid, 9)
+        child.wait()
+    row = json.loads(train_line)
+    assert (row["config"], row["mode"], row["ratio_tokens_per_s"]) == ("2x32", "train", pytest.approx(1.5))
+    by_mode = {r["mode"]: r for r in results}
+    assert by_mode["train"]["ratio_tokens_per_s"] == pytest.approx(1.5)
+    assert by_mode["forward"]["vidiff"]["status"] == "ok" and by_mode["forward"]["peer"] == {"status": "not_run"}
+
+
+def test_bench_compare_gives_each_run_what_is_left_of_one_deadline(tmp_path):
+    report, stdout = run_compare(tmp_path, "--configs", "2x32", "--timeout", "60",
+                                 "--deadline", str(time.time() + 5), peer_forward=f"{sys.executable} -c '{SLEEPER}'")
+    by_mode = {r["mode"]: r for r in report["results"]}
+    assert by_mode["train"]["ratio_tokens_per_s"] == pytest.approx(1.5)  # finished before the deadline: kept
+    assert by_mode["forward"]["peer"]["status"] == "timeout" and by_mode["forward"]["ratio_tokens_per_s"] is None
+    assert [json.loads(line)["mode"] for line in stdout.splitlines() if line.startswith("{")] == ["train", "forward"]
+    # Past the deadline, nothing more is started.
+    report, _ = run_compare(tmp_path, "--configs", "2x32", "--modes", "train", "--deadline", str(time.time() - 1))
+    (row,) = report["results"]
+    assert row["vidiff"]["status"] == row["peer"]["status"] == "timeout"
+    assert row["vidiff"]["reason"] == "no time left before the deadline"
+
+
+def test_bench_goals_keeps_what_a_hanging_job_finished(tmp_path):
+    """The review's case: vidiff and the peer's training finish, the peer forward hangs past the budget."""
+    lines, table = run_goals(tmp_path, "--only", "compare_4x4096", "--estimate-scale", "0", "--budget", "16",
+                             "--peer-forward-cmd", f"{sys.executable} -c '{SLEEPER}'")
+    job = lines[1]
+    # bench_compare ended its hanging child at the shared deadline (budget - 10 s) itself, before bench_goals' kill.
+    assert job["status"] == "ok" and job["elapsed_s"] < 11
+    goals = {g["goal"].split(" vidiff/peer")[0]: g for g in job["goals"]}
+    assert goals["train 2x32"]["measured"] == pytest.approx(1.5) and goals["train 2x32"]["met"] is True
+    assert goals["forward 2x32"]["measured"] is None and goals["forward 2x32"]["met"] is None
+    assert job["records"][1]["peer"]["status"] == "timeout"
+
+
+def test_bench_goals_plan_fits_two_calls_of_one_device_session(monkeypatch, tmp_path):
+    """By the estimates (each job taking exactly its estimate), call 1 and call 2 of the session's plan."""
+    import bench_goals
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(bench_goals.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(bench_goals, "environment", lambda: dict(python="3", gpus=["NVIDIA H200, 143771 MiB, 580"]))
+
+    def fake_job(job, args, timeout, out_dir, log, profile=False):
+        clock["now"] += job.est_s
+        return dict(job=job.name, status="ok", elapsed_s=job.est_s, goals=[])
+
+    monkeypatch.setattr(bench_goals, "run_job", fake_job)
+    common = ["--peer-cmd", "x", "--peer-forward-cmd", "x"]
+    call1 = bench_goals.main(["--out-dir", str(tmp_path / "1"), *common])
+    assert [(r["job"], r["status"]) for r in call1] == [
+        ("compare_4x4096", "ok"), ("compare_1x16384", "skipped"), ("max_tokens", "ok"), ("vae_decode", "ok"),
+        ("compare_64x256", "skipped"), ("compare_1x16384_block", "skipped")]
+    assert sum(r.get("elapsed_s", 0) for r in call1) == 440 <= 480  # the default --budget
+    table = (tmp_path / "1" / "goals.md").read_text()
+    # 810 s of device time as the call starts (900 less a machine start), less 440 s and 40 s of overhead.
+    assert ("--budget 330 --only compare_1x16384,compare_64x256,compare_1x16384_block --out-dir $OUT"
+            in table)
+    clock["now"] = 0.0
+    call2 = bench_goals.main(["--out-dir", str(tmp_path / "2"), "--budget", "270", "--device-left", "310",
+                              "--only", "compare_1x16384,compare_64x256,compare_1x16384_block", *common])
+    assert [r["status"] for r in call2] == ["ok", "skipped", "skipped"]
+    assert "less than the smallest job left (190 s): run them in another session" in (
+        tmp_path / "2" / "goals.md").read_text()
+
+
+def test_bench_goals_stops_in_one_line_without_the_peer(tmp_path):
+    cmd = [sys.executable, str(EXPERIMENTS / "bench_goals.py"), "--tiny", "--out-dir", str(tmp_path / "out"),
+           "--peer", str(tmp_path / "missing.py")]
+    done = subprocess.run([*cmd, "--only", "compare_64x256"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 1 and not (tmp_path / "out").exists()  # before anything ran or was written
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"bench_goals: the peer {tmp_path / 'missing.py'} is missing")
+    import bench_goals  # a job without the peer, or a peer given as a command, needs no file
+
+    bench_goals.check_peer(bench_goals.parse_args([*cmd[2:], "--only", "vae_decode"]), [bench_goals.JOBS[3]])
+    args = bench_goals.parse_args([*cmd[2:], "--peer-cmd", "x", "--peer-forward-cmd", "y"])
+    bench_goals.check_peer(args, list(bench_goals.JOBS))
+
+
+def test_max_tokens_goal_says_which_memory_it_ran_in():
+    import bench_goals
+
+    args = bench_goals.parse_args(["--out-dir", "x"])
+    job = next(j for j in bench_goals.JOBS if j.name == "max_tokens")
+    args.gpu_mib, args.gpus = 143771, ["NVIDIA H200, 143771 MiB, 580"]
+    assert bench_goals.memory_cap_note(args, "0.5389") == "81559 MiB of the GPU's 143771 (JAX fraction 0.5389)"
+    args.gpu_mib, args.gpus = None, ["NVIDIA H200, [N/A], 580"]
+    note = bench_goals.memory_cap_note(args, None)
+    assert note.startswith("unknown: nvidia-smi's total did not parse")
+    search = [dict(mode="max_tokens_search", max_tokens=131072, tried=[dict(tokens=131072, status="ok")])]
+    (row,) = bench_goals.goal_rows(job, search, args, note)
+    assert row["measured"] == 131072 and row["met"] is None and "memory: unknown" in row["goal"]
+    (row,) = bench_goals.goal_rows(job, search, args, bench_goals.memory_cap_note(args, "0.5389"))
+    assert row["met"] is True
+
+
+# --------------------------------------------------------------------------- review fixes: measurement details
+
+
+def test_is_oom_reads_the_failure_not_allocator_warnings():
+    import measure
+
+    warning = ("W external/xla/tsl/framework/bfc_allocator.cc:310] Allocator (GPU_0_bfc) ran out of memory trying "
+               "to allocate 2.1GiB. The caller indicates that this is not a failure, but this may mean that there "
+               "could be performance gains if more memory were available. (out of memory)")
+    other = f"{warning}\nTraceback (most recent call last):\n  File \"x.py\"\nRuntimeError: cuDNN error: bad param\n"
+    assert not measure.is_oom(other) and measure.last_exception_line(other) == "RuntimeError: cuDNN error: bad param"
+    xla = f"{warning}\njaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to " \
+          "allocate 81.00GiB.\n"
+    assert measure.is_oom(xla)
+    assert measure.is_oom("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
+    assert measure.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8 bytes"))
+    assert not measure.is_oom(RuntimeError("loss ran out of memory budget? no: NaN"))
+    failed = measure.run_isolated([sys.executable, "-c", f"import sys; print({warning!r}, file=sys.stderr); "
+                                   "raise ValueError('not finite')"], 30)
+    assert failed == {"status": "error", "error": "ValueError: not finite"}
+
+
+def test_bench_dit_prints_the_record_before_a_failing_profile(monkeypatch, capsys):
+    import bench_dit
+
+    def forward(args, cfg, mesh, latent_shape, tokens):
+        def trace():
+            raise FileNotFoundError(2, "No such file or directory", "/proc/nope")
+        return dict(mode="forward", status="ok", tokens_per_s=10.0), trace
+
+    monkeypatch.setattr(bench_dit, "bench_forward", forward)
+    args = bench_dit.parse_args(["--tiny", "--mode", "forward", "--batch", "8", "--profile", "/proc/nope"])
+    record, profile = bench_dit.run_modes(args)
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [record, profile] and record["tokens_per_s"] == 10.0
+    assert (profile["mode"], profile["of_mode"], profile["status"], profile["files"]) == ("profile", "forward",
+                                                                                          "error", [])
+    assert profile["error"].startswith("FileNotFoundError: [Errno 2] No such file or directory")
+    assert args.profile_steps == 1 and args.update == "full"  # the defaults: one traced step, vidiff train's update
+
+
+def test_profiled_runs_leave_oversized_traces_behind(tmp_path):
+    import measure
+
+    copied, left = measure.profiled_runs(lambda: None, 1, str(tmp_path), "tiny", max_bytes=0)
+    assert copied == [] and list(tmp_path.iterdir()) == []
+    assert sorted(n.split(" ")[0] for n in left) == ["tiny.trace.json.gz", "tiny.xplane.pb"]
+    assert all(n.endswith("MiB > 0 MiB)") for n in left)
+
+
+def test_adamw_only_step_does_the_peers_optimizer_work():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import bench_dit
+    from vidiff.train.state import TrainState
+
+    tx = optax.adamw(0.1, weight_decay=0.01)
+    params = {"w": jnp.array([1.0, -2.0])}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       ema_params={"w": jnp.array([5.0, 5.0])}, rng=jax.random.key_data(jax.random.key(0)),
+                       skipped=jnp.zeros((), jnp.int32), first_bad_step=jnp.full((), -1, jnp.int32))
+    loss = lambda p, batch, rng, frozen, step: (jnp.sum(p["w"] ** 2) * 1e3, {})  # a gradient clipping would cut
+    new, metrics = bench_dit.adamw_only_step(loss, tx)(state, {}, {})
+    updates, _ = tx.update({"w": 2e3 * params["w"]}, tx.init(params), params)
+    assert new.params["w"] == pytest.approx(optax.apply_updates(params, updates)["w"])
+    assert new.ema_params["w"].tolist() == [5.0, 5.0] and int(new.step) == 1  # no EMA update
+    assert metrics["loss"] == pytest.approx(5e3) and "grad_norm" not in metrics
+
+
+def test_vae_goal_ratio_is_of_the_memory_a_case_adds():
+    import bench_vae
+
+    # 6 GiB of parameters and autotuning both clips share; the decode itself adds 1.0 against 1.5 GiB.
+    rows = [dict(op="decode", way="chunked", size=256, frames=f, status="ok", peak_mem_GiB=6.0 + added,
+                 device_base_GiB=6.0, device_added_GiB=added) for f, added in ((17, 1.0), (257, 1.5))]
+    (summary,) = bench_vae.summaries(rows)
+    assert summary["memory"] == "device_added" and summary["peak_ratio"] == pytest.approx(1.5)
+    assert summary["met"] is False and summary["whole_peak_ratio"] == pytest.approx(7.5 / 7.0)
