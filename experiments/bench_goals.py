@@ -1,7 +1,7 @@
 """Every GPU performance goal in one or two device calls: the benchmarks, most important first, under one budget.
 
     PYTHONPATH=. python3 experiments/bench_goals.py --budget 480 --out-dir $OUT                  # call 1
-    PYTHONPATH=. python3 experiments/bench_goals.py --budget 270 --only <jobs left> --out-dir $OUT  # call 2
+    PYTHONPATH=. python3 experiments/bench_goals.py --budget 310 --only <jobs left> --out-dir $OUT  # call 2
     python experiments/bench_goals.py --tiny --peer-cmd "python fake.py torch 2" ...   # CPU smoke run
 
 A lent GPU comes with 15 minutes (900 s) of device time, the machine's start
@@ -36,7 +36,7 @@ The forwards run in the compare jobs (``bench_dit.py --mode both``: one
 process, one parameter initialisation, one more compile), not in jobs of
 their own. By the estimates, call 1 (480 s) runs compare_4x4096, then skips
 compare_1x16384 (260 s > ~235 s left) and runs max_tokens and vae_decode
-(440 s in all); call 2 (~270 s) runs compare_1x16384; compare_64x256 and
+(440 s in all); call 2 (~310 s) runs compare_1x16384; compare_64x256 and
 compare_1x16384_block are left for another session. A faster first job lets
 compare_1x16384 into call 1 and the rest into call 2.
 
