@@ -223,6 +223,9 @@ def compare(args) -> dict:
                             vidiff_update=args.vidiff_update if mode == "train" else None,
                             commands={k: shlex.join(v) for k, v in cmds.items()
                                       if k == "vidiff" or k == f"peer_{mode}"}))
+            traces = [r for r in vidiff if r.get("of_mode") == mode] if isinstance(vidiff, list) else []
+            if traces:  # bench_dit.py --profile's line for this mode (files, or the profiler's error)
+                out[-1]["vidiff_profile"] = traces[0]
         return out
 
     def write(results: list[dict]) -> dict:

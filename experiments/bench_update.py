@@ -13,7 +13,10 @@ then the guard that keeps the old state after a non-finite loss or gradient):
 - ``where``: the guard as ``jnp.where(finite, new, old)`` per leaf (what vidiff does);
 - ``cond``: the guard as ``lax.cond(finite, update, keep)``;
 - ``no_guard``: no guard (a lower bound for ``where``);
-- ``no_ema``: the ``where`` guard without the EMA.
+- ``no_ema``: the ``where`` guard without the EMA;
+- ``adamw``: AdamW alone, no clipping, EMA or guard: the peer's optimizer work, as
+  ``bench_dit.py --update adamw`` times it (the goal rows); ``where`` less ``adamw`` is
+  what vidiff's full step adds to it.
 
 Each prints one JSON line: step_ms (median), grad_ms (the gradient alone),
 update_ms (the difference), copy_GBps (a donated scale-by-constant pass over
@@ -35,7 +38,7 @@ import optax
 from vidiff.train.optimizer import ema_update, make_optimizer
 from vidiff.train.state import TrainState, _ema_decay
 
-VARIANTS = ("where", "cond", "no_guard", "no_ema")
+VARIANTS = ("where", "cond", "no_guard", "no_ema", "adamw")
 OPTIM = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, end_lr_fraction=1.0, b1=0.9, b2=0.999,
                               eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1)
 
@@ -47,7 +50,7 @@ def loss_fn(params, scale):
 def make_step(variant: str, tx):
     def step(state, scale):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, scale)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(grads) if variant != "adamw" else jnp.zeros(())  # adamw: no norm pass
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(state):
@@ -57,7 +60,10 @@ def make_step(variant: str, tx):
                 state.ema_params, params, _ema_decay(0.999, state.step))
             return state.replace(params=params, opt_state=opt_state, ema_params=ema)
 
-        if variant == "cond":
+        if variant == "adamw":  # tx without clipping (main); no EMA, no guard
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+        elif variant == "cond":
             new = jax.lax.cond(finite, update, lambda s: s, state)
         elif variant == "no_guard":
             new = update(state)
@@ -107,6 +113,8 @@ def main(argv=None) -> list[dict]:
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     tx, _ = make_optimizer(OPTIM, 1000)
+    # The same optimizer state tree without clipping (make_optimizer keeps a placeholder in its place).
+    tx_adamw, _ = make_optimizer(types.SimpleNamespace(**{**vars(OPTIM), "grad_clip": 0.0}), 1000)
     params = make_params(int(args.params), args.leaves)
     count = sum(x.size for x in jax.tree.leaves(params))
     scale = jnp.float32(1.0)
@@ -121,7 +129,7 @@ def main(argv=None) -> list[dict]:
     copy_gbps = 8 * count / median_ms(copy_pass, args.steps) / 1e6
     records = []
     for variant in variants:
-        step = make_step(variant, tx)
+        step = make_step(variant, tx_adamw if variant == "adamw" else tx)
         holder = {"state": fresh_state(params, tx)}
         fusions = step.lower(holder["state"], scale).compile().as_text().count(" fusion(")
 

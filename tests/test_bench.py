@@ -438,7 +438,7 @@ def test_bench_goals_caps_memory_at_an_h100s_on_a_larger_gpu():
 
 def test_bench_update_times_every_guard_variant():
     lines = run_script("bench_update.py", "--params", "2e5", "--leaves", "4", "--steps", "1")
-    assert [r["variant"] for r in lines] == ["where", "cond", "no_guard", "no_ema"]
+    assert [r["variant"] for r in lines] == ["where", "cond", "no_guard", "no_ema", "adamw"]
     for record in lines:
         assert record["params"] == 4 * 48 * 1024  # 2e5 // 4 // 1024 = 48 rows of 1024 per leaf
         assert_positive(record, "step_ms", "grad_ms", "copy_GBps", "fusions")
