@@ -297,7 +297,7 @@ def check_peer(args, jobs: list[Job]) -> None:
                          f"into shared/bench/ of the checkout (or pass --peer PATH)")
 
 
-def next_call(left_over: list[str], done: list[dict], args, elapsed: float) -> str:
+def next_call(left_over: list[str], args, elapsed: float) -> str:
     """The follow-up command for what was not measured, its --budget sized from the device time left."""
     if not left_over:
         return ""
@@ -322,7 +322,7 @@ def report(done: list[dict], args, elapsed: float) -> str:
     text = goal_table(done)
     left_over = [r["job"] for r in done if r["status"] in ("skipped", "timeout")]
     if left_over:
-        text += "\n\n" + next_call(left_over, done, args, elapsed)
+        text += "\n\n" + next_call(left_over, args, elapsed)
     return text
 
 
