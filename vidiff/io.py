@@ -148,7 +148,7 @@ def read_video(
             reformat.update(height=int(size[0]), width=int(size[1]), interpolation="BICUBIC")
         half_period = 0.5 / info.fps
         out = _Resampler(fps, start_t, info.fps, max_frames, lambda frame: frame.to_ndarray(**reformat))
-        last_t, kept_t, decoded, complete, error = None, None, 0, False, None
+        last_t, decoded, complete, error = None, 0, False, None
 
         def reopen():
             again = stack.enter_context(_open(path)).streams.video[0]
@@ -165,7 +165,6 @@ def read_video(
                     complete = True
                     break
                 decoded += 1
-                kept_t = t
                 out.add(frame, t)
                 if out.full():
                     complete = True
@@ -174,7 +173,7 @@ def read_video(
             if not out.frames:
                 raise VideoReadError(path, CORRUPT, f"decoding failed ({e.__class__.__name__}: {e})") from None
             error = e
-        out.finish(kept_t, end_t)
+        out.finish(end_t)
     frames = out.frames
     if not complete:
         short = _truncation(info, origin, start_t, end_t, last_t, decoded, error)
@@ -242,12 +241,13 @@ class _Resampler:
     def __init__(self, fps, start, source_fps, max_frames, convert):
         self.fps, self.next_t, self.max_frames, self.convert = fps, start, max_frames, convert
         self.period = 1.0 / source_fps
-        self.frames = []
+        self.frames, self.kept_t = [], None  # kept_t: the time of the last frame added
 
     def full(self) -> bool:
         return self.max_frames is not None and len(self.frames) >= self.max_frames
 
     def add(self, frame, t: float):
+        self.kept_t = t
         if self.fps is None:
             self.frames.append(self.convert(frame))
             return
@@ -258,12 +258,12 @@ class _Resampler:
             self.frames.append(array)
             self.next_t += 1.0 / self.fps
 
-    def finish(self, kept_t: float | None, end_t: float | None):
+    def finish(self, end_t: float | None):
         """Instants after the last kept frame's middle, up to the end of its span (or of the window), repeat
         it, as ``resample_indices`` clamps."""
-        if self.fps is None or not self.frames or kept_t is None:
+        if self.fps is None or not self.frames:
             return
-        limit = kept_t + self.period if end_t is None else min(end_t, kept_t + self.period)
+        limit = self.kept_t + self.period if end_t is None else min(end_t, self.kept_t + self.period)
         while self.next_t < limit - 1e-9 and not self.full():
             self.frames.append(self.frames[-1])
             self.next_t += 1.0 / self.fps

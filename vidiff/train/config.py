@@ -270,10 +270,11 @@ def _flatten(tree, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(saved: dict, current: dict, prefixes) -> list[str]:
-    """``"data.buckets=None (config now [...])"`` for each JSON config field under ``prefixes`` that differs."""
+def config_changes(saved: dict, current: dict, prefixes, *, saved_fields_only: bool = False) -> list[str]:
+    """``"data.buckets=None (config now [...])"`` for each JSON config field under ``prefixes`` that differs;
+    ``saved_fields_only``: not the fields ``saved`` lacks (a newer config file spelling out a default)."""
     old, new, missing = _flatten(saved), _flatten(current), object()
     show = lambda v: "not set" if v is missing else repr(v)  # noqa: E731
     return [f"{key}={show(old.get(key, missing))} (config now {show(new.get(key, missing))})"
-            for key in sorted(set(old) | set(new))
+            for key in sorted(set(old) if saved_fields_only else set(old) | set(new))
             if any(key == p or key.startswith(p + ".") for p in prefixes) and old.get(key, missing) != new.get(key, missing)]

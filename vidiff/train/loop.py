@@ -300,8 +300,7 @@ def _restore(checkpointer, target, step: int, iterator, config_json: dict):
             saved = read_config(checkpointer.directory, step)
         except (OSError, ValueError):
             saved = None
-        changes = [] if saved is None else [
-            change for change in config_changes(saved, config_json, _RESTORE_FIELDS) if "=not set (" not in change]
+        changes = [] if saved is None else config_changes(saved, config_json, _RESTORE_FIELDS, saved_fields_only=True)
         if changes:
             raise ValueError(f"cannot restore {where}: it was written with {', '.join(changes)}; use a new "
                              f"workdir or the original config") from None
