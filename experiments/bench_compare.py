@@ -32,8 +32,10 @@ as ``{"status": "not_run"}``), and each finished (config, mode) row is printed
 to stdout as one JSON line. Each subprocess gets ``--timeout`` seconds, or
 less: what is left before ``--deadline`` (a ``time.time()`` value shared by
 the whole run), so a caller's deadline stops nothing that already finished.
-A subprocess that fails or times out is recorded with its status and stderr
-tail; the others still run, and one with no time left is recorded as
+Each side's record carries ``elapsed_s``, the wall time of its whole
+subprocess (start-up and compiles included): what a config costs in device
+time. A subprocess that fails or times out is recorded with its status and
+stderr tail (a timeout's also with the seconds it had); the others still run, and one with no time left is recorded as
 "timeout" without being started. At the end: a table (config, mode, tokens/s
 of each, vidiff/peer ratio, MFU, peak memory, whether vidiff used cuDNN
 attention).
@@ -165,18 +167,25 @@ def time_left(args) -> float:
 
 
 def run_json(cmd: list[str], timeout: float, env: dict | None = None) -> list[dict] | dict:
-    """Run ``cmd``; its JSON lines (stdout lines starting with '{'), or a failure record."""
+    """Run ``cmd``; its JSON lines (stdout lines starting with '{'), each with the subprocess's ``elapsed_s``, or
+    a failure record (a timeout's names the seconds it had and the end of its stderr)."""
     if timeout < MIN_RUN_S:
-        return dict(status="timeout", cmd=shlex.join(cmd), reason="no time left before the deadline")
+        return dict(status="timeout", cmd=shlex.join(cmd), reason="no time left before the deadline", timeout_s=0.0)
+    start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(status="timeout", cmd=shlex.join(cmd))
+    except subprocess.TimeoutExpired as expired:
+        stderr = expired.stderr or b""  # what it printed before the kill: bytes, whatever text= says
+        if isinstance(stderr, bytes):
+            stderr = stderr.decode(errors="replace")
+        return dict(status="timeout", cmd=shlex.join(cmd), timeout_s=round(timeout, 1),
+                    stderr_tail=stderr.strip().splitlines()[-5:])
+    elapsed_s = round(time.perf_counter() - start, 3)  # the whole subprocess: start-up, compiles, timed steps
     records = json_lines(done.stdout)
     if done.returncode != 0 or not records:
-        return dict(status="error", returncode=done.returncode, cmd=shlex.join(cmd),
+        return dict(status="error", returncode=done.returncode, cmd=shlex.join(cmd), elapsed_s=elapsed_s,
                     stderr_tail=done.stderr.strip().splitlines()[-15:])
-    return records
+    return [dict(record, elapsed_s=elapsed_s) for record in records]
 
 
 def vidiff_env() -> dict:

@@ -35,9 +35,12 @@ TFLOP/s on an H200 here, see experiments/PERF.md).
 
 Prints one JSON line per mode run (``--mode both`` runs the forward first, so
 its peak memory is not the training step's): impl="vidiff", mode, status
-("ok" | "oom"), the shapes, params_M, compile_s, step_s, tokens_per_s,
-model_tflops, mfu, peak_mem_GiB (``memory_stats()["peak_bytes_in_use"]``,
-the process's peak so far; null where the backend has no stats, e.g. CPU),
+("ok" | "oom"), the shapes, params_M, init_s (parameters or train state
+built, the init's compile included), compile_s, step_s, tokens_per_s,
+model_tflops, mfu, process_s (seconds since the process started, at the
+record: where a device call's time goes besides compiling), peak_mem_GiB
+(``memory_stats()["peak_bytes_in_use"]``, the process's peak so far; null
+where the backend has no stats, e.g. CPU),
 compiled_mem_GiB (XLA's static estimate), cudnn_attention (the compiled
 HLO calls cuDNN fused attention, ``__cudnn$fmha``), cudnn_attention_kernels
 (how many forward and backward calls: remat must not add forward ones
@@ -63,6 +66,7 @@ import sys
 import time
 import types
 
+PROCESS_START = time.perf_counter()
 # JAX preallocates 75% of GPU memory by default; PyTorch may use all of it. Let vidiff have the same
 # room (set before jax initialises a backend; an explicit setting in the environment wins).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
@@ -180,18 +184,20 @@ def cudnn_attention_kernels(hlo_text: str) -> dict[str, int]:
 
 
 def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: int, times: list[float],
-            compile_s: float, compiled) -> dict:
+            init_s: float, compile_s: float, compiled) -> dict:
     step_s = statistics.median(times)
     flops = dit_flops(cfg, tokens, args.text, batch=args.batch, training=mode == "train")
     kernels = cudnn_attention_kernels(compiled.as_text())
     devices = jax.device_count()
     return dict(
         base_record(args, cfg, mode, latent_shape, tokens), status="ok",
-        params_M=params / 1e6, compile_s=compile_s, step_s=step_s, step_s_min=min(times), step_s_max=max(times),
+        params_M=params / 1e6, init_s=init_s, compile_s=compile_s, step_s=step_s, step_s_min=min(times),
+        step_s_max=max(times),
         tokens_per_s=args.batch * tokens / step_s, model_tflops=flops / step_s / 1e12,
         peak_tflops=args.peak_tflops, mfu=flops / step_s / 1e12 / (args.peak_tflops * devices),
         peak_mem_GiB=peak_memory_gib(), compiled_mem_GiB=compiled_memory_gib(compiled),
         cudnn_attention=kernels["forward"] > 0, cudnn_attention_kernels=kernels,
+        process_s=time.perf_counter() - PROCESS_START,
     )
 
 
@@ -249,7 +255,9 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
 
     optim = OPTIM if args.update == "full" else types.SimpleNamespace(**{**vars(OPTIM), "grad_clip": 0.0})
     tx, _ = make_optimizer(optim, total_steps=args.warmup + args.steps)
-    state, state_shardings = create_state(init_params, tx, args.seed, mesh)
+    start = time.perf_counter()
+    state, state_shardings = jax.block_until_ready(create_state(init_params, tx, args.seed, mesh))
+    init_s = time.perf_counter() - start
     params = count_params(state.params)
     batch, batch_shardings = put_batch(random_batch(cfg, args.batch, latent_shape, args.text, args.seed), mesh)
     frozen = {}
@@ -272,7 +280,7 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     loss = float(holder["metrics"]["loss"])
     if not math.isfinite(loss):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
-    record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, compile_s, compiled),
+    record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, init_s, compile_s, compiled),
                   update=args.update)
     return record, tracer(mesh, run, args, f"train_{args.batch}x{tokens}")
 
@@ -282,8 +290,10 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     init = lambda key: dit.init(key, *dummy_inputs(cfg))["params"]
     key = jax.random.key(args.seed)
     shardings = parallel.param_shardings(jax.eval_shape(init, key), mesh)
+    start = time.perf_counter()
     with jax.set_mesh(mesh):
-        params = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
+        params = jax.block_until_ready(jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key))
+    init_s = time.perf_counter() - start
     host = random_batch(cfg, args.batch, latent_shape, args.text, args.seed)
     host["t"] = np.random.default_rng(args.seed + 1).uniform(size=(args.batch,)).astype(np.float32)
     batch, batch_shardings = put_batch(host, mesh)
@@ -301,7 +311,8 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         run = lambda: jax.block_until_ready(compiled(params, batch))
         times = timed_runs(run, args.warmup, args.steps)
     # run_modes drops the tracer (the last reference to the parameters), so --mode both trains with the memory free.
-    return (summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, compile_s, compiled),
+    return (summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, init_s, compile_s,
+                    compiled),
             tracer(mesh, run, args, f"forward_{args.batch}x{tokens}"))
 
 
