@@ -47,7 +47,7 @@ from vidiff.diffusion.flow import noise_latents, resolve_shift
 from vidiff.diffusion.samplers import check_guidance
 from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_plan, latent_count, on_sampler_step,
                                        pixel_count, sample_latents, sample_seeds, seeded_noise, text_context,
-                                       whole_number)
+                                       positive_whole_number, whole_number)
 from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
 from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, vae_preset
@@ -317,9 +317,8 @@ class TextToVideo:
         sampler = self.defaults["sampler"] if sampler is None else sampler  # sample() checks the name
         if steps < 1:
             raise ValueError(f"steps={steps} must be at least 1")
-        if batch_size is not None and (isinstance(batch_size, bool)
-                                       or not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1)):
-            raise ValueError(f"batch_size={batch_size!r} must be a positive int, or None for one batch")
+        if batch_size is not None:
+            batch_size = positive_whole_number(batch_size, "batch_size", ", or None for one batch")
         check_guidance(guidance, guidance_interval)
         emb = encode_prompts(self.text, prompts)
         sf = self.vae.config.spatial_factor

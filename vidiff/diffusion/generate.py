@@ -174,11 +174,17 @@ def whole_number(value, name: str) -> int:
     return int(value)
 
 
+def positive_whole_number(value, name: str, alternative: str = "") -> int:
+    """``value`` as an int if it is a whole number >= 1, else a one-line ``ValueError`` (``alternative``: what
+    else the caller accepts, e.g. ", or None for one batch")."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int{alternative}")
+    return int(value)
+
+
 def sample_seeds(seed, num_per_prompt: int = 1) -> list[int]:
     """The seeds every prompt is sampled with: ``seed, seed + 1, ...`` or an explicit list, each a uint32."""
-    if (isinstance(num_per_prompt, (bool, np.bool_)) or not isinstance(num_per_prompt, (int, np.integer))
-            or num_per_prompt < 1):
-        raise ValueError(f"num_per_prompt={num_per_prompt!r} must be a positive int")
+    num_per_prompt = positive_whole_number(num_per_prompt, "num_per_prompt")
     if isinstance(seed, np.ndarray) and seed.ndim == 0:
         seed = seed[()]  # a 0-d array: its numpy scalar
     if np.ndim(seed) == 0:

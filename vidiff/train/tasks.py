@@ -152,11 +152,12 @@ class VAETask(Task):
                      "latent_stats": {"shift": np.zeros(c, np.float32), "scale": np.ones(c, np.float32)}}
         wanted = int(self.config.vae_train.stats_batches)
         # Finite data (data.num_epochs) may hold fewer batches than asked for: the stats use those there are.
-        used = []  # one batch on the host at a time
+        used = 0
 
-        def videos():
+        def videos():  # one batch on the host at a time
+            nonlocal used
             for batch in itertools.islice(iter(self.pipeline(self.config)), wanted):
-                used.append(1)
+                used += 1
                 yield jnp.asarray(batch["video"], jnp.float32) / 127.5 - 1.0
 
         shift, scale = compute_latent_stats(self.vae, variables, videos())
@@ -170,7 +171,7 @@ class VAETask(Task):
         variables = set_latent_stats(variables, shift, scale)
         export_vae(export_dir, config_json, variables)
         return {"latent_shift": np.asarray(shift).tolist(), "latent_scale": np.asarray(scale).tolist(),
-                "latent_stats_batches": len(used)}
+                "latent_stats_batches": used}
 
 
 @functools.partial(jax.jit, static_argnums=0)
