@@ -69,6 +69,27 @@ def test_two_processes_train_save_restore_like_one(tmp_path):
           f"{time.perf_counter() - start:.1f} s")
 
 
+def test_processes_stop_together_when_one_runs_out_of_data(tmp_path):
+    """Finite data whose shares end unevenly: the process that still has a batch stops at the same step as the
+    one whose share ran out, instead of going on alone into a collective nobody else joins (a hang)."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "data-ends", str(tmp_path / f"out{i}.json"),
+                               str(tmp_path / "ckpt")],
+                              env=_env(1, VIDIFF_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", VIDIFF_NUM_PROCESSES="2",
+                                       VIDIFF_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+    ends = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    assert [e["first"] for e in ends] == ["batch 0 of process 0", "batch 0 of process 1"]
+    # Process 0 still had a batch for step 1 and process 1 had none: both stop there, with the same line.
+    assert ends[0]["second"] == ends[1]["second"] == (
+        "data ran out after step 1 of dit_train.steps=5 (0 records read; data.num_epochs=1); no checkpoint was "
+        "saved; set data.num_epochs=None or dit_train.steps<=1")
+
+
 def test_distributed_settings_from_config_or_environment():
     import ml_collections
     import pytest
@@ -157,5 +178,32 @@ def worker(out_path: str, ckpt_dir: str) -> None:
         continued=continued, restored=again, restored_params_equal=bool(same))))
 
 
+def data_ends(out_path: str, ckpt_dir: str) -> None:
+    """Process 0 has two batches, process 1 one: ask the loop for two."""
+    from vidiff import distributed
+
+    distributed.initialize()
+    import jax
+    import ml_collections
+
+    from vidiff.train import loop
+    from vidiff.train.checkpoint import Checkpointer
+
+    index = jax.process_index()
+    batches = iter([f"batch {i} of process {index}" for i in range(2 - index)])
+    config = ml_collections.ConfigDict(dict(data=dict(num_epochs=1)))
+    stage = ml_collections.ConfigDict(dict(steps=5))
+    checkpointer = Checkpointer(ckpt_dir, keep=1, keep_best=0)
+    first = loop._next_batch(batches, 0, stage, "dit", checkpointer, None, config)
+    try:
+        second = loop._next_batch(batches, 1, stage, "dit", checkpointer, None, config)
+    except loop.DataExhaustedError as error:
+        second = str(error)
+    Path(out_path).write_text(json.dumps(dict(first=first, second=second)))
+
+
 if __name__ == "__main__":
-    worker(*sys.argv[1:3])
+    if sys.argv[1] == "data-ends":
+        data_ends(*sys.argv[2:4])
+    else:
+        worker(*sys.argv[1:3])

@@ -23,6 +23,7 @@ import os
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 
 _FIELDS = ("coordinator_address", "num_processes", "process_id")
 
@@ -98,3 +99,12 @@ def local_batch_size(global_batch: int) -> int:
         raise ValueError(f"data.batch_size={global_batch} must be divisible by the {count} processes; "
                          f"use a multiple of {count}")
     return global_batch // count
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.array(bool(flag))).any())

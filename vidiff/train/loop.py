@@ -23,7 +23,8 @@ VAE or prepared shards that do not fit, finite data that cannot last
 ``steps``). Data that runs out mid-run anyway (skipped records), an iterator
 that cannot be restored, and final parameters that are not finite (nothing is
 exported) end the run with one line too, after pending checkpoint saves have
-finished. The
+finished; with several processes, finite data ends every process at the same
+step (they agree each step on whether all still have a batch). The
 summary and every log row count skipped steps (``skipped_steps``, also
 ``skipped``) apart from skipped data records (``skipped_records_total``, and
 by reason ``skipped_records``).
@@ -265,21 +266,33 @@ def _skip_totals(ledger) -> dict:
 
 
 def _next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, config):
-    """The next host batch; a finite stream that ends before ``steps`` becomes one line naming the step."""
+    """The next host batch; a finite stream that ends before ``steps`` becomes one line naming the step.
+
+    With several processes and finite data they agree at every step on whether each still has a batch: one
+    whose share ran out first (its records skipped more, or its buckets filled later) would otherwise exit
+    alone and leave the others waiting forever at the step's first collective.
+    """
     try:
-        return next(iterator)
+        batch = next(iterator)
     except StopIteration:
-        checkpointer.close()  # pending saves land before the error ends the process
-        skips = _skip_totals(ledger)
-        skipped = (f", {skips['bad']} skipped: " + ", ".join(f"{k}={v}" for k, v in skips["skipped"].items())
-                   if skips["bad"] else "")
-        latest = checkpointer.latest_step()
-        kept = f"checkpoint {latest} is intact" if latest else "no checkpoint was saved"
-        raise DataExhaustedError(
-            f"data ran out after step {step} of {model}_train.steps={stage.steps} ({skips['seen']} records read"
-            f"{skipped}; data.num_epochs={config.data.num_epochs}); {kept}; set data.num_epochs=None or "
-            f"{model}_train.steps<={step}"
-        ) from None
+        batch = None
+    ended = batch is None
+    if config.data.num_epochs is not None and jax.process_count() > 1:
+        ended = distributed.any_process(ended)
+    if not ended:
+        return batch
+    # It ended here or on another process: every process stops at this same step.
+    checkpointer.close()  # pending saves land before the error ends the process
+    skips = _skip_totals(ledger)
+    skipped = (f", {skips['bad']} skipped: " + ", ".join(f"{k}={v}" for k, v in skips["skipped"].items())
+               if skips["bad"] else "")
+    latest = checkpointer.latest_step()
+    kept = f"checkpoint {latest} is intact" if latest else "no checkpoint was saved"
+    raise DataExhaustedError(
+        f"data ran out after step {step} of {model}_train.steps={stage.steps} ({skips['seen']} records read"
+        f"{skipped}; data.num_epochs={config.data.num_epochs}); {kept}; set data.num_epochs=None or "
+        f"{model}_train.steps<={step}"
+    )
 
 
 # Config sections that shape the restored items: a change there is the likely cause of a failed restore.
