@@ -69,12 +69,12 @@ def test_two_processes_train_save_restore_like_one(tmp_path):
           f"{time.perf_counter() - start:.1f} s")
 
 
-def test_processes_stop_together_when_one_runs_out_of_data(tmp_path):
+def test_processes_stop_together_when_one_runs_out_of_data_or_fills_another_bucket(tmp_path):
     """Finite data whose shares end unevenly: the process that still has a batch stops at the same step as the
-    one whose share ran out, instead of going on alone into a collective nobody else joins (a hang)."""
+    one whose share ran out, instead of going on alone into a collective nobody else joins (a hang). Buckets
+    picked by each clip's shape: batches of different shapes at one step fail in one line on every process."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, "data-ends", str(tmp_path / f"out{i}.json"),
-                               str(tmp_path / "ckpt")],
+    procs = [subprocess.Popen([sys.executable, __file__, "data-ends", str(tmp_path / f"out{i}.json"), str(tmp_path)],
                               env=_env(1, VIDIFF_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", VIDIFF_NUM_PROCESSES="2",
                                        VIDIFF_PROCESS_ID=str(i)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -88,6 +88,11 @@ def test_processes_stop_together_when_one_runs_out_of_data(tmp_path):
     assert ends[0]["second"] == ends[1]["second"] == (
         "data ran out after step 1 of dit_train.steps=5 (0 records read; data.num_epochs=1); no checkpoint was "
         "saved; set data.num_epochs=None or dit_train.steps<=1")
+    assert [e["same_bucket"] for e in ends] == ["(1, 2, 4, 4, 3)", "(1, 2, 4, 4, 3)"]
+    assert ends[0]["other_bucket"] == ends[1]["other_bucket"] == (
+        "at step 2 the processes' batches differ in shape (clips of frames x height x width: process 0 2x4x4, "
+        "process 1 1x4x4): each clip's own shape picked its bucket among data.buckets=['2x4x4', '1x4x4']; use one "
+        "bucket (data.buckets=None), one process, or fixed-size shards from `vidiff prepare`")
 
 
 def test_distributed_settings_from_config_or_environment():
@@ -178,8 +183,9 @@ def worker(out_path: str, ckpt_dir: str) -> None:
         continued=continued, restored=again, restored_params_equal=bool(same))))
 
 
-def data_ends(out_path: str, ckpt_dir: str) -> None:
-    """Process 0 has two batches, process 1 one: ask the loop for two."""
+def data_ends(out_path: str, ckpt_root: str) -> None:
+    """Finite data: process 0 has two batches, process 1 one; ask the loop for two. Then streaming data with
+    two buckets: step 1 alike, step 2 a 2-frame batch on process 0 and a 1-frame one on process 1."""
     from vidiff import distributed
 
     distributed.initialize()
@@ -190,16 +196,27 @@ def data_ends(out_path: str, ckpt_dir: str) -> None:
     from vidiff.train.checkpoint import Checkpointer
 
     index = jax.process_index()
-    batches = iter([f"batch {i} of process {index}" for i in range(2 - index)])
+    batches = iter([{"id": np.array([f"batch {i} of process {index}"], object)} for i in range(2 - index)])
     config = ml_collections.ConfigDict(dict(data=dict(num_epochs=1)))
     stage = ml_collections.ConfigDict(dict(steps=5))
-    checkpointer = Checkpointer(ckpt_dir, keep=1, keep_best=0)
-    first = loop._next_batch(batches, 0, stage, "dit", checkpointer, None, config)
+    checkpointer = Checkpointer(Path(ckpt_root) / "finite", keep=1, keep_best=0)
+    first = str(loop._next_batch(batches, 0, stage, "dit", checkpointer, None, config)["id"][0])
     try:
-        second = loop._next_batch(batches, 1, stage, "dit", checkpointer, None, config)
+        second = str(loop._next_batch(batches, 1, stage, "dit", checkpointer, None, config)["id"][0])
     except loop.DataExhaustedError as error:
         second = str(error)
-    Path(out_path).write_text(json.dumps(dict(first=first, second=second)))
+
+    clips = [np.zeros((1, 2, 4, 4, 3), np.uint8), np.zeros((1, 2 - index, 4, 4, 3), np.uint8)]
+    batches = iter([{"video": video, "caption": np.array(["a"], object)} for video in clips])
+    config = ml_collections.ConfigDict(dict(data=dict(num_epochs=None, buckets=["2x4x4", "1x4x4"])))
+    checkpointer = Checkpointer(Path(ckpt_root) / "buckets", keep=1, keep_best=0)
+    same_bucket = str(loop._next_batch(batches, 0, stage, "dit", checkpointer, None, config)["video"].shape)
+    try:
+        other_bucket = loop._next_batch(batches, 1, stage, "dit", checkpointer, None, config)
+    except ValueError as error:
+        other_bucket = str(error)
+    Path(out_path).write_text(json.dumps(dict(first=first, second=second, same_bucket=same_bucket,
+                                              other_bucket=other_bucket)))
 
 
 if __name__ == "__main__":

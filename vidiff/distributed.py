@@ -101,10 +101,12 @@ def local_batch_size(global_batch: int) -> int:
     return global_batch // count
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process if ``flag`` is true on any (a collective: every process must call it)."""
+def every_process(values) -> np.ndarray:
+    """``(process_count, n)`` int32: each process's ``values`` (n small ints), on every process. A collective:
+    every process must call it, at the same point."""
+    row = np.asarray(values, np.int32).reshape(1, -1)
     if jax.process_count() == 1:
-        return bool(flag)
+        return row
     from jax.experimental import multihost_utils
 
-    return bool(multihost_utils.process_allgather(np.array(bool(flag))).any())
+    return np.asarray(multihost_utils.process_allgather(row[0])).reshape(jax.process_count(), -1)

@@ -24,7 +24,8 @@ VAE or prepared shards that do not fit, finite data that cannot last
 that cannot be restored, and final parameters that are not finite (nothing is
 exported) end the run with one line too, after pending checkpoint saves have
 finished; with several processes, finite data ends every process at the same
-step (they agree each step on whether all still have a batch). The
+step, and batches of different buckets stop them all in one line (they agree
+each step on whether all still have a batch, and on its shape). The
 summary and every log row count skipped steps (``skipped_steps``, also
 ``skipped``) apart from skipped data records (``skipped_records_total``, and
 by reason ``skipped_records``).
@@ -38,6 +39,7 @@ import math
 import signal
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -268,17 +270,29 @@ def _skip_totals(ledger) -> dict:
 def _next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, config):
     """The next host batch; a finite stream that ends before ``steps`` becomes one line naming the step.
 
-    With several processes and finite data they agree at every step on whether each still has a batch: one
-    whose share ran out first (its records skipped more, or its buckets filled later) would otherwise exit
-    alone and leave the others waiting forever at the step's first collective.
+    With several processes and finite data or several buckets they agree at every step (one small
+    all-gather) on whether each still has a batch, and on its shape. A process whose share ran out first
+    (its records skipped more, or its buckets filled later) would otherwise exit alone and leave the others
+    waiting forever at the step's first collective; batches of different buckets cannot form one global
+    batch, so they fail in one line on every process.
     """
     try:
         batch = next(iterator)
     except StopIteration:
         batch = None
     ended = batch is None
-    if config.data.num_epochs is not None and jax.process_count() > 1:
-        ended = distributed.any_process(ended)
+    buckets = config.data.get("buckets") or ()
+    if jax.process_count() > 1 and (config.data.num_epochs is not None or len(buckets) > 1):
+        rows = distributed.every_process([ended, *_batch_signature(batch)])
+        ended = bool(rows[:, 0].any())
+        if not ended and len({tuple(row[1:]) for row in rows}) > 1:
+            checkpointer.close()
+            shapes = ", ".join(f"process {i} {'x'.join(map(str, row[2:]))}" for i, row in enumerate(rows))
+            raise ValueError(
+                f"at step {step + 1} the processes' batches differ in shape (clips of frames x height x width: "
+                f"{shapes}): "
+                f"each clip's own shape picked its bucket among data.buckets={list(buckets)}; use one bucket "
+                f"(data.buckets=None), one process, or fixed-size shards from `vidiff prepare`")
     if not ended:
         return batch
     # It ended here or on another process: every process stops at this same step.
@@ -293,6 +307,17 @@ def _next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, co
         f"{skipped}; data.num_epochs={config.data.num_epochs}); {kept}; set data.num_epochs=None or "
         f"{model}_train.steps<={step}"
     )
+
+
+def _batch_signature(batch) -> list[int]:
+    """What every process's batch must share: a checksum of all its array shapes, then the clips' frames,
+    height and width (for the error message). Zeros for no batch."""
+    if batch is None:
+        return [0, 0, 0, 0]
+    shapes = sorted((key, tuple(np.shape(value))) for key, value in batch.items())
+    clips = batch["video"] if "video" in batch else batch.get("latents")
+    dims = [*np.shape(clips)[1:4], 0, 0, 0][:3] if clips is not None else [0, 0, 0]
+    return [zlib.crc32(repr(shapes).encode()) & 0x7FFFFFFF, *dims]  # int32, as the all-gather carries it
 
 
 # Config sections that shape the restored items: a change there is the likely cause of a failed restore.
