@@ -117,6 +117,28 @@ def test_truncation_flag(minilm):
     np.testing.assert_array_equal(t.mask[0], [True, True] + [False] * 6)  # "" -> [CLS] [SEP]; its parity is tested above
 
 
+def test_cache_identity_follows_the_weights_bytes_and_the_tokenizer(tmp_path):
+    """Disk caches are keyed by the model's identity: a fine-tuned copy of the same size, or another tokenizer
+    folder, must not be served the first model's embeddings."""
+    from vidiff.models.text import loading
+
+    model = tmp_path / "model"
+    shutil.copytree(GOLDEN / "tiny_t5", model)
+    first = loading.fingerprint(model, model)
+    assert loading.fingerprint(model, model) == first and loading.fingerprint(model) != first
+    weights = bytearray((model / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # the same size, one weight's last bit changed
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    tuned = loading.fingerprint(model, model)
+    assert tuned != first
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(model, tokenizer)
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 7}))
+    assert loading.fingerprint(model, tokenizer) != tuned
+    assert load_text_encoder("t5", model).cache_id != load_text_encoder("t5", model, tokenizer=tokenizer).cache_id
+
+
 def test_cache_hits_are_identical_and_skip_compute(tiny, tmp_path):
     base = tiny["tiny_t5"]
     make = lambda: TextEncoder(kind=base.kind, module=base.module, params=base.params, tokenizer=base.tokenizer,

@@ -287,7 +287,7 @@ def load_text_encoder(kind: str, path: str | Path, *, max_length: int | None = N
     tok_dir = Path(tokenizer) if tokenizer is not None else loading.find_tokenizer_dir(model_dir)
     return TextEncoder(kind=kind, module=module, params=params, abstract_params=abstract,
                        tokenizer=loading.Tokenizer.from_dir(tok_dir, max_length),
-                       identity=loading.fingerprint(model_dir), cache_dir=cache_dir,
+                       identity=loading.fingerprint(model_dir, tok_dir), cache_dir=cache_dir,
                        batch_size=batch_size, memory_cache_size=memory_cache_size)
 
 

@@ -128,11 +128,24 @@ def load_state(model_dir: Path) -> dict[str, np.ndarray]:
     return state
 
 
-def fingerprint(model_dir: Path) -> str:
-    """A short hash of config.json and the weight files' names and sizes (cache keys)."""
+_SAMPLE_BYTES = 1 << 20
+
+
+def fingerprint(model_dir: Path, tokenizer_dir: Path | None = None) -> str:
+    """A short hash (cache keys) of config.json, each weight file's name, size and first and last MiB, and the
+    tokenizer's files. A fine-tuned copy of the same architecture has the same sizes but other bytes at both
+    ends; hashing whole multi-GB files on every load would not pay."""
     h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
     for f in weight_files(model_dir):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        size = f.stat().st_size
+        with open(f, "rb") as weights:
+            head = weights.read(_SAMPLE_BYTES)
+            weights.seek(max(0, size - _SAMPLE_BYTES))
+            tail = weights.read(_SAMPLE_BYTES)
+        h.update(f"{f.name}:{size}:".encode() + hashlib.sha256(head + tail).digest())
+    for name in _TOKENIZER_FILES if tokenizer_dir is not None else ():
+        if (Path(tokenizer_dir) / name).is_file():  # another tokenizer gives other ids for the same caption
+            h.update(name.encode() + hashlib.sha256((Path(tokenizer_dir) / name).read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
