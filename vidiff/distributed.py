@@ -7,9 +7,9 @@ in order:
 1. the config's optional ``distributed`` section: ``coordinator_address`` ("host:port"
    of process 0), ``num_processes``, ``process_id`` (and optionally ``local_device_ids``),
    or ``auto=True`` to let jax detect them (SLURM, Open MPI, Cloud TPU);
-2. the environment: ``VIDIFF_COORDINATOR_ADDRESS``, ``VIDIFF_NUM_PROCESSES``,
-   ``VIDIFF_PROCESS_ID`` (or jax's own ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES``
-   / ``JAX_PROCESS_ID``), or ``VIDIFF_DISTRIBUTED=auto``.
+2. the environment: ``VIDIFF_DISTRIBUTED=auto``, else ``VIDIFF_COORDINATOR_ADDRESS``,
+   ``VIDIFF_NUM_PROCESSES``, ``VIDIFF_PROCESS_ID`` (or jax's own ``JAX_COORDINATOR_ADDRESS`` /
+   ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``).
 
 Nothing set means a single process, and :func:`initialize` does nothing. On CPU the
 processes exchange data through gloo, so the multi-host paths run on one machine

@@ -5,7 +5,8 @@ and used for evaluation. Commands (CPU, from the repo root):
 
     vidiff train --config experiments/configs/world_tiny.py --model vae
     vidiff train --config experiments/configs/world_tiny.py --model dit
-    python experiments/bundle_world_tiny.py    # both, then adherence, bundled into the workdir (--install ships it)
+    python experiments/bundle_world_tiny.py    # both, then adherence, into workdir/world_tiny_bundle/bundle
+                                               # (--install ships it)
 
 Outputs land in ``workdir/world_tiny/{vae,dit}`` (checkpoints, metrics.jsonl,
 TensorBoard, sample gifs) and the exported model in ``workdir/world_tiny/export``.

@@ -1,7 +1,7 @@
 """Experiment configs: load a ``get_config()`` file, apply command-line overrides, validate.
 
 Config files live in ``experiments/configs/`` and return an
-``ml_collections.ConfigDict``. Overrides look like ``--config.dit.depth=4``
+``ml_collections.ConfigDict``. Overrides look like ``--config.dit.overrides.depth=4``
 (values parsed as Python literals, else taken as strings); a path that does not
 exist in the config is an error, not a silent new field. A config file that
 cannot be loaded (not a ``.py`` file, a syntax error, an exception in
