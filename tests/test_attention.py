@@ -39,7 +39,10 @@ def test_attention_segment_ids_match_separate_sequences():
     np.testing.assert_allclose(cross[:, :3], jit_attention(q[:, :3], k[:, 2:5], v[:, 2:5]), atol=1e-5)
 
 
-def test_attention_implementations_resolve_and_register():
+def test_attention_implementations_resolve_and_register(monkeypatch):
+    # Registering writes the module's registries: work on copies that are put back after the test.
+    monkeypatch.setattr(attention, "_ATTENTION_IMPLS", dict(attention._ATTENTION_IMPLS))
+    monkeypatch.setattr(attention, "_LOCAL_IMPLS", dict(attention._LOCAL_IMPLS))
     assert attention.resolve_attention_impl(None, jnp.float32, 64) == "xla"  # CPU / float32
     with pytest.raises(ValueError, match="attention_impl"):
         attention.resolve_attention_impl("ring?", jnp.float32, 64)
@@ -52,6 +55,8 @@ def test_attention_implementations_resolve_and_register():
         return jnp.zeros_like(q)
 
     attention.register_attention_impl("test_fake", fake)
+    assert attention.resolve_attention_impl("test_fake", jnp.float32, 64) == "test_fake"
+    assert attention.local_attention_impl("test_fake") == "test_fake"  # local="self" by default
     q, k, v = _qkv(jax.random.key(3))
     out = attention.attention(q, k, v, kv_lengths=jnp.array([2, 3]), implementation="test_fake")
     assert out.shape == q.shape and set(seen) == {"mask", "kv_lengths", "segment_ids", "kv_segment_ids"}

@@ -226,12 +226,13 @@ def test_extend_input_that_is_truncated_warns_once_and_is_used(clips, caplog):
     assert len([r for r in caplog.records if "truncated" in r.getMessage()]) == 1
 
 
-def test_zero_frame_input_is_refused_with_one_line():
+def test_zero_frame_input_is_refused_with_one_line(tmp_path):
     for frames in (np.zeros((0, 32, 32, 3), np.uint8), np.zeros((2, 0, 32, 3), np.uint8)):
         with pytest.raises(ValueError, match=r"^TextToVideo \(extend\): the (image/video has 0 frames|frames are 0x32 pixels)"):
             vio.check_frames(frames, "TextToVideo (extend)")
     with pytest.raises(ValueError, match=r"^vidiff.io: the image/video has 0 frames; give at least one \(H, W, 3\) frame$"):
-        vio.write_video("unused.gif", np.zeros((0, 8, 8, 3), np.uint8))
+        vio.write_video(tmp_path / "unused.gif", np.zeros((0, 8, 8, 3), np.uint8))
+    assert not (tmp_path / "unused.gif").exists()
 
 
 # ----------------------------------------------------------------------- manifests, TFDS, config

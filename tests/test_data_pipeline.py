@@ -205,11 +205,20 @@ def test_record_stream_and_tokenize_hook():
 
 
 def test_world_source_through_the_pipeline():
-    world = pytest.importorskip("vidiff.data.world")
-    assert world.CaptionedWorld
+    from vidiff.data.world import CaptionedWorld, WorldConfig
+
     cfg = config(source="world", num_epochs=None, batch_size=2, num_frames=5, size=16)
     batch = next(iter(make_pipeline(cfg)))
-    assert batch["video"].shape == (2, 5, 16, 16, 3) and all(isinstance(c, str) and c for c in batch["caption"])
+    assert batch["video"].shape == (2, 5, 16, 16, 3)
+    # Each row is the world's own record for its id (the world sized to the bucket): clip, caption and labels.
+    world = CaptionedWorld(WorldConfig(num_frames=5, size=16))
+    for row, record_id in enumerate(batch["id"]):
+        assert record_id.startswith("world-")
+        record = world[int(record_id.removeprefix("world-"))]
+        assert batch["caption"][row] == record["caption"] and record["caption"]
+        assert np.array_equal(batch["video"][row], record["video"])
+        assert {k: batch["labels"][k][row] for k in ("color", "shape", "direction")} == {
+            k: record["labels"][k] for k in ("color", "shape", "direction")}
     eval_batch = next(iter(make_pipeline(cfg, split="eval")))
     assert not np.array_equal(batch["video"], eval_batch["video"])
 

@@ -124,9 +124,15 @@ def test_record_bytes_roundtrip_png_exact_jpeg_close_and_extra_arrays():
     jpeg = schema.decode_record(schema.encode_record(schema.make_record(smooth, "c", 8, "j"), quality=95))
     assert np.abs(jpeg["video"].astype(int) - smooth).mean() < 3
     data = schema.encode_record(record, frame_format="png")
-    for damaged in (b"junk", data[:-5], data[:4] + b"\xff\xff\x00\x00" + data[8:]):
-        with pytest.raises(ValueError):
+    for damaged, message in ((b"junk", r"^not a vidiff record \(bad magic bytes\)$"),
+                             (data[:-5], r"^array latents is truncated$"),  # (the last blob)
+                             (data[:4] + b"\xff\xff\x00\x00" + data[8:],  # a header length past the end
+                              r"^damaged record \(UnicodeDecodeError: ")):
+        with pytest.raises(ValueError, match=message):
             schema.decode_record(damaged)
+    frames_only = schema.encode_record(schema.make_record(video, "x", 8, "clip-1"), frame_format="png")
+    with pytest.raises(ValueError, match=r"^frame 2 is truncated$"):  # PIL alone decodes a PNG missing its end
+        schema.decode_record(frames_only[:-5])
     assert b"pickle" not in data and data[:4] == b"VDR1"
 
 

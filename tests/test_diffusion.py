@@ -112,6 +112,31 @@ def test_timestep_sampling_and_shift():
         diffusion.sample(point_mass_velocity(0.0), jnp.zeros(SHAPE), steps=2, sampler="ddim")
 
 
+def test_loss_weights_uniform_timesteps_and_auto_shift():
+    from vidiff.diffusion.flow import loss_weight
+
+    t = jnp.array([0.0, 0.25, 0.5, 1.0])
+    np.testing.assert_array_equal(loss_weight(t), np.ones(4))
+    # cosmap: 2 / (pi (1 - 2t + 2t^2)); the denominator's bracket is 1, 0.625, 0.5, 1 at these t.
+    np.testing.assert_allclose(loss_weight(t, "cosmap"), [2 / np.pi, 3.2 / np.pi, 4 / np.pi, 2 / np.pi], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"^loss weighting 'snr' is unknown; use one of \('none', 'cosmap'\)$"):
+        loss_weight(t, "snr")
+
+    uniform = np.asarray(diffusion.sample_timesteps(jax.random.key(11), 10_000, "uniform"))
+    assert uniform.shape == (10_000,) and 1e-5 <= uniform.min() and uniform.max() <= 1 - 1e-5
+    assert abs(uniform.mean() - 0.5) < 0.03  # standard error of the mean ~0.003
+    assert abs(np.mean(uniform < 0.25) - 0.25) < 0.03  # flat, not merely centred
+    shifted = np.asarray(diffusion.sample_timesteps(jax.random.key(11), 10_000, "uniform", shift=3.0))
+    np.testing.assert_allclose(shifted, 3 * uniform / (1 + 2 * uniform), rtol=1e-5)
+
+    # "auto": the shift of the token count; (5, 8, 8, 4) latents in (1, 2, 2) patches are 5 * 4 * 4 = 80 tokens.
+    auto = diffusion.resolve_shift("auto", (5, 8, 8, 4), (1, 2, 2))
+    assert auto == diffusion.shift_for_tokens(80)
+    assert auto == pytest.approx(np.exp(0.5 + (1.15 - 0.5) / (4096 - 256) * (80 - 256)))
+    assert diffusion.resolve_shift("auto", (1, 8, 8, 4), (1, 2, 2)) == diffusion.shift_for_tokens(16) < auto
+    assert diffusion.resolve_shift(3, (5, 8, 8, 4), (1, 2, 2)) == 3.0
+
+
 def test_schedule_guidance_and_known_frames_are_checked_before_sampling():
     for shift in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match=rf"shift={shift} must be a positive number \(1 = no shift\)"):

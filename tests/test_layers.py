@@ -25,6 +25,14 @@ def test_norms_modulation_and_embeddings():
 
     emb = layers.sinusoidal_embedding(jnp.array([0.0, 0.5, 1.0]) * 1000, 32)
     assert emb.shape == (3, 32) and float(jnp.abs(emb[0] - emb[2]).max()) > 0.1
+    # Closed form (DiT / ADM): [cos(t f_i), sin(t f_i)] with f_i = max_period^(-i / half), i < half.
+    for max_period in (10000.0, 100.0):
+        t = np.array([[0.0, 0.25], [1.0, 3.0]])
+        freqs = max_period ** (-np.arange(8) / 8)
+        expected = np.concatenate([np.cos(t[..., None] * freqs), np.sin(t[..., None] * freqs)], axis=-1)
+        got = layers.sinusoidal_embedding(jnp.asarray(t, jnp.float32), 16, max_period=max_period)
+        assert got.shape == (2, 2, 16)
+        np.testing.assert_allclose(np.asarray(got), expected, atol=1e-6, rtol=0)
     te = layers.TimestepEmbedder(16)
     tv = te.init(jax.random.key(0), jnp.zeros((2, 3)))
     assert te.apply(tv, jnp.zeros((2, 3))).shape == (2, 3, 16)

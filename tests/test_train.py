@@ -45,6 +45,13 @@ def test_schedule_warms_up_then_decays():
     assert float(schedule(0)) == 0.0
     assert float(schedule(10)) == pytest.approx(1e-3)
     assert float(schedule(100)) == pytest.approx(1e-4)
+    # Warm-up is linear: halfway there at step 5. Decay is cosine over steps 10..100 from 1e-3 to 1e-4:
+    # lr(s) = 1e-4 + 0.9e-3 * (1 + cos(pi * (s - 10) / 90)) / 2. At its midpoint (step 55) that is 5.5e-4, as
+    # a linear decay would give too; a third of the way (step 40) it is 1e-4 + 0.9e-3 * 0.75 = 7.75e-4 where
+    # a linear decay gives 7e-4.
+    assert float(schedule(5)) == pytest.approx(5e-4)
+    assert float(schedule(55)) == pytest.approx(5.5e-4)
+    assert float(schedule(40)) == pytest.approx(7.75e-4)
     constant = learning_rate_schedule(optim(schedule="constant"), 100)
     assert float(constant(50)) == pytest.approx(1e-3) and float(constant(5)) == pytest.approx(5e-4)
     with pytest.raises(ValueError, match="optim.schedule='linear' is unknown"):
@@ -128,16 +135,22 @@ def test_tokens_per_second_count_each_batch_at_its_own_clip_size():
     assert VAETask.tokens_in(task, {"video": video(17)}) == 34  # frames
 
 
-def test_log_rows_average_every_step_since_the_last_row():
+def test_log_rows_average_every_step_since_the_last_row(monkeypatch):
+    from types import SimpleNamespace
+
+    from vidiff.train import metrics as metrics_lib
     from vidiff.train.metrics import LogWindow
 
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_lib, "time", SimpleNamespace(perf_counter=lambda: clock[0]))  # this module's clock
     window = LogWindow(10)
     for loss in (1.0, 2.0, 6.0):
         window.add({"loss": jnp.float32(loss), "psnr": jnp.array([20.0, 30.0])}, tokens=100)
-    window.pause(3600.0)  # an hour of evaluation does not count against the steps' rates
+    clock[0] += 3600.0 + 1.5  # 1.5 s of steps and an hour of evaluation...
+    window.pause(3600.0)  # ...which does not count against the steps' rates
     means = window.means(13)
     assert means["loss"] == pytest.approx(3.0) and means["psnr"] == pytest.approx(25.0)
-    assert means["tokens_per_s"] == pytest.approx(100 * means["steps_per_s"]) and means["steps_per_s"] > 1.0
+    assert means["steps_per_s"] == pytest.approx(3 / 1.5) and means["tokens_per_s"] == pytest.approx(300 / 1.5)
     window.reset(13)
     window.add({"loss": jnp.float32(np.nan), "psnr": jnp.array([1.0, 1.0])}, tokens=0)
     assert np.isnan(window.means(14)["loss"])  # a skipped step's NaN shows in its window (logged as null)
@@ -290,10 +303,12 @@ def test_sigkill_then_rerun_resumes_bit_identically(tmp_path):
     proc = _start(_command(killed, *extra))
     _wait_for_step(killed, 5, proc, checkpoint=3)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait(timeout=60) == -signal.SIGKILL  # killed, not finished or failed on its own
     resumed = _run(_command(killed, *extra))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed vae from {killed / 'vae' / 'checkpoints'}" in resumed.stdout
+    start = int(re.search(rf"resumed vae from {re.escape(str(killed / 'vae' / 'checkpoints'))}/(\d+)\b",
+                          resumed.stdout).group(1))
+    assert start in (3, 6)  # a mid-run checkpoint (ckpt_every 3), not the last step's (8)
     expected, got = _losses(reference), _losses(killed)
     assert sorted(got) == list(range(1, 9))
     assert got == expected  # bit-identical floats for every step, before and after the kill

@@ -109,9 +109,11 @@ def decode_record(data: bytes) -> dict:
         header = json.loads(bytes(data[8 : 8 + head_len]).decode("utf-8"))
         video_spec, offset = header["video"], 8 + head_len
         frames = []
-        for size in video_spec["sizes"]:
+        for index, size in enumerate(video_spec["sizes"]):
             blob = bytes(data[offset : offset + size])
             offset += size
+            if len(blob) != size:  # PIL would still decode a PNG whose last bytes are cut off
+                raise ValueError(f"frame {index} is truncated")
             with Image.open(io.BytesIO(blob)) as image:
                 frames.append(np.asarray(image.convert("RGB"), np.uint8))
         video = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
