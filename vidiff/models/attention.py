@@ -79,7 +79,9 @@ def attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segme
         attention handles this natively, without a dense mask). Lengths must be >= 1.
       segment_ids: optional int ``(B, T)`` for packed sequences: query i attends key j only if
         their ids are equal. ``kv_segment_ids (B, S)`` gives the keys' ids (default: the same
-        ids, i.e. self-attention).
+        ids, i.e. self-attention). On the cuDNN path a ``mask`` or segment ids become a dense
+        ``(B, 1, T, S)`` mask (quadratic memory, per call); ``kv_lengths`` stays linear, so
+        right-padded keys should come as lengths.
       implementation: None (auto, see :func:`resolve_attention_impl`), 'xla', 'cudnn', or a
         name registered with :func:`register_attention_impl`.
     """
