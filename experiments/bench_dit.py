@@ -48,8 +48,9 @@ except under ``block``) and update (``full`` or ``adamw``, train only).
 ``--profile DIR`` then traces ``--profile-steps`` more steps of that mode and
 prints a second line, mode="profile", of_mode, status ("ok" | "error"),
 files (``<mode>_<batch>x<tokens>.trace.json.gz`` / ``.xplane.pb``, copied
-flat into DIR), left_behind (files over the 15 MiB a device call can return)
-and error: the timing record is printed first, so a profiler failure costs
+flat into DIR), left_behind (files over the 15 MiB a device call can return),
+kernels (one step's GPU kernel time by kind and the top kernels,
+``experiments/trace_summary.py``, read even from a trace left behind) and error: the timing record is printed first, so a profiler failure costs
 no measurement. ``--max-tokens-search``
 runs one subprocess per length (16k, 32k, ... until OOM) and prints one line
 with the largest length that trained.
@@ -353,8 +354,8 @@ def profile_record(args, mode: str, tokens: int, trace) -> dict:
     record = dict(impl="vidiff", mode="profile", of_mode=mode, batch=args.batch, tokens=tokens,
                   steps=args.profile_steps, dir=args.profile)
     try:
-        files, left = trace()
-        record.update(status="ok", files=files, left_behind=left)
+        files, left, kernels = trace()
+        record.update(status="ok", files=files, left_behind=left, kernels=kernels)
     except Exception as error:  # a trace is a diagnosis, not a result: report it and carry on
         lines = str(error).strip().splitlines() or [""]
         record.update(status="error", files=[], error=f"{type(error).__name__}: {lines[0]}"[:300])

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import jax
 
+import trace_summary  # (experiments/ is the scripts' own folder)
+
 
 def timed_runs(run, warmup: int, steps: int) -> list[float]:
     """Call ``run()`` (which must block until its results are ready) ``warmup`` then ``steps`` times."""
@@ -37,9 +39,10 @@ TRACE_FILE_LIMIT = 15 * 2**20  # a device call returns files up to 16 MiB: bigge
 
 
 def profiled_runs(run, steps: int, out_dir: str | None, name: str,
-                  max_bytes: int = TRACE_FILE_LIMIT) -> tuple[list[str], list[str]]:
-    """``steps`` more (untimed) calls under ``jax.profiler``; ``(copied, left)``: trace files copied flat into
-    ``out_dir``, and ``"<file> (<size> MiB > limit)"`` for each one over ``max_bytes``, not copied.
+                  max_bytes: int = TRACE_FILE_LIMIT) -> tuple[list[str], list[str], dict | None]:
+    """``steps`` more (untimed) calls under ``jax.profiler``; ``(copied, left, kernels)``: trace files copied
+    flat into ``out_dir``, ``"<file> (<size> MiB > limit)"`` for each one over ``max_bytes``, not copied, and
+    the GPU kernel time of one step by kind (``trace_summary.summarize``; read before any file is left behind).
 
     Flat names (``<name>.trace.json.gz`` for Perfetto, ``<name>.xplane.pb`` for TensorBoard /
     XProf) because the profiler nests its own folders deeper than a device call returns, and a
@@ -47,7 +50,7 @@ def profiled_runs(run, steps: int, out_dir: str | None, name: str,
     program's HLO, can be that big).
     """
     if not out_dir or steps < 1:
-        return [], []
+        return [], [], None
     with tempfile.TemporaryDirectory(prefix="vidiff-profile-") as raw:
         jax.profiler.start_trace(raw)
         try:
@@ -57,8 +60,10 @@ def profiled_runs(run, steps: int, out_dir: str | None, name: str,
         finally:
             jax.profiler.stop_trace()
         os.makedirs(out_dir, exist_ok=True)
-        copied, left = [], []
+        copied, left, kernels = [], [], None
         for path in sorted(Path(raw).glob("plugins/profile/*/*")):
+            if kernels is None and path.name.endswith(".trace.json.gz"):
+                kernels = trace_summary.summarize_file(path, steps)
             for ending in (".trace.json.gz", ".xplane.pb"):  # after the host name, which may hold dots
                 if path.name.endswith(ending):
                     size = path.stat().st_size
@@ -67,7 +72,7 @@ def profiled_runs(run, steps: int, out_dir: str | None, name: str,
                         continue
                     copied.append(os.path.join(out_dir, name + ending))
                     shutil.copyfile(path, copied[-1])
-    return copied, left
+    return copied, left, kernels
 
 
 # --------------------------------------------------------------------------- device memory

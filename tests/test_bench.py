@@ -633,10 +633,42 @@ def test_bench_dit_prints_the_record_before_a_failing_profile(monkeypatch, capsy
 def test_profiled_runs_leave_oversized_traces_behind(tmp_path):
     import measure
 
-    copied, left = measure.profiled_runs(lambda: None, 1, str(tmp_path), "tiny", max_bytes=0)
+    copied, left, kernels = measure.profiled_runs(lambda: None, 1, str(tmp_path), "tiny", max_bytes=0)
     assert copied == [] and list(tmp_path.iterdir()) == []
     assert sorted(n.split(" ")[0] for n in left) == ["tiny.trace.json.gz", "tiny.xplane.pb"]
     assert all(n.endswith("MiB > 0 MiB)") for n in left)
+    assert kernels == {"kernels": 0}  # read from the trace left behind: a CPU run has no GPU kernels
+
+
+def test_trace_summary_sums_a_steps_gpu_kernels_by_kind(tmp_path):
+    """A Chrome trace as jax.profiler writes it on a GPU: kernels on stream threads, the same time again in the
+    'XLA Ops' row of the GPU process, and host events, over two steps."""
+    import gzip
+
+    import trace_summary
+
+    meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0 (NVIDIA H200)")),
+            dict(ph="M", name="process_name", pid=2, args=dict(name="/host:CPU")),
+            dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #13(Compute)")),
+            dict(ph="M", name="thread_name", pid=1, tid=8, args=dict(name="XLA Ops"))]
+    step = [("sm90_xmma_gemm_bf16bf16_bf16f32", 300.0), ("nvjet_tst_128x256", 100.0),
+            ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 250.0), ("loop_add_fusion", 40.0),
+            ("input_reduce_fusion", 10.0)]
+    kernels = [dict(ph="X", pid=1, tid=7, name=name, ts=0, dur=dur) for name, dur in step * 2]
+    doubles = [dict(ph="X", pid=1, tid=8, name="fusion.12", ts=0, dur=700.0)] * 2  # same time, XLA's op names
+    host = [dict(ph="X", pid=2, tid=1, name="PjitFunction(step)", ts=0, dur=5000.0)]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + kernels + doubles + host}, f)
+    summary = trace_summary.summarize_file(path, steps=2, top=2)
+    assert summary["kernels"] == 5 and summary["total_ms"] == pytest.approx(0.7)
+    assert summary["kinds"] == {"matmul": {"ms": 0.4, "share": pytest.approx(4 / 7, abs=1e-4)},
+                                "attention": {"ms": 0.25, "share": pytest.approx(2.5 / 7, abs=1e-4)},
+                                "other": {"ms": 0.05, "share": pytest.approx(0.5 / 7, abs=1e-4)}}
+    assert summary["top"] == [dict(name="sm90_xmma_gemm_bf16bf16_bf16f32", kind="matmul", ms=0.3, calls=1),
+                              dict(name="cudnn_generated_fort_native_sdpa_sm90_flash_fprop", kind="attention",
+                                   ms=0.25, calls=1)]
+    assert trace_summary.summarize({"traceEvents": meta[1:2] + host}) == {"kernels": 0}  # a CPU trace
 
 
 def test_adamw_only_step_does_the_peers_optimizer_work():

@@ -1,0 +1,96 @@
+"""Where a traced step's GPU time goes: the kernels of a ``jax.profiler`` trace, summed by kind.
+
+    python experiments/trace_summary.py train_4x4096.trace.json.gz --steps 1
+
+A device call returns files of at most 16 MiB and its output's last 12,000
+characters, so a trace is only useful if it can be read there: ``bench_dit.py
+--profile`` prints this summary in its profile record, also for a trace too
+big to bring back. Kernels are the complete events ("ph": "X") on the GPU's
+stream threads (``/device:GPU:<n>`` processes, threads named "Stream ...");
+the "XLA Ops" and "XLA Modules" rows of the same process describe the same
+time again and are left out. Kinds, by kernel name:
+
+- ``attention``: cuDNN fused attention and flash kernels (``fmha``, ``sdpa``, ``flash``);
+- ``matmul``: cuBLAS / cuBLASLt / CUTLASS / Triton GEMMs (``gemm``, ``nvjet``, ``xmma``, ``cutlass``, ``cublas``);
+- ``copy``: memcpy and memset;
+- ``other``: everything else, XLA's elementwise, reduction and transpose fusions above all.
+
+Times are per step (``--steps`` traced steps), in milliseconds of kernel time;
+kernels on several streams at once count each. No GPU events (a CPU trace)
+gives ``{"kernels": 0}``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+from pathlib import Path
+
+KINDS = (("attention", re.compile(r"fmha|sdpa|flash", re.I)),
+         ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|cublas", re.I)),
+         ("copy", re.compile(r"memcpy|memset", re.I)))
+
+
+def kind_of(kernel: str) -> str:
+    return next((kind for kind, pattern in KINDS if pattern.search(kernel)), "other")
+
+
+def _gpu_stream_threads(events: list[dict]) -> set[tuple]:
+    """``(pid, tid)`` of the GPU processes' stream threads (all their threads if none is named)."""
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and str(e.get("args", {}).get("name", "")).startswith("/device:GPU")}
+    named = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
+    streams = {key for key, name in named.items() if name.lower().startswith("stream")}
+    if streams:
+        return streams
+    return {(e.get("pid"), e.get("tid")) for e in events if e.get("pid") in gpu_pids and e.get("ph") == "X"}
+
+
+def summarize(trace: dict, steps: int = 1, top: int = 12) -> dict:
+    """``{"kernels", "total_ms", "kinds": {kind: {"ms", "share"}}, "top": [{"name", "kind", "ms", "calls"}]}``
+    per step, from a Chrome-format trace (``*.trace.json.gz`` loaded)."""
+    events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
+    threads = _gpu_stream_threads(events)
+    kernels = [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in threads]
+    if not kernels:
+        return {"kernels": 0}
+    per_name = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        per_name[e.get("name", "?")][0] += float(e.get("dur", 0.0)) / 1e3  # microseconds -> ms
+        per_name[e.get("name", "?")][1] += 1
+    total = sum(ms for ms, _ in per_name.values())
+    by_kind = collections.Counter()
+    for name, (ms, _) in per_name.items():
+        by_kind[kind_of(name)] += ms
+    ranked = sorted(per_name.items(), key=lambda item: -item[1][0])[:top]
+    return {
+        "kernels": len(kernels) // steps,
+        "total_ms": round(total / steps, 3),
+        "kinds": {kind: {"ms": round(ms / steps, 3), "share": round(ms / total, 4) if total else 0.0}
+                  for kind, ms in by_kind.most_common()},
+        "top": [{"name": name[:120], "kind": kind_of(name), "ms": round(ms / steps, 3), "calls": calls // steps}
+                for name, (ms, calls) in ranked],
+    }
+
+
+def summarize_file(path: str | Path, steps: int = 1, top: int = 12) -> dict:
+    with gzip.open(path, "rt") if str(path).endswith(".gz") else open(path) as f:
+        return summarize(json.load(f), steps, top)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("trace", help="a *.trace.json.gz (or .json) written by jax.profiler")
+    p.add_argument("--steps", type=int, default=1, help="steps the trace holds: times are per step")
+    p.add_argument("--top", type=int, default=12, help="kernels listed by time")
+    args = p.parse_args(argv)
+    summary = summarize_file(args.trace, args.steps, args.top)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
