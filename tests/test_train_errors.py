@@ -120,6 +120,18 @@ def test_stage_numbers_are_checked_before_compiling(model, override, message):
         config_lib.validate(config_lib.for_stage(config, model), model, device_count=8)
 
 
+def test_prompting_modes_need_a_dit_that_takes_the_known_frames():
+    config = _config()
+    config.dit_train.condition = {"none": 0.5, "first_frame": 0.5}
+    config.dit.overrides.conditioning_frames = False  # would train text-to-video alone, silently
+    with pytest.raises(ValueError, match=r"^dit_train.condition=\{'first_frame': 0.5, 'none': 0.5\} needs a DiT "
+                                         r"that takes the known frames, but dit.overrides.conditioning_frames=False; "
+                                         r"set it True or drop dit_train.condition$"):
+        config_lib.validate(config_lib.for_stage(config, "dit"), "dit", device_count=8)
+    config.dit_train.condition = {"none": 1.0}  # text-to-video only: nothing to give
+    config_lib.validate(config_lib.for_stage(config, "dit"), "dit", device_count=8)
+
+
 def test_valid_edge_values_pass_and_long_warmups_warn():
     config = _config("--config.vae_train.optim.grad_clip=None", "--config.vae_train.ema_decay=0.0",
                      "--config.vae_train.on_nonfinite='skip'")

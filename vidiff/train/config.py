@@ -178,6 +178,14 @@ def validate(config, model: str, device_count: int) -> None:
                 f"--latents`), got data.source={config.data.source!r}"
             )
         dit_cfg = dit_preset(config.dit.preset, **config.dit.overrides)
+        condition = dict(config.dit_train.get("condition") or {})
+        if not dit_cfg.conditioning_frames and any(float(p) > 0 for m, p in condition.items() if m != "none"):
+            # dit_flow_loss can only give known frames to a DiT that takes them as input: it would train
+            # text-to-video alone, silently.
+            raise ValueError(
+                f"dit_train.condition={condition} needs a DiT that takes the known frames, but "
+                f"dit.overrides.conditioning_frames=False; set it True or drop dit_train.condition"
+            )
         divisors = (divisors[0] * dit_cfg.patch[1], divisors[1] * dit_cfg.patch[2])
         why = "VAE spatial factor x DiT patch"
         latent_frames = 1 + (frames - 1) // vae_cfg.time_factor
