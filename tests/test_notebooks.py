@@ -25,6 +25,12 @@ IDS = [p.stem for p in NOTEBOOKS]
 # A hang guard per cell, not a speed test (speed is measured by scripts, never asserted): the FAST
 # notebooks take about a minute each on a quiet 2-core CPU, many times that on a loaded one.
 CELL_TIMEOUT_S = 900
+# What the training notebooks must leave in their working directory (FAST settings): the exported model, and a
+# DiT log whose last training row is the configured last step, with a finite loss.
+WRITES = {
+    "02_train_on_the_captioned_world": ("world_tiny/run", 20),
+    "03_bring_your_own_videos": ("byov/run", 10),
+}
 # Notebooks that sample the model bundled with vidiff; they run once it is installed there.
 BUNDLED_MODEL = REPO / "vidiff" / "assets" / "world_tiny" / "vidiff.json"
 NEEDS_BUNDLED_MODEL = {"01_quickstart"}
@@ -156,6 +162,13 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     assert all(c.execution_count is not None for c in code), "not every code cell ran"
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
+    if path.stem in WRITES:
+        run, dit_steps = WRITES[path.stem]
+        export = workdir / run / "export"
+        assert {"vae.safetensors", "dit.safetensors", "vidiff.json"} <= {p.name for p in export.iterdir()}
+        rows = [json.loads(line) for line in (workdir / run / "dit" / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in rows if "loss" in r][-1]
+        assert last["step"] == dit_steps and last["loss"] is not None and last["loss"] > 0
     print(f"{path.name}: {seconds:.1f} s")
 
 
