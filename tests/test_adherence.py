@@ -101,7 +101,9 @@ def test_eval_commands_print_and_write_json(tmp_path, capsys):
     written = json.loads((tmp_path / "adherence.json").read_text())
     assert written["num_clips"] == 6 and written["prompts"] == "paraphrase" and len(written["clips"]) == 6
     assert set(written["accuracy"]) == {"color", "shape", "direction", "all"}
-    assert all(0.0 <= v <= 1.0 for v in written["accuracy"].values())
+    for key in ("color", "shape", "direction", "all"):  # the summary is the clips' own verdicts, averaged
+        judged = [c["correct"][key] for c in written["clips"] if c["correct"][key] is not None]
+        assert written["accuracy"][key] == (pytest.approx(np.mean(judged)) if judged else None)
     assert written["sampling"] == {"steps": 2, "guidance": 4.0, "sampler": "euler"}
     assert out.splitlines()[0].startswith("combination") and '"accuracy"' in out
 
@@ -142,3 +144,66 @@ def test_eval_flags_are_checked_before_the_model_loads(argv, message, capsys, mo
     monkeypatch.setattr(vidiff.pipeline.TextToVideo, "from_checkpoint", lambda *a: pytest.fail("the model loaded"))
     assert main(["eval", *argv]) == 2
     assert capsys.readouterr().err.strip() == f"vidiff eval: error: {message}"
+
+
+def test_seam_ratio_and_psnr_on_clips_with_known_answers():
+    from vidiff.eval.modes import psnr, seam_ratio
+
+    frame = lambda value: np.full((4, 4, 3), value, np.uint8)  # noqa: E731
+    assert seam_ratio(np.stack([frame(0), frame(10), frame(0)])) == 0.0  # wraps back exactly
+    assert seam_ratio(np.stack([frame(0), frame(10), frame(20)])) == pytest.approx(2.0)  # the wrap is two steps
+    assert seam_ratio(np.stack([frame(5)] * 3)) == 0.0  # a still clip: no division by zero
+    assert psnr(frame(7), frame(7)) == 100.0
+    assert psnr(frame(0), frame(1)) == pytest.approx(10 * np.log10(255.0**2))
+
+
+class _GroundTruthPipe:
+    """A stand-in pipeline that answers every mode with the world clip it was asked about (the clip whose first
+    frame, context or ends it was given), so the scoring, not a model, is what the evaluation measures."""
+
+    train_frames, train_size, time_factor = 17, (32, 32), 4
+
+    def __init__(self, clips):
+        self.clips = clips
+
+    def _clip_with(self, frames):
+        return next(c for c in self.clips if any(np.array_equal(frames[0], f) for f in c))
+
+    def image_to_video(self, prompts, image, **_):
+        return self._clip_with(image[None])[None]
+
+    def extend(self, prompts, context, **_):
+        return self._clip_with(context)[None]
+
+    def connect(self, prompts, first, last, **_):
+        return self._clip_with(first)[None]
+
+    def edit(self, prompts, video, **_):
+        return video[None]
+
+    def loop(self, prompts, **_):
+        return self.clips[0][None]
+
+    def encode(self, video):
+        return video
+
+    def decode(self, latents):
+        return latents[None]
+
+
+def test_evaluate_modes_scores_ground_truth_answers_as_perfect():
+    from vidiff.eval import modes
+
+    clips = [record["video"] for record in modes.world_clips(_GroundTruthPipe([]), 2)]
+    result = modes.evaluate_modes(_GroundTruthPipe(clips), num_clips=2)
+    means = result["means"]
+    assert result["num_clips"] == 2 and result["strength"] == 0.7
+    for mode in ("image_to_video", "extend_forward", "extend_backward", "connect"):
+        assert {means[mode][key] for key in ("color", "shape", "direction", "all")} == {1.0}, mode
+    assert means["image_to_video"]["first_frame_psnr"] == means["image_to_video"]["vae_ceiling_psnr"] == 100.0
+    assert means["extend_forward"]["context_psnr"] == means["extend_backward"]["context_psnr"] == 100.0
+    assert means["connect"]["first_frame_psnr"] == means["connect"]["last_frame_psnr"] == 100.0
+    # The edit is scored against the prompt's new colour: the unchanged clip keeps shape and motion, not colour.
+    assert means["edit"] == {"colour_changed": 0.0, "shape_kept": 1.0, "direction_kept": 1.0}
+    assert result["clips"][0]["edit"]["prompt"] != result["clips"][0]["prompt"]
+    assert means["loop"]["seam_ratio"] == pytest.approx(np.mean([modes.seam_ratio(clips[0])] * 2))
