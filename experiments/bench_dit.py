@@ -50,8 +50,9 @@ prints a second line, mode="profile", of_mode, status ("ok" | "error"),
 files (``<mode>_<batch>x<tokens>.trace.json.gz`` / ``.xplane.pb``, copied
 flat into DIR), left_behind (files over the 15 MiB a device call can return),
 kernels (one step's GPU kernel time by kind and the top kernels,
-``experiments/trace_summary.py``, read even from a trace left behind) and error: the timing record is printed first, so a profiler failure costs
-no measurement. ``--max-tokens-search``
+``experiments/trace_summary.py``, read even from a trace left behind) and
+error: the timing record is printed first, so a profiler failure costs no
+measurement. ``--max-tokens-search``
 runs one subprocess per length (16k, 32k, ... until OOM) and prints one line
 with the largest length that trained.
 """

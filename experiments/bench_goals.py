@@ -341,8 +341,9 @@ def run_goals(args) -> list[dict]:
         machine = environment()
         args.gpus = machine["gpus"]
         args.gpu_mib = gpu_memory_mib(machine["gpus"])
-        results.write(json.dumps(dict(job="environment", **machine, budget_s=args.budget, device_left_s=args.device_left,
-                                      tiny=args.tiny, steps=args.steps, warmup=args.warmup,
+        results.write(json.dumps(dict(job="environment", **machine, budget_s=args.budget,
+                                      device_left_s=args.device_left, tiny=args.tiny, steps=args.steps,
+                                      warmup=args.warmup,
                                       vidiff_remat=args.vidiff_remat, vidiff_update=args.vidiff_update,
                                       xla_flags=os.environ.get("XLA_FLAGS", ""))) + "\n")
         for job in jobs:

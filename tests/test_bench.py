@@ -23,7 +23,8 @@ EXPERIMENTS = REPO / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
 TRAIN_KEYS = {"impl", "mode", "status", "batch", "tokens", "latent_shape", "text", "dim", "heads", "layers",
-              "params_M", "init_s", "compile_s", "process_s", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_tflops",
+              "params_M", "init_s", "compile_s", "process_s", "step_s", "tokens_per_s", "model_tflops", "mfu",
+              "peak_tflops",
               "peak_mem_GiB", "compiled_mem_GiB", "cudnn_attention", "cudnn_attention_kernels", "remat", "scan",
               "dtype", "mesh"}
 
