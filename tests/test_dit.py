@@ -243,6 +243,8 @@ def test_conditioning_frames_reach_the_model():
     np.testing.assert_array_equal(model_in[0, 1:4, ..., 4:], 0.0)
     np.testing.assert_array_equal(model_in[0, 0, ..., 4:8], cond[0, 0])
     np.testing.assert_array_equal(model_in[0, 4, ..., 8], 1.0)
+    with pytest.raises(ValueError, match="^cond_mask: given without cond_latents; pass the known clean latents too"):
+        dit.concat_conditioning(x, None, frame_mask)  # frames marked known, their latents zeros
     # At init the output is zero either way; with trained-like weights the conditioning matters.
     run = lambda v, m: _apply()(v, x, t, text, lengths, pooled, cond_latents=cond, cond_mask=m)  # noqa: E731
     assert float(jnp.abs(run(_variables(), frame_mask)).max()) == 0.0

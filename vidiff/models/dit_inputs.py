@@ -26,6 +26,8 @@ def concat_conditioning(x_t, cond_latents=None, cond_mask=None):
     if cond_mask is not None and jnp.shape(cond_mask) not in ((b, t), (b, t, 1, 1, 1), (b, t, h, w, 1)):
         raise ValueError(f"cond_mask: must be per frame {(b, t)} / {(b, t, 1, 1, 1)} or per cell {(b, t, h, w, 1)}, "
                          f"got {jnp.shape(cond_mask)}")
+    if cond_mask is not None and cond_latents is None:  # the marked frames would be "known" as zeros
+        raise ValueError("cond_mask: given without cond_latents; pass the known clean latents too, or neither")
     mask = jnp.zeros((b, t), x_t.dtype) if cond_mask is None else jnp.asarray(cond_mask, x_t.dtype)
     mask = mask.reshape(b, t, 1, 1, 1) if mask.ndim == 2 else mask
     mask = jnp.broadcast_to(mask, (b, t, h, w, 1))
