@@ -355,6 +355,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
         "vidiff train: error: data.size height=30 must be divisible by 4 (the VAE's spatial factor); use e.g. 32"]
     no_vae = _run(_command(tmp_path / "fresh", model="dit"))
     assert no_vae.returncode == 2 and "no trained VAE in" in no_vae.stderr and "--model vae" in no_vae.stderr
+    assert len(no_vae.stderr.strip().splitlines()) == 1 and "PyTorch" not in no_vae.stderr  # no transformers advice
     # The VAE stage trains on its own clip length (vae_train.data), checked the same way.
     result = _run(_command(tmp_path, "--config.vae_train.data.num_frames=6", *TIME_4X))
     assert result.returncode == 2

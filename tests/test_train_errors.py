@@ -468,9 +468,3 @@ def test_summary_counts_skipped_records_apart_from_skipped_steps(tmp_path):
 
     rows = [r for r in read_metrics(tmp_path / "w" / "vae") if "loss" in r]
     assert rows[-1]["skipped_records_total"] >= 2 and rows[-1]["skipped_steps"] == 0
-
-
-def test_dit_start_prints_no_transformers_advice(tmp_path):
-    message = _one_line_error(_cli("--config", WORLD_TINY, "--model", "dit", f"--config.workdir={tmp_path}",
-                                   "--config.text.max_length=8"))
-    assert message.startswith("no trained VAE in") and "PyTorch" not in message
