@@ -78,6 +78,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
+from ablations import ABLATIONS, ablated  # noqa: E402
 from measure import (compiled_memory_gib, is_oom, peak_memory_gib, profiled_runs, run_isolated,  # noqa: E402
                      strip_flags, timed_runs)  # (experiments/ is the script's own folder)
 from vidiff import parallel  # noqa: E402
@@ -209,7 +210,7 @@ def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> d
         dim=cfg.width, heads=cfg.heads, layers=cfg.depth, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim,
         latent_shape=list(latent_shape), latent_channels=cfg.latent_channels, patch=list(cfg.patch),
         remat=cfg.remat_policy, scan=cfg.scan_blocks, dtype=cfg.dtype, attention=args.attention,
-        mesh=list(args.mesh_sizes), steps=args.steps, warmup=args.warmup,
+        mesh=list(args.mesh_sizes), steps=args.steps, warmup=args.warmup, ablate=args.ablate,
         backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
         jax_version=jax.__version__,
     )
@@ -336,7 +337,8 @@ def run_modes(args) -> list[dict]:
     for mode in modes:
         trace = None
         try:
-            record, trace = benches[mode](args, cfg, mesh, latent_shape, tokens)
+            with ablated(args.ablate):  # (none unless --ablate: a diagnosis, not vidiff's model)
+                record, trace = benches[mode](args, cfg, mesh, latent_shape, tokens)
         except Exception as error:  # an OOM is a result (the shape does not fit), anything else a bug
             if not is_oom(error):
                 raise
@@ -426,6 +428,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--update", choices=UPDATES, default="full",
                    help="train: full = vidiff train's (clip, AdamW, EMA, guard); adamw = the peer's (AdamW only)")
+    p.add_argument("--ablate", default="", help="comma-separated work to leave out, a diagnosis: rope, text-mask "
+                                                "(experiments/ablations.py)")
     p.add_argument("--profile", metavar="DIR",
                    help="after the timing record, trace --profile-steps more steps into DIR (own JSON line)")
     p.add_argument("--profile-steps", type=int, default=1)
@@ -442,6 +446,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.mesh_sizes = parse_ints(args.mesh, 4, "--mesh")
+    args.ablate = [name for name in args.ablate.split(",") if name]
+    if unknown := sorted(set(args.ablate) - set(ABLATIONS)):
+        p.error(f"--ablate: unknown {unknown}; choose from {sorted(ABLATIONS)}")
     if args.steps < 1 or args.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
     return args

@@ -702,3 +702,26 @@ def test_vae_goal_ratio_is_of_the_memory_a_case_adds():
     (summary,) = bench_vae.summaries(rows)
     assert summary["memory"] == "device_added" and summary["peak_ratio"] == pytest.approx(1.5)
     assert summary["met"] is False and summary["whole_peak_ratio"] == pytest.approx(7.5 / 7.0)
+
+
+def test_ablations_take_out_the_work_the_peer_does_not_do_and_only_inside_the_block():
+    import jax.numpy as jnp
+    from ablations import ablated
+
+    from vidiff.models import attention, dit
+
+    x = jnp.arange(8.0).reshape(1, 1, 1, 8)
+    cos, sin = jnp.zeros((1, 1, 1, 4)), jnp.ones((1, 1, 1, 4))
+    rotated = attention.apply_rope(x, cos, sin)
+    assert not jnp.array_equal(rotated, x)
+    with ablated(["rope", "text-mask"]):
+        assert attention.apply_rope(x, cos, sin) is x
+        assert dit.text_mask_and_lengths(jnp.array([3, 5])) == (None, None)
+    assert jnp.array_equal(attention.apply_rope(x, cos, sin), rotated)  # restored
+    assert dit.text_mask_and_lengths(jnp.array([3, 5]))[1].tolist() == [3, 5]
+    with pytest.raises(ValueError, match=r"--ablate: unknown \['qkv'\]; choose from \['rope', 'text-mask'\]"):
+        with ablated(["qkv"]):
+            pass
+    (record,) = run_script("bench_dit.py", "--tiny", "--mode", "forward", "--ablate", "rope,text-mask",
+                           "--steps", "1", "--warmup", "0")
+    assert record["ablate"] == ["rope", "text-mask"] and record["status"] == "ok"
