@@ -15,39 +15,29 @@ globals for the life of the process only.
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 from vidiff.models import attention, dit
 
-
-def _no_rope():
-    return _patched(attention, "apply_rope", lambda x, cos, sin: x)
-
-
-def _no_text_mask():
+# name -> (module, global, stand-in) patched for the block's duration
+ABLATIONS = {
+    "rope": (attention, "apply_rope", lambda x, cos, sin: x),
     # Every text token valid, none masked: cross-attention gets neither a mask nor lengths.
-    return _patched(dit, "text_mask_and_lengths", lambda mask_or_lengths: (None, None))
+    "text-mask": (dit, "text_mask_and_lengths", lambda mask_or_lengths: (None, None)),
+}
 
 
-@contextlib.contextmanager
-def _patched(module, name: str, replacement):
-    original = getattr(module, name)
-    setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
-ABLATIONS = {"rope": _no_rope, "text-mask": _no_text_mask}
+def check(names) -> None:
+    """A one-line ``ValueError`` naming any ablation ``ABLATIONS`` does not have."""
+    if unknown := sorted(set(names) - set(ABLATIONS)):
+        raise ValueError(f"--ablate: unknown {unknown}; choose from {sorted(ABLATIONS)}")
 
 
 @contextlib.contextmanager
 def ablated(names):
-    """Apply the named ablations (``ABLATIONS``) inside the block; a one-line error for an unknown name."""
-    unknown = sorted(set(names) - set(ABLATIONS))
-    if unknown:
-        raise ValueError(f"--ablate: unknown {unknown}; choose from {sorted(ABLATIONS)}")
+    """Apply the named ablations inside the block (checked first, see :func:`check`)."""
+    check(names)
     with contextlib.ExitStack() as stack:
         for name in names:
-            stack.enter_context(ABLATIONS[name]())
+            stack.enter_context(mock.patch.object(*ABLATIONS[name]))
         yield

@@ -35,7 +35,8 @@ the whole run), so a caller's deadline stops nothing that already finished.
 Each side's record carries ``elapsed_s``, the wall time of its whole
 subprocess (start-up and compiles included): what a config costs in device
 time. A subprocess that fails or times out is recorded with its status and
-stderr tail (a timeout's also with the seconds it had); the others still run, and one with no time left is recorded as
+stderr tail (a timeout's also with the seconds it had); the others still
+run, and one with no time left is recorded as
 "timeout" without being started. At the end: a table (config, mode, tokens/s
 of each, vidiff/peer ratio, MFU, peak memory, whether vidiff used cuDNN
 attention).

@@ -78,7 +78,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from ablations import ABLATIONS, ablated  # noqa: E402
+import ablations  # noqa: E402
 from measure import (compiled_memory_gib, is_oom, peak_memory_gib, profiled_runs, run_isolated,  # noqa: E402
                      strip_flags, timed_runs)  # (experiments/ is the script's own folder)
 from vidiff import parallel  # noqa: E402
@@ -337,7 +337,7 @@ def run_modes(args) -> list[dict]:
     for mode in modes:
         trace = None
         try:
-            with ablated(args.ablate):  # (none unless --ablate: a diagnosis, not vidiff's model)
+            with ablations.ablated(args.ablate):  # (none unless --ablate: a diagnosis, not vidiff's model)
                 record, trace = benches[mode](args, cfg, mesh, latent_shape, tokens)
         except Exception as error:  # an OOM is a result (the shape does not fit), anything else a bug
             if not is_oom(error):
@@ -447,8 +447,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             setattr(args, name, value)
     args.mesh_sizes = parse_ints(args.mesh, 4, "--mesh")
     args.ablate = [name for name in args.ablate.split(",") if name]
-    if unknown := sorted(set(args.ablate) - set(ABLATIONS)):
-        p.error(f"--ablate: unknown {unknown}; choose from {sorted(ABLATIONS)}")
+    try:
+        ablations.check(args.ablate)
+    except ValueError as error:
+        p.error(str(error))
     if args.steps < 1 or args.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
     return args

@@ -290,9 +290,8 @@ def _next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, co
             shapes = ", ".join(f"process {i} {'x'.join(map(str, row[2:]))}" for i, row in enumerate(rows))
             raise ValueError(
                 f"at step {step + 1} the processes' batches differ in shape (clips of frames x height x width: "
-                f"{shapes}): "
-                f"each clip's own shape picked its bucket among data.buckets={list(buckets)}; use one bucket "
-                f"(data.buckets=None), one process, or fixed-size shards from `vidiff prepare`")
+                f"{shapes}): each clip's own shape picked its bucket among data.buckets={list(buckets)}; use one "
+                f"bucket (data.buckets=None), one process, or fixed-size shards from `vidiff prepare`")
     if not ended:
         return batch
     # It ended here or on another process: every process stops at this same step.
