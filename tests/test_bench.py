@@ -112,7 +112,7 @@ sys.meta_path.insert(0, Block())
 sys.path.insert(0, {str(EXPERIMENTS)!r})
 import bench_goals
 assert 'jax' not in sys.modules and 'torch' not in sys.modules  # the goals runner stays off the device
-import bench_dit, bench_vae, bench_compare, bench_update
+import bench_dit, bench_vae, bench_compare, bench_update, bench_attention
 """
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -449,6 +449,21 @@ def test_bench_update_times_every_guard_variant():
         assert record["params"] == 4 * 48 * 1024  # 2e5 // 4 // 1024 = 48 rows of 1024 per leaf
         assert_positive(record, "step_ms", "grad_ms", "copy_GBps", "fusions")
         assert record["update_ms"] == pytest.approx(record["step_ms"] - record["grad_ms"])
+
+
+def test_bench_attention_times_each_impl_and_mode():
+    lines = run_script("bench_attention.py", "--impls", "xla,chunked", "--tokens", "32", "--heads", "2",
+                       "--head-dim", "8", "--batch", "2", "--steps", "1", "--warmup", "0")
+    assert [(r["impl"], r["mode"]) for r in lines] == [(i, m) for i in ("xla", "chunked") for m in ("forward", "train")]
+    for record in lines:
+        assert record["status"] == "ok" and record["dtype"] == "float32" and record["tokens"] == 32
+        flops = 4 * 2 * 32**2 * 2 * 8 * (3 if record["mode"] == "train" else 1)
+        assert record["tflops"] == pytest.approx(flops / (record["ms"] / 1e3) / 1e12, rel=0.01)
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_attention.py"), "--impls", "flash"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "--impls: attention_impl: unknown 'flash'; valid: None (auto), ['xla', 'cudnn', 'chunked', 'ulysses', 'ring']"]
 
 
 def test_bench_compare_runs_only_the_peer_modes_it_compares(tmp_path):

@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from vidiff import parallel
 from vidiff.models import attention
-from vidiff.models import context_attention  # noqa: F401  (registers "ulysses" and "ring")
+from vidiff.models import chunked_attention, context_attention  # noqa: F401  (registers "ulysses" and "ring")
 from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
 from vidiff.models.vae import VideoVAE, vae_preset
 from vidiff.models.vae_losses import VAELossConfig, vae_loss
@@ -149,7 +149,7 @@ def test_dit_layout_matches_one_device(layout):
 def test_dit_joint_attention_padded_context_matches_one_device(impl, monkeypatch):
     """MM-DiT joint attention over 12 video + 6 text tokens on context 4: padded to 20 (Ulysses) or,
     with 4-token chunks, to 4 x 8 so each ring step folds 2 x 2 chunks; padding must change nothing."""
-    monkeypatch.setattr(context_attention, "CHUNK", 4)
+    monkeypatch.setattr(chunked_attention, "CHUNK", 4)
     cfg, params, batch = _dit_setup("joint")
     loss = _dit_loss(dataclasses.replace(cfg, attention_impl=impl))
     value, grads, hlo, _ = _value_and_grad(loss, params, batch, dict(data=2, context=4))
@@ -209,7 +209,7 @@ def test_vae_layout_matches_one_device(layout):
 
 
 def test_chunked_attention_matches_dense_with_masks(monkeypatch):
-    monkeypatch.setattr(context_attention, "CHUNK", 4)  # 3 x 3 chunks of an 11-token sequence (padded to 12)
+    monkeypatch.setattr(chunked_attention, "CHUNK", 4)  # 3 x 3 chunks of an 11-token sequence (padded to 12)
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal((2, 11, 2, 8)).astype(np.float32) for _ in range(3))
     mask = rng.uniform(size=(2, 11)) > 0.2
@@ -227,6 +227,35 @@ def test_chunked_attention_matches_dense_with_masks(monkeypatch):
     assert float(got) == pytest.approx(float(want), abs=1e-4)
     for g, w in zip(grads, want_grads):
         np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def _matmuls_in_gradient(fn, *args):
+    """dot_general equations in the jaxpr of ``grad(fn)`` (a loop body counts once, however often it runs)."""
+    return str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(*args)).count("dot_general")
+
+
+@pytest.mark.parametrize("impl, forward", [("chunked", 2), ("ring", 4)])
+def test_chunked_and_ring_backward_recompute_the_logits_once(impl, forward, monkeypatch):
+    """Flash attention's VJP: the forward's matmuls (logits and values per chunk; ring folds twice: the
+    scanned steps and the last block) plus five in backward (logits again, dv, dp, dq, dk). The
+    ``attention`` remat policy keeps the output and log-sum-exp, so it adds no second forward; full
+    rematerialisation does. A query with no valid key gets zeros and a zero, finite gradient."""
+    monkeypatch.setattr(chunked_attention, "CHUNK", 4)
+    q, k, v = (np.random.default_rng(s).standard_normal((2, 16, 4, 8)).astype(np.float32) for s in range(3))
+    ids = np.array([[0] * 12 + [1] * 4] * 2, np.int32)  # segment 1's queries have no key in it
+    kv_ids = np.zeros((2, 16), np.int32)
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attention.attention(  # noqa: E731
+        q, k, v, segment_ids=ids, kv_segment_ids=kv_ids, implementation=impl)))
+    keep = jax.checkpoint_policies.save_only_these_names("attention")
+    with jax.set_mesh(parallel.make_mesh(data=2, context=4)), parallel.axis_rules():
+        assert _matmuls_in_gradient(loss, q, k, v) == forward + 5
+        assert _matmuls_in_gradient(jax.checkpoint(loss, policy=keep), q, k, v) == forward + 5
+        assert _matmuls_in_gradient(jax.checkpoint(loss), q, k, v) == 2 * forward + 5
+        out = jax.jit(lambda q, k, v: attention.attention(q, k, v, segment_ids=ids, kv_segment_ids=kv_ids,
+                                                          implementation=impl))(q, k, v)
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    assert np.abs(np.asarray(out)[:, 12:]).max() == 0.0 and np.abs(np.asarray(out)[:, :12]).min() > 0.0
+    assert all(np.isfinite(g).all() for g in grads) and np.abs(np.asarray(grads[0])[:, 12:]).max() == 0.0
 
 
 def test_plan_reports_per_device_memory_of_the_compiled_step():

@@ -27,8 +27,8 @@ Dtype = Any
 # --------------------------------------------------------------------------- attention core
 
 # name -> fn(q, k, v, *, mask, kv_lengths, segment_ids, kv_segment_ids) -> out. vidiff.models.context_attention
-# registers its kinds here ("ulysses" and "ring" split over mesh.context, "chunked" local linear-memory
-# attention) so models only ever pass a string.
+# registers "ulysses" and "ring" (split over mesh.context) here, vidiff.models.chunked_attention "chunked"
+# (local, linear memory), so models only ever pass a string.
 _ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {}
 # name -> the implementation to use for attention between two different sequences (cross-attention
 # to text), which context parallelism leaves local.

@@ -10,7 +10,9 @@ and chosen by name (``DiTConfig.attention_impl``; in a config ``dit.overrides.at
 * ``"ring"`` (ring attention): each device keeps its query block and the key/value blocks
   travel around the ring (``ppermute``); an online softmax folds each block in, CHUNK x CHUNK
   tokens at a time, so no device holds the full sequence or a full block of logits. Works
-  for any head count; each step is rematerialised in backward: memory O(tokens / context).
+  for any head count. Its VJP is flash attention's: the forward keeps only the output and
+  the per-query log-sum-exp, and the backward sends the blocks round the ring again with
+  their dk / dv, recomputing each chunk's probabilities once: memory O(tokens / context).
 
 Both run under ``jax.shard_map`` over the mesh in context (``jax.set_mesh``, or the legacy
 ``with mesh:``), with batch on the data axes and heads on ``tensor`` as the logical rules
@@ -22,14 +24,12 @@ Attention between two different sequences (the DiT's cross-attention to text) st
 ``attention.local_attention_impl`` maps these names to the auto local kernel.
 Without a mesh, or with a ``context`` axis of size 1, both fall back to local attention.
 
-A third, local implementation shares the ring's chunked online softmax: ``"chunked"``
-(memory-efficient attention, Rabe & Staats) loops over query chunks and, inside, over
-key/value chunks, rematerialising both in the backward pass, so activation memory grows
-linearly with the tokens on any backend. cuDNN flash attention does this natively on GPU;
-``vidiff plan`` uses ``chunked`` to estimate that memory from a CPU compile.
+The online softmax both ring and the local ``"chunked"`` implementation use lives in
+:mod:`vidiff.models.chunked_attention`.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -40,8 +40,8 @@ from jax.sharding import PartitionSpec as P
 
 from vidiff import parallel
 from vidiff.models import attention
-
-_NEG = -1e30  # finite "minus infinity": keeps exp() and max() of fully masked blocks free of NaNs
+from vidiff.models.chunked_attention import (chunk_padded, empty_accumulators, finish, fold, fold_grads, pad_to,
+                                             padded_segment_ids, softmax_delta, valid_keys)
 
 
 def _current_mesh():
@@ -67,38 +67,6 @@ def _fitting(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...] | None:
     """``axes`` if ``size`` splits evenly over them, else None (replicated): init traces batch 1."""
     return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
 
-
-def _key_mask(mask, batch: int, keys: int):
-    """Normalise a key mask ``(B, S)`` / ``(B, 1, 1, S)`` to ``(B, S)`` bool; other masks are refused."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
-        mask = mask[:, 0, 0]
-    if mask.ndim != 2 or mask.shape[-1] != keys:
-        raise ValueError(f"attention_impl: context-parallel attention takes key masks (B, S), kv_lengths and "
-                         f"segment ids; got a mask of shape {mask.shape}; use attention_impl=None for it")
-    return jnp.broadcast_to(mask.astype(bool), (batch, keys))
-
-
-def _pad(x, length: int, axis: int = 1, value=0):
-    extra = length - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
-
-
-def _padded_ids(segment_ids, kv_segment_ids, tp: int, sp: int):
-    """Segment ids padded with -2 (a padded query or key matches nothing real), or ``(None, None)``."""
-    if segment_ids is None:
-        return None, None
-    kv = segment_ids if kv_segment_ids is None else kv_segment_ids
-    return (_pad(jnp.asarray(segment_ids, jnp.int32), tp, value=-2),
-            _pad(jnp.asarray(kv, jnp.int32), sp, value=-2))
-
-
 def _context_call(name, body, q, k, v, *, mask, kv_lengths, segment_ids, kv_segment_ids):
     """Shared driver: find the mesh and axes, pad (``body.padded``), ``shard_map`` ``body``, unpad.
 
@@ -117,12 +85,8 @@ def _context_call(name, body, q, k, v, *, mask, kv_lengths, segment_ids, kv_segm
     context = mesh.shape[axis]
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
     tp, sp = body.padded(t, context), body.padded(s, context)
-    lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-    key_mask = _key_mask(mask, b, s)
-    key_mask = None if key_mask is None else _pad(key_mask, sp, value=False)
-    valid = jnp.arange(sp)[None, :] < lengths[:, None]
-    valid = valid if key_mask is None else valid & key_mask
-    q_ids, kv_ids = _padded_ids(segment_ids, kv_segment_ids, tp, sp)
+    valid, lengths, key_mask = valid_keys(mask, kv_lengths, b, s, sp)
+    q_ids, kv_ids = padded_segment_ids(segment_ids, kv_segment_ids, tp, sp)
     aux = {k: x for k, x in dict(valid=valid, kv_lengths=lengths, key_mask=key_mask, q_ids=q_ids,
                                   kv_ids=kv_ids).items() if x is not None}
     batch = _fitting(_mesh_axes("batch", mesh), b, mesh)
@@ -133,8 +97,8 @@ def _context_call(name, body, q, k, v, *, mask, kv_lengths, segment_ids, kv_segm
     fn = jax.shard_map(
         lambda q, k, v, aux: body(q, k, v, aux, axis=axis, context=context, local=local), mesh=mesh,
         in_specs=(qkv_spec, qkv_spec, qkv_spec, aux_specs), out_specs=qkv_spec)
-    out = fn(_pad(q, tp), _pad(k, sp), _pad(v, sp), aux)[:, :t]
-    return checkpoint_name(out, "attention")  # remat policies may keep it, as for local attention
+    # Not named for remat policies here: the kernels inside name what their backward needs.
+    return fn(pad_to(q, tp), pad_to(k, sp), pad_to(v, sp), aux)[:, :t]
 
 
 # --------------------------------------------------------------------------- Ulysses (all-to-all)
@@ -162,106 +126,64 @@ def ulysses_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, 
     return _context_call("ulysses", _ulysses_body, q, k, v, mask=mask, kv_lengths=kv_lengths,
                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
-
-# --------------------------------------------------------------------------- online softmax in chunks
-
-CHUNK = 1024  # tokens per query / key chunk: one chunk pair's logits are CHUNK^2 per head
-
-
-def _chunk_padded(n: int) -> int:
-    """``n`` rounded up so it splits into equal chunks of at most CHUNK tokens."""
-    return n if n <= CHUNK else -(-n // CHUNK) * CHUNK
-
-
-def _online_block(carry, q, k, v, allowed):
-    """Fold one key/value chunk into the running (output, max, denominator), all float32.
-
-    ``q (b, t, h, d)``, ``k, v (b, s, h, d)``, ``allowed (b, t, s)``.
-    """
-    out, m, l = carry
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
-    allowed = allowed[:, None]
-    logits = jnp.where(allowed, logits, _NEG)
-    m_new = jnp.maximum(m, logits.max(-1))
-    p = jnp.where(allowed, jnp.exp(logits - m_new[..., None]), 0.0)
-    correction = jnp.exp(m - m_new)
-    l = l * correction + p.sum(-1)
-    pv = jnp.einsum("bhts,bshd->bthd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = out * jnp.swapaxes(correction, 1, 2)[..., None] + pv
-    return out, m_new, l
-
-
-def _fold(acc, q, k, v, valid, q_ids, kv_ids):
-    """Fold keys/values ``(b, s, h, d)`` into the accumulators of queries ``(b, t, h, d)``, CHUNK x CHUNK
-    at a time, each chunk rematerialised in backward: memory O(t + CHUNK^2) per head, not O(t * s).
-
-    ``acc = (out (b, t, h, d), max (b, h, t), denominator (b, h, t))``; ``valid (b, s)`` key mask,
-    ``q_ids (b, t)`` / ``kv_ids (b, s)`` segment ids. ``t`` and ``s`` split into equal chunks.
-    """
-    b, t, s = q.shape[0], q.shape[1], k.shape[1]
-    cq, ck = min(CHUNK, t), min(CHUNK, s)
-    split = lambda x, c: jnp.moveaxis(x.reshape(b, x.shape[1] // c, c, *x.shape[2:]), 1, 0)  # noqa: E731
-    split_stats = lambda x: jnp.moveaxis(x.reshape(*x.shape[:2], t // cq, cq), 2, 0)  # noqa: E731
-    keys = (split(k, ck), split(v, ck), split(valid, ck), split(kv_ids, ck))
-
-    @jax.checkpoint  # backward keeps each query chunk's inputs only and recomputes its key loop
-    def one_query_chunk(args):
-        acc_c, q_c, ids_c = args
-
-        @jax.checkpoint
-        def step(acc, key):
-            k_c, v_c, valid_c, kv_ids_c = key
-            allowed = valid_c[:, None, :] & (ids_c[:, :, None] == kv_ids_c[:, None, :])
-            return _online_block(acc, q_c, k_c, v_c, allowed), None
-
-        return jax.lax.scan(step, acc_c, keys)[0]
-
-    out, m, l = acc
-    out, m, l = jax.lax.map(one_query_chunk, ((split(out, cq), split_stats(m), split_stats(l)), split(q, cq),
-                                              split(q_ids, cq)))
-    merge_stats = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, -1, t)  # noqa: E731
-    return jnp.moveaxis(out, 0, 1).reshape(b, t, *out.shape[3:]), merge_stats(m), merge_stats(l)
-
-
-def _empty_acc(q):
-    """Zero output, -inf max, zero denominator for queries ``q``; made *like* ``q`` so that under
-    ``shard_map`` they vary over the same mesh axes (scan carries must)."""
-    stats = jnp.zeros_like(jnp.swapaxes(q[..., 0], 1, 2), jnp.float32)  # (b, h, t)
-    return jnp.zeros_like(q, jnp.float32), stats + _NEG, stats
-
-
-def _normalize(acc, dtype):
-    """Output of the accumulators; a query with no valid key gets zeros."""
-    out, _, l = acc
-    l = jnp.swapaxes(l, 1, 2)[..., None]
-    return jnp.where(l > 0, out / jnp.where(l > 0, l, 1.0), 0.0).astype(dtype)
-
-
 # --------------------------------------------------------------------------- ring (ppermute + online softmax)
+
+
+# Forward: each step folds the visiting key/value block into the local queries' accumulators and
+# passes the block on. Backward: a second trip round the ring carries each block with its dk / dv
+# accumulators, which are back on the block's own device after ``context`` steps.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _ring(q, k, v, valid, q_ids, kv_ids, axis, context):
+    return _ring_fwd(q, k, v, valid, q_ids, kv_ids, axis, context)[0]
+
+
+def _ring_fwd(q, k, v, valid, q_ids, kv_ids, axis, context):
+    perm = [(i, (i + 1) % context) for i in range(context)]
+
+    def step(carry, _):
+        acc, block = carry
+        acc = fold(acc, q, *block[:3], q_ids, block[3])
+        return (acc, jax.lax.ppermute(block, axis, perm)), None
+
+    # context - 1 steps pass the block on; the last one's block has nowhere it is needed
+    (acc, last), _ = jax.lax.scan(step, (empty_accumulators(q), (k, v, valid, kv_ids)), None, length=context - 1)
+    out, lse = finish(fold(acc, q, *last[:3], q_ids, last[3]), q.dtype)
+    out, lse = checkpoint_name(out, "attention"), checkpoint_name(lse, "attention")
+    return out, (q, k, v, valid, q_ids, kv_ids, out, lse)
+
+
+def _ring_bwd(axis, context, res, d_out):
+    q, k, v, valid, q_ids, kv_ids, out, lse = res
+    perm = [(i, (i + 1) % context) for i in range(context)]
+    delta = softmax_delta(out, d_out)
+
+    def step(carry, _):
+        dq, block = carry
+        k, v, valid, kv_ids, dk, dv = block
+        dq_s, dk_s, dv_s = fold_grads(q, k, v, valid, q_ids, kv_ids, lse, d_out, delta)
+        block = (k, v, valid, kv_ids, dk + dk_s, dv + dv_s)
+        return (dq + dq_s, jax.lax.ppermute(block, axis, perm)), None
+
+    zeros = lambda x: jnp.zeros_like(x, jnp.float32)  # noqa: E731
+    (dq, (*_, dk, dv)), _ = jax.lax.scan(step, (zeros(q), (k, v, valid, kv_ids, zeros(k), zeros(v))), None,
+                                         length=context)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def _ring_body(q, k, v, aux, *, axis, context, local):
     del local
-    perm = [(i, (i + 1) % context) for i in range(context)]
     q_ids = aux.get("q_ids")
     q_ids = jnp.zeros_like(q[..., 0, 0], jnp.int32) if q_ids is None else q_ids
     kv_ids = aux["kv_ids"] if "kv_ids" in aux else jnp.zeros_like(aux["valid"], jnp.int32)
-
-    @jax.checkpoint  # keep only the carry per ring step; its chunks are recomputed in backward
-    def step(carry, _):
-        acc, k, v, valid, kv_ids = carry
-        acc = _fold(acc, q, k, v, valid, q_ids, kv_ids)
-        k, v, valid, kv_ids = jax.lax.ppermute((k, v, valid, kv_ids), axis, perm)
-        return (acc, k, v, valid, kv_ids), None
-
-    (acc, *_), _ = jax.lax.scan(step, (_empty_acc(q), k, v, aux["valid"], kv_ids), None, length=context)
-    return _normalize(acc, q.dtype)
+    return _ring(q, k, v, aux["valid"], q_ids, kv_ids, axis, context)
 
 
 _ring_body.aux_sharded = True
 # Every device's block splits into equal chunks.
-_ring_body.padded = lambda n, context: _chunk_padded(-(-n // context)) * context
+_ring_body.padded = lambda n, context: chunk_padded(-(-n // context)) * context
 
 
 def ring_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
@@ -269,28 +191,7 @@ def ring_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_
     return _context_call("ring", _ring_body, q, k, v, mask=mask, kv_lengths=kv_lengths,
                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
+# --------------------------------------------------------------------------- registration
 
-# --------------------------------------------------------------------------- chunked (local, linear memory)
-
-
-def chunked_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
-    """Memory-efficient local attention (query chunks x key chunks, online softmax); same arguments
-    as :func:`attention.attention`. A query with no valid key gets zeros."""
-    b, t, s = q.shape[0], q.shape[1], k.shape[1]
-    tp, sp = _chunk_padded(t), _chunk_padded(s)
-    lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-    valid = jnp.arange(sp)[None, :] < lengths[:, None]
-    key_mask = _key_mask(mask, b, s)
-    if key_mask is not None:
-        valid &= _pad(key_mask, sp, value=False)
-    q_ids, kv_ids = _padded_ids(segment_ids, kv_segment_ids, tp, sp)
-    if q_ids is None:
-        q_ids, kv_ids = jnp.zeros((b, tp), jnp.int32), jnp.zeros((b, sp), jnp.int32)
-    q = _pad(q, tp)
-    acc = _fold(_empty_acc(q), q, _pad(k, sp), _pad(v, sp), valid, q_ids, kv_ids)
-    return checkpoint_name(_normalize(acc, q.dtype)[:, :t], "attention")
-
-
-attention.register_attention_impl("chunked", chunked_attention)
 attention.register_attention_impl("ulysses", ulysses_attention, local=None)
 attention.register_attention_impl("ring", ring_attention, local=None)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from vidiff.models import context_attention  # noqa: F401  (registers the "ulysses" and "ring" attention_impl)
+from vidiff.models import context_attention  # noqa: F401  (registers "ulysses", "ring" and "chunked" attention_impl)
 from vidiff.models.attention import (Attention, JointAttention, flash_attention_saveable, local_attention_impl,
                                      resolve_attention_impl)
 from vidiff.models.dit_inputs import (  # noqa: F401  (concat_conditioning, dummy_inputs: part of the DiT's API)

@@ -1,0 +1,99 @@
+"""Attention kernels alone: forward and forward + backward time of each ``attention_impl``.
+
+    PYTHONPATH=. python experiments/bench_attention.py --impls xla,chunked --tokens 2048 --heads 4   # CPU, ~1 min
+    PYTHONPATH=. python3 experiments/bench_attention.py --impls cudnn,xla,chunked --tokens 4096,16384 --batch 1
+                                                                                          # GPU, bf16 by default
+
+Times ``vidiff.models.attention.attention`` (the one entry point the DiT calls) on
+random ``(batch, tokens, heads, head_dim)`` q, k, v; ``train`` is the value and
+gradient of a sum of the output (what a training step asks of the kernel). Each
+prints one JSON line per impl, mode and length: median ms of ``--steps`` after
+``--warmup``, and attention TFLOP/s counted as ``bench_dit.py`` and the peer count
+the attention term (``4 T^2 d`` per sample forward, x3 for training; no masked or
+recomputed work counted). ``chunked`` is the local form of ring attention's
+online softmax with its flash VJP: on one device it prices what ring attention
+computes per block. A length an impl cannot fit prints ``status: oom``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+import measure
+from vidiff.models import attention
+from vidiff.models import context_attention  # noqa: F401  (registers "chunked")
+
+
+def attention_flops(batch: int, tokens: int, heads: int, head_dim: int, training: bool) -> float:
+    """Scores and values of full (unmasked) self-attention: ``2 T^2 d`` multiply-adds per sample and pass."""
+    return 4.0 * batch * tokens**2 * heads * head_dim * (3 if training else 1)
+
+
+def compiled_call(impl: str, mode: str, q):
+    """A jitted, blocking call of ``impl`` in ``mode`` ('forward' or 'train') on q = k = v shapes."""
+    def forward(q, k, v):
+        return attention.attention(q, k, v, implementation=impl)
+
+    def train(q, k, v):
+        loss = lambda q, k, v: jnp.sum(forward(q, k, v).astype(jnp.float32))  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    fn = jax.jit(forward if mode == "forward" else train)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, q.shape, q.dtype) for key in keys)
+    compiled = fn.lower(q, k, v).compile()
+    return lambda: jax.block_until_ready(compiled(q, k, v))
+
+
+def run_case(impl: str, mode: str, batch: int, tokens: int, args) -> dict:
+    record = dict(impl=impl, mode=mode, batch=batch, tokens=tokens, heads=args.heads, head_dim=args.head_dim,
+                  dtype=args.dtype, device=jax.devices()[0].device_kind)
+    q = jax.ShapeDtypeStruct((batch, tokens, args.heads, args.head_dim), jnp.dtype(args.dtype))
+    try:
+        run = compiled_call(impl, mode, q)
+        times = measure.timed_runs(run, args.warmup, args.steps)
+    except Exception as error:  # noqa: BLE001 (an out-of-memory length is a result; anything else is raised)
+        if not measure.is_oom(error):
+            raise
+        return {**record, "status": "oom", "error": measure.last_exception_line(str(error))}
+    step = statistics.median(times)
+    flops = attention_flops(batch, tokens, args.heads, args.head_dim, mode == "train")
+    significant = lambda x: float(f"{x:.4g}")  # noqa: E731 (tiny CPU cases are fractions of a ms and a TFLOP/s)
+    return {**record, "status": "ok", "ms": significant(step * 1e3), "min_ms": significant(min(times) * 1e3),
+            "tflops": significant(flops / step / 1e12)}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impls", default="xla,chunked", help="comma-separated attention_impl names")
+    parser.add_argument("--modes", default="forward,train")
+    parser.add_argument("--tokens", default="1024", help="comma-separated sequence lengths")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=72, help="72: DiT-XL's (1152 / 16)")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 elsewhere")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+    records = []
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        for impl in args.impls.split(","):
+            try:  # a bad name fails before anything compiles
+                attention.resolve_attention_impl(impl, jnp.dtype(args.dtype), args.head_dim)
+            except ValueError as error:
+                raise SystemExit(f"--impls: {error}") from None
+            for mode in args.modes.split(","):
+                if mode not in ("forward", "train"):
+                    raise SystemExit(f"--modes: {mode!r} is not forward or train")
+                records.append(run_case(impl, mode, args.batch, tokens, args))
+                print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    main()
