@@ -38,21 +38,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_two_processes(args: list[str], devices: int, timeout: float, also: subprocess.Popen | None = None):
+    """Run this file's worker as processes 0 and 1 of one jax.distributed job (and wait for ``also``).
+
+    The coordinator port is free when picked but only bound later, so another program may take it
+    first; a start that fails on the port is retried on a fresh one.
+    """
+    for attempt in range(3):
+        port = _free_port()
+        env = dict(VIDIFF_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", VIDIFF_NUM_PROCESSES="2")
+        procs = [subprocess.Popen([sys.executable, __file__, *(a.replace("{i}", str(i)) for a in args)],
+                                  env=_env(devices, **env, VIDIFF_PROCESS_ID=str(i)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        outs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+        port_taken = any(p.returncode and ("already in use" in o or "Failed to add port" in o)
+                         for p, o in zip(procs, outs))
+        if not port_taken or attempt == 2:
+            break
+    finished = list(zip(procs, outs)) + ([(also, also.communicate(timeout=timeout)[0])] if also else [])
+    for proc, out in finished:
+        assert proc.returncode == 0, out[-3000:]
+
+
 @pytest.mark.slow
 def test_two_processes_train_save_restore_like_one(tmp_path):
     start = time.perf_counter()
-    port = _free_port()
-    script = [sys.executable, __file__]
-    procs = [subprocess.Popen([*script, str(tmp_path / f"multi{i}.json"), str(tmp_path / "ckpt_multi")],
-                              env=_env(4, VIDIFF_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", VIDIFF_NUM_PROCESSES="2",
-                                       VIDIFF_PROCESS_ID=str(i)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    reference = subprocess.Popen([*script, str(tmp_path / "single.json"), str(tmp_path / "ckpt_single")],
+    reference = subprocess.Popen([sys.executable, __file__, str(tmp_path / "single.json"), str(tmp_path / "ckpt_single")],
                                  env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for proc in [*procs, reference]:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-3000:]
+    _run_two_processes([str(tmp_path / "multi{i}.json"), str(tmp_path / "ckpt_multi")], 4, 300, also=reference)
     multi = [json.loads((tmp_path / f"multi{i}.json").read_text()) for i in range(2)]
     single = json.loads((tmp_path / "single.json").read_text())
     assert [m["processes"] for m in multi] == [2, 2] and single["processes"] == 1
@@ -73,15 +86,7 @@ def test_processes_stop_together_when_one_runs_out_of_data_or_fills_another_buck
     """Finite data whose shares end unevenly: the process that still has a batch stops at the same step as the
     one whose share ran out, instead of going on alone into a collective nobody else joins (a hang). Buckets
     picked by each clip's shape: batches of different shapes at one step fail in one line on every process."""
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, "data-ends", str(tmp_path / f"out{i}.json"), str(tmp_path)],
-                              env=_env(1, VIDIFF_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", VIDIFF_NUM_PROCESSES="2",
-                                       VIDIFF_PROCESS_ID=str(i)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out[-3000:]
+    _run_two_processes(["data-ends", str(tmp_path / "out{i}.json"), str(tmp_path)], 1, 120)
     ends = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
     assert [e["first"] for e in ends] == ["batch 0 of process 0", "batch 0 of process 1"]
     # Process 0 still had a batch for step 1 and process 1 had none: both stop there, with the same line.
