@@ -117,6 +117,17 @@ def _online_block(carry, q, k, v, allowed):
     return out, m_new, l
 
 
+def _tied_to(q, *masks):
+    """``masks``, made to depend on ``q`` (an optimisation barrier over both).
+
+    Inside a scan (the DiT's scanned blocks) the masks are loop-invariant, and JAX's partial
+    evaluation hoists loop-invariant work out of a scan body, stacking its per-chunk results:
+    every chunk pair's ``(CHUNK, CHUNK)`` mask, quadratic memory in all. Tied to the queries,
+    they are computed chunk by chunk, where they are used.
+    """
+    return jax.lax.optimization_barrier((q, masks))[1]
+
+
 def fold(acc, q, k, v, valid, q_ids, kv_ids):
     """Fold keys/values ``(b, s, h, d)`` into the accumulators of queries ``(b, t, h, d)``, CHUNK x CHUNK
     at a time: memory O(t + CHUNK^2) per head, never O(t * s). Forward only (see :func:`_flash`).
@@ -125,6 +136,7 @@ def fold(acc, q, k, v, valid, q_ids, kv_ids):
     ``q_ids (b, t)`` / ``kv_ids (b, s)`` segment ids. ``t`` and ``s`` split into equal chunks.
     """
     cq, ck = min(CHUNK, q.shape[1]), min(CHUNK, k.shape[1])
+    valid, q_ids, kv_ids = _tied_to(q, valid, q_ids, kv_ids)
     keys = (_split(k, ck), _split(v, ck), _split(valid, ck), _split(kv_ids, ck))
 
     def one_query_chunk(args):
@@ -145,14 +157,16 @@ def fold_grads(q, k, v, valid, q_ids, kv_ids, lse, d_out, delta):
     ``delta (b, h, t) = rowsum(d_out * out)``. Same chunking and memory as :func:`fold`.
     """
     cq, ck = min(CHUNK, q.shape[1]), min(CHUNK, k.shape[1])
+    valid, q_ids, kv_ids = _tied_to(q, valid, q_ids, kv_ids)
     keys = (_split(k, ck), _split(v, ck), _split(valid, ck), _split(kv_ids, ck))
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     def one_query_chunk(dkv, query):
         q_c, ids_c, lse_c, do_c, delta_c = query
 
-        def one_key_chunk(dq_c, key):
-            k_c, v_c, valid_c, kv_ids_c = key
+        def one_key_chunk(carry, key):  # dk / dv updated in place: no stacked per-chunk copies
+            dq_c, dk_all, dv_all = carry
+            j, k_c, v_c, valid_c, kv_ids_c = key
             allowed = _allowed(valid_c, ids_c, kv_ids_c)
             p = jnp.where(allowed[:, None], jnp.exp(_logits(q_c, k_c, allowed) - lse_c[..., None]), 0.0)
             dv = jnp.einsum("bhts,bthd->bshd", p.astype(do_c.dtype), do_c, preferred_element_type=jnp.float32)
@@ -160,10 +174,11 @@ def fold_grads(q, k, v, valid, q_ids, kv_ids, lse, d_out, delta):
             ds = (p * (dp - delta_c[..., None]) * scale).astype(q_c.dtype)
             dq_c = dq_c + jnp.einsum("bhts,bshd->bthd", ds, k_c, preferred_element_type=jnp.float32)
             dk = jnp.einsum("bhts,bthd->bshd", ds, q_c, preferred_element_type=jnp.float32)
-            return dq_c, (dk, dv)
+            return (dq_c, dk_all.at[j].add(dk), dv_all.at[j].add(dv)), None
 
-        dq_c, (dk, dv) = jax.lax.scan(one_key_chunk, jnp.zeros_like(q_c, jnp.float32), keys)
-        return (dkv[0] + dk, dkv[1] + dv), dq_c
+        (dq_c, *dkv), _ = jax.lax.scan(one_key_chunk, (jnp.zeros_like(q_c, jnp.float32), *dkv),
+                                       (jnp.arange(keys[0].shape[0]), *keys))
+        return tuple(dkv), dq_c
 
     dkv = (jnp.zeros_like(keys[0], jnp.float32), jnp.zeros_like(keys[1], jnp.float32))
     (dk, dv), dq = jax.lax.scan(one_query_chunk, dkv, (_split(q, cq), _split(q_ids, cq), _split(lse, cq, 2),
