@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 import measure
 from vidiff.models import attention
-from vidiff.models import context_attention  # noqa: F401  (registers "chunked")
+from vidiff.models import context_attention  # noqa: F401  (registers "chunked", "ring" and "ulysses")
 
 
 def attention_flops(batch: int, tokens: int, heads: int, head_dim: int, training: bool) -> float:

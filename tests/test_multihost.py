@@ -63,7 +63,8 @@ def _run_two_processes(args: list[str], devices: int, timeout: float, also: subp
 @pytest.mark.slow
 def test_two_processes_train_save_restore_like_one(tmp_path):
     start = time.perf_counter()
-    reference = subprocess.Popen([sys.executable, __file__, str(tmp_path / "single.json"), str(tmp_path / "ckpt_single")],
+    reference = subprocess.Popen([sys.executable, __file__, str(tmp_path / "single.json"),
+                                  str(tmp_path / "ckpt_single")],
                                  env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _run_two_processes([str(tmp_path / "multi{i}.json"), str(tmp_path / "ckpt_multi")], 4, 300, also=reference)
     multi = [json.loads((tmp_path / f"multi{i}.json").read_text()) for i in range(2)]

@@ -227,6 +227,9 @@ def test_chunked_attention_matches_dense_with_masks(monkeypatch):
     assert float(got) == pytest.approx(float(want), abs=1e-4)
     for g, w in zip(grads, want_grads):
         np.testing.assert_allclose(g, w, atol=1e-5)
+    with pytest.raises(ValueError, match=r"take key masks \(B, S\), kv_lengths and segment ids; got a mask of shape "
+                                         r"\(2, 1, 11, 11\); use attention_impl=None for it"):
+        attention.attention(q, k, v, mask=np.ones((2, 1, 11, 11), bool), implementation="chunked")
 
 
 def _matmuls_in_gradient(fn, *args):
@@ -265,7 +268,9 @@ def test_chunked_attention_memory_stays_linear_inside_scanned_layers(monkeypatch
 
     def gradient_temp_bytes(tokens):
         def loss(w, x):
-            layer = lambda c, w_i: (c + attention.attention(c @ w_i, c, c, implementation="chunked"), None)  # noqa: E731
+            def layer(c, w_i):
+                return c + attention.attention(c @ w_i, c, c, implementation="chunked"), None
+
             return jnp.sum(jax.lax.scan(layer, x, w)[0])
 
         shapes = jax.ShapeDtypeStruct((2, 8, 8), jnp.float32), jax.ShapeDtypeStruct((1, tokens, 2, 8), jnp.float32)

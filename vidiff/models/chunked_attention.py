@@ -30,6 +30,7 @@ from vidiff.models import attention
 
 _NEG = -1e30  # finite "minus infinity": keeps exp() and max() of fully masked blocks free of NaNs
 
+
 def as_key_mask(mask, batch: int, keys: int):
     """Normalise a key mask ``(B, S)`` / ``(B, 1, 1, S)`` to ``(B, S)`` bool; other masks are refused."""
     if mask is None:
@@ -38,8 +39,9 @@ def as_key_mask(mask, batch: int, keys: int):
     if mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
         mask = mask[:, 0, 0]
     if mask.ndim != 2 or mask.shape[-1] != keys:
-        raise ValueError(f"attention_impl: context-parallel attention takes key masks (B, S), kv_lengths and "
-                         f"segment ids; got a mask of shape {mask.shape}; use attention_impl=None for it")
+        raise ValueError(f"attention_impl: chunked and context-parallel attention take key masks (B, S), "
+                         f"kv_lengths and segment ids; got a mask of shape {mask.shape}; use attention_impl=None "
+                         f"for it")
     return jnp.broadcast_to(mask.astype(bool), (batch, keys))
 
 
@@ -56,6 +58,7 @@ def valid_keys(mask, kv_lengths, batch: int, keys: int, padded: int):
 
 
 def pad_to(x, length: int, axis: int = 1, value=0):
+    """``x`` padded with ``value`` at the end of ``axis`` to ``length``."""
     extra = length - x.shape[axis]
     if extra == 0:
         return x
@@ -141,7 +144,11 @@ def fold(acc, q, k, v, valid, q_ids, kv_ids):
 
     def one_query_chunk(args):
         acc_c, q_c, ids_c = args
-        step = lambda acc, key: (_online_block(acc, q_c, key[0], key[1], _allowed(key[2], ids_c, key[3])), None)  # noqa: E731
+
+        def step(acc, key):
+            k_c, v_c, valid_c, kv_ids_c = key
+            return _online_block(acc, q_c, k_c, v_c, _allowed(valid_c, ids_c, kv_ids_c)), None
+
         return jax.lax.scan(step, acc_c, keys)[0]
 
     out, m, l = acc
