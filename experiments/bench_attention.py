@@ -3,6 +3,8 @@
     PYTHONPATH=. python experiments/bench_attention.py --impls xla,chunked --tokens 2048 --heads 4   # CPU, ~1 min
     PYTHONPATH=. python3 experiments/bench_attention.py --impls cudnn,xla,chunked --tokens 4096,16384 --batch 1
                                                                                           # GPU, bf16 by default
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 PYTHONPATH=. python experiments/bench_attention.py \
+        --impls ring,ulysses --context 4 --tokens 4096 --heads 4 --head-dim 64        # context parallel, 4 CPU devices
 
 Times ``vidiff.models.attention.attention`` (the one entry point the DiT calls) on
 random ``(batch, tokens, heads, head_dim)`` q, k, v; ``train`` is the value and
@@ -12,7 +14,11 @@ prints one JSON line per impl, mode and length: median ms of ``--steps`` after
 the attention term (``4 T^2 d`` per sample forward, x3 for training; no masked or
 recomputed work counted). ``chunked`` is the local form of ring attention's
 online softmax with its flash VJP: on one device it prices what ring attention
-computes per block. A length an impl cannot fit prints ``status: oom``.
+computes per block. ``--context N`` runs on a ``context = N`` mesh with q, k, v
+split along the tokens, as the DiT's residual stream is, so ``ring`` and
+``ulysses`` really split the work (virtual CPU devices share the cores: their
+times are the total work, not a multi-device speed-up). A length an impl
+cannot fit prints ``status: oom``.
 """
 from __future__ import annotations
 
@@ -22,8 +28,10 @@ import statistics
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 import measure
+from vidiff import parallel
 from vidiff.models import attention
 from vidiff.models import context_attention  # noqa: F401  (registers "chunked", "ring" and "ulysses")
 
@@ -33,8 +41,9 @@ def attention_flops(batch: int, tokens: int, heads: int, head_dim: int, training
     return 4.0 * batch * tokens**2 * heads * head_dim * (3 if training else 1)
 
 
-def compiled_call(impl: str, mode: str, q):
-    """A jitted, blocking call of ``impl`` in ``mode`` ('forward' or 'train') on q = k = v shapes."""
+def compiled_call(impl: str, mode: str, q, mesh):
+    """A jitted, blocking call of ``impl`` in ``mode`` ('forward' or 'train') on q = k = v shapes, under ``mesh``
+    with the tokens split over its ``context`` axis."""
     def forward(q, k, v):
         return attention.attention(q, k, v, implementation=impl)
 
@@ -44,17 +53,19 @@ def compiled_call(impl: str, mode: str, q):
 
     fn = jax.jit(forward if mode == "forward" else train)
     keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(key, q.shape, q.dtype) for key in keys)
-    compiled = fn.lower(q, k, v).compile()
+    tokens_split = NamedSharding(mesh, PartitionSpec(None, "context"))
+    q, k, v = (jax.device_put(jax.random.normal(key, q.shape, q.dtype), tokens_split) for key in keys)
+    with jax.set_mesh(mesh), parallel.axis_rules():
+        compiled = fn.lower(q, k, v).compile()
     return lambda: jax.block_until_ready(compiled(q, k, v))
 
 
 def run_case(impl: str, mode: str, batch: int, tokens: int, args) -> dict:
     record = dict(impl=impl, mode=mode, batch=batch, tokens=tokens, heads=args.heads, head_dim=args.head_dim,
-                  dtype=args.dtype, device=jax.devices()[0].device_kind)
+                  dtype=args.dtype, context=args.context, device=jax.devices()[0].device_kind)
     q = jax.ShapeDtypeStruct((batch, tokens, args.heads, args.head_dim), jnp.dtype(args.dtype))
     try:
-        run = compiled_call(impl, mode, q)
+        run = compiled_call(impl, mode, q, args.mesh)
         times = measure.timed_runs(run, args.warmup, args.steps)
     except Exception as error:  # noqa: BLE001 (an out-of-memory length is a result; anything else is raised)
         if not measure.is_oom(error):
@@ -76,10 +87,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=72, help="72: DiT-XL's (1152 / 16)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 elsewhere")
+    parser.add_argument("--context", type=int, default=1, help="devices the tokens are split over (mesh.context)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+    try:
+        args.mesh = parallel.make_mesh(data=1, context=args.context, devices=jax.devices()[:args.context])
+    except ValueError as error:
+        raise SystemExit(f"--context={args.context}: {error}; on a CPU, set XLA_FLAGS="
+                         f"--xla_force_host_platform_device_count={args.context}") from None
     records = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         for impl in args.impls.split(","):

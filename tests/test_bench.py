@@ -459,11 +459,20 @@ def test_bench_attention_times_each_impl_and_mode():
         assert record["status"] == "ok" and record["dtype"] == "float32" and record["tokens"] == 32
         flops = 4 * 2 * 32**2 * 2 * 8 * (3 if record["mode"] == "train" else 1)
         assert record["tflops"] == pytest.approx(flops / (record["ms"] / 1e3) / 1e12, rel=0.01)
-    done = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_attention.py"), "--impls", "flash"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    bench = [sys.executable, str(EXPERIMENTS / "bench_attention.py")]
+    done = subprocess.run([*bench, "--impls", "flash"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         "--impls: attention_impl: unknown 'flash'; valid: None (auto), ['xla', 'cudnn', 'chunked', 'ulysses', 'ring']"]
+    done = subprocess.run([*bench, "--context", "3"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert done.returncode == 1 and done.stderr.strip().endswith(
+        "on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=3")
+    done = subprocess.run([*bench, "--impls", "ring", "--context", "2", "--modes", "train", "--tokens", "64", "--heads",
+                           "2", "--head-dim", "8", "--steps", "1", "--warmup", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    (ring,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert (ring["impl"], ring["context"], ring["status"]) == ("ring", 2, "ok") and ring["ms"] > 0
 
 
 def test_bench_compare_runs_only_the_peer_modes_it_compares(tmp_path):
