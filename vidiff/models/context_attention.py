@@ -191,6 +191,7 @@ def ring_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_
     return _context_call("ring", _ring_body, q, k, v, mask=mask, kv_lengths=kv_lengths,
                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
+
 # --------------------------------------------------------------------------- registration
 
 attention.register_attention_impl("ulysses", ulysses_attention, local=None)
