@@ -126,6 +126,7 @@ def ulysses_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, 
     return _context_call("ulysses", _ulysses_body, q, k, v, mask=mask, kv_lengths=kv_lengths,
                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
+
 # --------------------------------------------------------------------------- ring (ppermute + online softmax)
 
 
