@@ -201,13 +201,15 @@ def empty_accumulators(q):
 
 
 def finish(acc, dtype):
-    """Output and log-sum-exp ``(b, h, t)`` of the accumulators. A query with no valid key gets zeros
-    and an lse of +1e30, so the backward's recomputed probabilities of it are exactly zero."""
+    """Output and log-sum-exp ``(b, h, t)`` of the accumulators, both named ``"attention"`` (what the
+    backward keeps, so remat policies may keep them). A query with no valid key gets zeros and an lse
+    of +1e30, so the backward's recomputed probabilities of it are exactly zero."""
     out, m, l = acc
     has_key = l > 0
     lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), -_NEG)
     denominator = jnp.swapaxes(jnp.where(has_key, l, 1.0), 1, 2)[..., None]
-    return jnp.where(jnp.swapaxes(has_key, 1, 2)[..., None], out / denominator, 0.0).astype(dtype), lse
+    out = jnp.where(jnp.swapaxes(has_key, 1, 2)[..., None], out / denominator, 0.0).astype(dtype)
+    return checkpoint_name(out, "attention"), checkpoint_name(lse, "attention")
 
 
 def softmax_delta(out, d_out):
@@ -226,7 +228,6 @@ def _flash(q, k, v, valid, q_ids, kv_ids):
 
 def _flash_fwd(q, k, v, valid, q_ids, kv_ids):
     out, lse = finish(fold(empty_accumulators(q), q, k, v, valid, q_ids, kv_ids), q.dtype)
-    out, lse = checkpoint_name(out, "attention"), checkpoint_name(lse, "attention")
     return out, (q, k, v, valid, q_ids, kv_ids, out, lse)
 
 

@@ -35,7 +35,6 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from vidiff import parallel
@@ -149,7 +148,6 @@ def _ring_fwd(q, k, v, valid, q_ids, kv_ids, axis, context):
     # context - 1 steps pass the block on; the last one's block has nowhere it is needed
     (acc, last), _ = jax.lax.scan(step, (empty_accumulators(q), (k, v, valid, kv_ids)), None, length=context - 1)
     out, lse = finish(fold(acc, q, *last[:3], q_ids, last[3]), q.dtype)
-    out, lse = checkpoint_name(out, "attention"), checkpoint_name(lse, "attention")
     return out, (q, k, v, valid, q_ids, kv_ids, out, lse)
 
 
