@@ -19,6 +19,12 @@ split along the tokens, as the DiT's residual stream is, so ``ring`` and
 ``ulysses`` really split the work (virtual CPU devices share the cores: their
 times are the total work, not a multi-device speed-up). A length an impl
 cannot fit prints ``status: oom``.
+
+``--pad-head-dim 80,96,128`` also times each impl with its heads zero-padded to
+each size (``attention(pad_head_dim=...)``, ``xla`` and ``cudnn``: same
+result, FLOPs still counted at the true head dim), to find a size the flash kernel runs faster at than the one
+it picks for 72. ``--impls torch`` times the peer's kernel, PyTorch SDPA in
+bf16 on the same shapes (GPU image only; PyTorch is no vidiff dependency).
 """
 from __future__ import annotations
 
@@ -41,11 +47,11 @@ def attention_flops(batch: int, tokens: int, heads: int, head_dim: int, training
     return 4.0 * batch * tokens**2 * heads * head_dim * (3 if training else 1)
 
 
-def compiled_call(impl: str, mode: str, q, mesh):
+def compiled_call(impl: str, mode: str, q, mesh, pad_head_dim: int | None = None):
     """A jitted, blocking call of ``impl`` in ``mode`` ('forward' or 'train') on q = k = v shapes, under ``mesh``
     with the tokens split over its ``context`` axis."""
     def forward(q, k, v):
-        return attention.attention(q, k, v, implementation=impl)
+        return attention.attention(q, k, v, implementation=impl, pad_head_dim=pad_head_dim)
 
     def train(q, k, v):
         loss = lambda q, k, v: jnp.sum(forward(q, k, v).astype(jnp.float32))  # noqa: E731
@@ -60,12 +66,33 @@ def compiled_call(impl: str, mode: str, q, mesh):
     return lambda: jax.block_until_ready(compiled(q, k, v))
 
 
-def run_case(impl: str, mode: str, batch: int, tokens: int, args) -> dict:
+def torch_call(mode: str, shape: tuple[int, ...]):
+    """The peer's kernel: ``torch.nn.functional.scaled_dot_product_attention`` in bf16 on CUDA, on heads laid
+    out as the peer's ``Block.heads`` makes them (a transposed view of ``(B, T, H, D)``)."""
+    import torch  # the peer's framework, on the GPU image only
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(mode == "train")
+               for _ in range(3))
+
+    def run():
+        out = F.scaled_dot_product_attention(q, k, v)
+        if mode == "train":
+            out.float().sum().backward()
+        torch.cuda.synchronize()
+    return run
+
+
+def run_case(impl: str, mode: str, batch: int, tokens: int, args, pad_head_dim: int | None = None) -> dict:
     record = dict(impl=impl, mode=mode, batch=batch, tokens=tokens, heads=args.heads, head_dim=args.head_dim,
-                  dtype=args.dtype, context=args.context, device=jax.devices()[0].device_kind)
+                  pad_head_dim=pad_head_dim, dtype=args.dtype, context=args.context,
+                  device=jax.devices()[0].device_kind)
     q = jax.ShapeDtypeStruct((batch, tokens, args.heads, args.head_dim), jnp.dtype(args.dtype))
     try:
-        run = compiled_call(impl, mode, q, args.mesh)
+        if impl == "torch":
+            run = torch_call(mode, q.shape)
+        else:
+            run = compiled_call(impl, mode, q, args.mesh, pad_head_dim)
         times = measure.timed_runs(run, args.warmup, args.steps)
     except Exception as error:  # noqa: BLE001 (an out-of-memory length is a result; anything else is raised)
         if not measure.is_oom(error):
@@ -88,6 +115,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--head-dim", type=int, default=72, help="72: DiT-XL's (1152 / 16)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 elsewhere")
     parser.add_argument("--context", type=int, default=1, help="devices the tokens are split over (mesh.context)")
+    parser.add_argument("--pad-head-dim", default="", help="comma-separated sizes to also time each impl's heads "
+                                                           "zero-padded to (xla and cudnn)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
@@ -97,19 +126,39 @@ def main(argv=None) -> list[dict]:
     except ValueError as error:
         raise SystemExit(f"--context={args.context}: {error}; on a CPU, set XLA_FLAGS="
                          f"--xla_force_host_platform_device_count={args.context}") from None
+    pads = [int(size) for size in args.pad_head_dim.split(",") if size]
+    if any(size < args.head_dim for size in pads):
+        raise SystemExit(f"--pad-head-dim: every size must be >= --head-dim {args.head_dim}, got {pads}")
+    impls = args.impls.split(",")
+    for impl in impls:  # a bad name fails before anything compiles
+        if impl == "torch":
+            check_torch_cuda()
+            continue
+        try:
+            attention.resolve_attention_impl(impl, jnp.dtype(args.dtype), args.head_dim)
+        except ValueError as error:
+            raise SystemExit(f"--impls: {error}") from None
+    for mode in args.modes.split(","):
+        if mode not in ("forward", "train"):
+            raise SystemExit(f"--modes: {mode!r} is not forward or train")
     records = []
     for tokens in (int(t) for t in args.tokens.split(",")):
-        for impl in args.impls.split(","):
-            try:  # a bad name fails before anything compiles
-                attention.resolve_attention_impl(impl, jnp.dtype(args.dtype), args.head_dim)
-            except ValueError as error:
-                raise SystemExit(f"--impls: {error}") from None
-            for mode in args.modes.split(","):
-                if mode not in ("forward", "train"):
-                    raise SystemExit(f"--modes: {mode!r} is not forward or train")
-                records.append(run_case(impl, mode, args.batch, tokens, args))
-                print(json.dumps(records[-1]), flush=True)
+        for impl in impls:
+            for pad in [None] + (pads if impl in ("xla", "cudnn") else []):
+                for mode in args.modes.split(","):
+                    records.append(run_case(impl, mode, args.batch, tokens, args, pad))
+                    print(json.dumps(records[-1]), flush=True)
     return records
+
+
+def check_torch_cuda() -> None:
+    try:
+        import torch
+    except ImportError as error:
+        raise SystemExit(f"--impls torch: PyTorch is not installed here ({error}); it runs on the GPU image, "
+                         f"beside the peer") from None
+    if not torch.cuda.is_available():
+        raise SystemExit("--impls torch: PyTorch sees no CUDA device; the peer's SDPA kernel needs one")
 
 
 if __name__ == "__main__":

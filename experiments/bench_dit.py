@@ -25,7 +25,12 @@ and ``nt`` as close as possible to the cube root; e.g. with patch (1, 2, 2):
 16384 -> 16x64x64 (grid 16x32x32). ``--latent-shape t,h,w`` sets it directly.
 
 Timing: ``--warmup`` untimed steps after AOT compilation, then ``--steps``
-steps each closed by ``jax.block_until_ready``; the median is reported.
+steps each waited for (on one output: an execution's outputs are ready
+together, and waiting on each of a train state's ~3,000 arrays costs ~10 ms
+of host time); the median is ``step_s``, the per-step rate the peer's CUDA
+events measure. ``step_s_pipelined``: ``--steps`` more steps queued back to
+back and waited for once, a training loop's rate, in which each step's host
+dispatch hides behind the step before.
 Model FLOPs per step are the peer's (``vidiff.models.dit.dit_flops``): per
 layer ``T(4d^2 + 2rd^2 + 2d^2) + 2Ld^2 + 2T^2 d + 2TLd`` multiply-adds, x2
 FLOPs, x layers x batch, x3 for training (x1 for the forward); recomputation
@@ -59,6 +64,7 @@ with the largest length that trained.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -79,8 +85,8 @@ import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 import ablations  # noqa: E402
-from measure import (compiled_memory_gib, is_oom, peak_memory_gib, profiled_runs, run_isolated,  # noqa: E402
-                     strip_flags, timed_runs)  # (experiments/ is the script's own folder)
+from measure import (compiled_memory_gib, is_oom, peak_memory_gib, pipelined_step_s, profiled_runs,  # noqa: E402
+                     run_isolated, strip_flags, timed_runs)  # (experiments/ is the script's own folder)
 from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
 from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
@@ -187,7 +193,7 @@ def cudnn_attention_kernels(hlo_text: str) -> dict[str, int]:
 
 
 def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: int, times: list[float],
-            init_s: float, compile_s: float, compiled) -> dict:
+            init_s: float, compile_s: float, compiled, pipelined_s: float) -> dict:
     step_s = statistics.median(times)
     flops = dit_flops(cfg, tokens, args.text, batch=args.batch, training=mode == "train")
     kernels = cudnn_attention_kernels(compiled.as_text())
@@ -195,13 +201,26 @@ def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: 
     return dict(
         base_record(args, cfg, mode, latent_shape, tokens), status="ok",
         params_M=params / 1e6, init_s=init_s, compile_s=compile_s, step_s=step_s, step_s_min=min(times),
-        step_s_max=max(times),
+        step_s_max=max(times), step_s_pipelined=pipelined_s,
+        tokens_per_pipelined_s=args.batch * tokens / pipelined_s,
         tokens_per_s=args.batch * tokens / step_s, model_tflops=flops / step_s / 1e12,
         peak_tflops=args.peak_tflops, mfu=flops / step_s / 1e12 / (args.peak_tflops * devices),
         peak_mem_GiB=peak_memory_gib(), compiled_mem_GiB=compiled_memory_gib(compiled),
         cudnn_attention=kernels["forward"] > 0, cudnn_attention_kernels=kernels,
         process_s=time.perf_counter() - PROCESS_START,
+        hlo=dump_hlo(args.dump_hlo, f"{mode}_{args.batch}x{tokens}", compiled),
     )
+
+
+def dump_hlo(out_dir: str | None, name: str, compiled) -> str | None:
+    """The optimised HLO, gzipped: names a trace's fusions (``fusion_123``) after the ops inside them."""
+    if not out_dir:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.hlo.txt.gz")
+    with gzip.open(path, "wt") as f:
+        f.write(compiled.as_text())
+    return path
 
 
 def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> dict:
@@ -274,17 +293,20 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         holder = {"state": state}
         del state  # donated on every call: only the holder may keep the live state
 
-        def run():
-            holder["state"], metrics = compiled(holder["state"], batch, frozen)
-            jax.block_until_ready((holder["state"], metrics))
-            holder["metrics"] = metrics
+        def dispatch():
+            holder["state"], holder["metrics"] = compiled(holder["state"], batch, frozen)
+            return holder["metrics"]["loss"]
+
+        def run():  # one execution's outputs are all ready together: waiting on the loss waits for the state
+            dispatch().block_until_ready()
 
         times = timed_runs(run, args.warmup, args.steps)
+        pipelined = pipelined_step_s(dispatch, args.steps)
     loss = float(holder["metrics"]["loss"])
     if not math.isfinite(loss):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
-    record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, init_s, compile_s, compiled),
-                  update=args.update)
+    record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, init_s, compile_s, compiled,
+                          pipelined), update=args.update)
     return record, tracer(mesh, run, args, f"train_{args.batch}x{tokens}")
 
 
@@ -311,11 +333,13 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         start = time.perf_counter()
         compiled = forward.lower(params, batch).compile()
         compile_s = time.perf_counter() - start
-        run = lambda: jax.block_until_ready(compiled(params, batch))
+        dispatch = lambda: compiled(params, batch)
+        run = lambda: dispatch().block_until_ready()
         times = timed_runs(run, args.warmup, args.steps)
+        pipelined = pipelined_step_s(dispatch, args.steps)
     # run_modes drops the tracer (the last reference to the parameters), so --mode both trains with the memory free.
     return (summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, init_s, compile_s,
-                    compiled),
+                    compiled, pipelined),
             tracer(mesh, run, args, f"forward_{args.batch}x{tokens}"))
 
 
@@ -433,6 +457,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR",
                    help="after the timing record, trace --profile-steps more steps into DIR (own JSON line)")
     p.add_argument("--profile-steps", type=int, default=1)
+    p.add_argument("--dump-hlo", metavar="DIR", help="write each mode's optimised HLO to DIR/<mode>_<B>x<T>.hlo.txt.gz")
     p.add_argument("--max-tokens-search", action="store_true",
                    help="find the longest sequence trainable at batch 1 (remat block by default)")
     p.add_argument("--search-start", type=int, default=16384)

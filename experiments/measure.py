@@ -35,6 +35,18 @@ def timed_runs(run, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def pipelined_step_s(dispatch, steps: int) -> float:
+    """Seconds per call of ``dispatch()`` (which returns an array and does not wait) when ``steps`` calls are
+    queued back to back and only the last is waited for: a training loop's rate, the host's dispatch of each
+    call hidden behind the device's work on the one before (``timed_runs`` waits after every call, as the
+    peer's per-step CUDA events do)."""
+    start = time.perf_counter()
+    for _ in range(steps - 1):
+        dispatch()
+    dispatch().block_until_ready()
+    return (time.perf_counter() - start) / steps
+
+
 TRACE_FILE_LIMIT = 15 * 2**20  # a device call returns files up to 16 MiB: bigger traces are left behind, named
 
 

@@ -8,7 +8,7 @@ from flax import linen as nn
 from vidiff.models import attention
 
 # One compile per call signature instead of one per primitive in eager mode.
-jit_attention = jax.jit(attention.attention, static_argnames="implementation")
+jit_attention = jax.jit(attention.attention, static_argnames=("implementation", "pad_head_dim"))
 
 
 def _qkv(key, b=2, t=6, s=6, h=2, d=8):
@@ -37,6 +37,26 @@ def test_attention_segment_ids_match_separate_sequences():
     kv_ids = jnp.array([[1, 1, 0, 0, 0, 1, 1]])
     cross = jit_attention(q, k, v, segment_ids=ids, kv_segment_ids=kv_ids)
     np.testing.assert_allclose(cross[:, :3], jit_attention(q[:, :3], k[:, 2:5], v[:, 2:5]), atol=1e-5)
+
+
+def test_padded_heads_give_the_same_attention_and_gradients(monkeypatch):
+    q, k, v = _qkv(jax.random.key(4), d=9)
+    lengths = jnp.array([4, 6], jnp.int32)
+    loss = lambda pad: lambda q, k, v: jnp.sum(  # noqa: E731
+        jnp.sin(jit_attention(q, k, v, kv_lengths=lengths, pad_head_dim=pad)))
+    plain, padded = jit_attention(q, k, v, kv_lengths=lengths), jit_attention(q, k, v, kv_lengths=lengths,
+                                                                               pad_head_dim=16)
+    assert padded.shape == q.shape
+    np.testing.assert_allclose(padded, plain, atol=1e-6)
+    grads = [jax.grad(loss(pad), argnums=(0, 1, 2))(q, k, v) for pad in (16, None)]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(jit_attention(q, k, v, pad_head_dim=9), jit_attention(q, k, v), atol=1e-6)
+    with pytest.raises(ValueError, match=r"pad_head_dim=8 needs .* a size >= the head dim 9"):
+        attention.attention(q, k, v, pad_head_dim=8)
+    monkeypatch.setattr(attention, "_ATTENTION_IMPLS", {"ring": lambda *a, **k: None})
+    with pytest.raises(ValueError, match=r"pad_head_dim=16 needs an implementation 'xla' or 'cudnn' \(got 'ring'\)"):
+        attention.attention(q, k, v, pad_head_dim=16, implementation="ring")
 
 
 def test_attention_implementations_resolve_and_register(monkeypatch):

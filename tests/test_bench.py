@@ -24,7 +24,7 @@ sys.path.insert(0, str(EXPERIMENTS))
 
 TRAIN_KEYS = {"impl", "mode", "status", "batch", "tokens", "latent_shape", "text", "dim", "heads", "layers",
               "params_M", "init_s", "compile_s", "process_s", "step_s", "tokens_per_s", "model_tflops", "mfu",
-              "peak_tflops",
+              "peak_tflops", "step_s_pipelined", "tokens_per_pipelined_s", "hlo",
               "peak_mem_GiB", "compiled_mem_GiB", "cudnn_attention", "cudnn_attention_kernels", "remat", "scan",
               "dtype", "mesh"}
 
@@ -171,8 +171,11 @@ def test_cudnn_attention_kernels_are_counted_forward_and_backward():
 def test_bench_dit_train_tiny_with_remat_and_scan(tmp_path):
     record, profile = run_script("bench_dit.py", "--tiny", "--mode", "train", "--remat", "block", "--scan",
                                  "--latent-shape", "1,8,8", "--steps", "1", "--warmup", "1", "--profile",
-                                 str(tmp_path), "--profile-steps", "2")
+                                 str(tmp_path), "--profile-steps", "2", "--dump-hlo", str(tmp_path / "hlo"))
     assert TRAIN_KEYS <= set(record) and record["update"] == "full"
+    assert record["hlo"] == str(tmp_path / "hlo" / "train_2x16.hlo.txt.gz")  # names a trace's fusions
+    assert gzip.decompress(Path(record["hlo"]).read_bytes()).decode().startswith("HloModule jit_step")
+    assert record["tokens_per_pipelined_s"] == pytest.approx(2 * 16 / record["step_s_pipelined"])
     # Two more steps traced after the timing record, on a line of their own, the files copied flat (a device call
     # returns no deeper).
     assert (profile["mode"], profile["of_mode"], profile["status"], profile["left_behind"]) == (
@@ -453,8 +456,10 @@ def test_bench_update_times_every_guard_variant():
 
 def test_bench_attention_times_each_impl_and_mode():
     lines = run_script("bench_attention.py", "--impls", "xla,chunked", "--tokens", "32", "--heads", "2",
-                       "--head-dim", "8", "--batch", "2", "--steps", "1", "--warmup", "0")
-    assert [(r["impl"], r["mode"]) for r in lines] == [(i, m) for i in ("xla", "chunked") for m in ("forward", "train")]
+                       "--head-dim", "8", "--batch", "2", "--steps", "1", "--warmup", "0", "--pad-head-dim", "16")
+    assert [(r["impl"], r["mode"], r["pad_head_dim"]) for r in lines] == [
+        (i, m, pad) for i, pads in (("xla", (None, 16)), ("chunked", (None,))) for pad in pads
+        for m in ("forward", "train")]  # heads padded for xla and cudnn only
     for record in lines:
         assert record["status"] == "ok" and record["dtype"] == "float32" and record["tokens"] == 32
         flops = 4 * 2 * 32**2 * 2 * 8 * (3 if record["mode"] == "train" else 1)
@@ -465,6 +470,13 @@ def test_bench_attention_times_each_impl_and_mode():
     done = subprocess.run([*bench, "--impls", "flash"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         "--impls: attention_impl: unknown 'flash'; valid: None (auto), ['xla', 'cudnn', 'chunked', 'ulysses', 'ring']"]
+    done = subprocess.run([*bench, "--pad-head-dim", "64"], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=env)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "--pad-head-dim: every size must be >= --head-dim 72, got [64]"]
+    done = subprocess.run([*bench, "--impls", "torch"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    (line,) = done.stderr.strip().splitlines()  # the peer's kernel: PyTorch with CUDA, absent here
+    assert done.returncode == 1 and line.startswith("--impls torch: PyTorch ") and ("CUDA" in line or "GPU" in line)
     done = subprocess.run([*bench, "--context", "3"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert done.returncode == 1 and done.stderr.strip().endswith(
         "on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=3")

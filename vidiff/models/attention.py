@@ -69,7 +69,8 @@ def resolve_attention_impl(implementation: str | None, dtype: Dtype, head_dim: i
     return "xla"
 
 
-def attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None, implementation=None):
+def attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None, implementation=None,
+              pad_head_dim=None):
     """Scaled dot-product attention, ``q (B, T, H, D)``, ``k, v (B, S, H, D)`` -> ``(B, T, H, D)``.
 
     Args:
@@ -84,8 +85,16 @@ def attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segme
         right-padded keys should come as lengths.
       implementation: None (auto, see :func:`resolve_attention_impl`), 'xla', 'cudnn', or a
         name registered with :func:`register_attention_impl`.
+      pad_head_dim: optional size >= the head dim: q, k and v are zero-padded to it for the kernel
+        and the output sliced back (zeros add nothing to the logits; the scale stays the true head
+        dim's). Flash kernels are built for a few head sizes and round the others up; a size they
+        have may run faster than the one they would pick (XL's 72). 'xla' and 'cudnn' only.
     """
-    impl = resolve_attention_impl(implementation, q.dtype, q.shape[-1])
+    head_dim = q.shape[-1]
+    impl = resolve_attention_impl(implementation, q.dtype, pad_head_dim or head_dim)
+    if pad_head_dim is not None and (impl in _ATTENTION_IMPLS or pad_head_dim < head_dim):
+        raise ValueError(f"pad_head_dim={pad_head_dim} needs an implementation 'xla' or 'cudnn' (got {impl!r}) "
+                         f"and a size >= the head dim {head_dim}")
     if impl in _ATTENTION_IMPLS:
         return _ATTENTION_IMPLS[impl](
             q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
@@ -101,7 +110,11 @@ def attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segme
         mask = jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))
     if kv_lengths is not None:
         kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl)
+    if pad_head_dim is not None and pad_head_dim > head_dim:
+        widths = [(0, 0)] * (q.ndim - 1) + [(0, pad_head_dim - head_dim)]
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl,
+                                       scale=head_dim ** -0.5)[..., :head_dim]
     if impl == "cudnn":  # remat policies keep the kernel's own outputs (flash_attention_saveable); a named copy
         return out  # would be a second residual, stacked separately in scanned blocks
     # Named so remat policies can keep attention outputs (see vidiff.models.dit.REMAT_POLICIES).
