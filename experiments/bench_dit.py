@@ -54,8 +54,9 @@ except under ``block``) and update (``full`` or ``adamw``, train only).
 prints a second line, mode="profile", of_mode, status ("ok" | "error"),
 files (``<mode>_<batch>x<tokens>.trace.json.gz`` / ``.xplane.pb``, copied
 flat into DIR), left_behind (files over the 15 MiB a device call can return),
-kernels (one step's GPU kernel time by kind and the top kernels,
-``experiments/trace_summary.py``, read even from a trace left behind) and
+kernels (one step's GPU kernel time by kind, the top kernels and the
+``other`` kernels by JAX source path, ``experiments/trace_summary.py``, read
+even from a trace left behind) and
 error: the timing record is printed first, so a profiler failure costs no
 measurement. ``--max-tokens-search``
 runs one subprocess per length (16k, 32k, ... until OOM) and prints one line
@@ -257,11 +258,11 @@ def adamw_only_step(loss_fn, tx):
     return step
 
 
-def tracer(mesh, run, args, name: str):
+def tracer(mesh, run, args, name: str, compiled):
     """A call that traces ``run`` under the benchmark's mesh (run after the timing record is printed)."""
     def trace():
         with jax.set_mesh(mesh), parallel.axis_rules():
-            return profiled_runs(run, args.profile_steps, args.profile, name)
+            return profiled_runs(run, args.profile_steps, args.profile, name, hlo_text=compiled.as_text())
     return trace
 
 
@@ -307,7 +308,7 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
     record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, init_s, compile_s, compiled,
                           pipelined), update=args.update)
-    return record, tracer(mesh, run, args, f"train_{args.batch}x{tokens}")
+    return record, tracer(mesh, run, args, f"train_{args.batch}x{tokens}", compiled)
 
 
 def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
@@ -340,7 +341,7 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     # run_modes drops the tracer (the last reference to the parameters), so --mode both trains with the memory free.
     return (summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, init_s, compile_s,
                     compiled, pipelined),
-            tracer(mesh, run, args, f"forward_{args.batch}x{tokens}"))
+            tracer(mesh, run, args, f"forward_{args.batch}x{tokens}", compiled))
 
 
 def run_modes(args) -> list[dict]:

@@ -50,11 +50,12 @@ def pipelined_step_s(dispatch, steps: int) -> float:
 TRACE_FILE_LIMIT = 15 * 2**20  # a device call returns files up to 16 MiB: bigger traces are left behind, named
 
 
-def profiled_runs(run, steps: int, out_dir: str | None, name: str,
-                  max_bytes: int = TRACE_FILE_LIMIT) -> tuple[list[str], list[str], dict | None]:
+def profiled_runs(run, steps: int, out_dir: str | None, name: str, max_bytes: int = TRACE_FILE_LIMIT,
+                  hlo_text: str | None = None) -> tuple[list[str], list[str], dict | None]:
     """``steps`` more (untimed) calls under ``jax.profiler``; ``(copied, left, kernels)``: trace files copied
     flat into ``out_dir``, ``"<file> (<size> MiB > limit)"`` for each one over ``max_bytes``, not copied, and
-    the GPU kernel time of one step by kind (``trace_summary.summarize``; read before any file is left behind).
+    the GPU kernel time of one step by kind (``trace_summary.summarize``; read before any file is left behind;
+    with the program's ``hlo_text``, its ``other`` kernels by JAX source path too).
 
     Flat names (``<name>.trace.json.gz`` for Perfetto, ``<name>.xplane.pb`` for TensorBoard /
     XProf) because the profiler nests its own folders deeper than a device call returns, and a
@@ -75,7 +76,7 @@ def profiled_runs(run, steps: int, out_dir: str | None, name: str,
         copied, left, kernels = [], [], None
         for path in sorted(Path(raw).glob("plugins/profile/*/*")):
             if kernels is None and path.name.endswith(".trace.json.gz"):
-                kernels = trace_summary.summarize_file(path, steps)
+                kernels = trace_summary.summarize_file(path, steps, hlo_text=hlo_text)
             for ending in (".trace.json.gz", ".xplane.pb"):  # after the host name, which may hold dots
                 if path.name.endswith(ending):
                     size = path.stat().st_size

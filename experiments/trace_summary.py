@@ -18,6 +18,13 @@ time again and are left out. Kinds, by kernel name:
 Times are per step (``--steps`` traced steps), in milliseconds of kernel time;
 kernels on several streams at once count each. No GPU events (a CPU trace)
 gives ``{"kernels": 0}``.
+
+With the compiled program's HLO (``--hlo``, as ``bench_dit.py --dump-hlo``
+writes it; ``bench_dit.py --profile`` passes it itself), ``other_by_op`` says
+what the ``other`` kernels compute: XLA names a kernel after its fusion
+(``fusion_9243`` is ``%fusion.9243``), whose ``op_name`` metadata is the JAX
+source path (``jvp(VideoDiT)/.../blocks_3/mlp/mul``); paths are summed with
+the block number folded (``blocks_N``), so the 28 blocks' copies are one row.
 """
 from __future__ import annotations
 
@@ -49,9 +56,28 @@ def _gpu_stream_threads(events: list[dict]) -> set[tuple]:
     return {(e.get("pid"), e.get("tid")) for e in events if e.get("pid") in gpu_pids and e.get("ph") == "X"}
 
 
-def summarize(trace: dict, steps: int = 1, top: int = 12) -> dict:
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', re.M)
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its ``op_name`` metadata, the scanned or unrolled block number folded to ``blocks_N``."""
+    names = {}
+    for match in _INSTRUCTION.finditer(hlo_text):
+        names.setdefault(match.group(1), re.sub(r"blocks_\d+", "blocks_N", match.group(2)))
+    return names
+
+
+def op_of(kernel: str, op_names: dict[str, str]) -> str:
+    for name in (kernel, re.sub(r"_(\d+)$", r".\1", kernel)):
+        if name in op_names:
+            return op_names[name]
+    return "(not an HLO instruction)"  # e.g. cuDNN's own helper kernels
+
+
+def summarize(trace: dict, steps: int = 1, top: int = 12, hlo_text: str | None = None) -> dict:
     """``{"kernels", "total_ms", "kinds": {kind: {"ms", "share"}}, "top": [{"name", "kind", "ms", "calls"}]}``
-    per step, from a Chrome-format trace (``*.trace.json.gz`` loaded)."""
+    per step, from a Chrome-format trace (``*.trace.json.gz`` loaded); with ``hlo_text`` also
+    ``"other_by_op": [{"op", "ms", "calls"}]``, the ``other`` kernels by JAX source path."""
     events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
     threads = _gpu_stream_threads(events)
     kernels = [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in threads]
@@ -66,7 +92,7 @@ def summarize(trace: dict, steps: int = 1, top: int = 12) -> dict:
     for name, (ms, _) in per_name.items():
         by_kind[kind_of(name)] += ms
     ranked = sorted(per_name.items(), key=lambda item: -item[1][0])[:top]
-    return {
+    summary = {
         "kernels": len(kernels) // steps,
         "total_ms": round(total / steps, 3),
         "kinds": {kind: {"ms": round(ms / steps, 3), "share": round(ms / total, 4) if total else 0.0}
@@ -74,20 +100,35 @@ def summarize(trace: dict, steps: int = 1, top: int = 12) -> dict:
         "top": [{"name": name[:120], "kind": kind_of(name), "ms": round(ms / steps, 3), "calls": calls // steps}
                 for name, (ms, calls) in ranked],
     }
+    if hlo_text is not None:
+        op_names, by_op = hlo_op_names(hlo_text), collections.defaultdict(lambda: [0.0, 0])
+        for name, (ms, calls) in per_name.items():
+            if kind_of(name) == "other":
+                row = by_op[op_of(name, op_names)]
+                row[0] += ms
+                row[1] += calls
+        summary["other_by_op"] = [{"op": op[:160], "ms": round(ms / steps, 3), "calls": calls // steps}
+                                  for op, (ms, calls) in sorted(by_op.items(), key=lambda item: -item[1][0])[:top]]
+    return summary
 
 
-def summarize_file(path: str | Path, steps: int = 1, top: int = 12) -> dict:
+def read_text(path: str | Path) -> str:
     with gzip.open(path, "rt") if str(path).endswith(".gz") else open(path) as f:
-        return summarize(json.load(f), steps, top)
+        return f.read()
+
+
+def summarize_file(path: str | Path, steps: int = 1, top: int = 12, hlo_text: str | None = None) -> dict:
+    return summarize(json.loads(read_text(path)), steps, top, hlo_text)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("trace", help="a *.trace.json.gz (or .json) written by jax.profiler")
     p.add_argument("--steps", type=int, default=1, help="steps the trace holds: times are per step")
-    p.add_argument("--top", type=int, default=12, help="kernels listed by time")
+    p.add_argument("--top", type=int, default=12, help="kernels (and HLO source paths) listed by time")
+    p.add_argument("--hlo", help="the traced program's optimised HLO (.txt or .txt.gz): adds other_by_op")
     args = p.parse_args(argv)
-    summary = summarize_file(args.trace, args.steps, args.top)
+    summary = summarize_file(args.trace, args.steps, args.top, read_text(args.hlo) if args.hlo else None)
     print(json.dumps(summary))
     return summary
 

@@ -689,8 +689,8 @@ def test_trace_summary_sums_a_steps_gpu_kernels_by_kind(tmp_path):
             dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #13(Compute)")),
             dict(ph="M", name="thread_name", pid=1, tid=8, args=dict(name="XLA Ops"))]
     step = [("sm90_xmma_gemm_bf16bf16_bf16f32", 300.0), ("nvjet_tst_128x256", 100.0),
-            ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 250.0), ("loop_add_fusion", 40.0),
-            ("input_reduce_fusion", 10.0)]
+            ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 250.0), ("loop_add_fusion_3", 30.0),
+            ("loop_add_fusion_4", 10.0), ("input_reduce_fusion", 10.0)]
     kernels = [dict(ph="X", pid=1, tid=7, name=name, ts=0, dur=dur) for name, dur in step * 2]
     doubles = [dict(ph="X", pid=1, tid=8, name="fusion.12", ts=0, dur=700.0)] * 2  # same time, XLA's op names
     host = [dict(ph="X", pid=2, tid=1, name="PjitFunction(step)", ts=0, dur=5000.0)]
@@ -698,7 +698,7 @@ def test_trace_summary_sums_a_steps_gpu_kernels_by_kind(tmp_path):
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": meta + kernels + doubles + host}, f)
     summary = trace_summary.summarize_file(path, steps=2, top=2)
-    assert summary["kernels"] == 5 and summary["total_ms"] == pytest.approx(0.7)
+    assert summary["kernels"] == 6 and summary["total_ms"] == pytest.approx(0.7)
     assert summary["kinds"] == {"matmul": {"ms": 0.4, "share": pytest.approx(4 / 7, abs=1e-4)},
                                 "attention": {"ms": 0.25, "share": pytest.approx(2.5 / 7, abs=1e-4)},
                                 "other": {"ms": 0.05, "share": pytest.approx(0.5 / 7, abs=1e-4)}}
@@ -706,6 +706,15 @@ def test_trace_summary_sums_a_steps_gpu_kernels_by_kind(tmp_path):
                               dict(name="cudnn_generated_fort_native_sdpa_sm90_flash_fprop", kind="attention",
                                    ms=0.25, calls=1)]
     assert trace_summary.summarize({"traceEvents": meta[1:2] + host}) == {"kernels": 0}  # a CPU trace
+    # With the program's HLO, the "other" kernels by JAX source path, the two blocks' adds as one row.
+    hlo = "\n".join(["HloModule jit_step", "ENTRY %main {",
+                     '  %loop_add_fusion.3 = f32[4]{0} fusion(%p), metadata={op_name="jit(step)/blocks_0/add"}',
+                     '  ROOT %loop_add_fusion.4 = f32[4]{0} fusion(%q), metadata={op_name="jit(step)/blocks_11/add"}',
+                     "}"])
+    (tmp_path / "step.hlo.txt").write_text(hlo)
+    summary = trace_summary.main([str(path), "--steps", "2", "--hlo", str(tmp_path / "step.hlo.txt")])
+    assert summary["other_by_op"] == [dict(op="jit(step)/blocks_N/add", ms=0.04, calls=2),
+                                      dict(op="(not an HLO instruction)", ms=0.01, calls=1)]
 
 
 def test_adamw_only_step_does_the_peers_optimizer_work():
