@@ -157,7 +157,8 @@ def parse_ints(text: str, count: int, flag: str) -> tuple[int, ...]:
 def build_config(args) -> DiTConfig:
     overrides = dict(text_dim=args.text_dim, pooled_dim=args.text_dim, latent_channels=args.latent_channels,
                      dtype=args.dtype, remat_policy=args.remat, scan_blocks=args.scan,
-                     attention_impl=None if args.attention == "auto" else args.attention)
+                     attention_impl=None if args.attention == "auto" else args.attention,
+                     attention_head_pad=args.pad_head_dim)
     for flag, field in (("dim", "width"), ("heads", "heads"), ("layers", "depth")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
@@ -230,6 +231,7 @@ def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> d
         dim=cfg.width, heads=cfg.heads, layers=cfg.depth, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim,
         latent_shape=list(latent_shape), latent_channels=cfg.latent_channels, patch=list(cfg.patch),
         remat=cfg.remat_policy, scan=cfg.scan_blocks, dtype=cfg.dtype, attention=args.attention,
+        attention_head_pad=cfg.attention_head_pad,
         mesh=list(args.mesh_sizes), steps=args.steps, warmup=args.warmup, ablate=args.ablate,
         backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
         jax_version=jax.__version__,
@@ -345,7 +347,10 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
 
 
 def run_modes(args) -> list[dict]:
-    cfg = build_config(args)
+    try:  # a flag the model cannot take (--heads, --pad-head-dim, ...) is one line, before anything compiles
+        cfg = build_config(args)
+    except ValueError as error:
+        raise SystemExit(f"bench_dit.py: {error}") from None
     if args.latent_shape:
         latent_shape = parse_ints(args.latent_shape, 3, "--latent-shape")
         tokens = tokens_of(latent_shape, cfg.patch)
@@ -445,6 +450,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="auto: cuDNN flash attention on GPU for bf16/fp16, XLA otherwise")
+    p.add_argument("--pad-head-dim", type=int, default=0,
+                   help="DiTConfig.attention_head_pad: heads zero-padded to this size for the kernel (0: off)")
     p.add_argument("--mesh", default="-1,1,1,1", help="mesh sizes data,fsdp,tensor,context (one may be -1)")
     p.add_argument("--steps", type=int, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, help="untimed steps after compilation")

@@ -133,6 +133,15 @@ def test_bench_dit_forward_tiny():
     assert record["peak_mem_GiB"] is None  # the CPU backend keeps no memory stats
 
 
+def test_bench_dit_refuses_a_model_flag_in_one_line():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_dit.py"), "--tiny", "--pad-head-dim", "8"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "bench_dit.py: attention_head_pad: must be 0 (off) or an int >= head_dim 16 with attention_impl None, "
+        "'xla' or 'cudnn'; got 8 with None"]
+
+
 def test_out_of_memory_is_reported_as_a_result(monkeypatch, capsys):
     import bench_dit
 

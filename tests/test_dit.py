@@ -316,9 +316,31 @@ def test_config_rejects_values_that_would_fail_later_or_silently():
                              (dict(width=36, heads=4), r"heads: head_dim = width / heads = 9 must be even for RoPE"),
                              (dict(attention_impl="cudnn"), r"attention_impl: 'cudnn' needs dtype bfloat16 or "
                                                             r"float16 .* \(here float32, "),
+                             (dict(attention_head_pad=8), r"attention_head_pad: must be 0 \(off\) or an int >= "
+                                                          r"head_dim 16 with attention_impl None, 'xla' or 'cudnn'; "
+                                                          r"got 8 with None"),
+                             (dict(attention_head_pad=32, attention_impl="ring"), r"attention_head_pad: .*got 32 "
+                                                                                  r"with 'ring'"),
                              (dict(widht=32), r"unknown DiTConfig field\(s\) \['widht'\]; valid fields: .*width")]:
         with pytest.raises(ValueError, match=match):
             dit.dit_preset("tiny", **overrides)
+
+
+@pytest.mark.parametrize("text_mode", ["cross", "joint"])
+def test_padded_attention_heads_change_nothing_but_the_kernels_shapes(text_mode):
+    """attention_head_pad zero-pads every head for the kernel: same velocity and gradients, same parameters."""
+    plain = dataclasses.replace(CFG, text_mode=text_mode)
+    padded = dataclasses.replace(plain, attention_head_pad=24)  # tiny heads are 16 wide
+    args = _inputs(3, (2, 2, 4, 4))
+    params = dit.VideoDiT(plain).init(jax.random.key(0), *args)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)  # no zero init
+    loss = lambda cfg: lambda p: jnp.sum(jnp.sin(dit.VideoDiT(cfg).apply({"params": p}, *args)))  # noqa: E731
+    (want, want_grads), (got, got_grads) = (jax.value_and_grad(loss(c))(params) for c in (plain, padded))
+    assert float(want) != 0 and float(got) == pytest.approx(float(want), rel=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+    heads_at = lambda cfg, size: f",{cfg.heads},{size}]" in str(jax.make_jaxpr(loss(cfg))(params))  # noqa: E731
+    assert heads_at(padded, 24) and not heads_at(plain, 24)  # the kernel saw 24-wide heads
 
 
 def _bad_input(name):

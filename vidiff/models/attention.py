@@ -193,6 +193,7 @@ class Attention(nn.Module):
     head_dim: int
     zero_out: bool = False
     implementation: str | None = None
+    pad_head_dim: int | None = None  # see attention(): the size the kernel sees heads at
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -209,7 +210,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids,
-                        kv_segment_ids=kv_segment_ids, implementation=self.implementation)
+                        kv_segment_ids=kv_segment_ids, implementation=self.implementation,
+                        pad_head_dim=self.pad_head_dim)
         return FromHeads(x.shape[-1], zero_init=self.zero_out, name="out", **kw)(out)
 
 
@@ -225,6 +227,7 @@ class JointAttention(nn.Module):
     heads: int
     head_dim: int
     implementation: str | None = None
+    pad_head_dim: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -252,7 +255,8 @@ class JointAttention(nn.Module):
             tseg = jnp.zeros((b, l), jnp.int32) if text_segment_ids is None else text_segment_ids
             ids = jnp.concatenate([seg, tseg], axis=1)
         kv_lengths = None if text_lengths is None else n + text_lengths
-        out = attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=ids, implementation=self.implementation)
+        out = attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=ids, implementation=self.implementation,
+                        pad_head_dim=self.pad_head_dim)
         out_x = FromHeads(x.shape[-1], name="video_out", **kw)(out[:, :n])
         out_t = FromHeads(txt.shape[-1], name="text_out", **kw)(out[:, n:])
         return out_x, out_t

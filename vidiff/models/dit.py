@@ -83,6 +83,10 @@ class DiTConfig:
     # None: cuDNN flash on GPU (bf16), XLA otherwise; "ulysses" | "ring": self-attention split over the mesh's
     # context axis (vidiff.models.context_attention); cross-attention to text then stays local.
     attention_impl: str | None = None
+    # 0: off. Else the size q, k and v heads are zero-padded to for the attention kernel (same result): a
+    # flash kernel built for that size may beat the one it rounds the true size up to (XL's 72). 'xla' and
+    # 'cudnn' (or None) only. experiments/bench_attention.py --pad-head-dim measures the candidates.
+    attention_head_pad: int = 0
     remat_policy: str = "none"  # "none" | "block" | "attention" | "dots" (REMAT_POLICIES)
     # nn.scan over blocks: one compiled block (XL: ~3x faster compile), params get a leading 'layers' axis.
     # Scanned blocks keep every residual, so pair scan with remat for big models.
@@ -124,6 +128,10 @@ class DiTConfig:
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {valid}")
         resolve_attention_impl(self.attention_impl, jnp.float32, self.head_dim)
+        pad = self.attention_head_pad
+        if not is_int(pad) or (pad and (pad < self.head_dim or self.attention_impl not in (None, "xla", "cudnn"))):
+            raise ValueError(f"attention_head_pad: must be 0 (off) or an int >= head_dim {self.head_dim} with "
+                             f"attention_impl None, 'xla' or 'cudnn'; got {pad!r} with {self.attention_impl!r}")
         if self.attention_impl == "cudnn" and (self.dtype == "float32" or self.head_dim > 128 or self.head_dim % 8):
             raise ValueError(f"attention_impl: 'cudnn' needs dtype bfloat16 or float16 and a head_dim <= 128 that "
                              f"is a multiple of 8 (here {self.dtype}, {self.head_dim}); use None (auto) to fall back "
@@ -203,7 +211,8 @@ class DiTBlock(nn.Module):
         x = nn.with_logical_constraint(x, VIDEO_AXES)
         dt = cfg.compute_dtype
         kw = dict(dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype))
-        attn_kw = dict(heads=cfg.heads, head_dim=cfg.head_dim, implementation=cfg.attention_impl, **kw)
+        attn_kw = dict(heads=cfg.heads, head_dim=cfg.head_dim, implementation=cfg.attention_impl,
+                       pad_head_dim=cfg.attention_head_pad or None, **kw)
         hidden = int(cfg.width * cfg.mlp_ratio)
         norm = functools.partial(layer_norm, dtype=dt)
         mod = Modulation(6, cfg.width, name="modulation", **kw)(ctx["cond"])
