@@ -41,7 +41,9 @@ TFLOP/s on an H200 here, see experiments/PERF.md).
 Prints one JSON line per mode run (``--mode both`` runs the forward first, so
 its peak memory is not the training step's): impl="vidiff", mode, status
 ("ok" | "oom"), the shapes, params_M, init_s (parameters or train state
-built, the init's compile included), compile_s, step_s, tokens_per_s,
+built, the init's compile included; on a GPU built by the host's CPU and
+copied over, ``--init-on``, since an unscanned XL's init compiles for
+~70 s on the GPU), init_on, compile_s, step_s, tokens_per_s,
 model_tflops, mfu, process_s (seconds since the process started, at the
 record: where a device call's time goes besides compiling), peak_mem_GiB
 (``memory_stats()["peak_bytes_in_use"]``, the process's peak so far; null
@@ -83,7 +85,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import linen as nn  # noqa: E402
 
 import ablations  # noqa: E402
 from measure import (compiled_memory_gib, is_oom, peak_memory_gib, pipelined_step_s, profiled_runs,  # noqa: E402
@@ -92,7 +93,7 @@ from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
 from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
 from vidiff.train.optimizer import make_optimizer  # noqa: E402
-from vidiff.train.state import create_state, jit_train_step, make_train_step  # noqa: E402
+from vidiff.train.state import build_sharded, create_state, jit_train_step, make_train_step  # noqa: E402
 from vidiff.train.tasks import dit_flow_loss  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -231,7 +232,7 @@ def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> d
         dim=cfg.width, heads=cfg.heads, layers=cfg.depth, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim,
         latent_shape=list(latent_shape), latent_channels=cfg.latent_channels, patch=list(cfg.patch),
         remat=cfg.remat_policy, scan=cfg.scan_blocks, dtype=cfg.dtype, attention=args.attention,
-        attention_head_pad=cfg.attention_head_pad,
+        attention_head_pad=cfg.attention_head_pad, init_on=args.init_on,
         mesh=list(args.mesh_sizes), steps=args.steps, warmup=args.warmup, ablate=args.ablate,
         backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
         jax_version=jax.__version__,
@@ -281,7 +282,8 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     optim = OPTIM if args.update == "full" else types.SimpleNamespace(**{**vars(OPTIM), "grad_clip": 0.0})
     tx, _ = make_optimizer(optim, total_steps=args.warmup + args.steps)
     start = time.perf_counter()
-    state, state_shardings = jax.block_until_ready(create_state(init_params, tx, args.seed, mesh))
+    state, state_shardings = jax.block_until_ready(create_state(init_params, tx, args.seed, mesh,
+                                                                 on_host=args.init_on == "host"))
     init_s = time.perf_counter() - start
     params = count_params(state.params)
     batch, batch_shardings = put_batch(random_batch(cfg, args.batch, latent_shape, args.text, args.seed), mesh)
@@ -319,8 +321,7 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     key = jax.random.key(args.seed)
     shardings = parallel.param_shardings(jax.eval_shape(init, key), mesh)
     start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        params = jax.block_until_ready(jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key))
+    params = jax.block_until_ready(build_sharded(init, key, shardings, mesh, on_host=args.init_on == "host"))
     init_s = time.perf_counter() - start
     host = random_batch(cfg, args.batch, latent_shape, args.text, args.seed)
     host["t"] = np.random.default_rng(args.seed + 1).uniform(size=(args.batch,)).astype(np.float32)
@@ -351,6 +352,8 @@ def run_modes(args) -> list[dict]:
         cfg = build_config(args)
     except ValueError as error:
         raise SystemExit(f"bench_dit.py: {error}") from None
+    if args.init_on == "auto":  # here, not in parse_args: the --max-tokens-search parent must not touch the GPU
+        args.init_on = "host" if jax.default_backend() != "cpu" and jax.process_count() == 1 else "device"
     if args.latent_shape:
         latent_shape = parse_ints(args.latent_shape, 3, "--latent-shape")
         tokens = tokens_of(latent_shape, cfg.patch)
@@ -450,6 +453,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="auto: cuDNN flash attention on GPU for bf16/fp16, XLA otherwise")
+    p.add_argument("--init-on", choices=("auto", "host", "device"), default="auto",
+                   help="where parameters and train state are built (create_state(on_host=...)); auto: the host's "
+                        "CPU when the devices are accelerators of one process (an unscanned XL's init compiles for "
+                        "~70 s on a GPU), else the devices")
     p.add_argument("--pad-head-dim", type=int, default=0,
                    help="DiTConfig.attention_head_pad: heads zero-padded to this size for the kernel (0: off)")
     p.add_argument("--mesh", default="-1,1,1,1", help="mesh sizes data,fsdp,tensor,context (one may be -1)")

@@ -130,6 +130,7 @@ def test_bench_dit_forward_tiny():
     assert_positive(record, "params_M", "step_s", "tokens_per_s", "model_tflops", "mfu", "init_s", "compile_s")
     assert record["process_s"] > record["init_s"] + record["compile_s"] + 3 * record["step_s_min"]
     assert record["cudnn_attention"] is False  # CPU: XLA attention
+    assert record["init_on"] == "device"  # auto: the host builds the parameters for accelerators only
     assert record["peak_mem_GiB"] is None  # the CPU backend keeps no memory stats
 
 

@@ -191,6 +191,36 @@ def test_accumulated_step_is_one_update_on_the_whole_batch():
         make_train_step(loss_fn, tx, ema_decay=0.9, accumulate=0)
 
 
+def test_state_built_on_the_host_is_the_one_built_on_the_mesh(monkeypatch):
+    """create_state(on_host=True): the same values, placed with the same shardings (an fsdp=2 mesh)."""
+    from vidiff import parallel
+    from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+    from vidiff.train.state import build_sharded, create_state
+
+    cfg = dit_preset("tiny")
+    init = lambda key: VideoDiT(cfg).init(key, *dummy_inputs(cfg))["params"]  # noqa: E731 (boxed, logical names)
+    mesh = parallel.make_mesh(data=1, fsdp=2, devices=jax.devices()[:2])
+    tx = optax.adamw(1e-3)
+    (on_mesh, shardings), (on_host, host_shardings) = (create_state(init, tx, seed=3, mesh=mesh, on_host=host)
+                                                       for host in (False, True))
+    assert host_shardings == shardings
+    leaves = jax.tree.leaves(on_host)
+    assert len(leaves) == len(jax.tree.leaves(on_mesh)) > 50
+    sharded = [x for x in leaves if not x.sharding.is_fully_replicated]
+    assert sharded and all(x.sharding.mesh.shape["fsdp"] == 2 for x in sharded)  # placed, not gathered
+    for got, want, sharding in zip(leaves, jax.tree.leaves(on_mesh), jax.tree.leaves(shardings)):
+        assert got.sharding.is_equivalent_to(sharding, got.ndim)
+        np.testing.assert_array_equal(jax.device_get(got), jax.device_get(want))
+
+    def no_cpu(backend=None):
+        raise RuntimeError(f"Unknown backend {backend}")
+
+    monkeypatch.setattr(jax, "devices", no_cpu)
+    with pytest.raises(ValueError, match=r"on_host=True needs JAX's CPU backend, which JAX_PLATFORMS=.* leaves out; "
+                                         r"add cpu to it or use on_host=False"):
+        build_sharded(lambda key: {"w": jnp.ones(2)}, jax.random.key(0), None, mesh, on_host=True)
+
+
 def test_ema_and_image_metrics():
     ema = ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, decay=0.9)
     np.testing.assert_allclose(ema["w"], 0.1)

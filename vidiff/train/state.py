@@ -55,6 +55,12 @@ def _init_fn(init_params: Callable, tx: optax.GradientTransformation) -> Callabl
     return init
 
 
+def _unboxed(tree):
+    """``tree`` with logical-axis boxes removed, without the sharding constraints ``nn.meta.unbox`` adds."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def abstract_state(init_params: Callable, tx: optax.GradientTransformation, mesh, rules=parallel.LOGICAL_RULES):
     """``(state of jax.ShapeDtypeStruct carrying shardings, state_shardings)``: nothing is allocated.
 
@@ -63,29 +69,52 @@ def abstract_state(init_params: Callable, tx: optax.GradientTransformation, mesh
     abstract = jax.eval_shape(_init_fn(init_params, tx), jax.random.key(0))
     logical = nn.get_partition_spec(abstract)
     shardings = parallel.logical_to_sharding(logical, mesh, rules)
-    # No sharding constraint on unboxing: these are shapes, and a mesh may be active.
-    unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
-                           abstract, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    unboxed = _unboxed(abstract)  # shapes: no sharding constraint to apply, though a mesh may be active
     parallel.check_divisible(unboxed, logical, mesh, rules)
     shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
     return shapes, shardings
 
 
-def create_state(init_params: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules=parallel.LOGICAL_RULES):
+def create_state(init_params: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules=parallel.LOGICAL_RULES,
+                 *, on_host: bool = False):
     """Build a sharded ``TrainState`` and return ``(state, state_shardings)``.
 
     ``init_params(key)`` returns parameters boxed with logical axis names
     (``model.init(...)["params"]``); it is traced once abstractly to derive the
-    shardings, then run under ``jit`` with those ``out_shardings``.
+    shardings, then run under ``jit`` with those ``out_shardings``. ``on_host``:
+    see :func:`build_sharded`.
     """
-    init = _init_fn(init_params, tx)
     _, shardings = abstract_state(init_params, tx, mesh, rules)
-    key = jax.random.key(seed)
+    return build_sharded(_init_fn(init_params, tx), jax.random.key(seed), shardings, mesh, on_host=on_host), shardings
+
+
+def build_sharded(init: Callable, key: jax.Array, shardings, mesh, *, on_host: bool = False):
+    """``init(key)`` (a tree, possibly boxed with logical axis names), unboxed and placed with ``shardings``.
+
+    By default it runs under ``jit`` on ``mesh`` with those ``out_shardings``, so no device ever holds a
+    full copy. ``on_host=True`` runs it on the host's CPU backend instead and copies the result onto the
+    mesh: the same values (threefry is one function on every backend, and the same variant is used either
+    way), a different compiler. On a GPU an unscanned XL DiT's train state, one program with ~750
+    random-number kernels, took 71-89 s to build (experiments/PERF.md); XLA:CPU compiles the same
+    program in ~18 s on two cores. It needs one process and host memory for the whole tree.
+    """
     # Partitionable threefry lets accelerators generate each shard locally, but XLA:CPU
     # compiles it ~5x slower (15 s for the tiny VAE); the CPU gains nothing from it.
-    with jax.set_mesh(mesh), jax.threefry_partitionable(jax.default_backend() != "cpu"):
-        state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
-    return state, shardings
+    partitionable = jax.threefry_partitionable(jax.default_backend() != "cpu")
+    if not on_host:
+        with jax.set_mesh(mesh), partitionable:
+            return jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
+    if jax.process_count() > 1:
+        raise ValueError(f"on_host=True builds the whole tree in one process's memory; with "
+                         f"{jax.process_count()} processes build it on the mesh (on_host=False)")
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:
+        raise ValueError(f"on_host=True needs JAX's CPU backend, which JAX_PLATFORMS="
+                         f"{jax.config.jax_platforms!r} leaves out; add cpu to it or use on_host=False") from None
+    with partitionable:  # no mesh on the host: no sharding constraints to apply
+        host = jax.jit(lambda k: _unboxed(init(k)))(jax.device_put(key, cpu))
+    return jax.device_put(host, shardings)
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_decay: float,
