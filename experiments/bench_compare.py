@@ -273,15 +273,18 @@ def fmt(value, spec: str = ".4g") -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ["config", "mode", "vidiff tok/s", "peer tok/s", "vidiff/peer", "vidiff MFU", "peer MFU",
-            "vidiff GiB", "peer GiB", "cuDNN attn"]
+    # "queued": vidiff's steps queued back to back (bench_dit's step_s_pipelined), as a training run goes;
+    # the ratio is of steps each waited for, as the peer's CUDA events time them.
+    head = ["config", "mode", "vidiff tok/s", "peer tok/s", "vidiff/peer", "vidiff queued tok/s", "vidiff MFU",
+            "peer MFU", "vidiff GiB", "peer GiB", "cuDNN attn"]
     rows = [head]
     for r in results:
         ours, theirs = r["vidiff"], r["peer"]
         status = lambda rec, key, spec=".4g": fmt(rec.get(key), spec) if rec.get("status", "ok") == "ok" else (
             rec.get("status", "?"))
         rows.append([r["config"], r["mode"], status(ours, "tokens_per_s", ".0f"), status(theirs, "tokens_per_s", ".0f"),
-                     fmt(r["ratio_tokens_per_s"], ".3f"), status(ours, "mfu", ".3f"), status(theirs, "mfu", ".3f"),
+                     fmt(r["ratio_tokens_per_s"], ".3f"), status(ours, "tokens_per_pipelined_s", ".0f"),
+                     status(ours, "mfu", ".3f"), status(theirs, "mfu", ".3f"),
                      status(ours, "peak_mem_GiB", ".1f"), status(theirs, "peak_mem_GiB", ".1f"),
                      str(ours.get("cudnn_attention", "-"))])
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]

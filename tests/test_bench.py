@@ -334,7 +334,7 @@ def run_compare(tmp_path, *args: str, peer_train: str | None = None, peer_forwar
 
 def test_bench_compare_with_fake_runs(tmp_path):
     report, stdout = run_compare(tmp_path, "--steps", "1", "--warmup", "1")
-    assert "vidiff/peer" in stdout
+    assert "vidiff/peer" in stdout and "vidiff queued tok/s" in stdout  # queued: bench_dit's step_s_pipelined
     got = {(r["config"], r["mode"]): r for r in report["results"]}
     assert set(got) == {(c, m) for c in ("2x32", "1x64") for m in ("train", "forward")}
     assert got["2x32", "train"]["ratio_tokens_per_s"] == pytest.approx(1.5)
