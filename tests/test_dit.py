@@ -319,6 +319,8 @@ def test_config_rejects_values_that_would_fail_later_or_silently():
                              (dict(attention_head_pad=8), r"attention_head_pad: must be 0 \(off\) or an int >= "
                                                           r"head_dim 16 with attention_impl None, 'xla' or 'cudnn'; "
                                                           r"got 8 with None"),
+                             (dict(attention_head_pad=136, attention_impl="cudnn", dtype="bfloat16"),
+                              r"attention_impl: 'cudnn' needs .* head_dim <= 128 .* \(here bfloat16, 136\)"),
                              (dict(attention_head_pad=32, attention_impl="ring"), r"attention_head_pad: .*got 32 "
                                                                                   r"with 'ring'"),
                              (dict(widht=32), r"unknown DiTConfig field\(s\) \['widht'\]; valid fields: .*width")]:

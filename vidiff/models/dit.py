@@ -132,9 +132,10 @@ class DiTConfig:
         if not is_int(pad) or (pad and (pad < self.head_dim or self.attention_impl not in (None, "xla", "cudnn"))):
             raise ValueError(f"attention_head_pad: must be 0 (off) or an int >= head_dim {self.head_dim} with "
                              f"attention_impl None, 'xla' or 'cudnn'; got {pad!r} with {self.attention_impl!r}")
-        if self.attention_impl == "cudnn" and (self.dtype == "float32" or self.head_dim > 128 or self.head_dim % 8):
+        kernel_dim = pad or self.head_dim  # the head size the kernel sees
+        if self.attention_impl == "cudnn" and (self.dtype == "float32" or kernel_dim > 128 or kernel_dim % 8):
             raise ValueError(f"attention_impl: 'cudnn' needs dtype bfloat16 or float16 and a head_dim <= 128 that "
-                             f"is a multiple of 8 (here {self.dtype}, {self.head_dim}); use None (auto) to fall back "
+                             f"is a multiple of 8 (here {self.dtype}, {kernel_dim}); use None (auto) to fall back "
                              f"to XLA attention")
 
     @property
