@@ -155,6 +155,13 @@ def parse_ints(text: str, count: int, flag: str) -> tuple[int, ...]:
     return values
 
 
+def has_cpu_backend() -> bool:
+    try:  # JAX_PLATFORMS=cuda leaves the host's CPU backend out
+        return bool(jax.devices("cpu"))
+    except RuntimeError:
+        return False
+
+
 def build_config(args) -> DiTConfig:
     overrides = dict(text_dim=args.text_dim, pooled_dim=args.text_dim, latent_channels=args.latent_channels,
                      dtype=args.dtype, remat_policy=args.remat, scan_blocks=args.scan,
@@ -353,7 +360,8 @@ def run_modes(args) -> list[dict]:
     except ValueError as error:
         raise SystemExit(f"bench_dit.py: {error}") from None
     if args.init_on == "auto":  # here, not in parse_args: the --max-tokens-search parent must not touch the GPU
-        args.init_on = "host" if jax.default_backend() != "cpu" and jax.process_count() == 1 else "device"
+        accelerators = jax.default_backend() != "cpu" and jax.process_count() == 1
+        args.init_on = "host" if accelerators and has_cpu_backend() else "device"
     if args.latent_shape:
         latent_shape = parse_ints(args.latent_shape, 3, "--latent-shape")
         tokens = tokens_of(latent_shape, cfg.patch)
