@@ -93,7 +93,7 @@ from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
 from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
 from vidiff.train.optimizer import make_optimizer  # noqa: E402
-from vidiff.train.state import build_sharded, create_state, jit_train_step, make_train_step  # noqa: E402
+from vidiff.train.state import build_sharded, create_state, host_cpu, jit_train_step, make_train_step  # noqa: E402
 from vidiff.train.tasks import dit_flow_loss  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -153,13 +153,6 @@ def parse_ints(text: str, count: int, flag: str) -> tuple[int, ...]:
     if len(values) != count:
         raise ValueError(f"{flag}: need {count} comma-separated integers, got {text!r}")
     return values
-
-
-def has_cpu_backend() -> bool:
-    try:  # JAX_PLATFORMS=cuda leaves the host's CPU backend out
-        return bool(jax.devices("cpu"))
-    except RuntimeError:
-        return False
 
 
 def build_config(args) -> DiTConfig:
@@ -362,7 +355,7 @@ def run_modes(args) -> list[dict]:
     if args.init_on == "auto":  # here, not in parse_args: the --max-tokens-search parent must not touch the GPU
         # Scanned blocks init as one small loop, built on a GPU in ~4 s; unscanned ones as ~750 kernels.
         unscanned_on_accelerators = not args.scan and jax.default_backend() != "cpu" and jax.process_count() == 1
-        args.init_on = "host" if unscanned_on_accelerators and has_cpu_backend() else "device"
+        args.init_on = "host" if unscanned_on_accelerators and host_cpu() is not None else "device"
     if args.latent_shape:
         latent_shape = parse_ints(args.latent_shape, 3, "--latent-shape")
         tokens = tokens_of(latent_shape, cfg.patch)

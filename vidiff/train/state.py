@@ -107,14 +107,21 @@ def build_sharded(init: Callable, key: jax.Array, shardings, mesh, *, on_host: b
     if jax.process_count() > 1:
         raise ValueError(f"on_host=True builds the whole tree in one process's memory; with "
                          f"{jax.process_count()} processes build it on the mesh (on_host=False)")
-    try:
-        cpu = jax.devices("cpu")[0]
-    except RuntimeError:
+    cpu = host_cpu()
+    if cpu is None:
         raise ValueError(f"on_host=True needs JAX's CPU backend, which JAX_PLATFORMS="
-                         f"{jax.config.jax_platforms!r} leaves out; add cpu to it or use on_host=False") from None
+                         f"{jax.config.jax_platforms!r} leaves out; add cpu to it or use on_host=False")
     with partitionable:  # no mesh on the host: no sharding constraints to apply
         host = jax.jit(lambda k: _unboxed(init(k)))(jax.device_put(key, cpu))
     return jax.device_put(host, shardings)
+
+
+def host_cpu():
+    """The host's first CPU device, or None where ``JAX_PLATFORMS`` leaves the CPU backend out."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return None
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_decay: float,
