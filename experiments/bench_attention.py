@@ -22,9 +22,10 @@ cannot fit prints ``status: oom``.
 
 ``--pad-head-dim 80,96,128`` also times each impl with its heads zero-padded to
 each size (``attention(pad_head_dim=...)``, ``xla`` and ``cudnn``: same
-result, FLOPs still counted at the true head dim), to find a size the flash kernel runs faster at than the one
-it picks for 72. ``--impls torch`` times the peer's kernel, PyTorch SDPA in
-bf16 on the same shapes (GPU image only; PyTorch is no vidiff dependency).
+result, FLOPs still counted at the true head dim), to find a size the flash
+kernel runs faster at than the one it picks for 72. ``--impls torch`` times
+the peer's kernel, PyTorch SDPA in bf16 on the same shapes (GPU image only;
+PyTorch is no vidiff dependency).
 """
 from __future__ import annotations
 

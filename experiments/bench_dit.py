@@ -199,7 +199,8 @@ def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: 
             init_s: float, compile_s: float, compiled, pipelined_s: float) -> dict:
     step_s = statistics.median(times)
     flops = dit_flops(cfg, tokens, args.text, batch=args.batch, training=mode == "train")
-    kernels = cudnn_attention_kernels(compiled.as_text())
+    hlo_text = compiled.as_text()  # an unscanned XL step's is ~19 MB: printed once, read twice
+    kernels = cudnn_attention_kernels(hlo_text)
     devices = jax.device_count()
     return dict(
         base_record(args, cfg, mode, latent_shape, tokens), status="ok",
@@ -211,18 +212,18 @@ def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: 
         peak_mem_GiB=peak_memory_gib(), compiled_mem_GiB=compiled_memory_gib(compiled),
         cudnn_attention=kernels["forward"] > 0, cudnn_attention_kernels=kernels,
         process_s=time.perf_counter() - PROCESS_START,
-        hlo=dump_hlo(args.dump_hlo, f"{mode}_{args.batch}x{tokens}", compiled),
+        hlo=dump_hlo(args.dump_hlo, f"{mode}_{args.batch}x{tokens}", hlo_text),
     )
 
 
-def dump_hlo(out_dir: str | None, name: str, compiled) -> str | None:
+def dump_hlo(out_dir: str | None, name: str, hlo_text: str) -> str | None:
     """The optimised HLO, gzipped: names a trace's fusions (``fusion_123``) after the ops inside them."""
     if not out_dir:
         return None
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.hlo.txt.gz")
     with gzip.open(path, "wt") as f:
-        f.write(compiled.as_text())
+        f.write(hlo_text)
     return path
 
 
