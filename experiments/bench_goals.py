@@ -25,21 +25,27 @@ deadline). ``goals.md`` and ``goals.jsonl`` are rewritten after every job.
 
 | job | est. s | runs | goal |
 |---|---:|---|---|
-| compare_1x16384 | 560 | bench_compare.py 1x16384, train (remat: the peer whole blocks, vidiff ``--vidiff-remat``, default ``attention``) + forward | train >= 1.0, forward >= 1.2 |
 | compare_64x256 | 500 | bench_compare.py 64x256, train + forward | vidiff/peer tokens/s >= 1.2 (train and forward) |
+| compare_1x16384_block | 300 | bench_compare.py 1x16384, train, vidiff remat ``block`` (the peer's policy) | train >= 1.0 |
 | compare_4x4096 | 520 | bench_compare.py 4x4096, train + forward | vidiff/peer tokens/s >= 1.2 (train and forward) |
-| compare_1x16384_block | 400 | bench_compare.py 1x16384, train, vidiff remat ``block`` (the peer's policy) | train >= 1.0 |
+| compare_1x16384 | 420 | bench_compare.py 1x16384, train (remat: the peer whole blocks, vidiff ``--vidiff-remat``, default ``attention``) + forward | train >= 1.0, forward >= 1.2 |
 | max_tokens | 70 | bench_dit.py: one XL step at batch 1, 131,072 tokens | it runs in 80 GB (remat block, scanned, bf16) |
 | vae_decode | 85 | bench_vae.py: chunked decode, 256 px, 17 and 257 frames | memory added, 257 / 17 frames <= 1.2 |
 
-The order puts first the goals that the first GPU run (PERF.md, "Results:
-one H200, 2026-12-04") did not measure. The estimates are from that run:
-``compare_4x4096`` used all of its 460 s, the peer's forward unfinished (62 s
-alone); the other compare jobs are scaled from it; ``max_tokens`` took 57.5
-s, ``vae_decode`` 74.6 s. Each job's measured ``elapsed_s`` is printed, and
+The order puts first the goals no H200 run has measured yet (PERF.md,
+"Results"), then the ones measured once. The estimates are measured where a
+job has run: ``compare_1x16384`` took 369 s on 2026-12-04 (vidiff's process
+150 s with the state built on the host, the peer's training 148 s, its
+forward 71 s), ``max_tokens`` 57.5 s, ``vae_decode`` 74.6 s;
+``compare_4x4096`` used all of its 460 s when vidiff still built its state
+on the GPU (~50 s more). ``compare_64x256`` is scaled from those;
+``compare_1x16384_block`` is ``compare_1x16384`` without the two forwards
+(~110 s of it). Each job's measured ``elapsed_s`` is printed, and
 each benchmark subprocess's own ``elapsed_s`` is in its records, so they can
 be corrected. A compare job is about one call: call 1 runs one, call 2 (~260
-s) the short jobs, or the single measurements of PERF.md.
+s) the short jobs, or the single measurements of PERF.md. A job named in
+``--only`` whose estimate exceeds the whole ``--budget`` could never start:
+that stops the script in one line before the device is used.
 
 The forwards run in the compare jobs (``bench_dit.py --mode both``: one
 process, one parameter initialisation, one more compile), not in jobs of
@@ -115,12 +121,12 @@ class Job:
     vidiff_remat: str | None = None  # compare with remat: this policy for vidiff (None: --vidiff-remat)
 
 
-# Most important first: the goals not yet measured (experiments/PERF.md, "Results"), then re-measuring those that were.
+# Most important first: the goals no GPU run has measured (experiments/PERF.md, "Results"), then those measured once.
 JOBS = (
-    Job("compare_1x16384", 560, "compare", "1x16384", "1x64", ("train", "forward"), {"train": 1.0, "forward": 1.2}),
     Job("compare_64x256", 500, "compare", "64x256", "2x32", ("train", "forward"), {"train": 1.2, "forward": 1.2}),
+    Job("compare_1x16384_block", 300, "compare", "1x16384", "1x64", ("train",), {"train": 1.0}, "block"),
     Job("compare_4x4096", 520, "compare", "4x4096", "2x32", ("train", "forward"), {"train": 1.2, "forward": 1.2}),
-    Job("compare_1x16384_block", 400, "compare", "1x16384", "1x64", ("train",), {"train": 1.0}, "block"),
+    Job("compare_1x16384", 420, "compare", "1x16384", "1x64", ("train", "forward"), {"train": 1.0, "forward": 1.2}),
     Job("max_tokens", 70, "max_tokens"),
     Job("vae_decode", 85, "vae"),
 )
@@ -419,10 +425,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         unknown = [n for n in names[flag] if n not in JOB_NAMES]
         if unknown:
             raise SystemExit(f"{flag}: unknown jobs {unknown}; choose from {JOB_NAMES}")
+    args.only_given = args.only is not None
     args.only, args.skip = names["--only"], names["--skip"]
     args.gpu_mib, args.gpus = None, []  # read from nvidia-smi when the session starts
     if args.budget <= 0:
         raise SystemExit(f"--budget must be positive seconds, got {args.budget}")
+    if args.only_given:  # a job named on purpose that cannot start would waste the call: say so before it starts
+        too_long = [job for job in JOBS if job.name in args.only and job.est_s * args.estimate_scale > args.budget]
+        if too_long:
+            job = too_long[0]
+            raise SystemExit(f"--only {job.name}: its estimate, {job.est_s * args.estimate_scale:.0f} s, exceeds "
+                             f"--budget {args.budget:.0f}, so it would be skipped; raise --budget (a call runs at "
+                             f"most {CALL_MAX_BUDGET_S:.0f} s) or leave the job for another call")
     return args
 
 
