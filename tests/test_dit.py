@@ -163,9 +163,7 @@ def test_every_parameter_has_logical_axis_names(overrides):
 
 def _stack_blocks(params, depth):
     """Unscanned params (blocks_0..) -> scanned layout (blocks with a leading layers axis)."""
-    params = dict(params)
-    blocks = [params.pop(f"blocks_{i}") for i in range(depth)]
-    return {**params, "blocks": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
+    return dit.with_block_layout(params, dataclasses.replace(CFG, depth=depth, scan_blocks=True))
 
 
 @pytest.mark.parametrize("text_mode", ["cross", "joint"])
@@ -176,6 +174,24 @@ def test_scanned_blocks_match_unscanned(text_mode):
     scanned = {"params": _stack_blocks(_trained(cfg)["params"], cfg.depth)}
     got = _apply(dataclasses.replace(cfg, scan_blocks=True))(scanned, *args)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_block_layout_converts_both_ways_and_leaves_other_depths_alone():
+    unrolled = _trained()["params"]
+    scanned_cfg = dataclasses.replace(CFG, scan_blocks=True)
+    scanned = dit.with_block_layout(unrolled, scanned_cfg)
+    # Exactly the tree a scanned model initialises, and the blocks' values layer by layer.
+    init_shapes = jax.eval_shape(dit.VideoDiT(scanned_cfg).init, jax.random.key(0), *dit.dummy_inputs(scanned_cfg))
+    assert jax.tree.map(np.shape, scanned) == jax.tree.map(np.shape, nn.unbox(init_shapes)["params"])
+    query = unrolled["blocks_1"]["self_attn"]["query"]["kernel"]
+    np.testing.assert_array_equal(scanned["blocks"]["self_attn"]["query"]["kernel"][1], query)
+    back = dit.with_block_layout(scanned, CFG)
+    assert jax.tree.structure(back) == jax.tree.structure(unrolled)
+    jax.tree.map(np.testing.assert_array_equal, back, unrolled)
+    assert dit.with_block_layout(unrolled, CFG) is unrolled  # already laid out: untouched
+    deeper = dataclasses.replace(CFG, depth=CFG.depth + 1)
+    assert dit.with_block_layout(unrolled, dataclasses.replace(deeper, scan_blocks=True)) is unrolled
+    assert dit.with_block_layout(scanned, deeper) is scanned  # x[depth] would clamp, not fail
 
 
 @pytest.mark.slow

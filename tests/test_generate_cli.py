@@ -54,6 +54,25 @@ def test_writes_videos_gifs_grids_and_images(model, tmp_path, capsys, monkeypatc
     assert np.asarray(Image.open(tmp_path / "vidiff.png")).shape == (16, 32, 3)
 
 
+def test_scan_blocks_flag_loads_the_dit_scanned_and_writes_the_same_image(model, tmp_path, capsys, monkeypatch):
+    import vidiff.pipeline
+
+    loaded = []
+    real = vidiff.pipeline.TextToVideo.from_checkpoint.__func__
+    monkeypatch.setattr(vidiff.pipeline.TextToVideo, "from_checkpoint", classmethod(
+        lambda cls, *a, **kw: loaded.append(kw["scan_blocks"]) or real(cls, *a, **kw)))
+    images = {}
+    for flag in ("", "--scan-blocks", "--no-scan-blocks"):  # one frame as png: exact pixels, no video codec
+        out_path = tmp_path / f"image{len(images)}.png"
+        code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--steps", 2, "--quiet", "--frames", 1,
+                                  "--out", out_path, *([flag] if flag else []))
+        assert code == 0, err
+        images[flag] = np.asarray(Image.open(out_path)).astype(int)
+    assert loaded == [None, True, False]
+    assert np.abs(images["--scan-blocks"] - images[""]).max() <= 1  # the same weights; rounding aside
+    np.testing.assert_array_equal(images["--no-scan-blocks"], images[""])
+
+
 def test_every_mode_from_files(model, inputs, tmp_path, capsys):
     modes = {
         "image": (["--image", inputs["image"]], 9),

@@ -62,6 +62,20 @@ def test_text_to_video_batches_prompts_and_seeds_deterministically(pipe):
     np.testing.assert_array_equal(pipe(PROMPT, seed=0, **FAST), clips)  # deterministic
 
 
+def test_a_model_samples_the_same_with_its_blocks_scanned(pipe):
+    """The tiny model was exported unrolled; loaded scanned, its weights are stacked and the latents agree."""
+    assert not pipe.dit.config.scan_blocks and "blocks_0" in pipe.dit_params
+    scanned = TextToVideo.from_checkpoint(tiny_model_dir(), scan_blocks=True)
+    assert scanned.dit.config.scan_blocks and "blocks_0" not in scanned.dit_params
+    assert scanned.dit_params["blocks"]["mlp"]["fc1"]["kernel"].shape[0] == pipe.dit.config.depth
+    want = pipe([PROMPT, "a blue square moving up"], seed=0, return_latents=True, **FAST)
+    np.testing.assert_allclose(scanned([PROMPT, "a blue square moving up"], seed=0, return_latents=True, **FAST),
+                               want, atol=1e-4)
+    assert TextToVideo.from_checkpoint(tiny_model_dir(), scan_blocks=False).dit_params.keys() == pipe.dit_params.keys()
+    with pytest.raises(ValueError, match="^scan_blocks: must be True or False, got 'yes'$"):
+        TextToVideo.from_checkpoint(tiny_model_dir(), scan_blocks="yes")
+
+
 def test_images_and_other_sizes(pipe, capsys):
     image = pipe(PROMPT, num_frames=1, height=16, width=32, progress=True, **FAST)
     assert image.shape == (1, 1, 16, 32, 3)

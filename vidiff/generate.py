@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video")
     parser.add_argument("--grid", help="also write one image with every frame (a row per clip)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--scan-blocks", action=argparse.BooleanOptionalAction,
+                        help="run the DiT's blocks scanned (compiles faster: an XL forward 8.5 s against 31 s on an "
+                             "H200) or unrolled; default: as the model was trained (the weights convert on load)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--image", metavar="IMG", help="animate this image (it becomes the first frame)")
     mode.add_argument("--extend", metavar="VIDEO", help="continue this video (see --direction)")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vidiff.pipeline import TextToVideo
 
-    pipe = TextToVideo.from_checkpoint(args.checkpoint)
+    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks)
     sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
                     num_per_prompt=args.num, progress=not args.quiet)
     size = dict(num_frames=args.frames, height=args.height, width=args.width)

@@ -49,7 +49,7 @@ from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_
                                        pixel_count, sample_latents, sample_seeds, seeded_noise, text_context,
                                        positive_whole_number, whole_number)
 from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
-from vidiff.models.dit import VideoDiT, dit_preset
+from vidiff.models.dit import VideoDiT, dit_preset, with_block_layout
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, vae_preset
 from vidiff.models.export import check_dit_vae, load_dit, load_vae, read_manifest, variable_shapes
 
@@ -75,10 +75,13 @@ class TextToVideo:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(cls, directory: str | Path | None = None, mesh=None) -> "TextToVideo":
+    def from_checkpoint(cls, directory: str | Path | None = None, mesh=None,
+                        scan_blocks: bool | None = None) -> "TextToVideo":
         """Load an exported model directory (``vidiff train`` writes ``<workdir>/export``); None = the bundled one.
 
-        ``mesh`` (``vidiff.parallel.make_mesh``): sample data-parallel over its devices.
+        ``mesh`` (``vidiff.parallel.make_mesh``): sample data-parallel over its devices. ``scan_blocks``: run
+        the DiT's blocks scanned (True) or unrolled (False), whichever way it was trained, the weights converted
+        on load (:func:`vidiff.models.dit.with_block_layout`); None: as trained. Scanned compiles faster.
         """
         if directory is None:
             if not (BUNDLED / "vidiff.json").is_file():
@@ -98,10 +101,12 @@ class TextToVideo:
         vae = VideoVAE(vae_preset(config["vae"]["preset"], **config["vae"].get("overrides", {})))
         dit = VideoDiT(dit_preset(config["dit"]["preset"], **{
             "text_dim": text.dim, "pooled_dim": text.pooled_dim, "latent_channels": vae.config.latent_channels,
-            **config["dit"].get("overrides", {})}))
+            **config["dit"].get("overrides", {}),
+            **({} if scan_blocks is None else {"scan_blocks": scan_blocks})}))
         vae_variables = _fitting(load_vae(directory), vae, directory / "vae.safetensors")
         check_dit_vae(directory, manifest)  # a DiT trained on another VAE's latents makes noise
-        dit_params = _fitting({"params": load_dit(directory)}, dit, directory / "dit.safetensors")["params"]
+        dit_params = with_block_layout(load_dit(directory), dit.config)
+        dit_params = _fitting({"params": dit_params}, dit, directory / "dit.safetensors")["params"]
         return cls(vae, vae_variables, dit, dit_params, text, config, directory, mesh)
 
     # ------------------------------------------------------------------ sizes
