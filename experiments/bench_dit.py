@@ -42,8 +42,8 @@ Prints one JSON line per mode run (``--mode both`` runs the forward first, so
 its peak memory is not the training step's): impl="vidiff", mode, status
 ("ok" | "oom"), the shapes, params_M, init_s (parameters or train state
 built, the init's compile included; for unscanned blocks on a GPU built by
-the host's CPU and copied over, ``--init-on``, since an unscanned XL's init
-compiles for ~70 s on the GPU), init_on, compile_s, step_s, tokens_per_s,
+the host's CPU and copied over, ``--init-on``: an unscanned XL's state took
+71-89 s on an H200, 25-31 s on its host), init_on, compile_s, step_s, tokens_per_s,
 model_tflops, mfu, process_s (seconds since the process started, at the
 record: where a device call's time goes besides compiling), peak_mem_GiB
 (``memory_stats()["peak_bytes_in_use"]``, the process's peak so far; null
@@ -93,7 +93,7 @@ from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
 from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
 from vidiff.train.optimizer import make_optimizer  # noqa: E402
-from vidiff.train.state import build_sharded, create_state, host_cpu, jit_train_step, make_train_step  # noqa: E402
+from vidiff.train.state import build_sharded, create_state, host_init_pays, jit_train_step, make_train_step  # noqa: E402
 from vidiff.train.tasks import dit_flow_loss  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -354,9 +354,8 @@ def run_modes(args) -> list[dict]:
     except ValueError as error:
         raise SystemExit(f"bench_dit.py: {error}") from None
     if args.init_on == "auto":  # here, not in parse_args: the --max-tokens-search parent must not touch the GPU
-        # Scanned blocks init as one small loop, built on a GPU in ~4 s; unscanned ones as ~750 kernels.
-        unscanned_on_accelerators = not args.scan and jax.default_backend() != "cpu" and jax.process_count() == 1
-        args.init_on = "host" if unscanned_on_accelerators and host_cpu() is not None else "device"
+        shapes = jax.eval_shape(lambda key: VideoDiT(cfg).init(key, *dummy_inputs(cfg))["params"], jax.random.key(0))
+        args.init_on = "host" if host_init_pays(shapes) else "device"  # as `vidiff train`'s init_on="auto"
     if args.latent_shape:
         latent_shape = parse_ints(args.latent_shape, 3, "--latent-shape")
         tokens = tokens_of(latent_shape, cfg.patch)
@@ -457,9 +456,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="auto: cuDNN flash attention on GPU for bf16/fp16, XLA otherwise")
     p.add_argument("--init-on", choices=("auto", "host", "device"), default="auto",
-                   help="where parameters and train state are built (create_state(on_host=...)); auto: the host's "
-                        "CPU for unscanned blocks on accelerators of one process (an unscanned XL's init compiles "
-                        "for ~70 s on a GPU, a scanned one's in ~4 s), else the devices")
+                   help="where parameters and train state are built (create_state(on_host=...)); auto: as "
+                        "vidiff train's init_on (vidiff.train.state.host_init_pays): the host's CPU for >= 256 "
+                        "parameter arrays (unscanned XL: 746) on accelerators of one process, else the devices")
     p.add_argument("--pad-head-dim", type=int, default=0,
                    help="DiTConfig.attention_head_pad: heads zero-padded to this size for the kernel (0: off)")
     p.add_argument("--mesh", default="-1,1,1,1", help="mesh sizes data,fsdp,tensor,context (one may be -1)")

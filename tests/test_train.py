@@ -221,6 +221,29 @@ def test_state_built_on_the_host_is_the_one_built_on_the_mesh(monkeypatch):
         build_sharded(lambda key: {"w": jnp.ones(2)}, jax.random.key(0), None, mesh, on_host=True)
 
 
+def test_the_host_builds_the_state_only_where_that_pays(monkeypatch):
+    """init_on="auto": many parameter arrays, accelerators, one process, a CPU backend (H200 measurements)."""
+    from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+    from vidiff.train import state
+
+    def params(preset, scan):
+        cfg = dit_preset(preset, scan_blocks=scan)
+        return jax.eval_shape(lambda k: VideoDiT(cfg).init(k, *dummy_inputs(cfg))["params"], jax.random.key(0))
+
+    unrolled_xl, scanned_xl, tiny = params("XL", False), params("XL", True), params("tiny", False)
+    assert [len(jax.tree.leaves(p)) for p in (unrolled_xl, scanned_xl, tiny)] == [746, 44, 70]
+    assert not state.host_init_pays(unrolled_xl)  # on a CPU the host is the device: nothing to gain
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert state.host_init_pays(unrolled_xl)
+    assert not state.host_init_pays(scanned_xl) and not state.host_init_pays(tiny)
+    monkeypatch.setattr(state, "host_cpu", lambda: None)  # JAX_PLATFORMS without cpu
+    assert not state.host_init_pays(unrolled_xl)
+    monkeypatch.undo()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # no process holds the whole tree
+    assert not state.host_init_pays(unrolled_xl)
+
+
 def test_ema_and_image_metrics():
     ema = ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, decay=0.9)
     np.testing.assert_allclose(ema["w"], 0.1)

@@ -25,6 +25,7 @@ MODELS = ("vae", "dit")
 # as a stage's own override (vae_train.data.size). Matched by path, so another section's `size` keeps its type.
 _INT_OR_PAIR = (".data.size",)
 ON_NONFINITE = ("stop", "skip")
+INIT_ON = {"auto": None, "host": True, "device": False}  # <model>_train.init_on -> create_state(on_host=)
 
 
 def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -119,7 +120,8 @@ def train_stage(steps: int, lr: float, **fields) -> ml_collections.ConfigDict:
         optim=dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10), end_lr_fraction=0.1, b1=0.9,
                    b2=0.99, eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1),
         **{"ema_decay": 0.999, "log_every": 10, "ckpt_every": 200, "keep": 2, "keep_best": 1, "eval_every": 500,
-           "on_nonfinite": "stop", "profile": dict(start=10, steps=0), **fields}))  # profile.steps > 0: a trace
+           "on_nonfinite": "stop", "profile": dict(start=10, steps=0), "init_on": "auto",  # profile.steps > 0: a trace
+           **fields}))
 
 
 def set_mesh(config, spec: str) -> ml_collections.ConfigDict:
@@ -247,6 +249,8 @@ def check_stage(config, model: str) -> None:
     need(_is_int(stage.get("keep_best", 0)) and stage.get("keep_best", 0) >= 0, "keep_best", "use an int >= 0")
     # Anything but "stop" used to mean "skip": a typo must not switch the guard off.
     need(stage.get("on_nonfinite", "stop") in ON_NONFINITE, "on_nonfinite", "use 'stop' or 'skip'")
+    need(stage.get("init_on", "auto") in INIT_ON, "init_on",
+         "use 'auto' (the host's CPU for many parameter arrays on one process's accelerators), 'host' or 'device'")
     need(finite_number(stage.ema_decay) and 0 <= stage.ema_decay < 1, "ema_decay",
          "use a number in [0, 1), e.g. 0.999 (0 = no averaging)")
     if model == "vae":

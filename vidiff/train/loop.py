@@ -50,7 +50,7 @@ from tqdm import tqdm
 from vidiff import distributed, parallel
 from vidiff.train import preflight, tasks
 from vidiff.train.checkpoint import Checkpointer, abstract_with_shardings, read_config
-from vidiff.train.config import config_changes, for_stage, validate, warnings_for
+from vidiff.train.config import INIT_ON, config_changes, for_stage, validate, warnings_for
 from vidiff.train.metrics import LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
 from vidiff.train.preflight import DataExhaustedError, NonFiniteError
@@ -139,7 +139,8 @@ def _set_up(config, model: str, log) -> _Run:
         pipeline = task.pipeline(process_config)
         preflight.check_data_lasts(pipeline, process_config, model)
         tx, schedule = make_optimizer(stage.optim, stage.steps, networks=task.networks)
-        state, state_shardings = create_state(task.init_params, tx, config.seed, mesh)
+        state, state_shardings = create_state(task.init_params, tx, config.seed, mesh,
+                                              on_host=INIT_ON[stage.get("init_on", "auto")])
         iterator = iter(pipeline)
         if start:
             target = abstract_with_shardings(state, state_shardings)
