@@ -108,7 +108,7 @@ def test_eval_commands_print_and_write_json(tmp_path, capsys):
     assert out.splitlines()[0].startswith("combination") and '"accuracy"' in out
 
     code = main(["eval", "modes", "--checkpoint", model, "--clips", "1", "--steps", "2", "--strength", "0.3",
-                 "--out", str(tmp_path / "modes.json")])
+                 "--out", str(tmp_path / "modes.json"), "--scan-blocks"])  # every mode with the blocks scanned
     out, err = capsys.readouterr()
     assert code == 0, err
     means = json.loads((tmp_path / "modes.json").read_text())["means"]
@@ -141,7 +141,7 @@ def test_unknown_template_sets_fail_in_one_line_naming_the_sets():
 def test_eval_flags_are_checked_before_the_model_loads(argv, message, capsys, monkeypatch):
     import vidiff.pipeline
 
-    monkeypatch.setattr(vidiff.pipeline.TextToVideo, "from_checkpoint", lambda *a: pytest.fail("the model loaded"))
+    monkeypatch.setattr(vidiff.pipeline.TextToVideo, "from_checkpoint", lambda *a, **k: pytest.fail("the model loaded"))
     assert main(["eval", *argv]) == 2
     assert capsys.readouterr().err.strip() == f"vidiff eval: error: {message}"
 

@@ -46,9 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video")
     parser.add_argument("--grid", help="also write one image with every frame (a row per clip)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--scan-blocks", action=argparse.BooleanOptionalAction,
-                        help="run the DiT's blocks scanned (compiles faster: an XL forward 8.5 s against 31 s on an "
-                             "H200) or unrolled; default: as the model was trained (the weights convert on load)")
+    add_scan_blocks_flag(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--image", metavar="IMG", help="animate this image (it becomes the first frame)")
     mode.add_argument("--extend", metavar="VIDEO", help="continue this video (see --direction)")
@@ -108,6 +106,13 @@ def run(args: argparse.Namespace) -> int:
         grid = io.frame_grid(np.concatenate(list(clips)), columns=clips.shape[1])
         print(f"wrote {io.write_image(args.grid, grid)}  (grid: {len(clips)} clip(s) x {clips.shape[1]} frames)")
     return 0
+
+
+def add_scan_blocks_flag(parser: argparse.ArgumentParser) -> None:
+    """``--scan-blocks / --no-scan-blocks`` (None when absent), for ``TextToVideo.from_checkpoint(scan_blocks=)``."""
+    parser.add_argument("--scan-blocks", action=argparse.BooleanOptionalAction,
+                        help="run the DiT's blocks scanned (compiles faster: an XL forward 8.5 s against 31 s on an "
+                             "H200) or unrolled; default: as the model was trained (the weights convert on load)")
 
 
 @contextlib.contextmanager

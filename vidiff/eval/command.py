@@ -12,7 +12,7 @@ import sys
 
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.eval import adherence
-from vidiff.generate import check_sampling_flags, check_writable, one_line_warnings
+from vidiff.generate import add_scan_blocks_flag, check_sampling_flags, check_writable, one_line_warnings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
         p.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
         p.add_argument("--out", help="write the JSON summary here")
+        add_scan_blocks_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.out)
     from vidiff.pipeline import TextToVideo
 
-    pipe = TextToVideo.from_checkpoint(args.checkpoint)
+    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks)
     sampling = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler).items()
                 if v is not None}
     if args.evaluation == "adherence":
