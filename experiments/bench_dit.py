@@ -30,7 +30,10 @@ together, and waiting on each of a train state's ~3,000 arrays costs ~10 ms
 of host time); the median is ``step_s``, the per-step rate the peer's CUDA
 events measure. ``step_s_pipelined``: ``--steps`` more steps queued back to
 back and waited for once, a training loop's rate, in which each step's host
-dispatch hides behind the step before.
+dispatch hides behind the step before. ``dispatch_s``: the median time a
+timed step's call took to return, the host's work the device waits through
+in ``step_s`` (~3.7 us per argument array on the 2-core CPU here: 11 ms for
+a 3,000-array state, an unscanned XL's).
 Model FLOPs per step are the peer's (``vidiff.models.dit.dit_flops``): per
 layer ``T(4d^2 + 2rd^2 + 2d^2) + 2Ld^2 + 2T^2 d + 2TLd`` multiply-adds, x2
 FLOPs, x layers x batch, x3 for training (x1 for the forward); recomputation
@@ -88,7 +91,7 @@ import optax  # noqa: E402
 
 import ablations  # noqa: E402
 from measure import (compiled_memory_gib, is_oom, peak_memory_gib, pipelined_step_s, profiled_runs,  # noqa: E402
-                     run_isolated, strip_flags, timed_runs)  # (experiments/ is the script's own folder)
+                     run_isolated, strip_flags, timed_runs, waited_run)  # (experiments/ is the script's own folder)
 from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
 from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
@@ -157,8 +160,8 @@ def parse_ints(text: str, count: int, flag: str) -> tuple[int, ...]:
 
 def build_config(args) -> DiTConfig:
     overrides = dict(text_dim=args.text_dim, pooled_dim=args.text_dim, latent_channels=args.latent_channels,
-                     dtype=args.dtype, remat_policy=args.remat, scan_blocks=args.scan,
-                     attention_impl=None if args.attention == "auto" else args.attention,
+                     dtype=args.dtype, remat_policy=args.remat, scan_blocks=args.scan or args.scan_unroll > 1,
+                     scan_unroll=args.scan_unroll, attention_impl=None if args.attention == "auto" else args.attention,
                      attention_head_pad=args.pad_head_dim)
     for flag, field in (("dim", "width"), ("heads", "heads"), ("layers", "depth")):
         if getattr(args, flag) is not None:
@@ -196,7 +199,7 @@ def cudnn_attention_kernels(hlo_text: str) -> dict[str, int]:
 
 
 def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: int, times: list[float],
-            init_s: float, compile_s: float, compiled, pipelined_s: float) -> dict:
+            init_s: float, compile_s: float, compiled, pipelined_s: float, host_s: list[float]) -> dict:
     step_s = statistics.median(times)
     flops = dit_flops(cfg, tokens, args.text, batch=args.batch, training=mode == "train")
     hlo_text = compiled.as_text()  # an unscanned XL step's is ~19 MB: printed once, read twice
@@ -207,6 +210,7 @@ def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: 
         params_M=params / 1e6, init_s=init_s, compile_s=compile_s, step_s=step_s, step_s_min=min(times),
         step_s_max=max(times), step_s_pipelined=pipelined_s,
         tokens_per_pipelined_s=args.batch * tokens / pipelined_s,
+        dispatch_s=statistics.median(host_s[-len(times):]),  # the timed steps' (warm-up calls excluded)
         tokens_per_s=args.batch * tokens / step_s, model_tflops=flops / step_s / 1e12,
         peak_tflops=args.peak_tflops, mfu=flops / step_s / 1e12 / (args.peak_tflops * devices),
         peak_mem_GiB=peak_memory_gib(), compiled_mem_GiB=compiled_memory_gib(compiled),
@@ -232,7 +236,8 @@ def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> d
         impl="vidiff", mode=mode, preset=args.preset, batch=args.batch, tokens=tokens, text=args.text,
         dim=cfg.width, heads=cfg.heads, layers=cfg.depth, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim,
         latent_shape=list(latent_shape), latent_channels=cfg.latent_channels, patch=list(cfg.patch),
-        remat=cfg.remat_policy, scan=cfg.scan_blocks, dtype=cfg.dtype, attention=args.attention,
+        remat=cfg.remat_policy, scan=cfg.scan_blocks, scan_unroll=cfg.scan_unroll, dtype=cfg.dtype,
+        attention=args.attention,
         attention_head_pad=cfg.attention_head_pad, init_on=args.init_on,
         mesh=list(args.mesh_sizes), steps=args.steps, warmup=args.warmup, ablate=args.ablate,
         backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
@@ -303,16 +308,15 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
             holder["state"], holder["metrics"] = compiled(holder["state"], batch, frozen)
             return holder["metrics"]["loss"]
 
-        def run():  # one execution's outputs are all ready together: waiting on the loss waits for the state
-            dispatch().block_until_ready()
-
+        host_s = []  # one execution's outputs are all ready together: waiting on the loss waits for the state
+        run = waited_run(dispatch, host_s)
         times = timed_runs(run, args.warmup, args.steps)
         pipelined = pipelined_step_s(dispatch, args.steps)
     loss = float(holder["metrics"]["loss"])
     if not math.isfinite(loss):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
     record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, init_s, compile_s, compiled,
-                          pipelined), update=args.update)
+                          pipelined, host_s), update=args.update)
     return record, tracer(mesh, run, args, f"train_{args.batch}x{tokens}", compiled)
 
 
@@ -339,12 +343,13 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         compiled = forward.lower(params, batch).compile()
         compile_s = time.perf_counter() - start
         dispatch = lambda: compiled(params, batch)
-        run = lambda: dispatch().block_until_ready()
+        host_s = []
+        run = waited_run(dispatch, host_s)
         times = timed_runs(run, args.warmup, args.steps)
         pipelined = pipelined_step_s(dispatch, args.steps)
     # run_modes drops the tracer (the last reference to the parameters), so --mode both trains with the memory free.
     return (summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, init_s, compile_s,
-                    compiled, pipelined),
+                    compiled, pipelined, host_s),
             tracer(mesh, run, args, f"forward_{args.batch}x{tokens}", compiled))
 
 
@@ -452,6 +457,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--latent-channels", type=int, help="latent channels (default 16, the base VAE's)")
     p.add_argument("--remat", choices=tuple(REMAT_POLICIES), help="default none (block for the search)")
     p.add_argument("--scan", action="store_true", help="nn.scan over the blocks")
+    p.add_argument("--scan-unroll", type=int, default=1,
+                   help="DiTConfig.scan_unroll (implies --scan): blocks per loop iteration; the depth unrolls it "
+                        "whole: stacked weights (few arrays per call), straight-line program")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="auto: cuDNN flash attention on GPU for bf16/fp16, XLA otherwise")

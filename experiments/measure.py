@@ -35,6 +35,19 @@ def timed_runs(run, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def waited_run(dispatch, host_s: list[float]):
+    """``run()`` for :func:`timed_runs`: one call of ``dispatch()``, waited for. Appends to ``host_s`` the
+    seconds the call took to return, the host's share of a waited step (argument checks, one per array of
+    a training state, and the launch) that the device sits idle through."""
+    def run():
+        start = time.perf_counter()
+        out = dispatch()
+        host_s.append(time.perf_counter() - start)
+        out.block_until_ready()
+
+    return run
+
+
 def pipelined_step_s(dispatch, steps: int) -> float:
     """Seconds per call of ``dispatch()`` (which returns an array and does not wait) when ``steps`` calls are
     queued back to back and only the last is waited for: a training loop's rate, the host's dispatch of each

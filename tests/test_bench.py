@@ -24,7 +24,7 @@ sys.path.insert(0, str(EXPERIMENTS))
 
 TRAIN_KEYS = {"impl", "mode", "status", "batch", "tokens", "latent_shape", "text", "dim", "heads", "layers",
               "params_M", "init_s", "compile_s", "process_s", "step_s", "tokens_per_s", "model_tflops", "mfu",
-              "peak_tflops", "step_s_pipelined", "tokens_per_pipelined_s", "hlo",
+              "peak_tflops", "step_s_pipelined", "tokens_per_pipelined_s", "dispatch_s", "hlo",
               "peak_mem_GiB", "compiled_mem_GiB", "cudnn_attention", "cudnn_attention_kernels", "remat", "scan",
               "dtype", "mesh"}
 
@@ -83,6 +83,28 @@ def test_strip_flags_removes_flags_with_their_values():
     argv = ["--preset", "XL", "--tokens", "4096", "--max-tokens-search", "--batch=2", "--scan"]
     kept = measure.strip_flags(argv, {"--tokens": 1, "--max-tokens-search": 0, "--batch": 1})
     assert kept == ["--preset", "XL", "--scan"]
+
+
+def test_waited_steps_record_the_hosts_share(monkeypatch):
+    """Each timed call: host seconds until the call returned, then the wait; on a fake clock."""
+    import types
+
+    import measure
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+
+    class Output:
+        def block_until_ready(self):
+            clock["now"] += 0.25  # the device's work
+
+    def dispatch():
+        clock["now"] += 0.015  # argument checks and launch
+        return Output()
+
+    host_s = []
+    times = measure.timed_runs(measure.waited_run(dispatch, host_s), warmup=2, steps=3)
+    assert times == pytest.approx([0.265] * 3) and host_s == pytest.approx([0.015] * 5)  # warm-up calls too
 
 
 def test_run_isolated_returns_the_childs_last_record_or_why_there_is_none():
@@ -186,6 +208,7 @@ def test_bench_dit_train_tiny_with_remat_and_scan(tmp_path):
     assert record["hlo"] == str(tmp_path / "hlo" / "train_2x16.hlo.txt.gz")  # names a trace's fusions
     assert gzip.decompress(Path(record["hlo"]).read_bytes()).decode().startswith("HloModule jit_step")
     assert record["tokens_per_pipelined_s"] == pytest.approx(2 * 16 / record["step_s_pipelined"])
+    assert 0 < record["dispatch_s"] < record["step_s"]  # the host's part of a waited step
     # Two more steps traced after the timing record, on a line of their own, the files copied flat (a device call
     # returns no deeper).
     assert (profile["mode"], profile["of_mode"], profile["status"], profile["left_behind"]) == (

@@ -176,6 +176,21 @@ def test_scanned_blocks_match_unscanned(text_mode):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("policy", ["none", "block"])
+def test_a_scan_unrolled_whole_is_the_same_network(policy):
+    """scan_unroll=depth: stacked weights, straight-line program; values and gradients as the loop's."""
+    args = _inputs(7, SHAPES[0])
+    params = {"params": _stack_blocks(_trained()["params"], CFG.depth)}
+    results = []
+    for unroll in (1, CFG.depth):
+        model = dit.VideoDiT(dataclasses.replace(CFG, remat_policy=policy, scan_blocks=True, scan_unroll=unroll))
+        loss = lambda p: jnp.mean(jnp.square(model.apply(p, *args)))  # noqa: E731
+        results.append(jax.jit(jax.value_and_grad(loss))(params))
+        if unroll > 1:  # no loop left in the program: the blocks run one after another
+            assert "while" not in jax.jit(loss).lower(params).as_text()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results)
+
+
 def test_block_layout_converts_both_ways_and_leaves_other_depths_alone():
     unrolled = _trained()["params"]
     scanned_cfg = dataclasses.replace(CFG, scan_blocks=True)
@@ -323,6 +338,7 @@ def test_config_rejects_values_that_would_fail_later_or_silently():
     for overrides, match in [(dict(rope_theta=0.0), "rope_theta: must be a positive number"),
                              (dict(mlp_ratio=0), "mlp_ratio: must be a positive number"),
                              (dict(scan_blocks="no"), "scan_blocks: must be True or False, got 'no'"),
+                             (dict(scan_unroll=0), "scan_unroll: must be a positive int, got 0"),
                              (dict(conditioning_frames="no"), "conditioning_frames: must be True or False"),
                              (dict(patch=2), r"patch: need three positive ints \(pt, ph, pw\), got 2"),
                              (dict(patch=(1.7, 2, 2)), r"patch: need three positive ints \(pt, ph, pw\), got \(1.7"),

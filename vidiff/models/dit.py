@@ -91,6 +91,9 @@ class DiTConfig:
     # nn.scan over blocks: one compiled block (XL: ~3x faster compile), params get a leading 'layers' axis.
     # Scanned blocks keep every residual, so pair scan with remat for big models.
     scan_blocks: bool = False
+    # With scan_blocks: blocks per loop iteration; depth unrolls the loop whole, stacked weights kept (few
+    # arrays for the host to pass per step) but one straight-line program, as unscanned blocks compile.
+    scan_unroll: int = 1
     dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); residuals stay float32
     param_dtype: str = "float32"
 
@@ -98,7 +101,7 @@ class DiTConfig:
         def is_int(value):  # a bool is an int to Python, and a float would be truncated
             return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
-        for name in ("depth", "width", "heads", "latent_channels", "text_dim", "pooled_dim"):
+        for name in ("depth", "width", "heads", "latent_channels", "text_dim", "pooled_dim", "scan_unroll"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive int, got {getattr(self, name)!r}")
         for name in ("mlp_ratio", "rope_theta"):
@@ -275,10 +278,13 @@ class VideoDiT(nn.Module):
         self.text_embed = ProjectionMLP(cfg.width, **kw)
         block = DiTBlock
         if cfg.remat_policy != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_blocks)
+            # A scan's loop already keeps XLA from merging the recomputation with the forward; straight-line
+            # code (unscanned, or the loop unrolled whole) needs the barrier.
+            looped = cfg.scan_blocks and cfg.scan_unroll < cfg.depth
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not looped)
         if cfg.scan_blocks:
             self.blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(nn.broadcast,), length=cfg.depth,
+                                  in_axes=(nn.broadcast,), length=cfg.depth, unroll=min(cfg.scan_unroll, cfg.depth),
                                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         else:
             self.blocks = [block(cfg) for _ in range(cfg.depth)]
