@@ -32,8 +32,8 @@ events measure. ``step_s_pipelined``: ``--steps`` more steps queued back to
 back and waited for once, a training loop's rate, in which each step's host
 dispatch hides behind the step before. ``dispatch_s``: the median time a
 timed step's call took to return, the host's work the device waits through
-in ``step_s`` (~3.7 us per argument array on the 2-core CPU here: 11 ms for
-a 3,000-array state, an unscanned XL's).
+in ``step_s`` (1.5-1.9 us per argument array on the 2-core CPU here,
+``bench_dispatch.py``: ~5 ms for a 3,000-array state, an unscanned XL's).
 Model FLOPs per step are the peer's (``vidiff.models.dit.dit_flops``): per
 layer ``T(4d^2 + 2rd^2 + 2d^2) + 2Ld^2 + 2T^2 d + 2TLd`` multiply-adds, x2
 FLOPs, x layers x batch, x3 for training (x1 for the forward); recomputation

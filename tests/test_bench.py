@@ -107,6 +107,18 @@ def test_waited_steps_record_the_hosts_share(monkeypatch):
     assert times == pytest.approx([0.265] * 3) and host_s == pytest.approx([0.015] * 5)  # warm-up calls too
 
 
+def test_bench_dispatch_reports_each_argument_count(capsys):
+    import bench_dispatch
+
+    records = bench_dispatch.main(["--arrays", "3,40", "--steps", "2"])
+    assert [(r["arrays"], r["steps"], r["backend"]) for r in records] == [(3, 2, "cpu"), (40, 2, "cpu")]
+    assert all(0 < r["dispatch_ms"] <= r["waited_ms"] for r in records)
+    assert records[1]["per_array_us"] == pytest.approx(records[1]["dispatch_ms"] * 1e3 / 40, abs=0.05)  # ms rounded to 1 us
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
+    with pytest.raises(SystemExit, match=r"^bench_dispatch.py: --arrays needs counts >= 1 \(got '0'\), --steps >= 1$"):
+        bench_dispatch.main(["--arrays", "0"])
+
+
 def test_run_isolated_returns_the_childs_last_record_or_why_there_is_none():
     import measure
 
@@ -134,7 +146,7 @@ sys.meta_path.insert(0, Block())
 sys.path.insert(0, {str(EXPERIMENTS)!r})
 import bench_goals
 assert 'jax' not in sys.modules and 'torch' not in sys.modules  # the goals runner stays off the device
-import bench_dit, bench_vae, bench_compare, bench_update, bench_attention
+import bench_dit, bench_vae, bench_compare, bench_update, bench_attention, bench_dispatch
 """
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
