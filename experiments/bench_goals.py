@@ -425,12 +425,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         unknown = [n for n in names[flag] if n not in JOB_NAMES]
         if unknown:
             raise SystemExit(f"{flag}: unknown jobs {unknown}; choose from {JOB_NAMES}")
-    args.only_given = args.only is not None
+    only_given = args.only is not None
     args.only, args.skip = names["--only"], names["--skip"]
     args.gpu_mib, args.gpus = None, []  # read from nvidia-smi when the session starts
     if args.budget <= 0:
         raise SystemExit(f"--budget must be positive seconds, got {args.budget}")
-    if args.only_given:  # a job named on purpose that cannot start would waste the call: say so before it starts
+    if only_given:  # a job named on purpose that cannot start would waste the call: say so before it starts
         too_long = [job for job in JOBS if job.name in args.only and job.est_s * args.estimate_scale > args.budget]
         if too_long:
             job = too_long[0]

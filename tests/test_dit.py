@@ -219,9 +219,7 @@ def test_remat_policies_give_identical_values_and_gradients():
         loss = lambda p: jnp.mean(jnp.square(model.apply(p, *args)))  # noqa: E731
         value, grads = jax.jit(jax.value_and_grad(loss))(params)
         if scan:  # back to the unscanned layout to compare
-            stacked = grads["params"].pop("blocks")
-            grads["params"].update({f"blocks_{i}": jax.tree_util.tree_map(lambda g: g[i], stacked)
-                                    for i in range(CFG.depth)})
+            grads = {"params": dit.with_block_layout(grads["params"], CFG)}
         results[policy, scan] = (value, grads)
     for key in (("block", False), ("attention", False), ("dots", False), ("dots", True)):
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
