@@ -18,63 +18,42 @@ lengths as the trainer does).
 The forward times one jitted ``VideoDiT.apply`` (no gradient) at the same
 shapes, float32 parameters and the compute ``--dtype``, as sampling runs it.
 
-Token count -> latent shape: ``tokens = (t/pt) * (h/ph) * (w/pw)``. The patch
-grid is ``(nt, s, s)`` with ``nt`` dividing ``tokens``, ``tokens/nt`` a square
-and ``nt`` as close as possible to the cube root; e.g. with patch (1, 2, 2):
-256 -> latents 4x16x16 (grid 4x8x8), 4096 -> 16x32x32 (grid 16x16x16),
-16384 -> 16x64x64 (grid 16x32x32). ``--latent-shape t,h,w`` sets it directly.
+Token count -> latent shape: ``vidiff.models.patches.latent_shape_for_tokens``
+(square frames, as many frames as the cube root; 4096 -> latents 16x32x32 with
+patch 1,2,2), or ``--latent-shape t,h,w``.
 
-Timing: ``--warmup`` untimed steps after AOT compilation, then ``--steps``
-steps each waited for (on one output: an execution's outputs are ready
-together, and waiting on each of a train state's ~3,000 arrays costs ~10 ms
-of host time); the median is ``step_s``, the per-step rate the peer's CUDA
-events measure. ``step_s_pipelined``: ``--steps`` more steps queued back to
-back and waited for once, a training loop's rate, in which each step's host
-dispatch hides behind the step before. ``dispatch_s``: the median time a
-timed step's call took to return, the host's work the device waits through
-in ``step_s`` (1.5-1.9 us per argument array on the 2-core CPU here,
-``bench_dispatch.py``: ~5 ms for a 3,000-array state, an unscanned XL's).
-Model FLOPs per step are the peer's (``vidiff.models.dit.dit_flops``): per
-layer ``T(4d^2 + 2rd^2 + 2d^2) + 2Ld^2 + 2T^2 d + 2TLd`` multiply-adds, x2
-FLOPs, x layers x batch, x3 for training (x1 for the forward); recomputation
-under remat is not counted. MFU is against ``--peak-tflops`` per device
-(default 989: H100 SXM dense bf16; an 8192^3 bf16 matmul measured 769-798
-TFLOP/s on an H200 here, see experiments/PERF.md).
+Timing (experiments/PERF.md, "Method"): AOT compilation, ``--warmup`` untimed
+steps, then ``--steps`` steps each waited for on one output; the median is
+``step_s``, the per-step rate the peer's CUDA events measure.
+``step_s_pipelined``: ``--steps`` more steps queued back to back, a training
+loop's rate. ``dispatch_s``: the median time a timed call took to return, the
+host's share the device waits through in ``step_s`` (``bench_dispatch.py``).
+Model FLOPs are the peer's (``vidiff.models.dit.dit_flops``, recomputation not
+counted); MFU is against ``--peak-tflops`` per device (989: H100 SXM dense bf16).
 
-Prints one JSON line per mode run (``--mode both`` runs the forward first, so
-its peak memory is not the training step's): impl="vidiff", mode, status
-("ok" | "oom"), the shapes, params_M, init_s (parameters or train state
-built, the init's compile included; for unscanned blocks on a GPU built by
-the host's CPU and copied over, ``--init-on``: an unscanned XL's state took
-71-89 s on an H200, 25-31 s on its host), init_on, compile_s, step_s, tokens_per_s,
-model_tflops, mfu, process_s (seconds since the process started, at the
-record: where a device call's time goes besides compiling), peak_mem_GiB
-(``memory_stats()["peak_bytes_in_use"]``, the process's peak so far; null
-where the backend has no stats, e.g. CPU),
-compiled_mem_GiB (XLA's static estimate), cudnn_attention (the compiled
-HLO calls cuDNN fused attention, ``__cudnn$fmha``), cudnn_attention_kernels
-(how many forward and backward calls: remat must not add forward ones
-except under ``block``) and update (``full`` or ``adamw``, train only).
-``--profile DIR`` then traces ``--profile-steps`` more steps of that mode and
-prints a second line, mode="profile", of_mode, status ("ok" | "error"),
-files (``<mode>_<batch>x<tokens>.trace.json.gz`` / ``.xplane.pb``, copied
-flat into DIR), left_behind (files over the 15 MiB a device call can return),
-kernels (one step's GPU kernel time by kind, the top kernels and the
-``other`` kernels by JAX source path, ``experiments/trace_summary.py``, read
-even from a trace left behind) and
-error: the timing record is printed first, so a profiler failure costs no
-measurement. ``--max-tokens-search``
-runs one subprocess per length (16k, 32k, ... until OOM) and prints one line
-with the largest length that trained.
+Prints one JSON line per mode (``--mode both`` runs the forward first, so its
+peak memory is its own): status ("ok" | "oom"), the shapes and config,
+params_M, init_s (parameters or train state built, on ``init_on``: "host"
+is the host's CPU, copied over, where ``vidiff.train.state.host_init_pays``),
+compile_s, step_s (min, max, pipelined), tokens_per_s, model_tflops, mfu,
+process_s (seconds since the process started), peak_mem_GiB (the process's
+``peak_bytes_in_use``; null on CPU), compiled_mem_GiB (XLA's estimate),
+cudnn_attention and cudnn_attention_kernels (forward and backward
+``__cudnn$fmha`` calls in the compiled HLO: remat adds forward ones only
+under ``block``), update (train). ``--profile DIR`` then traces
+``--profile-steps`` more steps and prints a mode="profile" line: the trace
+files copied flat into DIR, those over a device call's 15 MiB left_behind,
+and one step's GPU kernel time by kind (``trace_summary.py``); the timing
+record comes first, so a profiler failure costs no measurement.
+``--max-tokens-search`` runs one subprocess per length (16k, 32k, ... until
+one does not fit) and prints the largest that trained.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -90,17 +69,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import ablations  # noqa: E402
-from measure import (compiled_memory_gib, is_oom, peak_memory_gib, pipelined_step_s, profiled_runs,  # noqa: E402
-                     run_isolated, strip_flags, timed_runs, waited_run)  # (experiments/ is the script's own folder)
+from measure import (compiled_memory_gib, cudnn_attention_kernels, dump_hlo, is_oom, peak_memory_gib,  # noqa: E402
+                     pipelined_step_s, profiled_runs, run_isolated, strip_flags, timed_runs, waited_run)  # (experiments/ is the script's own folder)
 from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
 from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
+from vidiff.models.patches import latent_shape_for_tokens, token_count  # noqa: E402
 from vidiff.train.optimizer import make_optimizer  # noqa: E402
 from vidiff.train.state import build_sharded, create_state, host_init_pays, jit_train_step, make_train_step  # noqa: E402
 from vidiff.train.tasks import dit_flow_loss  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
-CUDNN_ATTENTION_MARKER = "__cudnn$fmha"
 # Defaults of the full run and of --tiny (a CPU smoke test); explicit flags win.
 DEFAULTS = dict(preset="XL", batch=4, tokens=4096, text=128, text_dim=4096, latent_channels=16, dtype="bfloat16",
                 remat="none", steps=8, warmup=3)
@@ -119,33 +98,11 @@ UPDATES = ("full", "adamw")  # vidiff train's update; the peer's (AdamW only)
 # --------------------------------------------------------------------------- shapes
 
 
-def latent_grid(tokens: int) -> tuple[int, int, int]:
-    """Patch grid ``(nt, s, s)`` with ``nt * s * s == tokens``, ``nt`` nearest the cube root (ties: fewer frames)."""
-    if tokens < 1:
-        raise ValueError(f"--tokens: must be positive, got {tokens}")
-    best = None
-    for nt in range(1, tokens + 1):
-        if tokens % nt:
-            continue
-        s = math.isqrt(tokens // nt)
-        if s * s != tokens // nt:
-            continue
-        distance = abs(math.log(nt) - math.log(tokens) / 3)
-        if best is None or distance < best[0] - 1e-9:
-            best = (distance, nt, s)
-    return best[1], best[2], best[2]
-
-
-def latent_shape_for(tokens: int, patch) -> tuple[int, int, int]:
-    """Latent ``(t, h, w)`` whose patchified sequence is ``tokens`` long (see the module docstring)."""
-    return tuple(g * p for g, p in zip(latent_grid(tokens), patch))
-
-
 def tokens_of(latent_shape, patch) -> int:
     for axis, size, p in zip(("t", "h", "w"), latent_shape, patch):
         if size % p:
             raise ValueError(f"--latent-shape: {axis}={size} is not divisible by the patch {tuple(patch)}")
-    return math.prod(s // p for s, p in zip(latent_shape, patch))
+    return token_count(latent_shape, patch)
 
 
 def parse_ints(text: str, count: int, flag: str) -> tuple[int, ...]:
@@ -188,16 +145,6 @@ def put_batch(host: dict, mesh) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------- records
 
 
-def cudnn_attention_kernels(hlo_text: str) -> dict[str, int]:
-    """cuDNN fused-attention calls in compiled HLO, forward and backward (a scanned body counts once).
-
-    A training step under remat ``block`` runs twice as many forward kernels as under ``none``;
-    ``attention`` and ``dots`` must run as many as ``none`` (REMAT_POLICIES)."""
-    targets = re.findall(r'custom_call_target="(' + re.escape(CUDNN_ATTENTION_MARKER) + r'[^"]*)"', hlo_text)
-    backward = sum("Backward" in target for target in targets)
-    return {"forward": len(targets) - backward, "backward": backward}
-
-
 def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: int, times: list[float],
             init_s: float, compile_s: float, compiled, pipelined_s: float, host_s: list[float]) -> dict:
     step_s = statistics.median(times)
@@ -220,17 +167,6 @@ def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: 
     )
 
 
-def dump_hlo(out_dir: str | None, name: str, hlo_text: str) -> str | None:
-    """The optimised HLO, gzipped: names a trace's fusions (``fusion_123``) after the ops inside them."""
-    if not out_dir:
-        return None
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}.hlo.txt.gz")
-    with gzip.open(path, "wt") as f:
-        f.write(hlo_text)
-    return path
-
-
 def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> dict:
     return dict(
         impl="vidiff", mode=mode, preset=args.preset, batch=args.batch, tokens=tokens, text=args.text,
@@ -243,6 +179,13 @@ def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> d
         backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
         jax_version=jax.__version__,
     )
+
+
+def where_built(args, params) -> str:
+    """``--init-on``, with ``auto`` decided as ``vidiff train``'s ``init_on="auto"`` does (``host_init_pays``)."""
+    if args.init_on != "auto":
+        return args.init_on
+    return "host" if host_init_pays(params) else "device"
 
 
 def count_params(tree) -> int:
@@ -288,9 +231,10 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     optim = OPTIM if args.update == "full" else types.SimpleNamespace(**{**vars(OPTIM), "grad_clip": 0.0})
     tx, _ = make_optimizer(optim, total_steps=args.warmup + args.steps)
     start = time.perf_counter()
-    state, state_shardings = jax.block_until_ready(create_state(init_params, tx, args.seed, mesh,
-                                                                 on_host=args.init_on == "host"))
+    on_host = None if args.init_on == "auto" else args.init_on == "host"  # None: create_state decides, as in training
+    state, state_shardings = jax.block_until_ready(create_state(init_params, tx, args.seed, mesh, on_host=on_host))
     init_s = time.perf_counter() - start
+    init_on = where_built(args, state.params)
     params = count_params(state.params)
     batch, batch_shardings = put_batch(random_batch(cfg, args.batch, latent_shape, args.text, args.seed), mesh)
     frozen = {}
@@ -316,7 +260,7 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     if not math.isfinite(loss):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
     record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, init_s, compile_s, compiled,
-                          pipelined, host_s), update=args.update)
+                          pipelined, host_s), init_on=init_on, update=args.update)
     return record, tracer(mesh, run, args, f"train_{args.batch}x{tokens}", compiled)
 
 
@@ -324,9 +268,11 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     dit = VideoDiT(cfg)
     init = lambda key: dit.init(key, *dummy_inputs(cfg))["params"]
     key = jax.random.key(args.seed)
-    shardings = parallel.param_shardings(jax.eval_shape(init, key), mesh)
+    shapes = jax.eval_shape(init, key)
+    init_on = where_built(args, shapes)
+    shardings = parallel.param_shardings(shapes, mesh)
     start = time.perf_counter()
-    params = jax.block_until_ready(build_sharded(init, key, shardings, mesh, on_host=args.init_on == "host"))
+    params = jax.block_until_ready(build_sharded(init, key, shardings, mesh, on_host=init_on == "host"))
     init_s = time.perf_counter() - start
     host = random_batch(cfg, args.batch, latent_shape, args.text, args.seed)
     host["t"] = np.random.default_rng(args.seed + 1).uniform(size=(args.batch,)).astype(np.float32)
@@ -348,8 +294,8 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         times = timed_runs(run, args.warmup, args.steps)
         pipelined = pipelined_step_s(dispatch, args.steps)
     # run_modes drops the tracer (the last reference to the parameters), so --mode both trains with the memory free.
-    return (summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, init_s, compile_s,
-                    compiled, pipelined, host_s),
+    return (dict(summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, init_s, compile_s,
+                         compiled, pipelined, host_s), init_on=init_on),
             tracer(mesh, run, args, f"forward_{args.batch}x{tokens}", compiled))
 
 
@@ -358,15 +304,12 @@ def run_modes(args) -> list[dict]:
         cfg = build_config(args)
     except ValueError as error:
         raise SystemExit(f"bench_dit.py: {error}") from None
-    if args.init_on == "auto":  # here, not in parse_args: the --max-tokens-search parent must not touch the GPU
-        shapes = jax.eval_shape(lambda key: VideoDiT(cfg).init(key, *dummy_inputs(cfg))["params"], jax.random.key(0))
-        args.init_on = "host" if host_init_pays(shapes) else "device"  # as `vidiff train`'s init_on="auto"
     if args.latent_shape:
         latent_shape = parse_ints(args.latent_shape, 3, "--latent-shape")
         tokens = tokens_of(latent_shape, cfg.patch)
     else:
         tokens = args.tokens
-        latent_shape = latent_shape_for(tokens, cfg.patch)
+        latent_shape = latent_shape_for_tokens(tokens, cfg.patch)
     mesh = parallel.make_mesh(**dict(zip(parallel.MESH_AXES, args.mesh_sizes)))
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if args.batch % dp:

@@ -1,4 +1,5 @@
-"""How the benchmarks measure: timing, device and host memory, out-of-memory, traces, isolated runs.
+"""How the benchmarks measure: timing, traces, compiled programs, device and host memory, out-of-memory,
+isolated runs.
 
 ``bench_dit.py`` and ``bench_vae.py`` share these. A case whose peak memory
 must be its own, or that may run out of memory, runs in a fresh interpreter
@@ -9,6 +10,7 @@ backend at import, so a script may still set ``XLA_*`` variables after it.
 from __future__ import annotations
 
 import ctypes
+import gzip
 import json
 import os
 import re
@@ -99,6 +101,33 @@ def profiled_runs(run, steps: int, out_dir: str | None, name: str, max_bytes: in
                     copied.append(os.path.join(out_dir, name + ending))
                     shutil.copyfile(path, copied[-1])
     return copied, left, kernels
+
+
+# --------------------------------------------------------------------------- compiled programs
+
+CUDNN_ATTENTION_MARKER = "__cudnn$fmha"
+
+
+def cudnn_attention_kernels(hlo_text: str) -> dict[str, int]:
+    """cuDNN fused-attention calls in compiled HLO, forward and backward (a scanned body counts once).
+
+    A training step under remat ``block`` runs twice as many forward kernels as under ``none``;
+    ``attention`` and ``dots`` must run as many as ``none`` (``vidiff.models.dit.REMAT_POLICIES``)."""
+    targets = re.findall(r'custom_call_target="(' + re.escape(CUDNN_ATTENTION_MARKER) + r'[^"]*)"', hlo_text)
+    backward = sum("Backward" in target for target in targets)
+    return {"forward": len(targets) - backward, "backward": backward}
+
+
+def dump_hlo(out_dir: str | None, name: str, hlo_text: str) -> str | None:
+    """The optimised HLO, gzipped, as ``out_dir/<name>.hlo.txt.gz``: names a trace's fusions (``fusion_123``)
+    after the ops inside them (``trace_summary.py --hlo``)."""
+    if not out_dir:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.hlo.txt.gz")
+    with gzip.open(path, "wt") as f:
+        f.write(hlo_text)
+    return path
 
 
 # --------------------------------------------------------------------------- device memory

@@ -310,6 +310,19 @@ def test_patchify_pack_roundtrip_and_errors():
             call()
 
 
+def test_a_token_count_maps_to_a_latent_of_square_frames():
+    assert patches.latent_shape_for_tokens(4096, (1, 2, 2)) == (16, 32, 32)
+    assert patches.latent_shape_for_tokens(256, (1, 2, 2)) == (4, 16, 16)
+    assert patches.latent_shape_for_tokens(16384, (1, 2, 2)) == (16, 64, 64)
+    assert patches.latent_shape_for_tokens(64, (2, 1, 1)) == (8, 4, 4)
+    for tokens in (1, 3, 7, 32, 1000, 8192, 65536):
+        shape = patches.latent_shape_for_tokens(tokens, (1, 2, 2))
+        assert shape[1] == shape[2] and patches.token_count(shape, (1, 2, 2)) == tokens
+    for bad in (0, -4, 2.5):
+        with pytest.raises(ValueError, match="tokens: must be a positive int"):
+            patches.latent_shape_for_tokens(bad, (1, 2, 2))
+
+
 def test_presets_and_config_errors():
     assert dit.dit_preset("XL").depth == 28 and dit.dit_preset("XL", depth=3).depth == 3
     with pytest.raises(ValueError, match="unknown DiT preset 'huge'; valid presets: tiny, small, B, L, XL, 1.5B"):

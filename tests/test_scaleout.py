@@ -290,14 +290,12 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
                                  tokens="64", remat="block", preset="tiny", attention="xla", dtype=None, scan=True,
                                  text_dim=32, overrides=["--config.text.max_length=8"])
     (row,) = plan.plan(args, jax.devices()[:4])
-    assert (row["tokens"], row["latent"], row["mesh"], row["attention"]) == (64, "16x4x4", "fsdp=4", "xla")
+    assert (row["tokens"], row["latent"], row["mesh"], row["attention"]) == (64, "4x8x8", "fsdp=4", "xla")
     total = 4 * param_count(dit_preset("tiny", text_dim=32, pooled_dim=32))  # float32 bytes
     assert total / 4 <= row["params"] < total / 2  # sharded 4 ways, small vectors replicated
     assert row["ema"] == row["params"] and row["optimizer"] == pytest.approx(2 * row["params"], rel=0.01)
     assert row["peak"] > row["params"] + row["optimizer"] + row["ema"] and row["activations"] > 0
-    assert "| fsdp=4 | 64 | 16x4x4 | block | xla |" in plan.format_table([row], 1.0)
-    with pytest.raises(ValueError, match="--tokens 3: not 16, 8, 4, 2 or 1 frames"):
-        plan.latent_grid(3, (1, 2, 2))
+    assert "| fsdp=4 | 64 | 4x8x8 | block | xla |" in plan.format_table([row], 1.0)
 
 
 @pytest.mark.parametrize("flags, message", [

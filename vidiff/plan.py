@@ -37,8 +37,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--devices", type=int, default=None, help="devices to plan for (default: this machine's)")
     parser.add_argument("--device-memory", type=float, default=None, help="GiB per device; adds a 'fits' column")
     parser.add_argument("--batch", type=int, default=None, help="global batch (default data.batch_size)")
-    parser.add_argument("--tokens", default=None, help="comma-separated DiT sequence lengths (spacetime tokens); "
-                        "default: the config's clip")
+    parser.add_argument("--tokens", default=None, help="comma-separated DiT sequence lengths (spacetime tokens), "
+                        "each a latent of square frames (vidiff.models.patches.latent_shape_for_tokens: 4096 -> "
+                        "16x32x32 with patch 1,2,2); default: the config's clip")
     parser.add_argument("--remat", default=None,
                         help="comma-separated DiT remat policies (none, block, attention, dots)")
     parser.add_argument("--preset", default=None, help="DiT preset (tiny ... XL, 1.5B) instead of the config's "
@@ -130,17 +131,9 @@ def _ints(text):
     return values
 
 
-def latent_grid(tokens: int, patch) -> tuple[int, int, int]:
-    """A (t, h, w) latent of ``tokens`` patches: 16 (or fewer) latent frames, square frames."""
-    for frames in (16, 8, 4, 2, 1):
-        side = math.isqrt(tokens // frames) if tokens % frames == 0 else 0
-        if side and frames * side * side == tokens:
-            return frames * patch[0], side * patch[1], side * patch[2]
-    raise ValueError(f"--tokens {tokens}: not 16, 8, 4, 2 or 1 frames of square patch grids; use e.g. 4096 or 16384")
-
-
 def _dit_config(config, args, tokens, remat, on_cpu):
     from vidiff.models.dit import dit_preset
+    from vidiff.models.patches import latent_shape_for_tokens
     from vidiff.train.tasks import vae_from_config, video_shape
 
     vae = vae_from_config(config).config
@@ -156,7 +149,7 @@ def _dit_config(config, args, tokens, remat, on_cpu):
     if on_cpu and fields.get("attention_impl") is None:
         fields["attention_impl"] = "chunked"  # linear memory, as cuDNN flash attention on GPU
     cfg = dit_preset(args.preset or config.dit.preset, **fields)
-    latent = latent_grid(tokens, cfg.patch) if tokens else vae.latent_shape(video_shape(config, 1))[1:4]
+    latent = latent_shape_for_tokens(tokens, cfg.patch) if tokens else vae.latent_shape(video_shape(config, 1))[1:4]
     return cfg, tuple(latent)
 
 

@@ -35,6 +35,26 @@ def token_count(latent_shape: Sequence[int], patch: Sequence[int]) -> int:
     return math.prod(s // p for s, p in zip(latent_shape[:3], patch))
 
 
+def latent_shape_for_tokens(tokens: int, patch: Sequence[int]) -> tuple[int, int, int]:
+    """A latent ``(t, h, w)`` that ``patch`` cuts into exactly ``tokens`` patches: a grid ``(nt, s, s)`` of
+    square frames, ``nt`` the divisor nearest the cube root (ties: fewer frames), e.g. with patch (1, 2, 2)
+    256 -> latents 4x16x16, 4096 -> 16x32x32, 16384 -> 16x64x64.
+
+    Full attention's cost depends on the token count alone, so benchmarks and ``vidiff plan`` size clips by it.
+    """
+    if not isinstance(tokens, (int, np.integer)) or tokens < 1:
+        raise ValueError(f"tokens: must be a positive int, got {tokens!r}")
+    best = None
+    for frames in range(1, tokens + 1):
+        side = math.isqrt(tokens // frames)
+        if tokens % frames or side * side != tokens // frames:
+            continue
+        distance = abs(math.log(frames) - math.log(tokens) / 3)
+        if best is None or distance < best[0] - 1e-9:
+            best = (distance, frames, side)
+    return tuple(g * p for g, p in zip((best[1], best[2], best[2]), patch))
+
+
 def unpatchify(tokens, patch: Sequence[int], latent_shape: Sequence[int]):
     """Tokens ``(B, N, pt*ph*pw*c)`` -> latents ``(B, t, h, w, c)`` for ``latent_shape = (t, h, w)``."""
     _check_divisible(latent_shape, patch)

@@ -1,0 +1,232 @@
+"""experiments/measure.py and the small benchmarks: timing, dispatch, isolated runs, out-of-memory, host memory,
+traces and their kernel summary, compiled HLO; bench_dispatch.py, bench_update.py, bench_attention.py; and that
+no benchmark imports a package the GPU image lacks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench_scripts import EXPERIMENTS, REPO, assert_positive, run_script, script_env
+
+
+def test_benchmarks_import_without_data_or_torch_packages():
+    """The GPU image has no grain, ml_collections or av: the scripts must not import them (nor torch)."""
+    blocked = ["grain", "ml_collections", "av", "torch", "tensorflow", "tensorflow_datasets", "array_record",
+               "orbax", "transformers", "tokenizers", "safetensors", "tqdm", "tensorboardX", "mediapy"]
+    code = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, {str(EXPERIMENTS)!r})
+import bench_goals
+assert 'jax' not in sys.modules and 'torch' not in sys.modules  # the goals runner stays off the device
+import bench_dit, bench_vae, bench_compare, bench_update, bench_attention, bench_dispatch
+"""
+    env = script_env()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_strip_flags_removes_flags_with_their_values():
+    import measure
+
+    argv = ["--preset", "XL", "--tokens", "4096", "--max-tokens-search", "--batch=2", "--scan"]
+    kept = measure.strip_flags(argv, {"--tokens": 1, "--max-tokens-search": 0, "--batch": 1})
+    assert kept == ["--preset", "XL", "--scan"]
+
+
+def test_waited_steps_record_the_hosts_share(monkeypatch):
+    """Each timed call: host seconds until the call returned, then the wait; on a fake clock."""
+    import types
+
+    import measure
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+
+    class Output:
+        def block_until_ready(self):
+            clock["now"] += 0.25  # the device's work
+
+    def dispatch():
+        clock["now"] += 0.015  # argument checks and launch
+        return Output()
+
+    host_s = []
+    times = measure.timed_runs(measure.waited_run(dispatch, host_s), warmup=2, steps=3)
+    assert times == pytest.approx([0.265] * 3) and host_s == pytest.approx([0.015] * 5)  # warm-up calls too
+
+
+def test_bench_dispatch_reports_each_argument_count(capsys):
+    import bench_dispatch
+
+    records = bench_dispatch.main(["--arrays", "3,40", "--steps", "2"])
+    assert [(r["arrays"], r["steps"], r["backend"]) for r in records] == [(3, 2, "cpu"), (40, 2, "cpu")]
+    assert all(0 < r["dispatch_ms"] <= r["waited_ms"] for r in records)
+    assert records[1]["per_array_us"] == pytest.approx(records[1]["dispatch_ms"] * 1e3 / 40, abs=0.05)  # ms rounded to 1 us
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
+    with pytest.raises(SystemExit, match=r"^bench_dispatch.py: --arrays needs counts >= 1 \(got '0'\), --steps >= 1$"):
+        bench_dispatch.main(["--arrays", "0"])
+
+
+def test_run_isolated_returns_the_childs_last_record_or_why_there_is_none():
+    import measure
+
+    child = lambda code: [sys.executable, "-c", code]
+    assert measure.run_isolated(child('print("log"); print(\'{"n": 1}\'); print(\'{"n": 2}\')'), 30) == {"n": 2}
+    oom = measure.run_isolated(child('import sys; sys.exit("XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory")'), 30)
+    assert oom == {"status": "oom", "error": "XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory"}
+    # A record printed before a crash is not a result: the case failed.
+    failed = measure.run_isolated(child('print(\'{"n": 1}\'); raise ValueError("bad shape")'), 30)
+    assert failed == {"status": "error", "error": "ValueError: bad shape"}
+    assert measure.run_isolated(child("import time; time.sleep(30)"), 0.5) == {"status": "timeout"}
+
+
+def test_is_oom_reads_the_failure_not_allocator_warnings():
+    import measure
+
+    warning = ("W external/xla/tsl/framework/bfc_allocator.cc:310] Allocator (GPU_0_bfc) ran out of memory trying "
+               "to allocate 2.1GiB. The caller indicates that this is not a failure, but this may mean that there "
+               "could be performance gains if more memory were available. (out of memory)")
+    other = f"{warning}\nTraceback (most recent call last):\n  File \"x.py\"\nRuntimeError: cuDNN error: bad param\n"
+    assert not measure.is_oom(other) and measure.last_exception_line(other) == "RuntimeError: cuDNN error: bad param"
+    xla = f"{warning}\njaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to " \
+          "allocate 81.00GiB.\n"
+    assert measure.is_oom(xla)
+    assert measure.is_oom("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
+    assert measure.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8 bytes"))
+    assert not measure.is_oom(RuntimeError("loss ran out of memory budget? no: NaN"))
+    failed = measure.run_isolated([sys.executable, "-c", f"import sys; print({warning!r}, file=sys.stderr); "
+                                   "raise ValueError('not finite')"], 30)
+    assert failed == {"status": "error", "error": "ValueError: not finite"}
+
+
+def test_host_peak_resets_and_sees_a_later_allocation():
+    import numpy as np
+
+    import measure
+
+    held = np.ones(2**27, np.uint8)  # 128 MiB touched, then freed: a peak from before the reset
+    del held
+    base = measure.reset_host_peak()
+    if base is None:
+        pytest.skip("no /proc/self/clear_refs on this system")
+    assert measure.proc_status_gib("VmHWM") < base + 0.05  # the old peak is gone
+    held = np.ones(2**26, np.uint8)  # 64 MiB
+    assert measure.proc_status_gib("VmHWM") - base == pytest.approx(64 / 1024, abs=0.02)
+    assert held.sum() == 2**26  # still held when the mark was read
+
+
+def test_cudnn_attention_kernels_are_counted_forward_and_backward():
+    import measure
+
+    # The shape of XLA:GPU's compiled HLO: a forward and a backward fused-attention custom call, and the
+    # forward again (what remat "block" does), among other custom calls.
+    hlo = "\n".join([
+        '%fmha.1 = (bf16[1,8,4,16]{3,2,1,0}, f32[1,4,8]{2,1,0}) custom-call(%q, %k, %v), '
+        'custom_call_target="__cudnn$fmhaSoftmax", backend_config={}',
+        '%gemm.2 = bf16[8,64]{1,0} custom-call(%a, %b), custom_call_target="__cublas$lt$matmul"',
+        '%fmha.3 = (bf16[1,8,4,16]{3,2,1,0}, f32[1,4,8]{2,1,0}) custom-call(%q, %k, %v), '
+        'custom_call_target="__cudnn$fmhaSoftmax"',
+        '%fmha.4 = (bf16[1,8,4,16]{3,2,1,0}, bf16[1,8,4,16]{3,2,1,0}) custom-call(%q, %k, %v, %o, %s, %g), '
+        'custom_call_target="__cudnn$fmhaSoftmaxBackward"',
+    ])
+    assert measure.cudnn_attention_kernels(hlo) == {"forward": 2, "backward": 1}
+    assert measure.cudnn_attention_kernels('custom_call_target="__cublas$gemm"') == {"forward": 0, "backward": 0}
+
+
+def test_profiled_runs_leave_oversized_traces_behind(tmp_path):
+    import measure
+
+    copied, left, kernels = measure.profiled_runs(lambda: None, 1, str(tmp_path), "tiny", max_bytes=0)
+    assert copied == [] and list(tmp_path.iterdir()) == []
+    assert sorted(n.split(" ")[0] for n in left) == ["tiny.trace.json.gz", "tiny.xplane.pb"]
+    assert all(n.endswith("MiB > 0 MiB)") for n in left)
+    assert kernels == {"kernels": 0}  # read from the trace left behind: a CPU run has no GPU kernels
+
+
+def test_trace_summary_sums_a_steps_gpu_kernels_by_kind(tmp_path):
+    """A Chrome trace as jax.profiler writes it on a GPU: kernels on stream threads, the same time again in the
+    'XLA Ops' row of the GPU process, and host events, over two steps."""
+    import gzip
+
+    import trace_summary
+
+    meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0 (NVIDIA H200)")),
+            dict(ph="M", name="process_name", pid=2, args=dict(name="/host:CPU")),
+            dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #13(Compute)")),
+            dict(ph="M", name="thread_name", pid=1, tid=8, args=dict(name="XLA Ops"))]
+    step = [("sm90_xmma_gemm_bf16bf16_bf16f32", 300.0), ("nvjet_tst_128x256", 100.0),
+            ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 250.0), ("loop_add_fusion_3", 30.0),
+            ("loop_add_fusion_4", 10.0), ("input_reduce_fusion", 10.0)]
+    kernels = [dict(ph="X", pid=1, tid=7, name=name, ts=0, dur=dur) for name, dur in step * 2]
+    doubles = [dict(ph="X", pid=1, tid=8, name="fusion.12", ts=0, dur=700.0)] * 2  # same time, XLA's op names
+    host = [dict(ph="X", pid=2, tid=1, name="PjitFunction(step)", ts=0, dur=5000.0)]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + kernels + doubles + host}, f)
+    summary = trace_summary.summarize_file(path, steps=2, top=2)
+    assert summary["kernels"] == 6 and summary["total_ms"] == pytest.approx(0.7)
+    assert summary["kinds"] == {"matmul": {"ms": 0.4, "share": pytest.approx(4 / 7, abs=1e-4)},
+                                "attention": {"ms": 0.25, "share": pytest.approx(2.5 / 7, abs=1e-4)},
+                                "other": {"ms": 0.05, "share": pytest.approx(0.5 / 7, abs=1e-4)}}
+    assert summary["top"] == [dict(name="sm90_xmma_gemm_bf16bf16_bf16f32", kind="matmul", ms=0.3, calls=1),
+                              dict(name="cudnn_generated_fort_native_sdpa_sm90_flash_fprop", kind="attention",
+                                   ms=0.25, calls=1)]
+    assert trace_summary.summarize({"traceEvents": meta[1:2] + host}) == {"kernels": 0}  # a CPU trace
+    # With the program's HLO, the "other" kernels by JAX source path, the two blocks' adds as one row.
+    hlo = "\n".join(["HloModule jit_step", "ENTRY %main {",
+                     '  %loop_add_fusion.3 = f32[4]{0} fusion(%p), metadata={op_name="jit(step)/blocks_0/add"}',
+                     '  ROOT %loop_add_fusion.4 = f32[4]{0} fusion(%q), metadata={op_name="jit(step)/blocks_11/add"}',
+                     "}"])
+    (tmp_path / "step.hlo.txt").write_text(hlo)
+    summary = trace_summary.main([str(path), "--steps", "2", "--hlo", str(tmp_path / "step.hlo.txt")])
+    assert summary["other_by_op"] == [dict(op="jit(step)/blocks_N/add", ms=0.04, calls=2),
+                                      dict(op="(not an HLO instruction)", ms=0.01, calls=1)]
+
+
+def test_bench_update_times_every_guard_variant():
+    lines = run_script("bench_update.py", "--params", "2e5", "--leaves", "4", "--steps", "1")
+    assert [r["variant"] for r in lines] == ["where", "cond", "no_guard", "no_ema", "adamw"]
+    for record in lines:
+        assert record["params"] == 4 * 48 * 1024  # 2e5 // 4 // 1024 = 48 rows of 1024 per leaf
+        assert_positive(record, "step_ms", "grad_ms", "copy_GBps", "fusions")
+        assert record["update_ms"] == pytest.approx(record["step_ms"] - record["grad_ms"])
+
+
+def test_bench_attention_times_each_impl_and_mode():
+    lines = run_script("bench_attention.py", "--impls", "xla,chunked", "--tokens", "32", "--heads", "2",
+                       "--head-dim", "8", "--batch", "2", "--steps", "1", "--warmup", "0", "--pad-head-dim", "16")
+    assert [(r["impl"], r["mode"], r["pad_head_dim"]) for r in lines] == [
+        (i, m, pad) for i, pads in (("xla", (None, 16)), ("chunked", (None,))) for pad in pads
+        for m in ("forward", "train")]  # heads padded for xla and cudnn only
+    for record in lines:
+        assert record["status"] == "ok" and record["dtype"] == "float32" and record["tokens"] == 32
+        flops = 4 * 2 * 32**2 * 2 * 8 * (3 if record["mode"] == "train" else 1)
+        assert record["tflops"] == pytest.approx(flops / (record["ms"] / 1e3) / 1e12, rel=0.01)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    bench = [sys.executable, str(EXPERIMENTS / "bench_attention.py")]
+    done = subprocess.run([*bench, "--impls", "flash"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "--impls: attention_impl: unknown 'flash'; valid: None (auto), ['xla', 'cudnn', 'chunked', 'ulysses', 'ring']"]
+    done = subprocess.run([*bench, "--pad-head-dim", "64"], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=env)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "--pad-head-dim: every size must be >= --head-dim 72, got [64]"]
+    done = subprocess.run([*bench, "--impls", "torch"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    (line,) = done.stderr.strip().splitlines()  # the peer's kernel: PyTorch with CUDA, absent here
+    assert done.returncode == 1 and line.startswith("--impls torch: PyTorch ") and ("CUDA" in line or "GPU" in line)
+    done = subprocess.run([*bench, "--context", "3"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert done.returncode == 1 and done.stderr.strip().endswith(
+        "on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=3")
+    done = subprocess.run([*bench, "--impls", "ring", "--context", "2", "--modes", "train", "--tokens", "64", "--heads",
+                           "2", "--head-dim", "8", "--steps", "1", "--warmup", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    (ring,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert (ring["impl"], ring["context"], ring["status"]) == ("ring", 2, "ok") and ring["ms"] > 0
