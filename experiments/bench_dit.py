@@ -19,8 +19,8 @@ The forward times one jitted ``VideoDiT.apply`` (no gradient) at the same
 shapes, float32 parameters and the compute ``--dtype``, as sampling runs it.
 
 Token count -> latent shape: ``vidiff.models.patches.latent_shape_for_tokens``
-(square frames, as many frames as the cube root; 4096 -> latents 16x32x32 with
-patch 1,2,2), or ``--latent-shape t,h,w``.
+(square frames, their count the divisor nearest the cube root of the tokens;
+4096 -> latents 16x32x32 with patch 1,2,2), or ``--latent-shape t,h,w``.
 
 Timing (experiments/PERF.md, "Method"): AOT compilation, ``--warmup`` untimed
 steps, then ``--steps`` steps each waited for on one output; the median is
@@ -33,8 +33,9 @@ counted); MFU is against ``--peak-tflops`` per device (989: H100 SXM dense bf16)
 
 Prints one JSON line per mode (``--mode both`` runs the forward first, so its
 peak memory is its own): status ("ok" | "oom"), the shapes and config,
-params_M, init_s (parameters or train state built, on ``init_on``: "host"
-is the host's CPU, copied over, where ``vidiff.train.state.host_init_pays``),
+params_M, init_s (parameters or train state built), init_on ("host": built by
+the host's CPU and copied over; ``--init-on auto`` picks it where
+``vidiff.train.state.host_init_pays``, as ``vidiff train`` does),
 compile_s, step_s (min, max, pipelined), tokens_per_s, model_tflops, mfu,
 process_s (seconds since the process started), peak_mem_GiB (the process's
 ``peak_bytes_in_use``; null on CPU), compiled_mem_GiB (XLA's estimate),
