@@ -1,6 +1,4 @@
 """experiments/bench_vae.py: one-shot and chunked cases, in process and isolated, and the memory-ratio goal."""
-
-
 import pytest
 
 from bench_scripts import assert_positive, run_script
