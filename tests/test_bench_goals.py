@@ -34,7 +34,7 @@ def job_named(bench_goals, name: str):
 
 def test_bench_goals_runs_what_fits_the_budget_and_names_the_rest(tmp_path):
     # Estimates x 0.21: compare_64x256 (105 s) does not fit in 100 s; the next two (63 s, 88 s) do, one after the other.
-    lines, table = run_goals(tmp_path, "--skip", "compare_4x4096,max_tokens,vae_decode",
+    lines, table = run_goals(tmp_path, "--skip", "vae_decode_512,compare_4x4096,max_tokens,vae_decode",
                              "--budget", "100", "--estimate-scale", "0.21")
     environment, *jobs = lines
     assert environment["job"] == "environment" and environment["budget_s"] == 100 and environment["tiny"] is True
@@ -135,8 +135,16 @@ def test_bench_goals_keeps_what_a_hanging_job_finished(tmp_path):
     assert job["records"][1]["peer"]["status"] == "timeout"
 
 
-def test_bench_goals_plan_fits_two_calls_of_one_device_session(monkeypatch, tmp_path):
-    """By the estimates (each job taking exactly its estimate), call 1 and call 2 of the session's plan."""
+@pytest.mark.parametrize("call1_s, budget2, call2", [
+    (500, 320, [("compare_1x16384_block", "ok"), ("vae_decode_512", "skipped"), ("max_tokens", "skipped"),
+                ("vae_decode", "skipped")]),
+    # Call 1 ran past its estimate, to its budget's end: compare_1x16384_block no longer fits call 2.
+    (560, 260, [("vae_decode_512", "ok"), ("max_tokens", "ok"), ("vae_decode", "skipped")]),
+])
+def test_bench_goals_plan_fits_two_calls_of_one_device_session(monkeypatch, tmp_path, call1_s, budget2, call2):
+    """Call 1 and call 2 of the session's plan, call 2 running the command call 1 printed, word for word."""
+    import shlex
+
     import bench_goals
 
     clock = {"now": 0.0}
@@ -144,26 +152,30 @@ def test_bench_goals_plan_fits_two_calls_of_one_device_session(monkeypatch, tmp_
     monkeypatch.setattr(bench_goals, "environment", lambda: dict(python="3", gpus=["NVIDIA H200, 143771 MiB, 580"]))
 
     def fake_job(job, args, timeout, out_dir, log, profile=False):
-        clock["now"] += job.est_s
-        return dict(job=job.name, status="ok", elapsed_s=job.est_s, goals=[])
+        took = call1_s if job.name == "compare_64x256" else job.est_s
+        clock["now"] += took
+        return dict(job=job.name, status="ok", elapsed_s=took, goals=[])
 
     monkeypatch.setattr(bench_goals, "run_job", fake_job)
     common = ["--peer-cmd", "x", "--peer-forward-cmd", "x"]
     call1 = bench_goals.main(["--out-dir", str(tmp_path / "1"), *common])
     assert [(r["job"], r["status"]) for r in call1] == [
-        ("compare_64x256", "ok"), ("compare_1x16384_block", "skipped"), ("compare_4x4096", "skipped"),
-        ("compare_1x16384", "skipped"), ("max_tokens", "skipped"), ("vae_decode", "skipped")]
-    assert sum(r.get("elapsed_s", 0) for r in call1) == 500
+        ("compare_64x256", "ok"), ("compare_1x16384_block", "skipped"), ("vae_decode_512", "skipped"),
+        ("compare_4x4096", "skipped"), ("compare_1x16384", "skipped"), ("max_tokens", "skipped"),
+        ("vae_decode", "skipped")]
     table = (tmp_path / "1" / "goals.md").read_text()
-    # 860 s of device time as the call starts (900 less a machine start), less 500 s and 40 s of overhead.
-    left = "compare_1x16384_block,compare_4x4096,compare_1x16384,max_tokens,vae_decode"
-    assert f"--budget 320 --only {left} --out-dir $OUT" in table
+    # 860 s of device time as the call starts (900 less a machine start), less call 1 and 40 s of overhead; the
+    # command names only the jobs that fit that budget (one that does not would stop it), the others come after.
+    command = next(line for line in table.splitlines() if line.startswith("PYTHONUNBUFFERED=1"))
+    argv = shlex.split(command)[4:]  # after PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/bench_goals.py
+    assert argv[:2] == ["--budget", str(budget2)]
+    later = [job for job in bench_goals.JOBS if job.est_s > budget2 and job.name != "compare_64x256"]
+    assert table.rstrip().endswith(f"for another session: --only {','.join(j.name for j in later)}")
     clock["now"] = 0.0
-    call2 = bench_goals.main(["--out-dir", str(tmp_path / "2"), "--budget", "320", "--device-left", "320",
-                              "--only", left.replace("compare_4x4096,compare_1x16384,", ""), *common])
-    assert [r["status"] for r in call2] == ["ok", "skipped", "skipped"]
-    assert "less than the smallest job left (70 s): run them in another session" in (
-        tmp_path / "2" / "goals.md").read_text()
+    out = argv.index("--out-dir")
+    argv[out + 1] = str(tmp_path / "2")
+    done = bench_goals.main([*argv, "--device-left", str(budget2), *common])
+    assert [(r["job"], r["status"]) for r in done] == call2
 
 
 def test_bench_goals_stops_in_one_line_without_the_peer(tmp_path):
