@@ -301,20 +301,20 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
 
 
 def run_modes(args) -> list[dict]:
-    try:  # a flag the model cannot take (--heads, --pad-head-dim, ...) is one line, before anything compiles
+    try:  # a flag the model, the shapes or the mesh cannot take is one line, before anything compiles
         cfg = build_config(args)
+        if args.latent_shape:
+            latent_shape = parse_ints(args.latent_shape, 3, "--latent-shape")
+            tokens = tokens_of(latent_shape, cfg.patch)
+        else:
+            tokens = args.tokens
+            latent_shape = latent_shape_for_tokens(tokens, cfg.patch)
+        mesh = parallel.make_mesh(**dict(zip(parallel.MESH_AXES, args.mesh_sizes)))
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        if args.batch % dp:
+            raise ValueError(f"--batch: {args.batch} is not divisible by the data-parallel size data*fsdp={dp}")
     except ValueError as error:
         raise SystemExit(f"bench_dit.py: {error}") from None
-    if args.latent_shape:
-        latent_shape = parse_ints(args.latent_shape, 3, "--latent-shape")
-        tokens = tokens_of(latent_shape, cfg.patch)
-    else:
-        tokens = args.tokens
-        latent_shape = latent_shape_for_tokens(tokens, cfg.patch)
-    mesh = parallel.make_mesh(**dict(zip(parallel.MESH_AXES, args.mesh_sizes)))
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if args.batch % dp:
-        raise ValueError(f"--batch: {args.batch} is not divisible by the data-parallel size data*fsdp={dp}")
     benches = {"forward": bench_forward, "train": bench_train}
     modes = ["forward", "train"] if args.mode == "both" else [args.mode]
     records = []
@@ -446,7 +446,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     except ValueError as error:
         p.error(str(error))
     if args.steps < 1 or args.warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+        p.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+    if args.tokens < 1:
+        p.error(f"--tokens must be >= 1, got {args.tokens}")
     return args
 
 

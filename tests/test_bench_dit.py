@@ -47,13 +47,20 @@ def test_bench_dit_forward_tiny():
     assert record["peak_mem_GiB"] is None  # the CPU backend keeps no memory stats
 
 
-def test_bench_dit_refuses_a_model_flag_in_one_line():
-    env = script_env()
-    done = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_dit.py"), "--tiny", "--pad-head-dim", "8"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
-    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        "bench_dit.py: attention_head_pad: must be 0 (off) or an int >= head_dim 16 with attention_impl None, "
-        "'xla' or 'cudnn'; got 8 with None"]
+@pytest.mark.parametrize("flags, message", [
+    (["--pad-head-dim", "8"], "bench_dit.py: attention_head_pad: must be 0 (off) or an int >= head_dim 16 with "
+                              "attention_impl None, 'xla' or 'cudnn'; got 8 with None"),
+    (["--latent-shape", "3,8,9"], "bench_dit.py: --latent-shape: w=9 is not divisible by the patch (1, 2, 2)"),
+    (["--batch", "3", "--mesh", "2,1,1,1"], "bench_dit.py: mesh: axis sizes {'data': 2, 'fsdp': 1, 'tensor': 1, "
+                                           "'context': 1} multiply to 2 but there are 1 devices; set one of "
+                                           "mesh.data/fsdp/tensor/context to -1 or make the product 1"),
+    (["--tokens", "0"], "bench_dit.py: error: --tokens must be >= 1, got 0"),
+])
+def test_bench_dit_refuses_a_flag_in_one_line(flags, message):
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_dit.py"), "--tiny", *flags],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=script_env(XLA_FLAGS=""))
+    assert done.returncode in (1, 2) and done.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in done.stderr
 
 
 def test_out_of_memory_is_reported_as_a_result(monkeypatch, capsys):
