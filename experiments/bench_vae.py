@@ -173,9 +173,15 @@ def summaries(records: list[dict]) -> list[dict]:
 
 
 def parse_list(text: str, cast, valid=None, flag="") -> list:
-    items = [cast(v) for v in text.split(",") if v]
-    if valid is not None and any(v not in valid for v in items):
-        raise ValueError(f"{flag}: {text!r} has values outside {valid}")
+    try:
+        items = [cast(v) for v in text.split(",") if v]
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a comma-separated list of {cast.__name__}s") from None
+    if not items:
+        raise ValueError(f"{flag}: give at least one value" + (f" of {valid}" if valid else ""))
+    outside = [v for v in items if valid is not None and v not in valid]
+    if outside:
+        raise ValueError(f"{flag}: {outside} not in {valid}")
     return items
 
 
@@ -201,12 +207,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, value in (TINY_DEFAULTS if args.tiny else DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.size_list = parse_list(args.sizes, int, flag="--sizes")
-    args.frame_list = parse_list(args.frames, int, flag="--frames")
-    args.op_list = parse_list(args.ops, str, OPS, "--ops")
-    args.way_list = parse_list(args.ways, str, WAYS, "--ways")
+    try:
+        args.size_list = parse_list(args.sizes, int, flag="--sizes")
+        args.frame_list = parse_list(args.frames, int, flag="--frames")
+        args.op_list = parse_list(args.ops, str, OPS, "--ops")
+        args.way_list = parse_list(args.ways, str, WAYS, "--ways")
+    except ValueError as error:
+        p.error(str(error))
     if args.repeats < 1 or args.warmup < 1:
-        raise ValueError("--repeats and --warmup must be >= 1 (the warmup call compiles)")
+        p.error("--repeats and --warmup must be >= 1 (the warmup call compiles)")
     return args
 
 

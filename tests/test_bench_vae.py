@@ -59,3 +59,17 @@ def test_bench_vae_isolated_case_runs_in_a_subprocess():
     assert record["status"] == "ok" and record["isolated"] is True and record["op"] == "encode"
     assert record["chunk"] == 4 and record["latent_shape"] == [2, 8, 8]
     assert_positive(record, "time_s", "frames_per_s")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ops", "decod"], "--ops: ['decod'] not in ('encode', 'decode')"),
+    (["--sizes", "2x"], "--sizes: '2x' is not a comma-separated list of ints"),
+    (["--ways", ","], "--ways: give at least one value of ('oneshot', 'chunked')"),
+    (["--repeats", "0"], "--repeats and --warmup must be >= 1 (the warmup call compiles)"),
+])
+def test_bench_vae_refuses_a_bad_flag_in_one_line(flags, message, capsys):
+    import bench_vae
+
+    with pytest.raises(SystemExit):
+        bench_vae.parse_args(["--tiny", *flags])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: {message}")  # prog: sys.argv[0]
