@@ -2,7 +2,6 @@
 
     PYTHONPATH=. python experiments/bench_dit.py --preset XL --batch 4 --tokens 4096 --text 128 --mode both
     PYTHONPATH=. python experiments/bench_dit.py --preset XL --batch 1 --tokens 16384 --remat block --mode train
-    PYTHONPATH=. python experiments/bench_dit.py --max-tokens-search          # longest XL sequence at batch 1
     PYTHONPATH=. python experiments/bench_dit.py --tiny                       # CPU smoke run (tiny preset, float32)
 
 Training times the step ``vidiff train`` runs: ``make_train_step`` over a loss
@@ -46,8 +45,8 @@ under ``block``), update (train). ``--profile DIR`` then traces
 files copied flat into DIR, those over a device call's 15 MiB left_behind,
 and one step's GPU kernel time by kind (``trace_summary.py``); the timing
 record comes first, so a profiler failure costs no measurement.
-``--max-tokens-search`` runs one subprocess per length (16k, 32k, ... until
-one does not fit) and prints the largest that trained.
+``bench_max_tokens.py`` runs it at growing lengths to find the longest that
+trains.
 """
 from __future__ import annotations
 
@@ -71,7 +70,7 @@ import optax  # noqa: E402
 
 import ablations  # noqa: E402
 from measure import (compiled_memory_gib, cudnn_attention_kernels, dump_hlo, is_oom, peak_memory_gib,  # noqa: E402
-                     pipelined_step_s, profiled_runs, run_isolated, strip_flags, timed_runs, waited_run)  # (experiments/ is the script's own folder)
+                     pipelined_step_s, profiled_runs, timed_runs, waited_run)  # (experiments/ is the script's own folder)
 from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
 from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
@@ -86,8 +85,6 @@ DEFAULTS = dict(preset="XL", batch=4, tokens=4096, text=128, text_dim=4096, late
                 remat="none", steps=8, warmup=3)
 TINY_DEFAULTS = dict(preset="tiny", batch=2, tokens=32, text=8, text_dim=32, latent_channels=4, dtype="float32",
                      remat="none", steps=2, warmup=1)
-# --max-tokens-search: long sequences need remat, take seconds per step, and the question is whether they fit.
-SEARCH_DEFAULTS = dict(remat="block", steps=2, warmup=1)
 # Optimizer as the experiment configs set it (AdamW, clipping); constant LR so every timed step is alike.
 OPTIM = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, end_lr_fraction=1.0, b1=0.9, b2=0.999,
                               eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1)
@@ -350,38 +347,6 @@ def profile_record(args, mode: str, tokens: int, trace) -> dict:
     return record
 
 
-# --------------------------------------------------------------------------- longest trainable sequence
-
-
-def max_tokens_search(args, argv: list[str]) -> dict:
-    """Train at batch 1 for 16k, 32k, ... tokens, each in a fresh process, until one does not fit.
-
-    A fresh process per length keeps a failed allocation from fragmenting the next try, and makes
-    each ``peak_bytes_in_use`` that length's own. This parent process never touches the GPU.
-    """
-    passthrough = strip_flags(argv, {"--max-tokens-search": 0, "--tokens": 1, "--latent-shape": 1, "--batch": 1,
-                                     "--mode": 1, "--remat": 1, "--steps": 1, "--warmup": 1})
-    tried, largest = [], None
-    tokens = args.search_start
-    while tokens <= args.search_max:
-        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--mode", "train", "--batch", "1",
-               "--tokens", str(tokens), "--remat", args.remat,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        result = run_isolated(cmd, args.search_timeout)
-        tried.append(dict(tokens=tokens, **{k: result.get(k) for k in ("status", "step_s", "tokens_per_s", "mfu",
-                                                                        "peak_mem_GiB", "error")}))
-        print(json.dumps(dict(search_progress=tried[-1])), file=sys.stderr, flush=True)
-        if result.get("status") != "ok":
-            break
-        largest = tokens
-        tokens *= 2
-    record = dict(impl="vidiff", mode="max_tokens_search", preset=args.preset, batch=1,
-                  remat=args.remat, scan=args.scan, dtype=args.dtype, max_tokens=largest,
-                  tried=tried)
-    print(json.dumps(record), flush=True)
-    return record
-
-
 # --------------------------------------------------------------------------- command line
 
 
@@ -399,7 +364,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--text", type=int, help="text tokens per sample (default 128)")
     p.add_argument("--text-dim", type=int, help="text-encoder feature size (default 4096, T5-XXL)")
     p.add_argument("--latent-channels", type=int, help="latent channels (default 16, the base VAE's)")
-    p.add_argument("--remat", choices=tuple(REMAT_POLICIES), help="default none (block for the search)")
+    p.add_argument("--remat", choices=tuple(REMAT_POLICIES), help="default none")
     p.add_argument("--scan", action="store_true", help="nn.scan over the blocks")
     p.add_argument("--scan-unroll", type=int, default=1,
                    help="DiTConfig.scan_unroll (implies --scan): blocks per loop iteration; the depth unrolls it "
@@ -427,16 +392,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="after the timing record, trace --profile-steps more steps into DIR (own JSON line)")
     p.add_argument("--profile-steps", type=int, default=1)
     p.add_argument("--dump-hlo", metavar="DIR", help="write each mode's optimised HLO to DIR/<mode>_<B>x<T>.hlo.txt.gz")
-    p.add_argument("--max-tokens-search", action="store_true",
-                   help="find the longest sequence trainable at batch 1 (remat block by default)")
-    p.add_argument("--search-start", type=int, default=16384)
-    p.add_argument("--search-max", type=int, default=1 << 20)
-    p.add_argument("--search-timeout", type=float, default=300.0, help="seconds per length tried")
     args = p.parse_args(argv)
-    defaults = dict(TINY_DEFAULTS if args.tiny else DEFAULTS)
-    if args.max_tokens_search:
-        defaults.update(SEARCH_DEFAULTS)
-    for name, value in defaults.items():
+    for name, value in (TINY_DEFAULTS if args.tiny else DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.mesh_sizes = parse_ints(args.mesh, 4, "--mesh")
@@ -453,12 +410,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.max_tokens_search:
-        max_tokens_search(args, argv)
-    else:
-        run_modes(args)
+    run_modes(parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ deadline). ``goals.md`` and ``goals.jsonl`` are rewritten after every job.
 | vae_decode_512 | 120 | bench_vae.py: chunked decode, 512 px, 17 and 257 frames | memory added, 257 / 17 frames <= 1.2 |
 | compare_4x4096 | 520 | bench_compare.py 4x4096, train + forward | vidiff/peer tokens/s >= 1.2 (train and forward) |
 | compare_1x16384 | 420 | bench_compare.py 1x16384, train (remat: the peer whole blocks, vidiff ``--vidiff-remat``, default ``attention``) + forward | train >= 1.0, forward >= 1.2 |
-| max_tokens | 70 | bench_dit.py: one XL step at batch 1, 131,072 tokens | it runs in 80 GB (remat block, scanned, bf16) |
+| max_tokens | 70 | bench_max_tokens.py: one XL step at batch 1, 131,072 tokens | it runs in 80 GB (remat block, scanned, bf16) |
 | vae_decode | 85 | bench_vae.py: chunked decode, 256 px, 17 and 257 frames | memory added, 257 / 17 frames <= 1.2 |
 
 The order puts first the goals no H200 run has measured yet (PERF.md,
@@ -163,8 +163,8 @@ def job_command(job: Job, args, results_path: Path, timeout: float, profile: boo
         return cmd + (["--tiny"] if args.tiny else [])
     if job.kind == "max_tokens":
         tokens = 16 if args.tiny else LONG_SEQUENCE_GOAL
-        return [*python, str(HERE / "bench_dit.py"), *(["--tiny"] if args.tiny else []), "--max-tokens-search",
-                "--scan", "--search-start", str(tokens), "--search-max", str(tokens), "--steps", "1", "--warmup", "0",
+        return [*python, str(HERE / "bench_max_tokens.py"), *(["--tiny"] if args.tiny else []), "--scan",
+                "--search-start", str(tokens), "--search-max", str(tokens), "--steps", "1", "--warmup", "0",
                 "--peak-tflops", str(args.peak_tflops), "--search-timeout", str(round(inner))]
     size, frames = (job.tiny_config, "5,9") if args.tiny else (job.config, "17,257")
     return [*python, str(HERE / "bench_vae.py"), *(["--tiny"] if args.tiny else []), "--ops", "decode",

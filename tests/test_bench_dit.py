@@ -126,9 +126,10 @@ def test_bench_dit_prints_the_record_before_a_failing_profile(monkeypatch, capsy
 
 
 def test_max_tokens_search_doubles_until_a_length_does_not_fit(monkeypatch):
-    """The search's logic, with each length's child run faked (a real child is a plain bench_dit.py train run,
-    tested above): 16 and 32 tokens train, 64 runs out of memory, so 32 is the answer."""
+    """bench_max_tokens.py's search, with each length's child run faked (a real child is a plain bench_dit.py train
+    run, tested above): 16 and 32 tokens train, 64 runs out of memory, so 32 is the answer."""
     import bench_dit
+    import bench_max_tokens
     import measure
 
     children = []
@@ -137,22 +138,38 @@ def test_max_tokens_search_doubles_until_a_length_does_not_fit(monkeypatch):
         children.append(cmd)
         tokens = int(cmd[cmd.index("--tokens") + 1])
         if tokens <= 32:
-            line = json.dumps(dict(mode="train", status="ok", step_s=0.01 * tokens, tokens_per_s=100.0, mfu=0.5,
-                                   peak_mem_GiB=tokens / 16))
+            line = json.dumps(dict(mode="train", status="ok", preset="tiny", scan=True, dtype="float32",
+                                   step_s=0.01 * tokens, tokens_per_s=100.0, mfu=0.5, peak_mem_GiB=tokens / 16))
             return subprocess.CompletedProcess(cmd, 0, stdout=line + "\n", stderr="")
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory")
 
     monkeypatch.setattr(measure.subprocess, "run", fake_run)
-    argv = ["--tiny", "--max-tokens-search", "--search-start", "16", "--scan", "--tokens", "999", "--steps", "3"]
-    record = bench_dit.max_tokens_search(bench_dit.parse_args(argv), argv)
+    record = bench_max_tokens.main(["--tiny", "--search-start", "16", "--scan", "--steps", "3"])
     assert record["max_tokens"] == 32 and record["mode"] == "max_tokens_search"
+    assert (record["preset"], record["scan"], record["remat"]) == ("tiny", True, "block")
     assert [(t["tokens"], t["status"], t["peak_mem_GiB"]) for t in record["tried"]] == [
         (16, "ok", 1.0), (32, "ok", 2.0), (64, "oom", None)]
     assert "RESOURCE_EXHAUSTED" in record["tried"][2]["error"]
     # Each child is a valid bench_dit.py command: one length, batch 1, the search's remat, other flags kept.
+    assert children[0][1].endswith("bench_dit.py")
     child = bench_dit.parse_args(children[0][2:])
-    assert (child.tokens, child.batch, child.mode, child.remat, child.steps) == (16, 1, "train", "block", 3)
-    assert child.scan and child.tiny and not child.max_tokens_search
+    assert (child.tokens, child.batch, child.mode, child.remat, child.steps, child.warmup) == (
+        16, 1, "train", "block", 3, 1)
+    assert child.scan and child.tiny
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tokens", "999"], "--tokens: the search runs each length as --mode train --batch 1 --tokens N; leave it out"),
+    (["--batch=2"], "--batch: the search runs each length as --mode train --batch 1 --tokens N; leave it out"),
+    (["--search-start", "64", "--search-max", "32"],
+     "--search-start 64 and --search-max 32: need 1 <= start <= max"),
+])
+def test_max_tokens_search_refuses_what_it_sets_itself(flags, message, capsys):
+    import bench_max_tokens
+
+    with pytest.raises(SystemExit):
+        bench_max_tokens.parse_args(["--tiny", *flags])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: {message}")
 
 
 def test_adamw_only_step_does_the_peers_optimizer_work():

@@ -25,7 +25,7 @@ sys.meta_path.insert(0, Block())
 sys.path.insert(0, {str(EXPERIMENTS)!r})
 import bench_goals
 assert 'jax' not in sys.modules and 'torch' not in sys.modules  # the goals runner stays off the device
-import bench_dit, bench_vae, bench_compare, bench_update, bench_attention, bench_dispatch
+import bench_dit, bench_vae, bench_compare, bench_update, bench_attention, bench_dispatch, bench_max_tokens
 """
     env = script_env()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -35,8 +35,8 @@ import bench_dit, bench_vae, bench_compare, bench_update, bench_attention, bench
 def test_strip_flags_removes_flags_with_their_values():
     import measure
 
-    argv = ["--preset", "XL", "--tokens", "4096", "--max-tokens-search", "--batch=2", "--scan"]
-    kept = measure.strip_flags(argv, {"--tokens": 1, "--max-tokens-search": 0, "--batch": 1})
+    argv = ["--preset", "XL", "--sizes", "256", "--in-process", "--frames=17", "--scan"]
+    kept = measure.strip_flags(argv, {"--sizes": 1, "--in-process": 0, "--frames": 1})
     assert kept == ["--preset", "XL", "--scan"]
 
 
