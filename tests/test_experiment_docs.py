@@ -6,7 +6,8 @@ docs/*.md and experiments/PERF.md, and the module docstrings of experiments/*.py
 its flags up to a shell separator or a comment; each flag must be one the script's parser has, and the
 goals jobs named to ``bench_goals.py --only`` / ``--skip`` must exist. The parsers are captured as
 tests/test_cli_docs.py captures vidiff's: ``parse_args`` patched to hand back the parser instead of parsing.
-A wrong flag in a device call's command costs that call (experiments/PERF.md, "Commands (GPU)").
+A wrong flag in a device call's command costs that call (experiments/PERF.md, "Commands (GPU)"). The goals
+runner's jobs are tabled twice, in its docstring and in PERF.md: both tables must list ``bench_goals.JOBS``.
 """
 from __future__ import annotations
 
@@ -112,3 +113,14 @@ def test_quoted_goals_jobs_exist():
             if flag in ("--only", "--skip") and re.fullmatch(r"[a-z0-9_,]+", value):
                 unknown = set(value.split(",")) - set(bench_goals.JOB_NAMES)
                 assert not unknown, f"{source}: bench_goals.py {flag} names no such job: {sorted(unknown)}"
+
+
+def test_the_job_tables_list_the_goals_jobs_in_order_with_their_estimates():
+    """bench_goals.py's docstring and PERF.md's "Commands (GPU)" both table the jobs: neither may drift from JOBS."""
+    import bench_goals
+
+    want = [(job.name, job.est_s) for job in bench_goals.JOBS]
+    row = re.compile(r"^\| `?(\w+)`? \| (\d+) \|", re.M)
+    for source in (bench_goals.__doc__, (EXPERIMENTS / "PERF.md").read_text()):
+        got = [(name, float(est)) for name, est in row.findall(source) if name in bench_goals.JOB_NAMES]
+        assert got == want
