@@ -139,6 +139,12 @@ JOBS = (
 JOB_NAMES = [job.name for job in JOBS]
 
 
+def estimate_s(job: Job, args, traced: bool = False) -> float:
+    """The seconds a job is expected to take (``--estimate-scale``d; ``traced``: with ``--profile``'s trace): what the
+    runner skips a job by, what ``--only`` is checked against and what the next call's command is sized by."""
+    return (job.est_s + (PROFILE_EST_S if traced else 0)) * args.estimate_scale
+
+
 # --------------------------------------------------------------------------- each job's command and goals
 
 
@@ -324,7 +330,7 @@ def next_call(left_over: list[str], args, elapsed: float) -> str:
     lines = [f"not measured: run again with --only {','.join(left_over)}"]
     left = args.device_left - elapsed - CALL_OVERHEAD_S  # device time after this call and the next one's overhead
     budget = math.floor(min(CALL_MAX_BUDGET_S, left))  # as printed: a job fits the --budget the command gives
-    estimate = {job.name: job.est_s * args.estimate_scale for job in JOBS}
+    estimate = {job.name: estimate_s(job, args) for job in JOBS}
     fits = [name for name in left_over if estimate[name] <= budget]
     if not fits:
         lines.append(f"next call: ~{max(0, left):.0f} s of device time left by --device-left {args.device_left:.0f} "
@@ -370,7 +376,7 @@ def run_goals(args) -> list[dict]:
         for job in jobs:
             left = deadline - time.perf_counter()
             traced = profile and job.kind == "compare"  # --profile: the first compare job this call runs
-            estimate = (job.est_s + (PROFILE_EST_S if traced else 0)) * args.estimate_scale
+            estimate = estimate_s(job, args, traced)
             if estimate > left:
                 record = dict(job=job.name, status="skipped", reason=f"estimated {estimate:.0f} s, {left:.0f} s left",
                               goals=[dict(goal=job.name, target="-", measured="skipped", met=None)])
@@ -446,10 +452,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.budget <= 0:
         raise SystemExit(f"--budget must be positive seconds, got {args.budget}")
     if only_given:  # a job named on purpose that cannot start would waste the call: say so before it starts
-        too_long = [job for job in JOBS if job.name in args.only and job.est_s * args.estimate_scale > args.budget]
+        too_long = [job for job in JOBS if job.name in args.only and estimate_s(job, args) > args.budget]
         if too_long:
             job = too_long[0]
-            raise SystemExit(f"--only {job.name}: its estimate, {job.est_s * args.estimate_scale:.0f} s, exceeds "
+            raise SystemExit(f"--only {job.name}: its estimate, {estimate_s(job, args):.0f} s, exceeds "
                              f"--budget {args.budget:.0f}, so it would be skipped; raise --budget (a call runs at "
                              f"most {CALL_MAX_BUDGET_S:.0f} s) or leave the job for another call")
     return args
