@@ -70,6 +70,17 @@ def test_bench_goals_refuses_a_named_job_longer_than_the_budget(tmp_path):
     import bench_goals  # without --only the runner skips what does not fit and names it, as above
 
     assert bench_goals.parse_args(["--out-dir", "x", "--budget", "450"]).only == bench_goals.JOB_NAMES
+    # --profile traces the first compare job that runs (+30 s): with it, that job no longer fits 310 s.
+    only = ["--out-dir", "x", "--budget", "310", "--only", "vae_decode_512,compare_1x16384_block"]
+    assert bench_goals.parse_args(only).only == ["vae_decode_512", "compare_1x16384_block"]
+    with pytest.raises(SystemExit, match=r"^--only compare_1x16384_block: its estimate with --profile, 330 s, "
+                                         r"exceeds --budget 310, so it would be skipped; raise --budget"):
+        bench_goals.parse_args([*only, "--profile"])
+    # A later compare job is traced only when the first is skipped: its own estimate is what it needs at least.
+    later = ["--out-dir", "x", "--budget", "530", "--profile", "--only", "compare_64x256,compare_1x16384_block"]
+    assert bench_goals.parse_args(later).only == ["compare_64x256", "compare_1x16384_block"]
+    with pytest.raises(SystemExit, match=r"^--only compare_64x256: its estimate with --profile, 530 s"):
+        bench_goals.parse_args([*later[:3], "520", *later[4:]])
 
 
 def test_bench_goals_checks_forward_goal_and_rejects_unknown_jobs(tmp_path):
@@ -91,14 +102,15 @@ def test_bench_goals_checks_forward_goal_and_rejects_unknown_jobs(tmp_path):
 
 def test_bench_goals_timeout_stops_the_benchmark_and_its_children(tmp_path, monkeypatch):
     import bench_goals
+    import goal_jobs
 
     pid_file = tmp_path / "grandchild.pid"
     spawn = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
-    monkeypatch.setattr(bench_goals, "job_command", lambda *a: [sys.executable, "-c", spawn])
+    monkeypatch.setattr(goal_jobs, "job_command", lambda *a: [sys.executable, "-c", spawn])
     args = bench_goals.parse_args(["--out-dir", str(tmp_path), "--tiny"])
     with open(tmp_path / "log", "w") as log:
-        record = bench_goals.run_job(job_named(bench_goals, "max_tokens"), args, 3.0, tmp_path, log)
+        record = goal_jobs.run_job(job_named(bench_goals, "max_tokens"), args, 3.0, tmp_path, log)
     assert record["memory_cap"] == "unknown: no nvidia-smi output; no cap was set"
     assert record["status"] == "timeout" and 3.0 <= record["elapsed_s"] < 30
     assert record["goals"][0]["met"] is None  # no figure, neither met nor missed
@@ -114,12 +126,13 @@ def test_bench_goals_timeout_stops_the_benchmark_and_its_children(tmp_path, monk
 
 def test_bench_goals_caps_memory_at_an_h100s_on_a_larger_gpu():
     import bench_goals
+    import goal_jobs
 
     assert bench_goals.gpu_memory_mib(["NVIDIA H200, 143771 MiB, 580.159.03"]) == 143771
     assert bench_goals.gpu_memory_mib([]) is None and bench_goals.gpu_memory_mib(["cpu"]) is None
-    assert bench_goals.memory_fraction(143771, 81559) == "0.5389"  # 0.95 x 81559 / 143771
-    assert bench_goals.memory_fraction(81559, 81559) is None  # an H100 itself: JAX's own default applies
-    assert bench_goals.memory_fraction(None, 81559) is None
+    assert goal_jobs.memory_fraction(143771, 81559) == "0.5389"  # 0.95 x 81559 / 143771
+    assert goal_jobs.memory_fraction(81559, 81559) is None  # an H100 itself: JAX's own default applies
+    assert goal_jobs.memory_fraction(None, 81559) is None
 
 
 def test_bench_goals_keeps_what_a_hanging_job_finished(tmp_path):
@@ -195,16 +208,17 @@ def test_bench_goals_stops_in_one_line_without_the_peer(tmp_path):
 
 def test_max_tokens_goal_says_which_memory_it_ran_in():
     import bench_goals
+    import goal_jobs
 
     args = bench_goals.parse_args(["--out-dir", "x"])
     job = job_named(bench_goals, "max_tokens")
     args.gpu_mib, args.gpus = 143771, ["NVIDIA H200, 143771 MiB, 580"]
-    assert bench_goals.memory_cap_note(args, "0.5389") == "81559 MiB of the GPU's 143771 (JAX fraction 0.5389)"
+    assert goal_jobs.memory_cap_note(args, "0.5389") == "81559 MiB of the GPU's 143771 (JAX fraction 0.5389)"
     args.gpu_mib, args.gpus = None, ["NVIDIA H200, [N/A], 580"]
-    note = bench_goals.memory_cap_note(args, None)
+    note = goal_jobs.memory_cap_note(args, None)
     assert note.startswith("unknown: nvidia-smi's total did not parse")
     search = [dict(mode="max_tokens_search", max_tokens=131072, tried=[dict(tokens=131072, status="ok")])]
-    (row,) = bench_goals.goal_rows(job, search, args, note)
+    (row,) = goal_jobs.goal_rows(job, search, args, note)
     assert row["measured"] == 131072 and row["met"] is None and "memory: unknown" in row["goal"]
-    (row,) = bench_goals.goal_rows(job, search, args, bench_goals.memory_cap_note(args, "0.5389"))
+    (row,) = goal_jobs.goal_rows(job, search, args, goal_jobs.memory_cap_note(args, "0.5389"))
     assert row["met"] is True
