@@ -1,7 +1,8 @@
 """Every GPU performance goal in one or two device calls: the benchmarks, most important first, under one budget.
 
     PYTHONPATH=. python3 experiments/bench_goals.py --budget 560 --out-dir $OUT                  # call 1
-    PYTHONPATH=. python3 experiments/bench_goals.py --budget 260 --only <jobs left> --out-dir $OUT  # call 2
+    PYTHONPATH=. python3 experiments/bench_goals.py --budget 260 --device-left 260 --only <jobs left> \
+        --out-dir $OUT  # call 2: the command call 1 printed
     python experiments/bench_goals.py --tiny --peer-cmd "python fake.py torch 2" ...   # CPU smoke run
 
 A lent GPU comes with 15 minutes (900 s) of device time, the machine's start
@@ -33,18 +34,16 @@ deadline). ``goals.md`` and ``goals.jsonl`` are rewritten after every job.
 | max_tokens | 70 | bench_max_tokens.py: one XL step at batch 1, 131,072 tokens | it runs in 80 GB (remat block, scanned, bf16) |
 | vae_decode | 85 | bench_vae.py: chunked decode, 256 px, 17 and 257 frames | memory added, 257 / 17 frames <= 1.2 |
 
-The order puts first the goals no H200 run has measured yet (PERF.md,
-"Results"; the VAE's at 512 px too, which the issue's benchmark asks for
-beside 256), then the ones measured once. The estimates are measured where a
-job has run: ``compare_1x16384`` took 369 s on 2026-12-04 (vidiff's process
-150 s with the state built on the host, the peer's training 148 s, its
-forward 71 s), ``max_tokens`` 57.5 s, ``vae_decode`` 74.6 s;
-``compare_4x4096`` used all of its 460 s when vidiff still built its state
-on the GPU (~50 s more). ``compare_64x256`` is scaled from those;
-``compare_1x16384_block`` is ``compare_1x16384`` without the two forwards
-(~110 s of it). ``vae_decode_512`` is ``vae_decode`` (two processes, ~37 s
-each of start-up and compilation, under 1 s of decoding) with four times the
-pixels: 4 calls of ~3 s for the 257 frames, 90 s in all, 120 with margin.
+The order is the one the goals were first measured in: first those no H200
+run had measured, then those measured once. By 2026-12-04 every job has run
+once (PERF.md, "Results"); a later session names the jobs it wants with
+``--only``. The estimates are measured, with a margin: ``compare_64x256``
+took 385.9 s (vidiff's process 166 s, the peer's training 145 s, its forward
+75 s), ``compare_1x16384_block`` 280.7 s, ``vae_decode_512`` 105.2 s,
+``compare_1x16384`` 369 s (vidiff's process 150 s with the state built on
+the host, the peer's training 148 s, its forward 71 s), ``max_tokens``
+57.5 s, ``vae_decode`` 74.6 s; ``compare_4x4096`` used all of its 460 s when
+vidiff still built its state on the GPU (~50 s more).
 Each job's measured ``elapsed_s`` is printed, and each benchmark
 subprocess's own ``elapsed_s`` is in its records, so they can be corrected.
 A compare job is about one call: call 1 runs one, call 2 (~260 s) the short
@@ -172,8 +171,10 @@ def next_call(left_over: list[str], args, elapsed: float) -> str:
     lines.append(f"next call, at once while the machine is warm (--budget: status's budget_left_s - "
                  f"{CALL_OVERHEAD_S:.0f}; here from --device-left {args.device_left:.0f} less this call's "
                  f"{elapsed:.0f} s), timeout_s {budget + 30:.0f}:")
+    # --device-left: what the next call's own next call is sized by (call 14 of PERF.md, without it, offered a
+    # third call of 539 s with 89 s of device time left)
     lines.append(f"PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/bench_goals.py --budget {budget:.0f} "
-                 f"--only {','.join(fits)} --out-dir $OUT")
+                 f"--device-left {math.floor(left)} --only {','.join(fits)} --out-dir $OUT")
     later = [name for name in left_over if name not in fits]
     if later:
         lines.append(f"estimated longer than that budget, for another session: --only {','.join(later)}")

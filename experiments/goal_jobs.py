@@ -43,7 +43,7 @@ class Job:
     vidiff_remat: str | None = None  # compare with remat: this policy for vidiff (None: --vidiff-remat)
 
 
-# Most important first: the goals no GPU run has measured (experiments/PERF.md, "Results"), then those measured once.
+# In the order the goals were first measured: those no GPU run had measured, then those measured once (all have run).
 JOBS = (
     Job("compare_64x256", 500, "compare", "64x256", "2x32", ("train", "forward"), {"train": 1.2, "forward": 1.2}),
     Job("compare_1x16384_block", 300, "compare", "1x16384", "1x64", ("train",), {"train": 1.0}, "block"),

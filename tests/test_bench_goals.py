@@ -1,6 +1,7 @@
 """experiments/bench_goals.py with fake benchmark commands: the budget, the goals, timeouts, the two-call plan of
 one device session, the long-sequence goal's memory."""
 import json
+import re
 import subprocess
 import sys
 import time
@@ -55,7 +56,8 @@ def test_bench_goals_runs_what_fits_the_budget_and_names_the_rest(tmp_path):
     assert "| compare_1x16384 | forward 1x64 vidiff/peer tokens/s | >= 1.2 | 0.750 | NO |" in table
     assert "not measured: run again with --only compare_64x256\n" in table
     # The next call's budget from the device time left: 860 s by default, less this call and 40 s, at most 560.
-    assert table.rstrip().endswith("--budget 560 --only compare_64x256 --out-dir $OUT")
+    last = table.rstrip().splitlines()[-1]  # --device-left: 860 less this call's few seconds and 40
+    assert re.fullmatch(r".* --budget 560 --device-left (8[01][0-9]) --only compare_64x256 --out-dir \$OUT", last)
 
 
 def test_bench_goals_refuses_a_named_job_longer_than_the_budget(tmp_path):
@@ -181,14 +183,16 @@ def test_bench_goals_plan_fits_two_calls_of_one_device_session(monkeypatch, tmp_
     # command names only the jobs that fit that budget (one that does not would stop it), the others come after.
     command = next(line for line in table.splitlines() if line.startswith("PYTHONUNBUFFERED=1"))
     argv = shlex.split(command)[4:]  # after PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/bench_goals.py
-    assert argv[:2] == ["--budget", str(budget2)]
+    assert argv[:4] == ["--budget", str(budget2), "--device-left", str(budget2)]
     later = [job for job in bench_goals.JOBS if job.est_s > budget2 and job.name != "compare_64x256"]
     assert table.rstrip().endswith(f"for another session: --only {','.join(j.name for j in later)}")
     clock["now"] = 0.0
     out = argv.index("--out-dir")
     argv[out + 1] = str(tmp_path / "2")
-    done = bench_goals.main([*argv, "--device-left", str(budget2), *common])
+    done = bench_goals.main([*argv, *common])
     assert [(r["job"], r["status"]) for r in done] == call2
+    # Its own next call is sized from what call 2 was given, less what it ran: no third call in this session.
+    assert "run them in another session" in (tmp_path / "2" / "goals.md").read_text()
 
 
 def test_bench_goals_stops_in_one_line_without_the_peer(tmp_path):
