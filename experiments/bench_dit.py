@@ -25,8 +25,10 @@ Timing (experiments/PERF.md, "Method"): AOT compilation, ``--warmup`` untimed
 steps, then ``--steps`` steps each waited for on one output; the median is
 ``step_s``, the per-step rate the peer's CUDA events measure.
 ``step_s_pipelined``: ``--steps`` more steps queued back to back, a training
-loop's rate. ``dispatch_s``: the median time a timed call took to return, the
-host's share the device waits through in ``step_s`` (``bench_dispatch.py``).
+loop's rate. ``dispatch_s``: the median time a timed call took to return (the
+host's argument checks and launch, ``bench_dispatch.py``; on a GPU part of
+it can overlap the device's work: the device's idle share of ``step_s`` is
+``step_s - step_s_pipelined`` when the queued steps keep it busy).
 Model FLOPs are the peer's (``vidiff.models.dit.dit_flops``, recomputation not
 counted); MFU is against ``--peak-tflops`` per device (989: H100 SXM dense bf16).
 

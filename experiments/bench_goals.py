@@ -290,9 +290,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         first_compare = next((job for job in jobs if job.kind == "compare"), None)
         for job in jobs:
             traced = args.profile and job is first_compare
-            if estimate_s(job, args, traced) > args.budget:
+            estimate = estimate_s(job, args, traced)
+            if estimate > args.budget:
                 raise SystemExit(f"--only {job.name}: its estimate{' with --profile' if traced else ''}, "
-                                 f"{estimate_s(job, args, traced):.0f} s, exceeds --budget {args.budget:.0f}, so it "
+                                 f"{estimate:.0f} s, exceeds --budget {args.budget:.0f}, so it "
                                  f"would be skipped; raise --budget (a call runs at most {CALL_MAX_BUDGET_S:.0f} s) "
                                  f"or leave the job for another call")
     return args

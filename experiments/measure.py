@@ -39,8 +39,11 @@ def timed_runs(run, warmup: int, steps: int) -> list[float]:
 
 def waited_run(dispatch, host_s: list[float]):
     """``run()`` for :func:`timed_runs`: one call of ``dispatch()``, waited for. Appends to ``host_s`` the
-    seconds the call took to return, the host's share of a waited step (argument checks, one per array of
-    a training state, and the launch) that the device sits idle through."""
+    seconds the call took to return: the host's argument checks (one per array of a training state) and
+    the launch. On a GPU the device may already be running for part of it (the H200's 64 x 256 step
+    returned after 81 ms while waiting cost only 35 ms over queueing, experiments/PERF.md), so the time the
+    device sits idle is the waited step less the queued one (when the queued steps keep the device busy),
+    not this."""
     def run():
         start = time.perf_counter()
         out = dispatch()
