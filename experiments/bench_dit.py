@@ -78,7 +78,8 @@ from vidiff.diffusion import shift_for_tokens  # noqa: E402
 from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
 from vidiff.models.patches import latent_shape_for_tokens, token_count  # noqa: E402
 from vidiff.train.optimizer import make_optimizer  # noqa: E402
-from vidiff.train.state import build_sharded, create_state, host_init_pays, jit_train_step, make_train_step  # noqa: E402
+from vidiff.train.state import (INIT_ON, build_sharded, create_state, host_init_pays, jit_train_step,  # noqa: E402
+                                 make_train_step)
 from vidiff.train.tasks import dit_flow_loss  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -188,6 +189,12 @@ def where_built(args, params) -> str:
     return "host" if host_init_pays(params) else "device"
 
 
+def param_shapes(cfg: DiTConfig):
+    """The DiT's parameters as ``jax.ShapeDtypeStruct`` (nothing allocated); they do not depend on the sequence
+    length, so the smallest input is traced."""
+    return jax.eval_shape(lambda key: VideoDiT(cfg).init(key, *dummy_inputs(cfg))["params"], jax.random.key(0))
+
+
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
@@ -231,8 +238,8 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     optim = OPTIM if args.update == "full" else types.SimpleNamespace(**{**vars(OPTIM), "grad_clip": 0.0})
     tx, _ = make_optimizer(optim, total_steps=args.warmup + args.steps)
     start = time.perf_counter()
-    on_host = None if args.init_on == "auto" else args.init_on == "host"  # None: create_state decides, as in training
-    state, state_shardings = jax.block_until_ready(create_state(init_params, tx, args.seed, mesh, on_host=on_host))
+    state, state_shardings = jax.block_until_ready(create_state(init_params, tx, args.seed, mesh,
+                                                                on_host=INIT_ON[args.init_on]))
     init_s = time.perf_counter() - start
     init_on = where_built(args, state.params)
     params = count_params(state.params)
@@ -268,7 +275,7 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     dit = VideoDiT(cfg)
     init = lambda key: dit.init(key, *dummy_inputs(cfg))["params"]
     key = jax.random.key(args.seed)
-    shapes = jax.eval_shape(init, key)
+    shapes = param_shapes(cfg)
     init_on = where_built(args, shapes)
     shardings = parallel.param_shardings(shapes, mesh)
     start = time.perf_counter()
@@ -326,7 +333,7 @@ def run_modes(args) -> list[dict]:
             if not is_oom(error):
                 raise
             record = dict(base_record(args, cfg, mode, latent_shape, tokens), status="oom",
-                          error=str(error).strip().splitlines()[0][:300], peak_mem_GiB=peak_memory_gib())
+                          init_on=where_built(args, param_shapes(cfg)), error=str(error).strip().splitlines()[0][:300], peak_mem_GiB=peak_memory_gib())
         print(json.dumps(record), flush=True)  # before any tracing: a profiler failure cannot lose it
         records.append(record)
         if trace is not None and args.profile and args.profile_steps > 0:
@@ -374,7 +381,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="auto: cuDNN flash attention on GPU for bf16/fp16, XLA otherwise")
-    p.add_argument("--init-on", choices=("auto", "host", "device"), default="auto",
+    p.add_argument("--init-on", choices=tuple(INIT_ON), default="auto",
                    help="where parameters and train state are built (create_state(on_host=...)); auto: as "
                         "vidiff train's init_on (vidiff.train.state.host_init_pays): the host's CPU for >= 256 "
                         "parameter arrays (unscanned XL: 746) on accelerators of one process, else the devices")

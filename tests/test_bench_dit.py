@@ -73,6 +73,7 @@ def test_out_of_memory_is_reported_as_a_result(monkeypatch, capsys):
     # 8 virtual CPU devices in this process (conftest): batch 8 fills the data axis.
     (record,) = bench_dit.run_modes(bench_dit.parse_args(["--tiny", "--mode", "forward", "--batch", "8"]))
     assert record["status"] == "oom" and record["error"].startswith("RESOURCE_EXHAUSTED")
+    assert record["init_on"] == "device"  # --init-on auto resolved, as an ok record has it (a CPU: no host build)
     assert json.loads(capsys.readouterr().out)["status"] == "oom"
     monkeypatch.setattr(bench_dit, "bench_forward", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # anything else is a bug, not a measurement

@@ -242,6 +242,8 @@ def test_the_host_builds_the_state_only_where_that_pays(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "process_count", lambda: 2)  # no process holds the whole tree
     assert not state.host_init_pays(unrolled_xl)
+    from vidiff.train.config import INIT_ON_NAMES  # what a config may say, kept free of jax
+    assert tuple(state.INIT_ON) == INIT_ON_NAMES and state.INIT_ON["auto"] is None
 
 
 def test_ema_and_image_metrics():

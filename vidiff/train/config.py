@@ -25,7 +25,8 @@ MODELS = ("vae", "dit")
 # as a stage's own override (vae_train.data.size). Matched by path, so another section's `size` keeps its type.
 _INT_OR_PAIR = (".data.size",)
 ON_NONFINITE = ("stop", "skip")
-INIT_ON = {"auto": None, "host": True, "device": False}  # <model>_train.init_on -> create_state(on_host=)
+# <model>_train.init_on: the names of vidiff.train.state.INIT_ON (this module stays free of jax).
+INIT_ON_NAMES = ("auto", "host", "device")
 
 
 def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -249,7 +250,7 @@ def check_stage(config, model: str) -> None:
     need(_is_int(stage.get("keep_best", 0)) and stage.get("keep_best", 0) >= 0, "keep_best", "use an int >= 0")
     # Anything but "stop" used to mean "skip": a typo must not switch the guard off.
     need(stage.get("on_nonfinite", "stop") in ON_NONFINITE, "on_nonfinite", "use 'stop' or 'skip'")
-    need(stage.get("init_on", "auto") in INIT_ON, "init_on",
+    need(stage.get("init_on", "auto") in INIT_ON_NAMES, "init_on",
          "use 'auto' (the host's CPU for many parameter arrays on one process's accelerators), 'host' or 'device'")
     need(finite_number(stage.ema_decay) and 0 <= stage.ema_decay < 1, "ema_decay",
          "use a number in [0, 1), e.g. 0.999 (0 = no averaging)")

@@ -50,12 +50,12 @@ from tqdm import tqdm
 from vidiff import distributed, parallel
 from vidiff.train import preflight, tasks
 from vidiff.train.checkpoint import Checkpointer, abstract_with_shardings, read_config
-from vidiff.train.config import INIT_ON, config_changes, for_stage, validate, warnings_for
+from vidiff.train.config import config_changes, for_stage, validate, warnings_for
 from vidiff.train.metrics import LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
 from vidiff.train.preflight import DataExhaustedError, NonFiniteError
 from vidiff.train.profile import StepProfiler
-from vidiff.train.state import create_state, jit_train_step, make_train_step
+from vidiff.train.state import INIT_ON, create_state, jit_train_step, make_train_step
 
 
 class _StopRequest:

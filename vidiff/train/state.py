@@ -30,6 +30,8 @@ from vidiff.train.optimizer import ema_update
 # an unscanned XL DiT, 746 arrays, 25-31 s on the host against 71-89 s on the GPU; scanned, 44 arrays, 16.8
 # against 6.7 s. The threshold lies between those two points; nothing between them was measured.
 HOST_INIT_MIN_PARAM_ARRAYS = 256
+# Where a state is built, by name (a stage's init_on, bench_dit.py's --init-on) -> create_state(on_host=).
+INIT_ON = {"auto": None, "host": True, "device": False}
 
 
 @struct.dataclass
