@@ -19,6 +19,13 @@ Times are per step (``--steps`` traced steps), in milliseconds of kernel time;
 kernels on several streams at once count each. No GPU events (a CPU trace)
 gives ``{"kernels": 0}``.
 
+``host`` is the calling thread's side of the same steps (:func:`host_timeline`),
+the median over the traced calls of the jitted function: how long the call
+took to return, how long after the call the GPU's first kernel started (what a
+waited step pays on top of the GPU's work), and the PJRT / XLA phases that
+make up the wait (``HOST_PHASES``: parsing the arguments, buffer assignment,
+updating and launching the CUDA graph).
+
 With the compiled program's HLO (``--hlo``, as ``bench_dit.py --dump-hlo``
 writes it; ``bench_dit.py --profile`` passes it itself), ``other_by_op`` says
 what the ``other`` kernels compute: XLA names a kernel after its fusion
@@ -33,6 +40,7 @@ import collections
 import gzip
 import json
 import re
+import statistics
 from pathlib import Path
 
 KINDS = (("attention", re.compile(r"fmha|sdpa|flash", re.I)),
@@ -56,6 +64,51 @@ def _gpu_stream_threads(events: list[dict]) -> set[tuple]:
     return {(e.get("pid"), e.get("tid")) for e in events if e.get("pid") in gpu_pids and e.get("ph") == "X"}
 
 
+# Phase -> the TraceMe name (a substring) of its event on the calling thread, as jax 0.11's PJRT GPU client
+# names them; a phase the trace lacks reads 0.
+HOST_PHASES = {
+    "parse_arguments": "ParseArguments",
+    "handle_inputs": "Handle inputs",
+    "build_allocations": "Build buffer allocations",
+    "execute_thunks": "GpuExecutable::ExecuteThunks",
+    "graph_update": "command_buffer::update",
+    "graph_launch": "cuGraphLaunch",
+}
+CALL_EVENT = "PjitFunction("  # one call of a jitted function (a compiled one too), C++ fast path or not
+
+
+def host_timeline(events: list[dict], kernels: list[dict]) -> dict:
+    """The traced calls' host side, medians in ms: ``{"calls", "call_ms", "to_first_kernel_ms", "gpu_span_ms",
+    "phases_ms": {phase: ms}}``. A call's GPU work is the kernels from its start to the next call's."""
+    starts = sorted((e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith(CALL_EVENT)),
+                    key=lambda e: (float(e["ts"]), -float(e.get("dur", 0.0))))
+    calls = []
+    for event in starts:  # the outermost of nested events (the same call is traced at two levels)
+        if not calls or float(event["ts"]) >= float(calls[-1]["ts"]) + float(calls[-1].get("dur", 0.0)):
+            calls.append(event)
+    rows = []
+    for index, call in enumerate(calls):
+        begin, end = float(call["ts"]), float(call["ts"]) + float(call.get("dur", 0.0))
+        until = float(calls[index + 1]["ts"]) if index + 1 < len(calls) else float("inf")
+        own = [k for k in kernels if begin <= float(k["ts"]) < until]
+        if not own:
+            continue
+        inside = [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) == (call.get("pid"),
+                  call.get("tid")) and begin <= float(e["ts"]) <= end]
+        first, last = min(float(k["ts"]) for k in own), max(float(k["ts"]) + float(k.get("dur", 0.0)) for k in own)
+        rows.append(dict(call_ms=(end - begin) / 1e3, to_first_kernel_ms=(first - begin) / 1e3,
+                         gpu_span_ms=(last - first) / 1e3,
+                         phases_ms={phase: sum(float(e.get("dur", 0.0)) for e in inside
+                                               if marker in str(e.get("name", ""))) / 1e3
+                                    for phase, marker in HOST_PHASES.items()}))
+    if not rows:
+        return {"calls": 0}
+    median = lambda values: round(statistics.median(values), 3)
+    return {"calls": len(rows), **{key: median([row[key] for row in rows])
+                                   for key in ("call_ms", "to_first_kernel_ms", "gpu_span_ms")},
+            "phases_ms": {phase: median([row["phases_ms"][phase] for row in rows]) for phase in HOST_PHASES}}
+
+
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', re.M)
 
 
@@ -75,8 +128,8 @@ def op_of(kernel: str, op_names: dict[str, str]) -> str:
 
 
 def summarize(trace: dict, steps: int = 1, top: int = 12, hlo_text: str | None = None) -> dict:
-    """``{"kernels", "total_ms", "kinds": {kind: {"ms", "share"}}, "top": [{"name", "kind", "ms", "calls"}]}``
-    per step, from a Chrome-format trace (``*.trace.json.gz`` loaded); with ``hlo_text`` also
+    """``{"kernels", "total_ms", "kinds": {kind: {"ms", "share"}}, "top": [{"name", "kind", "ms", "calls"}],
+    "host"}`` per step, from a Chrome-format trace (``*.trace.json.gz`` loaded); with ``hlo_text`` also
     ``"other_by_op": [{"op", "ms", "calls"}]``, the ``other`` kernels by JAX source path."""
     events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
     threads = _gpu_stream_threads(events)
@@ -99,6 +152,7 @@ def summarize(trace: dict, steps: int = 1, top: int = 12, hlo_text: str | None =
                   for kind, ms in by_kind.most_common()},
         "top": [{"name": name[:120], "kind": kind_of(name), "ms": round(ms / steps, 3), "calls": calls // steps}
                 for name, (ms, calls) in ranked],
+        "host": host_timeline(events, kernels),
     }
     if hlo_text is not None:
         op_names, by_op = hlo_op_names(hlo_text), collections.defaultdict(lambda: [0.0, 0])

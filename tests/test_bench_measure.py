@@ -190,6 +190,45 @@ def test_trace_summary_sums_a_steps_gpu_kernels_by_kind(tmp_path):
                                       dict(op="(not an HLO instruction)", ms=0.01, calls=1)]
 
 
+def test_trace_summary_times_the_host_side_of_each_call():
+    """Two traced calls, each traced at two levels (nested events), with the PJRT phases inside them; the
+    GPU's kernels are assigned to the call they follow."""
+    import trace_summary
+
+    meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
+            dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #14(Compute)"))]
+    host = []
+    for begin, launch_ms, first_kernel_ms in ((0, 10.0, 12.0), (100_000, 14.0, 20.0)):
+        host += [dict(ph="X", pid=2, tid=3, name="PjitFunction(jit(step))", ts=begin, dur=40_000.0),
+                 dict(ph="X", pid=2, tid=3, name="PjitFunction(jit(step))", ts=begin + 1, dur=39_000.0),
+                 dict(ph="X", pid=2, tid=3, name="ParseArguments", ts=begin + 10, dur=2_000.0),
+                 dict(ph="X", pid=2, tid=3, name="cuGraphLaunch (CudaGraph:7)", ts=begin + 5_000, dur=launch_ms * 1e3),
+                 dict(ph="X", pid=2, tid=4, name="cuGraphLaunch (CudaGraph:7)", ts=begin, dur=99e3),  # another thread
+                 dict(ph="X", pid=1, tid=7, name="nvjet_a", ts=begin + first_kernel_ms * 1e3, dur=30_000.0),
+                 dict(ph="X", pid=1, tid=7, name="loop_add_fusion", ts=begin + 60_000, dur=5_000.0)]
+    summary = trace_summary.summarize({"traceEvents": meta + host}, steps=2)
+    assert summary["kernels"] == 2
+    assert summary["host"] == {"calls": 2, "call_ms": 40.0, "to_first_kernel_ms": 16.0, "gpu_span_ms": 49.0,
+                               "phases_ms": {"parse_arguments": 2.0, "handle_inputs": 0.0, "build_allocations": 0.0,
+                                             "execute_thunks": 0.0, "graph_update": 0.0, "graph_launch": 12.0}}
+    assert trace_summary.host_timeline([], []) == {"calls": 0}
+
+
+def test_trace_summary_reads_the_h200_trace_of_call_5():
+    """The trace kept from a real H200 run (experiments/PERF.md, calls 5-7): one unscanned XL training step."""
+    import trace_summary
+
+    path = EXPERIMENTS / "results" / "h200_2026-12-04" / "call5_train_4x4096.trace.json.gz"
+    summary = trace_summary.summarize_file(path)
+    assert summary["kernels"] == 5381 and summary["total_ms"] == pytest.approx(241.2, abs=0.05)
+    host = summary["host"]
+    assert host["calls"] == 1 and host["call_ms"] == pytest.approx(44.2, abs=0.05)
+    assert host["to_first_kernel_ms"] == pytest.approx(15.6, abs=0.05)
+    assert host["gpu_span_ms"] == pytest.approx(242.8, abs=0.05)
+    assert host["phases_ms"]["graph_launch"] == pytest.approx(17.2, abs=0.05)
+    assert host["phases_ms"]["parse_arguments"] == pytest.approx(2.6, abs=0.05)
+
+
 def test_bench_update_times_every_guard_variant():
     lines = run_script("bench_update.py", "--params", "2e5", "--leaves", "4", "--steps", "1")
     assert [r["variant"] for r in lines] == ["where", "cond", "no_guard", "no_ema", "adamw"]
