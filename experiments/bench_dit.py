@@ -43,10 +43,11 @@ process_s (seconds since the process started), peak_mem_GiB (the process's
 cudnn_attention and cudnn_attention_kernels (forward and backward
 ``__cudnn$fmha`` calls in the compiled HLO: remat adds forward ones only
 under ``block``), update (train). ``--profile DIR`` then traces
-``--profile-steps`` more steps and prints a mode="profile" line: the trace
-files copied flat into DIR, those over a device call's 15 MiB left_behind,
-and one step's GPU kernel time by kind (``trace_summary.py``); the timing
-record comes first, so a profiler failure costs no measurement.
+``--profile-steps`` more steps (each waited for, or with ``--profile-queued``
+back to back) and prints a mode="profile" line: the trace files copied flat
+into DIR, those over a device call's 15 MiB left_behind, and one step's GPU
+kernel time by kind with the calls' host side (``trace_summary.py``); the
+timing record comes first, so a profiler failure costs no measurement.
 ``bench_max_tokens.py`` runs it at growing lengths to find the longest that
 trains.
 """
@@ -72,7 +73,8 @@ import optax  # noqa: E402
 
 import ablations  # noqa: E402
 from measure import (compiled_memory_gib, cudnn_attention_kernels, dump_hlo, is_oom, peak_memory_gib,  # noqa: E402
-                     pipelined_step_s, profiled_runs, timed_runs, waited_run)  # (experiments/ is the script's own folder)
+                     pipelined_step_s, profiled_runs, queued_run, timed_runs,
+                     waited_run)  # (experiments/ is the script's own folder)
 from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
 from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
@@ -217,10 +219,15 @@ def adamw_only_step(loss_fn, tx):
     return step
 
 
-def tracer(mesh, run, args, name: str, compiled):
-    """A call that traces ``run`` under the benchmark's mesh (run after the timing record is printed)."""
+def tracer(mesh, run, dispatch, args, name: str, compiled):
+    """A call that traces ``--profile-steps`` steps under the benchmark's mesh (run after the timing record is
+    printed): each waited for, as ``run`` does, or with ``--profile-queued`` queued back to back from
+    ``dispatch``, as ``vidiff train`` runs them."""
     def trace():
         with jax.set_mesh(mesh), parallel.axis_rules():
+            if args.profile_queued:
+                return profiled_runs(queued_run(dispatch, args.profile_steps), 1, args.profile, name,
+                                     hlo_text=compiled.as_text(), steps_per_run=args.profile_steps)
             return profiled_runs(run, args.profile_steps, args.profile, name, hlo_text=compiled.as_text())
     return trace
 
@@ -268,7 +275,7 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
     record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, init_s, compile_s, compiled,
                           pipelined, host_s), init_on=init_on, update=args.update)
-    return record, tracer(mesh, run, args, f"train_{args.batch}x{tokens}", compiled)
+    return record, tracer(mesh, run, dispatch, args, f"train_{args.batch}x{tokens}", compiled)
 
 
 def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
@@ -303,7 +310,7 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     # run_modes drops the tracer (the last reference to the parameters), so --mode both trains with the memory free.
     return (dict(summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, init_s, compile_s,
                          compiled, pipelined, host_s), init_on=init_on),
-            tracer(mesh, run, args, f"forward_{args.batch}x{tokens}", compiled))
+            tracer(mesh, run, dispatch, args, f"forward_{args.batch}x{tokens}", compiled))
 
 
 def run_modes(args) -> list[dict]:
@@ -345,7 +352,7 @@ def run_modes(args) -> list[dict]:
 def profile_record(args, mode: str, tokens: int, trace) -> dict:
     """Trace more steps of ``mode``; a line of its own, with the error if the profiler failed."""
     record = dict(impl="vidiff", mode="profile", of_mode=mode, batch=args.batch, tokens=tokens,
-                  steps=args.profile_steps, dir=args.profile)
+                  steps=args.profile_steps, queued=args.profile_queued, dir=args.profile)
     try:
         files, left, kernels = trace()
         record.update(status="ok", files=files, left_behind=left, kernels=kernels)
@@ -400,6 +407,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR",
                    help="after the timing record, trace --profile-steps more steps into DIR (own JSON line)")
     p.add_argument("--profile-steps", type=int, default=1)
+    p.add_argument("--profile-queued", action="store_true",
+                   help="trace the --profile-steps steps queued back to back (as vidiff train runs them), not each "
+                        "waited for: the trace's host section then shows the GPU's idle time between steps")
     p.add_argument("--dump-hlo", metavar="DIR", help="write each mode's optimised HLO to DIR/<mode>_<B>x<T>.hlo.txt.gz")
     args = p.parse_args(argv)
     for name, value in (TINY_DEFAULTS if args.tiny else DEFAULTS).items():

@@ -53,15 +53,23 @@ def waited_run(dispatch, host_s: list[float]):
     return run
 
 
+def queued_run(dispatch, steps: int):
+    """``run()``: ``steps`` calls of ``dispatch()`` (which returns an array and does not wait) queued back to
+    back, only the last waited for, as a training loop runs its steps: each call's host work hides behind
+    the device's work on the one before."""
+    def run():
+        for _ in range(steps - 1):
+            dispatch()
+        dispatch().block_until_ready()
+
+    return run
+
+
 def pipelined_step_s(dispatch, steps: int) -> float:
-    """Seconds per call of ``dispatch()`` (which returns an array and does not wait) when ``steps`` calls are
-    queued back to back and only the last is waited for: a training loop's rate, the host's dispatch of each
-    call hidden behind the device's work on the one before (``timed_runs`` waits after every call, as the
-    peer's per-step CUDA events do)."""
+    """Seconds per call of ``dispatch()`` over ``steps`` calls queued back to back (:func:`queued_run`): a
+    training loop's rate (``timed_runs`` waits after every call, as the peer's per-step CUDA events do)."""
     start = time.perf_counter()
-    for _ in range(steps - 1):
-        dispatch()
-    dispatch().block_until_ready()
+    queued_run(dispatch, steps)()
     return (time.perf_counter() - start) / steps
 
 
@@ -69,11 +77,12 @@ TRACE_FILE_LIMIT = 15 * 2**20  # a device call returns files up to 16 MiB: bigge
 
 
 def profiled_runs(run, steps: int, out_dir: str | None, name: str, max_bytes: int = TRACE_FILE_LIMIT,
-                  hlo_text: str | None = None) -> tuple[list[str], list[str], dict | None]:
-    """``steps`` more (untimed) calls under ``jax.profiler``; ``(copied, left, kernels)``: trace files copied
-    flat into ``out_dir``, ``"<file> (<size> MiB > limit)"`` for each one over ``max_bytes``, not copied, and
-    the GPU kernel time of one step by kind (``trace_summary.summarize``; read before any file is left behind;
-    with the program's ``hlo_text``, its ``other`` kernels by JAX source path too).
+                  hlo_text: str | None = None, steps_per_run: int = 1) -> tuple[list[str], list[str], dict | None]:
+    """``steps`` more (untimed) calls of ``run()`` under ``jax.profiler``, each ``steps_per_run`` steps
+    (:func:`queued_run`'s, say); ``(copied, left, kernels)``: trace files copied flat into ``out_dir``,
+    ``"<file> (<size> MiB > limit)"`` for each one over ``max_bytes``, not copied, and the GPU kernel time of
+    one step by kind with the calls' host side (``trace_summary.summarize``; read before any file is left
+    behind; with the program's ``hlo_text``, its ``other`` kernels by JAX source path too).
 
     Flat names (``<name>.trace.json.gz`` for Perfetto, ``<name>.xplane.pb`` for TensorBoard /
     XProf) because the profiler nests its own folders deeper than a device call returns, and a
@@ -94,7 +103,7 @@ def profiled_runs(run, steps: int, out_dir: str | None, name: str, max_bytes: in
         copied, left, kernels = [], [], None
         for path in sorted(Path(raw).glob("plugins/profile/*/*")):
             if kernels is None and path.name.endswith(".trace.json.gz"):
-                kernels = trace_summary.summarize_file(path, steps, hlo_text=hlo_text)
+                kernels = trace_summary.summarize_file(path, steps * steps_per_run, hlo_text=hlo_text)
             for ending in (".trace.json.gz", ".xplane.pb"):  # after the host name, which may hold dots
                 if path.name.endswith(ending):
                     size = path.stat().st_size

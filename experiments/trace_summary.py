@@ -77,25 +77,44 @@ HOST_PHASES = {
 CALL_EVENT = "PjitFunction("  # one call of a jitted function (a compiled one too), C++ fast path or not
 
 
+def _correlation(event: dict):
+    return event.get("args", {}).get("correlation_id")
+
+
 def host_timeline(events: list[dict], kernels: list[dict]) -> dict:
     """The traced calls' host side, medians in ms: ``{"calls", "call_ms", "to_first_kernel_ms", "gpu_span_ms",
-    "phases_ms": {phase: ms}}``. A call's GPU work is the kernels from its start to the next call's."""
+    "gpu_idle_between_ms", "phases_ms": {phase: ms}}``.
+
+    A call's kernels are those whose ``correlation_id`` is one of the launches made inside the call (CUPTI
+    links each kernel to the host API call that launched it), so calls queued back to back, whose kernels
+    run after the next call has started, are told apart; a trace without the ids falls back to the kernels
+    from the call's start to the next call's. ``gpu_idle_between_ms``: the GPU idle from one call's last
+    kernel to the next call's first (None for one call): near 0 when the host keeps ahead of queued steps.
+    """
     starts = sorted((e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith(CALL_EVENT)),
                     key=lambda e: (float(e["ts"]), -float(e.get("dur", 0.0))))
     calls = []
     for event in starts:  # the outermost of nested events (the same call is traced at two levels)
         if not calls or float(event["ts"]) >= float(calls[-1]["ts"]) + float(calls[-1].get("dur", 0.0)):
             calls.append(event)
-    rows = []
+    by_id = collections.defaultdict(list)
+    for kernel in kernels:
+        by_id[_correlation(kernel)].append(kernel)
+    rows, spans = [], []
     for index, call in enumerate(calls):
         begin, end = float(call["ts"]), float(call["ts"]) + float(call.get("dur", 0.0))
-        until = float(calls[index + 1]["ts"]) if index + 1 < len(calls) else float("inf")
-        own = [k for k in kernels if begin <= float(k["ts"]) < until]
-        if not own:
-            continue
         inside = [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) == (call.get("pid"),
                   call.get("tid")) and begin <= float(e["ts"]) <= end]
+        launched = {_correlation(e) for e in inside} - {None}
+        if launched:
+            own = [k for cid in launched for k in by_id.get(cid, ())]
+        else:
+            until = float(calls[index + 1]["ts"]) if index + 1 < len(calls) else float("inf")
+            own = [k for k in kernels if begin <= float(k["ts"]) < until]
+        if not own:
+            continue
         first, last = min(float(k["ts"]) for k in own), max(float(k["ts"]) + float(k.get("dur", 0.0)) for k in own)
+        spans.append((first, last))
         rows.append(dict(call_ms=(end - begin) / 1e3, to_first_kernel_ms=(first - begin) / 1e3,
                          gpu_span_ms=(last - first) / 1e3,
                          phases_ms={phase: sum(float(e.get("dur", 0.0)) for e in inside
@@ -104,8 +123,10 @@ def host_timeline(events: list[dict], kernels: list[dict]) -> dict:
     if not rows:
         return {"calls": 0}
     median = lambda values: round(statistics.median(values), 3)
+    idle = [(nxt[0] - prev[1]) / 1e3 for prev, nxt in zip(spans, spans[1:])]
     return {"calls": len(rows), **{key: median([row[key] for row in rows])
                                    for key in ("call_ms", "to_first_kernel_ms", "gpu_span_ms")},
+            "gpu_idle_between_ms": median(idle) if idle else None,
             "phases_ms": {phase: median([row["phases_ms"][phase] for row in rows]) for phase in HOST_PHASES}}
 
 

@@ -124,6 +124,7 @@ def test_bench_dit_prints_the_record_before_a_failing_profile(monkeypatch, capsy
                                                                                           "error", [])
     assert profile["error"].startswith("FileNotFoundError: [Errno 2] No such file or directory")
     assert args.profile_steps == 1 and args.update == "full"  # the defaults: one traced step, vidiff train's update
+    assert profile["queued"] is False  # each traced step waited for, as the timed ones
 
 
 def test_max_tokens_search_doubles_until_a_length_does_not_fit(monkeypatch):

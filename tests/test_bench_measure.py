@@ -150,6 +150,35 @@ def test_profiled_runs_leave_oversized_traces_behind(tmp_path):
     assert kernels == {"kernels": 0}  # read from the trace left behind: a CPU run has no GPU kernels
 
 
+def test_queued_steps_are_dispatched_back_to_back_and_traced_as_one_run(tmp_path):
+    import gzip
+
+    import jax
+    import jax.numpy as jnp
+    import measure
+
+    log = []
+
+    class Pending:
+        def block_until_ready(self):
+            log.append("wait")
+
+    def dispatch():
+        log.append("call")
+        return Pending()
+
+    measure.queued_run(dispatch, 3)()
+    assert log == ["call", "call", "call", "wait"]
+    add_one, x = jax.jit(lambda v: v + 1), jnp.ones(4)
+    add_one(x).block_until_ready()  # compiled before the trace: a compiling call parses its arguments twice
+    _, _, kernels = measure.profiled_runs(measure.queued_run(lambda: add_one(x), 3), 1, str(tmp_path), "q",
+                                          steps_per_run=3)
+    events = json.loads(gzip.decompress((tmp_path / "q.trace.json.gz").read_bytes()))["traceEvents"]
+    assert [e["args"]["step_num"] for e in events if e.get("name") == "q"] == ["0"]  # one traced run ...
+    assert sum(e.get("name") == "ParseArguments" for e in events) == 3  # ... of three calls
+    assert kernels == {"kernels": 0}
+
+
 def test_trace_summary_sums_a_steps_gpu_kernels_by_kind(tmp_path):
     """A Chrome trace as jax.profiler writes it on a GPU: kernels on stream threads, the same time again in the
     'XLA Ops' row of the GPU process, and host events, over two steps."""
@@ -191,26 +220,37 @@ def test_trace_summary_sums_a_steps_gpu_kernels_by_kind(tmp_path):
 
 
 def test_trace_summary_times_the_host_side_of_each_call():
-    """Two traced calls, each traced at two levels (nested events), with the PJRT phases inside them; the
-    GPU's kernels are assigned to the call they follow."""
+    """Two calls queued back to back, each traced at two levels (nested events), with the PJRT phases inside
+    them: the first call's last kernel runs after the second call has started, and is still counted as the
+    first call's, by the correlation id that links each kernel to the launch that made it."""
     import trace_summary
 
     meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
             dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #14(Compute)"))]
-    host = []
-    for begin, launch_ms, first_kernel_ms in ((0, 10.0, 12.0), (100_000, 14.0, 20.0)):
+    host, kernels = [], []
+    for cid, begin, launch_ms in (("1", 0, 10.0), ("2", 45_000, 14.0)):
         host += [dict(ph="X", pid=2, tid=3, name="PjitFunction(jit(step))", ts=begin, dur=40_000.0),
                  dict(ph="X", pid=2, tid=3, name="PjitFunction(jit(step))", ts=begin + 1, dur=39_000.0),
                  dict(ph="X", pid=2, tid=3, name="ParseArguments", ts=begin + 10, dur=2_000.0),
-                 dict(ph="X", pid=2, tid=3, name="cuGraphLaunch (CudaGraph:7)", ts=begin + 5_000, dur=launch_ms * 1e3),
-                 dict(ph="X", pid=2, tid=4, name="cuGraphLaunch (CudaGraph:7)", ts=begin, dur=99e3),  # another thread
-                 dict(ph="X", pid=1, tid=7, name="nvjet_a", ts=begin + first_kernel_ms * 1e3, dur=30_000.0),
-                 dict(ph="X", pid=1, tid=7, name="loop_add_fusion", ts=begin + 60_000, dur=5_000.0)]
-    summary = trace_summary.summarize({"traceEvents": meta + host}, steps=2)
+                 dict(ph="X", pid=2, tid=3, name="cuGraphLaunch (CudaGraph:7)", ts=begin + 5_000, dur=launch_ms * 1e3,
+                      args=dict(correlation_id=cid)),
+                 dict(ph="X", pid=2, tid=4, name="cuGraphLaunch (CudaGraph:7)", ts=begin, dur=99e3)]  # another thread
+    for cid, ts, dur in (("1", 12_000, 30_000.0), ("1", 60_000, 5_000.0), ("2", 65_000, 30_000.0),
+                         ("2", 95_000, 5_000.0)):
+        kernels.append(dict(ph="X", pid=1, tid=7, name="nvjet_a", ts=ts, dur=dur, args=dict(correlation_id=cid)))
+    summary = trace_summary.summarize({"traceEvents": meta + host + kernels}, steps=2)
     assert summary["kernels"] == 2
-    assert summary["host"] == {"calls": 2, "call_ms": 40.0, "to_first_kernel_ms": 16.0, "gpu_span_ms": 49.0,
+    # Call 1: first kernel at 12 ms, GPU 12-65; call 2 (starts at 45): first kernel at 65 (20 ms), GPU 65-100.
+    assert summary["host"] == {"calls": 2, "call_ms": 40.0, "to_first_kernel_ms": 16.0, "gpu_span_ms": 44.0,
+                               "gpu_idle_between_ms": 0.0,
                                "phases_ms": {"parse_arguments": 2.0, "handle_inputs": 0.0, "build_allocations": 0.0,
                                              "execute_thunks": 0.0, "graph_update": 0.0, "graph_launch": 12.0}}
+    # Without the ids a kernel belongs to the call it follows: call 1's 60 ms kernel goes to call 2.
+    for event in host + kernels:
+        event.pop("args", None)
+    host_side = trace_summary.summarize({"traceEvents": meta + host + kernels}, steps=2)["host"]
+    assert (host_side["to_first_kernel_ms"], host_side["gpu_span_ms"], host_side["gpu_idle_between_ms"]) == (
+        13.5, 35.0, 18.0)
     assert trace_summary.host_timeline([], []) == {"calls": 0}
 
 
