@@ -25,10 +25,13 @@ Timing (experiments/PERF.md, "Method"): AOT compilation, ``--warmup`` untimed
 steps, then ``--steps`` steps each waited for on one output; the median is
 ``step_s``, the per-step rate the peer's CUDA events measure.
 ``step_s_pipelined``: ``--steps`` more steps queued back to back, a training
-loop's rate. ``dispatch_s``: the median time a timed call took to return (the
-host's argument checks and launch, ``bench_dispatch.py``; on a GPU part of
-it can overlap the device's work: the device's idle share of ``step_s`` is
-``step_s - step_s_pipelined`` when the queued steps keep it busy).
+loop's rate, with the run's start and final wait spread over them;
+``step_s_steady``: the same rate with those cancelled (a run of twice as many
+steps, less the first: ``measure.queued_step_s``). ``dispatch_s``: the median
+time a timed call took to return (the host's argument checks and launch,
+``bench_dispatch.py``; on a GPU part of it can overlap the device's work: the
+device's idle share of ``step_s`` is ``step_s - step_s_steady`` when the
+queued steps keep it busy).
 Model FLOPs are the peer's (``vidiff.models.dit.dit_flops``, recomputation not
 counted); MFU is against ``--peak-tflops`` per device (989: H100 SXM dense bf16).
 
@@ -37,7 +40,7 @@ peak memory is its own): status ("ok" | "oom"), the shapes and config,
 params_M, init_s (parameters or train state built), init_on ("host": built by
 the host's CPU and copied over; ``--init-on auto`` picks it where
 ``vidiff.train.state.host_init_pays``, as ``vidiff train`` does),
-compile_s, step_s (min, max, pipelined), tokens_per_s, model_tflops, mfu,
+compile_s, step_s (min, max, pipelined, steady), tokens_per_s, model_tflops, mfu,
 process_s (seconds since the process started), peak_mem_GiB (the process's
 ``peak_bytes_in_use``; null on CPU), compiled_mem_GiB (XLA's estimate),
 cudnn_attention and cudnn_attention_kernels (forward and backward
@@ -73,7 +76,7 @@ import optax  # noqa: E402
 
 import ablations  # noqa: E402
 from measure import (compiled_memory_gib, cudnn_attention_kernels, dump_hlo, is_oom, peak_memory_gib,  # noqa: E402
-                     pipelined_step_s, profiled_runs, queued_run, timed_runs,
+                     profiled_runs, queued_run, queued_step_s, timed_runs,
                      waited_run)  # (experiments/ is the script's own folder)
 from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
@@ -149,7 +152,7 @@ def put_batch(host: dict, mesh) -> tuple[dict, dict]:
 
 
 def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: int, times: list[float],
-            init_s: float, compile_s: float, compiled, pipelined_s: float, host_s: list[float]) -> dict:
+            init_s: float, compile_s: float, compiled, queued: dict[str, float], host_s: list[float]) -> dict:
     step_s = statistics.median(times)
     flops = dit_flops(cfg, tokens, args.text, batch=args.batch, training=mode == "train")
     hlo_text = compiled.as_text()  # an unscanned XL step's is ~19 MB: printed once, read twice
@@ -158,8 +161,7 @@ def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: 
     return dict(
         base_record(args, cfg, mode, latent_shape, tokens), status="ok",
         params_M=params / 1e6, init_s=init_s, compile_s=compile_s, step_s=step_s, step_s_min=min(times),
-        step_s_max=max(times), step_s_pipelined=pipelined_s,
-        tokens_per_pipelined_s=args.batch * tokens / pipelined_s,
+        step_s_max=max(times), **queued, tokens_per_pipelined_s=args.batch * tokens / queued["step_s_pipelined"],
         dispatch_s=statistics.median(host_s[-len(times):]),  # the timed steps' (warm-up calls excluded)
         tokens_per_s=args.batch * tokens / step_s, model_tflops=flops / step_s / 1e12,
         peak_tflops=args.peak_tflops, mfu=flops / step_s / 1e12 / (args.peak_tflops * devices),
@@ -269,12 +271,12 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         host_s = []  # one execution's outputs are all ready together: waiting on the loss waits for the state
         run = waited_run(dispatch, host_s)
         times = timed_runs(run, args.warmup, args.steps)
-        pipelined = pipelined_step_s(dispatch, args.steps)
+        queued = queued_step_s(dispatch, args.steps)
     loss = float(holder["metrics"]["loss"])
     if not math.isfinite(loss):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
     record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, init_s, compile_s, compiled,
-                          pipelined, host_s), init_on=init_on, update=args.update)
+                          queued, host_s), init_on=init_on, update=args.update)
     return record, tracer(mesh, run, dispatch, args, f"train_{args.batch}x{tokens}", compiled)
 
 
@@ -306,10 +308,10 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         host_s = []
         run = waited_run(dispatch, host_s)
         times = timed_runs(run, args.warmup, args.steps)
-        pipelined = pipelined_step_s(dispatch, args.steps)
+        queued = queued_step_s(dispatch, args.steps)
     # run_modes drops the tracer (the last reference to the parameters), so --mode both trains with the memory free.
     return (dict(summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, init_s, compile_s,
-                         compiled, pipelined, host_s), init_on=init_on),
+                         compiled, queued, host_s), init_on=init_on),
             tracer(mesh, run, dispatch, args, f"forward_{args.batch}x{tokens}", compiled))
 
 
@@ -340,7 +342,8 @@ def run_modes(args) -> list[dict]:
             if not is_oom(error):
                 raise
             record = dict(base_record(args, cfg, mode, latent_shape, tokens), status="oom",
-                          init_on=where_built(args, param_shapes(cfg)), error=str(error).strip().splitlines()[0][:300], peak_mem_GiB=peak_memory_gib())
+                          init_on=where_built(args, param_shapes(cfg)),
+                          error=str(error).strip().splitlines()[0][:300], peak_mem_GiB=peak_memory_gib())
         print(json.dumps(record), flush=True)  # before any tracing: a profiler failure cannot lose it
         records.append(record)
         if trace is not None and args.profile and args.profile_steps > 0:

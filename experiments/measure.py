@@ -65,12 +65,22 @@ def queued_run(dispatch, steps: int):
     return run
 
 
-def pipelined_step_s(dispatch, steps: int) -> float:
-    """Seconds per call of ``dispatch()`` over ``steps`` calls queued back to back (:func:`queued_run`): a
-    training loop's rate (``timed_runs`` waits after every call, as the peer's per-step CUDA events do)."""
-    start = time.perf_counter()
-    queued_run(dispatch, steps)()
-    return (time.perf_counter() - start) / steps
+def queued_step_s(dispatch, steps: int) -> dict[str, float]:
+    """Seconds per call of ``dispatch()`` queued back to back (:func:`queued_run`), a training loop's rate
+    (``timed_runs`` waits after every call, as the peer's per-step CUDA events do):
+
+    - ``step_s_pipelined``: ``T(steps) / steps``, one run of ``steps`` calls, timed from the first call to the
+      last one's result. It carries the run's fixed costs, the device idle until the first call's launch
+      and the final wait, spread over ``steps``.
+    - ``step_s_steady``: ``(T(2 steps) - T(steps)) / steps`` from a second run twice as long: those fixed
+      costs cancel, leaving the rate of a long run.
+    """
+    spans = []
+    for count in (steps, 2 * steps):
+        start = time.perf_counter()
+        queued_run(dispatch, count)()
+        spans.append(time.perf_counter() - start)
+    return {"step_s_pipelined": spans[0] / steps, "step_s_steady": (spans[1] - spans[0]) / steps}
 
 
 TRACE_FILE_LIMIT = 15 * 2**20  # a device call returns files up to 16 MiB: bigger traces are left behind, named

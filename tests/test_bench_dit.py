@@ -13,7 +13,7 @@ from bench_scripts import EXPERIMENTS, REPO, assert_positive, run_script, script
 
 TRAIN_KEYS = {"impl", "mode", "status", "batch", "tokens", "latent_shape", "text", "dim", "heads", "layers",
               "params_M", "init_s", "compile_s", "process_s", "step_s", "tokens_per_s", "model_tflops", "mfu",
-              "peak_tflops", "step_s_pipelined", "tokens_per_pipelined_s", "dispatch_s", "hlo",
+              "peak_tflops", "step_s_pipelined", "step_s_steady", "tokens_per_pipelined_s", "dispatch_s", "hlo",
               "peak_mem_GiB", "compiled_mem_GiB", "cudnn_attention", "cudnn_attention_kernels", "remat", "scan",
               "dtype", "mesh"}
 

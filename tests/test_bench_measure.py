@@ -150,6 +150,28 @@ def test_profiled_runs_leave_oversized_traces_behind(tmp_path):
     assert kernels == {"kernels": 0}  # read from the trace left behind: a CPU run has no GPU kernels
 
 
+def test_the_steady_queued_rate_cancels_a_runs_fixed_costs(monkeypatch):
+    """A fake device: each call starts its 10 ms of work 30 ms after it is made (the launch) or when the
+    work before it ends; waiting returns when the last work ends. A run of n calls then takes 30 + 10 n ms,
+    which ``step_s_pipelined`` spreads over n and ``step_s_steady`` cancels."""
+    import measure
+
+    clock = {"now": 0.0, "free": 0.0}
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock["now"])
+
+    class Pending:
+        def block_until_ready(self):
+            clock["now"] = max(clock["now"], clock["free"])
+
+    def dispatch():
+        clock["free"] = max(clock["free"], clock["now"] + 0.030) + 0.010
+        return Pending()
+
+    queued = measure.queued_step_s(dispatch, 5)
+    assert queued["step_s_pipelined"] == pytest.approx((0.030 + 5 * 0.010) / 5)
+    assert queued["step_s_steady"] == pytest.approx(0.010)
+
+
 def test_queued_steps_are_dispatched_back_to_back_and_traced_as_one_run(tmp_path):
     import gzip
 
