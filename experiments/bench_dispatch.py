@@ -13,19 +13,44 @@ returns (``dispatch_ms``) is the host's alone; ``waited_ms`` adds the wait.
 One JSON line per count. On the 2-core CPU here (2026-12-04, three runs):
 0.19-0.33 ms for 180 arrays, 4.4-5.6 ms for 3,000, 1.5-1.9 us an array
 (experiments/PERF.md row 10).
+
+``--phases`` also traces 5 more calls per count under ``jax.profiler`` and
+adds the call's host phases (``trace_summary.host_timeline``: parsing the
+arguments, JAX's untraced C++ path from there to the execution, the inputs'
+handling ...), to see which of them grow with the arrays; on a GPU the same
+phases of a real step are in ``bench_dit.py --profile``'s record.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+import trace_summary  # (experiments/ is the script's own folder)
 
-def dispatch_times(arrays: int, steps: int) -> dict:
+TRACED_CALLS = 5
+
+
+def traced_phases(step, state, calls: int = TRACED_CALLS):
+    """``(state, host)``: ``calls`` more waited calls of ``step`` traced, and their host side (medians)."""
+    with tempfile.TemporaryDirectory(prefix="vidiff-dispatch-") as raw:
+        jax.profiler.start_trace(raw)
+        try:
+            for _ in range(calls):
+                state = jax.block_until_ready(step(state))
+        finally:
+            jax.profiler.stop_trace()
+        path = next(Path(raw).glob("plugins/profile/*/*.trace.json.gz"))
+        return state, trace_summary.host_of(json.loads(trace_summary.read_text(path)))
+
+
+def dispatch_times(arrays: int, steps: int, phases: bool = False) -> dict:
     step = jax.jit(lambda state: [x + 1 for x in state], donate_argnums=0)
     state = jax.block_until_ready(step([jnp.zeros((8,), jnp.float32) for _ in range(arrays)]))  # compiled
     host, waited = [], []
@@ -35,22 +60,30 @@ def dispatch_times(arrays: int, steps: int) -> dict:
         host.append(time.perf_counter() - start)
         jax.block_until_ready(state)
         waited.append(time.perf_counter() - start)
-    return dict(arrays=arrays, steps=steps, backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
-                dispatch_ms=round(statistics.median(host) * 1e3, 3), waited_ms=round(statistics.median(waited) * 1e3, 3),
-                per_array_us=round(statistics.median(host) / arrays * 1e6, 2))
+    record = dict(arrays=arrays, steps=steps, backend=jax.default_backend(),
+                  device_kind=jax.devices()[0].device_kind, dispatch_ms=round(statistics.median(host) * 1e3, 3),
+                  waited_ms=round(statistics.median(waited) * 1e3, 3),
+                  per_array_us=round(statistics.median(host) / arrays * 1e6, 2))
+    if phases:
+        state, traced = traced_phases(step, state)
+        record.update(traced_calls=traced["calls"], traced_call_ms=traced.get("call_ms"),
+                      phases_ms=traced.get("phases_ms"))
+    return record
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arrays", default="44,180,746,3000", help="comma-separated argument counts")
     p.add_argument("--steps", type=int, default=20, help="timed calls per count (median reported)")
+    p.add_argument("--phases", action="store_true",
+                   help=f"also trace {TRACED_CALLS} calls per count: the call's host phases (trace_summary.py)")
     args = p.parse_args(argv)
     counts = [int(n) for n in args.arrays.split(",") if n]
     if not counts or min(counts) < 1 or args.steps < 1:
         raise SystemExit(f"bench_dispatch.py: --arrays needs counts >= 1 (got {args.arrays!r}), --steps >= 1")
     records = []
     for count in counts:
-        records.append(dispatch_times(count, args.steps))
+        records.append(dispatch_times(count, args.steps, args.phases))
         print(json.dumps(records[-1]), flush=True)
     return records
 

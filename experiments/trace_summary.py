@@ -64,10 +64,11 @@ def _gpu_stream_threads(events: list[dict]) -> set[tuple]:
     return {(e.get("pid"), e.get("tid")) for e in events if e.get("pid") in gpu_pids and e.get("ph") == "X"}
 
 
-# Phase -> the TraceMe name (a substring) of its event on the calling thread, as jax 0.11's PJRT GPU client
-# names them; a phase the trace lacks reads 0.
+# Phase -> the TraceMe name (a substring) of its event on the calling thread, as jax 0.10-0.11's PJRT clients
+# name them; a phase the trace lacks reads 0.
 HOST_PHASES = {
     "parse_arguments": "ParseArguments",
+    "args_to_execute": None,  # from ParseArguments' end to the first Execute event: JAX's C++ path, untraced
     "handle_inputs": "Handle inputs",
     "build_allocations": "Build buffer allocations",
     "execute_thunks": "GpuExecutable::ExecuteThunks",
@@ -81,6 +82,18 @@ def _correlation(event: dict):
     return event.get("args", {}).get("correlation_id")
 
 
+def _phases_ms(inside: list[dict]) -> dict[str, float]:
+    """One call's ``HOST_PHASES`` in ms, from the events on its thread within it."""
+    phases = {phase: sum(float(e.get("dur", 0.0)) for e in inside if marker and marker in str(e.get("name", "")))
+              / 1e3 for phase, marker in HOST_PHASES.items()}
+    parse = [e for e in inside if e.get("name") == "ParseArguments"]
+    if parse:
+        parsed = float(parse[0]["ts"]) + float(parse[0].get("dur", 0.0))
+        executes = [float(e["ts"]) for e in inside if "Execute" in str(e.get("name", "")) and float(e["ts"]) >= parsed]
+        phases["args_to_execute"] = (min(executes) - parsed) / 1e3 if executes else 0.0
+    return phases
+
+
 def host_timeline(events: list[dict], kernels: list[dict]) -> dict:
     """The traced calls' host side, medians in ms: ``{"calls", "call_ms", "to_first_kernel_ms", "gpu_span_ms",
     "gpu_idle_between_ms", "phases_ms": {phase: ms}}``.
@@ -89,7 +102,8 @@ def host_timeline(events: list[dict], kernels: list[dict]) -> dict:
     links each kernel to the host API call that launched it), so calls queued back to back, whose kernels
     run after the next call has started, are told apart; a trace without the ids falls back to the kernels
     from the call's start to the next call's. ``gpu_idle_between_ms``: the GPU idle from one call's last
-    kernel to the next call's first (None for one call): near 0 when the host keeps ahead of queued steps.
+    kernel to the next call's first: near 0 when the host keeps ahead of queued steps. The GPU figures are
+    None where no call has kernels (a CPU trace: ``bench_dispatch.py --phases``) or, for the idle time, one.
     """
     starts = sorted((e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith(CALL_EVENT)),
                     key=lambda e: (float(e["ts"]), -float(e.get("dur", 0.0))))
@@ -97,6 +111,8 @@ def host_timeline(events: list[dict], kernels: list[dict]) -> dict:
     for event in starts:  # the outermost of nested events (the same call is traced at two levels)
         if not calls or float(event["ts"]) >= float(calls[-1]["ts"]) + float(calls[-1].get("dur", 0.0)):
             calls.append(event)
+    if not calls:
+        return {"calls": 0}
     by_id = collections.defaultdict(list)
     for kernel in kernels:
         by_id[_correlation(kernel)].append(kernel)
@@ -111,23 +127,30 @@ def host_timeline(events: list[dict], kernels: list[dict]) -> dict:
         else:
             until = float(calls[index + 1]["ts"]) if index + 1 < len(calls) else float("inf")
             own = [k for k in kernels if begin <= float(k["ts"]) < until]
-        if not own:
-            continue
-        first, last = min(float(k["ts"]) for k in own), max(float(k["ts"]) + float(k.get("dur", 0.0)) for k in own)
-        spans.append((first, last))
-        rows.append(dict(call_ms=(end - begin) / 1e3, to_first_kernel_ms=(first - begin) / 1e3,
-                         gpu_span_ms=(last - first) / 1e3,
-                         phases_ms={phase: sum(float(e.get("dur", 0.0)) for e in inside
-                                               if marker in str(e.get("name", ""))) / 1e3
-                                    for phase, marker in HOST_PHASES.items()}))
-    if not rows:
-        return {"calls": 0}
-    median = lambda values: round(statistics.median(values), 3)
+        row = dict(call_ms=(end - begin) / 1e3, to_first_kernel_ms=None, gpu_span_ms=None, phases_ms=_phases_ms(inside))
+        if own:
+            first = min(float(k["ts"]) for k in own)
+            last = max(float(k["ts"]) + float(k.get("dur", 0.0)) for k in own)
+            spans.append((first, last))
+            row.update(to_first_kernel_ms=(first - begin) / 1e3, gpu_span_ms=(last - first) / 1e3)
+        rows.append(row)
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values), 3) if values else None
+
     idle = [(nxt[0] - prev[1]) / 1e3 for prev, nxt in zip(spans, spans[1:])]
     return {"calls": len(rows), **{key: median([row[key] for row in rows])
                                    for key in ("call_ms", "to_first_kernel_ms", "gpu_span_ms")},
-            "gpu_idle_between_ms": median(idle) if idle else None,
+            "gpu_idle_between_ms": median(idle),
             "phases_ms": {phase: median([row["phases_ms"][phase] for row in rows]) for phase in HOST_PHASES}}
+
+
+def host_of(trace: dict) -> dict:
+    """:func:`host_timeline` of a loaded trace, with its GPU kernels if it has any."""
+    events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
+    threads = _gpu_stream_threads(events)
+    return host_timeline(events, [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in threads])
 
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', re.M)

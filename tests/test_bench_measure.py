@@ -70,6 +70,12 @@ def test_bench_dispatch_reports_each_argument_count(capsys):
     assert all(0 < r["dispatch_ms"] <= r["waited_ms"] for r in records)
     assert records[1]["per_array_us"] == pytest.approx(records[1]["dispatch_ms"] * 1e3 / 40, abs=0.05)  # ms rounded to 1 us
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
+    assert "phases_ms" not in records[0]
+    import trace_summary
+
+    (traced,) = bench_dispatch.main(["--arrays", "300", "--steps", "2", "--phases"])  # 5 more calls, traced
+    assert traced["traced_calls"] == 5 and traced["traced_call_ms"] > 0
+    assert list(traced["phases_ms"]) == list(trace_summary.HOST_PHASES) and traced["phases_ms"]["graph_launch"] == 0
     with pytest.raises(SystemExit, match=r"^bench_dispatch.py: --arrays needs counts >= 1 \(got '0'\), --steps >= 1$"):
         bench_dispatch.main(["--arrays", "0"])
 
@@ -254,6 +260,7 @@ def test_trace_summary_times_the_host_side_of_each_call():
         host += [dict(ph="X", pid=2, tid=3, name="PjitFunction(jit(step))", ts=begin, dur=40_000.0),
                  dict(ph="X", pid=2, tid=3, name="PjitFunction(jit(step))", ts=begin + 1, dur=39_000.0),
                  dict(ph="X", pid=2, tid=3, name="ParseArguments", ts=begin + 10, dur=2_000.0),
+                 dict(ph="X", pid=2, tid=3, name="PjRtCApiLoadedExecutable::Execute", ts=begin + 3_010, dur=30_000.0),
                  dict(ph="X", pid=2, tid=3, name="cuGraphLaunch (CudaGraph:7)", ts=begin + 5_000, dur=launch_ms * 1e3,
                       args=dict(correlation_id=cid)),
                  dict(ph="X", pid=2, tid=4, name="cuGraphLaunch (CudaGraph:7)", ts=begin, dur=99e3)]  # another thread
@@ -265,8 +272,9 @@ def test_trace_summary_times_the_host_side_of_each_call():
     # Call 1: first kernel at 12 ms, GPU 12-65; call 2 (starts at 45): first kernel at 65 (20 ms), GPU 65-100.
     assert summary["host"] == {"calls": 2, "call_ms": 40.0, "to_first_kernel_ms": 16.0, "gpu_span_ms": 44.0,
                                "gpu_idle_between_ms": 0.0,
-                               "phases_ms": {"parse_arguments": 2.0, "handle_inputs": 0.0, "build_allocations": 0.0,
-                                             "execute_thunks": 0.0, "graph_update": 0.0, "graph_launch": 12.0}}
+                               "phases_ms": {"parse_arguments": 2.0, "args_to_execute": 1.0, "handle_inputs": 0.0,
+                                             "build_allocations": 0.0, "execute_thunks": 0.0, "graph_update": 0.0,
+                                             "graph_launch": 12.0}}
     # Without the ids a kernel belongs to the call it follows: call 1's 60 ms kernel goes to call 2.
     for event in host + kernels:
         event.pop("args", None)
@@ -274,6 +282,9 @@ def test_trace_summary_times_the_host_side_of_each_call():
     assert (host_side["to_first_kernel_ms"], host_side["gpu_span_ms"], host_side["gpu_idle_between_ms"]) == (
         13.5, 35.0, 18.0)
     assert trace_summary.host_timeline([], []) == {"calls": 0}
+    cpu = trace_summary.host_timeline(host, [])  # no GPU: the host's side only
+    assert (cpu["calls"], cpu["call_ms"], cpu["to_first_kernel_ms"], cpu["gpu_idle_between_ms"]) == (
+        2, 40.0, None, None)
 
 
 def test_trace_summary_reads_the_h200_trace_of_call_5():
