@@ -27,7 +27,9 @@ steps, then ``--steps`` steps each waited for on one output; the median is
 ``step_s_pipelined``: ``--steps`` more steps queued back to back, a training
 loop's rate, with the run's start and final wait spread over them;
 ``step_s_steady``: the same rate with those cancelled (a run of twice as many
-steps, less the first: ``measure.queued_step_s``). ``dispatch_s``: the median
+steps, less the first: ``measure.queued_step_s``); null for waited steps over
+``STEADY_MAX_STEP_S``, where the fixed costs (tens of ms) do not matter and
+the run would cost minutes (``bench_max_tokens.py``'s 30 s steps). ``dispatch_s``: the median
 time a timed call took to return (the host's argument checks and launch,
 ``bench_dispatch.py``; on a GPU part of it can overlap the device's work: the
 device's idle share of ``step_s`` is ``step_s - step_s_steady`` when the
@@ -93,6 +95,7 @@ DEFAULTS = dict(preset="XL", batch=4, tokens=4096, text=128, text_dim=4096, late
                 remat="none", steps=8, warmup=3)
 TINY_DEFAULTS = dict(preset="tiny", batch=2, tokens=32, text=8, text_dim=32, latent_channels=4, dtype="float32",
                      remat="none", steps=2, warmup=1)
+STEADY_MAX_STEP_S = 1.0  # waited steps longer than this get no step_s_steady run (see the docstring)
 # Optimizer as the experiment configs set it (AdamW, clipping); constant LR so every timed step is alike.
 OPTIM = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, end_lr_fraction=1.0, b1=0.9, b2=0.999,
                               eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1)
@@ -271,7 +274,7 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         host_s = []  # one execution's outputs are all ready together: waiting on the loss waits for the state
         run = waited_run(dispatch, host_s)
         times = timed_runs(run, args.warmup, args.steps)
-        queued = queued_step_s(dispatch, args.steps)
+        queued = queued_step_s(dispatch, args.steps, steady=statistics.median(times) <= STEADY_MAX_STEP_S)
     loss = float(holder["metrics"]["loss"])
     if not math.isfinite(loss):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
@@ -308,7 +311,7 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         host_s = []
         run = waited_run(dispatch, host_s)
         times = timed_runs(run, args.warmup, args.steps)
-        queued = queued_step_s(dispatch, args.steps)
+        queued = queued_step_s(dispatch, args.steps, steady=statistics.median(times) <= STEADY_MAX_STEP_S)
     # run_modes drops the tracer (the last reference to the parameters), so --mode both trains with the memory free.
     return (dict(summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, init_s, compile_s,
                          compiled, queued, host_s), init_on=init_on),

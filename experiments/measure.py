@@ -65,7 +65,7 @@ def queued_run(dispatch, steps: int):
     return run
 
 
-def queued_step_s(dispatch, steps: int) -> dict[str, float]:
+def queued_step_s(dispatch, steps: int, steady: bool = True) -> dict[str, float | None]:
     """Seconds per call of ``dispatch()`` queued back to back (:func:`queued_run`), a training loop's rate
     (``timed_runs`` waits after every call, as the peer's per-step CUDA events do):
 
@@ -73,14 +73,15 @@ def queued_step_s(dispatch, steps: int) -> dict[str, float]:
       last one's result. It carries the run's fixed costs, the device idle until the first call's launch
       and the final wait, spread over ``steps``.
     - ``step_s_steady``: ``(T(2 steps) - T(steps)) / steps`` from a second run twice as long: those fixed
-      costs cancel, leaving the rate of a long run.
+      costs cancel, leaving the rate of a long run. None with ``steady=False`` (no second run: for steps
+      so long that the fixed costs do not matter and the run would cost minutes).
     """
     spans = []
-    for count in (steps, 2 * steps):
+    for count in (steps, 2 * steps) if steady else (steps,):
         start = time.perf_counter()
         queued_run(dispatch, count)()
         spans.append(time.perf_counter() - start)
-    return {"step_s_pipelined": spans[0] / steps, "step_s_steady": (spans[1] - spans[0]) / steps}
+    return {"step_s_pipelined": spans[0] / steps, "step_s_steady": (spans[1] - spans[0]) / steps if steady else None}
 
 
 TRACE_FILE_LIMIT = 15 * 2**20  # a device call returns files up to 16 MiB: bigger traces are left behind, named

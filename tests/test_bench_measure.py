@@ -176,6 +176,10 @@ def test_the_steady_queued_rate_cancels_a_runs_fixed_costs(monkeypatch):
     queued = measure.queued_step_s(dispatch, 5)
     assert queued["step_s_pipelined"] == pytest.approx((0.030 + 5 * 0.010) / 5)
     assert queued["step_s_steady"] == pytest.approx(0.010)
+    calls = []
+    queued = measure.queued_step_s(lambda: calls.append(1) or dispatch(), 5, steady=False)  # long steps: one run
+    assert (len(calls), queued["step_s_steady"]) == (5, None)
+    assert queued["step_s_pipelined"] == pytest.approx((0.030 + 5 * 0.010) / 5)
 
 
 def test_queued_steps_are_dispatched_back_to_back_and_traced_as_one_run(tmp_path):
