@@ -14,8 +14,8 @@ One JSON line per count. On the 2-core CPU here (2026-12-04, three runs):
 0.19-0.33 ms for 180 arrays, 4.4-5.6 ms for 3,000, 1.5-1.9 us an array
 (experiments/PERF.md row 10).
 
-``--phases`` also traces 5 more calls per count under ``jax.profiler`` and
-adds the call's host phases (``trace_summary.host_timeline``: parsing the
+``--phases`` also traces 5 more calls per count (``measure.profiled_runs``)
+and adds the call's host phases (``trace_summary.host_timeline``: parsing the
 arguments, JAX's untraced C++ path from there to the execution, the inputs'
 handling ...), to see which of them grow with the arrays; on a GPU the same
 phases of a real step are in ``bench_dit.py --profile``'s record.
@@ -27,27 +27,25 @@ import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-import trace_summary  # (experiments/ is the script's own folder)
+from measure import profiled_runs  # (experiments/ is the script's own folder)
 
 TRACED_CALLS = 5
 
 
 def traced_phases(step, state, calls: int = TRACED_CALLS):
     """``(state, host)``: ``calls`` more waited calls of ``step`` traced, and their host side (medians)."""
-    with tempfile.TemporaryDirectory(prefix="vidiff-dispatch-") as raw:
-        jax.profiler.start_trace(raw)
-        try:
-            for _ in range(calls):
-                state = jax.block_until_ready(step(state))
-        finally:
-            jax.profiler.stop_trace()
-        path = next(Path(raw).glob("plugins/profile/*/*.trace.json.gz"))
-        return state, trace_summary.host_of(json.loads(trace_summary.read_text(path)))
+    holder = {"state": state}
+
+    def run():
+        holder["state"] = jax.block_until_ready(step(holder["state"]))
+
+    with tempfile.TemporaryDirectory(prefix="vidiff-dispatch-") as out:
+        _, _, summary = profiled_runs(run, calls, out, "dispatch")
+    return holder["state"], summary["host"]
 
 
 def dispatch_times(arrays: int, steps: int, phases: bool = False) -> dict:

@@ -17,7 +17,7 @@ time again and are left out. Kinds, by kernel name:
 
 Times are per step (``--steps`` traced steps), in milliseconds of kernel time;
 kernels on several streams at once count each. No GPU events (a CPU trace)
-gives ``{"kernels": 0}``.
+gives ``{"kernels": 0, "host": ...}``: the calls' host side alone.
 
 ``host`` is the calling thread's side of the same steps (:func:`host_timeline`),
 the median over the traced calls of the jitted function: how long the call
@@ -146,13 +146,6 @@ def host_timeline(events: list[dict], kernels: list[dict]) -> dict:
             "phases_ms": {phase: median([row["phases_ms"][phase] for row in rows]) for phase in HOST_PHASES}}
 
 
-def host_of(trace: dict) -> dict:
-    """:func:`host_timeline` of a loaded trace, with its GPU kernels if it has any."""
-    events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
-    threads = _gpu_stream_threads(events)
-    return host_timeline(events, [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in threads])
-
-
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', re.M)
 
 
@@ -179,7 +172,7 @@ def summarize(trace: dict, steps: int = 1, top: int = 12, hlo_text: str | None =
     threads = _gpu_stream_threads(events)
     kernels = [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in threads]
     if not kernels:
-        return {"kernels": 0}
+        return {"kernels": 0, "host": host_timeline(events, [])}
     per_name = collections.defaultdict(lambda: [0.0, 0])
     for e in kernels:
         per_name[e.get("name", "?")][0] += float(e.get("dur", 0.0)) / 1e3  # microseconds -> ms

@@ -153,7 +153,8 @@ def test_profiled_runs_leave_oversized_traces_behind(tmp_path):
     assert copied == [] and list(tmp_path.iterdir()) == []
     assert sorted(n.split(" ")[0] for n in left) == ["tiny.trace.json.gz", "tiny.xplane.pb"]
     assert all(n.endswith("MiB > 0 MiB)") for n in left)
-    assert kernels == {"kernels": 0}  # read from the trace left behind: a CPU run has no GPU kernels
+    # Read from the trace left behind: a CPU run has no GPU kernels, and nothing jitted was called.
+    assert kernels == {"kernels": 0, "host": {"calls": 0}}
 
 
 def test_the_steady_queued_rate_cancels_a_runs_fixed_costs(monkeypatch):
@@ -208,7 +209,7 @@ def test_queued_steps_are_dispatched_back_to_back_and_traced_as_one_run(tmp_path
     events = json.loads(gzip.decompress((tmp_path / "q.trace.json.gz").read_bytes()))["traceEvents"]
     assert [e["args"]["step_num"] for e in events if e.get("name") == "q"] == ["0"]  # one traced run ...
     assert sum(e.get("name") == "ParseArguments" for e in events) == 3  # ... of three calls
-    assert kernels == {"kernels": 0}
+    assert kernels["kernels"] == 0 and kernels["host"]["calls"] == 3  # a CPU trace: the calls' host side alone
 
 
 def test_trace_summary_sums_a_steps_gpu_kernels_by_kind(tmp_path):
@@ -239,7 +240,10 @@ def test_trace_summary_sums_a_steps_gpu_kernels_by_kind(tmp_path):
     assert summary["top"] == [dict(name="sm90_xmma_gemm_bf16bf16_bf16f32", kind="matmul", ms=0.3, calls=1),
                               dict(name="cudnn_generated_fort_native_sdpa_sm90_flash_fprop", kind="attention",
                                    ms=0.25, calls=1)]
-    assert trace_summary.summarize({"traceEvents": meta[1:2] + host}) == {"kernels": 0}  # a CPU trace
+    cpu = trace_summary.summarize({"traceEvents": meta[1:2] + host})  # a CPU trace: the host's side alone
+    assert cpu == {"kernels": 0, "host": {"calls": 1, "call_ms": 5.0, "to_first_kernel_ms": None, "gpu_span_ms": None,
+                                          "gpu_idle_between_ms": None,
+                                          "phases_ms": dict.fromkeys(trace_summary.HOST_PHASES, 0.0)}}
     # With the program's HLO, the "other" kernels by JAX source path, the two blocks' adds as one row.
     hlo = "\n".join(["HloModule jit_step", "ENTRY %main {",
                      '  %loop_add_fusion.3 = f32[4]{0} fusion(%p), metadata={op_name="jit(step)/blocks_0/add"}',
