@@ -196,10 +196,16 @@ def where_built(args, params) -> str:
     return "host" if host_init_pays(params) else "device"
 
 
-def param_shapes(cfg: DiTConfig):
-    """The DiT's parameters as ``jax.ShapeDtypeStruct`` (nothing allocated); they do not depend on the sequence
+def param_init(cfg: DiTConfig):
+    """``init(key)`` -> the DiT's parameters (boxed with logical names). They do not depend on the sequence
     length, so the smallest input is traced."""
-    return jax.eval_shape(lambda key: VideoDiT(cfg).init(key, *dummy_inputs(cfg))["params"], jax.random.key(0))
+    dit = VideoDiT(cfg)
+    return lambda key: dit.init(key, *dummy_inputs(cfg))["params"]
+
+
+def param_shapes(cfg: DiTConfig):
+    """The DiT's parameters as ``jax.ShapeDtypeStruct`` (nothing allocated)."""
+    return jax.eval_shape(param_init(cfg), jax.random.key(0))
 
 
 def count_params(tree) -> int:
@@ -244,13 +250,10 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     def loss_fn(params, batch, rng, frozen, step):
         return dit_flow_loss(dit, params, batch["latents"], batch, rng, FLOW, shift)
 
-    def init_params(key):  # parameter shapes do not depend on the sequence length: trace the smallest input
-        return dit.init(key, *dummy_inputs(cfg))["params"]
-
     optim = OPTIM if args.update == "full" else types.SimpleNamespace(**{**vars(OPTIM), "grad_clip": 0.0})
     tx, _ = make_optimizer(optim, total_steps=args.warmup + args.steps)
     start = time.perf_counter()
-    state, state_shardings = jax.block_until_ready(create_state(init_params, tx, args.seed, mesh,
+    state, state_shardings = jax.block_until_ready(create_state(param_init(cfg), tx, args.seed, mesh,
                                                                 on_host=INIT_ON[args.init_on]))
     init_s = time.perf_counter() - start
     init_on = where_built(args, state.params)
@@ -285,7 +288,7 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
 
 def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     dit = VideoDiT(cfg)
-    init = lambda key: dit.init(key, *dummy_inputs(cfg))["params"]
+    init = param_init(cfg)
     key = jax.random.key(args.seed)
     shapes = param_shapes(cfg)
     init_on = where_built(args, shapes)
