@@ -59,6 +59,7 @@ trains.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -82,7 +83,7 @@ from measure import (compiled_memory_gib, cudnn_attention_kernels, dump_hlo, is_
                      waited_run)  # (experiments/ is the script's own folder)
 from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
-from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, dummy_inputs  # noqa: E402
+from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, init_params  # noqa: E402
 from vidiff.models.patches import latent_shape_for_tokens, token_count  # noqa: E402
 from vidiff.train.optimizer import make_optimizer  # noqa: E402
 from vidiff.train.state import (INIT_ON, build_sharded, create_state, host_init_pays, jit_train_step,  # noqa: E402
@@ -189,18 +190,16 @@ def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> d
     )
 
 
-def where_built(args, params) -> str:
+def where_built(args, cfg: DiTConfig) -> str:
     """``--init-on``, with ``auto`` decided as ``vidiff train``'s ``init_on="auto"`` does (``host_init_pays``)."""
     if args.init_on != "auto":
         return args.init_on
-    return "host" if host_init_pays(params) else "device"
+    return "host" if host_init_pays(param_init(cfg)) else "device"
 
 
 def param_init(cfg: DiTConfig):
-    """``init(key)`` -> the DiT's parameters (boxed with logical names). They do not depend on the sequence
-    length, so the smallest input is traced."""
-    dit = VideoDiT(cfg)
-    return lambda key: dit.init(key, *dummy_inputs(cfg))["params"]
+    """``init(key)`` -> the DiT's parameters (boxed with logical names), as ``vidiff train`` builds them."""
+    return functools.partial(init_params, cfg)
 
 
 def param_shapes(cfg: DiTConfig):
@@ -256,7 +255,7 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     state, state_shardings = jax.block_until_ready(create_state(param_init(cfg), tx, args.seed, mesh,
                                                                 on_host=INIT_ON[args.init_on]))
     init_s = time.perf_counter() - start
-    init_on = where_built(args, state.params)
+    init_on = where_built(args, cfg)
     params = count_params(state.params)
     batch, batch_shardings = put_batch(random_batch(cfg, args.batch, latent_shape, args.text, args.seed), mesh)
     frozen = {}
@@ -291,7 +290,7 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     init = param_init(cfg)
     key = jax.random.key(args.seed)
     shapes = param_shapes(cfg)
-    init_on = where_built(args, shapes)
+    init_on = where_built(args, cfg)
     shardings = parallel.param_shardings(shapes, mesh)
     start = time.perf_counter()
     params = jax.block_until_ready(build_sharded(init, key, shardings, mesh, on_host=init_on == "host"))
@@ -348,7 +347,7 @@ def run_modes(args) -> list[dict]:
             if not is_oom(error):
                 raise
             record = dict(base_record(args, cfg, mode, latent_shape, tokens), status="oom",
-                          init_on=where_built(args, param_shapes(cfg)),
+                          init_on=where_built(args, cfg),
                           error=str(error).strip().splitlines()[0][:300], peak_mem_GiB=peak_memory_gib())
         print(json.dumps(record), flush=True)  # before any tracing: a profiler failure cannot lose it
         records.append(record)
@@ -399,8 +398,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="auto: cuDNN flash attention on GPU for bf16/fp16, XLA otherwise")
     p.add_argument("--init-on", choices=tuple(INIT_ON), default="auto",
                    help="where parameters and train state are built (create_state(on_host=...)); auto: as "
-                        "vidiff train's init_on (vidiff.train.state.host_init_pays): the host's CPU for >= 256 "
-                        "parameter arrays (unscanned XL: 746) on accelerators of one process, else the devices")
+                        "vidiff train's init_on (vidiff.train.state.host_init_pays): the host's CPU for >= 64 "
+                        "random draws to compile (the DiT: 16, it initialises scanned) on accelerators of one "
+                        "process, else the devices")
     p.add_argument("--pad-head-dim", type=int, default=0,
                    help="DiTConfig.attention_head_pad: heads zero-padded to this size for the kernel (0: off)")
     p.add_argument("--mesh", default="-1,1,1,1", help="mesh sizes data,fsdp,tensor,context (one may be -1)")

@@ -209,6 +209,23 @@ def test_block_layout_converts_both_ways_and_leaves_other_depths_alone():
     assert dit.with_block_layout(scanned, deeper) is scanned  # x[depth] would clamp, not fail
 
 
+@pytest.mark.parametrize("text_mode", ["cross", "joint"])
+def test_init_params_gives_one_network_in_either_layout_named_as_a_direct_init(text_mode):
+    """init_params always draws through the scan (one block's random kernels to compile): one seed, the same
+    values in both layouts, and the logical names VideoDiT.init gives each layout."""
+    unrolled_cfg = dataclasses.replace(CFG, text_mode=text_mode)
+    scanned_cfg = dataclasses.replace(unrolled_cfg, scan_blocks=True)
+    unrolled, scanned = (dit.init_params(cfg, jax.random.key(3)) for cfg in (unrolled_cfg, scanned_cfg))
+    for cfg, params in ((unrolled_cfg, unrolled), (scanned_cfg, scanned)):
+        direct = jax.eval_shape(dit.VideoDiT(cfg).init, jax.random.key(0), *dit.dummy_inputs(cfg))["params"]
+        assert nn.get_partition_spec(params) == nn.get_partition_spec(direct)
+        assert jax.tree.map(np.shape, nn.unbox(params)) == jax.tree.map(np.shape, nn.unbox(direct))
+    jax.tree.map(np.testing.assert_array_equal, dit.with_block_layout(nn.unbox(scanned), unrolled_cfg),
+                 nn.unbox(unrolled))
+    first, second = (jax.tree.leaves(nn.unbox(unrolled)[f"blocks_{i}"]) for i in (0, 1))
+    assert sum(not np.array_equal(a, b) for a, b in zip(first, second)) >= 4  # each block its own draws
+
+
 @pytest.mark.slow
 def test_remat_policies_give_identical_values_and_gradients():
     args = _inputs(6, SHAPES[0])

@@ -9,6 +9,7 @@ restored and the same 2 steps are repeated. The test checks that the restored ru
 repeats the continued one exactly and that the 2-process losses equal the
 1-process, 8-device losses.
 """
+import functools
 import json
 import os
 import socket
@@ -135,7 +136,7 @@ def worker(out_path: str, ckpt_dir: str) -> None:
     import optax
 
     from vidiff import parallel
-    from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+    from vidiff.models.dit import VideoDiT, dit_preset, init_params
     from vidiff.train.checkpoint import Checkpointer
     from vidiff.train.state import abstract_state, create_state, jit_train_step, make_train_step
     from vidiff.train.tasks import dit_flow_loss
@@ -147,10 +148,10 @@ def worker(out_path: str, ckpt_dir: str) -> None:
     def loss_fn(params, batch, rng, frozen, step):
         return dit_flow_loss(dit, params, batch["latents"], batch, rng, flow, 1.0)
 
-    init_params = lambda key: dit.init(key, *dummy_inputs(cfg))["params"]  # noqa: E731
+    init = functools.partial(init_params, cfg)
     mesh = parallel.make_mesh(data=2, fsdp=2, context=2)
     tx = optax.adamw(1e-2)
-    state, shardings = create_state(init_params, tx, seed=0, mesh=mesh)
+    state, shardings = create_state(init, tx, seed=0, mesh=mesh)
     rows = distributed.local_batch_size(BATCH)
     index = jax.process_index()
 
@@ -179,7 +180,7 @@ def worker(out_path: str, ckpt_dir: str) -> None:
         checkpointer.wait()
         saved_params = parallel.gather(state.params)
         state, continued = run(state, range(SAVE_AT, STEPS))
-        restored = checkpointer.restore(abstract_state(init_params, tx, mesh)[0], SAVE_AT)
+        restored = checkpointer.restore(abstract_state(init, tx, mesh)[0], SAVE_AT)
         same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(parallel.gather(restored.params)),
                                                           jax.tree.leaves(saved_params)))
         _, again = run(restored, range(SAVE_AT, STEPS))

@@ -1,4 +1,5 @@
 """Training: optimizer, config checks, exact resume after SIGKILL, SIGTERM, non-finite steps, export."""
+import functools
 import gzip
 import json
 import os
@@ -194,11 +195,10 @@ def test_accumulated_step_is_one_update_on_the_whole_batch():
 def test_state_built_on_the_host_is_the_one_built_on_the_mesh(monkeypatch):
     """create_state(on_host=True): the same values, placed with the same shardings (an fsdp=2 mesh)."""
     from vidiff import parallel
-    from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+    from vidiff.models.dit import dit_preset, init_params
     from vidiff.train.state import build_sharded, create_state
 
-    cfg = dit_preset("tiny")
-    init = lambda key: VideoDiT(cfg).init(key, *dummy_inputs(cfg))["params"]  # noqa: E731 (boxed, logical names)
+    init = functools.partial(init_params, dit_preset("tiny"))  # boxed, logical names
     mesh = parallel.make_mesh(data=1, fsdp=2, devices=jax.devices()[:2])
     tx = optax.adamw(1e-3)
     (on_mesh, shardings), (on_host, host_shardings) = (create_state(init, tx, seed=3, mesh=mesh, on_host=host)
@@ -222,28 +222,38 @@ def test_state_built_on_the_host_is_the_one_built_on_the_mesh(monkeypatch):
 
 
 def test_the_host_builds_the_state_only_where_that_pays(monkeypatch):
-    """init_on="auto": many parameter arrays, accelerators, one process, a CPU backend (H200 measurements)."""
-    from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+    """init_on="auto": many random draws to compile, accelerators, one process, a CPU backend (H200 figures)."""
+    from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs, init_params
     from vidiff.train import state
 
-    def params(preset, scan):
-        cfg = dit_preset(preset, scan_blocks=scan)
-        return jax.eval_shape(lambda k: VideoDiT(cfg).init(k, *dummy_inputs(cfg))["params"], jax.random.key(0))
-
-    unrolled_xl, scanned_xl, tiny = params("XL", False), params("XL", True), params("tiny", False)
-    assert [len(jax.tree.leaves(p)) for p in (unrolled_xl, scanned_xl, tiny)] == [746, 44, 70]
-    assert not state.host_init_pays(unrolled_xl)  # on a CPU the host is the device: nothing to gain
+    xl = dit_preset("XL")  # unscanned
+    per_block = lambda k: VideoDiT(xl).init(k, *dummy_inputs(xl))["params"]  # noqa: E731 (each block its own draws)
+    through_scan = functools.partial(init_params, xl)  # one block's draws, laid out unscanned
+    assert [state.random_draws(f, jax.random.key(0)) for f in (per_block, through_scan)] == [259, 16]
+    assert not state.host_init_pays(per_block)  # on a CPU the host is the device: nothing to gain
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert state.host_init_pays(unrolled_xl)
-    assert not state.host_init_pays(scanned_xl) and not state.host_init_pays(tiny)
+    assert state.host_init_pays(per_block)
+    assert not state.host_init_pays(through_scan)
     monkeypatch.setattr(state, "host_cpu", lambda: None)  # JAX_PLATFORMS without cpu
-    assert not state.host_init_pays(unrolled_xl)
+    assert not state.host_init_pays(per_block)
     monkeypatch.undo()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "process_count", lambda: 2)  # no process holds the whole tree
-    assert not state.host_init_pays(unrolled_xl)
+    assert not state.host_init_pays(per_block)
     from vidiff.train.config import INIT_ON_NAMES  # what a config may say, kept free of jax
     assert tuple(state.INIT_ON) == INIT_ON_NAMES and state.INIT_ON["auto"] is None
+
+
+def test_random_draws_counts_a_loop_body_once_and_every_branch():
+    from vidiff.train.state import random_draws
+
+    def fn(key):
+        three = [jax.random.normal(jax.random.fold_in(key, i), (2,)) for i in range(3)]
+        looped = jax.lax.scan(lambda c, k: (c + jax.random.uniform(k, ()), None), 0.0, jax.random.split(key, 5))[0]
+        branch = jax.lax.cond(looped > 0, lambda k: jax.random.normal(k, ()), lambda k: jnp.zeros(()), key)
+        return sum(x.sum() for x in three) + looped + branch + jax.jit(lambda k: jax.random.bits(k))(key)
+
+    assert random_draws(fn, jax.random.key(0)) == 3 + 1 + 1 + 1
 
 
 def test_ema_and_image_metrics():

@@ -3,6 +3,7 @@
 Small on purpose: a 1-block tiny DiT's train state on the 8 virtual CPU devices,
 a 4-float state for the retention policy.
 """
+import functools
 import json
 import pickle
 from pathlib import Path
@@ -78,11 +79,9 @@ def test_a_checkpoint_without_metrics_is_only_kept_while_recent(tmp_path):
 
 
 def _dit():
-    from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+    from vidiff.models.dit import dit_preset, init_params
 
-    cfg = dit_preset("tiny", depth=1, width=64, heads=4, text_dim=32, pooled_dim=32)
-    dit = VideoDiT(cfg)
-    return lambda key: dit.init(key, *dummy_inputs(cfg))["params"]
+    return functools.partial(init_params, dit_preset("tiny", depth=1, width=64, heads=4, text_dim=32, pooled_dim=32))
 
 
 @pytest.fixture(scope="module")

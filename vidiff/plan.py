@@ -163,10 +163,12 @@ def _abstract_batch(shapes: dict, mesh):
 
 
 def _dit_step(config, cfg, mesh, batch, latent, text_dim):
+    import functools
+
     import numpy as np
 
     from vidiff.diffusion import resolve_shift
-    from vidiff.models.dit import VideoDiT, dummy_inputs
+    from vidiff.models.dit import VideoDiT, init_params
     from vidiff.train.tasks import dit_flow_loss
 
     dit = VideoDiT(cfg)
@@ -179,7 +181,7 @@ def _dit_step(config, cfg, mesh, batch, latent, text_dim):
     shapes = {"latents": ((batch, *latent, cfg.latent_channels), np.float32),
               "text_tokens": ((batch, text_len, text_dim), np.float32),
               "text_lengths": ((batch,), np.int32), "pooled": ((batch, text_dim), np.float32)}
-    return (lambda key: dit.init(key, *dummy_inputs(cfg))["params"]), loss_fn, _abstract_batch(shapes, mesh)
+    return functools.partial(init_params, cfg), loss_fn, _abstract_batch(shapes, mesh)
 
 
 def _vae_step(config, mesh, batch):

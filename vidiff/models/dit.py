@@ -41,6 +41,7 @@ from vidiff.models.presets import from_preset
 from vidiff.models.rope import rope_3d, rope_axis_dims, sincos_3d
 
 VIDEO_AXES = ("batch", "length", "act_embed")
+_LAYERS_AXIS = {nn.PARTITION_NAME: "layers"}  # scanned blocks' leading axis, by its logical name
 TEXT_AXES = ("batch", "text_length", "act_embed")
 _KEEP_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.save_only_these_names("attention"), flash_attention_saveable)
@@ -285,7 +286,7 @@ class VideoDiT(nn.Module):
         if cfg.scan_blocks:
             self.blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                                   in_axes=(nn.broadcast,), length=cfg.depth, unroll=min(cfg.scan_unroll, cfg.depth),
-                                  metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+                                  metadata_params=_LAYERS_AXIS)(cfg)
         else:
             self.blocks = [block(cfg) for _ in range(cfg.depth)]
         self.final_layer = FinalLayer(cfg)
@@ -375,31 +376,57 @@ class VideoDiT(nn.Module):
         return self.final_layer(carry[0], cond, clip_index).astype(jnp.float32)
 
 
+def init_params(config: DiTConfig, key: jax.Array) -> dict:
+    """The DiT's parameters for ``key``, boxed with logical axis names, in ``config``'s block layout.
+
+    Always initialised with the blocks scanned, then laid out as ``config`` says, so the program holds one
+    block's random-number kernels instead of ``depth`` copies. An unscanned depth-28 train state then
+    compiles in 4.7 s instead of 17.5 on the 2-core CPU (experiments/PERF.md), and one seed gives one
+    network whichever the layout (tests/test_dit.py).
+    """
+    scanned = dataclasses.replace(config, scan_blocks=True, scan_unroll=1)
+    return with_block_layout(VideoDiT(scanned).init(key, *dummy_inputs(scanned))["params"], config)
+
+
 def with_block_layout(params: dict, config: DiTConfig) -> dict:
     """``params`` with its blocks laid out as ``config.scan_blocks`` expects, converting if need be.
 
     Unrolled blocks are ``blocks_0`` ... ``blocks_{depth-1}``; scanned ones one ``blocks`` entry whose arrays
     have a leading layers axis. The values are the same network (tests/test_dit.py), so a model trained either
     way samples either way: e.g. trained unrolled (faster steps without remat), sampled scanned (an XL
-    forward compiles in 8.5 s instead of 31 on an H200, experiments/PERF.md).
+    forward compiles in 8.5 s instead of 31 on an H200, experiments/PERF.md). Boxed parameters (``init``'s
+    logical axis names) gain or lose the ``layers`` name with the axis.
     """
     unrolled = [f"blocks_{i}" for i in range(config.depth)]
+    boxed = lambda x: isinstance(x, nn.meta.Partitioned)  # noqa: E731
     # Another depth is left as it is, for the caller's shape check to name (indexing past the end would clamp).
     if config.scan_blocks and all(name in params for name in unrolled):
         rest = {k: v for k, v in params.items() if k not in unrolled}
-        return {**rest, "blocks": jax.tree.map(lambda *layers: jnp.stack(layers), *(params[k] for k in unrolled))}
+        return {**rest, "blocks": jax.tree.map(_stacked, *(params[k] for k in unrolled), is_leaf=boxed)}
     stacked = params.get("blocks")
     if not config.scan_blocks and stacked is not None and {np.shape(x)[0] for x in jax.tree.leaves(stacked)} == {
             config.depth}:
         rest = {k: v for k, v in params.items() if k != "blocks"}
-        return {**rest, **{name: jax.tree.map(lambda x, i=i: x[i], stacked) for i, name in enumerate(unrolled)}}
+        return {**rest, **{name: jax.tree.map(functools.partial(_layer, i=i), stacked, is_leaf=boxed)
+                           for i, name in enumerate(unrolled)}}
     return params
 
 
+def _stacked(*layers):
+    if isinstance(layers[0], nn.meta.Partitioned):
+        return layers[0].add_axis(0, _LAYERS_AXIS).replace_boxed(jnp.stack([x.value for x in layers]))
+    return jnp.stack(layers)
+
+
+def _layer(stacked, i: int):
+    if isinstance(stacked, nn.meta.Partitioned):
+        return stacked.remove_axis(0, _LAYERS_AXIS).replace_boxed(stacked.value[i])
+    return stacked[i]
+
+
 def param_count(config: DiTConfig) -> int:
-    """Number of parameters, from ``jax.eval_shape`` (nothing is allocated; traced scanned, for speed)."""
-    config = dataclasses.replace(config, scan_blocks=True)
-    shapes = jax.eval_shape(lambda: VideoDiT(config).init(jax.random.key(0), *dummy_inputs(config)))
+    """Number of parameters, from ``jax.eval_shape`` (nothing is allocated)."""
+    shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
 
 

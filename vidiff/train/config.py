@@ -251,7 +251,7 @@ def check_stage(config, model: str) -> None:
     # Anything but "stop" used to mean "skip": a typo must not switch the guard off.
     need(stage.get("on_nonfinite", "stop") in ON_NONFINITE, "on_nonfinite", "use 'stop' or 'skip'")
     need(stage.get("init_on", "auto") in INIT_ON_NAMES, "init_on",
-         "use 'auto' (the host's CPU for many parameter arrays on one process's accelerators), 'host' or 'device'")
+         "use 'auto' (the host's CPU for many random draws on one process's accelerators), 'host' or 'device'")
     need(finite_number(stage.ema_decay) and 0 <= stage.ema_decay < 1, "ema_decay",
          "use a number in [0, 1), e.g. 0.999 (0 = no averaging)")
     if model == "vae":

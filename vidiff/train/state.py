@@ -25,11 +25,12 @@ from flax import struct
 from vidiff import parallel
 from vidiff.train.optimizer import ema_update
 
-# From this many parameter arrays up, an accelerator's state is built faster on the host's CPU (each array is
-# one random-number kernel the GPU compiler handles on its own). Measured on an H200 (experiments/PERF.md):
-# an unscanned XL DiT, 746 arrays, 25-31 s on the host against 71-89 s on the GPU; scanned, 44 arrays, 16.8
-# against 6.7 s. The threshold lies between those two points; nothing between them was measured.
-HOST_INIT_MIN_PARAM_ARRAYS = 256
+# From this many random-number draws in its init program up, an accelerator's state is built faster on the
+# host's CPU: each draw is a kernel the GPU compiler handles on its own. Measured on an H200
+# (experiments/PERF.md), an XL DiT's state: initialised unscanned, 259 draws, 25-31 s on the host against 71-89
+# on the GPU; scanned, 16 draws (a loop body's count once), 16.8 against 6.7 s. Lines through those points
+# (~0.3 s a draw on the GPU, ~0.04 on the host) cross near 55 draws; nothing between was measured.
+HOST_INIT_MIN_RANDOM_DRAWS = 64
 # Where a state is built, by name (a stage's init_on, bench_dit.py's --init-on) -> create_state(on_host=).
 INIT_ON = {"auto": None, "host": True, "device": False}
 
@@ -92,18 +93,33 @@ def create_state(init_params: Callable, tx: optax.GradientTransformation, seed: 
     shardings, then run under ``jit`` with those ``out_shardings``. ``on_host``:
     see :func:`build_sharded`; None decides by :func:`host_init_pays`.
     """
-    abstract, shardings = abstract_state(init_params, tx, mesh, rules)
+    _, shardings = abstract_state(init_params, tx, mesh, rules)
     if on_host is None:
-        on_host = host_init_pays(abstract.params)
+        on_host = host_init_pays(init_params)
     return build_sharded(_init_fn(init_params, tx), jax.random.key(seed), shardings, mesh, on_host=on_host), shardings
 
 
-def host_init_pays(params) -> bool:
-    """Whether :func:`build_sharded` should build ``params`` (a tree, abstract or not) and their state on the
-    host: one process on accelerators, a CPU backend to build with, and at least
-    ``HOST_INIT_MIN_PARAM_ARRAYS`` arrays."""
+def host_init_pays(init_params: Callable) -> bool:
+    """Whether :func:`build_sharded` should build ``init_params(key)`` and its state on the host: one process
+    on accelerators, a CPU backend to build with, and at least ``HOST_INIT_MIN_RANDOM_DRAWS`` random draws."""
     return (jax.default_backend() != "cpu" and jax.process_count() == 1 and host_cpu() is not None
-            and len(jax.tree.leaves(params)) >= HOST_INIT_MIN_PARAM_ARRAYS)
+            and random_draws(init_params, jax.random.key(0)) >= HOST_INIT_MIN_RANDOM_DRAWS)
+
+
+def random_draws(fn: Callable, *args) -> int:
+    """How many random-number draws ``fn(*args)``'s program holds (traced, not run; a loop body's count once)."""
+    def count(jaxpr) -> int:
+        return sum((eqn.primitive.name == "random_bits") + sum(map(count, _subjaxprs(eqn.params)))
+                   for eqn in jaxpr.eqns)
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _subjaxprs(params: dict):
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(item, "jaxpr", item)  # a ClosedJaxpr wraps its Jaxpr
+            if hasattr(inner, "eqns"):
+                yield inner
 
 
 def build_sharded(init: Callable, key: jax.Array, shardings, mesh, *, on_host: bool = False):

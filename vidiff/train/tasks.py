@@ -24,6 +24,7 @@ from vidiff.diffusion import flow_loss, resolve_shift
 from vidiff.diffusion.conditioning import mode_probabilities, sample_condition_masks
 from vidiff.diffusion.generate import sample_latents, text_context
 from vidiff.models.dit import VideoDiT, dit_preset
+from vidiff.models.dit import init_params as dit_init_params
 from vidiff.models.patches import token_count
 from vidiff.models.vae import VideoVAE, compiled, compute_latent_stats, set_latent_stats, vae_preset
 from vidiff.models.vae_losses import (PatchDiscriminator3D, VAELossConfig, adversarial_factor, discriminator_loss,
@@ -255,10 +256,7 @@ class DiTTask(Task):
                                             fingerprint=vae_fingerprint(variables, self.vae.config))
 
     def init_params(self, key):
-        x = jnp.zeros((1, *self.dit.config.patch, self.vae.config.latent_channels), jnp.float32)  # size-free params
-        text = jnp.zeros((1, 1, self.text.dim), jnp.float32)
-        lengths, pooled = jnp.ones((1,), jnp.int32), jnp.zeros((1, self.text.pooled_dim), jnp.float32)
-        return self.dit.init(key, x, jnp.zeros((1,)), text, lengths, pooled)["params"]
+        return dit_init_params(self.dit.config, key)
 
     def host_arrays(self, raw: dict) -> dict:
         captions = [str(c) for c in raw["caption"]]
