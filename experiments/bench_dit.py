@@ -42,7 +42,9 @@ peak memory is its own): status ("ok" | "oom"), the shapes and config,
 params_M, init_s (parameters or train state built), init_on ("host": built by
 the host's CPU and copied over; ``--init-on auto`` picks it where
 ``vidiff.train.state.host_init_pays``, as ``vidiff train`` does),
-compile_s, step_s (min, max, pipelined, steady), tokens_per_s, model_tflops, mfu,
+compile_s, compile_cached (null without ``JAX_COMPILATION_CACHE_DIR``; true: the
+program was loaded from that cache, so compile_s is a load), step_s (min, max,
+pipelined, steady), tokens_per_s, model_tflops, mfu,
 process_s (seconds since the process started), peak_mem_GiB (the process's
 ``peak_bytes_in_use``; null on CPU), compiled_mem_GiB (XLA's estimate),
 cudnn_attention and cudnn_attention_kernels (forward and backward
@@ -79,7 +81,7 @@ import optax  # noqa: E402
 
 import ablations  # noqa: E402
 from measure import (compiled_memory_gib, cudnn_attention_kernels, dump_hlo, is_oom, peak_memory_gib,  # noqa: E402
-                     profiled_runs, queued_run, queued_step_s, timed_runs,
+                     profiled_runs, queued_run, queued_step_s, timed_compile, timed_runs,
                      waited_run)  # (experiments/ is the script's own folder)
 from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
@@ -263,9 +265,7 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
                                                                                                          tx)
     step_fn = jit_train_step(step, state_shardings, batch_shardings, {}, mesh)
     with jax.set_mesh(mesh), parallel.axis_rules():  # as the trainer's loop traces its step
-        start = time.perf_counter()
-        compiled = step_fn.lower(state, batch, frozen).compile()
-        compile_s = time.perf_counter() - start
+        compiled, compile_s, cached = timed_compile(step_fn, state, batch, frozen)
         holder = {"state": state}
         del state  # donated on every call: only the holder may keep the live state
 
@@ -281,7 +281,7 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     if not math.isfinite(loss):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
     record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, init_s, compile_s, compiled,
-                          queued, host_s), init_on=init_on, update=args.update)
+                          queued, host_s), init_on=init_on, update=args.update, compile_cached=cached)
     return record, tracer(mesh, run, dispatch, args, f"train_{args.batch}x{tokens}", compiled)
 
 
@@ -306,9 +306,7 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     forward = jax.jit(velocity, in_shardings=(shardings, batch_shardings),
                       out_shardings=parallel.batch_sharding(mesh, 5))
     with jax.set_mesh(mesh), parallel.axis_rules():
-        start = time.perf_counter()
-        compiled = forward.lower(params, batch).compile()
-        compile_s = time.perf_counter() - start
+        compiled, compile_s, cached = timed_compile(forward, params, batch)
         dispatch = lambda: compiled(params, batch)
         host_s = []
         run = waited_run(dispatch, host_s)
@@ -316,7 +314,7 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         queued = queued_step_s(dispatch, args.steps, steady=statistics.median(times) <= STEADY_MAX_STEP_S)
     # run_modes drops the tracer (the last reference to the parameters), so --mode both trains with the memory free.
     return (dict(summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, init_s, compile_s,
-                         compiled, queued, host_s), init_on=init_on),
+                         compiled, queued, host_s), init_on=init_on, compile_cached=cached),
             tracer(mesh, run, dispatch, args, f"forward_{args.batch}x{tokens}", compiled))
 
 

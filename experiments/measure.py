@@ -37,6 +37,30 @@ def timed_runs(run, warmup: int, steps: int) -> list[float]:
     return times
 
 
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax.monitoring's event for a program loaded from disk
+
+
+def timed_compile(jitted, *args):
+    """``(compiled, seconds, from_cache)`` for ``jitted.lower(*args).compile()``, lowering included. ``from_cache`` is
+    None without JAX's persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``), else whether the
+    program was loaded from it: then the seconds are a load, not a compile, and the executable is the one
+    an earlier process compiled (the same kernels: a repeated measurement costs no device time compiling)."""
+    hits = []
+
+    def listener(event: str, **_):
+        if event == CACHE_HIT_EVENT:
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(listener)
+    try:
+        start = time.perf_counter()
+        compiled = jitted.lower(*args).compile()
+        seconds = time.perf_counter() - start
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+    return compiled, seconds, bool(hits) if jax.config.jax_compilation_cache_dir else None
+
+
 def waited_run(dispatch, host_s: list[float]):
     """``run()`` for :func:`timed_runs`: one call of ``dispatch()``, waited for. Appends to ``host_s`` the
     seconds the call took to return: the host's argument checks (one per array of a training state) and

@@ -40,10 +40,11 @@ def script_env(**extra: str) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **extra}
 
 
-def run_script(name: str, *args: str, timeout: float = 240) -> list[dict]:
-    """Run ``experiments/<name>`` on one CPU device; its stdout JSON lines."""
+def run_script(name: str, *args: str, timeout: float = 240, **env: str) -> list[dict]:
+    """Run ``experiments/<name>`` on one CPU device, with ``env`` added to its environment; its stdout JSON
+    lines."""
     # One device: the conftest's 8 virtual devices would only slow these single-device runs.
-    env = script_env(XLA_FLAGS="", JAX_DEFAULT_PRNG_IMPL="rbg")  # rbg compiles faster on CPU than threefry
+    env = script_env(XLA_FLAGS="", JAX_DEFAULT_PRNG_IMPL="rbg", **env)  # rbg compiles faster on CPU than threefry
     done = subprocess.run([sys.executable, str(EXPERIMENTS / name), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]

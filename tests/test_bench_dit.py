@@ -47,6 +47,17 @@ def test_bench_dit_forward_tiny():
     assert record["peak_mem_GiB"] is None  # the CPU backend keeps no memory stats
 
 
+def test_bench_dit_says_when_its_program_came_from_the_compilation_cache(tmp_path):
+    """A second process with the same JAX_COMPILATION_CACHE_DIR loads the step an earlier one compiled;
+    without a cache (the tests' own is switched off here) the record says null."""
+    args = ("--tiny", "--mode", "train", "--steps", "1", "--warmup", "0")
+    (uncached,) = run_script("bench_dit.py", *args, JAX_COMPILATION_CACHE_DIR="")
+    cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    (first,), (second,) = (run_script("bench_dit.py", *args, **cache) for _ in range(2))
+    assert (uncached["compile_cached"], first["compile_cached"], second["compile_cached"]) == (None, False, True)
+    assert second["compile_s"] < first["compile_s"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--pad-head-dim", "8"], "bench_dit.py: attention_head_pad: must be 0 (off) or an int >= head_dim 16 with "
                               "attention_impl None, 'xla' or 'cudnn'; got 8 with None"),
