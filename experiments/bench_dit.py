@@ -131,7 +131,7 @@ def build_config(args) -> DiTConfig:
     overrides = dict(text_dim=args.text_dim, pooled_dim=args.text_dim, latent_channels=args.latent_channels,
                      dtype=args.dtype, remat_policy=args.remat, scan_blocks=args.scan or args.scan_unroll > 1,
                      scan_unroll=args.scan_unroll, attention_impl=None if args.attention == "auto" else args.attention,
-                     attention_head_pad=args.pad_head_dim)
+                     attention_head_pad=args.pad_head_dim, param_dtype=args.param_dtype)
     for flag, field in (("dim", "width"), ("heads", "heads"), ("layers", "depth")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
@@ -184,6 +184,7 @@ def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> d
         dim=cfg.width, heads=cfg.heads, layers=cfg.depth, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim,
         latent_shape=list(latent_shape), latent_channels=cfg.latent_channels, patch=list(cfg.patch),
         remat=cfg.remat_policy, scan=cfg.scan_blocks, scan_unroll=cfg.scan_unroll, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
         attention=args.attention,
         attention_head_pad=cfg.attention_head_pad, init_on=args.init_on,
         mesh=list(args.mesh_sizes), steps=args.steps, warmup=args.warmup, ablate=args.ablate,
@@ -392,6 +393,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="DiTConfig.scan_unroll (implies --scan): blocks per loop iteration; the depth unrolls it "
                         "whole: stacked weights (few arrays per call), straight-line program")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="DiTConfig.param_dtype: bfloat16 stores the weights as the compute reads them (a forward: "
+                        "sampling with bf16 weights, PERF.md row 6; train: bf16 master weights, not vidiff's)")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="auto: cuDNN flash attention on GPU for bf16/fp16, XLA otherwise")
     p.add_argument("--init-on", choices=tuple(INIT_ON), default="auto",

@@ -45,6 +45,17 @@ def test_bench_dit_forward_tiny():
     assert record["cudnn_attention"] is False  # CPU: XLA attention
     assert record["init_on"] == "device"  # auto: the host builds the parameters for accelerators only
     assert record["peak_mem_GiB"] is None  # the CPU backend keeps no memory stats
+    assert record["param_dtype"] == "float32"
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_bench_dit_param_dtype_is_every_weights_dtype(param_dtype):
+    import bench_dit
+    import jax
+    import numpy as np
+
+    cfg = bench_dit.build_config(bench_dit.parse_args(["--tiny", "--param-dtype", param_dtype]))
+    assert {np.dtype(x.dtype) for x in jax.tree.leaves(bench_dit.param_shapes(cfg))} == {np.dtype(param_dtype)}
 
 
 def test_bench_dit_says_when_its_program_came_from_the_compilation_cache(tmp_path):
