@@ -41,8 +41,8 @@ from vidiff.models.presets import from_preset
 from vidiff.models.rope import rope_3d, rope_axis_dims, sincos_3d
 
 VIDEO_AXES = ("batch", "length", "act_embed")
-_LAYERS_AXIS = {nn.PARTITION_NAME: "layers"}  # scanned blocks' leading axis, by its logical name
 TEXT_AXES = ("batch", "text_length", "act_embed")
+_LAYERS_AXIS = {nn.PARTITION_NAME: "layers"}  # scanned blocks' leading axis, by its logical name
 _KEEP_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.save_only_these_names("attention"), flash_attention_saveable)
 REMAT_POLICIES = {
@@ -380,9 +380,9 @@ def init_params(config: DiTConfig, key: jax.Array) -> dict:
     """The DiT's parameters for ``key``, boxed with logical axis names, in ``config``'s block layout.
 
     Always initialised with the blocks scanned, then laid out as ``config`` says, so the program holds one
-    block's random-number kernels instead of ``depth`` copies. An unscanned depth-28 train state then
-    compiles in 4.7 s instead of 17.5 on the 2-core CPU (experiments/PERF.md), and one seed gives one
-    network whichever the layout (tests/test_dit.py).
+    block's random-number kernels instead of ``depth`` copies: an unscanned XL train state compiles in 7.2 s
+    instead of 18.8 on 2 CPU cores, and a GPU compiles each such kernel on its own (experiments/PERF.md,
+    row 11). One seed gives one network whichever the layout (tests/test_dit.py).
     """
     scanned = dataclasses.replace(config, scan_blocks=True, scan_unroll=1)
     return with_block_layout(VideoDiT(scanned).init(key, *dummy_inputs(scanned))["params"], config)
