@@ -72,6 +72,9 @@ HOST_PHASES = {
     "handle_inputs": "Handle inputs",
     "build_allocations": "Build buffer allocations",
     "execute_thunks": "GpuExecutable::ExecuteThunks",
+    # Where XLA (re)records a CUDA graph: if buffer addresses moved between calls, these two grow with the
+    # graph's kernels (call 5, addresses unchanged: 0.35 and 0.20 ms for 5,381 kernels).
+    "graph_initialize": "Thunks::Initialize",
     "graph_update": "command_buffer::update",
     "graph_launch": "cuGraphLaunch",
 }
