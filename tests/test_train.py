@@ -380,6 +380,23 @@ def test_sigkill_then_rerun_resumes_bit_identically(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resume_restores_into_shapes_without_building_a_fresh_state(tmp_path, monkeypatch):
+    """A fresh state (an XL DiT's: 13 GB, built then thrown away) is neither built nor held beside the restored one."""
+    from vidiff.train import loop
+
+    def config(steps):
+        return config_lib.load_config(WORLD_TINY, [f"--config.workdir={tmp_path}", f"--config.vae_train.steps={steps}",
+                                                   "--config.vae_train.ckpt_every=2", *FAST])
+
+    loop.train(config(2), "vae", log=lambda *a: None)
+    monkeypatch.setattr(loop, "create_state", lambda *a, **k: pytest.fail("the resume built a fresh state"))
+    lines = []
+    loop.train(config(3), "vae", log=lines.append)
+    assert f"resumed vae from {tmp_path / 'vae' / 'checkpoints' / '2'}" in lines
+    assert sorted(_losses(tmp_path)) == [1, 2, 3]
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = _start(_command(tmp_path, steps=200))
     _wait_for_step(tmp_path, 2, proc)

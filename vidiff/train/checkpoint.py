@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -141,7 +140,3 @@ def read_config(checkpoint_dir, step: int | None = None) -> dict:
         path = candidates[0]
     return json.loads(path.read_text())
 
-
-def abstract_with_shardings(tree, shardings):
-    """``jax.ShapeDtypeStruct`` tree carrying ``shardings`` (the restore target for another mesh)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

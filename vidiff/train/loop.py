@@ -49,13 +49,13 @@ from tqdm import tqdm
 
 from vidiff import distributed, parallel
 from vidiff.train import preflight, tasks
-from vidiff.train.checkpoint import Checkpointer, abstract_with_shardings, read_config
+from vidiff.train.checkpoint import Checkpointer, read_config
 from vidiff.train.config import config_changes, for_stage, validate, warnings_for
 from vidiff.train.metrics import LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
 from vidiff.train.preflight import DataExhaustedError, NonFiniteError
 from vidiff.train.profile import StepProfiler
-from vidiff.train.state import INIT_ON, create_state, jit_train_step, make_train_step
+from vidiff.train.state import INIT_ON, abstract_state, create_state, jit_train_step, make_train_step
 
 
 class _StopRequest:
@@ -139,12 +139,14 @@ def _set_up(config, model: str, log) -> _Run:
         pipeline = task.pipeline(process_config)
         preflight.check_data_lasts(pipeline, process_config, model)
         tx, schedule = make_optimizer(stage.optim, stage.steps, networks=task.networks)
-        state, state_shardings = create_state(task.init_params, tx, config.seed, mesh,
-                                              on_host=INIT_ON[stage.get("init_on", "auto")])
+        if start:  # restored into shapes and shardings alone: no fresh state is built, held beside it, thrown away
+            state, state_shardings = abstract_state(task.init_params, tx, mesh)
+        else:
+            state, state_shardings = create_state(task.init_params, tx, config.seed, mesh,
+                                                  on_host=INIT_ON[stage.get("init_on", "auto")])
         iterator = iter(pipeline)
         if start:
-            target = abstract_with_shardings(state, state_shardings)
-            state = _restore(checkpointer, target, start, iterator, config_json)
+            state = _restore(checkpointer, state, start, iterator, config_json)
             log(f"resumed {model} from {checkpointer.directory / str(start)}")
     except BaseException:
         checkpointer.close()
