@@ -10,6 +10,7 @@ backend at import, so a script may still set ``XLA_*`` variables after it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gzip
 import json
 import os
@@ -40,25 +41,31 @@ def timed_runs(run, warmup: int, steps: int) -> list[float]:
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax.monitoring's event for a program loaded from disk
 
 
+@functools.cache
+def _cache_hits() -> list[int]:
+    """A counter of this process's persistent-cache hits, kept by one listener registered on first use
+    (registered once, so no jax version's unregistering API is needed)."""
+    hits = [0]
+
+    def listener(event: str, **_):
+        if event == CACHE_HIT_EVENT:
+            hits[0] += 1
+
+    jax.monitoring.register_event_listener(listener)
+    return hits
+
+
 def timed_compile(jitted, *args):
     """``(compiled, seconds, from_cache)`` for ``jitted.lower(*args).compile()``, lowering included. ``from_cache`` is
     None without JAX's persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``), else whether the
     program was loaded from it: then the seconds are a load, not a compile, and the executable is the one
     an earlier process compiled (the same kernels: a repeated measurement costs no device time compiling)."""
-    hits = []
-
-    def listener(event: str, **_):
-        if event == CACHE_HIT_EVENT:
-            hits.append(event)
-
-    jax.monitoring.register_event_listener(listener)
-    try:
-        start = time.perf_counter()
-        compiled = jitted.lower(*args).compile()
-        seconds = time.perf_counter() - start
-    finally:
-        jax.monitoring.unregister_event_listener(listener)
-    return compiled, seconds, bool(hits) if jax.config.jax_compilation_cache_dir else None
+    hits = _cache_hits()
+    before = hits[0]
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    return compiled, seconds, hits[0] > before if jax.config.jax_compilation_cache_dir else None
 
 
 def waited_run(dispatch, host_s: list[float]):
