@@ -254,11 +254,11 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
 
     optim = OPTIM if args.update == "full" else types.SimpleNamespace(**{**vars(OPTIM), "grad_clip": 0.0})
     tx, _ = make_optimizer(optim, total_steps=args.warmup + args.steps)
+    init_on = where_built(args, cfg)  # decided once, as bench_forward does: auto traces the init to decide
     start = time.perf_counter()
     state, state_shardings = jax.block_until_ready(create_state(param_init(cfg), tx, args.seed, mesh,
-                                                                on_host=INIT_ON[args.init_on]))
+                                                                on_host=init_on == "host"))
     init_s = time.perf_counter() - start
-    init_on = where_built(args, cfg)
     params = count_params(state.params)
     batch, batch_shardings = put_batch(random_batch(cfg, args.batch, latent_shape, args.text, args.seed), mesh)
     frozen = {}
