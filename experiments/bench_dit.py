@@ -158,7 +158,8 @@ def put_batch(host: dict, mesh) -> tuple[dict, dict]:
 
 
 def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: int, times: list[float],
-            init_s: float, compile_s: float, compiled, queued: dict[str, float], host_s: list[float]) -> dict:
+            init_s: float, compile_s: float, compile_cached: bool | None, compiled, queued: dict[str, float],
+            host_s: list[float]) -> dict:
     step_s = statistics.median(times)
     flops = dit_flops(cfg, tokens, args.text, batch=args.batch, training=mode == "train")
     hlo_text = compiled.as_text()  # an unscanned XL step's is ~19 MB: printed once, read twice
@@ -166,7 +167,8 @@ def summary(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int, params: 
     devices = jax.device_count()
     return dict(
         base_record(args, cfg, mode, latent_shape, tokens), status="ok",
-        params_M=params / 1e6, init_s=init_s, compile_s=compile_s, step_s=step_s, step_s_min=min(times),
+        params_M=params / 1e6, init_s=init_s, compile_s=compile_s, compile_cached=compile_cached, step_s=step_s,
+        step_s_min=min(times),
         step_s_max=max(times), **queued, tokens_per_pipelined_s=args.batch * tokens / queued["step_s_pipelined"],
         dispatch_s=statistics.median(host_s[-len(times):]),  # the timed steps' (warm-up calls excluded)
         tokens_per_s=args.batch * tokens / step_s, model_tflops=flops / step_s / 1e12,
@@ -281,8 +283,8 @@ def bench_train(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
     loss = float(holder["metrics"]["loss"])
     if not math.isfinite(loss):
         raise RuntimeError(f"training loss is not finite ({loss}); the timings would not be of a real step")
-    record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, init_s, compile_s, compiled,
-                          queued, host_s), init_on=init_on, update=args.update, compile_cached=cached)
+    record = dict(summary(args, cfg, "train", latent_shape, tokens, params, times, init_s, compile_s, cached,
+                          compiled, queued, host_s), init_on=init_on, update=args.update)
     return record, tracer(mesh, run, dispatch, args, f"train_{args.batch}x{tokens}", compiled)
 
 
@@ -315,7 +317,7 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
         queued = queued_step_s(dispatch, args.steps, steady=statistics.median(times) <= STEADY_MAX_STEP_S)
     # run_modes drops the tracer (the last reference to the parameters), so --mode both trains with the memory free.
     return (dict(summary(args, cfg, "forward", latent_shape, tokens, count_params(params), times, init_s, compile_s,
-                         compiled, queued, host_s), init_on=init_on, compile_cached=cached),
+                         cached, compiled, queued, host_s), init_on=init_on),
             tracer(mesh, run, dispatch, args, f"forward_{args.batch}x{tokens}", compiled))
 
 
