@@ -10,6 +10,7 @@ from flax import linen as nn
 
 from vidiff import parallel
 from vidiff.models import dit, patches
+from vidiff.models.block_layout import with_block_layout
 
 CFG = dit.dit_preset("tiny", text_dim=32, pooled_dim=24)
 # Shapes reused across tests so each compiled program is shared (compiles dominate test time on CPU).
@@ -163,7 +164,7 @@ def test_every_parameter_has_logical_axis_names(overrides):
 
 def _stack_blocks(params, depth):
     """Unscanned params (blocks_0..) -> scanned layout (blocks with a leading layers axis)."""
-    return dit.with_block_layout(params, dataclasses.replace(CFG, depth=depth, scan_blocks=True))
+    return with_block_layout(params, dataclasses.replace(CFG, depth=depth, scan_blocks=True))
 
 
 @pytest.mark.parametrize("text_mode", ["cross", "joint"])
@@ -194,19 +195,19 @@ def test_a_scan_unrolled_whole_is_the_same_network(policy):
 def test_block_layout_converts_both_ways_and_leaves_other_depths_alone():
     unrolled = _trained()["params"]
     scanned_cfg = dataclasses.replace(CFG, scan_blocks=True)
-    scanned = dit.with_block_layout(unrolled, scanned_cfg)
+    scanned = with_block_layout(unrolled, scanned_cfg)
     # Exactly the tree a scanned model initialises, and the blocks' values layer by layer.
     init_shapes = jax.eval_shape(dit.VideoDiT(scanned_cfg).init, jax.random.key(0), *dit.dummy_inputs(scanned_cfg))
     assert jax.tree.map(np.shape, scanned) == jax.tree.map(np.shape, nn.unbox(init_shapes)["params"])
     query = unrolled["blocks_1"]["self_attn"]["query"]["kernel"]
     np.testing.assert_array_equal(scanned["blocks"]["self_attn"]["query"]["kernel"][1], query)
-    back = dit.with_block_layout(scanned, CFG)
+    back = with_block_layout(scanned, CFG)
     assert jax.tree.structure(back) == jax.tree.structure(unrolled)
     jax.tree.map(np.testing.assert_array_equal, back, unrolled)
-    assert dit.with_block_layout(unrolled, CFG) is unrolled  # already laid out: untouched
+    assert with_block_layout(unrolled, CFG) is unrolled  # already laid out: untouched
     deeper = dataclasses.replace(CFG, depth=CFG.depth + 1)
-    assert dit.with_block_layout(unrolled, dataclasses.replace(deeper, scan_blocks=True)) is unrolled
-    assert dit.with_block_layout(scanned, deeper) is scanned  # x[depth] would clamp, not fail
+    assert with_block_layout(unrolled, dataclasses.replace(deeper, scan_blocks=True)) is unrolled
+    assert with_block_layout(scanned, deeper) is scanned  # x[depth] would clamp, not fail
 
 
 @pytest.mark.parametrize("text_mode", ["cross", "joint"])
@@ -220,7 +221,7 @@ def test_init_params_gives_one_network_in_either_layout_named_as_a_direct_init(t
         direct = jax.eval_shape(dit.VideoDiT(cfg).init, jax.random.key(0), *dit.dummy_inputs(cfg))["params"]
         assert nn.get_partition_spec(params) == nn.get_partition_spec(direct)
         assert jax.tree.map(np.shape, nn.unbox(params)) == jax.tree.map(np.shape, nn.unbox(direct))
-    jax.tree.map(np.testing.assert_array_equal, dit.with_block_layout(nn.unbox(scanned), unrolled_cfg),
+    jax.tree.map(np.testing.assert_array_equal, with_block_layout(nn.unbox(scanned), unrolled_cfg),
                  nn.unbox(unrolled))
     first, second = (jax.tree.leaves(nn.unbox(unrolled)[f"blocks_{i}"]) for i in (0, 1))
     assert sum(not np.array_equal(a, b) for a, b in zip(first, second)) >= 4  # each block its own draws
@@ -236,7 +237,7 @@ def test_remat_policies_give_identical_values_and_gradients():
         loss = lambda p: jnp.mean(jnp.square(model.apply(p, *args)))  # noqa: E731
         value, grads = jax.jit(jax.value_and_grad(loss))(params)
         if scan:  # back to the unscanned layout to compare
-            grads = {"params": dit.with_block_layout(grads["params"], CFG)}
+            grads = {"params": with_block_layout(grads["params"], CFG)}
         results[policy, scan] = (value, grads)
     for key in (("block", False), ("attention", False), ("dots", False), ("dots", True)):
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),

@@ -49,7 +49,8 @@ from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_
                                        pixel_count, sample_latents, sample_seeds, seeded_noise, text_context,
                                        positive_whole_number, whole_number)
 from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
-from vidiff.models.dit import VideoDiT, dit_preset, with_block_layout
+from vidiff.models.block_layout import with_block_layout
+from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, vae_preset
 from vidiff.models.export import check_dit_vae, load_dit, load_vae, read_manifest, variable_shapes
 
@@ -81,7 +82,7 @@ class TextToVideo:
 
         ``mesh`` (``vidiff.parallel.make_mesh``): sample data-parallel over its devices. ``scan_blocks``: run
         the DiT's blocks scanned (True) or unrolled (False), whichever way it was trained, the weights converted
-        on load (:func:`vidiff.models.dit.with_block_layout`); None: as trained. Scanned compiles faster.
+        on load (:func:`vidiff.models.block_layout.with_block_layout`); None: as trained. Scanned compiles faster.
         """
         if directory is None:
             if not (BUNDLED / "vidiff.json").is_file():

@@ -31,6 +31,7 @@ from flax import linen as nn
 from vidiff.models import context_attention  # noqa: F401  (registers "ulysses", "ring" and "chunked" attention_impl)
 from vidiff.models.attention import (Attention, JointAttention, flash_attention_saveable, local_attention_impl,
                                      resolve_attention_impl)
+from vidiff.models.block_layout import LAYERS_AXIS, with_block_layout
 from vidiff.models.dit_inputs import (  # noqa: F401  (concat_conditioning, dummy_inputs: part of the DiT's API)
     check_token_inputs, concat_conditioning, dummy_inputs, text_mask_and_lengths,
 )
@@ -42,7 +43,6 @@ from vidiff.models.rope import rope_3d, rope_axis_dims, sincos_3d
 
 VIDEO_AXES = ("batch", "length", "act_embed")
 TEXT_AXES = ("batch", "text_length", "act_embed")
-_LAYERS_AXIS = {nn.PARTITION_NAME: "layers"}  # scanned blocks' leading axis, by its logical name
 _KEEP_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.save_only_these_names("attention"), flash_attention_saveable)
 REMAT_POLICIES = {
@@ -286,7 +286,7 @@ class VideoDiT(nn.Module):
         if cfg.scan_blocks:
             self.blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                                   in_axes=(nn.broadcast,), length=cfg.depth, unroll=min(cfg.scan_unroll, cfg.depth),
-                                  metadata_params=_LAYERS_AXIS)(cfg)
+                                  metadata_params=LAYERS_AXIS)(cfg)
         else:
             self.blocks = [block(cfg) for _ in range(cfg.depth)]
         self.final_layer = FinalLayer(cfg)
@@ -386,42 +386,6 @@ def init_params(config: DiTConfig, key: jax.Array) -> dict:
     """
     scanned = dataclasses.replace(config, scan_blocks=True, scan_unroll=1)
     return with_block_layout(VideoDiT(scanned).init(key, *dummy_inputs(scanned))["params"], config)
-
-
-def with_block_layout(params: dict, config: DiTConfig) -> dict:
-    """``params`` with its blocks laid out as ``config.scan_blocks`` expects, converting if need be.
-
-    Unrolled blocks are ``blocks_0`` ... ``blocks_{depth-1}``; scanned ones one ``blocks`` entry whose arrays
-    have a leading layers axis. The values are the same network (tests/test_dit.py), so a model trained either
-    way samples either way: e.g. trained unrolled (faster steps without remat), sampled scanned (an XL
-    forward compiles in 8.5 s instead of 31 on an H200, experiments/PERF.md). Boxed parameters (``init``'s
-    logical axis names) gain or lose the ``layers`` name with the axis.
-    """
-    unrolled = [f"blocks_{i}" for i in range(config.depth)]
-    boxed = lambda x: isinstance(x, nn.meta.Partitioned)  # noqa: E731
-    # Another depth is left as it is, for the caller's shape check to name (indexing past the end would clamp).
-    if config.scan_blocks and all(name in params for name in unrolled):
-        rest = {k: v for k, v in params.items() if k not in unrolled}
-        return {**rest, "blocks": jax.tree.map(_stacked, *(params[k] for k in unrolled), is_leaf=boxed)}
-    stacked = params.get("blocks")
-    if not config.scan_blocks and stacked is not None and {np.shape(x)[0] for x in jax.tree.leaves(stacked)} == {
-            config.depth}:
-        rest = {k: v for k, v in params.items() if k != "blocks"}
-        return {**rest, **{name: jax.tree.map(functools.partial(_layer, i=i), stacked, is_leaf=boxed)
-                           for i, name in enumerate(unrolled)}}
-    return params
-
-
-def _stacked(*layers):
-    if isinstance(layers[0], nn.meta.Partitioned):
-        return layers[0].add_axis(0, _LAYERS_AXIS).replace_boxed(jnp.stack([x.value for x in layers]))
-    return jnp.stack(layers)
-
-
-def _layer(stacked, i: int):
-    if isinstance(stacked, nn.meta.Partitioned):
-        return stacked.remove_axis(0, _LAYERS_AXIS).replace_boxed(stacked.value[i])
-    return stacked[i]
 
 
 def param_count(config: DiTConfig) -> int:
