@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -218,8 +219,37 @@ def test_loop_ties_the_wrap_around_to_the_start(pipe):
     assert z.shape[1] == 4  # frames 0..12; latent 3 (frames 9..12) plays again as latent 1 (frames 1..4)
     np.testing.assert_array_equal(z[0, 3], z[0, 1])
     assert pipe.loop(PROMPT, **FAST).shape == (1, 8, 16, 16, 3)  # default: training length - 1
-    with pytest.raises(ValueError, match="loop lengths are multiples of 4 .* e.g. 8"):
+    with pytest.raises(ValueError, match=r"loop lengths are 4m frames \(the frame after the last is the first\), "
+                                         r"e.g. 8 or 12$"):
         pipe.loop(PROMPT, num_frames=9)
+
+
+def test_loop_and_edit_lengths_follow_the_dits_time_patch():
+    """With a time patch of 2 a loop's m + 2 latents and an edit's prefix must be an even number of latents."""
+    from vidiff.models.dit import dit_preset
+    from vidiff.models.vae import vae_preset
+
+    pipe = TextToVideo.__new__(TextToVideo)  # sizes only: nothing is sampled
+    pipe.vae, pipe.dit = SimpleNamespace(config=vae_preset("tiny")), SimpleNamespace(config=dit_preset(
+        "tiny", patch=(2, 2, 2)))
+    pipe.train_frames, pipe.train_size = 13, (32, 32)  # 4 latents
+    plans = []
+    pipe.generate = lambda prompts, plan, height, width, **sampling: plans.append(plan)
+    pipe.encode = lambda frames: np.zeros((1, latent_count(len(frames)), 8, 8, 4), np.float32)
+    pipe.load_frames = lambda source, height, width, what: source
+    pipe.loop(PROMPT)  # default: the longest loop shorter than the training clip, 8 frames (4 latents)
+    pipe.loop(PROMPT, num_frames=16)
+    assert [(p.latent_frames, p.keep_frames) for p in plans] == [(4, 8), (6, 16)]
+    with pytest.raises(ValueError, match=r"loop lengths are 4m frames with m \+ 2 divisible by 2 .*, e.g. 8 or 16$"):
+        pipe.loop(PROMPT, num_frames=12)
+    video = np.zeros((17, 32, 32, 3), np.uint8)
+    for frames, latents in ((9, 2), (17, 4)):  # the longest even-latent prefix, at most the training length
+        pipe.edit(PROMPT, video[:frames])
+        assert plans[-1].latent_frames == latents
+    with pytest.raises(ValueError, match=r"^the video has 1 frame\(s\); this model edits at least 5$"):
+        pipe.edit(PROMPT, video[:1])
+    with pytest.raises(ValueError, match=r"^num_frames=13 is longer than the video \(9 frames\); use at most 5$"):
+        pipe.edit(PROMPT, video[:9], num_frames=13)
 
 
 def test_long_clips_go_through_the_chunked_codec(pipe, clip, monkeypatch):

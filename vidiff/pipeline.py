@@ -221,7 +221,8 @@ class TextToVideo:
         """SDEdit: noise the video's latents to time ``strength`` in (0, 1] and denoise under ``prompts``.
 
         ``strength`` near 0 keeps the video, 1 ignores it. The clip is the
-        video's longest ``1 + tf k`` prefix, at most the training length, unless
+        video's longest prefix the model can make (``1 + tf k`` frames, ``k + 1``
+        divisible by the DiT's time patch), at most the training length, unless
         ``num_frames`` says otherwise.
         """
         strength = float(strength)
@@ -230,7 +231,11 @@ class TextToVideo:
         # Every size given is checked before the video is read (None frames: the training length, a valid one).
         given, height, width = self._sizes(num_frames, height, width)
         frames = self.load_frames(video, height, width, "video")
-        longest = pixel_count(latent_count(len(frames), self.time_factor), self.time_factor)
+        tf, pt = self.time_factor, self.dit.config.patch[0]
+        video_latents = latent_count(len(frames), tf)
+        if video_latents < pt:
+            raise ValueError(f"the video has {len(frames)} frame(s); this model edits at least {pixel_count(pt, tf)}")
+        longest = pixel_count(video_latents - video_latents % pt, tf)  # the longest prefix the model can make
         if num_frames is not None and given > longest:
             raise ValueError(f"num_frames={given} is longer than the video ({len(frames)} frames); use at most "
                              f"{longest}")
@@ -251,13 +256,21 @@ class TextToVideo:
         clip's end lead into its own beginning. Both are group latents of the
         same frames (their causal context differs only before the loop's
         start), so the tie is within what the VAE can express. The last
-        ``tf + 1`` decoded frames, the wrap-around, are dropped.
+        ``tf + 1`` decoded frames, the wrap-around, are dropped. A DiT with a
+        time patch ``pt > 1`` needs ``m + 2`` divisible by ``pt``. Default: the
+        longest such loop shorter than the training clip.
         """
-        tf = self.time_factor
-        num_frames = self.train_frames - 1 if num_frames is None else whole_number(num_frames, "num_frames")
-        if num_frames < tf or num_frames % tf:
-            raise ValueError(f"a loop of num_frames={num_frames} cannot be made: loop lengths are multiples of {tf} "
-                             f"(the frame after the last is the first), e.g. {max(tf, num_frames // tf * tf)}")
+        tf, pt = self.time_factor, self.dit.config.patch[0]
+        # m + 2 latents, which the DiT's time patch pt must divide: lengths tf m with (m + 2) % pt == 0.
+        loops = lambda upto: [tf * m for m in range(1, upto // tf + 2 * pt + 1) if (m + 2) % pt == 0]  # noqa: E731
+        if num_frames is None:
+            num_frames = max([n for n in loops(self.train_frames) if n < self.train_frames] or [loops(tf)[0]])
+        num_frames = whole_number(num_frames, "num_frames")
+        if num_frames < tf or num_frames % tf or (num_frames // tf + 2) % pt:
+            near = sorted(sorted(loops(num_frames), key=lambda n: abs(n - num_frames))[:2])
+            rule = f"{tf}m frames" + (f" with m + 2 divisible by {pt}" if pt > 1 else "")
+            raise ValueError(f"a loop of num_frames={num_frames} cannot be made: loop lengths are {rule} (the frame "
+                             f"after the last is the first), e.g. {' or '.join(map(str, near))}")
         _, height, width = self._sizes(num_frames + tf + 1, height, width)
         L = num_frames // tf + 2
         mask = (np.arange(L) == L - 1).astype(np.float32)
