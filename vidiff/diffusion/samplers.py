@@ -122,7 +122,10 @@ def sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} is unknown; use one of {SAMPLERS}")
-    ts = timestep_schedule(steps, shift, t_start).astype(x_start.dtype)
+    # The schedule and the solvers' coefficients stay float32 and are cast where they meet the latents: in
+    # bfloat16 neighbouring times near t = 1 round to one value, a zero step that makes DPM++'s ratio r = 0.
+    ts = timestep_schedule(steps, shift, t_start).astype(jnp.float32)
+    dtype = x_start.dtype
     _check_known_frames(x_start.shape, known_latents, known_mask, tie)
     batch = x_start.shape[0]
 
@@ -145,33 +148,33 @@ def sample(
         return x
 
     def velocity(x, t):
-        return velocity_fn(x, jnp.full((batch,), t, x.dtype)).astype(x.dtype)
+        return velocity_fn(x, jnp.full((batch,), t, dtype)).astype(dtype)
 
     def euler_step(i, x):
         t, t_next = ts[i], ts[i + 1]
         v = velocity(x, t)
-        return report(i, constrain(x + (t_next - t) * v, predict_x0(x, v, t)))
+        return report(i, constrain(x + (t_next - t).astype(dtype) * v, predict_x0(x, v, t.astype(dtype))))
 
     def heun_step(i, x):
         t, t_next = ts[i], ts[i + 1]
         v = velocity(x, t)
-        x0 = predict_x0(x, v, t)
-        x_euler = constrain(x + (t_next - t) * v, x0)
+        x0 = predict_x0(x, v, t.astype(dtype))
+        x_euler = constrain(x + (t_next - t).astype(dtype) * v, x0)
         # The last step ends at t = 0, where a second evaluation adds nothing.
         v_next = jax.lax.cond(t_next > 0, lambda: velocity(x_euler, t_next), lambda: v)
-        return report(i, constrain(x + (t_next - t) * 0.5 * (v + v_next), x0))
+        return report(i, constrain(x + (t_next - t).astype(dtype) * 0.5 * (v + v_next), x0))
 
     def dpmpp_2m_step(i, carry):
         x, x0_prev, h_prev = carry
         t, t_next = ts[i], ts[i + 1]
-        x0 = predict_x0(x, velocity(x, t), t)
+        x0 = predict_x0(x, velocity(x, t), t.astype(dtype))
         h = _log_snr(t_next) - _log_snr(t)
-        r = h_prev / h
-        second_order = (i > 0) & jnp.isfinite(h)
-        d = jnp.where(second_order, (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev, x0)
+        half_over_r = h / (2 * h_prev)  # 1 / (2 r), r = h_prev / h
+        second_order = (i > 0) & jnp.isfinite(h) & (h_prev > 0)
+        d = jnp.where(second_order, (1 + half_over_r).astype(dtype) * x0 - half_over_r.astype(dtype) * x0_prev, x0)
         # x_{next} = (sigma_next / sigma) x - alpha_next (exp(-h) - 1) D; at t_next = 0 this is D.
-        x_next = jnp.where(t_next > 0, (t_next / t) * x - (1 - t_next) * jnp.expm1(-h) * d, d)
-        return report(i, constrain(x_next, x0)), x0, h
+        x_next = (t_next / t).astype(dtype) * x - ((1 - t_next) * jnp.expm1(-h)).astype(dtype) * d
+        return report(i, constrain(jnp.where(t_next > 0, x_next, d), x0)), x0, h
 
     x = clamp(x_start)
     if targets:
@@ -181,7 +184,7 @@ def sample(
     elif sampler == "heun":
         x = jax.lax.fori_loop(0, steps, heun_step, x)
     else:
-        init = (x, jnp.zeros_like(x), jnp.ones((), x.dtype))
+        init = (x, jnp.zeros_like(x), jnp.ones((), jnp.float32))
         x = jax.lax.fori_loop(0, steps, dpmpp_2m_step, init)[0]
     # The last estimate of a source can differ from where the solver ended (DPM++ extrapolates).
     return x.at[:, targets].set(x[:, sources]) if targets else x
