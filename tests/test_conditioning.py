@@ -42,5 +42,9 @@ def test_bad_modes_fail_with_the_field_name():
         mode_probabilities({"first": 1.0})
     with pytest.raises(ValueError, match="positive sum"):
         mode_probabilities({"none": 0.0})
+    for bad in ({"none": float("nan")}, {"none": 0.5, "first_frame": float("inf")}, {"none": -0.1, "first_k": 1}):
+        with pytest.raises(ValueError, match="^dit_train.condition probabilities must be finite and >= 0 with a "
+                                             "positive sum, got "):
+            mode_probabilities(bad)
     with pytest.raises(ValueError, match=r"random_frame_rate=1.5 must be a probability in \[0, 1\]"):
         sample_condition_masks(jax.random.key(0), 2, 5, {"random": 1.0}, random_frame_rate=1.5)

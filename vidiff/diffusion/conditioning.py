@@ -13,6 +13,7 @@ latents (images) are never conditioned.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import jax
@@ -28,8 +29,8 @@ def mode_probabilities(probs: Mapping[str, float] | None) -> jax.Array:
     if unknown := sorted(set(probs) - set(MODES)):
         raise ValueError(f"dit_train.condition has unknown mode(s) {unknown}; valid modes: {', '.join(MODES)}")
     values = [float(probs.get(m, 0.0)) for m in MODES]
-    if min(values) < 0 or sum(values) <= 0:
-        raise ValueError(f"dit_train.condition probabilities must be >= 0 with a positive sum, got {probs}")
+    if not all(0 <= v < math.inf for v in values) or sum(values) <= 0:  # NaN fails every comparison
+        raise ValueError(f"dit_train.condition probabilities must be finite and >= 0 with a positive sum, got {probs}")
     total = sum(values)
     return jnp.asarray([v / total for v in values], jnp.float32)
 
