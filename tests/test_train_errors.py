@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -297,12 +298,22 @@ def _saved_checkpoint(tmp_path, config, step=2, iterator=None):
     return Checkpointer(directory, keep=3, keep_best=0)
 
 
+def test_a_non_square_vae_run_evaluates_on_clips_of_its_size():
+    config = config_lib.for_stage(_config("--config.data.size=(32, 48)", "--config.eval.num_clips=2"), "vae")
+    config_lib.validate(config, "vae", 1)
+    clips = tasks.validation_clips(config)  # the world's square clips, centre-cropped as training cuts them
+    assert clips.shape == (2, 17, 32, 48, 3) and clips.dtype == np.uint8 and clips.std() > 0
+
+
 def test_resume_with_other_model_settings_names_the_fields(tmp_path):
     checkpointer = _saved_checkpoint(tmp_path, _config(), iterator=iter(_world_pipeline()))
     preflight.check_resume(checkpointer, 2, json.loads(_config().to_json()), "vae")  # same config: fine
     free = _config("--config.vae_train.steps=50", "--config.vae_train.optim.lr=0.001")
     free.vae.overrides.dtype = "bfloat16"  # compute dtype: the parameters stay float32
     preflight.check_resume(checkpointer, 2, json.loads(free.to_json()), "vae")  # nothing that shapes parameters
+    compute = _config()  # how the DiT computes, not what it holds
+    compute.dit.overrides.update(scan_unroll=2, attention_head_pad=64, remat_policy="dots", dtype="bfloat16")
+    preflight.check_resume(checkpointer, 2, json.loads(compute.to_json()), "dit")
     changed = json.loads(_config("--config.vae.overrides.base_channels=16").to_json())
     with pytest.raises(ValueError) as info:
         preflight.check_resume(checkpointer, 2, changed, "vae")
@@ -429,9 +440,15 @@ def test_prepared_latents_on_shards_without_them_fail_early(tmp_path):
     with pytest.raises(ValueError) as info:
         preflight.check_prepared_vae(config, variables)
     assert str(info.value) == (
-        f"the latents in data.array_record_path='{with_latents}' come from another VAE (prepared with --latents "
-        f"other/export) than the one in {tmp_path / 'export'}; run `vidiff prepare --latents {tmp_path / 'export'}` "
-        f"again")
+        f"the latents in {with_latents} (data.array_record_path='{with_latents}') come from another VAE (prepared "
+        f"with --latents other/export) than the one in {tmp_path / 'export'}; run `vidiff prepare --latents "
+        f"{tmp_path / 'export'}` again")
+    shard_files = sorted(str(p) for p in with_latents.glob("train-*.array_record"))
+    for spec in (shard_files, str(with_latents / "train-*.array_record"), shard_files[0]):  # a list, glob, file
+        other = ml_collections.ConfigDict({**config.to_dict(), "data": {**config.data.to_dict(),
+                                                                        "array_record_path": spec}})
+        with pytest.raises(ValueError, match=f"^the latents in {with_latents} .* come from another VAE"):
+            preflight.check_prepared_vae(other, variables)
     from vidiff.train.latent_cache import vae_fingerprint
 
     summary["vae_fingerprint"] = vae_fingerprint(variables, tasks.vae_from_config(config).config)

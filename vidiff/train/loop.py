@@ -212,12 +212,12 @@ def train(config, model: str, *, log=print) -> dict:
                     _stop_if_nonfinite(state, stage, model, checkpointer)
                     last_loss = _log_row(writer, window, state, step, run)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
+                if step % stage.ckpt_every == 0 or step == stage.steps:  # saved first: an evaluation may fail
+                    save(step, last_loss)
                 if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
                     began = time.perf_counter()
                     writer.write(step, _evaluate(task, state, workdir, step))
                     window.pause(time.perf_counter() - began)
-                if step % stage.ckpt_every == 0 or step == stage.steps:
-                    save(step, last_loss)
                 if stop.requested(step):
                     save(step, last_loss)
                     checkpointer.close()

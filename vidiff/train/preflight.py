@@ -66,7 +66,8 @@ def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None
 
 
 # Fields that leave a model's parameters as they are: changing them between runs is fine.
-_FREE_FIELDS = {"vae": {"dtype"}, "dit": {"dtype", "attention_impl", "remat_policy"}}
+_FREE_FIELDS = {"vae": {"dtype"},
+                "dit": {"dtype", "attention_impl", "attention_head_pad", "remat_policy", "scan_unroll"}}
 
 
 def model_changes(saved: dict, current: dict, model: str) -> list[str]:
@@ -171,18 +172,22 @@ def check_prepared_vae(config, vae_variables: dict) -> None:
     beside the shards; a DiT trained on another VAE's latents would pair with a
     decoder whose latent space it never saw.
     """
-    summary_path = Path(config.data.array_record_path) / "train-summary.json"
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError):  # shards prepared before fingerprints were recorded: nothing to compare
-        return
-    vae = vae_from_config(config)
-    if summary.get("vae_fingerprint") not in (None, vae_fingerprint(vae_variables, vae.config)):
-        raise ValueError(
-            f"the latents in data.array_record_path={config.data.array_record_path!r} come from another VAE "
-            f"(prepared with --latents {summary.get('latents_from')}) than the one in {export_dir(config)}; "
-            f"run `vidiff prepare --latents {export_dir(config)}` again"
-        )
+    from vidiff.data.sources import array_record_paths
+
+    # Each `vidiff prepare --out` folder holding training shards (the path may be a folder, glob, file or list).
+    folders = sorted({Path(path).parent for path in array_record_paths(config.data.array_record_path, "train")})
+    fingerprint = vae_fingerprint(vae_variables, vae_from_config(config).config)
+    for folder in folders:
+        try:
+            summary = json.loads((folder / "train-summary.json").read_text())
+        except (OSError, ValueError):  # shards prepared before fingerprints were recorded: nothing to compare
+            continue
+        if summary.get("vae_fingerprint") not in (None, fingerprint):
+            raise ValueError(
+                f"the latents in {folder} (data.array_record_path={config.data.array_record_path!r}) come from "
+                f"another VAE (prepared with --latents {summary.get('latents_from')}) than the one in "
+                f"{export_dir(config)}; run `vidiff prepare --latents {export_dir(config)}` again"
+            )
 
 
 def _source_of(config) -> str:

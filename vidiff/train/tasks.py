@@ -191,14 +191,17 @@ def validation_clips(config) -> np.ndarray:
     n = int(config.eval.num_clips)
     num_frames = config.eval.get("num_frames") or config.data.num_frames
     if config.data.source == "world":
+        from vidiff.data.transforms import resize_crop
         from vidiff.data.world import CaptionedWorld, WorldConfig
 
         # The eval clips' length, size, split and seed are fixed here, whatever the training stage's world says.
         fixed = ("held_out", "num_frames", "size", "seed")
         world_fields = {k: v for k, v in dict(config.data.get("world") or {}).items() if k not in fixed}
-        world = CaptionedWorld(WorldConfig(num_frames=num_frames, size=config.data.size,
+        height, width = video_shape(config)[2:4]
+        world = CaptionedWorld(WorldConfig(num_frames=num_frames, size=max(height, width),
                                            **{**world_fields, "held_out": "only", "seed": 12345}))
-        return np.stack([world[i]["video"] for i in range(n)])
+        # Square clips, cut to (height, width) as the training pipeline cuts the world's (a centre crop).
+        return np.stack([resize_crop(world[i]["video"], height, width, "center", None) for i in range(n)])
     from vidiff.data import record_stream
 
     records = record_stream({**config.data.to_dict(), "num_frames": num_frames, "shuffle": False, "num_epochs": 1,
