@@ -123,6 +123,19 @@ def test_stage_numbers_are_checked_before_compiling(model, override, message):
         config_lib.validate(config_lib.for_stage(config, model), model, device_count=8)
 
 
+@pytest.mark.parametrize("model, override, message", [
+    ("dit", "dit_train.data.buckets=['17x32x32', '17x36x36']",
+     r"data.buckets entry '17x36x36': height=36 must be divisible by 8 \(VAE spatial factor x DiT patch\); use e.g. 32"),
+    ("vae", "data.buckets=['1x32x32', '1x30x30']",
+     r"data.buckets entry '1x30x30': height=30 must be divisible by 4 \(the VAE's spatial factor\); use e.g. 32"),
+])
+def test_every_bucket_is_checked_against_the_models_factors(model, override, message):
+    """A bucket the model cannot take fails before compiling, not when its first batch comes up mid-run."""
+    config = config_lib.for_stage(_config(f"--config.{override}"), model)
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        config_lib.validate(config, model, device_count=8)
+
+
 def test_prompting_modes_need_a_dit_that_takes_the_known_frames():
     config = _config()
     config.dit_train.condition = {"none": 0.5, "first_frame": 0.5}

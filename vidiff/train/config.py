@@ -165,15 +165,9 @@ def validate(config, model: str, device_count: int) -> None:
     from vidiff.train.tasks import vae_from_config
 
     vae_cfg = vae_from_config(config).config
-    frames = int(config.data.num_frames)
-    if (frames - 1) % vae_cfg.time_factor:
-        good = 1 + round((frames - 1) / vae_cfg.time_factor) * vae_cfg.time_factor
-        raise ValueError(
-            f"data.num_frames={frames} must be 1 + k*{vae_cfg.time_factor} (the VAE's time factor), e.g. {good}"
-        )
     size = config.data.size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
-    divisors, why = (vae_cfg.spatial_factor, vae_cfg.spatial_factor), "the VAE's spatial factor"
+    time_patch, divisors, why = 1, (vae_cfg.spatial_factor, vae_cfg.spatial_factor), "the VAE's spatial factor"
     if model == "dit":
         if config.dit_train.get("latents") == "prepared" and config.data.source != "array_record":
             raise ValueError(
@@ -189,20 +183,15 @@ def validate(config, model: str, device_count: int) -> None:
                 f"dit_train.condition={condition} needs a DiT that takes the known frames, but "
                 f"dit.overrides.conditioning_frames=False; set it True or drop dit_train.condition"
             )
+        time_patch = dit_cfg.patch[0]
         divisors = (divisors[0] * dit_cfg.patch[1], divisors[1] * dit_cfg.patch[2])
         why = "VAE spatial factor x DiT patch"
-        latent_frames = 1 + (frames - 1) // vae_cfg.time_factor
-        if latent_frames % dit_cfg.patch[0]:
-            raise ValueError(
-                f"data.num_frames={frames} gives {latent_frames} latent frames, not divisible by dit patch time "
-                f"{dit_cfg.patch[0]}; change data.num_frames or dit.overrides.patch"
-            )
-    for name, value, divisor in (("height", height, divisors[0]), ("width", width, divisors[1])):
-        if value % divisor:
-            raise ValueError(
-                f"data.size {name}={value} must be divisible by {divisor} ({why}); "
-                f"use e.g. {max(1, round(value / divisor)) * divisor}"
-            )
+    from vidiff.data.transforms import parse_buckets
+
+    factors = (vae_cfg.time_factor, time_patch, divisors, why)
+    _check_clip_size(int(config.data.num_frames), height, width, None, *factors)
+    for frames, h, w in parse_buckets(config.data.get("buckets"), (int(config.data.num_frames), height, width)):
+        _check_clip_size(frames, h, w, f"{frames}x{h}x{w}", *factors)  # the clip sizes trained, when bucketed
     from vidiff import parallel
 
     sizes = parallel.resolve_sizes(parallel.mesh_sizes(config.mesh.to_dict()), device_count)  # presets, dcn, -1
@@ -220,6 +209,27 @@ def validate(config, model: str, device_count: int) -> None:
             f"over mesh.data x mesh.fsdp = {data_parallel} devices; use a multiple of {accumulate * data_parallel} "
             f"or a smaller accumulate"
         )
+
+
+
+def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, time_factor: int, time_patch: int,
+                     divisors: tuple[int, int], why: str) -> None:
+    """One trained clip size against the VAE's factors and the DiT's patch: a one-line error naming the field
+    (``data.num_frames`` / ``data.size``, or the ``data.buckets`` entry ``bucket``)."""
+    field = "data.num_frames" if bucket is None else f"data.buckets entry {bucket!r}: frames"
+    if (frames - 1) % time_factor:
+        good = 1 + round((frames - 1) / time_factor) * time_factor
+        raise ValueError(f"{field}={frames} must be 1 + k*{time_factor} (the VAE's time factor), e.g. {good}")
+    latent_frames = 1 + (frames - 1) // time_factor
+    if latent_frames % time_patch:
+        raise ValueError(f"{field}={frames} gives {latent_frames} latent frames, not divisible by dit patch time "
+                         f"{time_patch}; change {'data.num_frames' if bucket is None else 'data.buckets'} or "
+                         f"dit.overrides.patch")
+    field = "data.size " if bucket is None else f"data.buckets entry {bucket!r}: "
+    for name, value, divisor in (("height", height, divisors[0]), ("width", width, divisors[1])):
+        if value % divisor:
+            raise ValueError(f"{field}{name}={value} must be divisible by {divisor} ({why}); "
+                             f"use e.g. {max(1, round(value / divisor)) * divisor}")
 
 
 def _is_int(value) -> bool:
