@@ -303,6 +303,16 @@ def test_overrides_refuse_unknown_fields_and_wrong_types():
     assert tuple(config_lib.load_config(WORLD_TINY, ["--config.data.size=(32,48)"]).data.size) == (32, 48)
     with pytest.raises(ValueError, match="data.size is a int, got str"):
         config_lib.load_config(WORLD_TINY, ["--config.data.size=big"])
+    # Through an unset (None) section or a value: one line, not a TypeError; and a bool is no int.
+    with pytest.raises(ValueError, match=r"^override '--config.data.buckets.x=1': data.buckets is None, not a "
+                                         r"section; set it whole, e.g. --config.data.buckets=\"\{'x': ...\}\"$"):
+        config_lib.load_config(WORLD_TINY, ["--config.data.buckets.x=1"])
+    with pytest.raises(ValueError, match="^override '--config.data.num_frames.x=5': config has no field "
+                                         "'data.num_frames.x'$"):
+        config_lib.load_config(WORLD_TINY, ["--config.data.num_frames.x=5"])
+    with pytest.raises(ValueError, match="^override '--config.data.batch_size=True': data.batch_size is an int, "
+                                         "got bool$"):
+        config_lib.load_config(WORLD_TINY, ["--config.data.batch_size=True"])
 
 
 def test_train_mesh_flag_replaces_the_config_sizes_with_a_preset_or_sizes():

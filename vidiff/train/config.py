@@ -86,13 +86,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             raise ValueError(f"override {item!r} needs the form --config.field=value")
         dotted, raw = text.split("=", 1)
         parent, _, leaf = dotted.rpartition(".")
-        node = config
-        for part in filter(None, parent.split(".")):
-            if part not in node:
+        node, sections = config, [p for p in parent.split(".") if p]
+        for depth, part in enumerate([*sections, leaf]):
+            if node is None:  # an optional section left unset can only be given whole
+                where = ".".join(sections[:depth])
+                raise ValueError(f"override {item!r}: {where} is None, not a section; set it whole, e.g. "
+                                 f"--config.{where}=\"{{'{part}': ...}}\"")
+            if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
                 raise ValueError(f"override {item!r}: config has no field {dotted!r}")
-            node = node[part]
-        if leaf not in node:
-            raise ValueError(f"override {item!r}: config has no field {dotted!r}")
+            node = node[part] if depth < len(sections) else node
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -102,6 +104,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             value = float(value)
         sequences = (list, tuple)
         int_or_pair = f".{dotted}".endswith(_INT_OR_PAIR) and all(isinstance(v, (int, *sequences)) for v in (old, value))
+        if isinstance(value, bool) and isinstance(old, int) and not isinstance(old, bool):  # True is an int too
+            raise ValueError(f"override {item!r}: {dotted} is an int, got bool")
         if old is not None and value is not None and not isinstance(value, type(old)) and not (
             isinstance(old, sequences) and isinstance(value, sequences)
         ) and not int_or_pair:
