@@ -529,3 +529,28 @@ def test_train_step_ema_warms_up_and_bad_steps_keep_the_last_good_state():
     state, metrics = step(state, {"target": jnp.array([jnp.nan, 0.0])}, {})
     assert int(state.skipped) == 1 and int(state.first_bad_step) == 1 and int(state.step) == 2
     np.testing.assert_allclose(state.params["w"], 1.0)  # the bad step changed nothing
+
+
+def test_a_loss_counts_updates_as_the_optimizer_does_not_skipped_steps():
+    """A GAN term switched on at step 2 starts with the discriminator's optimizer (it counts updates), even
+    after a skipped step: both wait for the second real update."""
+    from vidiff import parallel
+    from vidiff.train.state import create_state, make_train_step
+
+    mesh = parallel.make_mesh(data=1, devices=jax.devices()[:1])
+    tx, _ = make_optimizer(optim(lr=0.1, warmup_steps=0, schedule="constant", grad_clip=None), 10,
+                           networks={"vae": 0, "disc": 2})
+
+    def loss_fn(params, batch, rng, frozen, step):
+        gan_on = (step >= 2).astype(jnp.float32)
+        loss = jnp.sum(params["vae"] ** 2) + gan_on * jnp.sum((params["disc"] - 1.0) ** 2) + batch["bad"]
+        return loss, {"gan_on": gan_on, "step_seen": step}
+
+    state, _ = create_state(lambda key: {"vae": jnp.ones(2), "disc": jnp.zeros(2)}, tx, seed=0, mesh=mesh)
+    step = jax.jit(make_train_step(loss_fn, tx, ema_decay=0.0))
+    seen = []
+    for bad in (jnp.nan, 0.0, 0.0, 0.0):  # the first step is skipped
+        before = state.params["disc"]
+        state, metrics = step(state, {"bad": bad}, {})
+        seen.append((int(metrics["step_seen"]), float(metrics["gan_on"]), bool(jnp.any(state.params["disc"] != before))))
+    assert seen == [(0, 0.0, False), (0, 0.0, False), (1, 0.0, False), (2, 1.0, True)]

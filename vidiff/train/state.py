@@ -8,7 +8,8 @@ device ever holds a full unsharded copy.
 
 A *task* supplies ``loss_fn(params, batch, rng, frozen, step) -> (loss, metrics)``;
 ``frozen`` carries whatever the loss needs but never trains (a frozen VAE for
-the DiT). The step never syncs with the host: a non-finite loss or gradient
+the DiT); ``step`` counts the optimizer updates so far, skipped steps left out,
+as the optimizer's schedules and a discriminator's start count them. The step never syncs with the host: a non-finite loss or gradient
 leaves the state unchanged, is counted, and the first such step is recorded so
 the loop can stop (or carry on) at its next log line, naming the step.
 """
@@ -172,11 +173,14 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_
 
     def step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        # The loss's step is the updates' count: a loss term switched on at step n (the GAN's) then starts with
+        # the discriminator's optimizer, which counts updates, not the steps skipped as non-finite.
+        updates_so_far = state.step - state.skipped
         if accumulate == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch, rng, frozen, state.step)
+            (loss, metrics), grads = grad_fn(state.params, batch, rng, frozen, updates_so_far)
         else:
             (loss, metrics), grads = _accumulated_grads(grad_fn, accumulate, state.params, batch, rng, frozen,
-                                                        state.step)
+                                                        updates_so_far)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
