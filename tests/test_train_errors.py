@@ -179,6 +179,34 @@ def _state(params):
                       rng=jnp.zeros(2, jnp.uint32), skipped=jnp.asarray(3), first_bad_step=jnp.asarray(1))
 
 
+def test_a_resumed_run_stops_at_its_own_non_finite_steps_not_at_its_checkpoints():
+    """A checkpoint written under on_nonfinite='skip' carries its skipped steps; resumed with 'stop', the run
+    stops at the next one, not at the old record (which every rerun would meet again)."""
+    class Checkpointer:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+        def latest_step(self):
+            return 200
+
+    def check(skipped, first_bad_step, skipped_before, start, policy="stop"):
+        state = types.SimpleNamespace(skipped=jnp.asarray(skipped), first_bad_step=jnp.asarray(first_bad_step))
+        stage = types.SimpleNamespace(on_nonfinite=policy)
+        loop._stop_if_nonfinite(state, stage=stage, model="vae", checkpointer=Checkpointer(),
+                                skipped_before=skipped_before, start=start)
+
+    check(1, 41, skipped_before=1, start=200)  # the checkpoint's own skipped step: carries on
+    check(3, 41, skipped_before=1, start=200, policy="skip")
+    with pytest.raises(loop.NonFiniteError, match=r"^non-finite loss or gradient at a step after 200 \(the run "
+                                                  r"resumed with earlier skips\); stopped. The last good checkpoint "
+                                                  r"\(200\) is intact; set vae_train.on_nonfinite='skip'"):
+        check(2, 41, skipped_before=1, start=200)
+    with pytest.raises(loop.NonFiniteError, match=r"^non-finite loss or gradient at step 5; stopped"):
+        check(1, 4, skipped_before=0, start=0)
+
+
 def test_non_finite_final_parameters_are_not_exported(tmp_path):
     preflight.check_finite_params(_state({"w": jnp.ones(3)}), "vae", 5, tmp_path)  # finite: no error
     bad = _state({"w": jnp.array([1.0, jnp.nan, 2.0])})

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -168,6 +169,11 @@ def train(config, model: str, *, log=print) -> dict:
     stage, workdir, checkpointer, task, mesh, iterator = (run.stage, run.workdir, run.checkpointer, run.task,
                                                           run.mesh, run.iterator)
     state, start = run.state, run.start
+    # Steps a resumed checkpoint's run skipped (under on_nonfinite='skip') are its own: this run stops only at new
+    # ones.
+    skipped_before = int(state.skipped)
+    stop_if_nonfinite = functools.partial(_stop_if_nonfinite, stage=stage, model=model, checkpointer=checkpointer,
+                                          skipped_before=skipped_before, start=start)
     cache_message = task.load_cache(workdir)  # host-side caches a checkpoint left (the DiT's latents)
     if cache_message:
         log(cache_message)
@@ -187,7 +193,7 @@ def train(config, model: str, *, log=print) -> dict:
     def save(step, loss):
         if step in saved:
             return
-        _stop_if_nonfinite(state, stage, model, checkpointer)  # nothing after a bad step is kept as "good"
+        stop_if_nonfinite(state)  # nothing after a bad step is kept as "good"
         saved.add(step)
         began = time.perf_counter()
         checkpointer.save(step, state, data_iterator=iterator, config=run.config_json,
@@ -209,7 +215,7 @@ def train(config, model: str, *, log=print) -> dict:
                 profiler.after(step, state)
                 bar.update(1)
                 if step % stage.log_every == 0 or step == stage.steps:
-                    _stop_if_nonfinite(state, stage, model, checkpointer)
+                    stop_if_nonfinite(state)
                     last_loss = _log_row(writer, window, state, step, run)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                 if step % stage.ckpt_every == 0 or step == stage.steps:  # saved first: an evaluation may fail
@@ -254,15 +260,18 @@ def _log_row(writer, window, state, step: int, run: _Run) -> float:
     return scalars["loss"]
 
 
-def _stop_if_nonfinite(state, stage, model: str, checkpointer) -> None:
-    """With ``on_nonfinite='stop'``, a non-finite step the state recorded ends the run in one line."""
-    bad = int(state.first_bad_step)
-    if bad >= 0 and stage.on_nonfinite == "stop":
-        checkpointer.close()
-        raise NonFiniteError(
-            f"non-finite loss or gradient at step {bad + 1}; stopped. The last good checkpoint "
-            f"({checkpointer.latest_step()}) is intact; set {model}_train.on_nonfinite='skip' to skip such steps"
-        )
+def _stop_if_nonfinite(state, *, stage, model: str, checkpointer, skipped_before: int, start: int) -> None:
+    """With ``on_nonfinite='stop'``, a non-finite step of this run (more than the ``skipped_before`` steps the
+    resumed checkpoint had skipped) ends it in one line."""
+    if stage.on_nonfinite != "stop" or int(state.skipped) <= skipped_before:
+        return
+    bad = int(state.first_bad_step)  # the first ever: a resumed checkpoint's own may come before this run's
+    where = f"step {bad + 1}" if bad >= start else f"a step after {start} (the run resumed with earlier skips)"
+    checkpointer.close()
+    raise NonFiniteError(
+        f"non-finite loss or gradient at {where}; stopped. The last good checkpoint "
+        f"({checkpointer.latest_step()}) is intact; set {model}_train.on_nonfinite='skip' to skip such steps"
+    )
 
 
 def _skip_totals(ledger) -> dict:
