@@ -175,6 +175,18 @@ def test_user_mistakes_fail_early_with_one_line(corpus, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "--manifest: unknown manifest suffix '.parquet'" in err
 
 
+def test_jsonl_rows_end_at_newlines_only(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+2028 and U+0085 in a caption unescaped: still one row."""
+    from vidiff.data.sources import read_manifest
+
+    captions = ["a cat\u2028on a mat", "a dog\x85barking", "a bird"]
+    lines = [json.dumps({"path": f"{i}.mp4", "caption": c}, ensure_ascii=False) for i, c in enumerate(captions)]
+    (tmp_path / "m.jsonl").write_text("\r\n".join(lines) + "\n", encoding="utf-8")
+    ledger = SkipLedger()
+    assert [row.caption for row in read_manifest(tmp_path / "m.jsonl", ledger=ledger)] == captions
+    assert ledger.skipped == {}
+
+
 def test_csv_manifest_with_time_ranges(corpus, tmp_path):
     videos = corpus["videos"]
     (tmp_path / "m.csv").write_text(
@@ -182,12 +194,13 @@ def test_csv_manifest_with_time_ranges(corpus, tmp_path):
         f"{videos}/bikes.mp4,\"bikes, in quotes\",1,\n"
         f"{videos}/bikes.mp4,early bikes,,1.5\n"
         f"{videos}/bikes.mp4,too many,0,1,extra\n"
+        f"{videos}/bikes.mp4,too few\n"
         f"{videos}/bikes.mp4,short range,0,0.5\n"
     )
     ledger = SkipLedger()
     records = list(record_stream(folder_config(corpus, manifest=str(tmp_path / "m.csv"), video_dir=None), skips=ledger))
     assert sorted(r["caption"] for r in records) == ["bikes, in quotes", "early bikes"]
-    assert ledger.skipped == {"bad_manifest_row": 1, "too_short": 1}  # 0.5 s holds 4 frames at 8 fps, 9 needed
+    assert ledger.skipped == {"bad_manifest_row": 2, "too_short": 1}  # 0.5 s holds 4 frames at 8 fps, 9 needed
     late = next(r for r in records if r["caption"] == "bikes, in quotes")
     full = {r["id"]: r for r in record_stream(folder_config(corpus))}["bikes.mp4"]
     # the window starting at 1 s is frame 8 onwards of the whole clip

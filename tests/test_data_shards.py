@@ -77,6 +77,27 @@ def test_damaged_records_are_skipped_and_counted(real_shards, tmp_path):
     assert len(good) == 2 and ledger.skipped == {"corrupt_record": 2} and ledger.seen == 4
 
 
+def test_a_damaged_record_is_named_by_its_own_shard_and_place(real_shards, tmp_path):
+    """Also a header that still parses but lost a key (one flipped byte): a Skip, not a KeyError."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from vidiff.data.schema import encode_record, make_record
+    from vidiff.data.sources import ArrayRecordSource
+
+    data = encode_record(make_record(np.zeros((2, 8, 8, 3), np.uint8), "a cat", 8.0, "x"), frame_format="png")
+    paths = [str(tmp_path / f"train-0000{i}-of-00002.array_record") for i in range(2)]
+    for path, entries in zip(paths, ([data, data], [data, data.replace(b'"caption"', b'"caxtion"', 1)])):
+        writer = ArrayRecordWriter(path, "group_size:1")
+        for entry in entries:
+            writer.write(entry)
+        writer.close()
+    source = ArrayRecordSource(paths)
+    assert [type(source[i]).__name__ for i in range(3)] == ["dict"] * 3
+    skip = source[3]
+    assert skip.reason == "corrupt_record" and skip.key == f"{paths[1]} record 1"
+    assert skip.detail == "damaged record (KeyError: 'caption')"
+
+
 def test_prepare_refuses_to_mix_with_existing_shards(real_shards, tmp_path):
     out = tmp_path / "again"
     kwargs = dict(size=16, frames=3, fps=8)

@@ -128,6 +128,7 @@ def decode_record(data: bytes) -> dict:
             arrays[name] = np.frombuffer(blob, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"]).copy()
         if offset != len(data):
             raise ValueError(f"{len(data) - offset} bytes after the last blob")
+        # Inside the try: a damaged byte can leave the header valid JSON with a key renamed.
+        return make_record(video, header["caption"], header["fps"], header["id"], header.get("labels"), **arrays)
     except (KeyError, TypeError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"damaged record ({e.__class__.__name__}: {e})") from None
-    return make_record(video, header["caption"], header["fps"], header["id"], header.get("labels"), **arrays)

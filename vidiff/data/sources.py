@@ -100,7 +100,9 @@ def read_manifest(manifest, video_dir=None, ledger: sk.SkipLedger | None = None,
     text = manifest.read_bytes().decode("utf-8-sig", "surrogateescape")
     rows: list[ManifestRow | sk.Skip] = []
     if suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
+        # Lines end at "\n" alone: str.splitlines would also cut at U+2028 or U+0085 inside a caption, which
+        # json.dumps(ensure_ascii=False) leaves unescaped.
+        for number, line in enumerate((line.rstrip("\r") for line in text.split("\n")), 1):
             if not line.strip():
                 continue
             where = f"{manifest.name} line {number}"
@@ -121,8 +123,9 @@ def read_manifest(manifest, video_dir=None, ledger: sk.SkipLedger | None = None,
         reader.fieldnames = header
         for fields in reader:
             where = f"{manifest.name} line {reader.line_num}"
-            if None in fields:
-                rows.append(sk.Skip(sk.BAD_MANIFEST_ROW, where, f"{len(header) + len(fields[None])} fields, the header has {len(header)}"))
+            count = sum(v is not None for k, v in fields.items() if k is not None) + len(fields.get(None) or ())
+            if count != len(header):  # DictReader pads a short row with None and keeps a long one's rest under None
+                rows.append(sk.Skip(sk.BAD_MANIFEST_ROW, where, f"{count} fields, the header has {len(header)}"))
                 continue
             rows.append(_row(fields, where, base))
     if not rows:
@@ -242,7 +245,14 @@ class ArrayRecordSource:
         try:
             return decode_record(self._source[index])
         except ValueError as e:
-            return sk.Skip(sk.CORRUPT_RECORD, f"{Path(self.paths[0]).parent} record {index}", str(e))
+            return sk.Skip(sk.CORRUPT_RECORD, self._where(index), str(e))
+
+    def _where(self, index: int) -> str:
+        """``"<shard path> record <i>"``: the shard holding the source's ``index``-th record, and its place there."""
+        if not hasattr(self, "_ends"):  # counted when first needed: only damaged records need it
+            self._ends = np.cumsum([len(grain.sources.ArrayRecordDataSource([p])) for p in self.paths])
+        shard = int(np.searchsorted(self._ends, index, side="right"))
+        return f"{self.paths[shard]} record {index - (int(self._ends[shard - 1]) if shard else 0)}"
 
 
 def array_record_paths(spec, split: str, field: str = "data.array_record_path") -> list[str]:
