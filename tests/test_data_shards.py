@@ -61,6 +61,25 @@ def test_latents_hook_passes_fields_through_and_guards_alignment(real_shards, tm
         make_pipeline(stream_config(out, num_frames=3))
 
 
+def test_a_failing_hook_leaves_no_shard_and_the_source_is_never_the_output(real_shards, tmp_path):
+    calls = []
+
+    def fails_on_the_third(record):
+        calls.append(record["id"])
+        if len(calls) == 3:
+            raise RuntimeError("encoder out of memory")
+        return {"extra": np.zeros(2, np.float32)}
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="encoder out of memory"):
+        augment_shards(real_shards["out"], out, fails_on_the_third, frame_format="png")
+    assert sorted(p.name for p in out.iterdir()) == []  # not one complete-looking shard, not one .partial
+    before = sorted((p.name, p.stat().st_size) for p in real_shards["out"].iterdir())
+    with pytest.raises(ValueError, match=r"^augment_shards: out_dir is the source folder .*; write to another folder$"):
+        augment_shards(real_shards["out"], real_shards["out"] / ".." / real_shards["out"].name, lambda r: {})
+    assert sorted((p.name, p.stat().st_size) for p in real_shards["out"].iterdir()) == before
+
+
 def test_damaged_records_are_skipped_and_counted(real_shards, tmp_path):
     from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 

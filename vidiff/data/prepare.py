@@ -209,6 +209,8 @@ def augment_shards(source_dir, out_dir, add_fields: Callable[[dict], dict], *, s
     The hook for precomputed ``latents`` / ``text_embedding`` + ``text_mask``:
     the ArrayRecord source passes any such array field through unchanged.
     Use ``frame_format="png"`` to keep frames bit-exact (JPEG re-encodes).
+    Shards are written as ``.partial`` files and renamed once every one is
+    complete, so a failing hook leaves no shard that looks whole.
     """
     from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
@@ -216,21 +218,29 @@ def augment_shards(source_dir, out_dir, add_fields: Callable[[dict], dict], *, s
     paths = sorted(source_dir.glob(f"{split}-*.array_record"))
     if not paths:
         raise ValueError(f"{source_dir} holds no {split}-*.array_record shards; run `vidiff prepare --out {source_dir}` first")
+    if out_dir.resolve() == source_dir.resolve():  # a shard written while it is read is lost
+        raise ValueError(f"augment_shards: out_dir is the source folder {source_dir}; write to another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in paths:
-        reader = ArrayRecordReader(str(path))
-        writer = ArrayRecordWriter(str(out_dir / path.name), "group_size:1")
-        try:
-            for data in reader.read_all():
-                record = decode_record(data)
-                record.update(add_fields(record))
-                writer.write(encode_record(record, frame_format=frame_format, quality=quality))
-        finally:
-            writer.close()
-            reader.close()
-        written.append(path.name)
-    return written
+    partial = [out_dir / f"{path.name}.partial" for path in paths]
+    try:
+        for path, target in zip(paths, partial):
+            reader = ArrayRecordReader(str(path))
+            writer = ArrayRecordWriter(str(target), "group_size:1")
+            try:
+                for data in reader.read_all():
+                    record = decode_record(data)
+                    record.update(add_fields(record))
+                    writer.write(encode_record(record, frame_format=frame_format, quality=quality))
+            finally:
+                writer.close()
+                reader.close()
+    except BaseException:
+        for target in partial:
+            target.unlink(missing_ok=True)
+        raise
+    for path, target in zip(paths, partial):
+        target.rename(out_dir / path.name)
+    return [path.name for path in paths]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
