@@ -69,3 +69,20 @@ def test_worker_pipeline_resumes_bitwise(small_corpus):
     for a, b in zip(expected, got):
         assert list(a["id"]) == list(b["id"]) and np.array_equal(a["video"], b["video"])
         assert np.array_equal(a["caption_dropped"], b["caption_dropped"])
+
+
+def test_a_skip_log_dir_gives_each_pipeline_a_folder_of_its_own(tmp_path):
+    """A restart writing to the same data.skip_log_dir does not sum the counts an earlier run left there."""
+    from pathlib import Path
+
+    from vidiff.data import Skip
+    from vidiff.data.pipeline import make_ledger
+
+    (tmp_path / "skips-123.json").write_text(json.dumps({"seen": 5, "skipped": {"corrupt": 5}}))  # an old layout's
+    first, second = (make_ledger({"skip_log_dir": str(tmp_path)}) for _ in range(2))
+    assert Path(first.directory).parent == tmp_path == Path(second.directory).parent
+    assert first.directory != second.directory
+    first.skip(Skip("corrupt", "bad.mp4"))
+    first.flush()
+    assert first.totals() == {"seen": 1, "skipped": {"corrupt": 1}, "bad": 1}
+    assert second.totals() == {"seen": 0, "skipped": {}, "bad": 0}

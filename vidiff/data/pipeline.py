@@ -30,6 +30,8 @@ iterator (``it.close()``) when using workers; scripts that use workers need an
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import grain
@@ -55,12 +57,13 @@ def default_process_index_count() -> tuple[int, int]:
 def make_ledger(config: Any) -> SkipLedger:
     """The skip ledger a pipeline built from ``config`` should count into.
 
-    With worker processes it aggregates through a directory
-    (``skip_log_dir``, or a temporary one it removes when collected).
+    With worker processes it aggregates through a directory (a folder of its own in
+    ``skip_log_dir``, or a temporary one it removes when collected).
     """
     config = DataConfig.from_any(config)
-    if config.skip_log_dir:
-        return SkipLedger(config.skip_log_dir)
+    if config.skip_log_dir:  # a new folder per pipeline: the files of earlier runs there are not summed in
+        Path(config.skip_log_dir).mkdir(parents=True, exist_ok=True)
+        return SkipLedger(tempfile.mkdtemp(prefix="pipeline-", dir=config.skip_log_dir))
     return SkipLedger.temporary() if config.num_workers > 0 else SkipLedger()
 
 
