@@ -221,6 +221,10 @@ def test_world_source_through_the_pipeline():
             k: record["labels"][k] for k in ("color", "shape", "direction")}
     eval_batch = next(iter(make_pipeline(cfg, split="eval")))
     assert not np.array_equal(batch["video"], eval_batch["video"])
+    # With data.fps the world renders at that rate: resampling its 8 fps would leave clips too short.
+    slow = next(iter(make_pipeline(config(source="world", num_epochs=None, batch_size=2, num_frames=5, size=16,
+                                          fps=4.0))))
+    assert slow["video"].shape == (2, 5, 16, 16, 3) and slow["fps"].tolist() == [4.0, 4.0]
 
 
 def test_image_fraction_cuts_clips_to_single_frames_in_the_image_bucket():

@@ -65,7 +65,7 @@ class DataConfig:
     tfds_id_key: str | None = None
     tfds_label_keys: Sequence[str] = ()
     tfds_download: bool = False  # vidiff never downloads unless asked
-    # source="world": WorldConfig overrides (num_frames/size default to the largest bucket)
+    # source="world": WorldConfig overrides (num_frames/size default to the largest bucket, fps to data.fps)
     world: Mapping | None = None
 
     @classmethod

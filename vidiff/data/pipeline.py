@@ -96,7 +96,7 @@ def build_source(config: DataConfig, split: str, ledger: SkipLedger):
             id_key=config.tfds_id_key, label_keys=config.tfds_label_keys, download=config.tfds_download,
         )
     else:
-        source = sources.world_source(config.world, split, buckets, config.frame_stride)
+        source = sources.world_source(config.world, split, buckets, config.frame_stride, config.fps)
     return source, BucketWindow(buckets, config.frame_stride, config.fps, config.window)
 
 

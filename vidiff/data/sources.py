@@ -340,8 +340,11 @@ def _item(value):
     return value
 
 
-def world_source(world_kwargs: dict | None, split: str, buckets: Sequence[Bucket], stride: int) -> Any:
-    """The built-in procedural captioned world, sized to the largest bucket; splits get distinct seeds."""
+def world_source(world_kwargs: dict | None, split: str, buckets: Sequence[Bucket], stride: int,
+                 fps: float | None = None) -> Any:
+    """The built-in procedural captioned world, sized to the largest bucket and rendered at ``fps`` (``data.fps``:
+    no resampling to drop the frames a bucket needs) unless ``world_kwargs`` say otherwise; splits get distinct
+    seeds."""
     from vidiff.data.world import CaptionedWorld, WorldConfig  # lazily: written alongside, heavy to import
 
     fields = {f.name for f in dataclasses.fields(WorldConfig)}
@@ -353,6 +356,8 @@ def world_source(world_kwargs: dict | None, split: str, buckets: Sequence[Bucket
         kwargs.setdefault("num_frames", max(frames_needed(b[0], stride) for b in buckets))
     if "size" in fields:
         kwargs.setdefault("size", max(max(b[1], b[2]) for b in buckets))
+    if fps and "fps" in fields:
+        kwargs.setdefault("fps", float(fps))
     if split != "train" and "seed" in fields:
         # A stable per-split offset: other draws, not other clips (most repeat
         # training clips); held_out="only" gives clips training never sees.
