@@ -147,3 +147,13 @@ def test_fps_upsampling_keeps_the_last_source_frames_span(tmp_path):
     assert counters(up) == resample_indices(24, 8.0, 24.0).tolist()
     assert counters(up)[-3:] == [23, 23, 23]
     assert counters(io.read_video(path, fps=24, start=1.0, end=2.0)[0]) == [8 + (k + 1) // 3 for k in range(23)] + [15]
+
+
+def test_a_raw_h264_stream_without_timestamps_reads_windows_and_resamples(tmp_path):
+    """No index to seek and no frame times: windows decode from the start and frames are timed by position."""
+    path = write_counter(tmp_path / "c.h264", 48, 8, fmt="h264")
+    rate = io.probe(path).fps  # a raw stream carries no rate: FFmpeg's guess, which the reader times frames by
+    assert counters(io.read_video(path)[0]) == list(range(48))
+    for k in (3, 20, 41):
+        assert counters(io.read_video(path, start=k / rate, max_frames=4)[0]) == list(range(k, k + 4)), k
+    assert counters(io.read_video(path, fps=rate / 2, max_frames=4)[0]) == [0, 2, 4, 6]

@@ -148,7 +148,7 @@ def read_video(
             reformat.update(height=int(size[0]), width=int(size[1]), interpolation="BICUBIC")
         half_period = 0.5 / info.fps
         out = _Resampler(fps, start_t, info.fps, max_frames, lambda frame: frame.to_ndarray(**reformat))
-        last_t, decoded, complete, error = None, 0, False, None
+        last_t, decoded, position, complete, error = None, 0, 0, False, None
 
         def reopen():
             again = stack.enter_context(_open(path)).streams.video[0]
@@ -157,7 +157,10 @@ def read_video(
 
         try:
             for frame in _decode_from(container, stream, start_t if start > 0 else None, half_period, origin, reopen):
-                t = float(frame.time) if frame.time is not None else origin + len(out.frames) / info.fps
+                # A frame without a timestamp (a raw .h264 stream) is timed by its place in the stream, which
+                # is then decoded from its start (it cannot seek).
+                t = float(frame.time) if frame.time is not None else origin + position / info.fps
+                position += 1
                 last_t = t
                 if t < start_t - half_period:
                     continue
@@ -194,15 +197,20 @@ def _decode_from(container, stream, target, half_period, origin, reopen):
     frame after the seek starts more than half a frame after ``target`` (and
     is not the stream's first frame), or nothing decodes, the seek is retried
     1, 4, 16 and 64 s earlier, then the file is decoded from the start
-    (``reopen`` gives a fresh stream).
+    (``reopen`` gives a fresh stream), as it is at once when it cannot seek.
     """
     if target is None or stream.time_base is None:
         yield from container.decode(stream)
         return
+    import av
+
     for back in (0.0, 1.0, 4.0, 16.0, 64.0):
         if back and target - back <= origin:
             break
-        container.seek(int((target - back) / stream.time_base), stream=stream)  # lands on the keyframe before
+        try:
+            container.seek(int((target - back) / stream.time_base), stream=stream)  # lands on the keyframe before
+        except av.FFmpegError:  # a stream without an index or timestamps (raw .h264): read it from the start
+            break
         frames = container.decode(stream)
         first = next(frames, None)
         if first is not None and (first.time is None or float(first.time) <= max(target, origin) + half_period):
