@@ -157,3 +157,12 @@ def test_a_raw_h264_stream_without_timestamps_reads_windows_and_resamples(tmp_pa
     for k in (3, 20, 41):
         assert counters(io.read_video(path, start=k / rate, max_frames=4)[0]) == list(range(k, k + 4)), k
     assert counters(io.read_video(path, fps=rate / 2, max_frames=4)[0]) == [0, 2, 4, 6]
+
+
+def test_a_matroska_file_cut_after_zero_claims_its_own_length(tmp_path):
+    """Matroska's and WebM's duration runs from 0: a file whose first frame is at 2 s is 6 s long, not 8."""
+    path = write_counter(tmp_path / "offset.mkv", 48, 8, fmt="matroska", first_pts=16)
+    info = io.probe(path)
+    assert (info.start, info.duration, info.num_frames) == (pytest.approx(2.0), pytest.approx(6.0), 48)
+    assert counters(io.read_video(path, truncated="error")[0]) == list(range(48))
+    assert counters(io.read_video(path, start=5.0, truncated="error")[0]) == list(range(40, 48))

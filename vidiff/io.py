@@ -83,14 +83,16 @@ def probe(path) -> VideoInfo:
 def _info(container) -> VideoInfo:
     stream = container.streams.video[0]
     fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
     if stream.duration is not None and stream.time_base is not None:
         duration = float(stream.duration * stream.time_base)
     elif container.duration is not None:
         duration = container.duration / 1e6
+        if "matroska" in container.format.name:  # (and WebM) a segment's duration runs from 0, not from the start
+            duration = max(duration - container.start_time / 1e6, 0.0) if container.start_time else duration
     else:
         duration = 0.0
     frames = stream.frames or int(round(duration * fps))
-    start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
     return VideoInfo(stream.codec_context.width, stream.codec_context.height, fps, frames, duration, start)
 
 
