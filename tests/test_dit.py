@@ -109,6 +109,10 @@ def test_packed_inputs_that_would_be_ignored_are_refused():
     clip = _inputs(2, SHAPES[0])
     row = patches.pack_clips([np.asarray(dit.concat_conditioning(clip[0]))[0]], CFG.patch, length=16)
     text, text_ids = patches.pack_texts([clip[2][0, :4]], length=6)
+    with pytest.raises(ValueError, match="^length: 0 is shorter than the 4 tokens of the packed clips$"):
+        patches.pack_clips([np.asarray(dit.concat_conditioning(clip[0]))[0]], CFG.patch, length=0)  # not "no pad"
+    with pytest.raises(ValueError, match="^length: 0 is shorter than the 4 packed text tokens$"):
+        patches.pack_texts([clip[2][0, :4]], length=0)
     forward = functools.partial(dit.VideoDiT(CFG).apply, _trained(), method=dit.VideoDiT.forward_tokens)
     args = (row.tokens[None], clip[1][:1], text[None], None, clip[4][:1])
     with pytest.raises(ValueError, match=r"^text_segment_ids: given without segment_ids; pass segment_ids \(B, N\)"):

@@ -60,6 +60,9 @@ def test_config_validation_messages():
         cfg.check_video_shape((1, 18, 32, 32, 3))
     with pytest.raises(ValueError, match=r"width=30 must be divisible by the spatial factor 4 \(e\.g\. 32\)"):
         cfg.check_video_shape((1, 17, 32, 30, 3))
+    per_frame = vae_preset("tiny", temporal_down=(False, False))  # time factor 1: (0 - 1) % 1 == 0
+    with pytest.raises(ValueError, match=r"^num_frames=0 must be 1 \+ k\*1 \(e\.g\. 1\); trim or pad the clip$"):
+        per_frame.check_video_shape((1, 0, 32, 32, 3))
     with pytest.raises(ValueError, match="unknown VAE preset 'huge'; valid presets: tiny, small, base"):
         vae_preset("huge")
     with pytest.raises(ValueError, match="unknown VAEConfig field"):
@@ -393,6 +396,18 @@ def test_latent_stats_normalize_to_unit_variance(tiny, clip):
     assert sampled.shape == normalized[:1].shape and not np.allclose(sampled, normalized[:1])
     with pytest.raises(ValueError, match="no 'latent_stats' collection"):
         vae.apply({"params": variables["params"]}, z, method=vae.normalize)
+
+
+def test_boxed_variables_export_and_load_back(tiny, clip, tmp_path):
+    """``init``'s variables are boxed with logical names; exported as they are, they load back unboxed."""
+    from vidiff.models.export import export_vae, load_vae
+
+    vae, variables = tiny
+    variables = set_latent_stats(variables, jnp.zeros(4), jnp.ones(4))
+    assert isinstance(variables["latent_stats"]["shift"], nn.LogicallyPartitioned)
+    export_vae(tmp_path, {"vae": True}, variables)
+    loaded = load_vae(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, loaded, nn.unbox({k: variables[k] for k in loaded}))
 
 
 def test_patch_size_folds_pixels_and_keeps_causality_and_chunking():

@@ -38,7 +38,7 @@ def save_tree(path, tree) -> Path:
     """Write a nested dict of arrays as safetensors (keys joined with '/')."""
     from safetensors.numpy import save_file
 
-    flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+    flat = traverse_util.flatten_dict(jax.device_get(nn.unbox(tree)), sep="/")  # init's boxed values too
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}, str(path))

@@ -97,7 +97,7 @@ def pack_clips(clips: Sequence[np.ndarray], patch: Sequence[int], length: int | 
     tokens = [patchify(c[None], patch)[0] for c in clips]
     grids = [[s // p for s, p in zip(c.shape[:3], patch)] for c in clips]
     n = sum(len(t) for t in tokens)
-    pad = (length or n) - n
+    pad = (n if length is None else length) - n  # length=0 is too short, not "no padding"
     if pad < 0:
         raise ValueError(f"length: {length} is shorter than the {n} tokens of the packed clips")
     return PackedClips(
@@ -117,7 +117,7 @@ def pack_texts(texts: Sequence[np.ndarray], length: int | None = None) -> tuple[
     if any(t.ndim != 2 or t.shape[-1] != texts[0].shape[-1] for t in texts):
         raise ValueError(f"pack_texts: texts must be (L_i, D) with one D, got shapes {[t.shape for t in texts]}")
     n = sum(len(t) for t in texts)
-    pad = (length or n) - n
+    pad = (n if length is None else length) - n  # length=0 is too short, not "no padding"
     if pad < 0:
         raise ValueError(f"length: {length} is shorter than the {n} packed text tokens")
     ids = [np.full(len(t), i, np.int32) for i, t in enumerate(texts)] + [np.full(pad, -1, np.int32)]

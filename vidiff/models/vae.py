@@ -138,7 +138,7 @@ class VAEConfig:
         if len(shape) != 5 or shape[-1] != 3:
             raise ValueError(f"video shape {tuple(shape)} must be (batch, frames, height, width, 3)")
         frames, tf, sf = shape[1], self.time_factor, self.spatial_factor
-        if (frames - 1) % tf:
+        if frames < 1 or (frames - 1) % tf:  # (0 - 1) % 1 == 0: a time factor of 1 would take an empty clip
             good = 1 + max(round((frames - 1) / tf), 0) * tf
             raise ValueError(f"num_frames={frames} must be 1 + k*{tf} (e.g. {good}); trim or pad the clip")
         for name, size in (("height", shape[2]), ("width", shape[3])):
