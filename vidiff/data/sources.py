@@ -233,6 +233,7 @@ class ArrayRecordSource:
     def __init__(self, paths: Sequence[str], field: str = "data.array_record_path"):
         self.paths = list(paths)
         self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        self._ends = None  # cumulative records per shard, counted when a damaged record first needs naming
         if not len(self._source):
             folders = sorted({str(Path(p).parent) for p in self.paths})
             raise ValueError(f"{field}: the {len(self.paths)} shard(s) in {', '.join(folders)} hold no records; "
@@ -249,7 +250,7 @@ class ArrayRecordSource:
 
     def _where(self, index: int) -> str:
         """``"<shard path> record <i>"``: the shard holding the source's ``index``-th record, and its place there."""
-        if not hasattr(self, "_ends"):  # counted when first needed: only damaged records need it
+        if self._ends is None:
             self._ends = np.cumsum([len(grain.sources.ArrayRecordDataSource([p])) for p in self.paths])
         shard = int(np.searchsorted(self._ends, index, side="right"))
         return f"{self.paths[shard]} record {index - (int(self._ends[shard - 1]) if shard else 0)}"

@@ -215,7 +215,6 @@ def validate(config, model: str, device_count: int) -> None:
         )
 
 
-
 def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, time_factor: int, time_patch: int,
                      divisors: tuple[int, int], why: str) -> None:
     """One trained clip size against the VAE's factors and the DiT's patch: a one-line error naming the field

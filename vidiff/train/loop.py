@@ -169,11 +169,9 @@ def train(config, model: str, *, log=print) -> dict:
     stage, workdir, checkpointer, task, mesh, iterator = (run.stage, run.workdir, run.checkpointer, run.task,
                                                           run.mesh, run.iterator)
     state, start = run.state, run.start
-    # Steps a resumed checkpoint's run skipped (under on_nonfinite='skip') are its own: this run stops only at new
-    # ones.
-    skipped_before = int(state.skipped)
+    # The steps a resumed checkpoint skipped (under on_nonfinite='skip') were its run's: this one stops at new ones.
     stop_if_nonfinite = functools.partial(_stop_if_nonfinite, stage=stage, model=model, checkpointer=checkpointer,
-                                          skipped_before=skipped_before, start=start)
+                                          skipped_before=int(state.skipped), start=start)
     cache_message = task.load_cache(workdir)  # host-side caches a checkpoint left (the DiT's latents)
     if cache_message:
         log(cache_message)
