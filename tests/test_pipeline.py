@@ -201,6 +201,22 @@ def test_connect_pins_both_ends(pipe, clip):
         pipe.connect(PROMPT, a, a)
 
 
+def test_video_inputs_are_read_by_pyav_whatever_their_suffix(pipe, clip, tmp_path):
+    """.m4v, .mpg, .ts or no suffix: a video input goes to PyAV, not to Pillow as an image."""
+    import shutil
+
+    from vidiff.generate import _check_readable
+
+    mp4 = io.write_video(tmp_path / "clip.mp4", clip, fps=8)
+    want = pipe.edit(PROMPT, mp4, strength=0.5, return_latents=True, **FAST)
+    for name in ("clip.m4v", "clip.mpg", "clip"):
+        other = shutil.copy(mp4, tmp_path / name)
+        _check_readable(other, "video")
+        np.testing.assert_array_equal(pipe.edit(PROMPT, other, strength=0.5, return_latents=True, **FAST), want)
+    with pytest.raises(io.VideoReadError, match="not a readable image"):  # an image input still needs an image
+        _check_readable(tmp_path / "clip.m4v", "image")
+
+
 def test_edit_strength_moves_from_the_input_to_pure_generation(pipe, clip):
     source = np.asarray(pipe.encode(clip))[0]
     distance = {s: float(np.abs(pipe.edit(PROMPT, clip, strength=s, return_latents=True, **FAST)[0] - source).mean())

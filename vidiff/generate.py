@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
         if Path(args.grid).suffix.lower() not in (".png", ".jpg", ".jpeg"):
             raise ValueError(f"--grid {args.grid}: the grid is one image; use .png or .jpg")
         _check_writable(Path(args.grid).with_suffix(".png"), frames=1)
-    for source in _inputs(args):
-        _check_readable(source)
+    for source, kind in _inputs(args):
+        _check_readable(source, kind)
 
     from vidiff.pipeline import TextToVideo
 
@@ -172,8 +172,11 @@ def _check_mode_flags(args) -> None:
                          "ask for more frames")
 
 
-def _inputs(args) -> list[str]:
-    return [p for p in (args.image, args.extend, args.edit, *(args.connect or ())) if p]
+def _inputs(args) -> list[tuple[str, str]]:
+    """``(path, "image" | "video")`` of every input file the mode reads."""
+    given = [(args.image, "image"), (args.extend, "video"), (args.edit, "video"),
+             *((path, "video") for path in args.connect or ())]
+    return [(path, kind) for path, kind in given if path]
 
 
 def _output_paths(out: str, total: int) -> list[Path]:
@@ -214,11 +217,12 @@ def check_writable(path) -> None:
                 folder.rmdir()
 
 
-def _check_readable(source: str) -> None:
-    """A missing or undecodable input is one line now (``VideoReadError`` names the file and the reason)."""
+def _check_readable(source: str, kind: str) -> None:
+    """A missing or undecodable input is one line now (``VideoReadError`` names the file and the reason); read
+    as ``TextToVideo.load_frames`` will: videos by PyAV whatever their suffix, images by theirs."""
     if Path(source).is_dir():
         raise ValueError(f"{source} is a directory; give a video or image file")
-    if io.is_video_path(source):
+    if io.reads_as_video(source, video_expected=kind == "video"):
         io.probe(source)
     else:
         io.read_image(source)

