@@ -167,8 +167,9 @@ def test_unrecognized_arguments_name_only_the_bad_ones(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--config", "c.py", "--configvae_train.steps=3", "--config.workdir=/tmp/w"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "vidiff: error: unrecognized arguments: --configvae_train.steps=3")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: vidiff plan ")  # the subcommand's usage and name, as its other errors give
+    assert err[-1] == "vidiff plan: error: unrecognized arguments: --configvae_train.steps=3"
 
 
 def test_a_failed_run_leaves_no_output_folders_behind(tmp_path, capsys):

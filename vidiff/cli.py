@@ -27,16 +27,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vidiff", description="Text-to-video diffusion in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == chosen:
-            importlib.import_module(module).add_arguments(p)
+    parsers = {name: sub.add_parser(name, help=help_text, description=help_text)
+               for name, (_, help_text) in SUBCOMMANDS.items()}
+    if chosen:
+        importlib.import_module(SUBCOMMANDS[chosen][0]).add_arguments(parsers[chosen])
     args, extra = parser.parse_known_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     # Config overrides (--config.a.b=value) pass through to modules that take them.
     overrides_ok = getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False)
     if unknown := [e for e in extra if not (overrides_ok and e.startswith("--config."))]:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # only these, not the good overrides beside them
+        # "vidiff generate: error: ...", with that subcommand's usage; only these, not the good overrides beside them
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = extra
     try:
         return int(module.run(args) or 0)
