@@ -169,24 +169,30 @@ def time_left(args) -> float:
 
 def run_json(cmd: list[str], timeout: float, env: dict | None = None) -> list[dict] | dict:
     """Run ``cmd``; its JSON lines (stdout lines starting with '{'), each with the subprocess's ``elapsed_s``, or
-    a failure record (a timeout's names the seconds it had and the end of its stderr)."""
+    a failure record (a timeout's names the seconds it had and the end of its stderr). A subprocess that printed
+    records before it timed out or failed keeps them, with the failure record after them (``pick`` finds a
+    mode's record first): a forward measured before the training step was cut, or timings printed before a
+    profiler hung, are not lost."""
     if timeout < MIN_RUN_S:
         return dict(status="timeout", cmd=shlex.join(cmd), reason="no time left before the deadline", timeout_s=0.0)
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as expired:
-        stderr = expired.stderr or b""  # what it printed before the kill: bytes, whatever text= says
-        if isinstance(stderr, bytes):
-            stderr = stderr.decode(errors="replace")
-        return dict(status="timeout", cmd=shlex.join(cmd), timeout_s=round(timeout, 1),
-                    stderr_tail=stderr.strip().splitlines()[-5:])
+        stdout, stderr, returncode = done.stdout, done.stderr, done.returncode
+        failure = None if returncode == 0 else dict(status="error", returncode=returncode, cmd=shlex.join(cmd))
+    except subprocess.TimeoutExpired as expired:  # what it printed before the kill: bytes, whatever text= says
+        stdout, stderr = (text.decode(errors="replace") if isinstance(text, bytes) else text or ""
+                          for text in (expired.stdout, expired.stderr))
+        failure = dict(status="timeout", cmd=shlex.join(cmd), timeout_s=round(timeout, 1))
     elapsed_s = round(time.perf_counter() - start, 3)  # the whole subprocess: start-up, compiles, timed steps
-    records = json_lines(done.stdout)
-    if done.returncode != 0 or not records:
-        return dict(status="error", returncode=done.returncode, cmd=shlex.join(cmd), elapsed_s=elapsed_s,
-                    stderr_tail=done.stderr.strip().splitlines()[-15:])
-    return [dict(record, elapsed_s=elapsed_s) for record in records]
+    records = [dict(record, elapsed_s=elapsed_s) for record in json_lines(stdout)]
+    if failure is None and records:
+        return records
+    if failure is None:
+        failure = dict(status="error", returncode=0, cmd=shlex.join(cmd))
+    failure.update(elapsed_s=elapsed_s, stderr_tail=stderr.strip().splitlines()[-15 if failure["status"] == "error"
+                                                                                  else -5:])
+    return records + [failure] if records else failure
 
 
 def vidiff_env() -> dict:

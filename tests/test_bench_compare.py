@@ -103,3 +103,20 @@ def test_bench_compare_gives_each_run_what_is_left_of_one_deadline(tmp_path):
     (row,) = report["results"]
     assert row["vidiff"]["status"] == row["peer"]["status"] == "timeout"
     assert row["vidiff"]["reason"] == "no time left before the deadline"
+
+
+def test_records_printed_before_a_timeout_or_a_failure_are_kept():
+    """A forward measured before the training step was cut, or timings printed before a profiler hung or
+    crashed, stay in the report; the mode that did not finish gets the failure record."""
+    import bench_compare
+
+    forward = json.dumps(dict(impl="vidiff", mode="forward", status="ok", tokens_per_s=5.0))
+    then = {"hangs": "import time; time.sleep(30)", "fails": "raise SystemExit(3)"}
+    for case, tail in then.items():
+        code = f"print({forward!r}, flush=True); {tail}"
+        records = bench_compare.run_json([sys.executable, "-c", code], timeout=3.0 if case == "hangs" else 30.0)
+        assert isinstance(records, list) and len(records) == 2, (case, records)
+        assert bench_compare.pick(records, "forward")["tokens_per_s"] == 5.0
+        failed = bench_compare.pick(records, "train")
+        assert failed["status"] == ("timeout" if case == "hangs" else "error") and failed["elapsed_s"] > 0
+    assert bench_compare.run_json([sys.executable, "-c", "raise SystemExit(4)"], timeout=30.0)["returncode"] == 4
