@@ -90,6 +90,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -106,6 +107,10 @@ SESSION_DEVICE_S = 900.0
 MACHINE_START_S = 40.0  # 33-36 s measured on an H200, 2026-12-04 (start and transfers)
 CALL_OVERHEAD_S = 40.0  # per call: the tree's transfer, this script's start and end, the way back of the files
 CALL_MAX_BUDGET_S = 560.0  # a call runs at most 600 s
+START_SLACK_S = 5.0  # a call's seconds before its first job (nvidia-smi, the result files): not a job's to use
+# Settings a follow-up call must share with the call that printed it (its estimates and its measurements).
+CARRIED = ("estimate_scale", "steps", "warmup", "peak_tflops", "memory_cap_mib", "vidiff_remat", "vidiff_update",
+           "tiny", "peer", "peer_cmd", "peer_forward_cmd", "vidiff_cmd", "vidiff_extra")
 
 
 # --------------------------------------------------------------------------- the session
@@ -162,7 +167,7 @@ def next_call(left_over: list[str], args, elapsed: float) -> str:
     left = args.device_left - elapsed - CALL_OVERHEAD_S  # device time after this call and the next one's overhead
     budget = math.floor(min(CALL_MAX_BUDGET_S, left))  # as printed: a job fits the --budget the command gives
     estimate = {job.name: estimate_s(job, args) for job in JOBS}
-    fits = [name for name in left_over if estimate[name] <= budget]
+    fits = [name for name in left_over if estimate[name] <= budget - START_SLACK_S]  # as --only's check judges
     if not fits:
         lines.append(f"next call: ~{max(0, left):.0f} s of device time left by --device-left {args.device_left:.0f} "
                      f"(this call ran {elapsed:.0f} s), less than the smallest job left "
@@ -174,7 +179,8 @@ def next_call(left_over: list[str], args, elapsed: float) -> str:
     # --device-left: what the next call's own next call is sized by (call 14 of PERF.md, without it, offered a
     # third call of 539 s with 89 s of device time left)
     lines.append(f"PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/bench_goals.py --budget {budget:.0f} "
-                 f"--device-left {math.floor(left)} --only {','.join(fits)} --out-dir $OUT")
+                 f"--device-left {math.floor(left)} --only {','.join(fits)} --out-dir $OUT"
+                 + "".join(f" {shlex.quote(flag)}" for flag in args.carried))
     later = [name for name in left_over if name not in fits]
     if later:
         lines.append(f"estimated longer than that budget, for another session: --only {','.join(later)}")
@@ -273,6 +279,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for flag in ("--peer-cmd", "--peer-forward-cmd", "--vidiff-cmd", "--vidiff-extra"):
         p.add_argument(flag, help=f"passed to bench_compare.py {flag}")
     args = p.parse_args(argv)
+    args.carried = [(f"--{dest.replace('_', '-')}" if getattr(args, dest) is True
+                     else f"--{dest.replace('_', '-')}={getattr(args, dest)}")
+                    for dest in CARRIED if getattr(args, dest) != p.get_default(dest)]
     names = {}
     for flag, text in (("--only", args.only or ",".join(JOB_NAMES)), ("--skip", args.skip)):
         names[flag] = [n for n in text.split(",") if n]
@@ -291,11 +300,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         for job in jobs:
             traced = args.profile and job is first_compare
             estimate = estimate_s(job, args, traced)
-            if estimate > args.budget:
+            if estimate > args.budget - START_SLACK_S:  # the call's start-up comes out of the budget first
                 raise SystemExit(f"--only {job.name}: its estimate{' with --profile' if traced else ''}, "
-                                 f"{estimate:.0f} s, exceeds --budget {args.budget:.0f}, so it "
-                                 f"would be skipped; raise --budget (a call runs at most {CALL_MAX_BUDGET_S:.0f} s) "
-                                 f"or leave the job for another call")
+                                 f"{estimate:.0f} s, exceeds --budget {args.budget:.0f} less {START_SLACK_S:.0f} s "
+                                 f"of start-up, so it would be skipped; raise --budget (a call runs at most "
+                                 f"{CALL_MAX_BUDGET_S:.0f} s) or leave the job for another call")
     return args
 
 

@@ -57,7 +57,15 @@ def test_bench_goals_runs_what_fits_the_budget_and_names_the_rest(tmp_path):
     assert "not measured: run again with --only compare_64x256\n" in table
     # The next call's budget from the device time left: 860 s by default, less this call and 40 s, at most 560.
     last = table.rstrip().splitlines()[-1]  # --device-left: 860 less this call's few seconds and 40
-    assert re.fullmatch(r".* --budget 560 --device-left (8[01][0-9]) --only compare_64x256 --out-dir \$OUT", last)
+    assert re.fullmatch(r".* --budget 560 --device-left (8[01][0-9]) --only compare_64x256 --out-dir \$OUT "
+                        r"--estimate-scale=0.21 --tiny '--peer-cmd=.*' '--peer-forward-cmd=.*' '--vidiff-cmd=.*'", last)
+    # The follow-up shares this call's settings: its estimates and its measurements are this call's.
+    import shlex
+
+    import bench_goals
+
+    carried = bench_goals.parse_args(shlex.split(last)[4:])
+    assert (carried.estimate_scale, carried.tiny, carried.budget, carried.only) == (0.21, True, 560, ["compare_64x256"])
 
 
 def test_bench_goals_refuses_a_named_job_longer_than_the_budget(tmp_path):
@@ -67,8 +75,8 @@ def test_bench_goals_refuses_a_named_job_longer_than_the_budget(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 1 and not (tmp_path / "out").exists()
     (line,) = done.stderr.strip().splitlines()
-    assert line == ("--only compare_64x256: its estimate, 500 s, exceeds --budget 450, so it would be skipped; "
-                    "raise --budget (a call runs at most 560 s) or leave the job for another call")
+    assert line == ("--only compare_64x256: its estimate, 500 s, exceeds --budget 450 less 5 s of start-up, so it "
+                    "would be skipped; raise --budget (a call runs at most 560 s) or leave the job for another call")
     import bench_goals  # without --only the runner skips what does not fit and names it, as above
 
     assert bench_goals.parse_args(["--out-dir", "x", "--budget", "450"]).only == bench_goals.JOB_NAMES
@@ -76,13 +84,14 @@ def test_bench_goals_refuses_a_named_job_longer_than_the_budget(tmp_path):
     only = ["--out-dir", "x", "--budget", "310", "--only", "vae_decode_512,compare_1x16384_block"]
     assert bench_goals.parse_args(only).only == ["vae_decode_512", "compare_1x16384_block"]
     with pytest.raises(SystemExit, match=r"^--only compare_1x16384_block: its estimate with --profile, 330 s, "
-                                         r"exceeds --budget 310, so it would be skipped; raise --budget"):
+                                         r"exceeds --budget 310 less 5 s of start-up, so it would be skipped"):
         bench_goals.parse_args([*only, "--profile"])
     # A later compare job is traced only when the first is skipped: its own estimate is what it needs at least.
-    later = ["--out-dir", "x", "--budget", "530", "--profile", "--only", "compare_64x256,compare_1x16384_block"]
+    later = ["--out-dir", "x", "--budget", "535", "--profile", "--only", "compare_64x256,compare_1x16384_block"]
     assert bench_goals.parse_args(later).only == ["compare_64x256", "compare_1x16384_block"]
     with pytest.raises(SystemExit, match=r"^--only compare_64x256: its estimate with --profile, 530 s"):
-        bench_goals.parse_args([*later[:3], "520", *later[4:]])
+        bench_goals.parse_args([*later[:3], "530", *later[4:]])  # an estimate equal to the budget: its start-up
+    # would leave the job less than its estimate when it comes to start, and it would be skipped
 
 
 def test_bench_goals_checks_forward_goal_and_rejects_unknown_jobs(tmp_path):
