@@ -15,8 +15,9 @@ to what a long sequence needs (remat, seconds per step, and the question is
 whether it fits). ``bench_goals.py``'s ``max_tokens`` job runs it at the
 goal's length with JAX held to an H100's memory.
 
-Prints each length's outcome on stderr as it ends, then one JSON line:
-mode="max_tokens_search", max_tokens (the largest length that trained, null
+Prints a JSON line per length as it ends (mode="max_tokens_length": a search cut
+at a device call's limit still leaves what it measured in a ``tee``'d file),
+then one JSON line: mode="max_tokens_search", max_tokens (the largest length that trained, null
 if none), tried (per length: status "ok" | "oom" | "error" | "timeout",
 step_s, tokens_per_s, mfu, peak_mem_GiB, error), and the preset, scan and
 dtype the children reported.
@@ -62,7 +63,8 @@ def search(args) -> dict:
         result = run_isolated(cmd, args.search_timeout)
         reported = reported or {k: result[k] for k in ("preset", "scan", "dtype") if k in result}
         tried.append(dict(tokens=tokens, **{k: result.get(k) for k in TRIED_KEYS}))
-        print(json.dumps(dict(search_progress=tried[-1])), file=sys.stderr, flush=True)
+        print(json.dumps(dict(impl="vidiff", mode="max_tokens_length", batch=1, remat=args.remat, **reported,
+                              **tried[-1])), flush=True)
         if result.get("status") != "ok":
             break
         largest = tokens

@@ -149,7 +149,7 @@ def test_bench_dit_prints_the_record_before_a_failing_profile(monkeypatch, capsy
     assert profile["queued"] is False  # each traced step waited for, as the timed ones
 
 
-def test_max_tokens_search_doubles_until_a_length_does_not_fit(monkeypatch):
+def test_max_tokens_search_doubles_until_a_length_does_not_fit(monkeypatch, capsys):
     """bench_max_tokens.py's search, with each length's child run faked (a real child is a plain bench_dit.py train
     run, tested above): 16 and 32 tokens train, 64 runs out of memory, so 32 is the answer."""
     import bench_dit
@@ -174,6 +174,11 @@ def test_max_tokens_search_doubles_until_a_length_does_not_fit(monkeypatch):
     assert [(t["tokens"], t["status"], t["peak_mem_GiB"]) for t in record["tried"]] == [
         (16, "ok", 1.0), (32, "ok", 2.0), (64, "oom", None)]
     assert "RESOURCE_EXHAUSTED" in record["tried"][2]["error"]
+    # Each length's line on stdout as it ends (a search cut at a call's limit keeps them in a tee'd file).
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["mode"], r.get("tokens"), r.get("status")) for r in lines] == [
+        ("max_tokens_length", 16, "ok"), ("max_tokens_length", 32, "ok"), ("max_tokens_length", 64, "oom"),
+        ("max_tokens_search", None, None)]
     # Each child is a valid bench_dit.py command: one length, batch 1, the search's remat, other flags kept.
     assert children[0][1].endswith("bench_dit.py")
     child = bench_dit.parse_args(children[0][2:])
