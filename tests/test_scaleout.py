@@ -298,6 +298,23 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
     assert "| fsdp=4 | 64 | 4x8x8 | block | xla |" in plan.format_table([row], 1.0)
 
 
+def test_plan_on_a_cpu_stands_chunked_attention_in_for_a_gpu_configs_cudnn():
+    """A config written for a GPU (cuDNN, padded heads) plans on the CPU: chunked attention, no padding."""
+    from pathlib import Path
+
+    from vidiff import plan
+    from vidiff.train import config as config_lib
+
+    config = config_lib.load_config(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "world_tiny.py")
+    for gpu in (dict(attention_impl="cudnn", dtype="bfloat16"), dict(attention_impl=None, attention_head_pad=64)):
+        config.dit.overrides.update({**dict(attention_impl=None, attention_head_pad=0, dtype="float32"), **gpu})
+        args = types.SimpleNamespace(preset=None, text_dim=32, dtype=None, attention=None, scan=False)
+        cfg, latent = plan._dit_config(config, args, 64, "none", on_cpu=True)
+        assert (cfg.attention_impl, cfg.attention_head_pad, latent) == ("chunked", 0, (4, 8, 8)), gpu
+    args.attention = "xla"  # asked for: kept
+    assert plan._dit_config(config, args, 64, "none", on_cpu=True)[0].attention_impl == "xla"
+
+
 @pytest.mark.parametrize("flags, message", [
     (dict(devices=-2), "--devices=-2 must be at least 1"),
     (dict(devices=0), "--devices=0 must be at least 1"),

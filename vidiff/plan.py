@@ -12,8 +12,8 @@ EMA, the batch, activations (XLA's temporaries) and the peak, and whether the pe
 Devices: the first ``--devices`` real devices when the machine has them (the real compiler),
 otherwise the plan re-runs itself on that many virtual CPU devices (a fake topology; the CPU
 compiler's fusion and buffer choices differ from a GPU's, so read the numbers as estimates).
-On CPU, ``--attention chunked`` (the default there) stands in for cuDNN flash attention's
-linear memory; ``xla`` materialises the full attention logits.
+On CPU, ``--attention chunked`` (the default there, also for a config that asks for ``cudnn``)
+stands in for cuDNN flash attention's linear memory; ``xla`` materialises the full attention logits.
 """
 from __future__ import annotations
 
@@ -146,8 +146,10 @@ def _dit_config(config, args, tokens, remat, on_cpu):
             fields[key] = None if value == "auto" else value
     if args.scan:
         fields["scan_blocks"] = True
-    if on_cpu and fields.get("attention_impl") is None:
-        fields["attention_impl"] = "chunked"  # linear memory, as cuDNN flash attention on GPU
+    if on_cpu and fields.get("attention_impl") in (None, "cudnn"):
+        # cuDNN flash attention (what None picks on a GPU) cannot compile here: chunked has its linear memory. Head
+        # padding only picks a cuDNN kernel's size, and chunked takes none.
+        fields.update(attention_impl="chunked", attention_head_pad=0)
     cfg = dit_preset(args.preset or config.dit.preset, **fields)
     latent = latent_shape_for_tokens(tokens, cfg.patch) if tokens else vae.latent_shape(video_shape(config, 1))[1:4]
     return cfg, tuple(latent)
