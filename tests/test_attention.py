@@ -25,6 +25,13 @@ def test_attention_kv_lengths_equal_key_mask_and_truncation():
     np.testing.assert_allclose(by_length, by_mask, atol=1e-5)
     truncated = jit_attention(q[:1], k[:1, :3], v[:1, :3])
     np.testing.assert_allclose(by_length[:1], truncated, atol=1e-5)
+    # A (T, S) mask is not a key mask: given 2-D it is refused, given as (1, 1, T, S) it masks queries and keys.
+    causal = jnp.tril(jnp.ones((6, 6), bool))
+    with pytest.raises(ValueError, match=r"^mask: a 2-D mask is a key mask \(batch 2, keys 6\), got \(6, 6\); give "
+                                         r"a mask over queries and keys as \(1, 1, T, S\)$"):
+        attention.attention(q, k, v, mask=causal)
+    first = jit_attention(q, k, v, mask=causal[None, None])[:, 0]  # query 0 sees key 0 alone
+    np.testing.assert_allclose(first, v[:, 0], atol=1e-5)
 
 
 def test_attention_segment_ids_match_separate_sequences():

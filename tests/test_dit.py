@@ -212,6 +212,8 @@ def test_block_layout_converts_both_ways_and_leaves_other_depths_alone():
     deeper = dataclasses.replace(CFG, depth=CFG.depth + 1)
     assert with_block_layout(unrolled, dataclasses.replace(deeper, scan_blocks=True)) is unrolled
     assert with_block_layout(scanned, deeper) is scanned  # x[depth] would clamp, not fail
+    shallower = dataclasses.replace(CFG, depth=CFG.depth - 1, scan_blocks=True)
+    assert with_block_layout(unrolled, shallower) is unrolled  # stacking the first blocks would drop the last
 
 
 @pytest.mark.parametrize("text_mode", ["cross", "joint"])
@@ -377,6 +379,10 @@ def test_config_rejects_values_that_would_fail_later_or_silently():
                              (dict(patch=(1.7, 2, 2)), r"patch: need three positive ints \(pt, ph, pw\), got \(1.7"),
                              (dict(depth=True), "depth: must be a positive int, got True"),
                              (dict(mlp_ratio=True), "mlp_ratio: must be a positive number, got True"),
+                             (dict(mlp_ratio=0.01), "^mlp_ratio: width 64 x 0.01 leaves the MLP no hidden unit$"),
+                             (dict(width=12, heads=2, rope_fractions=(0.1, 0.45, 0.45), abs_pos_embed=True),
+                              r"^rope_fractions: \(0.1, 0.45, 0.45\) of width \(abs_pos_embed\) 12 gives parts "
+                              r"\(0, 6, 6\); each needs >= 2 dims$"),
                              (dict(rope_fractions="abc"), "rope_fractions: need 3 numbers summing to 1, got 'abc'"),
                              (dict(width=36, heads=4), r"heads: head_dim = width / heads = 9 must be even for RoPE"),
                              (dict(attention_impl="cudnn"), r"attention_impl: 'cudnn' needs dtype bfloat16 or "

@@ -74,8 +74,9 @@ def attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segme
     """Scaled dot-product attention, ``q (B, T, H, D)``, ``k, v (B, S, H, D)`` -> ``(B, T, H, D)``.
 
     Args:
-      mask: optional bool, True = attend; a key mask ``(B, S)`` or anything broadcastable
-        to ``(B, H, T, S)``. Prefer ``kv_lengths`` for right-padded keys.
+      mask: optional bool, True = attend; a key mask ``(B, S)`` (every 2-D mask is read
+        as one) or a rank-4 mask broadcastable to ``(B, H, T, S)``, e.g. ``(1, 1, T, S)``
+        for one over queries and keys. Prefer ``kv_lengths`` for right-padded keys.
       kv_lengths: optional int ``(B,)``: only keys ``[0, length)`` are attended (cuDNN flash
         attention handles this natively, without a dense mask). Lengths must be >= 1.
       segment_ids: optional int ``(B, T)`` for packed sequences: query i attends key j only if
@@ -100,6 +101,9 @@ def attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segme
             q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
         )
     if mask is not None:
+        if mask.ndim == 2 and mask.shape != (q.shape[0], k.shape[1]):  # a (T, S) mask would be read as (B, S)
+            raise ValueError(f"mask: a 2-D mask is a key mask (batch {q.shape[0]}, keys {k.shape[1]}), got "
+                             f"{tuple(mask.shape)}; give a mask over queries and keys as (1, 1, T, S)")
         mask = mask[:, None, None, :] if mask.ndim == 2 else mask
         mask = mask.astype(bool)
     if segment_ids is not None:

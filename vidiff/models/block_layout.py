@@ -26,8 +26,9 @@ def with_block_layout(params: dict, config) -> dict:
     """
     unrolled = [f"blocks_{i}" for i in range(config.depth)]
     boxed = lambda x: isinstance(x, nn.meta.Partitioned)  # noqa: E731
-    # Another depth is left as it is, for the caller's shape check to name (indexing past the end would clamp).
-    if config.scan_blocks and all(name in params for name in unrolled):
+    # Another depth is left as it is, for the caller's shape check to name (indexing past the end would clamp,
+    # and stacking only the first blocks of a deeper tree would drop the rest).
+    if config.scan_blocks and all(name in params for name in unrolled) and f"blocks_{config.depth}" not in params:
         rest = {k: v for k, v in params.items() if k not in unrolled}
         return {**rest, "blocks": jax.tree.map(_stacked, *(params[k] for k in unrolled), is_leaf=boxed)}
     stacked = params.get("blocks")

@@ -126,6 +126,10 @@ class DiTConfig:
             raise ValueError(f"heads: head_dim = width / heads = {self.head_dim} must be even for RoPE; pick heads "
                              f"so that width / heads is even")
         rope_axis_dims(self.head_dim, self.rope_fractions)
+        if self.abs_pos_embed:  # the absolute sinusoids split the whole width as RoPE splits a head
+            rope_axis_dims(self.width, self.rope_fractions, "width (abs_pos_embed)")
+        if int(self.width * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio: width {self.width} x {self.mlp_ratio} leaves the MLP no hidden unit")
         choices = dict(text_mode=("cross", "joint"), remat_policy=tuple(REMAT_POLICIES),
                        dtype=("float32", "bfloat16", "float16"), param_dtype=("float32", "bfloat16"))
         for name, valid in choices.items():

@@ -13,14 +13,16 @@ import jax.numpy as jnp
 
 from vidiff.models.layers import sinusoidal_embedding
 
-def rope_axis_dims(head_dim: int, fractions: Sequence[float] = (0.25, 0.375, 0.375)) -> tuple[int, int, int]:
-    """Split ``head_dim`` into even (time, height, width) parts; height/width are rounded, time gets the rest."""
+def rope_axis_dims(head_dim: int, fractions: Sequence[float] = (0.25, 0.375, 0.375),
+                   name: str = "head_dim") -> tuple[int, int, int]:
+    """Split ``head_dim`` into even (time, height, width) parts; height/width are rounded, time gets the rest.
+    ``name``: what is split, for the error (``sincos_3d`` splits the model width the same way)."""
     if head_dim % 2 or len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"rope_fractions: need 3 fractions summing to 1, even head_dim; got {fractions}, {head_dim}")
+        raise ValueError(f"rope_fractions: need 3 fractions summing to 1, even {name}; got {fractions}, {head_dim}")
     dh, dw = (2 * round(f * head_dim / 2) for f in fractions[1:])
     dims = (head_dim - dh - dw, dh, dw)
     if min(dims) < 2:
-        raise ValueError(f"rope_fractions: {fractions} of head_dim {head_dim} gives parts {dims}; each needs >= 2 dims")
+        raise ValueError(f"rope_fractions: {fractions} of {name} {head_dim} gives parts {dims}; each needs >= 2 dims")
     return dims
 
 
@@ -45,7 +47,7 @@ def sincos_3d(positions, width: int, fractions=(0.25, 0.375, 0.375)):
     alone gives attention only relative offsets, and a trajectory ``p0 + k v`` needs ``k``.
     """
     return jnp.concatenate([sinusoidal_embedding(positions[..., axis], dim)
-                            for axis, dim in enumerate(rope_axis_dims(width, fractions))], axis=-1)
+                            for axis, dim in enumerate(rope_axis_dims(width, fractions, "width"))], axis=-1)
 
 
 def apply_rope(x, cos, sin):
