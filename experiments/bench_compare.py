@@ -188,10 +188,10 @@ def run_json(cmd: list[str], timeout: float, env: dict | None = None) -> list[di
     records = [dict(record, elapsed_s=elapsed_s) for record in json_lines(stdout)]
     if failure is None and records:
         return records
-    if failure is None:
+    if failure is None:  # exited 0 without printing a record
         failure = dict(status="error", returncode=0, cmd=shlex.join(cmd))
-    failure.update(elapsed_s=elapsed_s, stderr_tail=stderr.strip().splitlines()[-15 if failure["status"] == "error"
-                                                                                  else -5:])
+    tail = 15 if failure["status"] == "error" else 5
+    failure.update(elapsed_s=elapsed_s, stderr_tail=stderr.strip().splitlines()[-tail:])
     return records + [failure] if records else failure
 
 

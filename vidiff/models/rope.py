@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from vidiff.models.layers import sinusoidal_embedding
 
+
 def rope_axis_dims(head_dim: int, fractions: Sequence[float] = (0.25, 0.375, 0.375),
                    name: str = "head_dim") -> tuple[int, int, int]:
     """Split ``head_dim`` into even (time, height, width) parts; height/width are rounded, time gets the rest.
