@@ -118,7 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
     # before it), so the VAE trains on whole clips: 2 x 9 frames a step.
     c.vae_train = train_stage(600, 2e-3, stats_batches=8, eval_every=200)
     c.dit_train = train_stage(600, 1e-3, latents="on_the_fly", eval_every=200)
-    # Every eval-split clip (six); the folder source ignores eval.num_frames: eval clips have the stage's length.
+    # Every eval-split clip (six), each eval.num_frames long.
     c.eval = dict(num_clips=6, split="eval", num_frames=9)
     c.sample = dict(prompts=PROMPTS, steps=20, sampler="euler", guidance=4.0)
     return c

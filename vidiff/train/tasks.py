@@ -70,9 +70,7 @@ class Task:
 
     def device_batch(self, raw: dict, mesh) -> dict:
         """Numeric batch entries as global arrays sharded over the data axes (multi-host safe)."""
-        arrays = self.host_arrays(raw)
-        return {k: jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, v.ndim), v)
-                for k, v in arrays.items()}
+        return parallel.device_batch(self.host_arrays(raw), mesh)
 
     @property
     def batch_shardings(self):
