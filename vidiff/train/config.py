@@ -194,8 +194,9 @@ def validate(config, model: str, device_count: int) -> None:
 
     factors = (vae_cfg.time_factor, time_patch, divisors, why)
     _check_clip_size(int(config.data.num_frames), height, width, None, *factors)
-    for frames, h, w in parse_buckets(config.data.get("buckets"), (int(config.data.num_frames), height, width)):
-        _check_clip_size(frames, h, w, f"{frames}x{h}x{w}", *factors)  # the clip sizes trained, when bucketed
+    if config.data.get("buckets"):  # the clip sizes trained, when bucketed
+        for frames, h, w in parse_buckets(config.data.buckets, (int(config.data.num_frames), height, width)):
+            _check_clip_size(frames, h, w, f"{frames}x{h}x{w}", *factors)
     from vidiff import parallel
 
     sizes = parallel.resolve_sizes(parallel.mesh_sizes(config.mesh.to_dict()), device_count)  # presets, dcn, -1

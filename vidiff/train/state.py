@@ -9,9 +9,10 @@ device ever holds a full unsharded copy.
 A *task* supplies ``loss_fn(params, batch, rng, frozen, step) -> (loss, metrics)``;
 ``frozen`` carries whatever the loss needs but never trains (a frozen VAE for
 the DiT); ``step`` counts the optimizer updates so far, skipped steps left out,
-as the optimizer's schedules and a discriminator's start count them. The step never syncs with the host: a non-finite loss or gradient
-leaves the state unchanged, is counted, and the first such step is recorded so
-the loop can stop (or carry on) at its next log line, naming the step.
+as the optimizer's schedules and a discriminator's start count them. The step
+never syncs with the host: a non-finite loss or gradient leaves the state
+unchanged, is counted, and the first such step is recorded so the loop can stop
+(or carry on) at its next log line, naming the step.
 """
 from __future__ import annotations
 
