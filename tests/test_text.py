@@ -85,6 +85,20 @@ def test_clip_legacy_eos_id_pools_the_same_token():
     np.testing.assert_array_equal(eos_positions(ids, 99), (ids != 99).sum(1))
 
 
+def test_full_clip_config_projects_to_its_top_level_projection_dim(tmp_path):
+    """A ``CLIPModel`` config.json keeps transformers' default projection_dim (512) in text_config; the model
+    projects to the top level's."""
+    full = tmp_path / "clip"
+    shutil.copytree(GOLDEN / "tiny_clip", full)
+    text_config = json.loads((full / "config.json").read_text())
+    (full / "config.json").write_text(json.dumps({"model_type": "clip", "projection_dim": 24,
+                                                  "text_config": {**text_config, "projection_dim": 512}}))
+    enc = load_text_encoder("clip", full, max_length=24)
+    assert enc.config.projection_dim == 24
+    np.testing.assert_allclose(enc.encode(TINY_CAPTIONS).pooled, golden("tiny_clip/golden.npz")["pooled"],
+                               rtol=RTOL, atol=ATOL)
+
+
 def test_relative_position_buckets_reference_values():
     # Hand-checked T5 buckets: 16 buckets, max_distance 20 -> 8 per direction, 4 exact.
     rel = np.array([-30, -20, -8, -4, -3, 0, 1, 3, 4, 7, 19, 25])
@@ -136,7 +150,31 @@ def test_cache_identity_follows_the_weights_bytes_and_the_tokenizer(tmp_path):
     config = json.loads((tokenizer / "tokenizer_config.json").read_text())
     (tokenizer / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 7}))
     assert loading.fingerprint(model, tokenizer) != tuned
-    assert load_text_encoder("t5", model).cache_id != load_text_encoder("t5", model, tokenizer=tokenizer).cache_id
+    middle = len(weights) // 2  # a fine-tune of one tensor in the middle: both ends of the file unchanged
+    weights[middle] ^= 1
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    assert loading.fingerprint(model, model) != tuned
+    cached = lambda **kw: load_text_encoder("t5", model, cache_dir=tmp_path / "cache", **kw)
+    assert cached().cache_id != cached(tokenizer=tokenizer).cache_id
+
+
+def test_weight_digests_are_remembered_in_the_cache_dir(tmp_path):
+    """A multi-GB checkpoint is hashed once: its digest is kept beside the cache, keyed by path, size and mtime."""
+    from vidiff.models.text import loading
+
+    model = tmp_path / "model"
+    shutil.copytree(GOLDEN / "tiny_t5", model)
+    memo_dir = tmp_path / "cache"
+    first = loading.fingerprint(model, memo_dir=memo_dir)
+    memo = json.loads((memo_dir / loading.FINGERPRINT_MEMO).read_text())
+    [key] = memo
+    assert key.startswith(f"{(model / 'model.safetensors').resolve()}|") and len(memo[key]) == 64
+    (memo_dir / loading.FINGERPRINT_MEMO).write_text(json.dumps({key: "0" * 64}))  # read back, not recomputed
+    assert loading.fingerprint(model, memo_dir=memo_dir) != first
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten: a new mtime, so a new digest
+    assert loading.fingerprint(model, memo_dir=memo_dir) == first == loading.fingerprint(model)
+    assert len(json.loads((memo_dir / loading.FINGERPRINT_MEMO).read_text())) == 2
 
 
 def test_cache_hits_are_identical_and_skip_compute(tiny, tmp_path):
@@ -297,7 +335,34 @@ def test_error_messages(tmp_path, monkeypatch):
     _one_line_error(FileNotFoundError, lambda: text_encoder("bert:someorg/not-cached"), "not-cached", "online=True")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     _one_line_error(FileNotFoundError, lambda: text_encoder(f"t5:{tmp_path}"), "model.safetensors")
-    _one_line_error(ValueError, lambda: load_text_encoder("clip", GOLDEN / "tiny_t5"), "embeddings.token_embedding")
+    _one_line_error(ValueError, lambda: load_text_encoder("clip", GOLDEN / "tiny_t5"),
+                    "config.json has model_type 't5', not a clip checkpoint; load it as 't5:")
+    roberta = tmp_path / "roberta"  # BERT's tensor names, but positions from padding_idx + 1: refused, not misread
+    roberta.mkdir()
+    (roberta / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+    _one_line_error(ValueError, lambda: load_text_encoder("bert", roberta),
+                    f"text encoder: {roberta}/config.json has model_type 'roberta', not a bert checkpoint; 'bert' "
+                    "reads model_type bert")
+    t5_config = json.loads((GOLDEN / "tiny_t5" / "config.json").read_text())
+    untyped = tmp_path / "untyped"
+    shutil.copytree(GOLDEN / "tiny_t5", untyped)
+    (untyped / "config.json").write_text(json.dumps({k: v for k, v in t5_config.items() if k != "model_type"}))
+    _one_line_error(ValueError, lambda: load_text_encoder("bert", untyped),
+                    f"text encoder: {untyped}/config.json has no 'hidden_size', which a bert config needs; is this a "
+                    "bert checkpoint?")
+    (untyped / "config.json").write_text(json.dumps({**t5_config, "num_heads": 3}))
+    _one_line_error(ValueError, lambda: load_text_encoder("t5", untyped),
+                    "tensor 'encoder.block.0.layer.0.SelfAttention.q.weight' (32, 32) does not split into 3 heads")
+    (untyped / "config.json").write_text(json.dumps(t5_config))
+    _one_line_error(FileNotFoundError, lambda: load_text_encoder("t5", untyped, tokenizer=tmp_path / "missing"),
+                    f"tokenizer: {tmp_path / 'missing'} is not a directory with a tokenizer vocabulary")
+    for name in ("tokenizer.json", "spiece.model", "special_tokens_map.json"):
+        (untyped / name).unlink(missing_ok=True)  # tokenizer_config.json alone configures no vocabulary
+    _one_line_error(FileNotFoundError, lambda: load_text_encoder("t5", untyped),
+                    f"{untyped}: no tokenizer vocabulary (tokenizer.json, vocab.txt, spiece.model, vocab.json)")
+    (untyped / "tokenizer.json").write_text("{not json")
+    _one_line_error(ValueError, lambda: load_text_encoder("t5", untyped),
+                    f"tokenizer: transformers cannot load the tokenizer in {untyped} (", "pass tokenizer=<dir")
     _one_line_error(ValueError, lambda: load_text_encoder("t5", GOLDEN / "tiny_t5", max_len=16),
                     "text encoder: unknown option(s) ['max_len']; besides max_length,", "t5 encoder takes its config's "
                     "fields: ", "num_layers")
@@ -314,5 +379,5 @@ def test_bad_captions_are_rejected(tiny):
         tiny["tiny_t5"].encode(["ok", None])
     with pytest.raises(TypeError, match="captions are NoneType, expected a str or a list of str"):
         tiny["tiny_t5"].encode(None)
-    empty = tiny["tiny_t5"].encode([])
-    assert empty.tokens.shape[0] == 0 and empty.mask.shape == (0, 24)
+    empty = tiny["tiny_clip"].encode([])  # the widths of a real batch, so the two concatenate
+    assert (empty.tokens.shape, empty.mask.shape, empty.pooled.shape) == ((0, 24, 32), (0, 24), (0, 24))

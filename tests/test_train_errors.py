@@ -470,7 +470,14 @@ def test_prepared_latents_on_shards_without_them_fail_early(tmp_path):
     config.data.array_record_path = str(with_latents)
     preflight.check_prepared_shards(config)
     with pytest.raises(ValueError, match=r"hold 32-d text embeddings but text.encoder='minilm' gives 384-d"):
-        preflight.check_prepared_text(config, 384)
+        preflight.check_prepared_text(config, 384, 8)
+    with pytest.raises(ValueError) as info:  # a blanked caption's fresh embedding would not fit mid-run
+        preflight.check_prepared_text(config, 32, 24)
+    assert str(info.value) == (
+        f"the shards in data.array_record_path='{with_latents}' hold text embeddings of 8 tokens but "
+        f"text.max_length=24; set text.max_length=8, the length `vidiff prepare --latents` took from its VAE "
+        f"export's config")
+    preflight.check_prepared_text(config, 32, 8)
     # Latents prepared with another VAE than the exported one (the fingerprint vidiff prepare records).
     config.workdir = str(tmp_path)
     _export_vae(tmp_path / "export", config)

@@ -107,7 +107,7 @@ def check_dit_task(config, task) -> None:
     for exports without a readable config) and prepared shards were made with this VAE and text encoder."""
     _check_vae_shapes(config, task.frozen["vae"], export_dir(config))
     if task.prepared:
-        check_prepared_text(config, task.text.dim)
+        check_prepared_text(config, task.text.dim, task.text.max_length)
         check_prepared_vae(config, jax.device_get(task.frozen["vae"]))  # the fingerprint hashes the values
 
 
@@ -153,15 +153,24 @@ def check_prepared_shards(config) -> None:
         )
 
 
-def check_prepared_text(config, text_dim: int) -> None:
-    """Prepared text embeddings must come from this config's text encoder (same width)."""
+def check_prepared_text(config, text_dim: int, max_length: int) -> None:
+    """Prepared text embeddings must have this config's text encoder's shape: ``max_length`` tokens of
+    ``text_dim`` (a blanked caption's embedding, computed here, replaces a stored one mid-run)."""
     record = _first_prepared_record(config)
-    width = None if record is None else np.shape(record["text_embedding"])[-1]
-    if width is not None and width != text_dim:
+    if record is None:
+        return
+    length, width = np.shape(record["text_embedding"])[-2:]
+    if width != text_dim:
         raise ValueError(
             f"the shards in data.array_record_path={config.data.array_record_path!r} hold {width}-d "
             f"text embeddings but text.encoder={config.text.encoder!r} gives {text_dim}-d; use the encoder the shards "
             f"were prepared with, or run `vidiff prepare --latents MODEL_DIR` again"
+        )
+    if length != max_length:
+        raise ValueError(
+            f"the shards in data.array_record_path={config.data.array_record_path!r} hold text embeddings of "
+            f"{length} tokens but text.max_length={max_length}; set text.max_length={length}, the length "
+            f"`vidiff prepare --latents` took from its VAE export's config"
         )
 
 

@@ -48,7 +48,8 @@ class CLIPTextConfig:
             layer_norm_eps=text.get("layer_norm_eps", 1e-5),
             hidden_act=text.get("hidden_act", "quick_gelu"),
             eos_token_id=text.get("eos_token_id", 2),
-            projection_dim=text.get("projection_dim", cfg.get("projection_dim")),
+            # A full CLIPConfig's text_config holds transformers' default 512; CLIPModel projects to the top level's.
+            projection_dim=(cfg if "projection_dim" in cfg else text).get("projection_dim"),
         )
         common.activation(c.hidden_act)
         return dataclasses.replace(c, **overrides)

@@ -168,7 +168,7 @@ class StateDict:
 
     def heads_in(self, name: str, heads: int, bias: bool = True) -> dict:
         """q/k/v projection: (H*Dh, D) -> kernel (D, H, Dh), bias (H, Dh)."""
-        w = self[name + ".weight"]
+        w = self._split(name, heads, axis=0)
         out = {"kernel": w.T.reshape(w.shape[1], heads, -1)}
         if bias:
             out["bias"] = self[name + ".bias"].reshape(heads, -1)
@@ -176,11 +176,19 @@ class StateDict:
 
     def heads_out(self, name: str, heads: int, bias: bool = True) -> dict:
         """Output projection: (D, H*Dh) -> kernel (H, Dh, D)."""
-        w = self[name + ".weight"]
+        w = self._split(name, heads, axis=1)
         out = {"kernel": w.T.reshape(heads, -1, w.shape[0])}
         if bias:
             out["bias"] = self[name + ".bias"]
         return out
+
+    def _split(self, name: str, heads: int, axis: int) -> np.ndarray:
+        """``name.weight``, checked that its ``axis`` splits into ``heads`` heads."""
+        w = self[name + ".weight"]
+        if w.shape[axis] % heads:
+            raise ValueError(f"{self.source}: tensor '{name}.weight' {w.shape} does not split into {heads} heads; "
+                             "check config.json's head count")
+        return w
 
     def norm(self, name: str, bias: bool = True) -> dict:
         """A torch norm's weight (and bias) -> Flax ``LayerNorm`` params."""

