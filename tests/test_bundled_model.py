@@ -83,4 +83,5 @@ def test_bundled_model_passes_the_dit_vae_check():
         check_dit_vae(BUNDLED, {**manifest, DIT_VAE: wrong})
     assert str(refused.value) == (
         f"{BUNDLED}: its DiT (dit.safetensors) was trained with another VAE than its vae.safetensors; train the DiT "
-        "again with `vidiff train --config ... --model dit`, or restore the VAE it was trained with")
+        "again: delete its run (<workdir>/dit), then `vidiff train --config ... --model dit`, or restore the VAE it "
+        "was trained with")

@@ -338,10 +338,11 @@ def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog
     assert manifest["dit"] is True and manifest[DIT_VAE] == hashlib.sha256(trained_with).hexdigest()
     assert TextToVideo.from_checkpoint(model).dit_params is not None  # the pair it was exported as loads
     other_vae = jax.tree.map(lambda a: a * 1.5, load_vae(model))
-    refused = (f"{model}: its DiT (dit.safetensors) was trained with another VAE than its vae.safetensors; train the "
-               "DiT again with `vidiff train --config ... --model dit`, or restore the VAE it was trained with")
+    retrain = "train the DiT again: delete its run (<workdir>/dit), then `vidiff train --config ... --model dit`"
+    refused = (f"{model}: its DiT (dit.safetensors) was trained with another VAE than its vae.safetensors; "
+               f"{retrain}, or restore the VAE it was trained with")
     warned = (f"{model}: the new vae.safetensors replaces the VAE its DiT (dit.safetensors) was trained with; that "
-              "DiT will not load with it: train the DiT again with `vidiff train --config ... --model dit`")
+              f"DiT will not load with it: {retrain}")
 
     with caplog.at_level(logging.WARNING, logger="vidiff.models"):
         export_vae(model, manifest["config"], other_vae)
@@ -369,10 +370,15 @@ def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog
     # A VAE export that changes nothing (the same weights again) warns about nothing and still loads.
     (model / "vae.safetensors").write_bytes(trained_with)
     caplog.clear()
+    vae_stage = {**manifest["config"], "data": {**manifest["config"]["data"], "num_frames": 1}}  # vae_train.data
     with caplog.at_level(logging.WARNING, logger="vidiff.models"):
-        export_vae(model, manifest["config"], load_vae(model))
+        export_vae(model, vae_stage, load_vae(model))  # a finished VAE run rerun: the DiT's config stays
     assert not [r for r in caplog.records if r.name == "vidiff.models"]
+    assert read_manifest(model)["config"] == manifest["config"]
     TextToVideo.from_checkpoint(model)
+    with pytest.raises(ValueError, match="^export_vae: the variables have no 'latent_stats' collection; pass "
+                                         r"vae.init's full variables \(params and latent_stats"):
+        export_vae(model, vae_stage, {"params": load_vae(model)["params"]})
     # Training passes the hash of the VAE it loaded: a VAE exported there mid-run does not become "its" VAE.
     export_dit(model, manifest["config"], load_dit(model), vae_sha256="0" * 64)
     with pytest.raises(ValueError, match="was trained with another VAE than its vae.safetensors"):

@@ -6,6 +6,7 @@ VAE that does not fit, prepared shards without latents, non-finite parameters,
 and the skipped-data counts of the summary. Most tests call the checks directly;
 the CLI ones stop before anything compiles.
 """
+import hashlib
 import json
 import math
 import subprocess
@@ -346,6 +347,15 @@ def test_a_non_square_vae_run_evaluates_on_clips_of_its_size():
     assert clips.shape == (2, 17, 32, 48, 3) and clips.dtype == np.uint8 and clips.std() > 0
 
 
+def test_vae_frames_too_small_for_its_loss_networks_fail_before_compiling():
+    config = config_lib.for_stage(_config("--config.data.size=8", "--config.vae_loss.adversarial_weight=0.1"), "vae")
+    config_lib.validate(config, "vae", 1)  # the discriminator's three halvings keep one pixel of 8
+    config.vae_loss.perceptual_weight, config.vae_loss.perceptual_weights_path = 0.1, "lpips.safetensors"
+    with pytest.raises(ValueError, match=r"^vae_loss.perceptual_weight > 0 needs frames of at least 16 px \(LPIPS's "
+                                         r"fifth VGG block would leave none\), got 8x8; train larger clips"):
+        config_lib.validate(config, "vae", 1)
+
+
 def test_resume_with_other_model_settings_names_the_fields(tmp_path):
     checkpointer = _saved_checkpoint(tmp_path, _config(), iterator=iter(_world_pipeline()))
     preflight.check_resume(checkpointer, 2, json.loads(_config().to_json()), "vae")  # same config: fine
@@ -366,6 +376,31 @@ def test_resume_with_other_model_settings_names_the_fields(tmp_path):
     text = json.loads(_config("--config.text.encoder='t5:/models/t5'").to_json())
     with pytest.raises(ValueError, match=r"text.encoder='minilm' \(config now 't5:/models/t5'\)"):
         preflight.check_resume(checkpointer, 2, text, "dit")
+    checkpointer.close()
+
+
+def test_a_dit_resume_onto_another_vae_is_refused(tmp_path):
+    """A DiT's checkpoints record the exported VAE it trains with: after the VAE is trained again, a rerun must
+    not resume the old DiT (and export it as if trained on the new VAE's latents)."""
+    from vidiff.models.export import DIT_VAE
+
+    config = _config(f"--config.workdir={tmp_path}")
+    assert preflight.trained_with_vae(config) == {}  # no VAE exported yet: tasks.load_vae_variables says so
+    _export_vae(tmp_path / "export", config)
+    record = {**json.loads(config.to_json()), **preflight.trained_with_vae(config)}
+    assert record[DIT_VAE] == hashlib.sha256((tmp_path / "export" / "vae.safetensors").read_bytes()).hexdigest()
+    directory = tmp_path / "dit" / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3, keep_best=0)
+    checkpointer.save(2, {"w": jnp.ones(4)}, data_iterator=iter(_world_pipeline()), config=record)
+    checkpointer.close()
+    checkpointer = Checkpointer(directory, keep=3, keep_best=0)
+    preflight.check_resume(checkpointer, 2, record, "dit")  # the same VAE
+    preflight.check_resume(checkpointer, 2, json.loads(config.to_json()), "dit")  # nothing to compare with
+    with pytest.raises(ValueError) as info:
+        preflight.check_resume(checkpointer, 2, {**record, DIT_VAE: "0" * 64}, "dit")
+    assert str(info.value) == (
+        f"{directory / '2'} was trained with another VAE than the one exported now; train the DiT again: delete its "
+        "run (<workdir>/dit), then `vidiff train --config ... --model dit`, or restore the VAE it was trained with")
     checkpointer.close()
 
 

@@ -3,6 +3,7 @@
 Tiny shapes throughout. Every distinct input shape costs a CPU compile, so the
 tests share one set of tiny variables and a few clip shapes.
 """
+import dataclasses
 import functools
 
 import jax
@@ -348,6 +349,52 @@ def test_perceptual_loss_from_safetensors(lpips_file, tmp_path):
         from safetensors.numpy import save_file
         save_file({"features.0.weight": np.zeros((4, 3, 3, 3), np.float32)}, str(tmp_path / "bad.safetensors"))
         load_lpips(tmp_path / "bad.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])  # a copy cut short: one line, not a traceback
+    with pytest.raises(ValueError, match=r"LPIPS weights '\S+cut.safetensors' are not a readable safetensors file "
+                                         r"\(.*\); point vae_loss.perceptual_weights_path at LPIPS weights"):
+        load_lpips(tmp_path / "cut.safetensors")
+    with pytest.raises(ValueError, match=r"LPIPS weights '\S+none.safetensors' are not a readable"):
+        load_lpips(tmp_path / "none.safetensors")
+
+
+def test_frames_too_small_for_the_loss_networks_are_refused(lpips_file):
+    """Below 16 px LPIPS's last VGG block, below 2**len(channels) the discriminator's logits, are empty: a NaN
+    loss; each is a one-line error instead, from the networks and from check_frame_size (train's validate)."""
+    from vidiff.models.vae_losses import check_frame_size
+
+    perceptual = make_perceptual_fn(lpips_file[0])
+    x = jnp.zeros((1, 2, 12, 16, 3))
+    message = ("vae_loss.perceptual_weight > 0 needs frames of at least 16 px (LPIPS's fifth VGG block would leave "
+               "none), got 12x16; train larger clips or set vae_loss.perceptual_weight=0")
+    with pytest.raises(ValueError) as info:
+        perceptual(x, x)
+    assert str(info.value) == message
+    assert perceptual(jnp.zeros((1, 2, 16, 16, 3)), jnp.zeros((1, 2, 16, 16, 3))).shape == (1,)
+    disc = PatchDiscriminator3D(channels=(8, 16, 16))
+    with pytest.raises(ValueError, match=r"vae_loss.adversarial_weight > 0 needs frames of at least 8 px \(the "
+                                         r"discriminator's 3 halvings would leave none\), got 4x4"):
+        disc.init(jax.random.key(0), jnp.zeros((1, 1, 4, 4, 3)))
+    config = VAELossConfig(perceptual_weight=1.0, perceptual_weights_path="x", adversarial_weight=0.1)
+    with pytest.raises(ValueError) as info:
+        check_frame_size(12, 16, config)
+    assert str(info.value) == message
+    check_frame_size(16, 16, config)
+    check_frame_size(8, 8, dataclasses.replace(config, perceptual_weight=0.0))
+    with pytest.raises(ValueError, match="got 4x8; train larger clips or set vae_loss.adversarial_weight=0"):
+        check_frame_size(4, 8, dataclasses.replace(config, perceptual_weight=0.0))
+    check_frame_size(4, 4, VAELossConfig())  # reconstruction and KL take any size
+
+
+def test_adaptive_adversarial_weight_is_the_gradient_ratio_at_any_clip_size():
+    """The weight is ||grad nll|| / ||grad g||: 10 for a discriminator whose logits are 0.1 x the video, at a
+    small clip and a large one (the division's guard must not grow with the clip)."""
+    config = VAELossConfig(adversarial_weight=1.0)
+    for shape in ((1, 5, 16, 16, 3), (1, 17, 128, 128, 3)):
+        video = jax.random.uniform(jax.random.key(0), shape, minval=-1, maxval=1)
+        recon = video + 0.1 * jax.random.normal(jax.random.key(1), shape)  # no zero errors: |grad l1| is exact
+        post = DiagonalGaussian(jnp.zeros((1, 1, 1, 1, 1)), jnp.zeros((1, 1, 1, 1, 1)))
+        _, metrics = vae_loss(video, recon, post, config, disc_logits_fn=lambda v: 0.1 * v)
+        assert float(metrics["adversarial_weight"]) == pytest.approx(10.0, rel=1e-3), shape
 
 
 def test_vae_loss_with_perceptual_and_adversarial_terms(lpips_file):

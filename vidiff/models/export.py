@@ -29,6 +29,9 @@ from vidiff.models.dit_inputs import dummy_inputs
 from vidiff.models.vae import VideoVAE
 
 MANIFEST = "vidiff.json"
+# The fix for a DiT trained with another VAE. Its checkpoints record that VAE too: a plain rerun would resume
+# the old DiT, and is refused (vidiff.train.preflight.check_resume).
+RETRAIN_DIT = "train the DiT again: delete its run (<workdir>/dit), then `vidiff train --config ... --model dit`"
 DIT_VAE = "dit_vae_sha256"  # vidiff.json: the VAE (sha256 of vae.safetensors) the DiT there was trained with
 
 log = logging.getLogger("vidiff.models")
@@ -93,9 +96,14 @@ def file_sha256(path) -> str:
 def export_vae(directory, config_json: dict, variables: dict) -> Path:
     """Write the VAE's ``params`` + ``latent_stats`` and the config into ``directory``.
 
-    A DiT already there is kept; if it was trained with another VAE, a warning
-    is logged and loading the directory fails until the DiT is trained again.
+    A DiT already there is kept, and so is its config when this is the VAE it was
+    trained with (re-exporting a finished VAE run changes nothing); if it was
+    trained with another VAE, a warning is logged and loading the directory fails
+    until the DiT is trained again.
     """
+    if missing := [k for k in ("params", "latent_stats") if k not in variables]:
+        raise ValueError(f"export_vae: the variables have no {missing[0]!r} collection; pass vae.init's full "
+                         "variables (params and latent_stats; set the stats with compute_latent_stats)")
     directory = Path(directory)
     vae_path = directory / "vae.safetensors"
     manifest = read_manifest(directory) if (directory / MANIFEST).exists() else {}
@@ -103,11 +111,13 @@ def export_vae(directory, config_json: dict, variables: dict) -> Path:
     if dit_there and DIT_VAE not in manifest and vae_path.is_file():
         manifest[DIT_VAE] = file_sha256(vae_path)  # an older export's DiT: trained with the VAE there until now
     save_tree(vae_path, {k: variables[k] for k in ("params", "latent_stats")})
-    if dit_there and manifest.get(DIT_VAE) not in (None, file_sha256(vae_path)):
+    dit_kept = dit_there and manifest.get(DIT_VAE) in (None, file_sha256(vae_path))
+    if dit_there and not dit_kept:
         log.warning(f"{directory}: the new vae.safetensors replaces the VAE its DiT (dit.safetensors) was trained "
-                    "with; that DiT will not load with it: train the DiT again with `vidiff train --config ... "
-                    "--model dit`")
-    manifest.update(config=config_json, vae=True)
+                    f"with; that DiT will not load with it: {RETRAIN_DIT}")
+    if not dit_kept:  # the DiT's config describes the model pair, this VAE included
+        manifest["config"] = config_json
+    manifest["vae"] = True
     save_manifest(directory, manifest)
     return directory
 
@@ -140,8 +150,7 @@ def check_dit_vae(directory, manifest: dict) -> None:
                          "exported VAE next to dit.safetensors (vidiff train --model vae writes it)")
     if recorded is not None and recorded != file_sha256(directory / "vae.safetensors"):
         raise ValueError(f"{directory}: its DiT (dit.safetensors) was trained with another VAE than its "
-                         "vae.safetensors; train the DiT again with `vidiff train --config ... --model dit`, or "
-                         "restore the VAE it was trained with")
+                         f"vae.safetensors; {RETRAIN_DIT}, or restore the VAE it was trained with")
 
 
 def load_vae(directory) -> dict:

@@ -104,7 +104,9 @@ def vae_loss(video, recon, posterior: DiagonalGaussian, config: VAELossConfig = 
             nll_grad = jax.grad(lambda r: nll(r)[0])(fixed)
             g_grad = jax.grad(gen)(fixed)
             norm = lambda a: jnp.sqrt(jnp.sum(jnp.square(a)))
-            ratio = norm(nll_grad) / (norm(g_grad) + 1e-4)
+            # Both losses are means over the clip's values, so their gradients shrink like 1/sqrt(size):
+            # VQGAN's 1e-4 guard is scaled down with them, or it would outweigh g's gradient on large clips.
+            ratio = norm(nll_grad) / (norm(g_grad) + 1e-4 / recon.size)
             weight = weight * jax.lax.stop_gradient(jnp.clip(ratio, 0.0, 1e4))
         weight = weight * adversarial_factor(step, config.adversarial_start_step)
         loss = loss + weight * g
@@ -152,6 +154,8 @@ class PatchDiscriminator3D(nn.Module):
 
     @nn.compact
     def __call__(self, video):
+        _check_side(video.shape[-3:-1], 2 ** len(self.channels), "adversarial",
+                    f"the discriminator's {len(self.channels)} halvings")
         x = video.astype(self.dtype)
         for i, ch in enumerate(self.channels):
             x = _conv(ch, (3, 4, 4), (1, 2, 2), self.dtype, f"conv{i}", in_axis=IO_AXIS if i == 0 else "conv_in")(x)
@@ -164,11 +168,29 @@ class PatchDiscriminator3D(nn.Module):
         return _conv(1, (3, 3, 3), (1, 1, 1), self.dtype, "logits", out_axis=IO_AXIS)(x).astype(jnp.float32)
 
 
+def check_frame_size(height: int, width: int, config: VAELossConfig,
+                     disc_channels: tuple[int, ...] = PatchDiscriminator3D.channels) -> None:
+    """One-line error when the loss's networks would leave no pixel of ``height x width`` frames (the loss
+    would be NaN): LPIPS needs ``LPIPS_MIN_SIDE``, the discriminator ``2 ** len(disc_channels)``."""
+    if config.perceptual_weight > 0:
+        _check_side((height, width), LPIPS_MIN_SIDE, "perceptual", "LPIPS's fifth VGG block")
+    if config.adversarial_weight > 0:
+        _check_side((height, width), 2 ** len(disc_channels), "adversarial",
+                    f"the discriminator's {len(disc_channels)} halvings")
+
+
+def _check_side(size, least: int, term: str, why: str) -> None:
+    if min(size) < least:
+        raise ValueError(f"vae_loss.{term}_weight > 0 needs frames of at least {least} px ({why} would leave "
+                         f"none), got {size[0]}x{size[1]}; train larger clips or set vae_loss.{term}_weight=0")
+
+
 # ------------------------------------------------------------------------ perceptual
 
 # torchvision vgg16.features indices of the 3x3 convs, per block; LPIPS taps
 # the ReLU after the last conv of each block (relu1_2 ... relu5_3).
 VGG16_BLOCKS = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
+LPIPS_MIN_SIDE = 2 ** (len(VGG16_BLOCKS) - 1)  # four 2x2 poolings before the last block
 _LPIPS_SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 _LPIPS_SCALE = np.array([0.458, 0.448, 0.450], np.float32)
 
@@ -177,7 +199,7 @@ class LPIPS(nn.Module):
     """LPIPS distance between image batches ``(N, H, W, 3)`` in [-1, 1] -> ``(N,)``.
 
     ``widths`` are the five VGG block widths (64, 128, 256, 512, 512 for the
-    real network); frames should be at least 16 pixels so block 5 is not empty.
+    real network); frames must be at least ``LPIPS_MIN_SIDE`` pixels so block 5 is not empty.
     """
 
     widths: tuple[int, ...] = (64, 128, 256, 512, 512)
@@ -185,6 +207,7 @@ class LPIPS(nn.Module):
 
     @nn.compact
     def __call__(self, x, y):
+        _check_side(x.shape[1:3], LPIPS_MIN_SIDE, "perceptual", "LPIPS's fifth VGG block")
         n = x.shape[0]
         h = (jnp.concatenate([x, y]).astype(jnp.float32) - _LPIPS_SHIFT) / _LPIPS_SCALE
         h = h.astype(self.dtype)
@@ -205,9 +228,14 @@ class LPIPS(nn.Module):
 
 def load_lpips(path: str, dtype=jnp.float32) -> tuple[LPIPS, dict]:
     """``(LPIPS module, variables)`` from a safetensors file in torchvision/lpips naming."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, FileNotFoundError) as error:  # missing, cut short, or another kind of file
+        raise ValueError(f"LPIPS weights {str(path)!r} are not a readable safetensors file ({error}); point "
+                         "vae_loss.perceptual_weights_path at LPIPS weights in torchvision/lpips naming") from None
     params = {}
     for block, indices in enumerate(VGG16_BLOCKS):
         names = [f"features.{i}.{p}" for i in indices for p in ("weight", "bias")] + [f"lin{block}.model.1.weight"]

@@ -193,10 +193,15 @@ def validate(config, model: str, device_count: int) -> None:
     from vidiff.data.transforms import parse_buckets
 
     factors = (vae_cfg.time_factor, time_patch, divisors, why)
-    _check_clip_size(int(config.data.num_frames), height, width, None, *factors)
+    clips = [(int(config.data.num_frames), height, width, None)]
     if config.data.get("buckets"):  # the clip sizes trained, when bucketed
-        for frames, h, w in parse_buckets(config.data.buckets, (int(config.data.num_frames), height, width)):
-            _check_clip_size(frames, h, w, f"{frames}x{h}x{w}", *factors)
+        clips += [(f, h, w, f"{f}x{h}x{w}") for f, h, w in parse_buckets(config.data.buckets, clips[0][:3])]
+    for frames, h, w, bucket in clips:
+        _check_clip_size(frames, h, w, bucket, *factors)
+        if model == "vae":  # a loss network that leaves no pixel of the frame gives a NaN loss
+            from vidiff.models.vae_losses import VAELossConfig, check_frame_size
+
+            check_frame_size(h, w, VAELossConfig(**dict(config.vae_loss)))
     from vidiff import parallel
 
     sizes = parallel.resolve_sizes(parallel.mesh_sizes(config.mesh.to_dict()), device_count)  # presets, dcn, -1

@@ -108,6 +108,7 @@ class _Run:
     stage: Any
     workdir: Path
     config_json: dict
+    record: dict  # what each checkpoint saves: the config and, for the DiT, the VAE it trains with
     checkpointer: Checkpointer
     start: int
     mesh: Any
@@ -125,11 +126,12 @@ def _set_up(config, model: str, log) -> _Run:
     stage = stage_config(config, model)
     workdir = Path(config.workdir) / model
     config_json = json.loads(config.to_json())
+    record = {**config_json, **preflight.trained_with_vae(config)} if model == "dit" else config_json
     checkpointer = Checkpointer(workdir / "checkpoints", keep=stage.keep, keep_best=stage.keep_best)
     try:  # a setup error (a check, the restore) leaves no checkpoint manager running
         start = checkpointer.latest_step() or 0
         if start:
-            preflight.check_resume(checkpointer, start, config_json, model)
+            preflight.check_resume(checkpointer, start, record, model)
         if model == "dit":
             preflight.check_dit_inputs(config)
         mesh = parallel.mesh_from_config(config.mesh)
@@ -152,7 +154,7 @@ def _set_up(config, model: str, log) -> _Run:
     except BaseException:
         checkpointer.close()
         raise
-    return _Run(stage, workdir, config_json, checkpointer, start, mesh, task, tx, schedule, state, state_shardings,
+    return _Run(stage, workdir, config_json, record, checkpointer, start, mesh, task, tx, schedule, state, state_shardings,
                 iterator, getattr(pipeline, "ledger", None))
 
 
@@ -194,7 +196,7 @@ def train(config, model: str, *, log=print) -> dict:
         stop_if_nonfinite(state)  # nothing after a bad step is kept as "good"
         saved.add(step)
         began = time.perf_counter()
-        checkpointer.save(step, state, data_iterator=iterator, config=run.config_json,
+        checkpointer.save(step, state, data_iterator=iterator, config=run.record,
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
         task.save_cache(workdir)
         window.pause(time.perf_counter() - began)

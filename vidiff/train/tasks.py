@@ -106,8 +106,9 @@ class VAETask(Task):
         sf = self.vae.config.spatial_factor
         video = jnp.zeros((1, 1, sf, sf, 3), jnp.float32)
         params = {"vae": self.vae.init(key, video)["params"]}
-        if self.disc is not None:
-            params["disc"] = self.disc.init(jax.random.fold_in(key, 7), video)["params"]
+        if self.disc is not None:  # the smallest frame its halvings keep a pixel of
+            side = 2 ** len(self.disc.channels)
+            params["disc"] = self.disc.init(jax.random.fold_in(key, 7), jnp.zeros((1, 1, side, side, 3)))["params"]
         return params
 
     def loss_fn(self, params, batch, rng, frozen, step):
