@@ -77,6 +77,19 @@ def test_a_model_samples_the_same_with_its_blocks_scanned(pipe):
         TextToVideo.from_checkpoint(tiny_model_dir(), scan_blocks="yes")
 
 
+def test_a_model_trained_with_cudnn_attention_samples_where_there_is_none(tmp_path):
+    """attention_impl says how the DiT computes, not what it holds: off a GPU a cuDNN-trained export samples with
+    the automatic choice instead of failing inside the kernel."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), model)
+    manifest = json.loads((model / "vidiff.json").read_text())
+    manifest["config"]["dit"]["overrides"].update(attention_impl="cudnn", dtype="bfloat16")
+    (model / "vidiff.json").write_text(json.dumps(manifest))
+    pipe = TextToVideo.from_checkpoint(model)
+    assert pipe.dit.config.attention_impl is None and pipe.dit.config.dtype == "bfloat16"
+    assert pipe(PROMPT, seed=0, **FAST).shape[0] == 1
+
+
 def test_images_and_other_sizes(pipe, capsys):
     image = pipe(PROMPT, num_frames=1, height=16, width=32, progress=True, **FAST)
     assert image.shape == (1, 1, 16, 32, 3)

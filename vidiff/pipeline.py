@@ -100,10 +100,12 @@ class TextToVideo:
                              "re-export the model with vidiff train")
         text = _text_encoder(config["text"]["encoder"], config["text"]["max_length"])
         vae = VideoVAE(vae_preset(config["vae"]["preset"], **config["vae"].get("overrides", {})))
+        overrides = dict(config["dit"].get("overrides", {}))
+        if overrides.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
+            overrides["attention_impl"] = None  # how the DiT computes, not what it holds: auto where no cuDNN is
         dit = VideoDiT(dit_preset(config["dit"]["preset"], **{
             "text_dim": text.dim, "pooled_dim": text.pooled_dim, "latent_channels": vae.config.latent_channels,
-            **config["dit"].get("overrides", {}),
-            **({} if scan_blocks is None else {"scan_blocks": scan_blocks})}))
+            **overrides, **({} if scan_blocks is None else {"scan_blocks": scan_blocks})}))
         vae_variables = _fitting(load_vae(directory), vae, directory / "vae.safetensors")
         check_dit_vae(directory, manifest)  # a DiT trained on another VAE's latents makes noise
         dit_params = with_block_layout(load_dit(directory), dit.config)
