@@ -446,9 +446,38 @@ def test_an_iterator_that_cannot_be_restored_names_the_changed_data_fields(tmp_p
     with pytest.raises(ValueError) as info:
         loop._restore(checkpointer, wrong_shape, 2, iter(_world_pipeline()), spelled_out)
     message = str(info.value)
-    assert message.startswith(f"cannot restore {checkpointer.directory / '2'}: the saved state does not fit this run (")
-    assert message.endswith("); use a new workdir, or the vidiff version and config that wrote it")
+    assert message.startswith(f"cannot restore {checkpointer.directory / '2'}: the saved state does not fit this run "
+                              "or cannot be read (")
+    assert message.endswith("); if a save or copy was cut short, delete that folder to start afresh; else use a new "
+                            "workdir, or the vidiff version and config that wrote it")
     assert "\n" not in message and "a_new_field" not in message
+    checkpointer.close()
+
+
+def test_a_newest_checkpoint_cut_short_names_the_one_before_it(tmp_path):
+    """Array files emptied after the save (a copy cut short): one short line that offers the intact earlier step,
+    not the library's kilobytes of tensorstore spec."""
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3, keep_best=0)
+    config = json.loads(_config().to_json())
+    iterator = iter(_world_pipeline())
+    for step in (2, 4):
+        checkpointer.save(step, {"w": jnp.full(4096, float(step))}, data_iterator=iterator, config=config)
+    checkpointer.close()
+    arrays = [f for f in (directory / "4" / "state").rglob("*") if f.is_file() and "metadata" not in f.name]
+    for f in arrays:
+        f.write_bytes(b"")
+    checkpointer = Checkpointer(directory, keep=3, keep_best=0)
+    target = {"w": jax.ShapeDtypeStruct((4096,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
+        jax.devices()[0]))}
+    with pytest.raises(ValueError) as info:
+        loop._restore(checkpointer, target, 4, iter(_world_pipeline()), config)
+    message = str(info.value)
+    assert message.startswith(f"cannot restore {directory / '4'}: the saved state does not fit this run or cannot "
+                              "be read (")
+    assert "if a save or copy was cut short, delete that folder to resume from step 2; else" in message
+    assert "\n" not in message and len(message) < 600, message
+    np.testing.assert_array_equal(checkpointer.restore(target, 2)["w"], 2.0)
     checkpointer.close()
 
 

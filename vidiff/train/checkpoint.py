@@ -117,12 +117,15 @@ class Checkpointer:
         unusable, and removing the folder is their call.
         """
         missing = self.missing_items(step, items)
-        if not missing:
-            return
+        if missing:
+            raise ValueError(f"checkpoint {self.directory / str(step)} is incomplete (no {', '.join(missing)}: a save "
+                             f"or copy was cut short); delete that folder to {self.without(step, items)}")
+
+    def without(self, step: int, items=("state", "data")) -> str:
+        """What deleting the folder of ``step`` leaves: "resume from step N" (the newest complete earlier
+        checkpoint) or "start afresh"."""
         earlier = [s for s in sorted(self.all_steps()) if s < step and not self.missing_items(s, items)]
-        then = f"resume from step {earlier[-1]}" if earlier else "start afresh"
-        raise ValueError(f"checkpoint {self.directory / str(step)} is incomplete (no {', '.join(missing)}: a save "
-                         f"or copy was cut short); delete that folder to {then}")
+        return f"resume from step {earlier[-1]}" if earlier else "start afresh"
 
 
 def read_config(checkpoint_dir, step: int | None = None) -> dict:

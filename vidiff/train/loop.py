@@ -335,6 +335,9 @@ def _batch_signature(batch) -> list[int]:
 _RESTORE_FIELDS = ("data", "vae", "dit", "text", "vae_loss")
 
 
+RESTORE_ERROR_CHARS = 200  # of the library's message quoted in a failed restore's one line
+
+
 def _restore(checkpointer, target, step: int, iterator, config_json: dict):
     """``checkpointer.restore``; a failure is one line, naming the config fields that changed since the save.
 
@@ -354,10 +357,13 @@ def _restore(checkpointer, target, step: int, iterator, config_json: dict):
             raise ValueError(f"cannot restore {where}: it was written with {', '.join(changes)}; use a new "
                              f"workdir or the original config") from None
         # orbax's first sentence says what differs; the advice after it (partial_restore, strict=False) is
-        # for orbax's own API, which a vidiff user does not call.
+        # for orbax's own API, which a vidiff user does not call. A file cut short gets a tensorstore spec of
+        # some kilobytes there: its start names the file.
         first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".:")
-        raise ValueError(f"cannot restore {where}: the saved state does not fit this run ({first}); use a new "
-                         f"workdir, or the vidiff version and config that wrote it") from None
+        first = first if len(first) <= RESTORE_ERROR_CHARS else first[:RESTORE_ERROR_CHARS] + " ..."
+        raise ValueError(f"cannot restore {where}: the saved state does not fit this run or cannot be read ({first}); "
+                         f"if a save or copy was cut short, delete that folder to {checkpointer.without(step)}; "
+                         f"else use a new workdir, or the vidiff version and config that wrote it") from None
 
 
 def _process_config(config):
