@@ -406,6 +406,26 @@ def test_a_resume_restores_into_shapes_without_building_a_fresh_state(tmp_path, 
     assert sorted(_losses(tmp_path)) == [1, 2, 3]
 
 
+def test_keep_best_ranks_each_checkpoint_by_the_steps_since_the_one_before(tmp_path):
+    """Not by the last log row's loss, which with log_every > ckpt_every is older than the checkpoint."""
+    from vidiff.train import loop
+
+    def train(workdir, *extra):
+        config = config_lib.load_config(WORLD_TINY, [f"--config.workdir={workdir}", "--config.vae_train.steps=4",
+                                                     *FAST, *extra])
+        loop.train(config, "vae", log=lambda *a: None)
+        return Path(workdir) / "vae" / "checkpoints"
+
+    train(tmp_path / "every_step")
+    loss = _losses(tmp_path / "every_step")
+    checkpoints = train(tmp_path / "ranked", "--config.vae_train.log_every=3", "--config.vae_train.ckpt_every=2",
+                        "--config.vae_train.keep=4")
+    ranked = {step: json.loads((checkpoints / str(step) / "metrics" / "metrics").read_text())["loss"]
+              for step in (2, 4)}
+    assert ranked[2] == pytest.approx((loss[1] + loss[2]) / 2, rel=1e-6)
+    assert ranked[4] == pytest.approx((loss[3] + loss[4]) / 2, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = _start(_command(tmp_path, steps=200))

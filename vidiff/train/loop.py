@@ -190,12 +190,16 @@ def train(config, model: str, *, log=print) -> dict:
     saved = {start}
     profiler = StepProfiler(stage, workdir / "profile", log)
 
-    def save(step, loss):
+    since_save = LogWindow(start)  # keep_best ranks a checkpoint by its own steps' mean loss
+
+    def save(step):
         if step in saved:
             return
         stop_if_nonfinite(state)  # nothing after a bad step is kept as "good"
         saved.add(step)
         began = time.perf_counter()
+        loss = since_save.means(step)["loss"] if step > since_save.first_step else float("nan")
+        since_save.reset(step)
         checkpointer.save(step, state, data_iterator=iterator, config=run.record,
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
         task.save_cache(workdir)
@@ -211,6 +215,7 @@ def train(config, model: str, *, log=print) -> dict:
                     with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
                         state, metrics = step_fn(state, batch, task.frozen)
                     window.add(metrics, task.tokens_in(batch))  # each batch counted at its own bucket's clip size
+                    since_save.add({"loss": metrics["loss"]}, 0)
                 step += 1
                 profiler.after(step, state)
                 bar.update(1)
@@ -219,13 +224,13 @@ def train(config, model: str, *, log=print) -> dict:
                     last_loss = _log_row(writer, window, state, step, run)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                 if step % stage.ckpt_every == 0 or step == stage.steps:  # saved first: an evaluation may fail
-                    save(step, last_loss)
+                    save(step)
                 if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
                     began = time.perf_counter()
                     writer.write(step, _evaluate(task, state, workdir, step))
                     window.pause(time.perf_counter() - began)
                 if stop.requested(step):
-                    save(step, last_loss)
+                    save(step)
                     checkpointer.close()
                     bar.close()
                     log(f"{stop.signal_name}: saved checkpoint {checkpointer.directory / str(step)}; exiting")
