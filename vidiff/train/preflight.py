@@ -198,7 +198,12 @@ def check_prepared_vae(config, vae_variables: dict) -> None:
 
     # Each `vidiff prepare --out` folder holding training shards (the path may be a folder, glob, file or list).
     folders = sorted({Path(path).parent for path in array_record_paths(config.data.array_record_path, "train")})
-    fingerprint = vae_fingerprint(vae_variables, vae_from_config(config).config)
+    # As prepare computed it: with the config the export describes, whose compute-only fields (dtype) this
+    # run may have changed (check_dit_inputs compares the rest).
+    exported = (read_manifest(export_dir(config)).get("config") or {}).get("vae")
+    vae_config = (vae_preset(exported["preset"], **(exported.get("overrides") or {})) if exported
+                  else vae_from_config(config).config)
+    fingerprint = vae_fingerprint(vae_variables, vae_config)
     for folder in folders:
         try:
             summary = json.loads((folder / "train-summary.json").read_text())
