@@ -145,6 +145,20 @@ def test_processes_go_on_the_data_axis_when_it_divides():
         parallel.default_dcn(dict(data=2, fsdp=2, tensor=2, context=1), 3)
 
 
+@pytest.mark.parametrize("dcn, message", [
+    ({"tensor": 2}, r"^mesh.dcn: \{'tensor': 2\} puts processes along tensor; each process loads its own rows of "
+                    r"the batch, so processes must span mesh.data or mesh.fsdp$"),
+    ({"data": 2, "context": 2}, "puts processes along context;"),
+    ({"hosts": 2}, r"^mesh.dcn: unknown axes \['hosts'\]; valid: \['data', 'fsdp'\]$"),
+])
+def test_processes_may_span_only_the_axes_that_split_the_batch(dcn, message):
+    """On tensor or context each process's devices would cover the whole batch, and each process's own rows
+    would be read as all of it: different data on every host, silently. Refused even before a second process."""
+    with pytest.raises(ValueError, match=message):
+        parallel.mesh_from_config({"data": 4, "tensor": 2, "dcn": dcn})
+    parallel.mesh_from_config({"data": 4, "tensor": 2, "dcn": {"data": 1, "tensor": 1}})
+
+
 def test_device_batch_and_gather_roundtrip():
     mesh = parallel.make_mesh(data=2, fsdp=4)
     batch = parallel.device_batch({"x": np.arange(16.0).reshape(8, 2)}, mesh)

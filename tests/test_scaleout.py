@@ -296,6 +296,12 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
     assert row["ema"] == row["params"] and row["optimizer"] == pytest.approx(2 * row["params"], rel=0.01)
     assert row["peak"] > row["params"] + row["optimizer"] + row["ema"] and row["activations"] > 0
     assert "| fsdp=4 | 64 | 4x8x8 | block | xla |" in plan.format_table([row], 1.0)
+    accumulating = types.SimpleNamespace(**{**vars(args), "overrides": [*args.overrides,
+                                                                          "--config.dit_train.optim.accumulate=2"]})
+    with pytest.raises(ValueError) as error:  # as vidiff train refuses it: no row for a run that cannot start
+        plan.plan(accumulating, jax.devices()[:4])
+    assert str(error.value) == ("--batch 4 does not split into dit_train.optim.accumulate=2 micro-batches over mesh "
+                                "data x fsdp = 4; use a multiple of 8 or a smaller accumulate")
 
 
 def test_plan_on_a_cpu_stands_chunked_attention_in_for_a_gpu_configs_cudnn():

@@ -166,6 +166,20 @@ def default_dcn(sizes: Mapping[str, int], processes: int) -> dict[str, int]:
     )
 
 
+# Each process loads its own rows of the batch, so processes may span only the axes that split it.
+DCN_AXES = ("data", "fsdp")
+
+
+def check_dcn(dcn: Mapping[str, int]) -> None:
+    """One-line errors for a ``mesh.dcn`` naming an unknown axis, or putting processes along an axis that
+    does not split the batch (each process's rows would be read as the whole batch)."""
+    if unknown := sorted(set(dcn) - set(MESH_AXES)):
+        raise ValueError(f"mesh.dcn: unknown axes {unknown}; valid: {list(DCN_AXES)}")
+    if across := [a for a in MESH_AXES if a in dcn and a not in DCN_AXES and int(dcn[a]) != 1]:
+        raise ValueError(f"mesh.dcn: {dict(dcn)} puts processes along {', '.join(across)}; each process loads its "
+                         f"own rows of the batch, so processes must span mesh.data or mesh.fsdp")
+
+
 def make_mesh(
     data: int = -1,
     fsdp: int = 1,
@@ -180,6 +194,8 @@ def make_mesh(
     (``dcn``: per-axis process counts, default :func:`default_dcn`). Raises a
     one-line ``ValueError`` naming the ``mesh.*`` sizes when they do not fit.
     """
+    if dcn is not None:
+        check_dcn(dcn)
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_sizes(dict(data=data, fsdp=fsdp, tensor=tensor, context=context), len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
@@ -270,7 +286,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def device_batch(local: Mapping, mesh: Mesh) -> dict:
     """This process's rows of a batch (host arrays) -> global arrays sharded over the data axes.
 
-    The global batch is the concatenation of every process's rows, in process order.
+    Every process's rows appear once in the global batch: in process order when the processes span
+    ``data`` (the default ``mesh.dcn``), interleaved when they span ``fsdp`` beside an in-host ``data``.
     """
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     for k, v in local.items():
@@ -278,8 +295,14 @@ def device_batch(local: Mapping, mesh: Mesh) -> dict:
         if rows % ways or not rows:
             raise ValueError(f"batch: {k!r} has {rows} rows in all, not a multiple of the mesh's data x fsdp = {ways}; "
                              f"use a batch size that is")
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-            for k, v in local.items()}
+    arrays = {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+              for k, v in local.items()}
+    for k, v in arrays.items():
+        if v.shape[0] != np.shape(local[k])[0] * jax.process_count():  # processes along tensor or context
+            raise ValueError(f"batch: {k!r} has {v.shape[0]} rows on the mesh but the processes hold "
+                             f"{np.shape(local[k])[0] * jax.process_count()}; processes must span mesh.data or "
+                             f"mesh.fsdp (see vidiff.parallel.check_dcn)")
+    return arrays
 
 
 def gather(tree):

@@ -102,9 +102,14 @@ def plan(args, devices) -> list[dict]:
     mesh = parallel.mesh_from_config(args.mesh or config.mesh, devices=devices)
     batch = args.batch or int(config.data.batch_size)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    named = "--batch" if args.batch else "data.batch_size"
     if batch % dp:
-        named = "--batch" if args.batch else "data.batch_size"
         raise ValueError(f"{named} {batch} is not divisible by mesh data x fsdp = {dp}; use a multiple of {dp}")
+    accumulate = config[f"{args.model}_train"].optim.accumulate
+    if batch % (accumulate * dp):  # as vidiff train refuses it: each micro-batch spreads over those devices
+        raise ValueError(f"{named} {batch} does not split into {args.model}_train.optim.accumulate={accumulate} "
+                         f"micro-batches over mesh data x fsdp = {dp}; use a multiple of {accumulate * dp} or a "
+                         f"smaller accumulate")
     rows = []
     if args.model == "vae":
         rows.append(_compile_row(config, mesh, *_vae_step(config, mesh, batch), dict(model="vae")))
