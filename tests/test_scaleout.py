@@ -161,10 +161,32 @@ def test_context_attention_without_context_axis_is_local_and_errors_are_one_line
     q = np.random.default_rng(0).standard_normal((2, 6, 3, 8)).astype(np.float32)
     want = attention.attention(q, q, q)
     np.testing.assert_allclose(attention.attention(q, q, q, implementation="ring"), want, atol=1e-6)
-    assert attention.local_attention_impl("ring") is None and attention.local_attention_impl("xla") == "xla"
+    assert attention.local_attention_impl("ring") == "context_local" == attention.local_attention_impl("ulysses")
+    assert attention.local_attention_impl("xla") == "xla"
     mesh = parallel.make_mesh(data=1, context=-1)
     with jax.set_mesh(mesh), parallel.axis_rules(), pytest.raises(ValueError, match="use attention_impl='ring'"):
         jax.jit(lambda q: attention.attention(q, q, q, implementation="ulysses"))(q)  # 3 heads over context 8
+
+
+def test_context_local_attention_attends_split_queries_to_whole_keys():
+    """The cross-attention of ring and Ulysses runs: 13 queries (padded to 16 over context 4) to 5 text keys,
+    under shard_map, equal to one device's attention with key lengths, a key mask and packed segment ids."""
+    from vidiff.models.context_attention import context_local_attention
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 13, 2, 8)).astype(np.float32)
+    kv = rng.standard_normal((2, 5, 2, 8)).astype(np.float32)
+    inputs = dict(kv_lengths=np.array([5, 3], np.int32), mask=np.array([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]], bool),
+                  segment_ids=np.repeat(np.array([[0] * 7 + [1] * 6]), 2, 0).astype(np.int32),
+                  kv_segment_ids=np.array([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]], np.int32))
+    want = attention.attention(q, kv, kv, **inputs)
+    mesh = parallel.make_mesh(data=2, context=4)
+    with jax.set_mesh(mesh), parallel.axis_rules():
+        fn = jax.jit(lambda q, kv, kw: context_local_attention(q, kv, kv, **kw))
+        got = fn(q, kv, inputs)
+        text = fn.lower(q, kv, inputs).as_text()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert "manual_computation" in text or "SPMDFullToShardShape" in text  # each device attends its own queries
 
 
 # --------------------------------------------------------------------------- VAE

@@ -21,8 +21,10 @@ masked, padded queries dropped). Masks may be key masks ``(B, S)`` / ``(B, 1, 1,
 ``kv_lengths`` and segment ids; a query with no valid key gets zeros from ``ring`` (the
 dense kernels average all values instead; the DiT never produces such a query).
 Attention between two different sequences (the DiT's cross-attention to text) stays local:
-``attention.local_attention_impl`` maps these names to the auto local kernel.
-Without a mesh, or with a ``context`` axis of size 1, both fall back to local attention.
+``attention.local_attention_impl`` maps both names to ``"context_local"``, which attends each
+device's own queries to keys every device holds whole, with the local kernel under ``shard_map``
+(left to GSPMD, cuDNN's partitioner refuses a query sharded along the sequence).
+Without a mesh, or with a ``context`` axis of size 1, all three fall back to local attention.
 
 The online softmax both ring and the local ``"chunked"`` implementation use lives in
 :mod:`vidiff.models.chunked_attention`.
@@ -39,8 +41,8 @@ from jax.sharding import PartitionSpec as P
 
 from vidiff import parallel
 from vidiff.models import attention
-from vidiff.models.chunked_attention import (chunk_padded, empty_accumulators, finish, fold, fold_grads, pad_to,
-                                             padded_segment_ids, softmax_delta, valid_keys)
+from vidiff.models.chunked_attention import (as_key_mask, chunk_padded, empty_accumulators, finish, fold, fold_grads,
+                                             pad_to, padded_segment_ids, softmax_delta, valid_keys)
 
 
 def _current_mesh():
@@ -76,7 +78,7 @@ def _context_call(name, body, q, k, v, *, mask, kv_lengths, segment_ids, kv_segm
     """
     mesh = _current_mesh()
     ctx = _mesh_axes("length", mesh) if mesh is not None else ()
-    local = attention.local_attention_impl(name)
+    local = None  # the auto kernel: cuDNN flash attention on a GPU
     if len(ctx) != 1:  # no context parallelism in this layout: nothing to gain from the collectives
         return attention.attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids,
                                 kv_segment_ids=kv_segment_ids, implementation=local)
@@ -191,7 +193,44 @@ def ring_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_
                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
 
+# --------------------------------------------------------------------------- sharded queries, whole keys
+
+
+def context_local_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
+    """Queries split over ``context``, keys and values whole on every device (cross-attention to text):
+    each device attends its own queries with the local kernel; same arguments as :func:`attention.attention`.
+
+    No collective but the keys' gather, if they arrive split. Queries are padded to a multiple of
+    ``context`` (segment id -2: they match nothing) and the padding dropped.
+    """
+    mesh = _current_mesh()
+    ctx = _mesh_axes("length", mesh) if mesh is not None else ()
+    if len(ctx) != 1:
+        return attention.attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids,
+                                   kv_segment_ids=kv_segment_ids)
+    axis = ctx[0]
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    tp = -(-t // mesh.shape[axis]) * mesh.shape[axis]
+    q_ids, kv_ids = padded_segment_ids(segment_ids, kv_segment_ids, tp, s)
+    aux = {name: x for name, x in dict(key_mask=as_key_mask(mask, b, s), kv_lengths=kv_lengths, q_ids=q_ids,
+                                       kv_ids=kv_ids).items() if x is not None}
+    batch = _fitting(_mesh_axes("batch", mesh), b, mesh)
+    heads = _fitting(_mesh_axes("act_heads", mesh), q.shape[2], mesh)
+    aux_specs = {name: P(batch) if x.ndim == 1 else P(batch, axis if name == "q_ids" else None)
+                 for name, x in aux.items()}
+
+    def local(q, k, v, aux):
+        return attention.attention(q, k, v, mask=aux.get("key_mask"), kv_lengths=aux.get("kv_lengths"),
+                                   segment_ids=aux.get("q_ids"), kv_segment_ids=aux.get("kv_ids"))
+
+    fn = jax.shard_map(local, mesh=mesh, out_specs=P(batch, axis, heads, None),
+                       in_specs=(P(batch, axis, heads, None), P(batch, None, heads, None), P(batch, None, heads, None),
+                                 aux_specs))
+    return fn(pad_to(q, tp), k, v, aux)[:, :t]
+
+
 # --------------------------------------------------------------------------- registration
 
-attention.register_attention_impl("ulysses", ulysses_attention, local=None)
-attention.register_attention_impl("ring", ring_attention, local=None)
+attention.register_attention_impl("context_local", context_local_attention)
+attention.register_attention_impl("ulysses", ulysses_attention, local="context_local")
+attention.register_attention_impl("ring", ring_attention, local="context_local")
