@@ -6,6 +6,7 @@ truncated videos, 0-frame inputs, BOM manifests, TFDS names and DataConfig types
 import json
 import logging
 import shutil
+import types
 from pathlib import Path
 
 import av
@@ -134,6 +135,7 @@ def _fake_fields(fail_after=None):
             if fail_after is not None and len(calls) > fail_after:
                 raise RuntimeError("encoder crashed")
             return {"latents": np.full((5, 4, 4, 4), len(calls), np.float32)}
+        add.text = types.SimpleNamespace(captions_truncated=0)
         return add
 
     return latent_fields

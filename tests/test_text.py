@@ -131,6 +131,15 @@ def test_truncation_flag(minilm):
     np.testing.assert_array_equal(t.mask[0], [True, True] + [False] * 6)  # "" -> [CLS] [SEP]; its parity is tested above
 
 
+def test_the_encoder_counts_the_captions_it_returns_cut(tiny):
+    enc = tiny["tiny_t5"]
+    long = " ".join(["word"] * 40)  # far beyond 24 tokens
+    before = enc.captions_truncated
+    enc.encode(["short", long, long])  # a cached repeat counts too: each row trained on is cut
+    enc.encode([long], use_cache=False)
+    assert enc.captions_truncated - before == 3
+
+
 def test_cache_identity_follows_the_weights_bytes_and_the_tokenizer(tmp_path):
     """Disk caches are keyed by the model's identity: a fine-tuned copy of the same size, or another tokenizer
     folder, must not be served the first model's embeddings."""

@@ -501,6 +501,11 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "dit") if "loss" in r)
     assert json.loads(dit.stdout.strip().splitlines()[-1])["latent_cache"] == {"clips": 8, "hits": 16, "misses": 8,
                                                                               "loaded": 0}
+    # Captions longer than text.max_length=8 tokens are cut: counted in every row and the summary, and said once.
+    cut = json.loads(dit.stdout.strip().splitlines()[-1])["captions_truncated"]
+    assert cut > 0 and [r["captions_truncated"] for r in read_metrics(tmp_path / "dit") if "loss" in r][-1] == cut
+    assert dit.stdout.count("tokens and were cut to it; log rows count them (captions_truncated); raise "
+                            "text.max_length to keep them whole") == 1
     # Resumed, the run reads the latents its checkpoint saved instead of encoding the clips again.
     more = _run(_command(tmp_path, "--config.dit_train.eval_every=0", *eight_clips, model="dit", steps=4))
     assert more.returncode == 0, more.stderr
@@ -518,6 +523,7 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
                      "--latents", str(tmp_path / "export")])
     assert prepared.returncode == 0, prepared.stderr
     assert json.loads(prepared.stdout.strip().splitlines()[-1])["written"] == 8
+    assert json.loads(prepared.stdout.strip().splitlines()[-1])["captions_truncated"] > 0  # cut to the export's 8
     from vidiff.data.sources import ArrayRecordSource, array_record_paths
 
     record = ArrayRecordSource(array_record_paths(str(shards), "train"))[0]

@@ -28,7 +28,8 @@ step, and batches of different buckets stop them all in one line (they agree
 each step on whether all still have a batch, and on its shape). The
 summary and every log row count skipped steps (``skipped_steps``, also
 ``skipped``) apart from skipped data records (``skipped_records_total``, and
-by reason ``skipped_records``).
+by reason ``skipped_records``), and the captions cut to ``text.max_length``
+tokens (``captions_truncated``; the first log row with any says so in a line).
 """
 from __future__ import annotations
 
@@ -190,6 +191,7 @@ def train(config, model: str, *, log=print) -> dict:
     saved = {start}
     profiler = StepProfiler(stage, workdir / "profile", log)
 
+    truncation_told = False
     since_save = LogWindow(start)  # keep_best ranks a checkpoint by its own steps' mean loss
 
     def save(step):
@@ -223,6 +225,11 @@ def train(config, model: str, *, log=print) -> dict:
                     stop_if_nonfinite(state)
                     last_loss = _log_row(writer, window, state, step, run)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
+                    if task.captions_truncated and not truncation_told:
+                        truncation_told = True
+                        log(f"step {step}: {task.captions_truncated} caption(s) so far were longer than "
+                            f"text.max_length={config.text.max_length} tokens and were cut to it; log rows count "
+                            f"them (captions_truncated); raise text.max_length to keep them whole")
                 if step % stage.ckpt_every == 0 or step == stage.steps:  # saved first: an evaluation may fail
                     save(step)
                 if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
@@ -250,7 +257,7 @@ def train(config, model: str, *, log=print) -> dict:
     summary.update(final_step=step, final_loss=last_loss if math.isfinite(last_loss) else None,
                    skipped=int(state.skipped), skipped_steps=int(state.skipped),
                    skipped_records_total=skips["bad"], skipped_records=skips["skipped"],
-                   checkpoint=str(checkpointer.directory / str(step)))
+                   captions_truncated=task.captions_truncated, checkpoint=str(checkpointer.directory / str(step)))
     return summary
 
 
@@ -260,7 +267,7 @@ def _log_row(writer, window, state, step: int, run: _Run) -> float:
     window.reset(step)
     skipped = int(state.skipped)  # skipped steps left the optimizer's (and schedule's) count behind
     scalars.update(lr=float(run.schedule(max(step - skipped - 1, 0))), skipped=skipped, skipped_steps=skipped,
-                   skipped_records_total=_skip_totals(run.ledger)["bad"])
+                   skipped_records_total=_skip_totals(run.ledger)["bad"], captions_truncated=run.task.captions_truncated)
     writer.write(step, scalars)
     return scalars["loss"]
 

@@ -84,6 +84,7 @@ def latent_fields(model_dir, model=None):
         return {"latents": np.asarray(latents, np.float32), "text_embedding": emb.tokens[0],
                 "text_mask": emb.mask[0], "text_pooled": emb.pooled[0]}
 
+    add.text = text  # its count of captions cut to max_length goes into the summary
     return add
 
 
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             out.rmdir()
         raise
     summary.update(out=str(out), shards=written, latents_from=str(args.latents),
-                   vae_fingerprint=fingerprint,
+                   vae_fingerprint=fingerprint, captions_truncated=add.text.captions_truncated,
                    seconds=round(time.perf_counter() - started, 3))
     (out / f"{split}-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary))

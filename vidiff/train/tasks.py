@@ -68,6 +68,12 @@ class Task:
     def host_arrays(self, raw: dict) -> dict:
         return {k: np.asarray(raw[k]) for k in self.batch_keys}
 
+    @property
+    def captions_truncated(self) -> int:
+        """Captions this process trained on that were cut to ``text.max_length`` tokens (none without text)."""
+        text = getattr(self, "text", None)
+        return 0 if text is None else text.captions_truncated
+
     def device_batch(self, raw: dict, mesh) -> dict:
         """Numeric batch entries as global arrays sharded over the data axes (multi-host safe)."""
         return parallel.device_batch(self.host_arrays(raw), mesh)

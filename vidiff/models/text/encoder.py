@@ -109,6 +109,7 @@ class TextEncoder:
         self.dim = out.tokens.shape[-1]  # width D of the token embeddings (what cross-attention sees)
         self.pooled_dim = out.pooled.shape[-1]  # width D' of the pooled vector
         self.forward_calls = self.cache_hits = self.cache_misses = 0
+        self.captions_truncated = 0  # rows encode returned cut to max_length, cached or not (training reports it)
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -149,7 +150,7 @@ class TextEncoder:
             raise TypeError(f"text encoder: captions are {type(texts).__name__}, expected a str or a list of str")
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not use_cache:
-            return _stack(self._compute(texts), self.max_length, self.dim, self.pooled_dim)
+            return self._counted(_stack(self._compute(texts), self.max_length, self.dim, self.pooled_dim))
         found: list[TextEmbeddings | None] = [self._lookup(t) for t in texts]
         missing = list(dict.fromkeys(t for t, e in zip(texts, found) if e is None))
         if missing:
@@ -158,7 +159,11 @@ class TextEncoder:
             for t, e in fresh.items():
                 self._store(t, e)
             found = [fresh[t] if e is None else e for t, e in zip(texts, found)]
-        return _stack(found, self.max_length, self.dim, self.pooled_dim)
+        return self._counted(_stack(found, self.max_length, self.dim, self.pooled_dim))
+
+    def _counted(self, embeddings: TextEmbeddings) -> TextEmbeddings:
+        self.captions_truncated += int(embeddings.truncated.sum())
+        return embeddings
 
     __call__ = encode
 
