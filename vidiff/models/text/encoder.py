@@ -11,9 +11,8 @@ Captions repeat across epochs, so results are cached per caption: in memory
 (keyed by the encoder's identity — kind, a hash of every byte of the weights and
 of the tokenizer's files, config, max length, dtype, batch size — and the caption;
 each weight file's digest is remembered in ``cache_dir/weight-digests.json``).
-Only real tokens are stored; padded
-positions are zero by definition (see ``common.finish``), so a cache hit is
-bit-identical to a fresh computation.
+Only real tokens are stored; padded positions are zero by definition (see
+``common.finish``), so a cache hit is bit-identical to a fresh computation.
 
 A caption's embedding does not depend on which captions, or how many, were encoded
 with it: ``encode`` runs the model on one fixed batch shape, ``(batch_size,
