@@ -341,6 +341,12 @@ def test_plan_on_a_cpu_stands_chunked_attention_in_for_a_gpu_configs_cudnn():
         assert (cfg.attention_impl, cfg.attention_head_pad, latent) == ("chunked", 0, (4, 8, 8)), gpu
     args.attention = "xla"  # asked for: kept
     assert plan._dit_config(config, args, 64, "none", on_cpu=True)[0].attention_impl == "xla"
+    # Scanned blocks stand in on CPU too (an unrolled step's activations there are no guide to a GPU's);
+    # --no-scan and a GPU keep the layout asked for.
+    scanned = lambda scan, on_cpu: plan._dit_config(config, types.SimpleNamespace(
+        **{**vars(args), "scan": scan}), 64, "none", on_cpu=on_cpu)[0].scan_blocks
+    assert (scanned(None, True), scanned(False, True), scanned(None, False), scanned(True, False)) == (
+        True, False, config.dit.overrides.get("scan_blocks", False), True)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -471,7 +471,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     # The VAE stage trains on its own clip length (vae_train.data), checked the same way.
     result = _run(_command(tmp_path, "--config.vae_train.data.num_frames=6", *TIME_4X))
     assert result.returncode == 2
-    assert "data.num_frames=6 must be 1 + k*4 (the VAE's time factor), e.g. 5" in result.stderr
+    assert "error: vae_train.data.num_frames=6 must be 1 + k*4 (the VAE's time factor), e.g. 5" in result.stderr
 
 
 @pytest.mark.slow
@@ -531,6 +531,11 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
     assert record["text_mask"].dtype == bool and record["text_pooled"].shape == (384,)
     workdir = tmp_path / "from_shards"
     shutil.copytree(tmp_path / "export", workdir / "export")  # the VAE that decodes its samples
+    # world_tiny's DiT stage sets its own buckets: the error names the field in force, which is the one to change.
+    refused = _run(_command(workdir, "--config.data.source=array_record", f"--config.data.array_record_path={shards}",
+                            "--config.dit_train.latents=prepared", model="dit", steps=3))
+    assert refused.returncode == 2 and "data.size=(16, 16), dit_train.data.buckets=None, data.frame_stride=1" in \
+        refused.stderr.strip().splitlines()[-1]
     from_shards = _run(_command(workdir, "--config.data.source=array_record", f"--config.data.array_record_path={shards}",
                                 "--config.dit_train.latents=prepared", "--config.dit_train.data.buckets=None",
                                 "--config.dit_train.data.image_fraction=0.0", model="dit", steps=3))

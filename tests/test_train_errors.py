@@ -347,6 +347,15 @@ def test_a_non_square_vae_run_evaluates_on_clips_of_its_size():
     assert clips.shape == (2, 17, 32, 48, 3) and clips.dtype == np.uint8 and clips.std() > 0
 
 
+def test_errors_name_the_stage_field_in_force():
+    """A data field the stage sets (world_tiny's dit_train.data.buckets) is the one to change: errors name it."""
+    config = _config()
+    error = config_lib.name_stage_fields(ValueError("set data.buckets=None, data.image_fraction=0.0 and "
+                                                    "data.fps=None; not dit_train.data.buckets again"), config, "dit")
+    assert str(error) == ("set dit_train.data.buckets=None, dit_train.data.image_fraction=0.0 and data.fps=None; "
+                          "not dit_train.data.buckets again")
+
+
 def test_vae_frames_too_small_for_its_loss_networks_fail_before_compiling():
     config = config_lib.for_stage(_config("--config.data.size=8", "--config.vae_loss.adversarial_weight=0.1"), "vae")
     config_lib.validate(config, "vae", 1)  # the discriminator's three halvings keep one pixel of 8

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import traceback
 from pathlib import Path
 from typing import Sequence
@@ -137,6 +138,16 @@ def set_mesh(config, spec: str) -> ml_collections.ConfigDict:
     dcn = config.mesh.get("dcn")  # where processes go stays the config's (or the default)
     config.mesh = {**parallel.mesh_sizes(spec), **({"dcn": dcn} if dcn else {})}
     return config
+
+
+def name_stage_fields(error: ValueError, config, model: str) -> ValueError:
+    """``error`` with each ``data.<field>`` its message names that the stage sets (``<model>_train.data.<field>``)
+    renamed to that: the stage's value is the one in force, so it is the one to change."""
+    message = str(error)
+    for field in config[f"{model}_train"].get("data") or {}:
+        message = re.sub(rf"(?<![\w.])data\.{re.escape(field)}\b", f"{model}_train.data.{field}", message)
+    error.args = (message,)
+    return error
 
 
 def for_stage(config, model: str) -> ml_collections.ConfigDict:

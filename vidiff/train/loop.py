@@ -52,7 +52,7 @@ from tqdm import tqdm
 from vidiff import distributed, parallel
 from vidiff.train import preflight, tasks
 from vidiff.train.checkpoint import Checkpointer, read_config
-from vidiff.train.config import config_changes, for_stage, validate, warnings_for
+from vidiff.train.config import config_changes, for_stage, name_stage_fields, validate, warnings_for
 from vidiff.train.metrics import LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
 from vidiff.train.preflight import DataExhaustedError, NonFiniteError
@@ -165,10 +165,13 @@ def train(config, model: str, *, log=print) -> dict:
     main = distributed.is_main()
     log = log if main else (lambda *a, **k: None)
     config = for_stage(config, model)
-    validate(config, model, jax.device_count())
-    for line in warnings_for(config, model):
-        log(line)
-    run = _set_up(config, model, log)
+    try:
+        validate(config, model, jax.device_count())
+        for line in warnings_for(config, model):
+            log(line)
+        run = _set_up(config, model, log)
+    except ValueError as error:  # a data field the stage sets is named as the stage's
+        raise name_stage_fields(error, config, model)
     stage, workdir, checkpointer, task, mesh, iterator = (run.stage, run.workdir, run.checkpointer, run.task,
                                                           run.mesh, run.iterator)
     state, start = run.state, run.start
