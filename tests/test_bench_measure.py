@@ -336,7 +336,8 @@ def test_bench_attention_times_each_impl_and_mode():
     bench = [sys.executable, str(EXPERIMENTS / "bench_attention.py")]
     done = subprocess.run([*bench, "--impls", "flash"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        "--impls: attention_impl: unknown 'flash'; valid: None (auto), ['xla', 'cudnn', 'chunked', 'ulysses', 'ring']"]
+        "--impls: attention_impl: unknown 'flash'; valid: None (auto), ['xla', 'cudnn', 'chunked', 'context_local', "
+        "'ulysses', 'ring']"]
     done = subprocess.run([*bench, "--pad-head-dim", "64"], capture_output=True, text=True, timeout=120, cwd=REPO,
                           env=env)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
