@@ -57,6 +57,9 @@ def test_bfloat16_latents_sample_close_to_the_exact_flow(sampler):
     noise = jax.random.normal(jax.random.key(1), SHAPE)
     out = diffusion.sample(gaussian_velocity(s), noise.astype(jnp.bfloat16), steps=100, sampler=sampler, shift=3.0)
     assert out.dtype == jnp.bfloat16
+    seen = []  # the model gets float32 times, as in training: bfloat16 would move t by up to ~0.002 near 1
+    diffusion.sample(lambda x, t: seen.append(t.dtype) or x, noise.astype(jnp.bfloat16), steps=2, sampler=sampler)
+    assert seen and set(seen) == {jnp.dtype(jnp.float32)}
     error = np.abs(np.asarray(out, np.float32) - s * np.asarray(noise))
     # bfloat16 keeps ~3 significant digits, and 100 small steps round on every add: 0.017-0.024 on average here.
     assert error.mean() < 0.04 and error.max() < 0.25, (error.mean(), error.max())
@@ -168,6 +171,8 @@ def test_schedule_guidance_and_known_frames_are_checked_before_sampling():
     velocity = point_mass_velocity(0.0)
     with pytest.raises(ValueError, match=r"known_mask: must be per latent frame \(2, 3\), got \(2, 4\)"):
         diffusion.sample(velocity, x, steps=2, known_mask=jnp.ones((2, 4)), known_latents=x)
+    with pytest.raises(ValueError, match=r"known_latents: needs known_mask \(B, t\), the latent frames they fix"):
+        diffusion.sample(velocity, x, steps=2, known_latents=x)  # would be ignored
     with pytest.raises(ValueError, match=r"known_latents: must have x_start's shape \(2, 3, 4, 4, 2\)"):
         diffusion.sample(velocity, x, steps=2, known_mask=jnp.ones((2, 3)), known_latents=x[:, :2])
     with pytest.raises(ValueError, match=r"tie=\(\(5,\), \(0,\)\): needs \(targets, sources\) of equal length, "

@@ -147,8 +147,8 @@ def sample(
             jax.debug.callback(progress, i)
         return x
 
-    def velocity(x, t):
-        return velocity_fn(x, jnp.full((batch,), t, dtype)).astype(dtype)
+    def velocity(x, t):  # the model gets float32 times, as in training, whatever the latents' dtype
+        return velocity_fn(x, jnp.full((batch,), t, jnp.float32)).astype(dtype)
 
     def euler_step(i, x):
         t, t_next = ts[i], ts[i + 1]
@@ -201,6 +201,9 @@ def _check_known_frames(shape, known_latents, known_mask, tie) -> None:
         return
     if len(shape) != 5:
         raise ValueError(f"x_start: known frames need latents (B, t, h, w, c), got shape {tuple(shape)}")
+    if known_latents is not None and known_mask is None:
+        raise ValueError("known_latents: needs known_mask (B, t), the latent frames they fix; without it they "
+                         "would be ignored")
     if known_mask is not None and np.shape(known_mask) != tuple(shape[:2]):
         raise ValueError(f"known_mask: must be per latent frame {tuple(shape[:2])}, got {np.shape(known_mask)}")
     if known_latents is not None and np.shape(known_latents) != tuple(shape):
