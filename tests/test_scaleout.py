@@ -197,13 +197,14 @@ VAE_LAYOUTS = {"dp": dict(data=8), "fsdp_tensor": dict(data=2, fsdp=2, tensor=2)
 
 
 @functools.lru_cache(maxsize=None)
-def _vae_setup():
+def _vae_setup(preset_as_is=False):
     # Two levels of 8 and 16 channels with the mid attention: every kind of VAE layer, little to compile.
-    vae = VideoVAE(vae_preset("tiny", base_channels=8, channel_mults=(1, 2), temporal_down=(True,),
-                              spatial_down=(True,), patch_size=2))
+    vae = VideoVAE(vae_preset("tiny") if preset_as_is else vae_preset(
+        "tiny", base_channels=8, channel_mults=(1, 2), temporal_down=(True,), spatial_down=(True,), patch_size=2))
     video = jnp.zeros((1, 1, 4, 4, 3))
     params = _host_params(jax.eval_shape(vae.init, jax.random.key(0), video), seed=2)
-    batch = {"video": np.random.default_rng(1).uniform(-1, 1, (8, 3, 8, 8, 3)).astype(np.float32)}
+    frames = 1 + vae.config.time_factor  # two latent frames
+    batch = {"video": np.random.default_rng(1).uniform(-1, 1, (8, frames, 8, 8, 3)).astype(np.float32)}
     config = VAELossConfig(reconstruction="l1", kl_weight=1e-3, perceptual_weight=0.0, adversarial_weight=0.0)
 
     def loss(params, batch):
@@ -214,8 +215,8 @@ def _vae_setup():
 
 
 @functools.lru_cache(maxsize=None)
-def _vae_reference():
-    loss, params, batch = _vae_setup()
+def _vae_reference(preset_as_is=False):
+    loss, params, batch = _vae_setup(preset_as_is)
     return _value_and_grad(loss, params, batch, dict(data=1), devices=jax.devices()[:1])[:2]
 
 
@@ -225,6 +226,14 @@ def test_vae_layout_matches_one_device(layout):
     value, grads, _, _ = _value_and_grad(loss, params, batch, VAE_LAYOUTS[layout])
     worst = _assert_same((value, grads), _vae_reference(), layout)
     print(f"vae {layout}: loss {value:.7f} vs {_vae_reference()[0]:.7f}, worst grad error {worst:.1e}")
+
+
+def test_the_tiny_preset_vae_matches_one_device_on_data_fsdp_tensor():
+    """The preset's 32 mid channels split over tensor: left unpinned, XLA partitioned the mid attention's
+    norm-then-matmul backward wrongly (gradients off by 120%, the loss right)."""
+    loss, params, batch = _vae_setup(preset_as_is=True)
+    value, grads, _, _ = _value_and_grad(loss, params, batch, VAE_LAYOUTS["fsdp_tensor"])
+    _assert_same((value, grads), _vae_reference(preset_as_is=True), "tiny preset, fsdp_tensor")
 
 
 # --------------------------------------------------------------------------- chunked attention, vidiff plan

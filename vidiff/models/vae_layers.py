@@ -149,7 +149,11 @@ class SpatialAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, t, h, w, c = x.shape
-        qkv = _dense(3 * c, self.dtype, "qkv")(ChannelRMSNorm(self.dtype, name="norm")(x))
+        # The norm's output pinned to the video layout (channels whole): left to propagation on a
+        # data x fsdp x tensor mesh, XLA (jax 0.10.2) partitioned the norm-then-matmul backward wrongly,
+        # gradients off by 100% with the loss right; the same norm and matmul in plain JAX do it too.
+        y = constrain_video(ChannelRMSNorm(self.dtype, name="norm")(x))
+        qkv = _dense(3 * c, self.dtype, "qkv")(y)
         q, k, v = jnp.split(qkv.reshape(b * t, h * w, 1, 3 * c), 3, axis=-1)
         out = jax.nn.dot_product_attention(q, k, v).reshape(b, t, h, w, c)
         return constrain_video(x + _dense(c, self.dtype, "proj")(out))
