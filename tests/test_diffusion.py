@@ -93,6 +93,13 @@ def test_classifier_free_guidance_combines_branches():
     np.testing.assert_allclose(late_only(x, jnp.array([0.5, 0.2]))[:, 0, 0, 0, 0], [1.0, 5.0])
     plain = diffusion.classifier_free_guidance(velocity_fn, cond, uncond, scale=1.0)
     np.testing.assert_allclose(plain(x, jnp.array([0.5, 0.5]))[:, 0, 0, 0, 0], [1.0, 2.0])
+    one_empty_prompt = diffusion.classifier_free_guidance(velocity_fn, cond, {"bias": jnp.array([0.5])}, scale=3.0)
+    np.testing.assert_allclose(one_empty_prompt(x, jnp.array([0.5, 0.5]))[:, 0, 0, 0, 0], [2.0, 5.0])
+    with pytest.raises(ValueError, match=r"^uncond\['bias'\]: shape \(3,\) does not fit cond's \(2,\); build both "
+                                         r"the same way \(or uncond with batch 1\)$"):
+        diffusion.classifier_free_guidance(velocity_fn, cond, {"bias": jnp.zeros(3)}, scale=3.0)
+    with pytest.raises(ValueError, match=r"^uncond: its structure .* differs from cond's"):
+        diffusion.classifier_free_guidance(velocity_fn, cond, {"bias": jnp.zeros(2), "mask": jnp.ones(2)}, scale=3.0)
 
 
 def test_flow_loss_is_zero_for_the_exact_velocity_and_ignores_known_frames():

@@ -423,7 +423,9 @@ def _bad_input(name):
            "text_dim": dict(text=text[..., :8]), "text_batch": dict(text=text[:1]),
            "lengths": dict(lengths=np.array([6, 6, 6])), "pooled": dict(pooled=pooled[:, :8]),
            "cond_mask": dict(cond_mask=np.ones((2, 3), np.float32)),
-           "cond_latents": dict(cond_latents=np.zeros((2, 2, 4, 4, 3), np.float32))}[name]
+           "cond_latents": dict(cond_latents=np.zeros((2, 2, 4, 4, 3), np.float32)),
+           "cond_latents_alone": dict(cond_latents=np.zeros_like(x)),  # a zero mask would drop them
+           "x_uint8": dict(x=np.zeros(x.shape, np.uint8))}[name]  # the output would be cast to uint8
     args = {**dict(x=x, t=t, text=text, lengths=lengths, pooled=pooled), **bad}
     extra = {k: args.pop(k) for k in ("cond_mask", "cond_latents") if k in args}
     return (args["x"], args["t"], args["text"], args["lengths"], args["pooled"]), extra
@@ -438,6 +440,8 @@ def _bad_input(name):
     ("pooled", r"pooled_text: must be \(2, 24\) \(pooled_dim=24\), got \(2, 8\)"),
     ("cond_mask", r"cond_mask: must be per frame \(2, 2\).*got \(2, 3\)"),
     ("cond_latents", r"cond_latents: must have x_t's shape \(2, 2, 4, 4, 4\), got \(2, 2, 4, 4, 3\)"),
+    ("cond_latents_alone", r"^cond_latents: given without cond_mask; pass the per-frame mask of known frames too"),
+    ("x_uint8", r"^x_t: the DiT takes float latents, got uint8; encode frames with the VAE first"),
 ])
 def test_wrong_inputs_fail_at_the_model_boundary_naming_themselves(name, match):
     args, extra = _bad_input(name)

@@ -92,6 +92,10 @@ def test_a_mesh_size_that_does_not_divide_a_parameter_is_named_before_jax_tiles_
                                          r"other devices on mesh.data$"):
         abstract_state(init, tx, parallel.make_mesh(data=1, fsdp=6, devices=jax.devices()[:6]))
     abstract_state(init, tx, parallel.make_mesh(data=2, fsdp=4))  # 4 divides every sharded dimension
+    # The same line from param_shardings (a researcher's own jit), the parameter named without flax's box.
+    with pytest.raises(ValueError, match=r"^mesh.fsdp=6 does not divide \S+/kernel \(.*\) along its 'conv_in'"):
+        parallel.param_shardings(jax.eval_shape(init, jax.random.key(0)),
+                                 parallel.make_mesh(data=1, fsdp=6, devices=jax.devices()[:6]))
 
 
 def test_every_rule_names_known_mesh_axes():

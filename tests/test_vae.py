@@ -69,6 +69,10 @@ def test_config_validation_messages():
     with pytest.raises(ValueError, match="unknown VAEConfig field"):
         vae_preset("tiny", latent_chanels=8)
     assert vae_preset("tiny", channel_mults=[1, 2, 2]) == vae_preset("tiny")  # JSON lists become the tuples
+    direct = VAEConfig(channel_mults=[1, 2], temporal_down=[True], spatial_down=[True], time_kernels=[3, 1],
+                       base_channels=8, patch_size=2)  # built directly, as from JSON: the module must hash
+    assert (direct.channel_mults, direct.temporal_down, direct.time_kernels) == ((1, 2), (True,), (3, 1))
+    hash(VideoVAE(direct))
     with pytest.raises(ValueError, match="temporal_down needs 2 flags"):
         vae_preset("tiny", temporal_down=(True,))
     with pytest.raises(ValueError, match="spatial factor 2"):

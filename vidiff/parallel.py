@@ -269,8 +269,15 @@ def _path_name(path) -> str:
 
 
 def param_shardings(abstract_variables, mesh: Mesh, rules=LOGICAL_RULES):
-    """Shardings for a (possibly abstract) variable tree built with logical partitioning."""
-    return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
+    """Shardings for a (possibly abstract) variable tree built with logical partitioning; a mesh size
+    that does not divide a parameter is named in one line (``check_divisible``)."""
+    specs = nn.get_partition_spec(abstract_variables)
+    boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if boxed(x) else x, abstract_variables,
+                          is_leaf=boxed)
+    shardings = logical_to_sharding(specs, mesh, rules)  # first: the rules must name real mesh axes
+    check_divisible(shapes, specs, mesh, rules)
+    return shardings
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -75,7 +75,8 @@ def classifier_free_guidance(
     """Wrap ``velocity_fn(x, t, context)`` into ``v(x, t)`` with classifier-free guidance.
 
     ``cond`` / ``uncond`` are context pytrees (text embeddings, masks, ...) with
-    the batch as leading axis; both branches run as one doubled batch. Guidance
+    the batch as leading axis; both branches run as one doubled batch. An
+    ``uncond`` of batch 1 (one empty prompt) serves every row of ``cond``. Guidance
     ``v_u + scale (v_c - v_u)`` applies only for ``t`` inside ``interval``
     (guiding the noisiest or cleanest steps hurts some models), the conditional
     prediction elsewhere. ``scale == 1`` skips the unconditional branch.
@@ -83,7 +84,10 @@ def classifier_free_guidance(
     check_guidance(scale, interval)
     if scale == 1.0:
         return lambda x, t: velocity_fn(x, t, cond)
-    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
+    if jax.tree.structure(cond) != jax.tree.structure(uncond):
+        raise ValueError(f"uncond: its structure {jax.tree.structure(uncond)} differs from cond's "
+                         f"{jax.tree.structure(cond)}; build both contexts the same way")
+    both = jax.tree_util.tree_map_with_path(_side_by_side, cond, uncond)
 
     def guided(x, t):
         v = velocity_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
@@ -188,6 +192,18 @@ def sample(
         x = jax.lax.fori_loop(0, steps, dpmpp_2m_step, init)[0]
     # The last estimate of a source can differ from where the solver ended (DPM++ extrapolates).
     return x.at[:, targets].set(x[:, sources]) if targets else x
+
+
+def _side_by_side(path, cond, uncond):
+    """One context leaf of both branches, concatenated on the batch axis (an ``uncond`` row of batch 1
+    repeated for every ``cond`` row)."""
+    cond, uncond = jnp.asarray(cond), jnp.asarray(uncond)
+    if uncond.shape[:1] == (1,) and uncond.shape[1:] == cond.shape[1:]:
+        uncond = jnp.broadcast_to(uncond, cond.shape)
+    if uncond.shape != cond.shape:
+        raise ValueError(f"uncond{jax.tree_util.keystr(path)}: shape {uncond.shape} does not fit cond's {cond.shape}; "
+                         "build both the same way (or uncond with batch 1)")
+    return jnp.concatenate([cond, uncond.astype(cond.dtype)])
 
 
 def _log_snr(t):

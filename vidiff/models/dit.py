@@ -312,6 +312,8 @@ class VideoDiT(nn.Module):
         cfg = self.config
         if x_t.ndim != 5 or x_t.shape[-1] != cfg.latent_channels:
             raise ValueError(f"latent_channels: x_t must be (B, t, h, w, {cfg.latent_channels}), got {x_t.shape}")
+        if not jnp.issubdtype(x_t.dtype, jnp.floating):  # the output would be cast to it
+            raise ValueError(f"x_t: the DiT takes float latents, got {x_t.dtype}; encode frames with the VAE first")
         if not cfg.conditioning_frames and (cond_latents is not None or cond_mask is not None):
             raise ValueError("conditioning_frames: cond_latents/cond_mask given but conditioning_frames=False")
         x = concat_conditioning(x_t, cond_latents, cond_mask) if cfg.conditioning_frames else x_t

@@ -28,6 +28,9 @@ def concat_conditioning(x_t, cond_latents=None, cond_mask=None):
                          f"got {jnp.shape(cond_mask)}")
     if cond_mask is not None and cond_latents is None:  # the marked frames would be "known" as zeros
         raise ValueError("cond_mask: given without cond_latents; pass the known clean latents too, or neither")
+    if cond_latents is not None and cond_mask is None:  # a zero mask would drop them
+        raise ValueError("cond_latents: given without cond_mask; pass the per-frame mask of known frames too, "
+                         "or neither")
     mask = jnp.zeros((b, t), x_t.dtype) if cond_mask is None else jnp.asarray(cond_mask, x_t.dtype)
     mask = mask.reshape(b, t, 1, 1, 1) if mask.ndim == 2 else mask
     mask = jnp.broadcast_to(mask, (b, t, h, w, 1))

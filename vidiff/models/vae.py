@@ -84,6 +84,9 @@ class VAEConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        for name in ("channel_mults", "temporal_down", "spatial_down", "time_kernels"):
+            if isinstance(getattr(self, name), list):  # as JSON gives them: the module must hash
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if not isinstance(self.mid_attention, bool):  # a config string "no" would otherwise read as True
             raise ValueError(f"VAEConfig.mid_attention={self.mid_attention!r} must be True or False")
         if not self.channel_mults:
