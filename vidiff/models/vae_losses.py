@@ -152,10 +152,14 @@ class PatchDiscriminator3D(nn.Module):
     channels: tuple[int, ...] = (64, 128, 256)
     dtype: Any = jnp.float32
 
+    @property
+    def min_side(self) -> int:
+        """The smallest frame side its halvings keep a pixel of."""
+        return 2 ** len(self.channels)
+
     @nn.compact
     def __call__(self, video):
-        _check_side(video.shape[-3:-1], 2 ** len(self.channels), "adversarial",
-                    f"the discriminator's {len(self.channels)} halvings")
+        _check_disc_side(video.shape[-3:-1], self)
         x = video.astype(self.dtype)
         for i, ch in enumerate(self.channels):
             x = _conv(ch, (3, 4, 4), (1, 2, 2), self.dtype, f"conv{i}", in_axis=IO_AXIS if i == 0 else "conv_in")(x)
@@ -169,14 +173,21 @@ class PatchDiscriminator3D(nn.Module):
 
 
 def check_frame_size(height: int, width: int, config: VAELossConfig,
-                     disc_channels: tuple[int, ...] = PatchDiscriminator3D.channels) -> None:
+                     disc: PatchDiscriminator3D = PatchDiscriminator3D()) -> None:
     """One-line error when the loss's networks would leave no pixel of ``height x width`` frames (the loss
-    would be NaN): LPIPS needs ``LPIPS_MIN_SIDE``, the discriminator ``2 ** len(disc_channels)``."""
+    would be NaN): LPIPS needs ``LPIPS_MIN_SIDE``, the discriminator its ``min_side``."""
     if config.perceptual_weight > 0:
-        _check_side((height, width), LPIPS_MIN_SIDE, "perceptual", "LPIPS's fifth VGG block")
+        _check_lpips_side((height, width))
     if config.adversarial_weight > 0:
-        _check_side((height, width), 2 ** len(disc_channels), "adversarial",
-                    f"the discriminator's {len(disc_channels)} halvings")
+        _check_disc_side((height, width), disc)
+
+
+def _check_disc_side(size, disc: PatchDiscriminator3D) -> None:
+    _check_side(size, disc.min_side, "adversarial", f"the discriminator's {len(disc.channels)} halvings")
+
+
+def _check_lpips_side(size) -> None:
+    _check_side(size, LPIPS_MIN_SIDE, "perceptual", "LPIPS's fifth VGG block")
 
 
 def _check_side(size, least: int, term: str, why: str) -> None:
@@ -207,7 +218,7 @@ class LPIPS(nn.Module):
 
     @nn.compact
     def __call__(self, x, y):
-        _check_side(x.shape[1:3], LPIPS_MIN_SIDE, "perceptual", "LPIPS's fifth VGG block")
+        _check_lpips_side(x.shape[1:3])
         n = x.shape[0]
         h = (jnp.concatenate([x, y]).astype(jnp.float32) - _LPIPS_SHIFT) / _LPIPS_SCALE
         h = h.astype(self.dtype)

@@ -68,11 +68,7 @@ class Task:
     def host_arrays(self, raw: dict) -> dict:
         return {k: np.asarray(raw[k]) for k in self.batch_keys}
 
-    @property
-    def captions_truncated(self) -> int:
-        """Captions this process trained on that were cut to ``text.max_length`` tokens (none without text)."""
-        text = getattr(self, "text", None)
-        return 0 if text is None else text.captions_truncated
+    captions_truncated = 0  # captions this process trained on that were cut to text.max_length (none without text)
 
     def device_batch(self, raw: dict, mesh) -> dict:
         """Numeric batch entries as global arrays sharded over the data axes (multi-host safe)."""
@@ -112,8 +108,8 @@ class VAETask(Task):
         sf = self.vae.config.spatial_factor
         video = jnp.zeros((1, 1, sf, sf, 3), jnp.float32)
         params = {"vae": self.vae.init(key, video)["params"]}
-        if self.disc is not None:  # the smallest frame its halvings keep a pixel of
-            side = 2 ** len(self.disc.channels)
+        if self.disc is not None:  # the smallest frame it takes
+            side = self.disc.min_side
             params["disc"] = self.disc.init(jax.random.fold_in(key, 7), jnp.zeros((1, 1, side, side, 3)))["params"]
         return params
 
@@ -283,6 +279,11 @@ class DiTTask(Task):
             tokens[dropped], mask[dropped], pooled[dropped] = empty.tokens[0], empty.mask[0], empty.pooled[0]
         return {"latents": np.asarray(raw["latents"], np.float32), "text_tokens": tokens,
                 "text_lengths": mask.sum(-1).astype(np.int32), "pooled": pooled}
+
+    @property
+    def captions_truncated(self) -> int:
+        """Captions this process trained on that were cut to ``text.max_length`` tokens."""
+        return self.text.captions_truncated
 
     def latents(self, frozen, video, rng):
         video = video.astype(jnp.float32) / 127.5 - 1.0
