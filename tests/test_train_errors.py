@@ -394,19 +394,21 @@ def test_a_dit_resume_onto_another_vae_is_refused(tmp_path):
     from vidiff.models.export import DIT_VAE
 
     config = _config(f"--config.workdir={tmp_path}")
-    assert preflight.trained_with_vae(config) == {}  # no VAE exported yet: tasks.load_vae_variables says so
     _export_vae(tmp_path / "export", config)
-    record = {**json.loads(config.to_json()), **preflight.trained_with_vae(config)}
-    assert record[DIT_VAE] == hashlib.sha256((tmp_path / "export" / "vae.safetensors").read_bytes()).hexdigest()
+    vae_sha256 = hashlib.sha256((tmp_path / "export" / "vae.safetensors").read_bytes()).hexdigest()
+    assert tasks.file_sha256(tmp_path / "export" / "vae.safetensors") == vae_sha256  # what DiTTask.vae_sha256 holds
+    record = {**json.loads(config.to_json()), DIT_VAE: vae_sha256}  # what the loop saves with a DiT's checkpoints
     directory = tmp_path / "dit" / "checkpoints"
     checkpointer = Checkpointer(directory, keep=3, keep_best=0)
     checkpointer.save(2, {"w": jnp.ones(4)}, data_iterator=iter(_world_pipeline()), config=record)
+    checkpointer.save(4, {"w": jnp.ones(4)}, data_iterator=iter(_world_pipeline()),
+                      config=json.loads(config.to_json()))
     checkpointer.close()
     checkpointer = Checkpointer(directory, keep=3, keep_best=0)
-    preflight.check_resume(checkpointer, 2, record, "dit")  # the same VAE
-    preflight.check_resume(checkpointer, 2, json.loads(config.to_json()), "dit")  # nothing to compare with
+    preflight.check_resume_vae(checkpointer, 2, vae_sha256)  # the same VAE
+    preflight.check_resume_vae(checkpointer, 4, "0" * 64)  # saved without the record: nothing to compare with
     with pytest.raises(ValueError) as info:
-        preflight.check_resume(checkpointer, 2, {**record, DIT_VAE: "0" * 64}, "dit")
+        preflight.check_resume_vae(checkpointer, 2, "0" * 64)
     assert str(info.value) == (
         f"{directory / '2'} was trained with another VAE than the one exported now; train the DiT again: delete its "
         "run (<workdir>/dit), then `vidiff train --config ... --model dit`, or restore the VAE it was trained with")

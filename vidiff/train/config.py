@@ -207,12 +207,13 @@ def validate(config, model: str, device_count: int) -> None:
     clips = [(int(config.data.num_frames), height, width, None)]
     if config.data.get("buckets"):  # the clip sizes trained, when bucketed
         clips += [(f, h, w, f"{f}x{h}x{w}") for f, h, w in parse_buckets(config.data.buckets, clips[0][:3])]
+    from vidiff.models.vae_losses import VAELossConfig, check_frame_size
+
+    vae_loss = VAELossConfig(**dict(config.vae_loss)) if model == "vae" else None
     for frames, h, w, bucket in clips:
         _check_clip_size(frames, h, w, bucket, *factors)
-        if model == "vae":  # a loss network that leaves no pixel of the frame gives a NaN loss
-            from vidiff.models.vae_losses import VAELossConfig, check_frame_size
-
-            check_frame_size(h, w, VAELossConfig(**dict(config.vae_loss)))
+        if vae_loss is not None:  # a loss network that leaves no pixel of the frame gives a NaN loss
+            check_frame_size(h, w, vae_loss)
     from vidiff import parallel
 
     sizes = parallel.resolve_sizes(parallel.mesh_sizes(config.mesh.to_dict()), device_count)  # presets, dcn, -1

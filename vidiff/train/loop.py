@@ -50,6 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vidiff import distributed, parallel
+from vidiff.models.export import DIT_VAE
 from vidiff.train import preflight, tasks
 from vidiff.train.checkpoint import Checkpointer, read_config
 from vidiff.train.config import config_changes, for_stage, name_stage_fields, validate, warnings_for
@@ -127,17 +128,20 @@ def _set_up(config, model: str, log) -> _Run:
     stage = stage_config(config, model)
     workdir = Path(config.workdir) / model
     config_json = json.loads(config.to_json())
-    record = {**config_json, **preflight.trained_with_vae(config)} if model == "dit" else config_json
     checkpointer = Checkpointer(workdir / "checkpoints", keep=stage.keep, keep_best=stage.keep_best)
     try:  # a setup error (a check, the restore) leaves no checkpoint manager running
         start = checkpointer.latest_step() or 0
         if start:
-            preflight.check_resume(checkpointer, start, record, model)
+            preflight.check_resume(checkpointer, start, config_json, model)
         if model == "dit":
             preflight.check_dit_inputs(config)
         mesh = parallel.mesh_from_config(config.mesh)
         task = tasks.build(config, model, mesh)
-        if model == "dit":
+        record = config_json
+        if model == "dit":  # its checkpoints record the VAE it trains with: a resume onto another is refused
+            record = {**config_json, DIT_VAE: task.vae_sha256}
+            if start:
+                preflight.check_resume_vae(checkpointer, start, task.vae_sha256)
             preflight.check_dit_task(config, task)
         process_config = _process_config(config)
         pipeline = task.pipeline(process_config)
@@ -155,8 +159,8 @@ def _set_up(config, model: str, log) -> _Run:
     except BaseException:
         checkpointer.close()
         raise
-    return _Run(stage, workdir, config_json, record, checkpointer, start, mesh, task, tx, schedule, state, state_shardings,
-                iterator, getattr(pipeline, "ledger", None))
+    return _Run(stage, workdir, config_json, record, checkpointer, start, mesh, task, tx, schedule, state,
+                state_shardings, iterator, getattr(pipeline, "ledger", None))
 
 
 def train(config, model: str, *, log=print) -> dict:
@@ -270,7 +274,8 @@ def _log_row(writer, window, state, step: int, run: _Run) -> float:
     window.reset(step)
     skipped = int(state.skipped)  # skipped steps left the optimizer's (and schedule's) count behind
     scalars.update(lr=float(run.schedule(max(step - skipped - 1, 0))), skipped=skipped, skipped_steps=skipped,
-                   skipped_records_total=_skip_totals(run.ledger)["bad"], captions_truncated=run.task.captions_truncated)
+                   skipped_records_total=_skip_totals(run.ledger)["bad"],
+                   captions_truncated=run.task.captions_truncated)
     writer.write(step, scalars)
     return scalars["loss"]
 

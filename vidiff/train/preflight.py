@@ -3,7 +3,8 @@
 ``vidiff.train.loop`` calls these at the points where each can first be known:
 
 - resuming: the step folder is complete and was written with the same model
-  settings (``check_resume``; ``model_changes`` names each differing field);
+  settings (``check_resume``; ``model_changes`` names each differing field),
+  and a DiT's with the same VAE (``check_resume_vae``);
 - the DiT's inputs: the exported VAE fits this config, and prepared shards
   carry latents from that VAE and text embeddings of this config's encoder
   width (``check_dit_inputs`` before the task loads them, ``check_dit_task`` after);
@@ -28,7 +29,7 @@ from vidiff.models.dit import dit_preset
 from vidiff.models.vae import vae_preset
 from vidiff.train.checkpoint import read_config
 from vidiff.train.config import config_changes
-from vidiff.models.export import DIT_VAE, RETRAIN_DIT, file_sha256, read_manifest, variable_shapes
+from vidiff.models.export import DIT_VAE, RETRAIN_DIT, read_manifest, variable_shapes
 from vidiff.train.latent_cache import vae_fingerprint
 from vidiff.train.state import skipped_steps_clause
 from vidiff.train.tasks import export_dir, vae_from_config
@@ -49,19 +50,13 @@ def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None
     Parameter shapes come from the model sections (and, for the DiT, the text
     encoder's width and the VAE's latent channels); a difference is named field
     by field instead of surfacing as an orbax shape error. Other fields (steps,
-    learning rate, data.world.length, ...) may change on resume. A DiT's
-    ``config_json`` may carry ``trained_with_vae``: a checkpoint trained with
-    another VAE is refused.
+    learning rate, data.world.length, ...) may change on resume.
     """
     checkpointer.check_complete(step)
     try:
         saved = read_config(checkpointer.directory, step)
     except (OSError, ValueError):  # a checkpoint without a readable config: the restore will tell
         return
-    trained_with, exported = saved.get(DIT_VAE), config_json.get(DIT_VAE)
-    if model == "dit" and None not in (trained_with, exported) and trained_with != exported:  # other latents
-        raise ValueError(f"{checkpointer.directory / str(step)} was trained with another VAE than the one exported "
-                         f"now; {RETRAIN_DIT}, or restore the VAE it was trained with")
     changes = model_changes(saved, config_json, model)
     if model == "dit":
         changes += model_changes(saved, config_json, "vae")
@@ -71,11 +66,17 @@ def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None
                          f"use a new workdir or the original config")
 
 
-def trained_with_vae(config) -> dict:
-    """``{DIT_VAE: sha256}`` of the exported VAE a DiT run trains with (its checkpoints record it), or ``{}``
-    before there is one."""
-    path = export_dir(config) / "vae.safetensors"
-    return {DIT_VAE: file_sha256(path)} if path.is_file() else {}
+def check_resume_vae(checkpointer, step: int, vae_sha256: str) -> None:
+    """A DiT's checkpoints record the exported VAE they train with (``DIT_VAE``, the sha256 of the file the task
+    loaded): one trained with another VAE is refused before anything compiles, since its latents were not this
+    VAE's (a checkpoint without the record is not checked)."""
+    try:
+        trained_with = read_config(checkpointer.directory, step).get(DIT_VAE)
+    except (OSError, ValueError):  # a checkpoint without a readable config: the restore will tell
+        return
+    if trained_with not in (None, vae_sha256):
+        raise ValueError(f"{checkpointer.directory / str(step)} was trained with another VAE than the one exported "
+                         f"now; {RETRAIN_DIT}, or restore the VAE it was trained with")
 
 
 # Fields that leave a model's parameters as they are: changing them between runs is fine.
