@@ -82,7 +82,10 @@ def test_config_validation_messages():
     assert vae_preset("base").latent_shape((2, 17, 64, 96, 3)) == (2, 5, 8, 12, 16)
     for overrides, match in [(dict(dtype="bf16"), "VAEConfig.dtype='bf16' must be one of float32, bfloat16"),
                              (dict(mid_attention="no"), "VAEConfig.mid_attention='no' must be True or False"),
-                             (dict(channel_mults=()), "VAEConfig.channel_mults is empty")]:
+                             (dict(channel_mults=()), "VAEConfig.channel_mults is empty"),
+                             (dict(temporal_down=("no", "no")), r"VAEConfig.temporal_down=\('no', 'no'\) must hold "
+                                                                r"True or False per transition"),
+                             (dict(spatial_down=(1, 1)), "VAEConfig.spatial_down=.* must hold True or False")]:
         with pytest.raises(ValueError, match=match):
             vae_preset("tiny", **overrides)
 
@@ -349,6 +352,12 @@ def test_perceptual_loss_from_safetensors(lpips_file, tmp_path):
 
     with pytest.raises(ValueError, match="VAELossConfig.perceptual_weights_path is required"):
         VAELossConfig(perceptual_weight=0.1)
+    for field, value, match in [("kl_weight", float("nan"), "kl_weight=nan must be a finite number >= 0"),
+                                ("adversarial_weight", -1.0, "adversarial_weight=-1.0 must be a finite number"),
+                                ("adversarial_start_step", 2.5, "adversarial_start_step=2.5 must be an int >= 0"),
+                                ("adaptive_adversarial_weight", "no", "adaptive_adversarial_weight='no' must be True")]:
+        with pytest.raises(ValueError, match=f"VAELossConfig.{match}"):
+            VAELossConfig(**{field: value})
     with pytest.raises(ValueError, match="missing LPIPS tensor"):
         from safetensors.numpy import save_file
         save_file({"features.0.weight": np.zeros((4, 3, 3, 3), np.float32)}, str(tmp_path / "bad.safetensors"))

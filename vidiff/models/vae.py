@@ -95,6 +95,8 @@ class VAEConfig:
             raise ValueError(f"VAEConfig.patch_size={self.patch_size} must be 1, 2 or 4")
         transitions = len(self.channel_mults) - 1
         for name in ("temporal_down", "spatial_down"):
+            if not all(isinstance(flag, bool) for flag in getattr(self, name)):  # "no" or 2 would count as True
+                raise ValueError(f"VAEConfig.{name}={getattr(self, name)!r} must hold True or False per transition")
             if len(getattr(self, name)) != transitions:
                 raise ValueError(f"VAEConfig.{name} needs {transitions} flags (one per level transition), "
                                  f"got {getattr(self, name)}")
@@ -129,7 +131,7 @@ class VAEConfig:
     @property
     def time_factor(self) -> int:
         """Temporal compression: ``1 + tf k`` frames -> ``1 + k`` latent frames."""
-        return 2 ** sum(map(bool, self.temporal_down))
+        return 2 ** sum(self.temporal_down)
 
     @property
     def spatial_factor(self) -> int:

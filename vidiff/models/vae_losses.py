@@ -59,8 +59,17 @@ class VAELossConfig:
                 "VAELossConfig.perceptual_weights_path is required when "
                 f"perceptual_weight={self.perceptual_weight} > 0 "
                 "(no VGG is downloaded): point it at an LPIPS safetensors file or set perceptual_weight=0")
-        if min(self.kl_weight, self.perceptual_weight, self.adversarial_weight) < 0:
-            raise ValueError("VAELossConfig: kl_weight, perceptual_weight and adversarial_weight must be >= 0")
+        for name in ("kl_weight", "perceptual_weight", "adversarial_weight"):
+            value = getattr(self, name)
+            # NaN passes a ``< 0`` test and would only show as a non-finite loss blamed on the learning rate.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"VAELossConfig.{name}={value!r} must be a finite number >= 0 (0 switches the term off)")
+        if isinstance(self.adversarial_start_step, bool) or not isinstance(self.adversarial_start_step, int) \
+                or self.adversarial_start_step < 0:
+            raise ValueError(f"VAELossConfig.adversarial_start_step={self.adversarial_start_step!r} must be an int >= 0")
+        if not isinstance(self.adaptive_adversarial_weight, bool):  # a config string "no" would read as True
+            raise ValueError(f"VAELossConfig.adaptive_adversarial_weight={self.adaptive_adversarial_weight!r} "
+                             "must be True or False")
 
 
 # ----------------------------------------------------------------------------- loss
