@@ -111,15 +111,18 @@ def flow_loss(
         raise ValueError(f"known_frames: must be per latent frame {x0.shape[:2]}, got {jnp.shape(known_frames)}")
     key_t, key_eps = jax.random.split(key)
     t = sample_timesteps(key_t, x0.shape[0], timestep_sampler, shift=shift)
-    eps = standard_normal(key_eps, x0.shape, x0.dtype)
-    x_t = noise_latents(x0, eps, t)
+    # The mix and the target are float32 whatever x0's dtype: a bfloat16 t would mix x_t at a time up to
+    # 2e-3 away from the float32 t the model is told. The model gets x_t in x0's dtype.
+    clean = x0.astype(jnp.float32)
+    eps = standard_normal(key_eps, x0.shape)
+    x_t = noise_latents(clean, eps, t)
     weight = jnp.ones(x0.shape[:2], jnp.float32)
     if known_frames is not None:
-        known = known_frames.astype(x0.dtype)[:, :, None, None, None]
-        x_t = known * x0 + (1.0 - known) * x_t
         weight = 1.0 - known_frames.astype(jnp.float32)
-    v = velocity_fn(x_t, t)
-    per_frame = jnp.mean(jnp.square(v.astype(jnp.float32) - velocity_target(x0, eps)), axis=(2, 3, 4))
+        known = 1.0 - weight[:, :, None, None, None]
+        x_t = known * clean + (1.0 - known) * x_t
+    v = velocity_fn(x_t.astype(x0.dtype), t)
+    per_frame = jnp.mean(jnp.square(v.astype(jnp.float32) - velocity_target(clean, eps)), axis=(2, 3, 4))
     per_sample = jnp.sum(per_frame * weight, axis=1) / jnp.maximum(jnp.sum(weight, axis=1), 1.0)
     loss = jnp.mean(per_sample * loss_weight(t, weighting))
     return loss, {"per_sample": per_sample, "t": t}
