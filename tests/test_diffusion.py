@@ -153,6 +153,13 @@ def test_timestep_sampling_and_shift():
     np.testing.assert_allclose(diffusion.timestep_schedule(4, shift=3.0, t_start=0.75),
                                diffusion.timestep_schedule(8, shift=3.0)[4:], rtol=1e-6)
     assert float(diffusion.timestep_schedule(3, shift=float(np.exp(1.15)))[0]) == 1.0
+    # These shifts put a float32 schedule's first time at 1 + 1.2e-7 ("auto" picks the second for 80 tokens), where
+    # DPM++'s log(1 - t) is NaN: the whole clip came out NaN, black once decoded.
+    for shift in (2.034135, diffusion.shift_for_tokens(80)):
+        schedule = np.asarray(diffusion.timestep_schedule(8, shift=shift))
+        assert schedule[0] == 1.0 and schedule[-1] == 0.0 and (np.diff(schedule) < 0).all()
+        out = diffusion.sample(gaussian_velocity(0.5), jnp.ones(SHAPE), steps=8, sampler="dpmpp_2m", shift=shift)
+        assert np.isfinite(np.asarray(out)).all()
     with pytest.raises(ValueError, match="timestep sampler 'beta' is unknown"):
         diffusion.sample_timesteps(jax.random.key(0), 2, "beta")
     with pytest.raises(ValueError, match="sampler 'ddim' is unknown"):

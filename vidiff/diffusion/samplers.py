@@ -51,9 +51,13 @@ def timestep_schedule(steps: int, shift: float = 1.0, t_start: float = 1.0):
         raise ValueError(f"shift={shift} must be a positive number (1 = no shift)")
     if not 0.0 < t_start <= 1.0:
         raise ValueError(f"t_start={t_start} must be in (0, 1]")
-    # t = s u / (1 + (s - 1) u) inverted; t_start = 1 is kept exact (the first step starts from pure noise)
+    # t = s u / (1 + (s - 1) u) inverted. In float64, with the ends set exactly: a float32 shift put the first
+    # time at 1 + 1.2e-7 for some shifts (95 of 406 tried; 754 "auto" token counts up to 20,000), where DPM++'s
+    # log(1 - t) is NaN and the whole clip came out black.
     u_start = 1.0 if t_start == 1.0 else t_start / (shift - (shift - 1.0) * t_start)
-    return shift_timesteps(jnp.linspace(u_start, 0.0, steps + 1), shift)
+    ts = shift_timesteps(np.linspace(u_start, 0.0, steps + 1, dtype=np.float64), float(shift))
+    ts[0], ts[-1] = t_start, 0.0
+    return jnp.asarray(np.clip(ts, 0.0, 1.0), jnp.float32)
 
 
 def check_guidance(scale: float, interval) -> None:
