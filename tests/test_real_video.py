@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -20,6 +21,7 @@ from vidiff.data import record_stream
 from vidiff.data.transforms import cover_size, resize_crop
 from vidiff.train import config as config_lib
 from vidiff.train.metrics import read_metrics
+from vidiff.train.preflight import check_eval_split
 from vidiff.train.tasks import validation_clips
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +94,23 @@ def test_eval_clips_come_from_the_held_out_ranges_and_training_never_reads_them(
         half_frame = 0.5 / _full_decode(video_dir / row["path"])[1] + 1e-6  # a frame starting within half a frame counts
         assert all(row["start"] - half_frame <= t < row["end"] for ts in times for t in ts), (row, times)
         assert all(t >= train_end[row["path"]] for ts in times for t in ts), f"{row} overlaps the training range"
+
+    # Training's buckets and image mix do not reach the eval clips: they came out 3 frames, or images.
+    mixed = _config("--config.data.buckets=['3x32x32', '1x32x32']", "--config.data.image_fraction=0.5")
+    np.testing.assert_array_equal(validation_clips(mixed), clips)
+    # A data spec that cannot select the eval split is refused before training, not scored as if held out.
+    train_only = config.to_dict()
+    train_only["data"]["manifest"] = config.data.manifest["train"]
+    train_only = ml_collections.ConfigDict(train_only)
+    with pytest.raises(ValueError, match=r"^eval.split='eval' but data.manifest='\S+train\S*' is one manifest, which "
+                                         r"has no splits; give data.manifest=\{'train': ..., 'eval': ...\}"):
+        check_eval_split(train_only)
+    shards = config_lib.for_stage(config_lib.load_config(REAL_TINY, [
+        *SMALL, "--config.data.source=array_record", "--config.data.array_record_path=/shards/train-*.array_record"]),
+        "vae")
+    with pytest.raises(ValueError, match=r"^eval.split='eval' but data.array_record_path='/shards/train-\*"
+                                         r".array_record' names shard files, which have no splits"):
+        check_eval_split(shards)
 
     seen = set()
     for _, record in zip(range(12), record_stream(config.data.to_dict())):  # three epochs of the 4 training rows

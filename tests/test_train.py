@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from vidiff.train import config as config_lib
 from vidiff.train.metrics import psnr, read_metrics, ssim
@@ -493,11 +494,14 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
     # A world of 8 clips, all in every batch: the latent cache fills at step 1 and serves steps 2 and 3. A constant
     # learning rate keeps the compiled step the same when the resumed run below asks for 4 steps (a compile-cache hit).
     eight_clips = ("--config.dit_train.data.world.length=8", "--config.dit_train.data.buckets=None",
-                   "--config.dit_train.data.image_fraction=0.0", "--config.dit_train.optim.schedule=constant")
+                   "--config.dit_train.data.image_fraction=0.0", "--config.dit_train.optim.schedule=constant",
+                   "--config.data.fps=4")
     dit = _run(_command(tmp_path, "--config.dit_train.eval_every=3", *eight_clips, model="dit", steps=3))
     assert dit.returncode == 0, dit.stderr
     assert (tmp_path / "export" / "dit.safetensors").is_file()
-    assert list((tmp_path / "dit" / "samples").glob("samples_*.gif"))
+    (samples,) = (tmp_path / "dit" / "samples").glob("samples_*.gif")
+    with Image.open(samples) as gif:  # played at the data's frame rate (it was always 8 fps)
+        assert gif.info["duration"] == 250
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "dit") if "loss" in r)
     assert json.loads(dit.stdout.strip().splitlines()[-1])["latent_cache"] == {"clips": 8, "hits": 16, "misses": 8,
                                                                               "loaded": 0}

@@ -135,6 +135,8 @@ def _set_up(config, model: str, log) -> _Run:
             preflight.check_resume(checkpointer, start, config_json, model)
         if model == "dit":
             preflight.check_dit_inputs(config)
+        else:
+            preflight.check_eval_split(config)
         mesh = parallel.mesh_from_config(config.mesh)
         task = tasks.build(config, model, mesh)
         record = config_json

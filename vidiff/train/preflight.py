@@ -278,6 +278,27 @@ def check_data_lasts(pipeline, config, model: str) -> None:
         )
 
 
+def check_eval_split(config) -> None:
+    """One line when ``eval.split`` names a split the data cannot select: validation would score training clips."""
+    data, split = config.data, config.eval.split
+    if not config.vae_train.get("eval_every", 0) or data.source in ("world", "tfds") or split == "train":
+        return
+    fix = "or set eval.split='train' to score training clips knowingly, or vae_train.eval_every=0"
+    if data.source == "folder" and not hasattr(data.manifest, "keys"):
+        raise ValueError(f"eval.split={split!r} but data.manifest={data.manifest!r} is one manifest, which has no "
+                         f"splits; give data.manifest={{'train': ..., {split!r}: ...}}, {fix}")
+    if data.source == "array_record":
+        from vidiff.data.sources import array_record_paths
+
+        specs = [data.array_record_path] if isinstance(data.array_record_path, (str, Path)) else \
+            list(data.array_record_path or [])
+        if not specs or not all(Path(str(one)).is_dir() for one in specs):
+            raise ValueError(f"eval.split={split!r} but data.array_record_path={data.array_record_path!r} names shard "
+                             f"files, which have no splits; point it at the `vidiff prepare` folder holding "
+                             f"{split}-*.array_record shards, {fix}")
+        array_record_paths(data.array_record_path, split, "data.array_record_path")  # that folder has the split
+
+
 def check_finite_params(state, model: str, step: int, checkpoints: Path) -> None:
     """Refuse to export parameters (or their EMA) that are not finite: one line naming the step and the skips."""
     finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)),

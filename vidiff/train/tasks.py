@@ -205,8 +205,10 @@ def validation_clips(config) -> np.ndarray:
         return np.stack([resize_crop(world[i]["video"], height, width, "center", None) for i in range(n)])
     from vidiff.data import record_stream
 
+    # Whole clips of eval.num_frames at data.size: training's buckets and image mix would cut images
+    # or other lengths (and mixed shapes fail to stack).
     records = record_stream({**config.data.to_dict(), "num_frames": num_frames, "shuffle": False, "num_epochs": 1,
-                             "caption_dropout": 0.0}, split=config.eval.split)
+                             "caption_dropout": 0.0, "buckets": None, "image_fraction": 0.0}, split=config.eval.split)
     clips = [r["video"] for _, r in zip(range(n), records)]
     if not clips:
         raise ValueError(f"eval.split={config.eval.split!r} yielded no clips; point data at an eval split")
@@ -304,7 +306,8 @@ class DiTTask(Task):
     def evaluate(self, state, workdir: Path, step: int) -> dict:
         prompts = list(self.config.sample.prompts)
         clips = generate(self, state.ema_params, prompts, seed=0)
-        io.write_video(Path(workdir) / "samples" / f"samples_{step:06d}.gif", _tile(clips), 8)
+        io.write_video(Path(workdir) / "samples" / f"samples_{step:06d}.gif", _tile(clips),
+                       self.config.data.get("fps") or 8)
         return {}
 
     def finalize(self, state, config_json: dict, export_dir: Path) -> dict:
