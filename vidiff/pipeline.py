@@ -67,6 +67,9 @@ class TextToVideo:
                  directory: Path | None = None, mesh=None):
         self.vae, self.vae_variables, self.dit, self.dit_params = vae, vae_variables, dit, dit_params
         self.text, self.config, self.directory, self.mesh = text, config, directory, mesh
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):  # e.g. the CLI's "dp"
+            raise ValueError(f"mesh={mesh!r} is not a jax.sharding.Mesh; build one with vidiff.parallel.make_mesh "
+                             "(e.g. make_mesh(data=jax.device_count()))")
         if mesh is not None:
             self.vae_variables, self.dit_params = jax.device_put((vae_variables, dit_params), parallel.replicated(mesh))
         size = config["data"]["size"]
@@ -98,7 +101,10 @@ class TextToVideo:
         if missing := [f for f in REQUIRED_FIELDS if f[1] not in (config.get(f[0]) or {})]:
             raise ValueError(f"{directory}/vidiff.json lacks config field(s) {', '.join('.'.join(f) for f in missing)}; "
                              "re-export the model with vidiff train")
-        text = _text_encoder(config["text"]["encoder"], config["text"]["max_length"])
+        # The batch training encoded captions in: a caption's embedding never depends on what was encoded with it,
+        # up to the rounding of another batch shape (1e-6), which this avoids.
+        text = _text_encoder(config["text"]["encoder"], config["text"]["max_length"],
+                             int(config["text"].get("batch_size") or 1))
         vae = VideoVAE(vae_preset(config["vae"]["preset"], **config["vae"].get("overrides", {})))
         overrides = dict(config["dit"].get("overrides", {}))
         if overrides.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
@@ -264,11 +270,13 @@ class TextToVideo:
         """
         tf, pt = self.time_factor, self.dit.config.patch[0]
         # m + 2 latents, which the DiT's time patch pt must divide: lengths tf m with (m + 2) % pt == 0.
-        loops = lambda upto: [tf * m for m in range(1, upto // tf + 2 * pt + 1) if (m + 2) % pt == 0]  # noqa: E731
+        # A loop has at least 2 frames: one frame "looping" is a still image.
+        loops = lambda upto: [tf * m for m in range(1, upto // tf + 2 * pt + 1)  # noqa: E731
+                              if (m + 2) % pt == 0 and tf * m >= 2]
         if num_frames is None:
             num_frames = max([n for n in loops(self.train_frames) if n < self.train_frames] or [loops(tf)[0]])
         num_frames = whole_number(num_frames, "num_frames")
-        if num_frames < tf or num_frames % tf or (num_frames // tf + 2) % pt:
+        if num_frames < max(tf, 2) or num_frames % tf or (num_frames // tf + 2) % pt:
             near = sorted(sorted(loops(num_frames), key=lambda n: abs(n - num_frames))[:2])
             rule = f"{tf}m frames" + (f" with m + 2 divisible by {pt}" if pt > 1 else "")
             raise ValueError(f"a loop of num_frames={num_frames} cannot be made: loop lengths are {rule} (the frame "
@@ -329,6 +337,8 @@ class TextToVideo:
         multiple of its data-parallel devices); ``progress`` shows a tqdm bar;
         ``return_latents`` returns the normalised latents ``(N, L, h, w, c)`` undecoded.
         """
+        if isinstance(prompts, (bytes, bytearray)):  # a sequence of ints to Python: "prompt 1 is a int (97)"
+            raise ValueError("prompts are bytes; decode them to a string first (prompts.decode())")
         if not isinstance(prompts, (str, Sequence, np.ndarray)):
             raise ValueError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -384,11 +394,11 @@ class TextToVideo:
 
 
 @functools.lru_cache(maxsize=4)
-def _text_encoder(name: str, max_length: int):
+def _text_encoder(name: str, max_length: int, batch_size: int):
     """Frozen encoders are shared between pipelines (reloading a checkpoint does not reload MiniLM)."""
     from vidiff.models.text import text_encoder
 
-    return text_encoder(name, max_length=max_length)
+    return text_encoder(name, max_length=max_length, batch_size=batch_size)
 
 
 def _fitting(loaded: dict, module, path: Path) -> dict:
