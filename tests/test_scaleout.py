@@ -23,7 +23,8 @@ from vidiff.models import chunked_attention, context_attention  # noqa: F401  (r
 from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
 from vidiff.models.vae import VideoVAE, vae_preset
 from vidiff.models.vae_losses import VAELossConfig, vae_loss
-from vidiff.train.tasks import dit_flow_loss
+from vidiff.train import config as config_lib
+from vidiff.train.tasks import dit_flow_loss, vae_from_config
 
 LOSS_RTOL = 1e-5
 GRAD_TOL = 1e-5  # max |g - g_ref| relative to max |g_ref|, per parameter tensor
@@ -327,6 +328,15 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
     assert row["ema"] == row["params"] and row["optimizer"] == pytest.approx(2 * row["params"], rel=0.01)
     assert row["peak"] > row["params"] + row["optimizer"] + row["ema"] and row["activations"] > 0
     assert "| fsdp=4 | 64 | 4x8x8 | block | xla |" in plan.format_table([row], 1.0)
+    # world_tiny's DiT reads cached latents; on the fly (the default) the frozen VAE encodes each batch in the step.
+    on_the_fly = types.SimpleNamespace(**{**vars(args), "overrides": [*args.overrides,
+                                                                        "--config.dit_train.latents=on_the_fly"]})
+    (encoding,) = plan.plan(on_the_fly, jax.devices()[:4])
+    vae = vae_from_config(config_lib.load_config(config))
+    vae_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nn.unbox(jax.eval_shape(
+        vae.init, jax.random.key(0), jnp.zeros((1, 1, 8, 8, 3))))))
+    assert row["frozen"] == 0 and encoding["frozen"] == vae_bytes  # replicated, as DiTTask holds it
+    assert encoding["peak"] > row["peak"] + vae_bytes and encoding["activations"] > row["activations"]
     accumulating = types.SimpleNamespace(**{**vars(args), "overrides": [*args.overrides,
                                                                           "--config.dit_train.optim.accumulate=2"]})
     with pytest.raises(ValueError) as error:  # as vidiff train refuses it: no row for a run that cannot start
@@ -365,11 +375,15 @@ def test_plan_on_a_cpu_stands_chunked_attention_in_for_a_gpu_configs_cudnn():
     (dict(device_memory=-1.0), "--device-memory=-1.0 must be a positive number of GiB"),
     (dict(tokens="abc"), "--tokens='abc' must be comma-separated positive ints, e.g. 4096,16384"),
     (dict(tokens="64,-16"), "--tokens='64,-16' must be comma-separated positive ints"),
+    (dict(model="vae", preset="XL", dtype="bfloat16"), "--preset, --dtype set the DiT's step, not the VAE's; drop "
+                                                        "them with --model vae"),
+    (dict(model="vae", text_dim=4096), "--text-dim set the DiT's step"),
 ])
 def test_plan_flags_are_checked_before_anything_compiles(flags, message):
     from vidiff import plan
 
-    args = types.SimpleNamespace(**{**dict(devices=None, batch=None, text_dim=384, device_memory=None, tokens=None),
+    args = types.SimpleNamespace(**{**dict(devices=None, batch=None, text_dim=384, device_memory=None, tokens=None,
+                                           model="dit", remat=None, preset=None, attention=None, dtype=None, scan=None),
                                     **flags})
     with pytest.raises(ValueError) as error:
         plan.run(args)

@@ -3,7 +3,8 @@
 Compiles the real train step (``make_train_step`` + ``jit_train_step``: loss, gradients,
 AdamW, EMA, donated state) ahead of time against abstract inputs (``jax.ShapeDtypeStruct``
 with shardings: nothing is allocated) and prints, per device: parameters, optimizer state,
-EMA, the batch, activations (XLA's temporaries) and the peak, and whether the peak fits
+EMA, the batch, frozen inputs (the VAE a DiT step with ``dit_train.latents='on_the_fly'`` encodes
+with), activations (XLA's temporaries) and the peak, and whether the peak fits
 ``--device-memory``. One row per ``--tokens`` x ``--remat`` combination::
 
     vidiff plan --config experiments/configs/world_tiny.py --preset XL --mesh fsdp --devices 8 \\
@@ -77,6 +78,12 @@ def _check_flags(args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
     if args.device_memory is not None and not args.device_memory > 0:
         raise ValueError(f"--device-memory={args.device_memory} must be a positive number of GiB")
+    if args.model == "vae":  # the VAE's row would silently be the same with or without them
+        dit_only = [f"--{flag.replace('_', '-')}" for flag in ("tokens", "remat", "preset", "attention", "dtype", "scan")
+                    if getattr(args, flag) is not None] + (["--text-dim"] if args.text_dim != 384 else [])
+        if dit_only:
+            raise ValueError(f"{', '.join(dit_only)} set the DiT's step, not the VAE's; drop them with --model vae "
+                             "(the VAE's own fields are --config.vae.overrides.<field>=...)")
     _ints(args.tokens)
 
 
@@ -178,25 +185,46 @@ def _abstract_batch(shapes: dict, mesh):
 
 
 def _dit_step(config, cfg, mesh, batch, latent, text_dim):
+    """The DiT step on ready latents, or, with ``dit_train.latents='on_the_fly'`` (the default), on uint8 clips
+    that the frozen VAE encodes inside the step, as ``DiTTask.loss_fn`` does: its weights and activations count."""
     import functools
 
+    import jax
     import numpy as np
+    from flax import linen as nn
 
+    from vidiff import parallel
     from vidiff.diffusion import resolve_shift
     from vidiff.models.dit import VideoDiT, init_params
-    from vidiff.train.tasks import dit_flow_loss
+    from vidiff.train.tasks import dit_flow_loss, vae_from_config
 
     dit = VideoDiT(cfg)
     shift = resolve_shift(config.flow.shift, latent, cfg.patch)
-
-    def loss_fn(params, b, rng, frozen, step):
-        return dit_flow_loss(dit, params, b["latents"], b, rng, config.flow, shift)
-
     text_len = int(config.text.max_length)
-    shapes = {"latents": ((batch, *latent, cfg.latent_channels), np.float32),
-              "text_tokens": ((batch, text_len, text_dim), np.float32),
+    shapes = {"text_tokens": ((batch, text_len, text_dim), np.float32),
               "text_lengths": ((batch,), np.int32), "pooled": ((batch, text_dim), np.float32)}
-    return functools.partial(init_params, cfg), loss_fn, _abstract_batch(shapes, mesh)
+    frozen = ({}, {})
+    if config.dit_train.get("latents", "on_the_fly") == "on_the_fly":
+        vae = vae_from_config(config)
+        tf, sf = vae.config.time_factor, vae.config.spatial_factor
+        shapes["video"] = ((batch, 1 + tf * (latent[0] - 1), latent[1] * sf, latent[2] * sf, 3), np.uint8)
+        variables = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), np.zeros((1, 1, 8 * sf, 8 * sf, 3))))
+        replicated = parallel.replicated(mesh)  # as DiTTask holds it
+        frozen = ({"vae": jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated),
+                                       variables)}, {"vae": jax.tree.map(lambda _: replicated, variables)})
+
+        def latents_of(b, rng, vae_variables):
+            video = b["video"].astype(np.float32) / 127.5 - 1.0
+            return jax.lax.stop_gradient(vae.apply(vae_variables, video, rng, method=vae.encode_normalized))
+    else:
+        shapes["latents"] = ((batch, *latent, cfg.latent_channels), np.float32)
+
+    def loss_fn(params, b, rng, frozen_inputs, step):
+        key_vae, key_flow = jax.random.split(rng)
+        x0 = b["latents"] if "latents" in b else latents_of(b, key_vae, frozen_inputs["vae"])
+        return dit_flow_loss(dit, params, x0, b, key_flow, config.flow, shift)
+
+    return functools.partial(init_params, cfg), loss_fn, _abstract_batch(shapes, mesh), frozen
 
 
 def _vae_step(config, mesh, batch):
@@ -205,10 +233,12 @@ def _vae_step(config, mesh, batch):
     from vidiff.train.tasks import VAETask, video_shape
 
     task = VAETask(config, mesh)
-    return task.init_params, task.loss_fn, _abstract_batch({"video": (video_shape(config, batch), np.uint8)}, mesh)
+    return (task.init_params, task.loss_fn, _abstract_batch({"video": (video_shape(config, batch), np.uint8)}, mesh),
+            ({}, {}))
 
 
-def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, label: dict) -> dict:
+def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, frozen_and_shardings,
+                 label: dict) -> dict:
     import jax
 
     from vidiff import parallel
@@ -218,15 +248,16 @@ def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, label:
     stage = config[f"{label['model'].split()[0]}_train"]
     tx, _ = make_optimizer(stage.optim, stage.steps)
     batch, batch_shardings = batch_and_shardings
+    frozen, frozen_shardings = frozen_and_shardings
     with jax.set_mesh(mesh), parallel.axis_rules():
         state, shardings = abstract_state(init_params, tx, mesh)
         step = jit_train_step(make_train_step(loss_fn, tx, ema_decay=stage.ema_decay,
                                               accumulate=stage.optim.accumulate), shardings, batch_shardings,
-                              {}, mesh)
+                              frozen_shardings, mesh, keep_unused=True)
         start = time.perf_counter()
         # Buffer assignment (what is measured) precedes code generation, whose LLVM -O0 halves CPU compiles.
         options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-        compiled = step.lower(state, batch, {}).compile(options)
+        compiled = step.lower(state, batch, frozen).compile(options)
         seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
     if os.environ.get("VIDIFF_PLAN_DEBUG"):
@@ -235,7 +266,8 @@ def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, label:
     peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     return dict(label, mesh=",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device",
                 params=_per_device(state.params), optimizer=_per_device(state.opt_state),
-                ema=_per_device(state.ema_params), batch=_per_device(batch), activations=m.temp_size_in_bytes,
+                ema=_per_device(state.ema_params), batch=_per_device(batch), frozen=_per_device(frozen),
+                activations=m.temp_size_in_bytes,
                 peak=peak, compile_s=seconds)
 
 
@@ -254,12 +286,12 @@ def _gib(n: int) -> str:
 def format_table(rows: list[dict], device_memory: float | None) -> str:
     """A markdown table, GiB per device."""
     heads = ["model", "mesh", "tokens", "latent", "remat", "attention", "params", "optimizer", "EMA", "batch",
-             "activations", "peak"] + (["fits"] if device_memory else []) + ["compile s"]
+             "frozen", "activations", "peak"] + (["fits"] if device_memory else []) + ["compile s"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [r["model"], r["mesh"], r.get("tokens", ""), r.get("latent", ""), r.get("remat", ""),
                  r.get("attention") or "auto"]
-        cells += [_gib(r[k]) for k in ("params", "optimizer", "ema", "batch", "activations", "peak")]
+        cells += [_gib(r[k]) for k in ("params", "optimizer", "ema", "batch", "frozen", "activations", "peak")]
         if device_memory:
             cells.append("yes" if r["peak"] <= device_memory * GiB else "no")
         cells.append(f"{r['compile_s']:.0f}")

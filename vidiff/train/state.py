@@ -236,12 +236,16 @@ def _ema_decay(decay: float, step):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def jit_train_step(step: Callable, state_shardings, batch_shardings, frozen_shardings, mesh):
-    """``jax.jit`` the step with explicit in/out shardings and the state donated."""
+def jit_train_step(step: Callable, state_shardings, batch_shardings, frozen_shardings, mesh, *,
+                   keep_unused: bool = False):
+    """``jax.jit`` the step with explicit in/out shardings and the state donated. ``keep_unused``: count inputs
+    the step does not read (a frozen VAE's decoder) among its arguments, as ``vidiff plan`` must: they are on
+    the device all the same."""
     metrics_sharding = parallel.replicated(mesh)
     return jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings, frozen_shardings),
         out_shardings=(state_shardings, metrics_sharding),
         donate_argnums=(0,),
+        keep_unused=keep_unused,
     )
