@@ -60,7 +60,8 @@ def rms_normalize(x, eps: float = 1e-6):
 
 def layer_norm(x, eps: float = 1e-6, dtype=None):
     """LayerNorm without affine parameters (adaLN supplies shift and scale); statistics in float32,
-    output in ``dtype`` (default float32; the compute dtype halves what backward keeps)."""
+    output in ``dtype`` (default float32). Backward keeps float32 ``x - mean`` whatever ``dtype``: only
+    a remat policy that recomputes the norm (all but ``none``) frees it."""
     x = x.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
