@@ -170,6 +170,14 @@ def test_unrecognized_arguments_name_only_the_bad_ones(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("usage: vidiff plan ")  # the subcommand's usage and name, as its other errors give
     assert err[-1] == "vidiff plan: error: unrecognized arguments: --configvae_train.steps=3"
+    # "--config.a.b 1", a space as other flags take: the left-over value is shown written with '='.
+    for args, message in [(["--config.dit.overrides.depth", "3"], "write --config.dit.overrides.depth=3"),
+                          (["--config.mesh.data", "2", "extra"],
+                           "write --config.mesh.data=2; unrecognized arguments: extra")]:
+        with pytest.raises(SystemExit):
+            main(["plan", "--config", "c.py", "--config.workdir=/tmp/w", *args])
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"vidiff plan: error: a config override takes its value after '=': {message}")
 
 
 def test_a_failed_run_leaves_no_output_folders_behind(tmp_path, capsys):

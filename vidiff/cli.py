@@ -21,6 +21,20 @@ SUBCOMMANDS = {
 }
 
 
+def _unknown_message(extra: list[str], unknown: list[str], overrides_ok: bool) -> str:
+    """The error for arguments no parser took; ``--config.a.b 1`` (a space, as other flags take) leaves the value
+    over and the override without one: that is shown written with '='."""
+    spaced = [(flag, value) for flag, value in zip(extra, extra[1:])
+              if overrides_ok and value in unknown and flag.startswith("--config.") and "=" not in flag]
+    rest = [e for e in unknown if e not in {value for _, value in spaced}]
+    parts = []
+    if spaced:
+        parts.append(f"a config override takes its value after '=': write {' '.join(f'{f}={v}' for f, v in spaced)}")
+    if rest:
+        parts.append(f"unrecognized arguments: {' '.join(rest)}")
+    return "; ".join(parts)
+
+
 def main(argv=None) -> int:
     """The ``vidiff`` command: parse, run the subcommand, turn user errors into one line and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
@@ -37,7 +51,7 @@ def main(argv=None) -> int:
     overrides_ok = getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False)
     if unknown := [e for e in extra if not (overrides_ok and e.startswith("--config."))]:
         # "vidiff generate: error: ...", with that subcommand's usage; only these, not the good overrides beside them
-        parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        parsers[args.command].error(_unknown_message(extra, unknown, overrides_ok))
     args.overrides = extra
     try:
         return int(module.run(args) or 0)
