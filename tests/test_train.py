@@ -297,6 +297,18 @@ def test_bad_configs_fail_before_compiling(override, message):
 def test_overrides_refuse_unknown_fields_and_wrong_types():
     with pytest.raises(ValueError, match="config has no field 'dit.depth'"):
         config_lib.load_config(WORLD_TINY, ["--config.dit.depth=4"])
+    # A typo is answered with the name beside it that is closest, wherever in the path it is.
+    for override, field, meant in [("vae_train.stepz=1", "vae_train.stepz", "vae_train.steps"),
+                                   ("vae_trian.steps=1", "vae_trian.steps", "vae_train.steps"),
+                                   ("dit.overrides.dept=3", "dit.overrides.dept", "dit.overrides.depth")]:
+        with pytest.raises(ValueError, match=rf"^override '--config.{override}': config has no field '{field}'; "
+                                             rf"did you mean {meant}\?$"):
+            config_lib.load_config(WORLD_TINY, [f"--config.{override}"])
+    # A section is not a value of another type: it cannot be replaced whole from the command line.
+    with pytest.raises(ValueError, match=r"^override '--config.vae.overrides=\{\}': vae.overrides is a section; the "
+                                         r"command line cannot replace a whole section, set its fields one by one "
+                                         r"\(--config.vae.overrides.<field>=...\)$"):
+        config_lib.load_config(WORLD_TINY, ["--config.vae.overrides={}"])
     with pytest.raises(ValueError, match="data.batch_size is a int, got str"):
         config_lib.load_config(WORLD_TINY, ["--config.data.batch_size=many"])
     assert config_lib.load_config(WORLD_TINY, ["--config.dit.preset=small"]).dit.preset == "small"

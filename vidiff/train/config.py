@@ -13,6 +13,7 @@ line that names the field and the fix.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import re
 import traceback
@@ -94,13 +95,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
                 raise ValueError(f"override {item!r}: {where} is None, not a section; set it whole, e.g. "
                                  f"--config.{where}=\"{{'{part}': ...}}\"")
             if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
-                raise ValueError(f"override {item!r}: config has no field {dotted!r}")
+                raise ValueError(f"override {item!r}: config has no field {dotted!r}"
+                                 f"{_did_you_mean(node, [*sections, leaf], depth)}")
             node = node[part] if depth < len(sections) else node
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
         old = node[leaf]
+        if isinstance(old, ml_collections.ConfigDict) and value is not None:
+            # A dict would replace the section's fields with the few it names; the command line sets fields.
+            raise ValueError(f"override {item!r}: {dotted} is a section; the command line cannot replace a whole "
+                             f"section, set its fields one by one (--config.{dotted}.<field>=...)")
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         sequences = (list, tuple)
@@ -114,6 +120,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         with node.ignore_type():
             node[leaf] = value
     return config
+
+
+def _did_you_mean(node, parts: list[str], depth: int) -> str:
+    """``"; did you mean vae_train.steps?"`` for a typo in ``parts[depth]``, from the names beside it; else ``""``."""
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+        return ""
+    close = difflib.get_close_matches(parts[depth], [str(k) for k in node], n=1)
+    return f"; did you mean {'.'.join([*parts[:depth], close[0], *parts[depth + 1:]])}?" if close else ""
 
 
 def train_stage(steps: int, lr: float, **fields) -> ml_collections.ConfigDict:
