@@ -173,6 +173,23 @@ def test_cli_refuses_zero_steps_in_one_line(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+def test_a_workdir_that_is_a_file_fails_before_compiling(tmp_path):
+    """Not orbax's '[Errno 20] Not a directory' from deep inside the checkpointer."""
+    (tmp_path / "afile.txt").write_text("")
+    (tmp_path / "wd").mkdir()
+    (tmp_path / "wd" / "vae").write_text("")
+    for workdir, message in [("afile.txt", "workdir {t}/afile.txt is a file; give a folder"),
+                             ("afile.txt/runs", "workdir {t}/afile.txt/runs: {t}/afile.txt is a file, not a folder; "
+                                                "give another workdir"),
+                             ("wd", "workdir {t}/wd: {t}/wd/vae is a file, not a folder; give another workdir")]:
+        config = config_lib.for_stage(_config(f"--config.workdir={tmp_path / workdir}"), "vae")
+        with pytest.raises(ValueError) as error:
+            config_lib.validate(config, "vae", device_count=8)
+        assert str(error.value) == message.format(t=tmp_path)
+    config_lib.validate(config_lib.for_stage(_config(f"--config.workdir={tmp_path / 'new' / 'deeper'}"), "vae"),
+                        "vae", device_count=8)
+
+
 def _state(params):
     from vidiff.train.state import TrainState
 

@@ -191,6 +191,7 @@ def validate(config, model: str, device_count: int) -> None:
 
     check_profile(config[f"{model}_train"], model)
     check_stage(config, model)
+    _check_workdir(str(config.workdir), model)
     from vidiff.train.tasks import vae_from_config
 
     vae_cfg = vae_from_config(config).config
@@ -245,6 +246,19 @@ def validate(config, model: str, device_count: int) -> None:
             f"over mesh.data x mesh.fsdp = {data_parallel} devices; use a multiple of {accumulate * data_parallel} "
             f"or a smaller accumulate"
         )
+
+
+def _check_workdir(workdir: str, model: str) -> None:
+    """``workdir`` (and ``workdir/<model>``) must be folders or not exist yet: a file there fails late, deep inside
+    the checkpointer, as ``[Errno 20] Not a directory``."""
+    run_dir = Path(workdir) / model
+    for path in (run_dir, *run_dir.parents):
+        if path.is_dir():
+            return
+        if path.exists():
+            if path == Path(workdir):
+                raise ValueError(f"workdir {workdir} is a file; give a folder")
+            raise ValueError(f"workdir {workdir}: {path} is a file, not a folder; give another workdir")
 
 
 def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, time_factor: int, time_patch: int,
