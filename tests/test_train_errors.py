@@ -179,6 +179,30 @@ def test_valid_edge_values_pass_and_long_warmups_warn():
     assert config_lib.warnings_for(_config(), "vae") == []
 
 
+def test_data_overrides_that_train_nothing_are_pointed_out():
+    """world_tiny's vae_train.data.batch_size replaces data.batch_size: an override of the latter did nothing,
+    silently; a manifest without data.source='folder' trained on the built-in world, silently."""
+    vae = config_lib.for_stage(_config("--config.data.batch_size=0"), "vae")
+    assert config_lib.warnings_for(vae, "vae") == [
+        "warning: the override data.batch_size=0 does not reach the vae stage: vae_train.data.batch_size=16 replaces "
+        "it; override vae_train.data.batch_size instead"]
+    assert config_lib.warnings_for(config_lib.for_stage(_config("--config.data.batch_size=0"), "dit"), "dit") == []
+    dit = config_lib.for_stage(_config("--config.data.world.held_out='include'"), "dit")  # world merges key by key
+    assert config_lib.warnings_for(dit, "dit") == [
+        "warning: the override data.world.held_out='include' does not reach the dit stage: "
+        "dit_train.data.world.held_out='exclude' replaces it; override dit_train.data.world.held_out instead"]
+    # The same value as the stage's loses nothing.
+    assert config_lib.warnings_for(config_lib.for_stage(_config("--config.data.batch_size=16"), "vae"), "vae") == []
+    folder = config_lib.for_stage(_config("--config.data.manifest='clips.jsonl'", "--config.data.video_dir='v'"), "vae")
+    with pytest.raises(ValueError, match=r"^data.manifest='clips.jsonl' is set but data.source='world' reads no "
+                                         r"files; set data.source='folder' to train on it \(or unset data.manifest\)$"):
+        config_lib.validate(folder, "vae", device_count=8)
+    shards = _config("--config.data.source='array_record'", "--config.data.array_record_path='shards'",
+                     "--config.data.manifest='clips.jsonl'")  # a manifest the shards were prepared from, say
+    assert config_lib.warnings_for(shards, "vae") == [
+        "warning: data.manifest is set but data.source='array_record' does not read it (data.source='folder' does)"]
+
+
 def test_cli_refuses_zero_steps_in_one_line(tmp_path):
     message = _one_line_error(_cli("--config", WORLD_TINY, "--model", "vae", f"--config.workdir={tmp_path}",
                                    "--config.vae_train.steps=0"))

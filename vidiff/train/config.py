@@ -29,6 +29,12 @@ _INT_OR_PAIR = (".data.size",)
 ON_NONFINITE = ("stop", "skip")
 # <model>_train.init_on: the names of vidiff.train.state.INIT_ON (this module stays free of jax).
 INIT_ON_NAMES = ("auto", "host", "device")
+# The data fields that say where records are, and the data.source that reads each.
+SOURCE_FIELDS = {"manifest": "folder", "video_dir": "folder", "array_record_path": "array_record",
+                 "tfds_name": "tfds", "tfds_data_dir": "tfds"}
+# apply_overrides notes {dotted path: value} here, an attribute of the ConfigDict and not a field (no checkpoint
+# or export records it), so warnings_for can say when a stage's own data replaces an override of data.
+_OVERRIDDEN = "_vidiff_overridden"
 
 
 def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -119,7 +125,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             raise ValueError(f"override {item!r}: {dotted} is a {type(old).__name__}, got {type(value).__name__}")
         with node.ignore_type():
             node[leaf] = value
+        object.__setattr__(config, _OVERRIDDEN, {**overridden(config), dotted: value})
     return config
+
+
+def overridden(config) -> dict:
+    """``{dotted path: value}`` of the overrides ``apply_overrides`` set on ``config`` (kept by ``for_stage``)."""
+    return getattr(config, _OVERRIDDEN, {})
 
 
 def _did_you_mean(node, parts: list[str], depth: int) -> str:
@@ -170,7 +182,9 @@ def for_stage(config, model: str) -> ml_collections.ConfigDict:
     The VAE, being convolutional and causal, can train on shorter clips than
     the DiT generates; each stage says so without a second config file.
     """
+    noted = overridden(config)
     config = config.copy_and_resolve_references()
+    object.__setattr__(config, _OVERRIDDEN, noted)  # an attribute, which the copy would drop
     overrides = config[f"{model}_train"].get("data")
     if overrides:
         unknown = sorted(set(overrides) - set(config.data))
@@ -192,6 +206,11 @@ def validate(config, model: str, device_count: int) -> None:
     check_profile(config[f"{model}_train"], model)
     check_stage(config, model)
     _check_workdir(str(config.workdir), model)
+    if config.data.source == "world":  # the built-in world reads no files: a path set means another source
+        if given := [f for f in SOURCE_FIELDS if config.data.get(f) not in (None, "")]:
+            field = given[0]
+            raise ValueError(f"data.{field}={config.data[field]!r} is set but data.source='world' reads no files; "
+                             f"set data.source={SOURCE_FIELDS[field]!r} to train on it (or unset data.{field})")
     from vidiff.train.tasks import vae_from_config
 
     vae_cfg = vae_from_config(config).config
@@ -336,7 +355,30 @@ def warnings_for(config, model: str) -> list[str]:
     if int(stage.optim.warmup_steps) >= int(stage.steps):
         out.append(f"warning: {model}_train.optim.warmup_steps={stage.optim.warmup_steps} >= {model}_train.steps="
                    f"{stage.steps}: the learning rate never reaches optim.lr={stage.optim.lr:g}")
+    for path, value in overridden(config).items():
+        replaced = _lookup(stage.get("data"), path.removeprefix("data.")) if path.startswith("data.") else _MISSING
+        if replaced is not _MISSING and replaced != value:
+            out.append(f"warning: the override {path}={value!r} does not reach the {model} stage: {model}_train."
+                       f"{path}={replaced!r} replaces it; override {model}_train.{path} instead")
+    source = config.data.get("source")
+    for field, reader in SOURCE_FIELDS.items():
+        if config.data.get(field) not in (None, "") and source != reader and source in SOURCE_FIELDS.values():
+            out.append(f"warning: data.{field} is set but data.source={source!r} does not read it "
+                       f"(data.source={reader!r} does)")
     return out
+
+
+_MISSING = object()
+
+
+def _lookup(tree, dotted: str):
+    """The value at ``dotted`` in nested dicts ``tree``, or ``_MISSING``; a dict there is merged key by key
+    (``for_stage``), not a replacement, so it counts as missing."""
+    for part in dotted.split("."):
+        if not isinstance(tree, (ml_collections.ConfigDict, dict)) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return _MISSING if isinstance(tree, (ml_collections.ConfigDict, dict)) else tree
 
 
 def _flatten(tree, prefix: str = "") -> dict:
