@@ -1,4 +1,6 @@
 """vidiff.io: decoding real mp4s, fps resampling, windows, resizing, writing and reading back."""
+import re
+
 import numpy as np
 import pytest
 from counter_video import counter_frames, counters, write_counter
@@ -142,6 +144,38 @@ def test_write_image_refuses_what_it_would_write_wrongly(tmp_path):
     with pytest.raises(ValueError, match=start + r"uint8 \(5, 8, 8, 3\); convert with clip\[k\] \(one frame; "):
         io.write_image(tmp_path / "clip.png", _CLIP)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_frame_rates_a_format_cannot_store_are_refused(tmp_path):
+    for name, fps, message in (
+        ("slow.gif", 0.0001, "fps=0.0001 does not fit a .gif file, which stores 0.001526 to 50 fps; choose a rate in "
+                             "that range or write .mp4"),  # used to overflow a GIF delay's 16 bits
+        ("fast.gif", 60.0, "fps=60 does not fit a .gif file, which stores 0.001526 to 50 fps;"),  # was 50 fps
+        ("slow.mp4", 1e-5, "fps=1e-05 does not fit a .mp4 file, which stores 0.0001 to 1e+06 fps; choose a rate in "
+                           "that range"),  # used to be written at 24 fps
+        ("fast.webm", 1001.0, "fps=1001 does not fit a .webm file, which stores 0.0001 to 1000 fps;"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}: {message}")):
+            io.write_video(tmp_path / name, _CLIP, fps)
+    assert list(tmp_path.iterdir()) == []
+    # Below 1 fps the rate used to round to 0, which FFmpeg wrote as 24 fps.
+    for suffix in (".mp4", ".webm"):
+        assert io.probe(io.write_video(tmp_path / f"slow{suffix}", _CLIP, 1e-4)).fps == pytest.approx(1e-4)
+    # Identical frames are one GIF frame: at 0.002 fps five of them would last 2500 s, past a delay's 16 bits.
+    with pytest.raises(ValueError, match=r"identical frames in a row last longer than the 655\.35 s a gif frame"):
+        io.write_video(tmp_path / "still.gif", _CLIP, 0.002)
+    assert not (tmp_path / "still.gif").exists()
+
+
+def test_gif_delays_keep_the_average_rate(tmp_path):
+    """Delays are whole centiseconds: 8 fps alternates 12 and 13 cs, not 12 cs (8.33 fps) for every frame."""
+    from PIL import Image
+
+    path = io.write_video(tmp_path / "c.gif", counter_frames(16, size=16), fps=8)
+    with Image.open(path) as gif:
+        delays = [gif.seek(k) or gif.info["duration"] for k in range(gif.n_frames)]
+    assert delays == [120, 130, 130, 120] * 4 and sum(delays) == 2000
+    assert io.gif_delays(3, 50.0) == [2, 2, 2] and io.gif_delays(3, 30.0) == [3, 4, 3]
 
 
 def _write(path, data):

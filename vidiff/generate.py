@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first clip; clip j of a prompt uses seed + j")
     parser.add_argument("--num", type=int, default=1, help="clips per prompt")
-    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video")
+    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video (.gif: 0.0016 to "
+                        "50, .mp4: 0.0001 to 10^6, .webm: 0.0001 to 1000)")
+
     parser.add_argument("--grid", help="also write one image with every frame (a row per clip)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_scan_blocks_flag(parser)
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     single = args.frames == 1
     outputs = _output_paths(args.out or ("vidiff.png" if single else "vidiff.mp4"), total)
     for path in outputs:
-        _check_writable(path, frames=args.frames)
+        _check_writable(path, frames=args.frames, fps=args.fps)
     if args.grid:
         if Path(args.grid).suffix.lower() not in (".png", ".jpg", ".jpeg"):
             raise ValueError(f"--grid {args.grid}: the grid is one image; use .png or .jpg")
@@ -186,8 +188,9 @@ def _output_paths(out: str, total: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(total)]
 
 
-def _check_writable(path: Path, frames: int | None) -> None:
-    """Fail now, not after sampling, when ``path`` cannot be written or has no usable suffix."""
+def _check_writable(path: Path, frames: int | None, fps: float | None = None) -> None:
+    """Fail now, not after sampling, when ``path`` cannot be written, has no usable suffix or cannot store ``fps``."""
+
     if path.is_dir():
         raise OSError(f"cannot write {path}: it is a directory; give a file name such as {path / 'demo.mp4'}")
     suffix = path.suffix.lower()
@@ -195,6 +198,8 @@ def _check_writable(path: Path, frames: int | None) -> None:
         raise ValueError(f"--out {path}: unknown suffix {suffix!r}; use .mp4, .webm, .gif or .png")
     if suffix == ".png" and frames != 1:
         raise ValueError(f"--out {path}: a png holds one frame; use .mp4 or .gif, or --frames 1 for an image")
+    if fps is not None:
+        io.check_fps(path, fps, "--fps")
     check_writable(path)
 
 

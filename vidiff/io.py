@@ -360,15 +360,36 @@ def _values_hint(x: np.ndarray) -> str | None:
     return "np.clip(x, 0, 255).astype(np.uint8)"
 
 
+# The frame rates (fps) each format stores. A GIF delay is a whole number of centiseconds in 16 bits (655.35 s at
+# most), and browsers play delays under 2 cs at 10 fps. WebM stamps frames in milliseconds (above 1000 fps frames
+# share a stamp) and misstates rates below 1 / 30000 fps; FFmpeg refuses an mp4 below 1 / 65535 fps (mp4 stored
+# rates up to 2**31 - 1 fps in our checks; 1e6 is plenty).
+FPS_RANGES = {".gif": (100 / 65535, 50.0), ".webm": (1e-4, 1000.0), ".mp4": (1e-4, 1e6)}
+
+
+def check_fps(path, fps: float, name: str = "fps") -> None:
+    """A one-line ``ValueError`` when the format of ``path`` (by suffix) cannot store ``fps`` frames per second."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FPS_RANGES:
+        return
+    low, high = FPS_RANGES[suffix]
+    if not low <= fps <= high:  # NaN too
+        other = " or write .mp4" if suffix == ".gif" else ""
+        raise ValueError(f"{path}: {name}={fps:g} does not fit a {suffix} file, which stores {low:.4g} to {high:g} "
+                         f"fps; choose a rate in that range{other}")
+
+
 def write_video(path, frames, fps: float = 8.0, *, crf: int = 18) -> Path:
     """Write ``uint8 (T, H, W, 3)`` frames; the suffix picks the format.
 
     ``.mp4`` is H.264 (yuv420p, odd sizes padded by edge replication to even),
     ``.webm`` is VP9, ``.gif`` loops forever, ``.png`` takes a single frame.
+    A rate the format cannot store (``FPS_RANGES``) is refused.
     """
     path = Path(path)
     frames = check_frames(frames)
     suffix = path.suffix.lower()
+    check_fps(path, fps)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if suffix == ".gif":
@@ -392,21 +413,33 @@ def _pil_image(frame):
     return Image.fromarray(frame, "RGB")
 
 
+def gif_delays(count: int, fps: float) -> list[int]:
+    """Per-frame GIF delays in centiseconds (whole numbers): frame k ends at ``round(100 (k + 1) / fps)``, so
+    the delays alternate (8 fps: 12, 13, 13, 12, ...) and the clip plays at ``fps`` on average, not at
+    ``100 / round(100 / fps)`` (8.33 fps)."""
+    ends = [round(100 * (k + 1) / fps) for k in range(count)]
+    return [end - start for start, end in zip([0, *ends], ends)]
+
+
 def _write_gif(path, frames, fps):
     images = [_pil_image(f) for f in frames]
-    duration_ms = max(20, int(round(1000 / fps)))
-    images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0, optimize=False)
+    durations_ms = [10 * delay for delay in gif_delays(len(images), fps)]
+    try:
+        images[0].save(path, save_all=True, append_images=images[1:], duration=durations_ms, loop=0, optimize=False)
+    except OverflowError:  # Pillow merges identical frames: their delays add up past 16 bits
+        path.unlink(missing_ok=True)
+        raise ValueError(f"{path}: identical frames in a row last longer than the 655.35 s a gif frame can show; "
+                         "use a higher fps or .mp4") from None
 
 
 def _write_av(path, frames, fps, crf, codec):
     import av
-    from fractions import Fraction
 
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream = container.add_stream(codec, rate=_rate(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf)} if codec == "libx264" else {"crf": str(crf + 12), "b": "0"}
@@ -415,6 +448,14 @@ def _write_av(path, frames, fps, crf, codec):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def _rate(fps: float):
+    """``fps`` as a fraction with a small denominator (29.97 -> 30000/1001); below 1 fps the frame period is
+    the one made small (a rate's own denominator would round 1e-4 fps to 0, which FFmpeg takes as 24 fps)."""
+    from fractions import Fraction
+
+    return Fraction(fps).limit_denominator(1001) if fps >= 1 else 1 / Fraction(1 / fps).limit_denominator(1001)
 
 
 def frame_grid(frames, columns: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
