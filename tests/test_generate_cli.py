@@ -109,7 +109,12 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     ([PROMPT, "--image", "{image}", "--frames", "1"], "--image with --frames 1 leaves nothing to animate (the image "
      "is the first frame); ask for more frames"),
     ([PROMPT, "--num", "0"], "--num=0 must be at least 1"),
-    ([PROMPT, "--out", "{root}/notes.mp4/demo.mp4"], "cannot write {root}/notes.mp4/demo.mp4: "),
+    ([PROMPT, "--out", "{root}/notes.mp4/demo.mp4"], "cannot write {root}/notes.mp4/demo.mp4: {root}/notes.mp4 is a "
+     "file, not a folder; choose another output path"),  # was "File exists"
+    ([PROMPT, "--out", ""], "--out is empty; give a file name such as demo.mp4 (without --out: vidiff.mp4)"),
+    ([PROMPT, "--grid", ""], "--grid is empty; give an image file name such as grid.png, or drop --grid"),
+    ([PROMPT, "--frames", "1", "--out", "{root}/same.png", "--grid", "{root}/same.png"], "--grid {root}/same.png is "
+     "also the --out file; give the grid its own name, e.g. {root}/same_grid.png"),
     ([PROMPT, "--out", "{root}"], "cannot write {root}: it is a directory"),
     ([PROMPT, "--out", "demo.avi"], "--out demo.avi: unknown suffix '.avi'; use .mp4, .webm, .gif or .png"),
     ([PROMPT, "--out", "demo.png"], "--out demo.png: a png holds one frame; use .mp4 or .gif, or --frames 1"),
@@ -118,10 +123,6 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
      "file, which stores 0.001526 to 50 fps; choose a rate in that range or write .mp4"),
     ([PROMPT, "--fps", "60", "--out", "{root}/fast.gif"], "{root}/fast.gif: --fps=60 does not fit a .gif file"),
     ([PROMPT, "--fps", "0.00001"], "vidiff.mp4: --fps=1e-05 does not fit a .mp4 file, which stores 0.0001 to 1e+06"),
-    ([PROMPT, "--out", "{root}"], "cannot write {root}: it is a directory"),
-    ([PROMPT, "--out", "demo.avi"], "--out demo.avi: unknown suffix '.avi'; use .mp4, .webm, .gif or .png"),
-    ([PROMPT, "--out", "demo.png"], "--out demo.png: a png holds one frame; use .mp4 or .gif, or --frames 1"),
-    ([PROMPT, "--grid", "grid.gif"], "--grid grid.gif: the grid is one image; use .png or .jpg"),
     ([PROMPT, "--image", "{root}/missing.png"], "{root}/missing.png: missing_file: no such file"),
     ([PROMPT, "--image", "{root}"], "{root} is a directory; give a video or image file"),
     ([PROMPT, "--extend", "{fake}"], "{fake}: not_video: FFmpeg cannot open it"),

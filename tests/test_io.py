@@ -178,6 +178,14 @@ def test_write_image_refuses_what_it_would_write_wrongly(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_path_under_a_file_names_the_file(tmp_path):
+    _write(tmp_path / "notes.txt", b"x")
+    for write, name in ((io.write_video, "clip.mp4"), (io.write_image, "img.png")):
+        with pytest.raises(OSError, match=rf"^cannot write {tmp_path}/notes\.txt/a/{name}: {tmp_path}/notes\.txt "
+                                          r"is a file, not a folder; choose another output path$"):
+            write(tmp_path / "notes.txt" / "a" / name, _CLIP[0])
+
+
 def test_frame_rates_a_format_cannot_store_are_refused(tmp_path):
     for name, fps, message in (
         ("slow.gif", 0.0001, "fps=0.0001 does not fit a .gif file, which stores 0.001526 to 50 fps; choose a rate in "

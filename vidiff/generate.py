@@ -45,7 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=int, default=1, help="clips per prompt")
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video (.gif: 0.0016 to "
                         "50, .mp4: 0.0001 to 10^6, .webm: 0.0001 to 1000)")
-
     parser.add_argument("--grid", help="also write one image with every frame (a row per clip)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_scan_blocks_flag(parser)
@@ -77,14 +76,11 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.fps < math.inf:
         raise ValueError(f"--fps={args.fps} must be a positive frame rate")
     total = len(prompts) * args.num
-    single = args.frames == 1
-    outputs = _output_paths(args.out or ("vidiff.png" if single else "vidiff.mp4"), total)
+    outputs = _output_paths(_out(args), total)
     for path in outputs:
         _check_writable(path, frames=args.frames, fps=args.fps)
-    if args.grid:
-        if Path(args.grid).suffix.lower() not in (".png", ".jpg", ".jpeg"):
-            raise ValueError(f"--grid {args.grid}: the grid is one image; use .png or .jpg")
-        _check_writable(Path(args.grid).with_suffix(".png"), frames=1)
+    if args.grid is not None:
+        _check_grid(args.grid, outputs)
     for source, kind in _inputs(args):
         _check_readable(source, kind)
 
@@ -104,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             io.write_video(path, clip, args.fps)
         print(f"wrote {path}  ({len(clip)} frames, {clip.shape[1]}x{clip.shape[2]}, seed {seed}, {prompt!r})")
-    if args.grid:
+    if args.grid is not None:
         grid = io.frame_grid(np.concatenate(list(clips)), columns=clips.shape[1])
         print(f"wrote {io.write_image(args.grid, grid)}  (grid: {len(clips)} clip(s) x {clips.shape[1]} frames)")
     return 0
@@ -181,6 +177,26 @@ def _inputs(args) -> list[tuple[str, str]]:
     return [(path, kind) for path, kind in given if path]
 
 
+def _out(args) -> str:
+    """``--out``, or the default when it is not given (an empty ``--out ""`` is a mistake, not the default)."""
+    if args.out is None:
+        return "vidiff.png" if args.frames == 1 else "vidiff.mp4"
+    if not args.out.strip():
+        raise ValueError("--out is empty; give a file name such as demo.mp4 (without --out: vidiff.mp4)")
+    return args.out
+
+
+def _check_grid(grid: str, outputs: list[Path]) -> None:
+    if not grid.strip():
+        raise ValueError("--grid is empty; give an image file name such as grid.png, or drop --grid")
+    if Path(grid).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise ValueError(f"--grid {grid}: the grid is one image; use .png or .jpg")
+    if any(Path(grid).resolve() == path.resolve() for path in outputs):  # the grid, written last, would replace it
+        raise ValueError(f"--grid {grid} is also the --out file; give the grid its own name, e.g. "
+                         f"{Path(grid).with_name(Path(grid).stem + '_grid' + Path(grid).suffix)}")
+    _check_writable(Path(grid).with_suffix(".png"), frames=1)
+
+
 def _output_paths(out: str, total: int) -> list[Path]:
     out = Path(out)
     if total == 1:
@@ -190,7 +206,6 @@ def _output_paths(out: str, total: int) -> list[Path]:
 
 def _check_writable(path: Path, frames: int | None, fps: float | None = None) -> None:
     """Fail now, not after sampling, when ``path`` cannot be written, has no usable suffix or cannot store ``fps``."""
-
     if path.is_dir():
         raise OSError(f"cannot write {path}: it is a directory; give a file name such as {path / 'demo.mp4'}")
     suffix = path.suffix.lower()
@@ -208,6 +223,7 @@ def check_writable(path) -> None:
     path = Path(path)
     if path.is_dir():
         raise OSError(f"cannot write {path}: it is a directory; give a file name")
+    io.check_folders(path)
     parent = path.parent.absolute()
     missing = [folder for folder in (parent, *parent.parents) if not folder.exists()]  # deepest first
     try:

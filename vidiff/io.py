@@ -379,6 +379,16 @@ def check_fps(path, fps: float, name: str = "fps") -> None:
                          f"fps; choose a rate in that range{other}")
 
 
+def check_folders(path) -> None:
+    """A one-line ``OSError`` when a file (not a folder) sits where a folder above ``path`` should be (mkdir
+    would say only "File exists")."""
+    for folder in Path(path).parents:  # a relative path's end in ".", an existing folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise OSError(f"cannot write {path}: {folder} is a file, not a folder; choose another output path")
+            return
+
+
 def write_video(path, frames, fps: float = 8.0, *, crf: int = 18) -> Path:
     """Write ``uint8 (T, H, W, 3)`` frames; the suffix picks the format.
 
@@ -390,6 +400,7 @@ def write_video(path, frames, fps: float = 8.0, *, crf: int = 18) -> Path:
     frames = check_frames(frames)
     suffix = path.suffix.lower()
     check_fps(path, fps)
+    check_folders(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if suffix == ".gif":
@@ -476,6 +487,7 @@ def write_image(path, image) -> Path:
     """Write one ``uint8 (H, W, 3)`` image (png, jpg, ... by suffix)."""
     path = Path(path)
     image = check_image(image)
+    check_folders(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _pil_image(image).save(path)
     return path
