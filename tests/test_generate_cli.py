@@ -128,6 +128,8 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     ([PROMPT, "--extend", "{fake}"], "{fake}: not_video: FFmpeg cannot open it"),
     ([PROMPT, "--checkpoint", "{root}/nowhere"], "model directory {root}/nowhere does not exist"),
     ([PROMPT, "--checkpoint", "{root}"], "{root} is not a vidiff model directory (no vidiff.json)"),
+    ([PROMPT, "--checkpoint", "{model}/dit.safetensors"], "model directory {model}/dit.safetensors is a file; pass the "
+     "folder that holds vidiff.json: {model}"),
     ([PROMPT, "--checkpoint", "{root}/nowhere", "--image", "{m4v}"], "model directory {root}/nowhere does not exist"),
     ([PROMPT, "--image", "{root}/notes.png"], "{root}/notes.png: not_video: not a readable image (cannot identify "
      "image file '{root}/notes.png') nor video (corrupt: decoding failed"),

@@ -74,6 +74,9 @@ def read_manifest(directory) -> dict:
     """The ``vidiff.json`` of a model directory, with a one-line error when it is not one."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if directory.is_file():  # e.g. the dit.safetensors inside it
+        raise ValueError(f"model directory {directory} is a file; pass the folder that holds {MANIFEST}"
+                         + (f": {directory.parent}" if (directory.parent / MANIFEST).is_file() else ""))
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     if not path.is_file():
