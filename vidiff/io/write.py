@@ -1,0 +1,129 @@
+"""Writing: mp4 as H.264 and webm as VP9 through PyAV, gif and png through Pillow (its adaptive palette
+keeps the few exact colours of synthetic clips); frame rates a format cannot store, and files in the way of
+an output folder, are refused in one line before anything is written."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vidiff.io.frames import check_frames, check_image
+
+
+# The frame rates (fps) each format stores. A GIF delay is a whole number of centiseconds in 16 bits (655.35 s at
+# most), and browsers play delays under 2 cs at 10 fps. WebM stamps frames in milliseconds (above 1000 fps frames
+# share a stamp) and misstates rates below 1 / 30000 fps; FFmpeg refuses an mp4 below 1 / 65535 fps (mp4 stored
+# rates up to 2**31 - 1 fps in our checks; 1e6 is plenty).
+FPS_RANGES = {".gif": (100 / 65535, 50.0), ".webm": (1e-4, 1000.0), ".mp4": (1e-4, 1e6)}
+
+
+def check_fps(path, fps: float, name: str = "fps") -> None:
+    """A one-line ``ValueError`` when the format of ``path`` (by suffix) cannot store ``fps`` frames per second."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FPS_RANGES:
+        return
+    low, high = FPS_RANGES[suffix]
+    if not low <= fps <= high:  # NaN too
+        other = " or write .mp4" if suffix == ".gif" else ""
+        raise ValueError(f"{path}: {name}={fps:g} does not fit a {suffix} file, which stores {low:.4g} to {high:g} "
+                         f"fps; choose a rate in that range{other}")
+
+
+def check_folders(path) -> None:
+    """A one-line ``OSError`` when a file (not a folder) sits where a folder above ``path`` should be (mkdir
+    would say only "File exists")."""
+    for folder in Path(path).parents:  # a relative path's end in ".", an existing folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise OSError(f"cannot write {path}: {folder} is a file, not a folder; choose another output path")
+            return
+
+
+def write_video(path, frames, fps: float = 8.0, *, crf: int = 18) -> Path:
+    """Write ``uint8 (T, H, W, 3)`` frames; the suffix picks the format.
+
+    ``.mp4`` is H.264 (yuv420p, odd sizes padded by edge replication to even),
+    ``.webm`` is VP9, ``.gif`` loops forever, ``.png`` takes a single frame.
+    A rate the format cannot store (``FPS_RANGES``) is refused.
+    """
+    path = Path(path)
+    frames = check_frames(frames)
+    suffix = path.suffix.lower()
+    check_fps(path, fps)
+    check_folders(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".gif":
+            _write_gif(path, frames, fps)
+        elif suffix == ".png":
+            if len(frames) != 1:
+                raise ValueError(f"{path}: png holds one frame, got {len(frames)}; use .mp4/.gif or write_grid")
+            _pil_image(frames[0]).save(path)
+        elif suffix in (".mp4", ".webm"):
+            _write_av(path, frames, fps, crf, "libx264" if suffix == ".mp4" else "libvpx-vp9")
+        else:
+            raise ValueError(f"{path}: unknown video suffix {suffix!r}; use .mp4, .webm, .gif or .png")
+    except PermissionError as e:
+        raise OSError(f"cannot write {path}: {e.strerror}; choose a writable output path") from None
+    return path
+
+
+def _pil_image(frame):
+    from PIL import Image
+
+    return Image.fromarray(frame, "RGB")
+
+
+def gif_delays(count: int, fps: float) -> list[int]:
+    """Per-frame GIF delays in centiseconds (whole numbers): frame k ends at ``round(100 (k + 1) / fps)``, so
+    the delays alternate (8 fps: 12, 13, 13, 12, ...) and the clip plays at ``fps`` on average, not at
+    ``100 / round(100 / fps)`` (8.33 fps)."""
+    ends = [round(100 * (k + 1) / fps) for k in range(count)]
+    return [end - start for start, end in zip([0, *ends], ends)]
+
+
+def _write_gif(path, frames, fps):
+    images = [_pil_image(f) for f in frames]
+    durations_ms = [10 * delay for delay in gif_delays(len(images), fps)]
+    try:
+        images[0].save(path, save_all=True, append_images=images[1:], duration=durations_ms, loop=0, optimize=False)
+    except OverflowError:  # Pillow merges identical frames: their delays add up past 16 bits
+        path.unlink(missing_ok=True)
+        raise ValueError(f"{path}: identical frames in a row last longer than the 655.35 s a gif frame can show; "
+                         "use a higher fps or .mp4") from None
+
+
+def _write_av(path, frames, fps, crf, codec):
+    import av
+
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=_rate(fps))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)} if codec == "libx264" else {"crf": str(crf + 12), "b": "0"}
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _rate(fps: float):
+    """``fps`` as a fraction with a small denominator (29.97 -> 30000/1001); below 1 fps the frame period is
+    the one made small (a rate's own denominator would round 1e-4 fps to 0, which FFmpeg takes as 24 fps)."""
+    from fractions import Fraction
+
+    return Fraction(fps).limit_denominator(1001) if fps >= 1 else 1 / Fraction(1 / fps).limit_denominator(1001)
+
+
+def write_image(path, image) -> Path:
+    """Write one ``uint8 (H, W, 3)`` image (png, jpg, ... by suffix)."""
+    path = Path(path)
+    image = check_image(image)
+    check_folders(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _pil_image(image).save(path)
+    return path
