@@ -2,6 +2,7 @@
 import json
 import re
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -254,6 +255,14 @@ def test_write_samples_two_objects_and_digits(tmp_path):
     assert [p.name for p in paths] == ["world-000000.gif"]
     line = json.loads((tmp_path / "captions.jsonl").read_text())
     assert len(line["objects"]) == 2 and " and " in line["caption"]
+    # A rate a gif cannot play is refused before anything is rendered or written.
+    with pytest.raises(ValueError, match=r"world-out/clip.gif: WorldConfig.fps=60 does not fit a .gif file, which "
+                                         r"stores .* to 50 fps"):
+        W.write_samples(tmp_path / "world-out", num=1, config=W.WorldConfig(fps=60.0), formats=("mp4", "gif"))
+    assert not (tmp_path / "world-out").exists()
+    from vidiff.train.tasks import preview_fps  # training's preview gifs play 60 fps footage at 50 fps
+
+    assert [preview_fps(ml_collections.ConfigDict({"data": {"fps": fps}})) for fps in (60.0, 4.0, None)] == [50.0, 4.0, 8]
 
 
 def test_grain_map_dataset_batches_records():

@@ -343,8 +343,10 @@ def write_samples(
 
 
 def _write_samples(out_dir, num, config, formats) -> list[tuple[Path, str]]:
-    from vidiff.io import write_video
+    from vidiff.io import check_fps, write_video
 
+    for fmt in formats:  # before any clip is rendered
+        check_fps(Path(out_dir) / f"clip.{fmt.lstrip('.')}", config.fps, "WorldConfig.fps")
     if not 1 <= num <= config.length:
         raise ValueError(f"num={num}; use 1 <= num <= config.length ({config.length})")
     if not formats:

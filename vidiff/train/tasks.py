@@ -144,7 +144,7 @@ class VAETask(Task):
         video = jnp.asarray(self.validation_videos(), jnp.float32) / 127.5 - 1.0
         recon = _reconstruct(self.vae, state.ema_params["vae"], video)
         grid = np.concatenate([io.to_uint8(video[:4]), io.to_uint8(recon[:4])], axis=2)  # originals | recons
-        io.write_video(Path(workdir) / "samples" / f"recon_{step:06d}.gif", _tile(grid), self.config.data.get("fps") or 8)
+        io.write_video(Path(workdir) / "samples" / f"recon_{step:06d}.gif", _tile(grid), preview_fps(self.config))
         return {"val_psnr": float(jnp.mean(psnr(recon, video))), "val_ssim": float(jnp.mean(ssim(recon, video)))}
 
     def finalize(self, state, config_json: dict, export_dir: Path) -> dict:
@@ -184,6 +184,12 @@ def _reconstruct(vae, params, video):
 def _tile(videos: np.ndarray) -> np.ndarray:
     """(N, T, H, W, 3) -> (T, H, N*W, 3): clips side by side."""
     return np.concatenate(list(videos), axis=2)
+
+
+def preview_fps(config) -> float:
+    """The data's frame rate for the preview gifs, within what a gif plays (60 fps footage would stop the run)."""
+    low, high = io.FPS_RANGES[".gif"]
+    return min(max(config.data.get("fps") or 8, low), high)
 
 
 def validation_clips(config) -> np.ndarray:
@@ -306,8 +312,7 @@ class DiTTask(Task):
     def evaluate(self, state, workdir: Path, step: int) -> dict:
         prompts = list(self.config.sample.prompts)
         clips = generate(self, state.ema_params, prompts, seed=0)
-        io.write_video(Path(workdir) / "samples" / f"samples_{step:06d}.gif", _tile(clips),
-                       self.config.data.get("fps") or 8)
+        io.write_video(Path(workdir) / "samples" / f"samples_{step:06d}.gif", _tile(clips), preview_fps(self.config))
         return {}
 
     def finalize(self, state, config_json: dict, export_dir: Path) -> dict:
