@@ -36,7 +36,6 @@ import numpy as np
 
 MAGIC = b"VDR1"
 FRAME_FORMATS = ("png", "jpeg")
-OPTIONAL_ARRAY_FIELDS = ("latents", "text_embedding", "text_mask")
 _SCALAR_FIELDS = ("caption", "fps", "id", "labels", "video")
 
 
