@@ -29,7 +29,9 @@ loop's rate, with the run's start and final wait spread over them;
 ``step_s_steady``: the same rate with those cancelled (a run of twice as many
 steps, less the first: ``measure.queued_step_s``); null for waited steps over
 ``STEADY_MAX_STEP_S``, where the fixed costs (tens of ms) do not matter and
-the run would cost minutes (``bench_max_tokens.py``'s 30 s steps). ``dispatch_s``: the median
+the run would cost minutes (``bench_max_tokens.py``'s 30 s steps), and where
+the longer run came out no slower (``--steps`` steps too short for the timer's
+noise, as ``--tiny`` ones can be: raise ``--steps``). ``dispatch_s``: the median
 time a timed call took to return (the host's argument checks and launch,
 ``bench_dispatch.py``; on a GPU part of it can overlap the device's work: the
 device's idle share of ``step_s`` is ``step_s - step_s_steady`` when the

@@ -105,14 +105,18 @@ def queued_step_s(dispatch, steps: int, steady: bool = True) -> dict[str, float 
       and the final wait, spread over ``steps``.
     - ``step_s_steady``: ``(T(2 steps) - T(steps)) / steps`` from a second run twice as long: those fixed
       costs cancel, leaving the rate of a long run. None with ``steady=False`` (no second run: for steps
-      so long that the fixed costs do not matter and the run would cost minutes).
+      so long that the fixed costs do not matter and the run would cost minutes), and None where the
+      longer run came out no slower: ``steps`` steps took less than the runs' timing noise (a tiny CPU
+      forward at ``--steps 2``: a negative rate); it needs ``steps`` large enough that a run takes tens
+      of milliseconds or more.
     """
     spans = []
     for count in (steps, 2 * steps) if steady else (steps,):
         start = time.perf_counter()
         queued_run(dispatch, count)()
         spans.append(time.perf_counter() - start)
-    return {"step_s_pipelined": spans[0] / steps, "step_s_steady": (spans[1] - spans[0]) / steps if steady else None}
+    steady_s = (spans[1] - spans[0]) / steps if steady and spans[1] > spans[0] else None
+    return {"step_s_pipelined": spans[0] / steps, "step_s_steady": steady_s}
 
 
 TRACE_FILE_LIMIT = 15 * 2**20  # a device call returns files up to 16 MiB: bigger traces are left behind, named

@@ -181,6 +181,12 @@ def test_the_steady_queued_rate_cancels_a_runs_fixed_costs(monkeypatch):
     queued = measure.queued_step_s(lambda: calls.append(1) or dispatch(), 5, steady=False)  # long steps: one run
     assert (len(calls), queued["step_s_steady"]) == (5, None)
     assert queued["step_s_pipelined"] == pytest.approx((0.030 + 5 * 0.010) / 5)
+    # Steps shorter than the timer's noise: the run twice as long came out no slower, so no rate (not a negative one).
+    for spans in ((0.25, 0.125), (0.25, 0.25)):  # (exact in binary)
+        ends = iter([0.0, spans[0], 1.0, 1.0 + spans[1]])
+        monkeypatch.setattr(measure.time, "perf_counter", lambda: next(ends))
+        queued = measure.queued_step_s(lambda: Pending(), 2)
+        assert queued == {"step_s_pipelined": pytest.approx(spans[0] / 2), "step_s_steady": None}
 
 
 def test_queued_steps_are_dispatched_back_to_back_and_traced_as_one_run(tmp_path):
