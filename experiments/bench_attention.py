@@ -114,20 +114,27 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=72, help="72: DiT-XL's (1152 / 16)")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 elsewhere")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
+                        help="default: bfloat16 on GPU, float32 elsewhere")
     parser.add_argument("--context", type=int, default=1, help="devices the tokens are split over (mesh.context)")
     parser.add_argument("--pad-head-dim", default="", help="comma-separated sizes to also time each impl's heads "
                                                            "zero-padded to (xla and cudnn)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
+    try:  # before the mesh: a malformed list is one line, and no backend starts for it
+        lengths = measure.parse_list(args.tokens, int, flag="--tokens")
+        pads = measure.parse_list(args.pad_head_dim, int, flag="--pad-head-dim") if args.pad_head_dim else []
+    except ValueError as error:
+        parser.error(str(error))
+    if min(lengths) < 1:
+        parser.error(f"--tokens: lengths must be >= 1, got {lengths}")
     args.dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     try:
         args.mesh = parallel.make_mesh(data=1, context=args.context, devices=jax.devices()[:args.context])
     except ValueError as error:
         raise SystemExit(f"--context={args.context}: {error}; on a CPU, set XLA_FLAGS="
                          f"--xla_force_host_platform_device_count={args.context}") from None
-    pads = [int(size) for size in args.pad_head_dim.split(",") if size]
     if any(size < args.head_dim for size in pads):
         raise SystemExit(f"--pad-head-dim: every size must be >= --head-dim {args.head_dim}, got {pads}")
     impls = args.impls.split(",")
@@ -143,7 +150,7 @@ def main(argv=None) -> list[dict]:
         if mode not in ("forward", "train"):
             raise SystemExit(f"--modes: {mode!r} is not forward or train")
     records = []
-    for tokens in (int(t) for t in args.tokens.split(",")):
+    for tokens in lengths:
         for impl in impls:
             for pad in [None] + (pads if impl in ("xla", "cudnn") else []):
                 for mode in args.modes.split(","):

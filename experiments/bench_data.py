@@ -90,14 +90,20 @@ def world_render_rate(frames: int, clips: int = 2000) -> float:
     return clips / (time.perf_counter() - start)
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=96)
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--fps", type=float, default=8.0)
     parser.add_argument("--batch-size", type=int, default=4)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # (else a 0 surfaces later as an empty manifest or a "corrupt" video, naming no flag)
+    for flag in ("clips", "frames", "size", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.fps <= 0:
+        parser.error(f"--fps must be > 0, got {args.fps}")
     with tempfile.TemporaryDirectory() as tmp:
         manifest = make_manifest(Path(tmp), args.clips)
         raw_decode_rate(manifest, args.frames, args.size, args.fps)  # warm the page cache and codecs

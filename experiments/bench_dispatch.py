@@ -31,7 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from measure import profiled_runs  # (experiments/ is the script's own folder)
+from measure import parse_list, profiled_runs  # (experiments/ is the script's own folder)
 
 TRACED_CALLS = 5
 
@@ -76,8 +76,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--phases", action="store_true",
                    help=f"also trace {TRACED_CALLS} calls per count: the call's host phases (trace_summary.py)")
     args = p.parse_args(argv)
-    counts = [int(n) for n in args.arrays.split(",") if n]
-    if not counts or min(counts) < 1 or args.steps < 1:
+    try:
+        counts = parse_list(args.arrays, int, flag="--arrays")
+    except ValueError as error:
+        p.error(str(error))
+    if min(counts) < 1 or args.steps < 1:
         raise SystemExit(f"bench_dispatch.py: --arrays needs counts >= 1 (got {args.arrays!r}), --steps >= 1")
     records = []
     for count in counts:

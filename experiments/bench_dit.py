@@ -430,16 +430,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, value in (TINY_DEFAULTS if args.tiny else DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.mesh_sizes = parse_ints(args.mesh, 4, "--mesh")
     args.ablate = [name for name in args.ablate.split(",") if name]
     try:
+        args.mesh_sizes = parse_ints(args.mesh, 4, "--mesh")
         ablations.check(args.ablate)
     except ValueError as error:
         p.error(str(error))
     if args.steps < 1 or args.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
-    if args.tokens < 1:
-        p.error(f"--tokens must be >= 1, got {args.tokens}")
+    for flag, value in (("--tokens", args.tokens), ("--batch", args.batch)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     return args
 
 

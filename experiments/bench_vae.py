@@ -52,8 +52,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from measure import (bytes_in_use_gib, is_oom, peak_memory_gib, proc_status_gib, reset_host_peak, run_isolated,  # noqa: E402
-                     strip_flags, timed_runs)  # (experiments/ is the script's own folder)
+from measure import (bytes_in_use_gib, is_oom, parse_list, peak_memory_gib, proc_status_gib, reset_host_peak,  # noqa: E402
+                     run_isolated, strip_flags, timed_runs)  # (experiments/ is the script's own folder)
 from vidiff.models.vae import VideoVAE, decode_chunked, encode_chunked, vae_preset  # noqa: E402
 
 PEAK_RATIO_GOAL = 1.2
@@ -172,19 +172,6 @@ def summaries(records: list[dict]) -> list[dict]:
     return out
 
 
-def parse_list(text: str, cast, valid=None, flag="") -> list:
-    try:
-        items = [cast(v) for v in text.split(",") if v]
-    except ValueError:
-        raise ValueError(f"{flag}: {text!r} is not a comma-separated list of {cast.__name__}s") from None
-    if not items:
-        raise ValueError(f"{flag}: give at least one value" + (f" of {valid}" if valid else ""))
-    outside = [v for v in items if valid is not None and v not in valid]
-    if outside:
-        raise ValueError(f"{flag}: {outside} not in {valid}")
-    return items
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny VAE, 32 px, 5/9 frames (CPU smoke run)")
@@ -216,6 +203,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(str(error))
     if args.repeats < 1 or args.warmup < 1:
         p.error("--repeats and --warmup must be >= 1 (the warmup call compiles)")
+    if args.batch < 1:  # (a 0 ran and reported the memory of empty clips)
+        p.error(f"--batch must be >= 1, got {args.batch}")
     return args
 
 

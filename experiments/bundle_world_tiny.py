@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from measure import one_line_errors  # (experiments/ is the script's own folder)
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "experiments" / "configs" / "world_tiny.py"
 BUNDLE = REPO / "vidiff" / "assets" / "world_tiny"
@@ -42,8 +44,16 @@ def _run(argv: list[str]) -> float:
     """Run ``vidiff ARGV`` in a subprocess (its own jax runtime); return the wall time in seconds."""
     print("$ vidiff " + " ".join(argv), flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "vidiff.cli", *argv], check=True, cwd=REPO)
+    status = subprocess.run([sys.executable, "-m", "vidiff.cli", *argv], cwd=REPO).returncode
+    if status:
+        raise ChildProcessError(f"vidiff {argv[0]} exited with status {status}: its error is above")
     return time.perf_counter() - start
+
+
+def _missing(workdir: Path) -> list[str]:
+    """What ``--skip-train`` reads from a finished run that ``workdir`` lacks."""
+    needed = [Path(stage, "metrics.jsonl") for stage in ("vae", "dit")] + [Path("export", f) for f in FILES]
+    return [str(path) for path in needed if not (workdir / path).is_file()]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -62,20 +72,12 @@ def _stage_metrics(stage_dir: Path) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", default="workdir/world_tiny_bundle", help="training workdir")
-    parser.add_argument("--seeds", type=int, default=4, help="adherence clips per combination")
-    parser.add_argument("--skip-train", action="store_true", help="bundle the existing run in --workdir")
-    parser.add_argument("--out", help="where to bundle the model (default: <workdir>/bundle)")
-    parser.add_argument("--install", action="store_true",
-                        help=f"bundle into {BUNDLE.relative_to(REPO)}, replacing the model shipped with vidiff")
-    args, overrides = parser.parse_known_args(argv)
-    if any(not o.startswith("--config.") for o in overrides):
-        parser.error(f"unrecognized arguments: {' '.join(o for o in overrides if not o.startswith('--config.'))}")
-    if args.install and args.out:
-        parser.error("--install bundles into the package; give --out or --install, not both")
+def bundle(args, overrides: list[str]) -> int:
+    """Train (unless ``--skip-train``), score and bundle; see the module docstring."""
     workdir = Path(args.workdir).resolve()
+    if args.skip_train and (missing := _missing(workdir)):
+        raise FileNotFoundError(f"--skip-train: {workdir} has no {', '.join(missing)}; give --workdir a finished "
+                                f"world_tiny run, or leave out --skip-train to train one")
     export = workdir / "export"
     train = ["train", "--config", str(CONFIG.relative_to(REPO)), f"--config.workdir={workdir}", *overrides]
     record: dict = {"config": str(CONFIG.relative_to(REPO)), "overrides": overrides,
@@ -106,6 +108,23 @@ def main(argv=None) -> int:
     print(json.dumps(record, indent=2))
     print(f"bundled {size / 2**20:.1f} MB into {target}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="workdir/world_tiny_bundle", help="training workdir")
+    parser.add_argument("--seeds", type=int, default=4, help="adherence clips per combination")
+    parser.add_argument("--skip-train", action="store_true", help="bundle the existing run in --workdir")
+    parser.add_argument("--out", help="where to bundle the model (default: <workdir>/bundle)")
+    parser.add_argument("--install", action="store_true",
+                        help=f"bundle into {BUNDLE.relative_to(REPO)}, replacing the model shipped with vidiff")
+    args, overrides = parser.parse_known_args(argv)
+    if any(not o.startswith("--config.") for o in overrides):
+        parser.error(f"unrecognized arguments: {' '.join(o for o in overrides if not o.startswith('--config.'))}")
+    if args.install and args.out:
+        parser.error("--install bundles into the package; give --out or --install, not both")
+    with one_line_errors("bundle_world_tiny.py"):  # a failed stage, a workdir that is no finished run
+        return bundle(args, overrides)
 
 
 if __name__ == "__main__":

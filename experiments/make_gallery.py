@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from measure import one_line_errors  # (experiments/ is the script's own folder)
 from vidiff import io
 from vidiff.data import world
 from vidiff.diffusion.samplers import SAMPLERS
@@ -104,10 +105,11 @@ def main(argv=None) -> int:
 
     from vidiff.pipeline import TextToVideo
 
-    pipe = TextToVideo.from_checkpoint(args.checkpoint)
     sampling = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler).items()
                 if v is not None}
-    rows = render(pipe, Path(args.out), seed=args.seed, scale=args.scale, fps=args.fps, **sampling)
+    with one_line_errors("make_gallery.py"):  # a checkpoint that is none, an --out that cannot be written
+        pipe = TextToVideo.from_checkpoint(args.checkpoint)
+        rows = render(pipe, Path(args.out), seed=args.seed, scale=args.scale, fps=args.fps, **sampling)
     for r in rows:
         print(f"wrote {r['gif']} and {r['png']}", file=sys.stderr)
     settings = {**{k: pipe.defaults[k] for k in ("steps", "guidance", "sampler")}, **sampling}

@@ -1,5 +1,5 @@
 """How the benchmarks measure: timing, traces, compiled programs, device and host memory, out-of-memory,
-isolated runs.
+isolated runs; and how the experiment scripts read their command lines.
 
 ``bench_dit.py`` and ``bench_vae.py`` share these. A case whose peak memory
 must be its own, or that may run out of memory, runs in a fresh interpreter
@@ -9,6 +9,7 @@ backend at import, so a script may still set ``XLA_*`` variables after it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gzip
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -310,3 +312,33 @@ def run_isolated(cmd: list[str], timeout: float) -> dict:
         return json.loads(lines[-1])
     tail = last_exception_line(done.stderr) or "no output"
     return dict(status="oom" if is_oom(done.stderr) else "error", error=tail[:300])
+
+# --------------------------------------------------------------------------- command lines
+
+
+def parse_list(text: str, cast, valid=None, flag="") -> list:
+    """``"a,b"`` -> ``[cast(a), cast(b)]``; a ValueError naming ``flag`` for a value ``cast`` refuses, none, or
+    one not in ``valid`` (the caller hands it to ``parser.error``)."""
+    try:
+        items = [cast(v) for v in text.split(",") if v]
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a comma-separated list of {cast.__name__}s") from None
+    if not items:
+        raise ValueError(f"{flag}: give at least one value" + (f" of {valid}" if valid else ""))
+    outside = [v for v in items if valid is not None and v not in valid]
+    if outside:
+        raise ValueError(f"{flag}: {outside} not in {valid}")
+    return items
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str):
+    """A ``ValueError`` or ``OSError`` raised inside (a missing file, a checkpoint that is none: the user's
+    mistake) ends the script with ``<prog>: error: <message>`` on stderr and status 2, as ``vidiff``'s
+    command does (``vidiff/cli.py``), not with a traceback. Wrap what reads the user's input, not a
+    measurement, whose errors are bugs worth their traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

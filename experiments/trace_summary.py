@@ -211,8 +211,16 @@ def read_text(path: str | Path) -> str:
         return f.read()
 
 
+def load_trace(path: str | Path) -> dict:
+    """A trace file's JSON; a ValueError naming the file for one that is not JSON (or not gzip where it says .gz)."""
+    try:
+        return json.loads(read_text(path))
+    except (ValueError, EOFError, gzip.BadGzipFile) as error:
+        raise ValueError(f"{path} is not a jax.profiler trace (*.trace.json.gz or .json): {error}") from None
+
+
 def summarize_file(path: str | Path, steps: int = 1, top: int = 12, hlo_text: str | None = None) -> dict:
-    return summarize(json.loads(read_text(path)), steps, top, hlo_text)
+    return summarize(load_trace(path), steps, top, hlo_text)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -222,7 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--top", type=int, default=12, help="kernels (and HLO source paths) listed by time")
     p.add_argument("--hlo", help="the traced program's optimised HLO (.txt or .txt.gz): adds other_by_op")
     args = p.parse_args(argv)
-    summary = summarize_file(args.trace, args.steps, args.top, read_text(args.hlo) if args.hlo else None)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    import measure  # (here, not at the top: measure imports this module)
+
+    with measure.one_line_errors("trace_summary.py"):  # a missing or unreadable file
+        trace = load_trace(args.trace)
+        hlo_text = read_text(args.hlo) if args.hlo else None
+    summary = summarize(trace, args.steps, args.top, hlo_text)
     print(json.dumps(summary))
     return summary
 

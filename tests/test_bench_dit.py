@@ -77,6 +77,9 @@ def test_bench_dit_says_when_its_program_came_from_the_compilation_cache(tmp_pat
                                            "'context': 1} multiply to 2 but there are 1 devices; set one of "
                                            "mesh.data/fsdp/tensor/context to -1 or make the product 1"),
     (["--tokens", "0"], "bench_dit.py: error: --tokens must be >= 1, got 0"),
+    (["--batch", "0"], "bench_dit.py: error: --batch must be >= 1, got 0"),
+    (["--mesh", "abc"], "bench_dit.py: error: --mesh: need 4 comma-separated integers, got 'abc'"),
+    (["--mesh", "1,1,1"], "bench_dit.py: error: --mesh: need 4 comma-separated integers, got '1,1,1'"),
 ])
 def test_bench_dit_refuses_a_flag_in_one_line(flags, message):
     done = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_dit.py"), "--tiny", *flags],

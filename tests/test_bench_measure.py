@@ -1,6 +1,6 @@
 """experiments/measure.py and the small benchmarks: timing, dispatch, isolated runs, out-of-memory, host memory,
-traces and their kernel summary, compiled HLO; bench_dispatch.py, bench_update.py, bench_attention.py; and that
-no benchmark imports a package the GPU image lacks."""
+traces and their kernel summary, compiled HLO; bench_dispatch.py, bench_update.py, bench_attention.py; that
+no benchmark imports a package the GPU image lacks; and that the scripts refuse a bad flag or file in one line."""
 import json
 import os
 import subprocess
@@ -359,3 +359,51 @@ def test_bench_attention_times_each_impl_and_mode():
                           capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     (ring,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert (ring["impl"], ring["context"], ring["status"]) == ("ring", 2, "ok") and ring["ms"] > 0
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("bench_attention", ["--tokens", "abc"], "--tokens: 'abc' is not a comma-separated list of ints"),
+    ("bench_attention", ["--pad-head-dim", "x"], "--pad-head-dim: 'x' is not a comma-separated list of ints"),
+    ("bench_attention", ["--tokens", "0"], "--tokens: lengths must be >= 1, got [0]"),
+    ("bench_attention", ["--dtype", "foo"], "argument --dtype: invalid choice: 'foo' (choose from 'bfloat16', "
+                                            "'float32', 'float16')"),
+    ("bench_dispatch", ["--arrays", "abc"], "--arrays: 'abc' is not a comma-separated list of ints"),
+    ("bench_data", ["--clips", "0"], "--clips must be >= 1, got 0"),
+    ("bench_data", ["--size", "0", "--clips", "2"], "--size must be >= 1, got 0"),
+    ("trace_summary", ["t.json", "--steps", "0"], "--steps must be >= 1, got 0"),
+])
+def test_scripts_refuse_a_malformed_flag_in_one_line(script, flags, message, capsys):
+    """Through the parser (usage, then "<prog>: error: ..."), before anything compiles or reads a file."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(script).main(flags)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.strip().splitlines()[-1].endswith(f": error: {message}"), err
+    assert "Traceback" not in err
+
+
+def test_scripts_refuse_a_missing_or_wrong_file_in_one_line(tmp_path, capsys):
+    """What the run itself finds wrong (a file, a workdir) is one line and status 2, as vidiff's command says it."""
+    import bundle_world_tiny
+    import trace_summary
+
+    cases = [
+        (trace_summary, [str(tmp_path / "none.trace.json.gz")],
+         f"trace_summary.py: error: [Errno 2] No such file or directory: '{tmp_path / 'none.trace.json.gz'}'"),
+        (trace_summary, [str(EXPERIMENTS / "PERF.md")],
+         f"trace_summary.py: error: {EXPERIMENTS / 'PERF.md'} is not a jax.profiler trace (*.trace.json.gz or "
+         ".json): Expecting value: line 1 column 1 (char 0)"),
+        (bundle_world_tiny, ["--skip-train", "--workdir", str(tmp_path / "run")],
+         f"bundle_world_tiny.py: error: --skip-train: {tmp_path / 'run'} has no vae/metrics.jsonl, "
+         "dit/metrics.jsonl, export/vae.safetensors, export/dit.safetensors, export/vidiff.json; give --workdir a "
+         "finished world_tiny run, or leave out --skip-train to train one"),
+    ]
+    for module, argv, message in cases:
+        with pytest.raises(SystemExit) as exit:
+            module.main(argv)
+        assert (exit.value.code, capsys.readouterr().err.splitlines()) == (2, [message])
+    # The script as a command: that one line is all of stderr.
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / "trace_summary.py"), str(EXPERIMENTS / "PERF.md")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=script_env())
+    assert (done.returncode, done.stderr.splitlines()) == (2, [cases[1][2]])

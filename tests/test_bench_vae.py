@@ -66,6 +66,7 @@ def test_bench_vae_isolated_case_runs_in_a_subprocess():
     (["--sizes", "2x"], "--sizes: '2x' is not a comma-separated list of ints"),
     (["--ways", ","], "--ways: give at least one value of ('oneshot', 'chunked')"),
     (["--repeats", "0"], "--repeats and --warmup must be >= 1 (the warmup call compiles)"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
 ])
 def test_bench_vae_refuses_a_bad_flag_in_one_line(flags, message, capsys):
     import bench_vae

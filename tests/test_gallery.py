@@ -40,3 +40,12 @@ def test_gallery_files_and_markdown(tmp_path, capsys):
     for gif, png in zip(gifs, pngs):
         assert f"(docs/gallery/{gif.name})" in markdown and f"(docs/gallery/{png.name})" in markdown
     assert "a red triangle moving left" in markdown and "held out, paraphrased" in markdown
+
+
+def test_gallery_refuses_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    """As `vidiff generate --checkpoint` says it: one line and status 2, before anything is written."""
+    with pytest.raises(SystemExit) as exit:
+        make_gallery.main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "gallery")])
+    assert (exit.value.code, capsys.readouterr().err.splitlines()) == (
+        2, [f"make_gallery.py: error: model directory {tmp_path / 'none'} does not exist"])
+    assert not (tmp_path / "gallery").exists()
