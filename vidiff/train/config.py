@@ -13,6 +13,7 @@ line that names the field and the fix.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import re
@@ -102,7 +103,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
                                  f"--config.{where}=\"{{'{part}': ...}}\"")
             if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
                 raise ValueError(f"override {item!r}: config has no field {dotted!r}"
-                                 f"{_did_you_mean(node, [*sections, leaf], depth)}")
+                                 f"{_did_you_mean(config, node, [*sections, leaf], depth)}")
             node = node[part] if depth < len(sections) else node
         try:
             value = ast.literal_eval(raw)
@@ -134,12 +135,27 @@ def overridden(config) -> dict:
     return getattr(config, _OVERRIDDEN, {})
 
 
-def _did_you_mean(node, parts: list[str], depth: int) -> str:
-    """``"; did you mean vae_train.steps?"`` for a typo in ``parts[depth]``, from the names beside it; else ``""``."""
+def _did_you_mean(config, node, parts: list[str], depth: int) -> str:
+    """What the user likely meant by ``parts``, missing at ``parts[depth]``: a model field the config file does not
+    set (``dit.overrides.patch``), or a typo's neighbour whose whole path exists (``vae_train.steps``); else ``""``."""
+    if depth == 2 and parts[1] == "overrides" and parts[0] in ("vae", "dit"):
+        from vidiff.models.dit import DiTConfig
+        from vidiff.models.vae import VAEConfig
+
+        model = {"vae": VAEConfig, "dit": DiTConfig}[parts[0]]
+        if parts[2] in {f.name for f in dataclasses.fields(model)}:
+            return (f"; {parts[2]} is a {model.__name__} field this config file does not set, and the command "
+                    f"line changes only the fields a config sets: add it to {parts[0]}.overrides in the config file")
     if not isinstance(node, (ml_collections.ConfigDict, dict)):
         return ""
-    close = difflib.get_close_matches(parts[depth], [str(k) for k in node], n=1)
-    return f"; did you mean {'.'.join([*parts[:depth], close[0], *parts[depth + 1:]])}?" if close else ""
+    for close in difflib.get_close_matches(parts[depth], [str(k) for k in node], n=3):
+        guess, found = [*parts[:depth], close, *parts[depth + 1:]], config
+        for part in guess:
+            found = found.get(part) if isinstance(found, (ml_collections.ConfigDict, dict)) and part in found \
+                else _MISSING
+        if found is not _MISSING:
+            return f"; did you mean {'.'.join(guess)}?"
+    return ""
 
 
 def train_stage(steps: int, lr: float, **fields) -> ml_collections.ConfigDict:
@@ -356,10 +372,18 @@ def warnings_for(config, model: str) -> list[str]:
         out.append(f"warning: {model}_train.optim.warmup_steps={stage.optim.warmup_steps} >= {model}_train.steps="
                    f"{stage.steps}: the learning rate never reaches optim.lr={stage.optim.lr:g}")
     for path, value in overridden(config).items():
-        replaced = _lookup(stage.get("data"), path.removeprefix("data.")) if path.startswith("data.") else _MISSING
-        if replaced is not _MISSING and replaced != value:
-            out.append(f"warning: the override {path}={value!r} does not reach the {model} stage: {model}_train."
-                       f"{path}={replaced!r} replaces it; override {model}_train.{path} instead")
+        if not path.startswith("data."):
+            continue
+        replaced = {name: _lookup(config[f"{name}_train"].get("data"), path.removeprefix("data."))
+                    for name in MODELS if f"{name}_train" in config}
+        mine = replaced.get(model, _MISSING)
+        if mine is _MISSING or _same(mine, value):
+            continue
+        line = f"warning: the override {path}={value!r} does not reach the {model} stage: {model}_train.{path}={mine!r}"
+        # One list of overrides for both stages is how the notebooks train: then it is meant for the other one.
+        readers = [name for name, r in replaced.items() if name != model and r is _MISSING]
+        out.append(f"{line} replaces it (the {' and '.join(readers)} stage reads it)" if readers else
+                   f"{line} replaces it; override {model}_train.{path} instead")
     source = config.data.get("source")
     for field, reader in SOURCE_FIELDS.items():
         if config.data.get(field) not in (None, "") and source != reader and source in SOURCE_FIELDS.values():
@@ -369,6 +393,12 @@ def warnings_for(config, model: str) -> list[str]:
 
 
 _MISSING = object()
+
+
+def _same(a, b) -> bool:
+    """Equal as config values: a tuple and a list of the same items are (the file writes one, JSON the other)."""
+    plain = lambda v: [plain(x) for x in v] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return plain(a) == plain(b)
 
 
 def _lookup(tree, dotted: str):
