@@ -105,6 +105,14 @@ def test_eval_clips_come_from_the_held_out_ranges_and_training_never_reads_them(
     with pytest.raises(ValueError, match=r"^eval.split='eval' but data.manifest='\S+train\S*' is one manifest, which "
                                          r"has no splits; give data.manifest=\{'train': ..., 'eval': ...\}"):
         check_eval_split(train_only)
+    with pytest.raises(ValueError, match=r"^eval.split='val' but data.manifest has no 'val' entry \(it has "
+                                         r"\['eval', 'train'\]\); add one, or set eval.split to one of those$"):
+        check_eval_split(_config("--config.eval.split='val'"))  # found after eval_every steps of training before
+    check_eval_split(_config("--config.vae_train.eval_every=0", "--config.eval.split='val'"))  # no evaluation
+    no_eval = config.to_dict()
+    del no_eval["eval"]  # a config without the section trains (it raised AttributeError: 'eval')
+    no_eval["vae_train"]["eval_every"] = 0
+    check_eval_split(ml_collections.ConfigDict(no_eval))
     shards = config_lib.for_stage(config_lib.load_config(REAL_TINY, [
         *SMALL, "--config.data.source=array_record", "--config.data.array_record_path=/shards/train-*.array_record"]),
         "vae")

@@ -280,11 +280,19 @@ def check_data_lasts(pipeline, config, model: str) -> None:
 
 def check_eval_split(config) -> None:
     """One line when ``eval.split`` names a split the data cannot select: validation would score training clips."""
-    data, split = config.data, config.eval.split
-    if not config.vae_train.get("eval_every", 0) or data.source in ("world", "tfds") or split == "train":
+    data = config.data
+    if not config.vae_train.get("eval_every", 0) or data.source in ("world", "tfds"):
+        return
+    split = (config.get("eval") or {}).get("split", "eval")
+    if data.source == "folder" and hasattr(data.manifest, "keys"):
+        if split not in data.manifest:  # found at the first evaluation, after eval_every steps of training
+            raise ValueError(f"eval.split={split!r} but data.manifest has no {split!r} entry (it has "
+                             f"{sorted(data.manifest)}); add one, or set eval.split to one of those")
+        return
+    if split == "train":
         return
     fix = "or set eval.split='train' to score training clips knowingly, or vae_train.eval_every=0"
-    if data.source == "folder" and not hasattr(data.manifest, "keys"):
+    if data.source == "folder":
         raise ValueError(f"eval.split={split!r} but data.manifest={data.manifest!r} is one manifest, which has no "
                          f"splits; give data.manifest={{'train': ..., {split!r}: ...}}, {fix}")
     if data.source == "array_record":
