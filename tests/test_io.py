@@ -1,6 +1,7 @@
 """vidiff.io: decoding real mp4s, fps resampling, windows, resizing, writing and reading back."""
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from counter_video import counter_frames, counters, write_counter
@@ -101,6 +102,10 @@ def test_read_image_takes_a_videos_first_frame_whatever_its_suffix(tmp_path):
                                                 r"image file '.*empty\.png'\) nor video \(not_video: FFmpeg cannot "
                                                 r"open it \(InvalidDataError\)\)$"):
         io.read_image(_write(tmp_path / "empty.png", b""))
+    notes = _write(tmp_path / "notes.nfo", b"hello\nworld\n")  # FFmpeg's tty reader drew it as a 640x400 frame
+    for read in (io.read_image, io.read_video):
+        with pytest.raises(io.VideoReadError, match=r"notes\.nfo.*not_video: a text file, which FFmpeg would draw"):
+            read(notes)
 
 
 def test_float_conversions_roundtrip():
@@ -151,6 +156,7 @@ _UNIT = np.linspace(0, 1, 5 * 8 * 8 * 3).reshape(5, 8, 8, 3)
     (_UNIT, r"got float64 \(5, 8, 8, 3\); convert with \(x \* 255\)\.round\(\)\.astype\(np\.uint8\) "
             r"\(values in \[0, 1\]\)$"),
     (_UNIT * 2 - 1, r".*; convert with vidiff\.io\.to_uint8\(x\) \(values in \[-1, 1\]\)$"),
+    (np.asarray(_UNIT * 2 - 1, jnp.bfloat16), r"got bfloat16 .*; convert with vidiff\.io\.to_uint8\(x\)"),
     (_UNIT * 255, r".*; convert with np\.clip\(x, 0, 255\)\.round\(\)\.astype\(np\.uint8\)$"),
     (np.full((5, 8, 8, 3), 300), r"got int64 \(5, 8, 8, 3\); convert with np\.clip\(x, 0, 255\)\.astype\(np\.uint8\)$"),
     (_CLIP.transpose(0, 3, 1, 2), r".*; convert with x\.transpose\(0, 2, 3, 1\) \(channels last\)$"),
@@ -216,6 +222,8 @@ def test_gif_delays_keep_the_average_rate(tmp_path):
         delays = [gif.seek(k) or gif.info["duration"] for k in range(gif.n_frames)]
     assert delays == [120, 130, 130, 120] * 4 and sum(delays) == 2000
     assert io.gif_delays(3, 50.0) == [2, 2, 2] and io.gif_delays(3, 30.0) == [3, 4, 3]
+    # Read back at the rate written (FFmpeg's average of the first delays said 8.33).
+    assert io.probe(path).fps == 8.0 and io.read_video(path)[1] == 8.0
 
 
 def _write(path, data):

@@ -67,6 +67,9 @@ def _open(path):
     if not container.streams.video:
         container.close()
         raise VideoReadError(path, NOT_VIDEO, "the file has no video stream")
+    if container.streams.video[0].codec_context.name == "ansi":  # FFmpeg draws a text file (.nfo, .asc) as a video
+        container.close()
+        raise VideoReadError(path, NOT_VIDEO, "a text file, which FFmpeg would draw as ANSI art")
     return container
 
 
@@ -88,6 +91,10 @@ def _info(container) -> VideoInfo:
             duration = max(duration - container.start_time / 1e6, 0.0) if container.start_time else duration
     else:
         duration = 0.0
+    if container.format.name == "gif" and stream.frames and duration > 0:
+        # Whole-centisecond delays: a gif's rate is its frames over its length. FFmpeg's average of the first
+        # delays reads 8.33 for the 12, 13, 13, 12 cs a gif at 8 fps alternates (``write_video``).
+        fps = stream.frames / duration
     frames = stream.frames or int(round(duration * fps))
     return VideoInfo(stream.codec_context.width, stream.codec_context.height, fps, frames, duration, start)
 
@@ -174,7 +181,11 @@ def read_video(
             if not out.frames:
                 raise VideoReadError(path, CORRUPT, f"decoding failed ({e.__class__.__name__}: {e})") from None
             error = e
-        out.finish(end_t)
+        # Repeats of the last frame stop at the stream's end too: a gif's whole-centisecond timestamps put its
+        # last frame up to half a centisecond early, and one period past it would be an instant after the clip.
+        stream_end = origin + info.duration if info.duration > 0 else None
+        limits = [t for t in (end_t, stream_end) if t is not None]
+        out.finish(min(limits) if limits else None)
     frames = out.frames
     if not complete:
         short = _truncation(info, origin, start_t, end_t, last_t, decoded, error)
