@@ -335,8 +335,9 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
     vae = vae_from_config(config_lib.load_config(config))
     vae_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nn.unbox(jax.eval_shape(
         vae.init, jax.random.key(0), jnp.zeros((1, 1, 8, 8, 3))))))
-    assert row["frozen"] == 0 and encoding["frozen"] == vae_bytes  # replicated, as DiTTask holds it
-    assert encoding["peak"] > row["peak"] + vae_bytes and encoding["activations"] > row["activations"]
+    # Replicated, as DiTTask holds it in every mode (the cached row's VAE read 0 at first).
+    assert row["frozen"] == encoding["frozen"] == vae_bytes
+    assert encoding["peak"] > row["peak"] and encoding["activations"] > row["activations"]
     accumulating = types.SimpleNamespace(**{**vars(args), "overrides": [*args.overrides,
                                                                           "--config.dit_train.optim.accumulate=2"]})
     with pytest.raises(ValueError) as error:  # as vidiff train refuses it: no row for a run that cannot start

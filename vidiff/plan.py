@@ -3,8 +3,8 @@
 Compiles the real train step (``make_train_step`` + ``jit_train_step``: loss, gradients,
 AdamW, EMA, donated state) ahead of time against abstract inputs (``jax.ShapeDtypeStruct``
 with shardings: nothing is allocated) and prints, per device: parameters, optimizer state,
-EMA, the batch, frozen inputs (the VAE a DiT step with ``dit_train.latents='on_the_fly'`` encodes
-with), activations (XLA's temporaries) and the peak, and whether the peak fits
+EMA, the batch, frozen inputs (the VAE a DiT run holds, which encodes each batch in the step with
+``dit_train.latents='on_the_fly'``), activations (XLA's temporaries) and the peak, and whether the peak fits
 ``--device-memory``. One row per ``--tokens`` x ``--remat`` combination::
 
     vidiff plan --config experiments/configs/world_tiny.py --preset XL --mesh fsdp --devices 8 \\
@@ -186,7 +186,7 @@ def _abstract_batch(shapes: dict, mesh):
 
 def _dit_step(config, cfg, mesh, batch, latent, text_dim):
     """The DiT step on ready latents, or, with ``dit_train.latents='on_the_fly'`` (the default), on uint8 clips
-    that the frozen VAE encodes inside the step, as ``DiTTask.loss_fn`` does: its weights and activations count."""
+    that the frozen VAE encodes inside the step, as ``DiTTask.loss_fn`` does. The VAE's weights count either way."""
     import functools
 
     import jax
@@ -203,15 +203,15 @@ def _dit_step(config, cfg, mesh, batch, latent, text_dim):
     text_len = int(config.text.max_length)
     shapes = {"text_tokens": ((batch, text_len, text_dim), np.float32),
               "text_lengths": ((batch,), np.int32), "pooled": ((batch, text_dim), np.float32)}
-    frozen = ({}, {})
+    # DiTTask holds the VAE on every device whatever the latents' source (it decodes the samples too).
+    vae = vae_from_config(config)
+    tf, sf = vae.config.time_factor, vae.config.spatial_factor
+    variables = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), np.zeros((1, 1, 8 * sf, 8 * sf, 3))))
+    replicated = parallel.replicated(mesh)
+    frozen = ({"vae": jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated),
+                                   variables)}, {"vae": jax.tree.map(lambda _: replicated, variables)})
     if config.dit_train.get("latents", "on_the_fly") == "on_the_fly":
-        vae = vae_from_config(config)
-        tf, sf = vae.config.time_factor, vae.config.spatial_factor
         shapes["video"] = ((batch, 1 + tf * (latent[0] - 1), latent[1] * sf, latent[2] * sf, 3), np.uint8)
-        variables = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), np.zeros((1, 1, 8 * sf, 8 * sf, 3))))
-        replicated = parallel.replicated(mesh)  # as DiTTask holds it
-        frozen = ({"vae": jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated),
-                                       variables)}, {"vae": jax.tree.map(lambda _: replicated, variables)})
 
         def latents_of(b, rng, vae_variables):
             video = b["video"].astype(np.float32) / 127.5 - 1.0
