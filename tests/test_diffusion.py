@@ -48,6 +48,37 @@ def test_second_order_samplers_beat_euler_on_gaussian_flow():
     assert error("dpmpp_2m", 128) < 2e-3
 
 
+def dpmpp_2m_reference(velocity_fn, x, ts):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in float64 numpy for alpha = 1 - t, sigma = t over times ``ts``:
+    second order wherever the previous log-SNR step is finite, first order on the step to t = 0."""
+    def log_snr(t):
+        return np.inf if t == 0 else -np.inf if t == 1 else np.log(1 - t) - np.log(t)
+
+    x, x0_prev, h_prev = np.asarray(x, np.float64), None, np.inf
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x0 = x - t * np.asarray(velocity_fn(x, np.full(x.shape[0], t)), np.float64)
+        if t_next == 0:
+            return x0
+        h = log_snr(t_next) - log_snr(t)
+        d = x0 if x0_prev is None or not np.isfinite(h_prev) else x0 + h / (2 * h_prev) * (x0 - x0_prev)
+        x = (t_next / t) * x - (1 - t_next) * np.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+@pytest.mark.parametrize("t_start, shift, steps", [(1.0, 3.0, 4), (0.75, 1.0, 3)])
+def test_dpmpp_2m_matches_a_reference_implementation(t_start, shift, steps):
+    """From pure noise the second step is still first order (the first log-SNR step is infinite); from
+    t_start < 1 (SDEdit) the second step is already second order."""
+    noise = jax.random.normal(jax.random.key(1), SHAPE)
+    u = np.linspace(t_start / (shift - (shift - 1) * t_start), 0.0, steps + 1)  # unshifted times
+    ts = shift * u / (1 + (shift - 1) * u)
+    want = dpmpp_2m_reference(gaussian_velocity(0.5), noise, ts)
+    got = diffusion.sample(gaussian_velocity(0.5), noise, steps=steps, sampler="dpmpp_2m", shift=shift,
+                           t_start=t_start)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("sampler", diffusion.SAMPLERS)
 def test_bfloat16_latents_sample_close_to_the_exact_flow(sampler):
     """In bfloat16 the 100-step shift-3 schedule has two equal neighbouring times near t = 1; DPM++ used to
@@ -75,14 +106,40 @@ def test_sampling_is_jittable_and_deterministic():
     np.testing.assert_array_equal(run(noise), run(noise))
 
 
-def test_known_frames_stay_fixed():
+def calls_seen(velocity_fn, record):
+    """``velocity_fn`` that also appends what it is called with (host values, through the traced loop) to ``record``."""
+
+    def spy(x, t):
+        jax.debug.callback(lambda *a: record.append(tuple(np.asarray(v) for v in a)), x, t, ordered=True)
+        return velocity_fn(x, t)
+
+    return spy
+
+
+def sampled(*args, **kwargs):
+    """``diffusion.sample`` with every host callback of the run delivered."""
+    out = jax.block_until_ready(diffusion.sample(*args, **kwargs))
+    jax.effects_barrier()
+    return out
+
+
+@pytest.mark.parametrize("sampler", diffusion.SAMPLERS)
+def test_known_frames_stay_fixed(sampler):
     noise = jax.random.normal(jax.random.key(3), SHAPE)
     known = jnp.full(SHAPE, -0.25)
     mask = jnp.array([[1, 0, 0], [0, 0, 1]])
-    out = diffusion.sample(gaussian_velocity(0.5), noise, steps=3, known_latents=known, known_mask=mask)
+    calls = []
+    out = sampled(calls_seen(gaussian_velocity(0.5), calls), noise, steps=3, sampler=sampler, known_latents=known,
+                  known_mask=mask)
     np.testing.assert_array_equal(out[0, 0], known[0, 0])
     np.testing.assert_array_equal(out[1, 2], known[1, 2])
     assert not np.allclose(out[0, 1], known[0, 1])
+    # The model was trained to see known frames clean: every call gets them exactly, the first (from noise) and
+    # Heun's second evaluation of a step included.
+    assert len(calls) == {"euler": 3, "heun": 5, "dpmpp_2m": 3}[sampler]
+    for x, _ in calls:
+        np.testing.assert_array_equal(x[0, 0], known[0, 0])
+        np.testing.assert_array_equal(x[1, 2], known[1, 2])
 
 
 def test_classifier_free_guidance_combines_branches():
@@ -93,6 +150,8 @@ def test_classifier_free_guidance_combines_branches():
     x = jnp.zeros(SHAPE)
     guided = diffusion.classifier_free_guidance(velocity_fn, cond, uncond, scale=3.0)
     np.testing.assert_allclose(guided(x, jnp.array([0.5, 0.5]))[:, 0, 0, 0, 0], [0.5 + 3 * 0.5, 0.5 + 3 * 1.5])
+    # The default interval includes both ends: the first step (t = 1) and the last (t = 0) are guided.
+    np.testing.assert_allclose(guided(x, jnp.array([1.0, 0.0]))[:, 0, 0, 0, 0], [0.5 + 3 * 0.5, 0.5 + 3 * 1.5])
     late_only = diffusion.classifier_free_guidance(velocity_fn, cond, uncond, scale=3.0, interval=(0.0, 0.4))
     np.testing.assert_allclose(late_only(x, jnp.array([0.5, 0.2]))[:, 0, 0, 0, 0], [1.0, 5.0])
     plain = diffusion.classifier_free_guidance(velocity_fn, cond, uncond, scale=1.0)
@@ -145,6 +204,8 @@ def test_timestep_sampling_and_shift():
     assert 0 < float(t.min()) and float(t.max()) < 1 and abs(float(jnp.median(t)) - 0.5) < 0.03
     shifted = diffusion.sample_timesteps(jax.random.key(5), 4096, "logit_normal", shift=3.0)
     assert float(jnp.median(shifted)) == pytest.approx(0.75, abs=0.03)  # 3*0.5 / (1 + 2*0.5)
+    _, aux = diffusion.flow_loss(lambda x, t: x, jnp.zeros((4096, 1, 1, 1, 1)), jax.random.key(5), shift=3.0)
+    assert float(jnp.median(aux["t"])) == pytest.approx(0.75, abs=0.03)  # the loss trains at the shifted times
     assert diffusion.shift_for_tokens(256) == pytest.approx(np.exp(0.5))
     assert diffusion.shift_for_tokens(4096) == pytest.approx(np.exp(1.15))
     schedule = diffusion.timestep_schedule(4, shift=1.0, t_start=0.5)
@@ -175,6 +236,12 @@ def test_loss_weights_uniform_timesteps_and_auto_shift():
     np.testing.assert_allclose(loss_weight(t, "cosmap"), [2 / np.pi, 3.2 / np.pi, 4 / np.pi, 2 / np.pi], rtol=1e-6)
     with pytest.raises(ValueError, match=r"^loss weighting 'snr' is unknown; use one of \('none', 'cosmap'\)$"):
         loss_weight(t, "snr")
+    # flow_loss weights each sample's loss by its time.
+    x0, zero = jnp.full(SHAPE, 0.3), (lambda x, t: jnp.zeros_like(x))
+    cosmap, aux = diffusion.flow_loss(zero, x0, jax.random.key(1), weighting="cosmap")
+    np.testing.assert_allclose(float(cosmap), float(jnp.mean(aux["per_sample"] * loss_weight(aux["t"], "cosmap"))),
+                               rtol=1e-6)
+    assert abs(float(cosmap) - float(jnp.mean(aux["per_sample"]))) > 1e-3
 
     uniform = np.asarray(diffusion.sample_timesteps(jax.random.key(11), 10_000, "uniform"))
     assert uniform.shape == (10_000,) and 1e-5 <= uniform.min() and uniform.max() <= 1 - 1e-5
@@ -231,6 +298,15 @@ def test_tied_frames_end_equal_to_their_source(sampler):
     # This velocity acts per element, so the untied frames are exactly what they would be without the tie.
     np.testing.assert_allclose(tied[:, :2], free[:, :2], atol=1e-6)
     assert not np.allclose(free[:, 2], free[:, 0])
+    # During sampling the target holds the source's clean estimate x0 = x - t v, not the source's noisy x: at the
+    # second model call it is the estimate from the first. (From t < 1: at t = 1 this estimate is 0, the start.)
+    calls = []
+    sampled(calls_seen(gaussian_velocity(0.5), calls), noise, steps=4, sampler=sampler, t_start=0.5,
+            tie=((2,), (0,)), known_mask=jnp.array([[0, 0, 1], [0, 0, 1]]))
+    (x_a, t_a), (x_b, _) = calls[:2]
+    estimate = x_a[:, 0] - t_a[0] * np.asarray(gaussian_velocity(0.5)(x_a, t_a))[:, 0]
+    assert np.abs(estimate).mean() > 0.1
+    np.testing.assert_allclose(x_b[:, 2], estimate, atol=1e-6)
 
 
 def test_progress_reports_every_step():
