@@ -8,6 +8,7 @@ import sys
 import warnings
 from types import SimpleNamespace
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -51,16 +52,35 @@ def test_frame_arithmetic_follows_the_causal_vae():
             known_plan(3, frames)
 
 
-def test_text_to_video_batches_prompts_and_seeds_deterministically(pipe):
+def test_text_to_video_batches_prompts_and_seeds_deterministically(pipe, monkeypatch):
     clips = pipe(PROMPT, seed=0, **FAST)
     assert clips.shape == (1, 9, 16, 16, 3) and clips.dtype == np.uint8
+    import vidiff.pipeline
+    from vidiff.diffusion import shift_for_tokens
+
+    calls, sample_latents = [], vidiff.pipeline.sample_latents
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return sample_latents(*args, **kwargs)
+
+    monkeypatch.setattr(vidiff.pipeline, "sample_latents", spy)
     z = pipe([PROMPT, "a blue square moving up"], seed=[0], return_latents=True, **FAST)
     assert z.shape == (2, 3, 4, 4, 4)
+    # The model reads each prompt's own tokens (lengths from the mask, not the padded 8) and samples with the
+    # shift it was trained with.
+    (_, _, context, uncond, _), kwargs = calls[0]
+    mask = pipe.text.encode([PROMPT, "a blue square moving up"]).mask
+    assert np.asarray(context["lengths"]).tolist() == mask.sum(-1).tolist() and mask.sum(-1).max() < mask.shape[1]
+    assert np.asarray(uncond["lengths"]).tolist() == [2, 2]  # the empty prompt: [CLS] [SEP]
+    assert kwargs["shift"] == pipe.config["flow"]["shift"] == 3.0
     # A (prompt, seed) pair gives the same clip alone or in a batch; other seeds and prompts differ.
     np.testing.assert_allclose(pipe(PROMPT, seed=0, return_latents=True, **FAST)[0], z[0], atol=1e-4)
     assert np.abs(pipe(PROMPT, seed=1, return_latents=True, **FAST)[0] - z[0]).mean() > 0.1
     assert np.abs(z[1] - z[0]).mean() > 0.01
     np.testing.assert_array_equal(pipe(PROMPT, seed=0, **FAST), clips)  # deterministic
+    monkeypatch.setitem(pipe.config["flow"], "shift", "auto")  # that of these 3 x 2 x 2 tokens
+    assert pipe._shift(z.shape[1:]) == shift_for_tokens(12)
 
 
 def test_a_model_samples_the_same_with_its_blocks_scanned(pipe):
@@ -251,6 +271,31 @@ def test_loop_ties_the_wrap_around_to_the_start(pipe):
     with pytest.raises(ValueError, match=r"loop lengths are 4m frames \(the frame after the last is the first\), "
                                          r"e.g. 8 or 12$"):
         pipe.loop(PROMPT, num_frames=9)
+
+
+class _CondEcho:
+    """A stand-in DiT whose velocity, on every frame, is the sum of the conditioning latents it is given."""
+
+    def apply(self, variables, x, t, tokens, lengths, pooled, *, cond_latents=None, cond_mask=None):
+        return jnp.sum(cond_mask[:, :, None, None, None] * cond_latents, axis=1, keepdims=True) + 0.0 * x
+
+    def __hash__(self):  # a static argument of the jitted sample_latents
+        return 0
+
+    def __eq__(self, other):
+        return isinstance(other, _CondEcho)
+
+
+def test_a_tied_frame_reaches_the_model_from_the_sample_not_the_context():
+    """A loop's tied frame changes every step (its source's clean estimate): the model must read it from x. The
+    context holds zeros there, so read from the context, this model's velocity would stay 0 and nothing move."""
+    from vidiff.diffusion.generate import sample_latents
+
+    x_start = np.random.default_rng(0).standard_normal((1, 3, 2, 2, 4)).astype(np.float32)
+    text = {"tokens": jnp.zeros((1, 2, 8)), "lengths": jnp.array([2]), "pooled": jnp.zeros((1, 8))}
+    context = {**text, "cond_latents": jnp.zeros((1, 3, 2, 2, 4)), "cond_mask": jnp.array([[0.0, 0.0, 1.0]])}
+    z = sample_latents(_CondEcho(), {}, context, text, jnp.asarray(x_start), steps=2, tie=((2,), (1,)))
+    assert np.abs(np.asarray(z)[0, 0] - x_start[0, 0]).max() > 1e-3
 
 
 def test_loop_and_edit_lengths_follow_the_dits_time_patch():
