@@ -39,3 +39,13 @@ def test_rope_scores_depend_only_on_relative_position():
     # Rotation keeps norms.
     c, s = rope.rope_3d(jnp.array([[[3.0, 1.0, 2.0]]]), head_dim)
     np.testing.assert_allclose(jnp.linalg.norm(rope.apply_rope(q, c, s)), jnp.linalg.norm(q), rtol=1e-5)
+
+
+def test_rope_frequencies_fall_from_one_radian_per_position():
+    """Per axis the pairs turn theta^(-2i/d) radians per unit of position: the first pair fast, the rest slower (a
+    sign slip would turn them up to theta^(2i/d), and relative positions would still be all that counts)."""
+    cos, sin = rope.rope_3d(jnp.array([[[1.0, 2.0, 3.0]]]), 16)  # (time, height, width) dims (4, 6, 6)
+    freqs = [10000.0 ** (-np.arange(0, d, 2) / d) for d in (4, 6, 6)]
+    angles = np.concatenate([p * f for p, f in zip((1.0, 2.0, 3.0), freqs)])  # time: [1, 0.01]
+    np.testing.assert_allclose(np.asarray(cos)[0, 0, 0], np.cos(angles), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sin)[0, 0, 0], np.sin(angles), atol=1e-6)
