@@ -172,6 +172,16 @@ def test_encoder_is_causal(tiny, clip):
     earlier = encode(variables, clip.at[:, 1].set(-clip[:, 1])).mean
     np.testing.assert_allclose(earlier[:, :1], base[:, :1], atol=1e-6)
     assert not np.allclose(earlier[:, 1], base[:, 1], atol=1e-4)
+    # An encoder gone wild still gives a usable posterior: its log-variance is clipped to [-30, 20] (exp(100)
+    # would overflow the KL and the sample).
+    params = variables["params"]
+    conv_out = params["encoder"]["conv_out"]["conv"]
+    wild_bias = conv_out["bias"].replace_boxed(jnp.array([0.0] * 4 + [100.0, -100.0] * 2))
+    wild = {**variables, "params": {**params, "encoder": {**params["encoder"], "conv_out": {
+        "conv": {**conv_out, "bias": wild_bias}}}}}
+    logvar = np.asarray(encode(wild, clip).logvar)
+    np.testing.assert_array_equal(logvar[..., 0::2], 20.0)
+    np.testing.assert_array_equal(logvar[..., 1::2], -30.0)
 
 
 def test_decoder_is_causal(tiny, clip):
@@ -285,6 +295,8 @@ def test_kl_zero_for_standard_normal_and_positive_otherwise():
     zeros = jnp.zeros((2, 3, 4, 4, 4))
     np.testing.assert_allclose(DiagonalGaussian(zeros, zeros).kl(), 0.0)
     assert float(DiagonalGaussian(zeros + 1.0, zeros).kl()[0]) == pytest.approx(0.5 * zeros[0].size)
+    wide = DiagonalGaussian(jnp.zeros((1, 20_000)), jnp.full((1, 20_000), np.log(4.0)))  # variance 4
+    assert float(wide.sample(jax.random.key(0)).std()) == pytest.approx(2.0, abs=0.05)
     video = jnp.zeros((2, 9, 16, 16, 3))
     loss, metrics = vae_loss(video, video, DiagonalGaussian(zeros, zeros), VAELossConfig(kl_weight=1.0))
     assert float(loss) == 0.0 and set(metrics) >= {"loss", "reconstruction", "kl"}
