@@ -60,6 +60,20 @@ def test_rules_map_logical_params_to_mesh():
     assert sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     batch = jax.device_put(np.zeros((8, 3)), parallel.batch_sharding(mesh, 2))
     assert batch.sharding.shard_shape(batch.shape) == (2, 3)
+    # The DiT's tensor parallelism (Megatron-style): attention heads, the MLP's hidden units and the modulation
+    # outputs split over 'tensor', the model width over 'fsdp'.
+    from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
+
+    cfg = dit_preset("tiny")
+    abstract = jax.eval_shape(VideoDiT(cfg).init, jax.random.key(0), *dummy_inputs(cfg))
+    block = parallel.param_shardings(abstract, parallel.make_mesh(data=1, fsdp=4, tensor=2))["params"]["blocks_0"]
+    P = jax.sharding.PartitionSpec
+    for (module, layer), spec in {("self_attn", "query"): P("fsdp", "tensor", None),
+                                  ("cross_attn", "key"): P("fsdp", "tensor", None),
+                                  ("self_attn", "out"): P("tensor", None, "fsdp"),
+                                  ("mlp", "fc1"): P("fsdp", "tensor"), ("mlp", "fc2"): P("tensor", "fsdp"),
+                                  ("modulation", "proj"): P("fsdp", "tensor")}.items():
+        assert block[module][layer]["kernel"].spec == spec, (module, layer)
 
 
 def test_rules_that_do_not_fit_are_named_not_silently_replicated():
