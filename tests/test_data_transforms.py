@@ -9,7 +9,7 @@ from vidiff.data import schema, skips
 from vidiff.data.batching import batch_records
 from vidiff.data.config import DataConfig
 from vidiff.data.transforms import (
-    BucketWindow, CaptionDropout, ResizeCrop, Tokenize, cover_size, nearest_bucket, parse_buckets,
+    BucketWindow, CaptionDropout, ResizeCrop, SampleImages, Tokenize, cover_size, nearest_bucket, parse_buckets,
     resample_indices, resize_crop, window_offset,
 )
 
@@ -77,10 +77,17 @@ def test_resize_crop_shorter_side_then_centre_or_random_crop():
     out = resize_crop(video, 10, 10, "center", None)
     assert out.shape == (2, 10, 10, 3) and out[:, :, 2:8].min() == 255
     ramp = np.tile(np.arange(40, dtype=np.uint8)[None, None, :, None], (1, 10, 1, 3))
-    lefts = {int(resize_crop(ramp, 10, 10, "random", np.random.default_rng(s))[0, 0, 0, 0]) for s in range(30)}
-    assert len(lefts) > 5 and min(lefts) >= 0 and max(lefts) <= 30
+    lefts = {int(resize_crop(ramp, 10, 10, "random", np.random.default_rng(s))[0, 0, 0, 0]) for s in range(400)}
+    assert lefts == set(range(31))  # every offset, both edges included (each ~13 times in 400 draws)
     record = {"video": ramp_video(2, 24, 24), "bucket": np.int32(1)}
     assert ResizeCrop([(2, 8, 8), (2, 12, 6)]).random_map(record, None)["video"].shape == (2, 12, 6, 3)
+
+
+def test_sample_images_takes_any_frame_into_the_image_bucket():
+    sample = SampleImages([(4, 8, 8), (1, 8, 8)], fraction=1.0, seed=0)
+    images = [sample.map_with_index(i, {"video": ramp_video(12, 8, 8), "bucket": np.int32(0)}) for i in range(200)]
+    assert {int(image["video"][0, 0, 0, 0]) for image in images} == set(range(12))  # each ~17 times in 200
+    assert all(image["video"].shape == (1, 8, 8, 3) and image["bucket"] == 1 for image in images)
 
 
 def test_caption_dropout_rate_and_determinism():
