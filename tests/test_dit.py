@@ -10,7 +10,9 @@ from flax import linen as nn
 
 from vidiff import parallel
 from vidiff.models import dit, patches
+from vidiff.models.attention import Attention
 from vidiff.models.block_layout import with_block_layout
+from vidiff.models.rope import rope_3d
 
 CFG = dit.dit_preset("tiny", text_dim=32, pooled_dim=24)
 # Shapes reused across tests so each compiled program is shared (compiles dominate test time on CPU).
@@ -74,6 +76,51 @@ def test_every_block_is_identity_at_init(text_mode):
     np.testing.assert_array_equal(x1, x0.astype(jnp.float32))
     np.testing.assert_array_equal(x2, x1)
     np.testing.assert_array_equal(t2, t1)
+
+
+def _layer_norm(x):
+    return (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-6)
+
+
+def _adaln(params, cond, count):
+    """``count`` (shift, scale, gate, ...) vectors from the conditioning, and the modulated norm they make."""
+    mods = jnp.split(jax.nn.silu(cond) @ params["proj"]["kernel"] + params["proj"]["bias"], count, axis=-1)
+    return mods, lambda y, shift, scale: _layer_norm(y) * (1 + scale) + shift
+
+
+@jax.jit
+def _adaln_zero_reference(params, cond, x1, txt, lengths, positions, x2):
+    """Block 1 (cross text mode) on its input ``x1`` and the final layer on ``x2``, written from the parameters."""
+    block = params["blocks_1"]
+    (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m), modulate = _adaln(block["modulation"], cond, 6)
+    rope = rope_3d(positions, CFG.head_dim, CFG.rope_fractions, CFG.rope_theta)
+    attention = Attention(CFG.heads, CFG.head_dim)  # checked on its own in test_attention.py
+    y = x1 + gate_a * attention.apply({"params": block["self_attn"]}, modulate(x1, shift_a, scale_a), rope=rope)
+    y = y + attention.apply({"params": block["cross_attn"]}, _layer_norm(y), txt, kv_lengths=lengths)
+    mlp = block["mlp"]
+    hidden = jax.nn.gelu(modulate(y, shift_m, scale_m) @ mlp["fc1"]["kernel"] + mlp["fc1"]["bias"], approximate=True)
+    y = y + gate_m * (hidden @ mlp["fc2"]["kernel"] + mlp["fc2"]["bias"])
+    final = params["final_layer"]
+    (shift, scale), modulate = _adaln(final["modulation"], cond, 2)
+    return y, modulate(x2, shift, scale) @ final["proj"]["kernel"] + final["proj"]["bias"]
+
+
+def test_a_block_and_the_final_layer_compute_adaln_zero():
+    """Trained-like weights against a reference written from the parameters: each branch sees the norm of the
+    stream shifted and scaled by its own modulation (x (1 + scale) + shift), the branch's output is gated, and the
+    final layer modulates before its projection. (At init every gate is 0, so only such weights tell.)"""
+    x, t, text, lengths, pooled = _inputs(8, SHAPES[1])
+    capture = jax.jit(functools.partial(dit.VideoDiT(CFG).apply, capture_intermediates=True))
+    out, state = capture(_trained(), x, t, text, lengths, pooled)
+    inter = state["intermediates"]
+    cond = inter["time_embed"]["__call__"][0] + inter["pooled_embed"]["__call__"][0]  # (B, 1, D)
+    (x1, txt), _ = inter["blocks_0"]["__call__"][0]
+    (x2, _), _ = inter["blocks_1"]["__call__"][0]
+    positions = np.broadcast_to(patches.patch_positions((3, 2, 4)), (2, 24, 3))
+    block, tokens = _adaln_zero_reference(_trained()["params"], cond, x1, txt, lengths, positions, x2)
+    np.testing.assert_allclose(x2, block, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(inter["final_layer"]["__call__"][0], tokens, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out, patches.unpatchify(tokens, CFG.patch, x.shape[1:4]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
