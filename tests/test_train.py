@@ -74,6 +74,13 @@ def test_weight_decay_reaches_kernels_only_whatever_their_rank():
         assert decayed and all(path.endswith("['kernel']") for path in decayed)
         assert len(decayed) == sum(jax.tree_util.keystr(path).endswith("['kernel']") for path, _ in flat)
         assert "['blocks']['self_attn']['query']['bias']" not in decayed  # (layers, heads, head_dim)
+    # ...and the optimizer applies it: one zero-gradient step decays kernels by lr * wd, nothing else.
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}, "norm": {"scale": jnp.ones((2,))}}
+    tx, _ = make_optimizer(optim(lr=0.1, schedule="constant", warmup_steps=0, weight_decay=0.5, grad_clip=None), 10)
+    stepped = optax.apply_updates(params, tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)[0])
+    np.testing.assert_allclose(stepped["dense"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(stepped["dense"]["bias"], 1.0)
+    np.testing.assert_array_equal(stepped["norm"]["scale"], 1.0)
 
 
 def test_side_by_side_networks_are_clipped_apart():
@@ -109,6 +116,15 @@ def test_a_network_switched_on_later_is_untouched_until_then_and_starts_adam_afr
         else:  # Adam's bias-corrected first step is lr * sign(g), plus decoupled decay lr * wd * p
             np.testing.assert_allclose(disc_move, -lr * (1.0 + 0.1 * 1.0), rtol=1e-4)
         assert float(np.abs(p["vae"]["kernel"] - before["vae"]["kernel"]).min()) > 0  # the VAE trains throughout
+    # Its learning rate is the run's at that update, not its own schedule from 0: switched on at update 5 of a
+    # 10-update warm-up to 0.1, its first step is 0.05 (warming up again from 0 it would not move at all).
+    config = optim(lr=0.1, warmup_steps=10, schedule="constant", weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=None)
+    tx, _ = make_optimizer(config, 100, networks={"vae": 0, "disc": 5})
+    state, p = tx.init(params), params
+    for step in range(6):
+        updates, state = tx.update(grads, state, p)
+        before, p = p, optax.apply_updates(p, updates)
+    np.testing.assert_allclose(p["disc"]["kernel"] - before["disc"]["kernel"], -0.05, rtol=1e-3)
 
 
 def test_optimizer_state_has_one_shape_whatever_a_resume_may_change():
