@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first clip; clip j of a prompt uses seed + j")
     parser.add_argument("--num", type=int, default=1, help="clips per prompt")
-    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video (.gif: 0.0016 to "
+    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video (.gif: 0.00153 to "
                         "50, .mp4: 0.0001 to 10^6, .webm: 0.0001 to 1000)")
     parser.add_argument("--grid", help="also write one image with every frame (a row per clip)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

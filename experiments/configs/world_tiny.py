@@ -10,7 +10,7 @@ and used for evaluation. Commands (CPU, from the repo root):
 
 Outputs land in ``workdir/world_tiny/{vae,dit}`` (checkpoints, metrics.jsonl,
 TensorBoard, sample gifs) and the exported model in ``workdir/world_tiny/export``.
-Override any field: ``--config.vae_train.steps=100``.
+Override any field: ``--config.vae_train.steps=200`` (the warmup is 100 steps).
 
 Measured on this project's 2-core CPU with nothing else running (one device,
 ``python experiments/bundle_world_tiny.py``): the VAE stage took 3.9 min and the

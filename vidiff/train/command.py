@@ -11,7 +11,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, choices=("vae", "dit"), help="which network to train")
     parser.add_argument("--mesh", default=None, help="replaces the config's mesh sizes: a preset (dp, fsdp, "
                         "fsdp_tensor, fsdp_context), 'd,f,t,c' sizes or 'fsdp=4,context=2'")
-    parser.epilog = "Override any config field with --config.<path>=<value>, e.g. --config.vae_train.steps=100."
+    parser.epilog = "Override any config field with --config.<path>=<value>, e.g. --config.vae_train.steps=200."
 
 
 def run(args) -> int:
