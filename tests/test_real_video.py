@@ -79,7 +79,7 @@ def test_config_loads_validates_and_holds_out_a_time_range_of_every_video():
         assert row["end"] <= vio.probe(Path(config.data.video_dir) / row["path"]).duration + 1e-6
 
 
-def test_eval_clips_come_from_the_held_out_ranges_and_training_never_reads_them():
+def test_eval_clips_come_from_the_held_out_ranges_and_training_never_reads_them(tmp_path):
     config = _config()
     held_out = _rows(config, "eval")
     clips = validation_clips(config)  # what VAETask.evaluate scores
@@ -119,6 +119,17 @@ def test_eval_clips_come_from_the_held_out_ranges_and_training_never_reads_them(
     with pytest.raises(ValueError, match=r"^eval.split='eval' but data.array_record_path='/shards/train-\*"
                                          r".array_record' names shard files, which have no splits"):
         check_eval_split(shards)
+    # A prepare folder's eval clips shorter than eval.num_frames: every one would be skipped at the first
+    # evaluation, after training, under a message about buckets and max_bad_fraction.
+    from vidiff.data.prepare import prepare_shards
+
+    prepare_shards(config.data.video_dir, config.data.manifest["eval"], tmp_path, size=SIZE, frames=3, split="eval")
+    folder = [*SMALL, "--config.data.source=array_record", f"--config.data.array_record_path={tmp_path}"]
+    with pytest.raises(ValueError, match=r"^eval.num_frames=9 but the 'eval' shards hold 3-frame clips; set "
+                                         r"eval.num_frames=3 \(or prepare longer clips\)$"):
+        check_eval_split(config_lib.for_stage(config_lib.load_config(REAL_TINY, folder), "vae"))
+    check_eval_split(config_lib.for_stage(config_lib.load_config(REAL_TINY, [*folder, "--config.eval.num_frames=3"]),
+                                          "vae"))
 
     seen = set()
     for _, record in zip(range(12), record_stream(config.data.to_dict())):  # three epochs of the 4 training rows

@@ -142,11 +142,11 @@ def _check_vae_shapes(config, variables: dict, directory: Path) -> None:
 PREPARED_KEYS = ("latents", "text_embedding", "text_mask", "text_pooled")
 
 
-def _first_prepared_record(config):
-    """The first decodable training record of the ``array_record`` shards, or None (no records: the loop says so)."""
+def _first_prepared_record(config, split: str = "train"):
+    """The first decodable record of a split of the ``array_record`` shards, or None (no records: the loop says so)."""
     from vidiff.data.sources import ArrayRecordSource, array_record_paths
 
-    source = ArrayRecordSource(array_record_paths(config.data.array_record_path, "train"))
+    source = ArrayRecordSource(array_record_paths(config.data.array_record_path, split))
     for index in range(min(len(source), 8)):  # a corrupt first entry is a Skip: look a little further
         record = source[index]
         if isinstance(record, dict):
@@ -305,6 +305,11 @@ def check_eval_split(config) -> None:
                              f"files, which have no splits; point it at the `vidiff prepare` folder holding "
                              f"{split}-*.array_record shards, {fix}")
         array_record_paths(data.array_record_path, split, "data.array_record_path")  # that folder has the split
+        record = _first_prepared_record(config, split)
+        frames = (config.get("eval") or {}).get("num_frames") or data.num_frames
+        if record is not None and len(record["video"]) < frames:  # every clip would be skipped as too short
+            raise ValueError(f"eval.num_frames={frames} but the {split!r} shards hold {len(record['video'])}-frame "
+                             f"clips; set eval.num_frames={len(record['video'])} (or prepare longer clips)")
 
 
 def check_finite_params(state, model: str, step: int, checkpoints: Path) -> None:
