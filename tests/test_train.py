@@ -200,6 +200,12 @@ def test_accumulated_step_is_one_update_on_the_whole_batch():
         for got, want in ((state.params, results[0][0].params), (state.ema_params, results[0][0].ema_params),
                           (metrics, results[0][1])):
             jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
+    # Each micro-batch draws with its own key: the noise of one is not repeated in the others.
+    draws = lambda p, batch, rng, frozen, step: (
+        jnp.mean(p["b"]), {"u": jax.random.uniform(rng), "u2": jax.random.uniform(rng) ** 2})
+    state, _ = create_state(init, tx, seed=0, mesh=mesh)
+    _, drawn = jax.jit(make_train_step(draws, tx, ema_decay=0.9, accumulate=4))(state, batch, {})
+    assert float(drawn["u2"]) - float(drawn["u"]) ** 2 > 1e-3  # their variance over the 4 micro-batches
     assert float(schedule(2)) == pytest.approx(1e-3)  # warmup over optimizer updates
     split = micro_batches({"i": jnp.arange(6)}, 3)["i"]
     np.testing.assert_array_equal(split, [[0, 3], [1, 4], [2, 5]])  # interleaved: each device keeps its rows
@@ -600,6 +606,12 @@ def test_train_step_ema_warms_up_and_bad_steps_keep_the_last_good_state():
     state, metrics = step(state, {"target": jnp.array([jnp.nan, 0.0])}, {})
     assert int(state.skipped) == 1 and int(state.first_bad_step) == 1 and int(state.step) == 2
     np.testing.assert_allclose(state.params["w"], 1.0)  # the bad step changed nothing
+    # A finite loss whose gradient is not (sqrt's at 0) is skipped too; the first bad step stays the one named.
+    grad_bad = lambda p, batch, rng, frozen, step: (jnp.sum(jnp.sqrt(jnp.abs(p["w"] - 1.0))), {})
+    state, metrics = jax.jit(make_train_step(grad_bad, tx, ema_decay=0.999))(state, {}, {})
+    assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+    assert int(state.skipped) == 2 and int(state.first_bad_step) == 1 and int(state.step) == 3
+    np.testing.assert_allclose(state.params["w"], 1.0)
 
 
 def test_a_loss_counts_updates_as_the_optimizer_does_not_skipped_steps():
