@@ -35,6 +35,8 @@ def test_mode_mixture_follows_probabilities_and_images_are_never_conditioned():
     assert abs(masks[:, 0].mean() - 0.5) < 0.03 and masks[:, 1:].sum() == 0
     assert np.asarray(sample_condition_masks(jax.random.key(1), 8, 1, {"first_frame": 1.0})).sum() == 0
     assert np.allclose(mode_probabilities(None), [1, 0, 0, 0, 0, 0])
+    sparse = np.asarray(sample_condition_masks(jax.random.key(2), 1000, 5, {"random": 1.0}, random_frame_rate=0.2))
+    assert 0.17 < sparse.mean() < 0.23  # random_frame_rate sets how many frames the random mode knows
 
 
 def test_bad_modes_fail_with_the_field_name():
