@@ -87,6 +87,11 @@ def test_ground_truth_clips_score_perfectly_and_wrong_ones_do_not(tmp_path):
     # Mirrored clips keep colour and shape but reverse the motion: the scorer notices.
     flipped = adherence.evaluate(lambda prompts, seed: render(prompts, seed)[:, ::-1], cases)
     assert flipped["accuracy"] == {"color": 1.0, "shape": 1.0, "direction": 0.0, "all": 0.0}
+    # A direction the scorer cannot check (None) is left out of the rate, not counted wrong.
+    row = lambda direction: {"labels": {"color": "red"}, "correct": {"color": True, "shape": True,
+                                                                      "direction": direction, "all": direction}}
+    assert adherence.summarize([row(True), row(None)])["accuracy"] == {"color": 1.0, "shape": 1.0,
+                                                                        "direction": 1.0, "all": 1.0}
     path = adherence.write_json(summary, tmp_path / "out" / "adherence.json")
     assert json.loads(path.read_text())["accuracy"]["all"] == 1.0
 
