@@ -453,6 +453,9 @@ def test_latent_stats_normalize_to_unit_variance(tiny, clip):
     batches = [clip, smooth_video(jax.random.key(9), clip.shape)]
     shift, scale = compute_latent_stats(vae, variables, batches)
     assert shift.shape == scale.shape == (4,)
+    # With a key the stats are those of posterior samples (what training sees), wider than the means'.
+    sampled_shift, sampled_scale = compute_latent_stats(vae, variables, batches, key=jax.random.key(5))
+    assert np.all(np.asarray(sampled_scale) > np.asarray(scale)) and not np.allclose(sampled_shift, shift)
     variables = set_latent_stats(variables, shift, scale)
     z = jnp.concatenate([jitted(vae, "encode")(variables, b).mean for b in batches])
     normalized = vae.apply(variables, z, method=vae.normalize)
