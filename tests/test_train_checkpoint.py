@@ -6,6 +6,7 @@ a 4-float state for the retention policy.
 import functools
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import jax
@@ -73,6 +74,20 @@ def test_a_checkpoint_without_metrics_is_only_kept_while_recent(tmp_path):
         checkpointer.save(step, _small(step), metrics={"loss": float(step)})
     checkpointer.close()
     assert _steps_on_disk(tmp_path) == [2, 4]  # the best (2) and the latest (4); 1 is gone
+
+
+def test_an_incomplete_folder_names_the_newest_complete_one_to_resume_from(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=5, keep_best=0)
+    for step in (1, 2):
+        checkpointer.save(step, _small(step))
+    checkpointer.close()
+    shutil.rmtree(tmp_path / "2" / "state")  # step 2 was cut short too
+    (tmp_path / "3").mkdir()
+    reopened = Checkpointer(tmp_path, keep=5, keep_best=0)
+    with pytest.raises(ValueError, match=r"^checkpoint .*3 is incomplete \(no state: .*delete that folder to "
+                                         r"resume from step 1$"):
+        reopened.check_complete(3, items=("state",))
+    reopened.close()
 
 
 # --------------------------------------------------------------------------- a real (tiny) train state
