@@ -163,6 +163,8 @@ def test_skip_ledger_counts_logs_and_limits(caplog, tmp_path):
     with pytest.raises(ValueError, match=r"^50.0% of records were bad \(2 of 4: not_video=2\), above the limit max_bad_fraction=0.4;.*raise data.max_bad_fraction$"):
         ledger.check(0.4, field="data.max_bad_fraction")
     ledger.check(0.4, field="data.max_bad_fraction", min_records=5)  # too few records to judge yet
+    with pytest.raises(ValueError, match=r"^50.0% of records were bad"):  # judged from min_records on
+        ledger.check(0.4, field="data.max_bad_fraction", min_records=4)
     # Cross-process aggregation: a copy (as a worker gets) starts at zero and writes its own file.
     shared = skips.SkipLedger(tmp_path)
     shared.skip(skips.Skip("corrupt", "b.mp4"))
