@@ -105,13 +105,14 @@ def test_a_damaged_record_is_named_by_its_own_shard_and_place(real_shards, tmp_p
 
     data = encode_record(make_record(np.zeros((2, 8, 8, 3), np.uint8), "a cat", 8.0, "x"), frame_format="png")
     paths = [str(tmp_path / f"train-0000{i}-of-00002.array_record") for i in range(2)]
-    for path, entries in zip(paths, ([data, data], [data, data.replace(b'"caption"', b'"caxtion"', 1)])):
+    for path, entries in zip(paths, ([data, data], [b"garbage", data.replace(b'"caption"', b'"caxtion"', 1)])):
         writer = ArrayRecordWriter(path, "group_size:1")
         for entry in entries:
             writer.write(entry)
         writer.close()
     source = ArrayRecordSource(paths)
-    assert [type(source[i]).__name__ for i in range(3)] == ["dict"] * 3
+    assert [type(source[i]).__name__ for i in range(2)] == ["dict"] * 2
+    assert source[2].key == f"{paths[1]} record 0"  # a shard's first record, not the last of the shard before
     skip = source[3]
     assert skip.reason == "corrupt_record" and skip.key == f"{paths[1]} record 1"
     assert skip.detail == "damaged record (KeyError: 'caption')"
