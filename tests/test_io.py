@@ -257,6 +257,9 @@ def test_fps_upsampling_keeps_the_last_source_frames_span(tmp_path):
     assert counters(up) == resample_indices(24, 8.0, 24.0).tolist()
     assert counters(up)[-3:] == [23, 23, 23]
     assert counters(io.read_video(path, fps=24, start=1.0, end=2.0)[0]) == [8 + (k + 1) // 3 for k in range(23)] + [15]
+    # A start inside a frame's span (frame 8 covers 0.9375-1.0625 s) begins with that frame, resampled or not.
+    assert counters(io.read_video(path, start=1.05, max_frames=3)[0]) == [8, 9, 10]
+    assert counters(io.read_video(path, fps=8, start=1.05, max_frames=3)[0]) == [8, 9, 10]
 
 
 def test_a_raw_h264_stream_without_timestamps_reads_windows_and_resamples(tmp_path):
