@@ -12,9 +12,6 @@ line that names the field and the fix.
 """
 from __future__ import annotations
 
-import ast
-import dataclasses
-import difflib
 import importlib.util
 import re
 import traceback
@@ -23,20 +20,15 @@ from typing import Sequence
 
 import ml_collections
 
+from vidiff.train.overrides import apply_overrides, keep_overridden, stage_override_warnings
+
 MODELS = ("vae", "dit")
-# Fields that take an int or a (height, width) pair, whatever the config file's default is: data.size, also
-# as a stage's own override (vae_train.data.size). Matched by path, so another section's `size` keeps its type.
-_INT_OR_PAIR = (".data.size",)
 ON_NONFINITE = ("stop", "skip")
 # <model>_train.init_on: the names of vidiff.train.state.INIT_ON (this module stays free of jax).
 INIT_ON_NAMES = ("auto", "host", "device")
 # The data fields that say where records are, and the data.source that reads each.
 SOURCE_FIELDS = {"manifest": "folder", "video_dir": "folder", "array_record_path": "array_record",
                  "tfds_name": "tfds", "tfds_data_dir": "tfds"}
-# apply_overrides notes {dotted path: value} here, an attribute of the ConfigDict and not a field (no checkpoint
-# or export records it), so warnings_for can say when a stage's own data replaces an override of data.
-_OVERRIDDEN = "_vidiff_overridden"
-
 
 def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Import ``path``, call its ``get_config()`` and apply ``overrides`` (``--config.a.b=v`` or ``a.b=v``)."""
@@ -87,77 +79,6 @@ class _config_errors:
                          f"fix the config file") from None
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """Set ``a.b.c=value`` entries in place, refusing unknown paths and wrong types."""
-    for item in overrides:
-        text = item[len("--config."):] if item.startswith("--config.") else item.lstrip("-")
-        if "=" not in text:
-            raise ValueError(f"override {item!r} needs the form --config.field=value")
-        dotted, raw = text.split("=", 1)
-        parent, _, leaf = dotted.rpartition(".")
-        node, sections = config, [p for p in parent.split(".") if p]
-        for depth, part in enumerate([*sections, leaf]):
-            if node is None:  # an optional section left unset can only be given whole
-                where = ".".join(sections[:depth])
-                raise ValueError(f"override {item!r}: {where} is None, not a section; set it whole, e.g. "
-                                 f"--config.{where}=\"{{'{part}': ...}}\"")
-            if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
-                raise ValueError(f"override {item!r}: config has no field {dotted!r}"
-                                 f"{_did_you_mean(config, node, [*sections, leaf], depth)}")
-            node = node[part] if depth < len(sections) else node
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        old = node[leaf]
-        if isinstance(old, ml_collections.ConfigDict) and value is not None:
-            # A dict would replace the section's fields with the few it names; the command line sets fields.
-            raise ValueError(f"override {item!r}: {dotted} is a section; the command line cannot replace a whole "
-                             f"section, set its fields one by one (--config.{dotted}.<field>=...)")
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        sequences = (list, tuple)
-        int_or_pair = f".{dotted}".endswith(_INT_OR_PAIR) and all(isinstance(v, (int, *sequences)) for v in (old, value))
-        if isinstance(value, bool) and isinstance(old, int) and not isinstance(old, bool):  # True is an int too
-            raise ValueError(f"override {item!r}: {dotted} is an int, got bool")
-        if old is not None and value is not None and not isinstance(value, type(old)) and not (
-            isinstance(old, sequences) and isinstance(value, sequences)
-        ) and not int_or_pair:
-            raise ValueError(f"override {item!r}: {dotted} is a {type(old).__name__}, got {type(value).__name__}")
-        with node.ignore_type():
-            node[leaf] = value
-        object.__setattr__(config, _OVERRIDDEN, {**overridden(config), dotted: value})
-    return config
-
-
-def overridden(config) -> dict:
-    """``{dotted path: value}`` of the overrides ``apply_overrides`` set on ``config`` (kept by ``for_stage``)."""
-    return getattr(config, _OVERRIDDEN, {})
-
-
-def _did_you_mean(config, node, parts: list[str], depth: int) -> str:
-    """What the user likely meant by ``parts``, missing at ``parts[depth]``: a model field the config file does not
-    set (``dit.overrides.patch``), or a typo's neighbour whose whole path exists (``vae_train.steps``); else ``""``."""
-    if depth == 2 and parts[1] == "overrides" and parts[0] in ("vae", "dit"):
-        from vidiff.models.dit import DiTConfig
-        from vidiff.models.vae import VAEConfig
-
-        model = {"vae": VAEConfig, "dit": DiTConfig}[parts[0]]
-        if parts[2] in {f.name for f in dataclasses.fields(model)}:
-            return (f"; {parts[2]} is a {model.__name__} field this config file does not set, and the command "
-                    f"line changes only the fields a config sets: add it to {parts[0]}.overrides in the config file")
-    if not isinstance(node, (ml_collections.ConfigDict, dict)):
-        return ""
-    for close in difflib.get_close_matches(parts[depth], [str(k) for k in node], n=3):
-        guess, found = [*parts[:depth], close, *parts[depth + 1:]], config
-        for part in guess:
-            found = found.get(part) if isinstance(found, (ml_collections.ConfigDict, dict)) and part in found \
-                else _MISSING
-        if found is not _MISSING:
-            return f"; did you mean {'.'.join(guess)}?"
-    return ""
-
-
 def train_stage(steps: int, lr: float, **fields) -> ml_collections.ConfigDict:
     """A ``<model>_train`` section with every field the loop reads, so any can be overridden on the command
     line: AdamW at peak ``lr`` with a cosine schedule over ``steps`` (warmup ``min(100, steps // 10)``), EMA,
@@ -198,9 +119,7 @@ def for_stage(config, model: str) -> ml_collections.ConfigDict:
     The VAE, being convolutional and causal, can train on shorter clips than
     the DiT generates; each stage says so without a second config file.
     """
-    noted = overridden(config)
-    config = config.copy_and_resolve_references()
-    object.__setattr__(config, _OVERRIDDEN, noted)  # an attribute, which the copy would drop
+    config = keep_overridden(config, config.copy_and_resolve_references())
     overrides = config[f"{model}_train"].get("data")
     if overrides:
         unknown = sorted(set(overrides) - set(config.data))
@@ -371,44 +290,13 @@ def warnings_for(config, model: str) -> list[str]:
     if int(stage.optim.warmup_steps) >= int(stage.steps):
         out.append(f"warning: {model}_train.optim.warmup_steps={stage.optim.warmup_steps} >= {model}_train.steps="
                    f"{stage.steps}: the learning rate never reaches optim.lr={stage.optim.lr:g}")
-    for path, value in overridden(config).items():
-        if not path.startswith("data."):
-            continue
-        replaced = {name: _lookup(config[f"{name}_train"].get("data"), path.removeprefix("data."))
-                    for name in MODELS if f"{name}_train" in config}
-        mine = replaced.get(model, _MISSING)
-        if mine is _MISSING or _same(mine, value):
-            continue
-        line = f"warning: the override {path}={value!r} does not reach the {model} stage: {model}_train.{path}={mine!r}"
-        # One list of overrides for both stages is how the notebooks train: then it is meant for the other one.
-        readers = [name for name, r in replaced.items() if name != model and r is _MISSING]
-        out.append(f"{line} replaces it (the {' and '.join(readers)} stage reads it)" if readers else
-                   f"{line} replaces it; override {model}_train.{path} instead")
+    out += stage_override_warnings(config, model)
     source = config.data.get("source")
     for field, reader in SOURCE_FIELDS.items():
         if config.data.get(field) not in (None, "") and source != reader and source in SOURCE_FIELDS.values():
             out.append(f"warning: data.{field} is set but data.source={source!r} does not read it "
                        f"(data.source={reader!r} does)")
     return out
-
-
-_MISSING = object()
-
-
-def _same(a, b) -> bool:
-    """Equal as config values: a tuple and a list of the same items are (the file writes one, JSON the other)."""
-    plain = lambda v: [plain(x) for x in v] if isinstance(v, (list, tuple)) else v  # noqa: E731
-    return plain(a) == plain(b)
-
-
-def _lookup(tree, dotted: str):
-    """The value at ``dotted`` in nested dicts ``tree``, or ``_MISSING``; a dict there is merged key by key
-    (``for_stage``), not a replacement, so it counts as missing."""
-    for part in dotted.split("."):
-        if not isinstance(tree, (ml_collections.ConfigDict, dict)) or part not in tree:
-            return _MISSING
-        tree = tree[part]
-    return _MISSING if isinstance(tree, (ml_collections.ConfigDict, dict)) else tree
 
 
 def _flatten(tree, prefix: str = "") -> dict:
