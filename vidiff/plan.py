@@ -196,7 +196,7 @@ def _dit_step(config, cfg, mesh, batch, latent, text_dim):
     from vidiff import parallel
     from vidiff.diffusion import resolve_shift
     from vidiff.models.dit import VideoDiT, init_params
-    from vidiff.train.tasks import dit_flow_loss, vae_from_config
+    from vidiff.train.tasks import dit_flow_loss, latents_in_step, vae_from_config
 
     dit = VideoDiT(cfg)
     shift = resolve_shift(config.flow.shift, latent, cfg.patch)
@@ -212,16 +212,12 @@ def _dit_step(config, cfg, mesh, batch, latent, text_dim):
                                    variables)}, {"vae": jax.tree.map(lambda _: replicated, variables)})
     if config.dit_train.get("latents", "on_the_fly") == "on_the_fly":
         shapes["video"] = ((batch, 1 + tf * (latent[0] - 1), latent[1] * sf, latent[2] * sf, 3), np.uint8)
-
-        def latents_of(b, rng, vae_variables):
-            video = b["video"].astype(np.float32) / 127.5 - 1.0
-            return jax.lax.stop_gradient(vae.apply(vae_variables, video, rng, method=vae.encode_normalized))
     else:
         shapes["latents"] = ((batch, *latent, cfg.latent_channels), np.float32)
 
-    def loss_fn(params, b, rng, frozen_inputs, step):
+    def loss_fn(params, b, rng, frozen_inputs, step):  # DiTTask.loss_fn, without the task's loaded VAE
         key_vae, key_flow = jax.random.split(rng)
-        x0 = b["latents"] if "latents" in b else latents_of(b, key_vae, frozen_inputs["vae"])
+        x0 = b["latents"] if "latents" in b else latents_in_step(vae, frozen_inputs["vae"], b["video"], key_vae)
         return dit_flow_loss(dit, params, x0, b, key_flow, config.flow, shift)
 
     return functools.partial(init_params, cfg), loss_fn, _abstract_batch(shapes, mesh), frozen

@@ -294,8 +294,7 @@ class DiTTask(Task):
         return self.text.captions_truncated
 
     def latents(self, frozen, video, rng):
-        video = video.astype(jnp.float32) / 127.5 - 1.0
-        return jax.lax.stop_gradient(self.vae.apply(frozen["vae"], video, rng, method=self.vae.encode_normalized))
+        return latents_in_step(self.vae, frozen["vae"], video, rng)
 
     def loss_fn(self, params, batch, rng, frozen, step):
         key_vae, key_flow = jax.random.split(rng)
@@ -364,6 +363,12 @@ def generate(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
     vae_vars = task.frozen["vae"]
     video = compiled(task.vae, "decode_normalized")(vae_vars, z)
     return io.to_uint8(video)
+
+
+def latents_in_step(vae, variables, video, rng):
+    """uint8 clips -> normalised latents sampled from the posterior, inside a jitted train step (``on_the_fly``)."""
+    video = video.astype(jnp.float32) / 127.5 - 1.0
+    return jax.lax.stop_gradient(vae.apply(variables, video, rng, method=vae.encode_normalized))
 
 
 def encode_latents(vae, variables, video):
