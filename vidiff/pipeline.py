@@ -276,7 +276,7 @@ class TextToVideo:
         if num_frames is None:
             num_frames = max([n for n in loops(self.train_frames) if n < self.train_frames] or [loops(tf)[0]])
         num_frames = whole_number(num_frames, "num_frames")
-        if num_frames < max(tf, 2) or num_frames % tf or (num_frames // tf + 2) % pt:
+        if num_frames not in loops(num_frames):
             near = sorted(sorted(loops(num_frames), key=lambda n: abs(n - num_frames))[:2])
             rule = f"{tf}m frames" + (f" with m + 2 divisible by {pt}" if pt > 1 else "")
             raise ValueError(f"a loop of num_frames={num_frames} cannot be made: loop lengths are {rule} (the frame "

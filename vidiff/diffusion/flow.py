@@ -118,9 +118,9 @@ def flow_loss(
     x_t = noise_latents(clean, eps, t)
     weight = jnp.ones(x0.shape[:2], jnp.float32)
     if known_frames is not None:
-        weight = 1.0 - known_frames.astype(jnp.float32)
-        known = 1.0 - weight[:, :, None, None, None]
-        x_t = known * clean + (1.0 - known) * x_t
+        known = known_frames.astype(jnp.float32)
+        x_t = known[:, :, None, None, None] * clean + (1.0 - known[:, :, None, None, None]) * x_t
+        weight = 1.0 - known
     v = velocity_fn(x_t.astype(x0.dtype), t)
     per_frame = jnp.mean(jnp.square(v.astype(jnp.float32) - velocity_target(clean, eps)), axis=(2, 3, 4))
     per_sample = jnp.sum(per_frame * weight, axis=1) / jnp.maximum(jnp.sum(weight, axis=1), 1.0)

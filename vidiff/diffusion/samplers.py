@@ -134,7 +134,7 @@ def sample(
     # bfloat16 neighbouring times near t = 1 round to one value (a zero step that makes DPM++'s ratio r = 0),
     # and a bfloat16 state rounds small steps away (200 Euler steps drift 0.15 from the float32 path).
     # The model still sees latents of the caller's dtype; the result is cast back to it at the end.
-    ts = timestep_schedule(steps, shift, t_start).astype(jnp.float32)
+    ts = timestep_schedule(steps, shift, t_start)
     dtype = x_start.dtype
     _check_known_frames(x_start.shape, known_latents, known_mask, tie)
     batch = x_start.shape[0]

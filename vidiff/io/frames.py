@@ -77,7 +77,8 @@ def _values_hint(x: np.ndarray) -> str | None:
     if x.dtype == np.uint8:
         return None
     if (x.dtype.kind == "f" or "float" in x.dtype.name) and x.size:  # bfloat16's kind is "V" (ml_dtypes)
-        low, high = float(np.nanmin(x.astype(np.float32))), float(np.nanmax(x.astype(np.float32)))
+        values = x.astype(np.float32)
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
         if 0.0 <= low and high <= 1.0:
             return "(x * 255).round().astype(np.uint8) (values in [0, 1])"
         if -1.0 <= low and high <= 1.0:

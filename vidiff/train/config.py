@@ -30,6 +30,7 @@ INIT_ON_NAMES = ("auto", "host", "device")
 SOURCE_FIELDS = {"manifest": "folder", "video_dir": "folder", "array_record_path": "array_record",
                  "tfds_name": "tfds", "tfds_data_dir": "tfds"}
 
+
 def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Import ``path``, call its ``get_config()`` and apply ``overrides`` (``--config.a.b=v`` or ``a.b=v``)."""
     path = Path(path)

@@ -119,7 +119,6 @@ def _stages(config) -> list[str]:
     return [key.removesuffix("_train") for key in config if str(key).endswith("_train")]
 
 
-
 def _same(a, b) -> bool:
     """Equal as config values: a tuple and a list of the same items are (the file writes one, JSON the other)."""
     plain = lambda v: [plain(x) for x in v] if isinstance(v, (list, tuple)) else v  # noqa: E731

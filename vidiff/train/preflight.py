@@ -280,10 +280,10 @@ def check_data_lasts(pipeline, config, model: str) -> None:
 
 def check_eval_split(config) -> None:
     """One line when ``eval.split`` names a split the data cannot select: validation would score training clips."""
-    data = config.data
+    data, evaluation = config.data, config.get("eval") or {}
     if not config.vae_train.get("eval_every", 0) or data.source in ("world", "tfds"):
         return
-    split = (config.get("eval") or {}).get("split", "eval")
+    split = evaluation.get("split", "eval")
     if data.source == "folder" and hasattr(data.manifest, "keys"):
         if split not in data.manifest:  # found at the first evaluation, after eval_every steps of training
             raise ValueError(f"eval.split={split!r} but data.manifest has no {split!r} entry (it has "
@@ -296,17 +296,14 @@ def check_eval_split(config) -> None:
         raise ValueError(f"eval.split={split!r} but data.manifest={data.manifest!r} is one manifest, which has no "
                          f"splits; give data.manifest={{'train': ..., {split!r}: ...}}, {fix}")
     if data.source == "array_record":
-        from vidiff.data.sources import array_record_paths
-
         specs = [data.array_record_path] if isinstance(data.array_record_path, (str, Path)) else \
             list(data.array_record_path or [])
         if not specs or not all(Path(str(one)).is_dir() for one in specs):
             raise ValueError(f"eval.split={split!r} but data.array_record_path={data.array_record_path!r} names shard "
                              f"files, which have no splits; point it at the `vidiff prepare` folder holding "
                              f"{split}-*.array_record shards, {fix}")
-        array_record_paths(data.array_record_path, split, "data.array_record_path")  # that folder has the split
-        record = _first_prepared_record(config, split)
-        frames = (config.get("eval") or {}).get("num_frames") or data.num_frames
+        record = _first_prepared_record(config, split)  # (no such split in that folder: a one-line error)
+        frames = evaluation.get("num_frames") or data.num_frames
         if record is not None and len(record["video"]) < frames:  # every clip would be skipped as too short
             raise ValueError(f"eval.num_frames={frames} but the {split!r} shards hold {len(record['video'])}-frame "
                              f"clips; set eval.num_frames={len(record['video'])} (or prepare longer clips)")
