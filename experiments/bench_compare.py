@@ -310,7 +310,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peer-forward-cmd", help="command prefix for the peer forward (default: this file's helper)")
     p.add_argument("--vidiff-cmd", help="command prefix for vidiff's run (default: python experiments/bench_dit.py)")
     p.add_argument("--vidiff-extra", default="", help="extra bench_dit.py flags, e.g. '--scan'")
-    # vidiff.models.dit.REMAT_POLICIES, less "none" (this file imports no jax).
+    # vidiff.models.remat.REMAT_POLICIES that recompute blocks (this file imports no jax).
     p.add_argument("--vidiff-remat", default="attention", choices=("block", "attention", "dots"),
                    help="vidiff's remat policy where a config trains with remat (default attention)")
     p.add_argument("--vidiff-update", default="full", choices=("full", "adamw"),

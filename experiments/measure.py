@@ -172,7 +172,7 @@ def cudnn_attention_kernels(hlo_text: str) -> dict[str, int]:
     """cuDNN fused-attention calls in compiled HLO, forward and backward (a scanned body counts once).
 
     A training step under remat ``block`` runs twice as many forward kernels as under ``none``;
-    ``attention`` and ``dots`` must run as many as ``none`` (``vidiff.models.dit.REMAT_POLICIES``)."""
+    ``norms``, ``attention`` and ``dots`` must run as many as ``none`` (``vidiff.models.remat.REMAT_POLICIES``)."""
     targets = re.findall(r'custom_call_target="(' + re.escape(CUDNN_ATTENTION_MARKER) + r'[^"]*)"', hlo_text)
     backward = sum("Backward" in target for target in targets)
     return {"forward": len(targets) - backward, "backward": backward}

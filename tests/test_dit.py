@@ -284,7 +284,8 @@ def test_init_params_gives_one_network_in_either_layout_named_as_a_direct_init(t
 def test_remat_policies_give_identical_values_and_gradients():
     args = _inputs(6, SHAPES[0])
     results = {}
-    for policy, scan in (("none", False), ("block", False), ("attention", False), ("dots", False), ("dots", True)):
+    for policy, scan in (("none", False), ("norms", False), ("block", False), ("attention", False), ("dots", False),
+                         ("dots", True)):
         model = dit.VideoDiT(dataclasses.replace(CFG, remat_policy=policy, scan_blocks=scan))
         params = {"params": _stack_blocks(_trained()["params"], CFG.depth)} if scan else _trained()
         loss = lambda p: jnp.mean(jnp.square(model.apply(p, *args)))  # noqa: E731
@@ -292,7 +293,7 @@ def test_remat_policies_give_identical_values_and_gradients():
         if scan:  # back to the unscanned layout to compare
             grads = {"params": with_block_layout(grads["params"], CFG)}
         results[policy, scan] = (value, grads)
-    for key in (("block", False), ("attention", False), ("dots", False), ("dots", True)):
+    for key in (("norms", False), ("block", False), ("attention", False), ("dots", False), ("dots", True)):
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                                results[key], results["none", False])
 
@@ -311,7 +312,7 @@ def test_remat_policies_keep_the_flash_attention_kernels_outputs(monkeypatch, sc
     monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
     args = _inputs(6, SHAPES[0])
     counts = {}
-    for policy in ("none", "block", "attention", "dots"):
+    for policy in ("none", "norms", "block", "attention", "dots"):
         model = dit.VideoDiT(dataclasses.replace(CFG, remat_policy=policy, scan_blocks=scan, dtype="bfloat16",
                                                  attention_impl="cudnn"))
         params = jax.eval_shape(model.init, jax.random.key(0), *args)
@@ -319,8 +320,24 @@ def test_remat_policies_keep_the_flash_attention_kernels_outputs(monkeypatch, sc
         cuda = grad.trace(params).lower(lowering_platforms=("cuda",)).as_text()
         counts[policy] = (cuda.count("@__cudnn$fmhaSoftmax("), cuda.count("@__cudnn$fmhaSoftmaxBackward("))
     kernels = 2 if scan else 2 * CFG.depth  # self- and cross-attention per block; a scanned body holds one block
-    assert counts == {"none": (kernels, kernels), "block": (2 * kernels, kernels), "attention": (kernels, kernels),
-                      "dots": (kernels, kernels)}
+    assert counts == {"none": (kernels, kernels), "norms": (kernels, kernels), "block": (2 * kernels, kernels),
+                      "attention": (kernels, kernels), "dots": (kernels, kernels)}
+
+
+def test_remat_norms_keeps_the_norms_inputs_instead_of_their_float32_copies():
+    """Remat ``norms`` (no block remat): under bfloat16 compute, backward keeps each norm's bfloat16 input
+    where ``none`` keeps float32 copies and statistics; every other residual is the same."""
+    args = _inputs(6, SHAPES[0])
+    saved = {}
+    for policy in ("none", "norms"):
+        model = dit.VideoDiT(dataclasses.replace(CFG, remat_policy=policy, dtype="bfloat16"))
+        _, backward = jax.vjp(lambda p: model.apply(p, *args), _trained())  # noqa: B023
+        leaves = [leaf for leaf in jax.tree.leaves(backward) if leaf.ndim >= 2]
+        saved[policy] = {dtype: sum(leaf.nbytes for leaf in leaves if leaf.dtype == dtype)
+                         for dtype in (jnp.float32, jnp.bfloat16)}
+    # Per block (cross mode): 3 layer norms and 4 q/k norms, each saving two float32 copies of its input.
+    assert saved["norms"][jnp.float32] < saved["none"][jnp.float32] / 2, saved
+    assert sum(saved["norms"].values()) < sum(saved["none"].values()), saved
 
 
 def test_bfloat16_compute_is_close_to_float32():

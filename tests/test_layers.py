@@ -37,3 +37,23 @@ def test_norms_modulation_and_embeddings():
     tv = te.init(jax.random.key(0), jnp.zeros((2, 3)))
     assert te.apply(tv, jnp.zeros((2, 3))).shape == (2, 3, 16)
     assert tv["params"]["fc1"]["kernel"].names == ("freq", "mlp")
+
+
+def test_recomputed_norms_keep_only_their_input_for_backward_and_give_the_same_gradients():
+    """``recompute=True`` (the DiT's remat ``norms``, the VAE's channel norm): backward keeps the bfloat16
+    input alone, where autodiff keeps two float32 copies of it and the statistics."""
+    x = jax.random.normal(jax.random.key(0), (64, 128), jnp.bfloat16) * 3 + 1
+    cotangent = jax.random.normal(jax.random.key(1), (64, 128), jnp.float32)
+    for norm in (layers.layer_norm, layers.rms_normalize):
+        saved, grads = {}, {}
+        for recompute in (False, True):
+            out, backward = jax.vjp(lambda v: norm(v, recompute=recompute), x)  # noqa: B023
+            saved[recompute] = sorted((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(backward))
+            grads[recompute] = backward(cotangent)[0]
+            np.testing.assert_array_equal(out, norm(x))
+        assert saved[True] == [((64, 128), "bfloat16")], norm
+        assert saved[False].count(((64, 128), "float32")) == 2, (norm, saved[False])
+        np.testing.assert_array_equal(grads[True], grads[False])
+    variables = layers.RMSNorm().init(jax.random.key(2), x)
+    np.testing.assert_array_equal(layers.RMSNorm(recompute=True).apply(variables, x),
+                                  layers.RMSNorm().apply(variables, x))

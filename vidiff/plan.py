@@ -45,7 +45,7 @@ def add_arguments(parser) -> None:
                         "each a latent of square frames (vidiff.models.patches.latent_shape_for_tokens: 4096 -> "
                         "16x32x32 with patch 1,2,2); default: the config's clip")
     parser.add_argument("--remat", default=None,
-                        help="comma-separated DiT remat policies (none, block, attention, dots)")
+                        help="comma-separated DiT remat policies (none, norms, block, attention, dots)")
     parser.add_argument("--preset", default=None, help="DiT preset (tiny ... XL, 1.5B) instead of the config's "
                         "preset and overrides")
     parser.add_argument("--attention", default=None, help="DiT attention_impl: xla, cudnn, chunked, ring, ulysses "

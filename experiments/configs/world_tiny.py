@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     # model ignored the direction word: "moving left" and "moving right" gave the same clip (direction 38%
     # after 1,000 steps; (1, 2, 2): 100%). normalize_text: MiniLM's unit-norm pooled vector otherwise
     # enters adaLN at RMS 0.05. attention_impl "ring" / "ulysses" splits attention over mesh.context;
-    # remat_policy "block" / "attention" / "dots".
+    # remat_policy "norms" / "block" / "attention" / "dots".
     c.dit = dict(preset="tiny", overrides=dict(depth=4, width=128, heads=4, patch=(1, 2, 2), abs_pos_embed=True,
                                                normalize_text=True, attention_impl=None, remat_policy="none"))
     # A fixed shift of 3 (sampling uses the same): 17 frames of one object are so redundant that the

@@ -121,7 +121,7 @@ def attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segme
                                        scale=head_dim ** -0.5)[..., :head_dim]
     if impl == "cudnn":  # remat policies keep the kernel's own outputs (flash_attention_saveable); a named copy
         return out  # would be a second residual, stacked separately in scanned blocks
-    # Named so remat policies can keep attention outputs (see vidiff.models.dit.REMAT_POLICIES).
+    # Named so remat policies can keep attention outputs (see vidiff.models.remat.REMAT_POLICIES).
     return checkpoint_name(out, "attention")
 
 
@@ -198,6 +198,7 @@ class Attention(nn.Module):
     zero_out: bool = False
     implementation: str | None = None
     pad_head_dim: int | None = None  # see attention(): the size the kernel sees heads at
+    recompute_norms: bool = False  # q/k norms rerun in backward (layers.rms_normalize)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -209,8 +210,9 @@ class Attention(nn.Module):
         q = ToHeads(self.heads, self.head_dim, name="query", **kw)(x)
         k = ToHeads(self.heads, self.head_dim, name="key", **kw)(source)
         v = ToHeads(self.heads, self.head_dim, name="value", **kw)(source)
-        q = RMSNorm(param_dtype=self.param_dtype, name="query_norm")(q)
-        k = RMSNorm(param_dtype=self.param_dtype, name="key_norm")(k)
+        norm_kw = dict(param_dtype=self.param_dtype, recompute=self.recompute_norms)
+        q = RMSNorm(name="query_norm", **norm_kw)(q)
+        k = RMSNorm(name="key_norm", **norm_kw)(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids,
@@ -232,6 +234,7 @@ class JointAttention(nn.Module):
     head_dim: int
     implementation: str | None = None
     pad_head_dim: int | None = None
+    recompute_norms: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -243,8 +246,9 @@ class JointAttention(nn.Module):
         def project(y, prefix):
             q, k, v = (ToHeads(self.heads, self.head_dim, name=f"{prefix}_{n}", **kw)(y)
                        for n in ("query", "key", "value"))
-            q = RMSNorm(param_dtype=self.param_dtype, name=f"{prefix}_query_norm")(q)
-            k = RMSNorm(param_dtype=self.param_dtype, name=f"{prefix}_key_norm")(k)
+            norm_kw = dict(param_dtype=self.param_dtype, recompute=self.recompute_norms)
+            q = RMSNorm(name=f"{prefix}_query_norm", **norm_kw)(q)
+            k = RMSNorm(name=f"{prefix}_key_norm", **norm_kw)(k)
             return q, k, v
 
         (qx, kx, vx), (qt, kt, vt) = project(x, "video"), project(txt, "text")

@@ -1,4 +1,4 @@
-"""Spacetime diffusion transformer: config and presets, model FLOPs, DiT blocks, VideoDiT.
+"""Spacetime diffusion transformer: config and presets, model FLOPs, DiT blocks, VideoDiT (remat: ``remat.py``).
 
 Latents ``(B, t, h, w, c)`` (plus optional conditioning-frame channels) are cut into
 spacetime patches ``(pt, ph, pw)`` (:mod:`vidiff.models.patches`) and embedded as
@@ -29,8 +29,7 @@ import numpy as np
 from flax import linen as nn
 
 from vidiff.models import context_attention  # noqa: F401  (registers "ulysses", "ring" and "chunked" attention_impl)
-from vidiff.models.attention import (Attention, JointAttention, flash_attention_saveable, local_attention_impl,
-                                     resolve_attention_impl)
+from vidiff.models.attention import Attention, JointAttention, local_attention_impl, resolve_attention_impl
 from vidiff.models.block_layout import LAYERS_AXIS, with_block_layout
 from vidiff.models.dit_inputs import (  # noqa: F401  (concat_conditioning, dummy_inputs: part of the DiT's API)
     check_token_inputs, concat_conditioning, dummy_inputs, text_mask_and_lengths,
@@ -39,23 +38,11 @@ from vidiff.models.layers import (Mlp, Modulation, ProjectionMLP, TimestepEmbedd
                                   rms_normalize)
 from vidiff.models.patches import patch_positions, patchify, unpatchify
 from vidiff.models.presets import from_preset
+from vidiff.models.remat import REMAT_POLICIES, recomputes_norms, remat_block
 from vidiff.models.rope import rope_3d, rope_axis_dims, sincos_3d
 
 VIDEO_AXES = ("batch", "length", "act_embed")
 TEXT_AXES = ("batch", "text_length", "act_embed")
-_KEEP_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.save_only_these_names("attention"), flash_attention_saveable)
-REMAT_POLICIES = {
-    "none": None,
-    "block": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in backward, as the peer does
-    # Recompute the block but not attention: the flash kernel's output and softmax statistics are kept (linear in
-    # the tokens), so backward reruns projections, norms and MLP but not the T^2 forward kernel (XLA attention,
-    # which has no statistics to keep, still recomputes its probabilities).
-    "attention": _KEEP_ATTENTION,
-    # Also keep projection/MLP matmul outputs; recompute only norms, modulation, GELU.
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +75,7 @@ class DiTConfig:
     # flash kernel built for that size may beat the one it rounds the true size up to (XL's 72). 'xla' and
     # 'cudnn' (or None) only. experiments/bench_attention.py --pad-head-dim measures the candidates.
     attention_head_pad: int = 0
-    remat_policy: str = "none"  # "none" | "block" | "attention" | "dots" (REMAT_POLICIES)
+    remat_policy: str = "none"  # "none" | "norms" | "block" | "attention" | "dots" (REMAT_POLICIES)
     # nn.scan over blocks: one compiled block (XL: ~3x faster compile), params get a leading 'layers' axis.
     # Scanned blocks keep every residual, so pair scan with remat for big models.
     scan_blocks: bool = False
@@ -220,10 +207,11 @@ class DiTBlock(nn.Module):
         x = nn.with_logical_constraint(x, VIDEO_AXES)
         dt = cfg.compute_dtype
         kw = dict(dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype))
+        recompute = recomputes_norms(cfg.remat_policy)
         attn_kw = dict(heads=cfg.heads, head_dim=cfg.head_dim, implementation=cfg.attention_impl,
-                       pad_head_dim=cfg.attention_head_pad or None, **kw)
+                       pad_head_dim=cfg.attention_head_pad or None, recompute_norms=recompute, **kw)
         hidden = int(cfg.width * cfg.mlp_ratio)
-        norm = functools.partial(layer_norm, dtype=dt)
+        norm = functools.partial(layer_norm, dtype=dt, recompute=recompute)
         mod = Modulation(6, cfg.width, name="modulation", **kw)(ctx["cond"])
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = _per_token(mod, ctx["clip_index"], 6)
 
@@ -264,7 +252,7 @@ class FinalLayer(nn.Module):
         dt = cfg.compute_dtype
         kw = dict(dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype))
         shift, scale = _per_token(Modulation(2, cfg.width, name="modulation", **kw)(cond), clip_index, 2)
-        y = modulate(layer_norm(x, dtype=dt), shift, scale)
+        y = modulate(layer_norm(x, dtype=dt, recompute=recomputes_norms(cfg.remat_policy)), shift, scale)
         out_features = math.prod(cfg.patch) * cfg.latent_channels
         return dense(out_features, ("embed", "patch"), zero_init=True, name="proj", **kw)(y)
 
@@ -281,12 +269,7 @@ class VideoDiT(nn.Module):
         self.time_embed = TimestepEmbedder(cfg.width, **kw)
         self.pooled_embed = ProjectionMLP(cfg.width, **kw)
         self.text_embed = ProjectionMLP(cfg.width, **kw)
-        block = DiTBlock
-        if cfg.remat_policy != "none":
-            # A scan's loop already keeps XLA from merging the recomputation with the forward; straight-line
-            # code (unscanned, or the loop unrolled whole) needs the barrier.
-            looped = cfg.scan_blocks and cfg.scan_unroll < cfg.depth
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not looped)
+        block = remat_block(DiTBlock, cfg.remat_policy, looped=cfg.scan_blocks and cfg.scan_unroll < cfg.depth)
         if cfg.scan_blocks:
             self.blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                                   in_axes=(nn.broadcast,), length=cfg.depth, unroll=min(cfg.scan_unroll, cfg.depth),

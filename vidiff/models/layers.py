@@ -8,6 +8,7 @@ in the module's compute ``dtype``. Attention lives in
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -42,6 +43,7 @@ class RMSNorm(nn.Module):
     names: tuple[str, ...] = ("head_dim",)
     eps: float = 1e-6
     param_dtype: Dtype = jnp.float32
+    recompute: bool = False  # see rms_normalize
 
     @nn.compact
     def __call__(self, x):
@@ -49,19 +51,27 @@ class RMSNorm(nn.Module):
             "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), self.names),
             (x.shape[-1],), self.param_dtype,
         )
-        return (rms_normalize(x, self.eps) * scale.astype(jnp.float32)).astype(x.dtype)
+        return (rms_normalize(x, self.eps, recompute=self.recompute) * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rms_normalize(x, eps: float = 1e-6):
-    """RMS normalisation over the last axis without parameters, in float32."""
+def rms_normalize(x, eps: float = 1e-6, *, recompute: bool = False):
+    """RMS normalisation over the last axis without parameters, in float32.
+
+    ``recompute``: backward reruns the norm from ``x`` instead of keeping what autodiff saves, 3-4
+    float32 copies of ``x`` (the upcast, its square, the product): a bfloat16 input's memory several
+    times over, for one elementwise pass more."""
+    if recompute:
+        return jax.checkpoint(functools.partial(rms_normalize, eps=eps))(x)
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
-def layer_norm(x, eps: float = 1e-6, dtype=None):
+def layer_norm(x, eps: float = 1e-6, dtype=None, *, recompute: bool = False):
     """LayerNorm without affine parameters (adaLN supplies shift and scale); statistics in float32,
-    output in ``dtype`` (default float32). Backward keeps float32 ``x - mean`` whatever ``dtype``: only
-    a remat policy that recomputes the norm (all but ``none``) frees it."""
+    output in ``dtype`` (default float32). Backward keeps float32 ``x - mean`` and its square whatever
+    ``dtype``, unless ``recompute`` (as :func:`rms_normalize`) or a remat policy reruns the norm."""
+    if recompute:
+        return jax.checkpoint(functools.partial(layer_norm, eps=eps, dtype=dtype))(x)
     x = x.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
