@@ -199,27 +199,28 @@ def data_ends(out_path: str, ckpt_root: str) -> None:
     import jax
     import ml_collections
 
-    from vidiff.train import loop
     from vidiff.train.checkpoint import Checkpointer
+    from vidiff.train.preflight import DataExhaustedError
+    from vidiff.train.stopping import next_batch
 
     index = jax.process_index()
     batches = iter([{"id": np.array([f"batch {i} of process {index}"], object)} for i in range(2 - index)])
     config = ml_collections.ConfigDict(dict(data=dict(num_epochs=1)))
     stage = ml_collections.ConfigDict(dict(steps=5))
     checkpointer = Checkpointer(Path(ckpt_root) / "finite", keep=1, keep_best=0)
-    first = str(loop._next_batch(batches, 0, stage, "dit", checkpointer, None, config)["id"][0])
+    first = str(next_batch(batches, 0, stage, "dit", checkpointer, None, config)["id"][0])
     try:
-        second = str(loop._next_batch(batches, 1, stage, "dit", checkpointer, None, config)["id"][0])
-    except loop.DataExhaustedError as error:
+        second = str(next_batch(batches, 1, stage, "dit", checkpointer, None, config)["id"][0])
+    except DataExhaustedError as error:
         second = str(error)
 
     clips = [np.zeros((1, 2, 4, 4, 3), np.uint8), np.zeros((1, 2 - index, 4, 4, 3), np.uint8)]
     batches = iter([{"video": video, "caption": np.array(["a"], object)} for video in clips])
     config = ml_collections.ConfigDict(dict(data=dict(num_epochs=None, buckets=["2x4x4", "1x4x4"])))
     checkpointer = Checkpointer(Path(ckpt_root) / "buckets", keep=1, keep_best=0)
-    same_bucket = str(loop._next_batch(batches, 0, stage, "dit", checkpointer, None, config)["video"].shape)
+    same_bucket = str(next_batch(batches, 0, stage, "dit", checkpointer, None, config)["video"].shape)
     try:
-        other_bucket = loop._next_batch(batches, 1, stage, "dit", checkpointer, None, config)
+        other_bucket = next_batch(batches, 1, stage, "dit", checkpointer, None, config)
     except ValueError as error:
         other_bucket = str(error)
     Path(out_path).write_text(json.dumps(dict(first=first, second=second, same_bucket=same_bucket,

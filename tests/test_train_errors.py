@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from vidiff.train import config as config_lib
-from vidiff.train import loop, preflight, tasks
+from vidiff.train import loop, preflight, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer
+from vidiff.train.preflight import DataExhaustedError, NonFiniteError
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_TINY = REPO / "experiments" / "configs" / "world_tiny.py"
@@ -252,16 +253,16 @@ def test_a_resumed_run_stops_at_its_own_non_finite_steps_not_at_its_checkpoints(
     def check(skipped, first_bad_step, skipped_before, start, policy="stop"):
         state = types.SimpleNamespace(skipped=jnp.asarray(skipped), first_bad_step=jnp.asarray(first_bad_step))
         stage = types.SimpleNamespace(on_nonfinite=policy)
-        loop._stop_if_nonfinite(state, stage=stage, model="vae", checkpointer=Checkpointer(),
-                                skipped_before=skipped_before, start=start)
+        stopping.stop_if_nonfinite(state, stage=stage, model="vae", checkpointer=Checkpointer(),
+                                   skipped_before=skipped_before, start=start)
 
     check(1, 41, skipped_before=1, start=200)  # the checkpoint's own skipped step: carries on
     check(3, 41, skipped_before=1, start=200, policy="skip")
-    with pytest.raises(loop.NonFiniteError, match=r"^non-finite loss or gradient at a step after 200 \(the run "
-                                                  r"resumed with earlier skips\); stopped. The last good checkpoint "
-                                                  r"\(200\) is intact; set vae_train.on_nonfinite='skip'"):
+    with pytest.raises(NonFiniteError, match=r"^non-finite loss or gradient at a step after 200 \(the run "
+                                             r"resumed with earlier skips\); stopped. The last good checkpoint "
+                                             r"\(200\) is intact; set vae_train.on_nonfinite='skip'"):
         check(2, 41, skipped_before=1, start=200)
-    with pytest.raises(loop.NonFiniteError, match=r"^non-finite loss or gradient at step 5; stopped"):
+    with pytest.raises(NonFiniteError, match=r"^non-finite loss or gradient at step 5; stopped"):
         check(1, 4, skipped_before=0, start=0)
 
 
@@ -270,7 +271,7 @@ def test_non_finite_final_parameters_are_not_exported(tmp_path):
     bad = _state({"w": jnp.array([1.0, jnp.nan, 2.0])})
     with pytest.raises(ValueError) as info:  # a ValueError: `vidiff train` prints it in one line
         preflight.check_finite_params(bad, "vae", 5, tmp_path)
-    assert isinstance(info.value, loop.NonFiniteError)
+    assert isinstance(info.value, NonFiniteError)
     assert str(info.value) == (
         f"vae parameters are not finite after step 5; 3 non-finite steps were skipped, the first at step 2; nothing "
         f"exported. Lower vae_train.optim.lr (or set optim.grad_clip) and train again from a new workdir or an "
@@ -327,8 +328,8 @@ def test_data_without_records_fails_before_compiling():
     config = _config("--config.data.num_frames=1", "--config.data.size=16", "--config.data.batch_size=2")
     for epochs in (None, 2):  # 0 records x 2 epochs: the same line, not "runs out after 0 steps"
         config.data.num_epochs = epochs
-        with pytest.raises(loop.DataExhaustedError, match=r"the data has no records \(data.source='world' with "
-                                                          r"data.world.length=default\); point data at a non-empty"):
+        with pytest.raises(DataExhaustedError, match=r"the data has no records \(data.source='world' with "
+                                                     r"data.world.length=default\); point data at a non-empty"):
             preflight.check_data_lasts(make_pipeline(config.data, source=[]), config, "vae")
 
 
@@ -340,8 +341,8 @@ def test_data_counts_are_exact_or_an_upper_bound(tmp_path):
     config.data.world = {"length": 7}
     preflight.check_data_lasts(make_pipeline(config.data), config, "vae")  # 21 records: 5 batches of 4
     config.vae_train.steps = 6
-    with pytest.raises(loop.DataExhaustedError, match=r"data runs out after 5 steps \(7 records, data.num_epochs=3, "
-                                                      r"batch 4\) but vae_train.steps=6"):
+    with pytest.raises(DataExhaustedError, match=r"data runs out after 5 steps \(7 records, data.num_epochs=3, "
+                                                 r"batch 4\) but vae_train.steps=6"):
         preflight.check_data_lasts(make_pipeline(config.data), config, "vae")
     config.data.num_epochs = None  # repeats forever: never refused
     preflight.check_data_lasts(make_pipeline(config.data), config, "vae")
@@ -354,8 +355,8 @@ def test_data_running_out_mid_run_waits_for_saves_and_names_the_step(tmp_path):
     checkpointer.save(2, {"w": jnp.ones(1000)})  # asynchronous: still in flight when the data ends
     stage = ml_collections.ConfigDict({"steps": 20})
     config = _config("--config.data.num_epochs=1")
-    with pytest.raises(loop.DataExhaustedError) as info:
-        loop._next_batch(iter([]), 3, stage, "vae", checkpointer, None, config)
+    with pytest.raises(DataExhaustedError) as info:
+        stopping.next_batch(iter([]), 3, stage, "vae", checkpointer, None, config)
     assert str(info.value) == ("data ran out after step 3 of vae_train.steps=20 (0 records read; data.num_epochs=1); "
                                "checkpoint 2 is intact; set data.num_epochs=None or vae_train.steps<=3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2"]  # committed, no *.orbax-checkpoint-tmp left
@@ -370,8 +371,8 @@ def test_a_run_whose_data_ends_early_stops_in_one_line(tmp_path, monkeypatch):
         f"--config.workdir={tmp_path / 'w'}", "--config.data.num_epochs=1", "--config.data.size=16",
         "--config.vae_train.data.batch_size=8", "--config.vae_train.steps=4", "--config.vae_train.ckpt_every=1",
         "--config.vae_train.log_every=1"])
-    with pytest.raises(loop.DataExhaustedError, match=r"data ran out after step 2 of vae_train.steps=4 \(16 records "
-                                                      r"read; data.num_epochs=1\); checkpoint 2 is intact"):
+    with pytest.raises(DataExhaustedError, match=r"data ran out after step 2 of vae_train.steps=4 \(16 records "
+                                                 r"read; data.num_epochs=1\); checkpoint 2 is intact"):
         loop.train(config, "vae", log=lambda *a: None)
     assert sorted(p.name for p in (tmp_path / "w" / "vae" / "checkpoints").iterdir()) == ["1", "2"]
     assert not (tmp_path / "w" / "export").exists()

@@ -6,7 +6,8 @@ the latest checkpoint in ``<workdir>/<model>/checkpoints`` if there is one, and
 then runs the jitted step. Every ``log_every`` steps it writes metrics (JSONL +
 TensorBoard) and checks for non-finite steps; every ``ckpt_every`` steps it
 saves asynchronously (state + data iterator + config). SIGTERM / SIGINT save a
-checkpoint and exit cleanly with a message naming it. Running the same command
+checkpoint and exit cleanly with a message naming it (how a run stops early:
+:mod:`vidiff.train.stopping`). Running the same command
 again after any kill resumes exactly: same data order, same per-step RNG.
 
 Multi-host: the loop starts ``jax.distributed`` first (``vidiff.distributed``, from
@@ -38,10 +39,8 @@ import dataclasses
 import functools
 import json
 import math
-import signal
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -51,51 +50,13 @@ from tqdm import tqdm
 
 from vidiff import distributed, parallel
 from vidiff.models.export import DIT_VAE
-from vidiff.train import preflight, tasks
+from vidiff.train import preflight, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer, read_config
 from vidiff.train.config import config_changes, for_stage, name_stage_fields, validate, warnings_for
 from vidiff.train.metrics import LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
-from vidiff.train.preflight import DataExhaustedError, NonFiniteError
 from vidiff.train.profile import StepProfiler
 from vidiff.train.state import INIT_ON, abstract_state, create_state, jit_train_step, make_train_step
-
-
-class _StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps.
-
-    With several processes a signal seen by one alone would leave the others waiting in a
-    collective, so there the flag comes from jax's preemption sync point instead, which
-    every process reaches at the same step.
-    """
-
-    def __init__(self):
-        self.signal_name = None
-        self._previous = {}
-        self._multi = jax.process_count() > 1
-
-    def __enter__(self):
-        for sig in () if self._multi else (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-
-    def requested(self, step: int) -> bool:
-        if self._multi and self.signal_name is None:
-            from jax.experimental import multihost_utils
-
-            try:
-                if multihost_utils.reached_preemption_sync_point(step):
-                    self.signal_name = "SIGTERM"
-            except RuntimeError:  # no preemption service (processes not started by jax.distributed)
-                self._multi = False
-        return self.signal_name is not None
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def stage_config(config, model: str):
@@ -182,8 +143,8 @@ def train(config, model: str, *, log=print) -> dict:
                                                           run.mesh, run.iterator)
     state, start = run.state, run.start
     # The steps a resumed checkpoint skipped (under on_nonfinite='skip') were its run's: this one stops at new ones.
-    stop_if_nonfinite = functools.partial(_stop_if_nonfinite, stage=stage, model=model, checkpointer=checkpointer,
-                                          skipped_before=int(state.skipped), start=start)
+    stop_if_nonfinite = functools.partial(stopping.stop_if_nonfinite, stage=stage, model=model,
+                                          checkpointer=checkpointer, skipped_before=int(state.skipped), start=start)
     cache_message = task.load_cache(workdir)  # host-side caches a checkpoint left (the DiT's latents)
     if cache_message:
         log(cache_message)
@@ -217,11 +178,11 @@ def train(config, model: str, *, log=print) -> dict:
         window.pause(time.perf_counter() - began)
 
     try:  # whatever ends the loop, pending asynchronous saves finish before the process does
-        with _StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
+        with stopping.StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
             step = start
             while step < stage.steps:
                 with profiler.step(step + 1):
-                    raw = _next_batch(iterator, step, stage, model, checkpointer, run.ledger, config)
+                    raw = stopping.next_batch(iterator, step, stage, model, checkpointer, run.ledger, config)
                     batch = task.device_batch(raw, mesh)  # host work (text encoder) stays off the mesh
                     with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
                         state, metrics = step_fn(state, batch, task.frozen)
@@ -262,7 +223,7 @@ def train(config, model: str, *, log=print) -> dict:
                **_finalize(task, state, run.config_json, tasks.export_dir(config))}
     if profiler.traced:
         summary["profile"] = str(profiler.directory)
-    skips = _skip_totals(run.ledger)
+    skips = stopping.skip_totals(run.ledger)
     summary.update(final_step=step, final_loss=last_loss if math.isfinite(last_loss) else None,
                    skipped=int(state.skipped), skipped_steps=int(state.skipped),
                    skipped_records_total=skips["bad"], skipped_records=skips["skipped"],
@@ -276,81 +237,10 @@ def _log_row(writer, window, state, step: int, run: _Run) -> float:
     window.reset(step)
     skipped = int(state.skipped)  # skipped steps left the optimizer's (and schedule's) count behind
     scalars.update(lr=float(run.schedule(max(step - skipped - 1, 0))), skipped=skipped, skipped_steps=skipped,
-                   skipped_records_total=_skip_totals(run.ledger)["bad"],
+                   skipped_records_total=stopping.skip_totals(run.ledger)["bad"],
                    captions_truncated=run.task.captions_truncated)
     writer.write(step, scalars)
     return scalars["loss"]
-
-
-def _stop_if_nonfinite(state, *, stage, model: str, checkpointer, skipped_before: int, start: int) -> None:
-    """With ``on_nonfinite='stop'``, a non-finite step of this run (more than the ``skipped_before`` steps the
-    resumed checkpoint had skipped) ends it in one line."""
-    if stage.on_nonfinite != "stop" or int(state.skipped) <= skipped_before:
-        return
-    bad = int(state.first_bad_step)  # the first ever: a resumed checkpoint's own may come before this run's
-    where = f"step {bad + 1}" if bad >= start else f"a step after {start} (the run resumed with earlier skips)"
-    checkpointer.close()
-    raise NonFiniteError(
-        f"non-finite loss or gradient at {where}; stopped. The last good checkpoint "
-        f"({checkpointer.latest_step()}) is intact; set {model}_train.on_nonfinite='skip' to skip such steps"
-    )
-
-
-def _skip_totals(ledger) -> dict:
-    """The data's skip counts of every process (``SkipLedger.totals``); zeros without a ledger."""
-    return ledger.totals() if ledger is not None else {"seen": 0, "skipped": {}, "bad": 0}
-
-
-def _next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, config):
-    """The next host batch; a finite stream that ends before ``steps`` becomes one line naming the step.
-
-    With several processes and finite data or several buckets they agree at every step (one small
-    all-gather) on whether each still has a batch, and on its shape. A process whose share ran out first
-    (its records skipped more, or its buckets filled later) would otherwise exit alone and leave the others
-    waiting forever at the step's first collective; batches of different buckets cannot form one global
-    batch, so they fail in one line on every process.
-    """
-    try:
-        batch = next(iterator)
-    except StopIteration:
-        batch = None
-    ended = batch is None
-    buckets = config.data.get("buckets") or ()
-    if jax.process_count() > 1 and (config.data.num_epochs is not None or len(buckets) > 1):
-        rows = distributed.every_process([ended, *_batch_signature(batch)])
-        ended = bool(rows[:, 0].any())
-        if not ended and len({tuple(row[1:]) for row in rows}) > 1:
-            checkpointer.close()
-            shapes = ", ".join(f"process {i} {'x'.join(map(str, row[2:]))}" for i, row in enumerate(rows))
-            raise ValueError(
-                f"at step {step + 1} the processes' batches differ in shape (clips of frames x height x width: "
-                f"{shapes}): each clip's own shape picked its bucket among data.buckets={list(buckets)}; use one "
-                f"bucket (data.buckets=None), one process, or fixed-size shards from `vidiff prepare`")
-    if not ended:
-        return batch
-    # It ended here or on another process: every process stops at this same step.
-    checkpointer.close()  # pending saves land before the error ends the process
-    skips = _skip_totals(ledger)
-    skipped = (f", {skips['bad']} skipped: " + ", ".join(f"{k}={v}" for k, v in skips["skipped"].items())
-               if skips["bad"] else "")
-    latest = checkpointer.latest_step()
-    kept = f"checkpoint {latest} is intact" if latest else "no checkpoint was saved"
-    raise DataExhaustedError(
-        f"data ran out after step {step} of {model}_train.steps={stage.steps} ({skips['seen']} records read"
-        f"{skipped}; data.num_epochs={config.data.num_epochs}); {kept}; set data.num_epochs=None or "
-        f"{model}_train.steps<={step}"
-    )
-
-
-def _batch_signature(batch) -> list[int]:
-    """What every process's batch must share: a checksum of all its array shapes, then the clips' frames,
-    height and width (for the error message). Zeros for no batch."""
-    if batch is None:
-        return [0, 0, 0, 0]
-    shapes = sorted((key, tuple(np.shape(value))) for key, value in batch.items())
-    clips = batch["video"] if "video" in batch else batch.get("latents")
-    dims = [*np.shape(clips)[1:4], 0, 0, 0][:3] if clips is not None else [0, 0, 0]
-    return [zlib.crc32(repr(shapes).encode()) & 0x7FFFFFFF, *dims]  # int32, as the all-gather carries it
 
 
 # Config sections that shape the restored items: a change there is the likely cause of a failed restore.

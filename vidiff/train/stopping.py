@@ -1,0 +1,129 @@
+"""How a training run stops before its last step, each way with its own message.
+
+A signal: SIGTERM / SIGINT become a flag the loop checks between steps (with several processes, jax's
+preemption sync point, which every process reaches at the same step), and the loop saves and exits. A
+non-finite step under ``on_nonfinite='stop'``. Data that runs out (a finite stream, skipped records) and,
+with several processes, batches of different shapes: there the processes agree at every step on whether
+each still has a batch, and on its shape, so all of them stop at the same step in one line.
+``vidiff.train.loop`` calls these; the checks that can be made before compiling are in
+``vidiff.train.preflight``.
+"""
+from __future__ import annotations
+
+import signal
+import zlib
+
+import jax
+import numpy as np
+
+from vidiff import distributed
+from vidiff.train.preflight import DataExhaustedError, NonFiniteError
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps.
+
+    With several processes a signal seen by one alone would leave the others waiting in a
+    collective, so there the flag comes from jax's preemption sync point instead, which
+    every process reaches at the same step.
+    """
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+        self._multi = jax.process_count() > 1
+
+    def __enter__(self):
+        for sig in () if self._multi else (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self, step: int) -> bool:
+        if self._multi and self.signal_name is None:
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.signal_name = "SIGTERM"
+            except RuntimeError:  # no preemption service (processes not started by jax.distributed)
+                self._multi = False
+        return self.signal_name is not None
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+
+def stop_if_nonfinite(state, *, stage, model: str, checkpointer, skipped_before: int, start: int) -> None:
+    """With ``on_nonfinite='stop'``, a non-finite step of this run (more than the ``skipped_before`` steps the
+    resumed checkpoint had skipped) ends it in one line."""
+    if stage.on_nonfinite != "stop" or int(state.skipped) <= skipped_before:
+        return
+    bad = int(state.first_bad_step)  # the first ever: a resumed checkpoint's own may come before this run's
+    where = f"step {bad + 1}" if bad >= start else f"a step after {start} (the run resumed with earlier skips)"
+    checkpointer.close()
+    raise NonFiniteError(
+        f"non-finite loss or gradient at {where}; stopped. The last good checkpoint "
+        f"({checkpointer.latest_step()}) is intact; set {model}_train.on_nonfinite='skip' to skip such steps"
+    )
+
+
+def skip_totals(ledger) -> dict:
+    """The data's skip counts of every process (``SkipLedger.totals``); zeros without a ledger."""
+    return ledger.totals() if ledger is not None else {"seen": 0, "skipped": {}, "bad": 0}
+
+
+def next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, config):
+    """The next host batch; a finite stream that ends before ``steps`` becomes one line naming the step.
+
+    With several processes and finite data or several buckets they agree at every step (one small
+    all-gather) on whether each still has a batch, and on its shape. A process whose share ran out first
+    (its records skipped more, or its buckets filled later) would otherwise exit alone and leave the others
+    waiting forever at the step's first collective; batches of different buckets cannot form one global
+    batch, so they fail in one line on every process.
+    """
+    try:
+        batch = next(iterator)
+    except StopIteration:
+        batch = None
+    ended = batch is None
+    buckets = config.data.get("buckets") or ()
+    if jax.process_count() > 1 and (config.data.num_epochs is not None or len(buckets) > 1):
+        rows = distributed.every_process([ended, *_batch_signature(batch)])
+        ended = bool(rows[:, 0].any())
+        if not ended and len({tuple(row[1:]) for row in rows}) > 1:
+            checkpointer.close()
+            shapes = ", ".join(f"process {i} {'x'.join(map(str, row[2:]))}" for i, row in enumerate(rows))
+            raise ValueError(
+                f"at step {step + 1} the processes' batches differ in shape (clips of frames x height x width: "
+                f"{shapes}): each clip's own shape picked its bucket among data.buckets={list(buckets)}; use one "
+                f"bucket (data.buckets=None), one process, or fixed-size shards from `vidiff prepare`")
+    if not ended:
+        return batch
+    # It ended here or on another process: every process stops at this same step.
+    checkpointer.close()  # pending saves land before the error ends the process
+    skips = skip_totals(ledger)
+    skipped = (f", {skips['bad']} skipped: " + ", ".join(f"{k}={v}" for k, v in skips["skipped"].items())
+               if skips["bad"] else "")
+    latest = checkpointer.latest_step()
+    kept = f"checkpoint {latest} is intact" if latest else "no checkpoint was saved"
+    raise DataExhaustedError(
+        f"data ran out after step {step} of {model}_train.steps={stage.steps} ({skips['seen']} records read"
+        f"{skipped}; data.num_epochs={config.data.num_epochs}); {kept}; set data.num_epochs=None or "
+        f"{model}_train.steps<={step}"
+    )
+
+
+def _batch_signature(batch) -> list[int]:
+    """What every process's batch must share: a checksum of all its array shapes, then the clips' frames,
+    height and width (for the error message). Zeros for no batch."""
+    if batch is None:
+        return [0, 0, 0, 0]
+    shapes = sorted((key, tuple(np.shape(value))) for key, value in batch.items())
+    clips = batch["video"] if "video" in batch else batch.get("latents")
+    dims = [*np.shape(clips)[1:4], 0, 0, 0][:3] if clips is not None else [0, 0, 0]
+    return [zlib.crc32(repr(shapes).encode()) & 0x7FFFFFFF, *dims]  # int32, as the all-gather carries it
