@@ -32,7 +32,6 @@ does not divide evenly is padded with repeats of its last clip, then cropped.
 """
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from pathlib import Path
@@ -49,15 +48,12 @@ from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_
                                        pixel_count, sample_latents, sample_seeds, seeded_noise, text_context,
                                        positive_whole_number, whole_number)
 from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
-from vidiff.models.block_layout import with_block_layout
-from vidiff.models.dit import VideoDiT, dit_preset
-from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, vae_preset
-from vidiff.models.export import check_dit_vae, load_dit, load_vae, read_manifest, variable_shapes
+from vidiff.models.dit import VideoDiT
+from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked
+from vidiff.pipeline_load import load_export
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "world_tiny"
 DIRECTIONS = ("forward", "backward")
-REQUIRED_FIELDS = (("text", "encoder"), ("text", "max_length"), ("vae", "preset"), ("dit", "preset"), ("data", "size"),
-                   ("data", "num_frames"))
 
 
 class TextToVideo:
@@ -92,31 +88,7 @@ class TextToVideo:
                 raise FileNotFoundError(f"the bundled model is not installed at {BUNDLED}; pass a model directory "
                                         "exported by `vidiff train` (--checkpoint DIR)")
             directory = BUNDLED
-        directory = Path(directory)
-        manifest = read_manifest(directory)
-        if not manifest.get("dit") or not (directory / "dit.safetensors").is_file():
-            raise ValueError(f"{directory} holds no trained DiT (dit.safetensors); train one with "
-                             "`vidiff train --config ... --model dit`")
-        config = manifest.get("config") or {}
-        if missing := [f for f in REQUIRED_FIELDS if f[1] not in (config.get(f[0]) or {})]:
-            raise ValueError(f"{directory}/vidiff.json lacks config field(s) {', '.join('.'.join(f) for f in missing)}; "
-                             "re-export the model with vidiff train")
-        # The batch training encoded captions in: a caption's embedding never depends on what was encoded with it,
-        # up to the rounding of another batch shape (1e-6), which this avoids.
-        text = _text_encoder(config["text"]["encoder"], config["text"]["max_length"],
-                             int(config["text"].get("batch_size") or 1))
-        vae = VideoVAE(vae_preset(config["vae"]["preset"], **config["vae"].get("overrides", {})))
-        overrides = dict(config["dit"].get("overrides", {}))
-        if overrides.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
-            overrides["attention_impl"] = None  # how the DiT computes, not what it holds: auto where no cuDNN is
-        dit = VideoDiT(dit_preset(config["dit"]["preset"], **{
-            "text_dim": text.dim, "pooled_dim": text.pooled_dim, "latent_channels": vae.config.latent_channels,
-            **overrides, **({} if scan_blocks is None else {"scan_blocks": scan_blocks})}))
-        vae_variables = _fitting(load_vae(directory), vae, directory / "vae.safetensors")
-        check_dit_vae(directory, manifest)  # a DiT trained on another VAE's latents makes noise
-        dit_params = with_block_layout(load_dit(directory), dit.config)
-        dit_params = _fitting({"params": dit_params}, dit, directory / "dit.safetensors")["params"]
-        return cls(vae, vae_variables, dit, dit_params, text, config, directory, mesh)
+        return cls(**load_export(Path(directory), scan_blocks), mesh=mesh)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -391,22 +363,6 @@ class TextToVideo:
     def _shift(self, latent_shape) -> float:
         """The timestep shift training used, for this clip's token count when it is ``"auto"``."""
         return resolve_shift(self.config.get("flow", {}).get("shift", "auto"), latent_shape, self.dit.config.patch)
-
-
-@functools.lru_cache(maxsize=4)
-def _text_encoder(name: str, max_length: int, batch_size: int):
-    """Frozen encoders are shared between pipelines (reloading a checkpoint does not reload MiniLM)."""
-    from vidiff.models.text import text_encoder
-
-    return text_encoder(name, max_length=max_length, batch_size=batch_size)
-
-
-def _fitting(loaded: dict, module, path: Path) -> dict:
-    """``loaded`` if it has the shapes ``module`` initialises, else a one-line error (e.g. an older export)."""
-    if jax.tree.map(np.shape, loaded) != variable_shapes(module):
-        raise ValueError(f"{path} does not fit the model its vidiff.json describes (exported by another vidiff "
-                         "version?); re-export it with `vidiff train`")
-    return loaded
 
 
 def _context_latents(frames: int, direction: str, tf: int, most: int) -> int:
