@@ -13,7 +13,7 @@ times the same step with the peer's optimizer work instead: AdamW alone (no
 clipping, no EMA update, no non-finite guard), as the peer's fused AdamW; the
 EMA copy still sits in memory, untouched. Inputs are random normalised
 latents and random text embeddings (every text token valid, passed as
-lengths as the trainer does).
+lengths as the trainer does; ``bench_dit_inputs.py`` builds them, the config and the mesh).
 The forward times one jitted ``VideoDiT.apply`` (no gradient) at the same
 shapes, float32 parameters and the compute ``--dtype``, as sampling runs it.
 
@@ -63,7 +63,6 @@ trains.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -85,13 +84,13 @@ import ablations  # noqa: E402
 from measure import (compiled_memory_gib, cudnn_attention_kernels, dump_hlo, is_oom, peak_memory_gib,  # noqa: E402
                      profiled_runs, queued_run, queued_step_s, timed_compile, timed_runs,
                      waited_run)  # (experiments/ is the script's own folder)
+from bench_dit_inputs import (count_params, param_init, param_shapes, parse_ints, put_batch,  # noqa: E402
+                              random_batch, shapes_and_mesh, where_built)
 from vidiff import parallel  # noqa: E402
 from vidiff.diffusion import shift_for_tokens  # noqa: E402
-from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops, dit_preset, init_params  # noqa: E402
-from vidiff.models.patches import latent_shape_for_tokens, token_count  # noqa: E402
+from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops  # noqa: E402
 from vidiff.train.optimizer import make_optimizer  # noqa: E402
-from vidiff.train.state import (INIT_ON, build_sharded, create_state, host_init_pays, jit_train_step,  # noqa: E402
-                                 make_train_step)
+from vidiff.train.state import INIT_ON, build_sharded, create_state, jit_train_step, make_train_step  # noqa: E402
 from vidiff.train.tasks import dit_flow_loss  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -107,53 +106,6 @@ OPTIM = types.SimpleNamespace(lr=1e-4, schedule="constant", warmup_steps=0, end_
 FLOW = types.SimpleNamespace(timestep_sampler="logit_normal", weighting="none")
 EMA_DECAY = 0.9999
 UPDATES = ("full", "adamw")  # vidiff train's update; the peer's (AdamW only)
-
-
-# --------------------------------------------------------------------------- shapes
-
-
-def tokens_of(latent_shape, patch) -> int:
-    for axis, size, p in zip(("t", "h", "w"), latent_shape, patch):
-        if size % p:
-            raise ValueError(f"--latent-shape: {axis}={size} is not divisible by the patch {tuple(patch)}")
-    return token_count(latent_shape, patch)
-
-
-def parse_ints(text: str, count: int, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != count:
-        raise ValueError(f"{flag}: need {count} comma-separated integers, got {text!r}")
-    return values
-
-
-def build_config(args) -> DiTConfig:
-    overrides = dict(text_dim=args.text_dim, pooled_dim=args.text_dim, latent_channels=args.latent_channels,
-                     dtype=args.dtype, remat_policy=args.remat, scan_blocks=args.scan or args.scan_unroll > 1,
-                     scan_unroll=args.scan_unroll, attention_impl=None if args.attention == "auto" else args.attention,
-                     attention_head_pad=args.pad_head_dim, param_dtype=args.param_dtype)
-    for flag, field in (("dim", "width"), ("heads", "heads"), ("layers", "depth")):
-        if getattr(args, flag) is not None:
-            overrides[field] = getattr(args, flag)
-    return dit_preset(args.preset, **overrides)
-
-
-def random_batch(cfg: DiTConfig, batch: int, latent_shape, text_len: int, seed: int = 0) -> dict:
-    """Host arrays: normalised latents, text-encoder tokens (all valid, as lengths) and pooled text."""
-    rng = np.random.default_rng(seed)
-    return {
-        "latents": rng.standard_normal((batch, *latent_shape, cfg.latent_channels), np.float32),
-        "text_tokens": rng.standard_normal((batch, text_len, cfg.text_dim), np.float32),
-        "text_lengths": np.full((batch,), text_len, np.int32),
-        "pooled": rng.standard_normal((batch, cfg.pooled_dim), np.float32),
-    }
-
-
-def put_batch(host: dict, mesh) -> tuple[dict, dict]:
-    shardings = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in host.items()}
-    return {k: jax.device_put(v, shardings[k]) for k, v in host.items()}, shardings
 
 
 # --------------------------------------------------------------------------- records
@@ -195,30 +147,6 @@ def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> d
         backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
         jax_version=jax.__version__,
     )
-
-
-def where_built(args, cfg: DiTConfig) -> str:
-    """``--init-on``, with ``auto`` decided as ``vidiff train``'s ``init_on="auto"`` does (``host_init_pays``)."""
-    if args.init_on != "auto":
-        return args.init_on
-    return "host" if host_init_pays(param_init(cfg)) else "device"
-
-
-def param_init(cfg: DiTConfig):
-    """``init(key)`` -> the DiT's parameters (boxed with logical names), as ``vidiff train`` builds them."""
-    return functools.partial(init_params, cfg)
-
-
-def param_shapes(cfg: DiTConfig):
-    """The DiT's parameters as ``jax.ShapeDtypeStruct`` (nothing allocated)."""
-    return jax.eval_shape(param_init(cfg), jax.random.key(0))
-
-
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-
-
-# --------------------------------------------------------------------------- the two benchmarks
 
 
 def adamw_only_step(loss_fn, tx):
@@ -325,17 +253,7 @@ def bench_forward(args, cfg: DiTConfig, mesh, latent_shape, tokens: int):
 
 def run_modes(args) -> list[dict]:
     try:  # a flag the model, the shapes or the mesh cannot take is one line, before anything compiles
-        cfg = build_config(args)
-        if args.latent_shape:
-            latent_shape = parse_ints(args.latent_shape, 3, "--latent-shape")
-            tokens = tokens_of(latent_shape, cfg.patch)
-        else:
-            tokens = args.tokens
-            latent_shape = latent_shape_for_tokens(tokens, cfg.patch)
-        mesh = parallel.make_mesh(**dict(zip(parallel.MESH_AXES, args.mesh_sizes)))
-        dp = mesh.shape["data"] * mesh.shape["fsdp"]
-        if args.batch % dp:
-            raise ValueError(f"--batch: {args.batch} is not divisible by the data-parallel size data*fsdp={dp}")
+        cfg, mesh, latent_shape, tokens = shapes_and_mesh(args)
     except ValueError as error:
         raise SystemExit(f"bench_dit.py: {error}") from None
     benches = {"forward": bench_forward, "train": bench_train}

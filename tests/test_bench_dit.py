@@ -51,11 +51,12 @@ def test_bench_dit_forward_tiny():
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_bench_dit_param_dtype_is_every_weights_dtype(param_dtype):
     import bench_dit
+    import bench_dit_inputs
     import jax
     import numpy as np
 
-    cfg = bench_dit.build_config(bench_dit.parse_args(["--tiny", "--param-dtype", param_dtype]))
-    assert {np.dtype(x.dtype) for x in jax.tree.leaves(bench_dit.param_shapes(cfg))} == {np.dtype(param_dtype)}
+    cfg = bench_dit_inputs.build_config(bench_dit.parse_args(["--tiny", "--param-dtype", param_dtype]))
+    assert {np.dtype(x.dtype) for x in jax.tree.leaves(bench_dit_inputs.param_shapes(cfg))} == {np.dtype(param_dtype)}
 
 
 def test_bench_dit_says_when_its_program_came_from_the_compilation_cache(tmp_path):
