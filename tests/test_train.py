@@ -326,14 +326,18 @@ def test_overrides_refuse_unknown_fields_and_wrong_types():
         with pytest.raises(ValueError, match=rf"^override '--config.{override}': config has no field '{field}'; "
                                              rf"did you mean {meant}\?$"):
             config_lib.load_config(WORLD_TINY, [f"--config.{override}"])
-    # Only whole paths that exist are offered (vae_trian.stepz has no good neighbour), and a model field the file
-    # does not set is said to be one (it was "did you mean vae.overrides.base_channels?").
+    # Only whole paths that exist are offered (vae_trian.stepz has no good neighbour).
     with pytest.raises(ValueError, match=r"config has no field 'vae_trian.stepz'$"):
         config_lib.load_config(WORLD_TINY, ["--config.vae_trian.stepz=1"])
-    with pytest.raises(ValueError, match=r"config has no field 'vae.overrides.latent_channels'; latent_channels is a "
-                                         r"VAEConfig field this config file does not set, and the command line changes "
-                                         r"only the fields a config sets: add it to vae.overrides in the config file$"):
-        config_lib.load_config(WORLD_TINY, ["--config.vae.overrides.latent_channels=8"])
+    # A model field the file leaves to the preset can be set too (it was refused), typed by the preset's value.
+    unset = ["vae.overrides.latent_channels=8", "dit.overrides.mlp_ratio=2", "dit.overrides.dtype=bfloat16"]
+    config = config_lib.load_config(WORLD_TINY, [f"--config.{override}" for override in unset])
+    assert (config.vae.overrides.latent_channels, config.dit.overrides.mlp_ratio) == (8, 2.0)
+    assert isinstance(config.dit.overrides.mlp_ratio, float) and config.dit.overrides.dtype == "bfloat16"
+    assert "latent_channels" not in config_lib.load_config(WORLD_TINY, []).vae.overrides
+    with pytest.raises(ValueError, match=r"^override '--config.vae.overrides.latent_channels=eight': "
+                                         r"vae.overrides.latent_channels is a int, got str$"):
+        config_lib.load_config(WORLD_TINY, ["--config.vae.overrides.latent_channels=eight"])
     # A section is not a value of another type: it cannot be replaced whole from the command line.
     with pytest.raises(ValueError, match=r"^override '--config.vae.overrides=\{\}': vae.overrides is a section; the "
                                          r"command line cannot replace a whole section, set its fields one by one "

@@ -33,6 +33,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
                 where = ".".join(sections[:depth])
                 raise ValueError(f"override {item!r}: {where} is None, not a section; set it whole, e.g. "
                                  f"--config.{where}=\"{{'{part}': ...}}\"")
+            if depth == len(sections) and isinstance(node, ml_collections.ConfigDict) and part not in node and (
+                    preset_value := _model_field(config, sections, part)) is not _MISSING:
+                with node.unlocked():  # a model field the file leaves to the preset: checked against its value
+                    node[part] = preset_value
             if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
                 raise ValueError(f"override {item!r}: config has no field {dotted!r}"
                                  f"{_did_you_mean(config, node, [*sections, leaf], depth)}")
@@ -73,17 +77,24 @@ def overridden(config) -> dict:
     return getattr(config, _OVERRIDDEN, {})
 
 
-def _did_you_mean(config, node, parts: list[str], depth: int) -> str:
-    """What the user likely meant by ``parts``, missing at ``parts[depth]``: a model field the config file does not
-    set (``dit.overrides.patch``), or a typo's neighbour whose whole path exists (``vae_train.steps``); else ``""``."""
-    if depth == 2 and parts[1] == "overrides" and parts[0] in ("vae", "dit"):
-        from vidiff.models.dit import DiTConfig
-        from vidiff.models.vae import VAEConfig
+def _model_field(config, sections: list[str], field: str):
+    """The preset's value of ``field`` when ``sections`` is ``vae.overrides`` / ``dit.overrides`` and ``field`` is
+    a field of that model's config (which the file's overrides may leave unset); else ``_MISSING``."""
+    if len(sections) != 2 or sections[1] != "overrides" or sections[0] not in ("vae", "dit"):
+        return _MISSING
+    from vidiff.models.dit import dit_preset
+    from vidiff.models.vae import vae_preset
 
-        model = {"vae": VAEConfig, "dit": DiTConfig}[parts[0]]
-        if parts[2] in {f.name for f in dataclasses.fields(model)}:
-            return (f"; {parts[2]} is a {model.__name__} field this config file does not set, and the command "
-                    f"line changes only the fields a config sets: add it to {parts[0]}.overrides in the config file")
+    try:
+        preset = {"vae": vae_preset, "dit": dit_preset}[sections[0]](config[sections[0]].get("preset"))
+    except (ValueError, TypeError):  # an unknown preset: train's validation names it
+        return _MISSING
+    return getattr(preset, field) if field in {f.name for f in dataclasses.fields(preset)} else _MISSING
+
+
+def _did_you_mean(config, node, parts: list[str], depth: int) -> str:
+    """What the user likely meant by ``parts``, missing at ``parts[depth]``: a typo's neighbour whose whole path
+    exists (``vae_train.steps``); else ``""``."""
     if not isinstance(node, (ml_collections.ConfigDict, dict)):
         return ""
     for close in difflib.get_close_matches(parts[depth], [str(k) for k in node], n=3):
