@@ -1,4 +1,4 @@
-"""Causal 3D video VAE: config presets, posterior, Encoder, Decoder, VideoVAE.
+"""Causal 3D video VAE: config presets, Encoder, Decoder, VideoVAE.
 
 A clip ``(B, T, H, W, 3)`` in [-1, 1] becomes a diagonal Gaussian over latents
 ``(B, t, h, w, c)`` with ``t = 1 + (T - 1) / time_factor`` and ``h, w = H, W /
@@ -24,7 +24,8 @@ Public API::
     shift, scale = compute_latent_stats(vae, variables, video_batches)
     variables = set_latent_stats(variables, shift, scale)
 
-(the last six live in ``vae_codec.py`` and are re-exported here.)
+(the last six live in ``vae_codec.py`` and are re-exported here; the posterior,
+``DiagonalGaussian``, lives in ``gaussian.py`` and is importable from here too.)
 
 Chunking: every causal conv (``vae_layers.py``) keeps the last ``kernel_t - stride_t``
 frames it saw in a ``cache`` variable collection. Applying with ``mutable=["cache"]`` turns
@@ -35,14 +36,13 @@ attention (per frame) never mix frames, which is what makes this exact.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 from flax import linen as nn
-from flax import struct
 
+from vidiff.models.gaussian import DiagonalGaussian
 from vidiff.models.presets import from_preset
 from vidiff.models.vae_layers import (
     IO_AXIS, CausalConv3d, ChannelRMSNorm, MidBlock, ResBlock, Upsample, caching, constrain_video,
@@ -185,35 +185,6 @@ PRESETS = {
 def vae_preset(name: str, **overrides) -> VAEConfig:
     """A named ``VAEConfig`` ("tiny", "small", "base") with any fields replaced."""
     return from_preset(VAEConfig, PRESETS, name, overrides, "VAE")
-
-
-# ------------------------------------------------------------------------ posterior
-
-
-def _standard_normal(key, shape, dtype):
-    # Drawn flat: XLA:CPU compiles a 5-D normal draw ~15x slower than a 1-D one.
-    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
-
-
-@struct.dataclass
-class DiagonalGaussian:
-    """The encoder's posterior q(z | video): per-element mean and log-variance (a pytree)."""
-
-    mean: jax.Array
-    logvar: jax.Array
-
-    def sample(self, key: jax.Array) -> jax.Array:
-        """A reparameterised sample ``mean + std * eps``."""
-        return self.mean + jnp.exp(0.5 * self.logvar) * _standard_normal(key, self.mean.shape, self.mean.dtype)
-
-    def mode(self) -> jax.Array:
-        """The posterior mean (what generation and ``vidiff prepare --latents`` use)."""
-        return self.mean
-
-    def kl(self) -> jax.Array:
-        """KL(q || N(0, I)) per example, summed over latent elements: shape (B,)."""
-        per_element = 0.5 * (jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar)
-        return per_element.reshape(per_element.shape[0], -1).sum(-1)
 
 
 # --------------------------------------------------------------------------- the networks

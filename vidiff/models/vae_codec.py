@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vidiff.models.gaussian import DiagonalGaussian
+
 if TYPE_CHECKING:
-    from vidiff.models.vae import DiagonalGaussian, VideoVAE
+    from vidiff.models.vae import VideoVAE  # vae.py re-exports this module, so only type checkers import it
 
 # ------------------------------------------------------------------ chunks and tiles
 
@@ -158,8 +160,6 @@ def encode_tiled(vae: VideoVAE, variables, video, tile_latent: int = 32, overlap
     sf = vae.config.spatial_factor
     _check_tiles(tile_latent, overlap_latent)
     vae.config.check_video_shape(video.shape)
-
-    from vidiff.models.vae import DiagonalGaussian  # here: vae.py imports this module
 
     def encode(tile):
         if chunk_frames:
