@@ -178,6 +178,10 @@ def test_flow_loss_is_zero_for_the_exact_velocity_and_ignores_known_frames():
     unmasked, _ = diffusion.flow_loss(wrong_on_frame0, c, jax.random.key(4))
     assert float(masked) < 1e-8
     np.testing.assert_allclose(float(unmasked), 25.0 / 3, rtol=1e-5)
+    # Its noise is the VAE posterior's flat draw, written once (vidiff.models.gaussian).
+    from vidiff.diffusion import flow
+    from vidiff.models import gaussian
+    assert flow.standard_normal is gaussian.standard_normal
 
 
 def test_flow_loss_mixes_bfloat16_latents_in_float32():

@@ -14,6 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from vidiff.models.gaussian import standard_normal
 from vidiff.models.patches import token_count
 
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal")
@@ -126,12 +127,6 @@ def flow_loss(
     per_sample = jnp.sum(per_frame * weight, axis=1) / jnp.maximum(jnp.sum(weight, axis=1), 1.0)
     loss = jnp.mean(per_sample * loss_weight(t, weighting))
     return loss, {"per_sample": per_sample, "t": t}
-
-
-def standard_normal(key, shape, dtype=jnp.float32):
-    """``jax.random.normal`` drawn flat then reshaped: the same distribution, but XLA:CPU
-    compiles a 5-D draw ~15x slower (6 s per call site for a video-shaped latent)."""
-    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
 
 
 def _expand(t, x):

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidiff.diffusion.flow import standard_normal
 from vidiff.diffusion.samplers import classifier_free_guidance, sample
+from vidiff.models.gaussian import standard_normal
 
 _step_listeners: list[Callable[[int], None]] = []
 
