@@ -130,6 +130,9 @@ def test_stage_numbers_are_checked_before_compiling(model, override, message):
      r"data.buckets entry '17x36x36': height=36 must be divisible by 8 \(VAE spatial factor x DiT patch\); use e.g. 32"),
     ("vae", "data.buckets=['1x32x32', '1x30x30']",
      r"data.buckets entry '1x30x30': height=30 must be divisible by 4 \(the VAE's spatial factor\); use e.g. 32"),
+    ("dit", "dit.overrides.patch=(2, 2, 2)",  # world_tiny's VAE keeps every frame (time factor 1)
+     r"data.num_frames=17 gives 17 latent frames, not divisible by dit patch time 2; change data.num_frames or "
+     r"dit.overrides.patch"),
 ])
 def test_every_bucket_is_checked_against_the_models_factors(model, override, message):
     """A bucket the model cannot take fails before compiling, not when its first batch comes up mid-run."""

@@ -55,6 +55,17 @@ def clip():
 # ---------------------------------------------------------------------- config
 
 
+def test_frame_arithmetic_follows_the_causal_time_axis():
+    from vidiff.models.vae import latent_count, pixel_count, pixel_frames_of
+
+    assert [latent_count(n, 4) for n in (1, 5, 9, 17)] == [1, 2, 3, 5]
+    assert [pixel_count(L, 4) for L in (1, 2, 3, 5)] == [1, 5, 9, 17]
+    assert list(pixel_frames_of(0, 4)) == [0] and list(pixel_frames_of(1, 4)) == [1, 2, 3, 4]
+    assert list(pixel_frames_of(4, 4)) == [13, 14, 15, 16]
+    assert (latent_count(9, 2), pixel_count(5, 2), list(pixel_frames_of(2, 2))) == (5, 9, [3, 4])
+    assert vae_preset("tiny").latent_shape((1, 17, 32, 32, 3))[1] == latent_count(17, 4)
+
+
 def test_config_validation_messages():
     cfg = vae_preset("tiny")
     with pytest.raises(ValueError, match=r"num_frames=18 must be 1 \+ k\*4 \(e\.g\. 17\)"):

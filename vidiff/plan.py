@@ -196,6 +196,7 @@ def _dit_step(config, cfg, mesh, batch, latent, text_dim):
     from vidiff import parallel
     from vidiff.diffusion import resolve_shift
     from vidiff.models.dit import VideoDiT, init_params
+    from vidiff.models.vae import pixel_count
     from vidiff.train.tasks import dit_flow_loss, latents_in_step, vae_from_config
 
     dit = VideoDiT(cfg)
@@ -211,7 +212,7 @@ def _dit_step(config, cfg, mesh, batch, latent, text_dim):
     frozen = ({"vae": jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated),
                                    variables)}, {"vae": jax.tree.map(lambda _: replicated, variables)})
     if config.dit_train.get("latents", "on_the_fly") == "on_the_fly":
-        shapes["video"] = ((batch, 1 + tf * (latent[0] - 1), latent[1] * sf, latent[2] * sf, 3), np.uint8)
+        shapes["video"] = ((batch, pixel_count(latent[0], tf), latent[1] * sf, latent[2] * sf, 3), np.uint8)
     else:
         shapes["latents"] = ((batch, *latent, cfg.latent_channels), np.float32)
 

@@ -12,13 +12,8 @@ inside the compiled loop; the flag, not the callback, is part of the compiled
 program, so a new progress bar does not recompile).
 
 Also here: a prompting mode's :class:`Plan` (which latent frames are known,
-tied or noised from an input), per-sample seeded noise, and the causal VAE's
-pixel <-> latent frame arithmetic. With time factor ``tf`` (4), latent 0
-encodes pixel frame 0 alone and latent ``j > 0`` encodes pixel frames
-``1 + tf (j - 1) .. tf j`` with every earlier frame as context; so ``L``
-latents decode to ``1 + tf (L - 1)`` frames, and the first ``k`` latents of a
-clip are exactly the latents of its first ``1 + tf (k - 1)`` frames
-(:func:`latent_count`, :func:`pixel_count`, :func:`pixel_frames_of`).
+tied or noised from an input) and per-sample seeded noise. The causal VAE's
+pixel <-> latent frame arithmetic is the VAE's (``vidiff.models.vae``).
 """
 from __future__ import annotations
 
@@ -34,6 +29,8 @@ import numpy as np
 
 from vidiff.diffusion.samplers import classifier_free_guidance, sample
 from vidiff.models.gaussian import standard_normal
+# Not used here: vidiff/pipeline.py imports the VAE's frame arithmetic from this module.
+from vidiff.models.vae import latent_count, pixel_count, pixel_frames_of  # noqa: F401
 
 _step_listeners: list[Callable[[int], None]] = []
 
@@ -121,21 +118,6 @@ def sample_latents(dit, params, context, uncond_context, x_start, *, steps: int,
     return sample(velocity, x_start, steps=steps, sampler=sampler, shift=shift, t_start=t_start,
                   known_latents=context.get("cond_latents"), known_mask=context.get("cond_mask"), tie=tie,
                   progress=_report_step if progress else None)
-
-
-def latent_count(num_frames: int, time_factor: int = 4) -> int:
-    """Latent frames of a ``1 + tf k`` frame clip: ``1 + k``."""
-    return 1 + (num_frames - 1) // time_factor
-
-
-def pixel_count(latent_frames: int, time_factor: int = 4) -> int:
-    """Pixel frames ``L`` latents decode to: ``1 + tf (L - 1)``."""
-    return 1 + time_factor * (latent_frames - 1)
-
-
-def pixel_frames_of(latent: int, time_factor: int = 4) -> range:
-    """The pixel frames latent ``j`` encodes: ``[0]`` for ``j = 0``, else ``1 + tf (j - 1) .. tf j``."""
-    return range(0, 1) if latent == 0 else range(1 + time_factor * (latent - 1), time_factor * latent + 1)
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from vidiff.data import world, world_score
-from vidiff.pipeline import latent_count, pixel_count
+from vidiff.models.vae import latent_count, pixel_count
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -55,6 +55,27 @@ from vidiff.models.vae_codec import (  # noqa: F401
 
 # --------------------------------------------------------------------------- config
 
+# Frame arithmetic of the causal time axis, for callers that hold only a time factor ``tf``
+# (``VAEConfig.time_factor``): latent 0 encodes pixel frame 0 alone and latent ``j > 0``
+# pixel frames ``1 + tf (j - 1) .. tf j`` with every earlier frame as context; so ``L``
+# latents decode to ``1 + tf (L - 1)`` frames, and the first ``k`` latents of a clip are
+# exactly the latents of its first ``1 + tf (k - 1)`` frames.
+
+
+def latent_count(num_frames: int, time_factor: int) -> int:
+    """Latent frames of a ``1 + tf k`` frame clip: ``1 + k``."""
+    return 1 + (num_frames - 1) // time_factor
+
+
+def pixel_count(latent_frames: int, time_factor: int) -> int:
+    """Pixel frames ``L`` latents decode to: ``1 + tf (L - 1)``."""
+    return 1 + time_factor * (latent_frames - 1)
+
+
+def pixel_frames_of(latent: int, time_factor: int) -> range:
+    """The pixel frames latent ``j`` encodes: ``[0]`` for ``j = 0``, else ``1 + tf (j - 1) .. tf j``."""
+    return range(0, 1) if latent == 0 else range(1 + time_factor * (latent - 1), time_factor * latent + 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
@@ -168,7 +189,7 @@ class VAEConfig:
         self.check_video_shape(video_shape)
         b, t, h, w, _ = video_shape
         sf = self.spatial_factor
-        return (b, 1 + (t - 1) // self.time_factor, h // sf, w // sf, self.latent_channels)
+        return (b, latent_count(t, self.time_factor), h // sf, w // sf, self.latent_channels)
 
 
 # tiny: CPU tests and the tiny end-to-end model. Three levels and 4x4x4

@@ -226,11 +226,13 @@ def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, t
                      divisors: tuple[int, int], why: str) -> None:
     """One trained clip size against the VAE's factors and the DiT's patch: a one-line error naming the field
     (``data.num_frames`` / ``data.size``, or the ``data.buckets`` entry ``bucket``)."""
+    from vidiff.models.vae import latent_count
+
     field = "data.num_frames" if bucket is None else f"data.buckets entry {bucket!r}: frames"
     if (frames - 1) % time_factor:
         good = 1 + round((frames - 1) / time_factor) * time_factor
         raise ValueError(f"{field}={frames} must be 1 + k*{time_factor} (the VAE's time factor), e.g. {good}")
-    latent_frames = 1 + (frames - 1) // time_factor
+    latent_frames = latent_count(frames, time_factor)
     if latent_frames % time_patch:
         raise ValueError(f"{field}={frames} gives {latent_frames} latent frames, not divisible by dit patch time "
                          f"{time_patch}; change {'data.num_frames' if bucket is None else 'data.buckets'} or "
