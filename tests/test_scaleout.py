@@ -369,6 +369,24 @@ def test_plan_on_a_cpu_stands_chunked_attention_in_for_a_gpu_configs_cudnn():
         True, False, config.dit.overrides.get("scan_blocks", False), True)
 
 
+def test_plan_traces_the_train_steps_own_loss_with_its_prompting_modes():
+    """world_tiny trains every prompting mode (dit_train.condition): the planned step draws the known frames
+    as DiTTask's does (its known_frames metric), not a text-to-video-only copy of the loss."""
+    from pathlib import Path
+
+    from vidiff import plan
+
+    config = config_lib.for_stage(config_lib.load_config(
+        Path(__file__).resolve().parents[1] / "experiments" / "configs" / "world_tiny.py"), "dit")
+    args = types.SimpleNamespace(preset=None, text_dim=32, dtype=None, attention="xla", scan=None)
+    cfg, latent = plan._dit_config(config, args, 64, None, on_cpu=True)
+    mesh = parallel.mesh_from_config("dp", devices=jax.devices()[:1])
+    init, loss_fn, (batch, _), (frozen, _) = plan._dit_step(config, cfg, mesh, 2, latent, 32)
+    params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+    _, metrics = jax.eval_shape(loss_fn, params, batch, jax.random.key(1), frozen, 0)  # traced, not compiled
+    assert cfg.conditioning_frames and set(metrics) == {"known_frames"}
+
+
 @pytest.mark.parametrize("flags, message", [
     (dict(devices=-2), "--devices=-2 must be at least 1"),
     (dict(devices=0), "--devices=0 must be at least 1"),

@@ -186,7 +186,7 @@ def _abstract_batch(shapes: dict, mesh):
 
 def _dit_step(config, cfg, mesh, batch, latent, text_dim):
     """The DiT step on ready latents, or, with ``dit_train.latents='on_the_fly'`` (the default), on uint8 clips
-    that the frozen VAE encodes inside the step, as ``DiTTask.loss_fn`` does. The VAE's weights count either way."""
+    that the frozen VAE encodes inside the step; the loss is ``DiTTask``'s own. The VAE's weights count either way."""
     import functools
 
     import jax
@@ -194,13 +194,11 @@ def _dit_step(config, cfg, mesh, batch, latent, text_dim):
     from flax import linen as nn
 
     from vidiff import parallel
-    from vidiff.diffusion import resolve_shift
     from vidiff.models.dit import VideoDiT, init_params
     from vidiff.models.vae import pixel_count
-    from vidiff.train.tasks import dit_flow_loss, latents_in_step, vae_from_config
+    from vidiff.train.tasks import dit_loss_fn, vae_from_config
 
     dit = VideoDiT(cfg)
-    shift = resolve_shift(config.flow.shift, latent, cfg.patch)
     text_len = int(config.text.max_length)
     shapes = {"text_tokens": ((batch, text_len, text_dim), np.float32),
               "text_lengths": ((batch,), np.int32), "pooled": ((batch, text_dim), np.float32)}
@@ -215,13 +213,7 @@ def _dit_step(config, cfg, mesh, batch, latent, text_dim):
         shapes["video"] = ((batch, pixel_count(latent[0], tf), latent[1] * sf, latent[2] * sf, 3), np.uint8)
     else:
         shapes["latents"] = ((batch, *latent, cfg.latent_channels), np.float32)
-
-    def loss_fn(params, b, rng, frozen_inputs, step):  # DiTTask.loss_fn, without the task's loaded VAE
-        key_vae, key_flow = jax.random.split(rng)
-        x0 = b["latents"] if "latents" in b else latents_in_step(vae, frozen_inputs["vae"], b["video"], key_vae)
-        return dit_flow_loss(dit, params, x0, b, key_flow, config.flow, shift)
-
-    return functools.partial(init_params, cfg), loss_fn, _abstract_batch(shapes, mesh), frozen
+    return functools.partial(init_params, cfg), dit_loss_fn(dit, vae, config), _abstract_batch(shapes, mesh), frozen
 
 
 def _vae_step(config, mesh, batch):

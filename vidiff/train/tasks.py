@@ -242,9 +242,7 @@ class DiTTask(Task):
         if mode not in LATENT_SOURCES:
             raise ValueError(f"dit_train.latents={mode!r} must be one of {', '.join(map(repr, LATENT_SOURCES))}")
         self.prepared = mode == "prepared"
-        condition = config.dit_train.get("condition")
-        self.condition = dict(condition) if condition else None
-        mode_probabilities(self.condition)  # a bad mode name fails here, before anything compiles
+        dit_condition(config)  # a bad mode name fails here, before the text encoder loads
         self.batch_keys = ("video" if mode == "on_the_fly" else "latents", "text_tokens", "text_lengths", "pooled")
         from vidiff.models.text import text_encoder
 
@@ -254,6 +252,7 @@ class DiTTask(Task):
         self.dit = VideoDiT(dit_preset(config.dit.preset, **{
             "text_dim": self.text.dim, "pooled_dim": self.text.pooled_dim,
             "latent_channels": self.vae.config.latent_channels, **config.dit.overrides}))
+        self.loss_fn = dit_loss_fn(self.dit, self.vae, config)
         self.latent_shape = self.vae.config.latent_shape(video_shape(config, 1))[1:]
         self.shift = resolve_shift(config.flow.shift, self.latent_shape, self.dit.config.patch)  # the samples' clip
         variables = load_vae_variables(config)
@@ -293,16 +292,6 @@ class DiTTask(Task):
         """Captions this process trained on that were cut to ``text.max_length`` tokens."""
         return self.text.captions_truncated
 
-    def latents(self, frozen, video, rng):
-        return latents_in_step(self.vae, frozen["vae"], video, rng)
-
-    def loss_fn(self, params, batch, rng, frozen, step):
-        key_vae, key_flow = jax.random.split(rng)
-        x0 = batch["latents"] if "latents" in batch else self.latents(frozen, batch["video"], key_vae)
-        shift = resolve_shift(self.config.flow.shift, x0.shape[1:], self.dit.config.patch)  # this bucket's
-        return dit_flow_loss(self.dit, params, x0, batch, key_flow, self.config.flow, shift,
-                             condition=self.condition)
-
     def tokens_in(self, batch: dict) -> int:
         """Spacetime patches in a device batch (its bucket's clip size; read from shapes, no device sync)."""
         shape = batch["latents"].shape if "latents" in batch else self.vae.config.latent_shape(batch["video"].shape)
@@ -328,6 +317,27 @@ class DiTTask(Task):
 
     def load_cache(self, workdir: Path) -> str | None:
         return None if self.latent_cache is None else self.latent_cache.load(self._cache_path(workdir))
+
+
+def dit_condition(config) -> dict | None:
+    """``dit_train.condition`` checked: the prompting modes' probabilities, or None (text-to-video only)."""
+    condition = dict(config.dit_train.get("condition") or {}) or None
+    mode_probabilities(condition)
+    return condition
+
+
+def dit_loss_fn(dit: VideoDiT, vae: VideoVAE, config):
+    """The DiT step's ``loss_fn(params, batch, rng, frozen, step)``, for ``DiTTask`` and ``vidiff plan`` alike: on
+    ``latents`` or on uint8 ``video`` encoded in the step, each bucket's flow shift, ``dit_train.condition``'s modes."""
+    condition = dit_condition(config)
+
+    def loss_fn(params, batch, rng, frozen, step):
+        key_vae, key_flow = jax.random.split(rng)
+        x0 = batch["latents"] if "latents" in batch else latents_in_step(vae, frozen["vae"], batch["video"], key_vae)
+        shift = resolve_shift(config.flow.shift, x0.shape[1:], dit.config.patch)
+        return dit_flow_loss(dit, params, x0, batch, key_flow, config.flow, shift, condition=condition)
+
+    return loss_fn
 
 
 def dit_flow_loss(dit: VideoDiT, params, x0, text: dict, rng, flow, shift: float, condition=None):
