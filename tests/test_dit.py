@@ -418,6 +418,9 @@ def test_presets_and_config_errors():
     # Overrides read back from JSON (vidiff.json, --config overrides) hold lists; the frozen config must hash.
     from_json = dit.dit_preset("tiny", patch=[1, 2, 2])
     assert from_json.patch == (1, 2, 2) and hash(from_json) == hash(dit.dit_preset("tiny", patch=(1, 2, 2)))
+    direct = dit.DiTConfig(patch=[1, 2, 2], rope_fractions=[0.5, 0.25, 0.25])  # no preset: the config makes tuples
+    assert (direct.patch, direct.rope_fractions) == ((1, 2, 2), (0.5, 0.25, 0.25))
+    hash(direct)
     with pytest.raises(ValueError, match="heads"):
         dit.DiTConfig(width=64, heads=5)
     with pytest.raises(ValueError, match="remat_policy"):

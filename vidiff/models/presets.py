@@ -1,9 +1,9 @@
-"""Named model configs: a preset's fields with a caller's overrides, checked and made hashable.
+"""Named model configs: a preset's fields with a caller's overrides, checked.
 
 The VAE and the DiT keep frozen dataclass configs, which jit takes as static arguments, so every
 field must hash. Overrides arrive from Python, from ml_collections configs and from exported
-``vidiff.json`` files; JSON has no tuples, so its lists are turned back into tuples here, once,
-for every caller.
+``vidiff.json`` files; JSON has no tuples, so each config's ``__post_init__`` turns its lists back
+into tuples: a config built directly from JSON, without a preset, must hash too.
 """
 
 from __future__ import annotations
@@ -26,5 +26,4 @@ def from_preset(config_class: type[Config], presets: Mapping[str, Any], name: st
                          f"valid fields: {', '.join(sorted(fields))}")
     base = presets[name]
     base = dataclasses.asdict(base) if dataclasses.is_dataclass(base) else dict(base)
-    hashable = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return config_class(**{**base, **hashable})
+    return config_class(**{**base, **overrides})
