@@ -83,6 +83,19 @@ def test_resize_crop_shorter_side_then_centre_or_random_crop():
     assert ResizeCrop([(2, 8, 8), (2, 12, 6)]).random_map(record, None)["video"].shape == (2, 12, 6, 3)
 
 
+def test_resize_crop_resizes_through_vidiff_io_only_when_the_size_changes(monkeypatch):
+    from vidiff import io as vio
+
+    sizes = []
+    real = vio.resize_frames
+    monkeypatch.setattr(vio, "resize_frames", lambda frames, h, w: sizes.append((h, w)) or real(frames, h, w))
+    video = np.zeros((2, 10, 40, 3), np.uint8)
+    assert resize_crop(video, 10, 10, "center", None).shape == (2, 10, 10, 3)
+    assert resize_crop(video, 5, 20, "center", None).shape == (2, 5, 20, 3)
+    assert np.shares_memory(resize_crop(video, 10, 40, "center", None), video)  # already the size: no Pillow pass
+    assert sizes == [(5, 20)]  # the one resize of vidiff (bicubic, Pillow), not a copy in vidiff.data
+
+
 def test_sample_images_takes_any_frame_into_the_image_bucket():
     sample = SampleImages([(4, 8, 8), (1, 8, 8)], fraction=1.0, seed=0)
     images = [sample.map_with_index(i, {"video": ramp_video(12, 8, 8), "bucket": np.int32(0)}) for i in range(200)]

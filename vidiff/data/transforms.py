@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
+from vidiff import io as vio
 from vidiff.data.skips import BAD_ARRAY, TOO_SHORT, Skip
 
 WINDOWS = ("random", "first", "center")
@@ -87,20 +88,12 @@ def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[i
     return max(target_h, round(height * scale)), max(target_w, round(width * scale))
 
 
-def resize_frames(video: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize every frame of ``uint8 (T, H, W, 3)`` to ``(height, width)`` (bicubic, Pillow)."""
-    from PIL import Image
-
-    if video.shape[1:3] == tuple(size):
-        return video
-    h, w = size
-    return np.stack([np.asarray(Image.fromarray(f, "RGB").resize((w, h), Image.Resampling.BICUBIC)) for f in video])
-
-
 def resize_crop(video: np.ndarray, target_h: int, target_w: int, crop: str, rng: np.random.Generator | None) -> np.ndarray:
     """Resize the shorter side (aspect kept) then crop ``(target_h, target_w)``, centred or at random."""
     height, width = video.shape[1:3]
-    video = resize_frames(video, cover_size(height, width, target_h, target_w))
+    cover_h, cover_w = cover_size(height, width, target_h, target_w)
+    if (cover_h, cover_w) != (height, width):  # a clip already at its size is not put through Pillow
+        video = vio.resize_frames(video, cover_h, cover_w)
     spare_h, spare_w = video.shape[1] - target_h, video.shape[2] - target_w
     if crop == "random" and rng is not None:
         top, left = int(rng.integers(0, spare_h + 1)), int(rng.integers(0, spare_w + 1))
