@@ -70,6 +70,9 @@ def test_png_grid_and_image_roundtrip(tmp_path):
     np.testing.assert_array_equal(io.read_image(io.write_image(tmp_path / "g.png", grid)), grid)
     one = io.write_video(tmp_path / "one.png", frames[:1])
     np.testing.assert_array_equal(io.read_image(one), frames[0])
+    with pytest.raises(ValueError, match=r"many\.png: png holds one frame, got 5; use \.mp4/\.gif, or "
+                                         r"vidiff\.io\.write_image\(path, vidiff\.io\.frame_grid\(frames\)\)$"):
+        io.write_video(tmp_path / "many.png", frames)  # the fix it names is the grid written above
 
 
 def test_high_bit_depth_grey_images_are_scaled_to_8_bits(tmp_path):

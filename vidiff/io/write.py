@@ -57,7 +57,8 @@ def write_video(path, frames, fps: float = 8.0, *, crf: int = 18) -> Path:
             _write_gif(path, frames, fps)
         elif suffix == ".png":
             if len(frames) != 1:
-                raise ValueError(f"{path}: png holds one frame, got {len(frames)}; use .mp4/.gif or write_grid")
+                raise ValueError(f"{path}: png holds one frame, got {len(frames)}; use .mp4/.gif, "
+                                 "or vidiff.io.write_image(path, vidiff.io.frame_grid(frames))")
             _pil_image(frames[0]).save(path)
         elif suffix in (".mp4", ".webm"):
             _write_av(path, frames, fps, crf, "libx264" if suffix == ".mp4" else "libvpx-vp9")
