@@ -128,3 +128,6 @@ def test_prepare_refuses_to_mix_with_existing_shards(real_shards, tmp_path):
     assert summary["written"] == 4 and len(list(out.glob("train-*.array_record"))) == 1
     with pytest.raises(ValueError, match=r"--size 'big' is not SIDE or HEIGHTxWIDTH"):
         prepare_shards(real_shards["videos"], real_shards["manifest"], out, size="big")
+    with pytest.raises(ValueError, match=r"^size=\(16\.5, 16\) is not a side or \(height, width\) of ints; "
+                                         r"e\.g\. size=64 or size=\(48, 64\)$"):  # was cut to 16x16 silently
+        prepare_shards(real_shards["videos"], real_shards["manifest"], out, size=(16.5, 16))

@@ -9,6 +9,7 @@ the CLI ones stop before anything compiles.
 import hashlib
 import json
 import math
+import re
 import subprocess
 import sys
 import types
@@ -406,6 +407,17 @@ def test_a_non_square_vae_run_evaluates_on_clips_of_its_size():
     config_lib.validate(config, "vae", 1)
     clips = tasks.validation_clips(config)  # the world's square clips, centre-cropped as training cuts them
     assert clips.shape == (2, 17, 32, 48, 3) and clips.dtype == np.uint8 and clips.std() > 0
+
+
+@pytest.mark.parametrize("size", ["64", (32, 48, 3)])
+def test_a_size_that_is_not_a_side_or_pair_of_ints_is_refused_in_one_line(size):
+    """The check DataConfig makes: a string was read digit by digit ("64" -> 6x4), a triple failed to unpack."""
+    config = config_lib.for_stage(_config(), "vae")
+    with config.data.ignore_type():  # as a stage's own data sets it
+        config.data.size = size
+    with pytest.raises(ValueError, match=rf"^data.size={re.escape(repr(size))} is not a side or \(height, width\) "
+                                         r"of ints; e.g. data.size=64 or data.size=\(48, 64\)$"):
+        config_lib.validate(config, "vae", device_count=8)
 
 
 def test_errors_name_the_stage_field_in_force():

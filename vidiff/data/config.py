@@ -90,16 +90,8 @@ class DataConfig:
 
     @property
     def height_width(self) -> tuple[int, int]:
-        """``(height, width)`` from ``size`` (an int side or a pair of ints), with a one-line error otherwise."""
-        size = self.size
-        if _int(size):
-            return int(size), int(size)
-        # Strictly ints: a string would iterate to digits ("64" -> 6x4) and a
-        # float would be cut silently.
-        if isinstance(size, (tuple, list)) and len(size) == 2 and all(_int(v) for v in size):
-            return int(size[0]), int(size[1])
-        raise ValueError(f"data.size={size!r} is not a side or (height, width) of ints; "
-                         "e.g. data.size=64 or data.size=(48, 64)")
+        """``(height, width)`` from ``size``, with a one-line error naming ``data.size`` otherwise."""
+        return height_width(self.size)
 
     def bucket_list(self) -> list[Bucket]:
         """The buckets, or the single ``(num_frames, height, width)`` bucket."""
@@ -143,6 +135,21 @@ class DataConfig:
         if self.source == "tfds":
             need(bool(self.tfds_name), "tfds_name", "set it to a TFDS dataset name, e.g. 'ucf101'")
         self.bucket_list()
+
+
+def height_width(size, field: str = "data.size") -> tuple[int, int]:
+    """``(height, width)`` from ``size`` (an int side or a pair of ints), with a one-line error otherwise.
+
+    The one reading of a size for every user of ``data.size``: strictly ints,
+    since a string would iterate to digits ("64" -> 6x4) and a float would be
+    cut silently.
+    """
+    if _int(size):
+        return int(size), int(size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(_int(v) for v in size):
+        return int(size[0]), int(size[1])
+    raise ValueError(f"{field}={size!r} is not a side or (height, width) of ints; "
+                     f"e.g. {field}=64 or {field}=(48, 64)")
 
 
 def _int(value) -> bool:

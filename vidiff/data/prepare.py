@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from vidiff.data.config import height_width
 from vidiff.data.schema import FRAME_FORMATS, decode_record, encode_record
 from vidiff.data.skips import SkipLedger
 from vidiff.data.sources import DecodeFolderClip, read_manifest
@@ -36,15 +37,14 @@ _MIN_RECORDS_FOR_EARLY_STOP = 100
 
 
 def _parse_size(size) -> tuple[int, int]:
+    """``--size`` as the command line gives it (``"64"``, ``"48x64"``), or a Python caller's int or pair."""
     if isinstance(size, str):
         match = re.fullmatch(r"\s*(\d+)\s*(?:x\s*(\d+))?\s*", size)
         if not match:
             raise ValueError(f"--size {size!r} is not SIDE or HEIGHTxWIDTH; e.g. --size 64 or --size 48x64")
         height = int(match.group(1))
         return height, int(match.group(2) or height)
-    if isinstance(size, int):
-        return size, size
-    return tuple(int(v) for v in size)
+    return height_width(size, field="size")
 
 
 class _ShardWriter:

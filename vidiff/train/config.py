@@ -150,8 +150,9 @@ def validate(config, model: str, device_count: int) -> None:
     from vidiff.train.tasks import vae_from_config
 
     vae_cfg = vae_from_config(config).config
-    size = config.data.size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    from vidiff.data.config import height_width
+
+    height, width = height_width(config.data.size)
     time_patch, divisors, why = 1, (vae_cfg.spatial_factor, vae_cfg.spatial_factor), "the VAE's spatial factor"
     if model == "dit":
         if config.dit_train.get("latents") == "prepared" and config.data.source != "array_record":
