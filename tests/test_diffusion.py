@@ -9,6 +9,14 @@ from vidiff import diffusion
 SHAPE = (2, 3, 4, 4, 2)
 
 
+def test_the_package_docstring_names_every_submodule():
+    import pkgutil
+
+    names = [m.name for m in pkgutil.iter_modules(diffusion.__path__)]
+    assert sorted(names) == ["conditioning", "flow", "generate", "samplers"]
+    assert [n for n in names if f"``{n}``" not in diffusion.__doc__] == []
+
+
 def point_mass_velocity(c):
     """Exact velocity when all data equals ``c``: x_t = (1-t)c + t eps  =>  v = (x_t - c) / t."""
     return lambda x, t: (x - c) / t.reshape(-1, 1, 1, 1, 1)

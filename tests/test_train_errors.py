@@ -420,6 +420,19 @@ def test_a_size_that_is_not_a_side_or_pair_of_ints_is_refused_in_one_line(size):
         config_lib.validate(config, "vae", device_count=8)
 
 
+def test_module_docstrings_name_the_checks_and_functions_they_hold():
+    """preflight's list is where to look for what a run checks, config's docstring for what it offers."""
+    import inspect
+
+    called = set(re.findall(r"preflight\.(check_\w+)\(", (REPO / "vidiff" / "train" / "loop.py").read_text()))
+    assert "check_eval_split" in called
+    assert sorted(name for name in called if f"``{name}``" not in preflight.__doc__) == []
+    public = [name for name, f in inspect.getmembers(config_lib, inspect.isfunction)
+              if f.__module__ == config_lib.__name__ and not name.startswith("_")]
+    assert sorted(name for name in public if f"``{name}``" not in config_lib.__doc__) == []
+    assert "vidiff.train.overrides" in config_lib.__doc__  # where the command-line overrides went
+
+
 def test_errors_name_the_stage_field_in_force():
     """A data field the stage sets (world_tiny's dit_train.data.buckets) is the one to change: errors name it."""
     config = _config()

@@ -11,8 +11,10 @@ grain parallelises it with reader threads and ``mp_prefetch`` workers)::
       -> caption dropout -> tokenise hook
       -> CountSkips filter                    bad items counted, dropped
       -> [process_index::process_count]      multi-host slice (lazy: only this slice is read)
-      -> to_iter_dataset -> end-of-stream bad-fraction check
-      -> batch (BucketBatch with several buckets) -> mp_prefetch
+      -> to_iter_dataset -> EndOfStream      flushes this process's (or worker's) skip counts
+      -> batch (BucketBatch with several buckets)
+      -> [num_workers: mp_prefetch]
+      -> EndOfStream bad-fraction check      in the main process, on the summed counts
 
 Several processes slice the one global stream late, so each reads distinct
 records with independent random draws (keyed by the global index), and every

@@ -11,8 +11,9 @@ Four template sets, picked by ``WorldConfig.templates``:
 - ``"diverse"``: ``"varied"`` plus more direction synonyms, shape-before-colour
   and motion-first orders, and a few neutral openings ("we see a ...").
 
-The prompt-adherence paraphrases of :mod:`vidiff.eval.adherence` are a fourth,
-held-apart list that no set here produces (a test checks it word by word).
+The prompt-adherence paraphrases of :mod:`vidiff.eval.adherence` are a
+separate, held-apart list that no set here produces (a test checks it word by
+word).
 This module knows no vocabulary beyond the direction names; the world
 (:mod:`vidiff.data.world`) validates labels before they get here.
 """

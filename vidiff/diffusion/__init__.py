@@ -1,4 +1,8 @@
-"""Rectified flow (``flow``) and its samplers with classifier-free guidance (``samplers``)."""
+"""Rectified flow (``flow``), its samplers with classifier-free guidance (``samplers``), the known-frame masks
+training draws for each prompting mode (``conditioning``), and sampling latents from a VideoDiT (``generate``).
+
+The package exports ``flow`` and ``samplers``; ``conditioning`` and ``generate`` are imported by module.
+"""
 from vidiff.diffusion.flow import (
     flow_loss,
     noise_latents,

@@ -1,14 +1,20 @@
-"""Experiment configs: load a ``get_config()`` file, apply command-line overrides, validate.
+"""Experiment configs: load a ``get_config()`` file, shape its training stages, validate.
 
 Config files live in ``experiments/configs/`` and return an
-``ml_collections.ConfigDict``. Overrides look like ``--config.dit.overrides.depth=4``
-(values parsed as Python literals, else taken as strings); a path that does not
-exist in the config is an error, not a silent new field. A config file that
-cannot be loaded (not a ``.py`` file, a syntax error, an exception in
-``get_config()``) fails with one line naming the file (and line). ``validate``
-checks everything that can be checked without compiling (shapes, mesh, the
-``<model>_train`` numbers, the optimizer, ``flow.shift``) and fails with one
-line that names the field and the fix.
+``ml_collections.ConfigDict``. ``load_config`` loads one and applies the
+command-line overrides (``--config.dit.overrides.depth=4``; set and checked in
+``vidiff.train.overrides``); a config file that cannot be loaded (not a ``.py``
+file, a syntax error, an exception in ``get_config()``) fails with one line
+naming the file (and line). ``set_mesh`` applies ``--mesh``; ``train_stage``
+builds a ``<model>_train`` section with every field the loop reads, and
+``for_stage`` merges that stage's own ``data`` into ``data``.
+
+``validate`` checks everything that can be checked without compiling (shapes,
+mesh, the ``<model>_train`` numbers and optimizer through ``check_stage``,
+``flow.shift``) and fails with one line that names the field and the fix;
+``name_stage_fields`` rewrites such a line to name the stage's field in force.
+``warnings_for`` lists settings that work but are likely not meant, and
+``config_changes`` the fields a saved config differs in (for resumes).
 """
 from __future__ import annotations
 

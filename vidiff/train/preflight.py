@@ -8,6 +8,9 @@
 - the DiT's inputs: the exported VAE fits this config, and prepared shards
   carry latents from that VAE and text embeddings of this config's encoder
   width (``check_dit_inputs`` before the task loads them, ``check_dit_task`` after);
+- the eval split: ``eval.split`` names a split the data can select (a
+  manifest entry, a ``vidiff prepare`` folder's shards), with clips of at
+  least ``eval.num_frames`` (``check_eval_split``), before the VAE trains;
 - the data: a finite dataset lasts ``<model>_train.steps`` (``check_data_lasts``);
 - the end: parameters about to be exported are finite (``check_finite_params``).
 
