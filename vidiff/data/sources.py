@@ -27,6 +27,7 @@ from vidiff import io as vio
 from vidiff.data import skips as sk
 from vidiff.data.schema import decode_record, make_record
 from vidiff.data.transforms import Bucket, as_rgb_video, cover_size, frames_needed, nearest_bucket, window_offset
+from vidiff.data.world import CaptionedWorld, WorldConfig
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
 
@@ -346,20 +347,16 @@ def world_source(world_kwargs: dict | None, split: str, buckets: Sequence[Bucket
     """The built-in procedural captioned world, sized to the largest bucket and rendered at ``fps`` (``data.fps``:
     no resampling to drop the frames a bucket needs) unless ``world_kwargs`` say otherwise; splits get distinct
     seeds."""
-    from vidiff.data.world import CaptionedWorld, WorldConfig  # lazily: written alongside, heavy to import
-
     fields = {f.name for f in dataclasses.fields(WorldConfig)}
     kwargs = dict(world_kwargs or {})
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ValueError(f"data.world has unknown fields {unknown}; WorldConfig fields are {sorted(fields)}")
-    if "num_frames" in fields:
-        kwargs.setdefault("num_frames", max(frames_needed(b[0], stride) for b in buckets))
-    if "size" in fields:
-        kwargs.setdefault("size", max(max(b[1], b[2]) for b in buckets))
-    if fps and "fps" in fields:
+    kwargs.setdefault("num_frames", max(frames_needed(b[0], stride) for b in buckets))
+    kwargs.setdefault("size", max(max(b[1], b[2]) for b in buckets))
+    if fps:
         kwargs.setdefault("fps", float(fps))
-    if split != "train" and "seed" in fields:
+    if split != "train":
         # A stable per-split offset: other draws, not other clips (most repeat
         # training clips); held_out="only" gives clips training never sees.
         default_seed = next(f.default for f in dataclasses.fields(WorldConfig) if f.name == "seed")
