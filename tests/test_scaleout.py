@@ -169,6 +169,22 @@ def test_context_attention_without_context_axis_is_local_and_errors_are_one_line
         jax.jit(lambda q: attention.attention(q, q, q, implementation="ulysses"))(q)  # 3 heads over context 8
 
 
+
+def test_context_layout_is_the_one_shared_by_ring_ulysses_and_context_local():
+    """The mesh, context axis, batch and head axes all three shard over, found in one place."""
+    layout = context_attention._context_layout
+    q = np.zeros((2, 6, 4, 8), np.float32)
+    assert layout(q) is None  # no mesh: local attention
+    with jax.set_mesh(parallel.make_mesh(data=8)), parallel.axis_rules():
+        assert layout(q) is None  # no context axis
+    with jax.set_mesh(parallel.make_mesh(data=2, context=4)), parallel.axis_rules():
+        assert layout(q)[1:] == ("context", 4, ("data",), None)
+        assert layout(q[:1])[1:] == ("context", 4, None, None)  # init's batch 1 does not split: replicated
+    with jax.set_mesh(parallel.make_mesh(data=1, context=2, tensor=4)), parallel.axis_rules():
+        assert layout(q)[1:] == ("context", 2, None, ("tensor",))
+        assert layout(q[:, :, :3])[1:] == ("context", 2, None, None)  # 3 heads over tensor 4: replicated
+
+
 def test_context_local_attention_attends_split_queries_to_whole_keys():
     """The cross-attention of ring and Ulysses runs: 13 queries (padded to 16 over context 4) to 5 text keys,
     under shard_map, equal to one device's attention with key lengths, a key mask and packed segment ids."""

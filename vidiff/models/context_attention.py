@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,30 +69,48 @@ def _fitting(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...] | None:
     """``axes`` if ``size`` splits evenly over them, else None (replicated): init traces batch 1."""
     return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
 
-def _context_call(name, body, q, k, v, *, mask, kv_lengths, segment_ids, kv_segment_ids):
-    """Shared driver: find the mesh and axes, pad (``body.padded``), ``shard_map`` ``body``, unpad.
+
+class _Layout(NamedTuple):
+    """Where sequence-sharded attention runs: the mesh, its context axis and size, and the mesh axes of the
+    batch and the heads (None: replicated)."""
+    mesh: object
+    axis: str
+    context: int
+    batch: tuple[str, ...] | None
+    heads: tuple[str, ...] | None
+
+
+def _context_layout(q) -> _Layout | None:
+    """The layout for ``q (B, T, heads, D)`` under the mesh in context; None without one context axis of size
+    > 1, where there is nothing to gain from the collectives and callers attend locally."""
+    mesh = _current_mesh()
+    ctx = _mesh_axes("length", mesh) if mesh is not None else ()
+    if len(ctx) != 1:
+        return None
+    return _Layout(mesh, ctx[0], mesh.shape[ctx[0]], _fitting(_mesh_axes("batch", mesh), q.shape[0], mesh),
+                   _fitting(_mesh_axes("act_heads", mesh), q.shape[2], mesh))
+
+
+def _context_call(body, q, k, v, *, mask, kv_lengths, segment_ids, kv_segment_ids):
+    """Shared driver: find the layout, pad (``body.padded``), ``shard_map`` ``body``, unpad.
 
     ``body(q, k, v, aux, *, axis, context, local)`` gets sequence-sharded q/k/v and ``aux``:
     ``valid (B, S')`` (every key mask folded in, padding included), ``kv_lengths (B,)``,
     and, when given, ``key_mask (B, S')``, ``q_ids`` and ``kv_ids``; each sharded along the
     sequence for ring (``body.aux_sharded``) and whole on every device for Ulysses.
     """
-    mesh = _current_mesh()
-    ctx = _mesh_axes("length", mesh) if mesh is not None else ()
+    layout = _context_layout(q)
     local = None  # the auto kernel: cuDNN flash attention on a GPU
-    if len(ctx) != 1:  # no context parallelism in this layout: nothing to gain from the collectives
+    if layout is None:
         return attention.attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids,
-                                kv_segment_ids=kv_segment_ids, implementation=local)
-    axis = ctx[0]
-    context = mesh.shape[axis]
+                                   kv_segment_ids=kv_segment_ids, implementation=local)
+    mesh, axis, context, batch, heads = layout
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
     tp, sp = body.padded(t, context), body.padded(s, context)
     valid, lengths, key_mask = valid_keys(mask, kv_lengths, b, s, sp)
     q_ids, kv_ids = padded_segment_ids(segment_ids, kv_segment_ids, tp, sp)
     aux = {k: x for k, x in dict(valid=valid, kv_lengths=lengths, key_mask=key_mask, q_ids=q_ids,
                                   kv_ids=kv_ids).items() if x is not None}
-    batch = _fitting(_mesh_axes("batch", mesh), b, mesh)
-    heads = _fitting(_mesh_axes("act_heads", mesh), q.shape[2], mesh)
     qkv_spec = P(batch, axis, heads, None)
     seq = axis if body.aux_sharded else None
     aux_specs = {key: P(batch) if x.ndim == 1 else P(batch, seq) for key, x in aux.items()}
@@ -124,7 +143,7 @@ _ulysses_body.padded = lambda n, context: -(-n // context) * context
 
 def ulysses_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
     """All-to-all (Ulysses) context-parallel attention; same arguments as :func:`attention.attention`."""
-    return _context_call("ulysses", _ulysses_body, q, k, v, mask=mask, kv_lengths=kv_lengths,
+    return _context_call(_ulysses_body, q, k, v, mask=mask, kv_lengths=kv_lengths,
                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
 
@@ -189,7 +208,7 @@ _ring_body.padded = lambda n, context: chunk_padded(-(-n // context)) * context
 
 def ring_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=None, kv_segment_ids=None):
     """Ring context-parallel attention; same arguments as :func:`attention.attention`."""
-    return _context_call("ring", _ring_body, q, k, v, mask=mask, kv_lengths=kv_lengths,
+    return _context_call(_ring_body, q, k, v, mask=mask, kv_lengths=kv_lengths,
                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
 
@@ -203,19 +222,16 @@ def context_local_attention(q, k, v, *, mask=None, kv_lengths=None, segment_ids=
     No collective but the keys' gather, if they arrive split. Queries are padded to a multiple of
     ``context`` (segment id -2: they match nothing) and the padding dropped.
     """
-    mesh = _current_mesh()
-    ctx = _mesh_axes("length", mesh) if mesh is not None else ()
-    if len(ctx) != 1:
+    layout = _context_layout(q)
+    if layout is None:
         return attention.attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids,
                                    kv_segment_ids=kv_segment_ids)
-    axis = ctx[0]
+    mesh, axis, context, batch, heads = layout
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
-    tp = -(-t // mesh.shape[axis]) * mesh.shape[axis]
+    tp = -(-t // context) * context
     q_ids, kv_ids = padded_segment_ids(segment_ids, kv_segment_ids, tp, s)
     aux = {name: x for name, x in dict(key_mask=as_key_mask(mask, b, s), kv_lengths=kv_lengths, q_ids=q_ids,
                                        kv_ids=kv_ids).items() if x is not None}
-    batch = _fitting(_mesh_axes("batch", mesh), b, mesh)
-    heads = _fitting(_mesh_axes("act_heads", mesh), q.shape[2], mesh)
     aux_specs = {name: P(batch) if x.ndim == 1 else P(batch, axis if name == "q_ids" else None)
                  for name, x in aux.items()}
 
