@@ -36,7 +36,9 @@ import numpy as np
 
 MAGIC = b"VDR1"
 FRAME_FORMATS = ("png", "jpeg")
-_SCALAR_FIELDS = ("caption", "fps", "id", "labels", "video")
+# Stored in the JSON header (the video as its encoded frames after it); any other ndarray field of a record
+# goes after the frames as a raw array blob.
+_NOT_ARRAY_BLOBS = ("caption", "fps", "id", "labels", "video")
 
 
 def make_record(video, caption: str, fps: float, id: str, labels: Mapping | None = None, **arrays) -> dict:
@@ -83,7 +85,7 @@ def encode_record(record: Mapping[str, Any], *, frame_format: str = "jpeg", qual
         raise ValueError(f"frame_format={frame_format!r} is unknown; use one of {', '.join(FRAME_FORMATS)}")
     video = np.asarray(record["video"])
     frames = [_encode_frame(frame, frame_format, quality) for frame in video]
-    arrays = {k: np.ascontiguousarray(v) for k, v in record.items() if k not in _SCALAR_FIELDS and isinstance(v, np.ndarray)}
+    arrays = {k: np.ascontiguousarray(v) for k, v in record.items() if k not in _NOT_ARRAY_BLOBS and isinstance(v, np.ndarray)}
     header = {
         "caption": record["caption"],
         "fps": float(record["fps"]),

@@ -298,10 +298,10 @@ def load_text_encoder(kind: str, path: str | Path, *, max_length: int | None = N
     params = jax.tree.map(jnp.asarray, params)
 
     tok_dir = Path(tokenizer) if tokenizer is not None else loading.find_tokenizer_dir(model_dir)
-    tokens = loading.Tokenizer.from_dir(tok_dir, max_length)
+    tokenizer = loading.Tokenizer.from_dir(tok_dir, max_length)
     # Only the disk cache outlives this encoder: it alone needs the weights' identity (a full hash).
     identity = "" if cache_dir is None else loading.fingerprint(model_dir, tok_dir, memo_dir=cache_dir)
-    return TextEncoder(kind=kind, module=module, params=params, abstract_params=abstract, tokenizer=tokens,
+    return TextEncoder(kind=kind, module=module, params=params, abstract_params=abstract, tokenizer=tokenizer,
                        identity=identity, cache_dir=cache_dir, batch_size=batch_size,
                        memory_cache_size=memory_cache_size)
 
