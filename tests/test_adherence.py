@@ -152,14 +152,19 @@ def test_eval_flags_are_checked_before_the_model_loads(argv, message, capsys, mo
 
 
 def test_seam_ratio_and_psnr_on_clips_with_known_answers():
-    from vidiff.eval.modes import psnr, seam_ratio
+    from vidiff.eval.modes import psnr_uint8, seam_ratio
 
     frame = lambda value: np.full((4, 4, 3), value, np.uint8)  # noqa: E731
     assert seam_ratio(np.stack([frame(0), frame(10), frame(0)])) == 0.0  # wraps back exactly
     assert seam_ratio(np.stack([frame(0), frame(10), frame(20)])) == pytest.approx(2.0)  # the wrap is two steps
     assert seam_ratio(np.stack([frame(5)] * 3)) == 0.0  # a still clip: no division by zero
-    assert psnr(frame(7), frame(7)) == 100.0
-    assert psnr(frame(0), frame(1)) == pytest.approx(10 * np.log10(255.0**2))
+    assert psnr_uint8(frame(7), frame(7)) == 100.0
+    assert psnr_uint8(frame(0), frame(1)) == pytest.approx(10 * np.log10(255.0**2))
+    from vidiff.train.metrics import psnr  # training's: the same dB for differing frames, 106 for identical ones
+
+    as_float = lambda value: frame(value)[None].astype(np.float32) / 127.5 - 1.0  # noqa: E731
+    assert float(psnr(as_float(0), as_float(1))[0]) == pytest.approx(10 * np.log10(255.0**2), abs=1e-3)
+    assert float(psnr(as_float(7), as_float(7))[0]) == pytest.approx(106.02, abs=0.01)
 
 
 class _GroundTruthPipe:

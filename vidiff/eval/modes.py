@@ -27,8 +27,12 @@ from vidiff.data import world, world_score
 from vidiff.models.vae import latent_count, pixel_count
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB between two ``uint8`` arrays (capped at 100 for identical ones)."""
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB between two ``uint8`` arrays, over all of them (100 for identical ones).
+
+    Not ``vidiff.train.metrics.psnr`` (per sample, in [-1, 1], on the device): that one floors the error
+    at 1e-10, so identical clips read 106 dB, and in float32.
+    """
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return 100.0 if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
@@ -63,22 +67,23 @@ def evaluate_modes(pipe, *, num_clips: int = 4, seed: int = 0, strength: float =
 
         clip = pipe.image_to_video([prompt], video[0], **sampling)[0]
         recon = pipe.decode(pipe.encode(video[:1]))[0, 0]
-        row["image_to_video"] = {"first_frame_psnr": psnr(clip[0], video[0]),
-                                 "vae_ceiling_psnr": psnr(recon, video[0]), **_verdict(clip, labels)}
+        row["image_to_video"] = {"first_frame_psnr": psnr_uint8(clip[0], video[0]),
+                                 "vae_ceiling_psnr": psnr_uint8(recon, video[0]), **_verdict(clip, labels)}
 
         context = pixel_count(k, tf)
         clip = pipe.extend([prompt], video[:context], direction="forward", context_frames=context, **sampling)[0]
-        row["extend_forward"] = {"context_psnr": psnr(clip[:context], video[:context]),
+        row["extend_forward"] = {"context_psnr": psnr_uint8(clip[:context], video[:context]),
                                  **_verdict(clip[context:], labels)}
 
         context = tf * k  # the clip's last tf k frames, with the frame before them as causal context
         clip = pipe.extend([prompt], video[len(video) - context - 1:], direction="backward",
                            context_frames=context, **sampling)[0]
-        row["extend_backward"] = {"context_psnr": psnr(clip[-context:], video[-context:]),
+        row["extend_backward"] = {"context_psnr": psnr_uint8(clip[-context:], video[-context:]),
                                   **_verdict(clip[:-context], labels)}
 
         clip = pipe.connect([prompt], video[:1], video[len(video) - 1 - tf:], **sampling)[0]
-        row["connect"] = {"first_frame_psnr": psnr(clip[0], video[0]), "last_frame_psnr": psnr(clip[-1], video[-1]),
+        row["connect"] = {"first_frame_psnr": psnr_uint8(clip[0], video[0]),
+                          "last_frame_psnr": psnr_uint8(clip[-1], video[-1]),
                           **_verdict(clip, labels)}
 
         new_colour = _other_colour(labels["color"])
