@@ -283,11 +283,16 @@ def test_non_finite_final_parameters_are_not_exported(tmp_path):
 
 
 def test_json_output_has_null_not_nan(tmp_path):
-    from vidiff.train.metrics import MetricsWriter, json_safe, read_metrics
+    from vidiff.data.schema import json_safe
+    from vidiff.train.metrics import MetricsWriter, read_metrics
 
     summary = {"final_loss": float("nan"), "scale": [1.0, float("inf")], "nested": {"x": float("-inf")}, "n": 2}
     assert json.dumps(json_safe(summary), allow_nan=False) == (
         '{"final_loss": null, "scale": [1.0, null], "nested": {"x": null}, "n": 2}')
+    # The one conversion of shard headers, world captions and logs: numpy values (a float32 NaN too) and bytes.
+    assert json.dumps(json_safe({"loss": np.float32("nan"), "lr": np.float64(0.5), 3: np.arange(2),
+                                 "pair": (np.int64(1), b"ok")}), allow_nan=False) == (
+        '{"loss": null, "lr": 0.5, "3": [0, 1], "pair": [1, "ok"]}')
     writer = MetricsWriter(tmp_path, enabled=True)
     writer.write(3, {"loss": float("nan"), "lr": 0.5})
     writer.close()

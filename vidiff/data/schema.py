@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import struct
 from typing import Any, Mapping
 
@@ -53,15 +54,19 @@ def make_record(video, caption: str, fps: float, id: str, labels: Mapping | None
     return record
 
 
-def _jsonable(value):
+def json_safe(value):
+    """``value`` in plain JSON types, in nested mappings, lists and tuples: numpy arrays and scalars become
+    lists and numbers, bytes text, keys strings, and every non-finite float (NaN, inf) ``None``: NaN is
+    not JSON, and readers choke on it. The one such conversion (shard headers, world captions, training
+    logs and summaries)."""
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic)):
+        return json_safe(value.tolist())
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return value
@@ -90,7 +95,7 @@ def encode_record(record: Mapping[str, Any], *, frame_format: str = "jpeg", qual
         "caption": record["caption"],
         "fps": float(record["fps"]),
         "id": str(record["id"]),
-        "labels": _jsonable(record.get("labels")),
+        "labels": json_safe(record.get("labels")),
         "video": {"shape": list(video.shape), "format": frame_format, "sizes": [len(f) for f in frames]},
         "arrays": {k: {"dtype": v.dtype.str, "shape": list(v.shape), "size": v.nbytes} for k, v in arrays.items()},
     }

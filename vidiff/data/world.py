@@ -33,6 +33,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from vidiff.data.schema import json_safe
 from vidiff.data.world_captions import (  # noqa: F401  (re-exported: captions are part of the world's API)
     DIVERSE_TEMPLATES, PARAPHRASE_TEMPLATES, TEMPLATE_SETS, TRAIN_TEMPLATES, VARIED_TEMPLATES, caption, phrase,
     templates_of,
@@ -318,17 +319,6 @@ class CaptionedWorld:
         return f"CaptionedWorld({self.config})"
 
 
-def _jsonable(labels: dict) -> dict:
-    out = {}
-    for key, value in labels.items():
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        elif isinstance(value, np.generic):
-            value = value.item()
-        out[key] = value
-    return out
-
-
 def write_samples(
     out_dir, num: int = 4, config: WorldConfig = WorldConfig(), formats: Sequence[str] = ("mp4", "gif")
 ) -> list[Path]:
@@ -363,9 +353,9 @@ def _write_samples(out_dir, num, config, formats) -> list[tuple[Path, str]]:
                  for fmt in formats]
         written.extend((path, record["caption"]) for path in paths)
         line = {"id": record["id"], "path": paths[0].name, "caption": record["caption"], "fps": config.fps,
-                "labels": _jsonable(record["labels"])}
+                "labels": json_safe(record["labels"])}
         if "objects" in record:
-            line["objects"] = [_jsonable(o) for o in record["objects"]]
+            line["objects"] = json_safe(record["objects"])
         lines.append(json.dumps(line))
     (out_dir / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return written

@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from vidiff.train.config import load_config, set_mesh
     from vidiff.train.loop import train
-    from vidiff.train.metrics import json_safe
+    from vidiff.data.schema import json_safe
 
     config = load_config(args.config, args.overrides)
     if args.mesh is not None:

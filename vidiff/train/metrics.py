@@ -8,7 +8,7 @@ out), so a log row reports means over every step since the previous row.
 ``<workdir>/metrics.jsonl`` and writes the same scalars as TensorBoard event
 files (tensorboardX, no TensorFlow) under ``<workdir>/tb``. Only process 0
 writes, so multi-host runs produce one log. A non-finite value is written as
-JSON ``null`` (``json_safe``): ``NaN`` is not JSON, and readers choke on it.
+JSON ``null`` (``vidiff.data.schema.json_safe``): ``NaN`` is not JSON, and readers choke on it.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vidiff.data.schema import json_safe
 
 
 def psnr(x, y, max_value: float = 2.0):
@@ -83,17 +85,6 @@ class LogWindow:
         sums = jax.device_get(self.sums)
         return {**{k: float(np.mean(v)) / steps for k, v in sums.items()},
                 "steps_per_s": steps / seconds, "tokens_per_s": self.tokens / seconds}
-
-
-def json_safe(value):
-    """``value`` with every non-finite float (NaN, inf) replaced by None, in nested dicts and lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 class MetricsWriter:
