@@ -201,7 +201,13 @@ def test_a_failed_run_leaves_no_output_folders_behind(tmp_path, capsys):
     code, out, err = generate(capsys, PROMPT, "--out", tmp_path / "new" / "deeper" / "clip.mp4",
                               "--image", tmp_path / "missing.png")
     assert code == 2 and "missing_file" in err and not (tmp_path / "new").exists()
-    from vidiff.generate import check_writable
+    from vidiff.generate import _check_output_file, check_writable
 
     check_writable(tmp_path / "a" / "b" / "clip.mp4")  # writable, and still no folders until something is written
+    assert list(tmp_path.iterdir()) == []
+    # The output-file check is its own name: the suffix and frame count first, then check_writable.
+    with pytest.raises(ValueError, match=r"^--out .*clip\.png: a png holds one frame; use \.mp4 or \.gif, or "
+                       r"--frames 1 for an image$"):
+        _check_output_file(tmp_path / "a" / "clip.png", frames=9)
+    _check_output_file(tmp_path / "a" / "clip.png", frames=1)
     assert list(tmp_path.iterdir()) == []

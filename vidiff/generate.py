@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     total = len(prompts) * args.num
     outputs = _output_paths(_out(args), total)
     for path in outputs:
-        _check_writable(path, frames=args.frames, fps=args.fps)
+        _check_output_file(path, frames=args.frames, fps=args.fps)
     if args.grid is not None:
         _check_grid(args.grid, outputs)
     for source, kind in _inputs(args):
@@ -194,7 +194,7 @@ def _check_grid(grid: str, outputs: list[Path]) -> None:
     if any(Path(grid).resolve() == path.resolve() for path in outputs):  # the grid, written last, would replace it
         raise ValueError(f"--grid {grid} is also the --out file; give the grid its own name, e.g. "
                          f"{Path(grid).with_name(Path(grid).stem + '_grid' + Path(grid).suffix)}")
-    _check_writable(Path(grid).with_suffix(".png"), frames=1)
+    _check_output_file(Path(grid).with_suffix(".png"), frames=1)
 
 
 def _output_paths(out: str, total: int) -> list[Path]:
@@ -204,8 +204,9 @@ def _output_paths(out: str, total: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(total)]
 
 
-def _check_writable(path: Path, frames: int | None, fps: float | None = None) -> None:
-    """Fail now, not after sampling, when ``path`` cannot be written, has no usable suffix or cannot store ``fps``."""
+def _check_output_file(path: Path, frames: int | None, fps: float | None = None) -> None:
+    """Fail now, not after sampling, when ``path`` has no suffix vidiff writes, one that cannot hold ``frames``
+    (png: one frame) or store ``fps``, or cannot be written (``check_writable``)."""
     if path.is_dir():
         raise OSError(f"cannot write {path}: it is a directory; give a file name such as {path / 'demo.mp4'}")
     suffix = path.suffix.lower()
