@@ -100,7 +100,7 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["   "], 'the prompt is empty; describe the video, e.g. "a red circle moving left"'),
+    (["   "], "the prompt is empty; describe the video, e.g. 'a red circle moving left'"),
     ([PROMPT, ""], "prompt 2 is empty"),
     ([PROMPT, "--edit", "{video}", "--strength", "1.5"], "--strength=1.5 must be in (0, 1]"),
     ([PROMPT, "--edit", "{video}", "--strength", "0"], "--strength=0.0 must be in (0, 1]"),
@@ -171,12 +171,27 @@ def test_an_unquoted_prompt_is_pointed_out(capsys):
                                                  'one prompt, quote it: vidiff generate "a red circle"')
 
 
+def test_an_empty_prompt_reads_as_the_pipeline_words_it_before_the_model_loads(model, capsys, monkeypatch):
+    from vidiff.pipeline import TextToVideo
+
+    with pytest.raises(ValueError) as raised:
+        TextToVideo.from_checkpoint(model)([PROMPT, " "])
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded before the empty prompt was reported")
+
+    monkeypatch.setattr(TextToVideo, "from_checkpoint", no_loading)
+    code, out, err = generate(capsys, PROMPT, " ", "--checkpoint", model)
+    assert code == 2 and err.strip() == f"vidiff generate: error: {raised.value}"
+    assert str(raised.value) == "prompt 2 is empty; describe the video, e.g. 'a red circle moving left'"
+
+
 def test_the_command_line_entry_point_never_shows_a_traceback():
     result = subprocess.run([sys.executable, "-m", "vidiff.cli", "generate", " "], capture_output=True, text=True,
                             cwd=REPO, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == ('vidiff generate: error: the prompt is empty; describe the video, '
-                                     'e.g. "a red circle moving left"')
+    assert result.stderr.strip() == ("vidiff generate: error: the prompt is empty; describe the video, "
+                                     "e.g. 'a red circle moving left'")
 
 
 def test_unrecognized_arguments_name_only_the_bad_ones(capsys):

@@ -23,6 +23,7 @@ import numpy as np
 
 from vidiff import io
 from vidiff.diffusion.samplers import SAMPLERS
+from vidiff.prompts import check_prompts
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
 
@@ -66,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the request, load the model, generate, write every file and say where."""
-    prompts = _check_prompts(args.prompts)
+    prompts = args.prompts
+    check_prompts(prompts)  # the library's own check, run here so that it comes before the model loads
+    _warn_if_unquoted(prompts)
     _check_mode_flags(args)
     check_sampling_flags(args)
     if args.num < 1:
@@ -138,15 +141,10 @@ def _generate(pipe, args, prompts, size, sampling) -> np.ndarray:
     return pipe(prompts, **size, **sampling)
 
 
-def _check_prompts(prompts) -> list[str]:
-    for i, prompt in enumerate(prompts):
-        if not prompt.strip():
-            which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
-            raise ValueError(f"{which} is empty; describe the video, e.g. \"a red circle moving left\"")
+def _warn_if_unquoted(prompts: list[str]) -> None:
     if len(prompts) > 2 and all(len(p.split()) == 1 for p in prompts):  # the shell split an unquoted prompt
         print(f"vidiff generate: warning: {len(prompts)} one-word prompts, one clip each; for one prompt, quote "
               f"it: vidiff generate \"{' '.join(prompts)}\"", file=sys.stderr)
-    return list(prompts)
 
 
 def check_sampling_flags(args) -> None:
