@@ -1,11 +1,13 @@
 """Prompt-adherence and mode evaluation: prompt sets, the scoring path on real world clips, the CLI's JSON."""
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from tiny_model import tiny_model_dir
+from tiny_model import REPO, tiny_model_dir
 from vidiff.cli import main
 from vidiff.data import world
 from vidiff.eval import adherence
@@ -217,3 +219,11 @@ def test_evaluate_modes_scores_ground_truth_answers_as_perfect():
     assert means["edit"] == {"colour_changed": 0.0, "shape_kept": 1.0, "direction_kept": 1.0}
     assert result["clips"][0]["edit"]["prompt"] != result["clips"][0]["prompt"]
     assert means["loop"]["seam_ratio"] == pytest.approx(np.mean([modes.seam_ratio(clips[0])] * 2))
+
+
+def test_eval_does_not_import_its_sibling_command():
+    """``vidiff eval`` takes the flags and checks it shares with ``vidiff generate`` from ``vidiff.cli_flags``."""
+    code = ("import sys, vidiff.eval.command; "
+            "print(sorted(m for m in sys.modules if m in ('vidiff.generate', 'vidiff.cli_flags')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.stdout.strip() == "['vidiff.cli_flags']", result.stderr

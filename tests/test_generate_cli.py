@@ -216,7 +216,8 @@ def test_a_failed_run_leaves_no_output_folders_behind(tmp_path, capsys):
     code, out, err = generate(capsys, PROMPT, "--out", tmp_path / "new" / "deeper" / "clip.mp4",
                               "--image", tmp_path / "missing.png")
     assert code == 2 and "missing_file" in err and not (tmp_path / "new").exists()
-    from vidiff.generate import _check_output_file, check_writable
+    from vidiff.cli_flags import check_writable
+    from vidiff.generate import _check_output_file
 
     check_writable(tmp_path / "a" / "b" / "clip.mp4")  # writable, and still no folders until something is written
     assert list(tmp_path.iterdir()) == []

@@ -12,16 +12,14 @@ not a model) is checked before the model compiles and reported in one line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from vidiff import io
+from vidiff.cli_flags import add_scan_blocks_flag, check_sampling_flags, check_writable, one_line_warnings
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.prompts import check_prompts
 
@@ -109,22 +107,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_scan_blocks_flag(parser: argparse.ArgumentParser) -> None:
-    """``--scan-blocks / --no-scan-blocks`` (None when absent), for ``TextToVideo.from_checkpoint(scan_blocks=)``."""
-    parser.add_argument("--scan-blocks", action=argparse.BooleanOptionalAction,
-                        help="run the DiT's blocks scanned (compiles faster: an XL forward 8.5 s against 31 s on an "
-                             "H200) or unrolled; default: as the model was trained (the weights convert on load)")
-
-
-@contextlib.contextmanager
-def one_line_warnings(command: str):
-    """Within the block, warnings print as ``<command>: warning: <message>`` (no file, no source line)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *a, **k: print(f"{command}: warning: {message}", file=sys.stderr)
-        yield
-
-
 def _generate(pipe, args, prompts, size, sampling) -> np.ndarray:
     if args.image:
         return pipe.image_to_video(prompts, args.image, **size, **sampling)
@@ -145,14 +127,6 @@ def _warn_if_unquoted(prompts: list[str]) -> None:
     if len(prompts) > 2 and all(len(p.split()) == 1 for p in prompts):  # the shell split an unquoted prompt
         print(f"vidiff generate: warning: {len(prompts)} one-word prompts, one clip each; for one prompt, quote "
               f"it: vidiff generate \"{' '.join(prompts)}\"", file=sys.stderr)
-
-
-def check_sampling_flags(args) -> None:
-    """The sampling flags ``generate`` and ``eval`` share, checked before a model loads."""
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps={args.steps} must be at least 1")
-    if args.guidance is not None and not math.isfinite(args.guidance):  # NaN would give black clips
-        raise ValueError(f"--guidance={args.guidance} must be a finite number (1 = off)")
 
 
 def _check_mode_flags(args) -> None:
@@ -215,26 +189,6 @@ def _check_output_file(path: Path, frames: int | None, fps: float | None = None)
     if fps is not None:
         io.check_fps(path, fps, "--fps")
     check_writable(path)
-
-
-def check_writable(path) -> None:
-    """A one-line ``OSError`` now, not after minutes of sampling, when no file can be created at ``path``."""
-    path = Path(path)
-    if path.is_dir():
-        raise OSError(f"cannot write {path}: it is a directory; give a file name")
-    io.check_folders(path)
-    parent = path.parent.absolute()
-    missing = [folder for folder in (parent, *parent.parents) if not folder.exists()]  # deepest first
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".vidiff-write-test-"):
-            pass
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e}; choose a writable output path") from None
-    finally:  # a run that fails later leaves no empty folders behind; the writers create them again
-        for folder in missing:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
 
 
 def _check_readable(source: str, kind: str) -> None:

@@ -12,7 +12,7 @@ import sys
 
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.eval import adherence
-from vidiff.generate import add_scan_blocks_flag, check_sampling_flags, check_writable, one_line_warnings
+from vidiff.cli_flags import add_scan_blocks_flag, check_sampling_flags, check_writable, one_line_warnings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
