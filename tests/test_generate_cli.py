@@ -186,6 +186,17 @@ def test_an_empty_prompt_reads_as_the_pipeline_words_it_before_the_model_loads(m
     assert str(raised.value) == "prompt 2 is empty; describe the video, e.g. 'a red circle moving left'"
 
 
+def test_a_grid_path_that_is_a_folder_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A .jpg grid was checked as the .png beside it: a folder named grid.jpg failed only after sampling."""
+    from vidiff.pipeline import TextToVideo
+
+    (tmp_path / "grid.jpg").mkdir()
+    monkeypatch.setattr(TextToVideo, "from_checkpoint", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    code, out, err = generate(capsys, PROMPT, "--out", str(tmp_path / "clip.mp4"), "--grid", str(tmp_path / "grid.jpg"))
+    assert code == 2 and err.strip() == f"vidiff generate: error: cannot write {tmp_path / 'grid.jpg'}: it is a " \
+                                        f"directory; give a file name"
+
+
 def test_the_command_line_entry_point_never_shows_a_traceback():
     result = subprocess.run([sys.executable, "-m", "vidiff.cli", "generate", " "], capture_output=True, text=True,
                             cwd=REPO, timeout=120)

@@ -166,7 +166,7 @@ def _check_grid(grid: str, outputs: list[Path]) -> None:
     if any(Path(grid).resolve() == path.resolve() for path in outputs):  # the grid, written last, would replace it
         raise ValueError(f"--grid {grid} is also the --out file; give the grid its own name, e.g. "
                          f"{Path(grid).with_name(Path(grid).stem + '_grid' + Path(grid).suffix)}")
-    _check_output_file(Path(grid).with_suffix(".png"), frames=1)
+    check_writable(grid)
 
 
 def _output_paths(out: str, total: int) -> list[Path]:
