@@ -13,7 +13,7 @@ def test_the_package_docstring_names_every_submodule():
     import pkgutil
 
     names = [m.name for m in pkgutil.iter_modules(diffusion.__path__)]
-    assert sorted(names) == ["conditioning", "flow", "generate", "samplers"]
+    assert sorted(names) == ["conditioning", "flow", "samplers", "sampling"]
     assert [n for n in names if f"``{n}``" not in diffusion.__doc__] == []
 
 
@@ -322,7 +322,7 @@ def test_tied_frames_end_equal_to_their_source(sampler):
 
 
 def test_progress_reports_every_step():
-    from vidiff.diffusion.generate import _report_step, on_sampler_step
+    from vidiff.diffusion.sampling import _report_step, on_sampler_step
 
     seen = []
     noise = jax.random.normal(jax.random.key(7), SHAPE)

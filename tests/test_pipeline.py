@@ -46,7 +46,7 @@ def test_frame_arithmetic_follows_the_causal_vae():
     # The VAE's own arithmetic (tested in test_vae), not a copy.
     assert (vidiff.pipeline.latent_count, vidiff.pipeline.pixel_count, vidiff.pipeline.pixel_frames_of) == (
         vae.latent_count, vae.pixel_count, vae.pixel_frames_of)
-    from vidiff.diffusion.generate import known_plan
+    from vidiff.pipeline_inputs import known_plan
 
     plan = known_plan(3, {2: np.ones((1, 2, 2, 4), np.float32)})
     assert plan.mask.tolist() == [0.0, 0.0, 1.0] and plan.known[0, 2].sum() == 16
@@ -292,7 +292,7 @@ class _CondEcho:
 def test_a_tied_frame_reaches_the_model_from_the_sample_not_the_context():
     """A loop's tied frame changes every step (its source's clean estimate): the model must read it from x. The
     context holds zeros there, so read from the context, this model's velocity would stay 0 and nothing move."""
-    from vidiff.diffusion.generate import sample_latents
+    from vidiff.diffusion.sampling import sample_latents
 
     x_start = np.random.default_rng(0).standard_normal((1, 3, 2, 2, 4)).astype(np.float32)
     text = {"tokens": jnp.zeros((1, 2, 8)), "lengths": jnp.array([2]), "pooled": jnp.zeros((1, 8))}
@@ -505,7 +505,7 @@ for module in sys.argv[2].split(","):
 """
     data_only = "grain,av,tensorflow,tensorflow_datasets,array_record"
     library = ("vidiff.models.vae,vidiff.models.dit,vidiff.models.text,vidiff.diffusion.samplers,"
-               "vidiff.diffusion.generate,vidiff.pipeline,vidiff.parallel,vidiff.plan,vidiff.train.state,"
+               "vidiff.diffusion.sampling,vidiff.pipeline,vidiff.pipeline_inputs,vidiff.parallel,vidiff.plan,vidiff.train.state,"
                "vidiff.models.export")
     for blocked, modules in ((data_only + ",ml_collections", library),
                              (data_only, "vidiff.train.loop,vidiff.train.tasks,vidiff.train.preflight")):

@@ -19,7 +19,7 @@ training's conditioning masks present them (``vidiff.diffusion.conditioning``):
 
 Pixel frames map to latent frames through the causal VAE (latent 0 is frame
 0 alone, latent ``j > 0`` is frames ``1 + tf (j - 1) .. tf j``; see
-``vidiff.diffusion.generate``), so known frames at the *end* of a clip are
+``vidiff.models.vae``), so known frames at the *end* of a clip are
 group latents: the input's first ``1 + tf k`` frames are encoded and latents
 ``1 .. k`` become the clip's last ``k``; the input's frame 0 is only their
 causal context, a role the generated frame before them takes over.
@@ -44,12 +44,12 @@ import numpy as np
 from vidiff import io, parallel
 from vidiff.diffusion.flow import noise_latents, resolve_shift
 from vidiff.diffusion.samplers import check_guidance
-from vidiff.diffusion.generate import (Plan, ProgressBar, encode_prompts, known_plan, latent_count, on_sampler_step,
-                                       pixel_count, sample_latents, sample_seeds, seeded_noise, text_context,
-                                       positive_whole_number, whole_number)
-from vidiff.diffusion.generate import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
+from vidiff.diffusion.sampling import on_sampler_step, sample_latents, seeded_noise, text_context
 from vidiff.models.dit import VideoDiT
-from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked
+from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, latent_count, pixel_count
+from vidiff.models.vae import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
+from vidiff.pipeline_inputs import (Plan, ProgressBar, encode_prompts, known_plan, positive_whole_number, sample_seeds,
+                                    whole_number)
 from vidiff.pipeline_load import load_export
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "world_tiny"

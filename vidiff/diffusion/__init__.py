@@ -1,7 +1,7 @@
 """Rectified flow (``flow``), its samplers with classifier-free guidance (``samplers``), the known-frame masks
-training draws for each prompting mode (``conditioning``), and sampling latents from a VideoDiT (``generate``).
+training draws for each prompting mode (``conditioning``), and sampling latents from a VideoDiT (``sampling``).
 
-The package exports ``flow`` and ``samplers``; ``conditioning`` and ``generate`` are imported by module.
+The package exports ``flow`` and ``samplers``; ``conditioning`` and ``sampling`` are imported by module.
 """
 from vidiff.diffusion.flow import (
     flow_loss,

@@ -22,7 +22,7 @@ import numpy as np
 from vidiff import io, parallel
 from vidiff.diffusion import flow_loss, resolve_shift
 from vidiff.diffusion.conditioning import mode_probabilities, sample_condition_masks
-from vidiff.diffusion.generate import sample_latents, text_context
+from vidiff.diffusion.sampling import sample_latents, text_context
 from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.dit import init_params as dit_init_params
 from vidiff.models.patches import token_count
@@ -299,7 +299,7 @@ class DiTTask(Task):
 
     def evaluate(self, state, workdir: Path, step: int) -> dict:
         prompts = list(self.config.sample.prompts)
-        clips = generate(self, state.ema_params, prompts, seed=0)
+        clips = sample_preview_clips(self, state.ema_params, prompts, seed=0)
         io.write_video(Path(workdir) / "samples" / f"samples_{step:06d}.gif", _tile(clips), preview_fps(self.config))
         return {}
 
@@ -362,8 +362,8 @@ def dit_flow_loss(dit: VideoDiT, params, x0, text: dict, rng, flow, shift: float
     return loss, metrics
 
 
-def generate(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
-    """Sample uint8 clips ``(N, T, H, W, 3)`` for ``prompts`` with the task's models (config.sample settings)."""
+def sample_preview_clips(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
+    """Training's preview clips (``samples/``): uint8 ``(N, T, H, W, 3)`` for ``prompts``, config.sample settings."""
     s = task.config.sample
     context = text_context(task.text.encode(prompts))
     uncond = text_context(task.text.encode([""] * len(prompts)))

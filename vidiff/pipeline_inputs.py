@@ -1,0 +1,124 @@
+"""What ``vidiff.pipeline.TextToVideo`` makes of one call before it samples.
+
+A prompting mode's :class:`Plan` (which latent frames are known, tied or
+noised from an input), the call's arguments checked (prompts encoded, seeds,
+whole numbers; a float or a string is an error, never truncated) and the
+progress bar over the sampler's steps. Sampling itself is
+``vidiff.diffusion.sampling``'s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a mode fixes before sampling (normalised latents, batch 1, broadcast over prompts and seeds)."""
+
+    latent_frames: int
+    known: np.ndarray | None = None  # (1, L, h, w, c) clean latents where ``mask`` is 1
+    mask: np.ndarray | None = None  # (L,) 1 = known (or tied) latent frame
+    tie: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    clean: np.ndarray | None = None  # (1, L, h, w, c) latents to noise to ``t_start`` (SDEdit)
+    t_start: float = 1.0
+    keep_frames: int | None = None  # decoded frames to return (a loop drops its wrap-around)
+
+
+def known_plan(latent_frames: int, frames: dict) -> Plan:
+    """A plan whose latent frames ``frames`` (index -> (1, h, w, c) latents) are known."""
+    if not frames or not all(0 <= j < latent_frames for j in frames):
+        raise ValueError(f"known_plan: known latent frames {sorted(frames)} must be a non-empty subset of "
+                         f"0..{latent_frames - 1}")
+    some = next(iter(frames.values()))
+    known = np.zeros((1, latent_frames, *some.shape[1:]), np.float32)
+    mask = np.zeros(latent_frames, np.float32)
+    for j, z in frames.items():
+        known[:, j], mask[j] = np.asarray(z), 1.0
+    return Plan(latent_frames, known=known, mask=mask)
+
+
+def _is_int(value) -> bool:
+    """A Python or numpy integer, not a bool (an int to Python, but never a count)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def whole_number(value, name: str) -> int:
+    """``value`` as an int if it is one (a Python or numpy integer), else a one-line ``ValueError``.
+
+    Checked before any conversion: ``int()`` would silently truncate 5.9 to 5 and accept the string "5".
+    """
+    if not _is_int(value):
+        raise ValueError(f"{name}={value!r} is a {type(value).__name__}; pass a whole number (an int)")
+    return int(value)
+
+
+def positive_whole_number(value, name: str, alternative: str = "") -> int:
+    """``value`` as an int if it is a whole number >= 1, else a one-line ``ValueError`` (``alternative``: what
+    else the caller accepts, e.g. ", or None for one batch")."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int{alternative}")
+    return int(value)
+
+
+def sample_seeds(seed, num_per_prompt: int = 1) -> list[int]:
+    """The seeds every prompt is sampled with: ``seed, seed + 1, ...`` or an explicit list, each a uint32."""
+    num_per_prompt = positive_whole_number(num_per_prompt, "num_per_prompt")
+    if isinstance(seed, np.ndarray) and seed.ndim == 0:
+        seed = seed[()]  # a 0-d array: its numpy scalar
+    if np.ndim(seed) == 0:
+        seeds = [whole_number(seed, "seed") + j for j in range(num_per_prompt)]
+    elif num_per_prompt != 1:
+        raise ValueError(f"num_per_prompt={num_per_prompt} with a list of seeds: give one or the other (a list "
+                         "samples every prompt once per seed)")
+    else:
+        seeds = [whole_number(s, "seed") for s in seed]
+    if not seeds:
+        raise ValueError("seed=[] gives no samples; pass an int or a non-empty list of seeds")
+    if not all(0 <= s < 2**32 for s in seeds):  # the noise is keyed by a uint32
+        raise ValueError(f"seeds {seeds} must be in [0, 2**32)")
+    return seeds
+
+
+def encode_prompts(text, prompts: Sequence[str]):
+    """``TextEmbeddings`` of ``prompts`` from encoder ``text``: empty prompts are errors, over-long ones are
+    truncated with a warning saying what the model reads."""
+    which = lambda i: "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+    if not prompts:
+        raise ValueError("no prompts given; pass at least one, e.g. 'a red circle moving left'")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"{which(i)} is a {type(p).__name__} ({p!r}); prompts are strings")
+        if not p.strip():
+            raise ValueError(f"{which(i)} is empty; describe the video, e.g. 'a red circle moving left'")
+    emb = text.encode(list(prompts))
+    for i in np.nonzero(emb.truncated)[0]:
+        kept = text.tokenizer.hf.decode(text.tokenize([prompts[i]]).ids[0], skip_special_tokens=True)
+        warnings.warn(f"{which(i)} is longer than the text encoder's {text.max_length} tokens; the model "
+                      f"reads only {kept!r}", stacklevel=3)
+    return emb
+
+
+class ProgressBar:
+    """A tqdm bar (stderr) counting sampler steps, or a no-op; usable as the step callback."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="sampling", unit="step", leave=False)
+
+    def __call__(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
