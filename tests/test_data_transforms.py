@@ -230,3 +230,11 @@ def test_config_accepts_configdict_dataclass_and_objects():
             self.batch_size = 3
 
     assert DataConfig.from_any(Attrs()).batch_size == 3
+    # Whole numbers are vidiff.checks.is_int's: a numpy int is one, a bool is not.
+    import vidiff.checks
+    import vidiff.data.config
+
+    assert vidiff.data.config.is_int is vidiff.checks.is_int
+    assert DataConfig.from_any({"num_frames": np.int64(9), "size": (np.int32(16), 24)}).height_width == (16, 24)
+    with pytest.raises(ValueError, match=r"^data.batch_size=True is invalid; use an int >= 1$"):
+        DataConfig.from_any({"batch_size": True})

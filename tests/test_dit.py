@@ -464,6 +464,14 @@ def test_config_rejects_values_that_would_fail_later_or_silently():
                              (dict(widht=32), r"unknown DiTConfig field\(s\) \['widht'\]; valid fields: .*width")]:
         with pytest.raises(ValueError, match=match):
             dit.dit_preset("tiny", **overrides)
+    # Every layer's one whole-number check (vidiff.checks), not a copy: numpy ints count, bools and 3.0 do not.
+    from vidiff import checks
+
+    assert (dit.is_int, dit.is_number) == (checks.is_int, checks.is_number)
+    values = (3, np.int64(3), True, np.bool_(True), 3.0, np.float64(3.0), "3", None)
+    assert [checks.is_int(v) for v in values] == [True, True, False, False, False, False, False, False]
+    assert [checks.is_number(v) for v in values] == [True, False, False, False, True, True, False, False]
+    assert dit.dit_preset("tiny", depth=np.int64(2), mlp_ratio=np.float64(2.0)).depth == 2
 
 
 @pytest.mark.parametrize("text_mode", ["cross", "joint"])

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from vidiff.checks import is_int
+
 
 @dataclasses.dataclass
 class Plan:
@@ -41,17 +43,12 @@ def known_plan(latent_frames: int, frames: dict) -> Plan:
     return Plan(latent_frames, known=known, mask=mask)
 
 
-def _is_int(value) -> bool:
-    """A Python or numpy integer, not a bool (an int to Python, but never a count)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def whole_number(value, name: str) -> int:
     """``value`` as an int if it is one (a Python or numpy integer), else a one-line ``ValueError``.
 
     Checked before any conversion: ``int()`` would silently truncate 5.9 to 5 and accept the string "5".
     """
-    if not _is_int(value):
+    if not is_int(value):
         raise ValueError(f"{name}={value!r} is a {type(value).__name__}; pass a whole number (an int)")
     return int(value)
 
@@ -59,7 +56,7 @@ def whole_number(value, name: str) -> int:
 def positive_whole_number(value, name: str, alternative: str = "") -> int:
     """``value`` as an int if it is a whole number >= 1, else a one-line ``ValueError`` (``alternative``: what
     else the caller accepts, e.g. ", or None for one batch")."""
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive int{alternative}")
     return int(value)
 

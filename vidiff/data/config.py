@@ -8,11 +8,9 @@ naming ``data.<field>`` and how to fix it.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
+from vidiff.checks import field_checker, is_int, is_number
 from vidiff.data.transforms import CROPS, WINDOWS, Bucket, parse_buckets
 
 SOURCES = ("world", "folder", "array_record", "tfds")
@@ -99,35 +97,32 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for the first bad field."""
-        def need(ok, field, fix):
-            if not ok:
-                raise ValueError(f"data.{field}={getattr(self, field)!r} is invalid; {fix}")
-
+        need = field_checker("data", lambda field: getattr(self, field))
         need(self.source in SOURCES, "source", f"use one of {', '.join(SOURCES)}")
         # A string such as "no" or "false" is truthy: only real booleans are taken.
         for flag in ("drop_remainder", "shuffle", "tfds_download"):
             need(isinstance(getattr(self, flag), bool), flag, "use True or False (a bool, not a string or number)")
-        need(_int(self.num_frames) and self.num_frames >= 1, "num_frames", "use an int >= 1 (e.g. 17 = 1 + 4k for the causal VAE)")
+        need(is_int(self.num_frames) and self.num_frames >= 1, "num_frames", "use an int >= 1 (e.g. 17 = 1 + 4k for the causal VAE)")
         height, width = self.height_width
         need(height >= 1 and width >= 1, "size", "use a positive side or (height, width)")
-        need(_int(self.frame_stride) and self.frame_stride >= 1, "frame_stride", "use an int >= 1")
-        need(self.fps is None or (_num(self.fps) and self.fps > 0), "fps", "use a positive frame rate or None")
+        need(is_int(self.frame_stride) and self.frame_stride >= 1, "frame_stride", "use an int >= 1")
+        need(self.fps is None or (is_number(self.fps) and self.fps > 0), "fps", "use a positive frame rate or None")
         need(self.window in WINDOWS, "window", f"use one of {', '.join(WINDOWS)}")
         need(self.crop in CROPS, "crop", f"use one of {', '.join(CROPS)}")
-        need(_int(self.batch_size) and self.batch_size >= 1, "batch_size", "use an int >= 1")
-        need(self.num_epochs is None or (_int(self.num_epochs) and self.num_epochs >= 1), "num_epochs", "use an int >= 1, or None to repeat forever")
-        need(_num(self.caption_dropout) and 0 <= self.caption_dropout <= 1, "caption_dropout", "use a probability in [0, 1]")
-        need(_num(self.image_fraction) and 0 <= self.image_fraction <= 1, "image_fraction", "use a fraction in [0, 1]")
+        need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "use an int >= 1")
+        need(self.num_epochs is None or (is_int(self.num_epochs) and self.num_epochs >= 1), "num_epochs", "use an int >= 1, or None to repeat forever")
+        need(is_number(self.caption_dropout) and 0 <= self.caption_dropout <= 1, "caption_dropout", "use a probability in [0, 1]")
+        need(is_number(self.image_fraction) and 0 <= self.image_fraction <= 1, "image_fraction", "use a fraction in [0, 1]")
         need(self.image_fraction == 0 or any(b[0] == 1 for b in self.bucket_list()), "image_fraction",
              "add a 1-frame image bucket, e.g. data.buckets=['17x32x32', '1x32x32']")
-        need(_int(self.num_workers) and self.num_workers >= 0, "num_workers", "use an int >= 0 (0 = no worker processes)")
-        need(_int(self.worker_buffer_size) and self.worker_buffer_size >= 1, "worker_buffer_size", "use an int >= 1")
-        need(_int(self.read_threads) and self.read_threads >= 0, "read_threads", "use an int >= 0")
-        need(_int(self.read_buffer_size) and self.read_buffer_size >= max(1, self.read_threads), "read_buffer_size", "use an int >= read_threads")
-        need(_num(self.max_bad_fraction) and 0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "use a fraction in [0, 1]")
-        need(_int(self.bad_fraction_min_records) and self.bad_fraction_min_records >= 0, "bad_fraction_min_records", "use an int >= 0")
-        need(self.max_pixels is None or (_int(self.max_pixels) and self.max_pixels > 0), "max_pixels", "use a positive pixel count or None")
-        need(_int(self.seed) and 0 <= self.seed < 2**32, "seed", "use an int in [0, 2**32)")
+        need(is_int(self.num_workers) and self.num_workers >= 0, "num_workers", "use an int >= 0 (0 = no worker processes)")
+        need(is_int(self.worker_buffer_size) and self.worker_buffer_size >= 1, "worker_buffer_size", "use an int >= 1")
+        need(is_int(self.read_threads) and self.read_threads >= 0, "read_threads", "use an int >= 0")
+        need(is_int(self.read_buffer_size) and self.read_buffer_size >= max(1, self.read_threads), "read_buffer_size", "use an int >= read_threads")
+        need(is_number(self.max_bad_fraction) and 0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "use a fraction in [0, 1]")
+        need(is_int(self.bad_fraction_min_records) and self.bad_fraction_min_records >= 0, "bad_fraction_min_records", "use an int >= 0")
+        need(self.max_pixels is None or (is_int(self.max_pixels) and self.max_pixels > 0), "max_pixels", "use a positive pixel count or None")
+        need(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "use an int in [0, 2**32)")
         if self.source == "folder":
             need(self.manifest not in (None, ""), "manifest", "set it to a .jsonl or .csv manifest for source='folder'")
         if self.source == "array_record":
@@ -144,20 +139,12 @@ def height_width(size, field: str = "data.size") -> tuple[int, int]:
     since a string would iterate to digits ("64" -> 6x4) and a float would be
     cut silently.
     """
-    if _int(size):
+    if is_int(size):
         return int(size), int(size)
-    if isinstance(size, (tuple, list)) and len(size) == 2 and all(_int(v) for v in size):
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(is_int(v) for v in size):
         return int(size[0]), int(size[1])
     raise ValueError(f"{field}={size!r} is not a side or (height, width) of ints; "
                      f"e.g. {field}=64 or {field}=(48, 64)")
-
-
-def _int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _num(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _plain(value):

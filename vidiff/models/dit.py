@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vidiff.checks import is_int, is_number
 from vidiff.models import context_attention  # noqa: F401  (registers "ulysses", "ring" and "chunked" attention_impl)
 from vidiff.models.attention import Attention, JointAttention, local_attention_impl, resolve_attention_impl
 from vidiff.models.block_layout import LAYERS_AXIS, with_block_layout
@@ -86,15 +87,12 @@ class DiTConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        def is_int(value):  # a bool is an int to Python, and a float would be truncated
-            return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
         for name in ("depth", "width", "heads", "latent_channels", "text_dim", "pooled_dim", "scan_unroll"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive int, got {getattr(self, name)!r}")
         for name in ("mlp_ratio", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not is_number(value) or not value > 0:
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
         for name in ("conditioning_frames", "abs_pos_embed", "normalize_text", "scan_blocks"):
             if not isinstance(getattr(self, name), bool):  # a config string "no" would otherwise read as True

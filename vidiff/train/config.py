@@ -26,6 +26,7 @@ from typing import Sequence
 
 import ml_collections
 
+from vidiff.checks import field_checker
 from vidiff.train.overrides import apply_overrides, keep_overridden, stage_override_warnings
 
 MODELS = ("vae", "dit")
@@ -264,11 +265,7 @@ def check_stage(config, model: str) -> None:
     from vidiff.train.optimizer import check_optim, finite_number
 
     stage, name = config[f"{model}_train"], f"{model}_train"
-
-    def need(ok, field, fix):
-        if not ok:
-            raise ValueError(f"{name}.{field}={stage.get(field)!r} is invalid; {fix}")
-
+    need = field_checker(name, stage.get)
     need(_is_int(stage.steps) and stage.steps >= 1, "steps", "use an int >= 1 (optimizer steps in total)")
     need(_is_int(stage.log_every) and stage.log_every >= 1, "log_every", "use an int >= 1 (log every n steps)")
     need(_is_int(stage.ckpt_every) and stage.ckpt_every >= 1, "ckpt_every",

@@ -15,6 +15,8 @@ import math
 import jax
 import optax
 
+from vidiff.checks import field_checker, is_number
+
 SCHEDULES = ("cosine", "constant")
 
 
@@ -38,16 +40,12 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
 
 def finite_number(value) -> bool:
     """An int or float (not a bool, which is an int to Python) that is finite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def check_optim(optim, name: str = "optim") -> None:
     """Raise a one-line ``ValueError`` naming ``<name>.<field>`` and the fix for the first unusable value."""
-
-    def need(ok, field, fix):
-        if not ok:
-            raise ValueError(f"{name}.{field}={optim.get(field)!r} is invalid; {fix}")
-
+    need = field_checker(name, optim.get)
     need(finite_number(optim.lr) and optim.lr > 0, "lr", "use a finite learning rate > 0, e.g. 1e-4")
     need(optim.schedule in SCHEDULES, "schedule", f"use one of {', '.join(map(repr, SCHEDULES))}")
     need(isinstance(optim.warmup_steps, int) and optim.warmup_steps >= 0, "warmup_steps", "use an int >= 0")
