@@ -126,6 +126,16 @@ def test_stage_numbers_are_checked_before_compiling(model, override, message):
         config_lib.validate(config_lib.for_stage(config, model), model, device_count=8)
 
 
+@pytest.mark.parametrize("field, fix", [("warmup_steps", "use an int >= 0"),
+                                        ("accumulate", r"use an int >= 1 \(1 = no accumulation\)")])
+def test_a_bool_written_in_a_config_file_is_no_step_count(field, fix):
+    """--config overrides refuse a bool for an int; a config file's True reached the optimizer as 1."""
+    config = _config()
+    config.vae_train.optim[field] = True
+    with pytest.raises(ValueError, match=f"^vae_train.optim.{field}=True is invalid; {fix}$"):
+        config_lib.validate(config_lib.for_stage(config, "vae"), "vae", device_count=8)
+
+
 @pytest.mark.parametrize("model, override, message", [
     ("dit", "dit_train.data.buckets=['17x32x32', '17x36x36']",
      r"data.buckets entry '17x36x36': height=36 must be divisible by 8 \(VAE spatial factor x DiT patch\); use e.g. 32"),

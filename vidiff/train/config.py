@@ -252,28 +252,24 @@ def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, t
                              f"use e.g. {max(1, round(value / divisor)) * divisor}")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_stage(config, model: str) -> None:
     """The ``<model>_train`` numbers, its optimizer and (DiT) ``flow.shift``: one line naming the field and the fix.
 
     Each of these would otherwise fail late (``log_every=0``: a division after
     compiling), or not at all (``steps=0`` exports an untrained model).
     """
-    from vidiff.train.optimizer import check_optim, finite_number
+    from vidiff.train.optimizer import check_optim, config_int, finite_number
 
     stage, name = config[f"{model}_train"], f"{model}_train"
     need = field_checker(name, stage.get)
-    need(_is_int(stage.steps) and stage.steps >= 1, "steps", "use an int >= 1 (optimizer steps in total)")
-    need(_is_int(stage.log_every) and stage.log_every >= 1, "log_every", "use an int >= 1 (log every n steps)")
-    need(_is_int(stage.ckpt_every) and stage.ckpt_every >= 1, "ckpt_every",
+    need(config_int(stage.steps) and stage.steps >= 1, "steps", "use an int >= 1 (optimizer steps in total)")
+    need(config_int(stage.log_every) and stage.log_every >= 1, "log_every", "use an int >= 1 (log every n steps)")
+    need(config_int(stage.ckpt_every) and stage.ckpt_every >= 1, "ckpt_every",
          "use an int >= 1 (the last step is always saved: a value >= steps saves only there)")
-    need(_is_int(stage.get("eval_every", 0)) and stage.get("eval_every", 0) >= 0, "eval_every",
+    need(config_int(stage.get("eval_every", 0)) and stage.get("eval_every", 0) >= 0, "eval_every",
          "use an int >= 0 (0 = never)")
-    need(_is_int(stage.get("keep", 1)) and stage.get("keep", 1) >= 1, "keep", "use an int >= 1")
-    need(_is_int(stage.get("keep_best", 0)) and stage.get("keep_best", 0) >= 0, "keep_best", "use an int >= 0")
+    need(config_int(stage.get("keep", 1)) and stage.get("keep", 1) >= 1, "keep", "use an int >= 1")
+    need(config_int(stage.get("keep_best", 0)) and stage.get("keep_best", 0) >= 0, "keep_best", "use an int >= 0")
     # Anything but "stop" used to mean "skip": a typo must not switch the guard off.
     need(stage.get("on_nonfinite", "stop") in ON_NONFINITE, "on_nonfinite", "use 'stop' or 'skip'")
     need(stage.get("init_on", "auto") in INIT_ON_NAMES, "init_on",
@@ -281,7 +277,7 @@ def check_stage(config, model: str) -> None:
     need(finite_number(stage.ema_decay) and 0 <= stage.ema_decay < 1, "ema_decay",
          "use a number in [0, 1), e.g. 0.999 (0 = no averaging)")
     if model == "vae":
-        need(_is_int(stage.get("stats_batches", 1)) and stage.get("stats_batches", 1) >= 1, "stats_batches",
+        need(config_int(stage.get("stats_batches", 1)) and stage.get("stats_batches", 1) >= 1, "stats_batches",
              "use an int >= 1")
     check_optim(stage.optim, f"{name}.optim")
     if model == "dit":

@@ -38,6 +38,12 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
     raise ValueError(f"optim.schedule={optim.schedule!r} is unknown; use one of {SCHEDULES}")
 
 
+def config_int(value) -> bool:
+    """A Python int, not a bool: unlike ``vidiff.checks.is_int``, no numpy int, which ``ConfigDict.to_json``
+    (the run's config saved with its checkpoints) cannot write."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def finite_number(value) -> bool:
     """An int or float (not a bool, which is an int to Python) that is finite."""
     return is_number(value) and math.isfinite(value)
@@ -48,7 +54,7 @@ def check_optim(optim, name: str = "optim") -> None:
     need = field_checker(name, optim.get)
     need(finite_number(optim.lr) and optim.lr > 0, "lr", "use a finite learning rate > 0, e.g. 1e-4")
     need(optim.schedule in SCHEDULES, "schedule", f"use one of {', '.join(map(repr, SCHEDULES))}")
-    need(isinstance(optim.warmup_steps, int) and optim.warmup_steps >= 0, "warmup_steps", "use an int >= 0")
+    need(config_int(optim.warmup_steps) and optim.warmup_steps >= 0, "warmup_steps", "use an int >= 0")
     need(finite_number(optim.end_lr_fraction) and optim.end_lr_fraction >= 0, "end_lr_fraction",
          "use a fraction >= 0 of optim.lr (e.g. 0.1)")
     for field in ("b1", "b2"):
@@ -57,7 +63,7 @@ def check_optim(optim, name: str = "optim") -> None:
     need(finite_number(optim.weight_decay) and optim.weight_decay >= 0, "weight_decay", "use a number >= 0 (0 = off)")
     need(optim.grad_clip is None or (finite_number(optim.grad_clip) and optim.grad_clip >= 0), "grad_clip",
          "use a global-norm limit > 0, or 0 / None to turn clipping off")
-    need(isinstance(optim.accumulate, int) and optim.accumulate >= 1, "accumulate",
+    need(config_int(optim.accumulate) and optim.accumulate >= 1, "accumulate",
          "use an int >= 1 (1 = no accumulation)")
 
 
