@@ -21,7 +21,7 @@ import numpy as np
 from vidiff import io
 from vidiff.cli_flags import add_scan_blocks_flag, check_sampling_flags, check_writable, one_line_warnings
 from vidiff.diffusion.samplers import SAMPLERS
-from vidiff.prompts import check_prompts
+from vidiff.pipeline_inputs import check_prompts
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
 

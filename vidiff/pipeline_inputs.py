@@ -80,22 +80,33 @@ def sample_seeds(seed, num_per_prompt: int = 1) -> list[int]:
     return seeds
 
 
+def prompt_name(prompts: Sequence, i: int) -> str:
+    """How a message names prompt ``i``: "the prompt" when it is the only one, else "prompt <i + 1>"."""
+    return "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+
+
+def check_prompts(prompts: Sequence) -> None:
+    """A one-line ``ValueError`` for no prompts, a prompt that is not a string, or an empty (blank) one.
+    ``vidiff generate`` runs it before the model loads, so its errors are worded as the pipeline's."""
+    if not prompts:
+        raise ValueError("no prompts given; pass at least one, e.g. 'a red circle moving left'")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"{prompt_name(prompts, i)} is a {type(prompt).__name__} ({prompt!r}); "
+                             "prompts are strings")
+        if not prompt.strip():
+            raise ValueError(f"{prompt_name(prompts, i)} is empty; describe the video, e.g. 'a red circle moving left'")
+
+
 def encode_prompts(text, prompts: Sequence[str]):
     """``TextEmbeddings`` of ``prompts`` from encoder ``text``: empty prompts are errors, over-long ones are
     truncated with a warning saying what the model reads."""
-    which = lambda i: "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
-    if not prompts:
-        raise ValueError("no prompts given; pass at least one, e.g. 'a red circle moving left'")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"{which(i)} is a {type(p).__name__} ({p!r}); prompts are strings")
-        if not p.strip():
-            raise ValueError(f"{which(i)} is empty; describe the video, e.g. 'a red circle moving left'")
+    check_prompts(prompts)
     emb = text.encode(list(prompts))
     for i in np.nonzero(emb.truncated)[0]:
         kept = text.tokenizer.hf.decode(text.tokenize([prompts[i]]).ids[0], skip_special_tokens=True)
-        warnings.warn(f"{which(i)} is longer than the text encoder's {text.max_length} tokens; the model "
-                      f"reads only {kept!r}", stacklevel=3)
+        warnings.warn(f"{prompt_name(prompts, i)} is longer than the text encoder's {text.max_length} tokens; "
+                      f"the model reads only {kept!r}", stacklevel=3)
     return emb
 
 
