@@ -139,65 +139,95 @@ def for_stage(config, model: str) -> ml_collections.ConfigDict:
 
 
 def validate(config, model: str, device_count: int) -> None:
-    """Fail early, one line per problem, for configs that cannot work (before anything compiles)."""
-    from vidiff.models.dit import dit_preset
+    """Fail early, one line per problem, for configs that cannot work (before anything compiles).
 
+    The checks run in this order, which decides the error a config with two
+    mistakes gets: the stage's fields and workdir, the data source, the VAE and
+    ``data.size``, the DiT's own settings, every trained clip size, and how the
+    batch splits over the devices.
+    """
     if model not in MODELS:
         raise ValueError(f"model={model!r} is unknown; train one of {MODELS}")
+    from vidiff.data.config import height_width
     from vidiff.train.profile import check_profile
+    from vidiff.train.tasks import vae_from_config
 
     check_profile(config[f"{model}_train"], model)
     check_stage(config, model)
     _check_workdir(str(config.workdir), model)
-    if config.data.source == "world":  # the built-in world reads no files: a path set means another source
-        if given := [f for f in SOURCE_FIELDS if config.data.get(f) not in (None, "")]:
-            field = given[0]
-            raise ValueError(f"data.{field}={config.data[field]!r} is set but data.source='world' reads no files; "
-                             f"set data.source={SOURCE_FIELDS[field]!r} to train on it (or unset data.{field})")
-    from vidiff.train.tasks import vae_from_config
-
+    _check_world_source(config.data)
     vae_cfg = vae_from_config(config).config
-    from vidiff.data.config import height_width
+    size = height_width(config.data.size)
+    dit_cfg = _check_dit_settings(config) if model == "dit" else None
+    _check_clip_sizes(config, model, size, _clip_factors(vae_cfg, dit_cfg))
+    _check_batch_split(config, model, device_count)
 
-    height, width = height_width(config.data.size)
-    time_patch, divisors, why = 1, (vae_cfg.spatial_factor, vae_cfg.spatial_factor), "the VAE's spatial factor"
-    if model == "dit":
-        if config.dit_train.get("latents") == "prepared" and config.data.source != "array_record":
-            raise ValueError(
-                f"dit_train.latents='prepared' needs data.source='array_record' (shards from `vidiff prepare "
-                f"--latents`), got data.source={config.data.source!r}"
-            )
-        dit_cfg = dit_preset(config.dit.preset, **config.dit.overrides)
-        if dit_cfg.param_dtype != "float32":
-            # The trained parameters are the master weights and set AdamW's moments' dtype: in bfloat16 most
-            # small updates round away (20 steps at lr 1e-4 left 90% of a kernel's entries unchanged).
-            raise ValueError(f"dit.overrides.param_dtype={dit_cfg.param_dtype!r}: training keeps float32 weights "
-                             f"and AdamW state (bfloat16 ones lose small updates); keep param_dtype='float32' and "
-                             f"set dit.overrides.dtype='bfloat16' for bfloat16 compute")
-        condition = dict(config.dit_train.get("condition") or {})
-        if not dit_cfg.conditioning_frames and any(float(p) > 0 for m, p in condition.items() if m != "none"):
-            # dit_flow_loss can only give known frames to a DiT that takes them as input: it would train
-            # text-to-video alone, silently.
-            raise ValueError(
-                f"dit_train.condition={condition} needs a DiT that takes the known frames, but "
-                f"dit.overrides.conditioning_frames=False; set it True or drop dit_train.condition"
-            )
-        time_patch = dit_cfg.patch[0]
-        divisors = (divisors[0] * dit_cfg.patch[1], divisors[1] * dit_cfg.patch[2])
-        why = "VAE spatial factor x DiT patch"
+
+def _check_world_source(data) -> None:
+    """The built-in world reads no files: a path set means another source was meant."""
+    if data.source != "world":
+        return
+    if given := [f for f in SOURCE_FIELDS if data.get(f) not in (None, "")]:
+        field = given[0]
+        raise ValueError(f"data.{field}={data[field]!r} is set but data.source='world' reads no files; "
+                         f"set data.source={SOURCE_FIELDS[field]!r} to train on it (or unset data.{field})")
+
+
+def _check_dit_settings(config):
+    """The DiT stage's settings that no clip size depends on; returns the DiT's config (its patch sizes the clips)."""
+    from vidiff.models.dit import dit_preset
+
+    if config.dit_train.get("latents") == "prepared" and config.data.source != "array_record":
+        raise ValueError(
+            f"dit_train.latents='prepared' needs data.source='array_record' (shards from `vidiff prepare "
+            f"--latents`), got data.source={config.data.source!r}"
+        )
+    dit_cfg = dit_preset(config.dit.preset, **config.dit.overrides)
+    if dit_cfg.param_dtype != "float32":
+        # The trained parameters are the master weights and set AdamW's moments' dtype: in bfloat16 most
+        # small updates round away (20 steps at lr 1e-4 left 90% of a kernel's entries unchanged).
+        raise ValueError(f"dit.overrides.param_dtype={dit_cfg.param_dtype!r}: training keeps float32 weights "
+                         f"and AdamW state (bfloat16 ones lose small updates); keep param_dtype='float32' and "
+                         f"set dit.overrides.dtype='bfloat16' for bfloat16 compute")
+    condition = dict(config.dit_train.get("condition") or {})
+    if not dit_cfg.conditioning_frames and any(float(p) > 0 for m, p in condition.items() if m != "none"):
+        # dit_flow_loss can only give known frames to a DiT that takes them as input: it would train
+        # text-to-video alone, silently.
+        raise ValueError(
+            f"dit_train.condition={condition} needs a DiT that takes the known frames, but "
+            f"dit.overrides.conditioning_frames=False; set it True or drop dit_train.condition"
+        )
+    return dit_cfg
+
+
+def _clip_factors(vae_cfg, dit_cfg) -> tuple[int, int, tuple[int, int], str]:
+    """What a trained clip's size must fit (``_check_clip_size``'s factors): the VAE's time factor, the DiT's
+    time patch (1 when training the VAE), the (height, width) divisors and the words that explain them."""
+    spatial = vae_cfg.spatial_factor
+    if dit_cfg is None:
+        return vae_cfg.time_factor, 1, (spatial, spatial), "the VAE's spatial factor"
+    return (vae_cfg.time_factor, dit_cfg.patch[0], (spatial * dit_cfg.patch[1], spatial * dit_cfg.patch[2]),
+            "VAE spatial factor x DiT patch")
+
+
+def _check_clip_sizes(config, model: str, size: tuple[int, int], factors) -> None:
+    """``data.num_frames`` x ``data.size`` and every ``data.buckets`` entry against ``factors``; for the VAE,
+    each frame size against its loss networks too."""
     from vidiff.data.transforms import parse_buckets
-
-    factors = (vae_cfg.time_factor, time_patch, divisors, why)
-    clips = [(int(config.data.num_frames), height, width, None)]
-    if config.data.get("buckets"):  # the clip sizes trained, when bucketed
-        clips += [(f, h, w, f"{f}x{h}x{w}") for f, h, w in parse_buckets(config.data.buckets, clips[0][:3])]
     from vidiff.models.vae_losses import VAELossConfig, check_frame_size
 
+    clips = [(int(config.data.num_frames), *size, None)]
+    if config.data.get("buckets"):  # the clip sizes trained, when bucketed
+        clips += [(f, h, w, f"{f}x{h}x{w}") for f, h, w in parse_buckets(config.data.buckets, clips[0][:3])]
     vae_loss = VAELossConfig(**dict(config.vae_loss)) if model == "vae" else None
     for frames, h, w, bucket in clips:
         _check_clip_size(frames, h, w, bucket, *factors)
         if vae_loss is not None:  # a loss network that leaves no pixel of the frame gives a NaN loss
             check_frame_size(h, w, vae_loss)
+
+
+def _check_batch_split(config, model: str, device_count: int) -> None:
+    """``data.batch_size`` over the data-parallel devices, and into ``optim.accumulate`` micro-batches."""
     from vidiff import parallel
 
     sizes = parallel.resolve_sizes(parallel.mesh_sizes(config.mesh.to_dict()), device_count)  # presets, dcn, -1
