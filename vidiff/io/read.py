@@ -131,8 +131,6 @@ def read_video(
         ``"error"`` raises (reason ``truncated``). Judged only when the window
         is not already complete (``end`` / ``max_frames`` reached first).
     """
-    import av
-
     if truncated not in ("warn", "error"):
         raise ValueError(f"truncated={truncated!r} is invalid; use 'warn' or 'error'")
     with contextlib.ExitStack() as stack:
@@ -142,60 +140,84 @@ def read_video(
             raise VideoReadError(
                 path, TOO_LARGE, f"{info.width}x{info.height} exceeds the limit of {max_pixels} pixels per frame"
             )
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
         # Frame times are the stream's timestamps; the window counts from its first frame.
-        origin = info.start
-        start_t = origin + start
-        end_t = None if end is None else origin + end
+        start_t = info.start + start
+        end_t = None if end is None else info.start + end
         reformat = {"format": "rgb24"}
         if size is not None:
             reformat.update(height=int(size[0]), width=int(size[1]), interpolation="BICUBIC")
-        half_period = 0.5 / info.fps
         out = _Resampler(fps, start_t, info.fps, max_frames, lambda frame: frame.to_ndarray(**reformat))
-        last_t, decoded, position, complete, error = None, 0, 0, False, None
-
-        def reopen():
-            again = stack.enter_context(_open(path)).streams.video[0]
-            again.thread_type = "AUTO"
-            return again
-
-        try:
-            for frame in _decode_from(container, stream, start_t if start > 0 else None, half_period, origin, reopen):
-                # A frame without a timestamp (a raw .h264 stream) is timed by its place in the stream, which
-                # is then decoded from its start (it cannot seek).
-                t = float(frame.time) if frame.time is not None else origin + position / info.fps
-                position += 1
-                last_t = t
-                if t < start_t - half_period:
-                    continue
-                if end_t is not None and t >= end_t - 1e-9:
-                    complete = True
-                    break
-                decoded += 1
-                out.add(frame, t)
-                if out.full():
-                    complete = True
-                    break
-        except av.FFmpegError as e:
-            if not out.frames:
-                raise VideoReadError(path, CORRUPT, f"decoding failed ({e.__class__.__name__}: {e})") from None
-            error = e
+        decoded = _decode_window(path, stack, container, info, start_t, end_t, start > 0, out)
         # Repeats of the last frame stop at the stream's end too: a gif's whole-centisecond timestamps put its
         # last frame up to half a centisecond early, and one period past it would be an instant after the clip.
-        stream_end = origin + info.duration if info.duration > 0 else None
+        stream_end = info.start + info.duration if info.duration > 0 else None
         limits = [t for t in (end_t, stream_end) if t is not None]
         out.finish(min(limits) if limits else None)
     frames = out.frames
-    if not complete:
-        short = _truncation(info, origin, start_t, end_t, last_t, decoded, error)
-        if short is not None and (truncated == "error" or not frames):
-            raise VideoReadError(path, TRUNCATED, short)
-        if short is not None:
-            log.warning("%s: %s: %s; using the %d frames that decoded", path, TRUNCATED, short, len(frames))
+    if not decoded.complete:
+        _judge_truncation(path, info, start_t, end_t, decoded, len(frames), truncated)
     if not frames:
         raise VideoReadError(path, NO_FRAMES, "no frames decoded in the requested window")
     return np.stack(frames), float(fps or info.fps)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+    """How ``_decode_window`` went: what ``_judge_truncation`` needs."""
+
+    last_t: float | None  # the time of the last frame decoded, None when none was
+    count: int  # frames decoded within the window
+    complete: bool  # the window's end or ``max_frames`` was reached: nothing can be missing
+    error: Exception | None  # the decode error the frames stopped at, None at the end of the data
+
+
+def _decode_window(path, stack, container, info, start_t, end_t, seek, out) -> _Decoded:
+    """Feed ``out`` the frames from ``start_t`` to ``end_t`` (stream times; ``seek``: seek to ``start_t`` first)
+    until the window's end, ``out`` is full or the data stops. A decode error before any frame is output is
+    ``corrupt``; after, the frames so far are kept and the error returned."""
+    import av
+
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    half_period = 0.5 / info.fps
+    last_t, count, position = None, 0, 0
+
+    def reopen():
+        again = stack.enter_context(_open(path)).streams.video[0]
+        again.thread_type = "AUTO"
+        return again
+
+    try:
+        for frame in _decode_from(container, stream, start_t if seek else None, half_period, info.start, reopen):
+            # A frame without a timestamp (a raw .h264 stream) is timed by its place in the stream, which
+            # is then decoded from its start (it cannot seek).
+            t = float(frame.time) if frame.time is not None else info.start + position / info.fps
+            position += 1
+            last_t = t
+            if t < start_t - half_period:
+                continue
+            if end_t is not None and t >= end_t - 1e-9:
+                return _Decoded(last_t, count, True, None)
+            count += 1
+            out.add(frame, t)
+            if out.full():
+                return _Decoded(last_t, count, True, None)
+    except av.FFmpegError as e:
+        if not out.frames:
+            raise VideoReadError(path, CORRUPT, f"decoding failed ({e.__class__.__name__}: {e})") from None
+        return _Decoded(last_t, count, False, e)
+    return _Decoded(last_t, count, False, None)
+
+
+def _judge_truncation(path, info: VideoInfo, start_t, end_t, decoded: _Decoded, kept: int, truncated: str) -> None:
+    """A window whose frames stop short (``_truncation``) warns, using the ``kept`` output frames, or, with
+    ``truncated="error"`` or none kept, raises ``truncated``."""
+    short = _truncation(info, info.start, start_t, end_t, decoded.last_t, decoded.count, decoded.error)
+    if short is None:
+        return
+    if truncated == "error" or not kept:
+        raise VideoReadError(path, TRUNCATED, short)
+    log.warning("%s: %s: %s; using the %d frames that decoded", path, TRUNCATED, short, kept)
 
 
 def _decode_from(container, stream, target, half_period, origin, reopen):
@@ -230,21 +252,23 @@ def _decode_from(container, stream, target, half_period, origin, reopen):
     yield from again.container.decode(again)
 
 
-def _truncation(info: VideoInfo, stream_start, start, end, last_t, decoded, error) -> str | None:
+def _truncation(info: VideoInfo, stream_start, start_t, end_t, last_t, decoded, error) -> str | None:
     """Why the decoded frames fall short of what the container claims for the window, or None when they do not.
 
-    The stream should run to ``min(end, its claimed duration)``; a last frame
-    more than two frame periods before that (one for the last frame's own
-    span, one for rounding of the claimed duration) means the data stops early.
+    ``start_t`` / ``end_t`` are stream times (``read_video``'s window moved by
+    ``stream_start``). The stream should run to ``min(end_t, its claimed end)``;
+    a last frame more than two frame periods before that (one for the last
+    frame's own span, one for rounding of the claimed duration) means the data
+    stops early.
     """
     period = 1.0 / info.fps
     claimed_end = stream_start + info.duration
-    window_end = claimed_end if end is None else min(end, claimed_end)
+    window_end = claimed_end if end_t is None else min(end_t, claimed_end)
     # A window that starts past the claimed end is empty (no_frames), not short.
-    reached = max(start, stream_start if last_t is None else last_t + period)
+    reached = max(start_t, stream_start if last_t is None else last_t + period)
     if info.duration <= 0 or window_end - reached <= 2 * period + 1e-6:
         return None
-    expected = int(round((window_end - max(start, stream_start)) * info.fps))
+    expected = int(round((window_end - max(start_t, stream_start)) * info.fps))
     stop = "the data ends" if error is None else f"decoding fails ({error.__class__.__name__})"
     where = "before the first frame" if last_t is None else f"after {last_t - stream_start:.2f}s"
     return (f"{stop} {where} of the {info.duration:.2f}s the container claims: "
