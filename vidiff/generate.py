@@ -55,19 +55,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--loop", action="store_true", help="a clip whose last frame leads back into the first "
                       "(--frames a multiple of the VAE's time factor: any count for the bundled model, 4, 8, ... "
                       "for a 4x VAE)")
+    # Default "forward", set in _generate: None means "not given", which _check_mode_flags refuses without --extend.
     parser.add_argument("--direction", choices=("forward", "backward"), help="with --extend: add frames after "
                         "(forward, default) or before (backward) the video")
     parser.add_argument("--context-frames", type=int, help="with --extend: input frames kept (forward 1 + tf k, "
                         "backward tf k, for the VAE's time factor tf as in --frames; default about half the clip)")
+    # Default 0.6, set in _generate: None means "not given", which _check_mode_flags refuses without --edit.
     parser.add_argument("--strength", type=float, help="with --edit: in (0, 1]; 0 keeps the video, 1 ignores it "
                         "(default 0.6)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the request, load the model, generate, write every file and say where."""
-    prompts = args.prompts
-    check_prompts(prompts)  # the library's own check, run here so that it comes before the model loads
-    _warn_if_unquoted(prompts)
+    outputs = _check_request(args)
+
+    from vidiff.pipeline import TextToVideo
+
+    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks)
+    with one_line_warnings("vidiff generate"):
+        clips = _generate(pipe, args)
+    _write(args, outputs, clips)
+    return 0
+
+
+def _check_request(args) -> list[Path]:
+    """Everything the user can get wrong, before the model loads (in this order: the first mistake is the one
+    reported); returns the output files, one per clip."""
+    check_prompts(args.prompts)  # the library's own check, run here so that it comes before the model loads
+    _warn_if_unquoted(args.prompts)
     _check_mode_flags(args)
     check_sampling_flags(args)
     if args.num < 1:
@@ -76,38 +91,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seed={args.seed} must be in [0, 2**32 - --num]")
     if not 0.0 < args.fps < math.inf:
         raise ValueError(f"--fps={args.fps} must be a positive frame rate")
-    total = len(prompts) * args.num
-    outputs = _output_paths(_out(args), total)
+    outputs = _output_paths(_out(args), len(args.prompts) * args.num)
     for path in outputs:
         _check_output_file(path, frames=args.frames, fps=args.fps)
     if args.grid is not None:
         _check_grid(args.grid, outputs)
     for source, kind in _inputs(args):
         _check_readable(source, kind)
+    return outputs
 
-    from vidiff.pipeline import TextToVideo
 
-    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks)
+def _generate(pipe, args) -> np.ndarray:
+    """The clips of the mode the flags pick: ``(len(prompts) * num, frames, height, width, 3)`` uint8."""
+    prompts = args.prompts
+    size = dict(num_frames=args.frames, height=args.height, width=args.width)
     sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
                     num_per_prompt=args.num, progress=not args.quiet)
-    size = dict(num_frames=args.frames, height=args.height, width=args.width)
-    with one_line_warnings("vidiff generate"):
-        clips = _generate(pipe, args, prompts, size, sampling)
-
-    for k, (path, clip) in enumerate(zip(outputs, clips)):
-        prompt, seed = prompts[k // args.num], args.seed + k % args.num
-        if len(clip) == 1 and path.suffix.lower() == ".png":
-            io.write_image(path, clip[0])
-        else:
-            io.write_video(path, clip, args.fps)
-        print(f"wrote {path}  ({len(clip)} frames, {clip.shape[1]}x{clip.shape[2]}, seed {seed}, {prompt!r})")
-    if args.grid is not None:
-        grid = io.frame_grid(np.concatenate(list(clips)), columns=clips.shape[1])
-        print(f"wrote {io.write_image(args.grid, grid)}  (grid: {len(clips)} clip(s) x {clips.shape[1]} frames)")
-    return 0
-
-
-def _generate(pipe, args, prompts, size, sampling) -> np.ndarray:
     if args.image:
         return pipe.image_to_video(prompts, args.image, **size, **sampling)
     if args.extend:
@@ -121,6 +120,20 @@ def _generate(pipe, args, prompts, size, sampling) -> np.ndarray:
     if args.loop:
         return pipe.loop(prompts, **size, **sampling)
     return pipe(prompts, **size, **sampling)
+
+
+def _write(args, outputs: list[Path], clips: np.ndarray) -> None:
+    """Each clip to its file (a one-frame clip to a .png as an image), then the grid; one line per file."""
+    for k, (path, clip) in enumerate(zip(outputs, clips)):
+        prompt, seed = args.prompts[k // args.num], args.seed + k % args.num
+        if len(clip) == 1 and path.suffix.lower() == ".png":
+            io.write_image(path, clip[0])
+        else:
+            io.write_video(path, clip, args.fps)
+        print(f"wrote {path}  ({len(clip)} frames, {clip.shape[1]}x{clip.shape[2]}, seed {seed}, {prompt!r})")
+    if args.grid is not None:
+        grid = io.frame_grid(np.concatenate(list(clips)), columns=clips.shape[1])
+        print(f"wrote {io.write_image(args.grid, grid)}  (grid: {len(clips)} clip(s) x {clips.shape[1]} frames)")
 
 
 def _warn_if_unquoted(prompts: list[str]) -> None:
