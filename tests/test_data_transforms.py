@@ -133,11 +133,14 @@ def test_record_bytes_roundtrip_png_exact_jpeg_close_and_extra_arrays():
     video = rng.integers(0, 256, (3, 8, 12, 3), dtype=np.uint8)
     latents = rng.standard_normal((1, 2, 3, 4)).astype(np.float32)
     mask = np.array([True, False, True])
-    record = schema.make_record(video, "un café ☕", 8, "clip-1", {"shape": "ball", "count": np.int64(2)},
-                                latents=latents, text_mask=mask)
+    labels = {"shape": "ball", "count": np.int64(2), "score": np.float32("nan"), "depth": [float("inf"), 1.5]}
+    record = schema.make_record(video, "un café ☕", 8, "clip-1", labels, latents=latents, text_mask=mask)
     back = schema.decode_record(schema.encode_record(record, frame_format="png"))
     assert np.array_equal(back["video"], video) and back["caption"] == "un café ☕" and back["id"] == "clip-1"
-    assert back["fps"] == np.float32(8) and back["labels"] == {"shape": "ball", "count": 2}
+    # A label's NaN and inf come back as they were (not as None, which a training log's JSON writes).
+    score = back["labels"].pop("score")
+    assert np.isnan(score) and back["labels"] == {"shape": "ball", "count": 2, "depth": [float("inf"), 1.5]}
+    assert back["fps"] == np.float32(8)
     assert np.array_equal(back["latents"], latents) and back["latents"].dtype == np.float32
     assert back["text_mask"].tolist() == [True, False, True]
     smooth = np.tile(np.linspace(0, 255, 12, dtype=np.uint8)[None, None, :, None], (3, 8, 1, 3))

@@ -54,19 +54,20 @@ def make_record(video, caption: str, fps: float, id: str, labels: Mapping | None
     return record
 
 
-def json_safe(value):
+def json_safe(value, nan_to_null: bool = True):
     """``value`` in plain JSON types, in nested mappings, lists and tuples: numpy arrays and scalars become
-    lists and numbers, bytes text, keys strings, and every non-finite float (NaN, inf) ``None``: NaN is
-    not JSON, and readers choke on it. The one such conversion (shard headers, world captions, training
-    logs and summaries)."""
+    lists and numbers, bytes text, keys strings. The one such conversion (shard headers, world captions,
+    training logs and summaries). ``nan_to_null``: every non-finite float (NaN, inf) becomes ``None``, for
+    logs other tools read (NaN is not JSON, and they choke on it); data keeps them (``False``): Python's
+    ``json`` reads a label's NaN back as NaN, where ``None`` would be another value."""
     if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
+        return float(value) if math.isfinite(value) or not nan_to_null else None
     if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v, nan_to_null) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, nan_to_null) for v in value]
     if isinstance(value, (np.ndarray, np.generic)):
-        return json_safe(value.tolist())
+        return json_safe(value.tolist(), nan_to_null)
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return value
@@ -95,7 +96,7 @@ def encode_record(record: Mapping[str, Any], *, frame_format: str = "jpeg", qual
         "caption": record["caption"],
         "fps": float(record["fps"]),
         "id": str(record["id"]),
-        "labels": json_safe(record.get("labels")),
+        "labels": json_safe(record.get("labels"), nan_to_null=False),
         "video": {"shape": list(video.shape), "format": frame_format, "sizes": [len(f) for f in frames]},
         "arrays": {k: {"dtype": v.dtype.str, "shape": list(v.shape), "size": v.nbytes} for k, v in arrays.items()},
     }

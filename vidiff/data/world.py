@@ -353,9 +353,9 @@ def _write_samples(out_dir, num, config, formats) -> list[tuple[Path, str]]:
                  for fmt in formats]
         written.extend((path, record["caption"]) for path in paths)
         line = {"id": record["id"], "path": paths[0].name, "caption": record["caption"], "fps": config.fps,
-                "labels": json_safe(record["labels"])}
+                "labels": json_safe(record["labels"], nan_to_null=False)}
         if "objects" in record:
-            line["objects"] = json_safe(record["objects"])
+            line["objects"] = json_safe(record["objects"], nan_to_null=False)
         lines.append(json.dumps(line))
     (out_dir / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return written
