@@ -335,9 +335,18 @@ def test_overrides_refuse_unknown_fields_and_wrong_types():
     assert (config.vae.overrides.latent_channels, config.dit.overrides.mlp_ratio) == (8, 2.0)
     assert isinstance(config.dit.overrides.mlp_ratio, float) and config.dit.overrides.dtype == "bfloat16"
     assert "latent_channels" not in config_lib.load_config(WORLD_TINY, []).vae.overrides
-    with pytest.raises(ValueError, match=r"^override '--config.vae.overrides.latent_channels=eight': "
+    config = config_lib.load_config(WORLD_TINY, [])
+    with pytest.raises(ValueError, match=r"^override 'vae.overrides.latent_channels=eight': "
                                          r"vae.overrides.latent_channels is a int, got str$"):
-        config_lib.load_config(WORLD_TINY, ["--config.vae.overrides.latent_channels=eight"])
+        config_lib.apply_overrides(config, ["vae.overrides.latent_channels=eight"])
+    assert "latent_channels" not in config.vae.overrides  # a refused override leaves no trace
+    # Such a field's typo gets its name; a misspelt preset is named as that, not as a missing field.
+    with pytest.raises(ValueError, match=r"config has no field 'dit.overrides.scan_unrol'; did you mean "
+                                         r"dit.overrides.scan_unroll\?$"):
+        config_lib.load_config(WORLD_TINY, ["--config.dit.overrides.scan_unrol=2"])
+    with pytest.raises(ValueError, match=r"^override '--config.dit.overrides.scan_unroll=2': unknown DiT preset "
+                                         r"'smal'; valid presets: tiny, small, B, L, XL, 1.5B$"):
+        config_lib.load_config(WORLD_TINY, ["--config.dit.preset=smal", "--config.dit.overrides.scan_unroll=2"])
     # A section is not a value of another type: it cannot be replaced whole from the command line.
     with pytest.raises(ValueError, match=r"^override '--config.vae.overrides=\{\}': vae.overrides is a section; the "
                                          r"command line cannot replace a whole section, set its fields one by one "

@@ -1,7 +1,7 @@
 """The small value checks every layer shares: whole numbers, numbers, and a config field's one-line error.
 
 The lowest layer, beside ``vidiff.io``: it imports nothing of vidiff, so
-``data`` (which may import only ``io``) and ``models`` use it too.
+``data`` (which may import only ``io`` and this) and ``models`` use it too.
 """
 from __future__ import annotations
 

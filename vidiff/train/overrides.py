@@ -28,16 +28,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         dotted, raw = text.split("=", 1)
         parent, _, leaf = dotted.rpartition(".")
         node, sections = config, [p for p in parent.split(".") if p]
+        old = _MISSING
         for depth, part in enumerate([*sections, leaf]):
             if node is None:  # an optional section left unset can only be given whole
                 where = ".".join(sections[:depth])
                 raise ValueError(f"override {item!r}: {where} is None, not a section; set it whole, e.g. "
                                  f"--config.{where}=\"{{'{part}': ...}}\"")
-            if depth == len(sections) and isinstance(node, ml_collections.ConfigDict) and part not in node and (
-                    preset_value := _model_field(config, sections, part)) is not _MISSING:
-                with node.unlocked():  # a model field the file leaves to the preset: checked against its value
-                    node[part] = preset_value
-            if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+            if depth == len(sections) and isinstance(node, ml_collections.ConfigDict) and part not in node:
+                old = _preset_value(config, sections, part, item)  # a model field the file leaves to the preset
+            if old is _MISSING and (not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node):
                 raise ValueError(f"override {item!r}: config has no field {dotted!r}"
                                  f"{_did_you_mean(config, node, [*sections, leaf], depth)}")
             node = node[part] if depth < len(sections) else node
@@ -45,7 +44,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        old = node[leaf]
+        old = node[leaf] if old is _MISSING else old
         if isinstance(old, ml_collections.ConfigDict) and value is not None:
             # A dict would replace the section's fields with the few it names; the command line sets fields.
             raise ValueError(f"override {item!r}: {dotted} is a section; the command line cannot replace a whole "
@@ -60,7 +59,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             isinstance(old, sequences) and isinstance(value, sequences)
         ) and not int_or_pair:
             raise ValueError(f"override {item!r}: {dotted} is a {type(old).__name__}, got {type(value).__name__}")
-        with node.ignore_type():
+        with node.ignore_type(), node.unlocked():
             node[leaf] = value
         object.__setattr__(config, _OVERRIDDEN, {**overridden(config), dotted: value})
     return config
@@ -77,26 +76,39 @@ def overridden(config) -> dict:
     return getattr(config, _OVERRIDDEN, {})
 
 
-def _model_field(config, sections: list[str], field: str):
-    """The preset's value of ``field`` when ``sections`` is ``vae.overrides`` / ``dit.overrides`` and ``field`` is
-    a field of that model's config (which the file's overrides may leave unset); else ``_MISSING``."""
+def _model_fields(sections: list[str]) -> set[str]:
+    """The fields of the model config that ``sections`` (``vae.overrides`` / ``dit.overrides``) sets, else none."""
     if len(sections) != 2 or sections[1] != "overrides" or sections[0] not in ("vae", "dit"):
+        return set()
+    from vidiff.models.dit import DiTConfig
+    from vidiff.models.vae import VAEConfig
+
+    return {f.name for f in dataclasses.fields({"vae": VAEConfig, "dit": DiTConfig}[sections[0]])}
+
+
+def _preset_value(config, sections: list[str], field: str, item: str):
+    """The preset's value of a model ``field`` the config file's overrides leave unset (the type an override of it
+    must have); ``_MISSING`` when ``sections.field`` is no model field."""
+    if field not in _model_fields(sections):
         return _MISSING
     from vidiff.models.dit import dit_preset
     from vidiff.models.vae import vae_preset
 
+    model = sections[0]
     try:
-        preset = {"vae": vae_preset, "dit": dit_preset}[sections[0]](config[sections[0]].get("preset"))
-    except (ValueError, TypeError):  # an unknown preset: train's validation names it
-        return _MISSING
-    return getattr(preset, field) if field in {f.name for f in dataclasses.fields(preset)} else _MISSING
+        return getattr({"vae": vae_preset, "dit": dit_preset}[model](config[model].get("preset")), field)
+    except (ValueError, TypeError) as e:  # the preset's name is wrong: say so, not that the field is unknown
+        raise ValueError(f"override {item!r}: {e}") from None
 
 
 def _did_you_mean(config, node, parts: list[str], depth: int) -> str:
     """What the user likely meant by ``parts``, missing at ``parts[depth]``: a typo's neighbour whose whole path
-    exists (``vae_train.steps``); else ``""``."""
+    exists (``vae_train.steps``), or a model field (``dit.overrides.scan_unroll``); else ``""``."""
     if not isinstance(node, (ml_collections.ConfigDict, dict)):
         return ""
+    if depth == len(parts) - 1 and (fields := _model_fields(parts[:-1])):
+        close = difflib.get_close_matches(parts[depth], sorted(fields), n=1)
+        return f"; did you mean {'.'.join([*parts[:-1], close[0]])}?" if close else ""
     for close in difflib.get_close_matches(parts[depth], [str(k) for k in node], n=3):
         guess, found = [*parts[:depth], close, *parts[depth + 1:]], config
         for part in guess:
