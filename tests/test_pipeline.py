@@ -166,7 +166,7 @@ WHOLE = "; pass a whole number (an int)"
     ("t2v", dict(num_frames="5"), "num_frames='5' is a str" + WHOLE),
     ("t2v", dict(num_frames=True), "num_frames=True is a bool" + WHOLE),
     ("t2v", dict(height=32.7), "height=32.7 is a float" + WHOLE),
-    ("t2v", dict(width=np.float64(16.0)), "width=np.float64(16.0) is a float64" + WHOLE),
+    ("t2v", dict(width=np.float64(16.0)), f"width={np.float64(16.0)!r} is a float64" + WHOLE),  # numpy 1: 16.0
     ("t2v", dict(seed=0.9), "seed=0.9 is a float" + WHOLE),
     ("t2v", dict(seed=[0, 1.5]), "seed=1.5 is a float" + WHOLE),
     ("t2v", dict(steps=1.8), "steps=1.8 is a float" + WHOLE),
