@@ -3,6 +3,7 @@ keeps the few exact colours of synthetic clips); frame rates a format cannot sto
 an output folder, are refused in one line before anything is written."""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,8 @@ def _write_gif(path, frames, fps):
     durations_ms = [10 * delay for delay in gif_delays(len(images), fps)]
     try:
         images[0].save(path, save_all=True, append_images=images[1:], duration=durations_ms, loop=0, optimize=False)
-    except OverflowError:  # Pillow merges identical frames: their delays add up past 16 bits
+    except (OverflowError, struct.error):  # Pillow merges identical frames: their delays add up past 16 bits
+        # (Pillow 13 raises OverflowError, Pillow 12 struct.error)
         path.unlink(missing_ok=True)
         raise ValueError(f"{path}: identical frames in a row last longer than the 655.35 s a gif frame can show; "
                          "use a higher fps or .mp4") from None
