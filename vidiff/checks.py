@@ -1,10 +1,11 @@
-"""The small value checks every layer shares: whole numbers, numbers, and a config field's one-line error.
+"""The small value checks every layer shares: whole numbers, numbers, a clip size, a config field's one-line error.
 
 The lowest layer, beside ``vidiff.io``: it imports nothing of vidiff, so
 ``data`` (which may import only ``io`` and this) and ``models`` use it too.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -19,6 +20,32 @@ def is_int(value) -> bool:
 def is_number(value) -> bool:
     """A Python int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def finite_number(value) -> bool:
+    """An int or float (not a bool, which is an int to Python) that is finite."""
+    return is_number(value) and math.isfinite(value)
+
+
+def config_int(value) -> bool:
+    """A Python int, not a bool: unlike :func:`is_int`, no numpy int, which ``ConfigDict.to_json`` (a run's
+    config saved with its checkpoints) cannot write."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def height_width(size, field: str = "data.size") -> tuple[int, int]:
+    """``(height, width)`` from ``size`` (an int side or a pair of ints), with a one-line error otherwise.
+
+    The one reading of a size for every user of ``data.size``: strictly ints,
+    since a string would iterate to digits ("64" -> 6x4) and a float would be
+    cut silently.
+    """
+    if is_int(size):
+        return int(size), int(size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(is_int(v) for v in size):
+        return int(size[0]), int(size[1])
+    raise ValueError(f"{field}={size!r} is not a side or (height, width) of ints; "
+                     f"e.g. {field}=64 or {field}=(48, 64)")
 
 
 def field_checker(prefix: str, get: Callable[[str], Any]) -> Callable[[bool, str, str], None]:

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidiff import io, parallel
+from vidiff.checks import height_width
 from vidiff.diffusion.flow import noise_latents, resolve_shift
 from vidiff.diffusion.samplers import check_guidance
 from vidiff.diffusion.sampling import on_sampler_step, sample_latents, seeded_noise, text_context
@@ -69,7 +70,7 @@ class TextToVideo:
         if mesh is not None:
             self.vae_variables, self.dit_params = jax.device_put((vae_variables, dit_params), parallel.replicated(mesh))
         size = config["data"]["size"]
-        self.train_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.train_size = height_width(size)
         self.train_frames = int(config["data"]["num_frames"])
         self.defaults = {"steps": 20, "sampler": "euler", "guidance": 4.0, **dict(config.get("sample", {}))}
 

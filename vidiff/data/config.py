@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from vidiff.checks import field_checker, is_int, is_number
+from vidiff.checks import field_checker, height_width, is_int, is_number
 from vidiff.data.transforms import CROPS, WINDOWS, Bucket, parse_buckets
 
 SOURCES = ("world", "folder", "array_record", "tfds")
@@ -130,21 +130,6 @@ class DataConfig:
         if self.source == "tfds":
             need(bool(self.tfds_name), "tfds_name", "set it to a TFDS dataset name, e.g. 'ucf101'")
         self.bucket_list()
-
-
-def height_width(size, field: str = "data.size") -> tuple[int, int]:
-    """``(height, width)`` from ``size`` (an int side or a pair of ints), with a one-line error otherwise.
-
-    The one reading of a size for every user of ``data.size``: strictly ints,
-    since a string would iterate to digits ("64" -> 6x4) and a float would be
-    cut silently.
-    """
-    if is_int(size):
-        return int(size), int(size)
-    if isinstance(size, (tuple, list)) and len(size) == 2 and all(is_int(v) for v in size):
-        return int(size[0]), int(size[1])
-    raise ValueError(f"{field}={size!r} is not a side or (height, width) of ints; "
-                     f"e.g. {field}=64 or {field}=(48, 64)")
 
 
 def _plain(value):

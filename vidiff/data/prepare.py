@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from vidiff.data.config import height_width
+from vidiff.checks import height_width
 from vidiff.data.schema import FRAME_FORMATS, decode_record, encode_record
 from vidiff.data.skips import SkipLedger
 from vidiff.data.sources import DecodeFolderClip, read_manifest

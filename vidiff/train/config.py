@@ -26,7 +26,7 @@ from typing import Sequence
 
 import ml_collections
 
-from vidiff.checks import field_checker
+from vidiff.checks import field_checker, height_width
 from vidiff.train.overrides import apply_overrides, keep_overridden, stage_override_warnings
 
 MODELS = ("vae", "dit")
@@ -148,7 +148,6 @@ def validate(config, model: str, device_count: int) -> None:
     """
     if model not in MODELS:
         raise ValueError(f"model={model!r} is unknown; train one of {MODELS}")
-    from vidiff.data.config import height_width
     from vidiff.train.profile import check_profile
     from vidiff.train.tasks import vae_from_config
 
@@ -288,7 +287,8 @@ def check_stage(config, model: str) -> None:
     Each of these would otherwise fail late (``log_every=0``: a division after
     compiling), or not at all (``steps=0`` exports an untrained model).
     """
-    from vidiff.train.optimizer import check_optim, config_int, finite_number
+    from vidiff.checks import config_int, finite_number
+    from vidiff.train.optimizer import check_optim
 
     stage, name = config[f"{model}_train"], f"{model}_train"
     need = field_checker(name, stage.get)

@@ -10,12 +10,10 @@ cannot train (a learning rate <= 0, moments outside [0, 1), ...) in one line.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import optax
 
-from vidiff.checks import field_checker, is_number
+from vidiff.checks import config_int, field_checker, finite_number
 
 SCHEDULES = ("cosine", "constant")
 
@@ -36,17 +34,6 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
             [optax.linear_schedule(0.0, optim.lr, max(warmup, 1)), optax.constant_schedule(optim.lr)], [warmup]
         )
     raise ValueError(f"optim.schedule={optim.schedule!r} is unknown; use one of {SCHEDULES}")
-
-
-def config_int(value) -> bool:
-    """A Python int, not a bool: unlike ``vidiff.checks.is_int``, no numpy int, which ``ConfigDict.to_json``
-    (the run's config saved with its checkpoints) cannot write."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def finite_number(value) -> bool:
-    """An int or float (not a bool, which is an int to Python) that is finite."""
-    return is_number(value) and math.isfinite(value)
 
 
 def check_optim(optim, name: str = "optim") -> None:

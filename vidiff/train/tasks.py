@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidiff import io, parallel
+from vidiff.checks import height_width
 from vidiff.diffusion import flow_loss, resolve_shift
 from vidiff.diffusion.conditioning import mode_probabilities, sample_condition_masks
 from vidiff.diffusion.sampling import sample_latents, text_context
@@ -45,9 +46,7 @@ def vae_from_config(config) -> VideoVAE:
 
 
 def video_shape(config, batch: int | None = None) -> tuple[int, ...]:
-    size = config.data.size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return (batch or config.data.batch_size, config.data.num_frames, height, width, 3)
+    return (batch or config.data.batch_size, config.data.num_frames, *height_width(config.data.size), 3)
 
 
 class Task:
