@@ -131,3 +131,35 @@ def test_prepare_refuses_to_mix_with_existing_shards(real_shards, tmp_path):
     with pytest.raises(ValueError, match=r"^size=\(16\.5, 16\) is not a side or \(height, width\) of ints; "
                                          r"e\.g\. size=64 or size=\(48, 64\)$"):  # was cut to 16x16 silently
         prepare_shards(real_shards["videos"], real_shards["manifest"], out, size=(16.5, 16))
+
+
+def test_a_shard_with_a_bad_checksum_is_a_skip_and_one_cut_short_is_named_when_opened(tmp_path):
+    """The reader's RuntimeError (no file named) becomes a counted Skip for one record and a one-line error at open."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from vidiff.data.schema import encode_record, make_record
+    from vidiff.data.sources import ArrayRecordSource
+
+    entries = [encode_record(make_record(np.full((2, 8, 8, 3), i, np.uint8), "a cat", 8.0, f"x{i}"), frame_format="png")
+               for i in range(3)]
+    paths = [tmp_path / f"train-0000{i}-of-00002.array_record" for i in range(2)]
+    for path, shard in zip(paths, (entries[:1], entries)):
+        writer = ArrayRecordWriter(str(path), "group_size:1,uncompressed")  # the records' bytes as they are in the file
+        for entry in shard:
+            writer.write(entry)
+        writer.close()
+    data = bytearray(path.read_bytes())
+    middle = data.index(entries[1]) + len(entries[1]) // 2
+    data[middle] ^= 0xFF
+    path.write_bytes(bytes(data))
+    skip = ArrayRecordSource([str(p) for p in paths])[2]
+    assert skip.reason == "corrupt_record" and skip.key == f"{path} record 1"
+    assert skip.detail.startswith("unreadable record (Corrupted Riegeli/records file: chunk data hash mismatch")
+    ledger = SkipLedger()
+    good = list(record_stream(stream_config(tmp_path, num_frames=2, size=8, max_bad_fraction=0.5), skips=ledger))
+    assert [r["id"] for r in good] == ["x0", "x0", "x2"] and ledger.skipped == {"corrupt_record": 1}
+
+    path.write_bytes(bytes(data[: len(data) * 2 // 3]))
+    with pytest.raises(ValueError, match=rf"^data\.array_record_path: shard {path} is damaged or cut short "
+                                         r"\(Corrupted Riegeli/records file: .*\); run `vidiff prepare` again to write it$"):
+        ArrayRecordSource([str(p) for p in paths])  # the first shard is whole: the cut one is named

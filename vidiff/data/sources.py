@@ -233,7 +233,7 @@ class ArrayRecordSource:
 
     def __init__(self, paths: Sequence[str], field: str = "data.array_record_path"):
         self.paths = list(paths)
-        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        self._source = _open_shards(self.paths, field)
         self._ends = None  # cumulative records per shard, counted when a damaged record first needs naming
         if not len(self._source):
             folders = sorted({str(Path(p).parent) for p in self.paths})
@@ -245,7 +245,11 @@ class ArrayRecordSource:
 
     def __getitem__(self, index):
         try:
-            return decode_record(self._source[index])
+            data = self._source[index]
+        except RuntimeError as e:  # how the Riegeli reader reports a chunk whose checksum fails
+            return sk.Skip(sk.CORRUPT_RECORD, self._where(index), f"unreadable record ({_one_line(e)})")
+        try:
+            return decode_record(data)
         except ValueError as e:
             return sk.Skip(sk.CORRUPT_RECORD, self._where(index), str(e))
 
@@ -255,6 +259,26 @@ class ArrayRecordSource:
             self._ends = np.cumsum([len(grain.sources.ArrayRecordDataSource([p])) for p in self.paths])
         shard = int(np.searchsorted(self._ends, index, side="right"))
         return f"{self.paths[shard]} record {index - (int(self._ends[shard - 1]) if shard else 0)}"
+
+
+def _open_shards(paths: list[str], field: str):
+    """The shards as one source; a shard the reader cannot open (cut short, its index damaged) is a one-line error."""
+    try:
+        return grain.sources.ArrayRecordDataSource(paths)
+    except RuntimeError as e:
+        error, bad = e, ", ".join(paths)
+    for path in paths:  # the reader's error names no file: open the shards one by one to find the one it means
+        try:
+            grain.sources.ArrayRecordDataSource([path])
+        except RuntimeError as e:
+            error, bad = e, path
+            break
+    raise ValueError(f"{field}: shard {bad} is damaged or cut short ({_one_line(error)}); "
+                     "run `vidiff prepare` again to write it") from None
+
+
+def _one_line(error: Exception) -> str:  # the reader's message, on one line as every error the CLI prints
+    return " ".join(str(error).split())
 
 
 def array_record_paths(spec, split: str, field: str = "data.array_record_path") -> list[str]:
