@@ -187,7 +187,7 @@ def test_jsonl_rows_end_at_newlines_only(tmp_path):
     assert ledger.skipped == {}
 
 
-def test_csv_manifest_with_time_ranges(corpus, tmp_path):
+def test_csv_manifest_with_time_ranges(corpus, tmp_path, caplog):
     videos = corpus["videos"]
     (tmp_path / "m.csv").write_text(
         "path,caption,start,end\n"
@@ -198,12 +198,17 @@ def test_csv_manifest_with_time_ranges(corpus, tmp_path):
         f"{videos}/bikes.mp4,short range,0,0.5\n"
         f"{videos}/bikes.mp4,empty range,1,1\n"
         f"{videos}/bikes.mp4,no start,nan,\n"
+        f"{videos}/bikes.mp4,another short range,2,2.5\n"
     )
     ledger = SkipLedger()
-    records = list(record_stream(folder_config(corpus, manifest=str(tmp_path / "m.csv"), video_dir=None), skips=ledger))
+    with caplog.at_level(logging.WARNING, logger="vidiff.data"):
+        records = list(record_stream(folder_config(corpus, manifest=str(tmp_path / "m.csv"), video_dir=None),
+                                     skips=ledger))
     assert sorted(r["caption"] for r in records) == ["bikes, in quotes", "early bikes"]
     # short range: 0.5 s holds 4 frames at 8 fps, 9 needed; an empty range and a NaN start are no time ranges
-    assert ledger.skipped == {"bad_manifest_row": 2, "bad_time_range": 2, "too_short": 1}
+    assert ledger.skipped == {"bad_manifest_row": 2, "bad_time_range": 2, "too_short": 2}
+    for line in (6, 9):  # two rows of one file: each named by its line, not the first alone
+        assert f"skipped {videos}/bikes.mp4 (m.csv line {line}): too_short (4 frames" in caplog.text, line
     # Windows are planned inside the row's range: 2 s hold 16 frames, every random draw fits 9 of them.
     (tmp_path / "middle.csv").write_text(f"path,caption,start,end\n{videos}/bikes.mp4,the middle,0.5,2.5\n")
     ledger = SkipLedger()

@@ -41,6 +41,12 @@ class ManifestRow:
     id: str
     start: float | None = None
     end: float | None = None
+    where: str = ""  # its manifest line, e.g. "m.jsonl line 3"
+
+    @property
+    def key(self) -> str:
+        """What a skip of this row is named by: several rows may cut clips from one file, so the file and the line."""
+        return f"{self.path} ({self.where})" if self.where else self.path
 
 
 def _parse_time(value, name):
@@ -74,7 +80,7 @@ def _row(fields: dict, where: str, base: Path) -> ManifestRow | sk.Skip:
     row_id = fields.get("id")
     if not isinstance(row_id, str) or not row_id:
         row_id = path if start is None and end is None else f"{path}@{start or 0:g}-{'' if end is None else f'{end:g}'}"
-    return ManifestRow(str(base / path), caption, row_id, start, end)
+    return ManifestRow(str(base / path), caption, row_id, start, end, where)
 
 
 def read_manifest(manifest, video_dir=None, ledger: sk.SkipLedger | None = None, *,
@@ -164,18 +170,18 @@ class DecodeFolderClip(grain.transforms.RandomMap):
         try:
             return self._decode(row, rng)
         except vio.VideoReadError as e:
-            return sk.Skip(e.reason, row.path, str(e).split(": ", 2)[-1])
+            return sk.Skip(e.reason, row.key, str(e).split(": ", 2)[-1])
 
     def _decode(self, row: ManifestRow, rng):
         info = vio.probe(row.path)
         if self.max_pixels is not None and info.width * info.height > self.max_pixels:
-            return sk.Skip(vio.TOO_LARGE, row.path, f"{info.width}x{info.height} exceeds max_pixels={self.max_pixels}")
+            return sk.Skip(vio.TOO_LARGE, row.key, f"{info.width}x{info.height} exceeds max_pixels={self.max_pixels}")
         clip_start = row.start or 0.0
         rate = self.fps or info.fps
         if info.duration > 0:
             clip_end = info.duration if row.end is None else min(row.end, info.duration)
             if clip_start >= info.duration:
-                return sk.Skip(vio.NO_FRAMES, row.path, f"start={clip_start:g}s is past the end of the {info.duration:g}s video")
+                return sk.Skip(vio.NO_FRAMES, row.key, f"start={clip_start:g}s is past the end of the {info.duration:g}s video")
             available = int(math.floor((clip_end - clip_start) * rate + 1e-6))
         else:
             # No duration in the container (a still image, a raw stream): decode
@@ -221,7 +227,7 @@ class DecodeFolderClip(grain.transforms.RandomMap):
 
     def _too_short(self, row, available):
         shortest = min(frames_needed(b[0], self.stride) for b in self.buckets)
-        return sk.Skip(sk.TOO_SHORT, row.path, f"{available} frames at the target rate, the shortest bucket needs {shortest}")
+        return sk.Skip(sk.TOO_SHORT, row.key, f"{available} frames at the target rate, the shortest bucket needs {shortest}")
 
 
 class ArrayRecordSource:
