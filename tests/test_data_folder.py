@@ -169,6 +169,24 @@ def test_user_mistakes_fail_early_with_one_line(corpus, tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("file,text\na.mp4,hi\n")
     with pytest.raises(ValueError, match=r"header is \['file', 'text'\]; its first row must name path,caption"):
         make_pipeline(folder_config(corpus, manifest=str(tmp_path / "bad.csv")))
+    (tmp_path / "twice.csv").write_text("path,caption, caption\na.mp4,hi,there\n")  # every row was a field short
+    with pytest.raises(ValueError, match=rf"^data.manifest: {tmp_path / 'twice.csv'} header names the column 'caption' "
+                                         r"twice; keep one 'caption' column$"):
+        make_pipeline(folder_config(corpus, manifest=str(tmp_path / "twice.csv")))
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(ValueError, match=rf"^data.manifest: manifest {tmp_path / 'dir.jsonl'} is a directory; "
+                                         r"point data.manifest at a .jsonl or .csv file$"):  # was "does not exist"
+        make_pipeline(folder_config(corpus, manifest=str(tmp_path / "dir.jsonl")))
+    with pytest.raises(ValueError, match=rf"^data.video_dir: {tmp_path / 'list.txt'} is a file, give a folder: "
+                                         r"the directory holding the manifest's videos$"):
+        make_pipeline(folder_config(corpus, video_dir=str(tmp_path / "list.txt")))
+    for videos, given, message in (
+        (corpus["videos"], tmp_path / "dir.jsonl", f"--manifest: manifest {tmp_path / 'dir.jsonl'} is a directory"),
+        (tmp_path / "list.txt", corpus["manifest"], f"--videos: {tmp_path / 'list.txt'} is a file, give a folder"),
+    ):
+        code = cli_main(["prepare", "--videos", str(videos), "--manifest", str(given), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and f"vidiff prepare: error: {message}" in err, err
     code = cli_main(["prepare", "--videos", str(corpus["videos"]), "--manifest", str(tmp_path / "m.parquet"),
                      "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -199,16 +217,22 @@ def test_csv_manifest_with_time_ranges(corpus, tmp_path, caplog):
         f"{videos}/bikes.mp4,empty range,1,1\n"
         f"{videos}/bikes.mp4,no start,nan,\n"
         f"{videos}/bikes.mp4,another short range,2,2.5\n"
+        f"{videos}/bikes.mp4,ends at zero,,0\n"
+        f"{tmp_path}/dir.mp4,a folder,,\n"
     )
+    (tmp_path / "dir.mp4").mkdir()
     ledger = SkipLedger()
     with caplog.at_level(logging.WARNING, logger="vidiff.data"):
         records = list(record_stream(folder_config(corpus, manifest=str(tmp_path / "m.csv"), video_dir=None),
                                      skips=ledger))
     assert sorted(r["caption"] for r in records) == ["bikes, in quotes", "early bikes"]
     # short range: 0.5 s holds 4 frames at 8 fps, 9 needed; an empty range and a NaN start are no time ranges
-    assert ledger.skipped == {"bad_manifest_row": 2, "bad_time_range": 2, "too_short": 2}
+    # no start is start=0, so end=0 is an empty range (was let through, then skipped as too_short)
+    assert ledger.skipped == {"bad_manifest_row": 2, "bad_time_range": 3, "missing_file": 1, "too_short": 2}
     for line in (6, 9):  # two rows of one file: each named by its line, not the first alone
         assert f"skipped {videos}/bikes.mp4 (m.csv line {line}): too_short (4 frames" in caplog.text, line
+    assert f"skipped {videos}/bikes.mp4 (m.csv line 10): bad_time_range (end=0 is not after start=0)" in caplog.text
+    assert f"skipped {tmp_path}/dir.mp4 (m.csv line 11): missing_file (a directory, not a video file)" in caplog.text
     # Windows are planned inside the row's range: 2 s hold 16 frames, every random draw fits 9 of them.
     (tmp_path / "middle.csv").write_text(f"path,caption,start,end\n{videos}/bikes.mp4,the middle,0.5,2.5\n")
     ledger = SkipLedger()

@@ -75,8 +75,8 @@ def _row(fields: dict, where: str, base: Path) -> ManifestRow | sk.Skip:
         start, end = _parse_time(fields.get("start"), "start"), _parse_time(fields.get("end"), "end")
     except ValueError as e:
         return sk.Skip(sk.BAD_TIME_RANGE, key, str(e))
-    if start is not None and end is not None and end <= start:
-        return sk.Skip(sk.BAD_TIME_RANGE, key, f"end={end:g} is not after start={start:g}")
+    if end is not None and end <= (start or 0):  # no start is the file's start: end=0 is an empty range too
+        return sk.Skip(sk.BAD_TIME_RANGE, key, f"end={end:g} is not after start={start or 0:g}")
     row_id = fields.get("id")
     if not isinstance(row_id, str) or not row_id:
         row_id = path if start is None and end is None else f"{path}@{start or 0:g}-{'' if end is None else f'{end:g}'}"
@@ -97,9 +97,13 @@ def read_manifest(manifest, video_dir=None, ledger: sk.SkipLedger | None = None,
     if suffix not in MANIFEST_SUFFIXES:
         raise ValueError(f"{field}: unknown manifest suffix {suffix!r} ({manifest}); use a .jsonl or .csv file")
     if not manifest.is_file():
-        raise ValueError(f"{field}: manifest {manifest} does not exist; point {field} at a .jsonl or .csv file")
+        problem = "is a directory" if manifest.is_dir() else "does not exist"
+        raise ValueError(f"{field}: manifest {manifest} {problem}; point {field} at a .jsonl or .csv file")
     base = Path(video_dir) if video_dir is not None else manifest.parent
     if video_dir is not None and not base.is_dir():
+        if base.exists():
+            raise ValueError(f"{video_dir_field}: {base} is a file, give a folder: "
+                             "the directory holding the manifest's videos")
         raise ValueError(f"{video_dir_field}: folder {base} does not exist; point it at the directory holding the manifest's videos")
     # surrogateescape keeps undecodable bytes, so a non-UTF-8 caption costs its
     # own row (counted as non_utf8_caption), not the whole manifest; utf-8-sig
@@ -125,6 +129,9 @@ def read_manifest(manifest, video_dir=None, ledger: sk.SkipLedger | None = None,
     else:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = [h.strip() for h in reader.fieldnames or []]
+        twice = next((name for name in header if header.count(name) > 1), None)
+        if twice is not None:  # DictReader would keep the last one's value and count every row as a field short
+            raise ValueError(f"{field}: {manifest} header names the column {twice!r} twice; keep one {twice!r} column")
         if "path" not in header or "caption" not in header:
             raise ValueError(f"{field}: {manifest} header is {header}; its first row must name path,caption[,start,end,id]")
         reader.fieldnames = header
@@ -173,6 +180,8 @@ class DecodeFolderClip(grain.transforms.RandomMap):
             return sk.Skip(e.reason, row.key, str(e).split(": ", 2)[-1])
 
     def _decode(self, row: ManifestRow, rng):
+        if Path(row.path).is_dir():  # vidiff.io would call it "no such file", which sends the user looking for one
+            return sk.Skip(vio.MISSING_FILE, row.key, "a directory, not a video file")
         info = vio.probe(row.path)
         if self.max_pixels is not None and info.width * info.height > self.max_pixels:
             return sk.Skip(vio.TOO_LARGE, row.key, f"{info.width}x{info.height} exceeds max_pixels={self.max_pixels}")
