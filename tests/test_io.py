@@ -282,3 +282,49 @@ def test_a_matroska_file_cut_after_zero_claims_its_own_length(tmp_path):
     assert (info.start, info.duration, info.num_frames) == (pytest.approx(2.0), pytest.approx(6.0), 48)
     assert counters(io.read_video(path, truncated="error")[0]) == list(range(48))
     assert counters(io.read_video(path, start=5.0, truncated="error")[0]) == list(range(40, 48))
+
+
+def _marked(h=48, w=64, t=2):
+    """Frames with a white top-left quadrant: where it lands shows which way a frame was turned."""
+    frames = np.full((t, h, w, 3), 40, np.uint8)
+    frames[:, : h // 2, : w // 2] = 255
+    return frames
+
+
+def _write_pyav(path, frames, fps=8, rotation=None):
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = *frames.shape[1:3], "yuv420p"
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for array in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def test_rotated_videos_and_exif_images_read_as_displayed(tmp_path):
+    """A phone's portrait clip is stored landscape with a rotation; it used to be read (and bucketed) sideways."""
+    from PIL import Image
+
+    stored = io.read_video(_write_pyav(tmp_path / "plain.mp4", _marked()))[0]
+    # PyAV's rotation is counter-clockwise: 90 shows the top-left corner at the bottom left (ffmpeg's autorotate).
+    for rotation, turns, corner in ((90, 1, (-1, 0)), (-90, 3, (0, -1)), (180, 2, (-1, -1))):
+        path = _write_pyav(tmp_path / f"r{turns}.mp4", _marked(), rotation=rotation)
+        info = io.probe(path)
+        wide = (64, 48) if turns % 2 == 0 else (48, 64)
+        assert (info.width, info.height, info.rotation) == (*wide, 90 * turns)
+        frames = io.read_video(path)[0]
+        np.testing.assert_array_equal(frames, np.rot90(stored, turns, axes=(1, 2)))
+        assert frames[0][corner].min() > 200 and frames[0][0, 0].max() < 100
+        assert io.read_video(path, size=(30, 20))[0].shape == (2, 30, 20, 3)
+    image = Image.fromarray(_marked(t=1)[0])
+    exif = image.getexif()
+    exif[0x0112] = 6  # EXIF Orientation 6: turn 90 degrees clockwise to display
+    image.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    for read in (io.read_image, lambda p: io.read_video(p)[0][0]):
+        shown = read(tmp_path / "portrait.jpg")
+        assert shown.shape == (64, 48, 3) and shown[2, -3].min() > 200 and shown[2, 2].max() < 100
+    assert (io.probe(tmp_path / "portrait.jpg").width, io.probe(tmp_path / "portrait.jpg").height) == (48, 64)

@@ -7,6 +7,9 @@ file whose frames stop well before the end its container claims is
 decoded vs. expected) and returns what decoded, or raises with
 ``truncated="error"`` (the data pipeline's choice: such a clip is skipped and
 counted, never silently shortened).
+
+Frames come out as players show them: turned by the rotation the file asks for
+(a phone's portrait clip, a JPEG's EXIF orientation; see ``_quarter_turns``).
 """
 from __future__ import annotations
 
@@ -41,9 +44,10 @@ class VideoReadError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class VideoInfo:
-    """What the container says about the first video stream, without decoding."""
+    """What the container says about the first video stream (``probe`` also decodes its first frame, for the
+    rotation)."""
 
-    width: int
+    width: int  # as displayed: after ``rotation``
     height: int
     fps: float
     num_frames: int  # the container's count, or an estimate from the duration
@@ -52,6 +56,9 @@ class VideoInfo:
     # MPEG-TS or files cut with an offset. ``read_video``'s ``start`` / ``end``
     # count from it.
     start: float = 0.0
+    # Degrees counter-clockwise (0, 90, 180 or 270) the stored frames are turned for display; ``read_video``
+    # returns them turned. Always 0 from ``_info``, which decodes nothing.
+    rotation: int = 0
 
 
 def _open(path):
@@ -74,9 +81,52 @@ def _open(path):
 
 
 def probe(path) -> VideoInfo:
-    """Size, frame rate, frame count and duration of a video file."""
+    """Size as displayed, frame rate, frame count and duration of a video file.
+
+    The rotation is known only from a decoded frame (FFmpeg puts a container's
+    display matrix, an EXIF orientation or an H.264 orientation message on the
+    frames), so the first frame is decoded.
+    """
     with _open(path) as container:
-        return _info(container)
+        info = _info(container)
+        turns = _first_frame_turns(container)
+    if turns % 2:
+        info = dataclasses.replace(info, width=info.height, height=info.width)
+    return dataclasses.replace(info, rotation=90 * turns)
+
+
+def _first_frame_turns(container) -> int:
+    """``_quarter_turns`` of the first frame; 0 when none decodes (``read_video`` says why)."""
+    import av
+
+    try:
+        frame = next(container.decode(container.streams.video[0]), None)
+    except av.FFmpegError:
+        return 0
+    return 0 if frame is None else _quarter_turns(frame)
+
+
+def _quarter_turns(frame) -> int:
+    """Quarter turns counter-clockwise (0 to 3) that show ``frame`` as players do: ``np.rot90(array, turns)``.
+
+    PyAV's ``frame.rotation`` is the display matrix's angle counter-clockwise;
+    ffmpeg 7.0's autorotation shows a frame with rotation 90 exactly as
+    ``np.rot90(array, 1)``, -90 as ``np.rot90(array, 3)``, 180 as
+    ``np.rot90(array, 2)`` (checked on the decoded pixels). Other angles are
+    rounded to the nearest quarter turn; a mirroring matrix is not undone.
+    """
+    return int(round(frame.rotation / 90)) % 4
+
+
+def _to_array(frame, size) -> np.ndarray:
+    """``frame`` as ``uint8 (H, W, 3)`` RGB as displayed; ``size``: the displayed ``(height, width)`` to scale to."""
+    turns = _quarter_turns(frame)
+    if size is None:
+        array = frame.to_ndarray(format="rgb24")
+    else:
+        height, width = size if turns % 2 == 0 else size[::-1]  # scaled before it is turned
+        array = frame.to_ndarray(format="rgb24", height=int(height), width=int(width), interpolation="BICUBIC")
+    return np.rot90(array, turns) if turns else array
 
 
 def _info(container) -> VideoInfo:
@@ -122,7 +172,8 @@ def read_video(
         (``end`` exclusive, ``None`` = to the end), whatever timestamp the
         container gives that frame (``VideoInfo.start``).
       max_frames: stop after this many output frames.
-      size: ``(height, width)`` to resize every frame to (FFmpeg's swscale, bicubic).
+      size: ``(height, width)`` to resize every frame to (FFmpeg's swscale, bicubic), as displayed (after
+        the file's rotation).
       max_pixels: refuse a file whose frames exceed this many pixels (reason
         ``too_large``) before decoding anything.
       truncated: when the frames stop (end of data or a decode error) more than
@@ -143,10 +194,7 @@ def read_video(
         # Frame times are the stream's timestamps; the window counts from its first frame.
         start_t = info.start + start
         end_t = None if end is None else info.start + end
-        reformat = {"format": "rgb24"}
-        if size is not None:
-            reformat.update(height=int(size[0]), width=int(size[1]), interpolation="BICUBIC")
-        out = _Resampler(fps, start_t, info.fps, max_frames, lambda frame: frame.to_ndarray(**reformat))
+        out = _Resampler(fps, start_t, info.fps, max_frames, lambda frame: _to_array(frame, size))
         decoded = _decode_window(path, stack, container, info, start_t, end_t, start > 0, out)
         # Repeats of the last frame stop at the stream's end too: a gif's whole-centisecond timestamps put its
         # last frame up to half a centisecond early, and one period past it would be an instant after the clip.
@@ -313,17 +361,18 @@ class _Resampler:
 def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image file to ``uint8 (H, W, 3)``, optionally resized to ``(height, width)``.
 
-    16-bit and 32-bit grey images are scaled to 8 bits (``_rgb``). A file Pillow cannot identify is read as a
-    video by PyAV, whatever its suffix: its first frame is the image.
+    16-bit and 32-bit grey images are scaled to 8 bits (``_rgb``). The EXIF orientation is applied, as viewers
+    do (a phone's portrait photo is stored sideways). A file Pillow cannot identify is read as a video by PyAV,
+    whatever its suffix: its first frame is the image.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise VideoReadError(path, MISSING_FILE, "no such file")
     try:
         with Image.open(path) as image:
-            image = _rgb(image, path)
+            image = _rgb(ImageOps.exif_transpose(image), path)
             if size is not None:
                 image = image.resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
             return np.asarray(image, np.uint8)
