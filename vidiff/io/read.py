@@ -9,7 +9,8 @@ decoded vs. expected) and returns what decoded, or raises with
 counted, never silently shortened).
 
 Frames come out as players show them: turned by the rotation the file asks for
-(a phone's portrait clip, a JPEG's EXIF orientation; see ``_quarter_turns``).
+(a phone's portrait clip, a JPEG's EXIF orientation; see ``_quarter_turns``),
+and with non-square pixels widened or narrowed to their displayed width.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class VideoInfo:
     """What the container says about the first video stream (``probe`` also decodes its first frame, for the
     rotation)."""
 
-    width: int  # as displayed: after ``rotation``
+    width: int  # as displayed: non-square pixels scaled to square ones (``_display_width``), then ``rotation``
     height: int
     fps: float
     num_frames: int  # the container's count, or an estimate from the duration
@@ -118,13 +119,28 @@ def _quarter_turns(frame) -> int:
     return int(round(frame.rotation / 90)) % 4
 
 
-def _to_array(frame, size) -> np.ndarray:
-    """``frame`` as ``uint8 (H, W, 3)`` RGB as displayed; ``size``: the displayed ``(height, width)`` to scale to."""
+def _pixel_aspect(stream) -> float:
+    """The width of a stored pixel as displayed, over its height (FFmpeg's guess from codec and container)."""
+    sar = stream.sample_aspect_ratio
+    return float(sar) if sar and sar > 0 else 1.0
+
+
+def _display_width(width: int, aspect: float) -> int:
+    """A stored width as displayed, in square pixels: a 64-wide frame with 2:1 pixels shows 128 wide."""
+    return width if aspect == 1.0 else max(1, int(round(width * aspect)))
+
+
+def _to_array(frame, size, aspect: float = 1.0) -> np.ndarray:
+    """``frame`` as ``uint8 (H, W, 3)`` RGB as displayed; ``size``: the displayed ``(height, width)`` to scale to,
+    ``None``: its displayed size (scaled only when ``aspect``, its pixel aspect, is not 1)."""
     turns = _quarter_turns(frame)
-    if size is None:
+    if size is None and aspect == 1.0:
         array = frame.to_ndarray(format="rgb24")
     else:
-        height, width = size if turns % 2 == 0 else size[::-1]  # scaled before it is turned
+        if size is None:
+            height, width = frame.height, _display_width(frame.width, aspect)
+        else:
+            height, width = size if turns % 2 == 0 else size[::-1]  # scaled before it is turned
         array = frame.to_ndarray(format="rgb24", height=int(height), width=int(width), interpolation="BICUBIC")
     return np.rot90(array, turns) if turns else array
 
@@ -146,7 +162,8 @@ def _info(container) -> VideoInfo:
         # delays reads 8.33 for the 12, 13, 13, 12 cs a gif at 8 fps alternates (``write_video``).
         fps = stream.frames / duration
     frames = stream.frames or int(round(duration * fps))
-    return VideoInfo(stream.codec_context.width, stream.codec_context.height, fps, frames, duration, start)
+    width = _display_width(stream.codec_context.width, _pixel_aspect(stream))
+    return VideoInfo(width, stream.codec_context.height, fps, frames, duration, start)
 
 
 def read_video(
@@ -173,7 +190,8 @@ def read_video(
         container gives that frame (``VideoInfo.start``).
       max_frames: stop after this many output frames.
       size: ``(height, width)`` to resize every frame to (FFmpeg's swscale, bicubic), as displayed (after
-        the file's rotation).
+        the file's rotation, in square pixels); ``None`` keeps the displayed size (frames with non-square
+        pixels are scaled to it).
       max_pixels: refuse a file whose frames exceed this many pixels (reason
         ``too_large``) before decoding anything.
       truncated: when the frames stop (end of data or a decode error) more than
@@ -194,7 +212,8 @@ def read_video(
         # Frame times are the stream's timestamps; the window counts from its first frame.
         start_t = info.start + start
         end_t = None if end is None else info.start + end
-        out = _Resampler(fps, start_t, info.fps, max_frames, lambda frame: _to_array(frame, size))
+        aspect = _pixel_aspect(container.streams.video[0])
+        out = _Resampler(fps, start_t, info.fps, max_frames, lambda frame: _to_array(frame, size, aspect))
         decoded = _decode_window(path, stack, container, info, start_t, end_t, start > 0, out)
         # Repeats of the last frame stop at the stream's end too: a gif's whole-centisecond timestamps put its
         # last frame up to half a centisecond early, and one period past it would be an instant after the clip.
