@@ -347,3 +347,32 @@ def test_non_square_pixels_read_at_their_displayed_width(tmp_path):
     turned = _write_pyav(tmp_path / "tall.mp4", _marked(), rotation=90, pixel_aspect=Fraction(2))
     assert (io.probe(turned).width, io.probe(turned).height) == (48, 128)
     assert io.read_video(turned)[0].shape == (2, 128, 48, 3)
+
+
+def test_fps_resampling_takes_the_nearest_frame_when_durations_vary(tmp_path):
+    """Frames at 0, .1, .4, .5, .8, .9, 1.2 ... s. Each frame used to cover its time +- half the average period,
+    which gave [0, 1, 2, 2, 2, 4, 4, 4, 5] at 8 fps (at 1.0 s the mp4 gave the frame of 1.2 s)."""
+    from fractions import Fraction
+
+    import av
+    from PIL import Image
+
+    starts = [(k // 2) * 400 + (k % 2) * 100 for k in range(12)]  # ms
+    mp4 = tmp_path / "vfr.mp4"
+    with av.open(str(mp4), "w") as container:
+        stream = container.add_stream("libx264", rate=10, options={"bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for start, array in zip(starts, counter_frames(12)):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = start, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    gif = tmp_path / "delays.gif"
+    images = [Image.fromarray(array) for array in counter_frames(12)]
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=[100, 300] * 6, loop=0)
+    for path in (mp4, gif):
+        # Instants k / 8 s; 0.25 s lies between frames 1 (0.1 s) and 2 (0.4 s): nearer 1.
+        assert counters(io.read_video(path, fps=8, max_frames=9)[0]) == [0, 1, 1, 2, 3, 3, 4, 5, 5], path.name
+        # A window from 1.0 s starts with frame 5 (0.9 s), which lies before it; 1.25 s is a tie, the earlier wins.
+        assert counters(io.read_video(path, fps=8, start=1.0, max_frames=3)[0]) == [5, 6, 6], path.name

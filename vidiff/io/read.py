@@ -180,11 +180,16 @@ def read_video(
     """Decode a video to ``uint8 (T, H, W, 3)`` and return it with its frame rate.
 
     Args:
-      fps: resample to this rate by nearest frame (repeating frames when it is
-        above the source rate; instants up to the end of the last frame's
-        span repeat it, as ``vidiff.data.transforms.resample_indices`` clamps;
-        an instant exactly between two frames takes the earlier one, there
-        too); ``None`` keeps every frame.
+      fps: resample to this rate: each ``1 / fps`` instant from ``start``
+        takes the frame whose timestamp is nearest to it, judged by the real
+        timestamps on either side, so frames of uneven durations (gif and
+        APNG delays, variable-rate mp4) are picked as evenly spaced ones are
+        (an instant exactly between two frames takes the earlier one;
+        frames repeat when ``fps`` is above the source rate). Instants after
+        the window's last frame repeat it up to the window's end, or, where
+        the stream ends first, up to the end of that frame's span (one
+        average period), as ``vidiff.data.transforms.resample_indices``
+        clamps. ``None`` keeps every frame.
       start, end: time window in seconds from the stream's first frame
         (``end`` exclusive, ``None`` = to the end), whatever timestamp the
         container gives that frame (``VideoInfo.start``).
@@ -215,11 +220,7 @@ def read_video(
         aspect = _pixel_aspect(container.streams.video[0])
         out = _Resampler(fps, start_t, info.fps, max_frames, lambda frame: _to_array(frame, size, aspect))
         decoded = _decode_window(path, stack, container, info, start_t, end_t, start > 0, out)
-        # Repeats of the last frame stop at the stream's end too: a gif's whole-centisecond timestamps put its
-        # last frame up to half a centisecond early, and one period past it would be an instant after the clip.
-        stream_end = info.start + info.duration if info.duration > 0 else None
-        limits = [t for t in (end_t, stream_end) if t is not None]
-        out.finish(min(limits) if limits else None)
+        out.finish(end_t, not decoded.complete, info.start + info.duration if info.duration > 0 else None)
     frames = out.frames
     if not decoded.complete:
         _judge_truncation(path, info, start_t, end_t, decoded, len(frames), truncated)
@@ -262,6 +263,7 @@ def _decode_window(path, stack, container, info, start_t, end_t, seek, out) -> _
             position += 1
             last_t = t
             if t < start_t - half_period:
+                out.before(frame, t)
                 continue
             if end_t is not None and t >= end_t - 1e-9:
                 return _Decoded(last_t, count, True, None)
@@ -343,38 +345,65 @@ def _truncation(info: VideoInfo, stream_start, start_t, end_t, last_t, decoded, 
 
 
 class _Resampler:
-    """The output frames of ``read_video``: every decoded frame (``fps=None``) or, by nearest frame, one per
-    ``1 / fps`` instant from ``start``. Frames are converted to arrays only when output."""
+    """The output frames of ``read_video``: every frame of the window (``fps=None``), or one per ``1 / fps``
+    instant from ``start``, the frame with the nearest timestamp (``read_video``'s ``fps``). Resampling holds
+    each frame back until the next one's timestamp says which instants it is nearest to. Frames are converted
+    to arrays only when output."""
 
     def __init__(self, fps, start, source_fps, max_frames, convert):
-        self.fps, self.next_t, self.max_frames, self.convert = fps, start, max_frames, convert
+        self.fps, self.start, self.max_frames, self.convert = fps, start, max_frames, convert
         self.period = 1.0 / source_fps
-        self.frames, self.kept_t = [], None  # kept_t: the time of the last frame added
+        self.frames = []
+        # The frame waiting for the next one's time, its time, and whether it lies in the window (a frame just
+        # before the window may still be nearer to its first instant than the window's first frame is).
+        self.held, self.held_t, self.held_in_window = None, None, False
 
     def full(self) -> bool:
         return self.max_frames is not None and len(self.frames) >= self.max_frames
 
+    def before(self, frame, t: float):
+        """A frame before the window: a candidate for its first instants only."""
+        if self.fps is not None:
+            self.held, self.held_t, self.held_in_window = frame, t, False
+
     def add(self, frame, t: float):
-        self.kept_t = t
+        """A frame of the window, at ``t`` seconds."""
         if self.fps is None:
             self.frames.append(self.convert(frame))
             return
-        array = None
-        # A frame covers [t - half, t + half): it is output for every instant that falls before its end.
-        while self.next_t <= t + 0.5 * self.period and not self.full():
-            array = self.convert(frame) if array is None else array
-            self.frames.append(array)
-            self.next_t += 1.0 / self.fps
+        if self.held is not None:
+            # Instants up to the middle of the two timestamps (the middle included) are nearer the held frame.
+            self._output_held(lambda instant: instant <= 0.5 * (self.held_t + t) + 1e-9)
+        self.held, self.held_t, self.held_in_window = frame, t, True
 
-    def finish(self, end_t: float | None):
-        """Instants after the last kept frame's middle, up to the end of its span (or of the window), repeat
-        it, as ``resample_indices`` clamps."""
-        if self.fps is None or not self.frames:
+    def finish(self, end_t: float | None, ran_out: bool, stream_end: float | None):
+        """Output the window's last frame for the instants left before ``end_t`` (None: no end).
+
+        When the data ``ran_out`` before a frame at or past ``end_t``, the
+        frame's span ends one average period after it, or at ``stream_end`` if
+        sooner: a gif's whole-centisecond timestamps put its last frame up to
+        half a centisecond early, and one period past it would be an instant
+        after the clip. A ``stream_end`` before the frame itself is the
+        container's mistake, and ignored.
+        """
+        if self.fps is None or self.held is None or not self.held_in_window:
             return
-        limit = self.kept_t + self.period if end_t is None else min(end_t, self.kept_t + self.period)
-        while self.next_t < limit - 1e-9 and not self.full():
-            self.frames.append(self.frames[-1])
-            self.next_t += 1.0 / self.fps
+        limits = [] if end_t is None else [end_t]
+        if ran_out:
+            limits.append(self.held_t + self.period)
+            if stream_end is not None and stream_end > self.held_t:
+                limits.append(stream_end)
+        if limits:
+            self._output_held(lambda instant: instant < min(limits) - 1e-9)
+
+    def _output_held(self, before) -> None:
+        array = None
+        while not self.full():
+            instant = self.start + len(self.frames) / self.fps  # not summed, so that rounding cannot build up
+            if not before(instant):
+                return
+            array = self.convert(self.held) if array is None else array
+            self.frames.append(array)
 
 
 def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
