@@ -376,3 +376,24 @@ def test_fps_resampling_takes_the_nearest_frame_when_durations_vary(tmp_path):
         assert counters(io.read_video(path, fps=8, max_frames=9)[0]) == [0, 1, 1, 2, 3, 3, 4, 5, 5], path.name
         # A window from 1.0 s starts with frame 5 (0.9 s), which lies before it; 1.25 s is a tie, the earlier wins.
         assert counters(io.read_video(path, fps=8, start=1.0, max_frames=3)[0]) == [5, 6, 6], path.name
+
+
+def test_a_matroska_file_whose_audio_outlasts_its_video_is_not_truncated(tmp_path):
+    """Matroska has no per-stream duration: the segment's (10 s, the audio's) made 2 s of video look cut off."""
+    import av
+
+    path = tmp_path / "long_audio.mkv"
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=8)
+        video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=8000, layout="mono")
+        for array in counter_frames(16):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(video.encode())
+        for k in range(10):
+            samples = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format="s16", layout="mono")
+            samples.sample_rate, samples.pts = 8000, k * 8000
+            container.mux(audio.encode(samples))
+        container.mux(audio.encode())
+    assert (io.probe(path).duration, io.probe(path).num_frames) == (pytest.approx(2.0), 16)
+    assert counters(io.read_video(path, start=1.0, truncated="error")[0]) == list(range(8, 16))

@@ -149,14 +149,7 @@ def _info(container) -> VideoInfo:
     stream = container.streams.video[0]
     fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
     start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
-    if stream.duration is not None and stream.time_base is not None:
-        duration = float(stream.duration * stream.time_base)
-    elif container.duration is not None:
-        duration = container.duration / 1e6
-        if "matroska" in container.format.name:  # (and WebM) a segment's duration runs from 0, not from the start
-            duration = max(duration - container.start_time / 1e6, 0.0) if container.start_time else duration
-    else:
-        duration = 0.0
+    duration = _duration(container, stream, start)
     if container.format.name == "gif" and stream.frames and duration > 0:
         # Whole-centisecond delays: a gif's rate is its frames over its length. FFmpeg's average of the first
         # delays reads 8.33 for the 12, 13, 13, 12 cs a gif at 8 fps alternates (``write_video``).
@@ -164,6 +157,32 @@ def _info(container) -> VideoInfo:
     frames = stream.frames or int(round(duration * fps))
     width = _display_width(stream.codec_context.width, _pixel_aspect(stream))
     return VideoInfo(width, stream.codec_context.height, fps, frames, duration, start)
+
+
+def _duration(container, stream, start: float) -> float:
+    """Seconds the video stream lasts from its first frame; 0 when nothing says."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if "matroska" in container.format.name:
+        # (And WebM.) No per-stream duration field: the track's DURATION tag, when the muxer wrote one, is its
+        # own end; the segment's duration covers every stream, so audio that outlasts the video would make a
+        # healthy file look truncated. Both run from 0, not from the stream's start.
+        tagged = _tagged_end(stream)
+        if tagged is not None:
+            return max(tagged - start, 0.0)
+        if container.duration is not None and container.start_time:
+            return max((container.duration - container.start_time) / 1e6, 0.0)
+    return container.duration / 1e6 if container.duration is not None else 0.0
+
+
+def _tagged_end(stream) -> float | None:
+    """A matroska track's DURATION tag (``'00:00:02.000000000'``) in seconds; None when missing or unreadable."""
+    text = next((value for key, value in stream.metadata.items() if key.upper() == "DURATION"), None)
+    try:
+        hours, minutes, seconds = text.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except (AttributeError, ValueError):
+        return None
 
 
 def read_video(
