@@ -269,7 +269,8 @@ def test_fps_upsampling_keeps_the_last_source_frames_span(tmp_path):
 def test_a_raw_h264_stream_without_timestamps_reads_windows_and_resamples(tmp_path):
     """No index to seek and no frame times: windows decode from the start and frames are timed by position."""
     path = write_counter(tmp_path / "c.h264", 48, 8, fmt="h264")
-    rate = io.probe(path).fps  # a raw stream carries no rate: FFmpeg's guess, which the reader times frames by
+    rate = io.probe(path).fps  # the stream's timing info, which the reader times frames by
+    assert rate == 8.0 and io.read_video(path)[1] == 8.0  # was the demuxer's default of 25 fps
     assert counters(io.read_video(path)[0]) == list(range(48))
     for k in (3, 20, 41):
         assert counters(io.read_video(path, start=k / rate, max_frames=4)[0]) == list(range(k, k + 4)), k

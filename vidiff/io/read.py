@@ -147,7 +147,7 @@ def _to_array(frame, size, aspect: float = 1.0) -> np.ndarray:
 
 def _info(container) -> VideoInfo:
     stream = container.streams.video[0]
-    fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    fps = _frame_rate(container, stream)
     start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
     duration = _duration(container, stream, start)
     if container.format.name == "gif" and stream.frames and duration > 0:
@@ -157,6 +157,18 @@ def _info(container) -> VideoInfo:
     frames = stream.frames or int(round(duration * fps))
     width = _display_width(stream.codec_context.width, _pixel_aspect(stream))
     return VideoInfo(width, stream.codec_context.height, fps, frames, duration, start)
+
+
+def _frame_rate(container, stream) -> float:
+    """The stream's frame rate; 25 when nothing says."""
+    import av
+
+    rates = (stream.average_rate, stream.guessed_rate)
+    if container.format.flags & av.format.Flags.no_timestamps.value:
+        # A raw stream (.h264, .hevc) has no timestamps to average: its average rate is the demuxer's default of
+        # 25 fps, whatever the stream's own rate, which the codec (the H.264 timing info) or FFmpeg's guess knows.
+        rates = (stream.codec_context.framerate, stream.guessed_rate, stream.average_rate)
+    return float(next((rate for rate in rates if rate), 0)) or 25.0
 
 
 def _duration(container, stream, start: float) -> float:
