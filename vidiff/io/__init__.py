@@ -1,8 +1,9 @@
 """Video and images in and out: any file PyAV can decode -> ``uint8 (T, H, W, 3)``, and back.
 
 Reading goes through PyAV (FFmpeg's libraries inside the wheel, no system ffmpeg) and Pillow
-(``vidiff.io.read``); writing picks the format by suffix (``vidiff.io.write``); ``vidiff.io.frames`` holds
-the array conversions and checks both use. Everything is imported from ``vidiff.io``.
+(``vidiff.io.read``; ``vidiff.io.playback`` makes decoded frames what a player shows); writing picks the
+format by suffix (``vidiff.io.write``); ``vidiff.io.frames`` holds the array conversions and checks both use.
+Everything is imported from ``vidiff.io``.
 """
 from vidiff.io.frames import check_frames, check_image, frame_grid, resize_frames, to_float, to_uint8
 from vidiff.io.read import (CORRUPT, IMAGE_SUFFIXES, MISSING_FILE, NO_FRAMES, NOT_VIDEO, TOO_LARGE, TRUNCATED,

@@ -8,9 +8,10 @@ decoded vs. expected) and returns what decoded, or raises with
 ``truncated="error"`` (the data pipeline's choice: such a clip is skipped and
 counted, never silently shortened).
 
-Frames come out as players show them: turned by the rotation the file asks for
-(a phone's portrait clip, a JPEG's EXIF orientation; see ``_quarter_turns``),
-and with non-square pixels widened or narrowed to their displayed width.
+Frames come out as players show them (``vidiff.io.playback``, which also picks
+the frames of a resampled clip): turned by the rotation the file asks for (a
+phone's portrait clip, a JPEG's EXIF orientation), with non-square pixels
+widened or narrowed to their displayed width.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from vidiff.io.playback import Resampler, display_width, pixel_aspect, quarter_turns, to_array
 
 # Reasons a file can be refused; the data pipeline reports skips by these.
 MISSING_FILE = "missing_file"
@@ -48,7 +51,7 @@ class VideoInfo:
     """What the container says about the first video stream (``probe`` also decodes its first frame, for the
     rotation)."""
 
-    width: int  # as displayed: non-square pixels scaled to square ones (``_display_width``), then ``rotation``
+    width: int  # as displayed: non-square pixels scaled to square ones (``display_width``), then ``rotation``
     height: int
     fps: float
     num_frames: int  # the container's count, or an estimate from the duration
@@ -97,52 +100,14 @@ def probe(path) -> VideoInfo:
 
 
 def _first_frame_turns(container) -> int:
-    """``_quarter_turns`` of the first frame; 0 when none decodes (``read_video`` says why)."""
+    """``quarter_turns`` of the first frame; 0 when none decodes (``read_video`` says why)."""
     import av
 
     try:
         frame = next(container.decode(container.streams.video[0]), None)
     except av.FFmpegError:
         return 0
-    return 0 if frame is None else _quarter_turns(frame)
-
-
-def _quarter_turns(frame) -> int:
-    """Quarter turns counter-clockwise (0 to 3) that show ``frame`` as players do: ``np.rot90(array, turns)``.
-
-    PyAV's ``frame.rotation`` is the display matrix's angle counter-clockwise;
-    ffmpeg 7.0's autorotation shows a frame with rotation 90 exactly as
-    ``np.rot90(array, 1)``, -90 as ``np.rot90(array, 3)``, 180 as
-    ``np.rot90(array, 2)`` (checked on the decoded pixels). Other angles are
-    rounded to the nearest quarter turn; a mirroring matrix is not undone.
-    """
-    return int(round(frame.rotation / 90)) % 4
-
-
-def _pixel_aspect(stream) -> float:
-    """The width of a stored pixel as displayed, over its height (FFmpeg's guess from codec and container)."""
-    sar = stream.sample_aspect_ratio
-    return float(sar) if sar and sar > 0 else 1.0
-
-
-def _display_width(width: int, aspect: float) -> int:
-    """A stored width as displayed, in square pixels: a 64-wide frame with 2:1 pixels shows 128 wide."""
-    return width if aspect == 1.0 else max(1, int(round(width * aspect)))
-
-
-def _to_array(frame, size, aspect: float = 1.0) -> np.ndarray:
-    """``frame`` as ``uint8 (H, W, 3)`` RGB as displayed; ``size``: the displayed ``(height, width)`` to scale to,
-    ``None``: its displayed size (scaled only when ``aspect``, its pixel aspect, is not 1)."""
-    turns = _quarter_turns(frame)
-    if size is None and aspect == 1.0:
-        array = frame.to_ndarray(format="rgb24")
-    else:
-        if size is None:
-            height, width = frame.height, _display_width(frame.width, aspect)
-        else:
-            height, width = size if turns % 2 == 0 else size[::-1]  # scaled before it is turned
-        array = frame.to_ndarray(format="rgb24", height=int(height), width=int(width), interpolation="BICUBIC")
-    return np.rot90(array, turns) if turns else array
+    return 0 if frame is None else quarter_turns(frame)
 
 
 def _info(container) -> VideoInfo:
@@ -155,7 +120,7 @@ def _info(container) -> VideoInfo:
         # delays reads 8.33 for the 12, 13, 13, 12 cs a gif at 8 fps alternates (``write_video``).
         fps = stream.frames / duration
     frames = stream.frames or int(round(duration * fps))
-    width = _display_width(stream.codec_context.width, _pixel_aspect(stream))
+    width = display_width(stream.codec_context.width, pixel_aspect(stream))
     return VideoInfo(width, stream.codec_context.height, fps, frames, duration, start)
 
 
@@ -248,8 +213,8 @@ def read_video(
         # Frame times are the stream's timestamps; the window counts from its first frame.
         start_t = info.start + start
         end_t = None if end is None else info.start + end
-        aspect = _pixel_aspect(container.streams.video[0])
-        out = _Resampler(fps, start_t, info.fps, max_frames, lambda frame: _to_array(frame, size, aspect))
+        aspect = pixel_aspect(container.streams.video[0])
+        out = Resampler(fps, start_t, info.fps, max_frames, lambda frame: to_array(frame, size, aspect))
         decoded = _decode_window(path, stack, container, info, start_t, end_t, start > 0, out)
         out.finish(end_t, not decoded.complete, info.start + info.duration if info.duration > 0 else None)
     frames = out.frames
@@ -373,68 +338,6 @@ def _truncation(info: VideoInfo, stream_start, start_t, end_t, last_t, decoded, 
     where = "before the first frame" if last_t is None else f"after {last_t - stream_start:.2f}s"
     return (f"{stop} {where} of the {info.duration:.2f}s the container claims: "
             f"{decoded} of {expected} frames decoded")
-
-
-class _Resampler:
-    """The output frames of ``read_video``: every frame of the window (``fps=None``), or one per ``1 / fps``
-    instant from ``start``, the frame with the nearest timestamp (``read_video``'s ``fps``). Resampling holds
-    each frame back until the next one's timestamp says which instants it is nearest to. Frames are converted
-    to arrays only when output."""
-
-    def __init__(self, fps, start, source_fps, max_frames, convert):
-        self.fps, self.start, self.max_frames, self.convert = fps, start, max_frames, convert
-        self.period = 1.0 / source_fps
-        self.frames = []
-        # The frame waiting for the next one's time, its time, and whether it lies in the window (a frame just
-        # before the window may still be nearer to its first instant than the window's first frame is).
-        self.held, self.held_t, self.held_in_window = None, None, False
-
-    def full(self) -> bool:
-        return self.max_frames is not None and len(self.frames) >= self.max_frames
-
-    def before(self, frame, t: float):
-        """A frame before the window: a candidate for its first instants only."""
-        if self.fps is not None:
-            self.held, self.held_t, self.held_in_window = frame, t, False
-
-    def add(self, frame, t: float):
-        """A frame of the window, at ``t`` seconds."""
-        if self.fps is None:
-            self.frames.append(self.convert(frame))
-            return
-        if self.held is not None:
-            # Instants up to the middle of the two timestamps (the middle included) are nearer the held frame.
-            self._output_held(lambda instant: instant <= 0.5 * (self.held_t + t) + 1e-9)
-        self.held, self.held_t, self.held_in_window = frame, t, True
-
-    def finish(self, end_t: float | None, ran_out: bool, stream_end: float | None):
-        """Output the window's last frame for the instants left before ``end_t`` (None: no end).
-
-        When the data ``ran_out`` before a frame at or past ``end_t``, the
-        frame's span ends one average period after it, or at ``stream_end`` if
-        sooner: a gif's whole-centisecond timestamps put its last frame up to
-        half a centisecond early, and one period past it would be an instant
-        after the clip. A ``stream_end`` before the frame itself is the
-        container's mistake, and ignored.
-        """
-        if self.fps is None or self.held is None or not self.held_in_window:
-            return
-        limits = [] if end_t is None else [end_t]
-        if ran_out:
-            limits.append(self.held_t + self.period)
-            if stream_end is not None and stream_end > self.held_t:
-                limits.append(stream_end)
-        if limits:
-            self._output_held(lambda instant: instant < min(limits) - 1e-9)
-
-    def _output_held(self, before) -> None:
-        array = None
-        while not self.full():
-            instant = self.start + len(self.frames) / self.fps  # not summed, so that rounding cannot build up
-            if not before(instant):
-                return
-            array = self.convert(self.held) if array is None else array
-            self.frames.append(array)
 
 
 def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
