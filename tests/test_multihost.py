@@ -102,6 +102,22 @@ def test_processes_stop_together_when_one_runs_out_of_data_or_fills_another_buck
         "bucket (data.buckets=None), one process, or fixed-size shards from `vidiff prepare`")
 
 
+def test_every_process_exchanges_on_the_host_without_waiting_for_the_device(tmp_path):
+    """The per-step agreement goes through jax.distributed's key-value store: every process gets every row,
+    call after call, without the store growing; it returns while a long computation dispatched just before
+    still runs (a device all-gather would queue behind it); a process that does not answer is named."""
+    _run_two_processes(["exchange", str(tmp_path / "out{i}.json")], 1, 120)
+    runs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    for run in runs:
+        assert run["rows"] == [[[0, call, 0], [1, call, -call]] for call in range(50)]
+        assert run["keys_left"] <= 4  # at most the last two calls' keys of each process
+        assert run["busy_after_dispatch"] and run["busy_after_exchange"], run["times"]
+        assert run["agreed"] == [[0], [1]]
+    assert runs[0]["late"] == (
+        "processes did not agree at every_process call 52: process 1 of 2 did not answer within 1 s (it stopped, "
+        "hangs, or took another path); see its log")
+
+
 def test_distributed_settings_from_config_or_environment():
     import ml_collections
     import pytest
@@ -227,8 +243,51 @@ def data_ends(out_path: str, ckpt_root: str) -> None:
                                               other_bucket=other_bucket)))
 
 
+def exchange(out_path: str) -> None:
+    """``every_process`` 50 times; then once while ~3 s of device work runs; then process 1 comes late."""
+    from vidiff import distributed
+
+    distributed.initialize()
+    import jax
+    import jax.numpy as jnp
+    from jax._src import distributed as jax_distributed
+
+    index = jax.process_index()
+    rows = [distributed.every_process([index, call, -call * index]).tolist() for call in range(50)]
+    keys_left = len(jax_distributed.global_state.client.key_value_dir_get("vidiff/every_process"))
+
+    busy = jax.jit(lambda x, n: jax.lax.fori_loop(0, n, lambda i, x: jnp.tanh(x @ x), x))
+    x = jnp.full((256, 256), 0.01)
+    busy(x, 1).block_until_ready()
+    began = time.perf_counter()
+    busy(x, 20).block_until_ready()
+    loops = int(3 / ((time.perf_counter() - began) / 20))
+    distributed.every_process([0])  # both processes start the computation together
+    began = time.perf_counter()
+    y = busy(x, loops)
+    busy_after_dispatch = not y.is_ready()
+    agreed = distributed.every_process([index]).tolist()
+    busy_after_exchange = not y.is_ready()
+    exchange_s = time.perf_counter() - began
+    y.block_until_ready()
+    times = dict(exchange_s=exchange_s, busy_s=time.perf_counter() - began)
+
+    distributed.EXCHANGE_TIMEOUT_S = 1
+    if index == 1:
+        time.sleep(4)
+    try:
+        late = distributed.every_process([index]).tolist()
+    except RuntimeError as error:
+        late = str(error)
+    Path(out_path).write_text(json.dumps(dict(rows=rows, keys_left=keys_left, busy_after_dispatch=busy_after_dispatch,
+                                              busy_after_exchange=busy_after_exchange, agreed=agreed, times=times,
+                                              late=late)))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "data-ends":
         data_ends(*sys.argv[2:4])
+    elif sys.argv[1] == "exchange":
+        exchange(sys.argv[2])
     else:
         worker(*sys.argv[1:3])

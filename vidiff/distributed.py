@@ -14,12 +14,16 @@ in order:
 Nothing set means a single process, and :func:`initialize` does nothing. On CPU the
 processes exchange data through gloo, so the multi-host paths run on one machine
 (``tests/test_multihost.py``). After start-up: data is sliced per process by the
-Grain pipeline, metrics and samples are written by process 0 (:func:`is_main`), and
-orbax saves and restores checkpoints collectively.
+Grain pipeline, metrics and samples are written by process 0 (:func:`is_main`),
+orbax saves and restores checkpoints collectively, and the few integers the processes
+agree on at each step (:func:`every_process`) go host to host through jax.distributed's
+key-value store.
 """
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from typing import Any, Mapping
 
 import jax
@@ -107,6 +111,57 @@ def every_process(values) -> np.ndarray:
     row = np.asarray(values, np.int32).reshape(1, -1)
     if jax.process_count() == 1:
         return row
-    from jax.experimental import multihost_utils
+    client = _coordination_client()
+    if client is None:  # processes not started by jax.distributed: the devices are the only shared channel
+        from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(row[0])).reshape(jax.process_count(), -1)
+        return np.asarray(multihost_utils.process_allgather(row[0])).reshape(jax.process_count(), -1)
+    return _exchange(client, row[0], next(_calls))
+
+
+# Long, because process 0 evaluates and writes samples alone while the others already wait here for the
+# next step's agreement; a process that crashed or took another path is still named, not waited for forever.
+EXCHANGE_TIMEOUT_S = 3600
+_KEY = "vidiff/every_process"
+_calls = itertools.count()  # every process calls in the same order, so the n-th calls share keys
+
+
+def _coordination_client():
+    """The coordination-service client ``jax.distributed.initialize`` made (orbax and grain use it too), or None."""
+    from jax._src import distributed as jax_distributed
+
+    return getattr(getattr(jax_distributed, "global_state", None), "client", None)
+
+
+def _exchange(client, row: np.ndarray, call: int) -> np.ndarray:
+    """``every_process`` through the coordination service's key-value store: host to host, so it does not
+    queue behind (and wait for) the train step still running on the devices, as a device all-gather would."""
+    me, count = jax.process_index(), jax.process_count()
+    folder = f"{_KEY}/{call}"
+    client.key_value_set(f"{folder}/{me}", ",".join(map(str, row.tolist())))
+    found = dict(client.key_value_dir_get(folder))  # the processes that came first, in one round trip
+    deadline = time.monotonic() + EXCHANGE_TIMEOUT_S
+    for process in range(count):
+        key = f"{folder}/{process}"
+        if key not in found:
+            found[key] = _wait_for(client, key, deadline, process, call)
+    rows = [[int(v) for v in found[f"{folder}/{p}"].split(",") if v] for p in range(count)]
+    if any(len(r) != row.size for r in rows):
+        raise ValueError(f"every_process call {call}: the processes gave {[len(r) for r in rows]} values; every "
+                         f"process must pass the same number")
+    # Each process has set its key of this call, so each has read all of the call before: ours can go.
+    if call:
+        client.key_value_delete(f"{_KEY}/{call - 1}/{me}")
+    return np.asarray(rows, np.int32).reshape(count, -1)
+
+
+def _wait_for(client, key: str, deadline: float, process: int, call: int) -> str:
+    timeout_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+    try:
+        return client.blocking_key_value_get(key, timeout_ms)
+    except Exception as error:  # jax's runtime error; only its text says it was the deadline
+        if "DEADLINE_EXCEEDED" not in str(error):
+            raise
+    raise RuntimeError(f"processes did not agree at every_process call {call}: process {process} of "
+                       f"{jax.process_count()} did not answer within {EXCHANGE_TIMEOUT_S} s (it stopped, hangs, or "
+                       f"took another path); see its log") from None
