@@ -1,5 +1,10 @@
 """``dit_train.latents = "cached"``: each distinct clip is encoded once, later epochs and resumed runs reuse it."""
+import re
+import threading
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from vidiff.train.latent_cache import LatentCache, vae_fingerprint
 
@@ -76,11 +81,52 @@ def test_saved_cache_serves_a_resumed_run_without_encoding(tmp_path):
     assert resumed.save(path) is False  # nothing new since the load
 
 
+def test_save_writes_in_the_background_and_a_failed_write_raises_on_the_next(tmp_path, monkeypatch):
+    savez, started, release = np.savez, threading.Event(), threading.Event()
+
+    def slow_savez(file, **arrays):
+        started.set()
+        release.wait(5)
+        savez(file, **arrays)
+
+    monkeypatch.setattr(np, "savez", slow_savez)
+    cache = LatentCache(CountingEncoder(), capacity=100, fingerprint="vae-a")
+    first = cache(_clips(0))
+    path = tmp_path / "process_0.npz"
+    assert cache.save(path) is True and started.wait(10)
+    assert not path.exists()  # save returned while the file is still being written
+    cache(_clips(1))  # training goes on: entries added meanwhile are not in this write
+    release.set()
+    cache.wait()
+    resumed = LatentCache(CountingEncoder(), capacity=100, fingerprint="vae-a")
+    assert resumed.load(path) == f"latent cache: 4 clips' latents loaded from {path}"
+    np.testing.assert_array_equal(resumed(_clips(0)), first)
+
+    def full_disk(file, **arrays):
+        Path(file).write_bytes(b"PK")  # half a file ...
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    assert cache.save(path) is True  # the failure happens in the background ...
+    with pytest.raises(OSError, match=re.escape(
+            f"latent cache: writing {path} failed ([Errno 28] No space left on device); the checkpoints are "
+            f"unaffected but a resumed run would encode those clips again; fix the disk (space, permissions) "
+            f"and resume")):
+        cache.save(path)  # ... and ends the run at the next save (or at wait)
+    cache.wait()  # told once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["process_0.npz"]  # ... removed; the last good file kept
+    monkeypatch.setattr(np, "savez", savez)
+    assert cache.save(path) is True  # nothing known to be on disk: written again, whole
+    cache.wait()
+    assert LatentCache(CountingEncoder(), 100, "vae-a").load(path).startswith("latent cache: 8 clips")
+
+
 def test_a_cache_from_another_vae_is_ignored_and_capacity_holds_on_load(tmp_path):
     cache = LatentCache(CountingEncoder(), capacity=100, fingerprint="vae-a")
     cache(_clips(0))
     path = tmp_path / "process_0.npz"
     cache.save(path)
+    cache.wait()  # another process's load comes after this one's write
     other = LatentCache(CountingEncoder(), capacity=100, fingerprint="vae-b")
     assert other.load(path) == f"latent cache {path} was made with another VAE: ignored, clips are encoded again"
     assert other.entries == {} and other.loaded == 0

@@ -5,14 +5,17 @@ the first skips the VAE: on a CPU, encoding costs as much as a tiny DiT step.
 Every checkpoint also writes the cache to
 ``<workdir>/dit/latent_cache/process_<i>.npz`` (one file per process, each of
 which sees its own share of the data), tagged with a fingerprint of the VAE's
-variables and config. A resumed run loads it, so it does not spend its first
-epoch re-encoding what the killed run had encoded; a cache from another VAE is
-ignored, and the log says so.
+variables and config. The file is written in a background thread (seconds for
+100,000 clips), under a temporary name renamed when complete, so training goes
+on meanwhile and a kill never leaves half a file. A resumed run loads it, so it
+does not spend its first epoch re-encoding what the killed run had encoded; a
+cache from another VAE is ignored, and the log says so.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import jax
@@ -49,6 +52,8 @@ class LatentCache:
         self.entries: dict[bytes, np.ndarray] = {}
         self.hits = self.misses = self.loaded = 0
         self._saved = 0  # entries already on disk: an unchanged cache is not written again
+        self._writer: threading.Thread | None = None
+        self._failure: tuple[Path, Exception] | None = None  # a background write's error, raised by the next wait
 
     def __call__(self, videos: np.ndarray) -> np.ndarray:
         keys = [clip_key(v) for v in videos]
@@ -63,26 +68,46 @@ class LatentCache:
         return latents
 
     def save(self, path) -> bool:
-        """Write the entries (grouped by latent shape) atomically; False when nothing changed."""
+        """Start writing the entries (grouped by latent shape) to ``path`` in the background; False when nothing
+        changed. The previous write is waited for first, and raises here if it failed."""
+        self.wait()
         if len(self.entries) == self._saved:
             return False
-        groups: dict[tuple, list] = {}
-        for key, z in self.entries.items():
-            groups.setdefault(z.shape, []).append((key, z))
-        arrays = {"fingerprint": np.array(self.fingerprint)}
-        for i, items in enumerate(groups.values()):
-            arrays[f"keys_{i}"] = np.frombuffer(b"".join(k for k, _ in items), np.uint8).reshape(-1, KEY_BYTES)
-            arrays[f"latents_{i}"] = np.stack([z for _, z in items])
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial.npz")  # a kill mid-write leaves the old file whole
-        np.savez(partial, **arrays)
-        os.replace(partial, path)
-        self._saved = len(self.entries)
+        snapshot = dict(self.entries)  # the loop goes on adding entries while this is written
+        self._saved = len(snapshot)
+        # Not a daemon: a process that ends right after its last checkpoint still finishes the file.
+        self._writer = threading.Thread(target=self._write, args=(snapshot, Path(path)), name="latent-cache-save")
+        self._writer.start()
         return True
+
+    def wait(self) -> None:
+        """Block until the last :meth:`save` is on disk; a failed write raises here in one line."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            self._saved = -1  # what is on disk is unknown: the next save writes everything
+            path, error = failure
+            raise OSError(f"latent cache: writing {path} failed ({error}); the checkpoints are unaffected but a "
+                          f"resumed run would encode those clips again; fix the disk (space, permissions) and resume")
+
+    def _write(self, entries: dict, path: Path) -> None:
+        try:
+            groups: dict[tuple, list] = {}
+            for key, z in entries.items():
+                groups.setdefault(z.shape, []).append((key, z))
+            arrays = {"fingerprint": np.array(self.fingerprint)}
+            for i, items in enumerate(groups.values()):
+                arrays[f"keys_{i}"] = np.frombuffer(b"".join(k for k, _ in items), np.uint8).reshape(-1, KEY_BYTES)
+                arrays[f"latents_{i}"] = np.stack([z for _, z in items])
+            _write_atomically(path, arrays)
+        except Exception as error:  # the thread cannot raise to the loop: the next save or wait does
+            self._failure = (path, error)
 
     def load(self, path) -> str | None:
         """Add the entries saved at ``path`` (up to ``capacity``); a line for the log, or None if no file."""
+        self.wait()  # a write still running would be missed, or seen half done
         path = Path(path)
         if not path.is_file():
             return None
@@ -102,3 +127,15 @@ class LatentCache:
 
     def stats(self) -> dict:
         return {"clips": len(self.entries), "hits": self.hits, "misses": self.misses, "loaded": self.loaded}
+
+
+def _write_atomically(path: Path, arrays: dict) -> None:
+    """``np.savez`` under a temporary name, renamed when complete: a kill mid-write leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.npz")
+    try:
+        np.savez(partial, **arrays)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
