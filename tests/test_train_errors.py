@@ -192,6 +192,16 @@ def test_valid_edge_values_pass_and_long_warmups_warn():
         "warning: vae_train.optim.warmup_steps=100 >= vae_train.steps=20: the learning rate never reaches "
         "optim.lr=0.002"]
     assert config_lib.warnings_for(_config(), "vae") == []
+    # A finite stream kept whole ends on a partial batch: a new shape, compiled again for one step.
+    partial = config_lib.for_stage(_config("--config.data.num_epochs=2", "--config.data.drop_remainder=False"), "dit")
+    assert config_lib.warnings_for(partial, "dit") == [
+        "warning: data.drop_remainder=False with data.num_epochs=2: a run that reads to the end of the data ends on a "
+        "partial batch (one per bucket) whose new shape compiles the train step again for that one step; set "
+        "data.drop_remainder=True to skip it, which leaves out the last 15 clips or fewer (per bucket, not counted "
+        "anywhere)"]
+    assert config_lib.warnings_for(config_lib.for_stage(_config("--config.data.num_epochs=2"), "dit"), "dit") == []
+    assert config_lib.warnings_for(config_lib.for_stage(_config("--config.data.drop_remainder=False"), "dit"),
+                                   "dit") == []  # streaming: the data never ends
 
 
 def test_data_overrides_that_train_nothing_are_pointed_out():

@@ -324,12 +324,25 @@ def warnings_for(config, model: str) -> list[str]:
         out.append(f"warning: {model}_train.optim.warmup_steps={stage.optim.warmup_steps} >= {model}_train.steps="
                    f"{stage.steps}: the learning rate never reaches optim.lr={stage.optim.lr:g}")
     out += stage_override_warnings(config, model)
+    out += _partial_batch_warnings(config.data)
     source = config.data.get("source")
     for field, reader in SOURCE_FIELDS.items():
         if config.data.get(field) not in (None, "") and source != reader and source in SOURCE_FIELDS.values():
             out.append(f"warning: data.{field} is set but data.source={source!r} does not read it "
                        f"(data.source={reader!r} does)")
     return out
+
+
+def _partial_batch_warnings(data) -> list[str]:
+    """The data's epochs are repeated before batching, so only the end of the whole stream can leave a
+    partial batch; its new shape costs a second compile of the step (minutes for a large DiT)."""
+    if data.get("num_epochs") is None or data.get("drop_remainder", True):
+        return []
+    batch = int(data.batch_size)
+    return [f"warning: data.drop_remainder=False with data.num_epochs={data.num_epochs}: a run that reads to the end "
+            f"of the data ends on a partial batch (one per bucket) whose new shape compiles the train step again "
+            f"for that one step; set data.drop_remainder=True to skip it, which leaves out the last "
+            f"{batch - 1} clips or fewer (per bucket, not counted anywhere)"]
 
 
 def _flatten(tree, prefix: str = "") -> dict:
