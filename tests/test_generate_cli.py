@@ -28,6 +28,7 @@ def inputs(tmp_path_factory):
     (root / "notes.png").write_text("not an image")
     (root / "clip.m4v").write_bytes(io.write_video(root / "clip.mp4", video).read_bytes())  # Pillow cannot read it
     return {"video": str(root / "clip.mp4"), "image": str(io.write_image(root / "first.png", video[0])),
+            "video60": str(io.write_video(root / "clip60.mp4", video, 60.0)),
             "fake": str(root / "notes.mp4"), "m4v": str(root / "clip.m4v"), "root": root}
 
 
@@ -90,6 +91,20 @@ def test_every_mode_from_files(model, inputs, tmp_path, capsys):
         assert Image.open(tmp_path / f"{name}.gif").n_frames == frames, name
 
 
+def test_clips_from_a_video_play_at_its_frame_rate(model, inputs, tmp_path, capsys):
+    """--extend, --edit and --connect keep frames of their input: written at its rate (--connect: A's), not at 8
+    fps, where a 24 fps input's kept frames played 3x slower; --fps still decides."""
+    fast = str(io.write_video(tmp_path / "in24.mp4", io.read_video(inputs["video"])[0], 24.0))
+    runs = {"extend": (["--extend", fast], 24), "edit": (["--edit", fast], 24),
+            "connect": (["--connect", fast, inputs["video"]], 24), "connect_8": (["--connect", inputs["video"], fast], 8),
+            "fps": (["--extend", fast, "--fps", 12], 12)}
+    for name, (flags, fps) in runs.items():
+        code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--steps", 2, "--quiet",
+                                  "--out", tmp_path / f"{name}.mp4", *flags)
+        assert code == 0, (name, err)
+        assert io.probe(tmp_path / f"{name}.mp4").fps == fps, name
+
+
 def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     code, out, err = generate(capsys, " ".join([PROMPT] * 4), "--checkpoint", model, "--steps", 2, "--quiet",
                               "--out", tmp_path / "long.gif")
@@ -123,6 +138,8 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
      "file, which stores 0.001526 to 50 fps; choose a rate in that range or write .mp4"),
     ([PROMPT, "--fps", "60", "--out", "{root}/fast.gif"], "{root}/fast.gif: --fps=60 does not fit a .gif file"),
     ([PROMPT, "--fps", "0.00001"], "vidiff.mp4: --fps=1e-05 does not fit a .mp4 file, which stores 0.0001 to 1e+06"),
+    ([PROMPT, "--extend", "{video60}", "--out", "{root}/ext.gif"], "{root}/ext.gif: --fps (default: {video60}'s "
+     "rate)=60 does not fit a .gif file, which stores 0.001526 to 50 fps; choose a rate in that range or write .mp4"),
     ([PROMPT, "--image", "{root}/missing.png"], "{root}/missing.png: missing_file: no such file"),
     ([PROMPT, "--image", "{root}"], "{root} is a directory; give a video or image file"),
     ([PROMPT, "--extend", "{fake}"], "{fake}: not_video: FFmpeg cannot open it"),

@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first clip; clip j of a prompt uses seed + j")
     parser.add_argument("--num", type=int, default=1, help="clips per prompt")
-    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video (.gif: 0.00153 to "
-                        "50, .mp4: 0.0001 to 10^6, .webm: 0.0001 to 1000)")
+    parser.add_argument("--fps", type=float, help="frame rate of the written video (.gif: 0.00153 to 50, .mp4: "
+                        "0.0001 to 10^6, .webm: 0.0001 to 1000); default: the input video's rate with --extend, "
+                        "--edit or --connect (A's), else 8")
     parser.add_argument("--grid", help="also write one image with every frame (a row per clip)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_scan_blocks_flag(parser)
@@ -67,20 +68,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the request, load the model, generate, write every file and say where."""
-    outputs = _check_request(args)
+    outputs, fps = _check_request(args)
 
     from vidiff.pipeline import TextToVideo
 
     pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks)
     with one_line_warnings("vidiff generate"):
         clips = _generate(pipe, args)
-    _write(args, outputs, clips)
+    _write(args, outputs, clips, fps)
     return 0
 
 
-def _check_request(args) -> list[Path]:
+def _check_request(args) -> tuple[list[Path], float]:
     """Everything the user can get wrong, before the model loads (in this order: the first mistake is the one
-    reported); returns the output files, one per clip."""
+    reported); returns the output files, one per clip, and the frame rate to write them at."""
     check_prompts(args.prompts)  # the library's own check, run here so that it comes before the model loads
     _warn_if_unquoted(args.prompts)
     _check_mode_flags(args)
@@ -89,7 +90,7 @@ def _check_request(args) -> list[Path]:
         raise ValueError(f"--num={args.num} must be at least 1")
     if not 0 <= args.seed <= 2**32 - args.num:  # the noise is keyed by a uint32 per clip
         raise ValueError(f"--seed={args.seed} must be in [0, 2**32 - --num]")
-    if not 0.0 < args.fps < math.inf:
+    if args.fps is not None and not 0.0 < args.fps < math.inf:
         raise ValueError(f"--fps={args.fps} must be a positive frame rate")
     outputs = _output_paths(_out(args), len(args.prompts) * args.num)
     for path in outputs:
@@ -98,7 +99,19 @@ def _check_request(args) -> list[Path]:
         _check_grid(args.grid, outputs)
     for source, kind in _inputs(args):
         _check_readable(source, kind)
-    return outputs
+    return outputs, _output_fps(args, outputs)
+
+
+def _output_fps(args, outputs: list[Path]) -> float:
+    """``--fps``, else the input video's own rate (its kept frames play at the speed they were filmed;
+    ``--connect``: A's, whose end opens the clip), checked against the outputs' formats; else 8."""
+    video = args.extend or args.edit or (args.connect or [None])[0]
+    if args.fps is not None or video is None or not io.reads_as_video(video, video_expected=True):  # an image
+        return 8.0 if args.fps is None else args.fps  # --fps was checked with the output files
+    fps = io.probe(video).fps
+    for path in outputs:
+        io.check_fps(path, fps, f"--fps (default: {video}'s rate)")
+    return fps
 
 
 def _generate(pipe, args) -> np.ndarray:
@@ -122,14 +135,14 @@ def _generate(pipe, args) -> np.ndarray:
     return pipe(prompts, **size, **sampling)
 
 
-def _write(args, outputs: list[Path], clips: np.ndarray) -> None:
+def _write(args, outputs: list[Path], clips: np.ndarray, fps: float) -> None:
     """Each clip to its file (a one-frame clip to a .png as an image), then the grid; one line per file."""
     for k, (path, clip) in enumerate(zip(outputs, clips)):
         prompt, seed = args.prompts[k // args.num], args.seed + k % args.num
         if len(clip) == 1 and path.suffix.lower() == ".png":
             io.write_image(path, clip[0])
         else:
-            io.write_video(path, clip, args.fps)
+            io.write_video(path, clip, fps)
         print(f"wrote {path}  ({len(clip)} frames, {clip.shape[1]}x{clip.shape[2]}, seed {seed}, {prompt!r})")
     if args.grid is not None:
         grid = io.frame_grid(np.concatenate(list(clips)), columns=clips.shape[1])
