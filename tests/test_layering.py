@@ -15,7 +15,7 @@ MAY_IMPORT = {
     **{part: set() for part in _BOTTOM},
     "models": _BOTTOM,
     "diffusion": _BOTTOM | {"models"},
-    "pipeline_inputs": {"checks"},
+    "pipeline_inputs": {"checks", "io"},  # io: a mode's input frames
     "pipeline_load": _SAMPLING,
     "pipeline": _PIPELINE,
     "cli_flags": {"io", "checks"},

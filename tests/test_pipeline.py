@@ -253,6 +253,50 @@ def test_video_inputs_are_read_by_pyav_whatever_their_suffix(pipe, clip, tmp_pat
     np.testing.assert_array_equal(io.read_image(tmp_path / "clip.m4v"), io.read_video(mp4)[0][0])
 
 
+def test_a_path_gives_what_its_decoded_frames_give(pipe, clip, tmp_path, monkeypatch):
+    """Paths were resized by FFmpeg's scaler, arrays and images by Pillow: the same video conditioned the model
+    on other frames (33 dB apart). Now every input is decoded at its own size, then resized by io.resize_frames;
+    of a video, only about the frames a mode uses are decoded."""
+    big = np.repeat(np.repeat(np.concatenate([clip, clip[::-1], clip]), 2, 1), 2, 2)  # 27 frames, 32x32
+    path = str(io.write_video(tmp_path / "big.mp4", big, fps=8))
+    decoded = io.read_video(path)[0]
+    encoded, reads = [], []
+    monkeypatch.setattr(pipe, "encode", lambda frames: encoded.append(frames) or np.zeros(
+        (1, latent_count(len(frames), 4), 2, 2, 4), np.float32))
+    monkeypatch.setattr(pipe, "generate", lambda *args, **kwargs: None)
+    read_video = io.read_video
+    monkeypatch.setattr(io, "read_video", lambda *args, **kwargs: reads.append(
+        (kwargs.get("max_frames"), kwargs.get("start", 0) > 0)) or read_video(*args, **kwargs))
+    png = str(io.write_image(tmp_path / "first.png", decoded[0]))
+    modes = {"image": (lambda v: pipe.image_to_video(PROMPT, v), [(1, False)]),
+             "forward": (lambda v: pipe.extend(PROMPT, v), [(None, True)]),  # its last 5 frames: a window at the end
+             "backward": (lambda v: pipe.extend(PROMPT, v, direction="backward"), [(9, False)]),
+             "connect": (lambda v: pipe.connect(PROMPT, v, v), [(None, True), (5, False)]),
+             "edit": (lambda v: pipe.edit(PROMPT, v), [(9, False)])}
+    for name, (run, read) in modes.items():
+        given = {}
+        for source in (path, decoded) + ((png,) if name == "image" else ()):
+            encoded.clear()
+            run(source)
+            given[source if isinstance(source, str) else "array"] = list(encoded)
+        for source, frames in given.items():
+            assert len(frames) == len(given["array"]), (name, source)
+            for got, want in zip(frames, given["array"]):
+                np.testing.assert_array_equal(got, want, err_msg=f"{name}: {source}")
+        assert reads == read, name
+        reads.clear()
+    # The end window grows until it holds the frames: past a truncated file's data (the container claims 3x
+    # as long), or over the whole of a video shorter than asked for.
+    import dataclasses
+
+    from vidiff.pipeline_inputs import input_frames
+
+    probe = io.probe
+    monkeypatch.setattr(io, "probe", lambda p: dataclasses.replace(probe(p), duration=3 * probe(p).duration))
+    np.testing.assert_array_equal(input_frames(path, "video", last=5), decoded[-5:])
+    np.testing.assert_array_equal(input_frames(path, "video", last=40), decoded)
+
+
 def test_edit_strength_moves_from_the_input_to_pure_generation(pipe, clip):
     source = np.asarray(pipe.encode(clip))[0]
     distance = {s: float(np.abs(pipe.edit(PROMPT, clip, strength=s, return_latents=True, **FAST)[0] - source).mean())
@@ -313,7 +357,7 @@ def test_loop_and_edit_lengths_follow_the_dits_time_patch():
     plans = []
     pipe.generate = lambda prompts, plan, height, width, **sampling: plans.append(plan)
     pipe.encode = lambda frames: np.zeros((1, latent_count(len(frames), 4), 8, 8, 4), np.float32)
-    pipe.load_frames = lambda source, height, width, what: source
+    pipe.load_frames = lambda source, height, width, what, **needed: source
     pipe.loop(PROMPT)  # default: the longest loop shorter than the training clip, 8 frames (4 latents)
     pipe.loop(PROMPT, num_frames=16)
     assert [(p.latent_frames, p.keep_frames) for p in plans] == [(4, 8), (6, 16)]

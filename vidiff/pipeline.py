@@ -25,7 +25,8 @@ group latents: the input's first ``1 + tf k`` frames are encoded and latents
 causal context, a role the generated frame before them takes over.
 
 Inputs (images, videos) are paths read by ``vidiff.io`` or ``uint8`` arrays,
-resized to the requested ``height`` x ``width``; one input serves every prompt
+resized to the requested ``height`` x ``width`` by ``io.resize_frames`` either
+way (a path gives what its decoded frames give); one input serves every prompt
 and seed of a call. With a ``mesh``, weights are replicated and each batch is
 split over its data axes (``vidiff.parallel``), as in training; a batch that
 does not divide evenly is padded with repeats of its last clip, then cropped.
@@ -49,8 +50,8 @@ from vidiff.diffusion.sampling import on_sampler_step, sample_latents, seeded_no
 from vidiff.models.dit import VideoDiT
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, latent_count, pixel_count
 from vidiff.models.vae import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
-from vidiff.pipeline_inputs import (Plan, ProgressBar, encode_prompts, known_plan, positive_whole_number, sample_seeds,
-                                    whole_number)
+from vidiff.pipeline_inputs import (Plan, ProgressBar, encode_prompts, input_frames, known_plan, positive_whole_number,
+                                    sample_seeds, whole_number)
 from vidiff.pipeline_load import load_export
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "world_tiny"
@@ -142,7 +143,7 @@ class TextToVideo:
         if L < 2:  # the image is the only latent: sampling would return its VAE round trip
             raise ValueError(f"num_frames={num_frames} leaves nothing to animate; use at least "
                              f"{pixel_count(2, self.time_factor)}")
-        latents = self.encode(self.load_frames(image, height, width, "image")[:1])
+        latents = self.encode(self.load_frames(image, height, width, "image", first=1))
         return self.generate(prompts, known_plan(L, {0: latents[:, 0]}), height, width, **sampling)
 
     def extend(self, prompts, video, *, direction: str = "forward", context_frames: int | None = None,
@@ -158,10 +159,13 @@ class TextToVideo:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction={direction!r}; use one of {', '.join(DIRECTIONS)}")
         num_frames, height, width = self._sizes(num_frames, height, width)
-        frames, tf = self.load_frames(video, height, width, "video"), self.time_factor
-        L = latent_count(num_frames, tf)
+        tf, L = self.time_factor, latent_count(num_frames, self.time_factor)
         if L < 2:
             raise ValueError(f"num_frames={num_frames} leaves no room to extend; use at least {pixel_count(2, tf)}")
+        # At most L - 1 latents of context: forward, the video's last 1 + tf (L - 2) frames; backward, its first
+        # 1 + tf (L - 1), frame 0 included as their causal context.
+        needed = {"forward": dict(last=pixel_count(L - 1, tf)), "backward": dict(first=num_frames)}[direction]
+        frames = self.load_frames(video, height, width, "video", **needed)
         available = latent_count(len(frames), tf) - (direction == "backward")  # backward needs frame 0 as context
         if available < 1:
             need = 1 + tf if direction == "backward" else 1
@@ -190,7 +194,8 @@ class TextToVideo:
         if L < 3:
             raise ValueError(f"num_frames={num_frames} is too short to connect two clips; use at least "
                              f"{pixel_count(3, tf)}")
-        a, b = (self.load_frames(v, height, width, "video") for v in (video_a, video_b))
+        a = self.load_frames(video_a, height, width, "video", last=1)
+        b = self.load_frames(video_b, height, width, "video", first=1 + tf)
         if len(b) < 1 + tf:
             raise ValueError(f"the second video has {len(b)} frame(s); connecting needs at least {1 + tf}")
         end_of_a, start_of_b = self.encode(a[-1:]), self.encode(b[:1 + tf])
@@ -211,7 +216,7 @@ class TextToVideo:
             raise ValueError(f"strength={strength} must be in (0, 1]: 0 keeps the video, 1 ignores it")
         # Every size given is checked before the video is read (None frames: the training length, a valid one).
         given, height, width = self._sizes(num_frames, height, width)
-        frames = self.load_frames(video, height, width, "video")
+        frames = self.load_frames(video, height, width, "video", first=given)  # no clip is longer
         tf, pt = self.time_factor, self.dit.config.patch[0]
         video_latents = latent_count(len(frames), tf)
         if video_latents < pt:
@@ -261,23 +266,17 @@ class TextToVideo:
         return self.generate(prompts, plan, height, width, **sampling)
 
     # ------------------------------------------------------------------ shared machinery
-    def load_frames(self, source, height: int, width: int, what: str) -> np.ndarray:
-        """``uint8 (T, height, width, 3)`` from a path (``io.reads_as_video`` picks the reader) or an array, resized."""
-        if isinstance(source, (str, Path)):
-            if io.reads_as_video(source, video_expected=what == "video"):
-                info = io.probe(source)
-                source_size = (info.height, info.width)
-                frames, _ = io.read_video(source, size=(height, width))
-            else:
-                frames = io.read_image(source)[None]
-                source_size = frames.shape[1:3]
-        else:
-            frames = io.check_frames(source, f"TextToVideo ({what})")
-            source_size = frames.shape[1:3]
+    def load_frames(self, source, height: int, width: int, what: str, *, first: int | None = None,
+                    last: int | None = None) -> np.ndarray:
+        """``uint8 (T, height, width, 3)`` from a path or an array (``first`` / ``last``: only that many frames
+        from the start / the end, as :func:`~vidiff.pipeline_inputs.input_frames` reads them), resized by
+        ``io.resize_frames`` whatever the source: a path gives the frames its decoded array gives."""
+        frames = input_frames(source, what, first, last)
+        source_size = frames.shape[1:3]
         if abs(math.log(source_size[1] / source_size[0] * height / width)) > 0.01:
             warnings.warn(f"the {what} is {source_size[0]}x{source_size[1]} (height x width) and is stretched to "
                           f"{height}x{width}; crop it to that aspect ratio first for undistorted frames", stacklevel=3)
-        if frames.shape[1:3] != (height, width):
+        if source_size != (height, width):
             frames = io.resize_frames(frames, height, width)
         return frames
 

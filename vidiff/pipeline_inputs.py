@@ -1,19 +1,21 @@
 """What ``vidiff.pipeline.TextToVideo`` makes of one call before it samples.
 
 A prompting mode's :class:`Plan` (which latent frames are known, tied or
-noised from an input), the call's arguments checked (prompts encoded, seeds,
-whole numbers; a float or a string is an error, never truncated) and the
-progress bar over the sampler's steps. Sampling itself is
+noised from an input), its input's frames read at their own size, the call's
+arguments checked (prompts encoded, seeds, whole numbers; a float or a string
+is an error, never truncated) and the progress bar over the sampler's steps. Sampling itself is
 ``vidiff.diffusion.sampling``'s.
 """
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from vidiff import io
 from vidiff.checks import is_int
 
 
@@ -41,6 +43,39 @@ def known_plan(latent_frames: int, frames: dict) -> Plan:
     for j, z in frames.items():
         known[:, j], mask[j] = np.asarray(z), 1.0
     return Plan(latent_frames, known=known, mask=mask)
+
+
+def input_frames(source, what: str, first: int | None = None, last: int | None = None) -> np.ndarray:
+    """``uint8 (T, H, W, 3)`` at the input's own size, from a path (``io.reads_as_video`` picks the reader) or an
+    array. ``first`` / ``last``: only that many frames from the start / the end are used, and only about those
+    are decoded (the frames are full size until the caller resizes them)."""
+    if not isinstance(source, (str, Path)):
+        frames = io.check_frames(source, f"TextToVideo ({what})")
+    elif not io.reads_as_video(source, video_expected=what == "video"):
+        frames = io.read_image(source)[None]
+    elif last is None:
+        frames = io.read_video(source, max_frames=first)[0]
+    else:
+        frames = _video_tail(source, last)
+    return frames[:first] if first else frames[max(len(frames) - last, 0):] if last else frames
+
+
+def _video_tail(path, count: int) -> np.ndarray:
+    """The last ``count`` frames of a video (all of a shorter one), from a window before its end that grows until
+    it holds them: the duration and rate are the container's word, and a truncated file's data stops early."""
+    info = io.probe(path)
+    span = (count + 1) / info.fps
+    while True:
+        start = max(info.duration - span, 0.0)
+        try:
+            frames = io.read_video(path, start=start)[0]
+        except io.VideoReadError:
+            if start == 0.0:
+                raise
+            frames = ()  # the window lies past the frames that decode
+        if len(frames) >= count or start == 0.0:
+            return frames[max(len(frames) - count, 0):]
+        span *= 4
 
 
 def whole_number(value, name: str) -> int:
