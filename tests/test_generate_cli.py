@@ -178,7 +178,7 @@ def test_help_gives_frame_counts_for_any_time_factor(capsys):
     assert "4k" not in text and "multiple of 4" not in text
     assert "frames per clip, 1 + k x the VAE's time factor tf (tf = 1 for the bundled model, 4 for the" in text
     assert "(forward 1 + tf k, backward tf k, for the VAE's time factor tf as in" in text
-    assert "(--frames a multiple of the VAE's time factor: any count for the bundled model, 4, 8, ..." in text
+    assert "(--frames a multiple of the VAE's time factor: any count from 2 for the bundled model, 4, 8, ..." in text
 
 
 def test_an_unquoted_prompt_is_pointed_out(capsys):

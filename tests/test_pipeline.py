@@ -315,8 +315,8 @@ def test_loop_ties_the_wrap_around_to_the_start(pipe):
     assert z.shape[1] == 4  # frames 0..12; latent 3 (frames 9..12) plays again as latent 1 (frames 1..4)
     np.testing.assert_array_equal(z[0, 3], z[0, 1])
     assert pipe.loop(PROMPT, **FAST).shape == (1, 8, 16, 16, 3)  # default: training length - 1
-    with pytest.raises(ValueError, match=r"loop lengths are 4m frames \(the frame after the last is the first\), "
-                                         r"e.g. 8 or 12$"):
+    with pytest.raises(ValueError, match=r"loop lengths are 4m frames, at least 4 \(the frame after the last is the "
+                                         r"first\), e.g. 8 or 12$"):
         pipe.loop(PROMPT, num_frames=9)
 
 
@@ -361,7 +361,8 @@ def test_loop_and_edit_lengths_follow_the_dits_time_patch():
     pipe.loop(PROMPT)  # default: the longest loop shorter than the training clip, 8 frames (4 latents)
     pipe.loop(PROMPT, num_frames=16)
     assert [(p.latent_frames, p.keep_frames) for p in plans] == [(4, 8), (6, 16)]
-    with pytest.raises(ValueError, match=r"loop lengths are 4m frames with m \+ 2 divisible by 2 .*, e.g. 8 or 16$"):
+    with pytest.raises(ValueError, match=r"loop lengths are 4m frames with m \+ 2 divisible by 2, at least 8 .*, e.g. "
+                                         r"8 or 16$"):
         pipe.loop(PROMPT, num_frames=12)
     video = np.zeros((17, 32, 32, 3), np.uint8)
     for frames, latents in ((9, 2), (17, 4)):  # the longest even-latent prefix, at most the training length
@@ -371,6 +372,12 @@ def test_loop_and_edit_lengths_follow_the_dits_time_patch():
         pipe.edit(PROMPT, video[:1])
     with pytest.raises(ValueError, match=r"^num_frames=13 is longer than the video \(9 frames\); use at most 5$"):
         pipe.edit(PROMPT, video[:9], num_frames=13)
+    # A time factor of 1: "1m frames" alone would admit the one frame it refuses (a still, not a loop).
+    pipe.vae = SimpleNamespace(config=vae_preset("tiny", temporal_down=(False, False)))
+    pipe.dit = SimpleNamespace(config=dit_preset("tiny", patch=(1, 2, 2)))
+    with pytest.raises(ValueError, match=r"^a loop of num_frames=1 cannot be made: loop lengths are 1m frames, at "
+                                         r"least 2 \(the frame after the last is the first\), e.g. 2 or 3$"):
+        pipe.loop(PROMPT, num_frames=1)
 
 
 def test_long_clips_go_through_the_chunked_codec(pipe, clip, monkeypatch):

@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--connect", nargs=2, metavar=("A", "B"), help="a transition from the end of A to the start of B")
     mode.add_argument("--edit", metavar="VIDEO", help="re-imagine this video under the prompt (SDEdit, see --strength)")
     mode.add_argument("--loop", action="store_true", help="a clip whose last frame leads back into the first "
-                      "(--frames a multiple of the VAE's time factor: any count for the bundled model, 4, 8, ... "
-                      "for a 4x VAE)")
+                      "(--frames a multiple of the VAE's time factor: any count from 2 for the bundled model, 4, "
+                      "8, ... for a 4x VAE)")
     # Default "forward", set in _generate: None means "not given", which _check_mode_flags refuses without --extend.
     parser.add_argument("--direction", choices=("forward", "backward"), help="with --extend: add frames after "
                         "(forward, default) or before (backward) the video")

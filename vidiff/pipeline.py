@@ -257,8 +257,9 @@ class TextToVideo:
         if num_frames not in loops(num_frames):
             near = sorted(sorted(loops(num_frames), key=lambda n: abs(n - num_frames))[:2])
             rule = f"{tf}m frames" + (f" with m + 2 divisible by {pt}" if pt > 1 else "")
-            raise ValueError(f"a loop of num_frames={num_frames} cannot be made: loop lengths are {rule} (the frame "
-                             f"after the last is the first), e.g. {' or '.join(map(str, near))}")
+            raise ValueError(f"a loop of num_frames={num_frames} cannot be made: loop lengths are {rule}, at least "
+                             f"{loops(tf)[0]} (the frame after the last is the first), e.g. "
+                             f"{' or '.join(map(str, near))}")
         _, height, width = self._sizes(num_frames + tf + 1, height, width)
         L = num_frames // tf + 2
         mask = (np.arange(L) == L - 1).astype(np.float32)
