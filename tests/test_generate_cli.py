@@ -105,6 +105,20 @@ def test_clips_from_a_video_play_at_its_frame_rate(model, inputs, tmp_path, caps
         assert io.probe(tmp_path / f"{name}.mp4").fps == fps, name
 
 
+def test_a_negative_prompt_gives_what_the_library_gives(model, tmp_path, capsys):
+    from tiny_model import tiny_pipeline
+
+    images = {}
+    for name, flags in (("plain", []), ("negative", ["--negative", "a blue square moving up"])):
+        code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--steps", 2, "--quiet", "--frames", 1,
+                                  "--out", tmp_path / f"{name}.png", *flags)  # one frame as png: exact pixels
+        assert code == 0, err
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    want = tiny_pipeline()(PROMPT, num_frames=1, steps=2, negative_prompt="a blue square moving up")[0, 0]
+    np.testing.assert_array_equal(images["negative"], want)
+    assert np.abs(images["negative"].astype(int) - images["plain"]).max() > 0
+
+
 def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     code, out, err = generate(capsys, " ".join([PROMPT] * 4), "--checkpoint", model, "--steps", 2, "--quiet",
                               "--out", tmp_path / "long.gif")
@@ -155,6 +169,10 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     ([PROMPT, "--checkpoint", "{model}", "--loop", "--frames", "9"], "a loop of num_frames=9 cannot be made"),
     ([PROMPT, "--steps", "0"], "--steps=0 must be at least 1"),
     ([PROMPT, "--guidance", "nan"], "--guidance=nan must be a finite number (1 = off)"),
+    ([PROMPT, "--negative", " "], "--negative is empty; give what the clips should not show, e.g. 'blurry', or "
+     "drop --negative"),
+    ([PROMPT, "--negative", "blurry", "--guidance", "1"], "--negative has no effect with --guidance 1 (no "
+     "classifier-free guidance); raise --guidance, e.g. to 4, or drop --negative"),
     ([PROMPT, "--seed", "-1"], "--seed=-1 must be in [0, 2**32 - --num]"),
     ([PROMPT, "--fps", "0"], "--fps=0.0 must be a positive frame rate"),
     ([PROMPT, "--fps", "-8"], "--fps=-8.0 must be a positive frame rate"),

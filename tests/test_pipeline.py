@@ -14,6 +14,7 @@ import pytest
 
 from tiny_model import tiny_model_dir, tiny_pipeline
 from vidiff import io
+from vidiff.diffusion.sampling import text_context
 from vidiff.models.vae import latent_count
 from vidiff.pipeline import TextToVideo
 
@@ -84,6 +85,49 @@ def test_text_to_video_batches_prompts_and_seeds_deterministically(pipe, monkeyp
     np.testing.assert_array_equal(pipe(PROMPT, seed=0, **FAST), clips)  # deterministic
     monkeypatch.setitem(pipe.config["flow"], "shift", "auto")  # that of these 3 x 2 x 2 tokens
     assert pipe._shift(z.shape[1:]) == shift_for_tokens(12)
+
+
+def test_a_negative_prompt_replaces_the_empty_prompt_in_guidance(pipe, clip, monkeypatch):
+    import vidiff.pipeline
+
+    prompts, other = [PROMPT, "a blue square moving up"], "a green triangle moving right"
+    ucontexts, sample_latents = [], vidiff.pipeline.sample_latents
+    monkeypatch.setattr(vidiff.pipeline, "sample_latents", lambda *args, **kwargs: ucontexts.append(args[3]) or
+                        sample_latents(*args, **kwargs))
+    z = pipe(prompts, seed=[0], return_latents=True, **FAST)
+    # No negative prompt: the unconditional branch reads the empty prompt, as before negative prompts existed,
+    # and "" is that prompt exactly.
+    want = {k: np.asarray(v) for k, v in text_context(pipe.text.encode(["", ""])).items()}
+    assert {k: np.asarray(v).tolist() for k, v in ucontexts[0].items()} == {k: v.tolist() for k, v in want.items()}
+    np.testing.assert_array_equal(pipe(prompts, seed=[0], negative_prompt="", return_latents=True, **FAST), z)
+    np.testing.assert_array_equal(pipe(prompts, seed=[0], negative_prompt=None, return_latents=True, **FAST), z)
+    # One negative prompt for every prompt, or one each: it moves the sample.
+    away = pipe(prompts, seed=[0], negative_prompt=other, return_latents=True, **FAST)
+    assert np.abs(away - z).mean(axis=(1, 2, 3, 4)).min() > 0.01
+    np.testing.assert_array_equal(pipe(prompts, seed=[0], negative_prompt=[other, other], return_latents=True,
+                                       **FAST), away)
+    # Guidance is v_u + g (v_c - v_u): with each prompt as its own negative, v_u = v_c and the sample is the
+    # conditional one alone (guidance 1), whatever g, in every mode (one input each: an image, a loop).
+    cond_only = pipe(prompts, seed=[0], guidance=1.0, return_latents=True, **FAST)
+    np.testing.assert_allclose(pipe(prompts, seed=[0], negative_prompt=prompts, guidance=7.0, return_latents=True,
+                                    **FAST), cond_only, atol=1e-5)
+    for mode in (lambda **k: pipe.image_to_video(prompts, clip[0], **k), lambda **k: pipe.loop(prompts, **k)):
+        np.testing.assert_allclose(mode(negative_prompt=prompts, guidance=4.0, return_latents=True, **FAST),
+                                   mode(guidance=1.0, return_latents=True, **FAST), atol=1e-5)
+    for negative, guidance, message in [
+            (other, 1.0, r"^negative_prompt has no effect with guidance=1 \(no classifier-free guidance\); pass a "
+                         r"guidance other than 1 \(vidiff generate: --guidance\), or no negative prompt$"),
+            ([other], 4.0, r"^negative_prompt has 1 strings for 2 prompt\(s\); give one string for every prompt, "
+                           r"or one per prompt$"),
+            ([other, 3], 4.0, r"^negative prompt 2 is a int \(3\); negative prompts are strings$"),
+            (b"blue", 4.0, r"^negative_prompt is bytes; decode it to a string first")]:
+        with pytest.raises(ValueError, match=message):
+            pipe(prompts, negative_prompt=negative, guidance=guidance, **FAST)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe(PROMPT, negative_prompt=" ".join([other] * 4), return_latents=True, **FAST)
+    assert [str(w.message) for w in caught] == ["the negative prompt is longer than the text encoder's 8 tokens; "
+                                                "the model reads only 'a green triangle moving right a'"]
 
 
 def test_a_model_samples_the_same_with_its_blocks_scanned(pipe):

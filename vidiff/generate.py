@@ -2,6 +2,7 @@
 
     vidiff generate "a red circle moving left" --out demo.mp4       # the bundled model
     vidiff generate "a red circle moving left" --frames 1           # an image: vidiff.png
+    vidiff generate "a red circle moving left" --negative "a blue square"   # guidance steers away from it
     vidiff generate "..." --image first.png | --extend clip.mp4 --direction backward
                           | --connect a.mp4 b.mp4 | --edit clip.mp4 --strength 0.6 | --loop
 
@@ -39,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="frame width (default: the training size)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's sample.steps)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--negative", metavar="TEXT", help="negative prompt, for every prompt: guidance steers away "
+                        "from it rather than from the empty prompt (needs --guidance other than 1)")
     parser.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first clip; clip j of a prompt uses seed + j")
     parser.add_argument("--num", type=int, default=1, help="clips per prompt")
@@ -86,6 +89,7 @@ def _check_request(args) -> tuple[list[Path], float]:
     _warn_if_unquoted(args.prompts)
     _check_mode_flags(args)
     check_sampling_flags(args)
+    _check_negative(args)
     if args.num < 1:
         raise ValueError(f"--num={args.num} must be at least 1")
     if not 0 <= args.seed <= 2**32 - args.num:  # the noise is keyed by a uint32 per clip
@@ -119,7 +123,7 @@ def _generate(pipe, args) -> np.ndarray:
     prompts = args.prompts
     size = dict(num_frames=args.frames, height=args.height, width=args.width)
     sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
-                    num_per_prompt=args.num, progress=not args.quiet)
+                    num_per_prompt=args.num, negative_prompt=args.negative, progress=not args.quiet)
     if args.image:
         return pipe.image_to_video(prompts, args.image, **size, **sampling)
     if args.extend:
@@ -166,6 +170,18 @@ def _check_mode_flags(args) -> None:
     if args.image and args.frames == 1:  # whatever the time factor, one frame is the image's own latent
         raise ValueError("--image with --frames 1 leaves nothing to animate (the image is the first frame); "
                          "ask for more frames")
+
+
+def _check_negative(args) -> None:
+    """An empty --negative is a slip (without it the empty prompt is the negative); with --guidance 1 the
+    unconditional branch it replaces is not run. (A model whose default guidance is 1: the pipeline says so.)"""
+    if args.negative is None:
+        return
+    if not args.negative.strip():
+        raise ValueError("--negative is empty; give what the clips should not show, e.g. 'blurry', or drop --negative")
+    if args.guidance == 1.0:
+        raise ValueError("--negative has no effect with --guidance 1 (no classifier-free guidance); raise "
+                         "--guidance, e.g. to 4, or drop --negative")
 
 
 def _inputs(args) -> list[tuple[str, str]]:

@@ -50,8 +50,8 @@ from vidiff.diffusion.sampling import on_sampler_step, sample_latents, seeded_no
 from vidiff.models.dit import VideoDiT
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, latent_count, pixel_count
 from vidiff.models.vae import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
-from vidiff.pipeline_inputs import (Plan, ProgressBar, encode_prompts, input_frames, known_plan, positive_whole_number,
-                                    sample_seeds, whole_number)
+from vidiff.pipeline_inputs import (Plan, ProgressBar, encode_prompts, input_frames, known_plan, negative_prompts,
+                                    positive_whole_number, sample_seeds, whole_number)
 from vidiff.pipeline_load import load_export
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "world_tiny"
@@ -299,13 +299,16 @@ class TextToVideo:
     def generate(self, prompts, plan: Plan, height: int, width: int, *, steps: int | None = None,
                  guidance: float | None = None, sampler: str | None = None, seed: int | Sequence[int] = 0,
                  num_per_prompt: int = 1, guidance_interval: tuple[float, float] = (0.0, 1.0),
-                 batch_size: int | None = None, progress: bool = False, return_latents: bool = False) -> np.ndarray:
+                 negative_prompt: str | Sequence[str] | None = None, batch_size: int | None = None,
+                 progress: bool = False, return_latents: bool = False) -> np.ndarray:
         """Sample ``plan`` for every prompt and seed: ``uint8 (len(prompts) * seeds, T, height, width, 3)``.
 
         ``seed``: an int (sample ``j`` of each prompt uses ``seed + j``, ``j < num_per_prompt``)
         or a list of seeds used for every prompt. Outputs are prompt-major; a
         (prompt, seed) pair gives the same clip whatever else is in the batch, up
         to rounding (other batch shapes run other kernels: at most 1/255 in a few values).
+        ``negative_prompt`` (one string, or one per prompt): what guidance steers away from, read by its
+        unconditional branch in place of the empty prompt (None, or ""); it needs ``guidance != 1``.
         ``batch_size`` caps clips per compiled call (with a mesh, rounded up to a
         multiple of its data-parallel devices); ``progress`` shows a tqdm bar;
         ``return_latents`` returns the normalised latents ``(N, L, h, w, c)`` undecoded.
@@ -324,6 +327,7 @@ class TextToVideo:
         if batch_size is not None:
             batch_size = positive_whole_number(batch_size, "batch_size", ", or None for one batch")
         check_guidance(guidance, guidance_interval)
+        negatives = negative_prompts(negative_prompt, prompts, guidance)
         emb = encode_prompts(self.text, prompts)
         sf = self.vae.config.spatial_factor
         shape = (plan.latent_frames, height // sf, width // sf, self.vae.config.latent_channels)
@@ -333,14 +337,18 @@ class TextToVideo:
         if self.mesh is not None:  # padded to split evenly over the data-parallel devices (else all would run all)
             ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
             batch = -(-batch // ways) * ways
-        uncond = text_context(self.text.encode([""] * batch))
+        if negatives is None:  # every row's unconditional branch reads the empty prompt
+            empty = text_context(self.text.encode([""] * batch))
+        else:
+            negative_emb = encode_prompts(self.text, negatives, "negative prompt")
         out = []
         with ProgressBar(progress, steps * math.ceil(len(cases) / batch)) as bar, on_sampler_step(bar):
             for start in range(0, len(cases), batch):
                 chunk = cases[start:start + batch]
                 chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # pad: one compiled shape, dropped below
                 rows = np.array([p for p, _ in chunk])
-                context = text_context(type(emb)(*(np.asarray(a)[rows] for a in emb)))
+                context = text_context(_rows(emb, rows))
+                uncond = empty if negatives is None else text_context(_rows(negative_emb, rows % len(negatives)))
                 x_start = seeded_noise(jnp.asarray([s for _, s in chunk], jnp.uint32), shape)
                 if plan.clean is not None:
                     x_start = noise_latents(jnp.broadcast_to(plan.clean, x_start.shape), x_start, plan.t_start)
@@ -364,6 +372,11 @@ class TextToVideo:
     def _shift(self, latent_shape) -> float:
         """The timestep shift training used, for this clip's token count when it is ``"auto"``."""
         return resolve_shift(self.config.get("flow", {}).get("shift", "auto"), latent_shape, self.dit.config.patch)
+
+
+def _rows(embeddings, rows: np.ndarray):
+    """The ``TextEmbeddings`` of prompts ``rows`` (one per clip of a batch)."""
+    return type(embeddings)(*(np.asarray(a)[rows] for a in embeddings))
 
 
 def _context_latents(frames: int, direction: str, tf: int, most: int) -> int:

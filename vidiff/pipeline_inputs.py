@@ -115,9 +115,9 @@ def sample_seeds(seed, num_per_prompt: int = 1) -> list[int]:
     return seeds
 
 
-def prompt_name(prompts: Sequence, i: int) -> str:
+def prompt_name(prompts: Sequence, i: int, what: str = "prompt") -> str:
     """How a message names prompt ``i``: "the prompt" when it is the only one, else "prompt <i + 1>"."""
-    return "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+    return f"the {what}" if len(prompts) == 1 else f"{what} {i + 1}"
 
 
 def check_prompts(prompts: Sequence) -> None:
@@ -133,15 +133,39 @@ def check_prompts(prompts: Sequence) -> None:
             raise ValueError(f"{prompt_name(prompts, i)} is empty; describe the video, e.g. 'a red circle moving left'")
 
 
-def encode_prompts(text, prompts: Sequence[str]):
-    """``TextEmbeddings`` of ``prompts`` from encoder ``text``: empty prompts are errors, over-long ones are
-    truncated with a warning saying what the model reads."""
-    check_prompts(prompts)
+def negative_prompts(negative, prompts: Sequence[str], guidance: float) -> list[str] | None:
+    """``negative_prompt`` as a list (one string for every prompt, or one per prompt), checked; None: none given
+    (the unconditional branch reads the empty prompt). A blank one is the empty prompt."""
+    if negative is None:
+        return None
+    if guidance == 1.0:  # the unconditional branch, which the negative prompt replaces, is not run
+        raise ValueError("negative_prompt has no effect with guidance=1 (no classifier-free guidance); pass a "
+                         "guidance other than 1 (vidiff generate: --guidance), or no negative prompt")
+    if isinstance(negative, (bytes, bytearray)):
+        raise ValueError("negative_prompt is bytes; decode it to a string first (negative_prompt.decode())")
+    if not isinstance(negative, (str, Sequence, np.ndarray)):
+        raise ValueError(f"negative_prompt must be a string or one string per prompt, got {type(negative).__name__}")
+    negatives = [negative] if isinstance(negative, str) else list(negative)
+    if not isinstance(negative, str) and len(negatives) != len(prompts):
+        raise ValueError(f"negative_prompt has {len(negatives)} strings for {len(prompts)} prompt(s); give one "
+                         "string for every prompt, or one per prompt")
+    for i, text in enumerate(negatives):
+        if not isinstance(text, str):
+            raise ValueError(f"{prompt_name(negatives, i, 'negative prompt')} is a {type(text).__name__} "
+                             f"({text!r}); negative prompts are strings")
+    return negatives
+
+
+def encode_prompts(text, prompts: Sequence[str], what: str = "prompt"):
+    """``TextEmbeddings`` of ``prompts`` from encoder ``text``: empty prompts are errors (negative prompts may be
+    empty: the empty prompt), over-long ones are truncated with a warning saying what the model reads."""
+    if what == "prompt":
+        check_prompts(prompts)
     emb = text.encode(list(prompts))
     for i in np.nonzero(emb.truncated)[0]:
         kept = text.tokenizer.hf.decode(text.tokenize([prompts[i]]).ids[0], skip_special_tokens=True)
-        warnings.warn(f"{prompt_name(prompts, i)} is longer than the text encoder's {text.max_length} tokens; "
-                      f"the model reads only {kept!r}", stacklevel=3)
+        warnings.warn(f"{prompt_name(prompts, i, what)} is longer than the text encoder's {text.max_length} "
+                      f"tokens; the model reads only {kept!r}", stacklevel=3)
     return emb
 
 

@@ -4,7 +4,8 @@
 ``vidiff.pipeline.TextToVideo`` call. Text conditioning arrives as a context
 dict ``{"tokens" (B, L, D), "lengths" (B,), "pooled" (B, D')}``, plus optional
 ``"cond_latents"`` / ``"cond_mask"`` for known frames (image-to-video,
-extension, connection, loops); the unconditional context is the empty prompt's.
+extension, connection, loops); the unconditional context is the empty prompt's,
+or a negative prompt's (``TextToVideo``'s ``negative_prompt``).
 
 Progress: ``sample_latents(..., progress=True)`` reports every finished step
 to the callbacks registered with :func:`on_sampler_step` (a host callback
