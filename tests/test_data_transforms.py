@@ -209,6 +209,9 @@ def test_check_caption_reasons():
     ({"batch_size": 0}, r"data.batch_size=0 is invalid"),
     ({"num_epochs": 0}, r"data.num_epochs=0 is invalid; use an int >= 1, or None"),
     ({"max_bad_fraction": 2}, r"data.max_bad_fraction=2 is invalid"),
+    ({"prefetch_to_device": -1}, r"^data.prefetch_to_device=-1 is invalid; use an int >= 0 \(0 = prepare each "
+                                 r"batch on the main thread\)$"),
+    ({"prefetch_to_device": 2.0}, r"^data.prefetch_to_device=2.0 is invalid; use an int >= 0"),
     ({"buckets": ["17x32"]}, r"data.buckets: unknown bucket '17x32'"),
     ({"source": "folder"}, r"data.manifest=None is invalid; set it to a .jsonl or .csv manifest"),
     ({"num_frame": 17}, r"data config has unknown field\(s\) \['num_frame'\]"),

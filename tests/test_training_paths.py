@@ -138,7 +138,8 @@ def test_prepared_batch_gives_dropped_captions_the_empty_prompt(tiny_clip_encode
     raw = {"caption": np.array(captions, object), "latents": np.zeros((3, 2, 2, 2, 4), np.float16),
            "text_embedding": tokens, "text_mask": mask, "text_pooled": pooled}
     task = types.SimpleNamespace(prepared=True, text=text)
-    out = DiTTask.host_arrays(task, raw)
+    out, cut = DiTTask.host_arrays(task, raw)
+    assert cut == 0  # counted when the shards were prepared
 
     empty = text.encode([""], use_cache=False)
     assert set(out) == {"latents", "text_tokens", "text_lengths", "pooled"}
@@ -164,7 +165,7 @@ def test_prepared_batch_without_dropped_captions_passes_embeddings_through(tiny_
     stored = tiny_clip_encoder.encode(["a", "b"])
     raw = {"caption": ["a", "b"], "latents": np.zeros((2, 1, 2, 2, 4), np.float32),
            "text_embedding": stored.tokens, "text_mask": stored.mask, "text_pooled": stored.pooled}
-    out = DiTTask.host_arrays(types.SimpleNamespace(prepared=True, text=text), raw)
+    out, _ = DiTTask.host_arrays(types.SimpleNamespace(prepared=True, text=text), raw)
     assert calls == []  # nothing to re-encode
     np.testing.assert_array_equal(out["text_tokens"], stored.tokens)
     np.testing.assert_array_equal(out["text_lengths"], stored.mask.sum(-1))
@@ -240,3 +241,14 @@ def test_the_pipeline_encodes_prompts_in_the_batch_training_used(tmp_path):
     manifest["config"]["text"]["batch_size"] = 8
     (tmp_path / "vidiff.json").write_text(json.dumps(manifest))
     assert TextToVideo.from_checkpoint(tmp_path).text.batch_size == 8
+
+
+def test_a_batch_returns_its_own_count_of_captions_cut_to_max_length(tiny_clip_encoder):
+    """The loop adds it when a step consumes the batch: a batch prepared ahead and never trained on (a stop,
+    an error) is not counted, and an encoder call outside training (an evaluation's prompts) is not either."""
+    long = "a red circle moving left then right then up then down past a blue square and a green triangle"
+    task = types.SimpleNamespace(prepared=False, text=tiny_clip_encoder, latent_cache=None)
+    raw = {"caption": np.array([long, "a dot", long], object), "video": np.zeros((3, 1, 2, 2, 3), np.uint8)}
+    arrays, cut = DiTTask.host_arrays(task, raw)
+    assert cut == 2 and arrays["text_lengths"].tolist()[0] == 12
+    assert DiTTask.host_arrays(task, raw)[1] == 2  # cached captions count again: each batch trains on them

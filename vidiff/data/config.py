@@ -42,6 +42,8 @@ class DataConfig:
     worker_buffer_size: int = 2
     read_threads: int = 2
     read_buffer_size: int = 8
+    # Training: batches drawn ahead of the step and made device arrays on a worker thread (0 = on the main thread).
+    prefetch_to_device: int = 2
     # Bad input: skipped and counted; past this fraction the stream stops.
     max_bad_fraction: float = 0.1
     bad_fraction_min_records: int = 100  # judge the fraction only after this many records (and at stream end)
@@ -119,6 +121,8 @@ class DataConfig:
         need(is_int(self.worker_buffer_size) and self.worker_buffer_size >= 1, "worker_buffer_size", "use an int >= 1")
         need(is_int(self.read_threads) and self.read_threads >= 0, "read_threads", "use an int >= 0")
         need(is_int(self.read_buffer_size) and self.read_buffer_size >= max(1, self.read_threads), "read_buffer_size", "use an int >= read_threads")
+        need(is_int(self.prefetch_to_device) and self.prefetch_to_device >= 0, "prefetch_to_device",
+             "use an int >= 0 (0 = prepare each batch on the main thread)")
         need(is_number(self.max_bad_fraction) and 0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "use a fraction in [0, 1]")
         need(is_int(self.bad_fraction_min_records) and self.bad_fraction_min_records >= 0, "bad_fraction_min_records", "use an int >= 0")
         need(self.max_pixels is None or (is_int(self.max_pixels) and self.max_pixels > 0), "max_pixels", "use a positive pixel count or None")

@@ -9,6 +9,11 @@ saves asynchronously (state + data iterator + config). SIGTERM / SIGINT save a
 checkpoint and exit cleanly with a message naming it (how a run stops early:
 :mod:`vidiff.train.stopping`). Running the same command
 again after any kill resumes exactly: same data order, same per-step RNG.
+The main thread draws each batch and dispatches the steps; a worker thread makes
+up to ``data.prefetch_to_device`` drawn batches device arrays ahead of their
+step (:mod:`vidiff.train.prefetch`: the text encoder's and latent cache's reads
+of device values wait there, not in front of the next dispatch), and a
+checkpoint saves the data position of the batches the steps consumed.
 
 Multi-host: the loop starts ``jax.distributed`` first (``vidiff.distributed``, from
 the config's ``distributed`` section or the environment), builds a hybrid mesh,
@@ -49,8 +54,9 @@ import numpy as np
 from tqdm import tqdm
 
 from vidiff import distributed, parallel
+from vidiff.data.config import DataConfig
 from vidiff.models.export import DIT_VAE
-from vidiff.train import preflight, stopping, tasks
+from vidiff.train import prefetch, preflight, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer, read_config
 from vidiff.train.config import config_changes, for_stage, name_stage_fields, validate, warnings_for
 from vidiff.train.metrics import LogWindow, MetricsWriter
@@ -172,20 +178,26 @@ def train(config, model: str, *, log=print) -> dict:
         began = time.perf_counter()
         loss = since_save.means(step)["loss"] if step > since_save.first_step else float("nan")
         since_save.reset(step)
-        checkpointer.save(step, state, data_iterator=iterator, config=run.record,
+        checkpointer.save(step, state, data_iterator=batches.position, config=run.record,
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
-        task.save_cache(workdir)
+        with batches.lock:  # the latent cache is not written while the worker adds to it
+            task.save_cache(workdir)
         window.pause(time.perf_counter() - began)
 
+    # Host batches are drawn here, in order; the worker makes them device arrays (host work, off the mesh).
+    batches = prefetch.Prefetcher(
+        iterator, lambda step: stopping.draw_batch(iterator, step, config), lambda raw: task.device_batch(raw, mesh),
+        lambda missing: stopping.fail(missing, stage, model, checkpointer, run.ledger, config),
+        depth=DataConfig.from_any(config.data).prefetch_to_device, start=start, steps=stage.steps)
     try:  # whatever ends the loop, pending asynchronous saves finish before the process does
         with stopping.StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
             step = start
             while step < stage.steps:
                 with profiler.step(step + 1):
-                    raw = stopping.next_batch(iterator, step, stage, model, checkpointer, run.ledger, config)
-                    batch = task.device_batch(raw, mesh)  # host work (text encoder) stays off the mesh
+                    batch, truncated = batches.next()
                     with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
                         state, metrics = step_fn(state, batch, task.frozen)
+                    task.captions_truncated += truncated
                     window.add(metrics, task.tokens_in(batch))  # each batch counted at its own bucket's clip size
                     since_save.add({"loss": metrics["loss"]}, 0)
                 step += 1
@@ -204,7 +216,8 @@ def train(config, model: str, *, log=print) -> dict:
                     save(step)
                 if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
                     began = time.perf_counter()
-                    writer.write(step, _evaluate(task, state, workdir, step))
+                    with batches.lock:  # the text encoder's cache is not shared with the worker meanwhile
+                        writer.write(step, _evaluate(task, state, workdir, step))
                     window.pause(time.perf_counter() - began)
                 if stop.requested(step):
                     save(step)
@@ -215,6 +228,7 @@ def train(config, model: str, *, log=print) -> dict:
                     sys.exit(0)
             profiler.stop(state)  # a window reaching past the last step ends here
     finally:
+        batches.close()  # no worker outlives the loop, whatever ended it
         bar.close()
         checkpointer.close()
         writer.close()

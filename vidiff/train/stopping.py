@@ -10,8 +10,10 @@ each still has a batch, and on its shape, so all of them stop at the same step i
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import zlib
+from typing import Any
 
 import jax
 import numpy as np
@@ -77,14 +79,33 @@ def skip_totals(ledger) -> dict:
     return ledger.totals() if ledger is not None else {"seen": 0, "skipped": {}, "bad": 0}
 
 
-def next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, config):
-    """The next host batch; a finite stream that ends before ``steps`` becomes one line naming the step.
+@dataclasses.dataclass(frozen=True)
+class Missing:
+    """Why there is no batch for the step after ``step``: the data ended (here or on another process), or,
+    with ``rows`` (every process's batch signature), the processes' batches differ in shape."""
 
-    With several processes and finite data or several buckets they agree at every step (one small
-    all-gather) on whether each still has a batch, and on its shape. A process whose share ran out first
-    (its records skipped more, or its buckets filled later) would otherwise exit alone and leave the others
-    waiting forever at the step's first collective; batches of different buckets cannot form one global
-    batch, so they fail in one line on every process.
+    step: int
+    rows: Any = None
+
+
+def next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, config):
+    """The next host batch; a finite stream that ends before ``steps`` becomes one line naming the step."""
+    batch = draw_batch(iterator, step, config)
+    if isinstance(batch, Missing):
+        fail(batch, stage, model, checkpointer, ledger, config)
+    return batch
+
+
+def draw_batch(iterator, step: int, config):
+    """The next host batch, or a :class:`Missing` saying why there is none (:func:`fail` raises its error).
+
+    Detecting is apart from failing so that a batch drawn ahead (:mod:`vidiff.train.prefetch`) fails only
+    when the loop reaches its step. With several processes and finite data or several buckets they agree
+    here (one small all-gather, so every process must draw in the same order, on its main thread) on
+    whether each still has a batch, and on its shape. A process whose share ran out first (its records
+    skipped more, or its buckets filled later) would otherwise exit alone and leave the others waiting
+    forever at the step's first collective; batches of different buckets cannot form one global batch, so
+    they fail in one line on every process.
     """
     try:
         batch = next(iterator)
@@ -96,16 +117,22 @@ def next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, con
         rows = distributed.every_process([ended, *_batch_signature(batch)])
         ended = bool(rows[:, 0].any())
         if not ended and len({tuple(row[1:]) for row in rows}) > 1:
-            checkpointer.close()
-            shapes = ", ".join(f"process {i} {'x'.join(map(str, row[2:]))}" for i, row in enumerate(rows))
-            raise ValueError(
-                f"at step {step + 1} the processes' batches differ in shape (clips of frames x height x width: "
-                f"{shapes}): each clip's own shape picked its bucket among data.buckets={list(buckets)}; use one "
-                f"bucket (data.buckets=None), one process, or fixed-size shards from `vidiff prepare`")
-    if not ended:
-        return batch
+            return Missing(step, rows)
     # It ended here or on another process: every process stops at this same step.
-    checkpointer.close()  # pending saves land before the error ends the process
+    return Missing(step) if ended else batch
+
+
+def fail(missing: Missing, stage, model: str, checkpointer, ledger, config):
+    """Raise ``missing``'s one-line error, after pending checkpoint saves have landed."""
+    checkpointer.close()
+    step = missing.step
+    if missing.rows is not None:
+        buckets = config.data.get("buckets") or ()
+        shapes = ", ".join(f"process {i} {'x'.join(map(str, row[2:]))}" for i, row in enumerate(missing.rows))
+        raise ValueError(
+            f"at step {step + 1} the processes' batches differ in shape (clips of frames x height x width: "
+            f"{shapes}): each clip's own shape picked its bucket among data.buckets={list(buckets)}; use one "
+            f"bucket (data.buckets=None), one process, or fixed-size shards from `vidiff prepare`")
     skips = skip_totals(ledger)
     skipped = (f", {skips['bad']} skipped: " + ", ".join(f"{k}={v}" for k, v in skips["skipped"].items())
                if skips["bad"] else "")

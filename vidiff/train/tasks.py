@@ -64,14 +64,19 @@ class Task:
 
         return make_pipeline(config.data)
 
-    def host_arrays(self, raw: dict) -> dict:
-        return {k: np.asarray(raw[k]) for k in self.batch_keys}
+    def host_arrays(self, raw: dict) -> tuple[dict, int]:
+        """The batch's numeric host arrays, and how many of its captions were cut to ``text.max_length``."""
+        return {k: np.asarray(raw[k]) for k in self.batch_keys}, 0
 
-    captions_truncated = 0  # captions this process trained on that were cut to text.max_length (none without text)
+    # Captions this process trained on that were cut to text.max_length (none without text). The loop adds
+    # each batch's count when a step consumes it: a batch prepared ahead (vidiff.train.prefetch) is not counted.
+    captions_truncated = 0
 
-    def device_batch(self, raw: dict, mesh) -> dict:
-        """Numeric batch entries as global arrays sharded over the data axes (multi-host safe)."""
-        return parallel.device_batch(self.host_arrays(raw), mesh)
+    def device_batch(self, raw: dict, mesh) -> tuple[dict, int]:
+        """Numeric batch entries as global arrays sharded over the data axes (multi-host safe), and the
+        count of its captions that were cut (:meth:`host_arrays`)."""
+        arrays, truncated = self.host_arrays(raw)
+        return parallel.device_batch(arrays, mesh), truncated
 
     @property
     def batch_shardings(self):
@@ -268,14 +273,14 @@ class DiTTask(Task):
     def init_params(self, key):
         return dit_init_params(self.dit.config, key)
 
-    def host_arrays(self, raw: dict) -> dict:
+    def host_arrays(self, raw: dict) -> tuple[dict, int]:
         captions = [str(c) for c in raw["caption"]]
         if not self.prepared:
             emb = self.text.encode(captions)
             video = np.asarray(raw["video"])
             pixels = {"video": video} if self.latent_cache is None else {"latents": self.latent_cache(video)}
             return {**pixels, "text_tokens": emb.tokens, "text_lengths": emb.mask.sum(-1).astype(np.int32),
-                    "pooled": emb.pooled}
+                    "pooled": emb.pooled}, int(emb.truncated.sum())
         tokens, mask = np.array(raw["text_embedding"], np.float32), np.array(raw["text_mask"], bool)
         pooled = np.array(raw["text_pooled"], np.float32)
         # Caption dropout blanks the caption after the embedding was stored: use the empty prompt's.
@@ -283,13 +288,9 @@ class DiTTask(Task):
         if dropped.any():
             empty = self.text.encode([""])
             tokens[dropped], mask[dropped], pooled[dropped] = empty.tokens[0], empty.mask[0], empty.pooled[0]
+        # The stored embeddings' cuts were counted by `vidiff prepare`; the empty prompt is never cut.
         return {"latents": np.asarray(raw["latents"], np.float32), "text_tokens": tokens,
-                "text_lengths": mask.sum(-1).astype(np.int32), "pooled": pooled}
-
-    @property
-    def captions_truncated(self) -> int:
-        """Captions this process trained on that were cut to ``text.max_length`` tokens."""
-        return self.text.captions_truncated
+                "text_lengths": mask.sum(-1).astype(np.int32), "pooled": pooled}, 0
 
     def tokens_in(self, batch: dict) -> int:
         """Spacetime patches in a device batch (its bucket's clip size; read from shapes, no device sync)."""
