@@ -174,6 +174,35 @@ def test_log_rows_average_every_step_since_the_last_row(monkeypatch):
     assert np.isnan(window.means(14)["loss"])  # a skipped step's NaN shows in its window (logged as null)
 
 
+def test_a_step_call_that_compiles_is_left_out_of_the_rates(monkeypatch):
+    """The call that first meets a batch's shapes (the first step, a new bucket, a last partial batch)
+    compiles before it returns; the step's own time runs on the device after it."""
+    from types import SimpleNamespace
+
+    from vidiff.train import metrics as metrics_lib
+    from vidiff.train.metrics import CompileTimer, LogWindow
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_lib, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    window = LogWindow(0)
+    timer = CompileTimer(window)
+    compiled = set()
+
+    def step(state, batch):  # a stub that "compiles" for 30 s on a shape it has not met
+        if batch["video"].shape not in compiled:
+            compiled.add(batch["video"].shape)
+            clock[0] += 30.0
+        return state + 1, {"loss": jnp.float32(1.0)}
+
+    state = 0
+    for frames in (5, 5, 1, 5):  # an image bucket appears at step 3
+        state, metrics = timer.call(step, state, {"video": jnp.zeros((2, frames, 4, 4, 3), jnp.uint8)})
+        window.add(metrics, tokens=10)
+        clock[0] += 0.5  # the step runs
+    assert window.means(4)["steps_per_s"] == pytest.approx(4 / 2.0)  # not 4 / 62
+    assert window.means(4)["tokens_per_s"] == pytest.approx(40 / 2.0)
+
+
 def test_accumulated_step_is_one_update_on_the_whole_batch():
     """k micro-batches: the same loss, gradients, parameters, EMA and step count as one full-batch step
     (their per-row losses average alike), and the schedule advances once."""
@@ -450,7 +479,7 @@ def test_batches_read_ahead_change_nothing_and_a_resume_restores_into_shapes(tmp
     """Batches prepared ahead (data.prefetch_to_device=2) give the losses, log rows and final parameters of a
     run without (0), bit for bit; a checkpoint saves the data position of the batches trained on, not of those
     read ahead, so a resume repeats the rest exactly. A resume builds no fresh state (an XL DiT's: 13 GB,
-    built then thrown away, held beside the restored one)."""
+    built then thrown away, held beside the restored one). The rates leave the step's compilation out."""
     from vidiff.train import loop, preflight
 
     def train(workdir, prefetch, log=lambda *a: None):
@@ -466,10 +495,24 @@ def test_batches_read_ahead_change_nothing_and_a_resume_restores_into_shapes(tmp
     monkeypatch.setattr(preflight, "check_finite_params", lambda state, *a: final.append(state))
     rows, params = train(tmp_path / "plain", 0)
 
+    compile_seconds = 5.0  # a stub first step that "compiles" this long: left out of the first row's rate
+    real_jit = loop.jit_train_step
+
+    def slow_first_call(*args, **kwargs):
+        step, calls = real_jit(*args, **kwargs), []
+
+        def timed(*step_args):
+            calls.append(time.sleep(compile_seconds) if not calls else None)
+            return step(*step_args)
+        return timed
+
+    monkeypatch.setattr(loop, "jit_train_step", slow_first_call)
     ahead = tmp_path / "ahead"
     ahead_rows, ahead_params = train(ahead, 2)
     assert ahead_rows == rows  # losses, metrics and counters of every step
     jax.tree.map(np.testing.assert_array_equal, ahead_params, params)
+    assert 1 / read_metrics(ahead / "vae")[0]["steps_per_s"] < compile_seconds
+    monkeypatch.setattr(loop, "jit_train_step", real_jit)
 
     # Checkpoint 2 was saved with batch 3 read ahead: resuming from it must train step 3 on batch 3.
     shutil.rmtree(ahead / "vae" / "checkpoints" / "3")

@@ -13,7 +13,9 @@ The main thread draws each batch and dispatches the steps; a worker thread makes
 up to ``data.prefetch_to_device`` drawn batches device arrays ahead of their
 step (:mod:`vidiff.train.prefetch`: the text encoder's and latent cache's reads
 of device values wait there, not in front of the next dispatch), and a
-checkpoint saves the data position of the batches the steps consumed.
+checkpoint saves the data position of the batches the steps consumed. The rates
+a log row reports leave out the step's compilations (a batch shape new to the
+run) as well as evaluations and saves.
 
 Multi-host: the loop starts ``jax.distributed`` first (``vidiff.distributed``, from
 the config's ``distributed`` section or the environment), builds a hybrid mesh,
@@ -59,7 +61,7 @@ from vidiff.models.export import DIT_VAE
 from vidiff.train import prefetch, preflight, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer, read_config
 from vidiff.train.config import config_changes, for_stage, name_stage_fields, validate, warnings_for
-from vidiff.train.metrics import LogWindow, MetricsWriter
+from vidiff.train.metrics import CompileTimer, LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
 from vidiff.train.profile import StepProfiler
 from vidiff.train.state import INIT_ON, abstract_state, create_state, jit_train_step, make_train_step
@@ -189,6 +191,7 @@ def train(config, model: str, *, log=print) -> dict:
         iterator, lambda step: stopping.draw_batch(iterator, step, config), lambda raw: task.device_batch(raw, mesh),
         lambda missing: stopping.fail(missing, stage, model, checkpointer, run.ledger, config),
         depth=DataConfig.from_any(config.data).prefetch_to_device, start=start, steps=stage.steps)
+    compiles = CompileTimer(window)
     try:  # whatever ends the loop, pending asynchronous saves finish before the process does
         with stopping.StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
             step = start
@@ -196,7 +199,7 @@ def train(config, model: str, *, log=print) -> dict:
                 with profiler.step(step + 1):
                     batch, truncated = batches.next()
                     with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
-                        state, metrics = step_fn(state, batch, task.frozen)
+                        state, metrics = compiles.call(step_fn, state, batch, task.frozen)
                     task.captions_truncated += truncated
                     window.add(metrics, task.tokens_in(batch))  # each batch counted at its own bucket's clip size
                     since_save.add({"loss": metrics["loss"]}, 0)

@@ -1,8 +1,9 @@
 """Training metrics: PSNR / SSIM for reconstructions, what a log line averages, and the writer that logs it.
 
 ``LogWindow`` sums each step's metrics on the device (no host sync per step) and
-counts tokens and the steps' own wall time (evaluation and checkpoint saves left
-out), so a log row reports means over every step since the previous row.
+counts tokens and the steps' own wall time (evaluation, checkpoint saves and, by
+``CompileTimer``, the step's compilations left out), so a log row reports means over every step since
+the previous row, and steady-state rates.
 
 ``MetricsWriter`` appends one JSON object per logged step to
 ``<workdir>/metrics.jsonl`` and writes the same scalars as TensorBoard event
@@ -85,6 +86,29 @@ class LogWindow:
         sums = jax.device_get(self.sums)
         return {**{k: float(np.mean(v)) / steps for k, v in sums.items()},
                 "steps_per_s": steps / seconds, "tokens_per_s": self.tokens / seconds}
+
+
+class CompileTimer:
+    """Leaves the train step's compilations out of a log window's rates.
+
+    jax compiles synchronously inside the call that first meets a batch's shapes (the first step, a new
+    bucket, a last partial batch), so that call's wall time is paused in ``window``. Later calls only
+    enqueue the step: they are not timed.
+    """
+
+    def __init__(self, window: LogWindow):
+        self.window, self.seen = window, set()
+
+    def call(self, step_fn, state, batch: dict, *args):
+        """``step_fn(state, batch, *args)``, timed when ``batch``'s shapes are new to this run."""
+        shapes = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+        if shapes in self.seen:
+            return step_fn(state, batch, *args)
+        self.seen.add(shapes)
+        began = time.perf_counter()
+        out = step_fn(state, batch, *args)
+        self.window.pause(time.perf_counter() - began)
+        return out
 
 
 class MetricsWriter:
