@@ -525,9 +525,14 @@ def test_batches_read_ahead_change_nothing_and_a_resume_restores_into_shapes(tmp
     jax.tree.map(np.testing.assert_array_equal, resumed_params, params)
 
 
-def test_keep_best_ranks_each_checkpoint_by_the_steps_since_the_one_before(tmp_path):
-    """Not by the last log row's loss, which with log_every > ckpt_every is older than the checkpoint."""
-    from vidiff.train import loop
+def test_keep_best_ranks_each_checkpoint_by_the_steps_since_the_one_before(tmp_path, monkeypatch):
+    """Not by the last log row's loss, which with log_every > ckpt_every is older than the checkpoint.
+    Each run also waits for the cache write its last save started (the DiT's latent cache is written in
+    the background), once, after the loop."""
+    from vidiff.train import loop, tasks
+
+    waits = []
+    monkeypatch.setattr(tasks.Task, "wait_cache", lambda self: waits.append(self))
 
     def train(workdir, *extra):
         config = config_lib.load_config(WORLD_TINY, [f"--config.workdir={workdir}", "--config.vae_train.steps=4",
@@ -543,6 +548,7 @@ def test_keep_best_ranks_each_checkpoint_by_the_steps_since_the_one_before(tmp_p
               for step in (2, 4)}
     assert ranked[2] == pytest.approx((loss[1] + loss[2]) / 2, rel=1e-6)
     assert ranked[4] == pytest.approx((loss[3] + loss[4]) / 2, rel=1e-6)
+    assert len(waits) == 2
 
 
 @pytest.mark.slow

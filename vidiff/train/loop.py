@@ -225,6 +225,7 @@ def train(config, model: str, *, log=print) -> dict:
                 if stop.requested(step):
                     save(step)
                     checkpointer.close()
+                    task.wait_cache()
                     bar.close()
                     log(f"{stop.signal_name}: saved checkpoint {checkpointer.directory / str(step)}; exiting")
                     writer.close()
@@ -235,6 +236,7 @@ def train(config, model: str, *, log=print) -> dict:
         bar.close()
         checkpointer.close()
         writer.close()
+    task.wait_cache()  # not in `finally`: a failed last cache write must not hide the error that ended the loop
     preflight.check_finite_params(state, model, step, checkpointer.directory)
     summary = {"model": model, "workdir": str(workdir), "start_step": start,
                **_finalize(task, state, run.config_json, tasks.export_dir(config))}

@@ -101,11 +101,11 @@ def draw_batch(iterator, step: int, config):
 
     Detecting is apart from failing so that a batch drawn ahead (:mod:`vidiff.train.prefetch`) fails only
     when the loop reaches its step. With several processes and finite data or several buckets they agree
-    here (one small all-gather, so every process must draw in the same order, on its main thread) on
-    whether each still has a batch, and on its shape. A process whose share ran out first (its records
-    skipped more, or its buckets filled later) would otherwise exit alone and leave the others waiting
-    forever at the step's first collective; batches of different buckets cannot form one global batch, so
-    they fail in one line on every process.
+    here (a small host-to-host exchange, :func:`vidiff.distributed.every_process`, so every process must
+    draw in the same order, on its main thread) on whether each still has a batch, and on its shape. A
+    process whose share ran out first (its records skipped more, or its buckets filled later) would
+    otherwise exit alone and leave the others waiting forever at the step's first collective; batches of
+    different buckets cannot form one global batch, so they fail in one line on every process.
     """
     try:
         batch = next(iterator)
@@ -153,4 +153,4 @@ def _batch_signature(batch) -> list[int]:
     shapes = sorted((key, tuple(np.shape(value))) for key, value in batch.items())
     clips = batch["video"] if "video" in batch else batch.get("latents")
     dims = [*np.shape(clips)[1:4], 0, 0, 0][:3] if clips is not None else [0, 0, 0]
-    return [zlib.crc32(repr(shapes).encode()) & 0x7FFFFFFF, *dims]  # int32, as the all-gather carries it
+    return [zlib.crc32(repr(shapes).encode()) & 0x7FFFFFFF, *dims]  # int32, as every_process carries it

@@ -84,7 +84,11 @@ class Task:
         return {k: parallel.batch_sharding(self.mesh, ndims[k]) for k in self.batch_keys}
 
     def save_cache(self, workdir: Path) -> None:
-        """Persist host-side caches beside a checkpoint (the DiT's latent cache); none by default."""
+        """Persist host-side caches beside a checkpoint (the DiT's latent cache, written in the background
+        until :meth:`wait_cache`); none by default."""
+
+    def wait_cache(self) -> None:
+        """Block until what :meth:`save_cache` started is on disk; a failed write raises here."""
 
     def load_cache(self, workdir: Path) -> str | None:
         """Reload what :meth:`save_cache` wrote; a line for the log, or None."""
@@ -314,6 +318,10 @@ class DiTTask(Task):
     def save_cache(self, workdir: Path) -> None:
         if self.latent_cache is not None:
             self.latent_cache.save(self._cache_path(workdir))
+
+    def wait_cache(self) -> None:
+        if self.latent_cache is not None:
+            self.latent_cache.wait()
 
     def load_cache(self, workdir: Path) -> str | None:
         return None if self.latent_cache is None else self.latent_cache.load(self._cache_path(workdir))
