@@ -5,6 +5,8 @@ tests share one set of tiny variables and a few clip shapes.
 """
 import dataclasses
 import functools
+import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -494,7 +496,14 @@ def test_boxed_variables_export_and_load_back(tiny, clip, tmp_path):
     vae, variables = tiny
     variables = set_latent_stats(variables, jnp.zeros(4), jnp.ones(4))
     assert isinstance(variables["latent_stats"]["shift"], nn.LogicallyPartitioned)
-    export_vae(tmp_path, {"vae": True}, variables)
+    umask = os.umask(0o027)
+    try:
+        export_vae(tmp_path, {"vae": True}, variables)
+    finally:
+        os.umask(umask)
+    # The weights are as readable as vidiff.json, as the umask says (safetensors alone leaves them 0600).
+    mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)  # noqa: E731
+    assert mode("vae.safetensors") == mode("vidiff.json") == 0o640
     loaded = load_vae(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, loaded, nn.unbox({k: variables[k] for k in loaded}))
 

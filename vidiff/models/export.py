@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import jax
@@ -45,7 +46,16 @@ def save_tree(path, tree) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}, str(path))
+    # safetensors writes through a private temporary file (mode 0600): give the weights the mode vidiff.json
+    # gets, so an export shared in a group folder is readable by whoever can read its config.
+    path.chmod(0o666 & ~_umask())
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def load_tree(path) -> dict:
