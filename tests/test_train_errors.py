@@ -325,6 +325,31 @@ def test_json_output_has_null_not_nan(tmp_path):
     assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
 
 
+def test_read_metrics_keeps_the_resumed_runs_rows(tmp_path):
+    """A run killed after its checkpoint at step 4 had logged steps 5-7 (and evaluated at 6); the resumed run logs
+    5-8 again. The file keeps every row; read_metrics gives each step once, as the resumed run logged it."""
+    from vidiff.train.metrics import MetricsWriter, read_metrics
+
+    writer = MetricsWriter(tmp_path, enabled=True)
+    for step in range(1, 8):
+        writer.write(step, {"loss": 1.0})
+        if step in (4, 6):
+            writer.write(step, {"val_psnr": 20.0})
+    for step in range(5, 9):  # resumed from checkpoint 4
+        writer.write(step, {"loss": 2.0})
+    writer.write(8, {"val_psnr": 30.0})
+    for step in (9, 10):  # killed after logging step 10 but before evaluating; resumed from checkpoint 8
+        writer.write(step, {"loss": 3.0})
+    for step in (9, 10):
+        writer.write(step, {"loss": 4.0})
+    writer.write(10, {"val_psnr": 40.0})
+    writer.close()
+    rows = [(r["step"], r.get("loss", r.get("val_psnr"))) for r in read_metrics(tmp_path)]
+    assert rows == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (4, 20.0), (5, 2.0), (6, 2.0), (7, 2.0), (8, 2.0),
+                    (8, 30.0), (9, 4.0), (10, 4.0), (10, 40.0)]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 19  # the raw log keeps them all
+
+
 # --------------------------------------------------------------------------- 1: finite data
 
 

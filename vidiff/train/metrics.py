@@ -142,6 +142,24 @@ class MetricsWriter:
 
 
 def read_metrics(workdir) -> list[dict]:
-    """All logged rows of a run, in order (a resumed run appends after its checkpoint step)."""
+    """The logged rows of a run in step order, each step's as the last run that reached it logged it.
+
+    A run killed after its last checkpoint logged steps that the resumed run
+    trains and logs again; the file keeps both (it is only ever appended to),
+    and the resumed run's rows replace the earlier ones from its first step on.
+    """
     path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    kept = []
+    for row in rows:
+        if kept and _starts_a_run(kept[-1], row):
+            kept = [r for r in kept if r["step"] < row["step"]]
+        kept.append(row)
+    return kept
+
+
+def _starts_a_run(previous: dict, row: dict) -> bool:
+    """Within one run steps only grow, and at one step the log row (with a loss) comes before the evaluation's."""
+    if row["step"] != previous["step"]:
+        return row["step"] < previous["step"]
+    return "loss" in row or "loss" not in previous
