@@ -525,6 +525,12 @@ def test_resume_with_other_model_settings_names_the_fields(tmp_path):
     compute = _config()  # how the DiT computes, not what it holds
     compute.dit.overrides.update(scan_unroll=2, attention_head_pad=64, remat_policy="dots", dtype="bfloat16")
     preflight.check_resume(checkpointer, 2, json.loads(compute.to_json()), "dit")
+    preflight.check_resume(checkpointer, 2, json.loads(_config("--config.vae_train.steps=2").to_json()), "vae")
+    with pytest.raises(ValueError) as info:  # it "resumed" at 2 and exported step 2 again, saying nothing
+        preflight.check_resume(checkpointer, 2, json.loads(_config("--config.vae_train.steps=1").to_json()), "vae")
+    assert str(info.value) == (f"vae_train.steps=1 but {checkpointer.directory / '2'} is at step 2: the run would "
+                               f"train nothing and export step 2 again; raise vae_train.steps above 2 to train "
+                               f"further, or use a new workdir to train from scratch")
     changed = json.loads(_config("--config.vae.overrides.base_channels=16").to_json())
     with pytest.raises(ValueError) as info:
         preflight.check_resume(checkpointer, 2, changed, "vae")

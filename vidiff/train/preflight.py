@@ -56,6 +56,7 @@ def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None
     learning rate, data.world.length, ...) may change on resume.
     """
     checkpointer.check_complete(step)
+    _check_steps_ahead(checkpointer, step, config_json, model)
     try:
         saved = read_config(checkpointer.directory, step)
     except (OSError, ValueError):  # a checkpoint without a readable config: the restore will tell
@@ -67,6 +68,16 @@ def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None
     if changes:
         raise ValueError(f"{checkpointer.directory / str(step)} was written with {', '.join(changes)}; "
                          f"use a new workdir or the original config")
+
+
+def _check_steps_ahead(checkpointer, step: int, config_json: dict, model: str) -> None:
+    """``steps`` below the checkpoint's step trains nothing: the run would export that checkpoint again, as if it
+    had trained to ``steps``. (Equal is a finished run started again, which exports it again, knowingly.)"""
+    steps = (config_json.get(f"{model}_train") or {}).get("steps")
+    if isinstance(steps, int) and steps < step:
+        raise ValueError(f"{model}_train.steps={steps} but {checkpointer.directory / str(step)} is at step {step}: "
+                         f"the run would train nothing and export step {step} again; raise {model}_train.steps above "
+                         f"{step} to train further, or use a new workdir to train from scratch")
 
 
 def check_resume_vae(checkpointer, step: int, vae_sha256: str) -> None:
