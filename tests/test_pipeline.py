@@ -457,6 +457,11 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
         TextToVideo.from_checkpoint(tmp_path / "missing")
     with pytest.raises(ValueError, match="is not a vidiff model directory"):
         TextToVideo.from_checkpoint(tmp_path)
+    workdir = tmp_path / "run"  # what `vidiff train` writes: the model is in its export/
+    shutil.copytree(tiny_model_dir(), workdir / "export")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(workdir))} is a training workdir, not a model directory; "
+                                         rf"pass its export: --checkpoint {re.escape(str(workdir / 'export'))}$"):
+        TextToVideo.from_checkpoint(workdir)
     vae_only = tmp_path / "vae_only"
     vae_only.mkdir()
     (vae_only / "vidiff.json").write_text(json.dumps({"vae": True, "config": {}}))

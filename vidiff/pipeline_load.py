@@ -15,7 +15,7 @@ import numpy as np
 
 from vidiff.models.block_layout import with_block_layout
 from vidiff.models.dit import VideoDiT, dit_preset
-from vidiff.models.export import check_dit_vae, load_dit, load_vae, read_manifest, variable_shapes
+from vidiff.models.export import MANIFEST, check_dit_vae, load_dit, load_vae, read_manifest, variable_shapes
 from vidiff.models.vae import VideoVAE, vae_preset
 
 REQUIRED_FIELDS = (("text", "encoder"), ("text", "max_length"), ("vae", "preset"), ("dit", "preset"), ("data", "size"),
@@ -27,6 +27,7 @@ def load_export(directory: Path, scan_blocks: bool | None = None) -> dict:
 
     ``scan_blocks`` as :meth:`vidiff.pipeline.TextToVideo.from_checkpoint`.
     """
+    _check_not_workdir(directory)
     manifest = read_manifest(directory)
     if not manifest.get("dit") or not (directory / "dit.safetensors").is_file():
         raise ValueError(f"{directory} holds no trained DiT (dit.safetensors); train one with "
@@ -52,6 +53,13 @@ def load_export(directory: Path, scan_blocks: bool | None = None) -> dict:
     dit_params = _fitting({"params": dit_params}, dit, directory / "dit.safetensors")["params"]
     return dict(vae=vae, vae_variables=vae_variables, dit=dit, dit_params=dit_params, text=text, config=config,
                 directory=directory)
+
+
+def _check_not_workdir(directory: Path) -> None:
+    """A ``vidiff train`` workdir holds its export in ``export/``: point there, rather than say no model is here."""
+    if not (directory / MANIFEST).is_file() and (directory / "export" / MANIFEST).is_file():
+        raise ValueError(f"{directory} is a training workdir, not a model directory; pass its export: "
+                         f"--checkpoint {directory / 'export'}")
 
 
 @functools.lru_cache(maxsize=4)
