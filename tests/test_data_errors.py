@@ -82,6 +82,10 @@ def test_prepare_that_writes_nothing_fails_and_leaves_no_shards(clips, tmp_path,
     assert one_line_error(capsys).endswith(f"--manifest {tmp_path / 'gone.jsonl'}: none of its 2 rows gave a clip "
                                            "(missing_file=2); fix the inputs (see the warnings logged per row)")
     assert list((tmp_path / "o").iterdir()) == []  # no shard, no summary
+    code = cli_main(["prepare", "--videos", str(clips), "--manifest", str(tmp_path / "gone.jsonl"),
+                     "--out", str(tmp_path / "o")])  # at the default limit: raising it would not help either
+    assert code == 2 and one_line_error(capsys).endswith("100.0% of records were bad (2 of 2: missing_file=2); fix "
+                                                         "the inputs (see the warnings logged per file)")
 
 
 def test_zero_record_shard_folder_fails_when_the_source_is_built(tmp_path):

@@ -181,6 +181,12 @@ def test_skip_ledger_counts_logs_and_limits(caplog, tmp_path):
     ledger.check(0.4, field="data.max_bad_fraction", min_records=5)  # too few records to judge yet
     with pytest.raises(ValueError, match=r"^50.0% of records were bad"):  # judged from min_records on
         ledger.check(0.4, field="data.max_bad_fraction", min_records=4)
+    all_bad = skips.SkipLedger()  # no limit lets a record through: raising it is no fix, and is not offered
+    for item in [skips.Skip("too_short", "a"), skips.Skip("too_short", "b")]:
+        all_bad.count(item)
+    with pytest.raises(ValueError, match=r"^100.0% of records were bad \(2 of 2: too_short=2\); fix the inputs "
+                                         r"\(see the warnings logged per file\)$"):
+        all_bad.check(0.1, field="data.max_bad_fraction")
     # Cross-process aggregation: a copy (as a worker gets) starts at zero and writes its own file.
     shared = skips.SkipLedger(tmp_path)
     shared.skip(skips.Skip("corrupt", "b.mp4"))

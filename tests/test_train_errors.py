@@ -167,6 +167,20 @@ def test_prompting_modes_need_a_dit_that_takes_the_known_frames():
     config_lib.validate(config_lib.for_stage(config, "dit"), "dit", device_count=8)
 
 
+def test_prepared_latents_ask_for_no_images_and_say_so_first():
+    """world_tiny's DiT stage mixes in images; the README's --latents path then went round in circles: one
+    error said buckets=None, the next one said to add a 1-frame bucket, neither image_fraction=0.0."""
+    config = config_lib.for_stage(_config("--config.dit_train.latents=prepared", "--config.data.source=array_record",
+                                          "--config.data.array_record_path=/shards", "--config.data.num_frames=5"), "dit")
+    with pytest.raises(ValueError) as info:
+        config_lib.validate(config, "dit", device_count=8)
+    assert str(config_lib.name_stage_fields(info.value, config, "dit")) == (
+        "dit_train.data.image_fraction=0.1 cannot cut images from dit_train.latents='prepared' shards (their latents "
+        "fit the stored clip: one bucket); set dit_train.data.image_fraction=0.0 and dit_train.data.buckets=None")
+    config.data.image_fraction, config.data.buckets = 0.0, None
+    config_lib.validate(config, "dit", device_count=8)
+
+
 def test_a_dit_trains_float32_weights_whatever_its_compute_dtype():
     """bfloat16 master weights and AdamW moments round small updates away: 20 AdamW steps at lr 1e-4 left 90% of a
     tiny DiT's kernel entries unchanged. The compute dtype is the one to lower."""
@@ -376,6 +390,27 @@ def _shards(directory: Path, n: int, **arrays) -> Path:
         writer.write(encode_record(make_record(video, f"clip {i}", 8.0, f"clip-{i}", **arrays)))
     writer.close()
     return directory
+
+
+def test_clips_longer_than_the_stored_ones_are_refused_before_training(tmp_path):
+    """Every record would be skipped as too_short, and the run end in "100% of records were bad ... or raise
+    data.max_bad_fraction", which cannot help."""
+    shards = _shards(tmp_path / "s", 2)  # 5-frame clips at 8 fps
+    config = _config("--config.data.source=array_record", f"--config.data.array_record_path={shards}",
+                     "--config.data.size=16", "--config.data.num_frames=9")
+    with pytest.raises(ValueError, match=rf"^data.num_frames=9 but the 'train' shards in data.array_record_path="
+                                         rf"'{shards}' hold 5-frame clips; set data.num_frames=5 \(or prepare "
+                                         rf"longer clips\)$"):
+        preflight.check_stored_clips(config)
+    config.data.num_frames = 5
+    preflight.check_stored_clips(config)
+    config.data.fps = 4.0  # resampled, the clips are shorter
+    with pytest.raises(ValueError, match=r"hold 5-frame clips \(2 frames at data.fps=4.0\); set data.num_frames=2 "):
+        preflight.check_stored_clips(config)
+    config.data.fps, config.data.frame_stride = None, 2
+    config.vae.overrides.temporal_down = (True, False)  # time factor 2: 1 + 2k frames
+    with pytest.raises(ValueError, match=r"hold 5-frame clips; set data.num_frames=3 "):
+        preflight.check_stored_clips(config)
 
 
 def test_data_without_records_fails_before_compiling():

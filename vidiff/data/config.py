@@ -115,8 +115,10 @@ class DataConfig:
         need(self.num_epochs is None or (is_int(self.num_epochs) and self.num_epochs >= 1), "num_epochs", "use an int >= 1, or None to repeat forever")
         need(is_number(self.caption_dropout) and 0 <= self.caption_dropout <= 1, "caption_dropout", "use a probability in [0, 1]")
         need(is_number(self.image_fraction) and 0 <= self.image_fraction <= 1, "image_fraction", "use a fraction in [0, 1]")
+        side = "x".join(map(str, self.height_width))  # the example fits this run's clips
         need(self.image_fraction == 0 or any(b[0] == 1 for b in self.bucket_list()), "image_fraction",
-             "add a 1-frame image bucket, e.g. data.buckets=['17x32x32', '1x32x32']")
+             f"add a 1-frame image bucket, e.g. data.buckets=['{self.num_frames}x{side}', '1x{side}'], or set "
+             f"data.image_fraction=0.0")
         need(is_int(self.num_workers) and self.num_workers >= 0, "num_workers", "use an int >= 0 (0 = no worker processes)")
         need(is_int(self.worker_buffer_size) and self.worker_buffer_size >= 1, "worker_buffer_size", "use an int >= 1")
         need(is_int(self.read_threads) and self.read_threads >= 0, "read_threads", "use an int >= 0")

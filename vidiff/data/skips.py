@@ -191,10 +191,12 @@ class SkipLedger:
         if seen == 0 or seen < min_records or bad <= max_bad_fraction * seen:
             return
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+        fix = "fix the inputs (see the warnings logged per file)"
+        if bad == seen:  # no limit lets anything through: raising it cannot help
+            raise ValueError(f"{bad / seen:.1%} of records were bad ({bad} of {seen}: {reasons}); {fix}")
         raise ValueError(
             f"{bad / seen:.1%} of records were bad ({bad} of {seen}: {reasons}), above the limit "
-            f"max_bad_fraction={max_bad_fraction:g}; fix the inputs (see the warnings logged per file) "
-            f"or raise {field}"
+            f"max_bad_fraction={max_bad_fraction:g}; {fix} or raise {field}"
         )
 
     def _file(self) -> Path:

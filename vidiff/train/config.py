@@ -181,6 +181,12 @@ def _check_dit_settings(config):
             f"dit_train.latents='prepared' needs data.source='array_record' (shards from `vidiff prepare "
             f"--latents`), got data.source={config.data.source!r}"
         )
+    if config.dit_train.get("latents") == "prepared" and config.data.get("image_fraction"):
+        # Prepared latents belong to the stored clip, so the data must ask for it as is: one bucket, no images.
+        buckets = " and data.buckets=None" if config.data.get("buckets") else ""
+        raise ValueError(f"data.image_fraction={config.data.image_fraction!r} cannot cut images from "
+                         f"dit_train.latents='prepared' shards (their latents fit the stored clip: one bucket); "
+                         f"set data.image_fraction=0.0{buckets}")
     dit_cfg = dit_preset(config.dit.preset, **config.dit.overrides)
     if dit_cfg.param_dtype != "float32":
         # The trained parameters are the master weights and set AdamW's moments' dtype: in bfloat16 most

@@ -11,7 +11,8 @@
 - the eval split: ``eval.split`` names a split the data can select (a
   manifest entry, a ``vidiff prepare`` folder's shards), with clips of at
   least ``eval.num_frames`` (``check_eval_split``), before the VAE trains;
-- the data: a finite dataset lasts ``<model>_train.steps`` (``check_data_lasts``);
+- the data: ``array_record`` shards hold clips as long as training asks for (``check_stored_clips``),
+  and a finite dataset lasts ``<model>_train.steps`` (``check_data_lasts``);
 - the end: parameters about to be exported are finite (``check_finite_params``).
 
 Each raises a one-line ``ValueError`` naming the field or folder and the fix,
@@ -321,6 +322,27 @@ def check_eval_split(config) -> None:
         if record is not None and len(record["video"]) < frames:  # every clip would be skipped as too short
             raise ValueError(f"eval.num_frames={frames} but the {split!r} shards hold {len(record['video'])}-frame "
                              f"clips; set eval.num_frames={len(record['video'])} (or prepare longer clips)")
+
+
+def check_stored_clips(config) -> None:
+    """Training clips that ``array_record`` shards cannot give, refused before training: the shards hold the clips
+    `vidiff prepare` stored, and a longer clip asked for skips every record as too short."""
+    from vidiff.data.transforms import frames_needed, resample_indices
+
+    data = config.data
+    if data.source != "array_record" or data.get("buckets"):
+        return
+    record = _first_prepared_record(config)
+    if record is None:  # no records: check_data_lasts says so
+        return
+    stored, stride = len(record["video"]), int(data.frame_stride)
+    frames = len(resample_indices(stored, float(record["fps"]), data.fps))  # at data.fps, as the pipeline cuts
+    held = f"{stored}-frame clips" + (f" ({frames} frames at data.fps={data.fps})" if frames != stored else "")
+    if frames_needed(int(data.num_frames), stride) > frames:
+        time_factor = vae_from_config(config).config.time_factor
+        fit = 1 + max(0, (frames - 1) // stride) // time_factor * time_factor  # the longest clip the VAE takes
+        raise ValueError(f"data.num_frames={data.num_frames} but the 'train' shards in data.array_record_path="
+                         f"{data.array_record_path!r} hold {held}; set data.num_frames={fit} (or prepare longer clips)")
 
 
 def check_finite_params(state, model: str, step: int, checkpoints: Path) -> None:
