@@ -238,6 +238,17 @@ def test_data_overrides_that_train_nothing_are_pointed_out():
         "dit_train.data.world.held_out='exclude' replaces it; override dit_train.data.world.held_out instead"]
     # The same value as the stage's loses nothing.
     assert config_lib.warnings_for(config_lib.for_stage(_config("--config.data.batch_size=16"), "vae"), "vae") == []
+    # world_tiny's DiT stage sizes its clips by its own buckets: data.num_frames=5 trained 1-frame images alone.
+    short = _config("--config.data.num_frames=5", "--config.data.size=(32, 48)")
+    assert config_lib.warnings_for(config_lib.for_stage(short, "dit"), "dit") == [
+        "warning: the override data.num_frames=5 does not reach the dit stage: dit_train.data.buckets=['17x32x32', "
+        "'1x32x32'] sizes its clips; set dit_train.data.buckets=['5x32x32', '1x32x32'] instead",
+        "warning: the override data.size=(32, 48) does not reach the dit stage: dit_train.data.buckets=['17x32x32', "
+        "'1x32x32'] sizes its clips; set dit_train.data.buckets=['17x32x48', '1x32x48'] instead"]
+    assert config_lib.warnings_for(config_lib.for_stage(short, "vae"), "vae") == [  # the dit stage reads it no more
+        "warning: the override data.num_frames=5 does not reach the vae stage: vae_train.data.num_frames=1 replaces "
+        "it; override vae_train.data.num_frames instead"]
+    assert config_lib.warnings_for(config_lib.for_stage(_config("--config.data.num_frames=17"), "dit"), "dit") == []
     folder = config_lib.for_stage(_config("--config.data.manifest='clips.jsonl'", "--config.data.video_dir='v'"), "vae")
     with pytest.raises(ValueError, match=r"^data.manifest='clips.jsonl' is set but data.source='world' reads no "
                                          r"files; set data.source='folder' to train on it \(or unset data.manifest\)$"):
@@ -411,6 +422,21 @@ def test_clips_longer_than_the_stored_ones_are_refused_before_training(tmp_path)
     config.vae.overrides.temporal_down = (True, False)  # time factor 2: 1 + 2k frames
     with pytest.raises(ValueError, match=r"hold 5-frame clips; set data.num_frames=3 "):
         preflight.check_stored_clips(config)
+    # world_tiny's DiT stage: no clip fits its 17-frame bucket, so it trained on 1-frame images alone, silently.
+    dit = config_lib.for_stage(_config("--config.data.source=array_record", f"--config.data.array_record_path={shards}",
+                                       "--config.data.num_frames=5"), "dit")
+    with pytest.raises(ValueError) as info:
+        preflight.check_stored_clips(dit)
+    assert str(config_lib.name_stage_fields(info.value, dit, "dit")) == (
+        f"dit_train.data.buckets=['17x32x32', '1x32x32'] need clips of 17 frames or more but the 'train' shards in "
+        f"data.array_record_path='{shards}' hold 5-frame clips, so only its 1-frame buckets would train; set "
+        f"dit_train.data.buckets=['5x32x32', '1x32x32'] (or prepare longer clips)")
+    dit.data.buckets = ["9x32x32", "17x32x32"]
+    with pytest.raises(ValueError, match=r"so every record would be skipped as too_short; set "
+                                         r"data.buckets=\['5x32x32'\] \(or"):
+        preflight.check_stored_clips(dit)
+    dit.data.buckets = ["5x16x16", "17x16x16", "1x16x16"]  # one bucket fits: the clips train
+    preflight.check_stored_clips(dit)
 
 
 def test_data_without_records_fails_before_compiling():

@@ -132,9 +132,48 @@ def stage_override_warnings(config, model: str) -> list[str]:
             continue
         line = f"warning: the override {path}={value!r} does not reach the {model} stage: {model}_train.{path}={mine!r}"
         # One list of overrides for both stages is how the notebooks train: then it is meant for the other one.
-        readers = [name for name, r in replaced.items() if name != model and r is _MISSING]
+        readers = [name for name, r in replaced.items() if name != model and r is _MISSING
+                   and not _sized_by_buckets(config, model, name, path)]
         out.append(f"{line} replaces it (the {' and '.join(readers)} stage reads it)" if readers else
                    f"{line} replaces it; override {model}_train.{path} instead")
+    return out + _bucketed_clip_warnings(config, model)
+
+
+def _sized_by_buckets(config, model: str, other: str, path: str) -> bool:
+    """Whether ``other``'s stage has buckets, which leave its ``data.num_frames`` / ``data.size`` unread (``config``
+    is ``model``'s stage: its ``data.buckets`` is the file's own unless that stage sets them)."""
+    if path not in ("data.num_frames", "data.size"):
+        return False
+    mine = config[f"{model}_train"].get("data") or {}
+    theirs = config[f"{other}_train"].get("data") or {}
+    return bool(theirs["buckets"] if "buckets" in theirs else "buckets" not in mine and config.data.get("buckets"))
+
+
+def _bucketed_clip_warnings(config, model: str) -> list[str]:
+    """A line for each override of ``data.num_frames`` / ``data.size`` that the buckets in force leave unused: with
+    ``data.buckets`` set, they alone size the clips (world_tiny's DiT kept 17-frame buckets, 1-frame ones trained)."""
+    from vidiff.checks import height_width
+    from vidiff.data.transforms import parse_buckets
+
+    buckets, stage_data = config.data.get("buckets"), config[f"{model}_train"].get("data") or {}
+    if not buckets:
+        return []
+    field = f"{model}_train.data.buckets" if "buckets" in stage_data else "data.buckets"
+    parsed, out = parse_buckets(buckets, (1, 1, 1), field), []
+    sizing = {f"{prefix}{name}": name for prefix in ("data.", f"{model}_train.data.") for name in ("num_frames", "size")}
+    for path, value in overridden(config).items():
+        name = sizing.get(path)
+        if name is None or (path.startswith("data.") and name in stage_data):  # stage_override_warnings names that
+            continue
+        if name == "num_frames":
+            fits = [(value if f > 1 else 1, h, w) for f, h, w in parsed]
+        else:
+            fits = [(f, *height_width(value)) for f, _, _ in parsed]
+        if set(fits) == set(parsed):
+            continue
+        example = ["x".join(map(str, b)) for b in dict.fromkeys(fits)]
+        out.append(f"warning: the override {path}={value!r} does not reach the {model} stage: {field}="
+                   f"{list(buckets)!r} sizes its clips; set {field}={example!r} instead")
     return out
 
 

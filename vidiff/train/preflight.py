@@ -326,23 +326,36 @@ def check_eval_split(config) -> None:
 
 def check_stored_clips(config) -> None:
     """Training clips that ``array_record`` shards cannot give, refused before training: the shards hold the clips
-    `vidiff prepare` stored, and a longer clip asked for skips every record as too short."""
-    from vidiff.data.transforms import frames_needed, resample_indices
+    `vidiff prepare` stored, and a longer clip asked for skips every record as too short (or, beside a 1-frame
+    bucket, leaves only images to train on)."""
+    from vidiff.data.transforms import frames_needed, parse_buckets, resample_indices
 
     data = config.data
-    if data.source != "array_record" or data.get("buckets"):
+    if data.source != "array_record":
         return
     record = _first_prepared_record(config)
     if record is None:  # no records: check_data_lasts says so
         return
     stored, stride = len(record["video"]), int(data.frame_stride)
     frames = len(resample_indices(stored, float(record["fps"]), data.fps))  # at data.fps, as the pipeline cuts
+    where = f"the 'train' shards in data.array_record_path={data.array_record_path!r}"
     held = f"{stored}-frame clips" + (f" ({frames} frames at data.fps={data.fps})" if frames != stored else "")
-    if frames_needed(int(data.num_frames), stride) > frames:
-        time_factor = vae_from_config(config).config.time_factor
-        fit = 1 + max(0, (frames - 1) // stride) // time_factor * time_factor  # the longest clip the VAE takes
-        raise ValueError(f"data.num_frames={data.num_frames} but the 'train' shards in data.array_record_path="
-                         f"{data.array_record_path!r} hold {held}; set data.num_frames={fit} (or prepare longer clips)")
+    time_factor = vae_from_config(config).config.time_factor
+    fit = 1 + max(0, (frames - 1) // stride) // time_factor * time_factor  # the longest clip the VAE takes
+    buckets = data.get("buckets")
+    if not buckets:
+        if frames_needed(int(data.num_frames), stride) > frames:
+            raise ValueError(f"data.num_frames={data.num_frames} but {where} hold {held}; set data.num_frames={fit} "
+                             f"(or prepare longer clips)")
+        return
+    parsed = parse_buckets(buckets, (1, 1, 1))
+    videos = [f for f, _, _ in parsed if f > 1]
+    if videos and all(frames_needed(f, stride) > frames for f in videos):
+        outcome = ("only its 1-frame buckets would train" if len(videos) < len(parsed) else
+                   "every record would be skipped as too_short")
+        example = list(dict.fromkeys(f"{min(f, fit)}x{h}x{w}" for f, h, w in parsed))
+        raise ValueError(f"data.buckets={list(buckets)!r} need clips of {min(videos)} frames or more but {where} "
+                         f"hold {held}, so {outcome}; set data.buckets={example!r} (or prepare longer clips)")
 
 
 def check_finite_params(state, model: str, step: int, checkpoints: Path) -> None:
