@@ -439,6 +439,25 @@ def test_clips_longer_than_the_stored_ones_are_refused_before_training(tmp_path)
     preflight.check_stored_clips(dit)
 
 
+def test_frames_larger_than_the_stored_ones_are_refused_before_training(tmp_path):
+    """The pipeline covers the asked size by resizing: 16x16 shards trained as upscaled 32x32 clips, silently."""
+    shards = _shards(tmp_path / "s", 2)  # 16x16 frames
+    config = _config("--config.data.source=array_record", f"--config.data.array_record_path={shards}",
+                     "--config.data.num_frames=5", "--config.data.size=32")
+    with pytest.raises(ValueError) as info:
+        preflight.check_stored_clips(config)
+    assert str(info.value) == (
+        f"data.size=32 asks for frames larger than the 16x16 ones the 'train' shards in data.array_record_path="
+        f"'{shards}' hold, which training would upscale; ask for at most 16x16, or run `vidiff prepare --size 32` again")
+    with config.data.ignore_type():
+        config.data.size = (16, 8)  # smaller: cut down, as docs/data.md says
+    preflight.check_stored_clips(config)
+    config.data.buckets = ["5x16x16", "1x16x24"]
+    with pytest.raises(ValueError, match=r"^data.buckets=\['5x16x16', '1x16x24'\] asks for frames larger than the "
+                                         r"16x16 ones .* run `vidiff prepare --size 16x24` again$"):
+        preflight.check_stored_clips(config)
+
+
 def test_data_without_records_fails_before_compiling():
     """(Empty shards are refused by the data layer itself; any other empty source is caught here.)"""
     from vidiff.data import make_pipeline

@@ -11,7 +11,7 @@
 - the eval split: ``eval.split`` names a split the data can select (a
   manifest entry, a ``vidiff prepare`` folder's shards), with clips of at
   least ``eval.num_frames`` (``check_eval_split``), before the VAE trains;
-- the data: ``array_record`` shards hold clips as long as training asks for (``check_stored_clips``),
+- the data: ``array_record`` shards hold clips as long and as large as training asks for (``check_stored_clips``),
   and a finite dataset lasts ``<model>_train.steps`` (``check_data_lasts``);
 - the end: parameters about to be exported are finite (``check_finite_params``).
 
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vidiff.checks import height_width
 from vidiff.models.dit import dit_preset
 from vidiff.models.vae import vae_preset
 from vidiff.train.checkpoint import read_config
@@ -343,12 +344,10 @@ def check_stored_clips(config) -> None:
     time_factor = vae_from_config(config).config.time_factor
     fit = 1 + max(0, (frames - 1) // stride) // time_factor * time_factor  # the longest clip the VAE takes
     buckets = data.get("buckets")
-    if not buckets:
-        if frames_needed(int(data.num_frames), stride) > frames:
-            raise ValueError(f"data.num_frames={data.num_frames} but {where} hold {held}; set data.num_frames={fit} "
-                             f"(or prepare longer clips)")
-        return
-    parsed = parse_buckets(buckets, (1, 1, 1))
+    parsed = parse_buckets(buckets, (int(data.num_frames), *height_width(data.size)))
+    if not buckets and frames_needed(int(data.num_frames), stride) > frames:
+        raise ValueError(f"data.num_frames={data.num_frames} but {where} hold {held}; set data.num_frames={fit} "
+                         f"(or prepare longer clips)")
     videos = [f for f, _, _ in parsed if f > 1]
     if videos and all(frames_needed(f, stride) > frames for f in videos):
         outcome = ("only its 1-frame buckets would train" if len(videos) < len(parsed) else
@@ -356,6 +355,20 @@ def check_stored_clips(config) -> None:
         example = list(dict.fromkeys(f"{min(f, fit)}x{h}x{w}" for f, h, w in parsed))
         raise ValueError(f"data.buckets={list(buckets)!r} need clips of {min(videos)} frames or more but {where} "
                          f"hold {held}, so {outcome}; set data.buckets={example!r} (or prepare longer clips)")
+    _check_stored_size(data, parsed, np.shape(record["video"])[1:3], where)
+
+
+def _check_stored_size(data, parsed, stored: tuple[int, int], where: str) -> None:
+    """Frames larger than the stored ones would be upscaled (resize_crop covers the target): refused, naming the
+    stored size and the `vidiff prepare --size` that stores enough."""
+    height, width = stored
+    if all(h <= height and w <= width for _, h, w in parsed):
+        return
+    need_h, need_w = max(h for _, h, _ in parsed), max(w for _, _, w in parsed)
+    field = f"data.buckets={list(data.buckets)!r}" if data.get("buckets") else f"data.size={data.size!r}"
+    size = f"{need_h}" if need_h == need_w else f"{need_h}x{need_w}"
+    raise ValueError(f"{field} asks for frames larger than the {height}x{width} ones {where} hold, which training "
+                     f"would upscale; ask for at most {height}x{width}, or run `vidiff prepare --size {size}` again")
 
 
 def check_finite_params(state, model: str, step: int, checkpoints: Path) -> None:
