@@ -437,6 +437,11 @@ def test_clips_longer_than_the_stored_ones_are_refused_before_training(tmp_path)
         preflight.check_stored_clips(dit)
     dit.data.buckets = ["5x16x16", "17x16x16", "1x16x16"]  # one bucket fits: the clips train
     preflight.check_stored_clips(dit)
+    result = _cli("--config", WORLD_TINY, "--model", "vae", f"--config.workdir={tmp_path / 'w'}",
+                  "--config.data.source=array_record", f"--config.data.array_record_path={shards}",
+                  "--config.data.size=16", "--config.vae_train.data.num_frames=9", "--config.vae_train.eval_every=0",
+                  "--config.vae_train.steps=2")
+    assert _one_line_error(result).startswith("vae_train.data.num_frames=9 but the 'train' shards")  # `vidiff train` too
 
 
 def test_frames_larger_than_the_stored_ones_are_refused_before_training(tmp_path):

@@ -106,6 +106,7 @@ def _set_up(config, model: str, log) -> _Run:
             preflight.check_dit_inputs(config)
         else:
             preflight.check_eval_split(config)
+        preflight.check_stored_clips(config)  # shards too short or too small for what the run asks of them
         mesh = parallel.mesh_from_config(config.mesh)
         task = tasks.build(config, model, mesh)
         record = config_json
