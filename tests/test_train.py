@@ -169,6 +169,7 @@ def test_log_rows_average_every_step_since_the_last_row(monkeypatch):
     means = window.means(13)
     assert means["loss"] == pytest.approx(3.0) and means["psnr"] == pytest.approx(25.0)
     assert means["steps_per_s"] == pytest.approx(3 / 1.5) and means["tokens_per_s"] == pytest.approx(300 / 1.5)
+    assert means["steps"] == 3  # what the means cover: a resumed run's first row may cover fewer than log_every
     window.reset(13)
     window.add({"loss": jnp.float32(np.nan), "psnr": jnp.array([1.0, 1.0])}, tokens=0)
     assert np.isnan(window.means(14)["loss"])  # a skipped step's NaN shows in its window (logged as null)
@@ -549,6 +550,37 @@ def test_keep_best_ranks_each_checkpoint_by_the_steps_since_the_one_before(tmp_p
     assert ranked[2] == pytest.approx((loss[1] + loss[2]) / 2, rel=1e-6)
     assert ranked[4] == pytest.approx((loss[3] + loss[4]) / 2, rel=1e-6)
     assert len(waits) == 2
+
+
+def test_a_stop_between_log_rows_logs_its_steps_and_each_row_says_how_many(tmp_path, monkeypatch):
+    """SIGTERM after step 2 with log_every=4: the stopped run logs steps 1-2 in a row at step 2 (before, they were
+    logged nowhere), and the resumed run's row at step 4 says it covers steps 3-4 only; read_metrics keeps both."""
+    from vidiff.train import loop, stopping
+
+    requested = stopping.StopRequest.requested
+
+    def sigterm_after_step_2(self, step):  # a real signal, caught by the loop's own handler
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return requested(self, step)
+
+    def train():
+        config = config_lib.load_config(WORLD_TINY, [f"--config.workdir={tmp_path}", "--config.vae_train.steps=4",
+                                                     *FAST, "--config.vae_train.log_every=4",
+                                                     "--config.vae_train.eval_every=0"])
+        loop.train(config, "vae", log=lambda *a: None)
+
+    monkeypatch.setattr(stopping.StopRequest, "requested", sigterm_after_step_2)
+    with pytest.raises(SystemExit) as stopped:
+        train()
+    assert stopped.value.code == 0
+    # The checkpoint ranks itself by the mean loss of the steps since the one before: here steps 1-2, the row's too.
+    ranked = json.loads((tmp_path / "vae" / "checkpoints" / "2" / "metrics" / "metrics").read_text())["loss"]
+    monkeypatch.setattr(stopping.StopRequest, "requested", requested)
+    train()
+    rows = [row for row in read_metrics(tmp_path / "vae") if "loss" in row]
+    assert [(row["step"], row["steps"]) for row in rows] == [(2, 2), (4, 2)]
+    assert rows[0]["loss"] == pytest.approx(ranked, rel=1e-6)
 
 
 @pytest.mark.slow

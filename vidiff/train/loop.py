@@ -5,8 +5,9 @@ It validates the config, builds the mesh, the task (model + loss, see
 the latest checkpoint in ``<workdir>/<model>/checkpoints`` if there is one, and
 then runs the jitted step. Every ``log_every`` steps it writes metrics (JSONL +
 TensorBoard) and checks for non-finite steps; every ``ckpt_every`` steps it
-saves asynchronously (state + data iterator + config). SIGTERM / SIGINT save a
-checkpoint and exit cleanly with a message naming it (how a run stops early:
+saves asynchronously (state + data iterator + config). Each row says how many
+steps its means cover (``steps``). SIGTERM / SIGINT save a checkpoint, log the
+steps since the last row, and exit cleanly with a message naming it (how a run stops early:
 :mod:`vidiff.train.stopping`). Running the same command
 again after any kill resumes exactly: same data order, same per-step RNG.
 The main thread draws each batch and dispatches the steps; a worker thread makes
@@ -225,6 +226,8 @@ def train(config, model: str, *, log=print) -> dict:
                     window.pause(time.perf_counter() - began)
                 if stop.requested(step):
                     save(step)
+                    if step > window.first_step:  # steps since the last row: the resumed run's rows start after them
+                        _log_row(writer, window, state, step, run)
                     checkpointer.close()
                     task.wait_cache()
                     bar.close()

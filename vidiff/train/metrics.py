@@ -80,12 +80,13 @@ class LogWindow:
         self.paused += seconds
 
     def means(self, step: int) -> dict:
-        """Per-step means of the metrics (a non-finite step makes its metric's mean null), steps/s and tokens/s."""
+        """Per-step means of the metrics (a non-finite step makes its metric's mean null), steps/s, tokens/s and
+        ``steps``, how many steps the means cover: fewer than ``log_every`` in a resumed run's first row."""
         steps = step - self.first_step
         seconds = max(time.perf_counter() - self.started - self.paused, 1e-9)
         sums = jax.device_get(self.sums)
         return {**{k: float(np.mean(v)) / steps for k, v in sums.items()},
-                "steps_per_s": steps / seconds, "tokens_per_s": self.tokens / seconds}
+                "steps": steps, "steps_per_s": steps / seconds, "tokens_per_s": self.tokens / seconds}
 
 
 class CompileTimer:
@@ -146,7 +147,8 @@ def read_metrics(workdir) -> list[dict]:
 
     A run killed after its last checkpoint logged steps that the resumed run
     trains and logs again; the file keeps both (it is only ever appended to),
-    and the resumed run's rows replace the earlier ones from its first step on.
+    and the resumed run's rows replace the earlier ones from its first step on. A run stopped by a signal logs its
+    last steps at the step it saved, which the resumed run starts after: that row is kept.
     """
     path = Path(workdir) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
