@@ -673,6 +673,15 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
     assert f"latent cache: 8 clips' latents loaded from {cache_file}" in more.stdout
     assert json.loads(more.stdout.strip().splitlines()[-1])["latent_cache"] == {"clips": 8, "hits": 8, "misses": 0,
                                                                                "loaded": 8}
+    # The truncated captions count on across the resume, as in one uninterrupted run of 4 steps (they restarted at 0).
+    whole = tmp_path / "uninterrupted"
+    shutil.copytree(tmp_path / "export", whole / "export")
+    uninterrupted = _run(_command(whole, "--config.dit_train.eval_every=0", *eight_clips, model="dit", steps=4))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    counts = lambda workdir: [r["captions_truncated"] for r in read_metrics(workdir / "dit") if "loss" in r]  # noqa: E731
+    assert counts(tmp_path) == counts(whole) and len(counts(whole)) == 4
+    summary = lambda result: json.loads(result.stdout.strip().splitlines()[-1])["captions_truncated"]  # noqa: E731
+    assert summary(more) == summary(uninterrupted) == counts(whole)[-1] > cut
 
     # Precomputed latents: world clips as mp4 + manifest -> shards with latents -> DiT training reads them.
     clips, shards = tmp_path / "clips", tmp_path / "shards"

@@ -630,6 +630,20 @@ def test_resume_with_other_model_settings_names_the_fields(tmp_path):
     checkpointer.close()
 
 
+def test_a_resume_counts_truncated_captions_on_from_its_checkpoint(tmp_path):
+    """The count is saved in each checkpoint's config record; a checkpoint written before it was saved counts from 0."""
+    from vidiff.train import loop
+
+    config = json.loads(_config().to_json())
+    directory = tmp_path / "dit" / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3, keep_best=0)
+    checkpointer.save(2, {"w": jnp.ones(4)}, config=config)  # an older vidiff's record
+    checkpointer.save(4, {"w": jnp.ones(4)}, config={**config, loop.CAPTIONS_TRUNCATED: 7})
+    checkpointer.close()
+    assert loop.captions_truncated_before(checkpointer, 2) == 0
+    assert loop.captions_truncated_before(checkpointer, 4) == 7
+
+
 def test_a_dit_resume_onto_another_vae_is_refused(tmp_path):
     """A DiT's checkpoints record the exported VAE it trains with: after the VAE is trained again, a rerun must
     not resume the old DiT (and export it as if trained on the new VAE's latents)."""

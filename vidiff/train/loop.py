@@ -38,7 +38,8 @@ each step on whether all still have a batch, and on its shape). The
 summary and every log row count skipped steps (``skipped_steps``, also
 ``skipped``) apart from skipped data records (``skipped_records_total``, and
 by reason ``skipped_records``), and the captions cut to ``text.max_length``
-tokens (``captions_truncated``; the first log row with any says so in a line).
+tokens (``captions_truncated``; the first log row with any says so in a line). Both carry on across
+resumes: the skipped steps in the train state, the captions cut in each checkpoint's config record.
 """
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ def _set_up(config, model: str, log) -> _Run:
         iterator = iter(pipeline)
         if start:
             state = _restore(checkpointer, state, start, iterator, config_json)
+            task.captions_truncated = captions_truncated_before(checkpointer, start)
             log(f"resumed {model} from {checkpointer.directory / str(start)}")
     except BaseException:
         checkpointer.close()
@@ -182,7 +184,8 @@ def train(config, model: str, *, log=print) -> dict:
         began = time.perf_counter()
         loss = since_save.means(step)["loss"] if step > since_save.first_step else float("nan")
         since_save.reset(step)
-        checkpointer.save(step, state, data_iterator=batches.position, config=run.record,
+        checkpointer.save(step, state, data_iterator=batches.position,
+                          config={**run.record, CAPTIONS_TRUNCATED: task.captions_truncated},
                           metrics=None if not np.isfinite(loss) else {"loss": loss})
         with batches.lock:  # the latent cache is not written while the worker adds to it
             task.save_cache(workdir)
@@ -264,6 +267,19 @@ def _log_row(writer, window, state, step: int, run: _Run) -> float:
                    captions_truncated=run.task.captions_truncated)
     writer.write(step, scalars)
     return scalars["loss"]
+
+
+# The key of a checkpoint's config record holding the captions cut so far: a resumed run counts on from it.
+CAPTIONS_TRUNCATED = "captions_truncated"
+
+
+def captions_truncated_before(checkpointer, step: int) -> int:
+    """The captions cut to ``text.max_length`` up to ``step``, as its checkpoint saved them (0 for a checkpoint
+    written before vidiff saved the count, or one without a readable config, which the restore names)."""
+    try:
+        return int(read_config(checkpointer.directory, step).get(CAPTIONS_TRUNCATED, 0))
+    except (OSError, ValueError):
+        return 0
 
 
 # Config sections that shape the restored items: a change there is the likely cause of a failed restore.
