@@ -627,6 +627,12 @@ def test_resume_with_other_model_settings_names_the_fields(tmp_path):
     text = json.loads(_config("--config.text.encoder='t5:/models/t5'").to_json())
     with pytest.raises(ValueError, match=r"text.encoder='minilm' \(config now 't5:/models/t5'\)"):
         preflight.check_resume(checkpointer, 2, text, "dit")
+    # The random draws continue from the checkpoint's key: a new seed was ignored, yet the next checkpoint recorded it.
+    seed = json.loads(_config("--config.seed=1").to_json())
+    with pytest.raises(ValueError) as info:
+        preflight.check_resume(checkpointer, 2, seed, "vae")
+    assert str(info.value) == (f"{checkpointer.directory / '2'} was written with seed=0 (config now 1), which fixes "
+                               f"this run's random draws; use a new workdir or the original config")
     checkpointer.close()
 
 

@@ -3,7 +3,7 @@
 ``vidiff.train.loop`` calls these at the points where each can first be known:
 
 - resuming: the step folder is complete and was written with the same model
-  settings (``check_resume``; ``model_changes`` names each differing field),
+  settings and seed (``check_resume``; ``model_changes`` names each differing field),
   and a DiT's with the same VAE (``check_resume_vae``);
 - the DiT's inputs: the exported VAE fits this config, and prepared shards
   carry latents from that VAE and text embeddings of this config's encoder
@@ -54,8 +54,9 @@ def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None
 
     Parameter shapes come from the model sections (and, for the DiT, the text
     encoder's width and the VAE's latent channels); a difference is named field
-    by field instead of surfacing as an orbax shape error. Other fields (steps,
-    learning rate, data.world.length, ...) may change on resume.
+    by field instead of surfacing as an orbax shape error. A changed ``seed`` is refused too: the random draws
+    continue from the checkpoint's key, so the new seed would be ignored while the next checkpoint recorded it.
+    Other fields (steps, learning rate, data.world.length, ...) may change on resume.
     """
     checkpointer.check_complete(step)
     _check_steps_ahead(checkpointer, step, config_json, model)
@@ -70,6 +71,10 @@ def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None
     if changes:
         raise ValueError(f"{checkpointer.directory / str(step)} was written with {', '.join(changes)}; "
                          f"use a new workdir or the original config")
+    seed = config_changes(saved, config_json, ("seed",))
+    if seed:
+        raise ValueError(f"{checkpointer.directory / str(step)} was written with {seed[0]}, which fixes this run's "
+                         f"random draws; use a new workdir or the original config")
 
 
 def _check_steps_ahead(checkpointer, step: int, config_json: dict, model: str) -> None:
