@@ -3,6 +3,7 @@ import re
 import threading
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -143,3 +144,26 @@ def test_vae_fingerprint_follows_every_variable_and_the_config():
     nudged = {**variables, "latent_stats": {"shift": np.array([0.0, 1e-7], np.float32)}}
     assert vae_fingerprint(nudged, "config") != base
     assert vae_fingerprint(variables, "another config") != base
+
+
+def test_the_training_cache_encodes_on_one_device_of_this_process(tmp_path):
+    """A miss is one process's alone. Encoded with the mesh's replicated VAE it was a computation over every
+    process's devices, which with several processes only some of them start (and all wait for)."""
+    from tiny_model import OVERRIDES, REPO, tiny_model_dir
+
+    from vidiff import parallel
+    from vidiff.train import config as config_lib
+    from vidiff.train import tasks
+
+    (tmp_path / "export").symlink_to(tiny_model_dir())
+    config = config_lib.for_stage(config_lib.load_config(
+        REPO / "experiments" / "configs" / "world_tiny.py",
+        [*OVERRIDES, f"--config.workdir={tmp_path}", "--config.dit_train.latents=cached"]), "dit")
+    mesh = parallel.mesh_from_config(config.mesh)
+    assert mesh.size > 1  # the 8 virtual CPU devices of conftest
+    task = tasks.build(config, "dit", mesh)
+    clips = np.random.default_rng(0).integers(0, 256, (2, 9, 16, 16, 3), dtype=np.uint8)
+    latents = task.latent_cache.encode(clips)
+    assert latents.sharding.device_set == {jax.local_devices()[0]}
+    on_mesh = tasks.encode_latents(task.vae, task.frozen["vae"], clips)  # the same numbers either way
+    np.testing.assert_allclose(np.asarray(latents), np.asarray(on_mesh), atol=1e-5)

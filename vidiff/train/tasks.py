@@ -269,8 +269,8 @@ class DiTTask(Task):
         self.frozen = {"vae": jax.device_put(variables, replicated)}
         self.frozen_shardings = jax.tree.map(lambda _: replicated, self.frozen)
         self.latent_cache = None
-        if mode == "cached":
-            encode = functools.partial(encode_latents, self.vae, self.frozen["vae"])
+        if mode == "cached":  # a miss is this process's own: encoded on one of its devices, not on the mesh's
+            encode = functools.partial(encode_latents, self.vae, jax.device_put(variables, jax.local_devices()[0]))
             self.latent_cache = LatentCache(encode, config.dit_train.get("cache_clips", 100_000),
                                             fingerprint=vae_fingerprint(variables, self.vae.config))
 
