@@ -223,8 +223,8 @@ def test_the_pipeline_refuses_bytes_prompts_a_mesh_name_and_a_one_frame_loop(bun
         type(bundled)(bundled.vae, bundled.vae_variables, bundled.dit, bundled.dit_params, bundled.text,
                       bundled.config, mesh="dp")
     assert bundled.time_factor == 1  # a "loop" of one frame was a still image, written without a word
-    with pytest.raises(ValueError, match=r"a loop of num_frames=1 cannot be made: loop lengths are 1m frames .*"
-                                         r"e.g. 2 or 3"):
+    with pytest.raises(ValueError, match=r"a loop of num_frames=1 cannot be made: loop lengths are 1m frames, "
+                                         r"at least 2 .*e.g. 2 or 3"):
         bundled.loop("a red circle moving left", num_frames=1, steps=1)
 
 

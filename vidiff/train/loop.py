@@ -58,7 +58,6 @@ import numpy as np
 from tqdm import tqdm
 
 from vidiff import distributed, parallel
-from vidiff.data.config import DataConfig
 from vidiff.models.export import DIT_VAE
 from vidiff.train import prefetch, preflight, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer, read_config
@@ -190,6 +189,8 @@ def train(config, model: str, *, log=print) -> dict:
         with batches.lock:  # the latent cache is not written while the worker adds to it
             task.save_cache(workdir)
         window.pause(time.perf_counter() - began)
+
+    from vidiff.data.config import DataConfig  # here, not above: importing the loop needs no data packages
 
     # Host batches are drawn here, in order; the worker makes them device arrays (host work, off the mesh).
     batches = prefetch.Prefetcher(
