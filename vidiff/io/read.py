@@ -124,12 +124,13 @@ def _info(container) -> VideoInfo:
     return VideoInfo(width, stream.codec_context.height, fps, frames, duration, start)
 
 
+_AVFMT_NOTIMESTAMPS = 0x0080  # FFmpeg's format flag, stable across FFmpeg versions (PyAV's names for it are not)
+
+
 def _frame_rate(container, stream) -> float:
     """The stream's frame rate; 25 when nothing says."""
-    import av
-
     rates = (stream.average_rate, stream.guessed_rate)
-    if container.format.flags & av.format.Flags.no_timestamps.value:
+    if int(container.format.flags) & _AVFMT_NOTIMESTAMPS:
         # A raw stream (.h264, .hevc) has no timestamps to average: its average rate is the demuxer's default of
         # 25 fps, whatever the stream's own rate, which the codec (the H.264 timing info) or FFmpeg's guess knows.
         rates = (stream.codec_context.framerate, stream.guessed_rate, stream.average_rate)
