@@ -7,9 +7,9 @@ then runs the jitted step. Every ``log_every`` steps it writes metrics (JSONL +
 TensorBoard) and checks for non-finite steps; every ``ckpt_every`` steps it
 saves asynchronously (state + data iterator + config). Each row says how many
 steps its means cover (``steps``). SIGTERM / SIGINT save a checkpoint, log the
-steps since the last row, and exit cleanly with a message naming it (how a run stops early:
-:mod:`vidiff.train.stopping`). Running the same command
-again after any kill resumes exactly: same data order, same per-step RNG.
+steps since the last row, and exit cleanly with a message naming it (how a run
+stops early: :mod:`vidiff.train.stopping`). Running the same command again
+after any kill resumes exactly: same data order, same per-step RNG.
 The main thread draws each batch and dispatches the steps; a worker thread makes
 up to ``data.prefetch_to_device`` drawn batches device arrays ahead of their
 step (:mod:`vidiff.train.prefetch`: the text encoder's and latent cache's reads
@@ -38,8 +38,9 @@ each step on whether all still have a batch, and on its shape). The
 summary and every log row count skipped steps (``skipped_steps``, also
 ``skipped``) apart from skipped data records (``skipped_records_total``, and
 by reason ``skipped_records``), and the captions cut to ``text.max_length``
-tokens (``captions_truncated``; the first log row with any says so in a line). Both carry on across
-resumes: the skipped steps in the train state, the captions cut in each checkpoint's config record.
+tokens (``captions_truncated``; the first log row with any says so in a line).
+Both carry on across resumes: the skipped steps in the train state, the
+captions cut in each checkpoint's config record.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 ``LogWindow`` sums each step's metrics on the device (no host sync per step) and
 counts tokens and the steps' own wall time (evaluation, checkpoint saves and, by
-``CompileTimer``, the step's compilations left out), so a log row reports means over every step since
-the previous row, and steady-state rates.
+``CompileTimer``, the step's compilations left out), so a log row reports means
+over every step since the previous row, and steady-state rates.
 
 ``MetricsWriter`` appends one JSON object per logged step to
 ``<workdir>/metrics.jsonl`` and writes the same scalars as TensorBoard event
@@ -147,8 +147,9 @@ def read_metrics(workdir) -> list[dict]:
 
     A run killed after its last checkpoint logged steps that the resumed run
     trains and logs again; the file keeps both (it is only ever appended to),
-    and the resumed run's rows replace the earlier ones from its first step on. A run stopped by a signal logs its
-    last steps at the step it saved, which the resumed run starts after: that row is kept.
+    and the resumed run's rows replace the earlier ones from its first step
+    on. A run stopped by a signal logs its last steps at the step it saved,
+    which the resumed run starts after: that row is kept.
     """
     path = Path(workdir) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
