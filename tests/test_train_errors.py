@@ -633,6 +633,10 @@ def test_resume_with_other_model_settings_names_the_fields(tmp_path):
         preflight.check_resume(checkpointer, 2, seed, "vae")
     assert str(info.value) == (f"{checkpointer.directory / '2'} was written with seed=0 (config now 1), which fixes "
                                f"this run's random draws; use a new workdir or the original config")
+    data_seed = json.loads(_config("--config.data.seed=7").to_json())  # the position would count in another order
+    with pytest.raises(ValueError, match=r"was written with data.seed=\d+ \(config now 7\), which orders the records "
+                                         r"its data position counts in; use a new workdir or the original config$"):
+        preflight.check_resume(checkpointer, 2, data_seed, "vae")
     checkpointer.close()
 
 

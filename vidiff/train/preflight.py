@@ -55,7 +55,8 @@ def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None
     Parameter shapes come from the model sections (and, for the DiT, the text
     encoder's width and the VAE's latent channels); a difference is named field
     by field instead of surfacing as an orbax shape error. A changed ``seed`` is refused too: the random draws
-    continue from the checkpoint's key, so the new seed would be ignored while the next checkpoint recorded it.
+    continue from the checkpoint's key, so the new seed would be ignored while the next checkpoint recorded it;
+    and a changed ``data.seed``: the saved data position would count in another order of the records.
     Other fields (steps, learning rate, data.world.length, ...) may change on resume.
     """
     checkpointer.check_complete(step)
@@ -75,6 +76,10 @@ def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None
     if seed:
         raise ValueError(f"{checkpointer.directory / str(step)} was written with {seed[0]}, which fixes this run's "
                          f"random draws; use a new workdir or the original config")
+    data_seed = config_changes(saved, config_json, ("data.seed",))
+    if data_seed:  # the saved data position counts in the old order: records would repeat and others be left out
+        raise ValueError(f"{checkpointer.directory / str(step)} was written with {data_seed[0]}, which orders the "
+                         f"records its data position counts in; use a new workdir or the original config")
 
 
 def _check_steps_ahead(checkpointer, step: int, config_json: dict, model: str) -> None:
