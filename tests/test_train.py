@@ -554,7 +554,9 @@ def test_keep_best_ranks_each_checkpoint_by_the_steps_since_the_one_before(tmp_p
 
 def test_a_stop_between_log_rows_logs_its_steps_and_each_row_says_how_many(tmp_path, monkeypatch):
     """SIGTERM after step 2 with log_every=4: the stopped run logs steps 1-2 in a row at step 2 (before, they were
-    logged nowhere), and the resumed run's row at step 4 says it covers steps 3-4 only; read_metrics keeps both."""
+    logged nowhere), and the resumed run's row at step 4 says it covers steps 3-4 only; read_metrics keeps both.
+    The stop comes before step 2's evaluation (a preemption's grace period is for the save): an evaluation row
+    written before the stop's row at the same step read as a run of its own, which read_metrics dropped."""
     from vidiff.train import loop, stopping
 
     requested = stopping.StopRequest.requested
@@ -567,7 +569,7 @@ def test_a_stop_between_log_rows_logs_its_steps_and_each_row_says_how_many(tmp_p
     def train():
         config = config_lib.load_config(WORLD_TINY, [f"--config.workdir={tmp_path}", "--config.vae_train.steps=4",
                                                      *FAST, "--config.vae_train.log_every=4",
-                                                     "--config.vae_train.eval_every=0"])
+                                                     "--config.vae_train.eval_every=2"])
         loop.train(config, "vae", log=lambda *a: None)
 
     monkeypatch.setattr(stopping.StopRequest, "requested", sigterm_after_step_2)
@@ -578,8 +580,10 @@ def test_a_stop_between_log_rows_logs_its_steps_and_each_row_says_how_many(tmp_p
     ranked = json.loads((tmp_path / "vae" / "checkpoints" / "2" / "metrics" / "metrics").read_text())["loss"]
     monkeypatch.setattr(stopping.StopRequest, "requested", requested)
     train()
-    rows = [row for row in read_metrics(tmp_path / "vae") if "loss" in row]
-    assert [(row["step"], row["steps"]) for row in rows] == [(2, 2), (4, 2)]
+    rows = read_metrics(tmp_path / "vae")
+    assert [(row["step"], row.get("steps", "eval")) for row in rows] == [(2, 2), (4, 2), (4, "eval")]
+    logged = [json.loads(line) for line in (tmp_path / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row.get("steps", "eval")) for row in logged] == [(2, 2), (4, 2), (4, "eval")]
     assert rows[0]["loss"] == pytest.approx(ranked, rel=1e-6)
 
 

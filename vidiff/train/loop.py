@@ -7,8 +7,9 @@ then runs the jitted step. Every ``log_every`` steps it writes metrics (JSONL +
 TensorBoard) and checks for non-finite steps; every ``ckpt_every`` steps it
 saves asynchronously (state + data iterator + config). Each row says how many
 steps its means cover (``steps``). SIGTERM / SIGINT save a checkpoint, log the
-steps since the last row, and exit cleanly with a message naming it (how a run
-stops early: :mod:`vidiff.train.stopping`). Running the same command again
+steps since the last row, and exit cleanly with a message naming it, before that
+step's evaluation (a preemption's grace period is for the save; how a run stops
+early: :mod:`vidiff.train.stopping`). Running the same command again
 after any kill resumes exactly: same data order, same per-step RNG.
 The main thread draws each batch and dispatches the steps; a worker thread makes
 up to ``data.prefetch_to_device`` drawn batches device arrays ahead of their
@@ -224,12 +225,7 @@ def train(config, model: str, *, log=print) -> dict:
                             f"them (captions_truncated); raise text.max_length to keep them whole")
                 if step % stage.ckpt_every == 0 or step == stage.steps:  # saved first: an evaluation may fail
                     save(step)
-                if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
-                    began = time.perf_counter()
-                    with batches.lock:  # the text encoder's cache is not shared with the worker meanwhile
-                        writer.write(step, _evaluate(task, state, workdir, step))
-                    window.pause(time.perf_counter() - began)
-                if stop.requested(step):
+                if stop.requested(step):  # before an evaluation: a preemption's grace period is for the save
                     save(step)
                     if step > window.first_step:  # steps since the last row: the resumed run's rows start after them
                         _log_row(writer, window, state, step, run)
@@ -239,6 +235,11 @@ def train(config, model: str, *, log=print) -> dict:
                     log(f"{stop.signal_name}: saved checkpoint {checkpointer.directory / str(step)}; exiting")
                     writer.close()
                     sys.exit(0)
+                if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
+                    began = time.perf_counter()
+                    with batches.lock:  # the text encoder's cache is not shared with the worker meanwhile
+                        writer.write(step, _evaluate(task, state, workdir, step))
+                    window.pause(time.perf_counter() - began)
             profiler.stop(state)  # a window reaching past the last step ends here
     finally:
         batches.close()  # no worker outlives the loop, whatever ended it
