@@ -217,7 +217,13 @@ def data_ends(out_path: str, ckpt_root: str) -> None:
 
     from vidiff.train.checkpoint import Checkpointer
     from vidiff.train.preflight import DataExhaustedError
-    from vidiff.train.stopping import next_batch
+    from vidiff.train.stopping import Missing, draw_batch, fail
+
+    def next_batch(batches, step, stage, model, checkpointer, ledger, config):  # as the loop takes each step's batch
+        batch = draw_batch(batches, step, config)
+        if isinstance(batch, Missing):
+            fail(batch, stage, model, checkpointer, ledger, config)
+        return batch
 
     index = jax.process_index()
     batches = iter([{"id": np.array([f"batch {i} of process {index}"], object)} for i in range(2 - index)])

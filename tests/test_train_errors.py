@@ -498,7 +498,7 @@ def test_data_running_out_mid_run_waits_for_saves_and_names_the_step(tmp_path):
     stage = ml_collections.ConfigDict({"steps": 20})
     config = _config("--config.data.num_epochs=1")
     with pytest.raises(DataExhaustedError) as info:
-        stopping.next_batch(iter([]), 3, stage, "vae", checkpointer, None, config)
+        stopping.fail(stopping.draw_batch(iter([]), 3, config), stage, "vae", checkpointer, None, config)
     assert str(info.value) == ("data ran out after step 3 of vae_train.steps=20 (0 records read; data.num_epochs=1); "
                                "checkpoint 2 is intact; set data.num_epochs=None or vae_train.steps<=3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2"]  # committed, no *.orbax-checkpoint-tmp left

@@ -88,14 +88,6 @@ class Missing:
     rows: Any = None
 
 
-def next_batch(iterator, step: int, stage, model: str, checkpointer, ledger, config):
-    """The next host batch; a finite stream that ends before ``steps`` becomes one line naming the step."""
-    batch = draw_batch(iterator, step, config)
-    if isinstance(batch, Missing):
-        fail(batch, stage, model, checkpointer, ledger, config)
-    return batch
-
-
 def draw_batch(iterator, step: int, config):
     """The next host batch, or a :class:`Missing` saying why there is none (:func:`fail` raises its error).
 
