@@ -2,9 +2,9 @@
 
 A prompting mode's :class:`Plan` (which latent frames are known, tied or
 noised from an input), its input's frames read at their own size, the call's
-arguments checked (prompts encoded, seeds, whole numbers; a float or a string
-is an error, never truncated) and the progress bar over the sampler's steps. Sampling itself is
-``vidiff.diffusion.sampling``'s.
+arguments checked (prompts and negative prompts encoded, seeds, whole numbers;
+a float or a string is an error, never truncated) and the progress bar over the
+sampler's steps. Sampling itself is ``vidiff.diffusion.sampling``'s.
 """
 from __future__ import annotations
 

@@ -72,14 +72,14 @@ def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None
     if changes:
         raise ValueError(f"{checkpointer.directory / str(step)} was written with {', '.join(changes)}; "
                          f"use a new workdir or the original config")
-    seed = config_changes(saved, config_json, ("seed",))
-    if seed:
-        raise ValueError(f"{checkpointer.directory / str(step)} was written with {seed[0]}, which fixes this run's "
-                         f"random draws; use a new workdir or the original config")
-    data_seed = config_changes(saved, config_json, ("data.seed",))
-    if data_seed:  # the saved data position counts in the old order: records would repeat and others be left out
-        raise ValueError(f"{checkpointer.directory / str(step)} was written with {data_seed[0]}, which orders the "
-                         f"records its data position counts in; use a new workdir or the original config")
+    roles = {"seed": "fixes this run's random draws",
+             # in another order the saved position would repeat some records and leave others out, silently
+             "data.seed": "orders the records its data position counts in"}
+    for field, role in roles.items():
+        changed = config_changes(saved, config_json, (field,))
+        if changed:
+            raise ValueError(f"{checkpointer.directory / str(step)} was written with {changed[0]}, which {role}; "
+                             f"use a new workdir or the original config")
 
 
 def _check_steps_ahead(checkpointer, step: int, config_json: dict, model: str) -> None:
