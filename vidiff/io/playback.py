@@ -6,19 +6,52 @@ viewer would see (``to_array``) and picks which frames fill a resampled clip
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
-def quarter_turns(frame) -> int:
-    """Quarter turns counter-clockwise (0 to 3) that show ``frame`` as players do: ``np.rot90(array, turns)``.
+def orientation(frame) -> tuple[bool, int]:
+    """``(mirrored, turns)`` that show ``frame`` as players do: ``np.rot90(np.fliplr(array) if mirrored else array,
+    turns)``, ``turns`` quarter turns counter-clockwise (0 to 3).
 
     PyAV's ``frame.rotation`` is the display matrix's angle counter-clockwise;
     ffmpeg 7.0's autorotation shows a frame with rotation 90 exactly as
     ``np.rot90(array, 1)``, -90 as ``np.rot90(array, 3)``, 180 as
     ``np.rot90(array, 2)`` (checked on the decoded pixels). Other angles are
-    rounded to the nearest quarter turn; a mirroring matrix is not undone.
+    rounded to the nearest quarter turn. That angle is where the matrix turns
+    the x axis, so a mirroring matrix (a front camera's, an editor's flip)
+    reads as the frame flipped top to bottom, then turned: a left-right flip
+    reads as 180. ffmpeg's hflip / vflip / transpose choices for all four
+    mirrored quarter-turn matrices come to exactly that, which is the frame
+    flipped left to right and turned two quarters more.
     """
-    return int(round(frame.rotation / 90)) % 4
+    turns = int(round(frame.rotation / 90)) % 4
+    return (True, (turns + 2) % 4) if _mirrors(frame) else (False, turns)
+
+
+def quarter_turns(frame) -> int:
+    """The ``turns`` of ``orientation``: an odd count shows ``frame`` with its width and height swapped."""
+    return orientation(frame)[1]
+
+
+def _mirrors(frame) -> bool:
+    """Whether ``frame``'s display matrix flips it (its 2x2 part has a negative determinant)."""
+    try:
+        matrix = frame.side_data.get("DISPLAYMATRIX")
+    except ValueError as e:
+        # PyAV lists every side data of a frame through an enum of the types it knows, and FFmpeg 8 attaches
+        # newer ones (a JPEG's EXIF, MV-HEVC's view ids); frame.rotation still reads the angle.
+        warnings.warn(
+            f"PyAV cannot list a decoded frame's side data ({e}), so whether its display matrix mirrors it is "
+            "unknown: it is turned by the matrix's angle but never flipped",
+            stacklevel=2,
+        )
+        return False
+    if matrix is None:
+        return False
+    a, b, _, c, d = np.frombuffer(bytes(matrix), np.int32)[:5].astype(np.int64)  # 16.16 fixed point
+    return bool(a * d - b * c < 0)
 
 
 def pixel_aspect(stream) -> float:
@@ -35,7 +68,7 @@ def display_width(width: int, aspect: float) -> int:
 def to_array(frame, size, aspect: float = 1.0) -> np.ndarray:
     """``frame`` as ``uint8 (H, W, 3)`` RGB as displayed; ``size``: the displayed ``(height, width)`` to scale to,
     ``None``: its displayed size (scaled only when ``aspect``, its pixel aspect, is not 1)."""
-    turns = quarter_turns(frame)
+    mirrored, turns = orientation(frame)
     if size is None and aspect == 1.0:
         array = frame.to_ndarray(format="rgb24")
     else:
@@ -44,6 +77,7 @@ def to_array(frame, size, aspect: float = 1.0) -> np.ndarray:
         else:
             height, width = size if turns % 2 == 0 else size[::-1]  # scaled before it is turned
         array = frame.to_ndarray(format="rgb24", height=int(height), width=int(width), interpolation="BICUBIC")
+    array = array[:, ::-1] if mirrored else array
     return np.rot90(array, turns) if turns else array
 
 
