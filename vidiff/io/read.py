@@ -9,8 +9,8 @@ decoded vs. expected) and returns what decoded, or raises with
 counted, never silently shortened).
 
 Frames come out as players show them (``vidiff.io.playback``, which also picks
-the frames of a resampled clip): turned by the rotation the file asks for (a
-phone's portrait clip, a JPEG's EXIF orientation), with non-square pixels
+the frames of a resampled clip): turned (and, for a mirroring display matrix,
+flipped) as the file asks (a phone's portrait clip, a JPEG's EXIF orientation), with non-square pixels
 widened or narrowed to their displayed width.
 """
 from __future__ import annotations
@@ -60,8 +60,9 @@ class VideoInfo:
     # MPEG-TS or files cut with an offset. ``read_video``'s ``start`` / ``end``
     # count from it.
     start: float = 0.0
-    # Degrees counter-clockwise (0, 90, 180 or 270) the stored frames are turned for display; ``read_video``
-    # returns them turned. Always 0 from ``_info``, which decodes nothing.
+    # Degrees counter-clockwise (0, 90, 180 or 270) the stored frames are turned for display, after a left-right
+    # flip when the display matrix mirrors (``playback.orientation``); ``read_video`` returns them so. Always 0
+    # from ``_info``, which decodes nothing.
     rotation: int = 0
 
 
