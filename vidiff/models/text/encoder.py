@@ -308,6 +308,9 @@ def load_text_encoder(kind: str, path: str | Path, *, max_length: int | None = N
 
 def check_model_type(model_type: str | None, kind: str, path, model_dir: Path) -> None:
     """One-line error when config.json's ``model_type`` is not one ``kind`` reads (a config without one passes)."""
+    if not isinstance(model_type, (str, type(None))):  # a list would not even hash
+        raise ValueError(f"text encoder: {model_dir}/config.json has model_type {model_type!r}, not a name; "
+                         "download it again")
     if model_type is None or MODEL_TYPES.get(model_type) == kind:
         return
     if model_type in MODEL_TYPES:

@@ -11,7 +11,8 @@ can be given as
 
 Safetensors are read with a small numpy reader (memory-mapped, bfloat16 via
 ``ml_dtypes``), so neither torch nor jax device memory is touched until a
-tensor is converted. Tokenisation goes through ``transformers.AutoTokenizer``
+tensor is converted. Each header is checked against its file first, so a
+damaged weight or config file is a one-line error naming it. Tokenisation goes through ``transformers.AutoTokenizer``
 with ``local_files_only=True``.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import struct
@@ -81,27 +83,99 @@ def _model_subdir(path: Path) -> Path:
 
 def read_config(model_dir: Path) -> dict[str, Any]:
     """``config.json`` as a dict (plain json: the model configs fill in HF defaults themselves)."""
-    with open(Path(model_dir) / "config.json") as f:
-        return json.load(f)
+    return read_json(Path(model_dir) / "config.json", "config")
+
+
+def read_json(path: Path, what: str, kind: type = dict) -> Any:
+    """A JSON file of a model directory, which must hold a ``kind`` (dict or list); a damaged one is a one-line error
+    naming it (a download cut short or an HTML error page saved under its name)."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ValueError(f"{path} is not a readable {what} file ({e}); download it again") from None
+    if not isinstance(value, kind):
+        wanted = "an object" if kind is dict else "a list"
+        raise ValueError(f"{path} is not a readable {what} file (a JSON {_json_kind(value)}, not {wanted}); "
+                         "download it again")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+# The safetensors format's own limit: a larger length is a damaged file, not a header worth reading.
+_MAX_HEADER_BYTES = 100_000_000
+
+
+class _Damaged(ValueError):
+    """Why a weight file cannot hold what its header says; ``read_safetensors`` words the error."""
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as memory-mapped numpy arrays (bf16 included)."""
+    """All tensors of one ``.safetensors`` file as memory-mapped numpy arrays (bf16 included).
+
+    The header is checked against the file before anything is mapped: a download cut short
+    or another file under this name is a one-line ``ValueError``, not a reshape error deep inside.
+    """
     path = Path(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    if not header:
+    try:
+        header, data_start, data_bytes = _read_header(path)
+        layout = {name: _tensor_layout(path, name, info, data_bytes) for name, info in header.items()}
+    except _Damaged as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); download it again") from None
+    if not layout:
         return {}
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out = {}
-    for name, info in header.items():
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        out[name] = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return out
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
+    return {name: data[start:end].view(dtype).reshape(shape) for name, (dtype, shape, start, end) in layout.items()}
+
+
+def _read_header(path: Path) -> tuple[dict, int, int]:
+    """The header's tensor entries (``__metadata__`` dropped), where the data section starts and its bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            raise _Damaged(f"{size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:  # read only what the file can hold
+            raise _Damaged(f"its header claims {n} bytes, the file holds {size}")
+        if n > _MAX_HEADER_BYTES:
+            raise _Damaged(f"its header claims {n} bytes, over the format's limit of {_MAX_HEADER_BYTES}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise _Damaged(f"header: {e}") from None
+    if not isinstance(header, dict):
+        raise _Damaged(f"its header is a JSON {_json_kind(header)}, not an object")
+    header.pop("__metadata__", None)
+    return header, 8 + n, size - 8 - n
+
+
+def _tensor_layout(path: Path, name: str, info: Any, data_bytes: int) -> tuple[Any, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, its bytes inside the data section and as many
+    as its shape and dtype need."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise _Damaged(f"tensor '{name}' has no dtype name")
+    if info["dtype"] not in _ST_DTYPES:  # a real file vidiff cannot read: no "download it again"
+        raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}; "
+                         f"convert it to one of {', '.join(_ST_DTYPES)}")
+    dtype = _ST_DTYPES[info["dtype"]]
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(_whole(d) for d in shape)):
+        raise _Damaged(f"tensor '{name}' has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)
+            and offsets[0] <= offsets[1] <= data_bytes):
+        raise _Damaged(f"tensor '{name}' has data_offsets {offsets!r}, outside the {data_bytes}-byte data section")
+    start, end = offsets
+    needed = math.prod(shape) * np.dtype(dtype).itemsize
+    if end - start != needed:
+        raise _Damaged(f"tensor '{name}' {info['dtype']} {shape} needs {needed} bytes, its data_offsets hold "
+                       f"{end - start}")
+    return dtype, tuple(shape), start, end
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -253,7 +327,7 @@ def sentence_transformers_options(model_dir: Path) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     pooling = model_dir / "1_Pooling" / "config.json"
     if pooling.is_file():
-        cfg = json.loads(pooling.read_text())
+        cfg = read_json(pooling, "pooling config")
         if cfg.get("pooling_mode_mean_tokens"):
             opts["pooling"] = "mean"
         elif cfg.get("pooling_mode_cls_token"):
@@ -262,5 +336,9 @@ def sentence_transformers_options(model_dir: Path) -> dict[str, Any]:
             raise ValueError(f"{pooling}: only mean or cls pooling is supported")
     modules = model_dir / "modules.json"
     if modules.is_file():
-        opts["normalize"] = any(m.get("type", "").endswith(".Normalize") for m in json.loads(modules.read_text()))
+        entries = read_json(modules, "sentence-transformers modules", list)
+        if not all(isinstance(m, dict) for m in entries):
+            raise ValueError(f"{modules} is not a readable sentence-transformers modules file (a list of objects "
+                             "belongs there); download it again")
+        opts["normalize"] = any(str(m.get("type", "")).endswith(".Normalize") for m in entries)
     return opts
