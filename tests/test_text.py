@@ -457,6 +457,27 @@ def test_damaged_configs_are_one_line_errors_naming_them(tmp_path):
             lambda: text_encoder(f"t5:{t5}"))
 
 
+def test_a_sharded_index_names_only_files_beside_it(tmp_path):
+    from vidiff.models.text.loading import weight_files
+
+    model = tmp_path / "sharded"
+    shutil.copytree(GOLDEN / "tiny_t5", model)
+    (model / "model.safetensors").rename(model / "a.safetensors")
+    index = model / "model.safetensors.index.json"
+    for shard in ["/etc/passwd", "../tiny_t5/model.safetensors", "sub/a.safetensors", "..", "", 3]:
+        index.write_text(json.dumps({"weight_map": {"x": "a.safetensors", "y": shard}}))
+        _raises(ValueError, f"{index} names shard {shard!r}, not a file name in {model}; shards sit next to their "
+                "index: download the model again", lambda: weight_files(model))
+    index.write_text(json.dumps({"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}}))
+    _raises(FileNotFoundError, f"{index} names shard b.safetensors, which {model} lacks; download it again",
+            lambda: weight_files(model))
+    index.write_text(json.dumps({"metadata": {}}))
+    _raises(ValueError, f"{index} is not a readable safetensors index file (no weight_map of tensor names to shard "
+            "files); download it again", lambda: weight_files(model))
+    index.write_text(json.dumps({"weight_map": {"x": "a.safetensors"}}))
+    assert weight_files(model) == [model / "a.safetensors"]
+
+
 def test_bad_captions_are_rejected(tiny):
     with pytest.raises(TypeError, match="expected str"):
         tiny["tiny_t5"].encode(["ok", None])

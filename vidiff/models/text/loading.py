@@ -12,7 +12,8 @@ can be given as
 Safetensors are read with a small numpy reader (memory-mapped, bfloat16 via
 ``ml_dtypes``), so neither torch nor jax device memory is touched until a
 tensor is converted. Each header is checked against its file first, so a
-damaged weight or config file is a one-line error naming it. Tokenisation goes through ``transformers.AutoTokenizer``
+damaged weight or config file is a one-line error naming it; a sharded
+checkpoint's index may name only files in its own directory. Tokenisation goes through ``transformers.AutoTokenizer``
 with ``local_files_only=True``.
 """
 from __future__ import annotations
@@ -185,8 +186,7 @@ def weight_files(model_dir: Path) -> list[Path]:
         return [model_dir / "model.safetensors"]
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        with open(index) as f:
-            return [model_dir / s for s in sorted(set(json.load(f)["weight_map"].values()))]
+        return _index_shards(index)
     found = sorted(model_dir.glob("*.safetensors"))
     if len(found) == 1:
         return found
@@ -194,6 +194,23 @@ def weight_files(model_dir: Path) -> list[Path]:
         f"{model_dir}: no model.safetensors (vidiff reads safetensors only); download it with "
         "`huggingface-cli download REPO --include '*.safetensors' '*.json' --local-dir DIR` or convert the .bin"
     )
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a ``model.safetensors.index.json`` names: plain file names next to it, so a
+    model directory never reads files outside itself."""
+    weight_map = read_json(index, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} is not a readable safetensors index file (no weight_map of tensor names to "
+                         "shard files); download it again")
+    for shard in weight_map.values():
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+            raise ValueError(f"{index} names shard {shard!r}, not a file name in {index.parent}; shards sit next to "
+                             "their index: download the model again")
+    shards = [index.parent / s for s in sorted(set(weight_map.values()))]
+    if missing := [s.name for s in shards if not s.is_file()]:
+        raise FileNotFoundError(f"{index} names shard {missing[0]}, which {index.parent} lacks; download it again")
+    return shards
 
 
 def load_state(model_dir: Path) -> dict[str, np.ndarray]:
