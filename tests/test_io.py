@@ -112,6 +112,42 @@ def test_read_image_takes_a_videos_first_frame_whatever_its_suffix(tmp_path):
             read(notes)
 
 
+def _png_declaring(width, height):
+    """A PNG of a few hundred bytes whose header declares ``width`` x ``height`` (one zero row of pixel data)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1 + 3 * width)))
+            + chunk(b"IEND", b""))
+
+
+def test_an_image_declaring_a_huge_size_is_refused_before_it_decodes(tmp_path, recwarn):
+    """Pillow raises its own DecompressionBombError (a traceback in `vidiff generate`) above twice its limit,
+    and only warns, then decodes for seconds and gigabytes, between the two."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    fix = rf"the {limit} pixels Pillow decodes without a decompression-bomb warning; downscale it \(it is resized"
+    with pytest.raises(io.VideoReadError, match=rf"big\.png: too_large: declares 10000x10000 pixels, more than {fix}"):
+        io.read_image(_write(tmp_path / "big.png", _png_declaring(10000, 10000)))
+    with pytest.raises(io.VideoReadError, match=rf"bomb\.png: too_large: declares more than twice {fix}"):
+        io.read_image(_write(tmp_path / "bomb.png", _png_declaring(30000, 30000)))
+    screen = b"GIF89a" + (65535).to_bytes(2, "little") * 2 + b"\x80\x00\x00" + bytes(3) + b"\xff" * 3
+    gif = _write(tmp_path / "screen.gif", screen + b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+    with pytest.raises(io.VideoReadError, match=rf"screen\.gif: too_large: declares more than twice {fix}"):
+        io.read_image(gif)
+    # `--image screen.gif` is read by PyAV, whose first frame fails only after the model loads: the probe says so.
+    with pytest.raises(io.VideoReadError, match=r"screen\.gif: corrupt: FFmpeg reads no frame size and cannot "
+                                                r"decode the first frame \(ArgumentError\): the file declares a "
+                                                r"size FFmpeg refuses, or is damaged; open and save it again"):
+        io.probe(gif)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
 def test_float_conversions_roundtrip():
     frames = _moving_square(t=2)
     np.testing.assert_array_equal(io.to_uint8(io.to_float(frames)), frames)

@@ -20,6 +20,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -94,19 +95,25 @@ def probe(path) -> VideoInfo:
     """
     with _open(path) as container:
         info = _info(container)
-        turns = _first_frame_turns(container)
+        turns = _first_frame_turns(container, path, info)
     if turns % 2:
         info = dataclasses.replace(info, width=info.height, height=info.width)
     return dataclasses.replace(info, rotation=90 * turns)
 
 
-def _first_frame_turns(container) -> int:
-    """``quarter_turns`` of the first frame; 0 when none decodes (``read_video`` says why)."""
+def _first_frame_turns(container, path, info: VideoInfo) -> int:
+    """``quarter_turns`` of the first frame; 0 when none decodes (``read_video`` says why), except where FFmpeg
+    also took no frame size from the file: then no frame ever decodes, and ``corrupt`` is said now (``vidiff
+    generate`` probes its inputs before the model loads: a GIF declaring a 65535x65535 screen)."""
     import av
 
     try:
         frame = next(container.decode(container.streams.video[0]), None)
-    except av.FFmpegError:
+    except av.FFmpegError as e:
+        if not (info.width and info.height):
+            raise VideoReadError(path, CORRUPT, f"FFmpeg reads no frame size and cannot decode the first frame "
+                                 f"({e.__class__.__name__}): the file declares a size FFmpeg refuses, or is "
+                                 "damaged; open and save it again in an image or video editor") from None
         return 0
     return 0 if frame is None else quarter_turns(frame)
 
@@ -347,7 +354,8 @@ def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
 
     16-bit and 32-bit grey images are scaled to 8 bits (``_rgb``). The EXIF orientation is applied, as viewers
     do (a phone's portrait photo is stored sideways). A file Pillow cannot identify is read as a video by PyAV,
-    whatever its suffix: its first frame is the image.
+    whatever its suffix: its first frame is the image. One declaring more than ``PIL.Image.MAX_IMAGE_PIXELS`` is
+    ``too_large`` before it decodes (``_open_image``).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -355,7 +363,7 @@ def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
     if not path.is_file():
         raise VideoReadError(path, MISSING_FILE, "no such file")
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
             image = _rgb(ImageOps.exif_transpose(image), path)
             if size is not None:
                 image = image.resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
@@ -366,8 +374,36 @@ def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
         except VideoReadError as video_error:
             raise VideoReadError(path, NOT_VIDEO, f"not a readable image ({e}) nor video ({video_error.reason}: "
                                  f"{video_error.detail})") from None
+    except Image.DecompressionBombError:  # Pillow's refusal above twice its limit, before the size is known
+        raise VideoReadError(path, TOO_LARGE, _too_large()) from None
     except OSError as e:
         raise VideoReadError(path, NOT_VIDEO, f"not a readable image ({e})") from None
+
+
+def _open_image(path):
+    """Pillow's image of ``path``, refused (``too_large``) before any pixel is decoded when it declares more than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels: a few hundred bytes can declare a canvas of gigabytes (a decompression
+    bomb). Pillow itself only warns up to twice that limit, and decodes (a 10000x10000 PNG of 291 KB took 39 s
+    and 1.9 GB); ``MAX_IMAGE_PIXELS = None`` lifts both checks."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it in one line
+        image = Image.open(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        image.close()
+        raise VideoReadError(path, TOO_LARGE, _too_large(image.size))
+    return image
+
+
+def _too_large(size=None) -> str:
+    """``too_large``'s detail for an image of ``size`` (width, height); None: Pillow refused before it was known."""
+    from PIL import Image
+
+    declared = f"{size[0]}x{size[1]} pixels, more than the" if size else "more than twice the"
+    return (f"declares {declared} {Image.MAX_IMAGE_PIXELS} pixels Pillow decodes without a decompression-bomb "
+            "warning; downscale it (it is resized to the video's frame size anyway)")
 
 
 def _rgb(image, path):
