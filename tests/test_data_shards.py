@@ -100,12 +100,15 @@ def test_a_damaged_record_is_named_by_its_own_shard_and_place(real_shards, tmp_p
     """Also a header that still parses but lost a key (one flipped byte): a Skip, not a KeyError."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from vidiff.data.schema import encode_record, make_record
+    from vidiff.data.schema import decode_record, encode_record, make_record
     from vidiff.data.sources import ArrayRecordSource
 
     data = encode_record(make_record(np.zeros((2, 8, 8, 3), np.uint8), "a cat", 8.0, "x"), frame_format="png")
+    bombs = [_record_of_a_frame_declaring(30000, 30000, header_size=size) for size in ((30000, 30000), (8, 8))]
+    deep = b"VDR1" + (200000).to_bytes(4, "little") + b"[" * 100000 + b"]" * 100000
     paths = [str(tmp_path / f"train-0000{i}-of-00002.array_record") for i in range(2)]
-    for path, entries in zip(paths, ([data, data], [b"garbage", data.replace(b'"caption"', b'"caxtion"', 1)])):
+    damaged = [b"garbage", data.replace(b'"caption"', b'"caxtion"', 1), *bombs, deep]
+    for path, entries in zip(paths, ([data, data], damaged)):
         writer = ArrayRecordWriter(path, "group_size:1")
         for entry in entries:
             writer.write(entry)
@@ -116,6 +119,35 @@ def test_a_damaged_record_is_named_by_its_own_shard_and_place(real_shards, tmp_p
     skip = source[3]
     assert skip.reason == "corrupt_record" and skip.key == f"{paths[1]} record 1"
     assert skip.detail == "damaged record (KeyError: 'caption')"
+    # Once Pillow's DecompressionBombError and json's RecursionError, which stopped the stream.
+    from PIL import Image
+
+    assert source[4].detail == (f"the header declares 30000x30000 frames, more than the {Image.MAX_IMAGE_PIXELS} "
+                                "pixels Pillow decodes without a decompression-bomb warning")
+    assert source[5].detail.startswith("damaged record (DecompressionBombError: Image size (900000000 pixels)")
+    assert source[6].detail.startswith("damaged record (RecursionError: maximum recursion depth exceeded")
+    small = _record_of_a_frame_declaring(16, 16, header_size=(8, 8))  # below Pillow's limits: compared first
+    with pytest.raises(ValueError, match=r"^frame 0 is 16x16, the header's 8x8$"):
+        decode_record(small)
+    with pytest.raises(ValueError, match=r"^the header's video shape \[1, '8', 8, 3\] is not \(frames, height, "):
+        decode_record(_record_of_a_frame_declaring(8, 8, header_size=("8", 8)))
+
+
+def _record_of_a_frame_declaring(width, height, header_size):
+    """VDR1 bytes of one PNG frame whose own header declares ``width`` x ``height`` (its pixel data one zero row),
+    the record's header ``header_size`` (height, width)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(bytes(1 + 3 * width))) + chunk(b"IEND", b""))
+    header = {"caption": "x", "fps": 8.0, "id": "bomb", "labels": None, "arrays": {},
+              "video": {"shape": [1, *header_size, 3], "format": "png", "sizes": [len(png)]}}
+    head = json.dumps(header).encode()
+    return b"VDR1" + struct.pack("<I", len(head)) + head + png
 
 
 def test_prepare_refuses_to_mix_with_existing_shards(real_shards, tmp_path):

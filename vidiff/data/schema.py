@@ -115,6 +115,7 @@ def decode_record(data: bytes) -> dict:
     try:
         header = json.loads(bytes(data[8 : 8 + head_len]).decode("utf-8"))
         video_spec, offset = header["video"], 8 + head_len
+        height, width = _frame_size(video_spec["shape"])
         frames = []
         for index, size in enumerate(video_spec["sizes"]):
             blob = bytes(data[offset : offset + size])
@@ -122,6 +123,8 @@ def decode_record(data: bytes) -> dict:
             if len(blob) != size:  # PIL would still decode a PNG whose last bytes are cut off
                 raise ValueError(f"frame {index} is truncated")
             with Image.open(io.BytesIO(blob)) as image:
+                if image.size != (width, height):  # known from its header: checked before its pixels decode
+                    raise ValueError(f"frame {index} is {image.width}x{image.height}, the header's {width}x{height}")
                 frames.append(np.asarray(image.convert("RGB"), np.uint8))
         video = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
         if list(video.shape) != list(video_spec["shape"]):
@@ -137,5 +140,23 @@ def decode_record(data: bytes) -> dict:
             raise ValueError(f"{len(data) - offset} bytes after the last blob")
         # Inside the try: a damaged byte can leave the header valid JSON with a key renamed.
         return make_record(video, header["caption"], header["fps"], header["id"], header.get("labels"), **arrays)
-    except (KeyError, TypeError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    # RecursionError: a header nested thousands deep; DecompressionBombError: a frame declaring over twice
+    # Pillow's limit, which Pillow refuses before its size can be compared with the header's.
+    except (KeyError, TypeError, OSError, RecursionError, Image.DecompressionBombError, json.JSONDecodeError,
+            UnicodeDecodeError) as e:
         raise ValueError(f"damaged record ({e.__class__.__name__}: {e})") from None
+
+
+def _frame_size(shape) -> tuple[int, int]:
+    """``(height, width)`` of the header's ``(T, H, W, 3)`` video shape, refused when it is not one or its frames
+    declare more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels: a damaged header would have gigabytes decoded."""
+    from PIL import Image
+
+    if not (isinstance(shape, list) and len(shape) == 4 and shape[3] == 3
+            and all(type(n) is int and n >= 0 for n in shape)):
+        raise ValueError(f"the header's video shape {shape} is not (frames, height, width, 3)")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and shape[1] * shape[2] > limit:
+        raise ValueError(f"the header declares {shape[2]}x{shape[1]} frames, more than the {limit} pixels Pillow "
+                         "decodes without a decompression-bomb warning")
+    return shape[1], shape[2]
