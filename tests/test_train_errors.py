@@ -375,6 +375,39 @@ def test_read_metrics_keeps_the_resumed_runs_rows(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 19  # the raw log keeps them all
 
 
+def test_a_row_cut_by_a_kill_is_ended_and_left_out(tmp_path):
+    """A run killed while writing step 3's row: the resumed run's rows start on a line of their own (they were glued
+    to the cut row, and read_metrics failed on the whole file with a bare JSONDecodeError)."""
+    from vidiff.train.metrics import MetricsWriter, read_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(tmp_path, enabled=True)
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    log.write_text(log.read_text()[:-20])
+    writer = MetricsWriter(tmp_path, enabled=True)  # resumed from a checkpoint at step 2
+    for step in (3, 4):
+        writer.write(step, {"loss": 10.0 + step})
+    writer.close()
+    assert len(log.read_text().splitlines()) == 5
+    name = re.escape(str(log))
+    with pytest.warns(UserWarning, match=rf"^{name} line 3: a row cut short \(its run was killed while writing it\) "
+                                         r"is left out$"):
+        assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+    lines = log.read_text().splitlines()  # as an older writer left it: the resumed row glued to the cut one
+    log.write_text("\n".join(lines[:2] + [lines[2] + lines[3]] + lines[4:]) + "\n")
+    with pytest.warns(UserWarning, match=r"line 3: a row cut short"):
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    log.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ValueError, match=rf"^{name} line 1 is not a metrics row \(Expecting value\); the file is not "
+                                         r"a log `vidiff train` wrote, or was damaged: remove that line or the file$"):
+        read_metrics(tmp_path)
+    log.write_text('{"step": 1, "loss": 1.0}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=rf"^{name} line 2 is not a metrics row \(no integer 'step'\); "):
+        read_metrics(tmp_path)
+
+
 # --------------------------------------------------------------------------- 1: finite data
 
 

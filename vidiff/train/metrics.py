@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -121,6 +123,7 @@ class MetricsWriter:
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _end_a_cut_row(self.path)
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(workdir) / "tb"))
@@ -149,16 +152,58 @@ def read_metrics(workdir) -> list[dict]:
     trains and logs again; the file keeps both (it is only ever appended to),
     and the resumed run's rows replace the earlier ones from its first step
     on. A run stopped by a signal logs its last steps at the step it saved,
-    which the resumed run starts after: that row is kept.
+    which the resumed run starts after: that row is kept. A row cut short
+    (the run killed while writing it) is left out with a warning; any other
+    line that is not a row is a one-line error naming the file and the line.
     """
     path = Path(workdir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    text = path.read_text(errors="replace") if path.exists() else ""
+    rows = [row for number, line in enumerate(text.split("\n"), 1) if line.strip()
+            for row in _parse_line(path, number, line)]
     kept = []
     for row in rows:
         if kept and _starts_a_run(kept[-1], row):
             kept = [r for r in kept if r["step"] < row["step"]]
         kept.append(row)
     return kept
+
+
+_ROW_START = '{"step": '  # how MetricsWriter begins every row
+
+
+def _end_a_cut_row(path: Path) -> None:
+    """End a row cut short by a killed run with a newline, so the rows appended now stay whole lines of their own."""
+    try:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            cut = f.read(1) != b"\n"
+    except OSError:  # no file yet, or an empty one: nothing to end
+        return
+    if cut:
+        with path.open("a") as f:
+            f.write("\n")
+
+
+def _parse_line(path: Path, number: int, line: str) -> list[dict]:
+    """The rows of one line: one, or none for a cut row. A log appended to without ending its cut row first
+    (older writers did not) has the resumed run's first row glued to it; that row is kept."""
+    rows = []
+    for piece in re.split(f"(?={re.escape(_ROW_START)})", line.strip()):
+        if not piece:
+            continue
+        try:
+            row = json.loads(piece)
+        except json.JSONDecodeError as e:
+            if not (piece.startswith(_ROW_START) or _ROW_START.startswith(piece)):
+                raise ValueError(f"{path} line {number} is not a metrics row ({e.msg}); the file is not a log "
+                                 "`vidiff train` wrote, or was damaged: remove that line or the file") from None
+            warnings.warn(f"{path} line {number}: a row cut short (its run was killed while writing it) is left out")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path} line {number} is not a metrics row (no integer 'step'); the file is not a log "
+                             "`vidiff train` wrote, or was damaged: remove that line or the file")
+        rows.append(row)
+    return rows
 
 
 def _starts_a_run(previous: dict, row: dict) -> bool:
