@@ -97,6 +97,20 @@ def test_zero_record_shard_folder_fails_when_the_source_is_built(tmp_path):
         make_pipeline({"source": "array_record", "array_record_path": str(tmp_path)})
 
 
+def test_shards_of_two_runs_in_one_folder_are_refused_and_one_picked_shard_is_read(tmp_path):
+    from vidiff.data.sources import array_record_paths
+
+    for name in ("train-00000-of-00002", "train-00001-of-00002", "train-00002-of-00003", "eval-00000-of-00001"):
+        (tmp_path / f"{name}.array_record").touch()
+    with pytest.raises(ValueError, match=rf"^data.array_record_path: {tmp_path} holds train-\*.array_record shards of 2 "
+                                         r"runs \(-of-00002, -of-00003\): a `vidiff prepare` into it did not finish; "):
+        array_record_paths(str(tmp_path), "train")
+    assert len(array_record_paths(str(tmp_path), "eval")) == 1
+    (tmp_path / "train-00002-of-00003.array_record").unlink()
+    assert array_record_paths(str(tmp_path / "train-00001-of-00002.array_record"), "train") == [
+        str(tmp_path / "train-00001-of-00002.array_record")]  # one shard of a whole set, picked on purpose
+
+
 # ----------------------------------------------------------------------- vidiff prepare --latents
 def _no_decoding(monkeypatch):
     def fail(*args, **kwargs):

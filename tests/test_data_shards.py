@@ -165,6 +165,51 @@ def test_prepare_refuses_to_mix_with_existing_shards(real_shards, tmp_path):
         prepare_shards(real_shards["videos"], real_shards["manifest"], out, size=(16.5, 16))
 
 
+class _Killed(BaseException):
+    """What kill -9 leaves: nothing after this point runs, no handler cleans up."""
+
+
+def test_a_prepare_killed_while_moving_its_shards_in_is_refused_by_training(real_shards, tmp_path, monkeypatch):
+    """Killed after the first of 4 shards moved into --out, it left a set that training read as whole (1 shard of
+    the 4, silently). The old shards (and their summary) stay until every new shard is written."""
+    from pathlib import Path
+
+    from vidiff.data.sources import array_record_paths
+
+    out, kwargs = tmp_path / "out", dict(size=16, frames=3, fps=8)
+    prepare_shards(real_shards["videos"], real_shards["manifest"], out, shard_size=2, **kwargs)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fails(record):
+        raise RuntimeError("encoder out of memory")
+    with pytest.raises(RuntimeError, match="encoder out of memory"):
+        prepare_shards(real_shards["videos"], real_shards["manifest"], out, shard_size=1, overwrite=True,
+                       add_fields=fails, **kwargs)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
+
+    rename = Path.rename
+
+    def killed_after_the_first(self, target):
+        rename(self, target)
+        if Path(target).parent == out:
+            raise _Killed
+    monkeypatch.setattr(Path, "rename", killed_after_the_first)
+    with pytest.raises(_Killed):
+        prepare_shards(real_shards["videos"], real_shards["manifest"], out, shard_size=1, overwrite=True, **kwargs)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.glob("train-*")) == ["train-00000-of-00004.array_record"]  # no summary
+    with pytest.raises(ValueError, match=rf"^data\.array_record_path: {out} holds 1 of the 4 "
+                                         r"train-\*-of-00004\.array_record shards \(missing train-00001-of-00004, "
+                                         r"train-00002-of-00004, train-00003-of-00004\): a `vidiff prepare` into it "
+                                         r"did not finish; run "
+                                         rf"`vidiff prepare \.\.\. --out {out} --overwrite` again$"):
+        array_record_paths(str(out), "train")
+    summary = prepare_shards(real_shards["videos"], real_shards["manifest"], out, shard_size=1, overwrite=True,
+                             **kwargs)
+    assert sorted(p.name for p in out.iterdir()) == [*summary["shards"], "train-summary.json"]
+    assert len(array_record_paths(str(out), "train")) == 4
+
+
 def test_a_shard_with_a_bad_checksum_is_a_skip_and_one_cut_short_is_named_when_opened(tmp_path):
     """The reader's RuntimeError (no file named) becomes a counted Skip for one record and a one-line error at open."""
     from array_record.python.array_record_module import ArrayRecordWriter

@@ -12,7 +12,9 @@ bytes (``vidiff.data.schema``: JPEG/PNG frames + JSON header, no pickle) in
 counted by reason and logged; the JSON summary printed at the end (and saved
 as ``{split}-summary.json``) has ``written``, ``skipped`` by reason and
 ``seconds``. More than ``--max-bad-fraction`` bad, or no clip at all, stops
-with one error and removes the partial shards. ``augment_shards`` later adds fields (e.g.
+with one error and removes the partial shards. Shards are staged in a hidden
+folder in ``--out`` and moved in (replacing the split's old ones) only once
+all are written; ``augment_shards`` later adds fields (e.g.
 precomputed ``latents`` / ``text_embedding``) to prepared shards.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import concurrent.futures
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -105,14 +108,13 @@ def prepare_shards(
                                   shard_size=shard_size, frame_format=frame_format, quality=quality,
                                   max_pixels=max_pixels, max_bad_fraction=max_bad_fraction, threads=threads, split=split)
     out = Path(out)
-    existing = check_out(out, split, overwrite)
+    check_out(out, split, overwrite)
     ledger = SkipLedger()
     rows = read_manifest(manifest, videos, ledger, field="--manifest", video_dir_field="--videos")
     ledger.check(max_bad_fraction, field="--max-bad-fraction", uncounted=len(rows))
-    # Old shards go only once the new input has passed its first checks.
-    out.mkdir(parents=True, exist_ok=True)
-    for path in existing:
-        path.unlink()
+    staging = out / f".{split}-prepare-staging"
+    shutil.rmtree(staging, ignore_errors=True)  # a killed run's
+    staging.mkdir(parents=True)
     decode = DecodeFolderClip([(frames, height, width)], stride, fps, window, max_pixels)
     rng = np.random.default_rng(0)  # first/center windows use no randomness
 
@@ -123,7 +125,7 @@ def prepare_shards(
             record.pop("bucket", None)
         return record
 
-    writer = _ShardWriter(out, split, shard_size)
+    writer = _ShardWriter(staging, split, shard_size)
     written = 0
     try:
         for record in _ordered_map(load, rows, threads):
@@ -141,6 +143,7 @@ def prepare_shards(
                              "fix the inputs (see the warnings logged per row)")
     except BaseException:
         writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     shards = writer.finish()
     summary = {
@@ -152,8 +155,26 @@ def prepare_shards(
         "clip": {"frames": frames, "height": height, "width": width, "fps": None if fps is None else fps / stride},
         "seconds": round(time.perf_counter() - started, 3),
     }
-    (out / f"{split}-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _move_in(staging, out, split, shards, summary)
     return summary
+
+
+def _move_in(staging: Path, out: Path, split: str, shards: list[str], summary: dict) -> None:
+    """Replace the split's shards and summary in ``out`` with the staged ones.
+
+    One rename per file is as atomic as a folder shared with other splits allows, so the order keeps every
+    state a kill can leave loud or whole: the old set goes (then its summary: an old set is never left without
+    it), the new shards come in, the summary comes last. A kill in between leaves a set short of its ``-of-N``
+    count, which ``array_record_paths`` refuses, or a whole set without its summary, which readers skip.
+    """
+    for old in [*out.glob(f"{split}-*.array_record"), *out.glob(f"{split}-*.array_record.partial")]:
+        old.unlink()  # (.partial: left by a vidiff that renamed its shards into --out one by one, then was killed)
+    (out / f"{split}-summary.json").unlink(missing_ok=True)
+    for name in shards:
+        (staging / name).rename(out / name)
+    (staging / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (staging / "summary.json").rename(out / f"{split}-summary.json")
+    staging.rmdir()
 
 
 def check_options(*, size, frames, fps, stride, window, shard_size, frame_format, quality, max_pixels,

@@ -310,7 +310,38 @@ def array_record_paths(spec, split: str, field: str = "data.array_record_path") 
             paths += sorted(glob.glob(one))
     if not paths:
         raise ValueError(f"{field}={spec!r}: no {split}-*.array_record shards found; run `vidiff prepare --out DIR` and point {field} at DIR")
+    _check_whole_sets(paths, field)
     return paths
+
+
+def _shard_place(name: str) -> tuple[str, int, int] | None:
+    """``(prefix, index, count)`` of a ``{prefix}-{index}-of-{count}.array_record`` name, else None."""
+    parts = name.removesuffix(".array_record").rsplit("-", 3)
+    if not name.endswith(".array_record") or len(parts) != 4 or parts[2] != "of" or not (parts[1] + parts[3]).isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[3])
+
+
+def _check_whole_sets(paths: list[str], field: str) -> None:
+    """Every ``-of-N`` set the shards come from is whole in its folder: a `vidiff prepare` killed while it moved its
+    shards in leaves only some of them, and training on those would read part of the data without a word."""
+    named = {(str(Path(p).parent), place[0]) for p in paths if (place := _shard_place(Path(p).name))}
+    for folder, prefix in sorted(named):
+        places = {place for p in Path(folder).glob(f"{glob.escape(prefix)}-*-of-*.array_record")
+                  if (place := _shard_place(p.name)) and place[0] == prefix}
+        counts = sorted({count for _, _, count in places}) or [0]  # [0]: the shards went while this looked
+        count = counts[0]
+        missing = [f"{prefix}-{i:05d}-of-{count:05d}" for i in range(count) if (prefix, i, count) not in places]
+        if len(counts) > 1:
+            problem = f"{prefix}-*.array_record shards of {len(counts)} runs ({', '.join(f'-of-{n:05d}' for n in counts)})"
+        elif missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            problem = (f"{len(places)} of the {count} {prefix}-*-of-{count:05d}.array_record shards "
+                       f"(missing {', '.join(missing[:3])}{more})")
+        else:
+            continue
+        raise ValueError(f"{field}: {folder} holds {problem}: a `vidiff prepare` into it did not finish; "
+                         f"run `vidiff prepare ... --out {folder} --overwrite` again")
 
 
 class TfdsSource:
