@@ -201,6 +201,29 @@ def test_latents_summary_names_the_real_out_and_the_model(clips, tmp_path, capsy
     assert [float(r["latents"][0, 0, 0, 0]) for r in records] == [1.0, 2.0]
 
 
+
+def test_latents_never_leave_an_old_summary_beside_new_shards(clips, tmp_path, monkeypatch):
+    """A kill after the new shards moved in left the old summary beside them: its VAE fingerprint, which training
+    checks the latents by, described shards that were gone. The old summary now goes before any shard moves."""
+    out = tmp_path / "o"
+    _old_shards(out)
+    (out / "train-summary.json").write_text(json.dumps({"latents_from": "old/export", "vae_fingerprint": "0ld"}))
+    monkeypatch.setattr(precompute, "latent_fields", _fake_fields())
+    rename = Path.rename
+
+    class Killed(BaseException):
+        pass
+
+    def killed_after_a_shard(self, target):
+        rename(self, target)
+        if Path(target).parent == out and Path(target).suffix == ".array_record":
+            raise Killed
+    monkeypatch.setattr(Path, "rename", killed_after_a_shard)
+    with pytest.raises(Killed):
+        prepare(clips, out, "--latents", str(ASSET), "--overwrite")
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["train-00000-of-00001.array_record"]
+
 # ----------------------------------------------------------------------- truncated video, 0 frames
 def test_truncated_video_warns_by_default_and_raises_on_request(clips, caplog):
     cut = clips / "cut.mp4"

@@ -155,12 +155,14 @@ def prepare_shards(
         "clip": {"frames": frames, "height": height, "width": width, "fps": None if fps is None else fps / stride},
         "seconds": round(time.perf_counter() - started, 3),
     }
-    _move_in(staging, out, split, shards, summary)
+    move_in(staging, out, split, shards, summary)
+    staging.rmdir()
     return summary
 
 
-def _move_in(staging: Path, out: Path, split: str, shards: list[str], summary: dict) -> None:
-    """Replace the split's shards and summary in ``out`` with the staged ones.
+def move_in(staging: Path, out: Path, split: str, shards: list[str], summary: dict) -> None:
+    """Replace the split's shards and summary in ``out`` with the ones staged in ``staging`` (also
+    ``vidiff prepare --latents``'s way in).
 
     One rename per file is as atomic as a folder shared with other splits allows, so the order keeps every
     state a kill can leave loud or whole: the old set goes (then its summary: an old set is never left without
@@ -174,7 +176,6 @@ def _move_in(staging: Path, out: Path, split: str, shards: list[str], summary: d
         (staging / name).rename(out / name)
     (staging / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (staging / "summary.json").rename(out / f"{split}-summary.json")
-    staging.rmdir()
 
 
 def check_options(*, size, frames, fps, stride, window, shard_size, frame_format, quality, max_pixels,

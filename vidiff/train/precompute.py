@@ -125,19 +125,15 @@ def run(args: argparse.Namespace) -> int:
                 quality=args.quality, max_pixels=args.max_pixels, max_bad_fraction=args.max_bad_fraction,
                 split=split, threads=args.threads, add_fields=add,
             )
-            written = summary["shards"]
-            # Every record has its latents: only now do the old shards (--overwrite) make way.
-            for old in out.glob(f"{split}-*.array_record"):
-                old.unlink()
-            for name in written:
-                (Path(staging) / name).rename(out / name)
+            summary.update(out=str(out), latents_from=str(args.latents), vae_fingerprint=fingerprint,
+                           captions_truncated=add.text.captions_truncated,
+                           seconds=round(time.perf_counter() - started, 3))
+            # Every record has its latents: only now do the old shards (--overwrite) make way. The summary,
+            # whose VAE fingerprint training checks, moves in last: never beside shards it does not describe.
+            data_prepare.move_in(Path(staging), out, split, summary["shards"], summary)
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()
         raise
-    summary.update(out=str(out), shards=written, latents_from=str(args.latents),
-                   vae_fingerprint=fingerprint, captions_truncated=add.text.captions_truncated,
-                   seconds=round(time.perf_counter() - started, 3))
-    (out / f"{split}-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary))
     return 0
