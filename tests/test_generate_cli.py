@@ -171,6 +171,9 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     ([PROMPT, "--guidance", "nan"], "--guidance=nan must be a finite number (1 = off)"),
     ([PROMPT, "--negative", " "], "--negative is empty; give what the clips should not show, e.g. 'blurry', or "
      "drop --negative"),
+    (["a red \udcff circle"], "the prompt is not valid UTF-8 (byte \\xff at position 6); pass UTF-8 text"),
+    ([PROMPT, "--negative", "blurry \udcfe"], "--negative is not valid UTF-8 (byte \\xfe at position 7); pass UTF-8 "
+     "text"),
     ([PROMPT, "--negative", "blurry", "--guidance", "1"], "--negative has no effect with --guidance 1 (no "
      "classifier-free guidance); raise --guidance, e.g. to 4, or drop --negative"),
     ([PROMPT, "--seed", "-1"], "--seed=-1 must be in [0, 2**32 - --num]"),
@@ -233,11 +236,13 @@ def test_a_grid_path_that_is_a_folder_is_refused_before_the_model_loads(tmp_path
 
 
 def test_the_command_line_entry_point_never_shows_a_traceback():
-    result = subprocess.run([sys.executable, "-m", "vidiff.cli", "generate", " "], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == ("vidiff generate: error: the prompt is empty; describe the video, "
-                                     "e.g. 'a red circle moving left'")
+    for prompt, message in [(" ", "the prompt is empty; describe the video, e.g. 'a red circle moving left'"),
+                            (b"a red \xff circle", "the prompt is not valid UTF-8 (byte \\xff at position 6); pass "
+                                                  "UTF-8 text")]:  # raw bytes, as a shell passes them
+        result = subprocess.run([sys.executable, "-m", "vidiff.cli", "generate", prompt], capture_output=True,
+                                text=True, cwd=REPO, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip() == f"vidiff generate: error: {message}"
 
 
 def test_unrecognized_arguments_name_only_the_bad_ones(capsys):

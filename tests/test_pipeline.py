@@ -179,6 +179,16 @@ def test_prompts_are_checked(pipe):
         pipe([PROMPT, 3])
     with pytest.raises(ValueError, match="prompts must be a string or a list of strings, got NoneType"):
         pipe(None)
+    # Not UTF-8: an argument's invalid byte 0xff (which Python reads as \udcff) or a lone surrogate; the tokenizer
+    # failed on it only after the model loaded, in the codec's own words.
+    with pytest.raises(ValueError, match=r"^the prompt is not valid UTF-8 \(byte \\xff at position 6\); pass UTF-8 "
+                                         r"text$"):
+        pipe("a red \udcff circle")
+    with pytest.raises(ValueError, match=r"^prompt 2 is not valid UTF-8 \(surrogate \\ud800 at position 6\); pass "
+                                         r"UTF-8 text$"):
+        pipe([PROMPT, "a red \ud800 circle"])
+    with pytest.raises(ValueError, match=r"^the negative prompt is not valid UTF-8 \(byte \\xff at position 0\)"):
+        pipe(PROMPT, negative_prompt="\udcff")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         long = pipe(" ".join(["a red circle moving left"] * 4), **FAST)

@@ -22,7 +22,7 @@ import numpy as np
 from vidiff import io
 from vidiff.cli_flags import add_scan_blocks_flag, check_sampling_flags, check_writable, one_line_warnings
 from vidiff.diffusion.samplers import SAMPLERS
-from vidiff.pipeline_inputs import check_prompts
+from vidiff.pipeline_inputs import check_prompts, check_utf8
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
 
@@ -179,6 +179,7 @@ def _check_negative(args) -> None:
         return
     if not args.negative.strip():
         raise ValueError("--negative is empty; give what the clips should not show, e.g. 'blurry', or drop --negative")
+    check_utf8(args.negative, "--negative")
     if args.guidance == 1.0:
         raise ValueError("--negative has no effect with --guidance 1 (no classifier-free guidance); raise "
                          "--guidance, e.g. to 4, or drop --negative")

@@ -121,8 +121,9 @@ def prompt_name(prompts: Sequence, i: int, what: str = "prompt") -> str:
 
 
 def check_prompts(prompts: Sequence) -> None:
-    """A one-line ``ValueError`` for no prompts, a prompt that is not a string, or an empty (blank) one.
-    ``vidiff generate`` runs it before the model loads, so its errors are worded as the pipeline's."""
+    """A one-line ``ValueError`` for no prompts, a prompt that is not a string, an empty (blank) one, or one that
+    is not UTF-8 text. ``vidiff generate`` runs it before the model loads, so its errors are worded as the
+    pipeline's."""
     if not prompts:
         raise ValueError("no prompts given; pass at least one, e.g. 'a red circle moving left'")
     for i, prompt in enumerate(prompts):
@@ -131,6 +132,19 @@ def check_prompts(prompts: Sequence) -> None:
                              "prompts are strings")
         if not prompt.strip():
             raise ValueError(f"{prompt_name(prompts, i)} is empty; describe the video, e.g. 'a red circle moving left'")
+        check_utf8(prompt, prompt_name(prompts, i))
+
+
+def check_utf8(text: str, name: str) -> None:
+    """A one-line ``ValueError`` when ``text`` holds a surrogate, which the tokenizer cannot encode (it failed only
+    after the model loaded): Python reads an argument's invalid byte ``0xff`` as ``\\udcff``; an API caller can
+    pass a lone one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte \\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"surrogate \\u{code:04x}"
+        raise ValueError(f"{name} is not valid UTF-8 ({what} at position {e.start}); pass UTF-8 text") from None
 
 
 def negative_prompts(negative, prompts: Sequence[str], guidance: float) -> list[str] | None:
@@ -153,6 +167,7 @@ def negative_prompts(negative, prompts: Sequence[str], guidance: float) -> list[
         if not isinstance(text, str):
             raise ValueError(f"{prompt_name(negatives, i, 'negative prompt')} is a {type(text).__name__} "
                              f"({text!r}); negative prompts are strings")
+        check_utf8(text, prompt_name(negatives, i, "negative prompt"))
     return negatives
 
 
