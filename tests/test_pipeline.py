@@ -83,6 +83,19 @@ def test_text_to_video_batches_prompts_and_seeds_deterministically(pipe, monkeyp
     assert np.abs(pipe(PROMPT, seed=1, return_latents=True, **FAST)[0] - z[0]).mean() > 0.1
     assert np.abs(z[1] - z[0]).mean() > 0.01
     np.testing.assert_array_equal(pipe(PROMPT, seed=0, **FAST), clips)  # deterministic
+    # A long list is sampled DEFAULT_BATCH_SIZE (8) clips at a time, not all at once (which ran out of device
+    # memory), the last batch padded; on_batch gets each batch as it is done (what a caller writes as it goes) and
+    # nothing is kept. 9 clips, prompt-major: prompt 0's seeds 0..2, prompt 1's, prompt 2's.
+    calls.clear()
+    prompts = [PROMPT, "a blue square moving up", "a green triangle moving right"]
+    many = pipe(prompts, seed=0, num_per_prompt=3, return_latents=True, **FAST)
+    assert [args[4].shape[0] for args, _ in calls] == [8, 8] and many.shape == (9, 3, 4, 4, 4)
+    np.testing.assert_allclose(many[[0, 3]], z, atol=1e-4)  # (prompt, seed 0) as in the batch of two
+    batches = []
+    assert pipe(prompts, seed=0, num_per_prompt=3, return_latents=True, on_batch=lambda first, b: batches.append(
+        (first, b)), **FAST) is None
+    assert [(first, len(b)) for first, b in batches] == [(0, 8), (8, 1)]
+    np.testing.assert_array_equal(np.concatenate([b for _, b in batches]), many)
     monkeypatch.setitem(pipe.config["flow"], "shift", "auto")  # that of these 3 x 2 x 2 tokens
     assert pipe._shift(z.shape[1:]) == shift_for_tokens(12)
 
@@ -202,7 +215,7 @@ def test_prompts_are_checked(pipe):
     (dict(seed=-1), r"seeds \[-1\] must be in \[0, 2\*\*32\)"),
     (dict(seed=[]), r"seed=\[\] gives no samples"),
     (dict(seed=[1, 2], num_per_prompt=3), "num_per_prompt=3 with a list of seeds: give one or the other"),
-    (dict(batch_size=0), "batch_size=0 must be a positive int, or None for one batch"),
+    (dict(batch_size=0), r"^batch_size=0 must be a positive int, or None for 8 at a time$"),
     (dict(guidance=float("nan")), r"guidance=nan must be a finite number \(1 = no guidance\)"),
     (dict(guidance_interval=(1.0, 0.0)), r"guidance_interval=\(1.0, 0.0\) must be \(lo, hi\) with 0 <= lo <= hi"),
     (dict(guidance_interval=(0.5,)), r"guidance_interval=\(0.5,\) must be \(lo, hi\)"),
@@ -225,7 +238,7 @@ WHOLE = "; pass a whole number (an int)"
     ("t2v", dict(seed=[0, 1.5]), "seed=1.5 is a float" + WHOLE),
     ("t2v", dict(steps=1.8), "steps=1.8 is a float" + WHOLE),
     ("t2v", dict(num_per_prompt=True), "num_per_prompt=True must be a positive int"),
-    ("t2v", dict(batch_size=True), "batch_size=True must be a positive int, or None for one batch"),
+    ("t2v", dict(batch_size=True), "batch_size=True must be a positive int, or None for 8 at a time"),
     ("loop", dict(num_frames=8.0), "num_frames=8.0 is a float" + WHOLE),
     ("extend", dict(context_frames=5.0), "context_frames=5.0 is a float" + WHOLE),
     ("edit", dict(num_frames=5.0), "num_frames=5.0 is a float" + WHOLE),

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +50,9 @@ from vidiff.diffusion.sampling import on_sampler_step, sample_latents, seeded_no
 from vidiff.models.dit import VideoDiT
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, latent_count, pixel_count
 from vidiff.models.vae import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
-from vidiff.pipeline_inputs import (Plan, ProgressBar, encode_prompts, input_frames, known_plan, negative_prompts,
-                                    positive_whole_number, sample_seeds, whole_number)
+from vidiff.pipeline_inputs import (DEFAULT_BATCH_SIZE, Plan, ProgressBar, check_prompts, input_frames, known_plan,
+                                    negative_prompts, positive_whole_number, sample_seeds, warn_truncated,
+                                    whole_number)
 from vidiff.pipeline_load import load_export
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "world_tiny"
@@ -300,7 +301,8 @@ class TextToVideo:
                  guidance: float | None = None, sampler: str | None = None, seed: int | Sequence[int] = 0,
                  num_per_prompt: int = 1, guidance_interval: tuple[float, float] = (0.0, 1.0),
                  negative_prompt: str | Sequence[str] | None = None, batch_size: int | None = None,
-                 progress: bool = False, return_latents: bool = False) -> np.ndarray:
+                 progress: bool = False, return_latents: bool = False,
+                 on_batch: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray | None:
         """Sample ``plan`` for every prompt and seed: ``uint8 (len(prompts) * seeds, T, height, width, 3)``.
 
         ``seed``: an int (sample ``j`` of each prompt uses ``seed + j``, ``j < num_per_prompt``)
@@ -309,9 +311,13 @@ class TextToVideo:
         to rounding (other batch shapes run other kernels: at most 1/255 in a few values).
         ``negative_prompt`` (one string, or one per prompt): what guidance steers away from, read by its
         unconditional branch in place of the empty prompt (None, or ""); it needs ``guidance != 1``.
-        ``batch_size`` caps clips per compiled call (with a mesh, rounded up to a
-        multiple of its data-parallel devices); ``progress`` shows a tqdm bar;
+        ``batch_size`` caps clips per compiled call (None: ``DEFAULT_BATCH_SIZE``, 8, so a long list is
+        sampled a batch at a time, never all at once; with a mesh, rounded up to a multiple of its
+        data-parallel devices); prompts are encoded a batch at a time too. ``progress`` shows a tqdm bar;
         ``return_latents`` returns the normalised latents ``(N, L, h, w, c)`` undecoded.
+        ``on_batch(first, clips)`` is called as each batch is done, with the index of its first clip and
+        its clips (or latents); they are then not kept and None is returned, so a caller can write a long
+        list as it goes (an error loses at most the batch it stopped in) without holding it in memory.
         """
         if isinstance(prompts, (bytes, bytearray)):  # a sequence of ints to Python: "prompt 1 is a int (97)"
             raise ValueError("prompts are bytes; decode them to a string first (prompts.decode())")
@@ -324,46 +330,54 @@ class TextToVideo:
         sampler = self.defaults["sampler"] if sampler is None else sampler  # sample() checks the name
         if steps < 1:
             raise ValueError(f"steps={steps} must be at least 1")
-        if batch_size is not None:
-            batch_size = positive_whole_number(batch_size, "batch_size", ", or None for one batch")
+        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else positive_whole_number(
+            batch_size, "batch_size", f", or None for {DEFAULT_BATCH_SIZE} at a time")
         check_guidance(guidance, guidance_interval)
         negatives = negative_prompts(negative_prompt, prompts, guidance)
-        emb = encode_prompts(self.text, prompts)
+        check_prompts(prompts)
+        warn_truncated(self.text, prompts)
+        if negatives is not None:
+            warn_truncated(self.text, negatives, "negative prompt")
         sf = self.vae.config.spatial_factor
         shape = (plan.latent_frames, height // sf, width // sf, self.vae.config.latent_channels)
-        shift = self._shift(shape)
         cases = [(p, s) for p in range(len(prompts)) for s in seeds]
-        batch = min(batch_size or len(cases), len(cases))
+        batch = min(batch_size, len(cases))
         if self.mesh is not None:  # padded to split evenly over the data-parallel devices (else all would run all)
             ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
             batch = -(-batch // ways) * ways
-        if negatives is None:  # every row's unconditional branch reads the empty prompt
-            empty = text_context(self.text.encode([""] * batch))
-        else:
-            negative_emb = encode_prompts(self.text, negatives, "negative prompt")
+        sample = dict(steps=steps, sampler=sampler, guidance=guidance, interval=tuple(guidance_interval),
+                      shift=self._shift(shape), t_start=plan.t_start, tie=plan.tie, progress=progress)
         out = []
         with ProgressBar(progress, steps * math.ceil(len(cases) / batch)) as bar, on_sampler_step(bar):
             for start in range(0, len(cases), batch):
                 chunk = cases[start:start + batch]
                 chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # pad: one compiled shape, dropped below
-                rows = np.array([p for p, _ in chunk])
-                context = text_context(_rows(emb, rows))
-                uncond = empty if negatives is None else text_context(_rows(negative_emb, rows % len(negatives)))
-                x_start = seeded_noise(jnp.asarray([s for _, s in chunk], jnp.uint32), shape)
-                if plan.clean is not None:
-                    x_start = noise_latents(jnp.broadcast_to(plan.clean, x_start.shape), x_start, plan.t_start)
-                if plan.mask is not None:
-                    known = plan.known if plan.known is not None else np.zeros((1, *shape), np.float32)
-                    context["cond_latents"] = jnp.broadcast_to(jnp.asarray(known), x_start.shape)
-                    context["cond_mask"] = jnp.broadcast_to(jnp.asarray(plan.mask), x_start.shape[:2])
-                if self.mesh is not None:
-                    context, uncond, x_start = self._shard((context, uncond, x_start))
-                z = sample_latents(self.dit, self.dit_params, context, uncond, x_start, steps=steps,
-                                   sampler=sampler, guidance=guidance, interval=tuple(guidance_interval), shift=shift,
-                                   t_start=plan.t_start, tie=plan.tie, progress=progress)
-                out.append((np.asarray(z) if return_latents else self.decode(z))[:len(cases) - start])
-        clips = np.concatenate(out)
-        return clips[:, :plan.keep_frames] if plan.keep_frames and not return_latents else clips
+                # Each row's unconditional branch reads the empty prompt unless a negative prompt replaces it.
+                uncond = [""] * batch if negatives is None else [negatives[p % len(negatives)] for p, _ in chunk]
+                inputs = self._batch_inputs(plan, shape, [prompts[p] for p, _ in chunk], uncond, [s for _, s in chunk])
+                z = sample_latents(self.dit, self.dit_params, *inputs, **sample)
+                clips = (np.asarray(z) if return_latents else self.decode(z))[:len(cases) - start]
+                clips = clips[:, :plan.keep_frames] if plan.keep_frames and not return_latents else clips
+                if on_batch is None:
+                    out.append(clips)
+                else:
+                    on_batch(start, clips)
+        return None if on_batch is not None else np.concatenate(out)
+
+    def _batch_inputs(self, plan: Plan, shape, prompts: list[str], uncond: list[str], seeds: list[int]):
+        """One batch's contexts (its prompts, and what each row's unconditional branch reads) and starting latents,
+        on the mesh if there is one. The encoder gives a prompt the same embedding in any batch."""
+        context, uncond = text_context(self.text.encode(prompts)), text_context(self.text.encode(uncond))
+        x_start = seeded_noise(jnp.asarray(seeds, jnp.uint32), shape)
+        if plan.clean is not None:
+            x_start = noise_latents(jnp.broadcast_to(plan.clean, x_start.shape), x_start, plan.t_start)
+        if plan.mask is not None:
+            known = plan.known if plan.known is not None else np.zeros((1, *shape), np.float32)
+            context["cond_latents"] = jnp.broadcast_to(jnp.asarray(known), x_start.shape)
+            context["cond_mask"] = jnp.broadcast_to(jnp.asarray(plan.mask), x_start.shape[:2])
+        if self.mesh is not None:
+            return self._shard((context, uncond, x_start))
+        return context, uncond, x_start
 
     def _shard(self, tree):
         """Batch split over the mesh's data axes (``generate`` pads it to a multiple of them)."""
@@ -372,11 +386,6 @@ class TextToVideo:
     def _shift(self, latent_shape) -> float:
         """The timestep shift training used, for this clip's token count when it is ``"auto"``."""
         return resolve_shift(self.config.get("flow", {}).get("shift", "auto"), latent_shape, self.dit.config.patch)
-
-
-def _rows(embeddings, rows: np.ndarray):
-    """The ``TextEmbeddings`` of prompts ``rows`` (one per clip of a batch)."""
-    return type(embeddings)(*(np.asarray(a)[rows] for a in embeddings))
 
 
 def _context_latents(frames: int, direction: str, tf: int, most: int) -> int:

@@ -78,6 +78,11 @@ def _video_tail(path, count: int) -> np.ndarray:
         span *= 4
 
 
+# Clips per compiled sampling call when ``batch_size`` is None (and ``vidiff generate --batch-size``'s default):
+# a long prompt list sampled at once asked the device for all of its clips' memory and ran out.
+DEFAULT_BATCH_SIZE = 8
+
+
 def whole_number(value, name: str) -> int:
     """``value`` as an int if it is one (a Python or numpy integer), else a one-line ``ValueError``.
 
@@ -171,17 +176,14 @@ def negative_prompts(negative, prompts: Sequence[str], guidance: float) -> list[
     return negatives
 
 
-def encode_prompts(text, prompts: Sequence[str], what: str = "prompt"):
-    """``TextEmbeddings`` of ``prompts`` from encoder ``text``: empty prompts are errors (negative prompts may be
-    empty: the empty prompt), over-long ones are truncated with a warning saying what the model reads."""
-    if what == "prompt":
-        check_prompts(prompts)
-    emb = text.encode(list(prompts))
-    for i in np.nonzero(emb.truncated)[0]:
-        kept = text.tokenizer.hf.decode(text.tokenize([prompts[i]]).ids[0], skip_special_tokens=True)
+def warn_truncated(text, prompts: Sequence[str], what: str = "prompt") -> None:
+    """A warning for each of ``prompts`` longer than encoder ``text`` reads, saying what it reads: from the
+    tokenizer alone, so every warning comes before sampling, though prompts are encoded a batch at a time."""
+    tokens = text.tokenize(list(prompts))
+    for i in np.nonzero(tokens.truncated)[0]:
+        kept = text.tokenizer.hf.decode(tokens.ids[i], skip_special_tokens=True)
         warnings.warn(f"{prompt_name(prompts, i, what)} is longer than the text encoder's {text.max_length} "
                       f"tokens; the model reads only {kept!r}", stacklevel=3)
-    return emb
 
 
 class ProgressBar:
