@@ -57,6 +57,45 @@ def test_writes_videos_gifs_grids_and_images(model, tmp_path, capsys, monkeypatc
     assert np.asarray(Image.open(tmp_path / "vidiff.png")).shape == (16, 32, 3)
 
 
+def test_clips_are_sampled_and_written_a_batch_at_a_time(model, tmp_path, capsys, monkeypatch):
+    """5000 prompts were sampled in one batch, which ran out of device memory after minutes, with no file written:
+    now --batch-size clips at a time, each batch's files written before the next is sampled, and running out of
+    memory is one line that says what to lower and what was written."""
+    import jax
+
+    import vidiff.pipeline
+
+    prompts = [PROMPT, "a blue square moving up", "a green triangle moving right"]
+    sample_latents, batches = vidiff.pipeline.sample_latents, []
+
+    def spy(*args, **kwargs):  # the clips written when each batch starts, and its size
+        batches.append((sorted(p.name for p in tmp_path.glob("*/*.mp4")), args[4].shape[0]))
+        if len(batches) == 3:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 62060840000 bytes.")
+        return sample_latents(*args, **kwargs)
+
+    monkeypatch.setattr(vidiff.pipeline, "sample_latents", spy)
+    code, out, err = generate(capsys, *prompts, "--checkpoint", model, "--steps", 2, "--quiet", "--batch-size", 2,
+                              "--out", tmp_path / "a" / "demo.mp4", "--grid", tmp_path / "grid.png")
+    assert code == 0, err
+    assert batches == [([], 2), (["demo_0.mp4", "demo_1.mp4"], 2)]  # the last batch padded to one compiled shape
+    assert [line.split("  ")[0] for line in out.splitlines()] == [
+        f"wrote {tmp_path / 'a' / f'demo_{k}.mp4'}" for k in range(3)] + [f"wrote {tmp_path / 'grid.png'}"]
+    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (3 * 18 + 2, 9 * 18 + 2, 3)  # every batch's clips
+    batches.clear()  # batch 3 runs out of memory
+    code, out, err = generate(capsys, *prompts, "--checkpoint", model, "--steps", 2, "--quiet", "--batch-size", 1,
+                              "--out", tmp_path / "b" / "demo.mp4")
+    assert code == 2 and err.strip() == (
+        "vidiff generate: error: the device ran out of memory sampling 1 clip(s) at once; lower --frames, --height "
+        "or --width; the first 2 of 3 clip(s) were written")
+    from vidiff.generate import _out_of_memory
+
+    assert _out_of_memory(8, 16, 5000) == ("the device ran out of memory sampling 8 clip(s) at once; lower "
+                                           "--batch-size (or --frames, --height, --width); the first 16 of 5000 "
+                                           "clip(s) were written")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["demo_0.mp4", "demo_1.mp4"]
+
+
 def test_scan_blocks_flag_loads_the_dit_scanned_and_writes_the_same_image(model, tmp_path, capsys, monkeypatch):
     import vidiff.pipeline
 
@@ -138,6 +177,7 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
     ([PROMPT, "--image", "{image}", "--frames", "1"], "--image with --frames 1 leaves nothing to animate (the image "
      "is the first frame); ask for more frames"),
     ([PROMPT, "--num", "0"], "--num=0 must be at least 1"),
+    ([PROMPT, "--batch-size", "0"], "--batch-size=0 must be at least 1"),
     ([PROMPT, "--out", "{root}/notes.mp4/demo.mp4"], "cannot write {root}/notes.mp4/demo.mp4: {root}/notes.mp4 is a "
      "file, not a folder; choose another output path"),  # was "File exists"
     ([PROMPT, "--out", ""], "--out is empty; give a file name such as demo.mp4 (without --out: vidiff.mp4)"),

@@ -22,7 +22,7 @@ import numpy as np
 from vidiff import io
 from vidiff.cli_flags import add_scan_blocks_flag, check_sampling_flags, check_writable, one_line_warnings
 from vidiff.diffusion.samplers import SAMPLERS
-from vidiff.pipeline_inputs import check_prompts, check_utf8
+from vidiff.pipeline_inputs import DEFAULT_BATCH_SIZE, check_prompts, check_utf8
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
 
@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "0.0001 to 10^6, .webm: 0.0001 to 1000); default: the input video's rate with --extend, "
                         "--edit or --connect (A's), else 8")
     parser.add_argument("--grid", help="also write one image with every frame (a row per clip)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips sampled at once, each "
+                        "written as its batch finishes; lower it if the device runs out of memory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_scan_blocks_flag(parser)
     mode = parser.add_mutually_exclusive_group()
@@ -70,16 +72,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the request, load the model, generate, write every file and say where."""
+    """Check the request, load the model, generate a batch at a time, write each file as its batch is done and say
+    where (then the grid)."""
     outputs, fps = _check_request(args)
 
     from vidiff.pipeline import TextToVideo
 
     pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks)
+    writer = _Writer(args, outputs, fps)
     with one_line_warnings("vidiff generate"):
-        clips = _generate(pipe, args)
-    _write(args, outputs, clips, fps)
+        try:
+            _generate(pipe, args, on_batch=writer)
+        except RuntimeError as e:  # jax's JaxRuntimeError; the files already written stay
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            raise ValueError(_out_of_memory(min(args.batch_size, len(outputs)), writer.written, len(outputs))) from None
+    writer.write_grid()
     return 0
+
+
+def _out_of_memory(batch: int, written: int, total: int) -> str:
+    """What to lower, and what was kept: a long run's files are written as it goes."""
+    lower = "--batch-size (or --frames, --height, --width)" if batch > 1 else "--frames, --height or --width"
+    return (f"the device ran out of memory sampling {batch} clip(s) at once; lower {lower}; the first {written} of "
+            f"{total} clip(s) were written")
 
 
 def _check_request(args) -> tuple[list[Path], float]:
@@ -92,6 +108,8 @@ def _check_request(args) -> tuple[list[Path], float]:
     _check_negative(args)
     if args.num < 1:
         raise ValueError(f"--num={args.num} must be at least 1")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size} must be at least 1")
     if not 0 <= args.seed <= 2**32 - args.num:  # the noise is keyed by a uint32 per clip
         raise ValueError(f"--seed={args.seed} must be in [0, 2**32 - --num]")
     if args.fps is not None and not 0.0 < args.fps < math.inf:
@@ -118,12 +136,14 @@ def _output_fps(args, outputs: list[Path]) -> float:
     return fps
 
 
-def _generate(pipe, args) -> np.ndarray:
-    """The clips of the mode the flags pick: ``(len(prompts) * num, frames, height, width, 3)`` uint8."""
+def _generate(pipe, args, on_batch) -> None:
+    """The clips of the mode the flags pick, ``len(prompts) * num`` of them, to ``on_batch(first, clips)`` a
+    ``--batch-size`` batch at a time (``uint8 (batch, frames, height, width, 3)``)."""
     prompts = args.prompts
     size = dict(num_frames=args.frames, height=args.height, width=args.width)
     sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
-                    num_per_prompt=args.num, negative_prompt=args.negative, progress=not args.quiet)
+                    num_per_prompt=args.num, negative_prompt=args.negative, progress=not args.quiet,
+                    batch_size=args.batch_size, on_batch=on_batch)
     if args.image:
         return pipe.image_to_video(prompts, args.image, **size, **sampling)
     if args.extend:
@@ -139,18 +159,34 @@ def _generate(pipe, args) -> np.ndarray:
     return pipe(prompts, **size, **sampling)
 
 
-def _write(args, outputs: list[Path], clips: np.ndarray, fps: float) -> None:
-    """Each clip to its file (a one-frame clip to a .png as an image), then the grid; one line per file."""
-    for k, (path, clip) in enumerate(zip(outputs, clips)):
-        prompt, seed = args.prompts[k // args.num], args.seed + k % args.num
-        if len(clip) == 1 and path.suffix.lower() == ".png":
-            io.write_image(path, clip[0])
-        else:
-            io.write_video(path, clip, fps)
-        print(f"wrote {path}  ({len(clip)} frames, {clip.shape[1]}x{clip.shape[2]}, seed {seed}, {prompt!r})")
-    if args.grid is not None:
+class _Writer:
+    """``on_batch`` for :func:`_generate`: each clip to its file as its batch is done (a one-frame clip to a .png as
+    an image), one line per file; the clips are kept only for ``--grid``, written last."""
+
+    def __init__(self, args, outputs: list[Path], fps: float):
+        self.args, self.outputs, self.fps = args, outputs, fps
+        self.written, self.kept = 0, []
+
+    def __call__(self, first: int, clips: np.ndarray) -> None:
+        args = self.args
+        for k, clip in enumerate(clips, start=first):
+            path, prompt, seed = self.outputs[k], args.prompts[k // args.num], args.seed + k % args.num
+            if len(clip) == 1 and path.suffix.lower() == ".png":
+                io.write_image(path, clip[0])
+            else:
+                io.write_video(path, clip, self.fps)
+            print(f"wrote {path}  ({len(clip)} frames, {clip.shape[1]}x{clip.shape[2]}, seed {seed}, {prompt!r})",
+                  flush=True)
+            self.written += 1
+        if args.grid is not None:
+            self.kept.append(clips)
+
+    def write_grid(self) -> None:
+        if self.args.grid is None:
+            return
+        clips = np.concatenate(self.kept)
         grid = io.frame_grid(np.concatenate(list(clips)), columns=clips.shape[1])
-        print(f"wrote {io.write_image(args.grid, grid)}  (grid: {len(clips)} clip(s) x {clips.shape[1]} frames)")
+        print(f"wrote {io.write_image(self.args.grid, grid)}  (grid: {len(clips)} clip(s) x {clips.shape[1]} frames)")
 
 
 def _warn_if_unquoted(prompts: list[str]) -> None:
