@@ -503,6 +503,30 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
     (damaged / "vidiff.json").write_text("{'vae': true}")
     with pytest.raises(ValueError, match=r"vidiff.json is not valid JSON \(.*line 1 column 2.*\); restore it"):
         TextToVideo.from_checkpoint(damaged)
+    restore = "restore it from the export or export again"
+    for text, why in (("[1, 2]", "holds an array, not the JSON object vidiff exports"),
+                      ("null", "holds null, not the JSON object vidiff exports"),
+                      ("[" * 100_000 + "]" * 100_000, "is not valid JSON (nested too deeply)")):  # json recurses
+        (damaged / "vidiff.json").write_text(text)
+        with pytest.raises(ValueError, match=f"^{re.escape(f'{damaged}/vidiff.json {why}; {restore}')}$"):
+            TextToVideo.from_checkpoint(damaged)
+
+
+def test_dit_weights_flax_cannot_nest_are_unreadable(tmp_path):
+    """safetensors keys no nested dict flattens to, named as a damaged file rather than failing inside flax."""
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), model)
+    path = model / "dit.safetensors"
+    weights = load_file(str(path))
+    unreadable = f"^{re.escape(str(path))} is not a readable safetensors file \\(%s\\); copy or export it again$"
+    save_file({**weights, "params/blocks_0": np.zeros(3, np.float32)}, str(path))
+    with pytest.raises(ValueError, match=unreadable % "'params/blocks_0' is both a tensor and a folder of tensors"):
+        TextToVideo.from_checkpoint(model)
+    save_file({k.replace("params/", "weights/"): v for k, v in weights.items()}, str(path))
+    with pytest.raises(ValueError, match=unreadable % "no tensors under params/"):
+        TextToVideo.from_checkpoint(model)
 
 
 def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog):

@@ -36,6 +36,8 @@ RETRAIN_DIT = "train the DiT again: delete its run (<workdir>/dit), then `vidiff
 DIT_VAE = "dit_vae_sha256"  # vidiff.json: the VAE (sha256 of vae.safetensors) the DiT there was trained with
 
 log = logging.getLogger("vidiff.models")
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+               type(None): "null"}  # what json.loads returns, in JSON's words
 
 
 def save_tree(path, tree) -> Path:
@@ -68,9 +70,28 @@ def load_tree(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; is {path.parent} a vidiff model directory?")
     try:
-        return traverse_util.unflatten_dict(load_file(str(path)), sep="/")
+        flat = load_file(str(path))
     except SafetensorError as error:  # a copy cut short or another file under this name
-        raise ValueError(f"{path} is not a readable safetensors file ({error}); copy or export it again") from None
+        raise unreadable(path, error) from None
+    if clash := _tensor_and_folder(flat):  # unflatten_dict would fail inside flax (an IndexError)
+        raise unreadable(path, f"{clash!r} is both a tensor and a folder of tensors")
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def unreadable(path, why) -> ValueError:
+    """The one-line error for a weights file vidiff cannot read back: damaged, or not one ``save_tree`` wrote."""
+    return ValueError(f"{path} is not a readable safetensors file ({why}); copy or export it again")
+
+
+def _tensor_and_folder(flat: dict) -> str | None:
+    """A key that is also the folder of another (``a/b`` and ``a/b/c``), which no nested dict flattens to."""
+    return next((k for key in flat for k in _folders(key) if k in flat), None)
+
+
+def _folders(key: str):
+    """``a/b/c`` -> ``a``, ``a/b``."""
+    parts = key.split("/")
+    return ("/".join(parts[:i]) for i in range(1, len(parts)))
 
 
 def save_manifest(directory, manifest: dict) -> Path:
@@ -92,9 +113,16 @@ def read_manifest(directory) -> dict:
     if not path.is_file():
         raise ValueError(f"{directory} is not a vidiff model directory (no {MANIFEST}); export one with vidiff train")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except ValueError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); restore it from the export or export again") from None
+    except RecursionError:  # json's decoder recurses once per nested bracket
+        raise ValueError(f"{path} is not valid JSON (nested too deeply); restore it from the export or export "
+                         "again") from None
+    if not isinstance(manifest, dict):  # every reader asks it for fields
+        raise ValueError(f"{path} holds {_JSON_KINDS[type(manifest)]}, not the JSON object vidiff exports; restore "
+                         "it from the export or export again")
+    return manifest
 
 
 def file_sha256(path) -> str:
@@ -175,7 +203,11 @@ def load_vae(directory) -> dict:
 def load_dit(directory) -> dict:
     """The DiT params of an exported model, as jax arrays."""
     read_manifest(directory)
-    return jax.tree.map(jax.numpy.asarray, load_tree(Path(directory) / "dit.safetensors")["params"])
+    path = Path(directory) / "dit.safetensors"
+    tree = load_tree(path)
+    if not isinstance(tree.get("params"), dict):  # export_dit writes every tensor under params/
+        raise unreadable(path, "no tensors under params/")
+    return jax.tree.map(jax.numpy.asarray, tree["params"])
 
 
 @functools.lru_cache(maxsize=8)
