@@ -504,12 +504,51 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"vidiff.json is not valid JSON \(.*line 1 column 2.*\); restore it"):
         TextToVideo.from_checkpoint(damaged)
     restore = "restore it from the export or export again"
+    (damaged / "vidiff.json").write_text(json.dumps({"dit": True, "config": [1]}))
+    with pytest.raises(ValueError, match="vidiff.json lacks config field.s. text.encoder, text.max_length, vae.preset"):
+        TextToVideo.from_checkpoint(damaged)
     for text, why in (("[1, 2]", "holds an array, not the JSON object vidiff exports"),
                       ("null", "holds null, not the JSON object vidiff exports"),
                       ("[" * 100_000 + "]" * 100_000, "is not valid JSON (nested too deeply)")):  # json recurses
         (damaged / "vidiff.json").write_text(text)
         with pytest.raises(ValueError, match=f"^{re.escape(f'{damaged}/vidiff.json {why}; {restore}')}$"):
             TextToVideo.from_checkpoint(damaged)
+
+
+@pytest.mark.parametrize("field, value, fix", [
+    ("text.encoder", 7, "use a text encoder's name, e.g. 'minilm' or 'bert:<dir>'"),
+    ("text.max_length", "24", "use an int from 1 to 8192 (tokens per caption)"),
+    ("text.batch_size", 10 ** 7, "use an int from 1 to 4096 (captions per text-encoder call)"),
+    ("text.batch_size", "abc", "use an int from 1 to 4096 (captions per text-encoder call)"),
+    ("vae.preset", ["tiny"], "use a preset's name, e.g. 'tiny'"),
+    ("dit.overrides", None, 'use an object of config fields, e.g. {"depth": 4}'),
+    ("data.size", 10 ** 6, "use a side or [height, width], ints from 1 to 8192"),
+    ("data.size", [16, -32], "use a side or [height, width], ints from 1 to 8192"),
+    ("data.num_frames", 17.5, "use an int from 1 to 10000"),
+    ("data.num_frames", "17x", "use an int from 1 to 10000"),
+    ("data.num_frames", 0, "use an int from 1 to 10000"),
+    ("sample.steps", 10 ** 9, "use an int from 1 to 10000"),
+    ("sample.sampler", "magic", "use one of euler, heun, dpmpp_2m"),
+    ("sample.guidance", float("nan"), "use a finite number (1 = no guidance)"),
+    ("flow.shift", 0, "use a number > 0 or 'auto'"),
+    ("data.num_frames", 8, "use 1 + 4k frames (what this model makes)"),  # the tiny model's VAE: tf = 4
+    ("data.size", [16, 20], "use a height that is a multiple of 8 and a width of 8 (VAE spatial factor x DiT "
+                            "patch)"),
+])
+def test_vidiff_json_fields_are_checked_at_load(tmp_path, field, value, fix):
+    """What loading and sampling read of vidiff.json, of the wrong type or out of bounds (an edited or damaged
+    file): one line naming the file and the field, before anything loads, rather than a traceback deep inside a
+    library, a run that fills the memory, or an error blaming a flag the user never passed."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), model)
+    manifest = json.loads((model / "vidiff.json").read_text())
+    section, key = field.split(".")
+    manifest["config"][section][key] = value
+    (model / "vidiff.json").write_text(json.dumps(manifest))
+    want = (f"{model}/vidiff.json: config.{field}={value!r} is invalid; {fix}, or re-export the model with "
+            "`vidiff train`")
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        TextToVideo.from_checkpoint(model)
 
 
 def test_dit_weights_flax_cannot_nest_are_unreadable(tmp_path):

@@ -2,8 +2,8 @@
 
 ``vidiff train`` writes ``<workdir>/export`` (``vidiff.models.export``: safetensors + ``vidiff.json``); this
 builds the VAE, the DiT and the text encoder its config names and loads their weights. What does not fit
-(no DiT, config fields missing, weights of another shape, a DiT trained on another VAE) is one line naming
-the directory and the fix, before anything samples.
+(no DiT, config fields missing, of the wrong type or out of bounds, weights of another shape, a DiT trained
+on another VAE) is one line naming the directory or file and the fix, before anything samples.
 """
 from __future__ import annotations
 
@@ -13,13 +13,23 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from vidiff.checks import config_int, field_checker, finite_number
+from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.models.block_layout import with_block_layout
 from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.export import MANIFEST, check_dit_vae, load_dit, load_vae, read_manifest, variable_shapes
-from vidiff.models.vae import VideoVAE, vae_preset
+from vidiff.models.vae import VideoVAE, latent_count, vae_preset
 
 REQUIRED_FIELDS = (("text", "encoder"), ("text", "max_length"), ("vae", "preset"), ("dit", "preset"), ("data", "size"),
                    ("data", "num_frames"))
+# Bounds on the numbers sampling takes from vidiff.json. `vidiff train` checked its config, but an edited or
+# damaged file is read as is: a side of 10^6 asked numpy for 990 GiB, 10^7 frames filled the host's memory,
+# 10^7 captions per encoder call aborted. Each bound is far past what a model trains on or samples with.
+MAX_SIDE = 8192  # pixels per side: 8K, past the sizes video diffusion models train at
+MAX_FRAMES = 10_000  # 7 minutes at 24 fps
+MAX_STEPS = 10_000  # sampler steps; the samplers converge in tens to hundreds
+MAX_TEXT_TOKENS = 8192  # BERT and MiniLM embed 512 positions, CLIP 77; T5 has no limit, but attends quadratically
+MAX_TEXT_BATCH = 4096  # captions per encoder call: every prompt batch is padded to it
 
 
 def load_export(directory: Path, scan_blocks: bool | None = None) -> dict:
@@ -32,14 +42,16 @@ def load_export(directory: Path, scan_blocks: bool | None = None) -> dict:
     if not manifest.get("dit") or not (directory / "dit.safetensors").is_file():
         raise ValueError(f"{directory} holds no trained DiT (dit.safetensors); train one with "
                          "`vidiff train --config ... --model dit`")
-    config = manifest.get("config") or {}
-    if missing := [f for f in REQUIRED_FIELDS if f[1] not in (config.get(f[0]) or {})]:
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    if missing := [f for f in REQUIRED_FIELDS if not isinstance(config.get(f[0]), dict) or f[1] not in config[f[0]]]:
         raise ValueError(f"{directory}/vidiff.json lacks config field(s) {', '.join('.'.join(f) for f in missing)}; "
                          "re-export the model with vidiff train")
+    need = _config_checker(config, directory / MANIFEST)
+    _check_config(config, need)
     # The batch training encoded captions in: a caption's embedding never depends on what was encoded with it,
     # up to the rounding of another batch shape (1e-6), which this avoids.
     text = _text_encoder(config["text"]["encoder"], config["text"]["max_length"],
-                         int(config["text"].get("batch_size") or 1))
+                         config["text"].get("batch_size") or 1)
     vae = VideoVAE(vae_preset(config["vae"]["preset"], **config["vae"].get("overrides", {})))
     overrides = dict(config["dit"].get("overrides", {}))
     if overrides.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
@@ -47,6 +59,7 @@ def load_export(directory: Path, scan_blocks: bool | None = None) -> dict:
     dit = VideoDiT(dit_preset(config["dit"]["preset"], **{
         "text_dim": text.dim, "pooled_dim": text.pooled_dim, "latent_channels": vae.config.latent_channels,
         **overrides, **({} if scan_blocks is None else {"scan_blocks": scan_blocks})}))
+    _check_trained_clip(config, vae, dit, need)
     vae_variables = _fitting(load_vae(directory), vae, directory / "vae.safetensors")
     check_dit_vae(directory, manifest)  # a DiT trained on another VAE's latents makes noise
     dit_params = with_block_layout(load_dit(directory), dit.config)
@@ -60,6 +73,65 @@ def _check_not_workdir(directory: Path) -> None:
     if not (directory / MANIFEST).is_file() and (directory / "export" / MANIFEST).is_file():
         raise ValueError(f"{directory} is a training workdir, not a model directory; pass its export: "
                          f"--checkpoint {directory / 'export'}")
+
+
+def _config_checker(config: dict, path: Path):
+    """``need(ok, field, fix)``: a one-line error naming ``path`` (vidiff.json), the field and its value."""
+    def get(field: str):
+        return functools.reduce(lambda section, key: section[key], field.split("."), config)
+
+    check = field_checker(f"{path}: config", get)
+    return lambda ok, field, fix: check(ok, field, f"{fix}, or re-export the model with `vidiff train`")
+
+
+def _check_config(config: dict, need) -> None:
+    """What loading and sampling read of the config, each of its type and within bounds: a wrong one would fail
+    late, deep inside a library (a list preset does not hash, a string max_length is no shape), or run away."""
+    text, data, sample, flow = config["text"], config["data"], config.get("sample", {}), config.get("flow", {})
+    need(isinstance(text["encoder"], str), "text.encoder", "use a text encoder's name, e.g. 'minilm' or 'bert:<dir>'")
+    need(_int_in(text["max_length"], 1, MAX_TEXT_TOKENS), "text.max_length",
+         f"use an int from 1 to {MAX_TEXT_TOKENS} (tokens per caption)")
+    if text.get("batch_size") is not None:  # absent: one caption per call
+        need(_int_in(text["batch_size"], 1, MAX_TEXT_BATCH), "text.batch_size",
+             f"use an int from 1 to {MAX_TEXT_BATCH} (captions per text-encoder call)")
+    for model in ("vae", "dit"):
+        need(isinstance(config[model]["preset"], str), f"{model}.preset", "use a preset's name, e.g. 'tiny'")
+        if "overrides" in config[model]:
+            need(isinstance(config[model]["overrides"], dict), f"{model}.overrides",
+                 "use an object of config fields, e.g. {\"depth\": 4}")
+    size = data["size"]
+    sides = [size] if config_int(size) else size if isinstance(size, list) and len(size) == 2 else [None]
+    need(all(_int_in(side, 1, MAX_SIDE) for side in sides), "data.size",
+         f"use a side or [height, width], ints from 1 to {MAX_SIDE}")
+    need(_int_in(data["num_frames"], 1, MAX_FRAMES), "data.num_frames", f"use an int from 1 to {MAX_FRAMES}")
+    # The sampling defaults: a bad one would be named as if it were a flag the user passed.
+    need(isinstance(sample, dict), "sample", "use an object with steps, sampler and guidance")
+    if "steps" in sample:
+        need(_int_in(sample["steps"], 1, MAX_STEPS), "sample.steps", f"use an int from 1 to {MAX_STEPS}")
+    if "sampler" in sample:
+        need(sample["sampler"] in SAMPLERS, "sample.sampler", f"use one of {', '.join(SAMPLERS)}")
+    if "guidance" in sample:
+        need(finite_number(sample["guidance"]), "sample.guidance", "use a finite number (1 = no guidance)")
+    need(isinstance(flow, dict), "flow", "use an object with shift")
+    if "shift" in flow:
+        need(flow["shift"] == "auto" or (finite_number(flow["shift"]) and flow["shift"] > 0), "flow.shift",
+             "use a number > 0 or 'auto'")
+
+
+def _int_in(value, low: int, high: int) -> bool:
+    return config_int(value) and low <= value <= high
+
+
+def _check_trained_clip(config: dict, vae: VideoVAE, dit: VideoDiT, need) -> None:
+    """The training clip size, what generation makes by default, is one this VAE and DiT make (training
+    checked it; else the first call would blame sizes the user never passed)."""
+    frames, size = config["data"]["num_frames"], config["data"]["size"]
+    tf, (pt, ph, pw), sf = vae.config.time_factor, dit.config.patch, vae.config.spatial_factor
+    need((frames - 1) % tf == 0 and latent_count(frames, tf) % pt == 0, "data.num_frames",
+         f"use 1 + {tf}k frames" + (f" with k + 1 divisible by {pt}" if pt > 1 else "") + " (what this model makes)")
+    height, width = (size, size) if config_int(size) else size
+    need(height % (sf * ph) == 0 and width % (sf * pw) == 0, "data.size",
+         f"use a height that is a multiple of {sf * ph} and a width of {sf * pw} (VAE spatial factor x DiT patch)")
 
 
 @functools.lru_cache(maxsize=4)
