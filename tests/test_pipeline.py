@@ -568,6 +568,42 @@ def test_dit_weights_flax_cannot_nest_are_unreadable(tmp_path):
         TextToVideo.from_checkpoint(model)
 
 
+def test_weights_must_be_finite_floats_and_are_cast_to_the_models_dtype(tmp_path):
+    """Integer, bool or NaN weights have the right shapes and sampled garbage (int32 VAE weights: every pixel
+    128; one NaN DiT tensor: black frames): refused, naming the file and tensor. Half-precision weights load
+    as the float32 the model holds."""
+    from flax import traverse_util
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), model)
+    manifest = json.loads((model / "vidiff.json").read_text())
+    del manifest["dit_vae_sha256"]  # as the bundled model: a changed VAE file is not refused as another VAE
+    (model / "vidiff.json").write_text(json.dumps(manifest))
+    dit_file, vae_file = model / "dit.safetensors", model / "vae.safetensors"
+    dit, vae = load_file(str(dit_file)), load_file(str(vae_file))
+    first = sorted(dit)[0]
+
+    def refused(path, name, why):
+        return f"^{re.escape(f'{path}: tensor {name} holds {why}; copy or export it again')}$"
+
+    floats = "values, not float32, bfloat16 or float16 weights"
+    save_file({k: v.astype(np.int32) for k, v in vae.items()}, str(vae_file))
+    with pytest.raises(ValueError, match=refused(vae_file, sorted(vae)[0], f"int32 {floats}")):
+        TextToVideo.from_checkpoint(model)
+    save_file(vae, str(vae_file))
+    save_file({k: v > 0 for k, v in dit.items()}, str(dit_file))
+    with pytest.raises(ValueError, match=refused(dit_file, first, f"bool {floats}")):
+        TextToVideo.from_checkpoint(model)
+    save_file({**dit, first: dit[first] * np.nan}, str(dit_file))
+    with pytest.raises(ValueError, match=refused(dit_file, first, "NaN or infinite values")):
+        TextToVideo.from_checkpoint(model)
+    save_file({k: v.astype(np.float16) for k, v in dit.items()}, str(dit_file))
+    half = traverse_util.flatten_dict(TextToVideo.from_checkpoint(model).dit_params, sep="/")
+    assert {a.dtype for a in half.values()} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_array_equal(half[first.removeprefix("params/")], dit[first].astype(np.float16))
+
+
 def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog):
     """`vidiff train --model vae` into a workdir whose export holds a DiT keeps that DiT; loading it with the new
     VAE (latents it never saw) fails with a one-line error until the DiT is trained again or the VAE restored."""

@@ -17,7 +17,7 @@ from vidiff.checks import config_int, field_checker, finite_number
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.models.block_layout import with_block_layout
 from vidiff.models.dit import VideoDiT, dit_preset
-from vidiff.models.export import MANIFEST, check_dit_vae, load_dit, load_vae, read_manifest, variable_shapes
+from vidiff.models.export import MANIFEST, check_dit_vae, load_dit, load_vae, read_manifest, variable_specs
 from vidiff.models.vae import VideoVAE, latent_count, vae_preset
 
 REQUIRED_FIELDS = (("text", "encoder"), ("text", "max_length"), ("vae", "preset"), ("dit", "preset"), ("data", "size"),
@@ -143,8 +143,11 @@ def _text_encoder(name: str, max_length: int, batch_size: int):
 
 
 def _fitting(loaded: dict, module, path: Path) -> dict:
-    """``loaded`` if it has the shapes ``module`` initialises, else a one-line error (e.g. an older export)."""
-    if jax.tree.map(np.shape, loaded) != variable_shapes(module):
+    """``loaded`` in the dtypes ``module`` initialises (float32 unless ``param_dtype`` says otherwise; ``load_tree``
+    admits float32, bfloat16 and float16 weights), if it has its shapes, else a one-line error (e.g. an older
+    export)."""
+    specs = variable_specs(module)
+    if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, specs):
         raise ValueError(f"{path} does not fit the model its vidiff.json describes (exported by another vidiff "
                          "version?); re-export it with `vidiff train`")
-    return loaded
+    return jax.tree.map(lambda array, spec: array.astype(spec.dtype), loaded, specs)

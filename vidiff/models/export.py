@@ -36,6 +36,7 @@ RETRAIN_DIT = "train the DiT again: delete its run (<workdir>/dit), then `vidiff
 DIT_VAE = "dit_vae_sha256"  # vidiff.json: the VAE (sha256 of vae.safetensors) the DiT there was trained with
 
 log = logging.getLogger("vidiff.models")
+FLOAT_WEIGHTS = (np.float32, jnp.bfloat16, np.float16)  # what load_tree reads; loaders cast to their model's dtype
 _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
                type(None): "null"}  # what json.loads returns, in JSON's words
 
@@ -75,7 +76,21 @@ def load_tree(path) -> dict:
         raise unreadable(path, error) from None
     if clash := _tensor_and_folder(flat):  # unflatten_dict would fail inside flax (an IndexError)
         raise unreadable(path, f"{clash!r} is both a tensor and a folder of tensors")
+    _check_weights(path, flat)
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _check_weights(path: Path, flat: dict) -> None:
+    """Every tensor floating-point and finite, as ``save_tree`` writes a model's (training refuses to export
+    non-finite ones), else a one-line error naming it: integer or bool weights (a cast copy) and a NaN or inf
+    (a damaged file) have the right shapes and sample garbage (int32 VAE weights decoded every pixel to 128,
+    one NaN DiT tensor every frame to black). Checked here, on the host, before any of it is a device array."""
+    for name, array in flat.items():
+        if array.dtype not in FLOAT_WEIGHTS:
+            raise ValueError(f"{path}: tensor {name} holds {array.dtype} values, not float32, bfloat16 or float16 "
+                             "weights; copy or export it again")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{path}: tensor {name} holds NaN or infinite values; copy or export it again")
 
 
 def unreadable(path, why) -> ValueError:
@@ -211,11 +226,17 @@ def load_dit(directory) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def variable_shapes(module) -> dict:
-    """Shapes of every variable ``module.init`` creates (a ``VideoVAE`` or ``VideoDiT``), what a loaded
-    export must match; traced once per architecture (~2 s for a VAE), nothing allocated."""
+def variable_specs(module) -> dict:
+    """Shape and dtype (``jax.ShapeDtypeStruct``) of every variable ``module.init`` creates (a ``VideoVAE`` or
+    ``VideoDiT``), what a loaded export must match; traced once per architecture (~2 s for a VAE), nothing
+    allocated."""
     if isinstance(module, VideoVAE):  # one latent cell is the smallest clip it takes
         example = [jnp.zeros((1, 1, module.config.spatial_factor, module.config.spatial_factor, 3))]
     else:
         example = dummy_inputs(module.config)
-    return jax.tree.map(np.shape, nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *example)))
+    return nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *example))
+
+
+def variable_shapes(module) -> dict:
+    """The shapes of :func:`variable_specs`."""
+    return jax.tree.map(np.shape, variable_specs(module))
