@@ -99,9 +99,7 @@ def _check_config(config: dict, need) -> None:
         if "overrides" in config[model]:
             need(isinstance(config[model]["overrides"], dict), f"{model}.overrides",
                  "use an object of config fields, e.g. {\"depth\": 4}")
-    size = data["size"]
-    sides = [size] if config_int(size) else size if isinstance(size, list) and len(size) == 2 else [None]
-    need(all(_int_in(side, 1, MAX_SIDE) for side in sides), "data.size",
+    need(all(_int_in(side, 1, MAX_SIDE) for side in _sides(data["size"])), "data.size",
          f"use a side or [height, width], ints from 1 to {MAX_SIDE}")
     need(_int_in(data["num_frames"], 1, MAX_FRAMES), "data.num_frames", f"use an int from 1 to {MAX_FRAMES}")
     # The sampling defaults: a bad one would be named as if it were a flag the user passed.
@@ -120,6 +118,13 @@ def _check_config(config: dict, need) -> None:
 
 def _int_in(value, low: int, high: int) -> bool:
     return config_int(value) and low <= value <= high
+
+
+def _sides(size) -> list:
+    """``data.size`` as JSON holds it (a side, or [height, width]) as its sides; ``[None]`` when it is neither."""
+    if config_int(size):
+        return [size]
+    return size if isinstance(size, list) and len(size) == 2 else [None]
 
 
 def _check_trained_clip(config: dict, vae: VideoVAE, dit: VideoDiT, need) -> None:

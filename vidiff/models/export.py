@@ -35,8 +35,9 @@ MANIFEST = "vidiff.json"
 RETRAIN_DIT = "train the DiT again: delete its run (<workdir>/dit), then `vidiff train --config ... --model dit`"
 DIT_VAE = "dit_vae_sha256"  # vidiff.json: the VAE (sha256 of vae.safetensors) the DiT there was trained with
 
-log = logging.getLogger("vidiff.models")
 FLOAT_WEIGHTS = (np.float32, jnp.bfloat16, np.float16)  # what load_tree reads; loaders cast to their model's dtype
+
+log = logging.getLogger("vidiff.models")
 _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
                type(None): "null"}  # what json.loads returns, in JSON's words
 
