@@ -50,3 +50,22 @@ def test_bad_modes_fail_with_the_field_name():
             mode_probabilities(bad)
     with pytest.raises(ValueError, match=r"random_frame_rate=1.5 must be a probability in \[0, 1\]"):
         sample_condition_masks(jax.random.key(0), 2, 5, {"random": 1.0}, random_frame_rate=1.5)
+
+
+def test_masks_are_pinned_and_a_mode_without_one_is_named(monkeypatch):
+    """Masks are built by mode name: the draws are those of the list matched by position, and a mode added to
+    MODES without its mask fails naming it (the list was read past its end: [1 1 1 1 0] for every clip)."""
+    import hashlib
+
+    masks = np.asarray(sample_condition_masks(jax.random.key(3), 12, 5, {m: 1.0 for m in MODES})).astype(int)
+    assert ["".join(map(str, row)) for row in masks] == [
+        "11000", "11110", "10001", "10001", "11110", "00000", "10000", "10111", "00000", "11101", "10000", "10000"]
+    probs = dict(zip(MODES, (0.3, 0.1, 0.2, 0.1, 0.1, 0.2)))
+    for frames, digest in ((2, "6158f27fc42b1865"), (6, "f9348ea00c9cd775"), (9, "fdc5987c21783a0b")):
+        drawn = np.asarray(sample_condition_masks(jax.random.key(7), 64, frames, probs)).astype(np.uint8)
+        assert hashlib.sha256(drawn.tobytes()).hexdigest()[:16] == digest
+    from vidiff.diffusion import conditioning
+
+    monkeypatch.setattr(conditioning, "MODES", (*MODES, "middle"))
+    with pytest.raises(KeyError, match="^'middle'$"):
+        sample_condition_masks(jax.random.key(0), 4, 5, {"middle": 1.0})

@@ -19,7 +19,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-# Order fixes the meaning of a mode's index in the drawn categorical.
+# Order fixes the meaning of a mode's index in the drawn categorical; each mode's mask is built by name in
+# sample_condition_masks.
 MODES = ("none", "first_frame", "first_k", "last_k", "first_last", "random")
 
 
@@ -52,14 +53,17 @@ def sample_condition_masks(key, batch: int, num_frames: int, probs: Mapping[str,
         return jnp.zeros((batch, num_frames), jnp.float32)
     frame = jnp.arange(num_frames)[None, :]
     k = jax.random.randint(key_k, (batch, 1), 1, num_frames)  # in [1, t - 1]
-    masks = jnp.stack([
-        jnp.zeros((batch, num_frames), bool),
-        jnp.broadcast_to(frame == 0, (batch, num_frames)),
-        frame < k,
-        frame >= num_frames - k,
-        jnp.broadcast_to((frame == 0) | (frame == num_frames - 1), (batch, num_frames)),
-        jax.random.bernoulli(key_rand, random_frame_rate, (batch, num_frames)),
-    ], axis=1)  # (B, modes, t)
+    # A new mode goes in MODES and in this dict. Keyed by name, a mode without its mask is a KeyError naming it;
+    # a list matched by position read past its end, which jnp fills (every frame known but the last), silently.
+    by_mode = {
+        "none": jnp.zeros((batch, num_frames), bool),
+        "first_frame": frame == 0,
+        "first_k": frame < k,
+        "last_k": frame >= num_frames - k,
+        "first_last": (frame == 0) | (frame == num_frames - 1),
+        "random": jax.random.bernoulli(key_rand, random_frame_rate, (batch, num_frames)),
+    }
+    masks = jnp.stack([jnp.broadcast_to(by_mode[m], (batch, num_frames)) for m in MODES], axis=1)  # (B, modes, t)
     mask = jnp.take_along_axis(masks, mode[:, None, None], axis=1)[:, 0]
     # Keep one frame to predict: a fully known random mask drops its last frame.
     full = jnp.all(mask, axis=1, keepdims=True)
