@@ -122,6 +122,14 @@ def test_cli_config_file_errors_have_no_traceback(tmp_path):
     ("vae", "vae_train.optim.schedule='linear'", "vae_train.optim.schedule='linear' is invalid; use one of"),
     ("dit", "flow.shift=0.0", r"flow.shift=0.0 is invalid; use a number > 0 \(1 = no shift\) or 'auto'"),
     ("dit", "flow.shift=-2.0", "flow.shift=-2.0 is invalid"),
+    # sample: a typo trained every step, then failed at the first evaluation (or was exported into vidiff.json).
+    ("dit", "sample.sampler='eulr'", r"^sample.sampler='eulr' is invalid; use one of euler, heun, dpmpp_2m "
+     r"\(did you mean 'euler'\?\)$"),
+    ("dit", "sample.sampler='ddim'", "^sample.sampler='ddim' is invalid; use one of euler, heun, dpmpp_2m$"),
+    ("dit", "sample.steps=0", "^sample.steps=0 is invalid; use an int >= 1$"),
+    ("dit", "sample.guidance=1e999", r"^sample.guidance=inf is invalid; use a finite number \(1.0 = no guidance\)$"),
+    ("dit", "sample.prompts=()", r"^sample.prompts=\(\) is invalid; use a list of caption strings, one preview clip "
+     r"each$"),
 ])
 def test_stage_numbers_are_checked_before_compiling(model, override, message):
     config = _config(f"--config.{override}")

@@ -143,8 +143,8 @@ def validate(config, model: str, device_count: int) -> None:
 
     The checks run in this order, which decides the error a config with two
     mistakes gets: the stage's fields and workdir, the data source, the VAE and
-    ``data.size``, the DiT's own settings, every trained clip size, and how the
-    batch splits over the devices.
+    ``data.size``, the DiT's ``sample`` section and own settings, every trained
+    clip size, and how the batch splits over the devices.
     """
     if model not in MODELS:
         raise ValueError(f"model={model!r} is unknown; train one of {MODELS}")
@@ -157,6 +157,8 @@ def validate(config, model: str, device_count: int) -> None:
     _check_world_source(config.data)
     vae_cfg = vae_from_config(config).config
     size = height_width(config.data.size)
+    if model == "dit":
+        _check_sample(config.get("sample"))
     dit_cfg = _check_dit_settings(config) if model == "dit" else None
     _check_clip_sizes(config, model, size, _clip_factors(vae_cfg, dit_cfg))
     _check_batch_split(config, model, device_count)
@@ -170,6 +172,28 @@ def _check_world_source(data) -> None:
         field = given[0]
         raise ValueError(f"data.{field}={data[field]!r} is set but data.source='world' reads no files; "
                          f"set data.source={SOURCE_FIELDS[field]!r} to train on it (or unset data.{field})")
+
+
+def _check_sample(sample) -> None:
+    """``sample``: the preview clips' settings, and the exported model's sampling defaults. A bad one failed at
+    the first evaluation, after the training it cost, or (``eval_every=0``) in every ``vidiff generate`` of it."""
+    import difflib
+
+    from vidiff.checks import config_int, finite_number
+    from vidiff.diffusion.samplers import SAMPLERS
+
+    if sample is None:
+        return
+    need = field_checker("sample", sample.get)
+    prompts = sample.get("prompts")
+    need(isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(p, str) for p in prompts),
+         "prompts", "use a list of caption strings, one preview clip each")
+    need(config_int(sample.get("steps", 20)) and sample.get("steps", 20) >= 1, "steps", "use an int >= 1")
+    sampler = sample.get("sampler", "euler")
+    close = difflib.get_close_matches(sampler, SAMPLERS, n=1) if isinstance(sampler, str) else []
+    need(sampler in SAMPLERS, "sampler", f"use one of {', '.join(SAMPLERS)}"
+         f"{f' (did you mean {close[0]!r}?)' if close else ''}")
+    need(finite_number(sample.get("guidance", 4.0)), "guidance", "use a finite number (1.0 = no guidance)")
 
 
 def _check_dit_settings(config):
