@@ -384,7 +384,26 @@ def test_overrides_refuse_unknown_fields_and_wrong_types():
         config_lib.load_config(WORLD_TINY, ["--config.vae.overrides={}"])
     with pytest.raises(ValueError, match="data.batch_size is a int, got str"):
         config_lib.load_config(WORLD_TINY, ["--config.data.batch_size=many"])
-    assert config_lib.load_config(WORLD_TINY, ["--config.dit.preset=small"]).dit.preset == "small"
+    # A new preset whose own fields the file's overrides set: world_tiny's depth, width and heads made this train
+    # and export a 4 x 128 DiT labelled small, silently. Given on the command line too, they are meant.
+    with pytest.raises(ValueError, match=r"^override '--config.dit.preset=small': the config file's dit.overrides "
+                                         r"set depth=4, width=128, heads=4 over small's own depth=12, width=384, "
+                                         r"heads=6, so the model would not be small; give them on the command line "
+                                         r"too \(--config.dit.overrides.depth=12 --config.dit.overrides.width=384 "
+                                         r"--config.dit.overrides.heads=6 to take small's\) or remove them from the "
+                                         r"file$"):
+        config_lib.load_config(WORLD_TINY, ["--config.dit.preset=small"])
+    with pytest.raises(ValueError, match=r"^override 'vae.preset=base': the config file's vae.overrides set "
+                                         r"base_channels=32, temporal_down=\(False, False\), spatial_down=\(True, "
+                                         r"False\) over base's own base_channels=128, temporal_down=\(False, True, "
+                                         r"True\), spatial_down=\(True, True, True\), .* \(--config.vae.overrides."
+                                         r"base_channels=128 --config.vae.overrides.temporal_down=\(False,True,True\) "
+                                         r"--config.vae.overrides.spatial_down=\(True,True,True\) to take base's\)"):
+        config_lib.load_config(WORLD_TINY, ["vae.preset=base"])  # patch_size and time_kernels: base's are tiny's
+    small = config_lib.load_config(WORLD_TINY, ["--config.dit.preset=small", "--config.dit.overrides.depth=12",
+                                                "--config.dit.overrides.width=384", "--config.dit.overrides.heads=4"])
+    assert (small.dit.preset, small.dit.overrides.depth, small.dit.overrides.heads) == ("small", 12, 4)
+    assert config_lib.load_config(WORLD_TINY, ["--config.dit.preset=tiny"]).dit.overrides.depth == 4  # the file's
     # data.size is an int or a (height, width) pair, as docs/configs.md says, whatever the file's default.
     assert tuple(config_lib.load_config(WORLD_TINY, ["--config.data.size=(32,48)"]).data.size) == (32, 48)
     with pytest.raises(ValueError, match="data.size is a int, got str"):

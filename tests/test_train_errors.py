@@ -662,7 +662,9 @@ def test_resume_with_other_model_settings_names_the_fields(tmp_path):
         preflight.check_resume(checkpointer, 2, changed, "vae")
     assert str(info.value) == (f"{checkpointer.directory / '2'} was written with vae.overrides.base_channels=32 "
                                f"(config now 16); use a new workdir or the original config")
-    preset = json.loads(_config("--config.dit.preset='small'").to_json())
+    preset = _config()
+    preset.dit.preset = "small"  # a config file's (on the command line, world_tiny's overrides refuse it)
+    preset = json.loads(preset.to_json())
     with pytest.raises(ValueError, match=r"was written with dit.preset='tiny' \(config now 'small'\)"):
         preflight.check_resume(checkpointer, 2, preset, "dit")
     text = json.loads(_config("--config.text.encoder='t5:/models/t5'").to_json())

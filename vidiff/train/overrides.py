@@ -1,6 +1,7 @@
 """Command-line overrides of a config: ``--config.a.b=value`` set in place, checked (an unknown path gets
-the name it likely meant; a wrong type, a whole section or a value through ``None`` is refused in one line),
-and remembered, so a run can say when a training stage's own ``data`` replaces one."""
+the name it likely meant; a wrong type, a whole section, a value through ``None`` or a new preset that the
+file's model overrides would shadow is refused in one line), and remembered, so a run can say when a training
+stage's own ``data`` replaces one."""
 from __future__ import annotations
 
 import ast
@@ -17,10 +18,14 @@ _INT_OR_PAIR = (".data.size",)
 # or export records it), so the loop can say when a stage's own data replaces an override of data.
 _OVERRIDDEN = "_vidiff_overridden"
 _MISSING = object()
+_MODELS = ("vae", "dit")  # the sections with a preset and overrides
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """Set ``a.b.c=value`` entries in place, refusing unknown paths and wrong types."""
+    """Set ``a.b.c=value`` entries in place, refusing unknown paths and wrong types, and a new preset whose
+    fields the config file's own overrides would keep (``_check_preset_changes``)."""
+    presets = {model: (config[model].get("preset"), None) for model in _MODELS
+               if isinstance(config.get(model), ml_collections.ConfigDict)}
     for item in overrides:
         text = item[len("--config."):] if item.startswith("--config.") else item.lstrip("-")
         if "=" not in text:
@@ -62,7 +67,53 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         with node.ignore_type(), node.unlocked():
             node[leaf] = value
         object.__setattr__(config, _OVERRIDDEN, {**overridden(config), dotted: value})
+        if dotted in (f"{m}.preset" for m in presets):
+            presets[sections[0]] = (presets[sections[0]][0], item)
+    _check_preset_changes(config, presets)
     return config
+
+
+def _check_preset_changes(config, presets: dict) -> None:
+    """Refuse a preset changed on the command line whose fields the config file's own overrides still set.
+
+    ``dit_preset(preset, **overrides)`` lets the overrides win, so world_tiny's depth, width and heads made
+    ``--config.dit.preset=XL`` train and export its 4 x 128 DiT labelled XL, silently. ``vidiff plan --preset``
+    drops the file's overrides; here each such field must say where it comes from: the preset or the command line.
+    """
+    given = overridden(config)
+    for model, (before, item) in presets.items():
+        preset = config[model].get("preset")
+        if item is None or _same(preset, before):
+            continue
+        changed = _preset_changes(model, before, preset)
+        file_set = dict(config[model].get("overrides") or {})
+        kept = [f for f in changed if f in file_set and f"{model}.overrides.{f}" not in given
+                and not _same(file_set[f], changed[f])]
+        if kept:
+            show = lambda values: ", ".join(f"{f}={values[f]!r}" for f in kept)  # noqa: E731
+            # No spaces in a flag: "(True, False)" would split into two shell words.
+            flags = " ".join(f"--config.{model}.overrides.{f}={changed[f]!r}".replace(" ", "") for f in kept)
+            raise ValueError(f"override {item!r}: the config file's {model}.overrides set {show(file_set)} over "
+                             f"{preset}'s own {show(changed)}, so the model would not be {preset}; give them on the "
+                             f"command line too ({flags} to take {preset}'s) or remove them from the file")
+
+
+def _preset_changes(model: str, before, after) -> dict:
+    """``{field: value}`` of preset ``after`` where it differs from preset ``before`` (every field when ``before``
+    is unknown); ``{}`` when ``after`` is unknown, which building the model names."""
+    from vidiff.models.dit import dit_preset
+    from vidiff.models.vae import vae_preset
+
+    build = {"vae": vae_preset, "dit": dit_preset}[model]
+    try:
+        new = dataclasses.asdict(build(after))
+    except (ValueError, TypeError):
+        return {}
+    try:
+        old = dataclasses.asdict(build(before))
+    except (ValueError, TypeError):
+        old = {}
+    return {field: value for field, value in new.items() if field not in old or not _same(old[field], value)}
 
 
 def keep_overridden(source, copy):
