@@ -240,3 +240,41 @@ def test_image_fraction_cuts_clips_to_single_frames_in_the_image_bucket():
     with pytest.raises(ValueError, match=r"^data.image_fraction=0.5 is invalid; add a 1-frame image bucket, e.g. "
                                          r"data.buckets=\['4x8x12', '1x8x12'\], or set data.image_fraction=0.0$"):
         config(image_fraction=0.5, size=(8, 12))  # the example is this run's clip size, not world_tiny's
+
+
+def test_a_registered_source_is_built_by_its_name_with_its_own_fields(monkeypatch):
+    """A source of one's own needs no edit of vidiff: registered, ``data.source`` names it and its fields are data
+    fields (``config.tiny_count``, None when unset); before that, both are refused in one line."""
+    import vidiff.data
+    from vidiff.data import registry
+
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))  # the registration ends with the test
+    with pytest.raises(ValueError, match=r"^data.source='tiny' is invalid; use one of world, folder, array_record, "
+                                         r"tfds, or register yours with vidiff.data.register_source$"):
+        config(source="tiny")
+    with pytest.raises(ValueError, match=r"^data config has unknown field\(s\) \['tiny_count'\]"):
+        config(tiny_count=6)
+    splits = []
+
+    def build(data, split, ledger):
+        splits.append(split)
+        return TinyClips(n=data.tiny_count, shapes=((12, 16, 16),))
+
+    vidiff.data.register_source("tiny", build, fields=("tiny_count",))
+    tiny = config(source="tiny", tiny_count=6)
+    assert (tiny.tiny_count, config().tiny_count, DataConfig.from_any(tiny)) == (6, None, tiny)
+    assert tiny != config(source="tiny", tiny_count=5)
+    assert sorted(indices(make_pipeline(tiny, split="eval"))) == list(range(6)) and splits == ["eval"]
+    with pytest.raises(ValueError, match=r"^data.source='tinny' is invalid; use one of world, folder, array_record, "
+                                         r"tfds, tiny, or register yours with vidiff.data.register_source$"):
+        config(source="tinny")
+    # What would make a name or a field mean two things is refused.
+    with pytest.raises(ValueError, match=r"^register_source: data.source='folder' is built in; register yours under "
+                                         r"another name$"):
+        vidiff.data.register_source("folder", build)
+    with pytest.raises(ValueError, match=r"^register_source\('other'\): data.tiny_count is taken \(data.source='tiny' "
+                                         r"reads it\); name yours another way$"):
+        vidiff.data.register_source("other", build, fields=("tiny_count",))
+    with pytest.raises(ValueError, match=r"^register_source\('other'\): data.batch_size is taken \(a DataConfig "
+                                         r"field\); name yours another way$"):
+        vidiff.data.register_source("other", build, fields=("batch_size",))

@@ -207,7 +207,8 @@ def test_check_caption_reasons():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"source": "webdataset"}, r"data.source='webdataset' is invalid; use one of world, folder, array_record, tfds"),
+    ({"source": "webdataset"}, r"^data.source='webdataset' is invalid; use one of world, folder, array_record, tfds, "
+                               r"or register yours with vidiff.data.register_source$"),
     ({"num_frames": 0}, r"data.num_frames=0 is invalid"),
     ({"size": "big"}, r"data.size='big' is not a side or \(height, width\)"),
     ({"window": "middle"}, r"data.window='middle' is invalid; use one of random, first, center"),

@@ -571,6 +571,66 @@ def test_keep_best_ranks_each_checkpoint_by_the_steps_since_the_one_before(tmp_p
     assert len(waits) == 2
 
 
+# A config file that brings its own data: a few generated clips, registered as data.source='ramps'.
+RAMPS_CONFIG = """
+import importlib.util
+
+import numpy as np
+
+import vidiff.data
+from vidiff.data.schema import make_record
+
+spec = importlib.util.spec_from_file_location("world_tiny", {world_tiny!r})
+world_tiny = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(world_tiny)
+
+
+class Ramps:
+    def __init__(self, count, split):
+        self.count, self.split = count, split
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        video = np.broadcast_to(np.arange(16, dtype=np.uint8)[None, None, :, None] * (index + 1), (5, 16, 16, 3))
+        return make_record(video.copy(), f"ramp {{index}}", 8.0, f"ramps/{{self.split}}/{{index}}")
+
+
+vidiff.data.register_source("ramps", lambda data, split, ledger: Ramps(data.ramp_count, split), fields=("ramp_count",))
+
+
+def get_config():
+    c = world_tiny.get_config()
+    c.data.source, c.data.ramp_count, c.data.num_epochs = "ramps", 6, 3
+    c.eval.num_frames = 5
+    return c
+"""
+
+
+def test_a_source_registered_by_the_config_file_trains_with_no_edit_of_vidiff(tmp_path, monkeypatch, capsys):
+    """`vidiff train --config` a file that registers its source: its 6 clips x 3 epochs are 2 batches of 8
+    (step 3 is refused as more than they hold), and 2 steps train on them; a misspelt name lists the sources."""
+    from vidiff import cli
+    from vidiff.data import registry
+
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))  # the registration ends with the test
+    path = tmp_path / "ramps.py"
+    path.write_text(RAMPS_CONFIG.format(world_tiny=str(WORLD_TINY)))
+
+    def train(steps, *extra):
+        return cli.main(["train", "--config", str(path), "--model", "vae", f"--config.workdir={tmp_path / 'w'}",
+                         f"--config.vae_train.steps={steps}", *FAST, *extra])
+
+    assert train(2, "--config.data.source=ramp") == 2
+    assert capsys.readouterr().err == ("vidiff train: error: data.source='ramp' is invalid; use one of world, folder, "
+                                       "array_record, tfds, ramps, or register yours with vidiff.data.register_source\n")
+    assert train(3) == 2
+    assert "data runs out after 2 steps (6 records, data.num_epochs=3, batch 8)" in capsys.readouterr().err
+    assert train(2) == 0
+    assert sorted(_losses(tmp_path / "w")) == [1, 2]
+
+
 def test_a_stop_between_log_rows_logs_its_steps_and_each_row_says_how_many(tmp_path, monkeypatch):
     """SIGTERM after step 2 with log_every=4: the stopped run logs steps 1-2 in a row at step 2 (before, they were
     logged nowhere), and the resumed run's row at step 4 says it covers steps 3-4 only; read_metrics keeps both.

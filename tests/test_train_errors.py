@@ -229,7 +229,7 @@ def test_valid_edge_values_pass_and_long_warmups_warn():
                                    "dit") == []  # streaming: the data never ends
 
 
-def test_data_overrides_that_train_nothing_are_pointed_out():
+def test_data_overrides_that_train_nothing_are_pointed_out(monkeypatch):
     """world_tiny's vae_train.data.batch_size replaces data.batch_size: an override of the latter did nothing,
     silently; a manifest without data.source='folder' trained on the built-in world, silently."""
     vae = config_lib.for_stage(_config("--config.data.batch_size=0"), "vae")
@@ -265,6 +265,19 @@ def test_data_overrides_that_train_nothing_are_pointed_out():
                      "--config.data.manifest='clips.jsonl'")  # a manifest the shards were prepared from, say
     assert config_lib.warnings_for(shards, "vae") == [
         "warning: data.manifest is set but data.source='array_record' does not read it (data.source='folder' does)"]
+    # So is a registered source's field (here data.png_dir), which the world had trained in place of, silently.
+    from vidiff.data import registry
+
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))  # the registration ends with the test
+    registry.register_source("png_dir", lambda data, split, ledger: [], fields=("png_dir",))
+    pngs = _config()
+    pngs.data.png_dir = "frames/"
+    with pytest.raises(ValueError, match=r"^data.png_dir='frames/' is set but data.source='world' reads no files; "
+                                         r"set data.source='png_dir' to train on it \(or unset data.png_dir\)$"):
+        config_lib.validate(config_lib.for_stage(pngs, "vae"), "vae", device_count=8)
+    pngs.data.source, pngs.data.array_record_path = "array_record", "shards"
+    assert config_lib.warnings_for(pngs, "vae") == [
+        "warning: data.png_dir is set but data.source='array_record' does not read it (data.source='png_dir' does)"]
 
 
 def test_cli_refuses_zero_steps_in_one_line(tmp_path):
@@ -504,7 +517,7 @@ def test_frames_larger_than_the_stored_ones_are_refused_before_training(tmp_path
         preflight.check_stored_clips(config)
 
 
-def test_data_without_records_fails_before_compiling():
+def test_data_without_records_fails_before_compiling(monkeypatch):
     """(Empty shards are refused by the data layer itself; any other empty source is caught here.)"""
     from vidiff.data import make_pipeline
 
@@ -514,6 +527,19 @@ def test_data_without_records_fails_before_compiling():
         with pytest.raises(DataExhaustedError, match=r"the data has no records \(data.source='world' with "
                                                      r"data.world.length=default\); point data at a non-empty"):
             preflight.check_data_lasts(make_pipeline(config.data, source=[]), config, "vae")
+    # A registered source is named as such, with the fields it was registered with (not as the world).
+    from vidiff.data import registry
+
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))  # the registration ends with the test
+    registry.register_source("png_dir", lambda data, split, ledger: [], fields=("png_dir",))
+    config.data.source, config.data.png_dir = "png_dir", "frames/"
+    with pytest.raises(DataExhaustedError, match=r"^the data has no records \(data.source='png_dir' with "
+                                                 r"data.png_dir='frames/'\); point data at a non-empty"):
+        preflight.check_data_lasts(make_pipeline(config.data), config, "vae")
+    registry.register_source("generated", lambda data, split, ledger: [])
+    config.data.source = "generated"
+    with pytest.raises(DataExhaustedError, match=r"^the data has no records \(data.source='generated'\); point"):
+        preflight.check_data_lasts(make_pipeline(config.data), config, "vae")
 
 
 def test_data_counts_are_exact_or_an_upper_bound(tmp_path):

@@ -7,6 +7,7 @@ Modules:
   batching    record batching and bucket-wise batching with exact resume
   skips       counting, logging and limiting bad input
   config      ``DataConfig`` (what experiments keep under ``config.data``)
+  registry    ``data.source`` names: the built-in sources and ``register_source`` for your own
   pipeline    ``make_pipeline`` / ``record_stream``: config -> grain IterDataset
   prepare     video folder -> ArrayRecord shards (``prepare_shards``; the ``vidiff prepare`` command is
               ``vidiff.train.precompute``, which can add VAE latents)
@@ -21,6 +22,7 @@ import importlib
 
 _EXPORTS = {
     "DataConfig": "vidiff.data.config",
+    "register_source": "vidiff.data.registry",
     "make_pipeline": "vidiff.data.pipeline",
     "record_stream": "vidiff.data.pipeline",
     "make_ledger": "vidiff.data.pipeline",

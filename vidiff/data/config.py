@@ -2,7 +2,8 @@
 
 Experiments keep these fields under ``config.data`` (an ``ml_collections``
 ConfigDict); ``DataConfig.from_any`` also takes a dict, a dataclass or any
-object with these attributes. A wrong value raises one ``ValueError`` line
+object with these attributes, plus the fields of sources registered with
+``vidiff.data.register_source``. A wrong value raises one ``ValueError`` line
 naming ``data.<field>`` and how to fix it.
 """
 from __future__ import annotations
@@ -11,16 +12,15 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 from vidiff.checks import field_checker, height_width, is_int, is_number
+from vidiff.data.registry import FIELD_SOURCES, source_hint, source_names
 from vidiff.data.transforms import CROPS, WINDOWS, Bucket, parse_buckets
-
-SOURCES = ("world", "folder", "array_record", "tfds")
 
 
 @dataclasses.dataclass
 class DataConfig:
     """Data pipeline settings (see the field comments; units are frames, pixels and seconds)."""
 
-    source: str = "world"  # world | folder | array_record | tfds
+    source: str = "world"  # world | folder | array_record | tfds | a name given to vidiff.data.register_source
     # Clip shape. ``size`` is the square side or (height, width).
     num_frames: int = 17
     size: Any = 32
@@ -68,11 +68,22 @@ class DataConfig:
     # source="world": WorldConfig overrides (num_frames/size default to the largest bucket, fps to data.fps)
     world: Mapping | None = None
 
+    # A registered source's own fields (data.png_dir) are instance attributes, not dataclass fields, which every
+    # config spelling out DataConfig's fields would then hold.
+    def __getattr__(self, name: str):
+        """A registered source's field the config leaves unset: None."""
+        if name in FIELD_SOURCES:  # (only asked for names that are not attributes)
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __eq__(self, other):
+        return type(other) is type(self) and vars(self) == vars(other)
+
     @classmethod
     def from_any(cls, config: Any) -> "DataConfig":
         """A validated ``DataConfig`` from a DataConfig, dict, ConfigDict or attribute object."""
         if isinstance(config, cls):
-            values = dataclasses.asdict(config)
+            values = {**vars(config), **dataclasses.asdict(config)}
         elif isinstance(config, Mapping) or hasattr(config, "keys"):
             values = {k: config[k] for k in config.keys()}
         elif dataclasses.is_dataclass(config):
@@ -80,11 +91,13 @@ class DataConfig:
         else:
             values = {k: v for k, v in vars(config).items() if not k.startswith("_")}
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known - set(FIELD_SOURCES))
         if unknown:
-            raise ValueError(f"data config has unknown field(s) {unknown}; known fields: {', '.join(sorted(known))}")
+            raise ValueError(f"data config has unknown field(s) {unknown}; known fields: "
+                             f"{', '.join(sorted(known | set(FIELD_SOURCES)))}")
         values = {k: _plain(v) for k, v in values.items()}
-        out = cls(**values)
+        out = cls(**{k: v for k, v in values.items() if k in known})
+        out.__dict__.update({k: v for k, v in values.items() if k not in known})
         out.validate()
         return out
 
@@ -100,7 +113,7 @@ class DataConfig:
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for the first bad field."""
         need = field_checker("data", lambda field: getattr(self, field))
-        need(self.source in SOURCES, "source", f"use one of {', '.join(SOURCES)}")
+        need(self.source in source_names(), "source", source_hint())
         # A string such as "no" or "false" is truthy: only real booleans are taken.
         for flag in ("drop_remainder", "shuffle", "tfds_download"):
             need(isinstance(getattr(self, flag), bool), flag, "use True or False (a bool, not a string or number)")

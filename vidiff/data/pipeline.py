@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import grain
 
-from vidiff.data import sources
+from vidiff.data import registry, sources
 from vidiff.data.batching import BucketBatch, batch_records
 from vidiff.data.config import DataConfig
 from vidiff.data.skips import CountSkips, EndOfStream, SkipLedger
@@ -70,36 +70,54 @@ def make_ledger(config: Any) -> SkipLedger:
 
 
 def build_source(config: DataConfig, split: str, ledger: SkipLedger):
-    """``(random-access source, first RandomMap)`` for ``config.source``.
+    """``(random-access source, first RandomMap)`` for ``config.source``, as registered in ``vidiff.data.registry``.
 
     The first stage turns a source item into a record cut to its bucket
     (decoding the window for the video folder).
     """
-    buckets = config.bucket_list()
-    if config.source == "folder":
-        manifest = config.manifest
-        if isinstance(manifest, dict):
-            if split not in manifest:
-                raise ValueError(f"data.manifest has no {split!r} entry (it has {sorted(manifest)}); add one or pass split=")
-            manifest = manifest[split]
-        rows = sources.read_manifest(manifest, config.video_dir, ledger)
-        # The whole manifest is known: judge its rows now, before decoding anything.
-        ledger.check(config.max_bad_fraction, field="data.max_bad_fraction", uncounted=len(rows))
-        first = sources.DecodeFolderClip(buckets, config.frame_stride, config.fps, config.window, config.max_pixels)
-        return rows, first
-    if config.source == "array_record":
-        source = sources.ArrayRecordSource(sources.array_record_paths(config.array_record_path, split))
-        _check_prepared_latents(source, config)
-    elif config.source == "tfds":
-        tfds_split = (config.tfds_splits or {}).get(split, split)
-        source = sources.TfdsSource(
-            config.tfds_name, tfds_split, data_dir=config.tfds_data_dir, video_key=config.tfds_video_key,
-            caption_key=config.tfds_caption_key, fps_key=config.tfds_fps_key, fps=config.tfds_fps,
-            id_key=config.tfds_id_key, label_keys=config.tfds_label_keys, download=config.tfds_download,
-        )
-    else:
-        source = sources.world_source(config.world, split, buckets, config.frame_stride, config.fps)
-    return source, BucketWindow(buckets, config.frame_stride, config.fps, config.window)
+    entry = registry.get_source(config.source)
+    source = entry.build(config, split, ledger)
+    if entry.first_stage is not None:
+        return source, entry.first_stage(config)
+    return source, BucketWindow(config.bucket_list(), config.frame_stride, config.fps, config.window)
+
+
+# The built-in sources' builders (registered by name in vidiff.data.registry).
+
+def build_folder(config: DataConfig, split: str, ledger: SkipLedger):
+    manifest = config.manifest
+    if isinstance(manifest, dict):
+        if split not in manifest:
+            raise ValueError(f"data.manifest has no {split!r} entry (it has {sorted(manifest)}); add one or pass split=")
+        manifest = manifest[split]
+    rows = sources.read_manifest(manifest, config.video_dir, ledger)
+    # The whole manifest is known: judge its rows now, before decoding anything.
+    ledger.check(config.max_bad_fraction, field="data.max_bad_fraction", uncounted=len(rows))
+    return rows
+
+
+def folder_first_stage(config: DataConfig):
+    return sources.DecodeFolderClip(config.bucket_list(), config.frame_stride, config.fps, config.window,
+                                    config.max_pixels)
+
+
+def build_array_record(config: DataConfig, split: str, ledger: SkipLedger):
+    source = sources.ArrayRecordSource(sources.array_record_paths(config.array_record_path, split))
+    _check_prepared_latents(source, config)
+    return source
+
+
+def build_tfds(config: DataConfig, split: str, ledger: SkipLedger):
+    return sources.TfdsSource(
+        config.tfds_name, (config.tfds_splits or {}).get(split, split), data_dir=config.tfds_data_dir,
+        video_key=config.tfds_video_key, caption_key=config.tfds_caption_key, fps_key=config.tfds_fps_key,
+        fps=config.tfds_fps, id_key=config.tfds_id_key, label_keys=config.tfds_label_keys,
+        download=config.tfds_download,
+    )
+
+
+def build_world(config: DataConfig, split: str, ledger: SkipLedger):
+    return sources.world_source(config.world, split, config.bucket_list(), config.frame_stride, config.fps)
 
 
 def _check_prepared_latents(source, config: DataConfig):
@@ -146,7 +164,8 @@ def record_stream(config: Any, *, split: str = "train", process_index: int | Non
         default ``make_ledger(config)``.
       tokenize: optional hook ``caption -> ids | (ids, mask) | dict``.
       source: a random-access sequence of schema records (or ``Skip``s) to
-        use instead of ``config.source`` - the way in for custom datasets.
+        use instead of ``config.source`` (a script's own stream; for
+        ``vidiff train``, register a source: ``vidiff.data.register_source``).
       workers: apply ``mp_prefetch`` with ``config.num_workers`` (the batched
         pipeline turns this off and prefetches whole batches instead).
     """

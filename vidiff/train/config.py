@@ -27,15 +27,16 @@ from typing import Sequence
 import ml_collections
 
 from vidiff.checks import field_checker, height_width
+from vidiff.data.registry import FIELD_SOURCES
 from vidiff.train.overrides import apply_overrides, keep_overridden, stage_override_warnings
 
 MODELS = ("vae", "dit")
 ON_NONFINITE = ("stop", "skip")
 # <model>_train.init_on: the names of vidiff.train.state.INIT_ON (this module stays free of jax).
 INIT_ON_NAMES = ("auto", "host", "device")
-# The data fields that say where records are, and the data.source that reads each.
-SOURCE_FIELDS = {"manifest": "folder", "video_dir": "folder", "array_record_path": "array_record",
-                 "tfds_name": "tfds", "tfds_data_dir": "tfds"}
+# The data fields that say where records are, and the data.source that reads each: the built-in sources' and
+# those of sources registered by then (vidiff.data.register_source, e.g. from the config file), read when used.
+SOURCE_FIELDS = FIELD_SOURCES
 
 
 def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

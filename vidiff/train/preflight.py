@@ -246,12 +246,16 @@ def check_prepared_vae(config, vae_variables: dict) -> None:
 
 def _source_of(config) -> str:
     """Where the records come from, as the config fields that say so."""
+    from vidiff.data.registry import FIELD_SOURCES  # what a registered source was registered with
+
     data = config.data
+    length = (data.get("world") or {}).get("length", "default")
     where = {"array_record": f"data.array_record_path={data.get('array_record_path')!r}",
              "folder": f"data.manifest={data.get('manifest')!r}",
-             "tfds": f"data.tfds_name={data.get('tfds_name')!r}"}
-    length = (data.get("world") or {}).get("length", "default")
-    return where.get(data.source, f"data.source='world' with data.world.length={length}")
+             "tfds": f"data.tfds_name={data.get('tfds_name')!r}",
+             "world": f"data.source='world' with data.world.length={length}"}
+    named = [f"data.{field}={data.get(field)!r}" for field, source in FIELD_SOURCES.items() if source == data.source]
+    return where.get(data.source, f"data.source={data.source!r}" + (f" with {', '.join(named)}" if named else ""))
 
 
 def _record_counts(pipeline) -> tuple[int, int] | None:
