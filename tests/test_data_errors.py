@@ -98,7 +98,7 @@ def test_zero_record_shard_folder_fails_when_the_source_is_built(tmp_path):
 
 
 def test_shards_of_two_runs_in_one_folder_are_refused_and_one_picked_shard_is_read(tmp_path):
-    from vidiff.data.sources import array_record_paths
+    from vidiff.data.shards import array_record_paths
 
     for name in ("train-00000-of-00002", "train-00001-of-00002", "train-00002-of-00003", "eval-00000-of-00001"):
         (tmp_path / f"{name}.array_record").touch()

@@ -101,7 +101,7 @@ def test_a_damaged_record_is_named_by_its_own_shard_and_place(real_shards, tmp_p
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from vidiff.data.schema import decode_record, encode_record, make_record
-    from vidiff.data.sources import ArrayRecordSource
+    from vidiff.data.shards import ArrayRecordSource
 
     data = encode_record(make_record(np.zeros((2, 8, 8, 3), np.uint8), "a cat", 8.0, "x"), frame_format="png")
     bombs = [_record_of_a_frame_declaring(30000, 30000, header_size=size) for size in ((30000, 30000), (8, 8))]
@@ -174,7 +174,7 @@ def test_a_prepare_killed_while_moving_its_shards_in_is_refused_by_training(real
     the 4, silently). The old shards (and their summary) stay until every new shard is written."""
     from pathlib import Path
 
-    from vidiff.data.sources import array_record_paths
+    from vidiff.data.shards import array_record_paths
 
     out, kwargs = tmp_path / "out", dict(size=16, frames=3, fps=8)
     prepare_shards(real_shards["videos"], real_shards["manifest"], out, shard_size=2, **kwargs)
@@ -215,7 +215,7 @@ def test_a_shard_with_a_bad_checksum_is_a_skip_and_one_cut_short_is_named_when_o
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from vidiff.data.schema import encode_record, make_record
-    from vidiff.data.sources import ArrayRecordSource
+    from vidiff.data.shards import ArrayRecordSource
 
     entries = [encode_record(make_record(np.full((2, 8, 8, 3), i, np.uint8), "a cat", 8.0, f"x{i}"), frame_format="png")
                for i in range(3)]

@@ -776,7 +776,7 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
     assert prepared.returncode == 0, prepared.stderr
     assert json.loads(prepared.stdout.strip().splitlines()[-1])["written"] == 8
     assert json.loads(prepared.stdout.strip().splitlines()[-1])["captions_truncated"] > 0  # cut to the export's 8
-    from vidiff.data.sources import ArrayRecordSource, array_record_paths
+    from vidiff.data.shards import ArrayRecordSource, array_record_paths
 
     record = ArrayRecordSource(array_record_paths(str(shards), "train"))[0]
     assert record["latents"].shape == (5, 4, 4, 4) and record["text_embedding"].shape == (8, 384)

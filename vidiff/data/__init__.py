@@ -33,7 +33,7 @@ _EXPORTS = {
     "decode_record": "vidiff.data.schema",
     "read_manifest": "vidiff.data.sources",
     "ManifestRow": "vidiff.data.sources",
-    "ArrayRecordSource": "vidiff.data.sources",
+    "ArrayRecordSource": "vidiff.data.shards",
     "TfdsSource": "vidiff.data.sources",
     "BucketBatch": "vidiff.data.batching",
     "batch_records": "vidiff.data.batching",

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import grain
 
-from vidiff.data import registry, sources
+from vidiff.data import registry, shards, sources
 from vidiff.data.batching import BucketBatch, batch_records
 from vidiff.data.config import DataConfig
 from vidiff.data.skips import CountSkips, EndOfStream, SkipLedger
@@ -102,7 +102,7 @@ def folder_first_stage(config: DataConfig):
 
 
 def build_array_record(config: DataConfig, split: str, ledger: SkipLedger):
-    source = sources.ArrayRecordSource(sources.array_record_paths(config.array_record_path, split))
+    source = shards.ArrayRecordSource(shards.array_record_paths(config.array_record_path, split))
     _check_prepared_latents(source, config)
     return source
 

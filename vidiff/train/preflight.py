@@ -170,7 +170,7 @@ PREPARED_KEYS = ("latents", "text_embedding", "text_mask", "text_pooled")
 
 def _first_prepared_record(config, split: str = "train"):
     """The first decodable record of a split of the ``array_record`` shards, or None (no records: the loop says so)."""
-    from vidiff.data.sources import ArrayRecordSource, array_record_paths
+    from vidiff.data.shards import ArrayRecordSource, array_record_paths
 
     source = ArrayRecordSource(array_record_paths(config.data.array_record_path, split))
     for index in range(min(len(source), 8)):  # a corrupt first entry is a Skip: look a little further
@@ -221,7 +221,7 @@ def check_prepared_vae(config, vae_variables: dict) -> None:
     beside the shards; a DiT trained on another VAE's latents would pair with a
     decoder whose latent space it never saw.
     """
-    from vidiff.data.sources import array_record_paths
+    from vidiff.data.shards import array_record_paths
 
     # Each `vidiff prepare --out` folder holding training shards (the path may be a folder, glob, file or list).
     folders = sorted({Path(path).parent for path in array_record_paths(config.data.array_record_path, "train")})
