@@ -287,7 +287,7 @@ def test_cli_refuses_zero_steps_in_one_line(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
-def test_a_workdir_that_is_a_file_fails_before_compiling(tmp_path):
+def test_a_workdir_that_is_a_file_fails_before_compiling(tmp_path, monkeypatch):
     """Not orbax's '[Errno 20] Not a directory' from deep inside the checkpointer."""
     (tmp_path / "afile.txt").write_text("")
     (tmp_path / "wd").mkdir()
@@ -302,6 +302,18 @@ def test_a_workdir_that_is_a_file_fails_before_compiling(tmp_path):
         assert str(error.value) == message.format(t=tmp_path)
     config_lib.validate(config_lib.for_stage(_config(f"--config.workdir={tmp_path / 'new' / 'deeper'}"), "vae"),
                         "vae", device_count=8)
+    # Another process of the run (process 0's orbax) creates <workdir>/vae just after this one looked: no "file".
+    raced, stat, looks = tmp_path / "raced" / "vae", Path.stat, []
+
+    def stat_then_create(path, *args, **kwargs):
+        if path == raced and not looks:  # the first look finds nothing; the folder appears right after it
+            looks.append(path)
+            raced.mkdir(parents=True)
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat_then_create)
+    config_lib.validate(config_lib.for_stage(_config(f"--config.workdir={raced.parent}"), "vae"), "vae", device_count=8)
 
 
 def _state(params):

@@ -18,8 +18,10 @@ mesh, the ``<model>_train`` numbers and optimizer through ``check_stage``,
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import re
+import stat
 import traceback
 from pathlib import Path
 from typing import Sequence
@@ -282,12 +284,19 @@ def _check_workdir(workdir: str, model: str) -> None:
     the checkpointer, as ``[Errno 20] Not a directory``."""
     run_dir = Path(workdir) / model
     for path in (run_dir, *run_dir.parents):
-        if path.is_dir():
+        # One stat per path: another process of the run (process 0's orbax) may create the folder meanwhile,
+        # and a look that found nothing followed by one that finds it must not read as a file.
+        try:
+            is_dir = stat.S_ISDIR(path.stat().st_mode)
+        except OSError as error:
+            if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # not there (yet): look further up
+                continue
+            raise
+        if is_dir:
             return
-        if path.exists():
-            if path == Path(workdir):
-                raise ValueError(f"workdir {workdir} is a file; give a folder")
-            raise ValueError(f"workdir {workdir}: {path} is a file, not a folder; give another workdir")
+        if path == Path(workdir):
+            raise ValueError(f"workdir {workdir} is a file; give a folder")
+        raise ValueError(f"workdir {workdir}: {path} is a file, not a folder; give another workdir")
 
 
 def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, time_factor: int, time_patch: int,
