@@ -90,6 +90,51 @@ def test_an_incomplete_folder_names_the_newest_complete_one_to_resume_from(tmp_p
     reopened.close()
 
 
+def test_a_step_entry_that_is_no_folder_is_named_with_the_fix(tmp_path):
+    """orbax leaves it out of the steps (an older one resumes silently) and its save fails minutes later."""
+    checkpointer = Checkpointer(tmp_path, keep=5, keep_best=0)
+    for step in (1, 2):
+        checkpointer.save(step, _small(step))
+    checkpointer.close()
+    (tmp_path / "1" / "data").mkdir()  # as the loop saves: with a data position
+    shutil.rmtree(tmp_path / "2")
+    (tmp_path / "2").symlink_to("2")  # a loop
+    (tmp_path / "3").symlink_to("missing")
+    (tmp_path / "4").write_text("")
+    for entry, kind in [("2", "a symlink loop"), ("3", "a broken symlink"), ("4", "a file")]:
+        reopened = Checkpointer(tmp_path, keep=5, keep_best=0)
+        with pytest.raises(ValueError, match=f"^checkpoint {tmp_path / entry} is not a folder \\({kind}\\); delete it "
+                                             f"to resume from step 1$"):
+            reopened.check_folders()
+        reopened.close()
+        (tmp_path / entry).unlink()
+    Checkpointer(tmp_path, keep=5, keep_best=0).check_folders()
+
+
+def test_a_save_that_cannot_be_written_is_one_line_naming_the_step_to_resume_from(tmp_path):
+    """A full disk (here: a file size limit) while a save runs in the background: the call that finds it says
+    which step was lost and which one a rerun resumes from, not tensorstore's OUT_OF_RANGE with no fix."""
+    import resource
+
+    checkpointer = Checkpointer(tmp_path, keep=5, keep_best=0)
+    checkpointer.save(1, _small(1))
+    checkpointer.wait()
+    (tmp_path / "1" / "data").mkdir()  # as the loop saves: with a data position
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))  # Python ignores SIGXFSZ: writes fail EFBIG
+    try:
+        with pytest.raises(ValueError, match=f"^checkpoint 2 could not be written \\(File too large, errno "
+                                                       f"27\\); free space in {tmp_path}, then run the same command "
+                                                       f"again: it resumes from step 1$"):
+            noise = np.random.default_rng(0).standard_normal(1 << 20, np.float32)  # 4 MB, incompressible
+            checkpointer.save(2, {"w": jnp.asarray(noise)})
+            checkpointer.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    checkpointer.close()  # once the run has its line, closing adds nothing
+    assert _steps_on_disk(tmp_path) == [1]
+
+
 # --------------------------------------------------------------------------- a real (tiny) train state
 
 

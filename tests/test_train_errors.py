@@ -316,6 +316,32 @@ def test_a_workdir_that_is_a_file_fails_before_compiling(tmp_path, monkeypatch):
     config_lib.validate(config_lib.for_stage(_config(f"--config.workdir={raced.parent}"), "vae"), "vae", device_count=8)
 
 
+def test_a_second_run_on_a_workdir_in_use_is_refused_until_the_first_ends(tmp_path):
+    """Two runs would interleave their saves (the loser failed deep in orbax after writing log rows); the lock is
+    the kernel's, so a run killed with SIGKILL leaves none behind."""
+    import os
+    import signal
+
+    from vidiff.train.checkpoint import lock_run, unlock
+
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; from pathlib import Path; from vidiff.train."
+                               f"checkpoint import lock_run; held = lock_run(Path({str(tmp_path / 'vae')!r})); print('held', "
+                               f"flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, **ENV_ONE_DEVICE})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        message = (f"another vidiff train (pid {holder.pid}) is using {tmp_path / 'vae'}; wait for it to end or use "
+                   f"another workdir")
+        assert _one_line_error(_cli("--config", WORLD_TINY, "--model", "vae", f"--config.workdir={tmp_path}")) == message
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            lock_run(tmp_path / "vae")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    unlock(lock_run(tmp_path / "vae"))  # released by the kernel
+    assert not (tmp_path / "vae" / "checkpoints").exists()  # the refused run touched nothing
+
+
 def _state(params):
     from vidiff.train.state import TrainState
 
@@ -718,6 +744,35 @@ def test_resume_with_other_model_settings_names_the_fields(tmp_path):
     with pytest.raises(ValueError, match=r"was written with data.seed=\d+ \(config now 7\), which orders the records "
                                          r"its data position counts in; use a new workdir or the original config$"):
         preflight.check_resume(checkpointer, 2, data_seed, "vae")
+    checkpointer.close()
+
+
+def test_a_resume_by_another_process_count_or_of_an_unreadable_record_is_one_line(tmp_path, monkeypatch):
+    """The data position is one file per process (grain restores it only with as many), and a hand-edited config
+    record is named, not an AttributeError; neither advises deleting a complete folder."""
+    checkpointer = _saved_checkpoint(tmp_path, _config(), iterator=iter(_world_pipeline()))
+    config, where = json.loads(_config().to_json()), checkpointer.directory / "2"
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=f"^checkpoint {re.escape(str(where))} was written by 1 process; resume it "
+                                         f"with 1 process, or use a new workdir$"):
+        preflight.check_resume(checkpointer, 2, config, "vae")
+    monkeypatch.undo()
+    data = where / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
+    with pytest.raises(ValueError, match=f"^checkpoint {re.escape(str(where))} was written by 2 processes; resume it "
+                                         f"with 2 processes, or use a new workdir$"):
+        preflight.check_resume(checkpointer, 2, config, "vae")
+    for name in data.iterdir():
+        name.rename(data / name.name.replace("-of-2", "-of-1"))
+    record = where / "config" / "metadata"
+    for text, problem in [("[1]", "[1] is not an object"), ('"hello"', '"hello" is not an object'),
+                          (json.dumps({**config, "vae": "tiny"}), 'vae="tiny" is not an object'),
+                          ("{", "JSONDecodeError: Expecting property name enclosed in double quotes")]:
+        record.write_text(text)
+        with pytest.raises(ValueError, match=f"^checkpoint {re.escape(str(where))}'s config record is not readable "
+                                             f"\\({re.escape(problem)}.*\\); restore it or use a new workdir$"):
+            preflight.check_resume(checkpointer, 2, config, "vae")
     checkpointer.close()
 
 

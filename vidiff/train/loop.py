@@ -62,7 +62,7 @@ from tqdm import tqdm
 from vidiff import distributed, parallel
 from vidiff.models.export import DIT_VAE
 from vidiff.train import prefetch, preflight, stopping, tasks
-from vidiff.train.checkpoint import Checkpointer, read_config
+from vidiff.train.checkpoint import Checkpointer, lock_run, read_config, unlock
 from vidiff.train.config import config_changes, for_stage, name_stage_fields, validate, warnings_for
 from vidiff.train.metrics import CompileTimer, LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
@@ -93,6 +93,7 @@ class _Run:
     state_shardings: Any
     iterator: Any
     ledger: Any  # the data's skip counts (vidiff.data.skips), or None
+    lock: Any  # process 0's open lock file, closed when the run ends (None elsewhere)
 
 
 def _set_up(config, model: str, log) -> _Run:
@@ -100,8 +101,14 @@ def _set_up(config, model: str, log) -> _Run:
     stage = stage_config(config, model)
     workdir = Path(config.workdir) / model
     config_json = json.loads(config.to_json())
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=stage.keep, keep_best=stage.keep_best)
+    lock = lock_run(workdir)  # before the checkpoint manager, which tidies the folder another run writes
+    try:
+        checkpointer = Checkpointer(workdir / "checkpoints", keep=stage.keep, keep_best=stage.keep_best)
+    except BaseException:
+        unlock(lock)
+        raise
     try:  # a setup error (a check, the restore) leaves no checkpoint manager running
+        checkpointer.check_folders()  # a step entry that is no folder would be skipped, then fail its save
         start = checkpointer.latest_step() or 0
         if start:
             preflight.check_resume(checkpointer, start, config_json, model)
@@ -134,9 +141,10 @@ def _set_up(config, model: str, log) -> _Run:
             log(f"resumed {model} from {checkpointer.directory / str(start)}")
     except BaseException:
         checkpointer.close()
+        unlock(lock)
         raise
     return _Run(stage, workdir, config_json, record, checkpointer, start, mesh, task, tx, schedule, state,
-                state_shardings, iterator, getattr(pipeline, "ledger", None))
+                state_shardings, iterator, getattr(pipeline, "ledger", None), lock)
 
 
 def train(config, model: str, *, log=print) -> dict:
@@ -152,6 +160,14 @@ def train(config, model: str, *, log=print) -> dict:
         run = _set_up(config, model, log)
     except ValueError as error:  # a data field the stage sets is named as the stage's
         raise name_stage_fields(error, config, model)
+    try:
+        return _train(config, model, run, log, main)
+    finally:
+        unlock(run.lock)  # after the last save and the export: another run on this workdir may start
+
+
+def _train(config, model: str, run: _Run, log, main: bool) -> dict:
+    """The steps, saves and evaluations of a set-up run, then its export; returns the summary."""
     stage, workdir, checkpointer, task, mesh, iterator = (run.stage, run.workdir, run.checkpointer, run.task,
                                                           run.mesh, run.iterator)
     state, start = run.state, run.start

@@ -2,8 +2,8 @@
 
 ``vidiff.train.loop`` calls these at the points where each can first be known:
 
-- resuming: the step folder is complete and was written with the same model
-  settings and seed (``check_resume``; ``model_changes`` names each differing field),
+- resuming: the step folder is complete, written by as many processes, and its config record is readable and
+  has the same model settings and seed (``check_resume``; ``model_changes`` names each differing field),
   and a DiT's with the same VAE (``check_resume_vae``);
 - the DiT's inputs: the exported VAE fits this config, and prepared shards
   carry latents from that VAE and text embeddings of this config's encoder
@@ -60,10 +60,11 @@ def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None
     Other fields (steps, learning rate, data.world.length, ...) may change on resume.
     """
     checkpointer.check_complete(step)
+    checkpointer.check_processes(step, jax.process_count())
     _check_steps_ahead(checkpointer, step, config_json, model)
-    try:
+    try:  # a record that is there but unreadable is a one-line ValueError: it holds what is checked here
         saved = read_config(checkpointer.directory, step)
-    except (OSError, ValueError):  # a checkpoint without a readable config: the restore will tell
+    except FileNotFoundError:  # a checkpoint saved without a config record: nothing to compare with
         return
     changes = model_changes(saved, config_json, model)
     if model == "dit":
