@@ -676,6 +676,50 @@ def test_a_dit_is_refused_next_to_a_vae_it_was_not_trained_with(tmp_path, caplog
         check_dit_vae(model, read_manifest(model))
 
 
+def test_an_export_cut_short_keeps_the_old_files_and_the_next_export_replaces_it(tmp_path, caplog):
+    """A full disk (here a file size limit) fails an export in one line naming the file, leaving the old weights
+    and vidiff.json whole; a vidiff.json cut short by an older vidiff does not stop the next export."""
+    import logging
+    import resource
+
+    from vidiff.models.export import (export_dit, export_vae, load_dit, load_tree, load_vae, read_manifest,
+                                      save_manifest, save_tree)
+
+    model = tmp_path / "export"
+    shutil.copytree(tiny_model_dir(), model)
+    before, weights = (model / "vidiff.json").read_text(), load_tree(model / "vae.safetensors")
+    too_large = "could not be written \\(File too large\\); free disk space and run again$"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))  # python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        with pytest.raises(OSError, match=f"^{re.escape(str(model / 'vae.safetensors'))} {too_large}"):
+            save_tree(model / "vae.safetensors", {"params": {"w": np.zeros(100_000, np.float32)}})
+        with pytest.raises(OSError, match=f"^{re.escape(str(model / 'vidiff.json'))} {too_large}"):
+            save_manifest(model, {**read_manifest(model), "note": "x" * 200_000})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert (model / "vidiff.json").read_text() == before and sorted(p.name for p in model.iterdir()) == [
+        "dit.safetensors", "vae.safetensors", "vidiff.json"]  # no temporary file left
+    np.testing.assert_array_equal(load_tree(model / "vae.safetensors")["latent_stats"]["scale"],
+                                  weights["latent_stats"]["scale"])
+    assert (model / "vidiff.json").stat().st_mode & 0o777 == 0o666 & ~os.umask(os.umask(0o022))
+
+    config = json.loads(before)["config"]
+    cut = before[:len(before) // 2]  # what a kill mid-write left before vidiff.json was replaced whole
+    (model / "vidiff.json").write_text(cut)
+    with caplog.at_level(logging.WARNING, logger="vidiff.models"):
+        export_dit(model, config, load_dit(model))  # a finished DiT run started again
+    assert f"{model / 'vidiff.json'} is unreadable ({model / 'vidiff.json'} is not valid JSON" in caplog.text
+    TextToVideo.from_checkpoint(model)
+    (model / "vidiff.json").write_text(cut)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vidiff.models"):
+        export_vae(model, config, load_vae(model))  # a finished VAE run: the DiT's record went with the old file
+    assert caplog.text.rstrip().endswith("this export writes a new one; the DiT there (dit.safetensors) is not in "
+                                         "it: train the DiT again")
+    assert read_manifest(model)["vae"] is True and "dit" not in read_manifest(model)
+
+
 def test_a_mesh_splits_the_batch_and_changes_nothing(pipe):
     import jax
 

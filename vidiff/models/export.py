@@ -10,14 +10,20 @@ records that VAE in ``vidiff.json`` (``dit_vae_sha256``: the sha256 of
 ``vae.safetensors``) and :func:`check_dit_vae` refuses a DiT next to another
 VAE (e.g. after ``vidiff train --model vae`` again into the same workdir).
 Exports without the field (older ones) are not checked.
+
+``vidiff.json`` is replaced, never rewritten in place (a write cut short would leave no valid one), and an
+export replaces an unreadable one: an export cut short before writes were atomic must not stop the next.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import logging
 import os
+import re
+import tempfile
 from pathlib import Path
 
 import jax
@@ -34,6 +40,7 @@ MANIFEST = "vidiff.json"
 # the old DiT, and is refused (vidiff.train.preflight.check_resume_vae).
 RETRAIN_DIT = "train the DiT again: delete its run (<workdir>/dit), then `vidiff train --config ... --model dit`"
 DIT_VAE = "dit_vae_sha256"  # vidiff.json: the VAE (sha256 of vae.safetensors) the DiT there was trained with
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 FLOAT_WEIGHTS = (np.float32, jnp.bfloat16, np.float16)  # what load_tree reads; loaders cast to their model's dtype
 
@@ -46,14 +53,26 @@ def save_tree(path, tree) -> Path:
     """Write a nested dict of arrays as safetensors (keys joined with '/')."""
     from safetensors.numpy import save_file
 
+    from safetensors import SafetensorError
+
     flat = traverse_util.flatten_dict(jax.device_get(nn.unbox(tree)), sep="/")  # init's boxed values too
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}, str(path))
+    try:  # safetensors writes a temporary file and renames it: a failed write leaves the old file
+        save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}, str(path))
+    except SafetensorError as error:  # neither a ValueError nor an OSError: the CLI would print a traceback
+        found = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(error))
+        raise not_written(path, int(found[2]) if found else None, found[1] if found else str(error)) from None
     # safetensors writes through a private temporary file (mode 0600): give the weights the mode vidiff.json
     # gets, so an export shared in a group folder is readable by whoever can read its config.
     path.chmod(0o666 & ~_umask())
     return path
+
+
+def not_written(path, code: int | None, why: str) -> OSError:
+    """The one-line error for an export file that could not be written (the old one, if any, is left as it was)."""
+    fix = "free disk space and run again" if code in _DISK_FULL else f"check that {Path(path).parent} is writable"
+    return OSError(f"{path} could not be written ({why}); {fix}")
 
 
 def _umask() -> int:
@@ -111,23 +130,41 @@ def _folders(key: str):
 
 
 def save_manifest(directory, manifest: dict) -> Path:
+    """Write ``vidiff.json`` whole or not at all: a temporary file beside it, synced, renamed over it."""
     path = Path(directory) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    handle, temporary = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())  # renamed only once its bytes are on disk
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600: as open() would have made it
+        os.replace(temporary, path)
+    except BaseException as error:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise not_written(path, error.errno, error.strerror or str(error)) from None
+        raise
     return path
+
+
+def _previous_manifest(directory: Path, replacing: str) -> dict:
+    """The ``vidiff.json`` an export updates, ``{}`` when there is none; an unreadable one (cut short when an
+    older vidiff was killed or ran out of disk space writing it) describes nothing that loads, so this export
+    replaces it, said in a warning naming what it no longer describes (``replacing``)."""
+    if not (directory / MANIFEST).exists():
+        return {}
+    try:
+        return read_manifest(directory)
+    except ValueError as error:
+        log.warning(f"{directory / MANIFEST} is unreadable ({error}); this export writes a new one{replacing}")
+        return {}
 
 
 def read_manifest(directory) -> dict:
     """The ``vidiff.json`` of a model directory, with a one-line error when it is not one."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if directory.is_file():  # e.g. the dit.safetensors inside it
-        raise ValueError(f"model directory {directory} is a file; pass the folder that holds {MANIFEST}"
-                         + (f": {directory.parent}" if (directory.parent / MANIFEST).is_file() else ""))
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
-    if not path.is_file():
-        raise ValueError(f"{directory} is not a vidiff model directory (no {MANIFEST}); export one with vidiff train")
+    path = _model_directory(directory) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except ValueError as error:
@@ -139,6 +176,19 @@ def read_manifest(directory) -> dict:
         raise ValueError(f"{path} holds {_JSON_KINDS[type(manifest)]}, not the JSON object vidiff exports; restore "
                          "it from the export or export again")
     return manifest
+
+
+def _model_directory(directory) -> Path:
+    """``directory``, or a one-line error when it is no folder holding a ``vidiff.json``."""
+    directory = Path(directory)
+    if directory.is_file():  # e.g. the dit.safetensors inside it
+        raise ValueError(f"model directory {directory} is a file; pass the folder that holds {MANIFEST}"
+                         + (f": {directory.parent}" if (directory.parent / MANIFEST).is_file() else ""))
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    if not (directory / MANIFEST).is_file():
+        raise ValueError(f"{directory} is not a vidiff model directory (no {MANIFEST}); export one with vidiff train")
+    return directory
 
 
 def file_sha256(path) -> str:
@@ -163,7 +213,8 @@ def export_vae(directory, config_json: dict, variables: dict) -> Path:
                          "variables (params and latent_stats; set the stats with compute_latent_stats)")
     directory = Path(directory)
     vae_path = directory / "vae.safetensors"
-    manifest = read_manifest(directory) if (directory / MANIFEST).exists() else {}
+    manifest = _previous_manifest(directory, "; the DiT there (dit.safetensors) is not in it: train the DiT "
+                                  "again" if (directory / "dit.safetensors").is_file() else "")
     dit_there = bool(manifest.get("dit")) and (directory / "dit.safetensors").is_file()
     if dit_there and DIT_VAE not in manifest and vae_path.is_file():
         manifest[DIT_VAE] = file_sha256(vae_path)  # an older export's DiT: trained with the VAE there until now
@@ -187,11 +238,13 @@ def export_dit(directory, config_json: dict, params, vae_sha256: str | None = No
     """
     directory = Path(directory)
     save_tree(directory / "dit.safetensors", {"params": params})
-    manifest = read_manifest(directory) if (directory / MANIFEST).exists() else {}
+    manifest = _previous_manifest(directory, "")
     manifest.update(config=config_json, dit=True)
     manifest.pop(DIT_VAE, None)
-    if vae_sha256 is None and (directory / "vae.safetensors").is_file():  # the VAE DiT training loads from here
-        vae_sha256 = file_sha256(directory / "vae.safetensors")
+    if (directory / "vae.safetensors").is_file():
+        manifest["vae"] = True
+        if vae_sha256 is None:  # the VAE DiT training loads from here
+            vae_sha256 = file_sha256(directory / "vae.safetensors")
     if vae_sha256 is not None:
         manifest[DIT_VAE] = vae_sha256
     save_manifest(directory, manifest)
@@ -211,14 +264,15 @@ def check_dit_vae(directory, manifest: dict) -> None:
 
 
 def load_vae(directory) -> dict:
-    """``{"params", "latent_stats"}`` of an exported VAE, as jax arrays."""
-    read_manifest(directory)
+    """``{"params", "latent_stats"}`` of an exported VAE, as jax arrays (its ``vidiff.json`` is the caller's to
+    read: a DiT run re-exporting next to one cut short reads the weights alone)."""
+    _model_directory(directory)
     return jax.tree.map(jax.numpy.asarray, load_tree(Path(directory) / "vae.safetensors"))
 
 
 def load_dit(directory) -> dict:
-    """The DiT params of an exported model, as jax arrays."""
-    read_manifest(directory)
+    """The DiT params of an exported model, as jax arrays (its ``vidiff.json`` is the caller's to read)."""
+    _model_directory(directory)
     path = Path(directory) / "dit.safetensors"
     tree = load_tree(path)
     if not isinstance(tree.get("params"), dict):  # export_dit writes every tensor under params/
