@@ -85,3 +85,21 @@ def test_bundled_model_passes_the_dit_vae_check():
         f"{BUNDLED}: its DiT (dit.safetensors) was trained with another VAE than its vae.safetensors; train the DiT "
         "again: delete its run (<workdir>/dit), then `vidiff train --config ... --model dit`, or restore the VAE it "
         "was trained with")
+
+
+def test_bundled_model_is_built_from_its_recorded_fields(monkeypatch):
+    """Its vidiff.json records every field of its VAE's and DiT's configs, the same ones its presets and overrides
+    gave when it was exported (so it computes bit for bit as before), and a preset edited since changes nothing."""
+    from vidiff.models import dit as dit_module
+    from vidiff.models.export import MODELS, model_config, read_manifest
+    from vidiff.pipeline_load import load_export
+
+    manifest = read_manifest(BUNDLED)
+    legacy = {k: v for k, v in manifest.items() if k != MODELS}
+    vae = model_config(BUNDLED, legacy, "vae")
+    given = dict(text_dim=384, pooled_dim=384, latent_channels=vae.latent_channels)  # MiniLM's widths
+    assert model_config(BUNDLED, manifest, "vae") == vae
+    assert model_config(BUNDLED, manifest, "dit") == model_config(BUNDLED, legacy, "dit", given=given)
+    monkeypatch.setitem(dit_module.DIT_PRESETS, "tiny", dict(dit_module.DIT_PRESETS["tiny"], rope_theta=100.0))
+    assert model_config(BUNDLED, legacy, "dit", given=given).rope_theta == 100.0  # what the preset alone now gives
+    assert load_export(BUNDLED)["dit"].config.rope_theta == 10000.0

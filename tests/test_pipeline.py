@@ -164,6 +164,7 @@ def test_a_model_trained_with_cudnn_attention_samples_where_there_is_none(tmp_pa
     shutil.copytree(tiny_model_dir(), model)
     manifest = json.loads((model / "vidiff.json").read_text())
     manifest["config"]["dit"]["overrides"].update(attention_impl="cudnn", dtype="bfloat16")
+    manifest["models"]["dit"].update(attention_impl="cudnn", dtype="bfloat16")  # the fields it is built from
     (model / "vidiff.json").write_text(json.dumps(manifest))
     pipe = TextToVideo.from_checkpoint(model)
     assert pipe.dit.config.attention_impl is None and pipe.dit.config.dtype == "bfloat16"
@@ -718,6 +719,45 @@ def test_an_export_cut_short_keeps_the_old_files_and_the_next_export_replaces_it
     assert caplog.text.rstrip().endswith("this export writes a new one; the DiT there (dit.safetensors) is not in "
                                          "it: train the DiT again")
     assert read_manifest(model)["vae"] is True and "dit" not in read_manifest(model)
+
+
+def test_an_export_is_built_from_its_recorded_fields(tmp_path, monkeypatch):
+    """vidiff.json records every field of the VAE's and DiT's configs: a preset registered by a config file, or
+    edited since, changes nothing at load; an export without them (older) is built from its preset, and a
+    preset unknown here is named with the file it came from."""
+    from vidiff.models import dit as dit_module
+    from vidiff.models.export import MODELS, read_manifest, recorded_config
+
+    model = tmp_path / "export"
+    shutil.copytree(tiny_model_dir(), model)
+    manifest = read_manifest(model)
+    trained = TextToVideo.from_checkpoint(model).dit.config
+    monkeypatch.setitem(dit_module.DIT_PRESETS, "tiny", dict(dit_module.DIT_PRESETS["tiny"], rope_theta=100.0))
+    assert TextToVideo.from_checkpoint(model).dit.config == trained  # the recorded fields win
+    legacy = {k: v for k, v in manifest.items() if k != MODELS}
+    (model / "vidiff.json").write_text(json.dumps(legacy))
+    assert TextToVideo.from_checkpoint(model).dit.config.rope_theta == 100.0  # an older export: its preset now
+    assert recorded_config(model, "vae") is None
+
+    registered = {**manifest, "config": {**manifest["config"], "dit": {**manifest["config"]["dit"], "preset": "wide2"}}}
+    (model / "vidiff.json").write_text(json.dumps(registered))  # DIT_PRESETS["wide2"] = ... in its config file
+    assert TextToVideo.from_checkpoint(model).dit.config == trained
+    assert recorded_config(model, "vae", dtype="bfloat16").dtype == "bfloat16"  # how DiT training reads its VAE
+    (model / "vidiff.json").write_text(json.dumps({k: v for k, v in registered.items() if k != MODELS}))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(model))}/vidiff.json: config.dit.preset 'wide2' is not a "
+                                         "DiT preset here \\(valid: tiny, .*\\); register it before loading, or "
+                                         "re-export the model with a vidiff that records its fields$"):
+        TextToVideo.from_checkpoint(model)
+    wide = {**manifest, MODELS: {**manifest[MODELS], "dit": {**manifest[MODELS]["dit"], "text_dim": 512}}}
+    (model / "vidiff.json").write_text(json.dumps(wide))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(model))}/vidiff.json: its DiT takes 512-d text "
+                                         "\\(models.dit.text_dim\\) but text.encoder 'minilm' gives 384-d; name"):
+        TextToVideo.from_checkpoint(model)
+    bad = {**manifest, MODELS: {**manifest[MODELS], "dit": {**manifest[MODELS]["dit"], "depht": 2}}}
+    (model / "vidiff.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(model))}/vidiff.json: models.dit has unknown DiTConfig "
+                                         "field.s. \\['depht'\\] .exported by another vidiff version.\\); re-export"):
+        TextToVideo.from_checkpoint(model)
 
 
 def test_a_mesh_splits_the_batch_and_changes_nothing(pipe):

@@ -1,4 +1,5 @@
 """Training: optimizer, config checks, exact resume after SIGKILL, SIGTERM, non-finite steps, export."""
+import dataclasses
 import functools
 import gzip
 import json
@@ -19,6 +20,9 @@ import optax
 import pytest
 from PIL import Image
 
+from vidiff.models.dit import DiTConfig
+from vidiff.models.export import read_manifest
+from vidiff.models.vae import VAEConfig
 from vidiff.train import config as config_lib
 from vidiff.train.metrics import psnr, read_metrics, ssim
 from vidiff.train.optimizer import ema_update, learning_rate_schedule, make_optimizer
@@ -738,6 +742,9 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
     dit = _run(_command(tmp_path, "--config.dit_train.eval_every=3", *eight_clips, model="dit", steps=3))
     assert dit.returncode == 0, dit.stderr
     assert (tmp_path / "export" / "dit.safetensors").is_file()
+    recorded = read_manifest(tmp_path / "export")["models"]  # every field of both configs, whatever the presets say
+    assert [set(recorded[m]) for m in ("vae", "dit")] == [{f.name for f in dataclasses.fields(c)}
+                                                          for c in (VAEConfig, DiTConfig)]
     (samples,) = (tmp_path / "dit" / "samples").glob("samples_*.gif")
     with Image.open(samples) as gif:  # played at the data's frame rate (it was always 8 fps)
         assert gif.info["duration"] == 250

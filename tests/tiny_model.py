@@ -51,12 +51,12 @@ def make_tiny_model(directory, seed: int = 0) -> Path:
     config_json = json.loads(config.to_json())
     vae = vae_from_config(config)
     vae_shapes = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), jnp.zeros((1, 1, 4, 4, 3))))
-    export_vae(directory, config_json, _fill(vae_shapes, seed))
+    export_vae(directory, config_json, _fill(vae_shapes, seed), vae_config=vae.config)
     # MiniLM's token and pooled widths: the pipeline builds its DiT from the loaded encoder's.
     dit = VideoDiT(dit_preset(config.dit.preset, text_dim=384, pooled_dim=384,
                               latent_channels=vae.config.latent_channels, **config.dit.overrides))
     dit_shapes = nn.unbox(jax.eval_shape(dit.init, jax.random.key(0), *dummy_inputs(dit.config)))["params"]
-    export_dit(directory, config_json, _fill(dit_shapes, seed + 1))
+    export_dit(directory, config_json, _fill(dit_shapes, seed + 1), dit_config=dit.config, vae_config=vae.config)
     return Path(directory)
 
 

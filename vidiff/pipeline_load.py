@@ -16,9 +16,10 @@ import numpy as np
 from vidiff.checks import config_int, field_checker, finite_number
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.models.block_layout import with_block_layout
-from vidiff.models.dit import VideoDiT, dit_preset
-from vidiff.models.export import MANIFEST, check_dit_vae, load_dit, load_vae, read_manifest, variable_specs
-from vidiff.models.vae import VideoVAE, latent_count, vae_preset
+from vidiff.models.dit import VideoDiT
+from vidiff.models.export import (MANIFEST, check_dit_vae, load_dit, load_vae, model_config, read_manifest,
+                                  variable_specs)
+from vidiff.models.vae import VideoVAE, latent_count
 
 REQUIRED_FIELDS = (("text", "encoder"), ("text", "max_length"), ("vae", "preset"), ("dit", "preset"), ("data", "size"),
                    ("data", "num_frames"))
@@ -37,6 +38,8 @@ def load_export(directory: Path, scan_blocks: bool | None = None) -> dict:
 
     ``scan_blocks`` as :meth:`vidiff.pipeline.TextToVideo.from_checkpoint`.
     """
+    if scan_blocks is not None and not isinstance(scan_blocks, bool):  # the caller's, not vidiff.json's
+        raise ValueError(f"scan_blocks: must be True or False, got {scan_blocks!r}")
     _check_not_workdir(directory)
     manifest = read_manifest(directory)
     if not manifest.get("dit") or not (directory / "dit.safetensors").is_file():
@@ -52,13 +55,19 @@ def load_export(directory: Path, scan_blocks: bool | None = None) -> dict:
     # up to the rounding of another batch shape (1e-6), which this avoids.
     text = _text_encoder(config["text"]["encoder"], config["text"]["max_length"],
                          config["text"].get("batch_size") or 1)
-    vae = VideoVAE(vae_preset(config["vae"]["preset"], **config["vae"].get("overrides", {})))
-    overrides = dict(config["dit"].get("overrides", {}))
-    if overrides.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
-        overrides["attention_impl"] = None  # how the DiT computes, not what it holds: auto where no cuDNN is
-    dit = VideoDiT(dit_preset(config["dit"]["preset"], **{
-        "text_dim": text.dim, "pooled_dim": text.pooled_dim, "latent_channels": vae.config.latent_channels,
-        **overrides, **({} if scan_blocks is None else {"scan_blocks": scan_blocks})}))
+    vae = VideoVAE(model_config(directory, manifest, "vae"))
+
+    def as_run_here(fields: dict) -> dict:  # how the DiT computes, not what it holds
+        if fields.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
+            fields["attention_impl"] = None  # auto where no cuDNN is
+        return fields if scan_blocks is None else {**fields, "scan_blocks": scan_blocks}
+
+    dit = VideoDiT(model_config(directory, manifest, "dit", adjust=as_run_here, given={
+        "text_dim": text.dim, "pooled_dim": text.pooled_dim, "latent_channels": vae.config.latent_channels}))
+    if (dit.config.text_dim, dit.config.pooled_dim) != (text.dim, text.pooled_dim):  # recorded fields only
+        raise ValueError(f"{directory / MANIFEST}: its DiT takes {dit.config.text_dim}-d text (models.dit.text_dim) "
+                         f"but text.encoder {config['text']['encoder']!r} gives {text.dim}-d; name the encoder "
+                         "it was trained with, or re-export the model with `vidiff train`")
     _check_trained_clip(config, vae, dit, need)
     vae_variables = _fitting(load_vae(directory), vae, directory / "vae.safetensors")
     check_dit_vae(directory, manifest)  # a DiT trained on another VAE's latents makes noise

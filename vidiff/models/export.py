@@ -11,11 +11,18 @@ records that VAE in ``vidiff.json`` (``dit_vae_sha256``: the sha256 of
 VAE (e.g. after ``vidiff train --model vae`` again into the same workdir).
 Exports without the field (older ones) are not checked.
 
+``vidiff.json`` also records every field of the networks' configs (``models``: ``{"vae": {...}, "dit": {...}}``,
+each describing the weights file of its name), and :func:`model_config` builds a model from those: the
+config's preset name and overrides alone would build whatever that preset means where the model is loaded (a
+preset registered from a config file is unknown there; one edited in a fork silently changes old exports).
+Exports without them (older ones) are built from the preset and overrides.
+
 ``vidiff.json`` is replaced, never rewritten in place (a write cut short would leave no valid one), and an
 export replaces an unreadable one: an export cut short before writes were atomic must not stop the next.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -32,14 +39,18 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from vidiff.models.dit import DIT_PRESETS, DiTConfig
 from vidiff.models.dit_inputs import dummy_inputs
-from vidiff.models.vae import VideoVAE
+from vidiff.models.vae import PRESETS as VAE_PRESETS
+from vidiff.models.vae import VAEConfig, VideoVAE
 
 MANIFEST = "vidiff.json"
 # The fix for a DiT trained with another VAE. Its checkpoints record that VAE too: a plain rerun would resume
 # the old DiT, and is refused (vidiff.train.preflight.check_resume_vae).
 RETRAIN_DIT = "train the DiT again: delete its run (<workdir>/dit), then `vidiff train --config ... --model dit`"
 DIT_VAE = "dit_vae_sha256"  # vidiff.json: the VAE (sha256 of vae.safetensors) the DiT there was trained with
+MODELS = "models"  # vidiff.json: {"vae": VAEConfig's fields, "dit": DiTConfig's}, of the weights there
+_CONFIGS = {"vae": (VAEConfig, VAE_PRESETS, "VAE"), "dit": (DiTConfig, DIT_PRESETS, "DiT")}
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 FLOAT_WEIGHTS = (np.float32, jnp.bfloat16, np.float16)  # what load_tree reads; loaders cast to their model's dtype
@@ -162,6 +173,64 @@ def _previous_manifest(directory: Path, replacing: str) -> dict:
         return {}
 
 
+def model_fields(config) -> dict:
+    """Every field of a ``VAEConfig`` or ``DiTConfig`` as JSON holds it (tuples as lists, numpy numbers plain)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=_plain_number))
+
+
+def _plain_number(value):
+    if isinstance(value, np.generic):  # e.g. an override given as a numpy int
+        return value.item()
+    raise TypeError(f"{value!r} has no JSON form")
+
+
+def model_config(directory, manifest: dict, model: str, given: dict | None = None, adjust=None):
+    """The ``VAEConfig`` (``model="vae"``) or ``DiTConfig`` (``"dit"``) of the export in ``directory``: its
+    recorded fields (``models``), else (an older export) its config's preset with ``given`` fields (e.g. the
+    text encoder's width) and its overrides. ``adjust(fields)`` changes how it computes before the config is
+    checked (e.g. scanned blocks); a field that does not fit is a one-line error naming ``vidiff.json``."""
+    config_class, presets, label = _CONFIGS[model]
+    path = Path(directory) / MANIFEST
+    recorded = (manifest.get(MODELS) or {}).get(model) if isinstance(manifest.get(MODELS), dict) else None
+    if recorded is not None:
+        where = f"{path}: {MODELS}.{model}"
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{where} is not an object of {config_class.__name__} fields; re-export the model "
+                             "with `vidiff train`")
+        fields = dict(recorded)
+    else:
+        section = manifest["config"][model]
+        where, name = f"{path}: config.{model}", section["preset"]
+        if name not in presets:
+            raise ValueError(f"{path}: config.{model}.preset {name!r} is not a {label} preset here (valid: "
+                             f"{', '.join(presets)}); register it before loading, or re-export the model with a "
+                             "vidiff that records its fields")
+        base = presets[name]
+        base = dataclasses.asdict(base) if dataclasses.is_dataclass(base) else dict(base)
+        fields = {**base, **(given or {}), **section.get("overrides", {})}
+    fields = adjust(fields) if adjust else fields
+    if unknown := sorted(set(fields) - {f.name for f in dataclasses.fields(config_class)}):
+        raise ValueError(f"{where} has unknown {config_class.__name__} field(s) {unknown} (exported by another "
+                         "vidiff version?); re-export the model with `vidiff train`")
+    try:
+        return config_class(**fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}; re-export the model with `vidiff train`") from None
+
+
+def recorded_config(directory, model: str, **compute):
+    """The config ``directory``'s ``vidiff.json`` records for ``model`` ("vae" | "dit") with the ``compute``
+    fields (how it computes, not what it holds) replaced; None where it records none (an older export, no
+    export, or an unreadable ``vidiff.json``, which the next export replaces with a warning)."""
+    try:
+        manifest = read_manifest(directory)
+    except (OSError, ValueError):
+        return None
+    if model not in (manifest.get(MODELS) if isinstance(manifest.get(MODELS), dict) else {}):
+        return None
+    return model_config(directory, manifest, model, adjust=lambda fields: {**fields, **compute})
+
+
 def read_manifest(directory) -> dict:
     """The ``vidiff.json`` of a model directory, with a one-line error when it is not one."""
     path = _model_directory(directory) / MANIFEST
@@ -200,13 +269,13 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def export_vae(directory, config_json: dict, variables: dict) -> Path:
+def export_vae(directory, config_json: dict, variables: dict, vae_config: VAEConfig | None = None) -> Path:
     """Write the VAE's ``params`` + ``latent_stats`` and the config into ``directory``.
 
     A DiT already there is kept, and so is its config when this is the VAE it was
     trained with (re-exporting a finished VAE run changes nothing); if it was
     trained with another VAE, a warning is logged and loading the directory fails
-    until the DiT is trained again.
+    until the DiT is trained again. ``vae_config``: the VAE's, recorded field by field.
     """
     if missing := [k for k in ("params", "latent_stats") if k not in variables]:
         raise ValueError(f"export_vae: the variables have no {missing[0]!r} collection; pass vae.init's full "
@@ -226,15 +295,19 @@ def export_vae(directory, config_json: dict, variables: dict) -> Path:
     if not dit_kept:  # the DiT's config describes the model pair, this VAE included
         manifest["config"] = config_json
     manifest["vae"] = True
+    if not (dit_kept and "vae" in (manifest.get(MODELS) or {})):  # else its DiT's record of it stays, as its config
+        _record(manifest, vae=vae_config)
     save_manifest(directory, manifest)
     return directory
 
 
-def export_dit(directory, config_json: dict, params, vae_sha256: str | None = None) -> Path:
+def export_dit(directory, config_json: dict, params, vae_sha256: str | None = None, *,
+               dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None) -> Path:
     """Write the DiT's (EMA) params into ``directory`` next to its VAE, recording that VAE's sha256.
 
     ``vae_sha256``: the VAE file's hash when training loaded it (a VAE exported there since then is
-    not the one the DiT learned); by default the file there now.
+    not the one the DiT learned); by default the file there now. ``dit_config`` and ``vae_config`` (the VAE
+    it was trained with): recorded field by field.
     """
     directory = Path(directory)
     save_tree(directory / "dit.safetensors", {"params": params})
@@ -247,8 +320,17 @@ def export_dit(directory, config_json: dict, params, vae_sha256: str | None = No
             vae_sha256 = file_sha256(directory / "vae.safetensors")
     if vae_sha256 is not None:
         manifest[DIT_VAE] = vae_sha256
+    _record(manifest, vae=vae_config, dit=dit_config)
     save_manifest(directory, manifest)
     return directory
+
+
+def _record(manifest: dict, **configs) -> None:
+    """Each given model config's fields into ``manifest[MODELS]``, beside those it holds of the other model."""
+    models = manifest.get(MODELS) if isinstance(manifest.get(MODELS), dict) else {}
+    manifest[MODELS] = {**models, **{k: model_fields(c) for k, c in configs.items() if c is not None}}
+    if not manifest[MODELS]:
+        del manifest[MODELS]
 
 
 def check_dit_vae(directory, manifest: dict) -> None:

@@ -30,7 +30,7 @@ from vidiff.models.patches import token_count
 from vidiff.models.vae import VideoVAE, compiled, compute_latent_stats, set_latent_stats, vae_preset
 from vidiff.models.vae_losses import (PatchDiscriminator3D, VAELossConfig, adversarial_factor, discriminator_loss,
                                       make_perceptual_fn, vae_loss)
-from vidiff.models.export import export_dit, export_vae, file_sha256, load_vae
+from vidiff.models.export import export_dit, export_vae, file_sha256, load_vae, recorded_config
 from vidiff.train.latent_cache import LatentCache, vae_fingerprint
 from vidiff.train.metrics import psnr, ssim
 from vidiff.train.state import skipped_steps_clause
@@ -179,7 +179,7 @@ class VAETask(Task):
                 f"exported. Lower vae_train.optim.lr (or set optim.grad_clip) and train again from a new workdir"
             )
         variables = set_latent_stats(variables, shift, scale)
-        export_vae(export_dir, config_json, variables)
+        export_vae(export_dir, config_json, variables, vae_config=self.vae.config)
         return {"latent_shift": np.asarray(shift).tolist(), "latent_scale": np.asarray(scale).tolist(),
                 "latent_stats_batches": used}
 
@@ -256,7 +256,10 @@ class DiTTask(Task):
 
         self.text = text_encoder(config.text.encoder, max_length=config.text.max_length,
                                  batch_size=config.text.get("batch_size", 1))
-        self.vae = vae_from_config(config)
+        # The VAE as its export records it (a preset edited since changes nothing), computing in this run's dtype.
+        planned = vae_from_config(config)
+        recorded = recorded_config(export_dir(config), "vae", dtype=planned.config.dtype)
+        self.vae = planned if recorded is None else VideoVAE(recorded)
         self.dit = VideoDiT(dit_preset(config.dit.preset, **{
             "text_dim": self.text.dim, "pooled_dim": self.text.pooled_dim,
             "latent_channels": self.vae.config.latent_channels, **config.dit.overrides}))
@@ -309,7 +312,8 @@ class DiTTask(Task):
 
     def finalize(self, state, config_json: dict, export_dir: Path) -> dict:
         """Export the EMA DiT next to the VAE it was trained on."""
-        export_dit(export_dir, config_json, jax.device_get(state.ema_params), vae_sha256=self.vae_sha256)
+        export_dit(export_dir, config_json, jax.device_get(state.ema_params), vae_sha256=self.vae_sha256,
+                   dit_config=self.dit.config, vae_config=self.vae.config)
         return {} if self.latent_cache is None else {"latent_cache": self.latent_cache.stats()}
 
     def _cache_path(self, workdir: Path) -> Path:
