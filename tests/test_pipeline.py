@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax.numpy as jnp
@@ -491,6 +492,10 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
     (vae_only / "vidiff.json").write_text(json.dumps({"vae": True, "config": {}}))
     with pytest.raises(ValueError, match="holds no trained DiT"):
         TextToVideo.from_checkpoint(vae_only)
+    (vae_only / "vidiff.json").write_text(json.dumps({"dit": "false", "config": {}}))  # not read as true
+    with pytest.raises(ValueError, match=f"^{re.escape(str(vae_only))}/vidiff.json: dit is 'false', not true or "
+                                         "false; set it to true when dit.safetensors is its DiT, or re-export"):
+        TextToVideo.from_checkpoint(vae_only)
     monkeypatch.setattr("vidiff.pipeline.BUNDLED", tmp_path / "assets" / "world_tiny")
     with pytest.raises(FileNotFoundError, match="the bundled model is not installed"):
         TextToVideo.from_checkpoint()
@@ -566,6 +571,9 @@ def test_dit_weights_flax_cannot_nest_are_unreadable(tmp_path):
         TextToVideo.from_checkpoint(model)
     save_file({k.replace("params/", "weights/"): v for k, v in weights.items()}, str(path))
     with pytest.raises(ValueError, match=unreadable % "no tensors under params/"):
+        TextToVideo.from_checkpoint(model)
+    save_file({**weights, "ema/blocks_0": np.zeros(3, np.float32)}, str(path))  # a tensor the DiT would never read
+    with pytest.raises(ValueError, match=unreadable % "'ema' is outside params/"):
         TextToVideo.from_checkpoint(model)
 
 
@@ -758,6 +766,30 @@ def test_an_export_is_built_from_its_recorded_fields(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=f"^{re.escape(str(model))}/vidiff.json: models.dit has unknown DiTConfig "
                                          "field.s. \\['depht'\\] .exported by another vidiff version.\\); re-export"):
         TextToVideo.from_checkpoint(model)
+
+
+def test_a_text_encoder_directory_is_exported_absolute(tmp_path, monkeypatch):
+    """`t5:<dir>` relative to where training ran is stored absolute; an older export's relative one, loaded
+    elsewhere, is one line naming vidiff.json's text.encoder (no online=True: from_checkpoint cannot pass it)."""
+    from vidiff.models.export import portable_config
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    for given, stored in (("t5:tests/golden/tiny_t5", f"t5:{repo}/tests/golden/tiny_t5"), ("minilm", "minilm"),
+                          ("t5:google/t5-v1_1-small", "t5:google/t5-v1_1-small")):  # a Hub id stays
+        assert portable_config({"text": {"encoder": given}, "seed": 0}) == {"text": {"encoder": stored}, "seed": 0}
+    model = tmp_path / "export"
+    shutil.copytree(tiny_model_dir(), model)
+    manifest = json.loads((model / "vidiff.json").read_text())
+    manifest["config"]["text"]["encoder"] = "t5:tests/golden/tiny_t5"
+    (model / "vidiff.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as error:
+        TextToVideo.from_checkpoint(model)
+    assert str(error.value) == (
+        f"{model}/vidiff.json: text.encoder 't5:tests/golden/tiny_t5': 'tests/golden/tiny_t5' is not a directory (a "
+        f"relative path: read from {tmp_path}) nor a Hugging Face repo in the local cache; put the t5 encoder's "
+        "directory there, or set text.encoder in vidiff.json to 't5:<its absolute path>'")
 
 
 def test_a_mesh_splits_the_batch_and_changes_nothing(pipe):

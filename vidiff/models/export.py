@@ -231,6 +231,16 @@ def recorded_config(directory, model: str, **compute):
     return model_config(directory, manifest, model, adjust=lambda fields: {**fields, **compute})
 
 
+def portable_config(config_json: dict) -> dict:
+    """``config_json`` with a text encoder read from a relative directory (``t5:tests/golden/tiny_t5``) made
+    absolute: the export is loaded from other working directories. A named encoder or a Hub id stays as is."""
+    text = config_json.get("text") if isinstance(config_json.get("text"), dict) else {}
+    kind, sep, where = str(text.get("encoder", "")).partition(":")
+    if not sep or not where or not Path(where).expanduser().is_dir():
+        return config_json
+    return {**config_json, "text": {**text, "encoder": f"{kind}:{os.path.abspath(Path(where).expanduser())}"}}
+
+
 def read_manifest(directory) -> dict:
     """The ``vidiff.json`` of a model directory, with a one-line error when it is not one."""
     path = _model_directory(directory) / MANIFEST
@@ -293,7 +303,7 @@ def export_vae(directory, config_json: dict, variables: dict, vae_config: VAECon
         log.warning(f"{directory}: the new vae.safetensors replaces the VAE its DiT (dit.safetensors) was trained "
                     f"with; that DiT will not load with it: {RETRAIN_DIT}")
     if not dit_kept:  # the DiT's config describes the model pair, this VAE included
-        manifest["config"] = config_json
+        manifest["config"] = portable_config(config_json)
     manifest["vae"] = True
     if not (dit_kept and "vae" in (manifest.get(MODELS) or {})):  # else its DiT's record of it stays, as its config
         _record(manifest, vae=vae_config)
@@ -312,7 +322,7 @@ def export_dit(directory, config_json: dict, params, vae_sha256: str | None = No
     directory = Path(directory)
     save_tree(directory / "dit.safetensors", {"params": params})
     manifest = _previous_manifest(directory, "")
-    manifest.update(config=config_json, dit=True)
+    manifest.update(config=portable_config(config_json), dit=True)
     manifest.pop(DIT_VAE, None)
     if (directory / "vae.safetensors").is_file():
         manifest["vae"] = True
@@ -357,8 +367,9 @@ def load_dit(directory) -> dict:
     _model_directory(directory)
     path = Path(directory) / "dit.safetensors"
     tree = load_tree(path)
-    if not isinstance(tree.get("params"), dict):  # export_dit writes every tensor under params/
-        raise unreadable(path, "no tensors under params/")
+    stray = sorted(set(tree) - {"params"})
+    if not isinstance(tree.get("params"), dict) or stray:  # export_dit writes every tensor under params/
+        raise unreadable(path, f"{stray[0]!r} is outside params/" if "params" in tree else "no tensors under params/")
     return jax.tree.map(jax.numpy.asarray, tree["params"])
 
 
