@@ -6,6 +6,7 @@ VAE that does not fit, prepared shards without latents, non-finite parameters,
 and the skipped-data counts of the summary. Most tests call the checks directly;
 the CLI ones stop before anything compiles.
 """
+import dataclasses
 import gc
 import hashlib
 import json
@@ -981,6 +982,20 @@ def test_prepared_latents_on_shards_without_them_fail_early(tmp_path):
     preflight.check_prepared_vae(config, variables)
     config.vae.overrides.dtype = "bfloat16"  # how this run computes: the prepared latents are the same
     preflight.check_prepared_vae(config, variables)
+    # An export recording its VAE field by field is read by those fields, as prepare --latents and DiT training
+    # read it: a preset edited since the export no longer reads as latents from another VAE.
+    config.vae.overrides.dtype = "float32"
+    from vidiff.models import vae as vae_module
+    from vidiff.models.export import export_vae
+    from vidiff.train import precompute
+
+    recorded = tasks.vae_from_config(config).config
+    export_vae(tmp_path / "export", json.loads(config.to_json()), variables, vae_config=recorded)
+    preset = vae_module.PRESETS[config.vae.preset]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(vae_module.PRESETS, config.vae.preset, dataclasses.replace(preset, mid_attention=not preset.mid_attention))
+        assert precompute.load_vae_model(tmp_path / "export")[0].config == recorded
+        preflight.check_prepared_vae(config, variables)
 
 
 # --------------------------------------------------------------------------- 6, 8: skipped data, quiet DiT start

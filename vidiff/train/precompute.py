@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_vae_model(model_dir):
     """``(vae, variables, config)`` of the exported VAE in ``model_dir``, with one-line errors naming ``--latents``."""
-    from vidiff.models.export import MANIFEST, load_vae, read_manifest
-    from vidiff.train.tasks import vae_from_config
+    from vidiff.models.export import MANIFEST, load_vae, model_config, read_manifest
+    from vidiff.models.vae import VideoVAE
 
     directory = Path(model_dir)
     fix = "give the export directory of a trained VAE (`vidiff train --model vae` writes <workdir>/export)"
@@ -49,8 +49,9 @@ def load_vae_model(model_dir):
     for name in (MANIFEST, "vae.safetensors"):
         if not (directory / name).is_file():
             raise ValueError(f"--latents {directory} has no {name}; {fix}")
-    config = _Attr(read_manifest(directory)["config"])
-    return vae_from_config(config), load_vae(directory), config
+    manifest = read_manifest(directory)
+    # The VAE as the export records it, as DiT training builds it (its fields win over a preset edited since).
+    return VideoVAE(model_config(directory, manifest, "vae")), load_vae(directory), _Attr(manifest["config"])
 
 
 def check_clip_fits(vae, model_dir, frames: int, height: int, width: int) -> None:

@@ -34,7 +34,7 @@ from vidiff.models.dit import dit_preset
 from vidiff.models.vae import vae_preset
 from vidiff.train.checkpoint import read_config
 from vidiff.train.config import config_changes
-from vidiff.models.export import DIT_VAE, RETRAIN_DIT, read_manifest, variable_shapes
+from vidiff.models.export import DIT_VAE, RETRAIN_DIT, read_manifest, recorded_config, variable_shapes
 from vidiff.train.latent_cache import vae_fingerprint
 from vidiff.train.state import skipped_steps_clause
 from vidiff.train.tasks import export_dir, vae_from_config
@@ -226,11 +226,13 @@ def check_prepared_vae(config, vae_variables: dict) -> None:
 
     # Each `vidiff prepare --out` folder holding training shards (the path may be a folder, glob, file or list).
     folders = sorted({Path(path).parent for path in array_record_paths(config.data.array_record_path, "train")})
-    # As prepare computed it: with the config the export describes, whose compute-only fields (dtype) this
-    # run may have changed (check_dit_inputs compares the rest).
-    exported = (read_manifest(export_dir(config)).get("config") or {}).get("vae")
-    vae_config = (vae_preset(exported["preset"], **(exported.get("overrides") or {})) if exported
-                  else vae_from_config(config).config)
+    # As prepare computed it: with the config the export records (its fields; an older export, its preset and
+    # overrides), whose compute-only fields (dtype) this run may have changed (check_dit_inputs compares the rest).
+    vae_config = recorded_config(export_dir(config), "vae")
+    if vae_config is None:
+        exported = (read_manifest(export_dir(config)).get("config") or {}).get("vae")
+        vae_config = (vae_preset(exported["preset"], **(exported.get("overrides") or {})) if exported
+                      else vae_from_config(config).config)
     fingerprint = vae_fingerprint(vae_variables, vae_config)
     for folder in folders:
         try:
