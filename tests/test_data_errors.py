@@ -136,7 +136,7 @@ def test_latents_model_dir_and_clip_shape_are_checked_before_decoding(clips, tmp
     model = tmp_path / "tf4"
     shutil.copytree(ASSET, model)
     config = json.loads((model / "vidiff.json").read_text())
-    config["config"]["vae"]["overrides"].update(temporal_down=[True, True], time_kernels=[3, 3, 3])
+    config["models"]["vae"].update(temporal_down=[True, True], time_kernels=[3, 3, 3])  # its recorded fields
     (model / "vidiff.json").write_text(json.dumps(config))
     assert prepare(clips, tmp_path / "o", "--latents", str(model), "--frames", "6") == 2
     assert one_line_error(capsys).endswith("--frames 6 does not fit the VAE in --latents "
