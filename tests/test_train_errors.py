@@ -998,6 +998,29 @@ def test_prepared_latents_on_shards_without_them_fail_early(tmp_path):
         preflight.check_prepared_vae(config, variables)
 
 
+def test_evaluation_clips_the_data_cannot_give_fail_before_training(tmp_path):
+    """5-frame clips and world_tiny's 17-frame eval.num_frames: every eval clip was skipped as too short at the
+    first evaluation, after eval_every steps of training; the clips are now read before the first step."""
+    from vidiff.data.world import CaptionedWorld, WorldConfig
+    from vidiff.io import write_video
+
+    world = CaptionedWorld(WorldConfig(num_frames=5, size=16, length=2))
+    for i in range(2):
+        write_video(tmp_path / f"clip{i}.mp4", world[i]["video"], 8)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": f"clip{i}.mp4", "caption": "a clip"}) + "\n" for i in range(2)))
+    result = _cli("--config", WORLD_TINY, "--model", "vae", f"--config.workdir={tmp_path / 'w'}",
+                  "--config.data.source=folder", f"--config.data.manifest={{'train': '{manifest}', 'eval': '{manifest}'}}",
+                  "--config.data.size=16", "--config.data.num_frames=5", "--config.vae_train.data.num_frames=5",
+                  "--config.vae_train.steps=2", "--config.vae_train.eval_every=2")
+    assert result.returncode == 2 and result.stderr.count("too_short (5 frames at the target rate") == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "vidiff train: error: the VAE's evaluation clips (eval.split='eval', 17 frames, eval.num_frames): 100.0% of "
+        "records were bad (2 of 2: too_short=2); fix the inputs (see the warnings logged per file); or set "
+        "eval.num_frames to a length they have")
+    assert not list((tmp_path / "w" / "vae" / "checkpoints").glob("[0-9]*"))  # not one step trained
+
+
 # --------------------------------------------------------------------------- 6, 8: skipped data, quiet DiT start
 
 

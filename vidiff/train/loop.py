@@ -128,6 +128,8 @@ def _set_up(config, model: str, log) -> _Run:
         process_config = _process_config(config)
         pipeline = task.pipeline(process_config)
         preflight.check_data_lasts(pipeline, process_config, model)
+        if model == "vae" and stage.get("eval_every", 0):
+            task.validation_videos()  # read now, not at the first evaluation: clips it cannot use fail before training
         tx, schedule = make_optimizer(stage.optim, stage.steps, networks=task.networks)
         if start:  # restored into shapes and shardings alone: no fresh state is built, held beside it, thrown away
             state, state_shardings = abstract_state(task.init_params, tx, mesh)

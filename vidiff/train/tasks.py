@@ -223,7 +223,11 @@ def validation_clips(config) -> np.ndarray:
     # or other lengths (and mixed shapes fail to stack).
     records = record_stream({**config.data.to_dict(), "num_frames": num_frames, "shuffle": False, "num_epochs": 1,
                              "caption_dropout": 0.0, "buckets": None, "image_fraction": 0.0}, split=config.eval.split)
-    clips = [r["video"] for _, r in zip(range(n), records)]
+    try:
+        clips = [r["video"] for _, r in zip(range(n), records)]
+    except ValueError as e:  # the skip ledger's refusal: say which clips it was refusing
+        raise ValueError(f"the VAE's evaluation clips (eval.split={config.eval.split!r}, {num_frames} frames, "
+                         f"eval.num_frames): {e}; or set eval.num_frames to a length they have") from None
     if not clips:
         raise ValueError(f"eval.split={config.eval.split!r} yielded no clips; point data at an eval split")
     return np.stack(clips)
