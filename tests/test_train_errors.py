@@ -389,6 +389,36 @@ def test_non_finite_final_parameters_are_not_exported(tmp_path):
         f"exported. Lower vae_train.optim.lr (or set optim.grad_clip) and train again from a new workdir or an "
         f"earlier checkpoint in {tmp_path}")
 
+    # Tensor-sharded parameters on the 8 virtual devices, as a `--mesh tensor=8` run ends: checked one leaf at a
+    # time (eagerly), their all-reduces deadlocked XLA:CPU's rendezvous, which aborted the process after a minute
+    # (here, with a tensor axis spanning every device; not on data=4,tensor=2); so in a subprocess.
+    done = subprocess.run([sys.executable, "-c", _SHARDED_FINITE_CHECK, str(tmp_path)], capture_output=True,
+                          text=True, timeout=240, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bad_line = (f"dit parameters are not finite after step 7; nothing exported. Lower dit_train.optim.lr (or set "
+                f"optim.grad_clip) and train again from a new workdir or an earlier checkpoint in {tmp_path}")
+    assert done.stdout.splitlines() == ["finite: exported", f"nan in the last EMA leaf: {bad_line}"]
+
+
+_SHARDED_FINITE_CHECK = """
+import sys, types
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from vidiff.train import preflight
+
+mesh = Mesh(np.array(jax.devices()).reshape(1, 8), ("data", "tensor"))
+sharded = NamedSharding(mesh, P(None, "tensor"))
+params = {f"w{i}": jax.device_put(jnp.full((8, 16), float(i)), sharded) for i in range(128)}
+ema = dict(params, w127=jax.device_put(params["w127"].at[3, 5].set(jnp.nan), sharded))
+state = lambda ema: types.SimpleNamespace(params=params, ema_params=ema, skipped=0, first_bad_step=0)
+preflight.check_finite_params(state(params), "dit", 7, sys.argv[1])
+print("finite: exported")
+try:
+    preflight.check_finite_params(state(ema), "dit", 7, sys.argv[1])
+except preflight.NonFiniteError as error:
+    print("nan in the last EMA leaf:", error)
+"""
+
 
 def test_json_output_has_null_not_nan(tmp_path):
     from vidiff.data.schema import json_safe

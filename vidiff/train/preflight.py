@@ -388,11 +388,16 @@ def _check_stored_size(data, parsed, stored: tuple[int, int], where: str) -> Non
                      f"would upscale; ask for at most {height}x{width}, or run `vidiff prepare --size {size}` again")
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    # One program over the whole tree: eager jnp.all per sharded leaf dispatches one all-reduce per leaf, and
+    # XLA:CPU's rendezvous for those can deadlock (a tensor mesh's run aborted here after its last checkpoint).
+    return jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree), jnp.asarray(True))
+
+
 def check_finite_params(state, model: str, step: int, checkpoints: Path) -> None:
     """Refuse to export parameters (or their EMA) that are not finite: one line naming the step and the skips."""
-    finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)),
-                                                           (state.params, state.ema_params)), jnp.asarray(True))
-    if bool(finite):
+    if bool(_all_finite((state.params, state.ema_params))):
         return
     raise NonFiniteError(
         f"{model} parameters are not finite after step {step}{skipped_steps_clause(state)}; nothing exported. Lower "
