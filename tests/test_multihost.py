@@ -139,6 +139,51 @@ def test_distributed_settings_from_config_or_environment():
                                                                              num_processes=2))), environ={})
     with pytest.raises(ValueError, match="must be host:port"):
         distributed.settings(None, environ={**env, "VIDIFF_COORDINATOR_ADDRESS": "localhost"})
+    with pytest.raises(ValueError, match=r"^distributed.initialisation_timeout is not a distributed field; use one "
+                                         r"of \['coordinator_address', .*'initialization_timeout'\]$"):
+        distributed.settings(ml_collections.ConfigDict(dict(distributed=dict(initialisation_timeout=60))), environ={})
+
+
+def test_start_up_names_the_processes_and_coordinator_it_waits_for(monkeypatch, capsys):
+    """A process that never starts makes jax abort the others after initialization_timeout, naming neither it
+    nor the coordinator: each process says first whom it waits for, where, and how long."""
+    import jax
+    import ml_collections
+
+    from vidiff import distributed
+
+    timeout = distributed.initialization_timeout
+    assert timeout(None, environ={}) == 300  # jax's default
+    assert timeout(None, environ={"VIDIFF_INITIALIZATION_TIMEOUT": "45"}) == 45
+    config = ml_collections.ConfigDict(dict(distributed=dict(initialization_timeout=600)))
+    assert timeout(config, environ={"VIDIFF_INITIALIZATION_TIMEOUT": "45"}) == 600  # the config wins
+    with pytest.raises(ValueError, match=r"^VIDIFF_INITIALIZATION_TIMEOUT='5m' must be a whole number of seconds "
+                                         r">= 1, e.g. 600$"):
+        timeout(None, environ={"VIDIFF_INITIALIZATION_TIMEOUT": "5m"})
+    with pytest.raises(ValueError, match=r"^distributed.initialization_timeout=0 must be a whole number"):
+        timeout(ml_collections.ConfigDict(dict(distributed=dict(initialization_timeout=0))), environ={})
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    env = {"VIDIFF_COORDINATOR_ADDRESS": "10.0.0.1:1234", "VIDIFF_NUM_PROCESSES": "2", "VIDIFF_PROCESS_ID": "1"}
+    for key, value in {**env, "VIDIFF_INITIALIZATION_TIMEOUT": "45"}.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.initialize()
+    assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1,
+                          initialization_timeout=45)]
+    assert capsys.readouterr().err == (
+        "process 1 of 2: waiting for all 2 processes at 10.0.0.1:1234 (timeout 45 s: past it jax aborts with "
+        "DEADLINE_EXCEEDED if a process has not started or cannot reach that address)\n")
+
+    def times_out(**kwargs):  # jax 0.10 aborts the process instead; a version that raises gets one line
+        raise RuntimeError("DEADLINE_EXCEEDED: Deadline Exceeded\n\nRPC: /xla.coordination.CoordinationService/"
+                           "RegisterTask")
+    monkeypatch.setattr(jax.distributed, "initialize", times_out)
+    with pytest.raises(RuntimeError, match=r"^distributed: process 1 of 2 waited 45 s at 10.0.0.1:1234 and not "
+                                           r"all 2 processes joined; check that each one started and can reach "
+                                           r"that address, or raise distributed.initialization_timeout$"):
+        distributed.initialize()
 
 
 # --------------------------------------------------------------------------- the worker (one process)

@@ -11,7 +11,10 @@ in order:
    ``VIDIFF_NUM_PROCESSES``, ``VIDIFF_PROCESS_ID`` (or jax's own ``JAX_COORDINATOR_ADDRESS`` /
    ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``).
 
-Nothing set means a single process, and :func:`initialize` does nothing. On CPU the
+Nothing set means a single process, and :func:`initialize` does nothing. Before joining, each
+process logs one line naming itself, the coordinator and how long it waits for the others
+(``distributed.initialization_timeout`` or ``VIDIFF_INITIALIZATION_TIMEOUT``, default jax's 300 s):
+past it jax aborts the process with a DEADLINE_EXCEEDED that names neither. On CPU the
 processes exchange data through gloo, so the multi-host paths run on one machine
 (``tests/test_multihost.py``). After start-up: data is sliced per process by the
 Grain pipeline, metrics and samples are written by process 0 (:func:`is_main`),
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -30,6 +34,8 @@ import jax
 import numpy as np
 
 _FIELDS = ("coordinator_address", "num_processes", "process_id")
+_SECTION = (*_FIELDS, "local_device_ids", "auto", "initialization_timeout")
+DEFAULT_INITIALIZATION_TIMEOUT_S = 300  # jax's own default
 
 
 def settings(config: Any = None, environ: Mapping[str, str] | None = None) -> dict | None:
@@ -38,6 +44,9 @@ def settings(config: Any = None, environ: Mapping[str, str] | None = None) -> di
     section = config.get("distributed") if config is not None and hasattr(config, "get") else None
     if section:
         section = dict(section)
+        unknown = sorted(set(section) - set(_SECTION))
+        if unknown:  # a misspelled field would otherwise be ignored, and its setting with it
+            raise ValueError(f"distributed.{unknown[0]} is not a distributed field; use one of {list(_SECTION)}")
         if section.get("auto"):
             return {}
         given = {k: section.get(k) for k in (*_FIELDS, "local_device_ids") if section.get(k) is not None}
@@ -71,6 +80,26 @@ def _checked(given: dict, prefix: str, upper: bool = False) -> dict:
     return out
 
 
+def initialization_timeout(config: Any = None, environ: Mapping[str, str] | None = None) -> int:
+    """Seconds ``initialize`` waits for every process to join: ``distributed.initialization_timeout``, else
+    ``VIDIFF_INITIALIZATION_TIMEOUT``, else jax's default."""
+    environ = os.environ if environ is None else environ
+    section = config.get("distributed") if config is not None and hasattr(config, "get") else None
+    value = dict(section).get("initialization_timeout") if section else None
+    field = "distributed.initialization_timeout"
+    if value is None and environ.get("VIDIFF_INITIALIZATION_TIMEOUT"):
+        value, field = environ["VIDIFF_INITIALIZATION_TIMEOUT"], "VIDIFF_INITIALIZATION_TIMEOUT"
+    if value is None:
+        return DEFAULT_INITIALIZATION_TIMEOUT_S
+    try:
+        seconds = None if isinstance(value, (bool, float)) else int(value)
+    except (TypeError, ValueError):
+        seconds = None
+    if seconds is None or seconds < 1:
+        raise ValueError(f"{field}={value!r} must be a whole number of seconds >= 1, e.g. 600")
+    return seconds
+
+
 def initialize(config: Any = None) -> bool:
     """Start the multi-process runtime if config or environment ask for it; True when running multi-process.
 
@@ -81,14 +110,37 @@ def initialize(config: Any = None) -> bool:
     kwargs = settings(config)
     if kwargs is None:
         return False
+    timeout = initialization_timeout(config)
+    # Printed (and flushed) first: if a process never joins, jax aborts this one after the timeout naming neither it
+    # nor the coordinator, so this line is what says where to look.
+    print(f"{_who(kwargs)}: waiting for all {_count(kwargs)} processes at {_where(kwargs)} (timeout {timeout} s: past "
+          f"it jax aborts with DEADLINE_EXCEEDED if a process has not started or cannot reach that address)",
+          file=sys.stderr, flush=True)
     try:
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(**kwargs, initialization_timeout=timeout)
     except RuntimeError as e:
         if "before any JAX" in str(e) or "backend" in str(e):
             raise ValueError("distributed: jax was already used in this process; call "
                              "vidiff.distributed.initialize() first thing (vidiff train does)") from None
+        if "DEADLINE_EXCEEDED" in str(e):  # jax 0.10 aborts instead; a version that raises gets one line
+            raise RuntimeError(f"distributed: {_who(kwargs)} waited {timeout} s at {_where(kwargs)} and not all "
+                               f"{_count(kwargs)} processes joined; check that each one started and can reach that "
+                               f"address, or raise distributed.initialization_timeout") from None
         raise
     return True
+
+
+# What the start-up lines name: the settings given, or what auto-detection (kwargs {}) leaves to jax.
+def _who(kwargs: dict) -> str:
+    return f"process {kwargs['process_id']} of {kwargs['num_processes']}" if kwargs else "this process"
+
+
+def _count(kwargs: dict) -> str:
+    return str(kwargs["num_processes"]) if kwargs else "the"
+
+
+def _where(kwargs: dict) -> str:
+    return kwargs["coordinator_address"] if kwargs else "the coordinator jax detects (SLURM, Open MPI, Cloud TPU)"
 
 
 def is_main() -> bool:
