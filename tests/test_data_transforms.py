@@ -69,6 +69,31 @@ def test_bucket_window_cuts_stride_and_resamples_fps():
     assert BucketWindow([(4, 8, 8)]).random_map(floats, np.random.default_rng(0)).reason == skips.BAD_ARRAY
 
 
+def test_bucket_window_takes_an_evenly_stepped_window_as_a_read_only_view():
+    """A window at a stride, or the whole clip, is a view of the source's frames, not a copy of them; the stages
+    after it leave the source's clip as it was, and one that wrote into the view would fail."""
+    video = ramp_video(t=10, h=8, w=8)
+    record = schema.make_record(video, "a ramp", 10.0, "ramp")
+    rng = np.random.default_rng(0)
+    cases = [(BucketWindow([(10, 8, 8)]), list(range(10))),  # the whole stored clip
+             (BucketWindow([(4, 8, 8)], stride=2, window="first"), [0, 2, 4, 6]),
+             (BucketWindow([(4, 8, 8)], fps=5.0, window="center"), [0, 2, 4, 6]),  # resampled evenly
+             (BucketWindow([(3, 8, 8)], fps=15.0, window="first"), [0, 1, 1])]  # resampled unevenly: copied
+    for window, frames in cases:
+        out = window.random_map(record, rng)
+        assert out["video"][:, 0, 0, 0].tolist() == frames
+        assert np.shares_memory(out["video"], video) == (frames != [0, 1, 1])
+        staged = CaptionDropout(0.0).random_map(ResizeCrop(window.buckets).random_map(out, rng), rng)
+        assert np.array_equal(batch_records([staged, staged])["video"][0], video[frames])
+        if staged["video"].flags.writeable:  # a copy: the stride's frames made contiguous, or resampled
+            staged["video"][...] = 255
+        else:
+            with pytest.raises(ValueError, match="read-only"):
+                staged["video"][0, 0, 0, 0] = 255
+    assert not BucketWindow([(10, 8, 8)]).random_map(record, rng)["video"].flags.writeable
+    assert np.array_equal(record["video"], ramp_video(t=10, h=8, w=8)) and record["video"].flags.writeable
+
+
 def test_resize_crop_shorter_side_then_centre_or_random_crop():
     assert cover_size(720, 1280, 32, 32) == (32, 57)
     assert cover_size(100, 50, 32, 48) == (96, 48)

@@ -119,6 +119,18 @@ def as_rgb_video(video: Any) -> np.ndarray | None:
     return np.repeat(video, 3, axis=-1) if video.shape[-1] == 1 else video
 
 
+def take_frames(video: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``video[indices]``, as a read-only view when the indices step evenly (a window at a stride, the whole clip):
+    indexing with an array copies every frame, a quarter of a rendered world clip's cost. Read-only, so a later
+    stage that wrote into it in place would fail instead of changing the source's clip."""
+    steps = np.diff(indices)
+    if len(indices) == 0 or (len(steps) and (steps[0] < 1 or np.any(steps != steps[0]))):
+        return video[indices]
+    window = video[indices[0] : indices[-1] + 1 : int(steps[0]) if len(steps) else 1]
+    window.flags.writeable = False
+    return window
+
+
 @dataclasses.dataclass
 class BucketWindow(grain.transforms.RandomMap):
     """In-memory clip -> bucket + temporal window (``fps`` resampling, ``stride``, random/first/center)."""
@@ -145,7 +157,7 @@ class BucketWindow(grain.transforms.RandomMap):
         need = frames_needed(self.buckets[bucket][0], self.stride)
         start = window_offset(len(indices) - need, self.window, rng)
         out = dict(record)
-        out["video"] = video[indices[start : start + need : self.stride]]
+        out["video"] = take_frames(video, indices[start : start + need : self.stride])
         out["fps"] = np.float32((self.fps or source_fps) / self.stride)
         out["bucket"] = np.int32(bucket)
         return out
