@@ -59,6 +59,26 @@ def test_latents_hook_passes_fields_through_and_guards_alignment(real_shards, tm
     assert batch["latents"].shape == (2, 5, 6, 8, 3) and batch["text_mask"].shape == (2, 4)
     with pytest.raises(ValueError, match=r"prepared clips carry latents for 5x24x32 video; set data.num_frames=5"):
         make_pipeline(stream_config(out, num_frames=3))
+    # Read without their frames (a DiT on prepared latents): every other field as before, the clip's shape kept.
+    full = list(make_pipeline(stream_config(out, batch_size=2, caption_dropout=0.5)))
+    lean = list(make_pipeline(stream_config(out, batch_size=2, caption_dropout=0.5), latents_only=True))
+    assert len(lean) == len(full) == 2
+    for a, b in zip(full, lean):
+        assert "video" not in b and sorted(b) == sorted({*a, "video_shape"} - {"video"})
+        assert b["video_shape"].tolist() == [[5, 24, 32, 3]] * 2
+        for key in sorted(set(a) - {"video"}):
+            assert np.array_equal(a[key], b[key]) and a[key].dtype == b[key].dtype, key
+    with pytest.raises(ValueError, match=r"prepared clips carry latents for 5x24x32 video; set data.num_frames=5"):
+        make_pipeline(stream_config(out, num_frames=3), latents_only=True)
+    with pytest.raises(ValueError, match=r"^data.image_fraction=0.5 cannot cut images from latents_only=True records "
+                                         r"\(they hold no frames\); set data.image_fraction=0.0$"):
+        make_pipeline(stream_config(out, image_fraction=0.5, buckets=["5x24x32", "1x24x32"]), latents_only=True)
+    with pytest.raises(ValueError, match=r"^latents_only=True reads `vidiff prepare --latents` shards, not "
+                                         r"data.source='world'; set data.source='array_record'"):
+        make_pipeline({"source": "world"}, latents_only=True)
+    with pytest.raises(ValueError, match=r"hold no latents, which latents_only=True reads in place of their frames; "
+                                         r"run `vidiff prepare --latents MODEL_DIR`$"):
+        make_pipeline(stream_config(real_shards["out"]), latents_only=True)
 
 
 def test_a_failing_hook_leaves_no_shard_and_the_source_is_never_the_output(real_shards, tmp_path):

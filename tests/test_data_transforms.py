@@ -178,6 +178,28 @@ def test_record_bytes_roundtrip_png_exact_jpeg_close_and_extra_arrays():
                               r"^damaged record \(UnicodeDecodeError: ")):
         with pytest.raises(ValueError, match=message):
             schema.decode_record(damaged)
+    # Without its frames: the header's clip shape in place of the video, every other field as a full read gives it.
+    lean = schema.decode_record(data, frames=False)
+    full = schema.decode_record(data)
+    assert lean["video_shape"].tolist() == [3, 8, 12, 3] and "video" not in lean
+    assert sorted(lean) == sorted({*full, "video_shape"} - {"video"}) and lean["fps"] == full["fps"]
+    assert all(np.array_equal(lean[k], full[k]) for k in ("latents", "text_mask")) and lean["latents"].flags.writeable
+    with pytest.raises(ValueError, match=r"^array latents is truncated$"):
+        schema.decode_record(data[:-5], frames=False)
+    head_len = int.from_bytes(data[4:8], "little")
+    header = json.loads(data[8 : 8 + head_len])
+    header["video"]["sizes"].pop()  # a frame's blob no longer named: the array blobs would be read from its bytes
+    head = json.dumps(header).encode()
+    with pytest.raises(ValueError, match=r"^the header lists 2 frames for its video shape \[3, 8, 12, 3\]$"):
+        schema.decode_record(data[:4] + len(head).to_bytes(4, "little") + head + data[8 + head_len :], frames=False)
+    # Bucketed by its stored shape: the whole clip, or skipped when a bucket would cut what its latents belong to.
+    rng = np.random.default_rng(0)
+    kept = ResizeCrop([(3, 8, 12)]).random_map(BucketWindow([(3, 8, 12)]).random_map(lean, rng), rng)
+    assert kept["bucket"] == 0 and kept["fps"] == np.float32(8) and "video" not in kept
+    cut = BucketWindow([(2, 8, 12)], window="first").random_map(lean, rng)
+    assert cut.reason == skips.BAD_ARRAY and cut.detail == ("its latents belong to its stored 3x8x12 clip, which "
+                                                            "bucket 2x8x12 at frame_stride=1, fps=None would cut")
+    assert BucketWindow([(4, 8, 12)]).random_map(lean, rng).reason == skips.TOO_SHORT
     frames_only = schema.encode_record(schema.make_record(video, "x", 8, "clip-1"), frame_format="png")
     with pytest.raises(ValueError, match=r"^frame 2 is truncated$"):  # PIL alone decodes a PNG missing its end
         schema.decode_record(frames_only[:-5])

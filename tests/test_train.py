@@ -795,10 +795,36 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
                             "--config.dit_train.latents=prepared", model="dit", steps=3))
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].endswith(
         "set dit_train.data.image_fraction=0.0 and dit_train.data.buckets=None")  # both at once: no second error
-    from_shards = _run(_command(workdir, "--config.data.source=array_record", f"--config.data.array_record_path={shards}",
-                                "--config.dit_train.latents=prepared", "--config.dit_train.data.buckets=None",
-                                "--config.dit_train.data.image_fraction=0.0", model="dit", steps=3))
-    assert from_shards.returncode == 0, from_shards.stderr
+    from_shards = ("--config.data.source=array_record", f"--config.data.array_record_path={shards}",
+                   "--config.dit_train.latents=prepared", "--config.dit_train.data.buckets=None",
+                   "--config.dit_train.data.image_fraction=0.0")
+    lean = _run([sys.executable, "-c", SPY_ON_BATCHES, "as_is", *_command(workdir, *from_shards, model="dit", steps=3)[3:]])
+    assert lean.returncode == 0, lean.stderr
+    assert "'latents'" in lean.stdout and "'video'" not in lean.stdout.split("batch keys: ")[1]  # frames never read
+    # The same run reading every record's frames, as before: the same losses, bit for bit.
+    shutil.copytree(tmp_path / "export", tmp_path / "with_frames" / "export")
+    full = _run([sys.executable, "-c", SPY_ON_BATCHES, "with_frames",
+                 *_command(tmp_path / "with_frames", *from_shards, model="dit", steps=3)[3:]])
+    assert full.returncode == 0, full.stderr
+    assert "'video'" in full.stdout.split("batch keys: ")[1]
+    assert _losses(workdir, "dit") == _losses(tmp_path / "with_frames", "dit") and len(_losses(workdir, "dit")) == 3
+
+
+# `vidiff train ARGS` with the keys of the batches the DiT task was given printed at the end; "with_frames" reads
+# prepared shards as a DiT did before it read them without their frames.
+SPY_ON_BATCHES = """
+import sys
+from vidiff import cli
+from vidiff.train import tasks
+
+if sys.argv[1] == "with_frames":
+    tasks.DiTTask.pipeline = tasks.Task.pipeline
+keys, host_arrays = set(), tasks.DiTTask.host_arrays
+tasks.DiTTask.host_arrays = lambda self, raw: (keys.update(raw), host_arrays(self, raw))[1]
+code = cli.main(sys.argv[2:])
+print("batch keys:", sorted(keys))
+sys.exit(code)
+"""
 
 
 def test_train_step_ema_warms_up_and_bad_steps_keep_the_last_good_state():

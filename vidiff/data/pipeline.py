@@ -69,12 +69,16 @@ def make_ledger(config: Any) -> SkipLedger:
     return SkipLedger.temporary() if config.num_workers > 0 else SkipLedger()
 
 
-def build_source(config: DataConfig, split: str, ledger: SkipLedger):
+def build_source(config: DataConfig, split: str, ledger: SkipLedger, latents_only: bool = False):
     """``(random-access source, first RandomMap)`` for ``config.source``, as registered in ``vidiff.data.registry``.
 
     The first stage turns a source item into a record cut to its bucket
-    (decoding the window for the video folder).
+    (decoding the window for the video folder). ``latents_only``: ``array_record``
+    shards read without their frames (see ``record_stream``).
     """
+    if latents_only:
+        source = build_array_record(config, split, ledger, frames=False)
+        return source, BucketWindow(config.bucket_list(), config.frame_stride, config.fps, config.window)
     entry = registry.get_source(config.source)
     source = entry.build(config, split, ledger)
     if entry.first_stage is not None:
@@ -101,9 +105,9 @@ def folder_first_stage(config: DataConfig):
                                     config.max_pixels)
 
 
-def build_array_record(config: DataConfig, split: str, ledger: SkipLedger):
-    source = shards.ArrayRecordSource(shards.array_record_paths(config.array_record_path, split))
-    _check_prepared_latents(source, config)
+def build_array_record(config: DataConfig, split: str, ledger: SkipLedger, frames: bool = True):
+    source = shards.ArrayRecordSource(shards.array_record_paths(config.array_record_path, split), frames=frames)
+    _check_prepared_latents(source, config, frames)
     return source
 
 
@@ -120,20 +124,34 @@ def build_world(config: DataConfig, split: str, ledger: SkipLedger):
     return sources.world_source(config.world, split, config.bucket_list(), config.frame_stride, config.fps)
 
 
-def _check_prepared_latents(source, config: DataConfig):
+def _check_prepared_latents(source, config: DataConfig, frames: bool = True):
     # Precomputed latents belong to the stored clip: any re-windowing or
     # resizing would misalign them, so the config must ask for the clip as is.
     if not len(source):
         return
     first = source[0]
+    if not frames and isinstance(first, dict) and "latents" not in first:  # without frames nothing is left to train on
+        raise ValueError(f"the shards in data.array_record_path={config.array_record_path!r} hold no latents, which "
+                         f"latents_only=True reads in place of their frames; run `vidiff prepare --latents MODEL_DIR`")
     if not isinstance(first, dict) or "latents" not in first:
         return
-    stored = tuple(first["video"].shape[:3])
+    stored = tuple(first["video"].shape[:3] if frames else first["video_shape"][:3])
     if config.bucket_list() != [stored] or config.frame_stride != 1 or config.fps not in (None, float(first["fps"])):
         raise ValueError(
             f"prepared clips carry latents for {stored[0]}x{stored[1]}x{stored[2]} video; set data.num_frames={stored[0]}, "
             f"data.size=({stored[1]}, {stored[2]}), data.buckets=None, data.frame_stride=1, data.fps=None"
         )
+
+
+def _check_latents_only(config: DataConfig, source: Any) -> None:
+    """Records without frames come only from prepared shards, and no frame can be cut from them as an image."""
+    if source is not None or config.source != "array_record":
+        where = "a source= of its own" if source is not None else f"data.source={config.source!r}"
+        raise ValueError(f"latents_only=True reads `vidiff prepare --latents` shards, not {where}; set "
+                         f"data.source='array_record' and data.array_record_path to their folder")
+    if config.image_fraction > 0:
+        raise ValueError(f"data.image_fraction={config.image_fraction!r} cannot cut images from latents_only=True "
+                         f"records (they hold no frames); set data.image_fraction=0.0")
 
 
 def _check_buckets_in_step(config: DataConfig, process_count: int, custom_source: bool):
@@ -153,7 +171,7 @@ def _check_buckets_in_step(config: DataConfig, process_count: int, custom_source
 def record_stream(config: Any, *, split: str = "train", process_index: int | None = None,
                   process_count: int | None = None, skips: SkipLedger | None = None,
                   tokenize: Callable[[str], Any] | None = None, source: Any = None,
-                  workers: bool = True) -> grain.IterDataset:
+                  workers: bool = True, latents_only: bool = False) -> grain.IterDataset:
     """Unbatched schema records (windowed, resized, dropout applied), checkpointable.
 
     Args:
@@ -168,6 +186,10 @@ def record_stream(config: Any, *, split: str = "train", process_index: int | Non
         ``vidiff train``, register a source: ``vidiff.data.register_source``).
       workers: apply ``mp_prefetch`` with ``config.num_workers`` (the batched
         pipeline turns this off and prefetches whole batches instead).
+      latents_only: read ``vidiff prepare --latents`` shards without their
+        frames: records carry ``video_shape`` in place of ``video`` (a DiT on
+        prepared latents never reads the frames, whose decoding is nearly all
+        of a record's cost); ``data.source='array_record'`` only.
     """
     config = DataConfig.from_any(config)
     if process_index is None or process_count is None:
@@ -181,8 +203,10 @@ def record_stream(config: Any, *, split: str = "train", process_index: int | Non
         raise ValueError("skips: worker processes cannot report into a SkipLedger without a directory; "
                          "pass SkipLedger.temporary() or SkipLedger(dir) when data.num_workers > 0")
     _check_buckets_in_step(config, process_count, custom_source=source is not None)
+    if latents_only:
+        _check_latents_only(config, source)
     if source is None:
-        source, first_stage = build_source(config, split, ledger)
+        source, first_stage = build_source(config, split, ledger, latents_only)
     else:
         first_stage = BucketWindow(config.bucket_list(), config.frame_stride, config.fps, config.window)
     buckets = config.bucket_list()
@@ -210,7 +234,8 @@ def record_stream(config: Any, *, split: str = "train", process_index: int | Non
 
 def make_pipeline(config: Any, *, split: str = "train", process_index: int | None = None,
                   process_count: int | None = None, skips: SkipLedger | None = None,
-                  tokenize: Callable[[str], Any] | None = None, source: Any = None) -> grain.IterDataset:
+                  tokenize: Callable[[str], Any] | None = None, source: Any = None,
+                  latents_only: bool = False) -> grain.IterDataset:
     """Batches ``{"video": uint8 (B, T, H, W, 3), "caption": object (B,), "fps", "id", "bucket", ...}``.
 
     Same arguments as ``record_stream``. With several buckets a batch only
@@ -221,7 +246,8 @@ def make_pipeline(config: Any, *, split: str = "train", process_index: int | Non
     config = DataConfig.from_any(config)
     ledger = make_ledger(config) if skips is None else skips
     records = record_stream(config, split=split, process_index=process_index, process_count=process_count,
-                            skips=ledger, tokenize=tokenize, source=source, workers=False)
+                            skips=ledger, tokenize=tokenize, source=source, workers=False,
+                            latents_only=latents_only)
     if len(config.bucket_list()) > 1:
         ds = BucketBatch(records, config.batch_size, drop_remainder=config.drop_remainder, batch_fn=batch_records)
     else:

@@ -12,6 +12,10 @@ A record is a dict:
 ``text_embedding``  optional float ``(N, D)`` with ``text_mask`` bool ``(N,)``
 ==================  =========================================================
 
+A latents-only read (``decode_record(data, frames=False)``, for a DiT trained on
+``vidiff prepare --latents`` shards, which never reads the frames) has
+``video_shape`` int ``(4,)``, the stored clip's ``(T, H, W, 3)``, in place of ``video``.
+
 The pipeline adds ``bucket`` (int, index into the bucket list),
 ``caption_dropped`` (bool) and, with a tokeniser, ``token_ids`` /
 ``token_mask``.
@@ -104,8 +108,11 @@ def encode_record(record: Mapping[str, Any], *, frame_format: str = "jpeg", qual
     return b"".join([MAGIC, struct.pack("<I", len(head)), head, *frames, *(v.tobytes() for v in arrays.values())])
 
 
-def decode_record(data: bytes) -> dict:
-    """Parse ``VDR1`` bytes back to a schema record; ``ValueError`` when they are damaged."""
+def decode_record(data: bytes, *, frames: bool = True) -> dict:
+    """Parse ``VDR1`` bytes back to a schema record; ``ValueError`` when they are damaged.
+
+    ``frames=False`` skips the frame blobs (their decoding is nearly all of a record's cost): the record has
+    ``video_shape`` from the header in place of ``video``, and every other field as a full read gives it."""
     from PIL import Image
 
     data = memoryview(data)
@@ -115,20 +122,10 @@ def decode_record(data: bytes) -> dict:
     try:
         header = json.loads(bytes(data[8 : 8 + head_len]).decode("utf-8"))
         video_spec, offset = header["video"], 8 + head_len
-        height, width = _frame_size(video_spec["shape"])
-        frames = []
-        for index, size in enumerate(video_spec["sizes"]):
-            blob = bytes(data[offset : offset + size])
-            offset += size
-            if len(blob) != size:  # PIL would still decode a PNG whose last bytes are cut off
-                raise ValueError(f"frame {index} is truncated")
-            with Image.open(io.BytesIO(blob)) as image:
-                if image.size != (width, height):  # known from its header: checked before its pixels decode
-                    raise ValueError(f"frame {index} is {image.width}x{image.height}, the header's {width}x{height}")
-                frames.append(np.asarray(image.convert("RGB"), np.uint8))
-        video = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
-        if list(video.shape) != list(video_spec["shape"]):
-            raise ValueError(f"video shape {video.shape} does not match the header's {video_spec['shape']}")
+        if frames:
+            video, offset = _decode_frames(data, offset, video_spec)
+        else:
+            offset = _skip_frames(offset, video_spec)
         arrays = {}
         for name, spec in header["arrays"].items():
             blob = data[offset : offset + spec["size"]]
@@ -139,12 +136,51 @@ def decode_record(data: bytes) -> dict:
         if offset != len(data):
             raise ValueError(f"{len(data) - offset} bytes after the last blob")
         # Inside the try: a damaged byte can leave the header valid JSON with a key renamed.
-        return make_record(video, header["caption"], header["fps"], header["id"], header.get("labels"), **arrays)
+        if frames:
+            return make_record(video, header["caption"], header["fps"], header["id"], header.get("labels"), **arrays)
+        record = {"video_shape": np.array(video_spec["shape"]), "caption": header["caption"],
+                  "fps": np.float32(header["fps"]), "id": header["id"]}
+        if header.get("labels") is not None:
+            record["labels"] = dict(header["labels"])
+        return {**record, **arrays}
     # RecursionError: a header nested thousands deep; DecompressionBombError: a frame declaring over twice
     # Pillow's limit, which Pillow refuses before its size can be compared with the header's.
     except (KeyError, TypeError, OSError, RecursionError, Image.DecompressionBombError, json.JSONDecodeError,
             UnicodeDecodeError) as e:
         raise ValueError(f"damaged record ({e.__class__.__name__}: {e})") from None
+
+
+def _decode_frames(data: memoryview, offset: int, video_spec: dict) -> tuple[np.ndarray, int]:
+    """The header's frames decoded from ``data`` at ``offset``, and the offset after them."""
+    from PIL import Image
+
+    height, width = _frame_size(video_spec["shape"])
+    frames = []
+    for index, size in enumerate(video_spec["sizes"]):
+        blob = bytes(data[offset : offset + size])
+        offset += size
+        if len(blob) != size:  # PIL would still decode a PNG whose last bytes are cut off
+            raise ValueError(f"frame {index} is truncated")
+        with Image.open(io.BytesIO(blob)) as image:
+            if image.size != (width, height):  # known from its header: checked before its pixels decode
+                raise ValueError(f"frame {index} is {image.width}x{image.height}, the header's {width}x{height}")
+            frames.append(np.asarray(image.convert("RGB"), np.uint8))
+    video = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+    if list(video.shape) != list(video_spec["shape"]):
+        raise ValueError(f"video shape {video.shape} does not match the header's {video_spec['shape']}")
+    return video, offset
+
+
+def _skip_frames(offset: int, video_spec: dict) -> int:
+    """The offset after the header's frame blobs, which must be one per frame of its shape (not decoded: a
+    damaged frame goes unnoticed, a blob cut short or missing is found by the arrays after it)."""
+    shape, sizes = video_spec["shape"], video_spec["sizes"]
+    _frame_size(shape)
+    if not (isinstance(sizes, list) and all(type(n) is int and n >= 0 for n in sizes)):
+        raise ValueError(f"the header's frame sizes {sizes} are not byte counts")
+    if len(sizes) != shape[0]:
+        raise ValueError(f"the header lists {len(sizes)} frames for its video shape {shape}")
+    return offset + sum(sizes)
 
 
 def _frame_size(shape) -> tuple[int, int]:

@@ -22,10 +22,11 @@ class ArrayRecordSource:
 
     Shards that hold no record at all are refused when the source is opened:
     an empty source would give an empty epoch, or spin forever when repeated.
+    ``frames=False`` reads records without their frames (``decode_record``'s latents-only read).
     """
 
-    def __init__(self, paths: Sequence[str], field: str = "data.array_record_path"):
-        self.paths = list(paths)
+    def __init__(self, paths: Sequence[str], field: str = "data.array_record_path", *, frames: bool = True):
+        self.paths, self.frames = list(paths), frames
         self._source = _open_shards(self.paths, field)
         self._ends = None  # cumulative records per shard, counted when a damaged record first needs naming
         if not len(self._source):
@@ -42,7 +43,7 @@ class ArrayRecordSource:
         except RuntimeError as e:  # how the Riegeli reader reports a chunk whose checksum fails
             return sk.Skip(sk.CORRUPT_RECORD, self._where(index), f"unreadable record ({_one_line(e)})")
         try:
-            return decode_record(data)
+            return decode_record(data, frames=self.frames)
         except ValueError as e:
             return sk.Skip(sk.CORRUPT_RECORD, self._where(index), str(e))
 

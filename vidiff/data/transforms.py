@@ -144,22 +144,48 @@ class BucketWindow(grain.transforms.RandomMap):
         """Choose the record's bucket and cut its temporal window; ``Skip``s pass through."""
         if isinstance(record, Skip):
             return record
+        if "video" not in record and "video_shape" in record:
+            return self._whole_stored_clip(record)
         video = as_rgb_video(record["video"])
         if video is None:
             shape = np.shape(record["video"])
             return Skip(BAD_ARRAY, record["id"], f"video is {np.asarray(record['video']).dtype} {shape}, not uint8 (T, H, W, 3)")
+        chosen = self._bucket(record, *video.shape[:3])
+        if isinstance(chosen, Skip):
+            return chosen
+        indices, bucket, out = chosen
+        need = frames_needed(self.buckets[bucket][0], self.stride)
+        start = window_offset(len(indices) - need, self.window, rng)
+        out["video"] = take_frames(video, indices[start : start + need : self.stride])
+        return out
+
+    def _bucket(self, record, frames: int, height: int, width: int):
+        """``(frame indices at self.fps, bucket, the record with its new fps and bucket)`` for a clip of that
+        shape, or a ``Skip`` when no bucket fits its duration."""
         source_fps = float(record["fps"])
-        indices = resample_indices(len(video), source_fps, self.fps)
-        bucket = nearest_bucket(self.buckets, video.shape[1], video.shape[2], len(indices), self.stride)
+        indices = resample_indices(frames, source_fps, self.fps)
+        bucket = nearest_bucket(self.buckets, height, width, len(indices), self.stride)
         if bucket is None:
             shortest = min(frames_needed(b[0], self.stride) for b in self.buckets)
             return Skip(TOO_SHORT, record["id"], f"{len(indices)} frames, the shortest bucket needs {shortest}")
-        need = frames_needed(self.buckets[bucket][0], self.stride)
-        start = window_offset(len(indices) - need, self.window, rng)
         out = dict(record)
-        out["video"] = take_frames(video, indices[start : start + need : self.stride])
         out["fps"] = np.float32((self.fps or source_fps) / self.stride)
         out["bucket"] = np.int32(bucket)
+        return indices, bucket, out
+
+    def _whole_stored_clip(self, record):
+        """A latents-only record (``decode_record(frames=False)``) is bucketed by its stored shape; its latents
+        belong to the whole stored clip, so a bucket that would cut or resize that clip skips it."""
+        frames, height, width = (int(n) for n in record["video_shape"][:3])
+        chosen = self._bucket(record, frames, height, width)
+        if isinstance(chosen, Skip):
+            return chosen
+        indices, bucket, out = chosen
+        if tuple(self.buckets[bucket]) != (frames, height, width) or self.stride != 1 or \
+                not np.array_equal(indices, np.arange(frames)):
+            want = "x".join(map(str, self.buckets[bucket]))
+            return Skip(BAD_ARRAY, record["id"], f"its latents belong to its stored {frames}x{height}x{width} clip, "
+                        f"which bucket {want} at frame_stride={self.stride}, fps={self.fps} would cut")
         return out
 
 
@@ -215,7 +241,7 @@ class ResizeCrop(grain.transforms.RandomMap):
 
     def random_map(self, record, rng: np.random.Generator):
         """Resize + crop the record's video to its bucket's size; ``Skip``s pass through."""
-        if isinstance(record, Skip):
+        if isinstance(record, Skip) or "video" not in record:  # latents-only: BucketWindow kept it whole
             return record
         _, height, width = self.buckets[int(record["bucket"])]
         out = dict(record)
