@@ -5,7 +5,7 @@
     PYTHONPATH=. python experiments/bench_dit.py --tiny                       # CPU smoke run (tiny preset, float32)
 
 Training times the step ``vidiff train`` runs: ``make_train_step`` over a loss
-that wraps ``vidiff.train.tasks.dit_flow_loss`` (rectified flow, logit-normal
+that wraps ``vidiff.train.dit_loss.dit_flow_loss`` (rectified flow, logit-normal
 timesteps, token-count shift), AdamW with clipping and the EMA, built with
 ``create_state`` and ``jit_train_step`` on a ``vidiff.parallel.make_mesh``
 mesh, state donated (``--update full``, the default). ``--update adamw``
@@ -91,7 +91,7 @@ from vidiff.diffusion import shift_for_tokens  # noqa: E402
 from vidiff.models.dit import REMAT_POLICIES, DiTConfig, VideoDiT, dit_flops  # noqa: E402
 from vidiff.train.optimizer import make_optimizer  # noqa: E402
 from vidiff.train.state import INIT_ON, build_sharded, create_state, jit_train_step, make_train_step  # noqa: E402
-from vidiff.train.tasks import dit_flow_loss  # noqa: E402
+from vidiff.train.dit_loss import dit_flow_loss  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
 # Defaults of the full run and of --tiny (a CPU smoke test); explicit flags win.

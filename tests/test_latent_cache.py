@@ -153,7 +153,7 @@ def test_the_training_cache_encodes_on_one_device_of_this_process(tmp_path):
 
     from vidiff import parallel
     from vidiff.train import config as config_lib
-    from vidiff.train import tasks
+    from vidiff.train import dit_loss, tasks
 
     (tmp_path / "export").symlink_to(tiny_model_dir())
     config = config_lib.for_stage(config_lib.load_config(
@@ -165,5 +165,5 @@ def test_the_training_cache_encodes_on_one_device_of_this_process(tmp_path):
     clips = np.random.default_rng(0).integers(0, 256, (2, 9, 16, 16, 3), dtype=np.uint8)
     latents = task.latent_cache.encode(clips)
     assert latents.sharding.device_set == {jax.local_devices()[0]}
-    on_mesh = tasks.encode_latents(task.vae, task.frozen["vae"], clips)  # the same numbers either way
+    on_mesh = dit_loss.encode_latents(task.vae, task.frozen["vae"], clips)  # the same numbers either way
     np.testing.assert_allclose(np.asarray(latents), np.asarray(on_mesh), atol=1e-5)

@@ -200,7 +200,7 @@ def worker(out_path: str, ckpt_dir: str) -> None:
     from vidiff.models.dit import VideoDiT, dit_preset, init_params
     from vidiff.train.checkpoint import Checkpointer
     from vidiff.train.state import abstract_state, create_state, jit_train_step, make_train_step
-    from vidiff.train.tasks import dit_flow_loss
+    from vidiff.train.dit_loss import dit_flow_loss
 
     cfg = dit_preset("tiny", depth=1, text_dim=32, pooled_dim=32, attention_impl="ring")
     dit = VideoDiT(cfg)

@@ -24,7 +24,8 @@ from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
 from vidiff.models.vae import VideoVAE, vae_preset
 from vidiff.models.vae_losses import VAELossConfig, vae_loss
 from vidiff.train import config as config_lib
-from vidiff.train.tasks import dit_flow_loss, vae_from_config
+from vidiff.train.dit_loss import dit_flow_loss
+from vidiff.train.tasks import vae_from_config
 
 LOSS_RTOL = 1e-5
 GRAD_TOL = 1e-5  # max |g - g_ref| relative to max |g_ref|, per parameter tensor

@@ -12,7 +12,8 @@ import pytest
 from flax import linen as nn
 
 from vidiff.models.dit import VideoDiT, dit_preset, dummy_inputs
-from vidiff.train.tasks import DiTTask, dit_flow_loss
+from vidiff.train.dit_loss import dit_flow_loss
+from vidiff.train.tasks import DiTTask
 
 GOLDEN = Path(__file__).parent / "golden"
 FLOW = types.SimpleNamespace(timestep_sampler="logit_normal", weighting="none")

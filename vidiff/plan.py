@@ -196,7 +196,8 @@ def _dit_step(config, cfg, mesh, batch, latent, text_dim):
     from vidiff import parallel
     from vidiff.models.dit import VideoDiT, init_params
     from vidiff.models.vae import pixel_count
-    from vidiff.train.tasks import dit_loss_fn, vae_from_config
+    from vidiff.train.dit_loss import dit_loss_fn
+    from vidiff.train.tasks import vae_from_config
 
     dit = VideoDiT(cfg)
     text_len = int(config.text.max_length)

@@ -73,7 +73,7 @@ def latent_fields(model_dir, model=None):
     ``model``: ``load_vae_model(model_dir)`` when already loaded.
     """
     from vidiff.models.text import text_encoder
-    from vidiff.train.tasks import encode_latents
+    from vidiff.train.dit_loss import encode_latents
 
     vae, variables, config = load_vae_model(model_dir) if model is None else model
     text = text_encoder(config["text"]["encoder"], max_length=config["text"]["max_length"],

@@ -21,8 +21,7 @@ import numpy as np
 
 from vidiff import io, parallel
 from vidiff.checks import height_width
-from vidiff.diffusion import flow_loss, resolve_shift
-from vidiff.diffusion.conditioning import mode_probabilities, sample_condition_masks
+from vidiff.diffusion import resolve_shift
 from vidiff.diffusion.sampling import sample_latents, text_context
 from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.dit import init_params as dit_init_params
@@ -31,6 +30,7 @@ from vidiff.models.vae import VideoVAE, compiled, compute_latent_stats, set_late
 from vidiff.models.vae_losses import (PatchDiscriminator3D, VAELossConfig, adversarial_factor, discriminator_loss,
                                       make_perceptual_fn, vae_loss)
 from vidiff.models.export import export_dit, export_vae, file_sha256, load_vae, recorded_config
+from vidiff.train.dit_loss import dit_condition, dit_loss_fn, encode_latents
 from vidiff.train.latent_cache import LatentCache, vae_fingerprint
 from vidiff.train.metrics import psnr, ssim
 from vidiff.train.state import skipped_steps_clause
@@ -344,49 +344,6 @@ class DiTTask(Task):
         return None if self.latent_cache is None else self.latent_cache.load(self._cache_path(workdir))
 
 
-def dit_condition(config) -> dict | None:
-    """``dit_train.condition`` checked: the prompting modes' probabilities, or None (text-to-video only)."""
-    condition = dict(config.dit_train.get("condition") or {}) or None
-    mode_probabilities(condition)
-    return condition
-
-
-def dit_loss_fn(dit: VideoDiT, vae: VideoVAE, config):
-    """The DiT step's ``loss_fn(params, batch, rng, frozen, step)``, for ``DiTTask`` and ``vidiff plan`` alike: on
-    ``latents`` or on uint8 ``video`` encoded in the step, each bucket's flow shift, ``dit_train.condition``'s modes."""
-    condition = dit_condition(config)
-
-    def loss_fn(params, batch, rng, frozen, step):
-        key_vae, key_flow = jax.random.split(rng)
-        x0 = batch["latents"] if "latents" in batch else latents_in_step(vae, frozen["vae"], batch["video"], key_vae)
-        shift = resolve_shift(config.flow.shift, x0.shape[1:], dit.config.patch)
-        return dit_flow_loss(dit, params, x0, batch, key_flow, config.flow, shift, condition=condition)
-
-    return loss_fn
-
-
-def dit_flow_loss(dit: VideoDiT, params, x0, text: dict, rng, flow, shift: float, condition=None):
-    """The DiT's training loss on clean normalised latents ``x0`` (the step ``vidiff train`` and the benchmarks run).
-
-    ``text`` holds ``text_tokens (B, L, D)``, ``text_lengths (B,)`` and ``pooled (B, D')``.
-    ``condition``: probabilities of the prompting modes (``vidiff.diffusion.conditioning``);
-    the drawn known frames are given clean and left out of the loss.
-    """
-    key_mask, key_flow = jax.random.split(rng)
-    known = None
-    if condition is not None and dit.config.conditioning_frames:
-        known = sample_condition_masks(key_mask, x0.shape[0], x0.shape[1], condition)
-
-    def velocity(x, t):
-        return dit.apply({"params": params}, x, t, text["text_tokens"], text["text_lengths"], text["pooled"],
-                         cond_latents=None if known is None else x0, cond_mask=known)
-
-    loss, _ = flow_loss(velocity, x0, key_flow, timestep_sampler=flow.timestep_sampler, shift=shift,
-                        weighting=flow.weighting, known_frames=known)
-    metrics = {} if known is None else {"known_frames": jnp.mean(known)}
-    return loss, metrics
-
-
 def sample_preview_clips(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
     """Training's preview clips (``samples/``): uint8 ``(N, T, H, W, 3)`` for ``prompts``, config.sample settings."""
     s = task.config.sample
@@ -398,18 +355,6 @@ def sample_preview_clips(task: DiTTask, params, prompts, *, seed: int = 0) -> np
     vae_vars = task.frozen["vae"]
     video = compiled(task.vae, "decode_normalized")(vae_vars, z)
     return io.to_uint8(video)
-
-
-def latents_in_step(vae, variables, video, rng):
-    """uint8 clips -> normalised latents sampled from the posterior, inside a jitted train step (``on_the_fly``)."""
-    video = video.astype(jnp.float32) / 127.5 - 1.0
-    return jax.lax.stop_gradient(vae.apply(variables, video, rng, method=vae.encode_normalized))
-
-
-def encode_latents(vae, variables, video):
-    """uint8 clips -> normalised latents of the posterior mode (what ``vidiff prepare --latents`` stores),
-    through the same compiled encoder the pipeline conditions on."""
-    return compiled(vae, "encode_normalized")(variables, io.to_float(video))
 
 
 def load_vae_variables(config) -> dict:
