@@ -208,6 +208,66 @@ def test_a_step_call_that_compiles_is_left_out_of_the_rates(monkeypatch):
     assert window.means(4)["tokens_per_s"] == pytest.approx(40 / 2.0)
 
 
+class _SleepingSource:
+    """A data iterator whose batches take ``seconds`` each to read (the first one ``first`` seconds)."""
+
+    def __init__(self, seconds, first=None):
+        self.seconds, self.first, self.drawn = seconds, first, 0
+
+    def __next__(self):
+        self.drawn += 1
+        time.sleep(self.first if self.first is not None and self.drawn == 1 else self.seconds)
+        return {"video": np.zeros((2, 1, 4, 4, 3), np.uint8)}
+
+    def get_state(self):
+        return {"drawn": self.drawn}
+
+
+def _rows_and_lines(source, depth, *, step_s=0.04, log_every=3, steps=12):
+    """The log rows and lines of a stub run: each step waits ``step_s`` for the one before, as at a read-back."""
+    from types import SimpleNamespace
+
+    from vidiff.train.metrics import DataWaitWarning, LogWindow
+    from vidiff.train.prefetch import Prefetcher
+
+    window, lines, rows = LogWindow(0), [], []
+    warning = DataWaitWarning(SimpleNamespace(num_workers=0, read_threads=2), lines.append)
+    # Batches of later steps are there to draw: the last rows are like the others, read ahead too.
+    with Prefetcher(source, lambda step: next(source), lambda raw: raw, pytest.fail, depth=depth, start=0,
+                    steps=steps + 10, waited=window.wait) as batches:
+        for step in range(1, steps + 1):
+            batches.next()
+            time.sleep(step_s)
+            window.add({"loss": jnp.float32(1.0)}, tokens=2)
+            if step % log_every == 0:
+                rows.append(window.means(step))
+                window.reset(step)
+                warning.check(step, rows[-1])
+    return rows, lines
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_log_rows_say_how_long_the_steps_waited_for_data_and_warn_once(depth):
+    """A pipeline slower than the step: the rows' data_wait_fraction is the share of the time spent reading
+    (0.06 s of each 0.10 s step), and one line, at the second row, names the fix. A fast one (after a slow start,
+    which the first row holds and is not judged) waits ~0 and says nothing."""
+    rows, lines = _rows_and_lines(_SleepingSource(0.06), depth)
+    assert [r["steps"] for r in rows] == [3, 3, 3, 3]
+    for row in rows[1:]:  # the first row also holds the draws read ahead (depth 2)
+        assert row["data_wait_fraction"] == pytest.approx(0.6, abs=0.15)
+        assert row["data_wait_s"] == pytest.approx(3 * 0.06, abs=0.05)
+    assert len(lines) == 1 and re.fullmatch(
+        r"step 6: the steps since the last log row waited \d+% of their time for batches from the data pipeline "
+        r"\(data_wait_fraction in the log rows\): the input pipeline slows the run, or nearly does; raise "
+        r"data.num_workers \(now 0\) and/or data.read_threads \(now 2\), or train on JPEG shards made by "
+        r"`vidiff prepare` rather than a video folder or PNG shards; docs/data.md, 'Feeding a GPU', sizes them",
+        lines[0]), lines
+
+    rows, lines = _rows_and_lines(_SleepingSource(0.0, first=0.5), depth)
+    assert rows[0]["data_wait_fraction"] > 0.5  # the slow start...
+    assert all(row["data_wait_fraction"] < 0.05 for row in rows[1:]) and lines == []  # ...is not judged
+
+
 def test_accumulated_step_is_one_update_on_the_whole_batch():
     """k micro-batches: the same loss, gradients, parameters, EMA and step count as one full-batch step
     (their per-row losses average alike), and the schedule advances once."""
@@ -503,7 +563,9 @@ def test_batches_read_ahead_change_nothing_and_a_resume_restores_into_shapes(tmp
     """Batches prepared ahead (data.prefetch_to_device=2) give the losses, log rows and final parameters of a
     run without (0), bit for bit; a checkpoint saves the data position of the batches trained on, not of those
     read ahead, so a resume repeats the rest exactly. A resume builds no fresh state (an XL DiT's: 13 GB,
-    built then thrown away, held beside the restored one). The rates leave the step's compilation out."""
+    built then thrown away, held beside the restored one). The rates leave the step's compilation out. Batching
+    slowed on purpose (0.8 s a batch) shows in the rows' data_wait_s and in one line naming the fix."""
+    from vidiff.data import pipeline
     from vidiff.train import loop, preflight
 
     def train(workdir, prefetch, log=lambda *a: None):
@@ -511,13 +573,20 @@ def test_batches_read_ahead_change_nothing_and_a_resume_restores_into_shapes(tmp
             f"--config.workdir={workdir}", "--config.vae_train.steps=3", "--config.vae_train.ckpt_every=2",
             f"--config.data.prefetch_to_device={prefetch}", *FAST])
         loop.train(config, "vae", log=log)
-        rows = [{k: v for k, v in row.items() if k not in ("time", "steps_per_s", "tokens_per_s")}
+        rows = [{k: v for k, v in row.items()
+                 if k not in ("time", "steps_per_s", "tokens_per_s", "data_wait_s", "data_wait_fraction")}
                 for row in read_metrics(Path(workdir) / "vae")]
         return rows, jax.device_get(final.pop().params)
 
     final = []
     monkeypatch.setattr(preflight, "check_finite_params", lambda state, *a: final.append(state))
-    rows, params = train(tmp_path / "plain", 0)
+    batch, lines = pipeline.batch_records, []
+    with pytest.MonkeyPatch.context() as slowed:  # the batching runs on the main thread: no read-ahead hides it
+        slowed.setattr(pipeline, "batch_records", lambda *a, **k: time.sleep(0.8) or batch(*a, **k))
+        rows, params = train(tmp_path / "plain", 0, log=lines.append)
+    logged = [r for r in read_metrics(tmp_path / "plain" / "vae") if "loss" in r]
+    assert len(logged) == 3 and all(r["data_wait_s"] >= 0.8 for r in logged), logged
+    assert len([line for line in lines if "raise data.num_workers (now 0)" in line]) == 1, lines
 
     compile_seconds = 5.0  # a stub first step that "compiles" this long: left out of the first row's rate
     real_jit = loop.jit_train_step

@@ -135,3 +135,24 @@ def test_the_worker_waits_while_the_main_thread_holds_the_lock():
             order.append("evaluated")
         assert [batches.next() for _ in range(2)] == [3, 4]
     assert order[:5] == ["prepare 1", "prepare 2", "prepare 3", "evaluated", "prepare 4"]
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_each_draw_says_how_long_it_took_and_preparing_is_not_counted(depth):
+    """The log rows' data_wait_s: the main thread drawing from the data pipeline. Preparing waits for the device
+    (a DiT's batches read values back behind the steps dispatched), so it is not the data's wait."""
+    class Slow(Numbers):
+        def __next__(self):
+            time.sleep(0.05)
+            return super().__next__()
+
+    numbers, waits = Slow(10), []
+
+    def prepare(raw):
+        time.sleep(0.1)
+        return raw
+
+    with prefetch.Prefetcher(numbers, _draw(numbers), prepare, _fail, depth=depth, start=0, steps=3,
+                             waited=waits.append) as batches:
+        assert [batches.next() for _ in range(3)] == [1, 2, 3]
+    assert len(waits) == 3 and all(0.05 <= w < 0.14 for w in waits), waits  # with preparing: >= 0.15

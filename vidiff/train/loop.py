@@ -17,7 +17,10 @@ step (:mod:`vidiff.train.prefetch`: the text encoder's and latent cache's reads
 of device values wait there, not in front of the next dispatch), and a
 checkpoint saves the data position of the batches the steps consumed. The rates
 a log row reports leave out the step's compilations (a batch shape new to the
-run) as well as evaluations and saves.
+run) as well as evaluations and saves; the row also says how long the main
+thread waited for the data pipeline's batches (``data_wait_s``,
+``data_wait_fraction``), and past a fifth of the time, once per run, a line
+names the data settings that would feed the steps faster.
 
 Multi-host: the loop starts ``jax.distributed`` first (``vidiff.distributed``, from
 the config's ``distributed`` section or the environment), builds a hybrid mesh,
@@ -64,7 +67,7 @@ from vidiff.models.export import DIT_VAE
 from vidiff.train import prefetch, preflight, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer, lock_run, read_config, unlock
 from vidiff.train.config import config_changes, for_stage, name_stage_fields, validate, warnings_for
-from vidiff.train.metrics import CompileTimer, LogWindow, MetricsWriter
+from vidiff.train.metrics import CompileTimer, DataWaitWarning, LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
 from vidiff.train.profile import StepProfiler
 from vidiff.train.state import INIT_ON, abstract_state, create_state, jit_train_step, make_train_step
@@ -212,11 +215,13 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
 
     from vidiff.data.config import DataConfig  # here, not above: importing the loop needs no data packages
 
+    data = DataConfig.from_any(config.data)
     # Host batches are drawn here, in order; the worker makes them device arrays (host work, off the mesh).
     batches = prefetch.Prefetcher(
         iterator, lambda step: stopping.draw_batch(iterator, step, config), lambda raw: task.device_batch(raw, mesh),
         lambda missing: stopping.fail(missing, stage, model, checkpointer, run.ledger, config),
-        depth=DataConfig.from_any(config.data).prefetch_to_device, start=start, steps=stage.steps)
+        depth=data.prefetch_to_device, start=start, steps=stage.steps, waited=window.wait)
+    data_wait = DataWaitWarning(data, log)
     compiles = CompileTimer(window)
     try:  # whatever ends the loop, pending asynchronous saves finish before the process does
         with stopping.StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
@@ -234,7 +239,9 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
                 bar.update(1)
                 if step % stage.log_every == 0 or step == stage.steps:
                     stop_if_nonfinite(state)
-                    last_loss = _log_row(writer, window, state, step, run)
+                    row = _log_row(writer, window, state, step, run)
+                    last_loss = row["loss"]
+                    data_wait.check(step, row)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                     if task.captions_truncated and not truncation_told:
                         truncation_told = True
@@ -278,8 +285,8 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
     return summary
 
 
-def _log_row(writer, window, state, step: int, run: _Run) -> float:
-    """Write the means since the last row (plus lr and skip counts); returns the mean loss."""
+def _log_row(writer, window, state, step: int, run: _Run) -> dict:
+    """Write the means since the last row (plus lr and skip counts); returns the row."""
     scalars = window.means(step)
     window.reset(step)
     skipped = int(state.skipped)  # skipped steps left the optimizer's (and schedule's) count behind
@@ -287,7 +294,7 @@ def _log_row(writer, window, state, step: int, run: _Run) -> float:
                    skipped_records_total=stopping.skip_totals(run.ledger)["bad"],
                    captions_truncated=run.task.captions_truncated)
     writer.write(step, scalars)
-    return scalars["loss"]
+    return scalars
 
 
 # The key of a checkpoint's config record holding the captions cut so far: a resumed run counts on from it.

@@ -3,7 +3,11 @@
 ``LogWindow`` sums each step's metrics on the device (no host sync per step) and
 counts tokens and the steps' own wall time (evaluation, checkpoint saves and, by
 ``CompileTimer``, the step's compilations left out), so a log row reports means
-over every step since the previous row, and steady-state rates.
+over every step since the previous row, and steady-state rates. It also counts
+how long the main thread waited for the data pipeline's batches
+(``data_wait_s``, ``data_wait_fraction`` of that wall time): rates alone do not
+say whether a slow run waits for its data or for its steps.
+``DataWaitWarning`` says so in one line per run when the wait is a large share.
 
 ``MetricsWriter`` appends one JSON object per logged step to
 ``<workdir>/metrics.jsonl`` and writes the same scalars as TensorBoard event
@@ -71,7 +75,7 @@ class LogWindow:
 
     def reset(self, step: int) -> None:
         self.first_step, self.sums, self.tokens = step, None, 0
-        self.started, self.paused = time.perf_counter(), 0.0
+        self.started, self.paused, self.waited = time.perf_counter(), 0.0, 0.0
 
     def add(self, metrics: dict, tokens: int) -> None:
         self.sums = metrics if self.sums is None else _add(self.sums, metrics)
@@ -81,14 +85,48 @@ class LogWindow:
         """Leave ``seconds`` of non-step work (an evaluation, a checkpoint save) out of the rates."""
         self.paused += seconds
 
+    def wait(self, seconds: float) -> None:
+        """Count ``seconds`` the main thread spent drawing a batch from the data pipeline (part of the wall time)."""
+        self.waited += seconds
+
     def means(self, step: int) -> dict:
-        """Per-step means of the metrics (a non-finite step makes its metric's mean null), steps/s, tokens/s and
-        ``steps``, how many steps the means cover: fewer than ``log_every`` in a resumed run's first row."""
+        """Per-step means of the metrics (a non-finite step makes its metric's mean null), steps/s, tokens/s,
+        ``steps``, how many steps the means cover (fewer than ``log_every`` in a resumed run's first row), and the
+        seconds the steps waited for their batches, also as a fraction of their wall time."""
         steps = step - self.first_step
         seconds = max(time.perf_counter() - self.started - self.paused, 1e-9)
         sums = jax.device_get(self.sums)
         return {**{k: float(np.mean(v)) / steps for k, v in sums.items()},
-                "steps": steps, "steps_per_s": steps / seconds, "tokens_per_s": self.tokens / seconds}
+                "steps": steps, "steps_per_s": steps / seconds, "tokens_per_s": self.tokens / seconds,
+                "data_wait_s": self.waited, "data_wait_fraction": min(self.waited / seconds, 1.0)}
+
+
+# A share of the window's wall time. When each step waits for the one before (a DiT batch read back, several
+# processes agreeing), it is the accelerator's idle share; when steps are dispatched ahead, the accelerator idles
+# only as the share nears 1, but a pipeline taking a fifth of the step's time is the first thing to outgrow it.
+DATA_WAIT_WARNING = 0.2
+
+
+class DataWaitWarning:
+    """One line per run when a log row's steps waited for their batches more than ``DATA_WAIT_WARNING`` of the time.
+
+    A run's first row is not judged: it holds the pipeline's start (worker processes spawning, first reads).
+    Once is enough: the rows keep the share (``data_wait_fraction``), and a line per row would bury the log.
+    """
+
+    def __init__(self, data, log):
+        self.data, self.log, self.rows, self.told = data, log, 0, False
+
+    def check(self, step: int, row: dict) -> None:
+        self.rows += 1
+        if self.told or self.rows == 1 or row["data_wait_fraction"] <= DATA_WAIT_WARNING:
+            return
+        self.told = True
+        self.log(f"step {step}: the steps since the last log row waited {row['data_wait_fraction']:.0%} of their "
+                 f"time for batches from the data pipeline (data_wait_fraction in the log rows): the input pipeline "
+                 f"slows the run, or nearly does; raise data.num_workers (now {self.data.num_workers}) and/or "
+                 f"data.read_threads (now {self.data.read_threads}), or train on JPEG shards made by `vidiff "
+                 f"prepare` rather than a video folder or PNG shards; docs/data.md, 'Feeding a GPU', sizes them")
 
 
 class CompileTimer:

@@ -17,6 +17,9 @@ What stays as without read-ahead:
 - errors: data that ran out, batches of different shapes (:class:`vidiff.train.stopping.Missing`), a
   draw's exception (a bad record) and the worker's own stay with their batch and are raised, with their
   type and message, when the loop reaches its step, after the checkpoints due before it;
+- the time the main thread spends drawing (``waited(seconds)`` per draw, the log rows' ``data_wait_s``):
+  drawing is where a step waits for the data pipeline's reading and decoding. Preparation is not counted:
+  its reads of device values wait for the steps dispatched before it, not for the data;
 - counters: ``task.device_batch`` returns a batch's truncated captions beside it, and the loop adds them
   when it consumes the batch. The data's ``SkipLedger`` is not kept so: it counts the records the
   pipeline read, read-ahead included (Grain's reader threads already read ahead of the step).
@@ -32,6 +35,7 @@ import concurrent.futures
 import dataclasses
 import json
 import threading
+import time
 from typing import Any, Callable
 
 from vidiff.train.stopping import Missing
@@ -68,13 +72,15 @@ class Prefetcher:
     """The prepared batches of steps ``start + 1 .. steps`` in order, up to ``depth`` drawn ahead.
 
     ``draw(step)``: the host batch of the step after ``step``, or a ``Missing`` (main thread);
-    ``prepare(raw)``: what the step takes (worker thread); ``fail(missing)`` raises its error.
+    ``prepare(raw)``: what the step takes (worker thread); ``fail(missing)`` raises its error;
+    ``waited(seconds)``: told how long each draw took.
     """
 
     def __init__(self, iterator, draw: Callable[[int], Any], prepare: Callable[[Any], Any],
-                 fail: Callable[[Missing], None], *, depth: int, start: int, steps: int):
+                 fail: Callable[[Missing], None], *, depth: int, start: int, steps: int,
+                 waited: Callable[[float], None] = lambda seconds: None):
         self.iterator, self.depth = iterator, int(depth)
-        self._draw, self._prepare, self._fail = draw, prepare, fail
+        self._draw, self._prepare, self._fail, self._waited = draw, prepare, fail, waited
         self._next, self._steps, self._ended = start, steps, False
         self._queue: collections.deque[_Drawn] = collections.deque()
         self.lock = threading.Lock()
@@ -92,7 +98,7 @@ class Prefetcher:
     def next(self):
         """The next step's prepared batch; raises its batch's error."""
         if not self.depth:
-            raw = self._draw(self._next)
+            raw = self._timed_draw(self._next)
             self._next += 1
             if isinstance(raw, Missing):
                 self._fail(raw)
@@ -112,7 +118,7 @@ class Prefetcher:
         step = self._next
         self._next += 1
         try:
-            raw = self._draw(step)
+            raw = self._timed_draw(step)
         except Exception as error:  # a bad record: raised at its own step, nothing drawn after it
             self._ended = True
             return _Drawn(error=error)
@@ -121,6 +127,13 @@ class Prefetcher:
             return _Drawn(missing=raw)
         state = _state_of(self.iterator)
         return _Drawn(future=self._pool.submit(self._prepared, raw), state=state)
+
+    def _timed_draw(self, step: int):
+        began = time.perf_counter()
+        try:
+            return self._draw(step)
+        finally:
+            self._waited(time.perf_counter() - began)
 
     def _prepared(self, raw):
         with self.lock:
