@@ -1028,6 +1028,28 @@ def test_prepared_latents_on_shards_without_them_fail_early(tmp_path):
         preflight.check_prepared_vae(config, variables)
 
 
+def test_evaluation_clips_are_the_same_on_every_process(tmp_path, monkeypatch):
+    """Each process read its own slice of the eval split: with 2 eval clips, processes 2-7 of 8 had none and
+    failed at set-up ("yielded no clips"), and process 0's clips depended on the process count."""
+    from vidiff.data import pipeline
+    from vidiff.data.world import CaptionedWorld, WorldConfig
+    from vidiff.io import write_video
+
+    world = CaptionedWorld(WorldConfig(num_frames=5, size=16, length=2))
+    for i in range(2):
+        write_video(tmp_path / f"clip{i}.mp4", world[i]["video"], 8)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": f"clip{i}.mp4", "caption": "a clip"}) + "\n" for i in range(2)))
+    config = _config("--config.data.source=folder", f"--config.data.manifest={{'train': '{manifest}', "
+                     f"'eval': '{manifest}'}}", "--config.data.size=16", "--config.data.num_frames=5",
+                     "--config.eval.num_frames=5", "--config.eval.num_clips=2")
+    alone = tasks.validation_clips(config)
+    assert alone.shape == (2, 5, 16, 16, 3)
+    for index in (0, 7):
+        monkeypatch.setattr(pipeline, "default_process_index_count", lambda index=index: (index, 8))
+        np.testing.assert_array_equal(tasks.validation_clips(config), alone)
+
+
 def test_evaluation_clips_the_data_cannot_give_fail_before_training(tmp_path):
     """5-frame clips and world_tiny's 17-frame eval.num_frames: every eval clip was skipped as too short at the
     first evaluation, after eval_every steps of training; the clips are now read before the first step."""

@@ -219,10 +219,12 @@ def validation_clips(config) -> np.ndarray:
         return np.stack([resize_crop(world[i]["video"], height, width, "center", None) for i in range(n)])
     from vidiff.data import record_stream
 
-    # Whole clips of eval.num_frames at data.size: training's buckets and image mix would cut images
-    # or other lengths (and mixed shapes fail to stack).
+    # Whole clips of eval.num_frames at data.size (training's buckets and image mix would cut images or other
+    # lengths, and mixed shapes fail to stack), from the whole split on every process (process_count=1): the
+    # same clips for any number of processes, and a split too small for one process's slice fails none alone.
     records = record_stream({**config.data.to_dict(), "num_frames": num_frames, "shuffle": False, "num_epochs": 1,
-                             "caption_dropout": 0.0, "buckets": None, "image_fraction": 0.0}, split=config.eval.split)
+                             "caption_dropout": 0.0, "buckets": None, "image_fraction": 0.0}, split=config.eval.split,
+                            process_index=0, process_count=1)
     try:
         clips = [r["video"] for _, r in zip(range(n), records)]
     except ValueError as e:  # the skip ledger's refusal: say which clips it was refusing
