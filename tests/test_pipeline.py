@@ -768,6 +768,25 @@ def test_an_export_is_built_from_its_recorded_fields(tmp_path, monkeypatch):
         TextToVideo.from_checkpoint(model)
 
 
+def test_an_export_without_a_models_config_drops_its_old_record(tmp_path):
+    """export_dit / export_vae called without dit_config / vae_config (their API default) kept the record of the
+    weights they replaced, which won at load: a DiT of another depth was refused as not fitting its vidiff.json."""
+    from vidiff.models.export import MODELS, export_dit, export_vae, load_dit, load_vae, read_manifest
+
+    model = tmp_path / "export"
+    shutil.copytree(tiny_model_dir(), model)
+    manifest = read_manifest(model)
+    export_dit(model, manifest["config"], load_dit(model))
+    assert set(read_manifest(model)[MODELS]) == {"vae"}  # the VAE there, unchanged, keeps its record
+    assert TextToVideo.from_checkpoint(model).dit.config == TextToVideo.from_checkpoint(tiny_model_dir()).dit.config
+    variables = load_vae(model)
+    export_vae(model, manifest["config"], variables)  # the same VAE: the DiT there stays, and its record of it
+    assert set(read_manifest(model)[MODELS]) == {"vae"}
+    variables["latent_stats"]["scale"] = variables["latent_stats"]["scale"] * 2
+    export_vae(model, manifest["config"], variables)  # another VAE, given no config: no record describes it
+    assert MODELS not in read_manifest(model)
+
+
 def test_a_text_encoder_directory_is_exported_absolute(tmp_path, monkeypatch):
     """`t5:<dir>` relative to where training ran is stored absolute; an older export's relative one, loaded
     elsewhere, is one line naming vidiff.json's text.encoder (no online=True: from_checkpoint cannot pass it)."""

@@ -330,14 +330,17 @@ def export_dit(directory, config_json: dict, params, vae_sha256: str | None = No
             vae_sha256 = file_sha256(directory / "vae.safetensors")
     if vae_sha256 is not None:
         manifest[DIT_VAE] = vae_sha256
-    _record(manifest, vae=vae_config, dit=dit_config)
+    _record(manifest, dit=dit_config, **({} if vae_config is None else {"vae": vae_config}))  # the VAE there stays
     save_manifest(directory, manifest)
     return directory
 
 
 def _record(manifest: dict, **configs) -> None:
-    """Each given model config's fields into ``manifest[MODELS]``, beside those it holds of the other model."""
+    """Each model config's fields into ``manifest[MODELS]``, beside those it holds of the other model. A model
+    given as None (its weights just written by a caller that passed no config) loses its record, which would
+    describe the weights it replaced: it loads by its preset, as an older export does."""
     models = manifest.get(MODELS) if isinstance(manifest.get(MODELS), dict) else {}
+    models = {k: v for k, v in models.items() if configs.get(k, v) is not None}
     manifest[MODELS] = {**models, **{k: model_fields(c) for k, c in configs.items() if c is not None}}
     if not manifest[MODELS]:
         del manifest[MODELS]
