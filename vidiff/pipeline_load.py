@@ -8,6 +8,7 @@ on another VAE) is one line naming the directory or file and the fix, before any
 from __future__ import annotations
 
 import functools
+import importlib.util
 from pathlib import Path
 
 import jax
@@ -159,7 +160,8 @@ def _load_text_encoder(text: dict, path: Path):
         return _text_encoder(name, text["max_length"], text.get("batch_size") or 1)
     except FileNotFoundError as error:  # its hint (online=True) is the Python API's, not an export's
         kind, sep, where = name.partition(":")
-        if sep and Path(where).expanduser().is_dir():  # there, but not whole (e.g. no tokenizer)
+        there = Path(where).expanduser().is_dir() if sep else importlib.util.find_spec(PRESETS[name][1]) is not None
+        if there:  # but not whole (e.g. no tokenizer): the error names what is missing
             raise FileNotFoundError(f"{path}: text.encoder {name!r}: {error}") from None
         if not sep:  # text_encoder names no other encoder it does not find
             package = PRESETS[name][1].replace("_", "-")
