@@ -141,7 +141,7 @@ def test_unknown_template_sets_fail_in_one_line_naming_the_sets():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["adherence", "--batch-size", "0"], "--batch-size=0 must be at least 1 (omit it for one batch per seed)"),
+    (["adherence", "--batch-size", "0"], "--batch-size=0 must be at least 1 (omit it for 8 at a time)"),
     (["adherence", "--guidance", "nan"], "--guidance=nan must be a finite number (1 = off)"),
     (["modes", "--steps", "-2"], "--steps=-2 must be at least 1"),
 ])

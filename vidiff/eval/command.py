@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     adh.add_argument("--prompts", choices=adherence.PROMPT_SETS, default="heldout",
                      help="held-out combinations in training wording, or in unseen paraphrases")
     adh.add_argument("--seeds", type=int, default=4, help="clips per combination (seeds 0 .. n-1)")
-    adh.add_argument("--batch-size", type=int, help="clips per compiled sampling call (default: all of a seed)")
+    adh.add_argument("--batch-size", type=int, help="clips per compiled sampling call (default: 8, TextToVideo's)")
     modes = sub.add_parser("modes", help="image-to-video, extend, connect, edit and loop on world clips",
                            description="Measure every prompting mode against clips of the captioned world.")
     modes.add_argument("--clips", type=int, default=4, help="world clips to run every mode on")
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluation == "adherence" and args.seeds < 1:
         raise ValueError(f"--seeds={args.seeds} must be at least 1")
     if args.evaluation == "adherence" and args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size={args.batch_size} must be at least 1 (omit it for one batch per seed)")
+        raise ValueError(f"--batch-size={args.batch_size} must be at least 1 (omit it for 8 at a time)")
     if args.evaluation == "modes" and (args.clips < 1 or not 0.0 < args.strength <= 1.0):
         raise ValueError(f"--clips={args.clips} must be >= 1 and --strength={args.strength} in (0, 1]")
     if args.out:
