@@ -124,7 +124,8 @@ def plan(args, devices) -> list[dict]:
                          f"smaller accumulate")
     rows = []
     if args.model == "vae":
-        rows.append(_compile_row(config, mesh, *_vae_step(config, mesh, batch), dict(model="vae")))
+        *step, networks = _vae_step(config, mesh, batch)
+        rows.append(_compile_row(config, mesh, *step, dict(model="vae"), networks=networks))
         return rows
     on_cpu = jax.default_backend() == "cpu"
     for tokens in _ints(args.tokens) or [None]:
@@ -218,17 +219,18 @@ def _dit_step(config, cfg, mesh, batch, latent, text_dim):
 
 
 def _vae_step(config, mesh, batch):
+    """The VAE's step, and its networks: with the discriminator on, each gets its own AdamW, as in training."""
     import numpy as np
 
     from vidiff.train.tasks import VAETask, video_shape
 
     task = VAETask(config, mesh)
     return (task.init_params, task.loss_fn, _abstract_batch({"video": (video_shape(config, batch), np.uint8)}, mesh),
-            ({}, {}))
+            ({}, {}), task.networks)
 
 
 def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, frozen_and_shardings,
-                 label: dict) -> dict:
+                 label: dict, networks=None) -> dict:
     import jax
 
     from vidiff import parallel
@@ -236,7 +238,7 @@ def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, frozen
     from vidiff.train.state import abstract_state, jit_train_step, make_train_step
 
     stage = config[f"{label['model'].split()[0]}_train"]
-    tx, _ = make_optimizer(stage.optim, stage.steps)
+    tx, _ = make_optimizer(stage.optim, stage.steps, networks=networks)
     batch, batch_shardings = batch_and_shardings
     frozen, frozen_shardings = frozen_and_shardings
     with jax.set_mesh(mesh), parallel.axis_rules():
