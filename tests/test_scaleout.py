@@ -393,15 +393,40 @@ def test_plan_traces_the_train_steps_own_loss_with_its_prompting_modes():
 
     from vidiff import plan
 
-    config = config_lib.for_stage(config_lib.load_config(
-        Path(__file__).resolve().parents[1] / "experiments" / "configs" / "world_tiny.py"), "dit")
-    args = types.SimpleNamespace(preset=None, text_dim=32, dtype=None, attention="xla", scan=None)
+    root = Path(__file__).resolve().parents[1]
+    config = config_lib.for_stage(config_lib.load_config(root / "experiments" / "configs" / "world_tiny.py", [
+        f"--config.text.encoder=clip:{root / 'tests' / 'golden' / 'tiny_clip'}"]), "dit")
+    args = types.SimpleNamespace(preset=None, text_dim=None, dtype=None, attention="xla", scan=None)
     cfg, latent = plan._dit_config(config, args, 64, None, on_cpu=True)
+    # The DiT takes the config's encoder's widths, as DiTTask builds it (tiny CLIP projects 32 to 24), not 384.
+    assert (cfg.text_dim, cfg.pooled_dim) == (32, 24)
     mesh = parallel.mesh_from_config("dp", devices=jax.devices()[:1])
-    init, loss_fn, (batch, _), (frozen, _) = plan._dit_step(config, cfg, mesh, 2, latent, 32)
+    init, loss_fn, (batch, _), (frozen, _) = plan._dit_step(config, cfg, mesh, 2, latent)
+    assert (batch["text_tokens"].shape, batch["pooled"].shape) == ((2, 24, 32), (2, 24))
     params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
     _, metrics = jax.eval_shape(loss_fn, params, batch, jax.random.key(1), frozen, 0)  # traced, not compiled
     assert cfg.conditioning_frames and set(metrics) == {"known_frames"}
+    args.text_dim = 4096  # asked for: both widths
+    assert plan._dit_config(config, args, 64, None, on_cpu=True)[0].pooled_dim == 4096
+
+
+def test_plan_reads_the_text_encoders_widths_and_bytes_without_its_weights(tmp_path):
+    """What ``text_encoder`` loads (widths, float32 parameter bytes), from config.json and an abstract init."""
+    import shutil
+    from pathlib import Path
+
+    from vidiff import plan
+    from vidiff.models.text import text_encoder
+
+    golden = Path(__file__).resolve().parent / "golden"
+    for name in ("minilm", f"t5:{golden / 'tiny_t5'}", f"clip:{golden / 'tiny_clip'}"):
+        loaded = text_encoder(name, max_length=24)
+        want = (loaded.dim, loaded.pooled_dim, sum(x.nbytes for x in jax.tree.leaves(loaded.params)))
+        assert plan.text_encoder_shape(name, 24) == want, name
+    shutil.copy(golden / "tiny_t5" / "config.json", tmp_path)  # no weights, no tokenizer
+    assert plan.text_encoder_shape(f"t5:{tmp_path}", 24) == (32, 32, 99200)
+    with pytest.raises(ValueError, match=r"^text.encoder='t5' is not a text encoder; valid: 'minilm', "):
+        plan.text_encoder_shape("t5", 24)
 
 
 def test_plan_compiles_the_vae_step_training_compiles_with_its_discriminator():
@@ -450,7 +475,7 @@ def test_plan_compiles_the_vae_step_training_compiles_with_its_discriminator():
 def test_plan_flags_are_checked_before_anything_compiles(flags, message):
     from vidiff import plan
 
-    args = types.SimpleNamespace(**{**dict(devices=None, batch=None, text_dim=384, device_memory=None, tokens=None,
+    args = types.SimpleNamespace(**{**dict(devices=None, batch=None, text_dim=None, device_memory=None, tokens=None,
                                            model="dit", remat=None, preset=None, attention=None, dtype=None, scan=None),
                                     **flags})
     with pytest.raises(ValueError) as error:

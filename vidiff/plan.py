@@ -21,6 +21,8 @@ an order of magnitude more of an unrolled, rematerialised step's activations tha
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import math
 import os
 import subprocess
@@ -54,7 +56,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
                         help="scan the DiT blocks, or not (default: scanned when compiling on CPU, whose unscanned "
                         "plans keep far more activations than a GPU's; the config's layout on a GPU)")
-    parser.add_argument("--text-dim", type=int, default=384, help="text-encoder width (MiniLM 384, T5-XXL 4096)")
+    parser.add_argument("--text-dim", type=int, default=None, help="text-encoder width the DiT takes, pooled vector "
+                        "too (default: the config's text.encoder's widths, read from its config.json)")
     parser.epilog = "Override any config field with --config.<path>=<value>."
 
 
@@ -80,7 +83,7 @@ def _check_flags(args) -> None:
         raise ValueError(f"--device-memory={args.device_memory} must be a positive number of GiB")
     if args.model == "vae":  # the VAE's row would silently be the same with or without them
         dit_only = [f"--{flag.replace('_', '-')}" for flag in ("tokens", "remat", "preset", "attention", "dtype", "scan")
-                    if getattr(args, flag) is not None] + (["--text-dim"] if args.text_dim != 384 else [])
+                    if getattr(args, flag) is not None] + (["--text-dim"] if args.text_dim is not None else [])
         if dit_only:
             raise ValueError(f"{', '.join(dit_only)} set the DiT's step, not the VAE's; drop them with --model vae "
                              "(the VAE's own fields are --config.vae.overrides.<field>=...)")
@@ -133,8 +136,7 @@ def plan(args, devices) -> list[dict]:
             cfg, latent = _dit_config(config, args, tokens, remat, on_cpu)
             label = dict(model=f"dit {args.preset or config.dit.preset}", tokens=token_count(latent, cfg.patch),
                          latent="x".join(map(str, latent)), remat=cfg.remat_policy, attention=cfg.attention_impl)
-            rows.append(_compile_row(config, mesh, *_dit_step(config, cfg, mesh, batch, latent, args.text_dim),
-                                     label))
+            rows.append(_compile_row(config, mesh, *_dit_step(config, cfg, mesh, batch, latent), label))
     return rows
 
 
@@ -157,8 +159,12 @@ def _dit_config(config, args, tokens, remat, on_cpu):
     vae = vae_from_config(config).config
     # --preset means that architecture as published: the config's overrides belong to its own preset.
     overrides = {} if args.preset else dict(config.dit.overrides)
-    fields = {**overrides, "latent_channels": vae.latent_channels, "text_dim": args.text_dim,
-              "pooled_dim": args.text_dim}
+    # As DiTTask builds it: the encoder's widths, which the config's overrides may replace; --text-dim replaces both.
+    dim, pooled = (args.text_dim, args.text_dim) if args.text_dim else text_encoder_shape(
+        config.text.encoder, int(config.text.max_length))[:2]
+    fields = {"text_dim": dim, "pooled_dim": pooled, **overrides, "latent_channels": vae.latent_channels}
+    if args.text_dim:
+        fields.update(text_dim=args.text_dim, pooled_dim=args.text_dim)
     for key, value in (("remat_policy", remat), ("dtype", args.dtype), ("attention_impl", args.attention)):
         if value is not None:
             fields[key] = None if value == "auto" else value
@@ -176,6 +182,42 @@ def _dit_config(config, args, tokens, remat, on_cpu):
     return cfg, tuple(latent)
 
 
+@functools.lru_cache(maxsize=8)
+def text_encoder_shape(name: str, max_length: int) -> tuple[int, int, int]:
+    """Token width, pooled width and parameter bytes of the text encoder ``name`` as ``text_encoder`` loads it,
+    from its config.json and an abstract init: no weight is read (a directory with T5-XXL's config.json alone
+    will do; a CLIP directory's weight headers say whether it projects its pooled vector)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from vidiff.models.text import common, encoder, loading
+
+    kind, _, source = name.partition(":")
+    if name in encoder.PRESETS:
+        kind, source, _ = encoder.PRESETS[name]
+    elif kind not in encoder.KINDS or not source:
+        raise ValueError(f"text.encoder={name!r} is not a text encoder; valid: {encoder.VALID_NAMES}")
+    model_file, module_cls, config_cls, _ = encoder.KINDS[kind]
+    model_dir = loading.resolve_model_dir(source)
+    hf_config = loading.read_config(model_dir)
+    encoder.check_model_type(hf_config.get("model_type"), kind, source, model_dir)
+    options = loading.sentence_transformers_options(model_dir) if kind == "bert" else {}
+    try:
+        text_config = config_cls.from_hf(hf_config, **options)
+    except KeyError as e:
+        raise ValueError(f"text encoder: {model_dir}/config.json has no {e.args[0]!r}, which a {kind} config needs; "
+                         f"is this a {kind} checkpoint?") from None
+    if kind == "clip" and not common.StateDict(loading.load_state(model_dir), str(model_dir),
+                                               model_file.STATE_PREFIXES).has("text_projection.weight"):
+        text_config = dataclasses.replace(text_config, projection_dim=None)  # as clip.load: the weights decide
+    module = module_cls(text_config)
+    params = nn.unbox(encoder.abstract_init(module, max_length))
+    probe = jnp.zeros((1, max_length), jnp.int32), jnp.ones((1, max_length), bool)
+    out = jax.eval_shape(lambda p: module.apply({"params": p}, *probe), params)
+    return out.tokens.shape[-1], out.pooled.shape[-1], _bytes(params)
+
+
 def _abstract_batch(shapes: dict, mesh):
     import jax
 
@@ -185,11 +227,9 @@ def _abstract_batch(shapes: dict, mesh):
     return {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}, shardings
 
 
-def _dit_step(config, cfg, mesh, batch, latent, text_dim):
+def _dit_step(config, cfg, mesh, batch, latent):
     """The DiT step on ready latents, or, with ``dit_train.latents='on_the_fly'`` (the default), on uint8 clips
     that the frozen VAE encodes inside the step; the loss is ``DiTTask``'s own. The VAE's weights count either way."""
-    import functools
-
     import jax
     import numpy as np
     from flax import linen as nn
@@ -202,8 +242,8 @@ def _dit_step(config, cfg, mesh, batch, latent, text_dim):
 
     dit = VideoDiT(cfg)
     text_len = int(config.text.max_length)
-    shapes = {"text_tokens": ((batch, text_len, text_dim), np.float32),
-              "text_lengths": ((batch,), np.int32), "pooled": ((batch, text_dim), np.float32)}
+    shapes = {"text_tokens": ((batch, text_len, cfg.text_dim), np.float32),
+              "text_lengths": ((batch,), np.int32), "pooled": ((batch, cfg.pooled_dim), np.float32)}
     # DiTTask holds the VAE on every device whatever the latents' source (it decodes the samples too).
     vae = vae_from_config(config)
     tf, sf = vae.config.time_factor, vae.config.spatial_factor
@@ -261,6 +301,13 @@ def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, frozen
                 ema=_per_device(state.ema_params), batch=_per_device(batch), frozen=_per_device(frozen),
                 activations=m.temp_size_in_bytes,
                 peak=peak, compile_s=seconds)
+
+
+def _bytes(tree) -> int:
+    """Bytes of ``tree`` (arrays or ShapeDtypeStructs) whole."""
+    import jax
+
+    return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 def _per_device(tree) -> int:
