@@ -344,7 +344,9 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
     assert total / 4 <= row["params"] < total / 2  # sharded 4 ways, small vectors replicated
     assert row["ema"] == row["params"] and row["optimizer"] == pytest.approx(2 * row["params"], rel=0.01)
     assert row["peak"] > row["params"] + row["optimizer"] + row["ema"] and row["activations"] > 0
-    assert "| fsdp=4 | 64 | 4x8x8 | block | xla |" in plan.format_table([row], 1.0)
+    table = plan.format_table([row], 1.0)
+    assert "| fsdp=4 | 64 | 4x8x8 | block | xla |" in table
+    assert table.startswith("memory in GiB (2^30 bytes) per device\n")  # the unit, which the table lacked
     # world_tiny's DiT reads cached latents; on the fly (the default) the frozen VAE encodes each batch in the step.
     on_the_fly = types.SimpleNamespace(**{**vars(args), "overrides": [*args.overrides,
                                                                         "--config.dit_train.latents=on_the_fly"]})

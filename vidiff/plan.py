@@ -323,10 +323,11 @@ def _gib(n: int) -> str:
 
 
 def format_table(rows: list[dict], device_memory: float | None) -> str:
-    """A markdown table, GiB per device."""
+    """A markdown table, GiB per device, under a line that says so."""
     heads = ["model", "mesh", "tokens", "latent", "remat", "attention", "params", "optimizer", "EMA", "batch",
              "frozen", "activations", "peak"] + (["fits"] if device_memory else []) + ["compile s"]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines = ["memory in GiB (2^30 bytes) per device", "",
+             "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [r["model"], r["mesh"], r.get("tokens", ""), r.get("latent", ""), r.get("remat", ""),
                  r.get("attention") or "auto"]
