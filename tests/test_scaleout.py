@@ -346,7 +346,7 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
     assert row["peak"] > row["params"] + row["optimizer"] + row["ema"] and row["activations"] > 0
     table = plan.format_table([row], 1.0)
     assert "| fsdp=4 | 64 | 4x8x8 | block | xla |" in table
-    assert table.startswith("memory in GiB (2^30 bytes) per device\n")  # the unit, which the table lacked
+    assert table.startswith("memory in GiB (2^30 bytes) per device")  # the unit, which the table lacked
     # world_tiny's DiT reads cached latents; on the fly (the default) the frozen VAE encodes each batch in the step.
     on_the_fly = types.SimpleNamespace(**{**vars(args), "overrides": [*args.overrides,
                                                                         "--config.dit_train.latents=on_the_fly"]})
@@ -357,6 +357,19 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
     # Replicated, as DiTTask holds it in every mode (the cached row's VAE read 0 at first).
     assert row["frozen"] == encoding["frozen"] == vae_bytes
     assert encoding["peak"] > row["peak"] and encoding["activations"] > row["activations"]
+    # Device 0 alone also holds the frozen text encoder (MiniLM, float32) and, with cached latents, the latent
+    # cache's VAE: world_tiny's DiT on 8 devices held 0.097 GiB there after set-up against 0.0099 on the others.
+    text_bytes = plan.text_encoder_shape("minilm", 8)[2]
+    assert text_bytes == 90261504 and row["text_encoder"] == encoding["text_encoder"] == text_bytes
+    assert row["device0_peak"] == row["peak"] + text_bytes + vae_bytes
+    assert encoding["device0_peak"] == encoding["peak"] + text_bytes  # no cache
+    half_way = (row["peak"] + row["device0_peak"]) / 2 / 2**30  # enough for every device but device 0
+    table = plan.format_table([row], half_way).splitlines()
+    assert table[0] == ("memory in GiB (2^30 bytes) per device; device 0 (each process's first) also holds the "
+                        "frozen text encoder (0.084) and the latent cache's copy of the VAE (0.0032), in its "
+                        "'device 0 peak'")
+    cells = dict(zip(table[2].strip("| ").split(" | "), table[-1].strip("| ").split(" | ")))
+    assert (cells["device 0 peak"], cells["fits"]) == (plan._gib(row["device0_peak"]), "no"), table
     accumulating = types.SimpleNamespace(**{**vars(args), "overrides": [*args.overrides,
                                                                           "--config.dit_train.optim.accumulate=2"]})
     with pytest.raises(ValueError) as error:  # as vidiff train refuses it: no row for a run that cannot start

@@ -4,8 +4,10 @@ Compiles the real train step (``make_train_step`` + ``jit_train_step``: loss, gr
 AdamW, EMA, donated state) ahead of time against abstract inputs (``jax.ShapeDtypeStruct``
 with shardings: nothing is allocated) and prints, per device: parameters, optimizer state,
 EMA, the batch, frozen inputs (the VAE a DiT run holds, which encodes each batch in the step with
-``dit_train.latents='on_the_fly'``), activations (XLA's temporaries) and the peak, and whether the peak fits
-``--device-memory``. One row per ``--tokens`` x ``--remat`` combination::
+``dit_train.latents='on_the_fly'``), activations (XLA's temporaries) and the peak, in GiB. A DiT's device 0
+also holds the frozen text encoder and, with ``dit_train.latents='cached'``, the latent cache's VAE: its
+"device 0 peak" adds them, and whether that fits ``--device-memory`` is the verdict. One row per
+``--tokens`` x ``--remat`` combination::
 
     vidiff plan --config experiments/configs/world_tiny.py --preset XL --mesh fsdp --devices 8 \\
         --tokens 4096,16384 --remat none,block --device-memory 80
@@ -136,8 +138,17 @@ def plan(args, devices) -> list[dict]:
             cfg, latent = _dit_config(config, args, tokens, remat, on_cpu)
             label = dict(model=f"dit {args.preset or config.dit.preset}", tokens=token_count(latent, cfg.patch),
                          latent="x".join(map(str, latent)), remat=cfg.remat_policy, attention=cfg.attention_impl)
-            rows.append(_compile_row(config, mesh, *_dit_step(config, cfg, mesh, batch, latent), label))
+            row = _compile_row(config, mesh, *_dit_step(config, cfg, mesh, batch, latent), label)
+            rows.append(_with_device0(row, config))
     return rows
+
+
+def _with_device0(row: dict, config) -> dict:
+    """``row`` with what DiTTask puts on each process's first device alone, outside the mesh: the frozen text
+    encoder's weights (float32) and, with ``dit_train.latents='cached'``, the latent cache's copy of the VAE."""
+    text = text_encoder_shape(config.text.encoder, int(config.text.max_length))[2]
+    cache_vae = row["frozen"] if config.dit_train.get("latents", "on_the_fly") == "cached" else 0
+    return dict(row, text_encoder=text, cache_vae=cache_vae, device0_peak=row["peak"] + text + cache_vae)
 
 
 def _ints(text):
@@ -299,8 +310,8 @@ def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, frozen
     return dict(label, mesh=",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device",
                 params=_per_device(state.params), optimizer=_per_device(state.opt_state),
                 ema=_per_device(state.ema_params), batch=_per_device(batch), frozen=_per_device(frozen),
-                activations=m.temp_size_in_bytes,
-                peak=peak, compile_s=seconds)
+                activations=m.temp_size_in_bytes, peak=peak, text_encoder=0, cache_vae=0, device0_peak=peak,
+                compile_s=seconds)
 
 
 def _bytes(tree) -> int:
@@ -323,17 +334,26 @@ def _gib(n: int) -> str:
 
 
 def format_table(rows: list[dict], device_memory: float | None) -> str:
-    """A markdown table, GiB per device, under a line that says so."""
+    """A markdown table, GiB per device, under a line that says so (and what device 0 holds besides)."""
+    device0 = any(r["device0_peak"] > r["peak"] for r in rows)
     heads = ["model", "mesh", "tokens", "latent", "remat", "attention", "params", "optimizer", "EMA", "batch",
-             "frozen", "activations", "peak"] + (["fits"] if device_memory else []) + ["compile s"]
-    lines = ["memory in GiB (2^30 bytes) per device", "",
+             "frozen", "activations", "peak"] + (["device 0 peak"] if device0 else []) + (
+             ["fits"] if device_memory else []) + ["compile s"]
+    lines = ["memory in GiB (2^30 bytes) per device" + (_device0_note(rows[0]) if device0 else ""), "",
              "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [r["model"], r["mesh"], r.get("tokens", ""), r.get("latent", ""), r.get("remat", ""),
                  r.get("attention") or "auto"]
-        cells += [_gib(r[k]) for k in ("params", "optimizer", "ema", "batch", "frozen", "activations", "peak")]
-        if device_memory:
-            cells.append("yes" if r["peak"] <= device_memory * GiB else "no")
+        cells += [_gib(r[k]) for k in ("params", "optimizer", "ema", "batch", "frozen", "activations", "peak")
+                  + (("device0_peak",) if device0 else ())]
+        if device_memory:  # the fullest device decides
+            cells.append("yes" if r["device0_peak"] <= device_memory * GiB else "no")
         cells.append(f"{r['compile_s']:.0f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _device0_note(row: dict) -> str:
+    held = [f"the frozen text encoder ({_gib(row['text_encoder'])})"] + (
+        [f"the latent cache's copy of the VAE ({_gib(row['cache_vae'])})"] if row["cache_vae"] else [])
+    return f"; device 0 (each process's first) also holds {' and '.join(held)}, in its 'device 0 peak'"
