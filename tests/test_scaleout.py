@@ -347,10 +347,15 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
     table = plan.format_table([row], 1.0)
     assert "| fsdp=4 | 64 | 4x8x8 | block | xla |" in table
     assert table.startswith("memory in GiB (2^30 bytes) per device")  # the unit, which the table lacked
+    assert row["blocks"] == "scanned (config: unrolled)"  # --scan, against the tiny preset's unrolled blocks
     # world_tiny's DiT reads cached latents; on the fly (the default) the frozen VAE encodes each batch in the step.
-    on_the_fly = types.SimpleNamespace(**{**vars(args), "overrides": [*args.overrides,
-                                                                        "--config.dit_train.latents=on_the_fly"]})
+    # Planned on the CPU devices it would train on, it keeps the config's unrolled blocks and attention (it
+    # compiled scanned, chunked blocks: a third of the unrolled XLA step's temporaries that training compiles).
+    on_the_fly = types.SimpleNamespace(**{**vars(args), "scan": None, "attention": None, "overrides": [
+        *args.overrides, "--config.dit_train.latents=on_the_fly"]})
     (encoding,) = plan.plan(on_the_fly, jax.devices()[:4])
+    assert (encoding["blocks"], encoding["attention"]) == ("unrolled", None)
+    assert "| block | auto | unrolled |" in plan.format_table([encoding], None)
     vae = vae_from_config(config_lib.load_config(config))
     vae_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nn.unbox(jax.eval_shape(
         vae.init, jax.random.key(0), jnp.zeros((1, 1, 8, 8, 3))))))
@@ -389,16 +394,31 @@ def test_plan_on_a_cpu_stands_chunked_attention_in_for_a_gpu_configs_cudnn():
     for gpu in (dict(attention_impl="cudnn", dtype="bfloat16"), dict(attention_impl=None, attention_head_pad=64)):
         config.dit.overrides.update({**dict(attention_impl=None, attention_head_pad=0, dtype="float32"), **gpu})
         args = types.SimpleNamespace(preset=None, text_dim=32, dtype=None, attention=None, scan=False)
-        cfg, latent = plan._dit_config(config, args, 64, "none", on_cpu=True)
+        cfg, latent = plan._dit_config(config, args, 64, "none", on_cpu=True, stand_in=True)
         assert (cfg.attention_impl, cfg.attention_head_pad, latent) == ("chunked", 0, (4, 8, 8)), gpu
+    # On the CPUs that train (not virtual ones standing in), None is the XLA attention training runs there;
+    # cuDNN cannot compile on any CPU.
+    assert plan._dit_config(config, args, 64, "none", on_cpu=True, stand_in=False)[0].attention_head_pad == 64
+    assert plan._dit_config(config, args, 64, "none", on_cpu=True, stand_in=False)[0].attention_impl is None
+    config.dit.overrides.update(attention_impl="cudnn", attention_head_pad=0, dtype="bfloat16")
+    assert plan._dit_config(config, args, 64, "none", on_cpu=True, stand_in=False)[0].attention_impl == "chunked"
     args.attention = "xla"  # asked for: kept
-    assert plan._dit_config(config, args, 64, "none", on_cpu=True)[0].attention_impl == "xla"
-    # Scanned blocks stand in on CPU too (an unrolled step's activations there are no guide to a GPU's);
-    # --no-scan and a GPU keep the layout asked for.
-    scanned = lambda scan, on_cpu: plan._dit_config(config, types.SimpleNamespace(
-        **{**vars(args), "scan": scan}), 64, "none", on_cpu=on_cpu)[0].scan_blocks
-    assert (scanned(None, True), scanned(False, True), scanned(None, False), scanned(True, False)) == (
-        True, False, config.dit.overrides.get("scan_blocks", False), True)
+    assert plan._dit_config(config, args, 64, "none", on_cpu=True, stand_in=True)[0].attention_impl == "xla"
+    # Scanned blocks stand in for a GPU's on virtual CPUs too (an unrolled step's activations there are no guide
+    # to a GPU's); --no-scan, a GPU and the CPUs that train keep the config's layout (world_tiny: unrolled).
+    scanned = lambda scan, on_cpu, stand_in: plan._dit_config(config, types.SimpleNamespace(
+        **{**vars(args), "scan": scan}), 64, "none", on_cpu=on_cpu, stand_in=stand_in)[0].scan_blocks
+    assert (scanned(None, True, True), scanned(False, True, True), scanned(None, False, False),
+            scanned(True, False, False), scanned(None, True, False)) == (True, False, False, True, False)
+
+
+def test_plan_stands_in_for_other_devices_only_on_the_virtual_cpus_it_brought_up(monkeypatch):
+    from vidiff import plan
+
+    monkeypatch.delenv(plan._CHILD, raising=False)
+    assert not plan._stands_in()  # these 8 CPU devices are those a run here trains on
+    monkeypatch.setenv(plan._CHILD, "8")  # re-run for more devices than the machine has
+    assert plan._stands_in()
 
 
 def test_plan_traces_the_train_steps_own_loss_with_its_prompting_modes():
@@ -412,7 +432,7 @@ def test_plan_traces_the_train_steps_own_loss_with_its_prompting_modes():
     config = config_lib.for_stage(config_lib.load_config(root / "experiments" / "configs" / "world_tiny.py", [
         f"--config.text.encoder=clip:{root / 'tests' / 'golden' / 'tiny_clip'}"]), "dit")
     args = types.SimpleNamespace(preset=None, text_dim=None, dtype=None, attention="xla", scan=None)
-    cfg, latent = plan._dit_config(config, args, 64, None, on_cpu=True)
+    cfg, latent = plan._dit_config(config, args, 64, None, on_cpu=True, stand_in=True)
     # The DiT takes the config's encoder's widths, as DiTTask builds it (tiny CLIP projects 32 to 24), not 384.
     assert (cfg.text_dim, cfg.pooled_dim) == (32, 24)
     mesh = parallel.mesh_from_config("dp", devices=jax.devices()[:1])
@@ -422,7 +442,7 @@ def test_plan_traces_the_train_steps_own_loss_with_its_prompting_modes():
     _, metrics = jax.eval_shape(loss_fn, params, batch, jax.random.key(1), frozen, 0)  # traced, not compiled
     assert cfg.conditioning_frames and set(metrics) == {"known_frames"}
     args.text_dim = 4096  # asked for: both widths
-    assert plan._dit_config(config, args, 64, None, on_cpu=True)[0].pooled_dim == 4096
+    assert plan._dit_config(config, args, 64, None, on_cpu=True, stand_in=True)[0].pooled_dim == 4096
 
 
 def test_plan_reads_the_text_encoders_widths_and_bytes_without_its_weights(tmp_path):

@@ -12,13 +12,15 @@ also holds the frozen text encoder and, with ``dit_train.latents='cached'``, the
     vidiff plan --config experiments/configs/world_tiny.py --preset XL --mesh fsdp --devices 8 \\
         --tokens 4096,16384 --remat none,block --device-memory 80
 
-Devices: the first ``--devices`` real devices when the machine has them (the real compiler),
-otherwise the plan re-runs itself on that many virtual CPU devices (a fake topology; the CPU
-compiler's fusion and buffer choices differ from a GPU's, so read the numbers as estimates).
-On CPU, ``--attention chunked`` (the default there, also for a config that asks for ``cudnn``)
-stands in for cuDNN flash attention's linear memory; ``xla`` materialises the full attention logits.
-Scanned blocks are the default there too (``--no-scan`` plans the unrolled layout): XLA:CPU keeps
-an order of magnitude more of an unrolled, rematerialised step's activations than a GPU does.
+Devices: the first ``--devices`` real devices when the machine has them (the real compiler, and the
+config's step as it would train there, CPUs included), otherwise the plan re-runs itself on that many
+virtual CPU devices, which stand in for others (a fake topology; the CPU compiler's fusion and buffer
+choices differ from a GPU's, so read the numbers as estimates). On those, ``--attention chunked`` (the
+default there) stands in for cuDNN flash attention's linear memory (``xla`` materialises the full
+attention logits), and scanned blocks are the default (``--no-scan`` plans the unrolled layout):
+XLA:CPU keeps an order of magnitude more of an unrolled, rematerialised step's activations than a GPU
+does. A config that asks for ``cudnn`` plans ``chunked`` on any CPU. The ``blocks`` column says which
+layout was compiled, and the config's when it differs.
 """
 from __future__ import annotations
 
@@ -53,11 +55,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", default=None, help="DiT preset (tiny ... XL, 1.5B) instead of the config's "
                         "preset and overrides")
     parser.add_argument("--attention", default=None, help="DiT attention_impl: xla, cudnn, chunked, ring, ulysses "
-                        "(default: the config's; 'chunked' when compiling on CPU)")
+                        "(default: the config's; 'chunked' for cudnn on a CPU, and for the config's auto on "
+                        "virtual CPU devices standing in for more than this machine has)")
     parser.add_argument("--dtype", default=None, help="DiT compute dtype (float32, bfloat16)")
     parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
-                        help="scan the DiT blocks, or not (default: scanned when compiling on CPU, whose unscanned "
-                        "plans keep far more activations than a GPU's; the config's layout on a GPU)")
+                        help="scan the DiT blocks, or not (default: the config's layout; scanned on virtual CPU "
+                        "devices standing in for more than this machine has, whose unscanned plans keep far more "
+                        "activations than a GPU's)")
     parser.add_argument("--text-dim", type=int, default=None, help="text-encoder width the DiT takes, pooled vector "
                         "too (default: the config's text.encoder's widths, read from its config.json)")
     parser.epilog = "Override any config field with --config.<path>=<value>."
@@ -135,9 +139,10 @@ def plan(args, devices) -> list[dict]:
     on_cpu = jax.default_backend() == "cpu"
     for tokens in _ints(args.tokens) or [None]:
         for remat in (args.remat or "").split(",") if args.remat else [None]:
-            cfg, latent = _dit_config(config, args, tokens, remat, on_cpu)
+            cfg, latent = _dit_config(config, args, tokens, remat, on_cpu, _stands_in())
             label = dict(model=f"dit {args.preset or config.dit.preset}", tokens=token_count(latent, cfg.patch),
-                         latent="x".join(map(str, latent)), remat=cfg.remat_policy, attention=cfg.attention_impl)
+                         latent="x".join(map(str, latent)), remat=cfg.remat_policy, attention=cfg.attention_impl,
+                         blocks=_layout(cfg.scan_blocks, _configured_scan(config, args)))
             row = _compile_row(config, mesh, *_dit_step(config, cfg, mesh, batch, latent), label)
             rows.append(_with_device0(row, config))
     return rows
@@ -162,7 +167,28 @@ def _ints(text):
     return values
 
 
-def _dit_config(config, args, tokens, remat, on_cpu):
+def _stands_in() -> bool:
+    """Whether the plan compiles on virtual CPU devices it brought up for devices this machine lacks: they stand
+    in for others (a GPU's). The machine's own devices, CPUs too, are those its training would run on."""
+    import jax
+
+    return jax.default_backend() == "cpu" and bool(os.environ.get(_CHILD))
+
+
+def _configured_scan(config, args) -> bool:
+    """Whether the config's DiT (``--preset``'s, with that flag) scans its blocks."""
+    from vidiff.models.dit import dit_preset
+
+    return dit_preset(args.preset or config.dit.preset, **({} if args.preset else dict(config.dit.overrides))
+                      ).scan_blocks
+
+
+def _layout(scan: bool, configured: bool) -> str:
+    name = lambda scanned: "scanned" if scanned else "unrolled"  # noqa: E731
+    return name(scan) if scan == configured else f"{name(scan)} (config: {name(configured)})"
+
+
+def _dit_config(config, args, tokens, remat, on_cpu, stand_in):
     from vidiff.models.dit import dit_preset
     from vidiff.models.patches import latent_shape_for_tokens
     from vidiff.train.tasks import vae_from_config, video_shape
@@ -180,13 +206,15 @@ def _dit_config(config, args, tokens, remat, on_cpu):
         if value is not None:
             fields[key] = None if value == "auto" else value
     # XLA:CPU keeps far more of an unscanned step's activations than a GPU does (XL, 16,384 tokens, block remat,
-    # 8 devices: 102 GiB against 8.3 scanned); the layout changes no parameter, so scanned stands in on CPU.
-    scan = args.scan if args.scan is not None else (True if on_cpu else None)
+    # 8 devices: 102 GiB against 8.3 scanned); the layout changes no parameter, so scanned stands in for a GPU's.
+    # On the CPUs that will train, the config's layout is what they will run.
+    scan = args.scan if args.scan is not None else (True if stand_in else None)
     if scan is not None:
         fields["scan_blocks"] = scan
-    if on_cpu and fields.get("attention_impl") in (None, "cudnn"):
+    attention = fields.get("attention_impl")
+    if on_cpu and (attention == "cudnn" or (stand_in and attention is None)):
         # cuDNN flash attention (what None picks on a GPU) cannot compile here: chunked has its linear memory. Head
-        # padding only picks a cuDNN kernel's size, and chunked takes none.
+        # padding only picks a cuDNN kernel's size, and chunked takes none. None on the CPUs that train is XLA's.
         fields.update(attention_impl="chunked", attention_head_pad=0)
     cfg = dit_preset(args.preset or config.dit.preset, **fields)
     latent = latent_shape_for_tokens(tokens, cfg.patch) if tokens else vae.latent_shape(video_shape(config, 1))[1:4]
@@ -336,14 +364,14 @@ def _gib(n: int) -> str:
 def format_table(rows: list[dict], device_memory: float | None) -> str:
     """A markdown table, GiB per device, under a line that says so (and what device 0 holds besides)."""
     device0 = any(r["device0_peak"] > r["peak"] for r in rows)
-    heads = ["model", "mesh", "tokens", "latent", "remat", "attention", "params", "optimizer", "EMA", "batch",
+    heads = ["model", "mesh", "tokens", "latent", "remat", "attention", "blocks", "params", "optimizer", "EMA", "batch",
              "frozen", "activations", "peak"] + (["device 0 peak"] if device0 else []) + (
              ["fits"] if device_memory else []) + ["compile s"]
     lines = ["memory in GiB (2^30 bytes) per device" + (_device0_note(rows[0]) if device0 else ""), "",
              "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [r["model"], r["mesh"], r.get("tokens", ""), r.get("latent", ""), r.get("remat", ""),
-                 r.get("attention") or "auto"]
+                 r.get("attention") or "auto", r.get("blocks", "")]
         cells += [_gib(r[k]) for k in ("params", "optimizer", "ema", "batch", "frozen", "activations", "peak")
                   + (("device0_peak",) if device0 else ())]
         if device_memory:  # the fullest device decides
