@@ -88,8 +88,8 @@ def _check_flags(args) -> None:
     if args.device_memory is not None and not args.device_memory > 0:
         raise ValueError(f"--device-memory={args.device_memory} must be a positive number of GiB")
     if args.model == "vae":  # the VAE's row would silently be the same with or without them
-        dit_only = [f"--{flag.replace('_', '-')}" for flag in ("tokens", "remat", "preset", "attention", "dtype", "scan")
-                    if getattr(args, flag) is not None] + (["--text-dim"] if args.text_dim is not None else [])
+        dit_only = [f"--{flag.replace('_', '-')}" for flag in ("tokens", "remat", "preset", "attention", "dtype",
+                                                               "scan", "text_dim") if getattr(args, flag) is not None]
         if dit_only:
             raise ValueError(f"{', '.join(dit_only)} set the DiT's step, not the VAE's; drop them with --model vae "
                              "(the VAE's own fields are --config.vae.overrides.<field>=...)")
