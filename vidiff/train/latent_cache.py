@@ -60,7 +60,8 @@ class LatentCache:
         if all(k in self.entries for k in keys):
             self.hits += len(keys)
             return np.stack([self.entries[k] for k in keys])
-        self.misses += sum(k not in self.entries for k in keys)
+        cached = sum(k in self.entries for k in keys)
+        self.hits, self.misses = self.hits + cached, self.misses + len(keys) - cached
         latents = np.asarray(self.encode(videos), np.float32)
         for key, z in zip(keys, latents):
             if len(self.entries) < self.capacity:
@@ -126,6 +127,8 @@ class LatentCache:
         return f"latent cache: {self.loaded} clips' latents loaded from {path}"
 
     def stats(self) -> dict:
+        """Clips held, and of every clip looked up: ``hits`` were cached, ``misses`` new (a batch with a miss is
+        encoded whole, its hits too: one compiled shape per bucket), ``loaded`` came from a saved cache."""
         return {"clips": len(self.entries), "hits": self.hits, "misses": self.misses, "loaded": self.loaded}
 
 
