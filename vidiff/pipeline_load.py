@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from vidiff.checks import config_int, field_checker, finite_number
+from vidiff.checks import config_int, field_checker, finite_number, height_width
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.models.block_layout import with_block_layout
 from vidiff.models.dit import VideoDiT
@@ -144,7 +144,7 @@ def _check_trained_clip(config: dict, vae: VideoVAE, dit: VideoDiT, need) -> Non
     tf, (pt, ph, pw), sf = vae.config.time_factor, dit.config.patch, vae.config.spatial_factor
     need((frames - 1) % tf == 0 and latent_count(frames, tf) % pt == 0, "data.num_frames",
          f"use 1 + {tf}k frames" + (f" with k + 1 divisible by {pt}" if pt > 1 else "") + " (what this model makes)")
-    height, width = (size, size) if config_int(size) else size
+    height, width = height_width(size)  # checked by _check_config
     need(height % (sf * ph) == 0 and width % (sf * pw) == 0, "data.size",
          f"use a height that is a multiple of {sf * ph} and a width of {sf * pw} (VAE spatial factor x DiT patch)")
 

@@ -191,7 +191,7 @@ def model_config(directory, manifest: dict, model: str, given: dict | None = Non
     checked (e.g. scanned blocks); a field that does not fit is a one-line error naming ``vidiff.json``."""
     config_class, presets, label = _CONFIGS[model]
     path = Path(directory) / MANIFEST
-    recorded = (manifest.get(MODELS) or {}).get(model) if isinstance(manifest.get(MODELS), dict) else None
+    recorded = _records(manifest).get(model)
     if recorded is not None:
         where = f"{path}: {MODELS}.{model}"
         if not isinstance(recorded, dict):
@@ -226,7 +226,7 @@ def recorded_config(directory, model: str, **compute):
         manifest = read_manifest(directory)
     except (OSError, ValueError):
         return None
-    if model not in (manifest.get(MODELS) if isinstance(manifest.get(MODELS), dict) else {}):
+    if model not in _records(manifest):
         return None
     return model_config(directory, manifest, model, adjust=lambda fields: {**fields, **compute})
 
@@ -305,7 +305,7 @@ def export_vae(directory, config_json: dict, variables: dict, vae_config: VAECon
     if not dit_kept:  # the DiT's config describes the model pair, this VAE included
         manifest["config"] = portable_config(config_json)
     manifest["vae"] = True
-    if not (dit_kept and "vae" in (manifest.get(MODELS) or {})):  # else its DiT's record of it stays, as its config
+    if not (dit_kept and "vae" in _records(manifest)):  # else its DiT's record of it stays, as its config
         _record(manifest, vae=vae_config)
     save_manifest(directory, manifest)
     return directory
@@ -335,12 +335,16 @@ def export_dit(directory, config_json: dict, params, vae_sha256: str | None = No
     return directory
 
 
+def _records(manifest: dict) -> dict:
+    """``manifest[MODELS]``: the models' recorded fields by name, ``{}`` in an older export (or a damaged one)."""
+    return manifest[MODELS] if isinstance(manifest.get(MODELS), dict) else {}
+
+
 def _record(manifest: dict, **configs) -> None:
     """Each model config's fields into ``manifest[MODELS]``, beside those it holds of the other model. A model
     given as None (its weights just written by a caller that passed no config) loses its record, which would
     describe the weights it replaced: it loads by its preset, as an older export does."""
-    models = manifest.get(MODELS) if isinstance(manifest.get(MODELS), dict) else {}
-    models = {k: v for k, v in models.items() if configs.get(k, v) is not None}
+    models = {k: v for k, v in _records(manifest).items() if configs.get(k, v) is not None}
     manifest[MODELS] = {**models, **{k: model_fields(c) for k, c in configs.items() if c is not None}}
     if not manifest[MODELS]:
         del manifest[MODELS]
