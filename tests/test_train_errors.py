@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from vidiff.train import config as config_lib
-from vidiff.train import loop, preflight, stopping, tasks
+from vidiff.train import loop, preflight, resume_checks, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer
 from vidiff.train.preflight import DataExhaustedError, NonFiniteError
 
@@ -739,42 +739,42 @@ def test_vae_frames_too_small_for_its_loss_networks_fail_before_compiling():
 
 def test_resume_with_other_model_settings_names_the_fields(tmp_path):
     checkpointer = _saved_checkpoint(tmp_path, _config(), iterator=iter(_world_pipeline()))
-    preflight.check_resume(checkpointer, 2, json.loads(_config().to_json()), "vae")  # same config: fine
+    resume_checks.check_resume(checkpointer, 2, json.loads(_config().to_json()), "vae")  # same config: fine
     free = _config("--config.vae_train.steps=50", "--config.vae_train.optim.lr=0.001")
     free.vae.overrides.dtype = "bfloat16"  # compute dtype: the parameters stay float32
-    preflight.check_resume(checkpointer, 2, json.loads(free.to_json()), "vae")  # nothing that shapes parameters
+    resume_checks.check_resume(checkpointer, 2, json.loads(free.to_json()), "vae")  # nothing that shapes parameters
     compute = _config()  # how the DiT computes, not what it holds
     compute.dit.overrides.update(scan_unroll=2, attention_head_pad=64, remat_policy="dots", dtype="bfloat16")
-    preflight.check_resume(checkpointer, 2, json.loads(compute.to_json()), "dit")
-    preflight.check_resume(checkpointer, 2, json.loads(_config("--config.vae_train.steps=2").to_json()), "vae")
+    resume_checks.check_resume(checkpointer, 2, json.loads(compute.to_json()), "dit")
+    resume_checks.check_resume(checkpointer, 2, json.loads(_config("--config.vae_train.steps=2").to_json()), "vae")
     with pytest.raises(ValueError) as info:  # it "resumed" at 2 and exported step 2 again, saying nothing
-        preflight.check_resume(checkpointer, 2, json.loads(_config("--config.vae_train.steps=1").to_json()), "vae")
+        resume_checks.check_resume(checkpointer, 2, json.loads(_config("--config.vae_train.steps=1").to_json()), "vae")
     assert str(info.value) == (f"vae_train.steps=1 but {checkpointer.directory / '2'} is at step 2: the run would "
                                f"train nothing and export step 2 again; raise vae_train.steps above 2 to train "
                                f"further, or use a new workdir to train from scratch")
     changed = json.loads(_config("--config.vae.overrides.base_channels=16").to_json())
     with pytest.raises(ValueError) as info:
-        preflight.check_resume(checkpointer, 2, changed, "vae")
+        resume_checks.check_resume(checkpointer, 2, changed, "vae")
     assert str(info.value) == (f"{checkpointer.directory / '2'} was written with vae.overrides.base_channels=32 "
                                f"(config now 16); use a new workdir or the original config")
     preset = _config()
     preset.dit.preset = "small"  # a config file's (on the command line, world_tiny's overrides refuse it)
     preset = json.loads(preset.to_json())
     with pytest.raises(ValueError, match=r"was written with dit.preset='tiny' \(config now 'small'\)"):
-        preflight.check_resume(checkpointer, 2, preset, "dit")
+        resume_checks.check_resume(checkpointer, 2, preset, "dit")
     text = json.loads(_config("--config.text.encoder='t5:/models/t5'").to_json())
     with pytest.raises(ValueError, match=r"text.encoder='minilm' \(config now 't5:/models/t5'\)"):
-        preflight.check_resume(checkpointer, 2, text, "dit")
+        resume_checks.check_resume(checkpointer, 2, text, "dit")
     # The random draws continue from the checkpoint's key: a new seed was ignored, yet the next checkpoint recorded it.
     seed = json.loads(_config("--config.seed=1").to_json())
     with pytest.raises(ValueError) as info:
-        preflight.check_resume(checkpointer, 2, seed, "vae")
+        resume_checks.check_resume(checkpointer, 2, seed, "vae")
     assert str(info.value) == (f"{checkpointer.directory / '2'} was written with seed=0 (config now 1), which fixes "
                                f"this run's random draws; use a new workdir or the original config")
     data_seed = json.loads(_config("--config.data.seed=7").to_json())  # the position would count in another order
     with pytest.raises(ValueError, match=r"was written with data.seed=\d+ \(config now 7\), which orders the records "
                                          r"its data position counts in; use a new workdir or the original config$"):
-        preflight.check_resume(checkpointer, 2, data_seed, "vae")
+        resume_checks.check_resume(checkpointer, 2, data_seed, "vae")
     checkpointer.close()
 
 
@@ -786,14 +786,14 @@ def test_a_resume_by_another_process_count_or_of_an_unreadable_record_is_one_lin
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match=f"^checkpoint {re.escape(str(where))} was written by 1 process; resume it "
                                          f"with 1 process, or use a new workdir$"):
-        preflight.check_resume(checkpointer, 2, config, "vae")
+        resume_checks.check_resume(checkpointer, 2, config, "vae")
     monkeypatch.undo()
     data = where / "data"
     (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
     (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
     with pytest.raises(ValueError, match=f"^checkpoint {re.escape(str(where))} was written by 2 processes; resume it "
                                          f"with 2 processes, or use a new workdir$"):
-        preflight.check_resume(checkpointer, 2, config, "vae")
+        resume_checks.check_resume(checkpointer, 2, config, "vae")
     for name in data.iterdir():
         name.rename(data / name.name.replace("-of-2", "-of-1"))
     record = where / "config" / "metadata"
@@ -803,7 +803,7 @@ def test_a_resume_by_another_process_count_or_of_an_unreadable_record_is_one_lin
         record.write_text(text)
         with pytest.raises(ValueError, match=f"^checkpoint {re.escape(str(where))}'s config record is not readable "
                                              f"\\({re.escape(problem)}.*\\); restore it or use a new workdir$"):
-            preflight.check_resume(checkpointer, 2, config, "vae")
+            resume_checks.check_resume(checkpointer, 2, config, "vae")
     checkpointer.close()
 
 
@@ -838,10 +838,10 @@ def test_a_dit_resume_onto_another_vae_is_refused(tmp_path):
                       config=json.loads(config.to_json()))
     checkpointer.close()
     checkpointer = Checkpointer(directory, keep=3, keep_best=0)
-    preflight.check_resume_vae(checkpointer, 2, vae_sha256)  # the same VAE
-    preflight.check_resume_vae(checkpointer, 4, "0" * 64)  # saved without the record: nothing to compare with
+    resume_checks.check_resume_vae(checkpointer, 2, vae_sha256)  # the same VAE
+    resume_checks.check_resume_vae(checkpointer, 4, "0" * 64)  # saved without the record: nothing to compare with
     with pytest.raises(ValueError) as info:
-        preflight.check_resume_vae(checkpointer, 2, "0" * 64)
+        resume_checks.check_resume_vae(checkpointer, 2, "0" * 64)
     assert str(info.value) == (
         f"{directory / '2'} was trained with another VAE than the one exported now; train the DiT again: delete its "
         "run (<workdir>/dit), then `vidiff train --config ... --model dit`, or restore the VAE it was trained with")
@@ -855,7 +855,7 @@ def test_an_incomplete_step_folder_is_named_with_the_fix(tmp_path):
     reopened = Checkpointer(checkpointer.directory, keep=3, keep_best=0)
     assert reopened.latest_step() == 10
     with pytest.raises(ValueError) as info:
-        preflight.check_resume(reopened, 10, json.loads(_config().to_json()), "vae")
+        resume_checks.check_resume(reopened, 10, json.loads(_config().to_json()), "vae")
     assert str(info.value) == (f"checkpoint {reopened.directory / '10'} is incomplete (no state, data: a save or copy "
                                f"was cut short); delete that folder to resume from step 2")
     reopened.close()

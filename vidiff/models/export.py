@@ -46,7 +46,7 @@ from vidiff.models.vae import VAEConfig, VideoVAE
 
 MANIFEST = "vidiff.json"
 # The fix for a DiT trained with another VAE. Its checkpoints record that VAE too: a plain rerun would resume
-# the old DiT, and is refused (vidiff.train.preflight.check_resume_vae).
+# the old DiT, and is refused (vidiff.train.resume_checks.check_resume_vae).
 RETRAIN_DIT = "train the DiT again: delete its run (<workdir>/dit), then `vidiff train --config ... --model dit`"
 DIT_VAE = "dit_vae_sha256"  # vidiff.json: the VAE (sha256 of vae.safetensors) the DiT there was trained with
 MODELS = "models"  # vidiff.json: {"vae": VAEConfig's fields, "dit": DiTConfig's}, of the weights there

@@ -13,8 +13,7 @@ builds a ``<model>_train`` section with every field the loop reads, and
 mesh, the ``<model>_train`` numbers and optimizer through ``check_stage``,
 ``flow.shift``) and fails with one line that names the field and the fix;
 ``name_stage_fields`` rewrites such a line to name the stage's field in force.
-``warnings_for`` lists settings that work but are likely not meant, and
-``config_changes`` the fields a saved config differs in (for resumes).
+``warnings_for`` lists settings that work but are likely not meant.
 """
 from __future__ import annotations
 
@@ -383,22 +382,3 @@ def _partial_batch_warnings(data) -> list[str]:
             f"of the data ends on a partial batch (one per bucket) whose new shape compiles the train step again "
             f"for that one step; set data.drop_remainder=True to skip it, which leaves out the last "
             f"{batch - 1} clips or fewer (per bucket, not counted anywhere)"]
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def config_changes(saved: dict, current: dict, prefixes, *, saved_fields_only: bool = False) -> list[str]:
-    """``"data.buckets=None (config now [...])"`` for each JSON config field under ``prefixes`` that differs;
-    ``saved_fields_only``: not the fields ``saved`` lacks (a newer config file spelling out a default)."""
-    old, new, missing = _flatten(saved), _flatten(current), object()
-    show = lambda v: "not set" if v is missing else repr(v)  # noqa: E731
-    return [f"{key}={show(old.get(key, missing))} (config now {show(new.get(key, missing))})"
-            for key in sorted(set(old) if saved_fields_only else set(old) | set(new))
-            if any(key == p or key.startswith(p + ".") for p in prefixes) and old.get(key, missing) != new.get(key, missing)]

@@ -64,12 +64,13 @@ from tqdm import tqdm
 
 from vidiff import distributed, parallel
 from vidiff.models.export import DIT_VAE
-from vidiff.train import prefetch, preflight, stopping, tasks
+from vidiff.train import prefetch, preflight, resume_checks, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer, lock_run, read_config, unlock
-from vidiff.train.config import config_changes, for_stage, name_stage_fields, validate, warnings_for
+from vidiff.train.config import for_stage, name_stage_fields, validate, warnings_for
 from vidiff.train.metrics import CompileTimer, DataWaitWarning, LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
 from vidiff.train.profile import StepProfiler
+from vidiff.train.resume_checks import config_changes
 from vidiff.train.state import INIT_ON, abstract_state, create_state, jit_train_step, make_train_step
 
 
@@ -114,7 +115,7 @@ def _set_up(config, model: str, log) -> _Run:
         checkpointer.check_folders()  # a step entry that is no folder would be skipped, then fail its save
         start = checkpointer.latest_step() or 0
         if start:
-            preflight.check_resume(checkpointer, start, config_json, model)
+            resume_checks.check_resume(checkpointer, start, config_json, model)
         if model == "dit":
             preflight.check_dit_inputs(config)
         else:
@@ -126,7 +127,7 @@ def _set_up(config, model: str, log) -> _Run:
         if model == "dit":  # its checkpoints record the VAE it trains with: a resume onto another is refused
             record = {**config_json, DIT_VAE: task.vae_sha256}
             if start:
-                preflight.check_resume_vae(checkpointer, start, task.vae_sha256)
+                resume_checks.check_resume_vae(checkpointer, start, task.vae_sha256)
             preflight.check_dit_task(config, task)
         process_config = _process_config(config)
         pipeline = task.pipeline(process_config)

@@ -2,9 +2,7 @@
 
 ``vidiff.train.loop`` calls these at the points where each can first be known:
 
-- resuming: the step folder is complete, written by as many processes, and its config record is readable and
-  has the same model settings and seed (``check_resume``; ``model_changes`` names each differing field),
-  and a DiT's with the same VAE (``check_resume_vae``);
+- resuming: the checks of what a resume may change live in ``vidiff.train.resume_checks``;
 - the DiT's inputs: the exported VAE fits this config, and prepared shards
   carry latents from that VAE and text embeddings of this config's encoder
   width (``check_dit_inputs`` before the task loads them, ``check_dit_task`` after);
@@ -20,7 +18,6 @@ instead of an orbax, Flax or ``KeyError`` traceback minutes later.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -30,12 +27,10 @@ import numpy as np
 from flax import traverse_util
 
 from vidiff.checks import height_width
-from vidiff.models.dit import dit_preset
 from vidiff.models.vae import vae_preset
-from vidiff.train.checkpoint import read_config
-from vidiff.train.config import config_changes
-from vidiff.models.export import DIT_VAE, RETRAIN_DIT, read_manifest, recorded_config, variable_shapes
+from vidiff.models.export import read_manifest, recorded_config, variable_shapes
 from vidiff.train.latent_cache import vae_fingerprint
+from vidiff.train.resume_checks import model_changes
 from vidiff.train.state import skipped_steps_clause
 from vidiff.train.tasks import export_dir, vae_from_config
 
@@ -47,86 +42,6 @@ class NonFiniteError(RuntimeError, ValueError):
 
 class DataExhaustedError(ValueError):
     """The data pipeline ended (finite ``data.num_epochs``, or no records) before ``<model>_train.steps``."""
-
-
-def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None:
-    """Before compiling: the checkpoint to resume is complete and was written for the same model shapes.
-
-    Parameter shapes come from the model sections (and, for the DiT, the text
-    encoder's width and the VAE's latent channels); a difference is named field
-    by field instead of surfacing as an orbax shape error. A changed ``seed`` is refused too: the random draws
-    continue from the checkpoint's key, so the new seed would be ignored while the next checkpoint recorded it;
-    and a changed ``data.seed``: the saved data position would count in another order of the records.
-    Other fields (steps, learning rate, data.world.length, ...) may change on resume.
-    """
-    checkpointer.check_complete(step)
-    checkpointer.check_processes(step, jax.process_count())
-    _check_steps_ahead(checkpointer, step, config_json, model)
-    try:  # a record that is there but unreadable is a one-line ValueError: it holds what is checked here
-        saved = read_config(checkpointer.directory, step)
-    except FileNotFoundError:  # a checkpoint saved without a config record: nothing to compare with
-        return
-    changes = model_changes(saved, config_json, model)
-    if model == "dit":
-        changes += model_changes(saved, config_json, "vae")
-        changes += config_changes(saved, config_json, ("text.encoder",))
-    if changes:
-        raise ValueError(f"{checkpointer.directory / str(step)} was written with {', '.join(changes)}; "
-                         f"use a new workdir or the original config")
-    roles = {"seed": "fixes this run's random draws",
-             # in another order the saved position would repeat some records and leave others out, silently
-             "data.seed": "orders the records its data position counts in"}
-    for field, role in roles.items():
-        changed = config_changes(saved, config_json, (field,))
-        if changed:
-            raise ValueError(f"{checkpointer.directory / str(step)} was written with {changed[0]}, which {role}; "
-                             f"use a new workdir or the original config")
-
-
-def _check_steps_ahead(checkpointer, step: int, config_json: dict, model: str) -> None:
-    """``steps`` below the checkpoint's step trains nothing: the run would export that checkpoint again, as if it
-    had trained to ``steps``. (Equal is a finished run started again, which exports it again, knowingly.)"""
-    steps = (config_json.get(f"{model}_train") or {}).get("steps")
-    if isinstance(steps, int) and steps < step:
-        raise ValueError(f"{model}_train.steps={steps} but {checkpointer.directory / str(step)} is at step {step}: "
-                         f"the run would train nothing and export step {step} again; raise {model}_train.steps above "
-                         f"{step} to train further, or use a new workdir to train from scratch")
-
-
-def check_resume_vae(checkpointer, step: int, vae_sha256: str) -> None:
-    """A DiT's checkpoints record the exported VAE they train with (``DIT_VAE``, the sha256 of the file the task
-    loaded): one trained with another VAE is refused before anything compiles, since its latents were not this
-    VAE's (a checkpoint without the record is not checked)."""
-    try:
-        trained_with = read_config(checkpointer.directory, step).get(DIT_VAE)
-    except (OSError, ValueError):  # a checkpoint without a readable config: the restore will tell
-        return
-    if trained_with not in (None, vae_sha256):
-        raise ValueError(f"{checkpointer.directory / str(step)} was trained with another VAE than the one exported "
-                         f"now; {RETRAIN_DIT}, or restore the VAE it was trained with")
-
-
-# Fields that leave a model's parameters as they are: changing them between runs is fine.
-_FREE_FIELDS = {"vae": {"dtype"},
-                "dit": {"dtype", "attention_impl", "attention_head_pad", "remat_policy", "scan_unroll"}}
-
-
-def model_changes(saved: dict, current: dict, model: str) -> list[str]:
-    """``"vae.overrides.base_channels=32 (config now 16)"`` for each field of ``model``'s architecture
-    that differs between two JSON configs (``saved`` first); both are resolved through the preset, so
-    an override equal to the preset's value is no change."""
-    old, new = saved.get(model) or {}, current.get(model) or {}
-    if old.get("preset") != new.get("preset"):
-        return [f"{model}.preset={old.get('preset')!r} (config now {new.get('preset')!r})"]
-    make = vae_preset if model == "vae" else dit_preset
-    try:
-        before = dataclasses.asdict(make(old["preset"], **(old.get("overrides") or {})))
-        after = dataclasses.asdict(make(new["preset"], **(new.get("overrides") or {})))
-    except (KeyError, TypeError, ValueError):  # a config from another vidiff version: nothing to compare
-        return []
-    as_json = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-    return [f"{model}.overrides.{k}={as_json(before[k])!r} (config now {as_json(after.get(k))!r})"
-            for k in sorted(before) if k not in _FREE_FIELDS[model] and before[k] != after.get(k)]
 
 
 def check_dit_inputs(config) -> None:

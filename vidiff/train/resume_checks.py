@@ -1,0 +1,117 @@
+"""What a resumed run may change: the checkpoint it resumes must have been written for the same model.
+
+``check_resume`` (before compiling) refuses a step folder that is incomplete, written by another number of
+processes, or written with other model settings, text encoder or seed, naming each differing field
+(``model_changes`` for a model's architecture, ``config_changes`` for any config field); ``check_resume_vae``
+refuses a DiT checkpoint trained with another exported VAE. Everything else (steps, learning rate, data
+sizes, the mesh) may change on resume. Each raises a one-line ``ValueError`` naming the field and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from vidiff.models.dit import dit_preset
+from vidiff.models.export import DIT_VAE, RETRAIN_DIT
+from vidiff.models.vae import vae_preset
+from vidiff.train.checkpoint import read_config
+
+
+def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None:
+    """Before compiling: the checkpoint to resume is complete and was written for the same model shapes.
+
+    Parameter shapes come from the model sections (and, for the DiT, the text
+    encoder's width and the VAE's latent channels); a difference is named field
+    by field instead of surfacing as an orbax shape error. A changed ``seed`` is refused too: the random draws
+    continue from the checkpoint's key, so the new seed would be ignored while the next checkpoint recorded it;
+    and a changed ``data.seed``: the saved data position would count in another order of the records.
+    Other fields (steps, learning rate, data.world.length, ...) may change on resume.
+    """
+    checkpointer.check_complete(step)
+    checkpointer.check_processes(step, jax.process_count())
+    _check_steps_ahead(checkpointer, step, config_json, model)
+    try:  # a record that is there but unreadable is a one-line ValueError: it holds what is checked here
+        saved = read_config(checkpointer.directory, step)
+    except FileNotFoundError:  # a checkpoint saved without a config record: nothing to compare with
+        return
+    changes = model_changes(saved, config_json, model)
+    if model == "dit":
+        changes += model_changes(saved, config_json, "vae")
+        changes += config_changes(saved, config_json, ("text.encoder",))
+    if changes:
+        raise ValueError(f"{checkpointer.directory / str(step)} was written with {', '.join(changes)}; "
+                         f"use a new workdir or the original config")
+    roles = {"seed": "fixes this run's random draws",
+             # in another order the saved position would repeat some records and leave others out, silently
+             "data.seed": "orders the records its data position counts in"}
+    for field, role in roles.items():
+        changed = config_changes(saved, config_json, (field,))
+        if changed:
+            raise ValueError(f"{checkpointer.directory / str(step)} was written with {changed[0]}, which {role}; "
+                             f"use a new workdir or the original config")
+
+
+def _check_steps_ahead(checkpointer, step: int, config_json: dict, model: str) -> None:
+    """``steps`` below the checkpoint's step trains nothing: the run would export that checkpoint again, as if it
+    had trained to ``steps``. (Equal is a finished run started again, which exports it again, knowingly.)"""
+    steps = (config_json.get(f"{model}_train") or {}).get("steps")
+    if isinstance(steps, int) and steps < step:
+        raise ValueError(f"{model}_train.steps={steps} but {checkpointer.directory / str(step)} is at step {step}: "
+                         f"the run would train nothing and export step {step} again; raise {model}_train.steps above "
+                         f"{step} to train further, or use a new workdir to train from scratch")
+
+
+def check_resume_vae(checkpointer, step: int, vae_sha256: str) -> None:
+    """A DiT's checkpoints record the exported VAE they train with (``DIT_VAE``, the sha256 of the file the task
+    loaded): one trained with another VAE is refused before anything compiles, since its latents were not this
+    VAE's (a checkpoint without the record is not checked)."""
+    try:
+        trained_with = read_config(checkpointer.directory, step).get(DIT_VAE)
+    except (OSError, ValueError):  # a checkpoint without a readable config: the restore will tell
+        return
+    if trained_with not in (None, vae_sha256):
+        raise ValueError(f"{checkpointer.directory / str(step)} was trained with another VAE than the one exported "
+                         f"now; {RETRAIN_DIT}, or restore the VAE it was trained with")
+
+
+# Fields that leave a model's parameters as they are: changing them between runs is fine.
+_FREE_FIELDS = {"vae": {"dtype"},
+                "dit": {"dtype", "attention_impl", "attention_head_pad", "remat_policy", "scan_unroll"}}
+
+
+def model_changes(saved: dict, current: dict, model: str) -> list[str]:
+    """``"vae.overrides.base_channels=32 (config now 16)"`` for each field of ``model``'s architecture
+    that differs between two JSON configs (``saved`` first); both are resolved through the preset, so
+    an override equal to the preset's value is no change."""
+    old, new = saved.get(model) or {}, current.get(model) or {}
+    if old.get("preset") != new.get("preset"):
+        return [f"{model}.preset={old.get('preset')!r} (config now {new.get('preset')!r})"]
+    make = vae_preset if model == "vae" else dit_preset
+    try:
+        before = dataclasses.asdict(make(old["preset"], **(old.get("overrides") or {})))
+        after = dataclasses.asdict(make(new["preset"], **(new.get("overrides") or {})))
+    except (KeyError, TypeError, ValueError):  # a config from another vidiff version: nothing to compare
+        return []
+    as_json = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return [f"{model}.overrides.{k}={as_json(before[k])!r} (config now {as_json(after.get(k))!r})"
+            for k in sorted(before) if k not in _FREE_FIELDS[model] and before[k] != after.get(k)]
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_changes(saved: dict, current: dict, prefixes, *, saved_fields_only: bool = False) -> list[str]:
+    """``"data.buckets=None (config now [...])"`` for each JSON config field under ``prefixes`` that differs;
+    ``saved_fields_only``: not the fields ``saved`` lacks (a newer config file spelling out a default)."""
+    old, new, missing = _flatten(saved), _flatten(current), object()
+    show = lambda v: "not set" if v is missing else repr(v)  # noqa: E731
+    return [f"{key}={show(old.get(key, missing))} (config now {show(new.get(key, missing))})"
+            for key in sorted(set(old) if saved_fields_only else set(old) | set(new))
+            if any(key == p or key.startswith(p + ".") for p in prefixes) and old.get(key, missing) != new.get(key, missing)]
