@@ -513,8 +513,10 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
     (damaged / "vidiff.json").write_text(json.dumps({"dit": True, "config": [1]}))
     with pytest.raises(ValueError, match="vidiff.json lacks config field.s. text.encoder, text.max_length, vae.preset"):
         TextToVideo.from_checkpoint(damaged)
-    for text, why in (("[1, 2]", "holds an array, not the JSON object vidiff exports"),
-                      ("null", "holds null, not the JSON object vidiff exports"),
+    for text, why in (("[1, 2]", "holds a JSON array, not the object vidiff exports"),
+                      ("null", "holds a JSON null, not the object vidiff exports"),
+                      ("true", "holds a JSON boolean, not the object vidiff exports"),  # not an int: a bool is one
+                      ("2.5", "holds a JSON number, not the object vidiff exports"),
                       ("[" * 100_000 + "]" * 100_000, "is not valid JSON (nested too deeply)")):  # json recurses
         (damaged / "vidiff.json").write_text(text)
         with pytest.raises(ValueError, match=f"^{re.escape(f'{damaged}/vidiff.json {why}; {restore}')}$"):

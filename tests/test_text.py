@@ -414,7 +414,7 @@ def test_damaged_weight_files_are_one_line_errors_naming_them(tmp_path):
         struct.pack("<Q", 10) + b"x" * 10 + data: "header: Expecting value: line 1 column 1 (char 0)",
         struct.pack("<Q", 10) + b"\x80" * 10 + data:
             "header: 'utf-8' codec can't decode byte 0x80 in position 0: invalid start byte",
-        struct.pack("<Q", 2) + b"[]" + data: "its header is a JSON list, not an object",
+        struct.pack("<Q", 2) + b"[]" + data: "its header is a JSON array, not an object",
         file_of(data=data[:-1]): f"tensor '{last}' has data_offsets {header[last]['data_offsets']}, outside the "
                                  f"{len(data) - 1}-byte data section",
         file_of(entry(data_offsets=[0, 10**12])): f"tensor '{k}' has data_offsets [0, {10**12}], outside the "
@@ -440,12 +440,12 @@ def test_damaged_configs_are_one_line_errors_naming_them(tmp_path):
 
     config = tmp_path / "config.json"
     for text, reason in [("{ not json", "Expecting property name enclosed in double quotes: line 1 column 3 (char 2)"),
-                         ("[]", "a JSON list, not an object")]:
+                         ("[]", "a JSON array, not an object"), ('"x"', "a JSON string, not an object")]:
         config.write_text(text)
         _raises(ValueError, f"{config} is not a readable config file ({reason}); download it again",
                 lambda: read_config(tmp_path))
     modules = tmp_path / "modules.json"
-    for text, reason in [("{}", "a JSON object, not a list"), ("[1]", "a list of objects belongs there")]:
+    for text, reason in [("{}", "a JSON object, not an array"), ("[1]", "a list of objects belongs there")]:
         modules.write_text(text)
         _raises(ValueError, f"{modules} is not a readable sentence-transformers modules file ({reason}); download it "
                 "again", lambda: sentence_transformers_options(tmp_path))

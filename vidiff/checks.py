@@ -1,4 +1,5 @@
-"""The small value checks every layer shares: whole numbers, numbers, a clip size, a config field's one-line error.
+"""The small value checks every layer shares: whole numbers, numbers, a clip size, a config field's one-line error,
+a JSON value's type in words.
 
 The lowest layer, beside ``vidiff.io``: it imports nothing of vidiff, so
 ``data`` (which may import only ``io`` and this) and ``models`` use it too.
@@ -57,3 +58,8 @@ def field_checker(prefix: str, get: Callable[[str], Any]) -> Callable[[bool, str
             raise ValueError(f"{prefix}.{field}={get(field)!r} is invalid; {fix}")
 
     return need
+
+
+def json_kind(value: Any) -> str:
+    """What ``json.loads`` returned, in JSON's words ("object", "array", ...), for an error about a file's contents."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")

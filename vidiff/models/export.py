@@ -39,6 +39,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from vidiff.checks import json_kind
 from vidiff.models.dit import DIT_PRESETS, DiTConfig
 from vidiff.models.dit_inputs import dummy_inputs
 from vidiff.models.vae import PRESETS as VAE_PRESETS
@@ -56,10 +57,6 @@ _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 FLOAT_WEIGHTS = (np.float32, jnp.bfloat16, np.float16)  # what load_tree reads; loaders cast to their model's dtype
 
 log = logging.getLogger("vidiff.models")
-_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
-               type(None): "null"}  # what json.loads returns, in JSON's words
-
-
 def save_tree(path, tree) -> Path:
     """Write a nested dict of arrays as safetensors (keys joined with '/')."""
     from safetensors.numpy import save_file
@@ -252,7 +249,7 @@ def read_manifest(directory) -> dict:
         raise ValueError(f"{path} is not valid JSON (nested too deeply); restore it from the export or export "
                          "again") from None
     if not isinstance(manifest, dict):  # every reader asks it for fields
-        raise ValueError(f"{path} holds {_JSON_KINDS[type(manifest)]}, not the JSON object vidiff exports; restore "
+        raise ValueError(f"{path} holds a JSON {json_kind(manifest)}, not the object vidiff exports; restore "
                          "it from the export or export again")
     return manifest
 

@@ -32,6 +32,8 @@ from typing import Any, NamedTuple, Sequence
 import ml_dtypes
 import numpy as np
 
+from vidiff.checks import json_kind
+
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
@@ -95,14 +97,10 @@ def read_json(path: Path, what: str, kind: type = dict) -> Any:
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
         raise ValueError(f"{path} is not a readable {what} file ({e}); download it again") from None
     if not isinstance(value, kind):
-        wanted = "an object" if kind is dict else "a list"
-        raise ValueError(f"{path} is not a readable {what} file (a JSON {_json_kind(value)}, not {wanted}); "
+        wanted = "an object" if kind is dict else "an array"
+        raise ValueError(f"{path} is not a readable {what} file (a JSON {json_kind(value)}, not {wanted}); "
                          "download it again")
     return value
-
-
-def _json_kind(value: Any) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 # The safetensors format's own limit: a larger length is a damaged file, not a header worth reading.
@@ -147,7 +145,7 @@ def _read_header(path: Path) -> tuple[dict, int, int]:
         except ValueError as e:
             raise _Damaged(f"header: {e}") from None
     if not isinstance(header, dict):
-        raise _Damaged(f"its header is a JSON {_json_kind(header)}, not an object")
+        raise _Damaged(f"its header is a JSON {json_kind(header)}, not an object")
     header.pop("__metadata__", None)
     return header, 8 + n, size - 8 - n
 
