@@ -102,7 +102,7 @@ def test_ground_truth_clips_score_perfectly_and_wrong_ones_do_not(tmp_path):
 def test_eval_commands_print_and_write_json(tmp_path, capsys):
     model = str(tiny_model_dir())
     code = main(["eval", "adherence", "--checkpoint", model, "--seeds", "1", "--steps", "2", "--batch-size", "1",
-                 "--prompts", "paraphrase", "--out", str(tmp_path / "adherence.json")])
+                 "--devices", "2", "--prompts", "paraphrase", "--out", str(tmp_path / "adherence.json")])
     out, err = capsys.readouterr()
     assert code == 0, err
     written = json.loads((tmp_path / "adherence.json").read_text())
@@ -143,6 +143,7 @@ def test_unknown_template_sets_fail_in_one_line_naming_the_sets():
 @pytest.mark.parametrize("argv, message", [
     (["adherence", "--batch-size", "0"], "--batch-size=0 must be at least 1 (omit it for 8 at a time)"),
     (["adherence", "--guidance", "nan"], "--guidance=nan must be a finite number (1 = off)"),
+    (["adherence", "--devices", "9"], "--devices=9 is more than the 8 cpu device(s) here; give at most 8, or all"),
     (["modes", "--steps", "-2"], "--steps=-2 must be at least 1"),
 ])
 def test_eval_flags_are_checked_before_the_model_loads(argv, message, capsys, monkeypatch):

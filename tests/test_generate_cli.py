@@ -1,4 +1,5 @@
 """``vidiff generate``: files for every mode and format, and one-line errors for everything a user can get wrong."""
+import re
 import subprocess
 import sys
 
@@ -93,7 +94,66 @@ def test_clips_are_sampled_and_written_a_batch_at_a_time(model, tmp_path, capsys
     assert _out_of_memory(8, 16, 5000) == ("the device ran out of memory sampling 8 clip(s) at once; lower "
                                            "--batch-size (or --frames, --height, --width); the first 16 of 5000 "
                                            "clip(s) were written")
+    # On 8 devices a batch of 8 is one clip each: lowering --batch-size would change nothing.
+    assert _out_of_memory(8, 0, 100, devices=8) == ("the device ran out of memory sampling 8 clip(s) at once (1 on "
+                                                    "each of 8 devices); lower --frames, --height or --width; the "
+                                                    "first 0 of 100 clip(s) were written")
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["demo_0.mp4", "demo_1.mp4"]
+
+
+def test_devices_split_each_batch_and_write_the_clips_one_device_writes(model, inputs, tmp_path, capsys, monkeypatch):
+    """`vidiff generate` sampled on one device whatever the machine had: --devices N splits every batch (rounded
+    up to a multiple of N) over N devices, VAE decode included, and the clips are the one-device clips."""
+    import vidiff.pipeline
+
+    real_sample, real_compiled, seen = vidiff.pipeline.sample_latents, vidiff.pipeline.compiled, []
+
+    def sample_spy(*args, **kwargs):  # the starting latents handed to the sampler: rows per device
+        seen.append(("sample", sorted(shard.data.shape[0] for shard in args[4].addressable_shards)))
+        return real_sample(*args, **kwargs)
+
+    def compiled_spy(vae, method, *more):
+        def run(variables, x):
+            out = real_compiled(vae, method, *more)(variables, x)
+            if method == "decode_normalized":
+                seen.append(("decode", sorted(shard.data.shape[0] for shard in out.addressable_shards)))
+            return out
+        return run
+
+    monkeypatch.setattr(vidiff.pipeline, "sample_latents", sample_spy)
+    monkeypatch.setattr(vidiff.pipeline, "compiled", compiled_spy)
+    grids = {}
+    for devices in ("1", "2"):  # 3 clips in a batch of 3: on 2 devices, padded to 4, 2 on each
+        seen.clear()
+        code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--steps", 2, "--quiet", "--num", 3,
+                                  "--batch-size", 3, "--devices", devices, "--image", inputs["image"],
+                                  "--out", tmp_path / f"d{devices}.gif", "--grid", tmp_path / f"d{devices}.png")
+        assert code == 0, err
+        grids[devices] = np.asarray(Image.open(tmp_path / f"d{devices}.png")).astype(int)  # every frame, lossless
+        assert seen == {"1": [("sample", [3]), ("decode", [3])], "2": [("sample", [2, 2]), ("decode", [2, 2])]}[devices]
+    assert np.abs(grids["2"] - grids["1"]).max() <= 1  # other batch shapes: rounding, at most 1/255
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "--devices=0 must be at least 1; give a device count such as 2, or all (the 8 cpu device(s) here)"),
+    ("9", "--devices=9 is more than the 8 cpu device(s) here; give at most 8, or all"),
+    ("2.5", "--devices=2.5 is not a whole number; give a device count such as 2, or all (the 8 cpu device(s) "
+     "here)"),
+    ("two", "--devices=two is not a whole number; give a device count such as 2, or all (the 8 cpu device(s) "
+     "here)"),
+])
+def test_bad_devices_are_one_line_before_the_model_loads(value, message, capsys, monkeypatch):
+    from vidiff.cli_flags import sampling_devices
+    from vidiff.pipeline import TextToVideo
+
+    monkeypatch.setattr(TextToVideo, "from_checkpoint", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    code, out, err = generate(capsys, PROMPT, "--devices", value)
+    assert code == 2 and err.strip() == f"vidiff generate: error: {message}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        sampling_devices(value)
+    # The tests' 8 virtual CPU devices share 2 cores: without --devices a CPU samples on one.
+    assert (sampling_devices(None), sampling_devices("all"), sampling_devices(" ALL "), sampling_devices("3")) == (
+        1, 8, 8, 3)
 
 
 def test_scan_blocks_flag_loads_the_dit_scanned_and_writes_the_same_image(model, tmp_path, capsys, monkeypatch):

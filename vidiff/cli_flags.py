@@ -1,8 +1,9 @@
 """Flags and checks shared by ``vidiff generate`` and ``vidiff eval``, so that neither command imports the other.
 
-Both load a model and sample, so both take ``--scan-blocks`` and the sampling
-flags, check them (and that ``--out`` can be written) before the model loads,
-and print the library's warnings as one line each.
+Both load a model and sample, so both take ``--scan-blocks``, the sampling
+flags and (where a call samples a batch) ``--devices``, check them (and that
+``--out`` can be written) before the model loads, and print the library's
+warnings as one line each.
 """
 from __future__ import annotations
 
@@ -22,6 +23,37 @@ def add_scan_blocks_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scan-blocks", action=argparse.BooleanOptionalAction,
                         help="run the DiT's blocks scanned (compiles faster: an XL forward 8.5 s against 31 s on an "
                              "H200) or unrolled; default: as the model was trained (the weights convert on load)")
+
+
+def add_devices_flag(parser: argparse.ArgumentParser) -> None:
+    """``--devices N | all`` (None when absent), read by :func:`sampling_devices`."""
+    parser.add_argument("--devices", metavar="N", help="sample data-parallel over this process's first N devices, "
+                        "or all: the weights copied to each, every batch split over them (so --batch-size is "
+                        "rounded up to a multiple of N); default: all on a GPU or TPU, 1 on a CPU, where devices "
+                        "share the same cores (8 clips on 8 virtual CPU devices of 2 cores: 5.3 s, 3.8 s on 1)")
+
+
+def sampling_devices(value: str | None) -> int:
+    """``--devices`` as a count of this process's devices, checked before a model loads (a one-line
+    ``ValueError`` naming the counts that work)."""
+    import jax
+
+    local = jax.local_devices()
+    if value is None:  # virtual CPU devices run on the same cores: splitting a batch over them only adds work
+        return 1 if jax.default_backend() == "cpu" else len(local)
+    if value.strip().lower() == "all":
+        return len(local)
+    here = f"{len(local)} {local[0].platform} device(s) here"
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"--devices={value} is not a whole number; give a device count such as 2, or all (the "
+                         f"{here})") from None
+    if count < 1:
+        raise ValueError(f"--devices={count} must be at least 1; give a device count such as 2, or all (the {here})")
+    if count > len(local):
+        raise ValueError(f"--devices={count} is more than the {here}; give at most {len(local)}, or all")
+    return count
 
 
 @contextlib.contextmanager

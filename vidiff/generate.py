@@ -5,6 +5,7 @@
     vidiff generate "a red circle moving left" --negative "a blue square"   # guidance steers away from it
     vidiff generate "..." --image first.png | --extend clip.mp4 --direction backward
                           | --connect a.mp4 b.mp4 | --edit clip.mp4 --strength 0.6 | --loop
+    vidiff generate "..." --num 64 --devices all --batch-size 64     # 8 clips on each of 8 GPUs at once
 
 Everything a user can get wrong (empty prompt, bad strength, unwritable
 output, unreadable input, sizes the model cannot make, a directory that is
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from vidiff import io
-from vidiff.cli_flags import add_scan_blocks_flag, check_sampling_flags, check_writable, one_line_warnings
+from vidiff.cli_flags import (add_devices_flag, add_scan_blocks_flag, check_sampling_flags, check_writable,
+                              one_line_warnings, sampling_devices)
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.pipeline_inputs import DEFAULT_BATCH_SIZE, check_prompts, check_utf8
 
@@ -49,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "0.0001 to 10^6, .webm: 0.0001 to 1000); default: the input video's rate with --extend, "
                         "--edit or --connect (A's), else 8")
     parser.add_argument("--grid", help="also write one image with every frame (a row per clip)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips sampled at once, each "
-                        "written as its batch finishes; lower it if the device runs out of memory")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips sampled at once (with "
+                        "--devices N, rounded up to a multiple of N: each device samples its share), each written "
+                        "as its batch finishes; lower it if the device runs out of memory")
+    add_devices_flag(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_scan_blocks_flag(parser)
     mode = parser.add_mutually_exclusive_group()
@@ -74,11 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check the request, load the model, generate a batch at a time, write each file as its batch is done and say
     where (then the grid)."""
-    outputs, fps = _check_request(args)
+    outputs, fps, devices = _check_request(args)
 
+    from vidiff import parallel
     from vidiff.pipeline import TextToVideo
 
-    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks)
+    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks,
+                                       mesh=parallel.sampling_mesh(devices))
     writer = _Writer(args, outputs, fps)
     with one_line_warnings("vidiff generate"):
         try:
@@ -86,21 +92,26 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as e:  # jax's JaxRuntimeError; the files already written stay
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
-            raise ValueError(_out_of_memory(min(args.batch_size, len(outputs)), writer.written, len(outputs))) from None
+            batch = -(-min(args.batch_size, len(outputs)) // devices) * devices  # as the pipeline pads it
+            raise ValueError(_out_of_memory(batch, writer.written, len(outputs), devices)) from None
     writer.write_grid()
     return 0
 
 
-def _out_of_memory(batch: int, written: int, total: int) -> str:
-    """What to lower, and what was kept: a long run's files are written as it goes."""
-    lower = "--batch-size (or --frames, --height, --width)" if batch > 1 else "--frames, --height or --width"
-    return (f"the device ran out of memory sampling {batch} clip(s) at once; lower {lower}; the first {written} of "
-            f"{total} clip(s) were written")
+def _out_of_memory(batch: int, written: int, total: int, devices: int = 1) -> str:
+    """What to lower, and what was kept: a long run's files are written as it goes. Each device holds only its
+    share of the batch, so --batch-size is named only when that share is more than one clip."""
+    share = batch // devices
+    lower = "--batch-size (or --frames, --height, --width)" if share > 1 else "--frames, --height or --width"
+    split = f" ({share} on each of {devices} devices)" if devices > 1 else ""
+    return (f"the device ran out of memory sampling {batch} clip(s) at once{split}; lower {lower}; the first "
+            f"{written} of {total} clip(s) were written")
 
 
-def _check_request(args) -> tuple[list[Path], float]:
+def _check_request(args) -> tuple[list[Path], float, int]:
     """Everything the user can get wrong, before the model loads (in this order: the first mistake is the one
-    reported); returns the output files, one per clip, and the frame rate to write them at."""
+    reported); returns the output files, one per clip, the frame rate to write them at and the devices to
+    sample on."""
     check_prompts(args.prompts)  # the library's own check, run here so that it comes before the model loads
     _warn_if_unquoted(args.prompts)
     _check_mode_flags(args)
@@ -121,7 +132,7 @@ def _check_request(args) -> tuple[list[Path], float]:
         _check_grid(args.grid, outputs)
     for source, kind in _inputs(args):
         _check_readable(source, kind)
-    return outputs, _output_fps(args, outputs)
+    return outputs, _output_fps(args, outputs), sampling_devices(args.devices)
 
 
 def _output_fps(args, outputs: list[Path]) -> float:

@@ -213,6 +213,12 @@ def make_mesh(
     return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def sampling_mesh(devices: int) -> Mesh | None:
+    """Data parallelism over this process's first ``devices`` devices, as ``vidiff generate --devices`` samples;
+    None for one device: no mesh, so nothing is copied or split."""
+    return None if devices == 1 else make_mesh(data=devices, devices=jax.local_devices()[:devices])
+
+
 def mesh_from_config(mesh_config: Mapping | str | None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The mesh a config's ``mesh`` section asks for: sizes, an optional ``preset`` and optional ``dcn``."""
     dcn = None if isinstance(mesh_config, (str, type(None))) else dict(mesh_config).get("dcn")

@@ -2,6 +2,7 @@
 
     vidiff eval adherence                              # bundled model, held-out combinations x 4 seeds
     vidiff eval adherence --prompts paraphrase --seeds 8 --out adherence.json
+    vidiff eval adherence --devices all --batch-size 64   # each seed's prompts split over this machine's devices
     vidiff eval modes --clips 8 --out modes.json       # image-to-video, extend, connect, edit, loop
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ import sys
 
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.eval import adherence
-from vidiff.cli_flags import add_scan_blocks_flag, check_sampling_flags, check_writable, one_line_warnings
+from vidiff.cli_flags import (add_devices_flag, add_scan_blocks_flag, check_sampling_flags, check_writable,
+                              one_line_warnings, sampling_devices)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     adh.add_argument("--prompts", choices=adherence.PROMPT_SETS, default="heldout",
                      help="held-out combinations in training wording, or in unseen paraphrases")
     adh.add_argument("--seeds", type=int, default=4, help="clips per combination (seeds 0 .. n-1)")
-    adh.add_argument("--batch-size", type=int, help="clips per compiled sampling call (default: 8, TextToVideo's)")
+    adh.add_argument("--batch-size", type=int, help="clips per compiled sampling call (default: 8, TextToVideo's; "
+                     "with --devices N, rounded up to a multiple of N)")
+    add_devices_flag(adh)
+    # No --devices: each call samples one clip from its own input, which more devices would only repeat.
     modes = sub.add_parser("modes", help="image-to-video, extend, connect, edit and loop on world clips",
-                           description="Measure every prompting mode against clips of the captioned world.")
+                           description="Measure every prompting mode against clips of the captioned world "
+                                       "(one clip per sampling call, so on one device).")
     modes.add_argument("--clips", type=int, default=4, help="world clips to run every mode on")
     modes.add_argument("--strength", type=float, default=0.7, help="SDEdit strength in (0, 1]")
     for p in (adh, modes):
@@ -48,9 +54,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--clips={args.clips} must be >= 1 and --strength={args.strength} in (0, 1]")
     if args.out:
         check_writable(args.out)
+    devices = sampling_devices(args.devices) if args.evaluation == "adherence" else 1
+    from vidiff import parallel
     from vidiff.pipeline import TextToVideo
 
-    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks)
+    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks,
+                                       mesh=parallel.sampling_mesh(devices))
     sampling = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler).items()
                 if v is not None}
     if args.evaluation == "adherence":
