@@ -109,6 +109,9 @@ def test_cli_config_file_errors_have_no_traceback(tmp_path):
     ("vae", "vae_train.on_nonfinite='stopp'", "vae_train.on_nonfinite='stopp' is invalid; use 'stop' or 'skip'"),
     ("dit", "dit_train.init_on='cpu'", r"^dit_train.init_on='cpu' is invalid; use 'auto' \(the host's CPU for many "
      r"random draws on one process's accelerators\), 'host' or 'device'$"),
+    ("dit", "dit_train.init_from=3", r"^dit_train.init_from=3 is invalid; use an export directory \(one with "
+     r"vidiff.json, as <workdir>/export\), 'bundled' or None$"),
+    ("vae", "vae_train.init_from=''", r"^vae_train.init_from='' is invalid; use an export directory"),
     ("vae", "vae_train.steps=0", "vae_train.steps=0 is invalid; use an int >= 1"),
     ("vae", "vae_train.log_every=0", "vae_train.log_every=0 is invalid; use an int >= 1"),
     ("dit", "dit_train.ckpt_every=-5", "dit_train.ckpt_every=-5 is invalid; use an int >= 1"),

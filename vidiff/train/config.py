@@ -100,7 +100,7 @@ def train_stage(steps: int, lr: float, **fields) -> ml_collections.ConfigDict:
                    b2=0.99, eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1),
         **{"ema_decay": 0.999, "log_every": 10, "ckpt_every": 200, "keep": 2, "keep_best": 1, "eval_every": 500,
            "on_nonfinite": "stop", "profile": dict(start=10, steps=0), "init_on": "auto",  # profile.steps > 0: a trace
-           **fields}))
+           "init_from": None, **fields}))
 
 
 def set_mesh(config, spec: str) -> ml_collections.ConfigDict:
@@ -343,6 +343,9 @@ def check_stage(config, model: str) -> None:
     need(stage.get("on_nonfinite", "stop") in ON_NONFINITE, "on_nonfinite", "use 'stop' or 'skip'")
     need(stage.get("init_on", "auto") in INIT_ON_NAMES, "init_on",
          "use 'auto' (the host's CPU for many random draws on one process's accelerators), 'host' or 'device'")
+    init_from = stage.get("init_from")
+    need(init_from is None or (isinstance(init_from, str) and init_from.strip() != ""), "init_from",
+         "use an export directory (one with vidiff.json, as <workdir>/export), 'bundled' or None")
     need(finite_number(stage.ema_decay) and 0 <= stage.ema_decay < 1, "ema_decay",
          "use a number in [0, 1), e.g. 0.999 (0 = no averaging)")
     if model == "vae":

@@ -2,7 +2,8 @@
 
 It validates the config, builds the mesh, the task (model + loss, see
 ``vidiff.train.tasks``), the sharded state and the Grain pipeline, resumes from
-the latest checkpoint in ``<workdir>/<model>/checkpoints`` if there is one, and
+the latest checkpoint in ``<workdir>/<model>/checkpoints`` if there is one (else
+starts from random weights, or an export's: :mod:`vidiff.train.init_from`), and
 then runs the jitted step. Every ``log_every`` steps it writes metrics (JSONL +
 TensorBoard) and checks for non-finite steps; every ``ckpt_every`` steps it
 saves asynchronously (state + data iterator + config). Each row says how many
@@ -64,7 +65,7 @@ from tqdm import tqdm
 
 from vidiff import distributed, parallel
 from vidiff.models.export import DIT_VAE
-from vidiff.train import prefetch, preflight, resume_checks, stopping, tasks
+from vidiff.train import init_from, prefetch, preflight, resume_checks, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer, lock_run, read_config, unlock
 from vidiff.train.config import for_stage, name_stage_fields, validate, warnings_for
 from vidiff.train.metrics import CompileTimer, DataWaitWarning, LogWindow, MetricsWriter
@@ -116,6 +117,7 @@ def _set_up(config, model: str, log) -> _Run:
         start = checkpointer.latest_step() or 0
         if start:
             resume_checks.check_resume(checkpointer, start, config_json, model)
+        source = None if start else init_from.prepare(config, model, log)  # the DiT's VAE too, before it loads
         if model == "dit":
             preflight.check_dit_inputs(config)
         else:
@@ -123,6 +125,7 @@ def _set_up(config, model: str, log) -> _Run:
         preflight.check_stored_clips(config)  # shards too short or too small for what the run asks of them
         mesh = parallel.mesh_from_config(config.mesh)
         task = tasks.build(config, model, mesh)
+        loaded = None if source is None else init_from.load(source, task, log)
         record = config_json
         if model == "dit":  # its checkpoints record the VAE it trains with: a resume onto another is refused
             record = {**config_json, DIT_VAE: task.vae_sha256}
@@ -140,11 +143,15 @@ def _set_up(config, model: str, log) -> _Run:
         else:
             state, state_shardings = create_state(task.init_params, tx, config.seed, mesh,
                                                   on_host=INIT_ON[stage.get("init_on", "auto")])
+            if loaded is not None:
+                state = init_from.start_from(state, state_shardings, loaded, tx)
         iterator = iter(pipeline)
         if start:
             state = _restore(checkpointer, state, start, iterator, config_json)
             task.captions_truncated = captions_truncated_before(checkpointer, start)
             log(f"resumed {model} from {checkpointer.directory / str(start)}")
+            if note := init_from.resume_note(stage, model, checkpointer.directory / str(start)):
+                log(note)
     except BaseException:
         checkpointer.close()
         unlock(lock)

@@ -3,6 +3,7 @@
 ``vidiff.train.loop`` calls these at the points where each can first be known:
 
 - resuming: the checks of what a resume may change live in ``vidiff.train.resume_checks``;
+- starting from an export (``<model>_train.init_from``): its checks live in ``vidiff.train.init_from``;
 - the DiT's inputs: the exported VAE fits this config, and prepared shards
   carry latents from that VAE and text embeddings of this config's encoder
   width (``check_dit_inputs`` before the task loads them, ``check_dit_task`` after);

@@ -80,10 +80,11 @@ _FREE_FIELDS = {"vae": {"dtype"},
                 "dit": {"dtype", "attention_impl", "attention_head_pad", "remat_policy", "scan_unroll"}}
 
 
-def model_changes(saved: dict, current: dict, model: str) -> list[str]:
+def model_changes(saved: dict, current: dict, model: str, free=()) -> list[str]:
     """``"vae.overrides.base_channels=32 (config now 16)"`` for each field of ``model``'s architecture
     that differs between two JSON configs (``saved`` first); both are resolved through the preset, so
-    an override equal to the preset's value is no change."""
+    an override equal to the preset's value is no change. ``free``: more fields left out (``scan_blocks``,
+    for parameters that are converted between layouts rather than restored)."""
     old, new = saved.get(model) or {}, current.get(model) or {}
     if old.get("preset") != new.get("preset"):
         return [f"{model}.preset={old.get('preset')!r} (config now {new.get('preset')!r})"]
@@ -95,7 +96,7 @@ def model_changes(saved: dict, current: dict, model: str) -> list[str]:
         return []
     as_json = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
     return [f"{model}.overrides.{k}={as_json(before[k])!r} (config now {as_json(after.get(k))!r})"
-            for k in sorted(before) if k not in _FREE_FIELDS[model] and before[k] != after.get(k)]
+            for k in sorted(before) if k not in _FREE_FIELDS[model] | set(free) and before[k] != after.get(k)]
 
 
 def _flatten(tree, prefix: str = "") -> dict:
