@@ -48,10 +48,6 @@ def _assert_equal(tree, expected):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), tree, expected)
 
 
-def test_the_bundled_model_is_the_pipelines():
-    assert init_from.BUNDLED == BUNDLED
-
-
 def test_a_fresh_run_starts_at_the_exports_parameters_with_a_fresh_optimizer(tmp_path):
     lines = []
     run = _set_up(_config("vae", tmp_path, "--config.vae_train.init_from=bundled"), "vae", lines)

@@ -48,6 +48,7 @@ from vidiff.diffusion.flow import noise_latents, resolve_shift
 from vidiff.diffusion.samplers import check_guidance
 from vidiff.diffusion.sampling import on_sampler_step, sample_latents, seeded_noise, text_context
 from vidiff.models.dit import VideoDiT
+from vidiff.models.export import BUNDLED
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, latent_count, pixel_count
 from vidiff.models.vae import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
 from vidiff.pipeline_inputs import (DEFAULT_BATCH_SIZE, Plan, ProgressBar, check_prompts, input_frames, known_plan,
@@ -55,7 +56,6 @@ from vidiff.pipeline_inputs import (DEFAULT_BATCH_SIZE, Plan, ProgressBar, check
                                     whole_number)
 from vidiff.pipeline_load import load_export
 
-BUNDLED = Path(__file__).resolve().parent / "assets" / "world_tiny"
 DIRECTIONS = ("forward", "backward")
 
 

@@ -46,6 +46,9 @@ from vidiff.models.vae import PRESETS as VAE_PRESETS
 from vidiff.models.vae import VAEConfig, VideoVAE
 
 MANIFEST = "vidiff.json"
+# The model shipped in the package, an export directory like any other: `vidiff generate`'s default model,
+# `<model>_train.init_from='bundled'`.
+BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "world_tiny"
 # The fix for a DiT trained with another VAE. Its checkpoints record that VAE too: a plain rerun would resume
 # the old DiT, and is refused (vidiff.train.resume_checks.check_resume_vae).
 RETRAIN_DIT = "train the DiT again: delete its run (<workdir>/dit), then `vidiff train --config ... --model dit`"

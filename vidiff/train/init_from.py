@@ -29,14 +29,13 @@ from flax import linen as nn
 from flax import traverse_util
 
 from vidiff.models.block_layout import with_block_layout
-from vidiff.models.export import (DIT_VAE, MANIFEST, MODELS, check_dit_vae, file_sha256, load_dit, load_vae,
-                                  model_fields, portable_config, read_manifest, recorded_config, save_manifest)
+from vidiff.models.export import (BUNDLED, DIT_VAE, MANIFEST, MODELS, check_dit_vae, file_sha256, load_dit,
+                                  load_vae, model_fields, portable_config, read_manifest, recorded_config,
+                                  save_manifest)
 from vidiff.train.resume_checks import model_changes
 from vidiff.train.tasks import export_dir
 
 BUNDLED_NAME = "bundled"
-# vidiff.pipeline.BUNDLED, which training does not import (tests/test_layering.py).
-BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "world_tiny"
 # DiT fields a run takes from its text encoder and VAE, not from dit.*: each has its own check.
 _GIVEN = ("text_dim", "pooled_dim", "latent_channels")
 _LABEL = {"vae": "VAE", "dit": "DiT"}
