@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,6 +147,14 @@ NAMES = sorted(subcommand_parsers())
 def test_every_subcommand_is_found():
     assert {"world", "prepare", "train", "plan", "generate", "eval", "eval adherence", "eval modes"} <= set(NAMES)
 
+
+def test_python_m_vidiff_is_the_command():
+    """``python -m vidiff`` failed: "No module named vidiff.__main__"."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DOC.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "vidiff", "--help"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: vidiff [-h] COMMAND ..."), done.stdout
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_flag_is_in_its_section(doc_sections, name):

@@ -25,6 +25,7 @@ MAY_IMPORT = {
     "train": _SAMPLING | {"data"},
     "plan": _SAMPLING | {"data", "train"},
     "cli": None,  # the command line dispatches to every command
+    "__main__": {"cli"},  # python -m vidiff
 }
 
 
