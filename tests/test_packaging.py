@@ -1,6 +1,9 @@
 """pyproject.toml and what a build of it holds: checked on the files, without building (the tests' venv need not
 have the build backend's version)."""
+import ast
+import importlib.metadata
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -44,3 +47,28 @@ def test_the_sdist_holds_everything_the_tests_read(monkeypatch):
         *(_source_files(ROOT / folder) for folder in ("tests", "experiments", "docs", "colab", ".ci")))
     assert sorted(needed - held) == []
     assert [name for name in held if name.endswith(".pyc")] == []
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _third_party_imports() -> set[str]:
+    """Top-level names vidiff's own source imports (lazy imports included) that are neither stdlib nor vidiff."""
+    found = set()
+    for path in (ROOT / "vidiff").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {name for name in found if name not in sys.stdlib_module_names and name != "vidiff"}
+
+
+def test_every_package_vidiff_imports_is_declared():
+    """huggingface_hub and ml_dtypes were imported by vidiff but came only through transformers and jax."""
+    declared = {_normalized(re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0]) for r in PYPROJECT["project"]["dependencies"]}
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {name: providers.get(name) for name in _third_party_imports()
+                  if not declared & {_normalized(d) for d in providers.get(name, [name])}}
+    assert undeclared == {}, "declare these in pyproject.toml's dependencies (import: distributions)"
