@@ -9,7 +9,7 @@ prompts); the shipped model trained 19,500 in seven stages, listed in its
 ``vidiff/assets/world_tiny``, is for a run that scores at least as well.
 
 Steps: ``vidiff train --model vae`` then ``--model dit`` with
-``experiments/configs/world_tiny.py`` (each stage timed, wall clock), the
+``vidiff/configs/world_tiny.py`` (each stage timed, wall clock), the
 VAE's held-out PSNR / SSIM and the final losses read from the stages'
 ``metrics.jsonl``, ``vidiff eval adherence`` on the held-out combinations and
 on the paraphrases, then the export (``vae.safetensors``, ``dit.safetensors``,
@@ -34,7 +34,7 @@ from pathlib import Path
 from measure import one_line_errors  # (experiments/ is the script's own folder)
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "experiments" / "configs" / "world_tiny.py"
+CONFIG = "world_tiny"  # vidiff/configs/world_tiny.py, named as `vidiff train --config` takes it
 BUNDLE = REPO / "vidiff" / "assets" / "world_tiny"
 FILES = ("vae.safetensors", "dit.safetensors", "vidiff.json")
 MAX_BYTES = 20 * 1024 * 1024
@@ -79,8 +79,8 @@ def bundle(args, overrides: list[str]) -> int:
         raise FileNotFoundError(f"--skip-train: {workdir} has no {', '.join(missing)}; give --workdir a finished "
                                 f"world_tiny run, or leave out --skip-train to train one")
     export = workdir / "export"
-    train = ["train", "--config", str(CONFIG.relative_to(REPO)), f"--config.workdir={workdir}", *overrides]
-    record: dict = {"config": str(CONFIG.relative_to(REPO)), "overrides": overrides,
+    train = ["train", "--config", CONFIG, f"--config.workdir={workdir}", *overrides]
+    record: dict = {"config": CONFIG, "overrides": overrides,
                     "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores"}
     if not args.skip_train:
         times = {model: _run([*train, "--model", model]) for model in ("vae", "dit")}

@@ -1,6 +1,6 @@
 """Train the DiT of an experiment config; the same as ``vidiff train --model dit``.
 
-    python experiments/train_dit.py --config experiments/configs/world_tiny.py [--config.dit_train.steps=100 ...]
+    python experiments/train_dit.py --config world_tiny [--config.dit_train.steps=100 ...]
 
 Checkpoints, metrics and samples go to ``<workdir>/dit``, the exported model to ``<workdir>/export``.
 Running the same command again resumes from the last checkpoint.

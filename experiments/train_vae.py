@@ -1,6 +1,6 @@
 """Train the VAE of an experiment config; the same as ``vidiff train --model vae``.
 
-    python experiments/train_vae.py --config experiments/configs/world_tiny.py [--config.vae_train.steps=100 ...]
+    python experiments/train_vae.py --config world_tiny [--config.vae_train.steps=100 ...]
 
 Checkpoints, metrics and samples go to ``<workdir>/vae``, the exported model to ``<workdir>/export``.
 Running the same command again resumes from the last checkpoint.

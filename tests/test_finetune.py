@@ -23,7 +23,7 @@ from vidiff.train import init_from, loop, tasks
 from vidiff.train.checkpoint import unlock
 
 REPO = Path(__file__).resolve().parents[1]
-WORLD_TINY = REPO / "experiments" / "configs" / "world_tiny.py"
+WORLD_TINY = REPO / "vidiff" / "configs" / "world_tiny.py"
 pytestmark = pytest.mark.skipif(not (BUNDLED / "vidiff.json").is_file(), reason="no bundled model installed")
 
 

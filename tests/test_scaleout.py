@@ -334,7 +334,7 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
     from vidiff import plan
     from vidiff.models.dit import param_count
 
-    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "world_tiny.py"
+    config = Path(__file__).resolve().parents[1] / "vidiff" / "configs" / "world_tiny.py"
     args = types.SimpleNamespace(config=str(config), model="dit", mesh="fsdp", devices=4, device_memory=1.0, batch=4,
                                  tokens="64", remat="block", preset="tiny", attention="xla", dtype=None, scan=True,
                                  text_dim=32, overrides=["--config.text.max_length=8"])
@@ -390,7 +390,7 @@ def test_plan_on_a_cpu_stands_chunked_attention_in_for_a_gpu_configs_cudnn():
     from vidiff import plan
     from vidiff.train import config as config_lib
 
-    config = config_lib.load_config(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "world_tiny.py")
+    config = config_lib.load_config(Path(__file__).resolve().parents[1] / "vidiff" / "configs" / "world_tiny.py")
     for gpu in (dict(attention_impl="cudnn", dtype="bfloat16"), dict(attention_impl=None, attention_head_pad=64)):
         config.dit.overrides.update({**dict(attention_impl=None, attention_head_pad=0, dtype="float32"), **gpu})
         args = types.SimpleNamespace(preset=None, text_dim=32, dtype=None, attention=None, scan=False)
@@ -429,7 +429,7 @@ def test_plan_traces_the_train_steps_own_loss_with_its_prompting_modes():
     from vidiff import plan
 
     root = Path(__file__).resolve().parents[1]
-    config = config_lib.for_stage(config_lib.load_config(root / "experiments" / "configs" / "world_tiny.py", [
+    config = config_lib.for_stage(config_lib.load_config(root / "vidiff" / "configs" / "world_tiny.py", [
         f"--config.text.encoder=clip:{root / 'tests' / 'golden' / 'tiny_clip'}"]), "dit")
     args = types.SimpleNamespace(preset=None, text_dim=None, dtype=None, attention="xla", scan=None)
     cfg, latent = plan._dit_config(config, args, 64, None, on_cpu=True, stand_in=True)
@@ -479,7 +479,7 @@ def test_plan_compiles_the_vae_step_training_compiles_with_its_discriminator():
     from vidiff.train.optimizer import make_optimizer
     from vidiff.train.state import abstract_state, jit_train_step, make_train_step
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "world_tiny.py"
+    path = Path(__file__).resolve().parents[1] / "vidiff" / "configs" / "world_tiny.py"
     args = types.SimpleNamespace(config=str(path), model="vae", mesh="dp", devices=1, device_memory=None, batch=1,
                                  tokens=None, remat=None, preset=None, attention=None, dtype=None, scan=None,
                                  text_dim=None, overrides=["--config.vae_loss.adversarial_weight=0.1"])

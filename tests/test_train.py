@@ -28,7 +28,7 @@ from vidiff.train.metrics import psnr, read_metrics, ssim
 from vidiff.train.optimizer import ema_update, learning_rate_schedule, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-WORLD_TINY = REPO / "experiments" / "configs" / "world_tiny.py"
+WORLD_TINY = REPO / "vidiff" / "configs" / "world_tiny.py"
 # Small and quick: 5-frame 16x16 clips, 8 per batch (one per virtual device), logged every step.
 FAST = [
     "--config.data.num_frames=5", "--config.data.size=16", "--config.data.batch_size=8",

@@ -26,12 +26,13 @@ import numpy as np
 import pytest
 
 from vidiff.train import config as config_lib
+from vidiff.train import config_file
 from vidiff.train import loop, preflight, resume_checks, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer
 from vidiff.train.preflight import DataExhaustedError, NonFiniteError
 
 REPO = Path(__file__).resolve().parents[1]
-WORLD_TINY = REPO / "experiments" / "configs" / "world_tiny.py"
+WORLD_TINY = REPO / "vidiff" / "configs" / "world_tiny.py"
 ENV_ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
@@ -78,7 +79,7 @@ def test_config_files_that_do_not_load_fail_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"cfg.yaml is not a Python file; a vidiff config is a \.py file with a "
                                          r"get_config\(\) function"):
         config_lib.load_config(yaml)
-    with pytest.raises(ValueError, match=r"is a directory; pass a config file such as"):
+    with pytest.raises(ValueError, match=r"is a directory; pass a config file, or a name: real_tiny, world_tiny$"):
         config_lib.load_config(tmp_path)
     broken = tmp_path / "broken.py"
     broken.write_text("def get_config():\n    return dict(\n        steps=3,,\n    )\n")
@@ -89,8 +90,25 @@ def test_config_files_that_do_not_load_fail_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"raising.py:3: loading the config file raised NameError: name "
                                          r"'undefined_name' is not defined; fix the config file"):
         config_lib.load_config(raising)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"missing.py does not exist; the shipped configs are named real_tiny, "
+                                                r"world_tiny$"):
         config_lib.load_config(tmp_path / "missing.py")
+    # Where the configs were before they shipped in the package: the line names the one that moved.
+    with pytest.raises(FileNotFoundError, match=r"^config file experiments/configs/world_tiny.py does not exist; it "
+                                                r"ships in the package: --config world_tiny$"):
+        config_lib.load_config("experiments/configs/world_tiny.py")
+
+
+def test_shipped_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "world_tiny").mkdir()  # a workdir of that name (the notebooks make one) is not the config
+    shipped = config_file.SHIPPED_CONFIGS / "world_tiny.py"
+    assert config_file.config_path("world_tiny") == shipped and config_file.config_path("__init__") == Path("__init__")
+    by_name = config_lib.load_config("world_tiny", ["--config.vae_train.steps=3"])
+    assert by_name.vae_train.steps == 3 and by_name.to_dict() == config_lib.load_config(
+        shipped, ["--config.vae_train.steps=3"]).to_dict()
+    assert config_lib.load_config("real_tiny").data.source == config_lib.load_config(
+        config_file.SHIPPED_CONFIGS / "real_tiny.py").data.source
 
 
 def test_cli_config_file_errors_have_no_traceback(tmp_path):
@@ -716,10 +734,12 @@ def test_module_docstrings_name_the_checks_and_functions_they_hold():
     called = set(re.findall(r"preflight\.(check_\w+)\(", (REPO / "vidiff" / "train" / "loop.py").read_text()))
     assert "check_eval_split" in called
     assert sorted(name for name in called if f"``{name}``" not in preflight.__doc__) == []
-    public = [name for name, f in inspect.getmembers(config_lib, inspect.isfunction)
-              if f.__module__ == config_lib.__name__ and not name.startswith("_")]
-    assert sorted(name for name in public if f"``{name}``" not in config_lib.__doc__) == []
-    assert "vidiff.train.overrides" in config_lib.__doc__  # where the command-line overrides went
+    for module in (config_lib, config_file):
+        public = [name for name, f in inspect.getmembers(module, inspect.isfunction)
+                  if f.__module__ == module.__name__ and not name.startswith("_")]
+        assert sorted(name for name in public if f"``{name}``" not in module.__doc__) == [], module.__name__
+    assert "vidiff.train.overrides" in config_file.__doc__  # where the command-line overrides went
+    assert "vidiff.train.config_file" in config_lib.__doc__  # where loading a config file went
 
 
 def test_errors_name_the_stage_field_in_force():

@@ -47,7 +47,7 @@ def make_tiny_model(directory, seed: int = 0) -> Path:
     from vidiff.models.export import export_dit, export_vae
     from vidiff.train.tasks import vae_from_config
 
-    config = config_lib.load_config(REPO / "experiments" / "configs" / "world_tiny.py", OVERRIDES)
+    config = config_lib.load_config(REPO / "vidiff" / "configs" / "world_tiny.py", OVERRIDES)
     config_json = json.loads(config.to_json())
     vae = vae_from_config(config)
     vae_shapes = nn.unbox(jax.eval_shape(vae.init, jax.random.key(0), jnp.zeros((1, 1, 4, 4, 3))))

@@ -9,7 +9,7 @@ also holds the frozen text encoder and, with ``dit_train.latents='cached'``, the
 "device 0 peak" adds them, and whether that fits ``--device-memory`` is the verdict. One row per
 ``--tokens`` x ``--remat`` combination::
 
-    vidiff plan --config experiments/configs/world_tiny.py --preset XL --mesh fsdp --devices 8 \\
+    vidiff plan --config world_tiny --preset XL --mesh fsdp --devices 8 \\
         --tokens 4096,16384 --remat none,block --device-memory 80
 
 Devices: the first ``--devices`` real devices when the machine has them (the real compiler, and the
@@ -39,7 +39,8 @@ GiB = 2**30
 
 def add_arguments(parser) -> None:
     """Flags of ``vidiff plan``."""
-    parser.add_argument("--config", required=True, help="experiment config file (experiments/configs/*.py)")
+    parser.add_argument("--config", required=True, help="experiment config: a shipped one's name (world_tiny, "
+                        "real_tiny: vidiff/configs/) or a config file's path")
     parser.add_argument("--model", default="dit", choices=("dit", "vae"), help="which network's train step")
     parser.add_argument("--mesh", default=None, help="preset (dp, fsdp, fsdp_tensor, fsdp_context), 'd,f,t,c' "
                         "sizes or 'fsdp=4,context=2' (default: the config's mesh section)")

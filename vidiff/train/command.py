@@ -1,4 +1,4 @@
-"""``vidiff train --config FILE --model vae|dit [--mesh SPEC] [--config.field=value ...]``."""
+"""``vidiff train --config NAME|FILE --model vae|dit [--mesh SPEC] [--config.field=value ...]``."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,8 @@ ACCEPTS_CONFIG_OVERRIDES = True
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", required=True, help="experiment config file (experiments/configs/*.py)")
+    parser.add_argument("--config", required=True, help="experiment config: a shipped one's name (world_tiny, "
+                        "real_tiny: vidiff/configs/) or a config file's path")
     parser.add_argument("--model", required=True, choices=("vae", "dit"), help="which network to train")
     parser.add_argument("--mesh", default=None, help="replaces the config's mesh sizes: a preset (dp, fsdp, "
                         "fsdp_tensor, fsdp_context), 'd,f,t,c' sizes or 'fsdp=4,context=2'")

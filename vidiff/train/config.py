@@ -1,11 +1,8 @@
-"""Experiment configs: load a ``get_config()`` file, shape its training stages, validate.
+"""Experiment configs: shape their training stages, validate.
 
-Config files live in ``experiments/configs/`` and return an
-``ml_collections.ConfigDict``. ``load_config`` loads one and applies the
-command-line overrides (``--config.dit.overrides.depth=4``; set and checked in
-``vidiff.train.overrides``); a config file that cannot be loaded (not a ``.py``
-file, a syntax error, an exception in ``get_config()``) fails with one line
-naming the file (and line). ``set_mesh`` applies ``--mesh``; ``train_stage``
+A config is a ``get_config()`` file returning an ``ml_collections.ConfigDict``
+(loaded by ``load_config``, which lives in ``vidiff.train.config_file`` and is
+importable from here too). ``set_mesh`` applies ``--mesh``; ``train_stage``
 builds a ``<model>_train`` section with every field the loop reads, and
 ``for_stage`` merges that stage's own ``data`` into ``data``.
 
@@ -18,18 +15,16 @@ mesh, the ``<model>_train`` numbers and optimizer through ``check_stage``,
 from __future__ import annotations
 
 import errno
-import importlib.util
 import re
 import stat
-import traceback
 from pathlib import Path
-from typing import Sequence
 
 import ml_collections
 
 from vidiff.checks import field_checker, height_width
 from vidiff.data.registry import FIELD_SOURCES
-from vidiff.train.overrides import apply_overrides, keep_overridden, stage_override_warnings
+from vidiff.train.config_file import load_config  # noqa: F401  (the API's name for it: vidiff.train.config.load_config)
+from vidiff.train.overrides import keep_overridden, stage_override_warnings
 
 MODELS = ("vae", "dit")
 ON_NONFINITE = ("stop", "skip")
@@ -38,55 +33,6 @@ INIT_ON_NAMES = ("auto", "host", "device")
 # The data fields that say where records are, and the data.source that reads each: the built-in sources' and
 # those of sources registered by then (vidiff.data.register_source, e.g. from the config file), read when used.
 SOURCE_FIELDS = FIELD_SOURCES
-
-
-def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Import ``path``, call its ``get_config()`` and apply ``overrides`` (``--config.a.b=v`` or ``a.b=v``)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"config {path} is a directory; pass a config file such as experiments/configs/world_tiny.py")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist; pass a file from experiments/configs/")
-    if path.suffix != ".py":
-        # importlib finds no loader for other suffixes (spec is None); say what a config is instead.
-        raise ValueError(f"config file {path} is not a Python file; a vidiff config is a .py file with a "
-                         f"get_config() function (see experiments/configs/world_tiny.py)")
-    spec = importlib.util.spec_from_file_location(f"vidiff_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    with _config_errors(path):
-        spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} has no get_config() function")
-    with _config_errors(path):
-        config = module.get_config()
-    apply_overrides(config, overrides)
-    return config
-
-
-class _config_errors:
-    """Turns an exception raised by the user's config file into one line naming ``file:line``.
-
-    The file is user input: a typo in it is the user's mistake, not a vidiff bug,
-    so no traceback into importlib.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if error is None or not isinstance(error, Exception):
-            return False
-        if isinstance(error, SyntaxError):
-            where = f"{error.filename or self.path}:{error.lineno}"
-            raise ValueError(f"{where}: syntax error in the config file: {error.msg}; fix that line") from None
-        # The innermost frame inside the config file is the line to fix.
-        frames = [f for f in traceback.extract_tb(tb) if Path(f.filename).resolve() == self.path.resolve()]
-        where = f"{self.path}:{frames[-1].lineno}" if frames else str(self.path)
-        raise ValueError(f"{where}: loading the config file raised {type(error).__name__}: {error}; "
-                         f"fix the config file") from None
 
 
 def train_stage(steps: int, lr: float, **fields) -> ml_collections.ConfigDict:

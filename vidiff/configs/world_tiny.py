@@ -1,11 +1,11 @@
 """world_tiny: the tiny VAE then the tiny DiT on the built-in captioned world (32x32, 17 frames).
 
 Held-out (colour, shape, direction) combinations are excluded from training
-and used for evaluation. Commands (CPU, from the repo root):
+and used for evaluation. Commands (CPU; outputs under the working directory):
 
-    vidiff train --config experiments/configs/world_tiny.py --model vae
-    vidiff train --config experiments/configs/world_tiny.py --model dit
-    python experiments/bundle_world_tiny.py    # both, then adherence, into workdir/world_tiny_bundle/bundle
+    vidiff train --config world_tiny --model vae
+    vidiff train --config world_tiny --model dit
+    python experiments/bundle_world_tiny.py    # (checkout) both, then adherence: workdir/world_tiny_bundle/bundle
                                                # (--install ships it)
 
 Outputs land in ``workdir/world_tiny/{vae,dit}`` (checkpoints, metrics.jsonl,
@@ -47,7 +47,7 @@ PROMPTS = (
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """``vidiff train --config experiments/configs/world_tiny.py --model vae`` (1,000 steps, 3.9 min measured on
+    """``vidiff train --config world_tiny --model vae`` (1,000 steps, 3.9 min measured on
     2 CPU cores), then ``--model dit`` (700 steps, 12.8 min); the module docstring has the details."""
     c = ml_collections.ConfigDict()
     c.workdir = "workdir/world_tiny"

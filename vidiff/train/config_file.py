@@ -1,0 +1,90 @@
+"""Loading a config file: ``load_config`` reads a shipped config by name (``"world_tiny"``) or a file by path.
+
+A config is a Python file with a ``get_config()`` that returns an ``ml_collections.ConfigDict``. The ones that
+ship in the package (``vidiff/configs/``) are named by their file's stem (``--config world_tiny``; ``config_path``
+says which file a name or path means); any other is given by its path (a copy of a shipped one, edited, is the
+usual start). A file that cannot be loaded (missing,
+not a ``.py`` file, a syntax error, an exception in ``get_config()``) fails with one line naming the file (and
+line); the overrides (``--config.dit.overrides.depth=4``) are set and checked in ``vidiff.train.overrides``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+import ml_collections
+
+from vidiff.train.overrides import apply_overrides
+
+# The configs that ship in the package, each loadable by name.
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Import ``path``, call its ``get_config()`` and apply ``overrides`` (``--config.a.b=v`` or ``a.b=v``).
+
+    ``path`` is a config file, or the name of one shipped in ``vidiff/configs/`` (``"world_tiny"``)."""
+    path = config_path(path)
+    if path.is_dir():
+        raise ValueError(f"config {path} is a directory; pass a config file, or a name: {_shipped_names()}")
+    if not path.is_file():
+        shipped = f"; the shipped configs are named {_shipped_names()}"
+        if (SHIPPED_CONFIGS / path.name).is_file():  # e.g. experiments/configs/world_tiny.py, where it used to be
+            shipped = f"; it ships in the package: --config {path.stem}"
+        raise FileNotFoundError(f"config file {path} does not exist{shipped}")
+    if path.suffix != ".py":
+        # importlib finds no loader for other suffixes (spec is None); say what a config is instead.
+        raise ValueError(f"config file {path} is not a Python file; a vidiff config is a .py file with a "
+                         f"get_config() function (see {SHIPPED_CONFIGS / 'world_tiny.py'})")
+    spec = importlib.util.spec_from_file_location(f"vidiff_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    with _config_errors(path):
+        spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config() function")
+    with _config_errors(path):
+        config = module.get_config()
+    apply_overrides(config, overrides)
+    return config
+
+
+def config_path(name_or_path) -> Path:
+    """The file ``--config`` names: a shipped config's name (no folder, no suffix) is its file in
+    ``vidiff/configs/``; anything else is a path."""
+    text = str(name_or_path)
+    shipped = SHIPPED_CONFIGS / f"{text}.py"
+    if "/" not in text and "\\" not in text and not Path(text).suffix and text != "__init__" and shipped.is_file():
+        return shipped
+    return Path(name_or_path)
+
+
+def _shipped_names() -> str:
+    return ", ".join(p.stem for p in sorted(SHIPPED_CONFIGS.glob("*.py")) if p.stem != "__init__")
+
+
+class _config_errors:
+    """Turns an exception raised by the user's config file into one line naming ``file:line``.
+
+    The file is user input: a typo in it is the user's mistake, not a vidiff bug,
+    so no traceback into importlib.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or not isinstance(error, Exception):
+            return False
+        if isinstance(error, SyntaxError):
+            where = f"{error.filename or self.path}:{error.lineno}"
+            raise ValueError(f"{where}: syntax error in the config file: {error.msg}; fix that line") from None
+        # The innermost frame inside the config file is the line to fix.
+        frames = [f for f in traceback.extract_tb(tb) if Path(f.filename).resolve() == self.path.resolve()]
+        where = f"{self.path}:{frames[-1].lineno}" if frames else str(self.path)
+        raise ValueError(f"{where}: loading the config file raised {type(error).__name__}: {error}; "
+                         f"fix the config file") from None
