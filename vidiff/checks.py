@@ -1,5 +1,5 @@
-"""The small value checks every layer shares: whole numbers, numbers, a clip size, a config field's one-line error,
-a JSON value's type in words.
+"""The small value checks every layer shares: whole numbers, numbers, a clip size, a compute dtype, a config field's
+one-line error, a JSON value's type in words.
 
 The lowest layer, beside ``vidiff.io``: it imports nothing of vidiff, so
 ``data`` (which may import only ``io`` and this) and ``models`` use it too.
@@ -47,6 +47,27 @@ def height_width(size, field: str = "data.size") -> tuple[int, int]:
         return int(size[0]), int(size[1])
     raise ValueError(f"{field}={size!r} is not a side or (height, width) of ints; "
                      f"e.g. {field}=64 or {field}=(48, 64)")
+
+
+# What the VAE and the DiT compute in (VAEConfig.dtype, DiTConfig.dtype); their parameters keep their own dtype.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(value) -> str:
+    """``value``, one of :data:`COMPUTE_DTYPES` as a name or a numpy / jax dtype (``jnp.bfloat16``), as its name;
+    else a one-line ``ValueError`` naming the valid ones. A name is taken only as written: numpy reads "float" as
+    float64 and "f2" as float16."""
+    if isinstance(value, str):
+        name, shown = value, repr(value)
+    else:
+        try:
+            name = shown = np.dtype(value).name
+        except (TypeError, ValueError):
+            name, shown = None, repr(value)
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype={shown} is not a compute dtype; use {', '.join(COMPUTE_DTYPES)}, or None to "
+                         "compute as the model was trained")
+    return name
 
 
 def field_checker(prefix: str, get: Callable[[str], Any]) -> Callable[[bool, str, str], None]:

@@ -78,20 +78,22 @@ class TextToVideo:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(cls, directory: str | Path | None = None, mesh=None,
-                        scan_blocks: bool | None = None) -> "TextToVideo":
+    def from_checkpoint(cls, directory: str | Path | None = None, mesh=None, scan_blocks: bool | None = None,
+                        dtype=None) -> "TextToVideo":
         """Load an exported model directory (``vidiff train`` writes ``<workdir>/export``); None = the bundled one.
 
         ``mesh`` (``vidiff.parallel.make_mesh``): sample data-parallel over its devices. ``scan_blocks``: run
         the DiT's blocks scanned (True) or unrolled (False), whichever way it was trained, the weights converted
         on load (:func:`vidiff.models.block_layout.with_block_layout`); None: as trained. Scanned compiles faster.
+        ``dtype`` (None: as trained): the DiT's and VAE's compute dtype, "float32", "bfloat16" (a GPU's choice; slower
+        on a CPU) or "float16" (or jnp's); the weights stay as loaded, the text encoder float32 (docs/cli.md).
         """
         if directory is None:
             if not (BUNDLED / "vidiff.json").is_file():
                 raise FileNotFoundError(f"the bundled model is not installed at {BUNDLED}; pass a model directory "
                                         "exported by `vidiff train` (--checkpoint DIR)")
             directory = BUNDLED
-        return cls(**load_export(Path(directory), scan_blocks), mesh=mesh)
+        return cls(**load_export(Path(directory), scan_blocks, dtype), mesh=mesh)
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from vidiff.checks import config_int, field_checker, finite_number, height_width
+from vidiff.checks import compute_dtype, config_int, field_checker, finite_number, height_width
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.models.block_layout import with_block_layout
 from vidiff.models.dit import VideoDiT
@@ -34,13 +34,14 @@ MAX_TEXT_TOKENS = 8192  # BERT and MiniLM embed 512 positions, CLIP 77; T5 has n
 MAX_TEXT_BATCH = 4096  # captions per encoder call: every prompt batch is padded to it
 
 
-def load_export(directory: Path, scan_blocks: bool | None = None) -> dict:
+def load_export(directory: Path, scan_blocks: bool | None = None, dtype=None) -> dict:
     """``TextToVideo``'s arguments but the mesh: the models, their weights, the text encoder, the config, ``directory``.
 
-    ``scan_blocks`` as :meth:`vidiff.pipeline.TextToVideo.from_checkpoint`.
+    ``scan_blocks`` and ``dtype`` as :meth:`vidiff.pipeline.TextToVideo.from_checkpoint`.
     """
     if scan_blocks is not None and not isinstance(scan_blocks, bool):  # the caller's, not vidiff.json's
         raise ValueError(f"scan_blocks: must be True or False, got {scan_blocks!r}")
+    computing = {} if dtype is None else {"dtype": compute_dtype(dtype)}  # before any file is read
     _check_not_workdir(directory)
     manifest = read_manifest(directory)
     if not isinstance(manifest.get("dit", False), bool):  # a string "false" would read as true
@@ -56,11 +57,13 @@ def load_export(directory: Path, scan_blocks: bool | None = None) -> dict:
     need = _config_checker(config, directory / MANIFEST)
     _check_config(config, need)
     text = _load_text_encoder(config["text"], directory / MANIFEST)
-    vae = VideoVAE(model_config(directory, manifest, "vae"))
+    vae = VideoVAE(model_config(directory, manifest, "vae", adjust=lambda fields: {**fields, **computing}))
 
     def as_run_here(fields: dict) -> dict:  # how the DiT computes, not what it holds
-        if fields.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
-            fields["attention_impl"] = None  # auto where no cuDNN is
+        fields = {**fields, **computing}
+        if fields.get("attention_impl") == "cudnn" and (jax.default_backend() != "gpu"
+                                                     or fields.get("dtype", "float32") == "float32"):
+            fields["attention_impl"] = None  # auto where no cuDNN is, or its kernel takes no float32
         return fields if scan_blocks is None else {**fields, "scan_blocks": scan_blocks}
 
     dit = VideoDiT(model_config(directory, manifest, "dit", adjust=as_run_here, given={
