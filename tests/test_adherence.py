@@ -102,7 +102,8 @@ def test_ground_truth_clips_score_perfectly_and_wrong_ones_do_not(tmp_path):
 def test_eval_commands_print_and_write_json(tmp_path, capsys):
     model = str(tiny_model_dir())
     code = main(["eval", "adherence", "--checkpoint", model, "--seeds", "1", "--steps", "2", "--batch-size", "1",
-                 "--devices", "2", "--prompts", "paraphrase", "--out", str(tmp_path / "adherence.json")])
+                 "--devices", "2", "--prompts", "paraphrase", "--out", str(tmp_path / "adherence.json"),
+                 "--dtype", "bfloat16"])
     out, err = capsys.readouterr()
     assert code == 0, err
     written = json.loads((tmp_path / "adherence.json").read_text())
@@ -112,13 +113,16 @@ def test_eval_commands_print_and_write_json(tmp_path, capsys):
         judged = [c["correct"][key] for c in written["clips"] if c["correct"][key] is not None]
         assert written["accuracy"][key] == (pytest.approx(np.mean(judged)) if judged else None)
     assert written["sampling"] == {"steps": 2, "guidance": 4.0, "sampler": "euler"}
+    assert written["dtype"] == {"dit": "bfloat16", "vae": "bfloat16"}
     assert out.splitlines()[0].startswith("combination") and '"accuracy"' in out
 
     code = main(["eval", "modes", "--checkpoint", model, "--clips", "1", "--steps", "2", "--strength", "0.3",
                  "--out", str(tmp_path / "modes.json"), "--scan-blocks"])  # every mode with the blocks scanned
     out, err = capsys.readouterr()
     assert code == 0, err
-    means = json.loads((tmp_path / "modes.json").read_text())["means"]
+    written = json.loads((tmp_path / "modes.json").read_text())
+    means = written["means"]
+    assert written["dtype"] == {"dit": "float32", "vae": "float32"}  # as the model was trained
     assert set(means) == {"image_to_video", "extend_forward", "extend_backward", "connect", "edit", "loop"}
     i2v = means["image_to_video"]
     # The first frame is the VAE's round trip of the input (decoder causal, latent 0 known).
@@ -145,6 +149,8 @@ def test_unknown_template_sets_fail_in_one_line_naming_the_sets():
     (["adherence", "--guidance", "nan"], "--guidance=nan must be a finite number (1 = off)"),
     (["adherence", "--devices", "9"], "--devices=9 is more than the 8 cpu device(s) here; give at most 8, or all"),
     (["modes", "--steps", "-2"], "--steps=-2 must be at least 1"),
+    (["modes", "--dtype", "fp16"], "--dtype=fp16 is not a compute dtype; use float32, bfloat16, float16, or no "
+     "--dtype to compute as the model was trained"),
 ])
 def test_eval_flags_are_checked_before_the_model_loads(argv, message, capsys, monkeypatch):
     import vidiff.pipeline

@@ -156,23 +156,36 @@ def test_bad_devices_are_one_line_before_the_model_loads(value, message, capsys,
         1, 8, 8, 3)
 
 
-def test_scan_blocks_flag_loads_the_dit_scanned_and_writes_the_same_image(model, tmp_path, capsys, monkeypatch):
+def test_scan_blocks_and_dtype_flags_load_the_dit_as_asked_and_write_the_same_image(model, tmp_path, capsys,
+                                                                                     monkeypatch):
     import vidiff.pipeline
 
     loaded = []
     real = vidiff.pipeline.TextToVideo.from_checkpoint.__func__
-    monkeypatch.setattr(vidiff.pipeline.TextToVideo, "from_checkpoint", classmethod(
-        lambda cls, *a, **kw: loaded.append(kw["scan_blocks"]) or real(cls, *a, **kw)))
+
+    def spy(cls, *args, **kwargs):  # the flags as the library gets them, and what they built
+        pipe = real(cls, *args, **kwargs)
+        loaded.append((kwargs["scan_blocks"], kwargs["dtype"], pipe.dit.config.dtype, pipe.vae.config.dtype))
+        return pipe
+
+    monkeypatch.setattr(vidiff.pipeline.TextToVideo, "from_checkpoint", classmethod(spy))
     images = {}
-    for flag in ("", "--scan-blocks", "--no-scan-blocks"):  # one frame as png: exact pixels, no video codec
+    for flag in ("", "--scan-blocks", "--no-scan-blocks", "--dtype=bfloat16"):  # one frame as png: exact pixels
         out_path = tmp_path / f"image{len(images)}.png"
         code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--steps", 2, "--quiet", "--frames", 1,
                                   "--out", out_path, *([flag] if flag else []))
         assert code == 0, err
         images[flag] = np.asarray(Image.open(out_path)).astype(int)
-    assert loaded == [None, True, False]
+    f32, bf16 = ("float32",) * 2, ("bfloat16",) * 2
+    assert loaded == [(None, None, *f32), (True, None, *f32), (False, None, *f32), (None, "bfloat16", *bf16)]
     assert np.abs(images["--scan-blocks"] - images[""]).max() <= 1  # the same weights; rounding aside
     np.testing.assert_array_equal(images["--no-scan-blocks"], images[""])
+    assert 0 < np.abs(images["--dtype=bfloat16"] - images[""]).max() <= 16  # bfloat16's rounding (test_pipeline)
+    # A dtype the models do not compute in is one line, before the model loads.
+    monkeypatch.setattr(vidiff.pipeline.TextToVideo, "from_checkpoint", lambda *a, **k: pytest.fail("the model loaded"))
+    code, out, err = generate(capsys, PROMPT, "--dtype", "bf16")
+    assert code == 2 and err.strip() == ("vidiff generate: error: --dtype=bf16 is not a compute dtype; use float32, "
+                                         "bfloat16, float16, or no --dtype to compute as the model was trained")
 
 
 def test_every_mode_from_files(model, inputs, tmp_path, capsys):

@@ -6,6 +6,7 @@
     vidiff generate "..." --image first.png | --extend clip.mp4 --direction backward
                           | --connect a.mp4 b.mp4 | --edit clip.mp4 --strength 0.6 | --loop
     vidiff generate "..." --num 64 --devices all --batch-size 64     # 8 clips on each of 8 GPUs at once
+    vidiff generate "..." --dtype bfloat16                          # on a GPU: compute in bf16, weights as loaded
 
 Everything a user can get wrong (empty prompt, bad strength, unwritable
 output, unreadable input, sizes the model cannot make, a directory that is
@@ -21,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from vidiff import io
-from vidiff.cli_flags import (add_devices_flag, add_scan_blocks_flag, check_sampling_flags, check_writable,
-                              one_line_warnings, sampling_devices)
+from vidiff.cli_flags import (add_devices_flag, add_dtype_flag, add_scan_blocks_flag, check_sampling_flags,
+                              check_writable, one_line_warnings, sampling_devices)
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.pipeline_inputs import DEFAULT_BATCH_SIZE, check_prompts, check_utf8
 
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_devices_flag(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_scan_blocks_flag(parser)
+    add_dtype_flag(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--image", metavar="IMG", help="animate this image (it becomes the first frame)")
     mode.add_argument("--extend", metavar="VIDEO", help="continue this video (see --direction)")
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from vidiff import parallel
     from vidiff.pipeline import TextToVideo
 
-    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks,
+    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks, dtype=args.dtype,
                                        mesh=parallel.sampling_mesh(devices))
     writer = _Writer(args, outputs, fps)
     with one_line_warnings("vidiff generate"):

@@ -13,8 +13,8 @@ import sys
 
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.eval import adherence
-from vidiff.cli_flags import (add_devices_flag, add_scan_blocks_flag, check_sampling_flags, check_writable,
-                              one_line_warnings, sampling_devices)
+from vidiff.cli_flags import (add_devices_flag, add_dtype_flag, add_scan_blocks_flag, check_sampling_flags,
+                              check_writable, one_line_warnings, sampling_devices)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
         p.add_argument("--out", help="write the JSON summary here")
         add_scan_blocks_flag(p)
+        add_dtype_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,27 +59,29 @@ def run(args: argparse.Namespace) -> int:
     from vidiff import parallel
     from vidiff.pipeline import TextToVideo
 
-    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks,
+    pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks, dtype=args.dtype,
                                        mesh=parallel.sampling_mesh(devices))
     sampling = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler).items()
                 if v is not None}
+    dtype = {"dit": pipe.dit.config.dtype, "vae": pipe.vae.config.dtype}  # --dtype's, or as trained
     if args.evaluation == "adherence":
         cases = adherence.cases(args.prompts, args.seeds)
         generate = lambda prompts, seed: pipe(prompts, seed=[seed], batch_size=args.batch_size, **sampling)
         with one_line_warnings("vidiff eval"):
             summary = adherence.evaluate(generate, cases)
-        summary = {"checkpoint": str(pipe.directory), "prompts": args.prompts, "seeds": args.seeds,
+        summary = {"checkpoint": str(pipe.directory), "dtype": dtype, "prompts": args.prompts, "seeds": args.seeds,
                    "sampling": {**{k: pipe.defaults[k] for k in ("steps", "guidance", "sampler")}, **sampling},
                    **summary}
         print(adherence.format_table(summary))
-        brief = {k: summary[k] for k in ("checkpoint", "prompts", "seeds", "sampling", "num_clips", "accuracy")}
+        brief = {k: summary[k] for k in ("checkpoint", "dtype", "prompts", "seeds", "sampling", "num_clips",
+                                         "accuracy")}
     else:
         from vidiff.eval.modes import evaluate_modes
 
         with one_line_warnings("vidiff eval"):
-            summary = {"checkpoint": str(pipe.directory),
+            summary = {"checkpoint": str(pipe.directory), "dtype": dtype,
                        **evaluate_modes(pipe, num_clips=args.clips, strength=args.strength, **sampling)}
-        brief = {k: summary[k] for k in ("checkpoint", "num_clips", "strength", "means")}
+        brief = {k: summary[k] for k in ("checkpoint", "dtype", "num_clips", "strength", "means")}
     print(json.dumps(brief, indent=2))
     if args.out:
         path = adherence.write_json(summary, args.out)
