@@ -82,11 +82,10 @@ class TextToVideo:
                         dtype=None) -> "TextToVideo":
         """Load an exported model directory (``vidiff train`` writes ``<workdir>/export``); None = the bundled one.
 
-        ``mesh`` (``vidiff.parallel.make_mesh``): sample data-parallel over its devices. ``scan_blocks``: run
-        the DiT's blocks scanned (True) or unrolled (False), whichever way it was trained, the weights converted
-        on load (:func:`vidiff.models.block_layout.with_block_layout`); None: as trained. Scanned compiles faster.
-        ``dtype`` (None: as trained): the DiT's and VAE's compute dtype, "float32", "bfloat16" (a GPU's choice; slower
-        on a CPU) or "float16" (or jnp's); the weights stay as loaded, the text encoder float32 (docs/cli.md).
+        ``mesh`` (``vidiff.parallel.make_mesh``): sample data-parallel over its devices. ``scan_blocks``: the
+        DiT's blocks scanned (True, compiles faster) or unrolled (False) however trained, the weights converted on
+        load (``with_block_layout``). ``dtype``: the DiT's and VAE's compute dtype, "float32", "bfloat16" (a GPU's
+        choice) or "float16" (or jnp's); the weights stay as loaded, the text encoder float32. None: as trained.
         """
         if directory is None:
             if not (BUNDLED / "vidiff.json").is_file():
