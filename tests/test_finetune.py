@@ -16,7 +16,7 @@ import pytest
 from flax import linen as nn
 
 from vidiff.models.block_layout import with_block_layout
-from vidiff.models.export import export_vae, load_dit, load_vae, read_manifest, recorded_config
+from vidiff.models.export import export_vae, file_mode, load_dit, load_vae, read_manifest, recorded_config
 from vidiff.pipeline import BUNDLED
 from vidiff.train import config as config_lib
 from vidiff.train import init_from, loop, tasks
@@ -82,6 +82,9 @@ def test_the_bundled_dit_fine_tunes_end_to_end_and_a_resume_ignores_init_from(tm
             f"statistics included) and its record into {export}; the DiT trains and exports with it") in done.stdout
     assert json.loads(done.stdout.strip().splitlines()[-1])["final_loss"] < 0.3  # a trained DiT's (fresh: ~1.5)
     assert (export / "vae.safetensors").read_bytes() == (BUNDLED / "vae.safetensors").read_bytes()
+    modes = {name: (export / name).stat().st_mode & 0o777
+             for name in ("vae.safetensors", "dit.safetensors", "vidiff.json")}
+    assert modes == dict.fromkeys(modes, file_mode())  # the copy too, not a temporary file's 0600
     manifest = read_manifest(export)
     assert manifest["models"]["vae"] == read_manifest(BUNDLED)["models"]["vae"]
     assert manifest["dit_vae_sha256"] == hashlib.sha256((BUNDLED / "vae.safetensors").read_bytes()).hexdigest()

@@ -60,6 +60,8 @@ _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 FLOAT_WEIGHTS = (np.float32, jnp.bfloat16, np.float16)  # what load_tree reads; loaders cast to their model's dtype
 
 log = logging.getLogger("vidiff.models")
+
+
 def save_tree(path, tree) -> Path:
     """Write a nested dict of arrays as safetensors (keys joined with '/')."""
     from safetensors.numpy import save_file
@@ -76,7 +78,7 @@ def save_tree(path, tree) -> Path:
         raise not_written(path, int(found[2]) if found else None, found[1] if found else str(error)) from None
     # safetensors writes through a private temporary file (mode 0600): give the weights the mode vidiff.json
     # gets, so an export shared in a group folder is readable by whoever can read its config.
-    path.chmod(0o666 & ~_umask())
+    path.chmod(file_mode())
     return path
 
 
@@ -86,10 +88,11 @@ def not_written(path, code: int | None, why: str) -> OSError:
     return OSError(f"{path} could not be written ({why}); {fix}")
 
 
-def _umask() -> int:
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (a temporary file gets 0600)."""
     mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def load_tree(path) -> dict:
@@ -150,7 +153,7 @@ def save_manifest(directory, manifest: dict) -> Path:
             f.write(json.dumps(manifest, indent=2, sort_keys=True))
             f.flush()
             os.fsync(f.fileno())  # renamed only once its bytes are on disk
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600: as open() would have made it
+        os.chmod(temporary, file_mode())  # mkstemp's 0600: as open() would have made it
         os.replace(temporary, path)
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from vidiff.models.block_layout import with_block_layout
-from vidiff.models.export import (BUNDLED, DIT_VAE, MANIFEST, MODELS, check_dit_vae, file_sha256, load_dit,
+from vidiff.models.export import (BUNDLED, DIT_VAE, MANIFEST, MODELS, check_dit_vae, file_mode, file_sha256, load_dit,
                                   load_vae, model_fields, portable_config, read_manifest, recorded_config,
                                   save_manifest)
 from vidiff.train.resume_checks import model_changes
@@ -148,6 +148,7 @@ def _copy_vae(source: Source, target: Path) -> None:
     os.close(handle)
     try:
         shutil.copyfile(source.directory / "vae.safetensors", temporary)
+        os.chmod(temporary, file_mode())  # mkstemp's 0600: readable as the export's other files are
         os.replace(temporary, target / "vae.safetensors")
     finally:
         Path(temporary).unlink(missing_ok=True)
