@@ -186,6 +186,9 @@ def test_scan_blocks_and_dtype_flags_load_the_dit_as_asked_and_write_the_same_im
     code, out, err = generate(capsys, PROMPT, "--dtype", "bf16")
     assert code == 2 and err.strip() == ("vidiff generate: error: --dtype=bf16 is not a compute dtype; use float32, "
                                          "bfloat16, float16, or no --dtype to compute as the model was trained")
+    code, out, err = generate(capsys, PROMPT, "--dtype", "float16")  # XLA:CPU's matmuls take no float16
+    assert code == 2 and err.strip() == ("vidiff generate: error: --dtype=float16 cannot compute on a CPU (XLA:CPU has "
+                                         "no float16 matmul); use float32 or bfloat16 there")
 
 
 def test_every_mode_from_files(model, inputs, tmp_path, capsys):

@@ -200,6 +200,7 @@ def test_a_model_samples_in_the_compute_dtype_asked_for(pipe, tmp_path):
     """An export sampled only in the dtype its vidiff.json records (the tiny model's float32): dtype= sets what the
     DiT and the VAE compute in, whatever they were trained in; the weights stay as loaded, and the clips are the
     float32 ones up to bfloat16's rounding."""
+    from vidiff.checks import compute_dtype
     from vidiff.models.dit import dummy_inputs
 
     bf16 = TextToVideo.from_checkpoint(tiny_model_dir(), dtype="bfloat16")
@@ -217,7 +218,11 @@ def test_a_model_samples_in_the_compute_dtype_asked_for(pipe, tmp_path):
     prompts = [PROMPT, "a blue square moving up", "a green triangle moving right"]
     want, got = pipe(prompts, seed=0, **FAST).astype(int), bf16(prompts, seed=0, **FAST).astype(int)
     assert 0 < np.abs(got - want).max() <= 16 and np.abs(got - want).mean() < 2
-    assert TextToVideo.from_checkpoint(tiny_model_dir(), dtype=jnp.float16).dit.config.dtype == "float16"
+    # float16 is taken where it computes (a GPU) and refused in one line on a CPU, before it fails mid-sampling.
+    with pytest.raises(ValueError, match=r"^dtype=float16 cannot compute on a CPU \(XLA:CPU has no float16 matmul\); "
+                                         r"use float32 or bfloat16 there$"):
+        TextToVideo.from_checkpoint(tmp_path / "nowhere", dtype=jnp.float16)
+    assert compute_dtype(jnp.float16, "gpu") == compute_dtype("float16", "tpu") == "float16"
     for bad, shown in (("bf16", "'bf16'"), ("float64", "'float64'"), (jnp.int8, "int8"), (16, "16")):
         with pytest.raises(ValueError, match=f"^dtype={shown} is not a compute dtype; use float32, bfloat16, "
                                              "float16, or None to compute as the model was trained$"):

@@ -53,10 +53,11 @@ def height_width(size, field: str = "data.size") -> tuple[int, int]:
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def compute_dtype(value) -> str:
+def compute_dtype(value, backend: str | None = None) -> str:
     """``value``, one of :data:`COMPUTE_DTYPES` as a name or a numpy / jax dtype (``jnp.bfloat16``), as its name;
     else a one-line ``ValueError`` naming the valid ones. A name is taken only as written: numpy reads "float" as
-    float64 and "f2" as float16."""
+    float64 and "f2" as float16. ``backend`` (``jax.default_backend()``): "cpu" refuses float16, which XLA:CPU's
+    matmuls do not take (they fail mid-sampling with "precision 'F16_F16_F32' is not supported")."""
     if isinstance(value, str):
         name, shown = value, repr(value)
     else:
@@ -67,6 +68,9 @@ def compute_dtype(value) -> str:
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"dtype={shown} is not a compute dtype; use {', '.join(COMPUTE_DTYPES)}, or None to "
                          "compute as the model was trained")
+    if name == "float16" and backend == "cpu":
+        raise ValueError(f"dtype={shown} cannot compute on a CPU (XLA:CPU has no float16 matmul); use float32 or "
+                         "bfloat16 there")
     return name
 
 
@@ -83,4 +87,5 @@ def field_checker(prefix: str, get: Callable[[str], Any]) -> Callable[[bool, str
 
 def json_kind(value: Any) -> str:
     """What ``json.loads`` returned, in JSON's words ("object", "array", ...), for an error about a file's contents."""
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+    words = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return words.get(type(value), "number")

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from vidiff import io
-from vidiff.checks import COMPUTE_DTYPES
+from vidiff.checks import COMPUTE_DTYPES, compute_dtype
 
 
 def add_scan_blocks_flag(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +30,10 @@ def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
     """``--dtype`` (None when absent), for ``TextToVideo.from_checkpoint(dtype=)``; checked by
     :func:`check_sampling_flags` (argparse's ``choices`` would print its usage too, not one line)."""
     parser.add_argument("--dtype", metavar="{" + ",".join(COMPUTE_DTYPES) + "}", help="what the DiT and the VAE "
-                        "compute in, not the weights (they stay as loaded): bfloat16 is the GPU's and TPU's choice; "
-                        "on a CPU it gains nothing (the bundled model, 8 clips: 4.35 s of CPU time against "
-                        "float32's 4.24 s); default: as the model was trained (the bundled model: float32)")
+                        "compute in, not the weights (they stay as loaded): bfloat16 is the GPU's and TPU's choice "
+                        "(float16: GPUs only); on a CPU it gains nothing (the bundled model, 8 clips: 4.35 s of CPU "
+                        "time against float32's 4.24 s); default: as the model was trained (the bundled model: "
+                        "float32)")
 
 
 def add_devices_flag(parser: argparse.ArgumentParser) -> None:
@@ -81,9 +82,14 @@ def check_sampling_flags(args) -> None:
         raise ValueError(f"--steps={args.steps} must be at least 1")
     if args.guidance is not None and not math.isfinite(args.guidance):  # NaN would give black clips
         raise ValueError(f"--guidance={args.guidance} must be a finite number (1 = off)")
-    if args.dtype is not None and args.dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"--dtype={args.dtype} is not a compute dtype; use {', '.join(COMPUTE_DTYPES)}, or no "
-                         "--dtype to compute as the model was trained")
+    if args.dtype is not None:  # the library's check, in the flag's words
+        import jax
+
+        try:
+            compute_dtype(args.dtype, jax.default_backend())
+        except ValueError as error:
+            words = str(error).replace(f"dtype={args.dtype!r}", f"--dtype={args.dtype}", 1)
+            raise ValueError(words.replace("or None to", "or no --dtype to")) from None
 
 
 def check_writable(path) -> None:

@@ -41,7 +41,7 @@ def load_export(directory: Path, scan_blocks: bool | None = None, dtype=None) ->
     """
     if scan_blocks is not None and not isinstance(scan_blocks, bool):  # the caller's, not vidiff.json's
         raise ValueError(f"scan_blocks: must be True or False, got {scan_blocks!r}")
-    computing = {} if dtype is None else {"dtype": compute_dtype(dtype)}  # before any file is read
+    computing = {} if dtype is None else {"dtype": compute_dtype(dtype, jax.default_backend())}  # before any read
     _check_not_workdir(directory)
     manifest = read_manifest(directory)
     if not isinstance(manifest.get("dit", False), bool):  # a string "false" would read as true
