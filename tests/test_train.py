@@ -403,6 +403,7 @@ def test_ema_and_image_metrics():
         (("--config.dit_train.profile.steps=2", "--config.dit_train.profile.start=700"),
          "dit_train.profile.start=700 is not before dit_train.steps=700: nothing would be traced"),
         ("--config.dit_train.profile.steps=-1", "dit_train.profile: start=10 and steps=-1 must be >= 0"),
+        ("--config.text.encoder=minilm2", r"^text.encoder='minilm2' is not a text encoder; valid: 'minilm', 'bert:"),
     ],
 )
 def test_bad_configs_fail_before_compiling(override, message):

@@ -117,9 +117,11 @@ def plan(args, devices) -> list[dict]:
 
     from vidiff import parallel
     from vidiff.models.patches import token_count
-    from vidiff.train.config import for_stage, load_config
+    from vidiff.train.config import check_text_encoder, for_stage, load_config
 
     config = for_stage(load_config(args.config, args.overrides), args.model)
+    if args.model == "dit":  # as vidiff train checks it: the config's field named, before its widths are read
+        check_text_encoder(config)
     mesh = parallel.mesh_from_config(args.mesh or config.mesh, devices=devices)
     batch = args.batch or int(config.data.batch_size)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]

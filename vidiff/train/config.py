@@ -91,7 +91,7 @@ def validate(config, model: str, device_count: int) -> None:
 
     The checks run in this order, which decides the error a config with two
     mistakes gets: the stage's fields and workdir, the data source, the VAE and
-    ``data.size``, the DiT's ``sample`` section and own settings, every trained
+    ``data.size``, the DiT's text encoder name, ``sample`` section and own settings, every trained
     clip size, and how the batch splits over the devices.
     """
     if model not in MODELS:
@@ -106,10 +106,19 @@ def validate(config, model: str, device_count: int) -> None:
     vae_cfg = vae_from_config(config).config
     size = height_width(config.data.size)
     if model == "dit":
+        check_text_encoder(config)
         _check_sample(config.get("sample"))
     dit_cfg = _check_dit_settings(config) if model == "dit" else None
     _check_clip_sizes(config, model, size, _clip_factors(vae_cfg, dit_cfg))
     _check_batch_split(config, model, device_count)
+
+
+def check_text_encoder(config) -> None:
+    """``text.encoder`` is a name the text-encoder registry reads, checked before anything loads."""
+    from vidiff.models.text.encoder import VALID_NAMES, known_name
+
+    if not known_name(config.text.encoder):
+        raise ValueError(f"text.encoder={config.text.encoder!r} is not a text encoder; valid: {VALID_NAMES}")
 
 
 def _check_world_source(data) -> None:

