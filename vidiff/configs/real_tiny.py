@@ -20,10 +20,10 @@ is scored.
 
 Outputs land in ``workdir/real_tiny/vae`` (checkpoints, metrics.jsonl,
 TensorBoard, ``recon_*.gif``) and the exported VAE in ``workdir/real_tiny/export``.
-Override any field: ``--config.vae_train.steps=100``. The ``dit`` sections
-mirror world_tiny's (with a caption per manifest row) so the config is
-complete, but four videos are far too few for a text-to-video model: the DiT
-stage on this config has not been run.
+Override any field: ``--config.vae_train.steps=100``. The ``dit`` section
+is world_tiny's DiT architecture (with a caption per manifest row) so the
+config is complete, but four videos are far too few for a text-to-video
+model: the DiT stage on this config has not been run for a result.
 
 Measured (2-core CPU shared with other timed training jobs, run under ``nice -n 19``,
 one device; load average 4.3 at the start, 5.5-8 during, 5.5 at the end)::
@@ -112,7 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
                                                temporal_down=(False, False), time_kernels=(1, 1, 1)))
     # Every loss field is present (defaults from VAELossConfig), so any can be overridden.
     c.vae_loss = dataclasses.asdict(VAELossConfig(reconstruction="l2", kl_weight=1e-6))
-    c.dit = dict(preset="tiny", overrides=dict(depth=4, width=128, heads=4, attention_impl=None, remat_policy="none"))
+    # world_tiny's DiT, field for field, so a DiT exported by it can start this one (dit_train.init_from).
+    c.dit = dict(preset="tiny", overrides=dict(depth=4, width=128, heads=4, patch=(1, 2, 2), abs_pos_embed=True,
+                                               normalize_text=True, attention_impl=None, remat_policy="none"))
     c.flow = dict(timestep_sampler="logit_normal", shift="auto", weighting="none")
     # Decoding a window costs about as much as a whole 9-frame clip (the seek decodes from the keyframe
     # before it), so the VAE trains on whole clips: 2 x 9 frames a step.

@@ -65,10 +65,10 @@ def _shipped_names() -> str:
 
 
 class _config_errors:
-    """Turns an exception raised by the user's config file into one line naming ``file:line``.
+    """Turns an exception raised by a config file into one line naming ``file:line``.
 
     The file is user input: a typo in it is the user's mistake, not a vidiff bug,
-    so no traceback into importlib.
+    so no traceback into importlib (and for a shipped config, no advice to edit it).
     """
 
     def __init__(self, path: Path):
@@ -86,5 +86,6 @@ class _config_errors:
         # The innermost frame inside the config file is the line to fix.
         frames = [f for f in traceback.extract_tb(tb) if Path(f.filename).resolve() == self.path.resolve()]
         where = f"{self.path}:{frames[-1].lineno}" if frames else str(self.path)
-        raise ValueError(f"{where}: loading the config file raised {type(error).__name__}: {error}; "
-                         f"fix the config file") from None
+        # A shipped config is not the user's to fix: what it raised says what is missing (a package, a file).
+        fix = "" if self.path.resolve().parent == SHIPPED_CONFIGS.resolve() else "; fix the config file"
+        raise ValueError(f"{where}: loading the config file raised {type(error).__name__}: {error}{fix}") from None
