@@ -266,7 +266,7 @@ def test_log_rows_say_how_long_the_steps_waited_for_data_and_warn_once(depth):
 
     rows, lines = _rows_and_lines(_SleepingSource(0.0, first=0.5), depth)
     assert rows[0]["data_wait_fraction"] > 0.5  # the slow start...
-    assert all(row["data_wait_fraction"] < 0.05 for row in rows[1:]) and lines == []  # ...is not judged
+    assert all(row["data_wait_fraction"] < 0.1 for row in rows[1:]) and lines == []  # ...is not judged
 
 
 def test_accumulated_step_is_one_update_on_the_whole_batch():

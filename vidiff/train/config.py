@@ -8,7 +8,8 @@ builds a ``<model>_train`` section with every field the loop reads, and
 
 ``validate`` checks everything that can be checked without compiling (shapes,
 mesh, the ``<model>_train`` numbers and optimizer through ``check_stage``,
-``flow.shift``) and fails with one line that names the field and the fix;
+``flow.shift``, a DiT's ``text.encoder`` name through ``check_text_encoder``,
+which ``vidiff plan`` runs too) and fails with one line that names the field and the fix;
 ``name_stage_fields`` rewrites such a line to name the stage's field in force.
 ``warnings_for`` lists settings that work but are likely not meant.
 """
