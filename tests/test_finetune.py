@@ -16,7 +16,7 @@ import pytest
 from flax import linen as nn
 
 from vidiff.models.block_layout import with_block_layout
-from vidiff.models.export import export_vae, file_mode, load_dit, load_vae, read_manifest, recorded_config
+from vidiff.models.export import export_vae, file_mode, load_dit, load_vae, read_manifest
 from vidiff.pipeline import BUNDLED
 from vidiff.train import config as config_lib
 from vidiff.train import init_from, loop, tasks
@@ -182,22 +182,21 @@ def test_a_workdir_with_another_vae_is_refused_naming_both(tmp_path):
         "workdir (the export's VAE is copied into it), or drop dit_train.init_from")
 
 
-def test_a_dit_export_needs_this_runs_text_widths_and_latent_channels(tmp_path):
-    config = _config("dit", tmp_path, "--config.dit_train.init_from=bundled")
-    source = init_from.prepare(config, "dit", print)
-    dit_config = recorded_config(BUNDLED, "dit")
-    task = types.SimpleNamespace(config=config, text=types.SimpleNamespace(dim=32, pooled_dim=32),
-                                 vae=types.SimpleNamespace(config=types.SimpleNamespace(latent_channels=4)),
-                                 dit=types.SimpleNamespace(config=dit_config))
+def test_a_dit_export_needs_this_runs_text_widths_and_latent_channels(tmp_path, monkeypatch):
+    """Both are checked from configs alone (the encoder read abstractly), before the export's VAE is copied."""
+    t5 = Path(__file__).resolve().parent / "golden" / "tiny_t5"
+    config = _config("dit", tmp_path, "--config.dit_train.init_from=bundled", f"--config.text.encoder=t5:{t5}")
     with pytest.raises(ValueError) as info:
-        init_from.load(source, task, print)
+        init_from.prepare(config, "dit", print)
     assert str(info.value) == ("dit_train.init_from='bundled': its DiT takes 384-d text (pooled 384-d) from "
-                               "text.encoder='minilm' but text.encoder='minilm' gives 32-d (pooled 32-d); set "
+                               f"text.encoder='minilm' but text.encoder='t5:{t5}' gives 32-d (pooled 32-d); set "
                                "text.encoder='minilm', or drop dit_train.init_from")
-    task.text = types.SimpleNamespace(dim=384, pooled_dim=384)
-    task.vae.config.latent_channels = 8
+    assert not (tmp_path / "export").exists()  # refused before anything was copied into the workdir
+    config = _config("dit", tmp_path, "--config.dit_train.init_from=bundled")
+    eight = types.SimpleNamespace(config=types.SimpleNamespace(latent_channels=8))
+    monkeypatch.setattr(init_from, "vae_from_config", lambda config: eight)  # an export at odds with its own VAE
     with pytest.raises(ValueError) as info:
-        init_from.load(source, task, print)
-    assert str(info.value) == (f"dit_train.init_from='bundled': its DiT takes 4-channel latents but the VAE in "
-                               f"{tmp_path / 'export'} makes 8; train it on the export's VAE (a new workdir gets a "
-                               "copy of it), or drop dit_train.init_from")
+        init_from.prepare(config, "dit", print)
+    assert str(info.value) == ("dit_train.init_from='bundled': its DiT takes 4-channel latents but this config's "
+                               "VAE makes 8; train it on the export's VAE (a new workdir gets a copy of it), or drop "
+                               "dit_train.init_from")

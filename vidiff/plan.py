@@ -224,17 +224,11 @@ def _dit_config(config, args, tokens, remat, on_cpu, stand_in):
 
 @functools.lru_cache(maxsize=8)
 def text_encoder_shape(name: str, max_length: int) -> tuple[int, int, int]:
-    """Token width, pooled width and parameter bytes of the text encoder ``name`` as ``text_encoder`` loads it,
-    from its abstract module (``vidiff.models.text.encoder.abstract_encoder``): no weight is converted."""
-    import jax
-    import jax.numpy as jnp
+    """Token width, pooled width and parameter bytes of the text encoder ``name`` as ``text_encoder`` loads it
+    (``vidiff.models.text.registry.encoder_shape``: no weight is converted), once per name and length."""
+    from vidiff.models.text import registry
 
-    from vidiff.models.text import encoder
-
-    module, params = encoder.abstract_encoder(name, max_length)
-    probe = jnp.zeros((1, max_length), jnp.int32), jnp.ones((1, max_length), bool)
-    out = jax.eval_shape(lambda p: module.apply({"params": p}, *probe), params)
-    return out.tokens.shape[-1], out.pooled.shape[-1], _bytes(params)
+    return registry.encoder_shape(name, max_length)
 
 
 def _abstract_batch(shapes: dict, mesh):

@@ -116,7 +116,7 @@ def validate(config, model: str, device_count: int) -> None:
 
 def check_text_encoder(config) -> None:
     """``text.encoder`` is a name the text-encoder registry reads, checked before anything loads."""
-    from vidiff.models.text.encoder import VALID_NAMES, known_name
+    from vidiff.models.text.registry import VALID_NAMES, known_name
 
     if not known_name(config.text.encoder):
         raise ValueError(f"text.encoder={config.text.encoder!r} is not a text encoder; valid: {VALID_NAMES}")

@@ -32,8 +32,9 @@ from vidiff.models.block_layout import with_block_layout
 from vidiff.models.export import (BUNDLED, DIT_VAE, MANIFEST, MODELS, check_dit_vae, file_mode, file_sha256, load_dit,
                                   load_vae, model_fields, portable_config, read_manifest, recorded_config,
                                   save_manifest)
+from vidiff.models.text.registry import encoder_shape
 from vidiff.train.resume_checks import model_changes
-from vidiff.train.tasks import export_dir
+from vidiff.train.tasks import export_dir, vae_from_config
 
 BUNDLED_NAME = "bundled"
 # DiT fields a run takes from its text encoder and VAE, not from dit.*: each has its own check.
@@ -73,6 +74,7 @@ def prepare(config, model: str, log) -> Source | None:
     _check_architecture(source, current, model)
     if model == "dit":
         _check_architecture(source, current, "vae")  # the DiT trains on the export's VAE: the config must build it
+        _check_dit_inputs(source, config, log)
         _place_vae(source, export_dir(config), log)
     return source
 
@@ -159,10 +161,9 @@ def _copy_vae(source: Source, target: Path) -> None:
 
 
 def load(source: Source, task, log) -> dict:
-    """The export's parameters laid out as ``task.init_params`` draws them, after the checks that need the built
-    task (the DiT's text widths and latent channels; every parameter's shape); host arrays, nothing compiled."""
+    """The export's parameters laid out as ``task.init_params`` draws them, every parameter's shape checked against
+    the built task's; host arrays, nothing compiled."""
     if source.model == "dit":
-        _check_dit_inputs(source, task, log)
         params = with_block_layout(load_dit(source.directory), task.dit.config)
     else:  # a discriminator is no part of an export: it keeps its fresh draw
         params = {"vae": load_vae(source.directory)["params"]}
@@ -174,20 +175,24 @@ def load(source: Source, task, log) -> dict:
     return params
 
 
-def _check_dit_inputs(source: Source, task, log) -> None:
+def _check_dit_inputs(source: Source, config, log) -> None:
+    """The widths the export's DiT takes against what this run feeds it: its text encoder's (read abstractly, no
+    weight converted) and its VAE's latent channels, before the VAE is copied anywhere."""
     recorded = recorded_config(source.directory, "dit")
     if recorded is None:  # an older export: the shapes say it
         return
     text = (source.manifest.get("config") or {}).get("text") or {}
-    theirs, ours = text.get("encoder"), task.config.text.encoder
-    if (recorded.text_dim, recorded.pooled_dim) != (task.text.dim, task.text.pooled_dim):
+    theirs, ours = text.get("encoder"), config.text.encoder
+    dim, pooled, _ = encoder_shape(ours, int(config.text.max_length))
+    if (recorded.text_dim, recorded.pooled_dim) != (dim, pooled):
         raise ValueError(f"{source.field}: its DiT takes {recorded.text_dim}-d text (pooled {recorded.pooled_dim}-d) "
-                         f"from text.encoder={theirs!r} but text.encoder={ours!r} gives {task.text.dim}-d (pooled "
-                         f"{task.text.pooled_dim}-d); set text.encoder={theirs!r}, or drop dit_train.init_from")
-    if recorded.latent_channels != task.vae.config.latent_channels:
-        raise ValueError(f"{source.field}: its DiT takes {recorded.latent_channels}-channel latents but the VAE in "
-                         f"{export_dir(task.config)} makes {task.vae.config.latent_channels}; train it on the "
-                         "export's VAE (a new workdir gets a copy of it), or drop dit_train.init_from")
+                         f"from text.encoder={theirs!r} but text.encoder={ours!r} gives {dim}-d (pooled "
+                         f"{pooled}-d); set text.encoder={theirs!r}, or drop dit_train.init_from")
+    channels = vae_from_config(config).config.latent_channels
+    if recorded.latent_channels != channels:
+        raise ValueError(f"{source.field}: its DiT takes {recorded.latent_channels}-channel latents but this "
+                         f"config's VAE makes {channels}; train it on the export's VAE (a new workdir gets a copy of "
+                         "it), or drop dit_train.init_from")
     here = portable_config({"text": {"encoder": ours}})["text"]["encoder"]
     if theirs is not None and here != theirs:  # the same widths, but another encoder's embedding space
         log(f"warning: {source.field}: its DiT was trained on text.encoder={theirs!r} embeddings; this run's "

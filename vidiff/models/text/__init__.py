@@ -13,15 +13,9 @@ linen module, and ``params_from_hf``.
 from vidiff.models.text.bert import Bert, BertConfig
 from vidiff.models.text.clip import CLIPTextConfig, CLIPTextEncoder
 from vidiff.models.text.common import TextOutput
-from vidiff.models.text.encoder import (
-    KINDS,
-    PRESETS,
-    TextEmbeddings,
-    TextEncoder,
-    load_text_encoder,
-    text_encoder,
-)
+from vidiff.models.text.encoder import TextEmbeddings, TextEncoder, load_text_encoder, text_encoder
 from vidiff.models.text.loading import Tokenizer, Tokens, resolve_model_dir
+from vidiff.models.text.registry import KINDS, PRESETS
 from vidiff.models.text.t5 import T5Config, T5Encoder
 
 __all__ = [

