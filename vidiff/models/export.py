@@ -1,24 +1,22 @@
 """Exported models: plain safetensors + JSON, the format generation loads (no orbax, no pickle).
 
-A model directory holds ``vae.safetensors`` (VAE parameters and its
-``latent_stats``), optionally ``dit.safetensors``, and ``vidiff.json`` with the
-experiment config and anything else needed to rebuild the modules. Nested
-parameter dicts are flattened with ``/`` between keys.
+A model directory holds ``vae.safetensors`` (VAE parameters and its ``latent_stats``), optionally
+``dit.safetensors``, and ``vidiff.json`` with the experiment config and anything else needed to rebuild the modules.
+Nested parameter dicts are flattened with ``/`` between keys.
 
-A DiT is trained on the latents of the VAE in its directory, so ``export_dit``
-records that VAE in ``vidiff.json`` (``dit_vae_sha256``: the sha256 of
-``vae.safetensors``) and :func:`check_dit_vae` refuses a DiT next to another
-VAE (e.g. after ``vidiff train --model vae`` again into the same workdir).
-Exports without the field (older ones) are not checked.
+A DiT is trained on the latents of the VAE in its directory, so ``export_dit`` records that VAE in ``vidiff.json``
+(``dit_vae_sha256``: the sha256 of ``vae.safetensors``) and :func:`check_dit_vae` refuses a DiT next to another VAE
+(e.g. after ``vidiff train --model vae`` again into the same workdir). Exports without the field (older ones) are
+not checked.
 
 ``vidiff.json`` also records every field of the networks' configs (``models``: ``{"vae": {...}, "dit": {...}}``,
-each describing the weights file of its name), and :func:`model_config` builds a model from those: the
-config's preset name and overrides alone would build whatever that preset means where the model is loaded (a
-preset registered from a config file is unknown there; one edited in a fork silently changes old exports).
-Exports without them (older ones) are built from the preset and overrides.
+each describing the weights file of its name), and :func:`model_config` builds a model from those: the config's
+preset name and overrides alone would build whatever that preset means where the model is loaded (a preset
+registered from a config file is unknown there; one edited in a fork silently changes old exports). Exports without
+them (older ones) are built from the preset and overrides.
 
-``vidiff.json`` is replaced, never rewritten in place (a write cut short would leave no valid one), and an
-export replaces an unreadable one: an export cut short before writes were atomic must not stop the next.
+``vidiff.json`` is replaced, never rewritten in place (a write cut short would leave no valid one), and an export
+replaces an unreadable one: an export cut short before writes were atomic must not stop the next.
 """
 from __future__ import annotations
 
@@ -76,8 +74,7 @@ def save_tree(path, tree) -> Path:
     except SafetensorError as error:  # neither a ValueError nor an OSError: the CLI would print a traceback
         found = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(error))
         raise not_written(path, int(found[2]) if found else None, found[1] if found else str(error)) from None
-    # safetensors writes through a private temporary file (mode 0600): give the weights the mode vidiff.json
-    # gets, so an export shared in a group folder is readable by whoever can read its config.
+    # safetensors' private temporary file is 0600: the mode vidiff.json gets, so whoever reads one reads both.
     path.chmod(file_mode())
     return path
 
@@ -144,16 +141,23 @@ def _folders(key: str):
 
 
 def save_manifest(directory, manifest: dict) -> Path:
-    """Write ``vidiff.json`` whole or not at all: a temporary file beside it, synced, renamed over it."""
-    path = Path(directory) / MANIFEST
+    """Write ``vidiff.json`` whole or not at all (:func:`replace_whole`)."""
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    return replace_whole(Path(directory) / MANIFEST, lambda temporary: Path(temporary).write_text(text))
+
+
+def replace_whole(path, fill) -> Path:
+    """``path`` written whole or not at all: ``fill(temporary)`` writes a file beside it, which is synced, given the
+    mode ``open()`` gives (not mkstemp's 0600) and renamed over ``path``; an ``OSError`` is one line."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".partial", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True))
-            f.flush()
+        fill(temporary)
+        with open(temporary, "rb+") as f:
             os.fsync(f.fileno())  # renamed only once its bytes are on disk
-        os.chmod(temporary, file_mode())  # mkstemp's 0600: as open() would have made it
+        os.chmod(temporary, file_mode())
         os.replace(temporary, path)
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
@@ -283,13 +287,10 @@ def file_sha256(path) -> str:
 
 
 def export_vae(directory, config_json: dict, variables: dict, vae_config: VAEConfig | None = None) -> Path:
-    """Write the VAE's ``params`` + ``latent_stats`` and the config into ``directory``.
-
-    A DiT already there is kept, and so is its config when this is the VAE it was
-    trained with (re-exporting a finished VAE run changes nothing); if it was
-    trained with another VAE, a warning is logged and loading the directory fails
-    until the DiT is trained again. ``vae_config``: the VAE's, recorded field by field.
-    """
+    """Write the VAE's ``params`` + ``latent_stats`` and the config into ``directory``. A DiT already there is kept,
+    and so is its config when this is the VAE it was trained with (re-exporting a finished VAE run changes nothing);
+    if it was trained with another VAE, a warning is logged and loading the directory fails until the DiT is trained
+    again. ``vae_config``: the VAE's, recorded field by field."""
     if missing := [k for k in ("params", "latent_stats") if k not in variables]:
         raise ValueError(f"export_vae: the variables have no {missing[0]!r} collection; pass vae.init's full "
                          "variables (params and latent_stats; set the stats with compute_latent_stats)")
@@ -386,8 +387,7 @@ def load_dit(directory) -> dict:
 @functools.lru_cache(maxsize=8)
 def variable_specs(module) -> dict:
     """Shape and dtype (``jax.ShapeDtypeStruct``) of every variable ``module.init`` creates (a ``VideoVAE`` or
-    ``VideoDiT``), what a loaded export must match; traced once per architecture (~2 s for a VAE), nothing
-    allocated."""
+    ``VideoDiT``), what a loaded export must match; traced once per architecture (~2 s for a VAE), unallocated."""
     if isinstance(module, VideoVAE):  # one latent cell is the smallest clip it takes
         example = [jnp.zeros((1, 1, module.config.spatial_factor, module.config.spatial_factor, 3))]
     else:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -29,9 +27,9 @@ from flax import linen as nn
 from flax import traverse_util
 
 from vidiff.models.block_layout import with_block_layout
-from vidiff.models.export import (BUNDLED, DIT_VAE, MANIFEST, MODELS, check_dit_vae, file_mode, file_sha256, load_dit,
+from vidiff.models.export import (BUNDLED, DIT_VAE, MANIFEST, MODELS, check_dit_vae, file_sha256, load_dit,
                                   load_vae, model_fields, portable_config, read_manifest, recorded_config,
-                                  save_manifest)
+                                  replace_whole, save_manifest)
 from vidiff.models.text.registry import encoder_shape
 from vidiff.train.resume_checks import model_changes
 from vidiff.train.tasks import export_dir, vae_from_config
@@ -145,15 +143,8 @@ def _place_vae(source: Source, target: Path, log) -> None:
 def _copy_vae(source: Source, target: Path) -> None:
     """``vae.safetensors`` byte for byte (its sha256 is what the DiT's export records) and a ``vidiff.json`` of the
     export's config and VAE record; a vidiff.json already there describes no VAE, so nothing loadable is lost."""
-    target.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".vae.safetensors.", suffix=".partial", dir=target)
-    os.close(handle)
-    try:
-        shutil.copyfile(source.directory / "vae.safetensors", temporary)
-        os.chmod(temporary, file_mode())  # mkstemp's 0600: readable as the export's other files are
-        os.replace(temporary, target / "vae.safetensors")
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+    theirs = source.directory / "vae.safetensors"
+    replace_whole(target / "vae.safetensors", lambda temporary: shutil.copyfile(theirs, temporary))
     manifest = {"config": portable_config(source.manifest.get("config") or {}), "vae": True}
     if (vae := recorded_config(source.directory, "vae")) is not None:
         manifest[MODELS] = {"vae": model_fields(vae)}
