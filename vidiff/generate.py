@@ -25,7 +25,7 @@ from vidiff import io
 from vidiff.cli_flags import (add_devices_flag, add_dtype_flag, add_scan_blocks_flag, check_sampling_flags,
                               check_writable, one_line_warnings, sampling_devices)
 from vidiff.diffusion.samplers import SAMPLERS
-from vidiff.pipeline_inputs import DEFAULT_BATCH_SIZE, check_prompts, check_utf8
+from vidiff.pipeline_inputs import DEFAULT_BATCH_SIZE, check_prompts, check_utf8, sampled_batch
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as e:  # jax's JaxRuntimeError; the files already written stay
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
-            batch = -(-min(args.batch_size, len(outputs)) // devices) * devices  # as the pipeline pads it
+            batch = sampled_batch(args.batch_size, len(outputs), devices)
             raise ValueError(_out_of_memory(batch, writer.written, len(outputs), devices)) from None
     writer.write_grid()
     return 0

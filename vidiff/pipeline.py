@@ -52,8 +52,8 @@ from vidiff.models.export import BUNDLED
 from vidiff.models.vae import VideoVAE, compiled, decode_chunked, encode_chunked, latent_count, pixel_count
 from vidiff.models.vae import pixel_frames_of  # noqa: F401  (re-exported with the other frame arithmetic)
 from vidiff.pipeline_inputs import (DEFAULT_BATCH_SIZE, Plan, ProgressBar, check_prompts, input_frames, known_plan,
-                                    negative_prompts, positive_whole_number, sample_seeds, warn_truncated,
-                                    whole_number)
+                                    negative_prompts, positive_whole_number, sample_seeds, sampled_batch,
+                                    warn_truncated, whole_number)
 from vidiff.pipeline_load import load_export
 
 DIRECTIONS = ("forward", "backward")
@@ -342,10 +342,8 @@ class TextToVideo:
         sf = self.vae.config.spatial_factor
         shape = (plan.latent_frames, height // sf, width // sf, self.vae.config.latent_channels)
         cases = [(p, s) for p in range(len(prompts)) for s in seeds]
-        batch = min(batch_size, len(cases))
-        if self.mesh is not None:  # padded to split evenly over the data-parallel devices (else all would run all)
-            ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-            batch = -(-batch // ways) * ways
+        ways = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        batch = sampled_batch(batch_size, len(cases), ways)
         sample = dict(steps=steps, sampler=sampler, guidance=guidance, interval=tuple(guidance_interval),
                       shift=self._shift(shape), t_start=plan.t_start, tie=plan.tie, progress=progress)
         out = []

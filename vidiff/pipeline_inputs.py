@@ -83,6 +83,12 @@ def _video_tail(path, count: int) -> np.ndarray:
 DEFAULT_BATCH_SIZE = 8
 
 
+def sampled_batch(batch_size: int, clips: int, ways: int = 1) -> int:
+    """Clips per sampling call: ``batch_size`` or fewer when there are fewer, padded up to a multiple of the
+    ``ways`` data-parallel devices (else every device would run the whole batch)."""
+    return -(-min(batch_size, clips) // ways) * ways
+
+
 def whole_number(value, name: str) -> int:
     """``value`` as an int if it is one (a Python or numpy integer), else a one-line ``ValueError``.
 
