@@ -16,7 +16,8 @@ import pytest
 from flax import linen as nn
 
 from vidiff.models.block_layout import with_block_layout
-from vidiff.models.export import export_vae, file_mode, load_dit, load_vae, read_manifest
+from vidiff.io.files import file_mode
+from vidiff.models.export import export_vae, load_dit, load_vae, read_manifest
 from vidiff.pipeline import BUNDLED
 from vidiff.train import config as config_lib
 from vidiff.train import init_from, loop, tasks

@@ -466,3 +466,23 @@ def test_a_matroska_file_whose_audio_outlasts_its_video_is_not_truncated(tmp_pat
         container.mux(audio.encode())
     assert (io.probe(path).duration, io.probe(path).num_frames) == (pytest.approx(2.0), 16)
     assert counters(io.read_video(path, start=1.0, truncated="error")[0]) == list(range(8, 16))
+
+
+def test_replace_whole_leaves_the_old_file_on_failure_and_no_temporary_file(tmp_path):
+    from vidiff.io.files import file_mode, replace_whole, save_npz
+
+    target = save_npz(tmp_path / "a.npz", {"x": np.arange(3)})  # numpy adds no second .npz to the name
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"] and target.stat().st_mode & 0o777 == file_mode()
+
+    def half_then_full(temporary):
+        open(temporary, "wb").write(b"PK")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=f"^{re.escape(str(target))} could not be written \\(No space left on device\\); "
+                                      f"free disk space and run again$"):
+        replace_whole(target, half_then_full)
+    with pytest.raises(KeyError):  # not an OSError: raised as it is
+        replace_whole(target, lambda temporary: {}["x"])
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
+    with np.load(target) as z:
+        np.testing.assert_array_equal(z["x"], np.arange(3))

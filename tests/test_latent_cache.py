@@ -105,15 +105,14 @@ def test_save_writes_in_the_background_and_a_failed_write_raises_on_the_next(tmp
     np.testing.assert_array_equal(resumed(_clips(0)), first)
 
     def full_disk(file, **arrays):
-        Path(file).write_bytes(b"PK")  # half a file ...
+        file.write(b"PK")  # half a file ...
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", full_disk)
     assert cache.save(path) is True  # the failure happens in the background ...
     with pytest.raises(OSError, match=re.escape(
-            f"latent cache: writing {path} failed ([Errno 28] No space left on device); the checkpoints are "
-            f"unaffected but a resumed run would encode those clips again; fix the disk (space, permissions) "
-            f"and resume")):
+            f"latent cache: {path} could not be written (No space left on device); free disk space and run again "
+            f"(the checkpoints are unaffected but a resumed run would encode those clips again)")):
         cache.save(path)  # ... and ends the run at the next save (or at wait)
     cache.wait()  # told once
     assert sorted(p.name for p in tmp_path.iterdir()) == ["process_0.npz"]  # ... removed; the last good file kept
@@ -136,6 +135,11 @@ def test_a_cache_from_another_vae_is_ignored_and_capacity_holds_on_load(tmp_path
     small.load(path)
     assert len(small.entries) == 3 and small.loaded == 3
     assert LatentCache(CountingEncoder(), 10).load(tmp_path / "missing.npz") is None
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(path.read_bytes()[:path.stat().st_size // 2])  # a copy cut short
+    torn = LatentCache(CountingEncoder(), capacity=100, fingerprint="vae-a")
+    assert torn.load(cut).startswith(f"latent cache {cut} is unreadable (")
+    assert torn.load(cut).endswith("): ignored, clips are encoded again") and torn.entries == {} and torn.loaded == 0
 
 
 def test_vae_fingerprint_follows_every_variable_and_the_config():

@@ -212,6 +212,11 @@ def test_cache_hits_are_identical_and_skip_compute(tiny, tmp_path):
     disk.clear_memory_cache()
     np.testing.assert_allclose(disk.encode(["two dogs"]).tokens[0], first.tokens[1], rtol=1e-6, atol=1e-6)
     assert disk.forward_calls == 1
+    whole = (tmp_path / f"{disk.cache_key('a red ball')}.npz").read_bytes()
+    (tmp_path / f"{disk.cache_key('a red ball')}.npz").write_bytes(whole[:len(whole) // 2])  # a crash cut it short
+    disk.clear_memory_cache()
+    np.testing.assert_allclose(disk.encode(["a red ball"]).tokens[0], first.tokens[0], rtol=1e-6, atol=1e-6)
+    assert disk.forward_calls == 2 and sorted(p.name for p in tmp_path.glob(".*")) == []  # no temporary file left
     assert make().cache_key("x") != TextEncoder(
         kind=base.kind, module=base.module.clone(dtype=jnp.bfloat16), params=base.params, tokenizer=base.tokenizer,
         identity="tiny_t5").cache_key("x")

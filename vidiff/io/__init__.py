@@ -3,7 +3,7 @@
 Reading goes through PyAV (FFmpeg's libraries inside the wheel, no system ffmpeg; ``vidiff.io.read``) and
 Pillow (``vidiff.io.images``); ``vidiff.io.playback`` makes decoded frames what a player shows. Writing picks the
 format by suffix (``vidiff.io.write``); ``vidiff.io.frames`` holds the array conversions and checks both use.
-Everything is imported from ``vidiff.io``.
+Everything is imported from ``vidiff.io``, except ``vidiff.io.files`` (any file written whole or not at all).
 """
 from vidiff.io.frames import check_frames, check_image, frame_grid, resize_frames, to_float, to_uint8
 from vidiff.io.images import IMAGE_SUFFIXES, is_video_path, read_image, reads_as_video

@@ -21,14 +21,12 @@ replaces an unreadable one: an export cut short before writes were atomic must n
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import jax
@@ -38,6 +36,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from vidiff.checks import json_kind
+from vidiff.io.files import file_mode, not_written, replace_whole
 from vidiff.models.dit import DIT_PRESETS, DiTConfig
 from vidiff.models.dit_inputs import dummy_inputs
 from vidiff.models.vae import PRESETS as VAE_PRESETS
@@ -53,7 +52,6 @@ RETRAIN_DIT = "train the DiT again: delete its run (<workdir>/dit), then `vidiff
 DIT_VAE = "dit_vae_sha256"  # vidiff.json: the VAE (sha256 of vae.safetensors) the DiT there was trained with
 MODELS = "models"  # vidiff.json: {"vae": VAEConfig's fields, "dit": DiTConfig's}, of the weights there
 _CONFIGS = {"vae": (VAEConfig, VAE_PRESETS, "VAE"), "dit": (DiTConfig, DIT_PRESETS, "DiT")}
-_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 FLOAT_WEIGHTS = (np.float32, jnp.bfloat16, np.float16)  # what load_tree reads; loaders cast to their model's dtype
 
@@ -77,19 +75,6 @@ def save_tree(path, tree) -> Path:
     # safetensors' private temporary file is 0600: the mode vidiff.json gets, so whoever reads one reads both.
     path.chmod(file_mode())
     return path
-
-
-def not_written(path, code: int | None, why: str) -> OSError:
-    """The one-line error for an export file that could not be written (the old one, if any, is left as it was)."""
-    fix = "free disk space and run again" if code in _DISK_FULL else f"check that {Path(path).parent} is writable"
-    return OSError(f"{path} could not be written ({why}); {fix}")
-
-
-def file_mode() -> int:
-    """The mode ``open()`` gives a new file under this process's umask (a temporary file gets 0600)."""
-    mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def load_tree(path) -> dict:
@@ -144,27 +129,6 @@ def save_manifest(directory, manifest: dict) -> Path:
     """Write ``vidiff.json`` whole or not at all (:func:`replace_whole`)."""
     text = json.dumps(manifest, indent=2, sort_keys=True)
     return replace_whole(Path(directory) / MANIFEST, lambda temporary: Path(temporary).write_text(text))
-
-
-def replace_whole(path, fill) -> Path:
-    """``path`` written whole or not at all: ``fill(temporary)`` writes a file beside it, which is synced, given the
-    mode ``open()`` gives (not mkstemp's 0600) and renamed over ``path``; an ``OSError`` is one line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    try:
-        fill(temporary)
-        with open(temporary, "rb+") as f:
-            os.fsync(f.fileno())  # renamed only once its bytes are on disk
-        os.chmod(temporary, file_mode())
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise not_written(path, error.errno, error.strerror or str(error)) from None
-        raise
-    return path
 
 
 def _previous_manifest(directory: Path, replacing: str) -> dict:

@@ -14,12 +14,14 @@ cache from another VAE is ignored, and the log says so.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
+import zipfile
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from vidiff.io.files import save_npz
 
 KEY_BYTES = 16
 
@@ -90,8 +92,10 @@ class LatentCache:
         if failure is not None:
             self._saved = -1  # what is on disk is unknown: the next save writes everything
             path, error = failure
-            raise OSError(f"latent cache: writing {path} failed ({error}); the checkpoints are unaffected but a "
-                          f"resumed run would encode those clips again; fix the disk (space, permissions) and resume")
+            unaffected = "the checkpoints are unaffected but a resumed run would encode those clips again"
+            if isinstance(error, OSError):  # save_npz's one line: the path, why, and the fix
+                raise OSError(f"latent cache: {error} ({unaffected})")
+            raise OSError(f"latent cache: writing {path} failed ({error!r}); {unaffected}")
 
     def _write(self, entries: dict, path: Path) -> None:
         try:
@@ -102,7 +106,7 @@ class LatentCache:
             for i, items in enumerate(groups.values()):
                 arrays[f"keys_{i}"] = np.frombuffer(b"".join(k for k, _ in items), np.uint8).reshape(-1, KEY_BYTES)
                 arrays[f"latents_{i}"] = np.stack([z for _, z in items])
-            _write_atomically(path, arrays)
+            save_npz(path, arrays)
         except Exception as error:  # the thread cannot raise to the loop: the next save or wait does
             self._failure = (path, error)
 
@@ -112,16 +116,20 @@ class LatentCache:
         path = Path(path)
         if not path.is_file():
             return None
-        with np.load(path) as saved:
-            if str(saved["fingerprint"]) != self.fingerprint:
-                return f"latent cache {path} was made with another VAE: ignored, clips are encoded again"
-            groups = sorted(name[len("keys_"):] for name in saved.files if name.startswith("keys_"))
-            before = len(self.entries)
-            for group in groups:
-                for key, z in zip(saved[f"keys_{group}"], saved[f"latents_{group}"]):
-                    if len(self.entries) >= self.capacity:
-                        break
-                    self.entries.setdefault(key.tobytes(), z)
+        try:  # all of it read before any is kept: a file cut short adds nothing
+            with np.load(path) as saved:
+                if str(saved["fingerprint"]) != self.fingerprint:
+                    return f"latent cache {path} was made with another VAE: ignored, clips are encoded again"
+                groups = [(saved[f"keys_{group}"], saved[f"latents_{group}"]) for group in
+                          sorted(name[len("keys_"):] for name in saved.files if name.startswith("keys_"))]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            return f"latent cache {path} is unreadable ({error}): ignored, clips are encoded again"
+        before = len(self.entries)
+        for keys, latents in groups:
+            for key, z in zip(keys, latents):
+                if len(self.entries) >= self.capacity:
+                    break
+                self.entries.setdefault(key.tobytes(), z)
         self.loaded += len(self.entries) - before
         self._saved = len(self.entries)
         return f"latent cache: {self.loaded} clips' latents loaded from {path}"
@@ -130,15 +138,3 @@ class LatentCache:
         """Clips held, and of every clip looked up: ``hits`` were cached, ``misses`` new (a batch with a miss is
         encoded whole, its hits too: one compiled shape per bucket), ``loaded`` came from a saved cache."""
         return {"clips": len(self.entries), "hits": self.hits, "misses": self.misses, "loaded": self.loaded}
-
-
-def _write_atomically(path: Path, arrays: dict) -> None:
-    """``np.savez`` under a temporary name, renamed when complete: a kill mid-write leaves the old file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.npz")
-    try:
-        np.savez(partial, **arrays)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)

@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import os
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vidiff.io.files import save_npz
 from vidiff.models.text import common, loading
 from vidiff.models.text.registry import KINDS, abstract_init, read_model, resolve_name
 
@@ -190,7 +191,7 @@ class TextEncoder:
             try:
                 with np.load(self.cache_dir / f"{key}.npz", allow_pickle=False) as z:
                     entry = TextEmbeddings(z["tokens"], z["mask"], z["pooled"], z["truncated"][()])
-            except (OSError, ValueError, KeyError):  # a torn or foreign file: recompute it
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a torn or foreign file: recompute it
                 return None
             self._remember(key, entry)
         if entry is not None:
@@ -208,11 +209,9 @@ class TextEncoder:
         key = self.cache_key(text)
         self._remember(key, entry)
         if self.cache_dir is not None:
-            # Write then rename: readers in other processes never see half a file.
-            tmp = self.cache_dir / f"{key}.{os.getpid()}.tmp.npz"
-            np.savez(tmp, tokens=entry.tokens, mask=entry.mask, pooled=entry.pooled,
-                     truncated=np.asarray(entry.truncated))
-            os.replace(tmp, self.cache_dir / f"{key}.npz")
+            # Unsynced: a file a crash cuts short is recomputed like a foreign one (_lookup).
+            save_npz(self.cache_dir / f"{key}.npz", dict(tokens=entry.tokens, mask=entry.mask, pooled=entry.pooled,
+                                                         truncated=np.asarray(entry.truncated)), sync=False)
 
     def clear_memory_cache(self) -> None:
         """Forget the in-memory per-caption cache (the on-disk cache, if any, stays)."""

@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from vidiff.checks import json_kind
+from vidiff.io.files import replace_whole
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -256,10 +257,8 @@ def fingerprint(model_dir: Path, tokenizer_dir: Path | None = None, *, memo_dir:
                 memo[key] = hashlib.file_digest(weights, "sha256").hexdigest()
         h.update(f"{f.name}:{stat.st_size}:{memo[key]}".encode())
     if memo_path is not None and len(memo) > known:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = memo_path.with_name(f"{memo_path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(memo, indent=0))
-        os.replace(partial, memo_path)  # readers never see half a file
+        text = json.dumps(memo, indent=0)  # a torn memo is digested again: no fsync
+        replace_whole(memo_path, lambda temporary: Path(temporary).write_text(text), sync=False)
     for name in _TOKENIZER_FILES if tokenizer_dir is not None else ():
         if (Path(tokenizer_dir) / name).is_file():  # another tokenizer gives other ids for the same caption
             h.update(name.encode() + hashlib.sha256((Path(tokenizer_dir) / name).read_bytes()).digest())

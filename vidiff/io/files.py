@@ -1,0 +1,67 @@
+"""Files written whole or not at all, and the one-line error when one cannot be written.
+
+Every file vidiff replaces while another process may read it (an export's ``vidiff.json``, the caption and
+latent caches, the weight-digest memo, the skip counts, a config's manifests) goes through
+:func:`replace_whole`: a temporary file beside the target, named by ``mkstemp`` so that processes on several
+hosts sharing a folder (which may share a pid, as identical containers do) never write into one another's
+temporary file, then renamed over the target, which readers therefore see old or new, never half written.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def not_written(path, code: int | None, why: str) -> OSError:
+    """The one-line error for a file that could not be written (the old one, if any, is left as it was)."""
+    fix = "free disk space and run again" if code in _DISK_FULL else f"check that {Path(path).parent} is writable"
+    return OSError(f"{path} could not be written ({why}); {fix}")
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (a temporary file gets 0600)."""
+    mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def replace_whole(path, fill, *, sync: bool = True) -> Path:
+    """``path`` written whole or not at all: ``fill(temporary)`` writes a file beside it, which is given the
+    mode ``open()`` gives (not mkstemp's 0600) and renamed over ``path``; an ``OSError`` is one line.
+
+    ``sync``: flush the bytes to disk before the rename, so a crash of the machine cannot leave ``path`` empty.
+    Caches whose readers recompute an unreadable entry skip it: one fsync per caption would slow their writes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        fill(temporary)
+        if sync:
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(temporary, file_mode())
+        os.replace(temporary, path)
+    except BaseException as error:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise not_written(path, error.errno, error.strerror or str(error)) from None
+        raise
+    return path
+
+
+def save_npz(path, arrays: dict, *, sync: bool = True) -> Path:
+    """``np.savez`` of ``arrays`` to ``path`` through :func:`replace_whole` (a file object, so that numpy adds no
+    ``.npz`` to the temporary name)."""
+    def fill(temporary):
+        with open(temporary, "wb") as f:
+            np.savez(f, **arrays)
+
+    return replace_whole(path, fill, sync=sync)
