@@ -27,7 +27,7 @@ MENTION = re.compile(r"(?:experiments/)?\b(" + "|".join(SCRIPTS) + r")\.py\b")
 END_OF_COMMAND = re.compile(r";|\s(?:#|\||&&)|\)|`")
 # Thin wrappers that hand their arguments to `vidiff train` (docs/cli.md is checked against its parser), and
 # modules the benchmarks import, which take no command line.
-NO_PARSER_OF_THEIR_OWN = {"train_dit", "train_vae", "ablations", "measure", "goal_jobs", "bench_dit_inputs"}
+NO_PARSER_OF_THEIR_OWN = {"train_dit", "train_vae", "ablations", "measure", "goal_jobs", "bench_dit_inputs", "peer_work"}
 # Scripts that hand the flags they do not know to another script's runs.
 PASSES_ON_TO = {"bench_max_tokens": "bench_dit"}
 

@@ -1,6 +1,6 @@
 """experiments/peer_parity.py without torch: its parameter mapping drives a numpy re-statement of the peer's
 block (from the peer's documented equations) to vidiff's block's output, and its list of differences adds up
-to XLA's count of the work outside vidiff's blocks."""
+to XLA's count of the work outside vidiff's blocks (experiments/peer_work.py)."""
 import math
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import pytest
 
 from bench_scripts import EXPERIMENTS  # (puts experiments/ on sys.path)
 import peer_parity  # noqa: E402
+import peer_work  # noqa: E402
 
 assert Path(peer_parity.__file__).parent == EXPERIMENTS  # the checkout's script, not another copy
 
@@ -88,8 +89,8 @@ def test_the_listed_extra_work_is_what_xla_counts_outside_the_blocks():
     cfg = peer_parity.dit_preset("tiny", width=256, heads=4, text_dim=512, pooled_dim=512, latent_channels=16)
     batch, latent_shape, text = 2, (4, 16, 16), 16
     tokens = math.prod(latent_shape) // math.prod(cfg.patch)
-    xla = peer_parity.xla_count(cfg, batch, latent_shape, text)
-    extras = peer_parity.differences(cfg, batch, tokens, text)
+    xla = peer_work.xla_count(cfg, batch, latent_shape, text)
+    extras = peer_work.differences(cfg, batch, tokens, text)
     outside = sum(e["flops"] for e in extras if e["where"] == "outside")
     assert outside == pytest.approx(xla["outside_blocks"], rel=0.03)
     # Inside a block XLA counts the peer's formula plus the norms, softmax, GELU, RoPE and vidiff's gradients
@@ -105,6 +106,6 @@ def test_bench_dits_flop_count_is_the_peers_formula():
         per_layer = T * (4 * d * d + 2 * r * d * d + 2 * d * d) + L * 2 * d * d + 2 * T * T * d + 2 * T * L * d
         return 2 * per_layer * layers * batch * 3
 
-    rows = peer_parity.flops_check(peer_model_flops)
+    rows = peer_work.flops_check(peer_model_flops)
     assert [(r["batch"], r["tokens"]) for r in rows] == [(4, 4096), (64, 256), (1, 16384)]
     assert all(r["equal"] for r in rows), rows
