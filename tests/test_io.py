@@ -153,6 +153,12 @@ def test_float_conversions_roundtrip():
     frames = _moving_square(t=2)
     np.testing.assert_array_equal(io.to_uint8(io.to_float(frames)), frames)
     assert io.to_uint8(np.array([-3.0, 3.0])).tolist() == [0, 255]
+    # Frames already in the models' range were read as 0..255 values: -1 and 1 came out as about -1.
+    with pytest.raises(ValueError, match=re.escape("vidiff.io.to_float expects uint8 frames in [0, 255], got float32; "
+                                                   "convert with vidiff.io.to_uint8(x) (values in [-1, 1])")):
+        io.to_float(io.to_float(frames))
+    with pytest.raises(ValueError, match=re.escape("got int64; convert with np.clip(x, 0, 255).astype(np.uint8)")):
+        io.to_float(frames.astype(np.int64) + 200)
 
 
 @pytest.mark.parametrize(

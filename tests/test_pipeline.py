@@ -532,6 +532,11 @@ def test_long_inputs_are_encoded_chunk_by_chunk_from_the_host(pipe, monkeypatch)
     assert seen == [(np.ndarray, 21, 4 * pipe.time_factor)]
     one_shot = compiled(pipe.vae, "encode_normalized")(pipe.vae_variables, io.to_float(video)[None])
     np.testing.assert_allclose(z, np.asarray(one_shot), atol=1e-5)
+    with pytest.raises(ValueError, match=re.escape("TextToVideo.encode expects uint8 frames of shape (T, H, W, 3), got "
+                                                   "float32 (21, 16, 16, 3); convert with vidiff.io.to_uint8(x)")):
+        pipe.encode(io.to_float(video))  # encoded as 0..255 values before: latents 4 away, silently
+    with pytest.raises(ValueError, match=re.escape("got uint8 (1, 21, 16, 16, 3); convert with clips[0]")):
+        pipe.encode(video[None])
 
 
 def test_checkpoint_errors(tmp_path, monkeypatch):

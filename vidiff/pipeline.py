@@ -285,6 +285,7 @@ class TextToVideo:
 
     def encode(self, frames: np.ndarray) -> jax.Array:
         """``uint8 (T, H, W, 3)`` with ``T = 1 + tf k`` -> normalised posterior-mean latents ``(1, 1 + k, h, w, c)``."""
+        frames = io.check_frames(frames, "TextToVideo.encode")
         video = io.to_float(frames)[None]  # stays on the host: a long input goes to the device chunk by chunk
         if len(frames) > 4 * self.time_factor + 1:  # long inputs: chunks keep memory flat in time
             z = encode_chunked(self.vae, self.vae_variables, video, 4 * self.time_factor).mode()

@@ -14,8 +14,13 @@ def to_uint8(video) -> np.ndarray:
 
 
 def to_float(video) -> np.ndarray:
-    """``uint8`` frames -> float32 in [-1, 1], the range models work in."""
-    return np.asarray(video, dtype=np.float32) / 127.5 - 1.0
+    """``uint8`` frames -> float32 in [-1, 1], the range models work in. Anything else is refused: float frames
+    would be read as 0..255 values (frames already in [-1, 1] came out near -1), and wider integers may exceed 255."""
+    video = np.asarray(video)
+    if video.dtype != np.uint8:
+        raise ValueError(f"vidiff.io.to_float expects uint8 frames in [0, 255], got {video.dtype}; "
+                         f"convert with {_values_hint(video)}")
+    return video.astype(np.float32) / 127.5 - 1.0
 
 
 def check_frames(frames, user: str = "vidiff.io") -> np.ndarray:
