@@ -58,6 +58,10 @@ def test_rules_map_logical_params_to_mesh():
     abstract = jax.eval_shape(Tiny().init, jax.random.key(0), jnp.ones((4, 8)))
     sharding = parallel.param_shardings(abstract, mesh)["params"]["kernel"]
     assert sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    # A rules table as a dict is taken wherever pairs are (flax itself refuses one).
+    mine = {**dict(parallel.LOGICAL_RULES), "mlp": None}
+    assert parallel.param_shardings(abstract, mesh, mine)["params"]["kernel"].spec == jax.sharding.PartitionSpec(
+        "fsdp", None)
     batch = jax.device_put(np.zeros((8, 3)), parallel.batch_sharding(mesh, 2))
     assert batch.sharding.shard_shape(batch.shape) == (2, 3)
     # The DiT's tensor parallelism (Megatron-style): attention heads, the MLP's hidden units and the modulation

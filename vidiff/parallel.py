@@ -225,16 +225,22 @@ def mesh_from_config(mesh_config: Mapping | str | None, devices: Sequence[jax.De
     return make_mesh(**mesh_sizes(mesh_config), devices=devices, dcn=dict(dcn) if dcn else None)
 
 
+def rule_pairs(rules: Mapping | Sequence) -> tuple:
+    """A rules table as flax takes it, ``((logical name, mesh axes), ...)``: a dict is as good as pairs everywhere
+    here (flax refuses one with "Unknown axis rule specification type")."""
+    return tuple(rules.items()) if isinstance(rules, Mapping) else tuple(rules)
+
+
 def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
     """Tree of logical ``PartitionSpec``s (e.g. from ``nn.get_partition_spec``) -> ``NamedSharding``s."""
     check_rules(logical_specs, mesh, rules)
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rule_pairs(rules))
 
 
 def check_rules(logical_specs, mesh: Mesh, rules=LOGICAL_RULES) -> None:
     """One-line errors for a rules table that does not fit: flax would replicate an unnamed logical axis
     silently (FSDP that shards nothing), and a misspelt mesh axis fails in jax without naming the rule."""
-    rules = tuple(rules.items()) if isinstance(rules, Mapping) else tuple(rules)
+    rules = rule_pairs(rules)
     for name, target in rules:
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         if missing := [a for a in axes if a not in mesh.axis_names]:
@@ -251,7 +257,7 @@ def check_rules(logical_specs, mesh: Mesh, rules=LOGICAL_RULES) -> None:
 def check_divisible(shapes, logical_specs, mesh: Mesh, rules=LOGICAL_RULES) -> None:
     """One line for the first array whose dimension a mesh size does not divide (fsdp=6 and a 32-channel conv),
     naming the array, its logical axis and the mesh field, before jax fails deep inside with tiling factors."""
-    rules = dict(rules.items() if isinstance(rules, Mapping) else rules)
+    rules = dict(rule_pairs(rules))
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     flat_specs = jax.tree.leaves(logical_specs, is_leaf=is_spec)
@@ -330,4 +336,4 @@ def gather(tree):
 
 def axis_rules(rules: Mapping | Sequence = LOGICAL_RULES):
     """Context manager making ``rules`` active for ``nn.with_logical_constraint`` inside jit."""
-    return nn.logical_axis_rules(tuple(rules.items()) if isinstance(rules, Mapping) else tuple(rules))
+    return nn.logical_axis_rules(rule_pairs(rules))
