@@ -1,6 +1,7 @@
 """Tests for vidiff.models.dit: shapes, zero/identity init, packing, masks, logical names, scan, remat, dtypes."""
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -522,6 +523,14 @@ def test_wrong_inputs_fail_at_the_model_boundary_naming_themselves(name, match):
     args, extra = _bad_input(name)
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(functools.partial(dit.VideoDiT(CFG).apply, **extra), _variables(), *args)
+
+
+def test_dummy_inputs_take_the_latent_clips_t_h_w():
+    x, *_ = dit.dummy_inputs(CFG, batch=2, latent_shape=(3, 4, 6))
+    assert x.shape == (2, 3, 4, 6, CFG.latent_channels)
+    with pytest.raises(ValueError, match=re.escape("dummy_inputs: latent_shape is (t, h, w), got (1, 3, 4, 6, 4); "
+                                                   "leave out the batch and the 4 channels")):
+        dit.dummy_inputs(CFG, latent_shape=(1, 3, 4, 6, 4))  # made a 7-D x_t, refused only at init
 
 
 def test_wrong_packed_inputs_fail_naming_themselves():

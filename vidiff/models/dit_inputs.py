@@ -75,8 +75,14 @@ def text_mask_and_lengths(text_mask_or_lengths):
 
 
 def dummy_inputs(config, batch: int = 1, latent_shape: Sequence[int] | None = None, text_len: int = 4):
-    """Zero ``(x_t, t, text_emb, text_lengths, pooled_text)`` for ``init`` / shape checks."""
+    """Zero ``(x_t, t, text_emb, text_lengths, pooled_text)`` for ``init`` / shape checks.
+
+    ``latent_shape``: the latent clip's ``(t, h, w)``, without batch or channels (``config.latent_channels``
+    are added); default one patch, ``config.patch``."""
     shape = tuple(latent_shape or config.patch)
+    if len(shape) != 3:
+        raise ValueError(f"dummy_inputs: latent_shape is (t, h, w), got {shape}; leave out the batch and the "
+                         f"{config.latent_channels} channels (e.g. VAEConfig.latent_shape(...)[1:4])")
     return (jnp.zeros((batch, *shape, config.latent_channels)), jnp.zeros((batch,)),
             jnp.zeros((batch, text_len, config.text_dim)), jnp.full((batch,), text_len, jnp.int32),
             jnp.zeros((batch, config.pooled_dim)))
