@@ -1084,6 +1084,11 @@ def test_evaluation_clips_are_the_same_on_every_process(tmp_path, monkeypatch):
     for index in (0, 7):
         monkeypatch.setattr(pipeline, "default_process_index_count", lambda index=index: (index, 8))
         np.testing.assert_array_equal(tasks.validation_clips(config), alone)
+    config.eval.num_clips = 6  # scored 2, unsaid: val_psnr would average fewer clips than asked
+    with pytest.raises(ValueError, match=re.escape("eval.num_clips=6 but eval.split='eval' gave 2 clips of 5 frames "
+                                                   "(bad or short ones are skipped, named above); set "
+                                                   "eval.num_clips=2, or add clips to that split")):
+        tasks.validation_clips(config)
 
 
 def test_evaluation_clips_the_data_cannot_give_fail_before_training(tmp_path):

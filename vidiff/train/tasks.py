@@ -232,6 +232,10 @@ def validation_clips(config) -> np.ndarray:
                          f"eval.num_frames): {e}; or set eval.num_frames to a length they have") from None
     if not clips:
         raise ValueError(f"eval.split={config.eval.split!r} yielded no clips; point data at an eval split")
+    if len(clips) < n:  # scoring fewer would change what val_psnr averages, unsaid
+        raise ValueError(f"eval.num_clips={n} but eval.split={config.eval.split!r} gave {len(clips)} clips of "
+                         f"{num_frames} frames (bad or short ones are skipped, named above); set "
+                         f"eval.num_clips={len(clips)}, or add clips to that split")
     return np.stack(clips)
 
 
