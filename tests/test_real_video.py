@@ -8,6 +8,7 @@ eval clips come from the held-out ranges and training never reads them.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,8 +129,14 @@ def test_eval_clips_come_from_the_held_out_ranges_and_training_never_reads_them(
     # evaluation, after training, under a message about buckets and max_bad_fraction.
     from vidiff.data.prepare import prepare_shards
 
-    prepare_shards(config.data.video_dir, config.data.manifest["eval"], tmp_path, size=SIZE, frames=3, split="eval")
     folder = [*SMALL, "--config.data.source=array_record", f"--config.data.array_record_path={tmp_path}"]
+    prepare_shards(config.data.video_dir, config.data.manifest["train"], tmp_path, size=SIZE, frames=3)
+    with pytest.raises(ValueError, match=re.escape(  # it told the user to run `vidiff prepare --out DIR`, as done
+            f"eval.split='eval' but data.array_record_path='{tmp_path}' holds no eval-*.array_record shards (`vidiff "
+            f"prepare` writes --split train unless told); run `vidiff prepare --split eval --out <that folder>` on "
+            f"held-out clips, or set eval.split='train'")):
+        check_eval_split(config_lib.for_stage(config_lib.load_config(REAL_TINY, folder), "vae"))
+    prepare_shards(config.data.video_dir, config.data.manifest["eval"], tmp_path, size=SIZE, frames=3, split="eval")
     with pytest.raises(ValueError, match=r"^eval.num_frames=9 but the 'eval' shards hold 3-frame clips; set "
                                          r"eval.num_frames=3 \(or prepare longer clips\)$"):
         check_eval_split(config_lib.for_stage(config_lib.load_config(REAL_TINY, folder), "vae"))

@@ -251,7 +251,11 @@ def check_eval_split(config) -> None:
             raise ValueError(f"eval.split={split!r} but data.array_record_path={data.array_record_path!r} names shard "
                              f"files, which have no splits; point it at the `vidiff prepare` folder holding "
                              f"{split}-*.array_record shards, {fix}")
-        record = _first_prepared_record(config, split)  # (no such split in that folder: a one-line error)
+        if not any(next(Path(str(one)).glob(f"{split}-*.array_record"), None) for one in specs):
+            raise ValueError(f"eval.split={split!r} but data.array_record_path={data.array_record_path!r} holds no "
+                             f"{split}-*.array_record shards (`vidiff prepare` writes --split train unless told); "
+                             f"run `vidiff prepare --split {split} --out <that folder>` on held-out clips, {fix}")
+        record = _first_prepared_record(config, split)
         frames = evaluation.get("num_frames") or data.num_frames
         if record is not None and len(record["video"]) < frames:  # every clip would be skipped as too short
             raise ValueError(f"eval.num_frames={frames} but the {split!r} shards hold {len(record['video'])}-frame "
