@@ -492,3 +492,25 @@ def test_replace_whole_leaves_the_old_file_on_failure_and_no_temporary_file(tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
     with np.load(target) as z:
         np.testing.assert_array_equal(z["x"], np.arange(3))
+
+
+def test_an_interrupted_write_leaves_no_half_clip_under_its_name(tmp_path, monkeypatch):
+    from vidiff.io import write as writer
+
+    frames = np.zeros((3, 8, 8, 3), np.uint8)
+    old = io.write_video(tmp_path / "clip.gif", frames + 200, 8)
+    before = old.read_bytes()
+
+    def cut(out, *args, **kwargs):
+        open(out, "wb").write(b"GIF89a")  # a header, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "_write_gif", cut)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_video(tmp_path / "clip.gif", frames, 8)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_video(tmp_path / "new.gif", frames, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif"] and old.read_bytes() == before
+    monkeypatch.undo()
+    written = io.write_video(tmp_path / "clip.mp4", frames, 8)  # the format is still picked by the suffix
+    assert io.probe(written).num_frames == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif", "clip.mp4"]

@@ -31,16 +31,18 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def replace_whole(path, fill, *, sync: bool = True) -> Path:
+def replace_whole(path, fill, *, sync: bool = True, keep_suffix: bool = False) -> Path:
     """``path`` written whole or not at all: ``fill(temporary)`` writes a file beside it, which is given the
     mode ``open()`` gives (not mkstemp's 0600) and renamed over ``path``; an ``OSError`` is one line.
 
     ``sync``: flush the bytes to disk before the rename, so a crash of the machine cannot leave ``path`` empty.
     Caches whose readers recompute an unreadable entry skip it: one fsync per caption would slow their writes.
+    ``keep_suffix``: the temporary file ends in ``path``'s suffix too, for writers that pick the format by it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    suffix = ".partial" + (path.suffix if keep_suffix else "")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
         fill(temporary)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vidiff.io.files import replace_whole
 from vidiff.io.frames import check_frames, check_image
 
 
@@ -45,29 +46,27 @@ def write_video(path, frames, fps: float = 8.0, *, crf: int = 18) -> Path:
 
     ``.mp4`` is H.264 (yuv420p, odd sizes padded by edge replication to even),
     ``.webm`` is VP9, ``.gif`` loops forever, ``.png`` takes a single frame.
-    A rate the format cannot store (``FPS_RANGES``) is refused.
+    A rate the format cannot store (``FPS_RANGES``) is refused. The file appears whole or not at all: it is
+    written beside ``path`` and renamed over it, so an interrupted write leaves no half a clip under its name.
     """
     path = Path(path)
     frames = check_frames(frames)
     suffix = path.suffix.lower()
     check_fps(path, fps)
     check_folders(path)
+    if suffix == ".png" and len(frames) != 1:
+        raise ValueError(f"{path}: png holds one frame, got {len(frames)}; use .mp4/.gif, "
+                         "or vidiff.io.write_image(path, vidiff.io.frame_grid(frames))")
+    writers = {".gif": lambda out: _write_gif(out, frames, fps, path),
+               ".png": lambda out: _pil_image(frames[0]).save(out),
+               ".mp4": lambda out: _write_av(out, frames, fps, crf, "libx264"),
+               ".webm": lambda out: _write_av(out, frames, fps, crf, "libvpx-vp9")}
+    if suffix not in writers:
+        raise ValueError(f"{path}: unknown video suffix {suffix!r}; use .mp4, .webm, .gif or .png")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if suffix == ".gif":
-            _write_gif(path, frames, fps)
-        elif suffix == ".png":
-            if len(frames) != 1:
-                raise ValueError(f"{path}: png holds one frame, got {len(frames)}; use .mp4/.gif, "
-                                 "or vidiff.io.write_image(path, vidiff.io.frame_grid(frames))")
-            _pil_image(frames[0]).save(path)
-        elif suffix in (".mp4", ".webm"):
-            _write_av(path, frames, fps, crf, "libx264" if suffix == ".mp4" else "libvpx-vp9")
-        else:
-            raise ValueError(f"{path}: unknown video suffix {suffix!r}; use .mp4, .webm, .gif or .png")
+        return replace_whole(path, writers[suffix], sync=False, keep_suffix=True)
     except PermissionError as e:
         raise OSError(f"cannot write {path}: {e.strerror}; choose a writable output path") from None
-    return path
 
 
 def _pil_image(frame):
@@ -84,14 +83,14 @@ def gif_delays(count: int, fps: float) -> list[int]:
     return [end - start for start, end in zip([0, *ends], ends)]
 
 
-def _write_gif(path, frames, fps):
+def _write_gif(out, frames, fps, path):
+    """``frames`` as a gif into ``out``; ``path`` is the name errors give."""
     images = [_pil_image(f) for f in frames]
     durations_ms = [10 * delay for delay in gif_delays(len(images), fps)]
     try:
-        images[0].save(path, save_all=True, append_images=images[1:], duration=durations_ms, loop=0, optimize=False)
+        images[0].save(out, save_all=True, append_images=images[1:], duration=durations_ms, loop=0, optimize=False)
     except (OverflowError, struct.error):  # Pillow merges identical frames: their delays add up past 16 bits
         # (Pillow 13 raises OverflowError, Pillow 12 struct.error)
-        path.unlink(missing_ok=True)
         raise ValueError(f"{path}: identical frames in a row last longer than the 655.35 s a gif frame can show; "
                          "use a higher fps or .mp4") from None
 
