@@ -1,7 +1,7 @@
 """Files written whole or not at all, and the one-line error when one cannot be written.
 
 Every file vidiff replaces while another process may read it (an export's ``vidiff.json``, the caption and
-latent caches, the weight-digest memo, the skip counts, a config's manifests) goes through
+latent caches, the weight-digest memo, the skip counts, a config's manifests), and every clip it writes, goes through
 :func:`replace_whole`: a temporary file beside the target, named by ``mkstemp`` so that processes on several
 hosts sharing a folder (which may share a pid, as identical containers do) never write into one another's
 temporary file, then renamed over the target, which readers therefore see old or new, never half written.
