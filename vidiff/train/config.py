@@ -19,6 +19,7 @@ import errno
 import re
 import stat
 from pathlib import Path
+from typing import NamedTuple
 
 import ml_collections
 
@@ -41,13 +42,12 @@ def train_stage(steps: int, lr: float, **fields) -> ml_collections.ConfigDict:
     line: AdamW at peak ``lr`` with a cosine schedule over ``steps`` (warmup ``min(100, steps // 10)``), EMA,
     logging, checkpoint and evaluation cadence; ``fields`` add or replace entries (``eval_every=200``, a
     stage's ``data`` overrides, ``condition``, ...). docs/configs.md lists them all."""
-    return ml_collections.ConfigDict(dict(
-        steps=steps,
-        optim=dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10), end_lr_fraction=0.1, b1=0.9,
-                   b2=0.99, eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1),
-        **{"ema_decay": 0.999, "log_every": 10, "ckpt_every": 200, "keep": 2, "keep_best": 1, "eval_every": 500,
-           "on_nonfinite": "stop", "profile": dict(start=10, steps=0), "init_on": "auto",  # profile.steps > 0: a trace
-           "init_from": None, **fields}))
+    optim = dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10), end_lr_fraction=0.1, b1=0.9,
+                 b2=0.99, eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1)
+    defaults = dict(steps=steps, optim=optim, ema_decay=0.999, log_every=10, ckpt_every=200, keep=2, keep_best=1,
+                    eval_every=500, on_nonfinite="stop", profile=dict(start=10, steps=0),  # steps=0: no trace
+                    init_on="auto", init_from=None)
+    return ml_collections.ConfigDict({**defaults, **fields})
 
 
 def set_mesh(config, spec: str) -> ml_collections.ConfigDict:
@@ -106,12 +106,75 @@ def validate(config, model: str, device_count: int) -> None:
     _check_world_source(config.data)
     vae_cfg = vae_from_config(config).config
     size = height_width(config.data.size)
+    dit_cfg = None
     if model == "dit":
         check_text_encoder(config)
         _check_sample(config.get("sample"))
-    dit_cfg = _check_dit_settings(config) if model == "dit" else None
+        dit_cfg = _check_dit_settings(config)
     _check_clip_sizes(config, model, size, _clip_factors(vae_cfg, dit_cfg))
     _check_batch_split(config, model, device_count)
+
+
+def check_stage(config, model: str) -> None:
+    """The ``<model>_train`` numbers, its optimizer and (DiT) ``flow.shift``: one line naming the field and the fix.
+
+    Each of these would otherwise fail late (``log_every=0``: a division after
+    compiling), or not at all (``steps=0`` exports an untrained model).
+    """
+    from vidiff.checks import config_int, finite_number
+    from vidiff.train.optimizer import check_optim
+
+    stage, name = config[f"{model}_train"], f"{model}_train"
+    need = field_checker(name, stage.get)
+
+    def need_int(field: str, low: int, fix: str, default=None) -> None:
+        # A field train_stage always writes is read as an attribute: a config that deleted it fails as before.
+        value = getattr(stage, field) if default is None else stage.get(field, default)
+        need(config_int(value) and value >= low, field, fix)
+
+    need_int("steps", 1, "use an int >= 1 (optimizer steps in total)")
+    need_int("log_every", 1, "use an int >= 1 (log every n steps)")
+    need_int("ckpt_every", 1, "use an int >= 1 (the last step is always saved: a value >= steps saves only there)")
+    need_int("eval_every", 0, "use an int >= 0 (0 = never)", default=0)
+    need_int("keep", 1, "use an int >= 1", default=1)
+    need_int("keep_best", 0, "use an int >= 0", default=0)
+    # Anything but "stop" used to mean "skip": a typo must not switch the guard off.
+    need(stage.get("on_nonfinite", "stop") in ON_NONFINITE, "on_nonfinite", "use 'stop' or 'skip'")
+    need(stage.get("init_on", "auto") in INIT_ON_NAMES, "init_on",
+         "use 'auto' (the host's CPU for many random draws on one process's accelerators), 'host' or 'device'")
+    init_from = stage.get("init_from")
+    need(init_from is None or (isinstance(init_from, str) and init_from.strip() != ""), "init_from",
+         "use an export directory (one with vidiff.json, as <workdir>/export), 'bundled' or None")
+    need(finite_number(stage.ema_decay) and 0 <= stage.ema_decay < 1, "ema_decay",
+         "use a number in [0, 1), e.g. 0.999 (0 = no averaging)")
+    if model == "vae":
+        need_int("stats_batches", 1, "use an int >= 1", default=1)
+    check_optim(stage.optim, f"{name}.optim")
+    if model == "dit":
+        shift = config.flow.shift
+        if shift != "auto" and not (finite_number(shift) and shift > 0):
+            raise ValueError(f"flow.shift={shift!r} is invalid; use a number > 0 (1 = no shift) or 'auto' "
+                             f"(with shift <= 0 the shifted timesteps leave [0, 1])")
+
+
+def _check_workdir(workdir: str, model: str) -> None:
+    """``workdir`` (and ``workdir/<model>``) must be folders or not exist yet: a file there fails late, deep inside
+    the checkpointer, as ``[Errno 20] Not a directory``."""
+    run_dir = Path(workdir) / model
+    for path in (run_dir, *run_dir.parents):
+        # One stat per path: another process of the run (process 0's orbax) may create the folder meanwhile,
+        # and a look that found nothing followed by one that finds it must not read as a file.
+        try:
+            is_dir = stat.S_ISDIR(path.stat().st_mode)
+        except OSError as error:
+            if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # not there (yet): look further up
+                continue
+            raise
+        if is_dir:
+            return
+        if path == Path(workdir):
+            raise ValueError(f"workdir {workdir} is a file; give a folder")
+        raise ValueError(f"workdir {workdir}: {path} is a file, not a folder; give another workdir")
 
 
 def check_text_encoder(config) -> None:
@@ -158,17 +221,8 @@ def _check_dit_settings(config):
     """The DiT stage's settings that no clip size depends on; returns the DiT's config (its patch sizes the clips)."""
     from vidiff.models.dit import dit_preset
 
-    if config.dit_train.get("latents") == "prepared" and config.data.source != "array_record":
-        raise ValueError(
-            f"dit_train.latents='prepared' needs data.source='array_record' (shards from `vidiff prepare "
-            f"--latents`), got data.source={config.data.source!r}"
-        )
-    if config.dit_train.get("latents") == "prepared" and config.data.get("image_fraction"):
-        # Prepared latents belong to the stored clip, so the data must ask for it as is: one bucket, no images.
-        buckets = " and data.buckets=None" if config.data.get("buckets") else ""
-        raise ValueError(f"data.image_fraction={config.data.image_fraction!r} cannot cut images from "
-                         f"dit_train.latents='prepared' shards (their latents fit the stored clip: one bucket); "
-                         f"set data.image_fraction=0.0{buckets}")
+    if config.dit_train.get("latents") == "prepared":
+        _check_prepared_data(config.data)
     dit_cfg = dit_preset(config.dit.preset, **config.dit.overrides)
     if dit_cfg.param_dtype != "float32":
         # The trained parameters are the master weights and set AdamW's moments' dtype: in bfloat16 most
@@ -187,17 +241,40 @@ def _check_dit_settings(config):
     return dit_cfg
 
 
-def _clip_factors(vae_cfg, dit_cfg) -> tuple[int, int, tuple[int, int], str]:
-    """What a trained clip's size must fit (``_check_clip_size``'s factors): the VAE's time factor, the DiT's
-    time patch (1 when training the VAE), the (height, width) divisors and the words that explain them."""
+def _check_prepared_data(data) -> None:
+    """``dit_train.latents='prepared'`` reads ``vidiff prepare --latents`` shards as they were stored."""
+    if data.source != "array_record":
+        raise ValueError(
+            f"dit_train.latents='prepared' needs data.source='array_record' (shards from `vidiff prepare "
+            f"--latents`), got data.source={data.source!r}"
+        )
+    if data.get("image_fraction"):
+        # Prepared latents belong to the stored clip, so the data must ask for it as is: one bucket, no images.
+        buckets = " and data.buckets=None" if data.get("buckets") else ""
+        raise ValueError(f"data.image_fraction={data.image_fraction!r} cannot cut images from "
+                         f"dit_train.latents='prepared' shards (their latents fit the stored clip: one bucket); "
+                         f"set data.image_fraction=0.0{buckets}")
+
+
+class _ClipFactors(NamedTuple):
+    """What a trained clip's size must fit."""
+
+    time_factor: int  # the VAE's: frames = 1 + k * time_factor
+    time_patch: int  # the DiT's patch in time (1 when training the VAE): divides the latent frames
+    divisors: tuple[int, int]  # of (height, width)
+    why: str  # the words that explain the divisors
+
+
+def _clip_factors(vae_cfg, dit_cfg) -> _ClipFactors:
+    """The VAE's factors, and the DiT's patch on top of them when training the DiT (``dit_cfg`` not None)."""
     spatial = vae_cfg.spatial_factor
     if dit_cfg is None:
-        return vae_cfg.time_factor, 1, (spatial, spatial), "the VAE's spatial factor"
-    return (vae_cfg.time_factor, dit_cfg.patch[0], (spatial * dit_cfg.patch[1], spatial * dit_cfg.patch[2]),
-            "VAE spatial factor x DiT patch")
+        return _ClipFactors(vae_cfg.time_factor, 1, (spatial, spatial), "the VAE's spatial factor")
+    return _ClipFactors(vae_cfg.time_factor, dit_cfg.patch[0], (spatial * dit_cfg.patch[1], spatial * dit_cfg.patch[2]),
+                        "VAE spatial factor x DiT patch")
 
 
-def _check_clip_sizes(config, model: str, size: tuple[int, int], factors) -> None:
+def _check_clip_sizes(config, model: str, size: tuple[int, int], factors: _ClipFactors) -> None:
     """``data.num_frames`` x ``data.size`` and every ``data.buckets`` entry against ``factors``; for the VAE,
     each frame size against its loss networks too."""
     from vidiff.data.transforms import parse_buckets
@@ -208,9 +285,31 @@ def _check_clip_sizes(config, model: str, size: tuple[int, int], factors) -> Non
         clips += [(f, h, w, f"{f}x{h}x{w}") for f, h, w in parse_buckets(config.data.buckets, clips[0][:3])]
     vae_loss = VAELossConfig(**dict(config.vae_loss)) if model == "vae" else None
     for frames, h, w, bucket in clips:
-        _check_clip_size(frames, h, w, bucket, *factors)
+        _check_clip_size(frames, h, w, bucket, factors)
         if vae_loss is not None:  # a loss network that leaves no pixel of the frame gives a NaN loss
             check_frame_size(h, w, vae_loss)
+
+
+def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, factors: _ClipFactors) -> None:
+    """One trained clip size against ``factors``: a one-line error naming the field (``data.num_frames`` /
+    ``data.size``, or the ``data.buckets`` entry ``bucket``)."""
+    from vidiff.models.vae import latent_count
+
+    time_factor, time_patch = factors.time_factor, factors.time_patch
+    field = "data.num_frames" if bucket is None else f"data.buckets entry {bucket!r}: frames"
+    if (frames - 1) % time_factor:
+        good = 1 + round((frames - 1) / time_factor) * time_factor
+        raise ValueError(f"{field}={frames} must be 1 + k*{time_factor} (the VAE's time factor), e.g. {good}")
+    latent_frames = latent_count(frames, time_factor)
+    if latent_frames % time_patch:
+        raise ValueError(f"{field}={frames} gives {latent_frames} latent frames, not divisible by dit patch time "
+                         f"{time_patch}; change {'data.num_frames' if bucket is None else 'data.buckets'} or "
+                         f"dit.overrides.patch")
+    field = "data.size " if bucket is None else f"data.buckets entry {bucket!r}: "
+    for name, value, divisor in (("height", height, factors.divisors[0]), ("width", width, factors.divisors[1])):
+        if value % divisor:
+            raise ValueError(f"{field}{name}={value} must be divisible by {divisor} ({factors.why}); "
+                             f"use e.g. {max(1, round(value / divisor)) * divisor}")
 
 
 def _check_batch_split(config, model: str, device_count: int) -> None:
@@ -234,87 +333,6 @@ def _check_batch_split(config, model: str, device_count: int) -> None:
         )
 
 
-def _check_workdir(workdir: str, model: str) -> None:
-    """``workdir`` (and ``workdir/<model>``) must be folders or not exist yet: a file there fails late, deep inside
-    the checkpointer, as ``[Errno 20] Not a directory``."""
-    run_dir = Path(workdir) / model
-    for path in (run_dir, *run_dir.parents):
-        # One stat per path: another process of the run (process 0's orbax) may create the folder meanwhile,
-        # and a look that found nothing followed by one that finds it must not read as a file.
-        try:
-            is_dir = stat.S_ISDIR(path.stat().st_mode)
-        except OSError as error:
-            if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # not there (yet): look further up
-                continue
-            raise
-        if is_dir:
-            return
-        if path == Path(workdir):
-            raise ValueError(f"workdir {workdir} is a file; give a folder")
-        raise ValueError(f"workdir {workdir}: {path} is a file, not a folder; give another workdir")
-
-
-def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, time_factor: int, time_patch: int,
-                     divisors: tuple[int, int], why: str) -> None:
-    """One trained clip size against the VAE's factors and the DiT's patch: a one-line error naming the field
-    (``data.num_frames`` / ``data.size``, or the ``data.buckets`` entry ``bucket``)."""
-    from vidiff.models.vae import latent_count
-
-    field = "data.num_frames" if bucket is None else f"data.buckets entry {bucket!r}: frames"
-    if (frames - 1) % time_factor:
-        good = 1 + round((frames - 1) / time_factor) * time_factor
-        raise ValueError(f"{field}={frames} must be 1 + k*{time_factor} (the VAE's time factor), e.g. {good}")
-    latent_frames = latent_count(frames, time_factor)
-    if latent_frames % time_patch:
-        raise ValueError(f"{field}={frames} gives {latent_frames} latent frames, not divisible by dit patch time "
-                         f"{time_patch}; change {'data.num_frames' if bucket is None else 'data.buckets'} or "
-                         f"dit.overrides.patch")
-    field = "data.size " if bucket is None else f"data.buckets entry {bucket!r}: "
-    for name, value, divisor in (("height", height, divisors[0]), ("width", width, divisors[1])):
-        if value % divisor:
-            raise ValueError(f"{field}{name}={value} must be divisible by {divisor} ({why}); "
-                             f"use e.g. {max(1, round(value / divisor)) * divisor}")
-
-
-def check_stage(config, model: str) -> None:
-    """The ``<model>_train`` numbers, its optimizer and (DiT) ``flow.shift``: one line naming the field and the fix.
-
-    Each of these would otherwise fail late (``log_every=0``: a division after
-    compiling), or not at all (``steps=0`` exports an untrained model).
-    """
-    from vidiff.checks import config_int, finite_number
-    from vidiff.train.optimizer import check_optim
-
-    stage, name = config[f"{model}_train"], f"{model}_train"
-    need = field_checker(name, stage.get)
-    need(config_int(stage.steps) and stage.steps >= 1, "steps", "use an int >= 1 (optimizer steps in total)")
-    need(config_int(stage.log_every) and stage.log_every >= 1, "log_every", "use an int >= 1 (log every n steps)")
-    need(config_int(stage.ckpt_every) and stage.ckpt_every >= 1, "ckpt_every",
-         "use an int >= 1 (the last step is always saved: a value >= steps saves only there)")
-    need(config_int(stage.get("eval_every", 0)) and stage.get("eval_every", 0) >= 0, "eval_every",
-         "use an int >= 0 (0 = never)")
-    need(config_int(stage.get("keep", 1)) and stage.get("keep", 1) >= 1, "keep", "use an int >= 1")
-    need(config_int(stage.get("keep_best", 0)) and stage.get("keep_best", 0) >= 0, "keep_best", "use an int >= 0")
-    # Anything but "stop" used to mean "skip": a typo must not switch the guard off.
-    need(stage.get("on_nonfinite", "stop") in ON_NONFINITE, "on_nonfinite", "use 'stop' or 'skip'")
-    need(stage.get("init_on", "auto") in INIT_ON_NAMES, "init_on",
-         "use 'auto' (the host's CPU for many random draws on one process's accelerators), 'host' or 'device'")
-    init_from = stage.get("init_from")
-    need(init_from is None or (isinstance(init_from, str) and init_from.strip() != ""), "init_from",
-         "use an export directory (one with vidiff.json, as <workdir>/export), 'bundled' or None")
-    need(finite_number(stage.ema_decay) and 0 <= stage.ema_decay < 1, "ema_decay",
-         "use a number in [0, 1), e.g. 0.999 (0 = no averaging)")
-    if model == "vae":
-        need(config_int(stage.get("stats_batches", 1)) and stage.get("stats_batches", 1) >= 1, "stats_batches",
-             "use an int >= 1")
-    check_optim(stage.optim, f"{name}.optim")
-    if model == "dit":
-        shift = config.flow.shift
-        if shift != "auto" and not (finite_number(shift) and shift > 0):
-            raise ValueError(f"flow.shift={shift!r} is invalid; use a number > 0 (1 = no shift) or 'auto' "
-                             f"(with shift <= 0 the shifted timesteps leave [0, 1])")
-
-
 def warnings_for(config, model: str) -> list[str]:
     """Settings that work but are likely not meant; the loop logs them (one line each)."""
     stage, out = config[f"{model}_train"], []
@@ -323,12 +341,18 @@ def warnings_for(config, model: str) -> list[str]:
                    f"{stage.steps}: the learning rate never reaches optim.lr={stage.optim.lr:g}")
     out += stage_override_warnings(config, model)
     out += _partial_batch_warnings(config.data)
-    source = config.data.get("source")
-    for field, reader in SOURCE_FIELDS.items():
-        if config.data.get(field) not in (None, "") and source != reader and source in SOURCE_FIELDS.values():
-            out.append(f"warning: data.{field} is set but data.source={source!r} does not read it "
-                       f"(data.source={reader!r} does)")
+    out += _unread_field_warnings(config.data)
     return out
+
+
+def _unread_field_warnings(data) -> list[str]:
+    """A field naming records set beside a source that reads another field (for the world, which reads none,
+    ``_check_world_source`` refuses it instead)."""
+    source = data.get("source")
+    if source not in SOURCE_FIELDS.values():
+        return []
+    return [f"warning: data.{field} is set but data.source={source!r} does not read it (data.source={reader!r} does)"
+            for field, reader in SOURCE_FIELDS.items() if data.get(field) not in (None, "") and source != reader]
 
 
 def _partial_batch_warnings(data) -> list[str]:
