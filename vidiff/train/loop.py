@@ -74,10 +74,11 @@ from vidiff.train.profile import StepProfiler
 from vidiff.train.resume_checks import config_changes
 from vidiff.train.state import INIT_ON, abstract_state, create_state, jit_train_step, make_train_step
 
-
-def stage_config(config, model: str):
-    """The ``<model>_train`` section: steps, optim, logging, checkpoint and EMA settings."""
-    return config[f"{model}_train"]
+# The key of a checkpoint's config record holding the captions cut so far: a resumed run counts on from it.
+CAPTIONS_TRUNCATED = "captions_truncated"
+# Config sections that shape the restored items: a change there is the likely cause of a failed restore.
+_RESTORE_FIELDS = ("data", "vae", "dit", "text", "vae_loss")
+RESTORE_ERROR_CHARS = 200  # of the library's message quoted in a failed restore's one line
 
 
 @dataclasses.dataclass
@@ -103,26 +104,17 @@ class _Run:
 
 def _set_up(config, model: str, log) -> _Run:
     """Checks, mesh, task, optimizer, sharded state and data iterator, restored from the latest checkpoint."""
-    stage = stage_config(config, model)
+    stage = config[f"{model}_train"]
     workdir = Path(config.workdir) / model
     config_json = json.loads(config.to_json())
-    lock = lock_run(workdir)  # before the checkpoint manager, which tidies the folder another run writes
-    try:
-        checkpointer = Checkpointer(workdir / "checkpoints", keep=stage.keep, keep_best=stage.keep_best)
-    except BaseException:
-        unlock(lock)
-        raise
+    lock, checkpointer = _lock_and_open(workdir, stage)
     try:  # a setup error (a check, the restore) leaves no checkpoint manager running
         checkpointer.check_folders()  # a step entry that is no folder would be skipped, then fail its save
         start = checkpointer.latest_step() or 0
         if start:
             resume_checks.check_resume(checkpointer, start, config_json, model)
         source = None if start else init_from.prepare(config, model, log)  # the DiT's VAE too, before it loads
-        if model == "dit":
-            preflight.check_dit_inputs(config)
-        else:
-            preflight.check_eval_split(config)
-        preflight.check_stored_clips(config)  # shards too short or too small for what the run asks of them
+        _check_before_task(config, model)
         mesh = parallel.mesh_from_config(config.mesh)
         task = tasks.build(config, model, mesh)
         loaded = None if source is None else init_from.load(source, task, log)
@@ -138,13 +130,7 @@ def _set_up(config, model: str, log) -> _Run:
         if model == "vae" and stage.get("eval_every", 0):
             task.validation_videos()  # read now, not at the first evaluation: clips it cannot use fail before training
         tx, schedule = make_optimizer(stage.optim, stage.steps, networks=task.networks)
-        if start:  # restored into shapes and shardings alone: no fresh state is built, held beside it, thrown away
-            state, state_shardings = abstract_state(task.init_params, tx, mesh)
-        else:
-            state, state_shardings = create_state(task.init_params, tx, config.seed, mesh,
-                                                  on_host=INIT_ON[stage.get("init_on", "auto")])
-            if loaded is not None:
-                state = init_from.start_from(state, state_shardings, loaded, tx)
+        state, state_shardings = _initial_state(task, tx, mesh, config, stage, resuming=bool(start), loaded=loaded)
         iterator = iter(pipeline)
         if start:
             state = _restore(checkpointer, state, start, iterator, config_json)
@@ -158,6 +144,38 @@ def _set_up(config, model: str, log) -> _Run:
         raise
     return _Run(stage, workdir, config_json, record, checkpointer, start, mesh, task, tx, schedule, state,
                 state_shardings, iterator, getattr(pipeline, "ledger", None), lock)
+
+
+def _lock_and_open(workdir: Path, stage):
+    """The run's lock on ``workdir``, then its checkpoint manager, which tidies the folder another run writes."""
+    lock = lock_run(workdir)
+    try:
+        checkpointer = Checkpointer(workdir / "checkpoints", keep=stage.keep, keep_best=stage.keep_best)
+    except BaseException:
+        unlock(lock)
+        raise
+    return lock, checkpointer
+
+
+def _check_before_task(config, model: str) -> None:
+    """What can be checked before the task loads its models and data (:mod:`vidiff.train.preflight`)."""
+    if model == "dit":
+        preflight.check_dit_inputs(config)
+    else:
+        preflight.check_eval_split(config)
+    preflight.check_stored_clips(config)  # shards too short or too small for what the run asks of them
+
+
+def _initial_state(task, tx, mesh, config, stage, *, resuming: bool, loaded):
+    """The train state and its shardings. A resume restores into shapes and shardings alone: no fresh state is
+    built, held beside it, thrown away. A fresh run draws one, with an export's weights (``loaded``) put in."""
+    if resuming:
+        return abstract_state(task.init_params, tx, mesh)
+    state, shardings = create_state(task.init_params, tx, config.seed, mesh,
+                                    on_host=INIT_ON[stage.get("init_on", "auto")])
+    if loaded is not None:
+        state = init_from.start_from(state, shardings, loaded, tx)
+    return state, shardings
 
 
 def train(config, model: str, *, log=print) -> dict:
@@ -196,15 +214,24 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
     )
     writer = MetricsWriter(workdir)
     window = LogWindow(start)
+    since_save = LogWindow(start)  # keep_best ranks a checkpoint by its own steps' mean loss
     bar = tqdm(total=stage.steps, initial=start, desc=f"train {model}", disable=not main,
                dynamic_ncols=True, leave=False)
-    last_loss = float("nan")
-
-    saved = {start}
     profiler = StepProfiler(stage, workdir / "profile", log)
-
+    last_loss = float("nan")
     truncation_told = False
-    since_save = LogWindow(start)  # keep_best ranks a checkpoint by its own steps' mean loss
+
+    from vidiff.data.config import DataConfig  # here, not above: importing the loop needs no data packages
+
+    data = DataConfig.from_any(config.data)
+    # Host batches are drawn here, in order; the worker makes them device arrays (host work, off the mesh).
+    batches = prefetch.Prefetcher(
+        iterator, lambda step: stopping.draw_batch(iterator, step, config), lambda raw: task.device_batch(raw, mesh),
+        lambda missing: stopping.fail(missing, stage, model, checkpointer, run.ledger, config),
+        depth=data.prefetch_to_device, start=start, steps=stage.steps, waited=window.wait)
+    data_wait = DataWaitWarning(data, log)
+    compiles = CompileTimer(window)
+    saved = {start}
 
     def save(step):
         if step in saved:
@@ -221,16 +248,6 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
             task.save_cache(workdir)
         window.pause(time.perf_counter() - began)
 
-    from vidiff.data.config import DataConfig  # here, not above: importing the loop needs no data packages
-
-    data = DataConfig.from_any(config.data)
-    # Host batches are drawn here, in order; the worker makes them device arrays (host work, off the mesh).
-    batches = prefetch.Prefetcher(
-        iterator, lambda step: stopping.draw_batch(iterator, step, config), lambda raw: task.device_batch(raw, mesh),
-        lambda missing: stopping.fail(missing, stage, model, checkpointer, run.ledger, config),
-        depth=data.prefetch_to_device, start=start, steps=stage.steps, waited=window.wait)
-    data_wait = DataWaitWarning(data, log)
-    compiles = CompileTimer(window)
     try:  # whatever ends the loop, pending asynchronous saves finish before the process does
         with stopping.StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
             step = start
@@ -271,7 +288,7 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
                 if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
                     began = time.perf_counter()
                     with batches.lock:  # the text encoder's cache is not shared with the worker meanwhile
-                        writer.write(step, _evaluate(task, state, workdir, step))
+                        writer.write(step, _on_process_0(task, state, lambda t, s: t.evaluate(s, workdir, step)))
                     window.pause(time.perf_counter() - began)
             profiler.stop(state)  # a window reaching past the last step ends here
     finally:
@@ -281,16 +298,14 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
         writer.close()
     task.wait_cache()  # not in `finally`: a failed last cache write must not hide the error that ended the loop
     preflight.check_finite_params(state, model, step, checkpointer.directory)
-    summary = {"model": model, "workdir": str(workdir), "start_step": start,
-               **_finalize(task, state, run.config_json, tasks.export_dir(config))}
-    if profiler.traced:
-        summary["profile"] = str(profiler.directory)
+    exported = _on_process_0(task, state, lambda t, s: t.finalize(s, run.config_json, tasks.export_dir(config)))
     skips = stopping.skip_totals(run.ledger)
-    summary.update(final_step=step, final_loss=last_loss if math.isfinite(last_loss) else None,
-                   skipped=int(state.skipped), skipped_steps=int(state.skipped),
-                   skipped_records_total=skips["bad"], skipped_records=skips["skipped"],
-                   captions_truncated=task.captions_truncated, checkpoint=str(checkpointer.directory / str(step)))
-    return summary
+    return {"model": model, "workdir": str(workdir), "start_step": start, **exported,
+            **({"profile": str(profiler.directory)} if profiler.traced else {}),
+            "final_step": step, "final_loss": last_loss if math.isfinite(last_loss) else None,
+            "skipped": int(state.skipped), "skipped_steps": int(state.skipped),
+            "skipped_records_total": skips["bad"], "skipped_records": skips["skipped"],
+            "captions_truncated": task.captions_truncated, "checkpoint": str(checkpointer.directory / str(step))}
 
 
 def _log_row(writer, window, state, step: int, run: _Run) -> dict:
@@ -305,10 +320,6 @@ def _log_row(writer, window, state, step: int, run: _Run) -> dict:
     return scalars
 
 
-# The key of a checkpoint's config record holding the captions cut so far: a resumed run counts on from it.
-CAPTIONS_TRUNCATED = "captions_truncated"
-
-
 def captions_truncated_before(checkpointer, step: int) -> int:
     """The captions cut to ``text.max_length`` up to ``step``, as its checkpoint saved them (0 for a checkpoint
     written before vidiff saved the count, or one without a readable config, which the restore names)."""
@@ -316,13 +327,6 @@ def captions_truncated_before(checkpointer, step: int) -> int:
         return int(read_config(checkpointer.directory, step).get(CAPTIONS_TRUNCATED, 0))
     except (OSError, ValueError):
         return 0
-
-
-# Config sections that shape the restored items: a change there is the likely cause of a failed restore.
-_RESTORE_FIELDS = ("data", "vae", "dit", "text", "vae_loss")
-
-
-RESTORE_ERROR_CHARS = 200  # of the library's message quoted in a failed restore's one line
 
 
 def _restore(checkpointer, target, step: int, iterator, config_json: dict):
@@ -343,14 +347,18 @@ def _restore(checkpointer, target, step: int, iterator, config_json: dict):
         if changes:
             raise ValueError(f"cannot restore {where}: it was written with {', '.join(changes)}; use a new "
                              f"workdir or the original config") from None
-        # orbax's first sentence says what differs; the advice after it (partial_restore, strict=False) is
-        # for orbax's own API, which a vidiff user does not call. A file cut short gets a tensorstore spec of
-        # some kilobytes there: its start names the file.
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".:")
-        first = first if len(first) <= RESTORE_ERROR_CHARS else first[:RESTORE_ERROR_CHARS] + " ..."
+        first = _first_sentence(error)
         raise ValueError(f"cannot restore {where}: the saved state does not fit this run or cannot be read ({first}); "
                          f"if a save or copy was cut short, delete that folder to {checkpointer.without(step)}; "
                          f"else use a new workdir, or the vidiff version and config that wrote it") from None
+
+
+def _first_sentence(error: Exception) -> str:
+    """The first sentence of orbax's message, which says what differs; the advice after it (partial_restore,
+    strict=False) is for orbax's own API, which a vidiff user does not call. A file cut short gets a tensorstore
+    spec of some kilobytes there: its start, which names the file, is kept."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".:")
+    return first if len(first) <= RESTORE_ERROR_CHARS else first[:RESTORE_ERROR_CHARS] + " ..."
 
 
 def _process_config(config):
@@ -370,15 +378,10 @@ def _host_view(task, state):
     return local_task, state.replace(ema_params=parallel.gather(state.ema_params))
 
 
-def _evaluate(task, state, workdir: Path, step: int) -> dict:
+def _on_process_0(task, state, work) -> dict:
+    """``work(task, state)`` (an evaluation, the export) on process 0 alone; with several processes, every one
+    takes part in gathering the host copies it works on, and the others return {}."""
     if jax.process_count() == 1:
-        return task.evaluate(state, workdir, step)
+        return work(task, state)
     local_task, local_state = _host_view(task, state)
-    return local_task.evaluate(local_state, workdir, step) if distributed.is_main() else {}
-
-
-def _finalize(task, state, config_json: dict, export_dir: Path) -> dict:
-    if jax.process_count() == 1:
-        return task.finalize(state, config_json, export_dir)
-    local_task, local_state = _host_view(task, state)
-    return local_task.finalize(local_state, config_json, export_dir) if distributed.is_main() else {}
+    return work(local_task, local_state) if distributed.is_main() else {}
