@@ -28,8 +28,8 @@ import numpy as np
 from flax import traverse_util
 
 from vidiff.checks import height_width
-from vidiff.models.vae import vae_preset
 from vidiff.models.export import read_manifest, recorded_config, variable_shapes
+from vidiff.models.vae import vae_preset
 from vidiff.train.latent_cache import vae_fingerprint
 from vidiff.train.resume_checks import model_changes
 from vidiff.train.state import skipped_steps_clause
@@ -142,14 +142,8 @@ def check_prepared_vae(config, vae_variables: dict) -> None:
 
     # Each `vidiff prepare --out` folder holding training shards (the path may be a folder, glob, file or list).
     folders = sorted({Path(path).parent for path in array_record_paths(config.data.array_record_path, "train")})
-    # As prepare computed it: with the config the export records (its fields; an older export, its preset and
-    # overrides), whose compute-only fields (dtype) this run may have changed (check_dit_inputs compares the rest).
-    vae_config = recorded_config(export_dir(config), "vae")
-    if vae_config is None:
-        exported = (read_manifest(export_dir(config)).get("config") or {}).get("vae")
-        vae_config = (vae_preset(exported["preset"], **(exported.get("overrides") or {})) if exported
-                      else vae_from_config(config).config)
-    fingerprint = vae_fingerprint(vae_variables, vae_config)
+    directory = export_dir(config)
+    fingerprint = vae_fingerprint(vae_variables, _exported_vae_config(config, directory))
     for folder in folders:
         try:
             summary = json.loads((folder / "train-summary.json").read_text())
@@ -159,8 +153,21 @@ def check_prepared_vae(config, vae_variables: dict) -> None:
             raise ValueError(
                 f"the latents in {folder} (data.array_record_path={config.data.array_record_path!r}) come from "
                 f"another VAE (prepared with --latents {summary.get('latents_from')}) than the one in "
-                f"{export_dir(config)}; run `vidiff prepare --latents {export_dir(config)}` again"
+                f"{directory}; run `vidiff prepare --latents {directory}` again"
             )
+
+
+def _exported_vae_config(config, directory: Path):
+    """The exported VAE's config as `vidiff prepare` fingerprinted it: the fields the export records (an older
+    export: its preset and overrides; none: this config's). Its compute-only fields (dtype) this run may have
+    changed; ``check_dit_inputs`` compares the rest."""
+    recorded = recorded_config(directory, "vae")
+    if recorded is not None:
+        return recorded
+    exported = (read_manifest(directory).get("config") or {}).get("vae")
+    if exported:
+        return vae_preset(exported["preset"], **(exported.get("overrides") or {}))
+    return vae_from_config(config).config
 
 
 def _source_of(config) -> str:
@@ -245,21 +252,28 @@ def check_eval_split(config) -> None:
         raise ValueError(f"eval.split={split!r} but data.manifest={data.manifest!r} is one manifest, which has no "
                          f"splits; give data.manifest={{'train': ..., {split!r}: ...}}, {fix}")
     if data.source == "array_record":
-        specs = [data.array_record_path] if isinstance(data.array_record_path, (str, Path)) else \
-            list(data.array_record_path or [])
-        if not specs or not all(Path(str(one)).is_dir() for one in specs):
-            raise ValueError(f"eval.split={split!r} but data.array_record_path={data.array_record_path!r} names shard "
-                             f"files, which have no splits; point it at the `vidiff prepare` folder holding "
-                             f"{split}-*.array_record shards, {fix}")
-        if not any(next(Path(str(one)).glob(f"{split}-*.array_record"), None) for one in specs):
-            raise ValueError(f"eval.split={split!r} but data.array_record_path={data.array_record_path!r} holds no "
-                             f"{split}-*.array_record shards (`vidiff prepare` writes --split train unless told); "
-                             f"run `vidiff prepare --split {split} --out <that folder>` on held-out clips, {fix}")
-        record = _first_prepared_record(config, split)
-        frames = evaluation.get("num_frames") or data.num_frames
-        if record is not None and len(record["video"]) < frames:  # every clip would be skipped as too short
-            raise ValueError(f"eval.num_frames={frames} but the {split!r} shards hold {len(record['video'])}-frame "
-                             f"clips; set eval.num_frames={len(record['video'])} (or prepare longer clips)")
+        _check_eval_shards(config, split, fix)
+
+
+def _check_eval_shards(config, split: str, fix: str) -> None:
+    """``array_record`` shards have splits only as a `vidiff prepare` folder's, and an eval split's clips must be
+    as long as ``eval.num_frames``."""
+    data = config.data
+    specs = ([data.array_record_path] if isinstance(data.array_record_path, (str, Path))
+             else list(data.array_record_path or []))
+    if not specs or not all(Path(str(one)).is_dir() for one in specs):
+        raise ValueError(f"eval.split={split!r} but data.array_record_path={data.array_record_path!r} names shard "
+                         f"files, which have no splits; point it at the `vidiff prepare` folder holding "
+                         f"{split}-*.array_record shards, {fix}")
+    if not any(next(Path(str(one)).glob(f"{split}-*.array_record"), None) for one in specs):
+        raise ValueError(f"eval.split={split!r} but data.array_record_path={data.array_record_path!r} holds no "
+                         f"{split}-*.array_record shards (`vidiff prepare` writes --split train unless told); "
+                         f"run `vidiff prepare --split {split} --out <that folder>` on held-out clips, {fix}")
+    record = _first_prepared_record(config, split)
+    frames = (config.get("eval") or {}).get("num_frames") or data.num_frames
+    if record is not None and len(record["video"]) < frames:  # every clip would be skipped as too short
+        raise ValueError(f"eval.num_frames={frames} but the {split!r} shards hold {len(record['video'])}-frame "
+                         f"clips; set eval.num_frames={len(record['video'])} (or prepare longer clips)")
 
 
 def check_stored_clips(config) -> None:
