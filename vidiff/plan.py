@@ -33,8 +33,10 @@ import sys
 import time
 
 ACCEPTS_CONFIG_OVERRIDES = True
-_CHILD = "VIDIFF_PLAN_VIRTUAL_DEVICES"
+_CHILD = "VIDIFF_PLAN_VIRTUAL_DEVICES"  # set in the re-run on virtual CPU devices: their count
 GiB = 2**30
+# The flags that shape only the DiT's step (its row would be the same with or without them for the VAE).
+_DIT_FLAGS = ("tokens", "remat", "preset", "attention", "dtype", "scan", "text_dim")
 
 
 def add_arguments(parser) -> None:
@@ -80,30 +82,35 @@ def run(args) -> int:
     return 0
 
 
+def _flag(dest: str) -> str:
+    """The command-line spelling of an argparse destination: ``text_dim`` -> ``--text-dim``."""
+    return f"--{dest.replace('_', '-')}"
+
+
 def _check_flags(args) -> None:
     """Numbers that would otherwise mean "default" (0) or fail deep in a compile (negative), named up front."""
     for flag in ("devices", "batch", "text_dim"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
+            raise ValueError(f"{_flag(flag)}={getattr(args, flag)} must be at least 1")
     if args.device_memory is not None and not args.device_memory > 0:
         raise ValueError(f"--device-memory={args.device_memory} must be a positive number of GiB")
-    if args.model == "vae":  # the VAE's row would silently be the same with or without them
-        dit_only = [f"--{flag.replace('_', '-')}" for flag in ("tokens", "remat", "preset", "attention", "dtype",
-                                                               "scan", "text_dim") if getattr(args, flag) is not None]
+    if args.model == "vae":
+        dit_only = [_flag(flag) for flag in _DIT_FLAGS if getattr(args, flag) is not None]
         if dit_only:
             raise ValueError(f"{', '.join(dit_only)} set the DiT's step, not the VAE's; drop them with --model vae "
                              "(the VAE's own fields are --config.vae.overrides.<field>=...)")
-    _ints(args.tokens)
+    _token_counts(args.tokens)
 
 
 def _rerun_on_virtual_cpus(args, devices: int) -> int:
+    """The same plan in a child process with ``devices`` virtual CPU devices (XLA fixes the count at start-up)."""
     if os.environ.get(_CHILD):
         raise ValueError(f"--devices {devices}: only {os.environ[_CHILD]} virtual CPU devices came up")
     argv = [sys.executable, "-m", "vidiff.cli", "plan", "--config", args.config, "--model", args.model,
             "--devices", str(devices)]
     for flag in ("mesh", "device_memory", "batch", "tokens", "remat", "preset", "attention", "dtype", "text_dim"):
         if getattr(args, flag) is not None:
-            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            argv += [_flag(flag), str(getattr(args, flag))]
     argv += ([] if args.scan is None else ["--scan" if args.scan else "--no-scan"]) + list(args.overrides)
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, _CHILD: str(devices)}
@@ -123,31 +130,37 @@ def plan(args, devices) -> list[dict]:
     if args.model == "dit":  # as vidiff train checks it: the config's field named, before its widths are read
         check_text_encoder(config)
     mesh = parallel.mesh_from_config(args.mesh or config.mesh, devices=devices)
+    batch = _global_batch(config, args, mesh)
+    if args.model == "vae":
+        *step, networks = _vae_step(config, mesh, batch)
+        return [_compile_row(config, "vae", mesh, *step, dict(model="vae"), networks=networks)]
+    on_cpu = jax.default_backend() == "cpu"
+    rows = []
+    for tokens in _token_counts(args.tokens) or [None]:
+        for remat in args.remat.split(",") if args.remat else [None]:
+            cfg, latent = _dit_config(config, args, tokens, remat, on_cpu, _stands_in())
+            label = dict(model=f"dit {args.preset or config.dit.preset}", tokens=token_count(latent, cfg.patch),
+                         latent="x".join(map(str, latent)), remat=cfg.remat_policy, attention=cfg.attention_impl,
+                         blocks=_layout(cfg.scan_blocks, _configured_scan(config, args)))
+            row = _compile_row(config, "dit", mesh, *_dit_step(config, cfg, mesh, batch, latent), label)
+            rows.append(_with_device0(row, config))
+    return rows
+
+
+def _global_batch(config, args, mesh) -> int:
+    """``--batch`` or ``data.batch_size``, refused as ``vidiff train`` refuses it (``vidiff.train.config``, in
+    words naming the flag): it must spread over the data-parallel devices, each micro-batch too."""
     batch = args.batch or int(config.data.batch_size)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     named = "--batch" if args.batch else "data.batch_size"
     if batch % dp:
         raise ValueError(f"{named} {batch} is not divisible by mesh data x fsdp = {dp}; use a multiple of {dp}")
     accumulate = config[f"{args.model}_train"].optim.accumulate
-    if batch % (accumulate * dp):  # as vidiff train refuses it: each micro-batch spreads over those devices
+    if batch % (accumulate * dp):
         raise ValueError(f"{named} {batch} does not split into {args.model}_train.optim.accumulate={accumulate} "
                          f"micro-batches over mesh data x fsdp = {dp}; use a multiple of {accumulate * dp} or a "
                          f"smaller accumulate")
-    rows = []
-    if args.model == "vae":
-        *step, networks = _vae_step(config, mesh, batch)
-        rows.append(_compile_row(config, mesh, *step, dict(model="vae"), networks=networks))
-        return rows
-    on_cpu = jax.default_backend() == "cpu"
-    for tokens in _ints(args.tokens) or [None]:
-        for remat in (args.remat or "").split(",") if args.remat else [None]:
-            cfg, latent = _dit_config(config, args, tokens, remat, on_cpu, _stands_in())
-            label = dict(model=f"dit {args.preset or config.dit.preset}", tokens=token_count(latent, cfg.patch),
-                         latent="x".join(map(str, latent)), remat=cfg.remat_policy, attention=cfg.attention_impl,
-                         blocks=_layout(cfg.scan_blocks, _configured_scan(config, args)))
-            row = _compile_row(config, mesh, *_dit_step(config, cfg, mesh, batch, latent), label)
-            rows.append(_with_device0(row, config))
-    return rows
+    return batch
 
 
 def _with_device0(row: dict, config) -> dict:
@@ -158,7 +171,7 @@ def _with_device0(row: dict, config) -> dict:
     return dict(row, text_encoder=text, cache_vae=cache_vae, device0_peak=row["peak"] + text + cache_vae)
 
 
-def _ints(text):
+def _token_counts(text):
     """``--tokens`` as positive ints; a one-line error naming the flag otherwise."""
     try:
         values = [int(v) for v in text.split(",")] if text else []
@@ -186,11 +199,14 @@ def _configured_scan(config, args) -> bool:
 
 
 def _layout(scan: bool, configured: bool) -> str:
+    """The ``blocks`` cell: the layout compiled, and the config's when the plan compiled the other."""
     names = {True: "scanned", False: "unrolled"}
     return names[scan] if scan == configured else f"{names[scan]} (config: {names[configured]})"
 
 
 def _dit_config(config, args, tokens, remat, on_cpu, stand_in):
+    """The DiT config a row compiles (the config's or ``--preset``'s, with the flags' fields and what stands in
+    for a GPU's attention and layout on CPUs), and its latent's (frames, height, width) for ``tokens``."""
     from vidiff.models.dit import dit_preset
     from vidiff.models.patches import latent_shape_for_tokens
     from vidiff.train.tasks import vae_from_config, video_shape
@@ -232,6 +248,7 @@ def text_encoder_shape(name: str, max_length: int) -> tuple[int, int, int]:
 
 
 def _abstract_batch(shapes: dict, mesh):
+    """``{name: (shape, dtype)}`` as ShapeDtypeStructs sharded over the data axes, and those shardings."""
     import jax
 
     from vidiff import parallel
@@ -282,15 +299,16 @@ def _vae_step(config, mesh, batch):
             ({}, {}), task.networks)
 
 
-def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, frozen_and_shardings,
+def _compile_row(config, model: str, mesh, init_params, loss_fn, batch_and_shardings, frozen_and_shardings,
                  label: dict, networks=None) -> dict:
+    """``label`` with the bytes per device of one compiled train step, and its compile time."""
     import jax
 
     from vidiff import parallel
     from vidiff.train.optimizer import make_optimizer
     from vidiff.train.state import abstract_state, jit_train_step, make_train_step
 
-    stage = config[f"{label['model'].split()[0]}_train"]
+    stage = config[f"{model}_train"]
     tx, _ = make_optimizer(stage.optim, stage.steps, networks=networks)
     batch, batch_shardings = batch_and_shardings
     frozen, frozen_shardings = frozen_and_shardings
@@ -316,13 +334,6 @@ def _compile_row(config, mesh, init_params, loss_fn, batch_and_shardings, frozen
                 compile_s=seconds)
 
 
-def _bytes(tree) -> int:
-    """Bytes of ``tree`` (arrays or ShapeDtypeStructs) whole."""
-    import jax
-
-    return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
 def _per_device(tree) -> int:
     """Bytes one device holds of ``tree`` (ShapeDtypeStructs with shardings)."""
     import jax
@@ -331,6 +342,7 @@ def _per_device(tree) -> int:
 
 
 def _gib(n: int) -> str:
+    """``n`` bytes in GiB, small amounts to two significant digits."""
     x = n / GiB
     return f"{x:.2f}" if x >= 0.1 or x == 0 else f"{x:.2g}"
 
@@ -356,6 +368,7 @@ def format_table(rows: list[dict], device_memory: float | None) -> str:
 
 
 def _device0_note(row: dict) -> str:
+    """The table's heading words for what device 0 holds outside the mesh."""
     held = [f"the frozen text encoder ({_gib(row['text_encoder'])})"] + (
         [f"the latent cache's copy of the VAE ({_gib(row['cache_vae'])})"] if row["cache_vae"] else [])
     return f"; device 0 (each process's first) also holds {' and '.join(held)}, in its 'device 0 peak'"
