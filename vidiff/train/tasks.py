@@ -7,6 +7,9 @@ becomes sharded device arrays, and its periodic evaluation (VAE: PSNR / SSIM
 on fixed held-out clips and a reconstruction grid; DiT: sample clips for fixed
 prompts). Both train from ``config`` sections ``vae`` / ``dit`` (preset +
 overrides), ``vae_loss``, ``flow``, ``text``, ``data`` and ``sample``.
+Beside them: ``vae_from_config``, ``video_shape``, ``export_dir`` (what other
+modules read of a config), ``validation_clips``, ``sample_preview_clips`` and
+``load_vae_variables`` (the trained VAE the DiT loads).
 """
 from __future__ import annotations
 
@@ -42,11 +45,18 @@ def build(config, model: str, mesh):
 
 
 def vae_from_config(config) -> VideoVAE:
+    """The VAE ``config.vae`` describes (its preset with its overrides)."""
     return VideoVAE(vae_preset(config.vae.preset, **config.vae.overrides))
 
 
 def video_shape(config, batch: int | None = None) -> tuple[int, ...]:
+    """``(batch, frames, height, width, 3)`` of a training batch (``data.batch_size`` unless ``batch``)."""
     return (batch or config.data.batch_size, config.data.num_frames, *height_width(config.data.size), 3)
+
+
+def _unit_range(video):
+    """uint8 frames as float32 in [-1, 1], what the VAE takes (traced inside the step too)."""
+    return jnp.asarray(video, jnp.float32) / 127.5 - 1.0
 
 
 class Task:
@@ -54,12 +64,16 @@ class Task:
 
     batch_keys: tuple[str, ...] = ("video",)
     networks: dict[str, int] | None = None  # parameter group -> first update training it (make_optimizer)
+    # Captions this process trained on that were cut to text.max_length (none without text). The loop adds
+    # each batch's count when a step consumes it: a batch prepared ahead (vidiff.train.prefetch) is not counted.
+    captions_truncated = 0
 
     def __init__(self, config, mesh):
         self.config, self.mesh = config, mesh
         self.frozen, self.frozen_shardings = {}, {}
 
     def pipeline(self, config):
+        """The Grain pipeline of ``config.data`` (the loop passes this process's share of the batch)."""
         from vidiff.data import make_pipeline
 
         return make_pipeline(config.data)
@@ -67,10 +81,6 @@ class Task:
     def host_arrays(self, raw: dict) -> tuple[dict, int]:
         """The batch's numeric host arrays, and how many of its captions were cut to ``text.max_length``."""
         return {k: np.asarray(raw[k]) for k in self.batch_keys}, 0
-
-    # Captions this process trained on that were cut to text.max_length (none without text). The loop adds
-    # each batch's count when a step consumes it: a batch prepared ahead (vidiff.train.prefetch) is not counted.
-    captions_truncated = 0
 
     def device_batch(self, raw: dict, mesh) -> tuple[dict, int]:
         """Numeric batch entries as global arrays sharded over the data axes (multi-host safe), and the
@@ -122,7 +132,7 @@ class VAETask(Task):
         return params
 
     def loss_fn(self, params, batch, rng, frozen, step):
-        video = batch["video"].astype(jnp.float32) / 127.5 - 1.0
+        video = _unit_range(batch["video"])
         recon, posterior = self.vae.apply({"params": params["vae"]}, video, rng)
         disc_logits = None
         if self.disc is not None:
@@ -149,7 +159,7 @@ class VAETask(Task):
         return self._val
 
     def evaluate(self, state, workdir: Path, step: int) -> dict:
-        video = jnp.asarray(self.validation_videos(), jnp.float32) / 127.5 - 1.0
+        video = _unit_range(self.validation_videos())
         recon = _reconstruct(self.vae, state.ema_params["vae"], video)
         grid = np.concatenate([io.to_uint8(video[:4]), io.to_uint8(recon[:4])], axis=2)  # originals | recons
         io.write_video(Path(workdir) / "samples" / f"recon_{step:06d}.gif", _tile(grid), preview_fps(self.config))
@@ -168,7 +178,7 @@ class VAETask(Task):
             nonlocal used
             for batch in itertools.islice(iter(self.pipeline(self.config)), wanted):
                 used += 1
-                yield jnp.asarray(batch["video"], jnp.float32) / 127.5 - 1.0
+                yield _unit_range(batch["video"])
 
         shift, scale = compute_latent_stats(self.vae, variables, videos())
         if not (np.all(np.isfinite(shift)) and np.all(np.isfinite(scale))):
@@ -206,17 +216,27 @@ def validation_clips(config) -> np.ndarray:
     n = int(config.eval.num_clips)
     num_frames = config.eval.get("num_frames") or config.data.num_frames
     if config.data.source == "world":
-        from vidiff.data.transforms import resize_crop
-        from vidiff.data.world import CaptionedWorld, WorldConfig
+        return _held_out_world_clips(config, n, num_frames)
+    return _eval_split_clips(config, n, num_frames)
 
-        # The eval clips' length, size, split and seed are fixed here, whatever the training stage's world says.
-        fixed = ("held_out", "num_frames", "size", "seed")
-        world_fields = {k: v for k, v in dict(config.data.get("world") or {}).items() if k not in fixed}
-        height, width = video_shape(config)[2:4]
-        world = CaptionedWorld(WorldConfig(num_frames=num_frames, size=max(height, width),
-                                           **{**world_fields, "held_out": "only", "seed": 12345}))
-        # Square clips, cut to (height, width) as the training pipeline cuts the world's (a centre crop).
-        return np.stack([resize_crop(world[i]["video"], height, width, "center", None) for i in range(n)])
+
+def _held_out_world_clips(config, n: int, num_frames: int) -> np.ndarray:
+    """The world's first ``n`` held-out clips, at the training clips' size."""
+    from vidiff.data.transforms import resize_crop
+    from vidiff.data.world import CaptionedWorld, WorldConfig
+
+    # The eval clips' length, size, split and seed are fixed here, whatever the training stage's world says.
+    fixed = ("held_out", "num_frames", "size", "seed")
+    world_fields = {k: v for k, v in dict(config.data.get("world") or {}).items() if k not in fixed}
+    height, width = video_shape(config)[2:4]
+    world = CaptionedWorld(WorldConfig(num_frames=num_frames, size=max(height, width),
+                                       **{**world_fields, "held_out": "only", "seed": 12345}))
+    # Square clips, cut to (height, width) as the training pipeline cuts the world's (a centre crop).
+    return np.stack([resize_crop(world[i]["video"], height, width, "center", None) for i in range(n)])
+
+
+def _eval_split_clips(config, n: int, num_frames: int) -> np.ndarray:
+    """The first ``n`` clips of the data's ``eval.split``."""
     from vidiff.data import record_stream
 
     # Whole clips of eval.num_frames at data.size (training's buckets and image mix would cut images or other
@@ -242,6 +262,14 @@ def validation_clips(config) -> np.ndarray:
 LATENT_SOURCES = ("on_the_fly", "cached", "prepared")
 
 
+def _latent_source(config) -> str:
+    """``dit_train.latents``, one of ``LATENT_SOURCES``."""
+    mode = config.dit_train.get("latents", "on_the_fly")
+    if mode not in LATENT_SOURCES:
+        raise ValueError(f"dit_train.latents={mode!r} must be one of {', '.join(map(repr, LATENT_SOURCES))}")
+    return mode
+
+
 class DiTTask(Task):
     """Rectified-flow velocity regression on VAE latents, text from a frozen encoder.
 
@@ -256,12 +284,10 @@ class DiTTask(Task):
 
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
-        mode = config.dit_train.get("latents", "on_the_fly")
-        if mode not in LATENT_SOURCES:
-            raise ValueError(f"dit_train.latents={mode!r} must be one of {', '.join(map(repr, LATENT_SOURCES))}")
-        self.prepared = mode == "prepared"
-        dit_condition(config)  # a bad mode name fails here, before the text encoder loads
-        self.batch_keys = ("video" if mode == "on_the_fly" else "latents", "text_tokens", "text_lengths", "pooled")
+        latents = _latent_source(config)
+        self.prepared = latents == "prepared"
+        dit_condition(config)  # a bad dit_train.condition mode fails here, before the text encoder loads
+        self.batch_keys = ("video" if latents == "on_the_fly" else "latents", "text_tokens", "text_lengths", "pooled")
         from vidiff.models.text import text_encoder
 
         self.text = text_encoder(config.text.encoder, max_length=config.text.max_length,
@@ -282,7 +308,7 @@ class DiTTask(Task):
         self.frozen = {"vae": jax.device_put(variables, replicated)}
         self.frozen_shardings = jax.tree.map(lambda _: replicated, self.frozen)
         self.latent_cache = None
-        if mode == "cached":  # a miss is this process's own: encoded on one of its devices, not on the mesh's
+        if latents == "cached":  # a miss is this process's own: encoded on one of its devices, not on the mesh's
             encode = functools.partial(encode_latents, self.vae, jax.device_put(variables, jax.local_devices()[0]))
             self.latent_cache = LatentCache(encode, config.dit_train.get("cache_clips", 100_000),
                                             fingerprint=vae_fingerprint(variables, self.vae.config))
@@ -301,22 +327,13 @@ class DiTTask(Task):
 
     def host_arrays(self, raw: dict) -> tuple[dict, int]:
         captions = [str(c) for c in raw["caption"]]
-        if not self.prepared:
-            emb = self.text.encode(captions)
-            video = np.asarray(raw["video"])
-            pixels = {"video": video} if self.latent_cache is None else {"latents": self.latent_cache(video)}
-            return {**pixels, "text_tokens": emb.tokens, "text_lengths": emb.mask.sum(-1).astype(np.int32),
-                    "pooled": emb.pooled}, int(emb.truncated.sum())
-        tokens, mask = np.array(raw["text_embedding"], np.float32), np.array(raw["text_mask"], bool)
-        pooled = np.array(raw["text_pooled"], np.float32)
-        # Caption dropout blanks the caption after the embedding was stored: use the empty prompt's.
-        dropped = np.array([c == "" for c in captions])
-        if dropped.any():
-            empty = self.text.encode([""])
-            tokens[dropped], mask[dropped], pooled[dropped] = empty.tokens[0], empty.mask[0], empty.pooled[0]
-        # The stored embeddings' cuts were counted by `vidiff prepare`; the empty prompt is never cut.
-        return {"latents": np.asarray(raw["latents"], np.float32), "text_tokens": tokens,
-                "text_lengths": mask.sum(-1).astype(np.int32), "pooled": pooled}, 0
+        if self.prepared:
+            return _prepared_arrays(raw, captions, self.text), 0
+        emb = self.text.encode(captions)
+        video = np.asarray(raw["video"])
+        pixels = {"video": video} if self.latent_cache is None else {"latents": self.latent_cache(video)}
+        return {**pixels, "text_tokens": emb.tokens, "text_lengths": emb.mask.sum(-1).astype(np.int32),
+                "pooled": emb.pooled}, int(emb.truncated.sum())
 
     def tokens_in(self, batch: dict) -> int:
         """Spacetime patches in a device batch (its bucket's clip size; read from shapes, no device sync)."""
@@ -336,6 +353,7 @@ class DiTTask(Task):
         return {} if self.latent_cache is None else {"latent_cache": self.latent_cache.stats()}
 
     def _cache_path(self, workdir: Path) -> Path:
+        """Each process caches the clips it reads, in a file of its own."""
         return Path(workdir) / "latent_cache" / f"process_{jax.process_index()}.npz"
 
     def save_cache(self, workdir: Path) -> None:
@@ -350,17 +368,29 @@ class DiTTask(Task):
         return None if self.latent_cache is None else self.latent_cache.load(self._cache_path(workdir))
 
 
+def _prepared_arrays(raw: dict, captions: list[str], text) -> dict:
+    """A prepared batch's stored latents and text embeddings. The stored embeddings' cuts were counted by
+    `vidiff prepare`; the empty prompt that replaces a dropped caption's is never cut."""
+    tokens, mask = np.array(raw["text_embedding"], np.float32), np.array(raw["text_mask"], bool)
+    pooled = np.array(raw["text_pooled"], np.float32)
+    # Caption dropout blanks the caption after the embedding was stored: use the empty prompt's.
+    dropped = np.array([c == "" for c in captions])
+    if dropped.any():
+        empty = text.encode([""])
+        tokens[dropped], mask[dropped], pooled[dropped] = empty.tokens[0], empty.mask[0], empty.pooled[0]
+    return {"latents": np.asarray(raw["latents"], np.float32), "text_tokens": tokens,
+            "text_lengths": mask.sum(-1).astype(np.int32), "pooled": pooled}
+
+
 def sample_preview_clips(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
     """Training's preview clips (``samples/``): uint8 ``(N, T, H, W, 3)`` for ``prompts``, config.sample settings."""
-    s = task.config.sample
+    sample = task.config.sample
     context = text_context(task.text.encode(prompts))
     uncond = text_context(task.text.encode([""] * len(prompts)))
     noise = jax.random.normal(jax.random.key(seed), (len(prompts), *task.latent_shape))
-    z = sample_latents(task.dit, params, context, uncond, noise, steps=int(s.steps), sampler=s.sampler,
-                       guidance=float(s.guidance), shift=task.shift)
-    vae_vars = task.frozen["vae"]
-    video = compiled(task.vae, "decode_normalized")(vae_vars, z)
-    return io.to_uint8(video)
+    latents = sample_latents(task.dit, params, context, uncond, noise, steps=int(sample.steps),
+                             sampler=sample.sampler, guidance=float(sample.guidance), shift=task.shift)
+    return io.to_uint8(compiled(task.vae, "decode_normalized")(task.frozen["vae"], latents))
 
 
 def load_vae_variables(config) -> dict:
@@ -373,4 +403,5 @@ def load_vae_variables(config) -> dict:
 
 
 def export_dir(config) -> Path:
+    """Where a run exports its models (``<workdir>/export``): the DiT's VAE is read from there."""
     return Path(config.workdir) / "export"
