@@ -553,7 +553,7 @@ def test_sigkill_then_rerun_resumes_bit_identically(tmp_path):
     resumed = _run(_command(killed, *extra))
     assert resumed.returncode == 0, resumed.stderr
     start = int(re.search(rf"resumed vae from {re.escape(str(killed / 'vae' / 'checkpoints'))}/(\d+)\b",
-                          resumed.stdout).group(1))
+                          resumed.stderr).group(1))
     assert start in (3, 6)  # a mid-run checkpoint (ckpt_every 3), not the last step's (8)
     expected, got = _losses(reference), _losses(killed)
     assert sorted(got) == list(range(1, 9))
@@ -729,7 +729,7 @@ def test_a_stop_between_log_rows_logs_its_steps_and_each_row_says_how_many(tmp_p
     monkeypatch.setattr(stopping.StopRequest, "requested", sigterm_after_step_2)
     with pytest.raises(SystemExit) as stopped:
         train()
-    assert stopped.value.code == 0
+    assert stopped.value.code == 128 + signal.SIGTERM
     # The checkpoint ranks itself by the mean loss of the steps since the one before: here steps 1-2, the row's too.
     ranked = json.loads((tmp_path / "vae" / "checkpoints" / "2" / "metrics" / "metrics").read_text())["loss"]
     monkeypatch.setattr(stopping.StopRequest, "requested", requested)
@@ -742,13 +742,17 @@ def test_a_stop_between_log_rows_logs_its_steps_and_each_row_says_how_many(tmp_p
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_and_exits_with_the_signals_code(tmp_path):
+    """143 (128 + SIGTERM), not 0: `vidiff train --model vae && vidiff train --model dit` went on to the DiT, and
+    retry loops stopped, as if the run had finished. The message is on stderr: stdout holds only a summary."""
     proc = _start(_command(tmp_path, steps=200))
     _wait_for_step(tmp_path, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    line = [l for l in out.splitlines() if l.startswith("SIGTERM: saved checkpoint")][0]
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert out == ""
+    line = [l for l in err.splitlines() if l.startswith("SIGTERM: saved checkpoint")][0]
+    assert line.endswith("; exiting (run the same command again to resume)")
     step_dir = Path(line.split("saved checkpoint ")[1].split(";")[0])
     assert step_dir.is_dir() and int(step_dir.name) >= 2
 
@@ -825,13 +829,13 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
     # Captions longer than text.max_length=8 tokens are cut: counted in every row and the summary, and said once.
     cut = json.loads(dit.stdout.strip().splitlines()[-1])["captions_truncated"]
     assert cut > 0 and [r["captions_truncated"] for r in read_metrics(tmp_path / "dit") if "loss" in r][-1] == cut
-    assert dit.stdout.count("tokens and were cut to it; log rows count them (captions_truncated); raise "
+    assert dit.stderr.count("tokens and were cut to it; log rows count them (captions_truncated); raise "
                             "text.max_length to keep them whole") == 1
     # Resumed, the run reads the latents its checkpoint saved instead of encoding the clips again.
     more = _run(_command(tmp_path, "--config.dit_train.eval_every=0", *eight_clips, model="dit", steps=4))
     assert more.returncode == 0, more.stderr
     cache_file = tmp_path / "dit" / "latent_cache" / "process_0.npz"
-    assert f"latent cache: 8 clips' latents loaded from {cache_file}" in more.stdout
+    assert f"latent cache: 8 clips' latents loaded from {cache_file}" in more.stderr
     assert json.loads(more.stdout.strip().splitlines()[-1])["latent_cache"] == {"clips": 8, "hits": 8, "misses": 0,
                                                                                "loaded": 8}
     # The truncated captions count on across the resume, as in one uninterrupted run of 4 steps (they restarted at 0).

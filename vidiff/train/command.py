@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 ACCEPTS_CONFIG_OVERRIDES = True
 
@@ -23,6 +24,7 @@ def run(args) -> int:
     config = load_config(args.config, args.overrides)
     if args.mesh is not None:
         set_mesh(config, args.mesh)
-    summary = train(config, args.model)
+    # Log lines on stderr: stdout holds the summary alone, for whatever reads it.
+    summary = train(config, args.model, log=lambda *a, **k: print(*a, **k, file=sys.stderr, flush=True))
     print(json.dumps(json_safe(summary), allow_nan=False))  # a NaN loss is null: the line stays valid JSON
     return 0

@@ -8,7 +8,8 @@ then runs the jitted step. Every ``log_every`` steps it writes metrics (JSONL +
 TensorBoard) and checks for non-finite steps; every ``ckpt_every`` steps it
 saves asynchronously (state + data iterator + config). Each row says how many
 steps its means cover (``steps``). SIGTERM / SIGINT save a checkpoint, log the
-steps since the last row, and exit cleanly with a message naming it, before that
+steps since the last row, and exit with the shell's code for that signal (143 /
+130: a stopped run is not a finished one) and a message naming it, before that
 step's evaluation (a preemption's grace period is for the save; how a run stops
 early: :mod:`vidiff.train.stopping`). Running the same command again
 after any kill resumes exactly: same data order, same per-step RNG.
@@ -54,6 +55,7 @@ import dataclasses
 import functools
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -282,9 +284,12 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
                     checkpointer.close()
                     task.wait_cache()
                     bar.close()
-                    log(f"{stop.signal_name}: saved checkpoint {checkpointer.directory / str(step)}; exiting")
+                    log(f"{stop.signal_name}: saved checkpoint {checkpointer.directory / str(step)}; exiting (run the "
+                        "same command again to resume)")
                     writer.close()
-                    sys.exit(0)
+                    # The shell's code for a signal's end: `vidiff train ... && next` and retry loops must not
+                    # take a stopped run for a finished one.
+                    sys.exit(128 + signal.Signals[stop.signal_name].value)
                 if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
                     began = time.perf_counter()
                     with batches.lock:  # the text encoder's cache is not shared with the worker meanwhile
