@@ -114,7 +114,7 @@ def _rerun_on_virtual_cpus(args, devices: int) -> int:
     argv += ([] if args.scan is None else ["--scan" if args.scan else "--no-scan"]) + list(args.overrides)
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, _CHILD: str(devices)}
-    print(f"planning on {devices} virtual CPU devices (this machine has fewer)", flush=True)
+    print(f"planning on {devices} virtual CPU devices (this machine has fewer)", file=sys.stderr, flush=True)
     return subprocess.call(argv, env=env)
 
 

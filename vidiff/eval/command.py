@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         summary = {"checkpoint": str(pipe.directory), "dtype": dtype, "prompts": args.prompts, "seeds": args.seeds,
                    "sampling": {**{k: pipe.defaults[k] for k in ("steps", "guidance", "sampler")}, **sampling},
                    **summary}
-        print(adherence.format_table(summary))
+        print(adherence.format_table(summary), file=sys.stderr)  # for the eye; stdout is the JSON alone
         brief = {k: summary[k] for k in ("checkpoint", "dtype", "prompts", "seeds", "sampling", "num_clips",
                                          "accuracy")}
     else:
