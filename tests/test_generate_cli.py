@@ -361,6 +361,28 @@ def test_the_command_line_entry_point_never_shows_a_traceback():
         assert result.stderr.strip() == f"vidiff generate: error: {message}"
 
 
+def test_ctrl_c_is_one_line_and_the_shells_code(capsys, monkeypatch):
+    """A KeyboardInterrupt (Ctrl-C while the model loads or compiles) printed a ~40-line traceback, and the
+    interpreter's teardown after it often crashed in XLA (exit 139)."""
+    import os
+
+    from vidiff import generate as command
+
+    def interrupted(args):
+        print("wrote a.gif")
+        raise KeyboardInterrupt
+
+    def exits(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(command, "run", interrupted)
+    monkeypatch.setattr(os, "_exit", exits)
+    with pytest.raises(SystemExit) as stopped:
+        main(["generate", "a red ball"])
+    assert stopped.value.code == 130
+    assert capsys.readouterr() == ("wrote a.gif\n", "vidiff generate: interrupted\n")
+
+
 def test_unrecognized_arguments_name_only_the_bad_ones(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--config", "c.py", "--configvae_train.steps=3", "--config.workdir=/tmp/w"])

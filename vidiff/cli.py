@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -58,6 +59,11 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"vidiff {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and exits itself): one line, not a trace
+        print(f"vidiff {args.command}: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # not a return: the interpreter's teardown after an interrupt mid-compile can crash in XLA
 
 
 if __name__ == "__main__":
