@@ -90,6 +90,13 @@ def test_config_files_that_do_not_load_fail_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"raising.py:3: loading the config file raised NameError: name "
                                          r"'undefined_name' is not defined; fix the config file"):
         config_lib.load_config(raising)
+    returns = tmp_path / "returns.py"
+    returns.write_text("def get_config():\n    c = {'workdir': 'w'}\n")  # forgot the return: an AttributeError trace
+    with pytest.raises(ValueError, match=r"returns.py: get_config\(\) returned NoneType, not an ml_collections."
+                                         r"ConfigDict; return the config \(see \S+world_tiny.py\)$"):
+        config_lib.load_config(returns)
+    returns.write_text("def get_config():\n    return {'workdir': 'w', 'mesh': {'data': 1}}\n")
+    assert config_lib.load_config(returns, ["--config.mesh.data=2"]).mesh.data == 2  # a dict is taken as one
     with pytest.raises(FileNotFoundError, match=r"missing.py does not exist; the shipped configs are named real_tiny, "
                                                 r"world_tiny$"):
         config_lib.load_config(tmp_path / "missing.py")

@@ -4,7 +4,8 @@ A config is a Python file with a ``get_config()`` that returns an ``ml_collectio
 ship in the package (``vidiff/configs/``) are named by their file's stem (``--config world_tiny``; ``config_path``
 says which file a name or path means); any other is given by its path (a copy of a shipped one, edited, is the
 usual start). A file that cannot be loaded (missing,
-not a ``.py`` file, a syntax error, an exception in ``get_config()``) fails with one line naming the file (and
+not a ``.py`` file, a syntax error, an exception in ``get_config()``, which returns neither a ``ConfigDict`` nor a
+dict) fails with one line naming the file (and
 line); the overrides (``--config.dit.overrides.depth=4``) are set and checked in ``vidiff.train.overrides``.
 """
 from __future__ import annotations
@@ -46,6 +47,11 @@ def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDic
         raise ValueError(f"{path} has no get_config() function")
     with _config_errors(path):
         config = module.get_config()
+    if isinstance(config, dict):  # a plain dict says the same: made a ConfigDict as the rest expects
+        config = ml_collections.ConfigDict(config)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"{path}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict; "
+                         f"return the config (see {SHIPPED_CONFIGS / 'world_tiny.py'})")
     apply_overrides(config, overrides)
     return config
 
