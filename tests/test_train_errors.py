@@ -44,9 +44,9 @@ def _cli(*args):
 
 
 def _one_line_error(result) -> str:
-    """The single stderr line of a failed ``vidiff train`` (exit 2, no traceback)."""
+    """The single error line of a failed ``vidiff train`` (exit 2, no traceback), after the config's warnings."""
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("vidiff train: error: "), result.stderr
     return lines[0][len("vidiff train: error: "):]
 

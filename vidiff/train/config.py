@@ -42,12 +42,13 @@ def train_stage(steps: int, lr: float, **fields) -> ml_collections.ConfigDict:
     line: AdamW at peak ``lr`` with a cosine schedule over ``steps`` (warmup ``min(100, steps // 10)``), EMA,
     logging, checkpoint and evaluation cadence; ``fields`` add or replace entries (``eval_every=200``, a
     stage's ``data`` overrides, ``condition``, ...). docs/configs.md lists them all."""
-    optim = dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10), end_lr_fraction=0.1, b1=0.9,
-                 b2=0.99, eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1)
-    defaults = dict(steps=steps, optim=optim, ema_decay=0.999, log_every=10, ckpt_every=200, keep=2, keep_best=1,
-                    eval_every=500, on_nonfinite="stop", profile=dict(start=10, steps=0),  # steps=0: no trace
-                    init_on="auto", init_from=None)
-    return ml_collections.ConfigDict({**defaults, **fields})
+    return ml_collections.ConfigDict(dict(
+        steps=steps,  # optim is the stage's own: a field of that name is refused (a duplicate keyword), not merged
+        optim=dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10), end_lr_fraction=0.1, b1=0.9,
+                   b2=0.99, eps=1e-8, weight_decay=0.01, grad_clip=1.0, accumulate=1),
+        **{"ema_decay": 0.999, "log_every": 10, "ckpt_every": 200, "keep": 2, "keep_best": 1, "eval_every": 500,
+           "on_nonfinite": "stop", "profile": dict(start=10, steps=0), "init_on": "auto",  # profile.steps > 0: a trace
+           "init_from": None, **fields}))
 
 
 def set_mesh(config, spec: str) -> ml_collections.ConfigDict:
