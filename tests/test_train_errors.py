@@ -90,6 +90,8 @@ def test_config_files_that_do_not_load_fail_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"raising.py:3: loading the config file raised NameError: name "
                                          r"'undefined_name' is not defined; fix the config file"):
         config_lib.load_config(raising)
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'optim'"):  # not merged: lr lost
+        config_lib.train_stage(10, 1e-3, optim=dict(warmup_steps=0))
     returns = tmp_path / "returns.py"
     returns.write_text("def get_config():\n    c = {'workdir': 'w'}\n")  # forgot the return: an AttributeError trace
     with pytest.raises(ValueError, match=r"returns.py: get_config\(\) returned NoneType, not an ml_collections."
