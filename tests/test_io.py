@@ -514,3 +514,42 @@ def test_an_interrupted_write_leaves_no_half_clip_under_its_name(tmp_path, monke
     monkeypatch.undo()
     written = io.write_video(tmp_path / "clip.mp4", frames, 8)  # the format is still picked by the suffix
     assert io.probe(written).num_frames == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif", "clip.mp4"]
+
+
+def test_replace_whole_keeps_links_modes_and_read_only_files_and_names_the_path(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from vidiff.io.files import file_mode, replace_whole
+
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    real = io.write_video(tmp_path / "real.gif", frames, 8)
+    (tmp_path / "link.gif").symlink_to(real)
+    io.write_video(tmp_path / "link.gif", frames + 9, 8)  # through the link, as open() writes: the link stays
+    assert (tmp_path / "link.gif").is_symlink() and io.read_video(real)[0][0, 0, 0, 0] == 9
+    real.chmod(0o600)
+    io.write_video(real, frames, 8)
+    assert real.stat().st_mode & 0o777 == 0o600  # its own mode, not open()'s
+    real.chmod(0o444)
+    with pytest.raises(OSError, match=f"^{re.escape(str(real))} could not be written: it is read-only; make it "
+                                      f"writable or choose another path$"):
+        io.write_video(real, frames, 8)
+    with pytest.raises(OSError, match=f"^{re.escape(str(tmp_path))} could not be written: it is a folder; give a "
+                                      f"file name$"):
+        replace_whole(tmp_path, lambda temporary: None)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)  # a folder this user cannot write
+    with pytest.raises(OSError, match=f"^{re.escape(str(tmp_path / 'new.gif'))} could not be written \\(Permission "
+                                      f"denied\\); check that {re.escape(str(tmp_path))} is writable$"):
+        io.write_video(tmp_path / "new.gif", frames, 8)
+    monkeypatch.undo()
+    mask = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", denied)  # read, not set: setting it on writer threads raced
+        assert file_mode() == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(mask)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -24,35 +25,59 @@ def not_written(path, code: int | None, why: str) -> OSError:
     return OSError(f"{path} could not be written ({why}); {fix}")
 
 
-def file_mode() -> int:
-    """The mode ``open()`` gives a new file under this process's umask (a temporary file gets 0600)."""
+def _umask_now() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
     os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _umask_now()  # (imported on the main thread, before any writer thread runs)
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (a temporary file gets 0600). Read from
+    /proc where there is one: setting the umask to read it, on writer threads, would race with other threads."""
+    try:
+        with open("/proc/self/status") as status:
+            mask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = _UMASK_AT_IMPORT
     return 0o666 & ~mask
 
 
 def replace_whole(path, fill, *, sync: bool = True, keep_suffix: bool = False) -> Path:
     """``path`` written whole or not at all: ``fill(temporary)`` writes a file beside it, which is given the
-    mode ``open()`` gives (not mkstemp's 0600) and renamed over ``path``; an ``OSError`` is one line.
+    mode ``open()`` gives (not mkstemp's 0600; an existing file's own mode) and renamed over ``path``; an
+    ``OSError`` is one line. A symlink's target is replaced, the link kept; a read-only file is refused, as
+    ``open()`` would refuse it.
 
     ``sync``: flush the bytes to disk before the rename, so a crash of the machine cannot leave ``path`` empty.
     Caches whose readers recompute an unreadable entry skip it: one fsync per caption would slow their writes.
     ``keep_suffix``: the temporary file ends in ``path``'s suffix too, for writers that pick the format by it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".partial" + (path.suffix if keep_suffix else "")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise OSError(f"{path} could not be written: it is a folder; give a file name")
+    if target.exists() and not (os.access(target, os.W_OK) and target.stat().st_mode & 0o222):  # (root: the bits)
+        raise OSError(f"{path} could not be written: it is read-only; make it writable or choose another path")
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else file_mode()
+    temporary = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.",
+                                             suffix=".partial" + (target.suffix if keep_suffix else ""),
+                                             dir=target.parent)
+        os.close(handle)
         fill(temporary)
         if sync:
             with open(temporary, "rb+") as f:
                 os.fsync(f.fileno())
-        os.chmod(temporary, file_mode())
-        os.replace(temporary, path)
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
     except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise not_written(path, error.errno, error.strerror or str(error)) from None
         raise

@@ -63,10 +63,7 @@ def write_video(path, frames, fps: float = 8.0, *, crf: int = 18) -> Path:
                ".webm": lambda out: _write_av(out, frames, fps, crf, "libvpx-vp9")}
     if suffix not in writers:
         raise ValueError(f"{path}: unknown video suffix {suffix!r}; use .mp4, .webm, .gif or .png")
-    try:
-        return replace_whole(path, writers[suffix], sync=False, keep_suffix=True)
-    except PermissionError as e:
-        raise OSError(f"cannot write {path}: {e.strerror}; choose a writable output path") from None
+    return replace_whole(path, writers[suffix], sync=False, keep_suffix=True)
 
 
 def _pil_image(frame):
@@ -126,6 +123,4 @@ def write_image(path, image) -> Path:
     path = Path(path)
     image = check_image(image)
     check_folders(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _pil_image(image).save(path)
-    return path
+    return replace_whole(path, _pil_image(image).save, sync=False, keep_suffix=True)
