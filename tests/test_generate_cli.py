@@ -368,8 +368,14 @@ def test_ctrl_c_is_one_line_and_the_shells_code(capsys, monkeypatch):
 
     from vidiff import generate as command
 
+    import threading
+    import time
+
+    written = []
+
     def interrupted(args):
         print("wrote a.gif")
+        threading.Thread(target=lambda: (time.sleep(0.3), written.append("cache"))).start()  # a background save
         raise KeyboardInterrupt
 
     def exits(code):
@@ -380,7 +386,9 @@ def test_ctrl_c_is_one_line_and_the_shells_code(capsys, monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         main(["generate", "a red ball"])
     assert stopped.value.code == 130
-    assert capsys.readouterr() == ("wrote a.gif\n", "vidiff generate: interrupted\n")
+    assert written == ["cache"]  # finished before the exit, as a normal exit waits for it (os._exit would not)
+    assert capsys.readouterr() == ("wrote a.gif\n", "vidiff generate: interrupted\nwaiting up to 60 s for 1 "
+                                   "background write(s) to finish (Ctrl-C again: stop now)\n")
 
 
 def test_unrecognized_arguments_name_only_the_bad_ones(capsys):

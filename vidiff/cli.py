@@ -11,6 +11,8 @@ import argparse
 import importlib
 import os
 import sys
+import threading
+import time
 
 SUBCOMMANDS = {
     "world": ("vidiff.data.world", "render clips of the built-in captioned world to mp4 + gif"),
@@ -60,10 +62,26 @@ def main(argv=None) -> int:
         print(f"vidiff {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and exits itself): one line, not a trace
-        print(f"vidiff {args.command}: interrupted", file=sys.stderr)
+        print(f"vidiff {args.command}: interrupted", file=sys.stderr, flush=True)
+        _let_writes_finish()
         sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(130)  # not a return: the interpreter's teardown after an interrupt mid-compile can crash in XLA
+
+
+def _let_writes_finish(seconds: float = 60.0) -> None:
+    """Wait (``seconds`` at most; a second Ctrl-C stops waiting) for the non-daemon threads, as a normal exit
+    would: the latent cache's writer and an async checkpoint save finish their files rather than vanish."""
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+    if not others:
+        return
+    print(f"waiting up to {seconds:g} s for {len(others)} background write(s) to finish (Ctrl-C again: stop now)",
+          file=sys.stderr, flush=True)
+    deadline = time.monotonic() + seconds
+    try:
+        for thread in others:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":
