@@ -129,6 +129,16 @@ def test_ctrl_c_or_sigterm_stops_prepare_between_records_and_leaves_nothing(real
         gc.callbacks.remove(in_a_gc_callback)
     assert len(seen) == 2 and sorted(p.name for p in out.iterdir()) == []  # stopped before the next record
     assert sig == signal.SIGINT or raised.value.code == 128 + signal.SIGTERM
+
+    def twice(record):  # a second signal stops inside the record (a stalled read is not waited for)
+        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), sig)
+        seen.append("went on")
+        return {}
+
+    with pytest.raises(stopped):
+        prepare_shards(real_shards["videos"], real_shards["manifest"], out, size="24x32", frames=5, add_fields=twice)
+    assert "went on" not in seen and sorted(p.name for p in out.iterdir()) == []
     assert signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)  # given back
 
 

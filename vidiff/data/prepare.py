@@ -171,17 +171,23 @@ def _stops_between_records():
     """SIGINT and SIGTERM noted and acted on between records (``KeyboardInterrupt``; ``SystemExit(143)``), so the
     staged shards are removed either way. Python's own ``KeyboardInterrupt`` could land in a callback (jax's
     garbage-collection hook, once ``--latents`` imported jax) that discards it, and the run went on to write
-    every shard; SIGTERM's default ended the process with the staging folder left behind."""
+    every shard; SIGTERM's default ended the process with the staging folder left behind. A second signal stops
+    at once, inside the record."""
     noted = []
 
     def stop_if_asked():
         if noted:
             raise KeyboardInterrupt if noted[0] == signal.SIGINT else SystemExit(128 + noted[0])
 
+    def note(signum, frame):
+        noted.append(signum)
+        if len(noted) > 1:  # a second signal: a record that takes long (a stalled read) is not waited for
+            stop_if_asked()
+
     previous = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+            previous[sig] = signal.signal(sig, note)
     except ValueError:  # not the main thread, which alone gets signals: they stay as they were
         pass
     try:
