@@ -4,6 +4,7 @@ export that does not fit this run is one line before anything compiles."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -202,3 +203,21 @@ def test_a_dit_export_needs_this_runs_text_widths_and_latent_channels(tmp_path, 
     assert str(info.value) == ("dit_train.init_from='bundled': its DiT takes 4-channel latents but this config's "
                                "VAE makes 8; train it on the export's VAE (a new workdir gets a copy of it), or drop "
                                "dit_train.init_from")
+
+
+def test_a_re_export_over_read_only_or_private_files_refuses_first_or_keeps_their_modes(tmp_path):
+    """The weights went through safetensors' rename and vidiff.json through replace_whole: a read-only vidiff.json
+    was refused after the weights were replaced, and 0600 weights came back 0644."""
+    variables, config = load_vae(BUNDLED), read_manifest(BUNDLED)["config"]
+    export_vae(tmp_path, config, variables)
+    files = [tmp_path / "vae.safetensors", tmp_path / "vidiff.json"]
+    before = [f.read_bytes() for f in files]
+    files[1].chmod(0o444)
+    with pytest.raises(OSError, match=f"^{re.escape(str(files[1]))} could not be written: it is read-only; make it "
+                                      "writable or choose another path$"):
+        export_vae(tmp_path, {**config, "seed": 7}, variables)
+    assert [f.read_bytes() for f in files] == before  # neither written
+    for f in files:
+        f.chmod(0o600)
+    export_vae(tmp_path, {**config, "seed": 7}, variables)
+    assert [f.stat().st_mode & 0o777 for f in files] == [0o600, 0o600] and read_manifest(tmp_path)["config"]["seed"] == 7

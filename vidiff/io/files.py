@@ -45,23 +45,38 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+def replaceable_mode(path) -> int:
+    """The mode a file written whole at ``path`` gets (an existing file's own; else what ``open()`` gives), once
+    it can be replaced: a one-line ``OSError`` for a folder or a read-only file (``open()`` would refuse it; as
+    root, whose access checks pass, by its mode bits). Writers of several files call it for each before any."""
+    try:
+        target = Path(os.path.realpath(path))
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "it is a folder; give a file name")
+        if not target.exists():
+            return file_mode()
+        if not (os.access(target, os.W_OK) and target.stat().st_mode & 0o222):
+            raise PermissionError(errno.EACCES, "it is read-only; make it writable or choose another path")
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError as error:
+        if error.errno in (errno.EISDIR, errno.EACCES) and error.filename is None:  # said above, with its fix
+            raise OSError(f"{path} could not be written: {error.strerror}") from None
+        raise not_written(path, error.errno, error.strerror or str(error)) from None
+
+
 def replace_whole(path, fill, *, sync: bool = True, keep_suffix: bool = False) -> Path:
     """``path`` written whole or not at all: ``fill(temporary)`` writes a file beside it, which is given the
     mode ``open()`` gives (not mkstemp's 0600; an existing file's own mode) and renamed over ``path``; an
-    ``OSError`` is one line. A symlink's target is replaced, the link kept; a read-only file is refused, as
-    ``open()`` would refuse it.
+    ``OSError`` is one line. A symlink's target is replaced, the link kept; a folder or a read-only file is refused
+    (:func:`replaceable_mode`).
 
     ``sync``: flush the bytes to disk before the rename, so a crash of the machine cannot leave ``path`` empty.
     Caches whose readers recompute an unreadable entry skip it: one fsync per caption would slow their writes.
     ``keep_suffix``: the temporary file ends in ``path``'s suffix too, for writers that pick the format by it.
     """
     path = Path(path)
+    mode = replaceable_mode(path)
     target = Path(os.path.realpath(path))
-    if target.is_dir():
-        raise OSError(f"{path} could not be written: it is a folder; give a file name")
-    if target.exists() and not (os.access(target, os.W_OK) and target.stat().st_mode & 0o222):  # (root: the bits)
-        raise OSError(f"{path} could not be written: it is read-only; make it writable or choose another path")
-    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else file_mode()
     temporary = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from vidiff.checks import json_kind
-from vidiff.io.files import file_mode, not_written, replace_whole
+from vidiff.io.files import not_written, replace_whole, replaceable_mode
 from vidiff.models.dit import DIT_PRESETS, DiTConfig
 from vidiff.models.dit_inputs import dummy_inputs
 from vidiff.models.vae import PRESETS as VAE_PRESETS
@@ -66,15 +66,23 @@ def save_tree(path, tree) -> Path:
 
     flat = traverse_util.flatten_dict(jax.device_get(nn.unbox(tree)), sep="/")  # init's boxed values too
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = replaceable_mode(path)  # as replace_whole gives vidiff.json: whoever reads one reads both
+    target = Path(os.path.realpath(path))  # through a symlink, as open() writes
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:  # safetensors writes a temporary file and renames it: a failed write leaves the old file
-        save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}, str(path))
+        save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}, str(target))
     except SafetensorError as error:  # neither a ValueError nor an OSError: the CLI would print a traceback
         found = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(error))
         raise not_written(path, int(found[2]) if found else None, found[1] if found else str(error)) from None
-    # safetensors' private temporary file is 0600: the mode vidiff.json gets, so whoever reads one reads both.
-    path.chmod(file_mode())
+    target.chmod(mode)  # (safetensors' private temporary file is 0600)
     return path
+
+
+def _check_replaceable(directory: Path, weights: Path) -> None:
+    """Both files an export writes can be replaced, checked before either is: a read-only ``vidiff.json`` refused
+    after the weights were written left it describing weights it did not record."""
+    for path in (weights, directory / MANIFEST):
+        replaceable_mode(path)
 
 
 def load_tree(path) -> dict:
@@ -260,6 +268,7 @@ def export_vae(directory, config_json: dict, variables: dict, vae_config: VAECon
                          "variables (params and latent_stats; set the stats with compute_latent_stats)")
     directory = Path(directory)
     vae_path = directory / "vae.safetensors"
+    _check_replaceable(directory, vae_path)
     manifest = _previous_manifest(directory, "; the DiT there (dit.safetensors) is not in it: train the DiT "
                                   "again" if (directory / "dit.safetensors").is_file() else "")
     dit_there = bool(manifest.get("dit")) and (directory / "dit.safetensors").is_file()
@@ -288,6 +297,7 @@ def export_dit(directory, config_json: dict, params, vae_sha256: str | None = No
     it was trained with): recorded field by field.
     """
     directory = Path(directory)
+    _check_replaceable(directory, directory / "dit.safetensors")
     save_tree(directory / "dit.safetensors", {"params": params})
     manifest = _previous_manifest(directory, "")
     manifest.update(config=portable_config(config_json), dit=True)
