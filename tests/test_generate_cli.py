@@ -351,6 +351,24 @@ def test_a_grid_path_that_is_a_folder_is_refused_before_the_model_loads(tmp_path
                                         f"directory; give a file name"
 
 
+def test_a_read_only_out_or_grid_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Refused only after sampling (by the writer, which no longer renames over a read-only file)."""
+    from vidiff.pipeline import TextToVideo
+
+    monkeypatch.setattr(TextToVideo, "from_checkpoint", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    for flag in ("--out", "--grid"):
+        kept = tmp_path / f"kept{flag[2:]}.{'mp4' if flag == '--out' else 'png'}"
+        kept.write_bytes(b"mine")
+        kept.chmod(0o444)
+        link = tmp_path / f"link{kept.suffix}"
+        link.symlink_to(kept)  # through a link as well: its target is what would be written
+        for given in (kept, link):
+            args = [flag, str(given)] + (["--out", str(tmp_path / "clip.mp4")] if flag == "--grid" else [])
+            code, out, err = generate(capsys, PROMPT, *args)
+            assert code == 2 and err.strip() == f"vidiff generate: error: {given} could not be written: it is " \
+                                                f"read-only; make it writable or choose another path"
+
+
 def test_the_command_line_entry_point_never_shows_a_traceback():
     for prompt, message in [(" ", "the prompt is empty; describe the video, e.g. 'a red circle moving left'"),
                             (b"a red \xff circle", "the prompt is not valid UTF-8 (byte \\xff at position 6); pass "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import tempfile
 import warnings
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from vidiff import io
 from vidiff.checks import COMPUTE_DTYPES, compute_dtype
+from vidiff.io.files import replaceable_mode
 
 
 def add_scan_blocks_flag(parser: argparse.ArgumentParser) -> None:
@@ -93,20 +95,23 @@ def check_sampling_flags(args) -> None:
 
 
 def check_writable(path) -> None:
-    """A one-line ``OSError`` now, not after minutes of sampling, when no file can be created at ``path``."""
+    """A one-line ``OSError`` now, not after minutes of sampling, when no file can be created at ``path`` (or the
+    one there, read-only, cannot be replaced)."""
     path = Path(path)
     if path.is_dir():
         raise OSError(f"cannot write {path}: it is a directory; give a file name")
     io.check_folders(path)
-    parent = path.parent.absolute()
-    missing = [folder for folder in (parent, *parent.parents) if not folder.exists()]  # deepest first
+    replaceable_mode(path)
+    folder = Path(os.path.realpath(path)).parent  # a symlink's target is what is written, in its own folder
+    parent = folder.absolute()
+    missing = [above for above in (parent, *parent.parents) if not above.exists()]  # deepest first
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".vidiff-write-test-"):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vidiff-write-test-"):
             pass
     except OSError as e:
         raise OSError(f"cannot write {path}: {e.strerror or e}; choose a writable output path") from None
     finally:  # a run that fails later leaves no empty folders behind; the writers create them again
-        for folder in missing:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        for empty in missing:
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
