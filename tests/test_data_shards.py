@@ -139,6 +139,23 @@ def test_ctrl_c_or_sigterm_stops_prepare_between_records_and_leaves_nothing(real
     with pytest.raises(stopped):
         prepare_shards(real_shards["videos"], real_shards["manifest"], out, size="24x32", frames=5, add_fields=twice)
     assert "went on" not in seen and sorted(p.name for p in out.iterdir()) == []
+
+    from vidiff.data import prepare
+
+    abort = prepare._ShardWriter.abort
+
+    def signalled_again(self):  # Ctrl-C twice, the second during the clean-up: it is not cut short
+        os.kill(os.getpid(), sig)
+        abort(self)
+
+    prepare._ShardWriter.abort = signalled_again
+    try:
+        with pytest.raises(stopped):
+            prepare_shards(real_shards["videos"], real_shards["manifest"], out, size="24x32", frames=5,
+                           add_fields=lambda record: (os.kill(os.getpid(), sig), {})[1])
+    finally:
+        prepare._ShardWriter.abort = abort
+    assert sorted(p.name for p in out.iterdir()) == []  # the staging folder removed all the same
     assert signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)  # given back
 
 

@@ -173,10 +173,11 @@ def _stops_between_records():
     garbage-collection hook, once ``--latents`` imported jax) that discards it, and the run went on to write
     every shard; SIGTERM's default ended the process with the staging folder left behind. A second signal stops
     at once, inside the record."""
-    noted = []
+    noted, raised = [], []
 
     def stop_if_asked():
-        if noted:
+        if noted and not raised:  # once: a signal during the clean-up that follows must not cut it short
+            raised.append(True)
             raise KeyboardInterrupt if noted[0] == signal.SIGINT else SystemExit(128 + noted[0])
 
     def note(signum, frame):
