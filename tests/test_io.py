@@ -537,6 +537,8 @@ def test_replace_whole_keeps_links_modes_and_read_only_files_and_names_the_path(
     with pytest.raises(OSError, match=f"^{re.escape(str(tmp_path))} could not be written: it is a folder; give a "
                                       f"file name$"):
         replace_whole(tmp_path, lambda temporary: None)
+    with pytest.raises(ValueError, match="grid: no suffix to pick the image format by; add one"):
+        io.write_image(tmp_path / "grid", frames[0])  # Pillow named the temporary file's suffix, '.partial'
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

@@ -122,5 +122,7 @@ def write_image(path, image) -> Path:
     """Write one ``uint8 (H, W, 3)`` image (png, jpg, ... by suffix)."""
     path = Path(path)
     image = check_image(image)
+    if not path.suffix:  # Pillow would name the temporary file's suffix
+        raise ValueError(f"{path}: no suffix to pick the image format by; add one (.png, .jpg, ...)")
     check_folders(path)
     return replace_whole(path, _pil_image(image).save, sync=False, keep_suffix=True)
