@@ -1,7 +1,6 @@
 """``dit_train.latents = "cached"``: each distinct clip is encoded once, later epochs and resumed runs reuse it."""
 import re
 import threading
-from pathlib import Path
 
 import jax
 import numpy as np
