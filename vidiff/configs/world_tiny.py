@@ -82,8 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
                               data=dict(num_frames=1, batch_size=16, world=dict(held_out="exclude", num_frames=17)))
     # One checkpoint for every prompting mode: known-frame masks per clip (vidiff.diffusion.conditioning),
     # and a tenth of the clips trained as single images (joint image + video).
-    # Latents are "cached": a world of 1,600 clips is encoded once (first epoch) and reused, which saves
-    # the encoder's time on a CPU ("on_the_fly" encodes every batch; "prepared" reads `vidiff prepare --latents` shards).
+    # Latents are "cached": a world of 1,600 clips is encoded once (first epoch) and reused, which saves the
+    # encoder's time on a CPU ("on_the_fly" encodes every batch; "prepared" reads `vidiff prepare --latents` shards).
     # world.templates="varied" adds direction synonyms to the captions, "diverse" also word orders
     # (the bundled model's steps 5,001-15,000 and 15,001-19,500).
     c.dit_train = train_stage(700, 2e-3, latents="cached", cache_clips=100_000, eval_every=700, ckpt_every=350,

@@ -39,7 +39,7 @@ from typing import Any
 
 import grain
 
-from vidiff.io.files import replace_whole
+from vidiff.io.files import save_text
 
 log = logging.getLogger("vidiff.data")
 
@@ -211,7 +211,7 @@ class SkipLedger:
         with self._lock:
             payload = json.dumps({"seen": self._seen, "skipped": self._skipped})
             self._unflushed = 0
-        replace_whole(self._file(), lambda temporary: Path(temporary).write_text(payload), sync=False)
+        save_text(self._file(), payload, sync=False)
 
     def totals(self) -> dict[str, Any]:
         """Counts of this process plus those other processes wrote to ``directory``.

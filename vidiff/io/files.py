@@ -99,6 +99,11 @@ def replace_whole(path, fill, *, sync: bool = True, keep_suffix: bool = False) -
     return path
 
 
+def save_text(path, text: str, *, sync: bool = True) -> Path:
+    """``text`` to ``path`` through :func:`replace_whole`."""
+    return replace_whole(path, lambda temporary: Path(temporary).write_text(text), sync=sync)
+
+
 def save_npz(path, arrays: dict, *, sync: bool = True) -> Path:
     """``np.savez`` of ``arrays`` to ``path`` through :func:`replace_whole` (a file object, so that numpy adds no
     ``.npz`` to the temporary name)."""

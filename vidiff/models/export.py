@@ -36,7 +36,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from vidiff.checks import json_kind
-from vidiff.io.files import not_written, replace_whole, replaceable_mode
+from vidiff.io.files import not_written, replaceable_mode, save_text
 from vidiff.models.dit import DIT_PRESETS, DiTConfig
 from vidiff.models.dit_inputs import dummy_inputs
 from vidiff.models.vae import PRESETS as VAE_PRESETS
@@ -134,9 +134,9 @@ def _folders(key: str):
 
 
 def save_manifest(directory, manifest: dict) -> Path:
-    """Write ``vidiff.json`` whole or not at all (:func:`replace_whole`)."""
+    """Write ``vidiff.json`` whole or not at all (``vidiff.io.files.replace_whole``)."""
     text = json.dumps(manifest, indent=2, sort_keys=True)
-    return replace_whole(Path(directory) / MANIFEST, lambda temporary: Path(temporary).write_text(text))
+    return save_text(Path(directory) / MANIFEST, text)
 
 
 def _previous_manifest(directory: Path, replacing: str) -> dict:

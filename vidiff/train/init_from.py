@@ -28,7 +28,8 @@ from flax import traverse_util
 
 from vidiff.models.block_layout import with_block_layout
 from vidiff.models.export import (BUNDLED, DIT_VAE, MANIFEST, MODELS, check_dit_vae, file_sha256, load_dit,
-                                  load_vae, model_fields, portable_config, read_manifest, recorded_config, save_manifest)
+                                  load_vae, model_fields, portable_config, read_manifest, recorded_config,
+                                  save_manifest)
 from vidiff.io.files import replace_whole
 from vidiff.models.text.registry import encoder_shape
 from vidiff.train.resume_checks import model_changes

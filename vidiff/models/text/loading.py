@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from vidiff.checks import json_kind
-from vidiff.io.files import replace_whole
+from vidiff.io.files import save_text
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -258,7 +258,7 @@ def fingerprint(model_dir: Path, tokenizer_dir: Path | None = None, *, memo_dir:
         h.update(f"{f.name}:{stat.st_size}:{memo[key]}".encode())
     if memo_path is not None and len(memo) > known:
         text = json.dumps(memo, indent=0)  # a torn memo is digested again: no fsync
-        replace_whole(memo_path, lambda temporary: Path(temporary).write_text(text), sync=False)
+        save_text(memo_path, text, sync=False)
     for name in _TOKENIZER_FILES if tokenizer_dir is not None else ():
         if (Path(tokenizer_dir) / name).is_file():  # another tokenizer gives other ids for the same caption
             h.update(name.encode() + hashlib.sha256((Path(tokenizer_dir) / name).read_bytes()).digest())
