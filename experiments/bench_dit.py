@@ -142,7 +142,7 @@ def base_record(args, cfg: DiTConfig, mode: str, latent_shape, tokens: int) -> d
         remat=cfg.remat_policy, scan=cfg.scan_blocks, scan_unroll=cfg.scan_unroll, dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         attention=args.attention,
-        attention_head_pad=cfg.attention_head_pad, init_on=args.init_on,
+        attention_head_pad=cfg.attention_head_pad, fused_qk_rope=cfg.fused_qk_rope, init_on=args.init_on,
         mesh=list(args.mesh_sizes), steps=args.steps, warmup=args.warmup, ablate=args.ablate,
         backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
         jax_version=jax.__version__,
@@ -327,6 +327,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "process, else the devices")
     p.add_argument("--pad-head-dim", type=int, default=0,
                    help="DiTConfig.attention_head_pad: heads zero-padded to this size for the kernel (0: off)")
+    p.add_argument("--fused-qk-rope", action="store_true",
+                   help="DiTConfig.fused_qk_rope: q/k norms and RoPE in one pass with its own backward (PERF.md 14)")
     p.add_argument("--mesh", default="-1,1,1,1", help="mesh sizes data,fsdp,tensor,context (one may be -1)")
     p.add_argument("--steps", type=int, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, help="untimed steps after compilation")
@@ -354,6 +356,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ablations.check(args.ablate)
     except ValueError as error:
         p.error(str(error))
+    if args.fused_qk_rope and "rope" in args.ablate:
+        p.error("--ablate rope takes out the unfused RoPE, which --fused-qk-rope does not run; drop one of the two")
     if args.steps < 1 or args.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
     for flag, value in (("--tokens", args.tokens), ("--batch", args.batch)):

@@ -56,7 +56,8 @@ def build_config(args) -> DiTConfig:
     overrides = dict(text_dim=args.text_dim, pooled_dim=args.text_dim, latent_channels=args.latent_channels,
                      dtype=args.dtype, remat_policy=args.remat, scan_blocks=args.scan or args.scan_unroll > 1,
                      scan_unroll=args.scan_unroll, attention_impl=None if args.attention == "auto" else args.attention,
-                     attention_head_pad=args.pad_head_dim, param_dtype=args.param_dtype)
+                     attention_head_pad=args.pad_head_dim, param_dtype=args.param_dtype,
+                     fused_qk_rope=args.fused_qk_rope)
     for flag, field in (("dim", "width"), ("heads", "heads"), ("layers", "depth")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)

@@ -45,7 +45,7 @@ def test_bench_dit_forward_tiny():
     assert record["cudnn_attention"] is False  # CPU: XLA attention
     assert record["init_on"] == "device"  # auto: the host builds the parameters for accelerators only
     assert record["peak_mem_GiB"] is None  # the CPU backend keeps no memory stats
-    assert record["param_dtype"] == "float32"
+    assert record["param_dtype"] == "float32" and record["fused_qk_rope"] is False
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
@@ -57,6 +57,8 @@ def test_bench_dit_param_dtype_is_every_weights_dtype(param_dtype):
 
     cfg = bench_dit_inputs.build_config(bench_dit.parse_args(["--tiny", "--param-dtype", param_dtype]))
     assert {np.dtype(x.dtype) for x in jax.tree.leaves(bench_dit_inputs.param_shapes(cfg))} == {np.dtype(param_dtype)}
+    assert not cfg.fused_qk_rope
+    assert bench_dit_inputs.build_config(bench_dit.parse_args(["--tiny", "--fused-qk-rope"])).fused_qk_rope
 
 
 def test_bench_dit_says_when_its_program_came_from_the_compilation_cache(tmp_path):
@@ -81,6 +83,8 @@ def test_bench_dit_says_when_its_program_came_from_the_compilation_cache(tmp_pat
     (["--batch", "0"], "bench_dit.py: error: --batch must be >= 1, got 0"),
     (["--mesh", "abc"], "bench_dit.py: error: --mesh: need 4 comma-separated integers, got 'abc'"),
     (["--mesh", "1,1,1"], "bench_dit.py: error: --mesh: need 4 comma-separated integers, got '1,1,1'"),
+    (["--fused-qk-rope", "--ablate", "rope"], "bench_dit.py: error: --ablate rope takes out the unfused RoPE, which "
+                                              "--fused-qk-rope does not run; drop one of the two"),
 ])
 def test_bench_dit_refuses_a_flag_in_one_line(flags, message):
     done = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_dit.py"), "--tiny", *flags],

@@ -492,6 +492,26 @@ def test_padded_attention_heads_change_nothing_but_the_kernels_shapes(text_mode)
     assert heads_at(padded, 24) and not heads_at(plain, 24)  # the kernel saw 24-wide heads
 
 
+@pytest.mark.parametrize("text_mode, policy, scan", [("cross", "none", False), ("joint", "block", True)])
+def test_fused_qk_norm_and_rope_is_the_same_network(text_mode, policy, scan):
+    """fused_qk_rope: same parameters, and in float32 the same velocity and gradients, under remat and scan."""
+    plain = dataclasses.replace(CFG, text_mode=text_mode, remat_policy=policy, scan_blocks=scan)
+    args = _inputs(11, SHAPES[0])
+    params = _trained(dataclasses.replace(CFG, text_mode=text_mode))
+    if scan:
+        params = {"params": _stack_blocks(params["params"], CFG.depth)}
+    results = []
+    for cfg in (plain, dataclasses.replace(plain, fused_qk_rope=True)):
+        loss = lambda p: jnp.mean(jnp.square(dit.VideoDiT(cfg).apply(p, *args)))  # noqa: B023, E731
+        results.append(jax.jit(jax.value_and_grad(loss))(params))
+        assert jax.tree.structure(nn.unbox(jax.eval_shape(dit.VideoDiT(cfg).init, jax.random.key(0), *args))) == \
+            jax.tree.structure(params)
+    assert float(results[0][0]) > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *results)
+    fused = jax.make_jaxpr(lambda p: dit.VideoDiT(dataclasses.replace(plain, fused_qk_rope=True)).apply(p, *args))
+    assert "custom_vjp_call" in str(fused(params))
+
+
 def _bad_input(name):
     """The tiny model's inputs at latents (2, 2, 4, 4) with one of them wrong, as keyword overrides."""
     x, t, text, lengths, pooled = _inputs(0, (2, 2, 4, 4))

@@ -1,10 +1,12 @@
-"""Tests for vidiff.models.rope: the head-dim split and RoPE's dependence on relative position only."""
+"""Tests for vidiff.models.rope (the head-dim split, RoPE's dependence on relative position only) and
+vidiff.models.norm_rope (the q/k norm and RoPE in one pass)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vidiff.models import rope
+from vidiff.models import layers, rope
+from vidiff.models.norm_rope import rms_norm_rope
 
 
 def test_rope_axis_dims_are_even_and_cover_head_dim():
@@ -49,3 +51,44 @@ def test_rope_frequencies_fall_from_one_radian_per_position():
     angles = np.concatenate([p * f for p, f in zip((1.0, 2.0, 3.0), freqs)])  # time: [1, 0.01]
     np.testing.assert_allclose(np.asarray(cos)[0, 0, 0], np.cos(angles), atol=1e-6)
     np.testing.assert_allclose(np.asarray(sin)[0, 0, 0], np.sin(angles), atol=1e-6)
+
+
+def _norm_then_rope(x, scale, cos, sin):
+    """The unfused reference: the RMSNorm's output in ``x``'s dtype, then RoPE."""
+    return rope.apply_rope((layers.rms_normalize(x) * scale).astype(x.dtype), cos, sin)
+
+
+def test_fused_norm_and_rope_equal_the_two_passes_in_value_and_every_gradient():
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (2, 12, 3, 16)) * 3 + 1
+    scale = 1 + 0.1 * jax.random.normal(keys[1], (16,))
+    cos, sin = rope.rope_3d(jax.random.uniform(keys[2], (2, 12, 3)) * 5, 16)
+    cotangent = jax.random.normal(keys[3], x.shape)
+    np.testing.assert_allclose(rms_norm_rope(x, scale, cos, sin), _norm_then_rope(x, scale, cos, sin), atol=1e-6)
+    fused, reference = (jax.vjp(f, x, scale, cos, sin)[1](cotangent) for f in (rms_norm_rope, _norm_then_rope))
+    for got, want, shape in zip(fused, reference, (x.shape, (16,), cos.shape, sin.shape)):
+        assert got.shape == shape and float(jnp.abs(want).max()) > 1
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    assert rms_norm_rope(x, scale, cos, sin, 1e-6).dtype == jnp.float32
+    # A larger eps is used, not ignored.
+    assert float(jnp.abs(rms_norm_rope(x * 1e-3, scale, cos, sin, 1.0)).max()) < 0.1
+
+
+def test_fused_norm_and_rope_round_once_and_keep_only_the_input_for_backward():
+    """bfloat16 queries: one rounding instead of two, and backward keeps the bfloat16 input and one float32
+    rsqrt per row, where the two passes keep float32 copies of the whole input."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    x = (jax.random.normal(keys[0], (2, 32, 4, 16)) * 3 + 1).astype(jnp.bfloat16)
+    scale = 1 + 0.1 * jax.random.normal(keys[1], (16,))
+    cos, sin = rope.rope_3d(jax.random.uniform(keys[2], (2, 32, 3)) * 5, 16)
+    exact = _norm_then_rope(x.astype(jnp.float32), scale, cos, sin)
+    fused, unfused = rms_norm_rope(x, scale, cos, sin), _norm_then_rope(x, scale, cos, sin)
+    assert fused.dtype == jnp.bfloat16
+    error = lambda y: float(jnp.abs(y.astype(jnp.float32) - exact).max())  # noqa: E731
+    assert error(fused) < 0.75 * error(unfused), (error(fused), error(unfused))
+    saved = {}
+    for name, f in (("fused", rms_norm_rope), ("unfused", _norm_then_rope)):
+        _, backward = jax.vjp(lambda v: f(v, scale, cos, sin), x)  # noqa: B023
+        saved[name] = [(leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(backward) if leaf.size >= x.size]
+    assert saved["fused"] == [(x.shape, "bfloat16")], saved
+    assert (x.shape, "float32") in saved["unfused"], saved

@@ -186,6 +186,19 @@ class FromHeads(nn.Module):
 # --------------------------------------------------------------------------- attention modules
 
 
+def _norm_and_rotate(module, q, k, q_name, k_name, rope):
+    """The q/k RMS norms (``module``'s submodules ``q_name``, ``k_name``), then RoPE when ``rope`` is given;
+    the two in one pass when ``module.fuse_rope`` (same parameters either way)."""
+    norm_kw = dict(param_dtype=module.param_dtype, recompute=module.recompute_norms)
+    query_norm, key_norm = RMSNorm(name=q_name, **norm_kw), RMSNorm(name=k_name, **norm_kw)
+    if rope is not None and module.fuse_rope:
+        return query_norm(q, rope), key_norm(k, rope)
+    q, k = query_norm(q), key_norm(k)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return q, k
+
+
 class Attention(nn.Module):
     """Multi-head attention with RMS qk-norm: self-attention, or cross-attention when ``context`` is given.
 
@@ -199,6 +212,7 @@ class Attention(nn.Module):
     implementation: str | None = None
     pad_head_dim: int | None = None  # see attention(): the size the kernel sees heads at
     recompute_norms: bool = False  # q/k norms rerun in backward (layers.rms_normalize)
+    fuse_rope: bool = False  # q/k norms and RoPE in one pass (models.norm_rope)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -210,11 +224,7 @@ class Attention(nn.Module):
         q = ToHeads(self.heads, self.head_dim, name="query", **kw)(x)
         k = ToHeads(self.heads, self.head_dim, name="key", **kw)(source)
         v = ToHeads(self.heads, self.head_dim, name="value", **kw)(source)
-        norm_kw = dict(param_dtype=self.param_dtype, recompute=self.recompute_norms)
-        q = RMSNorm(name="query_norm", **norm_kw)(q)
-        k = RMSNorm(name="key_norm", **norm_kw)(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = _norm_and_rotate(self, q, k, "query_norm", "key_norm", rope)
         out = attention(q, k, v, mask=mask, kv_lengths=kv_lengths, segment_ids=segment_ids,
                         kv_segment_ids=kv_segment_ids, implementation=self.implementation,
                         pad_head_dim=self.pad_head_dim)
@@ -235,6 +245,7 @@ class JointAttention(nn.Module):
     implementation: str | None = None
     pad_head_dim: int | None = None
     recompute_norms: bool = False
+    fuse_rope: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -243,17 +254,12 @@ class JointAttention(nn.Module):
                  text_segment_ids=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        def project(y, prefix):
+        def project(y, prefix, rope):
             q, k, v = (ToHeads(self.heads, self.head_dim, name=f"{prefix}_{n}", **kw)(y)
                        for n in ("query", "key", "value"))
-            norm_kw = dict(param_dtype=self.param_dtype, recompute=self.recompute_norms)
-            q = RMSNorm(name=f"{prefix}_query_norm", **norm_kw)(q)
-            k = RMSNorm(name=f"{prefix}_key_norm", **norm_kw)(k)
-            return q, k, v
+            return (*_norm_and_rotate(self, q, k, f"{prefix}_query_norm", f"{prefix}_key_norm", rope), v)
 
-        (qx, kx, vx), (qt, kt, vt) = project(x, "video"), project(txt, "text")
-        if rope is not None:
-            qx, kx = apply_rope(qx, *rope), apply_rope(kx, *rope)
+        (qx, kx, vx), (qt, kt, vt) = project(x, "video", rope), project(txt, "text", None)
         n, (b, l) = x.shape[1], txt.shape[:2]
         q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((qx, qt), (kx, kt), (vx, vt)))
         mask = None if text_mask is None else jnp.concatenate([jnp.ones((b, n), bool), text_mask.astype(bool)], 1)

@@ -77,6 +77,9 @@ class DiTConfig:
     # 'cudnn' (or None) only. experiments/bench_attention.py --pad-head-dim measures the candidates.
     attention_head_pad: int = 0
     remat_policy: str = "none"  # "none" | "norms" | "block" | "attention" | "dots" (REMAT_POLICIES)
+    # The q/k RMS norms and RoPE as one float32 pass whose backward keeps only its input and one rsqrt per row
+    # (vidiff.models.norm_rope); same parameters and, in float32, the same values. Off until a GPU A/B (PERF.md 14).
+    fused_qk_rope: bool = False
     # nn.scan over blocks: one compiled block (XL: ~3x faster compile), params get a leading 'layers' axis.
     # Scanned blocks keep every residual, so pair scan with remat for big models.
     scan_blocks: bool = False
@@ -94,7 +97,7 @@ class DiTConfig:
             value = getattr(self, name)
             if not is_number(value) or not value > 0:
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
-        for name in ("conditioning_frames", "abs_pos_embed", "normalize_text", "scan_blocks"):
+        for name in ("conditioning_frames", "abs_pos_embed", "normalize_text", "scan_blocks", "fused_qk_rope"):
             if not isinstance(getattr(self, name), bool):  # a config string "no" would otherwise read as True
                 raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
         if (isinstance(self.patch, (int, str)) or len(self.patch) != 3
@@ -207,7 +210,8 @@ class DiTBlock(nn.Module):
         kw = dict(dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype))
         recompute = recomputes_norms(cfg.remat_policy)
         attn_kw = dict(heads=cfg.heads, head_dim=cfg.head_dim, implementation=cfg.attention_impl,
-                       pad_head_dim=cfg.attention_head_pad or None, recompute_norms=recompute, **kw)
+                       pad_head_dim=cfg.attention_head_pad or None, recompute_norms=recompute,
+                       fuse_rope=cfg.fused_qk_rope, **kw)
         hidden = int(cfg.width * cfg.mlp_ratio)
         norm = functools.partial(layer_norm, dtype=dt, recompute=recompute)
         mod = Modulation(6, cfg.width, name="modulation", **kw)(ctx["cond"])

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from vidiff.models.norm_rope import rms_norm_rope
+
 Dtype = Any
 
 
@@ -46,11 +48,14 @@ class RMSNorm(nn.Module):
     recompute: bool = False  # see rms_normalize
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, rope=None):
+        """``rope``: RoPE's ``(cos, sin)``, applied in the same float32 pass (:mod:`vidiff.models.norm_rope`)."""
         scale = self.param(
             "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), self.names),
             (x.shape[-1],), self.param_dtype,
         )
+        if rope is not None:
+            return rms_norm_rope(x, scale, *rope, self.eps)
         return (rms_normalize(x, self.eps, recompute=self.recompute) * scale.astype(jnp.float32)).astype(x.dtype)
 
 

@@ -77,7 +77,8 @@ def check_resume_vae(checkpointer, step: int, vae_sha256: str) -> None:
 
 # Fields that leave a model's parameters as they are: changing them between runs is fine.
 _FREE_FIELDS = {"vae": {"dtype"},
-                "dit": {"dtype", "attention_impl", "attention_head_pad", "remat_policy", "scan_unroll"}}
+                "dit": {"dtype", "attention_impl", "attention_head_pad", "remat_policy", "scan_unroll",
+                        "fused_qk_rope"}}
 
 
 def model_changes(saved: dict, current: dict, model: str, free=()) -> list[str]:
