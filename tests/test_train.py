@@ -743,6 +743,34 @@ def test_a_stop_between_log_rows_logs_its_steps_and_each_row_says_how_many(tmp_p
     assert rows[0]["loss"] == pytest.approx(ranked, rel=1e-6)
 
 
+def test_a_signal_during_the_last_evaluation_ends_the_run_before_its_export(tmp_path, monkeypatch, capsys):
+    """The loop checks for a stop between the save and the evaluation; a signal in the last step's evaluation
+    was caught and then forgotten: the run went on to export and exited 0. It now ends the run like any stop,
+    and the same command again exports the saved last step."""
+    from vidiff.train import loop, tasks
+
+    evaluate = tasks.VAETask.evaluate
+
+    def sigterm_while_evaluating(self, state, workdir, step):  # a real signal, caught by the loop's own handler
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, state, workdir, step)
+
+    config = config_lib.load_config(WORLD_TINY, [f"--config.workdir={tmp_path}", "--config.vae_train.steps=1",
+                                                 *FAST, "--config.vae_train.eval_every=1"])
+    monkeypatch.setattr(tasks.VAETask, "evaluate", sigterm_while_evaluating)
+    with pytest.raises(SystemExit) as stopped:
+        loop.train(config, "vae", log=lambda line: print(line, file=sys.stderr))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"SIGTERM: saved checkpoint {tmp_path / 'vae' / 'checkpoints' / '1'}; exiting (run the same command again "
+        f"to export it)")
+    assert not (tmp_path / "export" / "vae.safetensors").exists()
+    monkeypatch.setattr(tasks.VAETask, "evaluate", evaluate)
+    summary = loop.train(config, "vae", log=lambda line: None)
+    assert (summary["start_step"], summary["final_step"]) == (1, 1)
+    assert (tmp_path / "export" / "vae.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_with_the_signals_code(tmp_path):
     """143 (128 + SIGTERM), not 0: `vidiff train --model vae && vidiff train --model dit` went on to the DiT, and

@@ -250,6 +250,21 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
             task.save_cache(workdir)
         window.pause(time.perf_counter() - began)
 
+    def end_on_signal(signal_name, step):
+        save(step)
+        if step > window.first_step:  # steps since the last row: the resumed run's rows start after them
+            _log_row(writer, window, state, step, run)
+        checkpointer.close()
+        task.wait_cache()
+        bar.close()
+        again = "export it" if step == stage.steps else "resume"
+        log(f"{signal_name}: saved checkpoint {checkpointer.directory / str(step)}; exiting (run the same command "
+            f"again to {again})")
+        writer.close()
+        # The shell's code for a signal's end: `vidiff train ... && next` and retry loops must not take a stopped
+        # run for a finished one.
+        sys.exit(128 + signal.Signals[signal_name].value)
+
     try:  # whatever ends the loop, pending asynchronous saves finish before the process does
         with stopping.StopRequest() as stop, profiler:  # leaving the block ends a trace still running (error, signal)
             step = start
@@ -278,24 +293,15 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
                 if step % stage.ckpt_every == 0 or step == stage.steps:  # saved first: an evaluation may fail
                     save(step)
                 if stop.requested(step):  # before an evaluation: a preemption's grace period is for the save
-                    save(step)
-                    if step > window.first_step:  # steps since the last row: the resumed run's rows start after them
-                        _log_row(writer, window, state, step, run)
-                    checkpointer.close()
-                    task.wait_cache()
-                    bar.close()
-                    log(f"{stop.signal_name}: saved checkpoint {checkpointer.directory / str(step)}; exiting (run the "
-                        "same command again to resume)")
-                    writer.close()
-                    # The shell's code for a signal's end: `vidiff train ... && next` and retry loops must not
-                    # take a stopped run for a finished one.
-                    sys.exit(128 + signal.Signals[stop.signal_name].value)
+                    end_on_signal(stop.signal_name, step)
                 if stage.eval_every and (step % stage.eval_every == 0 or step == stage.steps):
                     began = time.perf_counter()
                     with batches.lock:  # the text encoder's cache is not shared with the worker meanwhile
                         writer.write(step, _on_process_0(task, state, lambda t, s: t.evaluate(s, workdir, step)))
                     window.pause(time.perf_counter() - began)
             profiler.stop(state)  # a window reaching past the last step ends here
+            if stop.signal_name:  # one during the last evaluation ends the run too, not after an export
+                end_on_signal(stop.signal_name, step)
     finally:
         batches.close()  # no worker outlives the loop, whatever ended it
         bar.close()
