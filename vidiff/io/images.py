@@ -1,6 +1,7 @@
 """Images: any file Pillow reads (or a video's first frame) -> ``uint8 (H, W, 3)``, and which reader a path takes.
 
-Pillow reads images as viewers show them (EXIF orientation applied, 16- and 32-bit grey scaled to 8 bits); an
+Pillow reads images as viewers show them (EXIF orientation applied, 16- and 32-bit grey scaled to 8 bits,
+transparent pixels laid over black); an
 image declaring a decompression bomb's canvas is refused before it decodes. Failures are ``VideoReadError``s
 with ``vidiff.io.read``'s reason codes, so the data pipeline counts skipped images and videos alike.
 """
@@ -13,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vidiff.io.read import MISSING_FILE, NOT_VIDEO, TOO_LARGE, VideoReadError, read_video
+from vidiff.io.read import NOT_VIDEO, TOO_LARGE, VideoReadError, check_is_file, read_video
 
 
 def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -27,8 +28,7 @@ def read_image(path, size: tuple[int, int] | None = None) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise VideoReadError(path, MISSING_FILE, "no such file")
+    check_is_file(path)
     try:
         with _open_image(path) as image:
             image = _rgb(ImageOps.exif_transpose(image), path)
@@ -74,11 +74,16 @@ def _too_large(size=None) -> str:
 
 
 def _rgb(image, path):
-    """A Pillow image as RGB. ``convert("RGB")`` clips grey values above 255 (a 16-bit PNG comes out nearly
-    white), so wider grey modes are scaled first: 16-bit by 255 / 65535; 32-bit and float ones by their range
-    (values within [0, 1] (float) or [0, 255] are 8-bit intensities, within [0, 65535] 16-bit ones)."""
+    """A Pillow image as RGB. ``convert("RGB")`` drops transparency, showing whatever colour transparent pixels
+    store, so an image with an alpha channel or a transparent colour is laid over black first. It also clips
+    grey values above 255 (a 16-bit PNG comes out nearly white), so wider grey modes are scaled first: 16-bit
+    by 255 / 65535; 32-bit and float ones by their range (values within [0, 1] (float) or [0, 255] are 8-bit
+    intensities, within [0, 65535] 16-bit ones)."""
     from PIL import Image
 
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
     if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
         return image.convert("RGB")
     values = np.asarray(image, np.float64)

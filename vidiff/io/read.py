@@ -64,12 +64,19 @@ class VideoInfo:
     rotation: int = 0
 
 
+def check_is_file(path: Path) -> None:
+    """A ``missing_file`` ``VideoReadError`` for a ``path`` that is not a file, saying so when it is a folder."""
+    if path.is_dir():
+        raise VideoReadError(path, MISSING_FILE, "is a directory; give a video or image file")
+    if not path.is_file():
+        raise VideoReadError(path, MISSING_FILE, "no such file")
+
+
 def _open(path):
     import av  # data-side dependency: imported only where video is touched
 
     path = Path(path)
-    if not path.is_file():
-        raise VideoReadError(path, MISSING_FILE, "no such file")
+    check_is_file(path)
     try:
         container = av.open(str(path))
     except av.FFmpegError as e:
