@@ -20,6 +20,12 @@ def to_float(video) -> np.ndarray:
     if video.dtype != np.uint8:
         raise ValueError(f"vidiff.io.to_float expects uint8 frames in [0, 255], got {video.dtype}; "
                          f"convert with {_values_hint(video)}")
+    return unit_range(video)
+
+
+def unit_range(video):
+    """``uint8`` pixels -> float32 in [-1, 1] unchecked (:func:`to_float` checks): numpy or jax arrays, traced
+    inside a jitted step too."""
     return video.astype(np.float32) / 127.5 - 1.0
 
 

@@ -63,8 +63,7 @@ def dit_flow_loss(dit: VideoDiT, params, x0, text: dict, rng, flow, shift: float
 
 def latents_in_step(vae, variables, video, rng):
     """uint8 clips -> normalised latents sampled from the posterior, inside a jitted train step (``on_the_fly``)."""
-    video = video.astype(jnp.float32) / 127.5 - 1.0
-    return jax.lax.stop_gradient(vae.apply(variables, video, rng, method=vae.encode_normalized))
+    return jax.lax.stop_gradient(vae.apply(variables, io.unit_range(video), rng, method=vae.encode_normalized))
 
 
 def encode_latents(vae, variables, video):

@@ -54,11 +54,6 @@ def video_shape(config, batch: int | None = None) -> tuple[int, ...]:
     return (batch or config.data.batch_size, config.data.num_frames, *height_width(config.data.size), 3)
 
 
-def _unit_range(video):
-    """uint8 frames as float32 in [-1, 1], what the VAE takes (traced inside the step too)."""
-    return jnp.asarray(video, jnp.float32) / 127.5 - 1.0
-
-
 class Task:
     """Shared plumbing: data pipeline, host -> device batches, frozen inputs."""
 
@@ -132,7 +127,7 @@ class VAETask(Task):
         return params
 
     def loss_fn(self, params, batch, rng, frozen, step):
-        video = _unit_range(batch["video"])
+        video = io.unit_range(batch["video"])
         recon, posterior = self.vae.apply({"params": params["vae"]}, video, rng)
         disc_logits = None
         if self.disc is not None:
@@ -159,7 +154,7 @@ class VAETask(Task):
         return self._val
 
     def evaluate(self, state, workdir: Path, step: int) -> dict:
-        video = _unit_range(self.validation_videos())
+        video = io.unit_range(self.validation_videos())
         recon = _reconstruct(self.vae, state.ema_params["vae"], video)
         grid = np.concatenate([io.to_uint8(video[:4]), io.to_uint8(recon[:4])], axis=2)  # originals | recons
         io.write_video(Path(workdir) / "samples" / f"recon_{step:06d}.gif", _tile(grid), preview_fps(self.config))
@@ -178,7 +173,7 @@ class VAETask(Task):
             nonlocal used
             for batch in itertools.islice(iter(self.pipeline(self.config)), wanted):
                 used += 1
-                yield _unit_range(batch["video"])
+                yield io.unit_range(batch["video"])
 
         shift, scale = compute_latent_stats(self.vae, variables, videos())
         if not (np.all(np.isfinite(shift)) and np.all(np.isfinite(scale))):
