@@ -22,7 +22,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A 9-frame 16px world clip as mp4, its first frame as png, and files that are not media."""
+    """A 9-frame 16px world clip as mp4 (and its first 3 frames), its first frame as png, and files that are not
+    media."""
     root = tmp_path_factory.mktemp("inputs")
     video = CaptionedWorld(WorldConfig(num_frames=9, size=16))[0]["video"]
     (root / "notes.mp4").write_text("not a video")
@@ -30,6 +31,7 @@ def inputs(tmp_path_factory):
     (root / "clip.m4v").write_bytes(io.write_video(root / "clip.mp4", video).read_bytes())  # Pillow cannot read it
     return {"video": str(root / "clip.mp4"), "image": str(io.write_image(root / "first.png", video[0])),
             "video60": str(io.write_video(root / "clip60.mp4", video, 60.0)),
+            "short": str(io.write_video(root / "short.mp4", video[:3])),
             "fake": str(root / "notes.mp4"), "m4v": str(root / "clip.m4v"), "root": root}
 
 
@@ -305,6 +307,42 @@ def test_bad_input_is_one_line(argv, message, model, inputs, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vidiff generate: error: "), err
     assert message.format(**fill) in lines[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--extend", "{short}", "--direction", "backward"], "the video has 3 frame(s); extending backward needs at "
+     "least 5"),
+    (["--extend", "{video}", "--context-frames", "3"], "context_frames=3 does not fit extending forward here; use "
+     "one of [1, 5] (the video's length and num_frames bound it)"),
+    (["--connect", "{video}", "{short}"], "the second video has 3 frame(s); connecting needs at least 5"),
+    (["--edit", "{video}", "--frames", "13"], "num_frames=13 is longer than the video (9 frames); use at most 9"),
+    (["--loop", "--frames", "1"], "a loop of num_frames=1 cannot be made: loop lengths are 4m frames, at least 4 "
+     "(the frame after the last is the first), e.g. 4 or 8"),
+    (["--image", "{image}", "--height", "20"], "this model cannot make height=20: it makes frames 1 + 4k (1, 5, 9, "
+     "13, 17, ...), height and width multiples of 8 (trained on 9 frames of 16x16)"),
+])
+def test_a_clip_the_model_cannot_make_is_refused_before_it_loads(argv, message, model, inputs, capsys,
+                                                                monkeypatch):
+    """These were refused by TextToVideo only after the model had loaded (7-12 s in): generate now checks sizes and
+    its inputs' frame counts before, with the pipeline's rules read from vidiff.json, in the pipeline's words."""
+    from vidiff.pipeline import TextToVideo
+
+    monkeypatch.setattr(TextToVideo, "from_checkpoint", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    code, out, err = generate(capsys, PROMPT, "--checkpoint", model, *[a.format(**inputs) for a in argv])
+    assert code == 2 and err.strip() == f"vidiff generate: error: {message}"
+
+
+def test_a_video_shorter_in_its_container_than_decoded_is_counted_by_decoding(inputs, monkeypatch):
+    """The frame count generate checks a mode with: a container's count (a webm's is its duration x its rate) may
+    be short of the frames that decode, and a request the pipeline makes must not be refused for it."""
+    import dataclasses
+
+    from vidiff.generate import _frames_read
+
+    probe = io.probe
+    monkeypatch.setattr(io, "probe", lambda path: dataclasses.replace(probe(path), num_frames=2))
+    assert (_frames_read(inputs["video"], first=9), _frames_read(inputs["video"], last=5),
+            _frames_read(inputs["short"], first=5), _frames_read(inputs["image"], first=9)) == (9, 5, 3, 1)
 
 
 def test_help_gives_frame_counts_for_any_time_factor(capsys):

@@ -238,6 +238,10 @@ def test_images_and_other_sizes(pipe, capsys):
                       (dict(width=12, height=0), "height=0, width=12")]:
         with pytest.raises(ValueError, match=f"this model cannot make {bad}: it makes frames 1 \\+ 4k"):
             pipe(PROMPT, **size)
+    # vidiff generate checks a request with the rules read from vidiff.json alone, before the model loads.
+    from vidiff.pipeline_load import ClipRules, read_clip_rules
+
+    assert read_clip_rules(tiny_model_dir()) == pipe.rules == ClipRules(4, 1, 8, 9, (16, 16))
 
 
 def test_prompts_are_checked(pipe):

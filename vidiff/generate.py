@@ -9,8 +9,11 @@
     vidiff generate "..." --dtype bfloat16                          # on a GPU: compute in bf16, weights as loaded
 
 Everything a user can get wrong (empty prompt, bad strength, unwritable
-output, unreadable input, sizes the model cannot make, a directory that is
-not a model) is checked before the model compiles and reported in one line.
+output, unreadable input, a directory that is not a model, sizes the model
+cannot make, an input too short for its mode) is checked before the model
+loads and reported in one line: the sizes and the inputs' frame counts by the
+rules ``TextToVideo`` applies (``pipeline_load.ClipRules``), read from the
+export's ``vidiff.json``, in the words it uses.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from vidiff.cli_flags import (add_devices_flag, add_dtype_flag, add_scan_blocks_
                               check_writable, one_line_warnings, sampling_devices)
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.pipeline_inputs import DEFAULT_BATCH_SIZE, check_prompts, check_utf8, sampled_batch
+from vidiff.pipeline_load import ClipRules, read_clip_rules
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
 
@@ -134,7 +138,44 @@ def _check_request(args) -> tuple[list[Path], float, int]:
         _check_grid(args.grid, outputs)
     for source, kind in _inputs(args):
         _check_readable(source, kind)
+    from vidiff.pipeline import model_directory
+
+    _check_clip(args, read_clip_rules(model_directory(args.checkpoint)))
     return outputs, _output_fps(args, outputs), sampling_devices(args.devices)
+
+
+def _check_clip(args, rules: ClipRules) -> None:
+    """The mode's sizes and its inputs' frame counts, checked as ``TextToVideo`` will check them (its rules, its
+    words), so that a clip the model cannot make fails before the model loads, not after."""
+    size = (args.frames, args.height, args.width)
+    if args.loop:
+        rules.loop_sizes(*size)
+        return
+    frames, _, _ = rules.sizes(*size)
+    if args.image:
+        rules.animated_latents(frames)
+    elif args.extend:
+        direction = args.direction or "forward"
+        read = _frames_read(args.extend, **rules.extend_reads(direction, frames))
+        rules.extend_context(direction, frames, read, args.context_frames)
+    elif args.connect:
+        rules.connect_latents(frames)
+        rules.check_second_video(_frames_read(args.connect[1], first=1 + rules.time_factor))
+    elif args.edit:
+        rules.edit_frames(_frames_read(args.edit, first=frames), frames, asked=args.frames is not None)
+
+
+def _frames_read(source: str, first: int | None = None, last: int | None = None) -> int:
+    """How many frames ``TextToVideo.load_frames`` gets when it reads the ``first`` (or ``last``) frames of
+    ``source``: an image is one; a video, all of them when its container counts that many (one that then decodes
+    fewer fails as it is read, after the model loads), else as many as decode, counted: a container's count may
+    be short (a webm's is its duration times its rate), and a request the pipeline makes must not be refused."""
+    wanted = first or last
+    if not io.reads_as_video(source, video_expected=True):
+        return 1
+    if io.probe(source).num_frames >= wanted:
+        return wanted
+    return len(io.read_video(source, max_frames=wanted)[0])
 
 
 def _output_fps(args, outputs: list[Path]) -> float:

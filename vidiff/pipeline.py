@@ -54,7 +54,7 @@ from vidiff.models.vae import pixel_frames_of  # noqa: F401  (re-exported with t
 from vidiff.pipeline_inputs import (DEFAULT_BATCH_SIZE, Plan, ProgressBar, check_prompts, input_frames, known_plan,
                                     negative_prompts, positive_whole_number, sample_seeds, sampled_batch,
                                     warn_truncated, whole_number)
-from vidiff.pipeline_load import load_export
+from vidiff.pipeline_load import ClipRules, load_export
 
 DIRECTIONS = ("forward", "backward")
 
@@ -87,14 +87,15 @@ class TextToVideo:
         load (``with_block_layout``). ``dtype``: the DiT's and VAE's compute dtype, "float32", "bfloat16" (a GPU's
         choice) or "float16" (or jnp's); the weights stay as loaded, the text encoder float32. None: as trained.
         """
-        if directory is None:
-            if not (BUNDLED / "vidiff.json").is_file():
-                raise FileNotFoundError(f"the bundled model is not installed at {BUNDLED}; pass a model directory "
-                                        "exported by `vidiff train` (--checkpoint DIR)")
-            directory = BUNDLED
-        return cls(**load_export(Path(directory), scan_blocks, dtype), mesh=mesh)
+        return cls(**load_export(model_directory(directory), scan_blocks, dtype), mesh=mesh)
 
     # ------------------------------------------------------------------ sizes
+    @property
+    def rules(self) -> ClipRules:
+        """The clips this model makes and what each mode asks of its inputs (``vidiff generate`` checks a request
+        with the same rules, read from ``vidiff.json``, before the model loads)."""
+        return ClipRules.of(self.vae.config, self.dit.config, self.train_frames, self.train_size)
+
     @property
     def time_factor(self) -> int:
         return self.vae.config.time_factor
@@ -102,34 +103,19 @@ class TextToVideo:
     @property
     def size_step(self) -> int:
         """Height and width must be multiples of this (VAE spatial factor x DiT patch)."""
-        return math.lcm(self.vae.config.spatial_factor * self.dit.config.patch[1],
-                        self.vae.config.spatial_factor * self.dit.config.patch[2])
+        return self.rules.size_step
 
     def supported_sizes(self) -> str:
         """One line saying which clip sizes this model can make."""
-        tf, pt = self.time_factor, self.dit.config.patch[0]
-        frames = ", ".join(str(pixel_count(L, tf)) for L in range(pt, 6 * pt, pt))
-        rule = f"1 + {tf}k" + (f" with k + 1 divisible by {pt}" if pt > 1 else "")
-        return (f"frames {rule} ({frames}, ...), height and width multiples of {self.size_step} (trained on "
-                f"{self.train_frames} frames of {self.train_size[0]}x{self.train_size[1]})")
+        return self.rules.supported_sizes()
 
     def check_size(self, num_frames: int, height: int, width: int) -> None:
         """A one-line ``ValueError`` naming the sizes that work, unless the model can make this clip."""
-        tf, pt = self.time_factor, self.dit.config.patch[0]
-        bad = []
-        if num_frames < 1 or (num_frames - 1) % tf or latent_count(num_frames, tf) % pt:
-            bad.append(f"num_frames={num_frames}")
-        bad += [f"{n}={v}" for n, v in (("height", height), ("width", width)) if v < 1 or v % self.size_step]
-        if bad:
-            raise ValueError(f"this model cannot make {', '.join(bad)}: it makes {self.supported_sizes()}")
+        self.rules.check_size(num_frames, height, width)
 
     def _sizes(self, num_frames, height, width) -> tuple[int, int, int]:
         """The clip size asked for (None = the training size), each a whole number the model can make."""
-        num_frames = self.train_frames if num_frames is None else whole_number(num_frames, "num_frames")
-        height = self.train_size[0] if height is None else whole_number(height, "height")
-        width = self.train_size[1] if width is None else whole_number(width, "width")
-        self.check_size(num_frames, height, width)
-        return num_frames, height, width
+        return self.rules.sizes(*_whole_numbers(num_frames=num_frames, height=height, width=width))
 
     # ------------------------------------------------------------------ modes
     def __call__(self, prompts: str | Sequence[str], *, num_frames: int | None = None, height: int | None = None,
@@ -141,10 +127,7 @@ class TextToVideo:
     def image_to_video(self, prompts, image, *, num_frames=None, height=None, width=None, **sampling) -> np.ndarray:
         """Animate ``image`` (path or ``uint8 (H, W, 3)``): it is latent frame 0, encoded alone as the VAE does."""
         num_frames, height, width = self._sizes(num_frames, height, width)
-        L = latent_count(num_frames, self.time_factor)
-        if L < 2:  # the image is the only latent: sampling would return its VAE round trip
-            raise ValueError(f"num_frames={num_frames} leaves nothing to animate; use at least "
-                             f"{pixel_count(2, self.time_factor)}")
+        L = self.rules.animated_latents(num_frames)
         latents = self.encode(self.load_frames(image, height, width, "image", first=1))
         return self.generate(prompts, known_plan(L, {0: latents[:, 0]}), height, width, **sampling)
 
@@ -161,20 +144,10 @@ class TextToVideo:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction={direction!r}; use one of {', '.join(DIRECTIONS)}")
         num_frames, height, width = self._sizes(num_frames, height, width)
+        (context_frames,) = _whole_numbers(context_frames=context_frames)
         tf, L = self.time_factor, latent_count(num_frames, self.time_factor)
-        if L < 2:
-            raise ValueError(f"num_frames={num_frames} leaves no room to extend; use at least {pixel_count(2, tf)}")
-        # At most L - 1 latents of context: forward, the video's last 1 + tf (L - 2) frames; backward, its first
-        # 1 + tf (L - 1), frame 0 included as their causal context.
-        needed = {"forward": dict(last=pixel_count(L - 1, tf)), "backward": dict(first=num_frames)}[direction]
-        frames = self.load_frames(video, height, width, "video", **needed)
-        available = latent_count(len(frames), tf) - (direction == "backward")  # backward needs frame 0 as context
-        if available < 1:
-            need = 1 + tf if direction == "backward" else 1
-            raise ValueError(f"the video has {len(frames)} frame(s); extending {direction} needs at least {need}")
-        k = (min(max(1, L // 2), available) if context_frames is None
-             else _context_latents(whole_number(context_frames, "context_frames"), direction, tf,
-                                   min(available, L - 1)))
+        frames = self.load_frames(video, height, width, "video", **self.rules.extend_reads(direction, num_frames))
+        k = self.rules.extend_context(direction, num_frames, len(frames), context_frames)
         if direction == "forward":
             latents = self.encode(frames[len(frames) - pixel_count(k, tf):])
             known = {j: latents[:, j] for j in range(k)}
@@ -192,14 +165,10 @@ class TextToVideo:
         as in training's first-and-last masks).
         """
         num_frames, height, width = self._sizes(num_frames, height, width)
-        tf, L = self.time_factor, latent_count(num_frames, self.time_factor)
-        if L < 3:
-            raise ValueError(f"num_frames={num_frames} is too short to connect two clips; use at least "
-                             f"{pixel_count(3, tf)}")
+        tf, L = self.time_factor, self.rules.connect_latents(num_frames)
         a = self.load_frames(video_a, height, width, "video", last=1)
         b = self.load_frames(video_b, height, width, "video", first=1 + tf)
-        if len(b) < 1 + tf:
-            raise ValueError(f"the second video has {len(b)} frame(s); connecting needs at least {1 + tf}")
+        self.rules.check_second_video(len(b))
         end_of_a, start_of_b = self.encode(a[-1:]), self.encode(b[:1 + tf])
         return self.generate(prompts, known_plan(L, {0: end_of_a[:, 0], L - 1: start_of_b[:, 1]}), height, width,
                              **sampling)
@@ -219,15 +188,7 @@ class TextToVideo:
         # Every size given is checked before the video is read (None frames: the training length, a valid one).
         given, height, width = self._sizes(num_frames, height, width)
         frames = self.load_frames(video, height, width, "video", first=given)  # no clip is longer
-        tf, pt = self.time_factor, self.dit.config.patch[0]
-        video_latents = latent_count(len(frames), tf)
-        if video_latents < pt:
-            raise ValueError(f"the video has {len(frames)} frame(s); this model edits at least {pixel_count(pt, tf)}")
-        longest = pixel_count(video_latents - video_latents % pt, tf)  # the longest prefix the model can make
-        if num_frames is not None and given > longest:
-            raise ValueError(f"num_frames={given} is longer than the video ({len(frames)} frames); use at most "
-                             f"{longest}")
-        num_frames = given if num_frames is not None else min(longest, self.train_frames)
+        num_frames = self.rules.edit_frames(len(frames), given, asked=num_frames is not None)
         self.check_size(num_frames, height, width)
         clean = self.encode(frames[:num_frames])
         plan = Plan(clean.shape[1], clean=clean, t_start=strength)
@@ -248,22 +209,9 @@ class TextToVideo:
         time patch ``pt > 1`` needs ``m + 2`` divisible by ``pt``. Default: the
         longest such loop shorter than the training clip.
         """
-        tf, pt = self.time_factor, self.dit.config.patch[0]
-        # m + 2 latents, which the DiT's time patch pt must divide: lengths tf m with (m + 2) % pt == 0.
-        # A loop has at least 2 frames: one frame "looping" is a still image.
-        loops = lambda upto: [tf * m for m in range(1, upto // tf + 2 * pt + 1)  # noqa: E731
-                              if (m + 2) % pt == 0 and tf * m >= 2]
-        if num_frames is None:
-            num_frames = max([n for n in loops(self.train_frames) if n < self.train_frames] or [loops(tf)[0]])
-        num_frames = whole_number(num_frames, "num_frames")
-        if num_frames not in loops(num_frames):
-            near = sorted(sorted(loops(num_frames), key=lambda n: abs(n - num_frames))[:2])
-            rule = f"{tf}m frames" + (f" with m + 2 divisible by {pt}" if pt > 1 else "")
-            raise ValueError(f"a loop of num_frames={num_frames} cannot be made: loop lengths are {rule}, at least "
-                             f"{loops(tf)[0]} (the frame after the last is the first), e.g. "
-                             f"{' or '.join(map(str, near))}")
-        _, height, width = self._sizes(num_frames + tf + 1, height, width)
-        L = num_frames // tf + 2
+        sizes = _whole_numbers(num_frames=num_frames, height=height, width=width)
+        num_frames, height, width = self.rules.loop_sizes(*sizes)
+        L = num_frames // self.time_factor + 2
         mask = (np.arange(L) == L - 1).astype(np.float32)
         plan = Plan(L, mask=mask, tie=((L - 1,), (1,)), keep_frames=num_frames)
         return self.generate(prompts, plan, height, width, **sampling)
@@ -388,12 +336,16 @@ class TextToVideo:
         return resolve_shift(self.config.get("flow", {}).get("shift", "auto"), latent_shape, self.dit.config.patch)
 
 
-def _context_latents(frames: int, direction: str, tf: int, most: int) -> int:
-    """Known latents ``k`` for ``frames`` context frames (forward ``1 + tf (k - 1)``, backward ``tf k``), k <= most."""
-    frames_of = (lambda k: pixel_count(k, tf)) if direction == "forward" else (lambda k: tf * k)
-    k = latent_count(frames, tf) if direction == "forward" else frames // tf
-    if frames_of(k) == frames and 1 <= k <= most:
-        return k
-    options = [frames_of(j) for j in range(1, most + 1)] or "none"
-    raise ValueError(f"context_frames={frames} does not fit extending {direction} here; use one of {options} "
-                     "(the video's length and num_frames bound it)")
+def model_directory(directory: str | Path | None) -> Path:
+    """``directory`` as a path; None: the bundled model's, or a one-line error where it is not installed."""
+    if directory is None:
+        if not (BUNDLED / "vidiff.json").is_file():
+            raise FileNotFoundError(f"the bundled model is not installed at {BUNDLED}; pass a model directory "
+                                    "exported by `vidiff train` (--checkpoint DIR)")
+        return BUNDLED
+    return Path(directory)
+
+
+def _whole_numbers(**values) -> list:
+    """Each of ``values`` as an int (``whole_number``'s one line otherwise), None kept: the rules take plain ints."""
+    return [None if value is None else whole_number(value, name) for name, value in values.items()]
