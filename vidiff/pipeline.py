@@ -139,7 +139,9 @@ class TextToVideo:
         open the clip (its first k latents). backward: its frames
         ``1 .. context_frames = tf k`` close the clip (the last k latents; frame
         0 is their causal context). Default k: half the clip's latents, at
-        least one, as many as the video has. The output includes the context.
+        least one, as many as the video has. The output includes the context,
+        so it splices as ``video + clip[n:]`` (forward) or ``clip + video[n + 1:]``
+        (backward: not ``clip + video``), ``n = context_frames``.
         """
         if direction not in DIRECTIONS:
             raise ValueError(f"direction={direction!r}; use one of {', '.join(DIRECTIONS)}")
@@ -162,7 +164,7 @@ class TextToVideo:
 
         The frame before B's part takes the place of B's frame 0, so the clip
         runs from the end of A to the start of B (known first and last latents,
-        as in training's first-and-last masks).
+        as in training's first-and-last masks): ``A[:-1] + clip + B[1 + tf:]``.
         """
         num_frames, height, width = self._sizes(num_frames, height, width)
         tf, L = self.time_factor, self.rules.connect_latents(num_frames)
