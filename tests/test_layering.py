@@ -9,14 +9,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "vidiff"
 _BOTTOM = {"io", "checks", "parallel", "distributed"}
 _SAMPLING = _BOTTOM | {"models", "diffusion"}
-_PIPELINE = _SAMPLING | {"pipeline", "pipeline_inputs", "pipeline_load"}
+_PIPELINE = _SAMPLING | {"pipeline", "pipeline_inputs", "pipeline_load", "clip_rules"}
 # What each part of vidiff may import of the others (its own modules always).
 MAY_IMPORT = {
     **{part: set() for part in _BOTTOM},
     "models": _BOTTOM,
     "diffusion": _BOTTOM | {"models"},
     "pipeline_inputs": {"checks", "io"},  # io: a mode's input frames
-    "pipeline_load": _SAMPLING,
+    "clip_rules": _BOTTOM | {"models"},  # the clips a model makes, as plain numbers
+    "pipeline_load": _SAMPLING | {"clip_rules"},
     "pipeline": _PIPELINE,
     "cli_flags": {"io", "checks"},
     "generate": _PIPELINE | {"cli_flags"},

@@ -239,7 +239,8 @@ def test_images_and_other_sizes(pipe, capsys):
         with pytest.raises(ValueError, match=f"this model cannot make {bad}: it makes frames 1 \\+ 4k"):
             pipe(PROMPT, **size)
     # vidiff generate checks a request with the rules read from vidiff.json alone, before the model loads.
-    from vidiff.pipeline_load import ClipRules, read_clip_rules
+    from vidiff.clip_rules import ClipRules
+    from vidiff.pipeline_load import read_clip_rules
 
     assert read_clip_rules(tiny_model_dir()) == pipe.rules == ClipRules(4, 1, 8, 9, (16, 16))
 

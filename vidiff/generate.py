@@ -12,7 +12,7 @@ Everything a user can get wrong (empty prompt, bad strength, unwritable
 output, unreadable input, a directory that is not a model, sizes the model
 cannot make, an input too short for its mode) is checked before the model
 loads and reported in one line: the sizes and the inputs' frame counts by the
-rules ``TextToVideo`` applies (``pipeline_load.ClipRules``), read from the
+rules ``TextToVideo`` applies (``vidiff.clip_rules.ClipRules``), read from the
 export's ``vidiff.json``, in the words it uses.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ from vidiff.cli_flags import (add_devices_flag, add_dtype_flag, add_scan_blocks_
                               check_writable, one_line_warnings, sampling_devices)
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.pipeline_inputs import DEFAULT_BATCH_SIZE, check_prompts, check_utf8, sampled_batch
-from vidiff.pipeline_load import ClipRules, read_clip_rules
+from vidiff.clip_rules import ClipRules
+from vidiff.pipeline_load import read_clip_rules
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
 
