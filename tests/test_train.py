@@ -474,6 +474,13 @@ def test_overrides_refuse_unknown_fields_and_wrong_types():
     assert tuple(config_lib.load_config(WORLD_TINY, ["--config.data.size=(32,48)"]).data.size) == (32, 48)
     with pytest.raises(ValueError, match="data.size is a int, got str"):
         config_lib.load_config(WORLD_TINY, ["--config.data.size=big"])
+    # flow.shift is a number or "auto" (world_tiny's is 3.0, real_tiny's "auto"): either switches to the other.
+    assert config_lib.load_config(WORLD_TINY, ["--config.flow.shift=auto"]).flow.shift == "auto"
+    shift = config_lib.load_config("real_tiny", ["--config.flow.shift=3"]).flow.shift
+    assert shift == 3.0 and isinstance(shift, float)
+    with pytest.raises(ValueError, match=r"^override '--config.flow.timestep_sampler=3': flow.timestep_sampler is a "
+                                         r"str, got int$"):  # only the field it documents takes both
+        config_lib.load_config(WORLD_TINY, ["--config.flow.timestep_sampler=3"])
     # Through an unset (None) section or a value: one line, not a TypeError; and a bool is no int.
     with pytest.raises(ValueError, match=r"^override '--config.data.buckets.x=1': data.buckets is None, not a "
                                          r"section; set it whole, e.g. --config.data.buckets=\"\{'x': ...\}\"$"):

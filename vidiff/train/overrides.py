@@ -11,9 +11,10 @@ from typing import Sequence
 
 import ml_collections
 
-# Fields that take an int or a (height, width) pair, whatever the config file's default is: data.size, also
-# as a stage's own override (vae_train.data.size). Matched by path, so another section's `size` keeps its type.
-_INT_OR_PAIR = (".data.size",)
+# Fields whose documented values have two types, so an override may switch from the config file's type to the
+# other: data.size (a side or a (height, width) pair, also as a stage's own vae_train.data.size) and flow.shift
+# (a number or "auto"). Matched by path, so another section's `size` or `shift` keeps its type.
+_EITHER_TYPE = {".data.size": (int, list, tuple), ".flow.shift": (int, float, str)}
 # apply_overrides notes {dotted path: value} here, an attribute of the ConfigDict and not a field (no checkpoint
 # or export records it), so the loop can say when a stage's own data replaces an override of data.
 _OVERRIDDEN = "_vidiff_overridden"
@@ -54,15 +55,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             # A dict would replace the section's fields with the few it names; the command line sets fields.
             raise ValueError(f"override {item!r}: {dotted} is a section; the command line cannot replace a whole "
                              f"section, set its fields one by one (--config.{dotted}.<field>=...)")
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        types = next((types for suffix, types in _EITHER_TYPE.items() if f".{dotted}".endswith(suffix)), ())
+        either = bool(types) and all(isinstance(v, types) for v in (old, value))
+        if (isinstance(old, float) or (either and float in types)) and isinstance(value, int) \
+                and not isinstance(value, bool):
             value = float(value)
         sequences = (list, tuple)
-        int_or_pair = f".{dotted}".endswith(_INT_OR_PAIR) and all(isinstance(v, (int, *sequences)) for v in (old, value))
         if isinstance(value, bool) and isinstance(old, int) and not isinstance(old, bool):  # True is an int too
             raise ValueError(f"override {item!r}: {dotted} is an int, got bool")
         if old is not None and value is not None and not isinstance(value, type(old)) and not (
             isinstance(old, sequences) and isinstance(value, sequences)
-        ) and not int_or_pair:
+        ) and not either:
             raise ValueError(f"override {item!r}: {dotted} is a {type(old).__name__}, got {type(value).__name__}")
         with node.ignore_type(), node.unlocked():
             node[leaf] = value
