@@ -181,6 +181,63 @@ def test_stage_numbers_are_checked_before_compiling(model, override, message):
         config_lib.validate(config_lib.for_stage(config, model), model, device_count=8)
 
 
+def _parent(config, dotted: str):
+    """The section holding ``dotted``, and the field's name in it (to set or delete it as a config file would)."""
+    *sections, leaf = dotted.split(".")
+    for part in sections:
+        config = config[part]
+    return config, leaf
+
+
+@pytest.mark.parametrize("model, field, value, message", [
+    # Each was ignored (the default trained) or failed late as an AttributeError or TypeError.
+    ("dit", "sample.guidence", 7.0, r"^config field sample.guidence is unknown; did you mean sample.guidance\? "
+     r"\(sample's fields: guidance, prompts, sampler, steps\)$"),
+    ("vae", "vae_train.eval_evry", 100, r"^config field vae_train.eval_evry is unknown; did you mean "
+     r"vae_train.eval_every\? \(vae_train's fields: ckpt_every, data, ema_decay, eval_every, init_from, init_on, keep, "
+     r"keep_best, log_every, on_nonfinite, optim, profile, stats_batches, steps\)$"),
+    ("vae", "vae_train.optim.warmup", 5, r"^config field vae_train.optim.warmup is unknown; did you mean "
+     r"vae_train.optim.warmup_steps\? "),
+    ("vae", "sed", 7, r"^config field sed is unknown; did you mean seed\? \(the top level's fields: data, "
+     r"distributed, dit, dit_train, eval, flow, mesh, sample, seed, text, vae, vae_loss, vae_train, workdir\)$"),
+    ("vae", "dit_train.latent", "on_the_fly", r"^config field dit_train.latent is unknown; did you mean "
+     r"dit_train.latents\? "),
+    ("dit", "flow.shfit", 1.0, r"^config field flow.shfit is unknown; did you mean flow.shift\? \(flow's fields: "
+     r"shift, timestep_sampler, weighting\)$"),
+    ("dit", "text.max_len", 64, r"^config field text.max_len is unknown; did you mean text.max_length\? "),
+    ("vae", "eval.num_clip", 4, r"^config field eval.num_clip is unknown; did you mean eval.num_clips\? "),
+    ("vae", "vae_loss.kl_wieght", 1.0, r"^config field vae_loss.kl_wieght is unknown; did you mean "
+     r"vae_loss.kl_weight\? "),
+    ("vae", "vae_train.latents", "cached", r"^config field vae_train.latents is unknown; remove it \(vae_train's "
+     r"fields: "),  # the DiT's field: the VAE stage reads none
+    ("dit", "dit_train.profile.stop", 3, r"^config field dit_train.profile.stop is unknown; did you mean "
+     r"dit_train.profile.steps\? \(dit_train.profile's fields: start, steps\)$"),
+])
+def test_a_misspelt_config_field_is_named_with_the_one_meant(model, field, value, message):
+    config = _config()
+    section, leaf = _parent(config, field)
+    section[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(config_lib.for_stage(config, model), model, device_count=8)
+
+
+@pytest.mark.parametrize("model, field, message", [
+    ("dit", "text.max_length", "^config field text.max_length is missing; a dit run reads it: add it to the config "
+     r"file \(docs/configs.md lists every field\)$"),
+    ("vae", "vae_train.stats_batches", "^config field vae_train.stats_batches is missing; a vae run reads it"),
+    ("vae", "vae_train.optim.eps", "^config field vae_train.optim.eps is missing; a vae run reads it"),
+    ("dit", "flow", "^config field flow is missing; a dit run reads it"),
+])
+def test_a_config_field_a_run_reads_is_named_when_missing(model, field, message):
+    config = _config()
+    section, leaf = _parent(config, field)
+    del section[leaf]
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(config_lib.for_stage(config, model), model, device_count=8)
+    other = {"vae": "dit", "dit": "vae"}[model]  # whose run reads none of it
+    config_lib.validate(config_lib.for_stage(config, other), other, device_count=8)
+
+
 @pytest.mark.parametrize("field, fix", [("warmup_steps", "use an int >= 0"),
                                         ("accumulate", r"use an int >= 1 \(1 = no accumulation\)")])
 def test_a_bool_written_in_a_config_file_is_no_step_count(field, fix):

@@ -6,8 +6,8 @@ importable from here too). ``set_mesh`` applies ``--mesh``; ``train_stage``
 builds a ``<model>_train`` section with every field the loop reads, and
 ``for_stage`` merges that stage's own ``data`` into ``data``.
 
-``validate`` checks everything that can be checked without compiling (shapes,
-mesh, the ``<model>_train`` numbers and optimizer through ``check_stage``,
+``validate`` checks everything that can be checked without compiling (every section's fields by name through
+``check_fields``, shapes, mesh, the ``<model>_train`` numbers and optimizer through ``check_stage``,
 ``flow.shift``, a DiT's ``text.encoder`` name through ``check_text_encoder``,
 which ``vidiff plan`` runs too) and fails with one line that names the field and the fix;
 ``name_stage_fields`` rewrites such a line to name the stage's field in force.
@@ -25,7 +25,7 @@ import ml_collections
 
 from vidiff.checks import field_checker, height_width
 from vidiff.data.registry import FIELD_SOURCES
-from vidiff.train.config_file import load_config  # noqa: F401  (the API's name for it: vidiff.train.config.load_config)
+from vidiff.train.config_file import check_fields, load_config  # noqa: F401  (load_config: the API's name for it)
 from vidiff.train.overrides import keep_overridden, stage_override_warnings
 
 MODELS = ("vae", "dit")
@@ -92,7 +92,7 @@ def validate(config, model: str, device_count: int) -> None:
     """Fail early, one line per problem, for configs that cannot work (before anything compiles).
 
     The checks run in this order, which decides the error a config with two
-    mistakes gets: the stage's fields and workdir, the data source, the VAE and
+    mistakes gets: the fields by name, the stage's fields and workdir, the data source, the VAE and
     ``data.size``, the DiT's text encoder name, ``sample`` section and own settings, every trained
     clip size, and how the batch splits over the devices.
     """
@@ -101,6 +101,7 @@ def validate(config, model: str, device_count: int) -> None:
     from vidiff.train.profile import check_profile
     from vidiff.train.tasks import vae_from_config
 
+    check_fields(config, model)
     check_profile(config[f"{model}_train"], model)
     check_stage(config, model)
     _check_workdir(str(config.workdir), model)
@@ -129,7 +130,7 @@ def check_stage(config, model: str) -> None:
     need = field_checker(name, stage.get)
 
     def need_int(field: str, low: int, fix: str, default=None) -> None:
-        # A field train_stage always writes is read as an attribute: a config that deleted it fails as before.
+        # A field train_stage always writes is read as an attribute (check_fields named a missing one).
         value = getattr(stage, field) if default is None else stage.get(field, default)
         need(config_int(value) and value >= low, field, fix)
 

@@ -7,9 +7,12 @@ usual start). A file that cannot be loaded (missing,
 not a ``.py`` file, a syntax error, an exception in ``get_config()``, which returns neither a ``ConfigDict`` nor a
 dict) fails with one line naming the file (and
 line); the overrides (``--config.dit.overrides.depth=4``) are set and checked in ``vidiff.train.overrides``.
+``check_fields`` (run by ``vidiff.train.config.validate``) refuses a field the code does not read (a typo in
+the file: ``sample.guidence``), naming the field it likely meant, and a field a run reads that is missing.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import traceback
 from pathlib import Path
@@ -17,10 +20,22 @@ from typing import Sequence
 
 import ml_collections
 
-from vidiff.train.overrides import apply_overrides
+from vidiff.train.overrides import apply_overrides, did_you_mean
 
 # The configs that ship in the package, each loadable by name.
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The fields check_fields knows by name, per section ("" is the top level; the stages', their optim's and
+# vae_loss's come from train_stage and VAELossConfig). mesh, data (and a stage's data), distributed,
+# dit_train.condition and the models' overrides refuse unknown fields where they are read.
+TOP_LEVEL = ("workdir", "seed", "mesh", "data", "text", "vae", "vae_loss", "dit", "flow", "vae_train", "dit_train",
+             "eval", "sample", "distributed")
+SECTIONS = {"text": ("encoder", "max_length", "batch_size"), "flow": ("timestep_sampler", "shift", "weighting"),
+            "eval": ("num_clips", "split", "num_frames"), "sample": ("prompts", "steps", "sampler", "guidance"),
+            "vae": ("preset", "overrides"), "dit": ("preset", "overrides")}
+# A stage's own fields, beside those train_stage writes for both models.
+STAGE_FIELDS = {"vae": ("data", "stats_batches"), "dit": ("data", "latents", "cache_clips", "condition")}
+# The train_stage fields a run reads only with a default; every other one must be there.
+_STAGE_OPTIONAL = ("profile", "init_on", "init_from")
 
 
 def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -54,6 +69,61 @@ def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDic
                          f"return the config (see {SHIPPED_CONFIGS / 'world_tiny.py'})")
     apply_overrides(config, overrides)
     return config
+
+
+def check_fields(config, model: str) -> None:
+    """Each section's fields by name: one the code does not read is a typo that would be ignored (or fail late,
+    deep inside a library), one that a ``model`` run reads and is missing a late ``AttributeError``."""
+    from vidiff.models.vae_losses import VAELossConfig
+    from vidiff.train.config import train_stage  # here: vidiff.train.config imports this module
+
+    stage = train_stage(1, 1.0)
+    known = {"": TOP_LEVEL, **SECTIONS, "vae_loss": tuple(f.name for f in dataclasses.fields(VAELossConfig))}
+    for name, own in STAGE_FIELDS.items():
+        known.update({f"{name}_train": (*stage, *own), f"{name}_train.optim": tuple(stage.optim),
+                      f"{name}_train.profile": tuple(stage.profile)})
+    for path, fields in known.items():
+        for field in _section(config, path) or ():
+            if field not in fields:
+                owner = f"{path}'s fields" if path else "the top level's fields"
+                raise ValueError(f"config field {'.'.join(filter(None, [path, str(field)]))} is unknown"
+                                 f"{did_you_mean(field, fields, path) or '; remove it'} ({owner}: "
+                                 f"{', '.join(sorted(fields))})")
+    for path, fields in _required(config, model, stage).items():
+        section = config if not path else _section(config, path)
+        if section is None:
+            parent, _, leaf = path.rpartition(".")
+            raise ValueError(f"config field {path}={_section(config, parent)[leaf]!r} is not a section; make it a "
+                             f"dict with {', '.join(known[path])}")
+        if missing := [f for f in fields if f not in section]:
+            where = ".".join(filter(None, [path, missing[0]]))
+            raise ValueError(f"config field {where} is missing; a {model} run reads it: add it to the config file "
+                             f"(docs/configs.md lists every field)")
+
+
+def _required(config, model: str, stage) -> dict[str, tuple]:
+    """``{section: fields}`` that a ``model`` run reads without a default (the sections in the order they are
+    read: a missing section is named before its fields)."""
+    name = f"{model}_train"
+    required = {"": ("workdir", "seed", "mesh", "data", "vae", name), "vae": ("preset", "overrides"),
+                name: tuple(f for f in stage if f not in _STAGE_OPTIONAL), f"{name}.optim": tuple(stage.optim)}
+    if model == "vae":
+        required[""] += ("vae_loss",)
+        required[name] += ("stats_batches",)  # the latent statistics after the last step read it
+        if (_section(config, name) or {}).get("eval_every"):  # the validation clips
+            required = {**required, "": (*required[""], "eval"), "eval": ("num_clips",)}
+    else:
+        required[""] += ("text", "dit", "flow")
+        required.update(text=("encoder", "max_length"), flow=SECTIONS["flow"], dit=("preset", "overrides"))
+    return required
+
+
+def _section(config, path: str):
+    """The section at dotted ``path`` ("" the top level), or None where it is missing or no section."""
+    node = config
+    for part in filter(None, path.split(".")):
+        node = node.get(part) if isinstance(node, (dict, ml_collections.ConfigDict)) else None
+    return node if isinstance(node, (dict, ml_collections.ConfigDict)) else None
 
 
 def config_path(name_or_path) -> Path:

@@ -155,14 +155,19 @@ def _preset_value(config, sections: list[str], field: str, item: str):
         raise ValueError(f"override {item!r}: {e}") from None
 
 
+def did_you_mean(name: str, known, section: str = "") -> str:
+    """``"; did you mean <section>.<field>?"``: the field of ``known`` closest to a misspelt ``name``; else ``""``."""
+    close = difflib.get_close_matches(str(name), sorted(map(str, known)), n=1)
+    return f"; did you mean {'.'.join(filter(None, [section, close[0]]))}?" if close else ""
+
+
 def _did_you_mean(config, node, parts: list[str], depth: int) -> str:
     """What the user likely meant by ``parts``, missing at ``parts[depth]``: a typo's neighbour whose whole path
     exists (``vae_train.steps``), or a model field (``dit.overrides.scan_unroll``); else ``""``."""
     if not isinstance(node, (ml_collections.ConfigDict, dict)):
         return ""
     if depth == len(parts) - 1 and (fields := _model_fields(parts[:-1])):
-        close = difflib.get_close_matches(parts[depth], sorted(fields), n=1)
-        return f"; did you mean {'.'.join([*parts[:-1], close[0]])}?" if close else ""
+        return did_you_mean(parts[depth], fields, ".".join(parts[:-1]))
     for close in difflib.get_close_matches(parts[depth], [str(k) for k in node], n=3):
         guess, found = [*parts[:depth], close, *parts[depth + 1:]], config
         for part in guess:
