@@ -166,6 +166,27 @@ def test_cli_config_file_errors_have_no_traceback(tmp_path):
     ("vae", "vae_train.optim.schedule='linear'", "vae_train.optim.schedule='linear' is invalid; use one of"),
     ("dit", "flow.shift=0.0", r"flow.shift=0.0 is invalid; use a number > 0 \(1 = no shift\) or 'auto'"),
     ("dit", "flow.shift=-2.0", "flow.shift=-2.0 is invalid"),
+    ("dit", "flow.shift=aut", r"^flow.shift='aut' is invalid; use a number > 0 \(1 = no shift\) or 'auto'"),
+    # flow's names were read only while the first step compiled, 20 s in, without the "flow." prefix.
+    ("dit", "flow.timestep_sampler='unifrom'", r"^flow.timestep_sampler='unifrom' is invalid; use one of uniform, "
+     r"logit_normal \(did you mean 'uniform'\?\)$"),
+    ("dit", "flow.weighting='cosmop'", r"^flow.weighting='cosmop' is invalid; use one of none, cosmap \(did you mean "
+     r"'cosmap'\?\)$"),
+    # None trained and exported a model `vidiff generate` refuses; -3 was a TypeError; 0 did not name the field.
+    *[("dit", f"text.max_length={value}", rf"^text.max_length={value} is invalid; use an int from 1 to 8192 "
+       r"\(tokens per caption\)$") for value in ("None", "-3", "0", "8193")],
+    # -1 cached nothing, silently; None was a TypeError once the models had loaded.
+    *[("dit", f"dit_train.cache_clips={value}", rf"^dit_train.cache_clips={value} is invalid; use an int >= 1 "
+       r"\(clips whose latents stay in host memory\)$") for value in ("-1", "0", "None")],
+    # No clip failed as "need at least one array to stack"; 0 frames evaluated the training length, silently.
+    ("vae", "eval.num_clips=0", r"^eval.num_clips=0 is invalid; use an int >= 1 \(set vae_train.eval_every=0 to "
+     r"evaluate none\)$"),
+    ("vae", "eval.num_frames=0", r"^eval.num_frames=0 is invalid; use an int >= 1, or None for the training clips' "
+     r"length$"),
+    # None failed at the first random draw without naming the field; 2**32 draws what 0 does.
+    ("vae", "seed=None", r"^seed=None is invalid; use an int in \[0, 2\*\*32\)$"),
+    ("dit", "seed=4294967296", r"^seed=4294967296 is invalid; use an int in \[0, 2\*\*32\)$"),
+    ("vae", "data.seed=None", r"^data.seed=None is invalid; use an int in \[0, 2\*\*32\)$"),
     # sample: a typo trained every step, then failed at the first evaluation (or was exported into vidiff.json).
     ("dit", "sample.sampler='eulr'", r"^sample.sampler='eulr' is invalid; use one of euler, heun, dpmpp_2m "
      r"\(did you mean 'euler'\?\)$"),
@@ -179,6 +200,15 @@ def test_stage_numbers_are_checked_before_compiling(model, override, message):
     config = _config(f"--config.{override}")
     with pytest.raises(ValueError, match=message):
         config_lib.validate(config_lib.for_stage(config, model), model, device_count=8)
+
+
+def test_text_max_length_has_the_bounds_an_export_is_loaded_with():
+    from vidiff import pipeline_load
+
+    assert config_lib.MAX_TEXT_TOKENS == pipeline_load.MAX_TEXT_TOKENS
+    config = _config("--config.text.max_length=8192", "--config.eval.num_frames=None")
+    config_lib.validate(config_lib.for_stage(config, "dit"), "dit", device_count=8)
+    config_lib.validate(config_lib.for_stage(config, "vae"), "vae", device_count=8)
 
 
 def _parent(config, dotted: str):

@@ -7,8 +7,8 @@ builds a ``<model>_train`` section with every field the loop reads, and
 ``for_stage`` merges that stage's own ``data`` into ``data``.
 
 ``validate`` checks everything that can be checked without compiling (every section's fields by name through
-``check_fields``, shapes, mesh, the ``<model>_train`` numbers and optimizer through ``check_stage``,
-``flow.shift``, a DiT's ``text.encoder`` name through ``check_text_encoder``,
+``check_fields``, the seeds, shapes, mesh, the ``<model>_train`` numbers and optimizer through ``check_stage``,
+``flow``, a DiT's ``text.encoder`` name and ``text.max_length`` through ``check_text_encoder``,
 which ``vidiff plan`` runs too) and fails with one line that names the field and the fix;
 ``name_stage_fields`` rewrites such a line to name the stage's field in force.
 ``warnings_for`` lists settings that work but are likely not meant.
@@ -23,15 +23,18 @@ from typing import NamedTuple
 
 import ml_collections
 
-from vidiff.checks import field_checker, height_width
+from vidiff.checks import config_int, field_checker, finite_number, height_width
 from vidiff.data.registry import FIELD_SOURCES
 from vidiff.train.config_file import check_fields, load_config  # noqa: F401  (load_config: the API's name for it)
-from vidiff.train.overrides import keep_overridden, stage_override_warnings
+from vidiff.train.overrides import keep_overridden, one_of, stage_override_warnings
 
 MODELS = ("vae", "dit")
 ON_NONFINITE = ("stop", "skip")
 # <model>_train.init_on: the names of vidiff.train.state.INIT_ON (this module stays free of jax).
 INIT_ON_NAMES = ("auto", "host", "device")
+# text.max_length's bounds: vidiff.pipeline_load.MAX_TEXT_TOKENS, which loading an export holds it to (train may
+# not import the pipeline): a run must not export a model that `vidiff generate` refuses.
+MAX_TEXT_TOKENS = 8192
 # The data fields that say where records are, and the data.source that reads each: the built-in sources' and
 # those of sources registered by then (vidiff.data.register_source, e.g. from the config file), read when used.
 SOURCE_FIELDS = FIELD_SOURCES
@@ -92,8 +95,8 @@ def validate(config, model: str, device_count: int) -> None:
     """Fail early, one line per problem, for configs that cannot work (before anything compiles).
 
     The checks run in this order, which decides the error a config with two
-    mistakes gets: the fields by name, the stage's fields and workdir, the data source, the VAE and
-    ``data.size``, the DiT's text encoder name, ``sample`` section and own settings, every trained
+    mistakes gets: the fields by name, the seeds, the stage's fields and workdir, the data source, the VAE and
+    ``data.size``, (VAE) ``eval``, the DiT's text encoder, ``sample`` section and own settings, every trained
     clip size, and how the batch splits over the devices.
     """
     if model not in MODELS:
@@ -102,6 +105,7 @@ def validate(config, model: str, device_count: int) -> None:
     from vidiff.train.tasks import vae_from_config
 
     check_fields(config, model)
+    _check_seeds(config)
     check_profile(config[f"{model}_train"], model)
     check_stage(config, model)
     _check_workdir(str(config.workdir), model)
@@ -109,6 +113,8 @@ def validate(config, model: str, device_count: int) -> None:
     vae_cfg = vae_from_config(config).config
     size = height_width(config.data.size)
     dit_cfg = None
+    if model == "vae":
+        _check_eval(config.get("eval"))
     if model == "dit":
         check_text_encoder(config)
         _check_sample(config.get("sample"))
@@ -118,12 +124,11 @@ def validate(config, model: str, device_count: int) -> None:
 
 
 def check_stage(config, model: str) -> None:
-    """The ``<model>_train`` numbers, its optimizer and (DiT) ``flow.shift``: one line naming the field and the fix.
+    """The ``<model>_train`` numbers, its optimizer and (DiT) ``flow``: one line naming the field and the fix.
 
     Each of these would otherwise fail late (``log_every=0``: a division after
     compiling), or not at all (``steps=0`` exports an untrained model).
     """
-    from vidiff.checks import config_int, finite_number
     from vidiff.train.optimizer import check_optim
 
     stage, name = config[f"{model}_train"], f"{model}_train"
@@ -153,10 +158,42 @@ def check_stage(config, model: str) -> None:
         need_int("stats_batches", 1, "use an int >= 1", default=1)
     check_optim(stage.optim, f"{name}.optim")
     if model == "dit":
-        shift = config.flow.shift
-        if shift != "auto" and not (finite_number(shift) and shift > 0):
-            raise ValueError(f"flow.shift={shift!r} is invalid; use a number > 0 (1 = no shift) or 'auto' "
-                             f"(with shift <= 0 the shifted timesteps leave [0, 1])")
+        # -1 cached nothing, silently; None failed as a TypeError once the models had loaded.
+        need_int("cache_clips", 1, "use an int >= 1 (clips whose latents stay in host memory)", default=100_000)
+        _check_flow(config.flow)
+
+
+def _check_flow(flow) -> None:
+    """``flow``'s names were read only while the first step compiled (after the models had loaded)."""
+    from vidiff.diffusion.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLERS
+
+    need = field_checker("flow", flow.get)
+    for field, names in (("timestep_sampler", TIMESTEP_SAMPLERS), ("weighting", LOSS_WEIGHTINGS)):
+        need(flow[field] in names, field, one_of(flow[field], names))
+    need(flow.shift == "auto" or (finite_number(flow.shift) and flow.shift > 0), "shift",
+         "use a number > 0 (1 = no shift) or 'auto' (with shift <= 0 the shifted timesteps leave [0, 1])")
+
+
+def _check_seeds(config) -> None:
+    """``seed`` and ``data.seed``: a None or a string failed at the first random draw without naming the field,
+    and a seed of 2**32 draws what 0 does (a key holds 32 bits of it)."""
+    for field, value in (("seed", config.seed), ("data.seed", config.data.get("seed", 0))):
+        if not (config_int(value) and 0 <= value < 2**32):
+            raise ValueError(f"{field}={value!r} is invalid; use an int in [0, 2**32)")
+
+
+def _check_eval(evaluation) -> None:
+    """The VAE's validation clips: no clip failed as numpy's "need at least one array to stack", and
+    ``num_frames=0`` evaluated the training length silently."""
+    if evaluation is None:
+        return
+    need = field_checker("eval", evaluation.get)
+    if "num_clips" in evaluation:
+        need(config_int(evaluation.num_clips) and evaluation.num_clips >= 1, "num_clips",
+             "use an int >= 1 (set vae_train.eval_every=0 to evaluate none)")
+    frames = evaluation.get("num_frames")
+    need(frames is None or (config_int(frames) and frames >= 1), "num_frames",
+         "use an int >= 1, or None for the training clips' length")
 
 
 def _check_workdir(workdir: str, model: str) -> None:
@@ -180,11 +217,15 @@ def _check_workdir(workdir: str, model: str) -> None:
 
 
 def check_text_encoder(config) -> None:
-    """``text.encoder`` is a name the text-encoder registry reads, checked before anything loads."""
+    """``text.encoder`` is a name the text-encoder registry reads and ``text.max_length`` what an export may hold,
+    checked before anything loads."""
     from vidiff.models.text.registry import VALID_NAMES, known_name
 
     if not known_name(config.text.encoder):
         raise ValueError(f"text.encoder={config.text.encoder!r} is not a text encoder; valid: {VALID_NAMES}")
+    length = config.text.max_length
+    field_checker("text", config.text.get)(config_int(length) and 1 <= length <= MAX_TEXT_TOKENS, "max_length",
+                                           f"use an int from 1 to {MAX_TEXT_TOKENS} (tokens per caption)")
 
 
 def _check_world_source(data) -> None:
@@ -200,9 +241,6 @@ def _check_world_source(data) -> None:
 def _check_sample(sample) -> None:
     """``sample``: the preview clips' settings, and the exported model's sampling defaults. A bad one failed at
     the first evaluation, after the training it cost, or (``eval_every=0``) in every ``vidiff generate`` of it."""
-    import difflib
-
-    from vidiff.checks import config_int, finite_number
     from vidiff.diffusion.samplers import SAMPLERS
 
     if sample is None:
@@ -213,9 +251,7 @@ def _check_sample(sample) -> None:
          "prompts", "use a list of caption strings, one preview clip each")
     need(config_int(sample.get("steps", 20)) and sample.get("steps", 20) >= 1, "steps", "use an int >= 1")
     sampler = sample.get("sampler", "euler")
-    close = difflib.get_close_matches(sampler, SAMPLERS, n=1) if isinstance(sampler, str) else []
-    need(sampler in SAMPLERS, "sampler", f"use one of {', '.join(SAMPLERS)}"
-         f"{f' (did you mean {close[0]!r}?)' if close else ''}")
+    need(sampler in SAMPLERS, "sampler", one_of(sampler, SAMPLERS))
     need(finite_number(sample.get("guidance", 4.0)), "guidance", "use a finite number (1.0 = no guidance)")
 
 

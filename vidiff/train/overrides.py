@@ -161,6 +161,12 @@ def did_you_mean(name: str, known, section: str = "") -> str:
     return f"; did you mean {'.'.join(filter(None, [section, close[0]]))}?" if close else ""
 
 
+def one_of(value, names) -> str:
+    """The fix for a value not in ``names``: use one of them, and the one a misspelt ``value`` likely meant."""
+    close = difflib.get_close_matches(value, names, n=1) if isinstance(value, str) else []
+    return f"use one of {', '.join(names)}{f' (did you mean {close[0]!r}?)' if close else ''}"
+
+
 def _did_you_mean(config, node, parts: list[str], depth: int) -> str:
     """What the user likely meant by ``parts``, missing at ``parts[depth]``: a typo's neighbour whose whole path
     exists (``vae_train.steps``), or a model field (``dit.overrides.scan_unroll``); else ``""``."""
