@@ -512,6 +512,29 @@ def test_the_example_command_of_docs_configs_md_is_a_valid_config():
     config_lib.validate(config, command[command.index("--model") + 1], device_count=1)
 
 
+def test_docs_configs_md_says_what_real_tiny_changes_and_what_a_steps_override_keeps():
+    docs = (REPO / "docs" / "configs.md").read_text()
+    world, real = (json.loads(config_lib.load_config(name).to_json()) for name in ("world_tiny", "real_tiny"))
+
+    def value(tree, dotted):
+        for part in dotted.split("."):
+            tree = tree[part]
+        return tree
+
+    # Every field the "Fields that differ from world_tiny" table names differs (it listed real_tiny's DiT, which is
+    # world_tiny's: abs_pos_embed and normalize_text included).
+    table = docs.split("Fields that differ from world_tiny:")[1].split("\n\n")[1]
+    rows = [line.split("|")[1] for line in table.splitlines()[2:]]
+    fields = [field for row in rows for field in re.findall(r"`([\w.]+)`", row)]
+    assert "workdir" in fields and "flow.shift" in fields
+    assert [field for field in fields if value(world, field) == value(real, field)] == []
+    assert real["dit"] == world["dit"]
+    # The warmup is computed when get_config() runs: an override of steps keeps it, as the optim table says.
+    assert "a `--config.<model>_train.steps=` override leaves it as it was (world_tiny's VAE keeps 100 at " \
+           "`steps=200`)" in docs
+    assert config_lib.load_config("world_tiny", ["--config.vae_train.steps=200"]).vae_train.optim.warmup_steps == 100
+
+
 def _command(workdir, *extra, model="vae", steps=8):
     return [sys.executable, "-m", "vidiff.cli", "train", "--config", str(WORLD_TINY), "--model", model,
             f"--config.workdir={workdir}", f"--config.{model}_train.steps={steps}", *FAST, *extra]

@@ -42,9 +42,10 @@ SOURCE_FIELDS = FIELD_SOURCES
 
 def train_stage(steps: int, lr: float, **fields) -> ml_collections.ConfigDict:
     """A ``<model>_train`` section with every field the loop reads, so any can be overridden on the command
-    line: AdamW at peak ``lr`` with a cosine schedule over ``steps`` (warmup ``min(100, steps // 10)``), EMA,
-    logging, checkpoint and evaluation cadence; ``fields`` add or replace entries (``eval_every=200``, a
-    stage's ``data`` overrides, ``condition``, ...). docs/configs.md lists them all."""
+    line: AdamW at peak ``lr`` with a cosine schedule over ``steps`` (warmup ``min(100, steps // 10)``, computed
+    here: a later override of ``steps`` keeps it), EMA, logging, checkpoint and evaluation cadence; ``fields``
+    add or replace entries (``eval_every=200``, a stage's ``data`` overrides, ``condition``, ...).
+    docs/configs.md lists them all."""
     return ml_collections.ConfigDict(dict(
         steps=steps,  # optim is the stage's own: a field of that name is refused (a duplicate keyword), not merged
         optim=dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10), end_lr_fraction=0.1, b1=0.9,
