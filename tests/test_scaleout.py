@@ -394,8 +394,8 @@ def test_plan_reports_per_device_memory_of_the_compiled_step():
                                                                           "--config.dit_train.optim.accumulate=2"]})
     with pytest.raises(ValueError) as error:  # as vidiff train refuses it: no row for a run that cannot start
         plan.plan(accumulating, jax.devices()[:4])
-    assert str(error.value) == ("--batch 4 does not split into dit_train.optim.accumulate=2 micro-batches over mesh "
-                                "data x fsdp = 4; use a multiple of 8 or a smaller accumulate")
+    assert str(error.value) == ("--batch 4 does not split into dit_train.optim.accumulate=2 micro-batches over "
+                                "mesh.data x mesh.fsdp = 4 devices; use a multiple of 8 or a smaller accumulate")
 
 
 def test_plan_on_a_cpu_stands_chunked_attention_in_for_a_gpu_configs_cudnn():

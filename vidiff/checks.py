@@ -11,6 +11,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+# text.max_length's bounds, for a run and for loading its export (a run must not export a model `vidiff generate`
+# refuses): BERT and MiniLM embed 512 positions, CLIP 77; T5 has no limit, but attends quadratically.
+MAX_TEXT_TOKENS = 8192
+
 
 def is_int(value) -> bool:
     """A Python or numpy integer, not a bool (an int to Python, but never a count) nor a float (``int()`` would

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from vidiff.checks import compute_dtype, config_int, field_checker, finite_number, height_width
+from vidiff.checks import MAX_TEXT_TOKENS, compute_dtype, config_int, field_checker, finite_number, height_width
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.clip_rules import ClipRules
 from vidiff.models.block_layout import with_block_layout
@@ -33,7 +33,6 @@ REQUIRED_FIELDS = (("text", "encoder"), ("text", "max_length"), ("vae", "preset"
 MAX_SIDE = 8192  # pixels per side: 8K, past the sizes video diffusion models train at
 MAX_FRAMES = 10_000  # 7 minutes at 24 fps
 MAX_STEPS = 10_000  # sampler steps; the samplers converge in tens to hundreds
-MAX_TEXT_TOKENS = 8192  # BERT and MiniLM embed 512 positions, CLIP 77; T5 has no limit, but attends quadratically
 MAX_TEXT_BATCH = 4096  # captions per encoder call: every prompt batch is padded to it
 
 

@@ -148,18 +148,12 @@ def plan(args, devices) -> list[dict]:
 
 
 def _global_batch(config, args, mesh) -> int:
-    """``--batch`` or ``data.batch_size``, refused as ``vidiff train`` refuses it (``vidiff.train.config``, in
-    words naming the flag): it must spread over the data-parallel devices, each micro-batch too."""
+    """``--batch`` or ``data.batch_size``, refused as ``vidiff train`` refuses it."""
+    from vidiff.train.config import check_batch_split
+
     batch = args.batch or int(config.data.batch_size)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    named = "--batch" if args.batch else "data.batch_size"
-    if batch % dp:
-        raise ValueError(f"{named} {batch} is not divisible by mesh data x fsdp = {dp}; use a multiple of {dp}")
-    accumulate = config[f"{args.model}_train"].optim.accumulate
-    if batch % (accumulate * dp):
-        raise ValueError(f"{named} {batch} does not split into {args.model}_train.optim.accumulate={accumulate} "
-                         f"micro-batches over mesh data x fsdp = {dp}; use a multiple of {accumulate * dp} or a "
-                         f"smaller accumulate")
+    check_batch_split(batch, mesh.shape["data"] * mesh.shape["fsdp"], config, args.model,
+                      "--batch " if args.batch else "data.batch_size=")
     return batch
 
 

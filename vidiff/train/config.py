@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import ml_collections
 
-from vidiff.checks import config_int, field_checker, finite_number, height_width
+from vidiff.checks import MAX_TEXT_TOKENS, config_int, field_checker, finite_number, height_width
 from vidiff.data.registry import FIELD_SOURCES
 from vidiff.train.config_file import check_fields, load_config  # noqa: F401  (load_config: the API's name for it)
 from vidiff.train.overrides import keep_overridden, one_of, stage_override_warnings
@@ -32,9 +32,6 @@ MODELS = ("vae", "dit")
 ON_NONFINITE = ("stop", "skip")
 # <model>_train.init_on: the names of vidiff.train.state.INIT_ON (this module stays free of jax).
 INIT_ON_NAMES = ("auto", "host", "device")
-# text.max_length's bounds: vidiff.pipeline_load.MAX_TEXT_TOKENS, which loading an export holds it to (train may
-# not import the pipeline): a run must not export a model that `vidiff generate` refuses.
-MAX_TEXT_TOKENS = 8192
 # The data fields that say where records are, and the data.source that reads each: the built-in sources' and
 # those of sources registered by then (vidiff.data.register_source, e.g. from the config file), read when used.
 SOURCE_FIELDS = FIELD_SOURCES
@@ -352,24 +349,24 @@ def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, f
 
 
 def _check_batch_split(config, model: str, device_count: int) -> None:
-    """``data.batch_size`` over the data-parallel devices, and into ``optim.accumulate`` micro-batches."""
+    """``data.batch_size`` over the data-parallel devices of the configured mesh."""
     from vidiff import parallel
 
     sizes = parallel.resolve_sizes(parallel.mesh_sizes(config.mesh.to_dict()), device_count)  # presets, dcn, -1
-    data_parallel = sizes["data"] * sizes["fsdp"]
-    batch = int(config.data.batch_size)
+    check_batch_split(int(config.data.batch_size), sizes["data"] * sizes["fsdp"], config, model)
+
+
+def check_batch_split(batch: int, data_parallel: int, config, model: str, named: str = "data.batch_size=") -> None:
+    """``batch`` (``named``: how the user gave it) over ``data_parallel`` devices, and into ``optim.accumulate``
+    micro-batches that each spread over them all; ``vidiff plan`` refuses its ``--batch`` in the same words."""
     if batch % data_parallel:
-        raise ValueError(
-            f"data.batch_size={batch} is not divisible by the data-parallel devices mesh.data x mesh.fsdp = "
-            f"{data_parallel}; use a multiple of {data_parallel}"
-        )
+        raise ValueError(f"{named}{batch} is not divisible by the data-parallel devices mesh.data x mesh.fsdp = "
+                         f"{data_parallel}; use a multiple of {data_parallel}")
     accumulate = config[f"{model}_train"].optim.accumulate
-    if batch % (accumulate * data_parallel):  # every micro-batch spreads over all the data-parallel devices
-        raise ValueError(
-            f"data.batch_size={batch} does not split into {model}_train.optim.accumulate={accumulate} micro-batches "
-            f"over mesh.data x mesh.fsdp = {data_parallel} devices; use a multiple of {accumulate * data_parallel} "
-            f"or a smaller accumulate"
-        )
+    if batch % (accumulate * data_parallel):
+        raise ValueError(f"{named}{batch} does not split into {model}_train.optim.accumulate={accumulate} "
+                         f"micro-batches over mesh.data x mesh.fsdp = {data_parallel} devices; use a multiple of "
+                         f"{accumulate * data_parallel} or a smaller accumulate")
 
 
 def warnings_for(config, model: str) -> list[str]:
