@@ -24,7 +24,7 @@ from vidiff.train import config as config_lib
 from vidiff.train.metrics import read_metrics
 from vidiff.train.preflight import check_eval_split
 from vidiff.train.resume_checks import model_changes
-from vidiff.train.tasks import validation_clips
+from vidiff.train.eval_clips import validation_clips
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_TINY = REPO / "vidiff" / "configs" / "real_tiny.py"

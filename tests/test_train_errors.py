@@ -27,7 +27,7 @@ import pytest
 
 from vidiff.train import config as config_lib
 from vidiff.train import config_file
-from vidiff.train import loop, preflight, resume_checks, stopping, tasks
+from vidiff.train import eval_clips, loop, preflight, resume_checks, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer
 from vidiff.train.preflight import DataExhaustedError, NonFiniteError
 
@@ -818,7 +818,7 @@ def _saved_checkpoint(tmp_path, config, step=2, iterator=None):
 def test_a_non_square_vae_run_evaluates_on_clips_of_its_size():
     config = config_lib.for_stage(_config("--config.data.size=(32, 48)", "--config.eval.num_clips=2"), "vae")
     config_lib.validate(config, "vae", 1)
-    clips = tasks.validation_clips(config)  # the world's square clips, centre-cropped as training cuts them
+    clips = eval_clips.validation_clips(config)  # the world's square clips, centre-cropped as training cuts them
     assert clips.shape == (2, 17, 32, 48, 3) and clips.dtype == np.uint8 and clips.std() > 0
 
 
@@ -1172,16 +1172,16 @@ def test_evaluation_clips_are_the_same_on_every_process(tmp_path, monkeypatch):
     config = _config("--config.data.source=folder", f"--config.data.manifest={{'train': '{manifest}', "
                      f"'eval': '{manifest}'}}", "--config.data.size=16", "--config.data.num_frames=5",
                      "--config.eval.num_frames=5", "--config.eval.num_clips=2")
-    alone = tasks.validation_clips(config)
+    alone = eval_clips.validation_clips(config)
     assert alone.shape == (2, 5, 16, 16, 3)
     for index in (0, 7):
         monkeypatch.setattr(pipeline, "default_process_index_count", lambda index=index: (index, 8))
-        np.testing.assert_array_equal(tasks.validation_clips(config), alone)
+        np.testing.assert_array_equal(eval_clips.validation_clips(config), alone)
     config.eval.num_clips = 6  # scored 2, unsaid: val_psnr would average fewer clips than asked
     with pytest.raises(ValueError, match=re.escape("eval.num_clips=6 but eval.split='eval' gave 2 clips of 5 frames "
                                                    "(bad or short ones are skipped, named above); set "
                                                    "eval.num_clips=2, or add clips to that split")):
-        tasks.validation_clips(config)
+        eval_clips.validation_clips(config)
 
 
 def test_evaluation_clips_the_data_cannot_give_fail_before_training(tmp_path):
