@@ -198,6 +198,10 @@ def test_transparent_pixels_read_over_black_not_as_the_colour_they_store(tmp_pat
         np.testing.assert_array_equal(read[0], np.broadcast_to(np.array((200, 40, 10) if mode == "RGBA" else 40),
                                                                 (6, 3)))
         np.testing.assert_allclose(read[2, 0], 50, atol=1)  # half of 100 over black
+    wide = np.full((2, 3), 1000, np.uint16)  # 16-bit grey, 1000 marked transparent: compared before scaling
+    wide[:, 1:] = (32768, 65535)
+    Image.fromarray(wide).save(tmp_path / "grey16.png", transparency=1000)
+    np.testing.assert_array_equal(io.read_image(tmp_path / "grey16.png")[0], [[0] * 3, [128] * 3, [255] * 3])
     palette = Image.fromarray(rgba[..., :3]).convert("P")
     palette.info["transparency"] = palette.getpixel((0, 3))  # the green's index
     palette.save(tmp_path / "p.gif", transparency=palette.getpixel((0, 3)))

@@ -76,29 +76,36 @@ def _too_large(size=None) -> str:
 def _rgb(image, path):
     """A Pillow image as RGB. ``convert("RGB")`` drops transparency, showing whatever colour transparent pixels
     store, so an image with an alpha channel or a transparent colour is laid over black first. It also clips
-    grey values above 255 (a 16-bit PNG comes out nearly white), so wider grey modes are scaled first: 16-bit
-    by 255 / 65535; 32-bit and float ones by their range (values within [0, 1] (float) or [0, 255] are 8-bit
-    intensities, within [0, 65535] 16-bit ones)."""
+    grey values above 255 (a 16-bit PNG comes out nearly white), so wider grey modes are scaled first
+    (:func:`_grey_to_8_bits`), their transparent value compared before scaling."""
     from PIL import Image
 
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, np.float64)
+        rgb = np.repeat(_grey_to_8_bits(values, image.mode, path)[..., None], 3, -1)
+        if "transparency" in image.info:
+            rgb[values == image.info["transparency"]] = 0
+        return Image.fromarray(rgb, "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
-    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
-        return image.convert("RGB")
-    values = np.asarray(image, np.float64)
+    return image.convert("RGB")
+
+
+def _grey_to_8_bits(values: np.ndarray, mode: str, path) -> np.ndarray:
+    """A wide grey image's values as uint8: 16-bit by 255 / 65535; 32-bit and float ones by their range (values
+    within [0, 1] (float) or [0, 255] are 8-bit intensities, within [0, 65535] 16-bit ones)."""
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if image.mode.startswith("I;16") or (high > 255 and low >= 0 and high <= 65535 and image.mode == "I"):
+    if mode.startswith("I;16") or (high > 255 and low >= 0 and high <= 65535 and mode == "I"):
         scale = 255 / 65535
-    elif image.mode == "F" and 0 <= low and high <= 1:
+    elif mode == "F" and 0 <= low and high <= 1:
         scale = 255.0
     elif 0 <= low and high <= 255:
         scale = 1.0
     else:
-        raise VideoReadError(path, NOT_VIDEO, f"a {image.mode}-mode image with values {low:g} to {high:g}, "
+        raise VideoReadError(path, NOT_VIDEO, f"a {mode}-mode image with values {low:g} to {high:g}, "
                              "outside the ranges it could be scaled from; save it as an 8- or 16-bit image")
-    grey = np.round(values * scale).astype(np.uint8)
-    return Image.fromarray(np.repeat(grey[..., None], 3, -1), "RGB")
+    return np.round(values * scale).astype(np.uint8)
 
 
 def is_video_path(path: str | os.PathLike, suffixes: Sequence[str] = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")) -> bool:
