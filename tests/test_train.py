@@ -478,6 +478,10 @@ def test_overrides_refuse_unknown_fields_and_wrong_types():
     assert config_lib.load_config(WORLD_TINY, ["--config.flow.shift=auto"]).flow.shift == "auto"
     shift = config_lib.load_config("real_tiny", ["--config.flow.shift=3"]).flow.shift
     assert shift == 3.0 and isinstance(shift, float)
+    for config, kind in ((WORLD_TINY, "float"), ("real_tiny", "str")):  # True is an int to Python, 1.0 no shift
+        with pytest.raises(ValueError, match=rf"^override '--config.flow.shift=True': flow.shift is a {kind}, got "
+                                             r"bool$"):
+            config_lib.load_config(config, ["--config.flow.shift=True"])
     with pytest.raises(ValueError, match=r"^override '--config.flow.timestep_sampler=3': flow.timestep_sampler is a "
                                          r"str, got int$"):  # only the field it documents takes both
         config_lib.load_config(WORLD_TINY, ["--config.flow.timestep_sampler=3"])

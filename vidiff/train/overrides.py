@@ -56,7 +56,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             raise ValueError(f"override {item!r}: {dotted} is a section; the command line cannot replace a whole "
                              f"section, set its fields one by one (--config.{dotted}.<field>=...)")
         types = next((types for suffix, types in _EITHER_TYPE.items() if f".{dotted}".endswith(suffix)), ())
-        either = bool(types) and all(isinstance(v, types) for v in (old, value))
+        either = bool(types) and all(isinstance(v, types) and not isinstance(v, bool) for v in (old, value))
         if (isinstance(old, float) or (either and float in types)) and isinstance(value, int) \
                 and not isinstance(value, bool):
             value = float(value)
