@@ -254,6 +254,9 @@ def test_a_misspelt_config_field_is_named_with_the_one_meant(model, field, value
     ("vae", "vae_train.stats_batches", "^config field vae_train.stats_batches is missing; a vae run reads it"),
     ("vae", "vae_train.optim.eps", "^config field vae_train.optim.eps is missing; a vae run reads it"),
     ("dit", "flow", "^config field flow is missing; a dit run reads it"),
+    # Read at the first evaluation, after eval_every steps (an AttributeError then).
+    ("dit", "sample", "^config field sample is missing; a dit run reads it"),
+    ("dit", "sample.prompts", "^config field sample.prompts is missing; a dit run reads it"),
 ])
 def test_a_config_field_a_run_reads_is_named_when_missing(model, field, message):
     config = _config()
@@ -1177,6 +1180,8 @@ def test_evaluation_clips_are_the_same_on_every_process(tmp_path, monkeypatch):
     for index in (0, 7):
         monkeypatch.setattr(pipeline, "default_process_index_count", lambda index=index: (index, 8))
         np.testing.assert_array_equal(eval_clips.validation_clips(config), alone)
+    del config.eval["split"]  # its default, "eval", as the set-up's check reads it (was an AttributeError)
+    np.testing.assert_array_equal(eval_clips.validation_clips(config), alone)
     config.eval.num_clips = 6  # scored 2, unsaid: val_psnr would average fewer clips than asked
     with pytest.raises(ValueError, match=re.escape("eval.num_clips=6 but eval.split='eval' gave 2 clips of 5 frames "
                                                    "(bad or short ones are skipped, named above); set "
@@ -1238,3 +1243,21 @@ def test_summary_counts_skipped_records_apart_from_skipped_steps(tmp_path):
 
     rows = [r for r in read_metrics(tmp_path / "w" / "vae") if "loss" in r]
     assert rows[-1]["skipped_records_total"] >= 2 and rows[-1]["skipped_steps"] == 0
+
+
+def test_preview_clips_sample_with_the_defaults_validation_checked_the_section_with(monkeypatch):
+    """A sample section with prompts alone passes validation (steps, sampler and guidance have defaults); the
+    preview clips then read sample.steps and failed at the first evaluation, after eval_every steps."""
+    import ml_collections
+
+    config = _config("--config.dit_train.eval_every=1")
+    config.sample = ml_collections.ConfigDict({"prompts": ["a red circle moving left"]})
+    config_lib.validate(config_lib.for_stage(config, "dit"), "dit", device_count=8)
+    asked = {}
+    monkeypatch.setattr(tasks, "text_context", lambda encoded: encoded)
+    monkeypatch.setattr(tasks, "sample_latents", lambda *args, **kwargs: asked.update(kwargs) or np.zeros((1, 1)))
+    monkeypatch.setattr(tasks, "compiled", lambda vae, method: lambda variables, latents: np.zeros((1, 1, 2, 2, 3)))
+    task = types.SimpleNamespace(config=config, text=types.SimpleNamespace(encode=lambda prompts: prompts),
+                                 latent_shape=(1, 2, 2, 4), dit=None, vae=None, frozen={"vae": None}, shift=1.0)
+    tasks.sample_preview_clips(task, None, ["a red circle moving left"])
+    assert (asked["steps"], asked["sampler"], asked["guidance"]) == (20, "euler", 4.0)

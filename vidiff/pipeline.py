@@ -45,7 +45,7 @@ import numpy as np
 from vidiff import io, parallel
 from vidiff.checks import height_width
 from vidiff.diffusion.flow import noise_latents, resolve_shift
-from vidiff.diffusion.samplers import check_guidance
+from vidiff.diffusion.samplers import SAMPLE_DEFAULTS, check_guidance
 from vidiff.diffusion.sampling import on_sampler_step, sample_latents, seeded_noise, text_context
 from vidiff.models.dit import VideoDiT
 from vidiff.models.export import BUNDLED
@@ -75,7 +75,7 @@ class TextToVideo:
         size = config["data"]["size"]
         self.train_size = height_width(size)
         self.train_frames = int(config["data"]["num_frames"])
-        self.defaults = {"steps": 20, "sampler": "euler", "guidance": 4.0, **dict(config.get("sample", {}))}
+        self.defaults = {**SAMPLE_DEFAULTS, **dict(config.get("sample", {}))}
 
     # ------------------------------------------------------------------ loading
     @classmethod

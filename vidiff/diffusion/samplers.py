@@ -41,6 +41,8 @@ import numpy as np
 from vidiff.diffusion.flow import predict_x0, shift_timesteps
 
 SAMPLERS = ("euler", "heun", "dpmpp_2m")
+# What a config's ``sample`` section (training's preview clips, an export's) and TextToVideo use where they say nothing.
+SAMPLE_DEFAULTS = {"steps": 20, "sampler": "euler", "guidance": 4.0}
 
 
 def timestep_schedule(steps: int, shift: float = 1.0, t_start: float = 1.0):

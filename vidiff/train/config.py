@@ -239,7 +239,7 @@ def _check_world_source(data) -> None:
 def _check_sample(sample) -> None:
     """``sample``: the preview clips' settings, and the exported model's sampling defaults. A bad one failed at
     the first evaluation, after the training it cost, or (``eval_every=0``) in every ``vidiff generate`` of it."""
-    from vidiff.diffusion.samplers import SAMPLERS
+    from vidiff.diffusion.samplers import SAMPLE_DEFAULTS, SAMPLERS
 
     if sample is None:
         return
@@ -247,10 +247,10 @@ def _check_sample(sample) -> None:
     prompts = sample.get("prompts")
     need(isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(p, str) for p in prompts),
          "prompts", "use a list of caption strings, one preview clip each")
-    need(config_int(sample.get("steps", 20)) and sample.get("steps", 20) >= 1, "steps", "use an int >= 1")
-    sampler = sample.get("sampler", "euler")
+    steps, sampler, guidance = ({**SAMPLE_DEFAULTS, **sample}[name] for name in ("steps", "sampler", "guidance"))
+    need(config_int(steps) and steps >= 1, "steps", "use an int >= 1")
     need(sampler in SAMPLERS, "sampler", one_of(sampler, SAMPLERS))
-    need(finite_number(sample.get("guidance", 4.0)), "guidance", "use a finite number (1.0 = no guidance)")
+    need(finite_number(guidance), "guidance", "use a finite number (1.0 = no guidance)")
 
 
 def _check_dit_settings(config):

@@ -115,6 +115,8 @@ def _required(config, model: str, stage) -> dict[str, tuple]:
     else:
         required[""] += ("text", "dit", "flow")
         required.update(text=("encoder", "max_length"), flow=SECTIONS["flow"], dit=("preset", "overrides"))
+        if (_section(config, name) or {}).get("eval_every"):  # the preview clips' prompts (the rest has defaults)
+            required = {**required, "": (*required[""], "sample"), "sample": ("prompts",)}
     return required
 
 

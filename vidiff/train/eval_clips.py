@@ -37,24 +37,26 @@ def _held_out_world_clips(config, n: int, num_frames: int) -> np.ndarray:
 
 
 def _eval_split_clips(config, n: int, num_frames: int) -> np.ndarray:
-    """The first ``n`` clips of the data's ``eval.split``."""
+    """The first ``n`` clips of the data's ``eval.split`` (default ``"eval"``, as the set-up checks it)."""
     from vidiff.data import record_stream
+
+    split = config.eval.get("split", "eval")
 
     # Whole clips of eval.num_frames at data.size (training's buckets and image mix would cut images or other
     # lengths, and mixed shapes fail to stack), from the whole split on every process (process_count=1): the
     # same clips for any number of processes, and a split too small for one process's slice fails none alone.
     records = record_stream({**config.data.to_dict(), "num_frames": num_frames, "shuffle": False, "num_epochs": 1,
-                             "caption_dropout": 0.0, "buckets": None, "image_fraction": 0.0}, split=config.eval.split,
+                             "caption_dropout": 0.0, "buckets": None, "image_fraction": 0.0}, split=split,
                             process_index=0, process_count=1)
     try:
         clips = [r["video"] for _, r in zip(range(n), records)]
     except ValueError as e:  # the skip ledger's refusal: say which clips it was refusing
-        raise ValueError(f"the VAE's evaluation clips (eval.split={config.eval.split!r}, {num_frames} frames, "
+        raise ValueError(f"the VAE's evaluation clips (eval.split={split!r}, {num_frames} frames, "
                          f"eval.num_frames): {e}; or set eval.num_frames to a length they have") from None
     if not clips:
-        raise ValueError(f"eval.split={config.eval.split!r} yielded no clips; point data at an eval split")
+        raise ValueError(f"eval.split={split!r} yielded no clips; point data at an eval split")
     if len(clips) < n:  # scoring fewer would change what val_psnr averages, unsaid
-        raise ValueError(f"eval.num_clips={n} but eval.split={config.eval.split!r} gave {len(clips)} clips of "
+        raise ValueError(f"eval.num_clips={n} but eval.split={split!r} gave {len(clips)} clips of "
                          f"{num_frames} frames (bad or short ones are skipped, named above); set "
                          f"eval.num_clips={len(clips)}, or add clips to that split")
     return np.stack(clips)

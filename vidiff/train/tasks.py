@@ -25,6 +25,7 @@ import numpy as np
 from vidiff import io, parallel
 from vidiff.checks import height_width
 from vidiff.diffusion import resolve_shift
+from vidiff.diffusion.samplers import SAMPLE_DEFAULTS
 from vidiff.diffusion.sampling import sample_latents, text_context
 from vidiff.models.dit import VideoDiT, dit_preset
 from vidiff.models.dit import init_params as dit_init_params
@@ -331,12 +332,12 @@ def _prepared_arrays(raw: dict, captions: list[str], text) -> dict:
 
 def sample_preview_clips(task: DiTTask, params, prompts, *, seed: int = 0) -> np.ndarray:
     """Training's preview clips (``samples/``): uint8 ``(N, T, H, W, 3)`` for ``prompts``, config.sample settings."""
-    sample = task.config.sample
+    sample = {**SAMPLE_DEFAULTS, **task.config.sample}  # the defaults validation checked the section with
     context = text_context(task.text.encode(prompts))
     uncond = text_context(task.text.encode([""] * len(prompts)))
     noise = jax.random.normal(jax.random.key(seed), (len(prompts), *task.latent_shape))
-    latents = sample_latents(task.dit, params, context, uncond, noise, steps=int(sample.steps),
-                             sampler=sample.sampler, guidance=float(sample.guidance), shift=task.shift)
+    latents = sample_latents(task.dit, params, context, uncond, noise, steps=int(sample["steps"]),
+                             sampler=sample["sampler"], guidance=float(sample["guidance"]), shift=task.shift)
     return io.to_uint8(compiled(task.vae, "decode_normalized")(task.frozen["vae"], latents))
 
 
