@@ -130,6 +130,11 @@ def test_scorer_reports_predictions_and_rejects_wrong_labels():
     assert world_score.score(static, labels)["predicted"]["direction"] == "none"
     empty = world_score.score(np.full_like(video, 32), labels)
     assert empty["predicted"]["color"] is None and not empty["all"]
+    # Grey and white lie off every palette hue (magenta, the nearest, 29 degrees away): no colour, not magenta.
+    drawn = (video == np.array(W.COLORS[labels["color"]], np.uint8)).all(-1, keepdims=True)
+    for grey in ((255, 255, 255), (160, 160, 160)):
+        greyed = world_score.score(np.where(drawn, np.array(grey, np.uint8), video), labels)
+        assert greyed["predicted"]["color"] is None and greyed["color"] is False and not greyed["all"]
 
 
 def test_scorer_survives_blur_noise_and_colour_cast():

@@ -5,8 +5,9 @@ only on cues that survive noise, blur and slightly wrong colours:
 
 - colour: a pixel shows the palette colour nearest in hue (angle of its
   offset from the clip's median background colour) once it is more than
-  halfway there from the background (:func:`palette_index`); the object's
-  colour is the one with the most pixels.
+  halfway there from the background and within about 26 degrees of that
+  colour's hue (:func:`palette_index`: grey and white show none); the
+  object's colour is the one with the most pixels.
 - shape: per frame, the object's mask is cropped to its bounding box (the
   outermost 1% of its pixels trimmed, so stray pixels do not stretch it),
   padded to a square and averaged down to 16x16; the mean over frames goes to
@@ -44,6 +45,9 @@ _OFFSET_NORMS = np.linalg.norm(_OFFSETS, axis=1)
 # A pixel whose every channel lies within this distance of the background is
 # less than halfway to every palette colour, so only the rest need the full test.
 _SURELY_BACKGROUND = float(_OFFSET_NORMS.min() / 2 / np.sqrt(3))
+# Palette hues lie 27 degrees apart at the closest (blue, cyan), grey at 29 from the nearest (magenta): a pixel
+# further than this from every hue is no palette colour, so a grey or white object is not read as magenta.
+MIN_HUE_COSINE = 0.9
 
 
 def palette_index(frames: np.ndarray) -> np.ndarray:
@@ -54,6 +58,8 @@ def palette_index(frames: np.ndarray) -> np.ndarray:
     lies more than halfway from the background towards it. The background is
     the clip's median colour, so a colour cast shared by the whole clip
     changes nothing, and blur (mixing with the background) keeps the hue.
+    A pixel whose hue is further than :data:`MIN_HUE_COSINE` from every
+    palette colour's (grey, white) shows none.
     """
     frames = np.asarray(frames)
     background = np.median(frames[:, ::2, ::2].reshape(-1, 3), axis=0).astype(np.float32)
@@ -67,7 +73,8 @@ def palette_index(frames: np.ndarray) -> np.ndarray:
     cosines = dots / (np.linalg.norm(offset, axis=1, keepdims=True) * _OFFSET_NORMS + 1e-6)
     hue = cosines.argmax(1)
     progress = dots[np.arange(len(hue)), hue] / _OFFSET_NORMS[hue] ** 2
-    index[candidates] = np.where(progress > 0.5, hue + 1, 0)
+    on_hue = cosines[np.arange(len(hue)), hue] > MIN_HUE_COSINE
+    index[candidates] = np.where((progress > 0.5) & on_hue, hue + 1, 0)
     return index
 
 
