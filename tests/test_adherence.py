@@ -98,6 +98,26 @@ def test_ground_truth_clips_score_perfectly_and_wrong_ones_do_not(tmp_path):
     assert json.loads(path.read_text())["accuracy"]["all"] == 1.0
 
 
+def test_write_json_writes_whole_or_leaves_the_old_file(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    path = tmp_path / "adherence.json"
+    path.write_text('{"previous": "result"}')
+    real_write_text = Path.write_text
+
+    def disk_fills(self, text, *args, **kwargs):  # half the text reaches the disk, then it is full
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    with pytest.raises(OSError, match=rf"^{re.escape(str(path))} could not be written \(No space left on device\); "
+                                      r"free disk space and run again, or choose a writable --out$"):
+        adherence.write_json({"accuracy": {"all": 1.0}, "clips": ["verdict"] * 100}, path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"previous": "result"} and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 @pytest.mark.slow
 def test_eval_commands_print_and_write_json(tmp_path, capsys):
     model = str(tiny_model_dir())
@@ -132,7 +152,7 @@ def test_eval_commands_print_and_write_json(tmp_path, capsys):
     assert set(means["edit"]) == {"colour_changed", "shape_kept", "direction_kept"} and means["loop"]["seam_ratio"] > 0
 
     assert main(["eval", "modes", "--checkpoint", model, "--strength", "1.5"]) == 2
-    assert "--strength=1.5 in (0, 1]" in capsys.readouterr().err
+    assert "--strength=1.5 must be in (0, 1]" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert main(["eval", "adherence", "--checkpoint", model, "--out", str(tmp_path / "file" / "a.json")]) == 2
     assert capsys.readouterr().err.startswith(f"vidiff eval: error: cannot write {tmp_path / 'file' / 'a.json'}: ")
@@ -150,6 +170,11 @@ def test_unknown_template_sets_fail_in_one_line_naming_the_sets():
     (["adherence", "--guidance", "nan"], "--guidance=nan must be a finite number (1 = off)"),
     (["adherence", "--devices", "9"], "--devices=9 is more than the 8 cpu device(s) here; give at most 8, or all"),
     (["modes", "--steps", "-2"], "--steps=-2 must be at least 1"),
+    # Each flag's own line: argparse's choices= printed its usage too, and one check named --clips and --strength.
+    (["adherence", "--prompts", "bogus"], "--prompts=bogus is unknown; use heldout or paraphrase"),
+    (["adherence", "--sampler", "bogus"], "--sampler=bogus is unknown; use euler, heun or dpmpp_2m"),
+    (["modes", "--strength", "0"], "--strength=0.0 must be in (0, 1]"),
+    (["modes", "--clips", "0"], "--clips=0 must be at least 1"),
     (["modes", "--dtype", "fp16"], "--dtype=fp16 is not a compute dtype; use float32, bfloat16, float16, or no "
      "--dtype to compute as the model was trained"),
 ])

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vidiff.data import world, world_score
+from vidiff.io.files import save_text
 
 ATTRIBUTES = ("color", "shape", "direction", "all")
 PROMPT_SETS = ("heldout", "paraphrase")
@@ -143,11 +144,9 @@ def format_table(summary: dict) -> str:
 
 
 def write_json(summary: dict, path) -> Path:
-    """Write the summary (and every clip's verdict) as JSON."""
-    path = Path(path)
+    """Write the summary (and every clip's verdict) as JSON, whole or not at all: a failed write leaves the file
+    that was there as it was."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2))
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e}; choose a writable --out") from None
-    return path
+        return save_text(path, json.dumps(summary, indent=2))
+    except OSError as error:  # save_text's line names the file, why and the fix; the flag is a fix too
+        raise OSError(f"{error}, or choose a writable --out") from None
