@@ -11,17 +11,20 @@ only on cues that survive noise, blur and slightly wrong colours:
 - shape: per frame, the object's mask is cropped to its bounding box (the
   outermost 1% of its pixels trimmed, so stray pixels do not stretch it),
   padded to a square and averaged down to 16x16; the mean over frames goes to
-  the nearest template. Templates are the ideal circle, square and triangle
-  (fill ratios about 0.785, 1.0 and 0.5 of the box) and, for digits, the mean
-  of every ``load_digits`` sample of that class.
+  the nearest template. Templates are the circle, square and triangle as the
+  renderer draws them at the object's measured side (the median over frames
+  of its box's longer side: an 8 px circle fills 0.81 of its box, not an ideal
+  circle's 0.785, and a square with chipped corners is nearer the square) and,
+  for digits, the mean of every ``load_digits`` sample of that class.
 - direction: the least-squares slope of the mask's centroid over frames; the
   larger axis of the displacement decides, and less than 15% of the frame
   counts as ``"none"`` (not moving).
 
 The world only draws handwritten digits this scorer reads correctly at the
 size they are drawn (:func:`readable_glyphs`), so it scores the renderer's
-own clips 100% right from 32px frames up. At 16px small objects are 4px
-wide and small triangles read as circles.
+own clips 100% right from 32px frames up (24px too, checked once). At 16px
+small objects are 4px wide: the geometric shapes still read right, but small
+digits often read as other digits.
 """
 from __future__ import annotations
 
@@ -95,14 +98,21 @@ def _extent(counts: np.ndarray) -> tuple[int, int]:
     return low, max(high, low + 1)
 
 
+def _crop(mask: np.ndarray) -> np.ndarray:
+    y0, y1 = _extent(mask.sum(1))
+    x0, x1 = _extent(mask.sum(0))
+    return mask[y0:y1, x0:x1]
+
+
 def shape_features(mask: np.ndarray) -> tuple[np.ndarray, float]:
     """A non-empty ``bool (H, W)`` mask -> its normalised ``float32 (16, 16)`` shape image and fill ratio.
 
     The fill ratio is the share of the (trimmed) bounding box the mask covers.
     """
-    y0, y1 = _extent(mask.sum(1))
-    x0, x1 = _extent(mask.sum(0))
-    crop = mask[y0:y1, x0:x1]
+    return _features_of_crop(_crop(mask))
+
+
+def _features_of_crop(crop: np.ndarray) -> tuple[np.ndarray, float]:
     height, width = crop.shape
     side = max(height, width)
     # Padding to a square keeps the aspect ratio, so a thin "1" never looks like a square.
@@ -113,9 +123,11 @@ def shape_features(mask: np.ndarray) -> tuple[np.ndarray, float]:
     return resize @ canvas @ resize.T, float(crop.mean())
 
 
-@functools.lru_cache(maxsize=1)
-def _geometric_templates() -> dict[str, np.ndarray]:
-    return {shape: shape_features(sprite_mask(shape, 64))[0] for shape in SHAPES}
+@functools.lru_cache(maxsize=64)
+def _geometric_templates(side: int) -> dict[str, np.ndarray]:
+    # Drawn at the object's own side: small shapes are staircases, and at 8 px the renderer's circle is
+    # nearer a slightly chipped square than an ideal circle is, so ideal templates read such squares as circles.
+    return {shape: shape_features(sprite_mask(shape, side))[0] for shape in SHAPES}
 
 
 @functools.lru_cache(maxsize=1)
@@ -133,9 +145,10 @@ def _features_of_all(masks: np.ndarray) -> np.ndarray:
     return features
 
 
-def templates(names: Sequence[str]) -> np.ndarray:
-    """``float32 (len(names), 16, 16)`` templates of the given shape names."""
-    table = dict(_geometric_templates())
+def templates(names: Sequence[str], side: int = 64) -> np.ndarray:
+    """``float32 (len(names), 16, 16)`` templates of the given shape names, the geometric ones drawn ``side``
+    pixels wide (the digits' are means over samples of every size)."""
+    table = dict(_geometric_templates(max(1, int(side))))
     if any(name in DIGITS for name in names):
         table.update(_digit_templates())
     unknown = [name for name in names if name not in table]
@@ -144,9 +157,9 @@ def templates(names: Sequence[str]) -> np.ndarray:
     return np.stack([table[name] for name in names])
 
 
-def classify_shape(features: np.ndarray, names: Sequence[str]) -> str:
-    """The name among ``names`` whose template is nearest (L2) to ``features``."""
-    distances = ((templates(names) - features[None]) ** 2).sum((1, 2))
+def classify_shape(features: np.ndarray, names: Sequence[str], side: int = 64) -> str:
+    """The name among ``names`` whose template (at ``side``) is nearest (L2) to ``features``."""
+    distances = ((templates(names, side) - features[None]) ** 2).sum((1, 2))
     return names[int(distances.argmin())]
 
 
@@ -159,9 +172,12 @@ def readable_glyphs(side: int) -> dict[int, np.ndarray]:
     """
     images, targets = digit_images()
     names = SHAPES + DIGITS
-    features = _features_of_all(rasterize_digits(images, side))
-    distances = ((features[:, None] - templates(names)[None]) ** 2).sum((2, 3))
-    predicted = distances.argmin(1) - len(SHAPES)
+    predicted = np.full(len(images), -1)
+    for i, mask in enumerate(rasterize_digits(images, side)):
+        if mask.any():  # read as the scorer reads a rendered clip: at the glyph's own measured side
+            crop = _crop(mask)
+            predicted[i] = names.index(classify_shape(_features_of_crop(crop)[0], names, max(crop.shape)))
+    predicted = predicted - len(SHAPES)
     readable = {}
     for k in range(10):
         good = np.nonzero((targets == k) & (predicted == k))[0]
@@ -180,8 +196,10 @@ def _analyse(mask: np.ndarray, shapes: Sequence[str]) -> dict:
     frames = np.nonzero(counts >= max(2.0, 0.25 * typical))[0]
     if len(frames) == 0:
         frames = np.nonzero(counts)[0]
-    measured = [shape_features(mask[t]) for t in frames]
-    shape = classify_shape(np.mean([f for f, _ in measured], axis=0), tuple(shapes))
+    crops = [_crop(mask[t]) for t in frames]
+    measured = [_features_of_crop(crop) for crop in crops]
+    side = int(round(np.median([max(crop.shape) for crop in crops])))
+    shape = classify_shape(np.mean([f for f, _ in measured], axis=0), tuple(shapes), side)
     centroids = np.array([np.argwhere(mask[t]).mean(0) for t in frames])
     direction, displacement = None, None
     if num_frames > 1:
