@@ -387,6 +387,11 @@ def test_ema_and_image_metrics():
     # (in raw [-1, 1] it read 0.33), and the score does not depend on where the clips sit.
     grey = jnp.full((1, 1, 8, 8, 3), 127.0 / 127.5 - 1.0)
     assert float(ssim(grey + 2.5 / 127.5, grey)[0]) == pytest.approx(1.0, abs=1e-3)
+    # Flat bright frames: float32's E[x^2] - E[x]^2 gave 1.00003 for 200 against 205 (float64's 0.999695).
+    flat = lambda v: jnp.full((1, 2, 16, 16, 3), v / 127.5 - 1.0)
+    exact = (2 * 200 * 205 + 2.55**2) / (200**2 + 205**2 + 2.55**2)
+    assert float(ssim(flat(200), flat(205))[0]) <= 1.0
+    assert float(ssim(flat(200), flat(205))[0]) == pytest.approx(exact, abs=2e-5)
 
 
 @pytest.mark.parametrize(
