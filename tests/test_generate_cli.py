@@ -286,6 +286,9 @@ def test_long_prompts_are_truncated_with_a_warning(model, tmp_path, capsys):
      "(1, 5, 9, 13, 17, ...), height and width multiples of 8 (trained on 9 frames of 16x16)"),
     ([PROMPT, "--checkpoint", "{model}", "--loop", "--frames", "9"], "a loop of num_frames=9 cannot be made"),
     ([PROMPT, "--steps", "0"], "--steps=0 must be at least 1"),
+    # One line, not argparse's usage block and error (choices=).
+    ([PROMPT, "--sampler", "eulr"], "--sampler=eulr is unknown; use euler, heun or dpmpp_2m"),
+    ([PROMPT, "--extend", "{video}", "--direction", "back"], "--direction=back is unknown; use forward or backward"),
     ([PROMPT, "--guidance", "nan"], "--guidance=nan must be a finite number (1 = off)"),
     ([PROMPT, "--negative", " "], "--negative is empty; give what the clips should not show, e.g. 'blurry', or "
      "drop --negative"),

@@ -78,6 +78,18 @@ def one_line_warnings(command: str):
         yield
 
 
+def add_choice_flag(parser: argparse.ArgumentParser, flag: str, names, **kwargs) -> None:
+    """``flag`` taking one of ``names``, checked by :func:`check_choice` (argparse's ``choices`` would print its
+    usage too, not one line)."""
+    parser.add_argument(flag, metavar="{" + ",".join(names) + "}", **kwargs)
+
+
+def check_choice(flag: str, value, names) -> None:
+    """A one-line ``ValueError`` unless ``value`` (None: the flag was not given) is one of ``names``."""
+    if value is not None and value not in names:
+        raise ValueError(f"--{flag}={value} is unknown; use {', '.join(names[:-1])} or {names[-1]}")
+
+
 def check_sampling_flags(args) -> None:
     """The sampling flags ``generate`` and ``eval`` share, checked before a model loads."""
     if args.steps is not None and args.steps < 1:

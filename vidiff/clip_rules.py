@@ -12,6 +12,7 @@ import math
 
 from vidiff.models.vae import latent_count, pixel_count
 
+DIRECTIONS = ("forward", "backward")  # which way an extension adds frames
 
 @dataclasses.dataclass(frozen=True)
 class ClipRules:

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from vidiff import io
-from vidiff.cli_flags import (add_devices_flag, add_dtype_flag, add_scan_blocks_flag, check_sampling_flags,
-                              check_writable, one_line_warnings, sampling_devices)
+from vidiff.cli_flags import (add_choice_flag, add_devices_flag, add_dtype_flag, add_scan_blocks_flag, check_choice,
+                              check_sampling_flags, check_writable, one_line_warnings, sampling_devices)
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.pipeline_inputs import DEFAULT_BATCH_SIZE, check_prompts, check_utf8, sampled_batch
-from vidiff.clip_rules import ClipRules
+from vidiff.clip_rules import DIRECTIONS, ClipRules
 from vidiff.pipeline_load import read_clip_rules
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--negative", metavar="TEXT", help="negative prompt, for every prompt: guidance steers away "
                         "from it rather than from the empty prompt (needs --guidance other than 1)")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
+    add_choice_flag(parser, "--sampler", SAMPLERS, help="ODE solver")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first clip; clip j of a prompt uses seed + j")
     parser.add_argument("--num", type=int, default=1, help="clips per prompt")
     parser.add_argument("--fps", type=float, help="frame rate of the written video (.gif: 0.00153 to 50, .mp4: "
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "(--frames a multiple of the VAE's time factor: any count from 2 for the bundled model, 4, "
                       "8, ... for a 4x VAE)")
     # Default "forward", set in _generate: None means "not given", which _check_mode_flags refuses without --extend.
-    parser.add_argument("--direction", choices=("forward", "backward"), help="with --extend: add frames after "
+    add_choice_flag(parser, "--direction", DIRECTIONS, help="with --extend: add frames after "
                         "(forward, default) or before (backward) the video")
     parser.add_argument("--context-frames", type=int, help="with --extend: input frames kept (forward 1 + tf k, "
                         "backward tf k, for the VAE's time factor tf as in --frames; default about half the clip)")
@@ -251,6 +251,8 @@ def _warn_if_unquoted(prompts: list[str]) -> None:
 
 
 def _check_mode_flags(args) -> None:
+    check_choice("sampler", args.sampler, SAMPLERS)
+    check_choice("direction", args.direction, DIRECTIONS)
     if args.strength is not None:
         if not args.edit:
             raise ValueError("--strength applies only to --edit VIDEO")

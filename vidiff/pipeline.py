@@ -54,10 +54,8 @@ from vidiff.models.vae import pixel_frames_of  # noqa: F401  (re-exported with t
 from vidiff.pipeline_inputs import (DEFAULT_BATCH_SIZE, Plan, ProgressBar, check_prompts, input_frames, known_plan,
                                     negative_prompts, positive_whole_number, sample_seeds, sampled_batch,
                                     warn_truncated, whole_number)
-from vidiff.clip_rules import ClipRules
+from vidiff.clip_rules import DIRECTIONS, ClipRules
 from vidiff.pipeline_load import load_export
-
-DIRECTIONS = ("forward", "backward")
 
 
 class TextToVideo:

@@ -13,8 +13,8 @@ import sys
 
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.eval import adherence
-from vidiff.cli_flags import (add_devices_flag, add_dtype_flag, add_scan_blocks_flag, check_sampling_flags,
-                              check_writable, one_line_warnings, sampling_devices)
+from vidiff.cli_flags import (add_choice_flag, add_devices_flag, add_dtype_flag, add_scan_blocks_flag, check_choice,
+                              check_sampling_flags, check_writable, one_line_warnings, sampling_devices)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,9 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     adh = sub.add_parser("adherence", help="colour / shape / direction accuracy of generated clips",
                          description="Generate clips for (colour, shape, direction) prompts and score them.")
-    # No argparse choices= here or on --sampler: a typo would print the whole usage; run() says it in one line.
-    adh.add_argument("--prompts", metavar="{" + ",".join(adherence.PROMPT_SETS) + "}", default="heldout",
-                     help="held-out combinations in training wording, or in unseen paraphrases")
+    add_choice_flag(adh, "--prompts", adherence.PROMPT_SETS, default="heldout",
+                    help="held-out combinations in training wording, or in unseen paraphrases")
     adh.add_argument("--seeds", type=int, default=4, help="clips per combination (seeds 0 .. n-1)")
     adh.add_argument("--batch-size", type=int, help="clips per compiled sampling call (default: 8, TextToVideo's; "
                      "with --devices N, rounded up to a multiple of N)")
@@ -39,23 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", help="model directory (default: the bundled model)")
         p.add_argument("--steps", type=int, help="sampler steps (default: the model's sample.steps)")
         p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-        p.add_argument("--sampler", metavar="{" + ",".join(SAMPLERS) + "}", help="ODE solver")
+        add_choice_flag(p, "--sampler", SAMPLERS, help="ODE solver")
         p.add_argument("--out", help="write the JSON summary here")
         add_scan_blocks_flag(p)
         add_dtype_flag(p)
 
 
-def _one_of(flag: str, value, names) -> None:
-    if value is not None and value not in names:
-        raise ValueError(f"--{flag}={value} is unknown; use {', '.join(names[:-1])} or {names[-1]}")
-
-
 def check_flags(args: argparse.Namespace) -> None:
     """Every flag's one-line ``ValueError``, naming that flag alone, before the model loads."""
     check_sampling_flags(args)
-    _one_of("sampler", args.sampler, SAMPLERS)
+    check_choice("sampler", args.sampler, SAMPLERS)
     if args.evaluation == "adherence":
-        _one_of("prompts", args.prompts, adherence.PROMPT_SETS)
+        check_choice("prompts", args.prompts, adherence.PROMPT_SETS)
         if args.seeds < 1:
             raise ValueError(f"--seeds={args.seeds} must be at least 1")
         if args.batch_size is not None and args.batch_size < 1:
