@@ -782,11 +782,11 @@ def test_a_stop_between_log_rows_logs_its_steps_and_each_row_says_how_many(tmp_p
     assert rows[0]["loss"] == pytest.approx(ranked, rel=1e-6)
 
 
-def test_a_signal_during_the_last_evaluation_ends_the_run_before_its_export(tmp_path, monkeypatch, capsys):
+def test_a_signal_during_the_last_evaluation_or_the_export_is_acted_on(tmp_path, monkeypatch, capsys):
     """The loop checks for a stop between the save and the evaluation; a signal in the last step's evaluation
     was caught and then forgotten: the run went on to export and exited 0. It now ends the run like any stop,
     and the same command again exports the saved last step."""
-    from vidiff.train import loop, tasks
+    from vidiff.train import loop, stopping, tasks
 
     evaluate = tasks.VAETask.evaluate
 
@@ -805,9 +805,32 @@ def test_a_signal_during_the_last_evaluation_ends_the_run_before_its_export(tmp_
         f"to export it)")
     assert not (tmp_path / "export" / "vae.safetensors").exists()
     monkeypatch.setattr(tasks.VAETask, "evaluate", evaluate)
+    # The same command again exports that step. A signal while it exports (where a KeyboardInterrupt could be lost
+    # in a jax callback: the run exported and exited 0) is said at once and acted on once the export is whole.
+    finalize, signals = tasks.VAETask.finalize, []
+
+    def signalled_while_exporting(self, *args):
+        for _ in signals:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return finalize(self, *args)
+
+    monkeypatch.setattr(tasks.VAETask, "finalize", signalled_while_exporting)
+    signals[:] = [1]
+    with pytest.raises(SystemExit) as stopped:
+        loop.train(config, "vae", log=lambda line: print(line, file=sys.stderr))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "SIGTERM: finishing the export first (SIGTERM again: stop at once)",
+        f"SIGTERM: exported {tmp_path / 'export'}; exiting"]
+    assert (tmp_path / "export" / "vae.safetensors").is_file()
+    # A second signal ends the process at once.
+    monkeypatch.setattr(stopping.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(f"_exit({code})")))
+    signals[:] = [1, 2]
+    with pytest.raises(SystemExit, match=rf"^_exit\({128 + signal.SIGTERM}\)$"):
+        loop.train(config, "vae", log=lambda line: None)
+    monkeypatch.undo()
     summary = loop.train(config, "vae", log=lambda line: None)
     assert (summary["start_step"], summary["final_step"]) == (1, 1)
-    assert (tmp_path / "export" / "vae.safetensors").is_file()
 
 
 @pytest.mark.slow

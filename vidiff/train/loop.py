@@ -307,9 +307,13 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
         bar.close()
         checkpointer.close()
         writer.close()
-    task.wait_cache()  # not in `finally`: a failed last cache write must not hide the error that ended the loop
-    preflight.check_finite_params(state, model, step, checkpointer.directory)
-    exported = _on_process_0(task, state, lambda t, s: t.finalize(s, run.config_json, tasks.export_dir(config)))
+    with stopping.ExportGuard(log) as guard:
+        task.wait_cache()  # not in `finally`: a failed last cache write must not hide the error that ended the loop
+        preflight.check_finite_params(state, model, step, checkpointer.directory)
+        exported = _on_process_0(task, state, lambda t, s: t.finalize(s, run.config_json, tasks.export_dir(config)))
+    if guard.signal_name:  # the run is whole; a script's `vidiff train ... && next` must still stop
+        log(f"{guard.signal_name}: exported {tasks.export_dir(config)}; exiting")
+        sys.exit(128 + signal.Signals[guard.signal_name].value)
     skips = stopping.skip_totals(run.ledger)
     return {"model": model, "workdir": str(workdir), "start_step": start, **exported,
             **({"profile": str(profiler.directory)} if profiler.traced else {}),

@@ -1,7 +1,8 @@
 """How a training run stops before its last step, each way with its own message.
 
 A signal: SIGTERM / SIGINT become a flag the loop checks between steps (with several processes, jax's
-preemption sync point, which every process reaches at the same step), and the loop saves and exits. A
+preemption sync point, which every process reaches at the same step), and the loop saves and exits; after the
+last step, while the run exports, one is acted on once the export is whole (``ExportGuard``). A
 non-finite step under ``on_nonfinite='stop'``. Data that runs out (a finite stream, skipped records) and,
 with several processes, batches of different shapes: there the processes agree at every step on whether
 each still has a batch, and on its shape, so all of them stop at the same step in one line.
@@ -11,6 +12,7 @@ each still has a batch, and on its shape, so all of them stop at the same step i
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import zlib
 from typing import Any
@@ -57,6 +59,23 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class ExportGuard(StopRequest):
+    """SIGTERM / SIGINT after the last step, while the run exports: noted and said at once, acted on when the
+    export is whole. Left to Python, a KeyboardInterrupt raised meanwhile could be lost in a jax callback (the
+    run then exported and exited 0, the key press unanswered). A second signal ends the process at once, which
+    leaves no half-written file (exports are written whole) but maybe no export."""
+
+    def __init__(self, log):
+        super().__init__()
+        self._log = log
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:
+            os._exit(128 + signum)
+        super()._handle(signum, frame)
+        self._log(f"{self.signal_name}: finishing the export first ({self.signal_name} again: stop at once)")
 
 
 
