@@ -1044,3 +1044,17 @@ def test_a_loss_counts_updates_as_the_optimizer_does_not_skipped_steps():
         state, metrics = step(state, {"bad": bad}, {})
         seen.append((int(metrics["step_seen"]), float(metrics["gan_on"]), bool(jnp.any(state.params["disc"] != before))))
     assert seen == [(0, 0.0, False), (0, 0.0, False), (1, 0.0, False), (2, 1.0, True)]
+
+
+def test_the_export_guard_says_a_signal_even_when_the_stream_is_mid_write(capfd):
+    """Printing from a signal handler into a stream the main thread is writing raises RuntimeError (buffered
+    writers are not reentrant); the guard's line then goes to file descriptor 2 directly."""
+    from vidiff.train.stopping import ExportGuard
+
+    def busy(line):
+        raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+    guard = ExportGuard(busy)
+    guard._handle(signal.SIGINT, None)
+    assert guard.signal_name == "SIGINT"
+    assert capfd.readouterr().err == "SIGINT: finishing the export first (SIGINT again: stop at once)\n"

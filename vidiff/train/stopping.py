@@ -75,7 +75,11 @@ class ExportGuard(StopRequest):
         if self.signal_name is not None:
             os._exit(128 + signum)
         super()._handle(signum, frame)
-        self._log(f"{self.signal_name}: finishing the export first ({self.signal_name} again: stop at once)")
+        line = f"{self.signal_name}: finishing the export first ({self.signal_name} again: stop at once)"
+        try:
+            self._log(line)
+        except RuntimeError:  # the signal came in the middle of a write to the same stream, which is not reentrant
+            os.write(2, (line + "\n").encode())
 
 
 
