@@ -202,6 +202,15 @@ def test_stage_numbers_are_checked_before_compiling(model, override, message):
         config_lib.validate(config_lib.for_stage(config, model), model, device_count=8)
 
 
+def test_eval_num_frames_is_checked_against_the_vae_time_factor():
+    # A length the VAE's time factor does not take failed at the first evaluation, after a training step.
+    temporal = ("--config.vae.overrides.temporal_down=(True, False)", "--config.vae.overrides.time_kernels=(3, 3, 3)",
+                "--config.vae_train.data.num_frames=5")
+    with pytest.raises(ValueError, match=r"^eval.num_frames=4 must be 1 \+ k\*2 \(the VAE's time factor\), e.g. 5$"):
+        config_lib.validate(config_lib.for_stage(_config(*temporal, "--config.eval.num_frames=4"), "vae"), "vae", 8)
+    config_lib.validate(config_lib.for_stage(_config(*temporal, "--config.eval.num_frames=9"), "vae"), "vae", 8)
+
+
 def test_text_max_length_has_the_bounds_an_export_is_loaded_with():
     config = _config("--config.text.max_length=8192", "--config.eval.num_frames=None")
     config_lib.validate(config_lib.for_stage(config, "dit"), "dit", device_count=8)

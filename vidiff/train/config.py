@@ -113,7 +113,7 @@ def validate(config, model: str, device_count: int) -> None:
     size = height_width(config.data.size)
     dit_cfg = None
     if model == "vae":
-        _check_eval(config.get("eval"))
+        _check_eval(config.get("eval"), vae_cfg.time_factor)
     if model == "dit":
         check_text_encoder(config)
         _check_sample(config.get("sample"))
@@ -181,9 +181,10 @@ def _check_seeds(config) -> None:
             raise ValueError(f"{field}={value!r} is invalid; use an int in [0, 2**32)")
 
 
-def _check_eval(evaluation) -> None:
-    """The VAE's validation clips: no clip failed as numpy's "need at least one array to stack", and
-    ``num_frames=0`` evaluated the training length silently."""
+def _check_eval(evaluation, time_factor: int) -> None:
+    """The VAE's validation clips: no clip failed as numpy's "need at least one array to stack",
+    ``num_frames=0`` evaluated the training length silently, and a length the VAE's time factor does not take
+    failed at the first evaluation."""
     if evaluation is None:
         return
     need = field_checker("eval", evaluation.get)
@@ -193,6 +194,9 @@ def _check_eval(evaluation) -> None:
     frames = evaluation.get("num_frames")
     need(frames is None or (config_int(frames) and frames >= 1), "num_frames",
          "use an int >= 1, or None for the training clips' length")
+    if frames is not None and (frames - 1) % time_factor:
+        raise ValueError(f"eval.num_frames={frames} must be 1 + k*{time_factor} (the VAE's time factor), "
+                         f"e.g. {1 + round((frames - 1) / time_factor) * time_factor}")
 
 
 def _check_workdir(workdir: str, model: str) -> None:
