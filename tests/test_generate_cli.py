@@ -335,17 +335,44 @@ def test_a_clip_the_model_cannot_make_is_refused_before_it_loads(argv, message, 
     assert code == 2 and err.strip() == f"vidiff generate: error: {message}"
 
 
-def test_a_video_shorter_in_its_container_than_decoded_is_counted_by_decoding(inputs, monkeypatch):
-    """The frame count generate checks a mode with: a container's count (a webm's is its duration x its rate) may
-    be short of the frames that decode, and a request the pipeline makes must not be refused for it."""
+def test_a_video_whose_container_miscounts_its_frames_is_counted_by_decoding(model, inputs, capsys, monkeypatch):
+    """The frame counts generate checks a mode with are those that decode. A container's count may be short (a
+    webm's is its duration x its rate): a request the pipeline makes must not be refused for it. It may be long (a
+    truncated file): that was trusted, and the pipeline refused the request only after the model had loaded."""
     import dataclasses
 
-    from vidiff.generate import _frames_read
+    from vidiff.pipeline import TextToVideo
 
     probe = io.probe
+    monkeypatch.setattr(TextToVideo, "from_checkpoint", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    for counted in (2, 100):
+        monkeypatch.setattr(io, "probe", lambda path: dataclasses.replace(probe(path), num_frames=counted))
+        code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--connect", inputs["video"], inputs["short"])
+        assert code == 2 and err.strip() == "vidiff generate: error: the second video has 3 frame(s); connecting " \
+                                            "needs at least 5"
     monkeypatch.setattr(io, "probe", lambda path: dataclasses.replace(probe(path), num_frames=2))
-    assert (_frames_read(inputs["video"], first=9), _frames_read(inputs["video"], last=5),
-            _frames_read(inputs["short"], first=5), _frames_read(inputs["image"], first=9)) == (9, 5, 3, 1)
+    monkeypatch.setattr(TextToVideo, "from_checkpoint", lambda *args, **kwargs: _Loaded())
+    for argv, method, kept in [(["--extend", inputs["video"]], "extend", {"video": 5}),
+                               (["--extend", inputs["video"], "--direction", "backward"], "extend", {"video": 9}),
+                               (["--connect", inputs["video"], inputs["video"]], "connect",
+                                {"video_a": 1, "video_b": 5}),
+                               (["--edit", inputs["video"]], "edit", {"video": 9}),
+                               (["--image", inputs["image"]], "image_to_video", {"image": 1})]:
+        _Loaded.calls.clear()
+        code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--quiet", *argv)
+        assert code == 0, err
+        ((called, frames),) = _Loaded.calls  # the frames read before the load, each input decoded once
+        assert called == method and {name: len(f) for name, f in frames.items()} == kept
+
+
+class _Loaded:
+    """A loaded pipeline that records which method got which frames (no sampling)."""
+    calls = []
+
+    def __getattr__(self, method):
+        def record(prompts, **kwargs):
+            self.calls.append((method, {k: v for k, v in kwargs.items() if isinstance(v, np.ndarray)}))
+        return record
 
 
 def test_help_gives_frame_counts_for_any_time_factor(capsys):

@@ -13,7 +13,8 @@ output, unreadable input, a directory that is not a model, sizes the model
 cannot make, an input too short for its mode) is checked before the model
 loads and reported in one line: the sizes and the inputs' frame counts by the
 rules ``TextToVideo`` applies (``vidiff.clip_rules.ClipRules``), read from the
-export's ``vidiff.json``, in the words it uses.
+export's ``vidiff.json``, in the words it uses. The inputs' frames are decoded
+then, once, and handed to the pipeline: the counts checked are those it gets.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from vidiff import io
 from vidiff.cli_flags import (add_choice_flag, add_devices_flag, add_dtype_flag, add_scan_blocks_flag, check_choice,
                               check_sampling_flags, check_writable, one_line_warnings, sampling_devices)
 from vidiff.diffusion.samplers import SAMPLERS
-from vidiff.pipeline_inputs import DEFAULT_BATCH_SIZE, check_prompts, check_utf8, sampled_batch
+from vidiff.pipeline_inputs import DEFAULT_BATCH_SIZE, check_prompts, check_utf8, input_frames, sampled_batch
 from vidiff.clip_rules import DIRECTIONS, ClipRules
 from vidiff.pipeline_load import read_clip_rules
 
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check the request, load the model, generate a batch at a time, write each file as its batch is done and say
     where (then the grid)."""
-    outputs, fps, devices = _check_request(args)
+    outputs, fps, devices, inputs = _check_request(args)
 
     from vidiff import parallel
     from vidiff.pipeline import TextToVideo
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     writer = _Writer(args, outputs, fps)
     with one_line_warnings("vidiff generate"):
         try:
-            _generate(pipe, args, on_batch=writer)
+            _generate(pipe, args, inputs, on_batch=writer)
         except RuntimeError as e:  # jax's JaxRuntimeError; the files already written stay
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -115,10 +116,10 @@ def _out_of_memory(batch: int, written: int, total: int, devices: int = 1) -> st
             f"{written} of {total} clip(s) were written")
 
 
-def _check_request(args) -> tuple[list[Path], float, int]:
+def _check_request(args) -> tuple[list[Path], float, int, dict]:
     """Everything the user can get wrong, before the model loads (in this order: the first mistake is the one
-    reported); returns the output files, one per clip, the frame rate to write them at and the devices to
-    sample on."""
+    reported); returns the output files, one per clip, the frame rate to write them at, the devices to
+    sample on and the mode's input frames (:func:`_read_inputs`)."""
     check_prompts(args.prompts)  # the library's own check, run here so that it comes before the model loads
     _warn_if_unquoted(args.prompts)
     _check_mode_flags(args)
@@ -141,42 +142,39 @@ def _check_request(args) -> tuple[list[Path], float, int]:
         _check_readable(source, kind)
     from vidiff.pipeline import model_directory
 
-    _check_clip(args, read_clip_rules(model_directory(args.checkpoint)))
-    return outputs, _output_fps(args, outputs), sampling_devices(args.devices)
+    inputs = _read_inputs(args, read_clip_rules(model_directory(args.checkpoint)))
+    return outputs, _output_fps(args, outputs), sampling_devices(args.devices), inputs
 
 
-def _check_clip(args, rules: ClipRules) -> None:
-    """The mode's sizes and its inputs' frame counts, checked as ``TextToVideo`` will check them (its rules, its
-    words), so that a clip the model cannot make fails before the model loads, not after."""
+def _read_inputs(args, rules: ClipRules) -> dict:
+    """The mode's sizes, checked, and its inputs' frames, decoded as ``TextToVideo`` reads them
+    (``input_frames``, the same ``first`` / ``last``) and checked by its rules (its words): a clip the model cannot
+    make, or a video that decodes fewer frames than its container counts, fails before the model loads, not
+    after. The frames go to the pipeline in place of the paths (its methods' keyword names), so each input is
+    decoded once."""
     size = (args.frames, args.height, args.width)
     if args.loop:
         rules.loop_sizes(*size)
-        return
+        return {}
     frames, _, _ = rules.sizes(*size)
     if args.image:
         rules.animated_latents(frames)
-    elif args.extend:
+        return {"image": input_frames(args.image, "image", first=1)}
+    if args.extend:
         direction = args.direction or "forward"
-        read = _frames_read(args.extend, **rules.extend_reads(direction, frames))
-        rules.extend_context(direction, frames, read, args.context_frames)
-    elif args.connect:
+        video = input_frames(args.extend, "video", **rules.extend_reads(direction, frames))
+        rules.extend_context(direction, frames, len(video), args.context_frames)
+        return {"video": video}
+    if args.connect:
         rules.connect_latents(frames)
-        rules.check_second_video(_frames_read(args.connect[1], first=1 + rules.time_factor))
-    elif args.edit:
-        rules.edit_frames(_frames_read(args.edit, first=frames), frames, asked=args.frames is not None)
-
-
-def _frames_read(source: str, first: int | None = None, last: int | None = None) -> int:
-    """How many frames ``TextToVideo.load_frames`` gets when it reads the ``first`` (or ``last``) frames of
-    ``source``: an image is one; a video, all of them when its container counts that many (one that then decodes
-    fewer fails as it is read, after the model loads), else as many as decode, counted: a container's count may
-    be short (a webm's is its duration times its rate), and a request the pipeline makes must not be refused."""
-    wanted = first or last
-    if not io.reads_as_video(source, video_expected=True):
-        return 1
-    if io.probe(source).num_frames >= wanted:
-        return wanted
-    return len(io.read_video(source, max_frames=wanted)[0])
+        video_b = input_frames(args.connect[1], "video", first=1 + rules.time_factor)
+        rules.check_second_video(len(video_b))
+        return {"video_a": input_frames(args.connect[0], "video", last=1), "video_b": video_b}
+    if args.edit:
+        video = input_frames(args.edit, "video", first=frames)
+        rules.edit_frames(len(video), frames, asked=args.frames is not None)
+        return {"video": video}
+    return {}
 
 
 def _output_fps(args, outputs: list[Path]) -> float:
@@ -191,24 +189,25 @@ def _output_fps(args, outputs: list[Path]) -> float:
     return fps
 
 
-def _generate(pipe, args, on_batch) -> None:
-    """The clips of the mode the flags pick, ``len(prompts) * num`` of them, to ``on_batch(first, clips)`` a
-    ``--batch-size`` batch at a time (``uint8 (batch, frames, height, width, 3)``)."""
+def _generate(pipe, args, inputs: dict, on_batch) -> None:
+    """The clips of the mode the flags pick, ``len(prompts) * num`` of them, from its ``inputs`` (frames read by
+    :func:`_read_inputs`), to ``on_batch(first, clips)`` a ``--batch-size`` batch at a time
+    (``uint8 (batch, frames, height, width, 3)``)."""
     prompts = args.prompts
     size = dict(num_frames=args.frames, height=args.height, width=args.width)
     sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
                     num_per_prompt=args.num, negative_prompt=args.negative, progress=not args.quiet,
                     batch_size=args.batch_size, on_batch=on_batch)
     if args.image:
-        return pipe.image_to_video(prompts, args.image, **size, **sampling)
+        return pipe.image_to_video(prompts, **inputs, **size, **sampling)
     if args.extend:
-        return pipe.extend(prompts, args.extend, direction=args.direction or "forward",
+        return pipe.extend(prompts, **inputs, direction=args.direction or "forward",
                            context_frames=args.context_frames, **size, **sampling)
     if args.connect:
-        return pipe.connect(prompts, *args.connect, **size, **sampling)
+        return pipe.connect(prompts, **inputs, **size, **sampling)
     if args.edit:
         strength = 0.6 if args.strength is None else args.strength
-        return pipe.edit(prompts, args.edit, strength=strength, **size, **sampling)
+        return pipe.edit(prompts, **inputs, strength=strength, **size, **sampling)
     if args.loop:
         return pipe.loop(prompts, **size, **sampling)
     return pipe(prompts, **size, **sampling)
