@@ -8,7 +8,8 @@ builds a ``<model>_train`` section with every field the loop reads, and
 
 ``validate`` checks everything that can be checked without compiling (every section's fields by name through
 ``check_fields``, the seeds, shapes, mesh, the ``<model>_train`` numbers and optimizer through ``check_stage``,
-``flow``, a DiT's ``text.encoder`` name and ``text.max_length`` through ``check_text_encoder``,
+``flow``, a DiT's ``text.encoder`` name and ``text.max_length`` through ``check_text_encoder``, the clip
+sizes through ``clip_sizes.check_clip_sizes``,
 which ``vidiff plan`` runs too, and the batch's split over the devices through ``check_batch_split``, as
 ``vidiff plan`` refuses its ``--batch``) and fails with one line that names the field and the fix;
 ``name_stage_fields`` rewrites such a line to name the stage's field in force.
@@ -20,12 +21,12 @@ import errno
 import re
 import stat
 from pathlib import Path
-from typing import NamedTuple
 
 import ml_collections
 
 from vidiff.checks import MAX_TEXT_TOKENS, config_int, field_checker, finite_number, height_width
 from vidiff.data.registry import FIELD_SOURCES
+from vidiff.train.clip_sizes import check_clip_sizes
 from vidiff.train.config_file import check_fields, load_config  # noqa: F401  (load_config: the API's name for it)
 from vidiff.train.overrides import keep_overridden, one_of, stage_override_warnings
 
@@ -118,7 +119,7 @@ def validate(config, model: str, device_count: int) -> None:
         check_text_encoder(config)
         _check_sample(config.get("sample"))
         dit_cfg = _check_dit_settings(config)
-    _check_clip_sizes(config, model, size, _clip_factors(vae_cfg, dit_cfg))
+    check_clip_sizes(config, model, size, vae_cfg, dit_cfg)
     _check_batch_split(config, model, device_count)
 
 
@@ -295,62 +296,6 @@ def _check_prepared_data(data) -> None:
         raise ValueError(f"data.image_fraction={data.image_fraction!r} cannot cut images from "
                          f"dit_train.latents='prepared' shards (their latents fit the stored clip: one bucket); "
                          f"set data.image_fraction=0.0{buckets}")
-
-
-class _ClipFactors(NamedTuple):
-    """What a trained clip's size must fit."""
-
-    time_factor: int  # the VAE's: frames = 1 + k * time_factor
-    time_patch: int  # the DiT's patch in time (1 when training the VAE): divides the latent frames
-    divisors: tuple[int, int]  # of (height, width)
-    why: str  # the words that explain the divisors
-
-
-def _clip_factors(vae_cfg, dit_cfg) -> _ClipFactors:
-    """The VAE's factors, and the DiT's patch on top of them when training the DiT (``dit_cfg`` not None)."""
-    spatial = vae_cfg.spatial_factor
-    if dit_cfg is None:
-        return _ClipFactors(vae_cfg.time_factor, 1, (spatial, spatial), "the VAE's spatial factor")
-    return _ClipFactors(vae_cfg.time_factor, dit_cfg.patch[0], (spatial * dit_cfg.patch[1], spatial * dit_cfg.patch[2]),
-                        "VAE spatial factor x DiT patch")
-
-
-def _check_clip_sizes(config, model: str, size: tuple[int, int], factors: _ClipFactors) -> None:
-    """``data.num_frames`` x ``data.size`` and every ``data.buckets`` entry against ``factors``; for the VAE,
-    each frame size against its loss networks too."""
-    from vidiff.data.transforms import parse_buckets
-    from vidiff.models.vae_losses import VAELossConfig, check_frame_size
-
-    clips = [(int(config.data.num_frames), *size, None)]
-    if config.data.get("buckets"):  # the clip sizes trained, when bucketed
-        clips += [(f, h, w, f"{f}x{h}x{w}") for f, h, w in parse_buckets(config.data.buckets, clips[0][:3])]
-    vae_loss = VAELossConfig(**dict(config.vae_loss)) if model == "vae" else None
-    for frames, h, w, bucket in clips:
-        _check_clip_size(frames, h, w, bucket, factors)
-        if vae_loss is not None:  # a loss network that leaves no pixel of the frame gives a NaN loss
-            check_frame_size(h, w, vae_loss)
-
-
-def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, factors: _ClipFactors) -> None:
-    """One trained clip size against ``factors``: a one-line error naming the field (``data.num_frames`` /
-    ``data.size``, or the ``data.buckets`` entry ``bucket``)."""
-    from vidiff.models.vae import latent_count
-
-    time_factor, time_patch = factors.time_factor, factors.time_patch
-    field = "data.num_frames" if bucket is None else f"data.buckets entry {bucket!r}: frames"
-    if (frames - 1) % time_factor:
-        good = 1 + round((frames - 1) / time_factor) * time_factor
-        raise ValueError(f"{field}={frames} must be 1 + k*{time_factor} (the VAE's time factor), e.g. {good}")
-    latent_frames = latent_count(frames, time_factor)
-    if latent_frames % time_patch:
-        raise ValueError(f"{field}={frames} gives {latent_frames} latent frames, not divisible by dit patch time "
-                         f"{time_patch}; change {'data.num_frames' if bucket is None else 'data.buckets'} or "
-                         f"dit.overrides.patch")
-    field = "data.size " if bucket is None else f"data.buckets entry {bucket!r}: "
-    for name, value, divisor in (("height", height, factors.divisors[0]), ("width", width, factors.divisors[1])):
-        if value % divisor:
-            raise ValueError(f"{field}{name}={value} must be divisible by {divisor} ({factors.why}); "
-                             f"use e.g. {max(1, round(value / divisor)) * divisor}")
 
 
 def _check_batch_split(config, model: str, device_count: int) -> None:
