@@ -1020,7 +1020,7 @@ def test_an_iterator_that_cannot_be_restored_names_the_changed_data_fields(tmp_p
     other = iter(_world_pipeline(buckets=["1x16x16", "1x8x8"]))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), {"w": jnp.ones(4)})
     with pytest.raises(ValueError) as info:
-        loop._restore(checkpointer, target, 2, other, json.loads(now.to_json()))
+        resume_checks.restore(checkpointer, target, 2, other, json.loads(now.to_json()))
     assert str(info.value) == (f"cannot restore {checkpointer.directory / '2'}: it was written with data.buckets=None "
                                f"(config now ['1x16x16', '1x8x8']); use a new workdir or the original config")
     # A state that does not fit, with a config that only spells out a field the saved one lacked: that field
@@ -1029,7 +1029,7 @@ def test_an_iterator_that_cannot_be_restored_names_the_changed_data_fields(tmp_p
     spelled_out["data"]["a_new_field"] = 0
     wrong_shape = {"w": jax.ShapeDtypeStruct((5,), jnp.float32, sharding=target["w"].sharding)}
     with pytest.raises(ValueError) as info:
-        loop._restore(checkpointer, wrong_shape, 2, iter(_world_pipeline()), spelled_out)
+        resume_checks.restore(checkpointer, wrong_shape, 2, iter(_world_pipeline()), spelled_out)
     message = str(info.value)
     assert message.startswith(f"cannot restore {checkpointer.directory / '2'}: the saved state does not fit this run "
                               "or cannot be read (")
@@ -1056,7 +1056,7 @@ def test_a_newest_checkpoint_cut_short_names_the_one_before_it(tmp_path):
     target = {"w": jax.ShapeDtypeStruct((4096,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
         jax.devices()[0]))}
     with pytest.raises(ValueError) as info:
-        loop._restore(checkpointer, target, 4, iter(_world_pipeline()), config)
+        resume_checks.restore(checkpointer, target, 4, iter(_world_pipeline()), config)
     message = str(info.value)
     assert message.startswith(f"cannot restore {directory / '4'}: the saved state does not fit this run or cannot "
                               "be read (")

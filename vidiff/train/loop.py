@@ -73,14 +73,12 @@ from vidiff.train.config import for_stage, name_stage_fields, validate, warnings
 from vidiff.train.metrics import CompileTimer, DataWaitWarning, LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
 from vidiff.train.profile import StepProfiler
-from vidiff.train.resume_checks import config_changes
+from vidiff.train.resume_checks import restore
 from vidiff.train.state import INIT_ON, abstract_state, create_state, jit_train_step, make_train_step
 
 # The key of a checkpoint's config record holding the captions cut so far: a resumed run counts on from it.
 CAPTIONS_TRUNCATED = "captions_truncated"
 # Config sections that shape the restored items: a change there is the likely cause of a failed restore.
-_RESTORE_FIELDS = ("data", "vae", "dit", "text", "vae_loss")
-RESTORE_ERROR_CHARS = 200  # of the library's message quoted in a failed restore's one line
 
 
 @dataclasses.dataclass
@@ -135,7 +133,7 @@ def _set_up(config, model: str, log) -> _Run:
         state, state_shardings = _initial_state(task, tx, mesh, config, stage, resuming=bool(start), loaded=loaded)
         iterator = iter(pipeline)
         if start:
-            state = _restore(checkpointer, state, start, iterator, config_json)
+            state = restore(checkpointer, state, start, iterator, config_json)
             task.captions_truncated = captions_truncated_before(checkpointer, start)
             log(f"resumed {model} from {checkpointer.directory / str(start)}")
             if note := init_from.resume_note(stage, model, checkpointer.directory / str(start)):
@@ -342,38 +340,6 @@ def captions_truncated_before(checkpointer, step: int) -> int:
         return int(read_config(checkpointer.directory, step).get(CAPTIONS_TRUNCATED, 0))
     except (OSError, ValueError):
         return 0
-
-
-def _restore(checkpointer, target, step: int, iterator, config_json: dict):
-    """``checkpointer.restore``; a failure is one line, naming the config fields that changed since the save.
-
-    Fields the saved config does not have at all are left out: a newer config file spelling out a default
-    (``vae_loss.adversarial_start_step=0``) changes nothing, and naming it would hide the real cause.
-    """
-    where = checkpointer.directory / str(step)
-    try:
-        return checkpointer.restore(target, step, data_iterator=iterator)
-    except Exception as error:  # orbax and grain raise KeyError, ValueError, ... for a mismatched item
-        try:
-            saved = read_config(checkpointer.directory, step)
-        except (OSError, ValueError):
-            saved = None
-        changes = [] if saved is None else config_changes(saved, config_json, _RESTORE_FIELDS, saved_fields_only=True)
-        if changes:
-            raise ValueError(f"cannot restore {where}: it was written with {', '.join(changes)}; use a new "
-                             f"workdir or the original config") from None
-        first = _first_sentence(error)
-        raise ValueError(f"cannot restore {where}: the saved state does not fit this run or cannot be read ({first}); "
-                         f"if a save or copy was cut short, delete that folder to {checkpointer.without(step)}; "
-                         f"else use a new workdir, or the vidiff version and config that wrote it") from None
-
-
-def _first_sentence(error: Exception) -> str:
-    """The first sentence of orbax's message, which says what differs; the advice after it (partial_restore,
-    strict=False) is for orbax's own API, which a vidiff user does not call. A file cut short gets a tensorstore
-    spec of some kilobytes there: its start, which names the file, is kept."""
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".:")
-    return first if len(first) <= RESTORE_ERROR_CHARS else first[:RESTORE_ERROR_CHARS] + " ..."
 
 
 def _process_config(config):

@@ -4,7 +4,8 @@
 processes, or written with other model settings, text encoder or seed, naming each differing field
 (``model_changes`` for a model's architecture, ``config_changes`` for any config field); ``check_resume_vae``
 refuses a DiT checkpoint trained with another exported VAE. Everything else (steps, learning rate, data
-sizes, the mesh) may change on resume. Each raises a one-line ``ValueError`` naming the field and the fix.
+sizes, the mesh) may change on resume. Each raises a one-line ``ValueError`` naming the field and the fix;
+``restore`` does so for a restore that fails all the same (orbax's first sentence quoted when no field changed).
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from vidiff.models.dit import dit_preset
 from vidiff.models.export import DIT_VAE, RETRAIN_DIT
 from vidiff.models.vae import vae_preset
 from vidiff.train.checkpoint import read_config
+
+_RESTORE_FIELDS = ("data", "vae", "dit", "text", "vae_loss")  # named when a restore fails and they changed
+RESTORE_ERROR_CHARS = 200  # of the library's message quoted in a failed restore's one line
 
 
 def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None:
@@ -117,3 +121,35 @@ def config_changes(saved: dict, current: dict, prefixes, *, saved_fields_only: b
     return [f"{key}={show(old.get(key, missing))} (config now {show(new.get(key, missing))})"
             for key in sorted(set(old) if saved_fields_only else set(old) | set(new))
             if any(key == p or key.startswith(p + ".") for p in prefixes) and old.get(key, missing) != new.get(key, missing)]
+
+
+def restore(checkpointer, target, step: int, iterator, config_json: dict):
+    """``checkpointer.restore``; a failure is one line, naming the config fields that changed since the save.
+
+    Fields the saved config does not have at all are left out: a newer config file spelling out a default
+    (``vae_loss.adversarial_start_step=0``) changes nothing, and naming it would hide the real cause.
+    """
+    where = checkpointer.directory / str(step)
+    try:
+        return checkpointer.restore(target, step, data_iterator=iterator)
+    except Exception as error:  # orbax and grain raise KeyError, ValueError, ... for a mismatched item
+        try:
+            saved = read_config(checkpointer.directory, step)
+        except (OSError, ValueError):
+            saved = None
+        changes = [] if saved is None else config_changes(saved, config_json, _RESTORE_FIELDS, saved_fields_only=True)
+        if changes:
+            raise ValueError(f"cannot restore {where}: it was written with {', '.join(changes)}; use a new "
+                             f"workdir or the original config") from None
+        first = _first_sentence(error)
+        raise ValueError(f"cannot restore {where}: the saved state does not fit this run or cannot be read ({first}); "
+                         f"if a save or copy was cut short, delete that folder to {checkpointer.without(step)}; "
+                         f"else use a new workdir, or the vidiff version and config that wrote it") from None
+
+
+def _first_sentence(error: Exception) -> str:
+    """The first sentence of orbax's message, which says what differs; the advice after it (partial_restore,
+    strict=False) is for orbax's own API, which a vidiff user does not call. A file cut short gets a tensorstore
+    spec of some kilobytes there: its start, which names the file, is kept."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".:")
+    return first if len(first) <= RESTORE_ERROR_CHARS else first[:RESTORE_ERROR_CHARS] + " ..."
