@@ -211,6 +211,21 @@ def test_eval_num_frames_is_checked_against_the_vae_time_factor():
     config_lib.validate(config_lib.for_stage(_config(*temporal, "--config.eval.num_frames=9"), "vae"), "vae", 8)
 
 
+def test_images_under_a_dit_time_patch_above_one_are_refused_with_the_fix_that_works():
+    # The data's hint (add a 1-frame bucket) led to the bucket's own refusal (1 latent frame, time patch 2).
+    base = ("--config.dit.overrides.patch=(2, 2, 2)", "--config.data.num_frames=5", "--config.data.size=16",
+            "--config.vae.overrides.temporal_down=(True, True)", "--config.vae.overrides.time_kernels=(3, 3, 3)",
+            "--config.dit_train.data.image_fraction=0.5")
+    for buckets, drop in (("None", ""), ("['5x16x16', '1x16x16']", " and drop the 1-frame data.buckets entries")):
+        config = _config(*base, f"--config.dit_train.data.buckets={buckets}")
+        with pytest.raises(ValueError) as raised:
+            config_lib.validate(config_lib.for_stage(config, "dit"), "dit", device_count=8)
+        assert str(config_lib.name_stage_fields(raised.value, config, "dit")) == (
+            f"dit_train.data.image_fraction=0.5 trains images, one latent frame each, which dit patch time 2 cannot "
+            f"take; set dit_train.data.image_fraction=0.0{drop.replace('data.', 'dit_train.data.')}, or "
+            f"dit.overrides.patch with time 1")
+
+
 def test_text_max_length_has_the_bounds_an_export_is_loaded_with():
     config = _config("--config.text.max_length=8192", "--config.eval.num_frames=None")
     config_lib.validate(config_lib.for_stage(config, "dit"), "dit", device_count=8)

@@ -34,10 +34,15 @@ def check_clip_sizes(config, model: str, size: tuple[int, int], vae_cfg, dit_cfg
     from vidiff.models.vae_losses import VAELossConfig, check_frame_size
 
     factors = _clip_factors(vae_cfg, dit_cfg)
-
     clips = [(int(config.data.num_frames), *size, None)]
     if config.data.get("buckets"):  # the clip sizes trained, when bucketed
         clips += [(f, h, w, f"{f}x{h}x{w}") for f, h, w in parse_buckets(config.data.buckets, clips[0][:3])]
+    images = config.data.get("image_fraction") or 0
+    if images and factors.time_patch > 1:  # else the data's hint (add a 1-frame bucket) leads to the error below
+        buckets = " and drop the 1-frame data.buckets entries" if any(c[3] and c[0] == 1 for c in clips) else ""
+        raise ValueError(f"data.image_fraction={images} trains images, one latent frame each, which dit patch time "
+                         f"{factors.time_patch} cannot take; set data.image_fraction=0.0{buckets}, or "
+                         f"dit.overrides.patch with time 1")
     vae_loss = VAELossConfig(**dict(config.vae_loss)) if model == "vae" else None
     for frames, h, w, bucket in clips:
         _check_clip_size(frames, h, w, bucket, factors)
