@@ -521,7 +521,8 @@ def _bad_input(name):
            "cond_mask": dict(cond_mask=np.ones((2, 3), np.float32)),
            "cond_latents": dict(cond_latents=np.zeros((2, 2, 4, 4, 3), np.float32)),
            "cond_latents_alone": dict(cond_latents=np.zeros_like(x)),  # a zero mask would drop them
-           "x_uint8": dict(x=np.zeros(x.shape, np.uint8))}[name]  # the output would be cast to uint8
+           "x_uint8": dict(x=np.zeros(x.shape, np.uint8)),  # the output would be cast to uint8
+           "empty": dict(x=x[:0], t=t[:0], text=text[:0], lengths=lengths[:0], pooled=pooled[:0])}[name]
     args = {**dict(x=x, t=t, text=text, lengths=lengths, pooled=pooled), **bad}
     extra = {k: args.pop(k) for k in ("cond_mask", "cond_latents") if k in args}
     return (args["x"], args["t"], args["text"], args["lengths"], args["pooled"]), extra
@@ -538,6 +539,7 @@ def _bad_input(name):
     ("cond_latents", r"cond_latents: must have x_t's shape \(2, 2, 4, 4, 4\), got \(2, 2, 4, 4, 3\)"),
     ("cond_latents_alone", r"^cond_latents: given without cond_mask; pass the per-frame mask of known frames too"),
     ("x_uint8", r"^x_t: the DiT takes float latents, got uint8; encode frames with the VAE first"),
+    ("empty", r"^tokens: the batch is empty, got \(0, 8, 36\); give at least one clip"),  # was jax's ZeroDivisionError
 ])
 def test_wrong_inputs_fail_at_the_model_boundary_naming_themselves(name, match):
     args, extra = _bad_input(name)

@@ -45,6 +45,8 @@ def check_token_inputs(cfg, tokens, t, text_emb, text_mask_or_lengths, pooled_te
     if tokens.ndim != 3 or tokens.shape[-1] != patch_features:
         raise ValueError(f"tokens: must be (B, N, {patch_features}) (pt*ph*pw*in_channels), got {tokens.shape}")
     b, n, _ = tokens.shape
+    if b == 0:  # else jax's reshape of t fails as "integer modulo by zero"
+        raise ValueError(f"tokens: the batch is empty, got {tokens.shape}; give at least one clip")
     shape = lambda x: tuple(jnp.shape(x))
     if shape(t)[:1] != (b,) or len(shape(t)) > 2:
         raise ValueError(f"t: flow times must be ({b},), one per sample (or ({b}, S) for packed clips), got {shape(t)}")
