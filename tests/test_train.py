@@ -1019,6 +1019,9 @@ def test_train_step_ema_warms_up_and_bad_steps_keep_the_last_good_state():
     assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
     assert int(state.skipped) == 2 and int(state.first_bad_step) == 1 and int(state.step) == 3
     np.testing.assert_allclose(state.params["w"], 1.0)
+    # The EMA's warm-up counts updates, as the schedule does: the next one is update 1 (decay 2/11), not step 3.
+    state, metrics = step(state, {"target": jnp.ones(2)}, {})
+    np.testing.assert_allclose(state.ema_params["w"], 0.9 * 2 / 11 + 1.0 * 9 / 11, rtol=1e-6)
 
 
 def test_a_loss_counts_updates_as_the_optimizer_does_not_skipped_steps():

@@ -192,7 +192,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
-            ema_params=keep(ema_update(state.ema_params, params, _ema_decay(ema_decay, state.step)), state.ema_params),
+            ema_params=keep(ema_update(state.ema_params, params, _ema_decay(ema_decay, updates_so_far)),
+                            state.ema_params),
             skipped=state.skipped + (~finite).astype(jnp.int32),
             first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step),
         )
@@ -230,10 +231,11 @@ def skipped_steps_clause(state: TrainState) -> str:
     return f"; {skipped} non-finite steps were skipped, the first at step {first + 1}" if skipped else ""
 
 
-def _ema_decay(decay: float, step):
-    """EMA warm-up ``min(decay, (1 + step) / (10 + step))``: early on the average follows the
-    parameters closely instead of staying near the random init for ~1/(1 - decay) steps."""
-    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+def _ema_decay(decay: float, updates):
+    """EMA warm-up ``min(decay, (1 + updates) / (10 + updates))``, ``updates`` the optimizer updates before this
+    one: early on the average follows the parameters closely instead of staying near the random init for
+    ~1/(1 - decay) steps. Skipped steps do not count, as for the schedule: they moved no parameter."""
+    return jnp.minimum(decay, (1.0 + updates) / (10.0 + updates))
 
 
 def jit_train_step(step: Callable, state_shardings, batch_shardings, frozen_shardings, mesh, *,
