@@ -1049,6 +1049,27 @@ def test_a_loss_counts_updates_as_the_optimizer_does_not_skipped_steps():
     assert seen == [(0, 0.0, False), (0, 0.0, False), (1, 0.0, False), (2, 1.0, True)]
 
 
+def test_with_a_discriminator_the_row_logs_the_vaes_loss_and_each_networks_grad_norm_before_clipping():
+    """The loss a row logs (and keep_best ranks) is the loss_fn's own metrics["loss"], the VAE's generator side,
+    not its sum with the discriminator's loss; each network, clipped apart, has its gradient norm, unclipped."""
+    from vidiff import parallel
+    from vidiff.train.state import create_state, make_train_step
+
+    mesh = parallel.make_mesh(data=1, devices=jax.devices()[:1])
+    networks = {"vae": 0, "disc": 0}
+    tx, _ = make_optimizer(optim(grad_clip=1.0), 10, networks=networks)
+
+    def loss_fn(params, batch, rng, frozen, step):
+        vae, disc = jnp.sum(params["vae"] ** 2), jnp.sum((params["disc"] - 1.0) ** 2)
+        return vae + disc, {"loss": vae, "discriminator": disc}
+
+    state, _ = create_state(lambda key: {"vae": jnp.full(2, 10.0), "disc": jnp.zeros(2)}, tx, seed=0, mesh=mesh)
+    _, metrics = jax.jit(make_train_step(loss_fn, tx, ema_decay=0.0, networks=networks))(state, {}, {})
+    assert float(metrics["loss"]) == pytest.approx(200.0) and float(metrics["discriminator"]) == pytest.approx(2.0)
+    assert float(metrics["grad_norm"]) == pytest.approx(20 * 2**0.5, rel=1e-5)  # not clipped to 1
+    assert float(metrics["grad_norm_disc"]) == pytest.approx(2 * 2**0.5, rel=1e-5)
+
+
 def test_the_export_guard_says_a_signal_even_when_the_stream_is_mid_write(capfd):
     """Printing from a signal handler into a stream the main thread is writing raises RuntimeError (buffered
     writers are not reentrant); the guard's line then goes to file descriptor 2 directly."""

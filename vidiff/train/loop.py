@@ -209,7 +209,8 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
     if cache_message:
         log(cache_message)
     step_fn = jit_train_step(
-        make_train_step(task.loss_fn, run.tx, ema_decay=stage.ema_decay, accumulate=stage.optim.accumulate),
+        make_train_step(task.loss_fn, run.tx, ema_decay=stage.ema_decay, accumulate=stage.optim.accumulate,
+                        networks=task.networks),
         run.state_shardings, task.batch_shardings, task.frozen_shardings, mesh,
     )
     writer = MetricsWriter(workdir)

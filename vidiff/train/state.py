@@ -161,12 +161,17 @@ def host_cpu():
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_decay: float,
-                    accumulate: int = 1) -> Callable:
+                    accumulate: int = 1, networks: dict | None = None) -> Callable:
     """``step(state, batch, frozen) -> (state, metrics)``; jit it with shardings and donate ``state``.
 
     ``accumulate`` > 1 splits the batch into that many micro-batches, run one after another (``lax.scan``)
     with their gradients averaged before the one optimizer update: activations take 1/k of the memory,
     while the update, the learning-rate schedule, the EMA and the step count stay those of the whole batch.
+
+    The metrics' ``loss`` is the loss_fn's own ``metrics["loss"]`` where it reports one (a VAE's generator
+    side, without its discriminator's loss), else the loss optimized. ``grad_norm`` is the gradients' global
+    norm before clipping; with ``networks`` (top-level parameter groups clipped apart, the first the model
+    trained) one per network: ``grad_norm`` for the first, ``grad_norm_<name>`` for each other.
     """
     if not (isinstance(accumulate, int) and accumulate >= 1):
         raise ValueError(f"accumulate={accumulate!r} must be an int >= 1 (1 = no accumulation)")
@@ -182,10 +187,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_
         else:
             (loss, metrics), grads = _accumulated_grads(grad_fn, accumulate, state.params, batch, rng, frozen,
                                                         updates_so_far)
-        grad_norm = optax.tree.norm(grads)
+        norms = _grad_norms(grads, networks)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(jnp.stack(list(norms.values()))))
         # A bad step keeps the previous parameters: the last good state stays intact.
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = state.replace(
@@ -197,9 +202,19 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, ema_
             skipped=state.skipped + (~finite).astype(jnp.int32),
             first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step),
         )
-        return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm}
+        return new_state, {"loss": loss, **metrics, **norms}
 
     return step
+
+
+def _grad_norms(grads, networks: dict | None) -> dict:
+    """Each network's gradient norm (before clipping, which is each network's own), named as the log rows
+    name them: one norm over both would mostly say how large the discriminator's gradients are."""
+    if not networks:
+        return {"grad_norm": optax.tree.norm(grads)}
+    main, *others = networks
+    return {"grad_norm": optax.tree.norm(grads[main]),
+            **{f"grad_norm_{name}": optax.tree.norm(grads[name]) for name in others}}
 
 
 def micro_batches(batch, k: int):

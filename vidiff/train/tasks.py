@@ -138,7 +138,8 @@ class VAETask(Task):
         loss, metrics = vae_loss(video, recon, posterior, self.loss_config, step=step,
                                  perceptual_fn=self.perceptual_fn, disc_logits_fn=disc_logits)
         if self.disc is not None:
-            # The discriminator learns from the same step; its loss touches only its own params.
+            # The discriminator learns from the same step; its loss touches only its own params. metrics["loss"]
+            # stays the generator side: the row's loss, and what keep_best ranks, is the VAE's, not the sum.
             d = lambda v: self.disc.apply({"params": params["disc"]}, v)
             d_loss = discriminator_loss(d(video), d(jax.lax.stop_gradient(recon)))
             loss = loss + adversarial_factor(step, self.loss_config.adversarial_start_step) * d_loss
