@@ -202,11 +202,58 @@ def test_a_step_call_that_compiles_is_left_out_of_the_rates(monkeypatch):
 
     state = 0
     for frames in (5, 5, 1, 5):  # an image bucket appears at step 3
-        state, metrics = timer.call(step, state, {"video": jnp.zeros((2, frames, 4, 4, 3), jnp.uint8)})
+        batch = {"video": jnp.zeros((2, frames, 4, 4, 3), jnp.uint8)}
+        # The main thread waited for the batch's preparation: 1.7 s for a new shape (the latent cache's VAE
+        # compiles for it), 0.1 s otherwise (reads behind the steps dispatched: the steps' time).
+        preparing = 1.7 if frames != 5 or state == 0 else 0.1
+        clock[0] += preparing
+        timer.prepared(batch, preparing)
+        state, metrics = timer.call(step, state, batch)
         window.add(metrics, tokens=10)
         clock[0] += 0.5  # the step runs
-    assert window.means(4)["steps_per_s"] == pytest.approx(4 / 2.0)  # not 4 / 62
-    assert window.means(4)["tokens_per_s"] == pytest.approx(40 / 2.0)
+    assert window.means(4)["steps_per_s"] == pytest.approx(4 / 2.2)  # not 4 / 65.6
+    assert window.means(4)["tokens_per_s"] == pytest.approx(40 / 2.2)
+
+
+def test_a_rows_own_work_and_the_sums_first_compiles_are_left_out_of_the_rates(monkeypatch):
+    """The schedule's first eager call (the row's lr) compiles: the next row's window starts after it. The
+    window's jitted sum compiles on its first call for a signature, once per process, whichever window calls."""
+    from types import SimpleNamespace
+
+    from vidiff.train import loop
+    from vidiff.train import metrics as metrics_lib
+    from vidiff.train.metrics import LogWindow
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_lib, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(metrics_lib, "_ADDED", set())
+    add = metrics_lib._add
+
+    def compiling_add(total, new):  # the first call of a signature compiles for 0.2 s
+        clock[0] += 0.2 * (metrics_lib._signature(total, new) not in compiled)
+        compiled.add(metrics_lib._signature(total, new))
+        return add(total, new)
+
+    compiled = set()
+    monkeypatch.setattr(metrics_lib, "_add", compiling_add)
+
+    def schedule(count):  # the first call compiles for 0.8 s
+        clock[0] += 0.8 * (not lrs)
+        lrs.append(count)
+        return 0.5
+
+    lrs, written = [], []
+    run = SimpleNamespace(schedule=schedule, ledger=None, task=SimpleNamespace(captions_truncated=0))
+    writer = SimpleNamespace(write=lambda step, row: written.append((step, row)))
+    window, since_save = LogWindow(0), LogWindow(0)
+    for step in range(1, 7):
+        for w in (window, since_save):  # the loop adds each step's metrics to both
+            w.add({"loss": jnp.float32(1.0)}, tokens=10)
+        clock[0] += 0.5  # the step runs
+        if step % 3 == 0:
+            row = loop._log_row(writer, window, SimpleNamespace(skipped=0), step, run)
+            assert row["steps_per_s"] == pytest.approx(3 / 1.5) and row["lr"] == 0.5, (step, row)
+    assert [step for step, _ in written] == [3, 6] and lrs == [2, 5]  # the lr of each row's last update
 
 
 class _SleepingSource:

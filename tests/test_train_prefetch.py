@@ -140,7 +140,8 @@ def test_the_worker_waits_while_the_main_thread_holds_the_lock():
 @pytest.mark.parametrize("depth", [0, 2])
 def test_each_draw_says_how_long_it_took_and_preparing_is_not_counted(depth):
     """The log rows' data_wait_s: the main thread drawing from the data pipeline. Preparing waits for the device
-    (a DiT's batches read values back behind the steps dispatched), so it is not the data's wait."""
+    (a DiT's batches read values back behind the steps dispatched), so it is not the data's wait. The main
+    thread's wait for each prepared batch is told apart, with the batch (a new shape's holds compiles)."""
     class Slow(Numbers):
         def __next__(self):
             time.sleep(0.05)
@@ -152,7 +153,11 @@ def test_each_draw_says_how_long_it_took_and_preparing_is_not_counted(depth):
         time.sleep(0.1)
         return raw
 
+    prepared = []
     with prefetch.Prefetcher(numbers, _draw(numbers), prepare, _fail, depth=depth, start=0, steps=3,
-                             waited=waits.append) as batches:
+                             waited=waits.append, prepare_waited=lambda *told: prepared.append(told)) as batches:
         assert [batches.next() for _ in range(3)] == [1, 2, 3]
     assert len(waits) == 3 and all(0.05 <= w < 0.14 for w in waits), waits  # with preparing: >= 0.15
+    assert [batch for batch, _ in prepared] == [1, 2, 3] and all(seconds >= 0 for _, seconds in prepared)
+    if not depth:  # prepared on the main thread: the whole preparation is waited for
+        assert all(seconds >= 0.1 for _, seconds in prepared), prepared

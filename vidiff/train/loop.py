@@ -19,7 +19,8 @@ step (:mod:`vidiff.train.prefetch`: the text encoder's and latent cache's reads
 of device values wait there, not in front of the next dispatch), and a
 checkpoint saves the data position of the batches the steps consumed. The rates
 a log row reports leave out the step's compilations (a batch shape new to the
-run) as well as evaluations and saves; the row also says how long the main
+run, and the wait for that batch's preparation, which compiles too) as well as
+evaluations, saves and the rows' own work; the row also says how long the main
 thread waited for the data pipeline's batches (``data_wait_s``,
 ``data_wait_fraction``), and past a fifth of the time, once per run, a line
 names the data settings that would feed the steps faster.
@@ -225,13 +226,14 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
     from vidiff.data.config import DataConfig  # here, not above: importing the loop needs no data packages
 
     data = DataConfig.from_any(config.data)
+    compiles = CompileTimer(window)
     # Host batches are drawn here, in order; the worker makes them device arrays (host work, off the mesh).
     batches = prefetch.Prefetcher(
         iterator, lambda step: stopping.draw_batch(iterator, step, config), lambda raw: task.device_batch(raw, mesh),
         lambda missing: stopping.fail(missing, stage, model, checkpointer, run.ledger, config),
-        depth=data.prefetch_to_device, start=start, steps=stage.steps, waited=window.wait)
+        depth=data.prefetch_to_device, start=start, steps=stage.steps, waited=window.wait,
+        prepare_waited=lambda prepared, seconds: compiles.prepared(prepared[0], seconds))
     data_wait = DataWaitWarning(data, log)
-    compiles = CompileTimer(window)
     saved = {start}
 
     def save(step):
@@ -274,7 +276,7 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
                         state, metrics = compiles.call(step_fn, state, batch, task.frozen)
                     task.captions_truncated += truncated
                     window.add(metrics, task.tokens_in(batch))  # each batch counted at its own bucket's clip size
-                    since_save.add({"loss": metrics["loss"]}, 0)
+                    since_save.add(metrics, 0)  # all of them: the sum window.add compiled, not a second one
                 step += 1
                 profiler.after(step, state)
                 bar.update(1)
@@ -323,14 +325,17 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
 
 
 def _log_row(writer, window, state, step: int, run: _Run) -> dict:
-    """Write the means since the last row (plus lr and skip counts); returns the row."""
+    """Write the means since the last row (plus the last update's lr and skip counts); returns the row.
+
+    The next row's window starts after this row's own host work: the schedule's first eager call compiles
+    (0.8 s on a CPU), which no step's rate should hold."""
     scalars = window.means(step)
-    window.reset(step)
     skipped = int(state.skipped)  # skipped steps left the optimizer's (and schedule's) count behind
     scalars.update(lr=float(run.schedule(max(step - skipped - 1, 0))), skipped=skipped, skipped_steps=skipped,
                    skipped_records_total=stopping.skip_totals(run.ledger)["bad"],
                    captions_truncated=run.task.captions_truncated)
     writer.write(step, scalars)
+    window.reset(step)
     return scalars
 
 

@@ -1,8 +1,9 @@
 """Training metrics: PSNR / SSIM for reconstructions, what a log line averages, and the writer that logs it.
 
 ``LogWindow`` sums each step's metrics on the device (no host sync per step) and
-counts tokens and the steps' own wall time (evaluation, checkpoint saves and, by
-``CompileTimer``, the step's compilations left out), so a log row reports means
+counts tokens and the steps' own wall time (evaluation, checkpoint saves, its own
+sum's first compile and, by ``CompileTimer``, the step's compilations and the wait
+for a batch of new shapes left out), so a log row reports means
 over every step since the previous row, and steady-state rates. It also counts
 how long the main thread waited for the data pipeline's batches
 (``data_wait_s``, ``data_wait_fraction`` of that wall time): rates alone do not
@@ -69,6 +70,14 @@ def ssim(x, y, max_value: float = 2.0, window: int = 7):
 
 
 _add = jax.jit(lambda total, new: jax.tree.map(jnp.add, total, new))
+# The argument signatures _add has met in this process: its compile cache is the process's, not a window's.
+_ADDED = set()
+
+
+def _signature(*trees) -> tuple:
+    """What jit compiles a call for: tree structure, shapes, dtypes and shardings."""
+    leaves, structure = jax.tree.flatten(trees)
+    return structure, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
 
 
 class LogWindow:
@@ -82,7 +91,17 @@ class LogWindow:
         self.started, self.paused, self.waited = time.perf_counter(), 0.0, 0.0
 
     def add(self, metrics: dict, tokens: int) -> None:
-        self.sums = metrics if self.sums is None else _add(self.sums, metrics)
+        """Sum ``metrics`` on the device. The first sum of a signature compiles (~0.15 s on a CPU, on the main
+        thread): that call is left out of the rates, as a step's compile is."""
+        if self.sums is None:
+            self.sums = metrics
+        elif (signature := _signature(self.sums, metrics)) in _ADDED:
+            self.sums = _add(self.sums, metrics)
+        else:
+            _ADDED.add(signature)
+            began = time.perf_counter()
+            self.sums = _add(self.sums, metrics)
+            self.pause(time.perf_counter() - began)
         self.tokens += tokens
 
     def pause(self, seconds: float) -> None:
@@ -134,19 +153,27 @@ class DataWaitWarning:
 
 
 class CompileTimer:
-    """Leaves the train step's compilations out of a log window's rates.
+    """Leaves the train step's compilations, and those of its batch's preparation, out of a log window's rates.
 
     jax compiles synchronously inside the call that first meets a batch's shapes (the first step, a new
     bucket, a last partial batch), so that call's wall time is paused in ``window``. Later calls only
-    enqueue the step: they are not timed.
+    enqueue the step: they are not timed. A batch of new shapes was also prepared by programs compiled for
+    them (the DiT's latent cache encodes a new clip shape with the VAE, the text encoder its first captions):
+    the main thread's wait for that batch (:meth:`prepared`) is paused too. It is no data wait either: the
+    rows' ``data_wait_s`` counts the draws from the data pipeline alone.
     """
 
     def __init__(self, window: LogWindow):
         self.window, self.seen = window, set()
 
+    def prepared(self, batch: dict, seconds: float) -> None:
+        """Told that the main thread waited ``seconds`` for ``batch``'s preparation, before its step's call."""
+        if _shapes(batch) not in self.seen:
+            self.window.pause(seconds)
+
     def call(self, step_fn, state, batch: dict, *args):
         """``step_fn(state, batch, *args)``, timed when ``batch``'s shapes are new to this run."""
-        shapes = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+        shapes = _shapes(batch)
         if shapes in self.seen:
             return step_fn(state, batch, *args)
         self.seen.add(shapes)
@@ -154,6 +181,10 @@ class CompileTimer:
         out = step_fn(state, batch, *args)
         self.window.pause(time.perf_counter() - began)
         return out
+
+
+def _shapes(batch: dict) -> tuple:
+    return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
 
 
 class MetricsWriter:

@@ -19,7 +19,10 @@ What stays as without read-ahead:
   type and message, when the loop reaches its step, after the checkpoints due before it;
 - the time the main thread spends drawing (``waited(seconds)`` per draw, the log rows' ``data_wait_s``):
   drawing is where a step waits for the data pipeline's reading and decoding. Preparation is not counted:
-  its reads of device values wait for the steps dispatched before it, not for the data;
+  its reads of device values wait for the steps dispatched before it, not for the data. The main thread's
+  wait for each prepared batch is told apart (``prepare_waited``): for a batch of shapes new to the run it
+  holds compiles (the latent cache's VAE for a new clip shape), which the rates leave out
+  (:class:`vidiff.train.metrics.CompileTimer`);
 - counters: ``task.device_batch`` returns a batch's truncated captions beside it, and the loop adds them
   when it consumes the batch. The data's ``SkipLedger`` is not kept so: it counts the records the
   pipeline read, read-ahead included (Grain's reader threads already read ahead of the step).
@@ -73,14 +76,17 @@ class Prefetcher:
 
     ``draw(step)``: the host batch of the step after ``step``, or a ``Missing`` (main thread);
     ``prepare(raw)``: what the step takes (worker thread); ``fail(missing)`` raises its error;
-    ``waited(seconds)``: told how long each draw took.
+    ``waited(seconds)``: told how long each draw took; ``prepare_waited(prepared, seconds)``: how long the
+    main thread then waited for each prepared batch (its preparation on the main thread with ``depth = 0``).
     """
 
     def __init__(self, iterator, draw: Callable[[int], Any], prepare: Callable[[Any], Any],
                  fail: Callable[[Missing], None], *, depth: int, start: int, steps: int,
-                 waited: Callable[[float], None] = lambda seconds: None):
+                 waited: Callable[[float], None] = lambda seconds: None,
+                 prepare_waited: Callable[[Any, float], None] = lambda prepared, seconds: None):
         self.iterator, self.depth = iterator, int(depth)
         self._draw, self._prepare, self._fail, self._waited = draw, prepare, fail, waited
+        self._prepare_waited = prepare_waited
         self._next, self._steps, self._ended = start, steps, False
         self._queue: collections.deque[_Drawn] = collections.deque()
         self.lock = threading.Lock()
@@ -102,7 +108,7 @@ class Prefetcher:
             self._next += 1
             if isinstance(raw, Missing):
                 self._fail(raw)
-            return self._prepared(raw)
+            return self._waited_for(lambda: self._prepared(raw))
         while len(self._queue) <= self.depth and self._next < self._steps and not self._ended:
             self._queue.append(self._draw_ahead())
         drawn = self._queue.popleft()
@@ -110,9 +116,16 @@ class Prefetcher:
             raise drawn.error
         if drawn.missing is not None:
             self._fail(drawn.missing)
-        prepared = drawn.future.result()
+        prepared = self._waited_for(drawn.future.result)
         self._consumed = drawn.state
         return prepared
+
+    def _waited_for(self, prepared: Callable[[], Any]):
+        """``prepared()``, the main thread's wait for it told to ``prepare_waited`` with the batch."""
+        began = time.perf_counter()
+        batch = prepared()
+        self._prepare_waited(batch, time.perf_counter() - began)
+        return batch
 
     def _draw_ahead(self) -> _Drawn:
         step = self._next
