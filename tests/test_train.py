@@ -155,7 +155,8 @@ def test_tokens_per_second_count_each_batch_at_its_own_clip_size():
     assert DiTTask.tokens_in(task, {"video": video(17)}) == 160
     assert DiTTask.tokens_in(task, {"video": video(1)}) == 32  # an image bucket's batch, not a clip's
     assert DiTTask.tokens_in(task, {"latents": jax.ShapeDtypeStruct((3, 5, 8, 8, 4), jnp.float32)}) == 240
-    assert VAETask.tokens_in(task, {"video": video(17)}) == 34  # frames
+    assert VAETask.tokens_in(task, {"video": video(17)}) == 34  # frames...
+    assert (VAETask.rate_name, DiTTask.rate_name) == ("frames_per_s", "tokens_per_s")  # ...which its rows say
 
 
 def test_log_rows_average_every_step_since_the_last_row(monkeypatch):
@@ -178,6 +179,10 @@ def test_log_rows_average_every_step_since_the_last_row(monkeypatch):
     window.reset(13)
     window.add({"loss": jnp.float32(np.nan), "psnr": jnp.array([1.0, 1.0])}, tokens=0)
     assert np.isnan(window.means(14)["loss"])  # a skipped step's NaN shows in its window (logged as null)
+    frames = LogWindow(0, rate="frames_per_s")  # a VAE's window: its "tokens" are frames
+    frames.add({"loss": jnp.float32(1.0)}, tokens=10)
+    clock[0] += 2.0
+    assert frames.means(1)["frames_per_s"] == pytest.approx(5.0) and "tokens_per_s" not in frames.means(1)
 
 
 def test_a_step_call_that_compiles_is_left_out_of_the_rates(monkeypatch):
@@ -662,7 +667,7 @@ def test_batches_read_ahead_change_nothing_and_a_resume_restores_into_shapes(tmp
             f"--config.data.prefetch_to_device={prefetch}", *FAST])
         loop.train(config, "vae", log=log)
         rows = [{k: v for k, v in row.items()
-                 if k not in ("time", "steps_per_s", "tokens_per_s", "data_wait_s", "data_wait_fraction")}
+                 if k not in ("time", "steps_per_s", "frames_per_s", "data_wait_s", "data_wait_fraction")}
                 for row in read_metrics(Path(workdir) / "vae")]
         return rows, jax.device_get(final.pop().params)
 
@@ -947,7 +952,7 @@ def test_vae_then_dit_train_export_and_sample(tmp_path):
     assert (tmp_path / "export" / "vae.safetensors").is_file()
     assert list((tmp_path / "vae" / "samples").glob("recon_*.gif"))
     rows = read_metrics(tmp_path / "vae")
-    assert {"loss", "grad_norm", "lr", "steps_per_s", "tokens_per_s", "psnr"} <= set(rows[0])
+    assert {"loss", "grad_norm", "lr", "steps_per_s", "frames_per_s", "psnr"} <= set(rows[0])
     assert any("val_psnr" in r for r in rows) and (tmp_path / "vae" / "tb").is_dir()
     # A world of 8 clips, all in every batch: the latent cache fills at step 1 and serves steps 2 and 3. A constant
     # learning rate keeps the compiled step the same when the resumed run below asks for 4 steps (a compile-cache hit).

@@ -215,7 +215,7 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
         run.state_shardings, task.batch_shardings, task.frozen_shardings, mesh,
     )
     writer = MetricsWriter(workdir)
-    window = LogWindow(start)
+    window = LogWindow(start, rate=task.rate_name)
     since_save = LogWindow(start)  # keep_best ranks a checkpoint by its own steps' mean loss
     bar = tqdm(total=stage.steps, initial=start, desc=f"train {model}", disable=not main,
                dynamic_ncols=True, leave=False)

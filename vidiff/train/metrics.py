@@ -81,9 +81,13 @@ def _signature(*trees) -> tuple:
 
 
 class LogWindow:
-    """The steps since the last log line: summed metrics, tokens and their wall time."""
+    """The steps since the last log line: summed metrics, tokens and their wall time.
 
-    def __init__(self, step: int):
+    ``rate``: the name of the tokens' rate in a row (``tokens_per_s``; a VAE's "tokens" are frames, so its
+    rows say ``frames_per_s``)."""
+
+    def __init__(self, step: int, rate: str = "tokens_per_s"):
+        self.rate = rate
         self.reset(step)
 
     def reset(self, step: int) -> None:
@@ -120,7 +124,7 @@ class LogWindow:
         seconds = max(time.perf_counter() - self.started - self.paused, 1e-9)
         sums = jax.device_get(self.sums)
         return {**{k: float(np.mean(v)) / steps for k, v in sums.items()},
-                "steps": steps, "steps_per_s": steps / seconds, "tokens_per_s": self.tokens / seconds,
+                "steps": steps, "steps_per_s": steps / seconds, self.rate: self.tokens / seconds,
                 "data_wait_s": self.waited, "data_wait_fraction": min(self.waited / seconds, 1.0)}
 
 

@@ -60,6 +60,7 @@ class Task:
     """Shared plumbing: data pipeline, host -> device batches, frozen inputs."""
 
     batch_keys: tuple[str, ...] = ("video",)
+    rate_name = "tokens_per_s"  # what a log row calls tokens_in's count per second
     networks: dict[str, int] | None = None  # parameter group -> first update training it (make_optimizer)
     # Captions this process trained on that were cut to text.max_length (none without text). The loop adds
     # each batch's count when a step consumes it: a batch prepared ahead (vidiff.train.prefetch) is not counted.
@@ -146,6 +147,8 @@ class VAETask(Task):
             metrics["discriminator"] = d_loss
         metrics["psnr"] = jnp.mean(psnr(jax.lax.stop_gradient(recon), video))
         return loss, metrics
+
+    rate_name = "frames_per_s"  # its tokens_in counts frames: no spacetime patch to count
 
     def tokens_in(self, batch: dict) -> int:
         return math.prod(batch["video"].shape[:2])  # frames
