@@ -596,6 +596,14 @@ def test_docs_configs_md_says_what_real_tiny_changes_and_what_a_steps_override_k
     assert config_lib.load_config("world_tiny", ["--config.vae_train.steps=200"]).vae_train.optim.warmup_steps == 100
 
 
+def test_docs_configs_md_says_which_logged_numbers_are_not_means_of_the_steps():
+    """A row's lr is its last update's (test_a_rows_own_work_...: schedule(step - 1)); the summary's final_loss
+    is the last row's mean loss (the loop keeps row["loss"]), not the final step's own."""
+    docs = " ".join((REPO / "docs" / "configs.md").read_text().split())
+    assert "lr, not a mean: the learning rate of the row's last update" in docs
+    assert "`final_loss`, the mean loss over the last log row's steps (not the final step's own loss)" in docs
+
+
 def _command(workdir, *extra, model="vae", steps=8):
     return [sys.executable, "-m", "vidiff.cli", "train", "--config", str(WORLD_TINY), "--model", model,
             f"--config.workdir={workdir}", f"--config.{model}_train.steps={steps}", *FAST, *extra]

@@ -318,6 +318,7 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
     skips = stopping.skip_totals(run.ledger)
     return {"model": model, "workdir": str(workdir), "start_step": start, **exported,
             **({"profile": str(profiler.directory)} if profiler.traced else {}),
+            # final_loss: the mean over the last log row's steps (docs/configs.md), not the final step's own loss.
             "final_step": step, "final_loss": last_loss if math.isfinite(last_loss) else None,
             "skipped": int(state.skipped), "skipped_steps": int(state.skipped),
             "skipped_records_total": skips["bad"], "skipped_records": skips["skipped"],
