@@ -1147,6 +1147,13 @@ def test_prepared_latents_on_shards_without_them_fail_early(tmp_path):
     _export_vae(tmp_path / "export", config)
     variables = tasks.load_vae_variables(config)
     preflight.check_prepared_vae(config, variables)  # no summary beside the shards: nothing to compare
+    (with_latents / "train-summary.json").write_text(json.dumps({"latents_from": "other/export"}))
+    with pytest.raises(ValueError) as info:  # an older prepare's summary, without the fingerprint: was taken
+        preflight.check_prepared_vae(config, variables)
+    assert str(info.value) == (
+        f"the latents in {with_latents} (data.array_record_path='{with_latents}') were prepared (with --latents "
+        f"other/export) by a vidiff that did not record their VAE, so they cannot be checked against the one in "
+        f"{tmp_path / 'export'}; run `vidiff prepare --latents {tmp_path / 'export'}` again")
     summary = {"latents_from": "other/export", "vae_fingerprint": "0123abcd"}
     (with_latents / "train-summary.json").write_text(json.dumps(summary))
     with pytest.raises(ValueError) as info:

@@ -136,7 +136,8 @@ def check_prepared_vae(config, vae_variables: dict) -> None:
 
     ``vidiff prepare --latents`` records its VAE's fingerprint in ``train-summary.json``
     beside the shards; a DiT trained on another VAE's latents would pair with a
-    decoder whose latent space it never saw.
+    decoder whose latent space it never saw. Latents an older prepare wrote without it are refused too; shards
+    without a summary (written by other tools) are taken as they are.
     """
     from vidiff.data.shards import array_record_paths
 
@@ -149,6 +150,12 @@ def check_prepared_vae(config, vae_variables: dict) -> None:
             summary = json.loads((folder / "train-summary.json").read_text())
         except (OSError, ValueError):  # shards prepared before fingerprints were recorded: nothing to compare
             continue
+        if "vae_fingerprint" not in summary and summary.get("latents_from"):
+            raise ValueError(
+                f"the latents in {folder} (data.array_record_path={config.data.array_record_path!r}) were prepared "
+                f"(with --latents {summary['latents_from']}) by a vidiff that did not record their VAE, so they "
+                f"cannot be checked against the one in {directory}; run `vidiff prepare --latents {directory}` again"
+            )
         if summary.get("vae_fingerprint") not in (None, fingerprint):
             raise ValueError(
                 f"the latents in {folder} (data.array_record_path={config.data.array_record_path!r}) come from "
