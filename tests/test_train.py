@@ -493,6 +493,22 @@ def test_overrides_refuse_unknown_fields_and_wrong_types():
                                          r"vae.overrides.latent_channels is a int, got str$"):
         apply_overrides(config, ["vae.overrides.latent_channels=eight"])
     assert "latent_channels" not in config.vae.overrides  # a refused override leaves no trace
+    # A field with a default that an older config file leaves out was refused as unknown ("did you mean
+    # vae_loss.adversarial_weight?" for adversarial_start_step): it is set, typed by its default.
+    config = config_lib.load_config(WORLD_TINY, [])
+    for section, field in (("dit_train", "init_from"), ("vae_train", "init_on"), ("text", "batch_size"),
+                           ("vae_loss", "adversarial_start_step")):
+        with config[section].unlocked():
+            del config[section][field]
+    apply_overrides(config, ["dit_train.init_from='bundled'", "vae_train.init_on=host", "text.batch_size=8",
+                             "vae_loss.adversarial_start_step=5"])
+    assert (config.dit_train.init_from, config.vae_train.init_on, config.text.batch_size,
+            config.vae_loss.adversarial_start_step) == ("bundled", "host", 8, 5)
+    with config.vae_loss.unlocked():
+        del config.vae_loss["adversarial_start_step"]
+    with pytest.raises(ValueError, match=r"^override 'vae_loss.adversarial_start_step=soon': "
+                                         r"vae_loss.adversarial_start_step is a int, got str$"):
+        apply_overrides(config, ["vae_loss.adversarial_start_step=soon"])
     # Such a field's typo gets its name; a misspelt preset is named as that, not as a missing field.
     with pytest.raises(ValueError, match=r"config has no field 'dit.overrides.scan_unrol'; did you mean "
                                          r"dit.overrides.scan_unroll\?$"):

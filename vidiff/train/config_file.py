@@ -8,7 +8,8 @@ not a ``.py`` file, a syntax error, an exception in ``get_config()``, which retu
 dict) fails with one line naming the file (and
 line); the overrides (``--config.dit.overrides.depth=4``) are set and checked in ``vidiff.train.overrides``.
 ``check_fields`` (run by ``vidiff.train.config.validate``) refuses a field the code does not read (a typo in
-the file: ``sample.guidence``), naming the field it likely meant, and a field a run reads that is missing.
+the file: ``sample.guidence``), naming the field it likely meant, and a field a run reads that is missing;
+``field_default`` says what a run reads for a known field the file leaves out, so the command line may set it.
 """
 from __future__ import annotations
 
@@ -74,14 +75,10 @@ def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDic
 def check_fields(config, model: str) -> None:
     """Each section's fields by name: one the code does not read is a typo that would be ignored (or fail late,
     deep inside a library), one that a ``model`` run reads and is missing a late ``AttributeError``."""
-    from vidiff.models.vae_losses import VAELossConfig
     from vidiff.train.config import train_stage  # here: vidiff.train.config imports this module
 
     stage = train_stage(1, 1.0)
-    known = {"": TOP_LEVEL, **SECTIONS, "vae_loss": tuple(f.name for f in dataclasses.fields(VAELossConfig))}
-    for name, own in STAGE_FIELDS.items():
-        known.update({f"{name}_train": (*stage, *own), f"{name}_train.optim": tuple(stage.optim),
-                      f"{name}_train.profile": tuple(stage.profile)})
+    known = _known_fields(stage)
     for path, fields in known.items():
         for field in _section(config, path) or ():
             if field not in fields:
@@ -99,6 +96,37 @@ def check_fields(config, model: str) -> None:
             where = ".".join(filter(None, [path, missing[0]]))
             raise ValueError(f"config field {where} is missing; a {model} run reads it: add it to the config file "
                              f"(docs/configs.md lists every field)")
+
+
+def _known_fields(stage) -> dict[str, tuple]:
+    """``{section: fields}`` of the sections whose field names are checked (``stage``: ``train_stage``'s)."""
+    from vidiff.models.vae_losses import VAELossConfig
+
+    known = {"": TOP_LEVEL, **SECTIONS, "vae_loss": tuple(f.name for f in dataclasses.fields(VAELossConfig))}
+    for name, own in STAGE_FIELDS.items():
+        known.update({f"{name}_train": (*stage, *own), f"{name}_train.optim": tuple(stage.optim),
+                      f"{name}_train.profile": tuple(stage.profile)})
+    return known
+
+
+def field_default(section: str, field: str, missing):
+    """What a run reads for ``section.field`` when the config file leaves it out (an older file, written before
+    the field existed): the value ``train_stage`` or ``VAELossConfig`` gives it, else None (a field without a
+    default here); ``missing`` when ``section`` has no such field, or is the top level (whose fields are sections).
+    The command line may set such a field: its default's type is the type an override must have."""
+    from vidiff.models.vae_losses import VAELossConfig
+    from vidiff.train.config import train_stage  # here: vidiff.train.config imports this module
+
+    stage = train_stage(1, 1.0)
+    if not section or field not in _known_fields(stage).get(section, ()):
+        return missing
+    if section == "vae_loss":
+        return getattr(VAELossConfig(), field)
+    node = stage
+    for part in section.split(".")[1:]:  # <model>_train.optim / .profile: train_stage's own sections
+        node = node[part]
+    value = node.get(field) if section.endswith("_train") or "." in section else None
+    return None if isinstance(value, ml_collections.ConfigDict) else value
 
 
 def _required(config, model: str, stage) -> dict[str, tuple]:

@@ -42,6 +42,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
                                  f"--config.{where}=\"{{'{part}': ...}}\"")
             if depth == len(sections) and isinstance(node, ml_collections.ConfigDict) and part not in node:
                 old = _preset_value(config, sections, part, item)  # a model field the file leaves to the preset
+                if old is _MISSING:  # a field with a default that an older config file does not spell out
+                    from vidiff.train.config_file import field_default  # here: config_file imports this module
+
+                    old = field_default(".".join(sections), part, _MISSING)
             if old is _MISSING and (not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node):
                 raise ValueError(f"override {item!r}: config has no field {dotted!r}"
                                  f"{_did_you_mean(config, node, [*sections, leaf], depth)}")
