@@ -144,6 +144,12 @@ def test_eval_commands_print_and_write_json(tmp_path, capsys):
     written = json.loads((tmp_path / "modes.json").read_text())
     means = written["means"]
     assert written["dtype"] == {"dit": "float32", "vae": "float32"}  # as the model was trained
+    # The modes summary recorded no sampling settings, so runs at --steps 4 and 2 read alike: now adherence's
+    # block (the model's defaults filled in) and the seeds, in the file and in what is printed.
+    assert written["sampling"] == {"steps": 2, "guidance": 4.0, "sampler": "euler"}
+    assert (written["seed"], written["world_seed"], written["strength"]) == (0, 777, 0.3)
+    assert {k: json.loads(out)[k] for k in ("sampling", "seed", "world_seed")} == {
+        "sampling": written["sampling"], "seed": 0, "world_seed": 777}
     assert set(means) == {"image_to_video", "extend_forward", "extend_backward", "connect", "edit", "loop"}
     i2v = means["image_to_video"]
     # The first frame is the VAE's round trip of the input (decoder causal, latent 0 known).
@@ -243,6 +249,7 @@ def test_evaluate_modes_scores_ground_truth_answers_as_perfect():
     result = modes.evaluate_modes(_GroundTruthPipe(clips), num_clips=2)
     means = result["means"]
     assert result["num_clips"] == 2 and result["strength"] == 0.7
+    assert (result["seed"], result["world_seed"]) == (0, 777)  # the seeds its clips and noise came from
     for mode in ("image_to_video", "extend_forward", "extend_backward", "connect"):
         assert {means[mode][key] for key in ("color", "shape", "direction", "all")} == {1.0}, mode
     assert means["image_to_video"]["first_frame_psnr"] == means["image_to_video"]["vae_ceiling_psnr"] == 100.0

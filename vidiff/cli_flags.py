@@ -3,7 +3,9 @@
 Both load a model and sample, so both take ``--scan-blocks``, ``--dtype``, the
 sampling flags and (where a call samples a batch) ``--devices``, check them (and that
 ``--out`` can be written) before the model loads, and print the library's
-warnings as one line each.
+warnings as one line each. What both record of how their outputs were made (the
+model, the dtypes it computes in, the sampler settings in force) is
+``settings_in_force``'s.
 """
 from __future__ import annotations
 
@@ -104,6 +106,17 @@ def check_sampling_flags(args) -> None:
         except ValueError as error:
             words = str(error).replace(f"dtype={args.dtype!r}", f"--dtype={args.dtype}", 1)
             raise ValueError(words.replace("or None to", "or no --dtype to")) from None
+
+
+def settings_in_force(pipe, args) -> dict:
+    """How a loaded ``TextToVideo`` samples under ``args``' flags, for a run to record beside what it makes: its
+    directory (``checkpoint``), the dtypes its DiT and VAE compute in (``--dtype``'s, or as trained) and the
+    ``sampling`` settings, the model's defaults (``pipe.defaults``) filling in those not given, as the pipeline
+    fills them; so a record names the steps a run took even when ``--steps`` was left out."""
+    given = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler}
+    steps, guidance, sampler = (pipe.defaults[k] if v is None else v for k, v in given.items())
+    return {"checkpoint": str(pipe.directory), "dtype": {"dit": pipe.dit.config.dtype, "vae": pipe.vae.config.dtype},
+            "sampling": {"steps": int(steps), "guidance": float(guidance), "sampler": str(sampler)}}
 
 
 def check_writable(path) -> None:

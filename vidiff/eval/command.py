@@ -14,7 +14,8 @@ import sys
 from vidiff.diffusion.samplers import SAMPLERS
 from vidiff.eval import adherence
 from vidiff.cli_flags import (add_choice_flag, add_devices_flag, add_dtype_flag, add_scan_blocks_flag, check_choice,
-                              check_sampling_flags, check_writable, one_line_warnings, sampling_devices)
+                              check_sampling_flags, check_writable, one_line_warnings, sampling_devices,
+                              settings_in_force)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,27 +73,24 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks, dtype=args.dtype,
                                        mesh=parallel.sampling_mesh(devices))
-    sampling = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler).items()
-                if v is not None}
-    dtype = {"dit": pipe.dit.config.dtype, "vae": pipe.vae.config.dtype}  # --dtype's, or as trained
+    # Both summaries open with the same settings, the sampler's defaults filled in: a run is known by its file.
+    settings = settings_in_force(pipe, args)
+    sampling = settings["sampling"]
     if args.evaluation == "adherence":
         cases = adherence.cases(args.prompts, args.seeds)
         generate = lambda prompts, seed: pipe(prompts, seed=[seed], batch_size=args.batch_size, **sampling)
         with one_line_warnings("vidiff eval"):
             summary = adherence.evaluate(generate, cases)
-        summary = {"checkpoint": str(pipe.directory), "dtype": dtype, "prompts": args.prompts, "seeds": args.seeds,
-                   "sampling": {**{k: pipe.defaults[k] for k in ("steps", "guidance", "sampler")}, **sampling},
-                   **summary}
+        summary = {**settings, "prompts": args.prompts, "seeds": args.seeds, **summary}
         print(adherence.format_table(summary), file=sys.stderr)  # for the eye; stdout is the JSON alone
-        brief = {k: summary[k] for k in ("checkpoint", "dtype", "prompts", "seeds", "sampling", "num_clips",
-                                         "accuracy")}
+        shown = ("prompts", "seeds", "num_clips", "accuracy")
     else:
         from vidiff.eval.modes import evaluate_modes
 
         with one_line_warnings("vidiff eval"):
-            summary = {"checkpoint": str(pipe.directory), "dtype": dtype,
-                       **evaluate_modes(pipe, num_clips=args.clips, strength=args.strength, **sampling)}
-        brief = {k: summary[k] for k in ("checkpoint", "dtype", "num_clips", "strength", "means")}
+            summary = {**settings, **evaluate_modes(pipe, num_clips=args.clips, strength=args.strength, **sampling)}
+        shown = ("num_clips", "strength", "seed", "world_seed", "means")
+    brief = {k: summary[k] for k in (*settings, *shown)}
     print(json.dumps(brief, indent=2))
     if args.out:
         path = adherence.write_json(summary, args.out)

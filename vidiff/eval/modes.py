@@ -17,7 +17,8 @@ training data does not use) ``evaluate_modes`` runs every mode and measures:
 - ``loop``: the seam, mean |last frame - first frame| over the mean
   difference of consecutive frames (1 = the wrap is an ordinary step).
 
-Returns a JSON-able dict of means plus per-clip rows.
+Returns a JSON-able dict of means plus per-clip rows, with the seeds it drew from (``seed``: the
+sampler's noise; ``world_seed``: the world clips').
 """
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def evaluate_modes(pipe, *, num_clips: int = 4, seed: int = 0, strength: float =
         clip = pipe.loop([prompt], **sampling)[0]
         row["loop"] = {"seam_ratio": seam_ratio(clip)}
         rows.append(row)
-    return {"num_clips": len(rows), "strength": strength, "means": _means(rows), "clips": rows}
+    return {"num_clips": len(rows), "strength": strength, "seed": seed, "world_seed": world_seed,
+            "means": _means(rows), "clips": rows}
 
 
 def seam_ratio(clip: np.ndarray) -> float:
