@@ -58,6 +58,34 @@ def test_write_then_read(tmp_path, suffix, tolerance):
     assert io.probe(path).width == 32
 
 
+def test_a_record_is_written_in_each_format_and_read_back(tmp_path):
+    """A written file held nothing of how it was made: ``record`` is stored in its own metadata (mp4 / webm
+    comment tag, png tEXt, gif and jpg comment), as ASCII JSON whatever the prompt, and read back."""
+    frames, record = _moving_square(t=3), {"prompt": "un cercle rouge \u2603 qui va \u00e0 gauche", "seed": 7}
+    for suffix in (".mp4", ".webm", ".gif", ".png"):
+        path = io.write_video(tmp_path / f"clip{suffix}", frames[:1] if suffix == ".png" else frames, record=record)
+        assert io.read_record(path) == record, suffix
+        assert io.read_record(io.write_video(tmp_path / f"plain{suffix}", frames[:1])) is None, suffix
+    for suffix in (".png", ".jpg"):
+        assert io.read_record(io.write_image(tmp_path / f"image{suffix}", frames[0], record=record)) == record
+    assert io.read_video(tmp_path / "clip.mp4")[0].shape == frames.shape  # the clip reads as before
+    from PIL import Image
+
+    Image.fromarray(frames[0]).save(tmp_path / "theirs.gif", comment=b"made with another program")
+    assert io.read_record(tmp_path / "theirs.gif") is None  # a comment, not a record
+    with pytest.raises(ValueError, match=r"image\.bmp: a \.bmp file holds no record of how it was made; use "):
+        io.write_image(tmp_path / "image.bmp", frames[0], record=record)
+    with pytest.raises(ValueError, match=r"big\.jpg: the record of how it was made takes \d+ bytes, more than a "
+                                         r"jpg's comment holds \(65533\); write a \.png$"):
+        io.write_image(tmp_path / "big.jpg", frames[0], record={"prompts": ["x" * 1000] * 70})
+    assert not (tmp_path / "big.jpg").exists() and not (tmp_path / "image.bmp").exists()
+    with pytest.raises(FileNotFoundError, match=r"missing\.mp4 does not exist$"):
+        io.read_record(tmp_path / "missing.mp4")
+    (tmp_path / "notes.mp4").write_text("not a video")
+    with pytest.raises(OSError, match=r"notes\.mp4: cannot read its record \("):
+        io.read_record(tmp_path / "notes.mp4")
+
+
 def test_odd_size_mp4_is_padded_to_even(tmp_path):
     frames = _moving_square(t=3, h=33, w=31)
     back, _ = io.read_video(io.write_video(tmp_path / "odd.mp4", frames))

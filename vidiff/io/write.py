@@ -1,6 +1,7 @@
 """Writing: mp4 as H.264 and webm as VP9 through PyAV, gif and png through Pillow (its adaptive palette
 keeps the few exact colours of synthetic clips); frame rates a format cannot store, and files in the way of
-an output folder, are refused in one line before anything is written."""
+an output folder, are refused in one line before anything is written. Either writer stores a ``record`` (a
+JSON object: how the file was made) in the file's own metadata, written with it (``vidiff.io.record``)."""
 from __future__ import annotations
 
 import struct
@@ -10,6 +11,7 @@ import numpy as np
 
 from vidiff.io.files import replace_whole
 from vidiff.io.frames import check_frames, check_image
+from vidiff.io.record import pillow_options, record_text
 
 
 # The frame rates (fps) each format stores. A GIF delay is a whole number of centiseconds in 16 bits (655.35 s at
@@ -41,13 +43,14 @@ def check_folders(path) -> None:
             return
 
 
-def write_video(path, frames, fps: float = 8.0, *, crf: int = 18) -> Path:
+def write_video(path, frames, fps: float = 8.0, *, crf: int = 18, record: dict | None = None) -> Path:
     """Write ``uint8 (T, H, W, 3)`` frames; the suffix picks the format.
 
     ``.mp4`` is H.264 (yuv420p, odd sizes padded by edge replication to even),
     ``.webm`` is VP9, ``.gif`` loops forever, ``.png`` takes a single frame.
     A rate the format cannot store (``FPS_RANGES``) is refused. The file appears whole or not at all: it is
     written beside ``path`` and renamed over it, so an interrupted write leaves no half a clip under its name.
+    ``record``: a JSON object stored in the file's metadata (``vidiff.io.read_record`` reads it back).
     """
     path = Path(path)
     frames = check_frames(frames)
@@ -57,12 +60,13 @@ def write_video(path, frames, fps: float = 8.0, *, crf: int = 18) -> Path:
     if suffix == ".png" and len(frames) != 1:
         raise ValueError(f"{path}: png holds one frame, got {len(frames)}; use .mp4/.gif, "
                          "or vidiff.io.write_image(path, vidiff.io.frame_grid(frames))")
-    writers = {".gif": lambda out: _write_gif(out, frames, fps, path),
-               ".png": lambda out: _pil_image(frames[0]).save(out),
-               ".mp4": lambda out: _write_av(out, frames, fps, crf, "libx264"),
-               ".webm": lambda out: _write_av(out, frames, fps, crf, "libvpx-vp9")}
-    if suffix not in writers:
+    if suffix not in (*FPS_RANGES, ".png"):
         raise ValueError(f"{path}: unknown video suffix {suffix!r}; use .mp4, .webm, .gif or .png")
+    text = None if record is None else record_text(path, record)
+    writers = {".gif": lambda out: _write_gif(out, frames, fps, path, text),
+               ".png": lambda out: _pil_image(frames[0]).save(out, **pillow_options(path, text)),
+               ".mp4": lambda out: _write_av(out, frames, fps, crf, "libx264", text),
+               ".webm": lambda out: _write_av(out, frames, fps, crf, "libvpx-vp9", text)}
     return replace_whole(path, writers[suffix], sync=False, keep_suffix=True)
 
 
@@ -80,25 +84,28 @@ def gif_delays(count: int, fps: float) -> list[int]:
     return [end - start for start, end in zip([0, *ends], ends)]
 
 
-def _write_gif(out, frames, fps, path):
-    """``frames`` as a gif into ``out``; ``path`` is the name errors give."""
+def _write_gif(out, frames, fps, path, text=None):
+    """``frames`` as a gif into ``out``, ``text`` its comment; ``path`` is the name errors give."""
     images = [_pil_image(f) for f in frames]
     durations_ms = [10 * delay for delay in gif_delays(len(images), fps)]
     try:
-        images[0].save(out, save_all=True, append_images=images[1:], duration=durations_ms, loop=0, optimize=False)
+        images[0].save(out, save_all=True, append_images=images[1:], duration=durations_ms, loop=0, optimize=False,
+                       **pillow_options(path, text))
     except (OverflowError, struct.error):  # Pillow merges identical frames: their delays add up past 16 bits
         # (Pillow 13 raises OverflowError, Pillow 12 struct.error)
         raise ValueError(f"{path}: identical frames in a row last longer than the 655.35 s a gif frame can show; "
                          "use a higher fps or .mp4") from None
 
 
-def _write_av(path, frames, fps, crf, codec):
+def _write_av(path, frames, fps, crf, codec, text=None):
     import av
 
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     with av.open(str(path), mode="w") as container:
+        if text is not None:
+            container.metadata["comment"] = text
         stream = container.add_stream(codec, rate=_rate(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -118,11 +125,14 @@ def _rate(fps: float):
     return Fraction(fps).limit_denominator(1001) if fps >= 1 else 1 / Fraction(1 / fps).limit_denominator(1001)
 
 
-def write_image(path, image) -> Path:
-    """Write one ``uint8 (H, W, 3)`` image (png, jpg, ... by suffix)."""
+def write_image(path, image, *, record: dict | None = None) -> Path:
+    """Write one ``uint8 (H, W, 3)`` image (png, jpg, ... by suffix), whole or not at all; ``record`` as for
+    :func:`write_video` (png and jpg hold one)."""
     path = Path(path)
     image = check_image(image)
     if not path.suffix:  # Pillow would name the temporary file's suffix
         raise ValueError(f"{path}: no suffix to pick the image format by; add one (.png, .jpg, ...)")
+    text = None if record is None else record_text(path, record)
     check_folders(path)
-    return replace_whole(path, _pil_image(image).save, sync=False, keep_suffix=True)
+    return replace_whole(path, lambda out: _pil_image(image).save(out, **pillow_options(path, text)), sync=False,
+                         keep_suffix=True)
