@@ -208,6 +208,92 @@ def test_every_mode_from_files(model, inputs, tmp_path, capsys):
         assert Image.open(tmp_path / f"{name}.gif").n_frames == frames, name
 
 
+def _flags_of(record: dict) -> list:
+    """The flags docs/cli.md maps a file's record back to: the same clip, sampled in a batch of as many clips
+    (``--num`` and ``--batch-size`` its ``batch``: the clip is the first file) on as many devices."""
+    sampling, dtype, mode = record["sampling"], record["dtype"], dict(record["mode"])
+    flags = [record["prompt"], "--checkpoint", record["checkpoint"], "--seed", record["seed"],
+             "--steps", sampling["steps"], "--guidance", sampling["guidance"], "--sampler", sampling["sampler"],
+             "--frames", record["frames"], "--height", record["height"], "--width", record["width"],
+             "--fps", record["fps"], "--devices", record["devices"], "--num", record["batch"],
+             "--batch-size", record["batch"], "--quiet"]
+    flags += ["--negative", record["negative"]] if record["negative"] is not None else []
+    flags += ["--dtype", dtype["dit"]] if dtype["dit"] == dtype["vae"] else []
+    flags += ["--loop"] if mode.pop("name") == "loop" else []
+    for key, value in mode.items():
+        flags += [f"--{key.replace('_', '-')}", *(value if isinstance(value, list) else [value])]
+    return flags
+
+
+def test_each_file_records_how_it_was_made_and_the_record_makes_it_again(model, inputs, tmp_path, capsys):
+    """The files held no record of how they were made (steps, guidance, sampler, negative prompt, dtype, mode,
+    model): each now holds its record (vidiff.io.read_record), the defaults filled in, and the flags it maps
+    to make the same clip again."""
+    import vidiff
+    from vidiff.models.export import file_sha256
+
+    prompts = [PROMPT, "a blue square moving up"]
+    code, out, err = generate(capsys, *prompts, "--checkpoint", model, "--num", 2, "--batch-size", 4, "--quiet",
+                              "--negative", "a green triangle", "--out", tmp_path / "a.gif", "--grid",
+                              tmp_path / "grid.png")
+    assert code == 0, err
+    record = io.read_record(tmp_path / "a_3.gif")
+    digests = {name: file_sha256(f"{model}/{name}") for name in ("dit.safetensors", "vae.safetensors", "vidiff.json")}
+    assert record == {"prompt": prompts[1], "seed": 1, "vidiff": vidiff.__version__, "checkpoint": model,
+                      "sha256": digests, "dtype": {"dit": "float32", "vae": "float32"},
+                      "sampling": {"steps": 2, "guidance": 4.0, "sampler": "euler"},  # the model's defaults
+                      "negative": "a green triangle", "mode": {"name": "text"}, "fps": 8.0, "batch_size": 4,
+                      "devices": 1, "batch": 4, "frames": 9, "height": 16, "width": 16}
+    grid = io.read_record(tmp_path / "grid.png")
+    assert (grid["prompts"], grid["seeds"], grid["frames"]) == (prompts, [0, 1], 9)
+    assert {k: grid[k] for k in ("checkpoint", "sampling", "mode")} == {k: record[k] for k in ("checkpoint",
+                                                                                               "sampling", "mode")}
+    assert generate(capsys, *_flags_of(record), "--out", tmp_path / "again.gif")[0] == 0
+    np.testing.assert_array_equal(io.read_video(tmp_path / "again_0.gif")[0], io.read_video(tmp_path / "a_3.gif")[0])
+
+    # A mode's flags as they were in force: --extend's default direction and context, --edit's strength.
+    for name, flags, mode in (
+            ("extend", ["--extend", inputs["video"], "--frames", 5],
+             {"name": "extend", "extend": inputs["video"], "direction": "forward", "context_frames": 1}),
+            ("edit", ["--edit", inputs["video"]], {"name": "edit", "edit": inputs["video"], "strength": 0.6})):
+        code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--quiet", "--out", tmp_path / f"{name}.mp4",
+                                  *flags)
+        assert code == 0, err
+        record = io.read_record(tmp_path / f"{name}.mp4")
+        assert record["mode"] == mode and record["fps"] == io.probe(inputs["video"]).fps
+        assert generate(capsys, *_flags_of(record), "--out", tmp_path / f"{name}_again.mp4")[0] == 0
+        np.testing.assert_array_equal(io.read_video(tmp_path / f"{name}_again.mp4")[0],
+                                      io.read_video(tmp_path / f"{name}.mp4")[0])
+    code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--frames", 1, "--quiet", "--dtype", "float32",
+                              "--out", tmp_path / "image.png")
+    assert code == 0 and io.read_record(tmp_path / "image.png")["frames"] == 1
+
+
+def test_weight_digests_are_remembered_beside_a_large_export_only(model, tmp_path, monkeypatch):
+    """Hashing a multi-GB DiT on every run would cost seconds: its digests are kept beside it, keyed by path, size
+    and modification time (the text encoder's memo); a small export's folder is left as it was written."""
+    import json
+    import shutil
+
+    from vidiff import generate_record
+    from vidiff.models.export import BUNDLED, file_sha256
+
+    export = tmp_path / "export"
+    shutil.copytree(model, export)
+    digests = generate_record.weight_digests(export)
+    assert digests == {name: file_sha256(export / name) for name in ("dit.safetensors", "vae.safetensors")}
+    assert not (export / "weight-digests.json").exists()  # small: hashed each run
+    monkeypatch.setattr(generate_record, "MEMO_BYTES", 0)
+    assert generate_record.weight_digests(export) == digests
+    memo = json.loads((export / "weight-digests.json").read_text())
+    key = next(k for k in memo if k.startswith(f"{(export / 'dit.safetensors').resolve()}|"))
+    (export / "weight-digests.json").write_text(json.dumps({**memo, key: "0" * 64}))  # read back, not rehashed
+    assert generate_record.weight_digests(export)["dit.safetensors"] == "0" * 64
+    before = sorted(p.name for p in BUNDLED.iterdir())
+    generate_record.weight_digests(BUNDLED)
+    assert sorted(p.name for p in BUNDLED.iterdir()) == before  # the package's own folder is never written
+
+
 def test_clips_from_a_video_play_at_its_frame_rate(model, inputs, tmp_path, capsys):
     """--extend, --edit and --connect keep frames of their input: written at its rate (--connect: A's), not at 8
     fps, where a 24 fps input's kept frames played 3x slower; --fps still decides."""
@@ -341,6 +427,7 @@ def test_a_video_whose_container_miscounts_its_frames_is_counted_by_decoding(mod
     truncated file): that was trusted, and the pipeline refused the request only after the model had loaded."""
     import dataclasses
 
+    import vidiff.generate
     from vidiff.pipeline import TextToVideo
 
     probe = io.probe
@@ -352,6 +439,7 @@ def test_a_video_whose_container_miscounts_its_frames_is_counted_by_decoding(mod
                                             "needs at least 5"
     monkeypatch.setattr(io, "probe", lambda path: dataclasses.replace(probe(path), num_frames=2))
     monkeypatch.setattr(TextToVideo, "from_checkpoint", lambda *args, **kwargs: _Loaded())
+    monkeypatch.setattr(vidiff.generate, "run_settings", lambda *args: {})  # nothing is sampled to record
     for argv, method, kept in [(["--extend", inputs["video"]], "extend", {"video": 5}),
                                (["--extend", inputs["video"], "--direction", "backward"], "extend", {"video": 9}),
                                (["--connect", inputs["video"], inputs["video"]], "connect",
@@ -417,6 +505,18 @@ def test_a_grid_path_that_is_a_folder_is_refused_before_the_model_loads(tmp_path
     code, out, err = generate(capsys, PROMPT, "--out", str(tmp_path / "clip.mp4"), "--grid", str(tmp_path / "grid.jpg"))
     assert code == 2 and err.strip() == f"vidiff generate: error: cannot write {tmp_path / 'grid.jpg'}: it is a " \
                                         f"directory; give a file name"
+
+
+def test_a_jpg_grid_too_small_for_its_record_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A jpg's comment holds 65533 bytes: a grid of many long prompts could not record them all."""
+    from vidiff.pipeline import TextToVideo
+
+    monkeypatch.setattr(TextToVideo, "from_checkpoint", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    prompts = [f"{PROMPT} number {k} " + "very " * 60 for k in range(200)]
+    code, out, err = generate(capsys, *prompts, "--out", tmp_path / "clip.mp4", "--grid", tmp_path / "grid.jpg")
+    assert code == 2 and re.fullmatch(rf"vidiff generate: error: {re.escape(str(tmp_path / 'grid.jpg'))}: the record "
+                                      r"of how it was made takes \d+ bytes, more than a jpg's comment holds \(65533\); "
+                                      r"write a \.png", err.strip()), err
 
 
 def test_a_read_only_out_or_grid_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -20,7 +20,8 @@ MAY_IMPORT = {
     "pipeline_load": _SAMPLING | {"clip_rules"},
     "pipeline": _PIPELINE,
     "cli_flags": {"io", "checks"},
-    "generate": _PIPELINE | {"cli_flags"},
+    "generate": _PIPELINE | {"cli_flags", "generate_record"},
+    "generate_record": _PIPELINE | {"cli_flags"},  # what vidiff generate's files record of how they were made
     "eval": _PIPELINE | {"cli_flags", "data"},
     "data": {"io", "checks"},  # not jax's side: models, sampling and generation run without the data packages
     "train": _SAMPLING | {"data"},

@@ -15,6 +15,7 @@ loads and reported in one line: the sizes and the inputs' frame counts by the
 rules ``TextToVideo`` applies (``vidiff.clip_rules.ClipRules``), read from the
 export's ``vidiff.json``, in the words it uses. The inputs' frames are decoded
 then, once, and handed to the pipeline: the counts checked are those it gets.
+Each file written holds a record of how it was made (``vidiff.generate_record``).
 """
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ from vidiff import io
 from vidiff.cli_flags import (add_choice_flag, add_devices_flag, add_dtype_flag, add_scan_blocks_flag, check_choice,
                               check_sampling_flags, check_writable, one_line_warnings, sampling_devices)
 from vidiff.diffusion.samplers import SAMPLERS
+from vidiff.generate_record import check_grid_record, clip_record, grid_record, run_settings
+from vidiff.models.vae import pixel_count
 from vidiff.pipeline_inputs import DEFAULT_BATCH_SIZE, check_prompts, check_utf8, input_frames, sampled_batch
 from vidiff.clip_rules import DIRECTIONS, ClipRules
 from vidiff.pipeline_load import read_clip_rules
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
+DEFAULT_STRENGTH = 0.6  # --edit's
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,14 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check the request, load the model, generate a batch at a time, write each file as its batch is done and say
     where (then the grid)."""
-    outputs, fps, devices, inputs = _check_request(args)
+    outputs, fps, devices, inputs, mode = _check_request(args)
 
     from vidiff import parallel
     from vidiff.pipeline import TextToVideo
 
     pipe = TextToVideo.from_checkpoint(args.checkpoint, scan_blocks=args.scan_blocks, dtype=args.dtype,
                                        mesh=parallel.sampling_mesh(devices))
-    writer = _Writer(args, outputs, fps)
+    writer = _Writer(args, outputs, fps, run_settings(pipe, args, mode, fps, devices))
     with one_line_warnings("vidiff generate"):
         try:
             _generate(pipe, args, inputs, on_batch=writer)
@@ -116,10 +120,10 @@ def _out_of_memory(batch: int, written: int, total: int, devices: int = 1) -> st
             f"{written} of {total} clip(s) were written")
 
 
-def _check_request(args) -> tuple[list[Path], float, int, dict]:
+def _check_request(args) -> tuple[list[Path], float, int, dict, dict]:
     """Everything the user can get wrong, before the model loads (in this order: the first mistake is the one
     reported); returns the output files, one per clip, the frame rate to write them at, the devices to
-    sample on and the mode's input frames (:func:`_read_inputs`)."""
+    sample on, the mode's input frames and the mode as the files record it (:func:`_read_inputs`)."""
     check_prompts(args.prompts)  # the library's own check, run here so that it comes before the model loads
     _warn_if_unquoted(args.prompts)
     _check_mode_flags(args)
@@ -138,43 +142,48 @@ def _check_request(args) -> tuple[list[Path], float, int, dict]:
         _check_output_file(path, frames=args.frames, fps=args.fps)
     if args.grid is not None:
         _check_grid(args.grid, outputs)
+        check_grid_record(args.grid, args, [path for path, _ in _inputs(args)])
     for source, kind in _inputs(args):
         _check_readable(source, kind)
     from vidiff.pipeline import model_directory
 
-    inputs = _read_inputs(args, read_clip_rules(model_directory(args.checkpoint)))
-    return outputs, _output_fps(args, outputs), sampling_devices(args.devices), inputs
+    inputs, mode = _read_inputs(args, read_clip_rules(model_directory(args.checkpoint)))
+    return outputs, _output_fps(args, outputs), sampling_devices(args.devices), inputs, mode
 
 
-def _read_inputs(args, rules: ClipRules) -> dict:
+def _read_inputs(args, rules: ClipRules) -> tuple[dict, dict]:
     """The mode's sizes, checked, and its inputs' frames, decoded as ``TextToVideo`` reads them
     (``input_frames``, the same ``first`` / ``last``) and checked by its rules (its words): a clip the model cannot
     make, or a video that decodes fewer frames than its container counts, fails before the model loads, not
     after. The frames go to the pipeline in place of the paths (its methods' keyword names), so each input is
-    decoded once."""
+    decoded once. Also the mode as the files record it: its name and its flags with the values in force."""
     size = (args.frames, args.height, args.width)
     if args.loop:
         rules.loop_sizes(*size)
-        return {}
+        return {}, {"name": "loop"}
     frames, _, _ = rules.sizes(*size)
     if args.image:
         rules.animated_latents(frames)
-        return {"image": input_frames(args.image, "image", first=1)}
+        return {"image": input_frames(args.image, "image", first=1)}, {"name": "image", "image": args.image}
     if args.extend:
         direction = args.direction or "forward"
         video = input_frames(args.extend, "video", **rules.extend_reads(direction, frames))
-        rules.extend_context(direction, frames, len(video), args.context_frames)
-        return {"video": video}
+        k = rules.extend_context(direction, frames, len(video), args.context_frames)
+        context = pixel_count(k, rules.time_factor) if direction == "forward" else rules.time_factor * k
+        return {"video": video}, {"name": "extend", "extend": args.extend, "direction": direction,
+                                  "context_frames": context}
     if args.connect:
         rules.connect_latents(frames)
         video_b = input_frames(args.connect[1], "video", first=1 + rules.time_factor)
         rules.check_second_video(len(video_b))
-        return {"video_a": input_frames(args.connect[0], "video", last=1), "video_b": video_b}
+        return ({"video_a": input_frames(args.connect[0], "video", last=1), "video_b": video_b},
+                {"name": "connect", "connect": list(args.connect)})
     if args.edit:
         video = input_frames(args.edit, "video", first=frames)
         rules.edit_frames(len(video), frames, asked=args.frames is not None)
-        return {"video": video}
-    return {}
+        strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+        return {"video": video}, {"name": "edit", "edit": args.edit, "strength": strength}
+    return {}, {"name": "text"}
 
 
 def _output_fps(args, outputs: list[Path]) -> float:
@@ -206,7 +215,7 @@ def _generate(pipe, args, inputs: dict, on_batch) -> None:
     if args.connect:
         return pipe.connect(prompts, **inputs, **size, **sampling)
     if args.edit:
-        strength = 0.6 if args.strength is None else args.strength
+        strength = DEFAULT_STRENGTH if args.strength is None else args.strength
         return pipe.edit(prompts, **inputs, strength=strength, **size, **sampling)
     if args.loop:
         return pipe.loop(prompts, **size, **sampling)
@@ -215,20 +224,22 @@ def _generate(pipe, args, inputs: dict, on_batch) -> None:
 
 class _Writer:
     """``on_batch`` for :func:`_generate`: each clip to its file as its batch is done (a one-frame clip to a .png as
-    an image), one line per file; the clips are kept only for ``--grid``, written last."""
+    an image), with its record (the run's ``settings`` and its own prompt, seed and size), one line per file;
+    the clips are kept only for ``--grid``, written last."""
 
-    def __init__(self, args, outputs: list[Path], fps: float):
-        self.args, self.outputs, self.fps = args, outputs, fps
+    def __init__(self, args, outputs: list[Path], fps: float, settings: dict):
+        self.args, self.outputs, self.fps, self.settings = args, outputs, fps, settings
         self.written, self.kept = 0, []
 
     def __call__(self, first: int, clips: np.ndarray) -> None:
         args = self.args
         for k, clip in enumerate(clips, start=first):
             path, prompt, seed = self.outputs[k], args.prompts[k // args.num], args.seed + k % args.num
+            record = clip_record(self.settings, prompt, seed, clip)
             if len(clip) == 1 and path.suffix.lower() == ".png":
-                io.write_image(path, clip[0])
+                io.write_image(path, clip[0], record=record)
             else:
-                io.write_video(path, clip, self.fps)
+                io.write_video(path, clip, self.fps, record=record)
             print(f"wrote {path}  ({len(clip)} frames, {clip.shape[1]}x{clip.shape[2]}, seed {seed}, {prompt!r})",
                   flush=True)
             self.written += 1
@@ -238,9 +249,11 @@ class _Writer:
     def write_grid(self) -> None:
         if self.args.grid is None:
             return
-        clips = np.concatenate(self.kept)
+        args, clips = self.args, np.concatenate(self.kept)
         grid = io.frame_grid(np.concatenate(list(clips)), columns=clips.shape[1])
-        print(f"wrote {io.write_image(self.args.grid, grid)}  (grid: {len(clips)} clip(s) x {clips.shape[1]} frames)")
+        record = grid_record(self.settings, args.prompts, [args.seed + j for j in range(args.num)], clips)
+        print(f"wrote {io.write_image(args.grid, grid, record=record)}  (grid: {len(clips)} clip(s) x "
+              f"{clips.shape[1]} frames)")
 
 
 def _warn_if_unquoted(prompts: list[str]) -> None:
