@@ -188,6 +188,29 @@ def test_weight_digests_are_remembered_in_the_cache_dir(tmp_path):
     assert len(json.loads((memo_dir / loading.FINGERPRINT_MEMO).read_text())) == 2
 
 
+def test_an_exports_record_of_its_text_encoder_is_its_weights_sha256(tmp_path, monkeypatch):
+    """What an export records of its DiT's encoder (weights_sha256): a file's plain sha256, changing with one bit;
+    a large file's digest is remembered in the user's cache (XDG_CACHE_HOME/vidiff) without a cache_dir."""
+    import hashlib
+
+    from vidiff.models.text import loading
+
+    model = tmp_path / "model"
+    shutil.copytree(GOLDEN / "tiny_t5", model)
+    weights = model / "model.safetensors"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert loading.weights_sha256(model) == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert not (tmp_path / "xdg").exists()  # a small file is hashed again each time: no memo
+    monkeypatch.setattr(loading, "SLOW_TO_HASH", 1)
+    first = loading.weights_sha256(model)
+    memo = json.loads((tmp_path / "xdg" / "vidiff" / loading.FINGERPRINT_MEMO).read_text())
+    assert list(memo.values()) == [first]
+    changed = bytearray(weights.read_bytes())
+    changed[len(changed) // 2] ^= 1
+    weights.write_bytes(bytes(changed))
+    assert loading.weights_sha256(model) == hashlib.sha256(bytes(changed)).hexdigest() != first
+
+
 def test_cache_hits_are_identical_and_skip_compute(tiny, tmp_path):
     base = tiny["tiny_t5"]
     make = lambda: TextEncoder(kind=base.kind, module=base.module, params=base.params, tokenizer=base.tokenizer,

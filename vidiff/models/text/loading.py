@@ -233,6 +233,12 @@ def load_state(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 FINGERPRINT_MEMO = "weight-digests.json"
+# From this size a weight file's digest is remembered on disk even where no memo_dir is given (hashing takes
+# about a second a GB), and from REHASHED for the rest of the process; a smaller one is hashed again each time,
+# which takes no longer, and sees a rewrite within the file system's timestamp granularity.
+SLOW_TO_HASH = 1 << 30
+REHASHED = 1 << 26
+_digests: dict[str, str] = {}  # this process's digests of files from REHASHED bytes, by their memo key
 
 
 def fingerprint(model_dir: Path, tokenizer_dir: Path | None = None, *, memo_dir: Path | None = None) -> str:
@@ -242,27 +248,61 @@ def fingerprint(model_dir: Path, tokenizer_dir: Path | None = None, *, memo_dir:
     two checkpoints apart. Hashing a multi-GB file takes seconds, so with ``memo_dir`` each file's digest is
     remembered there (``FINGERPRINT_MEMO``), keyed by its resolved path, size and modification time.
     """
+    h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
+    for f, digest in zip(weight_files(model_dir), _file_digests(weight_files(model_dir), memo_dir)):
+        h.update(f"{f.name}:{f.stat().st_size}:{digest}".encode())
+    for name in _TOKENIZER_FILES if tokenizer_dir is not None else ():
+        if (Path(tokenizer_dir) / name).is_file():  # another tokenizer gives other ids for the same caption
+            h.update(name.encode() + hashlib.sha256((Path(tokenizer_dir) / name).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """The sha256 of a model directory's weights: its one safetensors file's, or (shards) that of each shard's
+    name and sha256, one per line. What an export records of its DiT's text encoder: changed weights change it.
+    Files of ``SLOW_TO_HASH`` bytes or more are remembered in ``default_memo_dir()``."""
+    files = weight_files(model_dir)
+    big = any(f.stat().st_size >= SLOW_TO_HASH for f in files)
+    digests = _file_digests(files, default_memo_dir() if big else None)
+    if len(files) == 1:
+        return digests[0]
+    return hashlib.sha256("".join(f"{f.name} {d}\n" for f, d in zip(files, digests)).encode()).hexdigest()
+
+
+def default_memo_dir() -> Path:
+    """Where large weight files' digests are remembered when no cache directory is given:
+    ``$XDG_CACHE_HOME/vidiff`` (``~/.cache/vidiff``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vidiff"
+
+
+def _file_digests(files: list[Path], memo_dir: Path | None) -> list[str]:
+    """Each file's sha256, from the memo in ``memo_dir`` (``FINGERPRINT_MEMO``) or this process's (files of
+    ``REHASHED`` bytes or more) where it has the file's resolved path, size and modification time, else hashed
+    (and remembered in both)."""
     memo_path = None if memo_dir is None else Path(memo_dir) / FINGERPRINT_MEMO
     try:
         memo = json.loads(memo_path.read_text()) if memo_path is not None else {}
     except (OSError, ValueError):  # none yet, or torn: digest again
         memo = {}
-    known = len(memo)
-    h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
-    for f in weight_files(model_dir):
+    known, digests = len(memo), []
+    for f in files:
         stat = f.stat()
         key = f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in memo and key in _digests:
+            memo[key] = _digests[key]
         if key not in memo:
             with open(f, "rb") as weights:
                 memo[key] = hashlib.file_digest(weights, "sha256").hexdigest()
-        h.update(f"{f.name}:{stat.st_size}:{memo[key]}".encode())
+        if stat.st_size >= REHASHED:
+            _digests[key] = memo[key]
+        digests.append(memo[key])
     if memo_path is not None and len(memo) > known:
-        text = json.dumps(memo, indent=0)  # a torn memo is digested again: no fsync
-        save_text(memo_path, text, sync=False)
-    for name in _TOKENIZER_FILES if tokenizer_dir is not None else ():
-        if (Path(tokenizer_dir) / name).is_file():  # another tokenizer gives other ids for the same caption
-            h.update(name.encode() + hashlib.sha256((Path(tokenizer_dir) / name).read_bytes()).digest())
-    return h.hexdigest()[:16]
+        try:
+            save_text(memo_path, json.dumps(memo, indent=0), sync=False)  # a torn memo is digested again: no fsync
+        except OSError:
+            if memo_dir != default_memo_dir():  # a cache the caller named; the default one is only a speed-up
+                raise
+    return digests
 
 
 class Tokens(NamedTuple):

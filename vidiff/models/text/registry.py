@@ -6,10 +6,12 @@ into the kind and path ``load_text_encoder`` loads, ``known_name`` says whether 
 ``text.encoder`` is checked with it before anything loads), and ``read_model`` reads a model directory's config
 (and, memory-mapped, its weights). ``abstract_encoder`` and ``encoder_shape`` build the module abstractly from
 those files, no weight converted: ``vidiff plan`` sizes the encoder with them, and a DiT fine-tune checks its
-text widths before anything loads.
+text widths before anything loads. ``weights_record`` is what an export records of its DiT's encoder (the sha256
+of its weights; a preset's package version): a name or path says nothing of the weights found there.
 """
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,21 @@ def resolve_name(name: str, *, online: bool = False) -> tuple[str, str]:
         raise ValueError(f"unknown text encoder '{name}'; valid: {VALID_NAMES}")
     kind, _, path = name.partition(":")
     return kind, path
+
+
+def weights_record(name: str) -> dict:
+    """``{"encoder": name, "weights_sha256": ...}`` of the encoder ``name`` loads (``loading.weights_sha256``),
+    with ``package`` and ``package_version`` for a preset's installed package. ``FileNotFoundError`` as
+    ``resolve_name`` and ``loading.resolve_model_dir`` raise it."""
+    model_dir = loading.resolve_model_dir(resolve_name(name)[1])
+    record = {"encoder": name, "weights_sha256": loading.weights_sha256(model_dir)}
+    if name in PRESETS:
+        package = PRESETS[name][1].replace("_", "-")
+        try:
+            record.update(package=package, package_version=importlib.metadata.version(package))
+        except importlib.metadata.PackageNotFoundError:  # a package folder on the path, not installed by pip
+            pass
+    return record
 
 
 def known_name(name) -> bool:
