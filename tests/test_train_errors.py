@@ -899,6 +899,27 @@ def test_resume_with_other_model_settings_names_the_fields(tmp_path):
     free = _config("--config.vae_train.steps=50", "--config.vae_train.optim.lr=0.001")
     free.vae.overrides.dtype = "bfloat16"  # compute dtype: the parameters stay float32
     resume_checks.check_resume(checkpointer, 2, json.loads(free.to_json()), "vae")  # nothing that shapes parameters
+    # ... but not silently: one line, and a history the checkpoints and the export carry (the export claimed the
+    # final lr for every step). Where the run lives is no change.
+    lines, moved = [], {**json.loads(free.to_json()), "workdir": str(tmp_path / "moved")}
+    assert resume_checks.config_history(checkpointer, 2, json.loads(_config().to_json()), "vae", lines.append) == []
+    history = resume_checks.config_history(checkpointer, 2, moved, "vae", lines.append)
+    assert lines == [f"resuming vae from {checkpointer.directory / '2'} with 3 config field(s) changed since it was "
+                     "saved: vae.overrides.dtype=not set (config now 'bfloat16'), vae_train.optim.lr=0.002 (config "
+                     "now 0.001), vae_train.steps=1000 (config now 50); the export records them "
+                     "(provenance.vae.config_history)"]
+    assert history == [{"step": 2, "changes": {"vae.overrides.dtype": {"now": "bfloat16"},
+                                               "vae_train.optim.lr": {"was": 0.002, "now": 0.001},
+                                               "vae_train.steps": {"was": 1000, "now": 50}}}]
+    later = Checkpointer(tmp_path / "later", keep=3, keep_best=0)  # the resumed run's checkpoints carry it on
+    later.save(4, {"w": jnp.ones(4)}, data_iterator=iter(_world_pipeline()),
+               config={**moved, resume_checks.CONFIG_HISTORY: history})
+    later.close()
+    resume_checks.check_resume(later, 4, moved, "vae")  # the history is no config field a resume compares
+    again = resume_checks.config_history(later, 4, {**moved, "seed": 0, "sample": {}}, "vae", lines.append)
+    assert again[:1] == history and again[1]["step"] == 4 and len(again) == 2
+    assert resume_checks.config_history(later, 4, moved, "vae", lines.append) == history
+    assert resume_checks.config_history(later, 0, moved, "vae", lines.append) == []  # a fresh run
     compute = _config()  # how the DiT computes, not what it holds
     compute.dit.overrides.update(scan_unroll=2, attention_head_pad=64, remat_policy="dots", dtype="bfloat16")
     resume_checks.check_resume(checkpointer, 2, json.loads(compute.to_json()), "dit")

@@ -6,6 +6,12 @@ processes, or written with other model settings, text encoder or seed, naming ea
 refuses a DiT checkpoint trained with another exported VAE. Everything else (steps, learning rate, data
 sizes, the mesh) may change on resume. Each raises a one-line ``ValueError`` naming the field and the fix;
 ``restore`` does so for a restore that fails all the same (orbax's first sentence quoted when no field changed).
+
+What did change is not silent: ``config_history`` logs one line naming every config field (but where the run
+lives, ``RUN_LOCATION``) that differs from the checkpoint's saved config, and returns the run's history of such
+changes, ``[{"step": N, "changes": {field: {"was": ..., "now": ...}}}, ...]`` (steps up to N ran with ``was``;
+a side without the field has no key): each checkpoint saves it in its config record (``CONFIG_HISTORY``) and
+the export records it (``provenance.<model>.config_history``), so the final config is not taken for every step's.
 """
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ from vidiff.models.vae import vae_preset
 from vidiff.train.checkpoint import read_config
 
 _RESTORE_FIELDS = ("data", "vae", "dit", "text", "vae_loss")  # named when a restore fails and they changed
+CONFIG_HISTORY = "config_history"  # a checkpoint's config record: the config changes its run resumed with
+# Where a run lives, not how it trains: a moved workdir or another coordinator address changes no value.
+RUN_LOCATION = ("workdir", "distributed")
 RESTORE_ERROR_CHARS = 200  # of the library's message quoted in a failed restore's one line
 
 
@@ -116,11 +125,45 @@ def _flatten(tree, prefix: str = "") -> dict:
 def config_changes(saved: dict, current: dict, prefixes, *, saved_fields_only: bool = False) -> list[str]:
     """``"data.buckets=None (config now [...])"`` for each JSON config field under ``prefixes`` that differs;
     ``saved_fields_only``: not the fields ``saved`` lacks (a newer config file spelling out a default)."""
+    return _described(_changed(saved, current, prefixes, saved_fields_only))
+
+
+def _described(changed: dict) -> list[str]:
+    """``_changed``'s fields as ``config_changes`` names them."""
+    show = lambda side, key: repr(side[key]) if key in side else "not set"  # noqa: E731
+    return [f"{key}={show(was, key)} (config now {show(now, key)})" for key, (was, now) in changed.items()]
+
+
+def _changed(saved: dict, current: dict, prefixes, saved_fields_only: bool = False) -> dict:
+    """``{field: ({field: saved value}, {field: current value})}`` for each field under ``prefixes`` that differs,
+    each side empty where it lacks the field."""
     old, new, missing = _flatten(saved), _flatten(current), object()
-    show = lambda v: "not set" if v is missing else repr(v)  # noqa: E731
-    return [f"{key}={show(old.get(key, missing))} (config now {show(new.get(key, missing))})"
-            for key in sorted(set(old) if saved_fields_only else set(old) | set(new))
-            if any(key == p or key.startswith(p + ".") for p in prefixes) and old.get(key, missing) != new.get(key, missing)]
+    under = lambda key: any(key == p or key.startswith(p + ".") for p in prefixes)  # noqa: E731
+    keys = [key for key in sorted(set(old) if saved_fields_only else set(old) | set(new))
+            if under(key) and old.get(key, missing) != new.get(key, missing)]
+    return {key: ({key: old[key]} if key in old else {}, {key: new[key]} if key in new else {}) for key in keys}
+
+
+def config_history(checkpointer, step: int, config_json: dict, model: str, log) -> list[dict]:
+    """The config changes of the run resuming ``step`` (none for a fresh run, ``step`` 0): the checkpoint's
+    history, plus this resume's changes, which ``log`` is told in one line. Every field of the config counts
+    but ``RUN_LOCATION``'s; a checkpoint without a config record has no history."""
+    if not step:
+        return []
+    try:
+        saved = read_config(checkpointer.directory, step)
+    except FileNotFoundError:
+        return []
+    history = saved.get(CONFIG_HISTORY) if isinstance(saved.get(CONFIG_HISTORY), list) else []
+    changed = _changed(saved, config_json, [key for key in config_json if key not in RUN_LOCATION])
+    if not changed:
+        return history
+    log(f"resuming {model} from {checkpointer.directory / str(step)} with {len(changed)} config field(s) changed "
+        f"since it was saved: {', '.join(_described(changed))}; the export records "
+        f"them (provenance.{model}.config_history)")
+    return history + [{"step": step, "changes": {key: {**({"was": was[key]} if was else {}),
+                                                       **({"now": now[key]} if now else {})}
+                                                 for key, (was, now) in changed.items()}}]
 
 
 def restore(checkpointer, target, step: int, iterator, config_json: dict):
