@@ -91,6 +91,11 @@ def test_the_bundled_dit_fine_tunes_end_to_end_and_a_resume_ignores_init_from(tm
     manifest = read_manifest(export)
     assert manifest["models"]["vae"] == read_manifest(BUNDLED)["models"]["vae"]
     assert manifest["dit_vae_sha256"] == hashlib.sha256((BUNDLED / "vae.safetensors").read_bytes()).hexdigest()
+    # What made it, returned and recorded (the bundled VAE's own run config is unknown: not the DiT's taken for it)
+    made = json.loads(done.stdout)["provenance"]
+    assert manifest["provenance"] == {"dit": made} and "vae_config" not in manifest
+    assert made["step"] == 2 and made["config_history"] == [] and made["packages"]["jax"] == jax.__version__
+    assert made["mesh"] == {"data": made["device_count"], "fsdp": 1, "tensor": 1, "context": 1}
     from vidiff.pipeline import TextToVideo
 
     clips = TextToVideo.from_checkpoint(export)(["a red circle moving right"], seed=0, steps=2)
@@ -104,6 +109,12 @@ def test_the_bundled_dit_fine_tunes_end_to_end_and_a_resume_ignores_init_from(tm
     assert run.start == 2 and int(run.state.step) == 2
     assert lines[-2:] == [f"resumed dit from {where}", f"dit_train.init_from={str(elsewhere)!r} is ignored: the run "
                           f"resumes {where} (init_from starts fresh runs only)"]
+    # What the resume changed is said, and carried in its checkpoints' record (for the export)
+    assert (f"resuming dit from {where} with 2 config field(s) changed since it was saved: dit_train.init_from="
+            f"'bundled' (config now {str(elsewhere)!r}), dit_train.steps=2 (config now 3); the export records them "
+            "(provenance.dit.config_history)") in lines
+    assert run.record["config_history"] == [{"step": 2, "changes": {
+        "dit_train.init_from": {"was": "bundled", "now": str(elsewhere)}, "dit_train.steps": {"was": 2, "now": 3}}}]
     bundled = with_block_layout(load_dit(BUNDLED), run.task.dit.config)
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(bundled)))
 

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vidiff"
-_BOTTOM = {"io", "checks", "parallel", "distributed"}
+_BOTTOM = {"io", "checks", "parallel", "distributed", "provenance"}
 _SAMPLING = _BOTTOM | {"models", "diffusion"}
 _PIPELINE = _SAMPLING | {"pipeline", "pipeline_inputs", "pipeline_load", "clip_rules"}
 # What each part of vidiff may import of the others (its own modules always).

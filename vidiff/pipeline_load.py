@@ -3,7 +3,9 @@
 ``vidiff train`` writes ``<workdir>/export`` (``vidiff.models.export``: safetensors + ``vidiff.json``); this
 builds the VAE, the DiT and the text encoder its config names and loads their weights. What does not fit
 (no DiT, config fields missing, of the wrong type or out of bounds, weights of another shape, a DiT trained
-on another VAE) is one line naming the directory or file and the fix, before anything samples.
+on another VAE) is one line naming the directory or file and the fix, before anything samples. A text encoder
+whose weights are not those the DiT was trained with (``vidiff.models.export_records.text_encoder_changes``:
+the same name, other files there) is a one-line warning: it loads, and makes other clips.
 
 ``read_clip_rules`` reads an export's :class:`vidiff.clip_rules.ClipRules` from ``vidiff.json`` alone, for
 ``vidiff generate`` to check a request before the model loads.
@@ -11,6 +13,7 @@ on another VAE) is one line naming the directory or file and the fix, before any
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import jax
@@ -23,6 +26,7 @@ from vidiff.models.block_layout import with_block_layout
 from vidiff.models.dit import VideoDiT
 from vidiff.models.export import (MANIFEST, check_dit_vae, load_dit, load_vae, model_config, read_manifest,
                                   variable_specs)
+from vidiff.models.export_records import text_encoder_changes
 from vidiff.models.vae import VideoVAE, latent_count
 
 REQUIRED_FIELDS = (("text", "encoder"), ("text", "max_length"), ("vae", "preset"), ("dit", "preset"), ("data", "size"),
@@ -35,6 +39,8 @@ MAX_FRAMES = 10_000  # 7 minutes at 24 fps
 MAX_STEPS = 10_000  # sampler steps; the samplers converge in tens to hundreds
 MAX_TEXT_BATCH = 4096  # captions per encoder call: every prompt batch is padded to it
 
+log = logging.getLogger("vidiff.pipeline")
+
 
 def load_export(directory: Path, scan_blocks: bool | None = None, dtype=None) -> dict:
     """``TextToVideo``'s arguments but the mesh: the models, their weights, the text encoder, the config, ``directory``.
@@ -46,6 +52,8 @@ def load_export(directory: Path, scan_blocks: bool | None = None, dtype=None) ->
     computing = {} if dtype is None else {"dtype": compute_dtype(dtype, jax.default_backend())}  # before any read
     manifest, config, need = _read_config(directory)
     text = _load_text_encoder(config["text"], directory / MANIFEST)
+    if changed := text_encoder_changes(manifest, config["text"]["encoder"]):
+        log.warning(f"{directory / MANIFEST}: {changed}")
     vae = VideoVAE(model_config(directory, manifest, "vae", adjust=lambda fields: {**fields, **computing}))
     dit = VideoDiT(model_config(directory, manifest, "dit", adjust=_run_here(computing, scan_blocks), given={
         "text_dim": text.dim, "pooled_dim": text.pooled_dim, "latent_channels": vae.config.latent_channels}))

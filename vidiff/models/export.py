@@ -15,6 +15,14 @@ preset name and overrides alone would build whatever that preset means where the
 registered from a config file is unknown there; one edited in a fork silently changes old exports). Exports without
 them (older ones) are built from the preset and overrides.
 
+``config`` is the experiment config of the run that exported the DiT (of the VAE in a VAE-only export): what the
+loaders read. ``vae_config`` is the config the VAE there was trained with, carried over from the VAE's own export
+by ``export_dit`` (a DiT run's config holds its own ``vae_train`` values, not those the VAE ran with; absent where
+unknown: an older export, or a VAE copied without it). ``provenance`` records, per model (``provenance.vae``,
+``provenance.dit``), what made its weights (:mod:`vidiff.provenance`: versions, git commit, devices, mesh, step,
+and the config fields a resume changed, ``config_history``). ``dit_text_encoder`` records the DiT's text encoder
+(the sha256 of its weights). :mod:`vidiff.models.export_records` writes and reads these three.
+
 ``vidiff.json`` is replaced, never rewritten in place (a write cut short would leave no valid one), and an export
 replaces an unreadable one: an export cut short before writes were atomic must not stop the next.
 """
@@ -39,6 +47,7 @@ from vidiff.checks import json_kind
 from vidiff.io.files import not_written, replaceable_mode, save_text
 from vidiff.models.dit import DIT_PRESETS, DiTConfig
 from vidiff.models.dit_inputs import dummy_inputs
+from vidiff.models.export_records import DIT_TEXT, PROVENANCE, VAE_CONFIG, record_made, text_record, vae_records
 from vidiff.models.vae import PRESETS as VAE_PRESETS
 from vidiff.models.vae import VAEConfig, VideoVAE
 
@@ -258,11 +267,13 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def export_vae(directory, config_json: dict, variables: dict, vae_config: VAEConfig | None = None) -> Path:
+def export_vae(directory, config_json: dict, variables: dict, vae_config: VAEConfig | None = None, *,
+               made_with: dict | None = None) -> Path:
     """Write the VAE's ``params`` + ``latent_stats`` and the config into ``directory``. A DiT already there is kept,
     and so is its config when this is the VAE it was trained with (re-exporting a finished VAE run changes nothing);
     if it was trained with another VAE, a warning is logged and loading the directory fails until the DiT is trained
-    again. ``vae_config``: the VAE's, recorded field by field."""
+    again. ``vae_config``: the VAE's, recorded field by field. ``made_with``: ``provenance.vae`` (training's
+    :func:`vidiff.provenance.collect`; by default this process's software and devices)."""
     if missing := [k for k in ("params", "latent_stats") if k not in variables]:
         raise ValueError(f"export_vae: the variables have no {missing[0]!r} collection; pass vae.init's full "
                          "variables (params and latent_stats; set the stats with compute_latent_stats)")
@@ -281,7 +292,8 @@ def export_vae(directory, config_json: dict, variables: dict, vae_config: VAECon
                     f"with; that DiT will not load with it: {RETRAIN_DIT}")
     if not dit_kept:  # the DiT's config describes the model pair, this VAE included
         manifest["config"] = portable_config(config_json)
-    manifest["vae"] = True
+    manifest["vae"], manifest[VAE_CONFIG] = True, portable_config(config_json)
+    record_made(manifest, "vae", made_with)
     if not (dit_kept and "vae" in _records(manifest)):  # else its DiT's record of it stays, as its config
         _record(manifest, vae=vae_config)
     save_manifest(directory, manifest)
@@ -289,25 +301,32 @@ def export_vae(directory, config_json: dict, variables: dict, vae_config: VAECon
 
 
 def export_dit(directory, config_json: dict, params, vae_sha256: str | None = None, *,
-               dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None) -> Path:
+               dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None,
+               made_with: dict | None = None) -> Path:
     """Write the DiT's (EMA) params into ``directory`` next to its VAE, recording that VAE's sha256.
 
     ``vae_sha256``: the VAE file's hash when training loaded it (a VAE exported there since then is
     not the one the DiT learned); by default the file there now. ``dit_config`` and ``vae_config`` (the VAE
-    it was trained with): recorded field by field.
+    it was trained with): recorded field by field. The VAE's own export's records (its run's config,
+    ``vae_config``, and ``provenance.vae``) stay when the VAE there is the one the DiT was trained with.
+    ``made_with``: ``provenance.dit``, as ``export_vae``'s. The text encoder ``config_json`` names is recorded
+    (``DIT_TEXT``); one that cannot be read now is not, said in a warning.
     """
     directory = Path(directory)
     _check_replaceable(directory, directory / "dit.safetensors")
     save_tree(directory / "dit.safetensors", {"params": params})
     manifest = _previous_manifest(directory, "")
-    manifest.update(config=portable_config(config_json), dit=True)
-    manifest.pop(DIT_VAE, None)
-    if (directory / "vae.safetensors").is_file():
-        manifest["vae"] = True
-        if vae_sha256 is None:  # the VAE DiT training loads from here
-            vae_sha256 = file_sha256(directory / "vae.safetensors")
-    if vae_sha256 is not None:
-        manifest[DIT_VAE] = vae_sha256
+    vae_now = file_sha256(directory / "vae.safetensors") if (directory / "vae.safetensors").is_file() else None
+    vae_sha256 = vae_now if vae_sha256 is None else vae_sha256  # by default, the VAE DiT training loads from here
+    its_vae = vae_records(manifest) if vae_now is not None and vae_now == vae_sha256 else {}
+    config = portable_config(config_json)
+    manifest.update(config=config, dit=True, **({} if vae_now is None else {"vae": True}))
+    for key, value in {DIT_VAE: vae_sha256, VAE_CONFIG: its_vae.get(VAE_CONFIG), DIT_TEXT: text_record(config),
+                       PROVENANCE: its_vae.get(PROVENANCE)}.items():
+        manifest.pop(key, None)
+        if value is not None:
+            manifest[key] = value
+    record_made(manifest, "dit", made_with)
     _record(manifest, dit=dit_config, **({} if vae_config is None else {"vae": vae_config}))  # the VAE there stays
     save_manifest(directory, manifest)
     return directory

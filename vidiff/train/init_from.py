@@ -30,6 +30,7 @@ from vidiff.models.block_layout import with_block_layout
 from vidiff.models.export import (BUNDLED, DIT_VAE, MANIFEST, MODELS, check_dit_vae, file_sha256, load_dit,
                                   load_vae, model_fields, portable_config, read_manifest, recorded_config,
                                   save_manifest)
+from vidiff.models.export_records import vae_records
 from vidiff.io.files import replace_whole
 from vidiff.models.text.registry import encoder_shape
 from vidiff.train.resume_checks import model_changes
@@ -146,7 +147,9 @@ def _copy_vae(source: Source, target: Path) -> None:
     export's config and VAE record; a vidiff.json already there describes no VAE, so nothing loadable is lost."""
     theirs = source.directory / "vae.safetensors"
     replace_whole(target / "vae.safetensors", lambda temporary: shutil.copyfile(theirs, temporary))
-    manifest = {"config": portable_config(source.manifest.get("config") or {}), "vae": True}
+    # The VAE run's config and provenance, null where unknown: the config here is the export's DiT's
+    manifest = {"config": portable_config(source.manifest.get("config") or {}), "vae": True,
+                **vae_records(source.manifest)}
     if (vae := recorded_config(source.directory, "vae")) is not None:
         manifest[MODELS] = {"vae": model_fields(vae)}
     save_manifest(target, manifest)

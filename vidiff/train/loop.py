@@ -66,7 +66,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from vidiff import distributed, parallel
+from vidiff import distributed, parallel, provenance
 from vidiff.models.export import DIT_VAE
 from vidiff.train import init_from, prefetch, preflight, resume_checks, stopping, tasks
 from vidiff.train.checkpoint import Checkpointer, lock_run, read_config, unlock
@@ -74,7 +74,7 @@ from vidiff.train.config import for_stage, name_stage_fields, validate, warnings
 from vidiff.train.metrics import CompileTimer, DataWaitWarning, LogWindow, MetricsWriter
 from vidiff.train.optimizer import make_optimizer
 from vidiff.train.profile import StepProfiler
-from vidiff.train.resume_checks import restore
+from vidiff.train.resume_checks import CONFIG_HISTORY, restore
 from vidiff.train.state import INIT_ON, abstract_state, create_state, jit_train_step, make_train_step
 
 # The key of a checkpoint's config record holding the captions cut so far: a resumed run counts on from it.
@@ -119,9 +119,10 @@ def _set_up(config, model: str, log) -> _Run:
         mesh = parallel.mesh_from_config(config.mesh)
         task = tasks.build(config, model, mesh)
         loaded = None if source is None else init_from.load(source, task, log)
-        record = config_json
+        history = resume_checks.config_history(checkpointer, start, config_json, model, log)  # logs what changed
+        record = {**config_json, CONFIG_HISTORY: history}
         if model == "dit":  # its checkpoints record the VAE it trains with: a resume onto another is refused
-            record = {**config_json, DIT_VAE: task.vae_sha256}
+            record = {**record, DIT_VAE: task.vae_sha256}
             if start:
                 resume_checks.check_resume_vae(checkpointer, start, task.vae_sha256)
             preflight.check_dit_task(config, task)
@@ -311,7 +312,9 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
     with stopping.ExportGuard(log) as guard:
         task.wait_cache()  # not in `finally`: a failed last cache write must not hide the error that ended the loop
         preflight.check_finite_params(state, model, step, checkpointer.directory)
-        exported = _on_process_0(task, state, lambda t, s: t.finalize(s, run.config_json, tasks.export_dir(config)))
+        made_with = provenance.collect(mesh, step, config_history=run.record[CONFIG_HISTORY])
+        exported = _on_process_0(task, state, lambda t, s: t.finalize(s, run.config_json, tasks.export_dir(config),
+                                                                      made_with))
     if guard.signal_name:  # the run is whole; a script's `vidiff train ... && next` must still stop
         log(f"{guard.signal_name}: exported {tasks.export_dir(config)}; exiting")
         sys.exit(128 + signal.Signals[guard.signal_name].value)
@@ -319,7 +322,7 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
     return {"model": model, "workdir": str(workdir), "start_step": start, **exported,
             **({"profile": str(profiler.directory)} if profiler.traced else {}),
             # final_loss: the mean over the last log row's steps (docs/configs.md), not the final step's own loss.
-            "final_step": step, "final_loss": last_loss if math.isfinite(last_loss) else None,
+            "provenance": made_with, "final_step": step, "final_loss": last_loss if math.isfinite(last_loss) else None,
             "skipped": int(state.skipped), "skipped_steps": int(state.skipped),
             "skipped_records_total": skips["bad"], "skipped_records": skips["skipped"],
             "captions_truncated": task.captions_truncated, "checkpoint": str(checkpointer.directory / str(step))}

@@ -166,8 +166,9 @@ class VAETask(Task):
         io.write_video(Path(workdir) / "samples" / f"recon_{step:06d}.gif", _tile(grid), preview_fps(self.config))
         return {"val_psnr": float(jnp.mean(psnr(recon, video))), "val_ssim": float(jnp.mean(ssim(recon, video)))}
 
-    def finalize(self, state, config_json: dict, export_dir: Path) -> dict:
-        """Latent statistics of the EMA VAE over training batches, then export VAE + stats."""
+    def finalize(self, state, config_json: dict, export_dir: Path, made_with: dict | None = None) -> dict:
+        """Latent statistics of the EMA VAE over training batches, then export VAE + stats (``made_with``: its
+        provenance, ``export_vae``'s)."""
         c = self.vae.config.latent_channels
         variables = {"params": jax.device_get(state.ema_params["vae"]),
                      "latent_stats": {"shift": np.zeros(c, np.float32), "scale": np.ones(c, np.float32)}}
@@ -190,7 +191,7 @@ class VAETask(Task):
                 f"exported. Lower vae_train.optim.lr (or set optim.grad_clip) and train again from a new workdir"
             )
         variables = set_latent_stats(variables, shift, scale)
-        export_vae(export_dir, config_json, variables, vae_config=self.vae.config)
+        export_vae(export_dir, config_json, variables, vae_config=self.vae.config, made_with=made_with)
         return {"latent_shift": np.asarray(shift).tolist(), "latent_scale": np.asarray(scale).tolist(),
                 "latent_stats_batches": used}
 
@@ -298,10 +299,10 @@ class DiTTask(Task):
         io.write_video(Path(workdir) / "samples" / f"samples_{step:06d}.gif", _tile(clips), preview_fps(self.config))
         return {}
 
-    def finalize(self, state, config_json: dict, export_dir: Path) -> dict:
-        """Export the EMA DiT next to the VAE it was trained on."""
+    def finalize(self, state, config_json: dict, export_dir: Path, made_with: dict | None = None) -> dict:
+        """Export the EMA DiT next to the VAE it was trained on (``made_with``: its provenance)."""
         export_dit(export_dir, config_json, jax.device_get(state.ema_params), vae_sha256=self.vae_sha256,
-                   dit_config=self.dit.config, vae_config=self.vae.config)
+                   dit_config=self.dit.config, vae_config=self.vae.config, made_with=made_with)
         return {} if self.latent_cache is None else {"latent_cache": self.latent_cache.stats()}
 
     def _cache_path(self, workdir: Path) -> Path:
