@@ -1,10 +1,10 @@
 """What a model was made with, for an export's ``vidiff.json`` (``provenance.vae``, ``provenance.dit``).
 
 The same command gives other weights on another number of devices (the reductions group differently) or with
-other library versions, so an export records, beside its config: ``software()`` (vidiff's and its libraries'
-versions, Python, the platform), ``git_commit()`` (when vidiff runs from a git checkout), ``devices(mesh)`` (the
-process and device counts, the device kind, the mesh's resolved axis sizes: the config's ``{"data": -1}`` says
-none of them) and the step. ``collect(mesh, step, **extra)`` is the whole block. Only the standard library and
+other library versions, so an export records, beside its config: ``software`` (vidiff's and its libraries'
+versions, Python, the platform), ``git_commit`` (when vidiff runs from a git checkout), ``devices`` (the process
+and device counts, the device kind, a mesh's resolved axis sizes: the config's ``{"data": -1}`` says none of
+them) and the step. ``collect`` (mesh, step and extra fields) is the whole block. Only the standard library and
 jax: every layer may call it.
 """
 from __future__ import annotations

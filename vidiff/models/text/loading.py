@@ -15,6 +15,10 @@ tensor is converted. Each header is checked against its file first, so a
 damaged weight or config file is a one-line error naming it; a sharded
 checkpoint's index may name only files in its own directory. Tokenisation goes through ``transformers.AutoTokenizer``
 with ``local_files_only=True``.
+
+A model's identity is hashed from its files: ``fingerprint`` (the caption cache's key: config, weights,
+tokenizer) and ``weights_sha256`` (the weights alone, what an export records of its DiT's encoder); a large
+file's digest is remembered by path, size and modification time (in a cache directory, or ``default_memo_dir``).
 """
 from __future__ import annotations
 
