@@ -37,17 +37,23 @@ def check_clip_sizes(config, model: str, size: tuple[int, int], vae_cfg, dit_cfg
     clips = [(int(config.data.num_frames), *size, None)]
     if config.data.get("buckets"):  # the clip sizes trained, when bucketed
         clips += [(f, h, w, f"{f}x{h}x{w}") for f, h, w in parse_buckets(config.data.buckets, clips[0][:3])]
-    images = config.data.get("image_fraction") or 0
-    if images and factors.time_patch > 1:  # else the data's hint (add a 1-frame bucket) leads to the error below
-        buckets = " and drop the 1-frame data.buckets entries" if any(c[3] and c[0] == 1 for c in clips) else ""
-        raise ValueError(f"data.image_fraction={images} trains images, one latent frame each, which dit patch time "
-                         f"{factors.time_patch} cannot take; set data.image_fraction=0.0{buckets}, or "
-                         f"dit.overrides.patch with time 1")
     vae_loss = VAELossConfig(**dict(config.vae_loss)) if model == "vae" else None
-    for frames, h, w, bucket in clips:
+    for k, (frames, h, w, bucket) in enumerate(clips):
         _check_clip_size(frames, h, w, bucket, factors)
         if vae_loss is not None:  # a loss network that leaves no pixel of the frame gives a NaN loss
             check_frame_size(h, w, vae_loss)
+        if k == 0:  # data.num_frames is named first, then images, before a bucket they would ask for
+            _check_images(config.data.get("image_fraction") or 0, factors.time_patch, clips)
+
+
+def _check_images(image_fraction: float, time_patch: int, clips: list) -> None:
+    """Images are one latent frame each; under a DiT time patch above 1 the data's hint (add a 1-frame bucket)
+    would lead to that bucket's refusal, so the fix that works is named first."""
+    if image_fraction and time_patch > 1:
+        buckets = " and drop the 1-frame data.buckets entries" if any(c[3] and c[0] == 1 for c in clips) else ""
+        raise ValueError(f"data.image_fraction={image_fraction} trains images, one latent frame each, which dit "
+                         f"patch time {time_patch} cannot take; set data.image_fraction=0.0{buckets}, or "
+                         f"dit.overrides.patch with time 1")
 
 
 def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, factors: _ClipFactors) -> None:
