@@ -1001,7 +1001,7 @@ def test_a_resume_counts_truncated_captions_on_from_its_checkpoint(tmp_path):
 def test_a_dit_resume_onto_another_vae_is_refused(tmp_path):
     """A DiT's checkpoints record the exported VAE it trains with: after the VAE is trained again, a rerun must
     not resume the old DiT (and export it as if trained on the new VAE's latents)."""
-    from vidiff.models.export import DIT_VAE
+    from vidiff.models.export import DIT_VAE, export_dit
 
     config = _config(f"--config.workdir={tmp_path}")
     _export_vae(tmp_path / "export", config)
@@ -1017,6 +1017,13 @@ def test_a_dit_resume_onto_another_vae_is_refused(tmp_path):
     checkpointer = Checkpointer(directory, keep=3, keep_best=0)
     resume_checks.check_resume_vae(checkpointer, 2, vae_sha256)  # the same VAE
     resume_checks.check_resume_vae(checkpointer, 4, "0" * 64)  # saved without the record: nothing to compare with
+    # ...but the export's: a new VAE exported over the run's DiT keeps the VAE that DiT was trained with (a
+    # checkpoint from before vidiff kept the record resumed onto the new VAE, silently).
+    export_dit(tmp_path / "export", json.loads(config.to_json()), {"w": np.ones(2, np.float32)}, vae_sha256)
+    resume_checks.check_resume_vae(checkpointer, 4, vae_sha256, tmp_path / "export")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(directory / '4'))} was trained with another VAE than"):
+        resume_checks.check_resume_vae(checkpointer, 4, "0" * 64, tmp_path / "export")
+    resume_checks.check_resume_vae(checkpointer, 4, "0" * 64, tmp_path / "nothing")  # no export: not checked
     with pytest.raises(ValueError) as info:
         resume_checks.check_resume_vae(checkpointer, 2, "0" * 64)
     assert str(info.value) == (

@@ -124,7 +124,7 @@ def _set_up(config, model: str, log) -> _Run:
         if model == "dit":  # its checkpoints record the VAE it trains with: a resume onto another is refused
             record = {**record, DIT_VAE: task.vae_sha256}
             if start:
-                resume_checks.check_resume_vae(checkpointer, start, task.vae_sha256)
+                resume_checks.check_resume_vae(checkpointer, start, task.vae_sha256, tasks.export_dir(config))
             preflight.check_dit_task(config, task)
         process_config = _process_config(config)
         pipeline = task.pipeline(process_config)

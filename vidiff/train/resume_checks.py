@@ -20,7 +20,7 @@ import dataclasses
 import jax
 
 from vidiff.models.dit import dit_preset
-from vidiff.models.export import DIT_VAE, RETRAIN_DIT
+from vidiff.models.export import DIT_VAE, RETRAIN_DIT, read_manifest
 from vidiff.models.vae import vae_preset
 from vidiff.train.checkpoint import read_config
 
@@ -75,14 +75,22 @@ def _check_steps_ahead(checkpointer, step: int, config_json: dict, model: str) -
                          f"{step} to train further, or use a new workdir to train from scratch")
 
 
-def check_resume_vae(checkpointer, step: int, vae_sha256: str) -> None:
+def check_resume_vae(checkpointer, step: int, vae_sha256: str, export_dir=None) -> None:
     """A DiT's checkpoints record the exported VAE they train with (``DIT_VAE``, the sha256 of the file the task
     loaded): one trained with another VAE is refused before anything compiles, since its latents were not this
-    VAE's (a checkpoint without the record is not checked)."""
+    VAE's. A checkpoint written before vidiff kept that record is checked against the record of the run's
+    export in ``export_dir`` (its ``vidiff.json`` keeps the VAE its DiT was trained with when a new VAE is
+    exported over it); with neither, it is not checked."""
     try:
         trained_with = read_config(checkpointer.directory, step).get(DIT_VAE)
     except (OSError, ValueError):  # a checkpoint without a readable config: the restore will tell
         return
+    if trained_with is None and export_dir is not None:
+        try:
+            manifest = read_manifest(export_dir)
+        except (OSError, ValueError):  # no export yet, or one the load will name
+            manifest = {}
+        trained_with = manifest.get(DIT_VAE) if manifest.get("dit") else None
     if trained_with not in (None, vae_sha256):
         raise ValueError(f"{checkpointer.directory / str(step)} was trained with another VAE than the one exported "
                          f"now; {RETRAIN_DIT}, or restore the VAE it was trained with")
