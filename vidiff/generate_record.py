@@ -9,24 +9,22 @@ in the file's own metadata (``vidiff.io.write_video`` / ``write_image``), read b
 - ``clip_record``: one clip's file: the run's settings, its prompt, seed and size.
 - ``grid_record``: the ``--grid`` image: the run's settings, the prompts and seeds of its rows;
   ``check_grid_record``: before the model loads, a jpg grid whose comment could not hold that.
-- ``weight_digests``: the sha256 of each weight file, remembered beside them in the text encoder's memo
-  format (``weight-digests.json``, keyed by path, size and modification time), so a multi-GB DiT is hashed once,
+- ``weight_digests``: the sha256 of each weight file, remembered beside them by the text encoder's memo
+  (``weight-digests.json``, keyed by path, size and modification time), so a multi-GB DiT is hashed once,
   not on every run (``MEMO_BYTES``: an export smaller than that is hashed each run).
 
 docs/cli.md says how the fields map back to flags to make the clip again.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import vidiff
 from vidiff.cli_flags import settings_in_force
-from vidiff.io.files import save_text
 from vidiff.io.record import record_text
 from vidiff.models.export import BUNDLED, MANIFEST, file_sha256
-from vidiff.models.text.loading import FINGERPRINT_MEMO
+from vidiff.models.text.loading import file_digests
 from vidiff.pipeline_inputs import sampled_batch
 
 MEMO_BYTES = 256 << 20  # weights hashed in under a second (0.45 s on a shared 2-core CPU): no memo below
@@ -69,28 +67,13 @@ def check_grid_record(grid, args, inputs: list[str]) -> None:
 
 
 def weight_digests(directory) -> dict[str, str]:
-    """``{file name: sha256}`` of the export's weight files (``*.safetensors``), from the directory's memo
-    where it knows a file of that path, size and modification time. Only an export of ``MEMO_BYTES`` or more
-    writes one, where the directory can be written, and never the bundled model: a small one is hashed
-    again in less time than a memo saves, and the folder stays as ``vidiff train`` wrote it."""
+    """``{file name: sha256}`` of the export's weight files (``*.safetensors``), from the text encoder's memo
+    (``models.text.loading.file_digests``) beside them. Only an export of ``MEMO_BYTES`` or more keeps one,
+    where the directory can be written, and never the bundled model: a small one is hashed again in less time
+    than a memo saves, and the folder stays as ``vidiff train`` wrote it."""
     directory = Path(directory)
-    memo_path = directory / FINGERPRINT_MEMO
-    try:
-        memo = json.loads(memo_path.read_text())
-        memo = memo if isinstance(memo, dict) else {}
-    except (OSError, ValueError):  # none yet, or torn: hash again
-        memo = {}
-    digests, known, size = {}, len(memo), 0
-    for path in sorted(directory.glob("*.safetensors")):
-        stat = path.stat()
-        key, size = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}", size + stat.st_size
-        if not isinstance(memo.get(key), str):
-            memo[key] = file_sha256(path)
-        digests[path.name] = memo[key]
-    if len(memo) > known and size >= MEMO_BYTES and directory.resolve() != BUNDLED.resolve() \
-            and os.access(directory, os.W_OK):
-        try:
-            save_text(memo_path, json.dumps(memo, indent=0), sync=False)  # a torn memo is hashed again
-        except OSError:  # only a shortcut: the next run hashes again rather than this one stop
-            pass
-    return digests
+    files = sorted(directory.glob("*.safetensors"))
+    keep = sum(f.stat().st_size for f in files) >= MEMO_BYTES and directory.resolve() != BUNDLED.resolve() \
+        and os.access(directory, os.W_OK)
+    digests = file_digests(files, directory if keep else None, best_effort=True)  # a memo is only a shortcut
+    return {f.name: digest for f, digest in zip(files, digests)}

@@ -18,7 +18,8 @@ with ``local_files_only=True``.
 
 A model's identity is hashed from its files: ``fingerprint`` (the caption cache's key: config, weights,
 tokenizer) and ``weights_sha256`` (the weights alone, what an export records of its DiT's encoder); a large
-file's digest is remembered by path, size and modification time (in a cache directory, or ``default_memo_dir``).
+file's digest is remembered by path, size and modification time (in a cache directory, or ``default_memo_dir``)
+by ``file_digests``, which ``vidiff generate``'s records use for an export's weights too.
 """
 from __future__ import annotations
 
@@ -253,7 +254,7 @@ def fingerprint(model_dir: Path, tokenizer_dir: Path | None = None, *, memo_dir:
     remembered there (``FINGERPRINT_MEMO``), keyed by its resolved path, size and modification time.
     """
     h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
-    for f, digest in zip(weight_files(model_dir), _file_digests(weight_files(model_dir), memo_dir)):
+    for f, digest in zip(weight_files(model_dir), file_digests(weight_files(model_dir), memo_dir)):
         h.update(f"{f.name}:{f.stat().st_size}:{digest}".encode())
     for name in _TOKENIZER_FILES if tokenizer_dir is not None else ():
         if (Path(tokenizer_dir) / name).is_file():  # another tokenizer gives other ids for the same caption
@@ -267,7 +268,7 @@ def weights_sha256(model_dir: Path) -> str:
     Files of ``SLOW_TO_HASH`` bytes or more are remembered in ``default_memo_dir()``."""
     files = weight_files(model_dir)
     big = any(f.stat().st_size >= SLOW_TO_HASH for f in files)
-    digests = _file_digests(files, default_memo_dir() if big else None)
+    digests = file_digests(files, default_memo_dir() if big else None)
     if len(files) == 1:
         return digests[0]
     return hashlib.sha256("".join(f"{f.name} {d}\n" for f, d in zip(files, digests)).encode()).hexdigest()
@@ -279,10 +280,11 @@ def default_memo_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vidiff"
 
 
-def _file_digests(files: list[Path], memo_dir: Path | None) -> list[str]:
+def file_digests(files: list[Path], memo_dir: Path | None, *, best_effort: bool | None = None) -> list[str]:
     """Each file's sha256, from the memo in ``memo_dir`` (``FINGERPRINT_MEMO``) or this process's (files of
     ``REHASHED`` bytes or more) where it has the file's resolved path, size and modification time, else hashed
-    (and remembered in both)."""
+    (and remembered in both). ``best_effort``: a memo that cannot be written is skipped, not an error (by
+    default only ``default_memo_dir()``'s, a speed-up; a cache the caller named must work)."""
     memo_path = None if memo_dir is None else Path(memo_dir) / FINGERPRINT_MEMO
     try:
         memo = json.loads(memo_path.read_text()) if memo_path is not None else {}
@@ -304,7 +306,7 @@ def _file_digests(files: list[Path], memo_dir: Path | None) -> list[str]:
         try:
             save_text(memo_path, json.dumps(memo, indent=0), sync=False)  # a torn memo is digested again: no fsync
         except OSError:
-            if memo_dir != default_memo_dir():  # a cache the caller named; the default one is only a speed-up
+            if not (memo_dir == default_memo_dir() if best_effort is None else best_effort):
                 raise
     return digests
 
