@@ -273,10 +273,11 @@ def _train(config, model: str, run: _Run, log, main: bool) -> dict:
             while step < stage.steps:
                 with profiler.step(step + 1):
                     batch, truncated = batches.next()
+                    tokens = task.tokens_in(batch)  # each batch counted at its own bucket's clip size
                     with jax.set_mesh(mesh), parallel.axis_rules():  # the step traces its logical constraints on the mesh
-                        state, metrics = compiles.call(step_fn, state, batch, task.frozen)
+                        state, metrics = compiles.call(step_fn, state, batch, task.frozen, tokens=tokens)
                     task.captions_truncated += truncated
-                    window.add(metrics, task.tokens_in(batch))  # each batch counted at its own bucket's clip size
+                    window.add(metrics, tokens)
                     since_save.add(metrics, 0)  # all of them: the sum window.add compiled, not a second one
                 step += 1
                 profiler.after(step, state)

@@ -93,6 +93,7 @@ class LogWindow:
     def reset(self, step: int) -> None:
         self.first_step, self.sums, self.tokens = step, None, 0
         self.started, self.paused, self.waited = time.perf_counter(), 0.0, 0.0
+        self.untimed_steps, self.untimed_tokens = 0, 0  # steps (and their tokens) whose time is left out
 
     def add(self, metrics: dict, tokens: int) -> None:
         """Sum ``metrics`` on the device. The first sum of a signature compiles (~0.15 s on a CPU, on the main
@@ -112,6 +113,12 @@ class LogWindow:
         """Leave ``seconds`` of non-step work (an evaluation, a checkpoint save) out of the rates."""
         self.paused += seconds
 
+    def leave_out(self, seconds: float, tokens: int) -> None:
+        """Leave one step, its ``tokens`` and its ``seconds`` out of the rates (a compiling step's first run)."""
+        self.paused += seconds
+        self.untimed_steps += 1
+        self.untimed_tokens += tokens
+
     def wait(self, seconds: float) -> None:
         """Count ``seconds`` the main thread spent drawing a batch from the data pipeline (part of the wall time)."""
         self.waited += seconds
@@ -123,8 +130,10 @@ class LogWindow:
         steps = step - self.first_step
         seconds = max(time.perf_counter() - self.started - self.paused, 1e-9)
         sums = jax.device_get(self.sums)
-        return {**{k: float(np.mean(v)) / steps for k, v in sums.items()},
-                "steps": steps, "steps_per_s": steps / seconds, self.rate: self.tokens / seconds,
+        timed = steps - self.untimed_steps  # none: the row's steps all compiled, and no rate is known (null)
+        return {**{k: float(np.mean(v)) / steps for k, v in sums.items()}, "steps": steps,
+                "steps_per_s": timed / seconds if timed else math.nan,
+                self.rate: (self.tokens - self.untimed_tokens) / seconds if timed else math.nan,
                 "data_wait_s": self.waited, "data_wait_fraction": min(self.waited / seconds, 1.0)}
 
 
@@ -160,8 +169,8 @@ class CompileTimer:
     """Leaves the train step's compilations, and those of its batch's preparation, out of a log window's rates.
 
     jax compiles synchronously inside the call that first meets a batch's shapes (the first step, a new
-    bucket, a last partial batch), so that call's wall time is paused in ``window``. Later calls only
-    enqueue the step: they are not timed. A batch of new shapes was also prepared by programs compiled for
+    bucket, a last partial batch), so that call is waited for and left out of ``window``'s rates, its step
+    and tokens too. Later calls only enqueue the step: they are not timed. A batch of new shapes was also prepared by programs compiled for
     them (the DiT's latent cache encodes a new clip shape with the VAE, the text encoder its first captions):
     the main thread's wait for that batch (:meth:`prepared`) is paused too. It is no data wait either: the
     rows' ``data_wait_s`` counts the draws from the data pipeline alone.
@@ -175,15 +184,17 @@ class CompileTimer:
         if _shapes(batch) not in self.seen:
             self.window.pause(seconds)
 
-    def call(self, step_fn, state, batch: dict, *args):
-        """``step_fn(state, batch, *args)``, timed when ``batch``'s shapes are new to this run."""
+    def call(self, step_fn, state, batch: dict, *args, tokens: int = 0):
+        """``step_fn(state, batch, *args)``; when ``batch``'s shapes are new to this run, waited for and left out
+        of the rates whole, with its ``tokens``: its first run is slow too (on a CPU 0.99 s against 0.04 s, with
+        the state's initialisation still queued before it), and a row's rates are those of its other steps."""
         shapes = _shapes(batch)
         if shapes in self.seen:
             return step_fn(state, batch, *args)
         self.seen.add(shapes)
         began = time.perf_counter()
-        out = step_fn(state, batch, *args)
-        self.window.pause(time.perf_counter() - began)
+        out = jax.block_until_ready(step_fn(state, batch, *args))
+        self.window.leave_out(time.perf_counter() - began, tokens)
         return out
 
 
