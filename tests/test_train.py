@@ -512,8 +512,12 @@ def test_overrides_refuse_unknown_fields_and_wrong_types():
                              "vae_loss.adversarial_start_step=5"])
     assert (config.dit_train.init_from, config.vae_train.init_on, config.text.batch_size,
             config.vae_loss.adversarial_start_step) == ("bundled", "host", 8, 5)
-    with config.vae_loss.unlocked():
-        del config.vae_loss["adversarial_start_step"]
+    with config.vae_loss.unlocked(), config.text.unlocked(), config.dit_train.unlocked():
+        del config.vae_loss["adversarial_start_step"], config.text["batch_size"], config.dit_train["profile"]
+    apply_overrides(config, ["dit_train.profile.steps=2", "dit_train.profile.start=3"])  # a section it leaves out
+    assert config.dit_train.profile.to_dict() == {"steps": 2, "start": 3}
+    with pytest.raises(ValueError, match=r"^override 'text.batch_size=four': text.batch_size is a int, got str$"):
+        apply_overrides(config, ["text.batch_size=four"])  # typed by the run's default, 1
     with pytest.raises(ValueError, match=r"^override 'vae_loss.adversarial_start_step=soon': "
                                          r"vae_loss.adversarial_start_step is a int, got str$"):
         apply_overrides(config, ["vae_loss.adversarial_start_step=soon"])

@@ -9,7 +9,8 @@ dict) fails with one line naming the file (and
 line); the overrides (``--config.dit.overrides.depth=4``) are set and checked in ``vidiff.train.overrides``.
 ``check_fields`` (run by ``vidiff.train.config.validate``) refuses a field the code does not read (a typo in
 the file: ``sample.guidence``), naming the field it likely meant, and a field a run reads that is missing;
-``field_default`` says what a run reads for a known field the file leaves out, so the command line may set it.
+``field_default`` says what a run reads for a known field the file leaves out, so the command line may set it
+(``known_section``: in a section the file leaves out too).
 """
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ SECTIONS = {"text": ("encoder", "max_length", "batch_size"), "flow": ("timestep_
 STAGE_FIELDS = {"vae": ("data", "stats_batches"), "dit": ("data", "latents", "cache_clips", "condition")}
 # The train_stage fields a run reads only with a default; every other one must be there.
 _STAGE_OPTIONAL = ("profile", "init_on", "init_from")
+
+
+def _sample_defaults() -> dict:
+    from vidiff.diffusion.samplers import SAMPLE_DEFAULTS
+
+    return SAMPLE_DEFAULTS
+
+
+# What a run reads for a field of SECTIONS that the file leaves out, where it has a default (field_default).
+_SECTION_DEFAULTS = {"text": lambda: {"batch_size": 1}, "eval": lambda: {"split": "eval"}, "sample": _sample_defaults}
 
 
 def load_config(path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -109,6 +120,14 @@ def _known_fields(stage) -> dict[str, tuple]:
     return known
 
 
+def known_section(path: str) -> bool:
+    """Whether ``path`` is a section whose field names are checked (so a file that leaves it out may have it
+    created by an override of one of its fields)."""
+    from vidiff.train.config import train_stage  # here: vidiff.train.config imports this module
+
+    return bool(path) and path in _known_fields(train_stage(1, 1.0))
+
+
 def field_default(section: str, field: str, missing):
     """What a run reads for ``section.field`` when the config file leaves it out (an older file, written before
     the field existed): the value ``train_stage`` or ``VAELossConfig`` gives it, else None (a field without a
@@ -122,6 +141,8 @@ def field_default(section: str, field: str, missing):
         return missing
     if section == "vae_loss":
         return getattr(VAELossConfig(), field)
+    if section in _SECTION_DEFAULTS:
+        return _SECTION_DEFAULTS[section]().get(field)
     node = stage
     for part in section.split(".")[1:]:  # <model>_train.optim / .profile: train_stage's own sections
         node = node[part]

@@ -46,6 +46,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
                     from vidiff.train.config_file import field_default  # here: config_file imports this module
 
                     old = field_default(".".join(sections), part, _MISSING)
+            if depth < len(sections) and isinstance(node, ml_collections.ConfigDict) and part not in node \
+                    and _known_section(".".join(sections[:depth + 1])):
+                with node.unlocked():  # a section an older config file leaves out (a stage's profile)
+                    node[part] = ml_collections.ConfigDict()
             if old is _MISSING and (not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node):
                 raise ValueError(f"override {item!r}: config has no field {dotted!r}"
                                  f"{_did_you_mean(config, node, [*sections, leaf], depth)}")
@@ -157,6 +161,13 @@ def _preset_value(config, sections: list[str], field: str, item: str):
         return getattr({"vae": vae_preset, "dit": dit_preset}[model](config[model].get("preset")), field)
     except (ValueError, TypeError) as e:  # the preset's name is wrong: say so, not that the field is unknown
         raise ValueError(f"override {item!r}: {e}") from None
+
+
+def _known_section(path: str) -> bool:
+    """Whether ``path`` is a section whose fields ``config_file`` knows (``dit_train.profile``)."""
+    from vidiff.train.config_file import known_section  # here: config_file imports this module
+
+    return known_section(path)
 
 
 def did_you_mean(name: str, known, section: str = "") -> str:
