@@ -251,19 +251,20 @@ def test_each_file_records_how_it_was_made_and_the_record_makes_it_again(model, 
     assert generate(capsys, *_flags_of(record), "--out", tmp_path / "again.gif")[0] == 0
     np.testing.assert_array_equal(io.read_video(tmp_path / "again_0.gif")[0], io.read_video(tmp_path / "a_3.gif")[0])
 
-    # A mode's flags as they were in force: --extend's default direction and context, --edit's strength.
+    # A mode's flags as they were in force: --extend's default direction and context, --edit's strength. Gifs, not
+    # mp4s: libx264 (PyAV 18) encodes the same frames to other bytes once the process has decoded an h264 file.
     for name, flags, mode in (
             ("extend", ["--extend", inputs["video"], "--frames", 5],
              {"name": "extend", "extend": inputs["video"], "direction": "forward", "context_frames": 1}),
             ("edit", ["--edit", inputs["video"]], {"name": "edit", "edit": inputs["video"], "strength": 0.6})):
-        code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--quiet", "--out", tmp_path / f"{name}.mp4",
+        code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--quiet", "--out", tmp_path / f"{name}.gif",
                                   *flags)
         assert code == 0, err
-        record = io.read_record(tmp_path / f"{name}.mp4")
+        record = io.read_record(tmp_path / f"{name}.gif")
         assert record["mode"] == mode and record["fps"] == io.probe(inputs["video"]).fps
-        assert generate(capsys, *_flags_of(record), "--out", tmp_path / f"{name}_again.mp4")[0] == 0
-        np.testing.assert_array_equal(io.read_video(tmp_path / f"{name}_again.mp4")[0],
-                                      io.read_video(tmp_path / f"{name}.mp4")[0])
+        assert generate(capsys, *_flags_of(record), "--out", tmp_path / f"{name}_again.gif")[0] == 0
+        np.testing.assert_array_equal(io.read_video(tmp_path / f"{name}_again.gif")[0],
+                                      io.read_video(tmp_path / f"{name}.gif")[0])
     code, out, err = generate(capsys, PROMPT, "--checkpoint", model, "--frames", 1, "--quiet", "--dtype", "float32",
                               "--out", tmp_path / "image.png")
     assert code == 0 and io.read_record(tmp_path / "image.png")["frames"] == 1
