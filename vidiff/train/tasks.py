@@ -106,6 +106,8 @@ class Task:
 class VAETask(Task):
     """Reconstruction + KL (+ optional perceptual and 3D-patch adversarial terms)."""
 
+    rate_name = "frames_per_s"  # its tokens_in counts frames: no spacetime patch to count
+
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.vae = vae_from_config(config)
@@ -147,8 +149,6 @@ class VAETask(Task):
             metrics["discriminator"] = d_loss
         metrics["psnr"] = jnp.mean(psnr(jax.lax.stop_gradient(recon), video))
         return loss, metrics
-
-    rate_name = "frames_per_s"  # its tokens_in counts frames: no spacetime patch to count
 
     def tokens_in(self, batch: dict) -> int:
         return math.prod(batch["video"].shape[:2])  # frames
