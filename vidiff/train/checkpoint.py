@@ -7,7 +7,8 @@ Layout of ``<workdir>/checkpoints/<step>/``: ``state`` (orbax arrays, sharded
 as saved; restored with the shardings of the caller's abstract state, so a
 different mesh shape works), ``data`` (the Grain iterator's JSON state, one
 file per process) and ``config`` (JSON: the run's config, plus what the loop
-records beside it: a DiT's VAE, the captions cut so far). No pickle anywhere.
+records beside it: a DiT's VAE, the captions cut so far, the config changes its
+resumes made, ``config_history``). No pickle anywhere.
 Retention: the last ``keep`` checkpoints plus the ``keep_best`` with the
 lowest value of the chosen metric (stored with each step as JSON, so a resumed
 run ranks the earlier checkpoints too; a step saved without metrics counts only

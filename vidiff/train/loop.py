@@ -34,9 +34,9 @@ parameters. A preemption notice (SIGTERM) is agreed on by all processes at the
 same step (jax's preemption sync point) before they save and exit.
 
 User mistakes fail in one line, before compiling where they can be known then
-(:mod:`vidiff.train.preflight`: a changed or incomplete checkpoint, a DiT's
-VAE or prepared shards that do not fit, finite data that cannot last
-``steps``). Data that runs out mid-run anyway (skipped records), an iterator
+(:mod:`vidiff.train.resume_checks`: a changed or incomplete checkpoint, a DiT
+resumed onto another VAE; :mod:`vidiff.train.preflight`: a DiT's VAE or
+prepared shards that do not fit, finite data that cannot last ``steps``). Data that runs out mid-run anyway (skipped records), an iterator
 that cannot be restored, and final parameters that are not finite (nothing is
 exported) end the run with one line too, after pending checkpoint saves have
 finished; with several processes, finite data ends every process at the same
@@ -79,7 +79,6 @@ from vidiff.train.state import INIT_ON, abstract_state, create_state, jit_train_
 
 # The key of a checkpoint's config record holding the captions cut so far: a resumed run counts on from it.
 CAPTIONS_TRUNCATED = "captions_truncated"
-# Config sections that shape the restored items: a change there is the likely cause of a failed restore.
 
 
 @dataclasses.dataclass

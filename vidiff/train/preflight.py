@@ -148,7 +148,7 @@ def check_prepared_vae(config, vae_variables: dict) -> None:
     for folder in folders:
         try:
             summary = json.loads((folder / "train-summary.json").read_text())
-        except (OSError, ValueError):  # shards prepared before fingerprints were recorded: nothing to compare
+        except (OSError, ValueError):  # no summary (shards written by other tools): nothing to compare
             continue
         if "vae_fingerprint" not in summary and summary.get("latents_from"):
             raise ValueError(
