@@ -36,8 +36,8 @@ same step (jax's preemption sync point) before they save and exit.
 User mistakes fail in one line, before compiling where they can be known then
 (:mod:`vidiff.train.resume_checks`: a changed or incomplete checkpoint, a DiT
 resumed onto another VAE; :mod:`vidiff.train.preflight`: a DiT's VAE or
-prepared shards that do not fit, finite data that cannot last ``steps``). Data that runs out mid-run anyway (skipped records), an iterator
-that cannot be restored, and final parameters that are not finite (nothing is
+prepared shards that do not fit, finite data that cannot last ``steps``). Data
+that runs out mid-run anyway (skipped records), an iterator that cannot be restored, and final parameters that are not finite (nothing is
 exported) end the run with one line too, after pending checkpoint saves have
 finished; with several processes, finite data ends every process at the same
 step, and batches of different buckets stop them all in one line (they agree
