@@ -9,8 +9,9 @@ builds a ``<model>_train`` section with every field the loop reads, and
 ``validate`` checks everything that can be checked without compiling (every section's fields by name through
 ``check_fields``, the seeds, shapes, mesh, the ``<model>_train`` numbers and optimizer through ``check_stage``,
 ``flow``, the clip sizes through ``clip_sizes.check_clip_sizes``, a DiT's ``text.encoder`` name and
-``text.max_length`` through ``check_text_encoder``, which ``vidiff plan`` runs too, and the batch's split over
-the devices through ``check_batch_split``, as ``vidiff plan`` refuses its ``--batch``) and fails with one line that names the field and the fix;
+``text.max_length`` through ``check_text_encoder``, which ``vidiff plan`` runs too, and the batch's split over the
+devices through ``check_batch_split``, as ``vidiff plan`` refuses its ``--batch``) and fails with one line that
+names the field and the fix;
 ``name_stage_fields`` rewrites such a line to name the stage's field in force.
 ``warnings_for`` lists settings that work but are likely not meant.
 """

@@ -34,20 +34,17 @@ parameters. A preemption notice (SIGTERM) is agreed on by all processes at the
 same step (jax's preemption sync point) before they save and exit.
 
 User mistakes fail in one line, before compiling where they can be known then
-(:mod:`vidiff.train.resume_checks`: a changed or incomplete checkpoint, a DiT
-resumed onto another VAE; :mod:`vidiff.train.preflight`: a DiT's VAE or
-prepared shards that do not fit, finite data that cannot last ``steps``). Data
-that runs out mid-run anyway (skipped records), an iterator that cannot be restored, and final parameters that are not finite (nothing is
-exported) end the run with one line too, after pending checkpoint saves have
-finished; with several processes, finite data ends every process at the same
-step, and batches of different buckets stop them all in one line (they agree
-each step on whether all still have a batch, and on its shape). The
-summary and every log row count skipped steps (``skipped_steps``, also
-``skipped``) apart from skipped data records (``skipped_records_total``, and
-by reason ``skipped_records``), and the captions cut to ``text.max_length``
-tokens (``captions_truncated``; the first log row with any says so in a line).
-Both carry on across resumes: the skipped steps in the train state, the
-captions cut in each checkpoint's config record.
+(:mod:`vidiff.train.resume_checks`: a changed or incomplete checkpoint, a DiT resumed onto another VAE;
+:mod:`vidiff.train.preflight`: a DiT's VAE or prepared shards that do not fit, finite data that cannot last
+``steps``). Data that runs out mid-run anyway (skipped records), an iterator that cannot be restored, and
+final parameters that are not finite (nothing is exported) end the run with one line too, after pending
+checkpoint saves have finished; with several processes, finite data ends every process at the same step, and
+batches of different buckets stop them all in one line (they agree each step on whether all still have a
+batch, and on its shape). The summary and every log row count skipped steps (``skipped_steps``, also
+``skipped``) apart from skipped data records (``skipped_records_total``, and by reason ``skipped_records``),
+and the captions cut to ``text.max_length`` tokens (``captions_truncated``; the first log row with any says so
+in a line). Both carry on across resumes: the skipped steps in the train state, the captions cut in each
+checkpoint's config record.
 """
 from __future__ import annotations
 

@@ -168,12 +168,12 @@ class DataWaitWarning:
 class CompileTimer:
     """Leaves the train step's compilations, and those of its batch's preparation, out of a log window's rates.
 
-    jax compiles synchronously inside the call that first meets a batch's shapes (the first step, a new
-    bucket, a last partial batch), so that call is waited for and left out of ``window``'s rates, its step
-    and tokens too. Later calls only enqueue the step: they are not timed. A batch of new shapes was also
-    prepared by programs compiled for them (the DiT's latent cache encodes a new clip shape with the VAE, the text encoder its first captions):
-    the main thread's wait for that batch (:meth:`prepared`) is paused too. It is no data wait either: the
-    rows' ``data_wait_s`` counts the draws from the data pipeline alone.
+    jax compiles synchronously inside the call that first meets a batch's shapes (the first step, a new bucket, a
+    last partial batch), so that call is waited for and left out of ``window``'s rates, its step and tokens too.
+    Later calls only enqueue the step: they are not timed. A batch of new shapes was also prepared by programs
+    compiled for them (the DiT's latent cache encodes a new clip shape with the VAE, the text encoder its first
+    captions): the main thread's wait for that batch (:meth:`prepared`) is paused too. It is no data wait either:
+    the rows' ``data_wait_s`` counts the draws from the data pipeline alone.
     """
 
     def __init__(self, window: LogWindow):
