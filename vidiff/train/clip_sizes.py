@@ -1,7 +1,7 @@
 """The clip sizes a training stage may use: ``check_clip_sizes`` takes ``data.num_frames`` x ``data.size`` and
 every ``data.buckets`` entry against the VAE's time and spatial factors (and the DiT's patch on top of them when
 training the DiT), and a VAE stage's frame sizes against its loss networks, with a one-line error that names the
-field and a size that works.
+field and a size that works; ``check_frame_count`` is its frame rule alone (the VAE's evaluation clips take it).
 """
 from __future__ import annotations
 
@@ -56,6 +56,13 @@ def _check_images(image_fraction: float, time_patch: int, clips: list) -> None:
                          f"dit.overrides.patch with time 1")
 
 
+def check_frame_count(field: str, frames: int, time_factor: int) -> None:
+    """``field``'s ``frames`` as the VAE takes them, ``1 + k * time_factor``; else one line with a count that does."""
+    if (frames - 1) % time_factor:
+        good = 1 + round((frames - 1) / time_factor) * time_factor
+        raise ValueError(f"{field}={frames} must be 1 + k*{time_factor} (the VAE's time factor), e.g. {good}")
+
+
 def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, factors: _ClipFactors) -> None:
     """One trained clip size against ``factors``: a one-line error naming the field (``data.num_frames`` /
     ``data.size``, or the ``data.buckets`` entry ``bucket``)."""
@@ -63,9 +70,7 @@ def _check_clip_size(frames: int, height: int, width: int, bucket: str | None, f
 
     time_factor, time_patch = factors.time_factor, factors.time_patch
     field = "data.num_frames" if bucket is None else f"data.buckets entry {bucket!r}: frames"
-    if (frames - 1) % time_factor:
-        good = 1 + round((frames - 1) / time_factor) * time_factor
-        raise ValueError(f"{field}={frames} must be 1 + k*{time_factor} (the VAE's time factor), e.g. {good}")
+    check_frame_count(field, frames, time_factor)
     latent_frames = latent_count(frames, time_factor)
     if latent_frames % time_patch:
         raise ValueError(f"{field}={frames} gives {latent_frames} latent frames, not divisible by dit patch time "

@@ -26,7 +26,7 @@ import ml_collections
 
 from vidiff.checks import MAX_TEXT_TOKENS, config_int, field_checker, finite_number, height_width
 from vidiff.data.registry import FIELD_SOURCES
-from vidiff.train.clip_sizes import check_clip_sizes
+from vidiff.train.clip_sizes import check_clip_sizes, check_frame_count
 from vidiff.train.config_file import check_fields, load_config  # noqa: F401  (load_config: the API's name for it)
 from vidiff.train.overrides import keep_overridden, one_of, stage_override_warnings
 
@@ -195,9 +195,8 @@ def _check_eval(evaluation, time_factor: int) -> None:
     frames = evaluation.get("num_frames")
     need(frames is None or (config_int(frames) and frames >= 1), "num_frames",
          "use an int >= 1, or None for the training clips' length")
-    if frames is not None and (frames - 1) % time_factor:
-        raise ValueError(f"eval.num_frames={frames} must be 1 + k*{time_factor} (the VAE's time factor), "
-                         f"e.g. {1 + round((frames - 1) / time_factor) * time_factor}")
+    if frames is not None:
+        check_frame_count("eval.num_frames", frames, time_factor)
 
 
 def _check_workdir(workdir: str, model: str) -> None:
