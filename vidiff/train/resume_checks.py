@@ -29,6 +29,7 @@ CONFIG_HISTORY = "config_history"  # a checkpoint's config record: the config ch
 # Where a run lives, not how it trains: a moved workdir or another coordinator address changes no value.
 RUN_LOCATION = ("workdir", "distributed")
 RESTORE_ERROR_CHARS = 200  # of the library's message quoted in a failed restore's one line
+_UNSET = object()  # a config side without the field
 
 
 def check_resume(checkpointer, step: int, config_json: dict, model: str) -> None:
@@ -138,18 +139,18 @@ def config_changes(saved: dict, current: dict, prefixes, *, saved_fields_only: b
 
 def _described(changed: dict) -> list[str]:
     """``_changed``'s fields as ``config_changes`` names them."""
-    show = lambda side, key: repr(side[key]) if key in side else "not set"  # noqa: E731
-    return [f"{key}={show(was, key)} (config now {show(now, key)})" for key, (was, now) in changed.items()]
+    show = lambda value: "not set" if value is _UNSET else repr(value)  # noqa: E731
+    return [f"{key}={show(was)} (config now {show(now)})" for key, (was, now) in changed.items()]
 
 
 def _changed(saved: dict, current: dict, prefixes, saved_fields_only: bool = False) -> dict:
-    """``{field: ({field: saved value}, {field: current value})}`` for each field under ``prefixes`` that differs,
-    each side empty where it lacks the field."""
-    old, new, missing = _flatten(saved), _flatten(current), object()
+    """``{field: (saved value, current value)}`` for each field under ``prefixes`` that differs, ``_UNSET`` on a
+    side that lacks the field."""
+    old, new = _flatten(saved), _flatten(current)
     under = lambda key: any(key == p or key.startswith(p + ".") for p in prefixes)  # noqa: E731
-    keys = [key for key in sorted(set(old) if saved_fields_only else set(old) | set(new))
-            if under(key) and old.get(key, missing) != new.get(key, missing)]
-    return {key: ({key: old[key]} if key in old else {}, {key: new[key]} if key in new else {}) for key in keys}
+    keys = sorted(set(old) if saved_fields_only else set(old) | set(new))
+    return {key: pair for key in keys
+            if under(key) and (pair := (old.get(key, _UNSET), new.get(key, _UNSET)))[0] != pair[1]}
 
 
 def config_history(checkpointer, step: int, config_json: dict, model: str, log) -> list[dict]:
@@ -169,8 +170,8 @@ def config_history(checkpointer, step: int, config_json: dict, model: str, log) 
     log(f"resuming {model} from {checkpointer.directory / str(step)} with {len(changed)} config field(s) changed "
         f"since it was saved: {', '.join(_described(changed))}; the export records "
         f"them (provenance.{model}.config_history)")
-    return history + [{"step": step, "changes": {key: {**({"was": was[key]} if was else {}),
-                                                       **({"now": now[key]} if now else {})}
+    return history + [{"step": step, "changes": {key: {side: value for side, value in (("was", was), ("now", now))
+                                                       if value is not _UNSET}
                                                  for key, (was, now) in changed.items()}}]
 
 
