@@ -25,6 +25,8 @@ _MODELS = ("vae", "dit")  # the sections with a preset and overrides
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """Set ``a.b.c=value`` entries in place, refusing unknown paths and wrong types, and a new preset whose
     fields the config file's own overrides would keep (``_check_preset_changes``)."""
+    from vidiff.train.config_file import field_default, known_section  # here: config_file imports this module
+
     presets = {model: (config[model].get("preset"), None) for model in _MODELS
                if isinstance(config.get(model), ml_collections.ConfigDict)}
     for item in overrides:
@@ -43,11 +45,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             if depth == len(sections) and isinstance(node, ml_collections.ConfigDict) and part not in node:
                 old = _preset_value(config, sections, part, item)  # a model field the file leaves to the preset
                 if old is _MISSING:  # a field with a default that an older config file does not spell out
-                    from vidiff.train.config_file import field_default  # here: config_file imports this module
-
                     old = field_default(".".join(sections), part, _MISSING)
             if depth < len(sections) and isinstance(node, ml_collections.ConfigDict) and part not in node \
-                    and _known_section(".".join(sections[:depth + 1])):
+                    and known_section(".".join(sections[:depth + 1])):
                 with node.unlocked():  # a section an older config file leaves out (a stage's profile)
                     node[part] = ml_collections.ConfigDict()
             if old is _MISSING and (not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node):
@@ -161,13 +161,6 @@ def _preset_value(config, sections: list[str], field: str, item: str):
         return getattr({"vae": vae_preset, "dit": dit_preset}[model](config[model].get("preset")), field)
     except (ValueError, TypeError) as e:  # the preset's name is wrong: say so, not that the field is unknown
         raise ValueError(f"override {item!r}: {e}") from None
-
-
-def _known_section(path: str) -> bool:
-    """Whether ``path`` is a section whose fields ``config_file`` knows (``dit_train.profile``)."""
-    from vidiff.train.config_file import known_section  # here: config_file imports this module
-
-    return known_section(path)
 
 
 def did_you_mean(name: str, known, section: str = "") -> str:
