@@ -77,12 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--loop", action="store_true", help="a clip whose last frame leads back into the first "
                       "(--frames a multiple of the VAE's time factor: any count from 2 for the bundled model, 4, "
                       "8, ... for a 4x VAE)")
-    # Default "forward", set in _generate: None means "not given", which _check_mode_flags refuses without --extend.
+    # Default "forward", set in _read_inputs: None means "not given", which _check_mode_flags refuses without --extend.
     add_choice_flag(parser, "--direction", DIRECTIONS, help="with --extend: add frames after "
                         "(forward, default) or before (backward) the video")
     parser.add_argument("--context-frames", type=int, help="with --extend: input frames kept (forward 1 + tf k, "
                         "backward tf k, for the VAE's time factor tf as in --frames; default about half the clip)")
-    # Default 0.6, set in _generate: None means "not given", which _check_mode_flags refuses without --edit.
+    # Default DEFAULT_STRENGTH, set in _read_inputs: None means "not given", refused without --edit.
     parser.add_argument("--strength", type=float, help="with --edit: in (0, 1]; 0 keeps the video, 1 ignores it "
                         "(default 0.6)")
 
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     writer = _Writer(args, outputs, fps, run_settings(pipe, args, mode, fps, devices))
     with one_line_warnings("vidiff generate"):
         try:
-            _generate(pipe, args, inputs, on_batch=writer)
+            _generate(pipe, args, inputs, mode, on_batch=writer)
         except RuntimeError as e:  # jax's JaxRuntimeError; the files already written stay
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -198,26 +198,25 @@ def _output_fps(args, outputs: list[Path]) -> float:
     return fps
 
 
-def _generate(pipe, args, inputs: dict, on_batch) -> None:
-    """The clips of the mode the flags pick, ``len(prompts) * num`` of them, from its ``inputs`` (frames read by
-    :func:`_read_inputs`), to ``on_batch(first, clips)`` a ``--batch-size`` batch at a time
-    (``uint8 (batch, frames, height, width, 3)``)."""
-    prompts = args.prompts
+def _generate(pipe, args, inputs: dict, mode: dict, on_batch) -> None:
+    """The clips of ``mode`` (its name and flags in force, as :func:`_read_inputs` worked them out),
+    ``len(prompts) * num`` of them, from its ``inputs`` (frames read by :func:`_read_inputs`), to
+    ``on_batch(first, clips)`` a ``--batch-size`` batch at a time (``uint8 (batch, frames, height, width, 3)``)."""
+    prompts, name = args.prompts, mode["name"]
     size = dict(num_frames=args.frames, height=args.height, width=args.width)
     sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
                     num_per_prompt=args.num, negative_prompt=args.negative, progress=not args.quiet,
                     batch_size=args.batch_size, on_batch=on_batch)
-    if args.image:
+    if name == "image":
         return pipe.image_to_video(prompts, **inputs, **size, **sampling)
-    if args.extend:
-        return pipe.extend(prompts, **inputs, direction=args.direction or "forward",
-                           context_frames=args.context_frames, **size, **sampling)
-    if args.connect:
+    if name == "extend":  # the pipeline works the context out as _read_inputs did: given as the user gave it
+        return pipe.extend(prompts, **inputs, direction=mode["direction"], context_frames=args.context_frames,
+                           **size, **sampling)
+    if name == "connect":
         return pipe.connect(prompts, **inputs, **size, **sampling)
-    if args.edit:
-        strength = DEFAULT_STRENGTH if args.strength is None else args.strength
-        return pipe.edit(prompts, **inputs, strength=strength, **size, **sampling)
-    if args.loop:
+    if name == "edit":
+        return pipe.edit(prompts, **inputs, strength=mode["strength"], **size, **sampling)
+    if name == "loop":
         return pipe.loop(prompts, **size, **sampling)
     return pipe(prompts, **size, **sampling)
 
